@@ -1,0 +1,205 @@
+"""Validated, immutable settings for one training phase and for early stopping."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_LEARNING_RATES",
+    "OPTIMIZERS",
+    "PHASES",
+    "EarlyStoppingConfig",
+    "PhaseConfig",
+    "resolve_mode",
+]
+
+PHASES = ("head", "finetune")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+MODES = ("auto", "min", "max")
+# The usual recipe: a moderate rate for a new head, 10-100x lower once the base thaws.
+DEFAULT_LEARNING_RATES = {"head": 1e-3, "finetune": 1e-5}
+
+# Substrings that make mode="auto" pick "max"; everything loss-like picks "min".
+_MAX_HINTS = ("acc", "auc", "precision", "recall", "f1", "iou", "r2", "top_k")
+_MIN_HINTS = ("loss", "error", "mse", "mae", "mape", "msle", "crossentropy", "hinge")
+
+
+def check_learning_rate(value: float) -> float:
+    """Return ``value`` as a float if it is a positive finite number.
+
+    Raises:
+        ValueError: naming the received value otherwise.
+    """
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"learning_rate must be a positive finite number. Received: learning_rate={value!r}"
+        ) from None
+    if not math.isfinite(rate) or rate <= 0:
+        raise ValueError(
+            f"learning_rate must be a positive finite number. Received: learning_rate={value!r}"
+        )
+    return rate
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}. Received: {name}={value!r}")
+    return value
+
+
+def resolve_mode(monitor: str, mode: str) -> Literal["min", "max"]:
+    """Turn ``mode="auto"`` into ``"min"`` or ``"max"`` from the monitor's name.
+
+    Raises:
+        ValueError: if ``mode`` is unknown, or ``"auto"`` cannot tell from the name.
+
+    Example:
+
+    >>> resolve_mode("val_accuracy", "auto")
+    'max'
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}. Received: mode={mode!r}")
+    if mode != "auto":
+        return mode  # type: ignore[return-value]
+    name = monitor.lower()
+    if any(hint in name for hint in _MIN_HINTS):
+        return "min"
+    if any(hint in name for hint in _MAX_HINTS):
+        return "max"
+    raise ValueError(
+        f"mode='auto' cannot tell whether {monitor!r} should go up or down. "
+        f"Pass mode='min' or mode='max'. Received: monitor={monitor!r}"
+    )
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """Settings for one phase of fine-tuning.
+
+    Args:
+        phase: ``"head"`` trains only the new head with the base frozen;
+            ``"finetune"`` also unfreezes the top ``unfreeze_depth`` base layers.
+        learning_rate: positive and finite. ``None`` picks the phase default
+            (1e-3 for the head, 1e-5 for fine-tuning).
+        epochs: how many epochs this phase may run (early stopping may end it sooner).
+        batch_size: samples per step (ignored for a ``keras.utils.PyDataset``).
+        unfreeze_depth: how many weight-bearing base layers to unfreeze, counted
+            from the top. ``None`` means 0 for the head phase and the whole base
+            for fine-tuning. Checked against the base when the phase starts.
+        keep_batchnorm_frozen: keep BatchNorm layers frozen (and their moving
+            statistics unchanged) while fine-tuning.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with momentum 0.9).
+        dropout: when given, the head's Dropout rate for this phase (0 <= rate < 1).
+
+    Example:
+
+    >>> cfg = PhaseConfig(phase="finetune", learning_rate=1e-5, epochs=10, unfreeze_depth=2)
+    >>> cfg.unfreeze_depth
+    2
+    """
+
+    phase: Literal["head", "finetune"] = "head"
+    learning_rate: float | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    unfreeze_depth: int | None = None
+    keep_batchnorm_frozen: bool = True
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}. Received: phase={self.phase!r}")
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", DEFAULT_LEARNING_RATES[self.phase])
+        else:
+            object.__setattr__(self, "learning_rate", check_learning_rate(self.learning_rate))
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        if self.unfreeze_depth is not None:
+            _check_int("unfreeze_depth", self.unfreeze_depth, 0)
+            if self.phase == "head" and self.unfreeze_depth:
+                raise ValueError(
+                    "The head phase keeps the base frozen; use phase='finetune' to unfreeze "
+                    f"layers. Received: unfreeze_depth={self.unfreeze_depth!r} with phase='head'"
+                )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {OPTIMIZERS}. Received: optimizer={self.optimizer!r}"
+            )
+        if self.dropout is not None and not (
+            isinstance(self.dropout, int | float) and 0 <= self.dropout < 1
+        ):
+            raise ValueError(f"dropout must be in [0, 1). Received: dropout={self.dropout!r}")
+
+    def with_changes(self, **changes: object) -> PhaseConfig:
+        """Return a copy with some fields changed (and validated again)."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """When to stop a phase early, and whether to restore its best weights.
+
+    The best epoch is tracked across every phase of a session whether or not
+    early stopping is on; these settings decide when a phase stops and what it
+    restores. Unlike Keras's ``EarlyStopping``, the best is never reset by a new
+    ``fit()`` and a NaN is never a best.
+
+    Args:
+        monitor: a logged metric, e.g. ``"val_loss"`` or ``"val_accuracy"``.
+            Checked against the compiled metrics when a phase starts.
+        mode: ``"min"``, ``"max"`` or ``"auto"`` (from the name).
+        patience: epochs without improvement before stopping (>= 0).
+        min_delta: the smallest change that counts as an improvement (>= 0).
+        restore_best_weights: restore the best weights when a phase ends, however
+            it ends (early stop, last epoch, Stop, or a failure).
+        start_from_epoch: epochs at the start of each phase that do not count
+            against patience (warm-up).
+        baseline: stop if the monitor has not beaten this value within patience.
+
+    Example:
+
+    >>> es = EarlyStoppingConfig(monitor="val_accuracy", patience=3)
+    >>> es.resolved_mode
+    'max'
+    """
+
+    monitor: str = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+    patience: int = 5
+    min_delta: float = 0.0
+    restore_best_weights: bool = True
+    start_from_epoch: int = 0
+    baseline: float | None = None
+    resolved_mode: Literal["min", "max"] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.monitor, str) or not self.monitor.strip():
+            raise ValueError(
+                f"monitor must be the name of a logged metric. Received: monitor={self.monitor!r}"
+            )
+        object.__setattr__(self, "monitor", self.monitor.strip())
+        object.__setattr__(self, "resolved_mode", resolve_mode(self.monitor, self.mode))
+        _check_int("patience", self.patience, 0)
+        _check_int("start_from_epoch", self.start_from_epoch, 0)
+        try:
+            delta = float(self.min_delta)
+        except (TypeError, ValueError):
+            delta = math.nan
+        if not math.isfinite(delta) or delta < 0:
+            raise ValueError(
+                f"min_delta must be a finite number >= 0. Received: min_delta={self.min_delta!r}"
+            )
+        object.__setattr__(self, "min_delta", delta)
+        if self.baseline is not None and not math.isfinite(float(self.baseline)):
+            raise ValueError(f"baseline must be finite. Received: baseline={self.baseline!r}")
+
+    def with_changes(self, **changes: object) -> EarlyStoppingConfig:
+        """Return a copy with some fields changed (and validated again)."""
+        return replace(self, **changes)

@@ -1,0 +1,221 @@
+"""Typed, immutable events that a session sends to its listeners.
+
+The panel and the charts are driven only by these. Listeners run on the thread
+that emits them (the training worker while a phase runs), so they must be quick
+and must not touch the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+__all__ = [
+    "BatchProgress",
+    "Best",
+    "EarlyStopped",
+    "EpochEnded",
+    "EpochRecord",
+    "Event",
+    "Failed",
+    "Failure",
+    "LearningRateChanged",
+    "ListenerFailed",
+    "NewBest",
+    "PhaseEnded",
+    "PhaseStarted",
+    "RolledBack",
+    "StateChanged",
+    "Stopped",
+    "frozen_logs",
+]
+
+
+def frozen_logs(logs: Mapping[str, object] | None) -> Mapping[str, float]:
+    """Copy Keras logs into a read-only mapping of plain floats."""
+    return MappingProxyType({str(k): float(v) for k, v in (logs or {}).items()})
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best epoch so far.
+
+    Attributes:
+        epoch: 0-based global epoch index, as Keras counts (a UI shows ``epoch + 1``).
+        value: the monitored value at that epoch (always finite).
+        monitor: the metric name, e.g. ``"val_loss"``.
+        phase: the phase the epoch belonged to.
+    """
+
+    epoch: int
+    value: float
+    monitor: str
+    phase: str
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of the run, as kept in the session's history.
+
+    Attributes:
+        epoch: 0-based global epoch index, continuing across phases.
+        phase: ``"head"`` or ``"finetune"``.
+        phase_index: which phase of the run (0 for the first ``start()``).
+        logs: the epoch's metrics, e.g. ``{"loss": .., "val_loss": ..}``.
+        learning_rate: the rate in effect at the end of the epoch.
+        partial: True if the epoch was cut short (Stop, rollback, failure);
+            a partial epoch is never a best.
+        seconds: wall-clock duration of the epoch.
+    """
+
+    epoch: int
+    phase: str
+    phase_index: int
+    logs: Mapping[str, float]
+    learning_rate: float
+    partial: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong in the last failed phase.
+
+    Attributes:
+        exception: the exception raised on the worker (or by a check).
+        message: one line for a status area.
+        traceback: the formatted traceback text.
+        epoch: the global epoch at failure, if training had begun.
+        batch: the batch within that epoch, if known.
+    """
+
+    exception: BaseException
+    message: str
+    traceback: str
+    epoch: int | None = None
+    batch: int | None = None
+
+
+class Event:
+    """Base class of every session event."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class StateChanged(Event):
+    """The session moved between idle, running, paused, stopping and failed."""
+
+    state: str
+    previous: str
+
+
+@dataclass(frozen=True)
+class PhaseStarted(Event):
+    """A phase began: its settings, and where it sits on the global epoch axis."""
+
+    index: int
+    phase: str
+    start_epoch: int
+    epochs: int
+    learning_rate: float
+    unfreeze_depth: int
+    steps_per_epoch: int | None
+    trainable_layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PhaseEnded(Event):
+    """A phase ended.
+
+    ``reason`` is one of ``"completed"``, ``"early_stopped"``, ``"stopped"``,
+    ``"rolled_back"`` or ``"failed"``. ``end_epoch`` is one past the last epoch
+    that ran (full or partial).
+    """
+
+    index: int
+    phase: str
+    start_epoch: int
+    end_epoch: int
+    reason: str
+    restored_best: Best | None
+
+
+@dataclass(frozen=True)
+class BatchProgress(Event):
+    """Progress within an epoch, sent at most a few times per second.
+
+    ``step`` counts batches across the whole run; ``loss`` is the latest
+    per-batch training loss streamed (None when streaming is off).
+    """
+
+    epoch: int
+    batch: int
+    steps_per_epoch: int | None
+    step: int
+    loss: float | None
+
+
+@dataclass(frozen=True)
+class EpochEnded(Event):
+    """An epoch finished (or was cut short: ``record.partial``)."""
+
+    record: EpochRecord
+
+
+@dataclass(frozen=True)
+class NewBest(Event):
+    """A new best epoch was recorded and its weights were kept."""
+
+    best: Best
+
+
+@dataclass(frozen=True)
+class LearningRateChanged(Event):
+    """A learning-rate change took effect (on the worker, at a batch boundary)."""
+
+    learning_rate: float
+    epoch: int
+    batch: int | None
+
+
+@dataclass(frozen=True)
+class EarlyStopped(Event):
+    """Early stopping ended the phase after ``epoch``."""
+
+    epoch: int
+    best: Best | None
+
+
+@dataclass(frozen=True)
+class Stopped(Event):
+    """A Stop was honoured at ``batch`` of ``epoch`` (``batch`` None: between epochs)."""
+
+    epoch: int
+    batch: int | None
+
+
+@dataclass(frozen=True)
+class RolledBack(Event):
+    """The model's weights were restored to ``best`` (at ``epoch``, ``batch`` of the run)."""
+
+    best: Best
+    epoch: int
+    batch: int | None
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    """A phase failed; the session's state is now ``"failed"``."""
+
+    failure: Failure
+
+
+@dataclass(frozen=True)
+class ListenerFailed(Event):
+    """A listener raised; it stays registered and training goes on."""
+
+    listener: str
+    message: str
+    traceback: str

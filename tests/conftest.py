@@ -1,0 +1,23 @@
+"""Keep Keras, Jupyter and Chromium state out of the user's home during tests."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix="ftwidgets-test-home-")
+for _name, _sub in {
+    "KERAS_HOME": "keras",
+    "IPYTHONDIR": "ipython",
+    "JUPYTER_CONFIG_DIR": "jupyter-config",
+    "JUPYTER_DATA_DIR": "jupyter-data",
+    "JUPYTER_RUNTIME_DIR": "jupyter-runtime",
+    "JUPYTERLAB_WORKSPACES_DIR": "lab-workspaces",
+    "MPLCONFIGDIR": "mpl",
+    "XDG_CONFIG_HOME": "xdg-config",
+    "XDG_CACHE_HOME": "xdg-cache",
+}.items():
+    os.environ[_name] = os.path.join(_HOME, _sub)
+    os.makedirs(os.environ[_name], exist_ok=True)
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

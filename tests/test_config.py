@@ -1,0 +1,70 @@
+import math
+
+import pytest
+
+from ftwidgets.config import EarlyStoppingConfig, PhaseConfig, resolve_mode
+
+
+def test_phase_defaults_follow_the_recipe():
+    assert PhaseConfig(phase="head").learning_rate == 1e-3
+    assert PhaseConfig(phase="finetune").learning_rate == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"learning_rate": 0}, "learning_rate=0"),
+        ({"learning_rate": -1e-3}, "learning_rate=-0.001"),
+        ({"learning_rate": math.nan}, "learning_rate=nan"),
+        ({"learning_rate": math.inf}, "learning_rate=inf"),
+        ({"learning_rate": "fast"}, "learning_rate='fast'"),
+        ({"epochs": 0}, "epochs=0"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"phase": "warmup"}, "phase='warmup'"),
+        ({"optimizer": "lion"}, "optimizer='lion'"),
+        ({"dropout": 1.5}, "dropout=1.5"),
+        ({"unfreeze_depth": -1, "phase": "finetune"}, "unfreeze_depth=-1"),
+        ({"unfreeze_depth": 2, "phase": "head"}, "unfreeze_depth=2"),
+    ],
+)
+def test_phase_config_names_the_bad_value(kwargs, fragment):
+    with pytest.raises(ValueError, match="Received") as info:
+        PhaseConfig(**kwargs)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"patience": -1}, "patience=-1"),
+        ({"min_delta": -0.1}, "min_delta=-0.1"),
+        ({"start_from_epoch": -2}, "start_from_epoch=-2"),
+        ({"monitor": ""}, "monitor=''"),
+        ({"mode": "up"}, "mode='up'"),
+        ({"monitor": "val_weird", "mode": "auto"}, "monitor='val_weird'"),
+    ],
+)
+def test_early_stopping_config_names_the_bad_value(kwargs, fragment):
+    with pytest.raises(ValueError) as info:
+        EarlyStoppingConfig(**kwargs)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode"),
+    [("val_loss", "min"), ("loss", "min"), ("val_accuracy", "max"), ("auc", "max")],
+)
+def test_auto_mode_reads_the_name(monitor, mode):
+    assert resolve_mode(monitor, "auto") == mode
+    assert EarlyStoppingConfig(monitor=monitor).resolved_mode == mode
+
+
+def test_explicit_mode_wins_for_unknown_names():
+    assert EarlyStoppingConfig(monitor="val_weird", mode="max").resolved_mode == "max"
+
+
+def test_with_changes_revalidates():
+    cfg = EarlyStoppingConfig()
+    assert cfg.with_changes(patience=9).patience == 9
+    with pytest.raises(ValueError, match="patience=-3"):
+        cfg.with_changes(patience=-3)
