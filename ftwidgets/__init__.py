@@ -11,14 +11,56 @@ from ftwidgets._backend import ensure_jax_backend as _ensure_jax_backend
 
 _ensure_jax_backend()
 
+from ftwidgets import demo  # noqa: E402
 from ftwidgets._backend import device_summary  # noqa: E402
 from ftwidgets.config import EarlyStoppingConfig, PhaseConfig  # noqa: E402
+from ftwidgets.events import Best, EpochRecord, Failure  # noqa: E402
+from ftwidgets.history import History  # noqa: E402
+from ftwidgets.session import FineTuneSession, live_sessions  # noqa: E402
+from ftwidgets.transfer import (  # noqa: E402
+    build_transfer_model,
+    freeze_map,
+    unfreeze,
+)
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The view layer loads ipywidgets and bqplot; scripts that only train never pay for it.
+    if name == "FineTunePanel":
+        from ftwidgets.panel import FineTunePanel
+
+        return FineTunePanel
+    if name == "TrainingCharts":
+        from ftwidgets.charts import TrainingCharts
+
+        return TrainingCharts
+    raise AttributeError(f"module 'ftwidgets' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython) -> None:
+    """Called by ``%load_ext ftwidgets``: registers ``%finetune`` and ``%ftstatus``."""
+    from ftwidgets.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
 __all__ = [
+    "Best",
     "EarlyStoppingConfig",
+    "EpochRecord",
+    "Failure",
+    "FineTunePanel",
+    "FineTuneSession",
+    "History",
     "PhaseConfig",
+    "TrainingCharts",
     "__version__",
+    "build_transfer_model",
+    "demo",
     "device_summary",
+    "freeze_map",
+    "live_sessions",
+    "unfreeze",
 ]

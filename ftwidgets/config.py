@@ -177,7 +177,7 @@ class EarlyStoppingConfig:
     restore_best_weights: bool = True
     start_from_epoch: int = 0
     baseline: float | None = None
-    resolved_mode: Literal["min", "max"] = field(init=False, repr=False, compare=False)
+    resolved_mode: Literal["min", "max"] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.monitor, str) or not self.monitor.strip():
@@ -185,7 +185,14 @@ class EarlyStoppingConfig:
                 f"monitor must be the name of a logged metric. Received: monitor={self.monitor!r}"
             )
         object.__setattr__(self, "monitor", self.monitor.strip())
-        object.__setattr__(self, "resolved_mode", resolve_mode(self.monitor, self.mode))
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}. Received: mode={self.mode!r}")
+        try:
+            resolved = resolve_mode(self.monitor, self.mode)
+        except ValueError:
+            # Left for start(), which first says whether the name is logged at all.
+            resolved = None
+        object.__setattr__(self, "resolved_mode", resolved)
         _check_int("patience", self.patience, 0)
         _check_int("start_from_epoch", self.start_from_epoch, 0)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 _HOME = tempfile.mkdtemp(prefix="ftwidgets-test-home-")
@@ -21,3 +22,7 @@ for _name, _sub in {
     os.makedirs(os.environ[_name], exist_ok=True)
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_HOME, ignore_errors=True)

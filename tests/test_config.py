@@ -41,7 +41,6 @@ def test_phase_config_names_the_bad_value(kwargs, fragment):
         ({"start_from_epoch": -2}, "start_from_epoch=-2"),
         ({"monitor": ""}, "monitor=''"),
         ({"mode": "up"}, "mode='up'"),
-        ({"monitor": "val_weird", "mode": "auto"}, "monitor='val_weird'"),
     ],
 )
 def test_early_stopping_config_names_the_bad_value(kwargs, fragment):
@@ -57,6 +56,12 @@ def test_early_stopping_config_names_the_bad_value(kwargs, fragment):
 def test_auto_mode_reads_the_name(monitor, mode):
     assert resolve_mode(monitor, "auto") == mode
     assert EarlyStoppingConfig(monitor=monitor).resolved_mode == mode
+
+
+def test_auto_mode_on_an_unknown_name_is_left_for_start():
+    assert EarlyStoppingConfig(monitor="val_weird").resolved_mode is None
+    with pytest.raises(ValueError, match="monitor='val_weird'"):
+        resolve_mode("val_weird", "auto")
 
 
 def test_explicit_mode_wins_for_unknown_names():

@@ -1,0 +1,799 @@
+"""``FineTuneSession``: two-phase fine-tuning on a worker thread, steerable while it trains."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from ftwidgets import transfer
+from ftwidgets.callbacks import LossStream, NonFiniteLossError, SessionControl, StopPhase
+from ftwidgets.config import EarlyStoppingConfig, PhaseConfig, check_learning_rate, resolve_mode
+from ftwidgets.events import (
+    BatchProgress,
+    Best,
+    EarlyStopped,
+    EpochEnded,
+    EpochRecord,
+    Event,
+    Failed,
+    Failure,
+    LearningRateChanged,
+    ListenerFailed,
+    NewBest,
+    PhaseEnded,
+    PhaseStarted,
+    RolledBack,
+    StateChanged,
+    Stopped,
+    frozen_logs,
+)
+from ftwidgets.history import History, Marker, PhaseSpan
+from ftwidgets.inputs import TrainingData
+from ftwidgets.snapshots import SnapshotStore, capture, restore
+from ftwidgets.tracking import BestTracker
+
+__all__ = ["FineTuneSession", "PhaseRun", "live_sessions"]
+
+Listener = Callable[[Event], None]
+_ACTIVE = ("running", "paused", "stopping")
+# Settings that may change under a running phase; monitor and mode may not.
+_LIVE_EARLY_STOPPING_FIELDS = {
+    "patience",
+    "min_delta",
+    "restore_best_weights",
+    "start_from_epoch",
+    "baseline",
+}
+_COALESCED = ("learning_rate", "early_stopping")
+_SESSIONS: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
+
+
+def live_sessions() -> list[FineTuneSession]:
+    """Every session not yet closed or garbage-collected, oldest first."""
+    return sorted(_SESSIONS, key=lambda s: s._created)
+
+
+class PhaseRun:
+    """The bookkeeping of one running phase, shared by the session and its callbacks.
+
+    Not public API: the session creates one per ``start()``.
+    """
+
+    def __init__(
+        self,
+        session: FineTuneSession,
+        index: int,
+        config: PhaseConfig,
+        depth: int,
+        trainable: list[str],
+        start_epoch: int,
+        steps_per_epoch: int,
+        early_stopping: EarlyStoppingConfig | None,
+    ) -> None:
+        self.session = session
+        self.index = index
+        self.config = config
+        self.depth = depth
+        self.trainable = trainable
+        self.start_epoch = start_epoch
+        self.steps_per_epoch = steps_per_epoch
+        self.early_stopping = early_stopping
+        self.learning_rate = float(config.learning_rate)
+        self.epoch = start_epoch
+        self.batch = 0
+        self.epoch_started = time.perf_counter()
+        self.last_loss: float | None = None
+        self.non_finite: tuple[int, int, float] | None = None
+        self.reason: str | None = None
+        self.rolled_back = False
+
+    # -- called from the callbacks, on the worker thread ------------------
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batch = 0
+        self.epoch_started = time.perf_counter()
+
+    def step(self, batch: int) -> int:
+        """Global batch count across the whole session."""
+        return self.session._steps_before_phase + (
+            (self.epoch - self.start_epoch) * self.steps_per_epoch + batch
+        )
+
+    def record_batch(self, batch: int, loss: float) -> None:
+        x = self.epoch + (batch + 1) / self.steps_per_epoch
+        self.session.history.record_batch(self.step(batch), x, loss)
+
+    def report_progress(self) -> None:
+        self.session._emit(
+            BatchProgress(
+                self.epoch, self.batch, self.steps_per_epoch, self.step(self.batch), self.last_loss
+            )
+        )
+
+    def describe_non_finite(self) -> str:
+        epoch, batch, loss = self.non_finite or (self.epoch, self.batch, math.nan)
+        return (
+            f"The training loss became {loss} at epoch {epoch + 1}, batch {batch + 1} "
+            f"(learning rate {self.learning_rate:g}). Try a lower learning rate."
+        )
+
+    def end_epoch(self, model: keras.Model, epoch: int, logs: dict[str, Any]) -> None:
+        session = self.session
+        record = EpochRecord(
+            epoch=epoch,
+            phase=self.config.phase,
+            phase_index=self.index,
+            logs=frozen_logs(logs),
+            learning_rate=self.learning_rate,
+            partial=False,
+            seconds=time.perf_counter() - self.epoch_started,
+        )
+        session.history.add_epoch(record)
+        session._emit(EpochEnded(record))
+        tracker = session._tracker
+        if tracker.config.monitor not in record.logs:
+            raise ValueError(
+                f"The monitor {tracker.config.monitor!r} was not logged; logged metrics are "
+                f"{sorted(record.logs)}. Received: monitor={tracker.config.monitor!r}"
+            )
+        if tracker.update(epoch, dict(record.logs), phase=self.config.phase):
+            session._snapshots.set_best(model, epoch)
+            session._emit(NewBest(tracker.best))
+        if self.early_stopping is not None and tracker.should_stop:
+            model.stop_training = True
+            self.reason = "early_stopped"
+            session.history.add_marker(
+                Marker("early_stop", epoch + 1, epoch, f"early stop after epoch {epoch + 1}")
+            )
+            session._emit(EarlyStopped(epoch, tracker.best))
+
+
+class FineTuneSession:
+    """Fine-tune a transfer model in phases on a worker thread, steerable while it trains.
+
+    The caller's thread builds, compiles and validates in ``start()``; a worker
+    thread runs only ``model.fit``. Requests made while a phase runs (stop,
+    pause, learning rate, early-stopping settings, rollback) are queued and
+    applied on the worker at the next batch boundary. The best epoch is tracked
+    across every phase, and its weights are kept in host memory.
+
+    Args:
+        model: a model from ``build_transfer_model`` (its base is the layer named
+            ``"base"``). The session never rebuilds it.
+        train: ``(x, y)`` numpy arrays, or a ``keras.utils.PyDataset``.
+        validation: ``(x, y)`` arrays or a ``keras.utils.PyDataset``.
+        validation_split: fraction of ``train`` arrays held out instead (0 <= f < 1).
+        loss: any Keras loss.
+        metrics: Keras metrics, e.g. ``["accuracy"]``.
+        checkpoint_dir: also write the best weights there, atomically.
+        stream_batches: record the per-batch training loss (NaN checks run either way).
+        progress_interval: seconds between ``BatchProgress`` events.
+        keep_recent: how many pre-phase snapshots to keep besides the best.
+
+    Example:
+
+    >>> import ftwidgets as ftw
+    >>> data = ftw.demo.digits_transfer(per_class=10, seed=0)
+    >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    >>> session = ftw.FineTuneSession(
+    ...     model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val),
+    ...     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    >>> session.run(ftw.PhaseConfig(phase="head", epochs=2))  # doctest: +SKIP
+    >>> session.best.epoch  # doctest: +SKIP
+    1
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        train: tuple[Any, Any] | keras.utils.PyDataset,
+        validation: tuple[Any, Any] | keras.utils.PyDataset | None = None,
+        *,
+        validation_split: float = 0.0,
+        loss: Any = "sparse_categorical_crossentropy",
+        metrics: Sequence[Any] | None = None,
+        checkpoint_dir: str | None = None,
+        stream_batches: bool = True,
+        progress_interval: float = 0.2,
+        keep_recent: int = 2,
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"model must be a keras.Model. Received: model={model!r}")
+        transfer.get_base(model)
+        self._data = TrainingData.from_args(train, validation, validation_split)
+        self.model = model
+        self.loss = loss
+        self.metrics = list(metrics or [])
+        self.stream_batches = stream_batches
+        self.progress_interval = float(progress_interval)
+        self.history = History()
+        self.error: Failure | None = None
+        self.early_stopping: EarlyStoppingConfig | None = None
+        self.listener_errors: deque[ListenerFailed] = deque(maxlen=20)
+        self._snapshots = SnapshotStore(keep_recent=keep_recent, checkpoint_dir=checkpoint_dir)
+        self._tracker = BestTracker(self._best_only_config())
+        self._listeners: list[Listener] = []
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._commands: deque[tuple[str, Any]] = deque()
+        self._pause_requested = False
+        # One bool for the hot path: "is there anything to do at this batch boundary?"
+        self._attention = False
+        self._state = "idle"
+        self._idle = threading.Event()
+        self._idle.set()
+        self._run: PhaseRun | None = None
+        self._thread: threading.Thread | None = None
+        self._steps_before_phase = 0
+        self._created = time.monotonic()
+        _SESSIONS.add(self)
+
+    # -- read-only views ----------------------------------------------------
+    @property
+    def state(self) -> str:
+        """``"idle"``, ``"running"``, ``"paused"``, ``"stopping"`` or ``"failed"``."""
+        return self._state
+
+    @property
+    def best(self) -> Best | None:
+        """The best epoch of the whole run so far, or None."""
+        return self._tracker.best
+
+    @property
+    def phase(self) -> PhaseRun | None:
+        """The running (or last) phase's bookkeeping: ``.config``, ``.epoch``, ``.batch``..."""
+        return self._run
+
+    @property
+    def learning_rate(self) -> float | None:
+        """The learning rate of the running (or last) phase."""
+        return None if self._run is None else self._run.learning_rate
+
+    @property
+    def snapshots(self) -> SnapshotStore:
+        """The kept host copies of the weights (the best and a few recent ones)."""
+        return self._snapshots
+
+    @property
+    def monitor(self) -> str:
+        """The metric the best epoch is tracked on."""
+        return self._tracker.config.monitor
+
+    # -- listeners -----------------------------------------------------------
+    def on_event(self, callback: Listener, remove: bool = False) -> None:
+        """Register (or with ``remove=True`` unregister) a listener for session events.
+
+        Listeners run on the thread that emits (the worker while training): keep
+        them quick. A listener that raises is reported with a ``ListenerFailed``
+        event and in ``listener_errors``; training goes on.
+        """
+        with self._lock:
+            if remove:
+                if callback in self._listeners:
+                    self._listeners.remove(callback)
+            elif callback not in self._listeners:
+                self._listeners.append(callback)
+
+    def _emit(self, event: Event) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception as exc:
+                report = ListenerFailed(repr(listener), repr(exc), traceback.format_exc())
+                self.listener_errors.append(report)
+                if isinstance(event, ListenerFailed):
+                    continue
+                for other in list(self._listeners):
+                    if other is not listener:
+                        try:
+                            other(report)
+                        except Exception:
+                            self.listener_errors.append(report)
+
+    def _set_state(self, state: str) -> None:
+        with self._lock:
+            previous, self._state = self._state, state
+            if state in _ACTIVE:
+                self._idle.clear()
+            else:
+                self._idle.set()
+        if previous != state:
+            self._emit(StateChanged(state, previous))
+
+    # -- starting a phase ------------------------------------------------------
+    def start(
+        self,
+        config: PhaseConfig,
+        early_stopping: EarlyStoppingConfig | bool | None = None,
+    ) -> None:
+        """Check everything, compile on this thread, then train on a worker thread.
+
+        Args:
+            config: the phase to run.
+            early_stopping: an ``EarlyStoppingConfig``; ``None`` keeps the
+                session's current setting (off at first); ``False`` turns it off.
+
+        Raises:
+            ValueError: for bad settings or data, before any training; the
+                weights and history are left as they were.
+            RuntimeError: if a phase is already running, here or in another
+                session on the same model.
+        """
+        if not isinstance(config, PhaseConfig):
+            raise ValueError(f"config must be a PhaseConfig. Received: config={config!r}")
+        if early_stopping is False:
+            es = None
+        elif early_stopping is None or early_stopping is True:
+            es = self.early_stopping
+        elif isinstance(early_stopping, EarlyStoppingConfig):
+            es = early_stopping
+        else:
+            raise ValueError(
+                "early_stopping must be an EarlyStoppingConfig, None or False. "
+                f"Received: early_stopping={early_stopping!r}"
+            )
+        with self._lock:
+            if self._state in _ACTIVE:
+                raise RuntimeError(
+                    f"A phase is already running (state {self._state!r}); stop it or wait()."
+                )
+            for other in _SESSIONS:
+                if other is not self and other.model is self.model and other._state in _ACTIVE:
+                    raise RuntimeError(
+                        f"Model {self.model.name!r} is already training in another session; "
+                        "stop that one first."
+                    )
+            # Claim the session before the slow compile so a double start fails fast.
+            previous, self._state = self._state, "starting"
+            self._idle.clear()
+        try:
+            run = self._prepare(config, es)
+        except BaseException:
+            with self._lock:
+                self._state = previous
+                self._idle.set()
+            raise
+        self._launch(run)
+
+    def _prepare(self, config: PhaseConfig, es: EarlyStoppingConfig | None) -> PhaseRun:
+        model = self.model
+        max_depth = len(transfer.unfreezable_layers(model))
+        depth = config.unfreeze_depth
+        if depth is None:
+            depth = 0 if config.phase == "head" else max_depth
+        if depth > max_depth:
+            raise ValueError(
+                f"unfreeze_depth={depth} goes past the base, which has {max_depth} layers that "
+                f"can be unfrozen. Received: unfreeze_depth={depth}"
+            )
+        self._data.check(model, self.loss, config.batch_size)
+        if es is not None and es.monitor.startswith("val_") and not self._data.has_validation:
+            raise ValueError(
+                f"monitor {es.monitor!r} needs validation data; pass validation=... or "
+                f"validation_split, or monitor 'loss'. Received: monitor={es.monitor!r}"
+            )
+        tracker_config = es or self._best_only_config()
+        before = capture(model, f"before phase {len(self.history.phases) + 1}")
+        trainable_before = {id(layer): layer.trainable for layer in model._flatten_layers()}
+        try:
+            trainable = transfer.unfreeze(
+                model, depth, keep_batchnorm_frozen=config.keep_batchnorm_frozen
+            )
+            if config.dropout is not None:
+                transfer.set_head_dropout(model, config.dropout)
+            model.compile(
+                optimizer=_make_optimizer(config),
+                loss=self.loss,
+                metrics=self.metrics or None,
+            )
+            names = self._probe_metric_names(config.batch_size)
+        except BaseException:
+            for layer in model._flatten_layers():
+                layer.trainable = trainable_before.get(id(layer), layer.trainable)
+            restore(model, before)
+            raise
+        if tracker_config.monitor not in names:
+            restore(model, before)
+            raise ValueError(
+                f"monitor {tracker_config.monitor!r} is not a logged metric; this model logs "
+                f"{sorted(names)}. Received: monitor={tracker_config.monitor!r}"
+            )
+        if tracker_config.resolved_mode is None:
+            restore(model, before)
+            resolve_mode(tracker_config.monitor, tracker_config.mode)  # raises, naming it
+        self._snapshots.keep_recent(before)
+        self.early_stopping = es
+        self._tracker.reconfigure(tracker_config)
+        self._tracker.start_phase()
+        return PhaseRun(
+            self,
+            index=len(self.history.phases),
+            config=config,
+            depth=depth,
+            trainable=trainable,
+            start_epoch=self.history.next_epoch,
+            steps_per_epoch=self._data.steps_per_epoch(config.batch_size),
+            early_stopping=es,
+        )
+
+    def _best_only_config(self) -> EarlyStoppingConfig:
+        # Without early stopping the best is still tracked, on the validation loss.
+        monitor = "val_loss" if self._data.has_validation else "loss"
+        return EarlyStoppingConfig(monitor=monitor, mode="min", restore_best_weights=False)
+
+    def _probe_metric_names(self, batch_size: int) -> set[str]:
+        # After compile, metrics_names is only ['loss', 'compile_metrics']; one
+        # evaluated batch gives the real names, and shows the model runs on the data.
+        x, y = self._data.first_batch(batch_size)
+        try:
+            logs = self.model.evaluate(x, y, verbose=0, return_dict=True)
+        except Exception as exc:
+            raise ValueError(
+                f"The model cannot run on the training data: {exc}. Received: "
+                f"x.shape={np.shape(x)}, y.shape={np.shape(y)}"
+            ) from exc
+        names = set(logs)
+        if self._data.has_validation:
+            names |= {f"val_{name}" for name in logs}
+        return names
+
+    def _launch(self, run: PhaseRun) -> None:
+        self.error = None
+        self._run = run
+        with self._lock:
+            self._commands.clear()
+            self._pause_requested = False
+            self._attention = False
+        self.history.begin_phase(
+            PhaseSpan(run.index, run.config.phase, run.start_epoch, run.learning_rate, run.depth)
+        )
+        self._set_state("running")
+        self._emit(
+            PhaseStarted(
+                run.index,
+                run.config.phase,
+                run.start_epoch,
+                run.config.epochs,
+                run.learning_rate,
+                run.depth,
+                run.steps_per_epoch,
+                tuple(run.trainable),
+            )
+        )
+        self._thread = threading.Thread(
+            target=self._work, args=(run,), name=f"ftwidgets-fit-{run.index}", daemon=True
+        )
+        self._thread.start()
+
+    # -- the worker ------------------------------------------------------------
+    def _work(self, run: PhaseRun) -> None:
+        data = self._data
+        failure: Failure | None = None
+        fit_args = {
+            **data.fit_args(run.config.batch_size),
+            "epochs": run.start_epoch + run.config.epochs,
+            "initial_epoch": run.start_epoch,
+            "callbacks": [SessionControl(run), LossStream(run, record=self.stream_batches)],
+            "verbose": 0,
+        }
+        try:
+            self.model.fit(**fit_args)
+            reason = run.reason or "completed"
+        except StopPhase as stop:
+            reason = stop.reason
+            self._record_partial(run)
+        except BaseException as exc:
+            reason = "failed"
+            self._record_partial(run)
+            failure = Failure(
+                exc,
+                str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}",
+                "".join(traceback.format_exception(exc)),
+                run.epoch,
+                run.batch,
+            )
+        try:
+            self._finish_phase(run, reason, failure)
+        except BaseException as exc:  # never let the worker die silently
+            failure = Failure(
+                exc, f"{type(exc).__name__}: {exc}", traceback.format_exc(), run.epoch, run.batch
+            )
+            self.error = failure
+            self._set_state("failed")
+            self._emit(Failed(failure))
+
+    def _record_partial(self, run: PhaseRun) -> None:
+        # A cut epoch is kept for the record but is never a best.
+        if run.batch == 0 or self.history.next_epoch > run.epoch:
+            return
+        logs = {} if run.last_loss is None else {"loss": run.last_loss}
+        record = EpochRecord(
+            run.epoch,
+            run.config.phase,
+            run.index,
+            frozen_logs(logs),
+            run.learning_rate,
+            partial=True,
+            seconds=time.perf_counter() - run.epoch_started,
+        )
+        self.history.add_epoch(record)
+        self._emit(EpochEnded(record))
+
+    def _finish_phase(self, run: PhaseRun, reason: str, failure: Failure | None) -> None:
+        model = self.model
+        best = self._snapshots.best if self._tracker.best is not None else None
+        restored: Best | None = None
+        broken = failure is not None and not _variables_usable(model)
+        non_finite = failure is not None and isinstance(failure.exception, NonFiniteLossError)
+        es = run.early_stopping
+        if (
+            best is not None
+            and not run.rolled_back
+            and ((es is not None and es.restore_best_weights) or non_finite)
+        ):
+            restore(model, best)
+            restored = self._tracker.best
+        elif (broken or non_finite) and self._snapshots.recent:
+            restore(model, self._snapshots.recent[-1])
+        if failure is not None and non_finite:
+            what = (
+                f"the best weights (epoch {restored.epoch + 1}) were restored"
+                if restored
+                else "the weights from before the phase were restored"
+            )
+            failure = Failure(
+                failure.exception,
+                f"{failure.message} The phase was stopped and {what}.",
+                failure.traceback,
+                failure.epoch,
+                failure.batch,
+            )
+        # Leftover requests from the last epoch's validation pass apply now.
+        with self._lock:
+            leftovers = list(self._commands)
+            self._commands.clear()
+            self._pause_requested = False
+            self._attention = False
+        self._steps_before_phase = run.step(run.batch) + 1
+        span = self.history.end_phase(self.history.next_epoch, reason)
+        if failure is not None:
+            self.history.add_marker(Marker("failure", run.epoch + 1, run.epoch, failure.message))
+        self._emit(
+            PhaseEnded(
+                run.index, run.config.phase, span.start_epoch, span.end_epoch or 0, reason, restored
+            )
+        )
+        if failure is not None:
+            self.error = failure
+            self._set_state("failed")
+            self._emit(Failed(failure))
+        else:
+            self._set_state("idle")
+        for name, _value in leftovers:
+            if name == "rollback" and self._snapshots.best is not None:
+                self._apply_rollback(model, run, batch=None)
+
+    # -- commands ----------------------------------------------------------------
+    def _request(self, name: str, value: Any = None) -> bool:
+        """Queue a command if a phase is running; return False if idle."""
+        with self._lock:
+            if self._state not in _ACTIVE and self._state != "starting":
+                return False
+            if name in _COALESCED:
+                # A slider drag sends many rates; only the latest matters.
+                self._commands = deque(c for c in self._commands if c[0] != name)
+            self._commands.append((name, value))
+            self._attention = True
+            self._wake.notify_all()
+            return True
+
+    def _service_commands(self, model: keras.Model, run: PhaseRun) -> None:
+        """Apply queued commands on the worker; park here while paused."""
+        while True:
+            with self._lock:
+                commands = list(self._commands)
+                self._commands.clear()
+                paused = self._pause_requested
+                self._attention = paused
+            stop_reason: str | None = None
+            for name, value in commands:
+                if name == "learning_rate":
+                    model.optimizer.learning_rate = value
+                    run.learning_rate = value
+                    self.history.add_marker(
+                        Marker(
+                            "learning_rate",
+                            run.epoch + run.batch / run.steps_per_epoch,
+                            run.epoch,
+                            f"learning rate {value:g}",
+                            value,
+                        )
+                    )
+                    self._emit(LearningRateChanged(value, run.epoch, run.batch))
+                elif name == "early_stopping":
+                    run.early_stopping = value
+                    self.early_stopping = value
+                    self._tracker.reconfigure(value)
+                elif name == "rollback" and self._snapshots.best is not None:
+                    self._apply_rollback(model, run, batch=run.batch)
+                    stop_reason = "rolled_back"
+                elif name == "stop":
+                    stop_reason = stop_reason or "stopped"
+            if stop_reason is not None:
+                if stop_reason == "stopped":
+                    self.history.add_marker(
+                        Marker(
+                            "stop",
+                            run.epoch + run.batch / run.steps_per_epoch,
+                            run.epoch,
+                            f"stopped at epoch {run.epoch + 1}, batch {run.batch + 1}",
+                        )
+                    )
+                    self._emit(Stopped(run.epoch, run.batch))
+                raise StopPhase(stop_reason)
+            if not paused:
+                return
+            self._set_state("paused")
+            with self._lock:
+                while self._pause_requested and not self._commands:
+                    self._wake.wait()
+                resumed = not self._pause_requested
+            if resumed:
+                self._set_state("running")
+
+    def _apply_rollback(self, model: keras.Model, run: PhaseRun | None, batch: int | None) -> None:
+        best = self._tracker.best
+        restore(model, self._snapshots.best)
+        if run is not None:
+            run.rolled_back = True
+        epoch = self.history.next_epoch if run is None else run.epoch
+        x = epoch if batch is None or run is None else run.epoch + batch / run.steps_per_epoch
+        self.history.add_marker(
+            Marker("rollback", x, epoch, f"rolled back to epoch {best.epoch + 1}", best.epoch)
+        )
+        self._emit(RolledBack(best, epoch, batch))
+
+    def stop(self) -> None:
+        """Stop the running phase at the next batch boundary (no-op when idle).
+
+        The cut epoch is recorded as partial and is never a best.
+        """
+        if self._request("stop"):
+            with self._lock:
+                self._pause_requested = False
+            self._set_state("stopping")
+
+    def pause(self) -> None:
+        """Hold the worker at the next batch boundary, keeping the optimizer state."""
+        with self._lock:
+            if self._state not in ("running", "starting"):
+                return
+            self._pause_requested = True
+            self._attention = True
+
+    def resume(self) -> None:
+        """Continue a paused phase."""
+        with self._lock:
+            self._pause_requested = False
+            self._wake.notify_all()
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Change the learning rate; while training it applies at the next batch.
+
+        Raises:
+            ValueError: if the rate is not a positive finite number.
+        """
+        rate = check_learning_rate(learning_rate)
+        if self._request("learning_rate", rate):
+            return
+        # Idle: the compiled optimizer (if any) takes it for a later fit by hand.
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None and self._run is not None:
+            optimizer.learning_rate = rate
+            self._run.learning_rate = rate
+
+    def update_early_stopping(self, **changes: Any) -> EarlyStoppingConfig:
+        """Change early-stopping settings; a running phase picks them up at the next batch.
+
+        While a phase runs only patience, min_delta, restore_best_weights,
+        start_from_epoch and baseline may change.
+
+        Returns:
+            The new settings.
+
+        Raises:
+            ValueError: for a bad value, a locked field, or when early stopping is off.
+        """
+        current = self.early_stopping
+        if current is None:
+            raise ValueError(
+                "Early stopping is off for this session; pass early_stopping="
+                f"EarlyStoppingConfig(...) to start(). Received: {changes!r}"
+            )
+        running = self._state in _ACTIVE
+        locked = set(changes) - _LIVE_EARLY_STOPPING_FIELDS
+        if running and locked:
+            raise ValueError(
+                f"{sorted(locked)} cannot change while a phase runs. Received: "
+                + ", ".join(f"{k}={changes[k]!r}" for k in sorted(locked))
+            )
+        updated = current.with_changes(**changes)
+        if not self._request("early_stopping", updated):
+            self.early_stopping = updated
+            self._tracker.reconfigure(updated)
+        return updated
+
+    def rollback(self) -> Best:
+        """Restore the weights of the best epoch.
+
+        Idle or failed: at once. Running: at the next batch boundary on the
+        worker, which then stops the phase so you can go on at a lower rate.
+
+        Returns:
+            The best epoch restored (or about to be).
+
+        Raises:
+            ValueError: if there is no best epoch yet.
+        """
+        best = self._tracker.best
+        if best is None or self._snapshots.best is None:
+            raise ValueError("There is no best epoch to roll back to yet. Received: best=None")
+        if not self._request("rollback"):
+            self._apply_rollback(self.model, None, batch=None)
+        return best
+
+    # -- waiting ----------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no phase is running; False if ``timeout`` seconds passed first."""
+        if not self._idle.wait(timeout):
+            return False
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        return True
+
+    def run(
+        self, config: PhaseConfig, early_stopping: EarlyStoppingConfig | bool | None = None
+    ) -> None:
+        """Start a phase and wait for it, for scripts. Re-raises a failure."""
+        self.start(config, early_stopping)
+        self.wait()
+        if self._state == "failed" and self.error is not None:
+            raise self.error.exception
+
+    def close(self) -> None:
+        """Stop any running phase, wait for it, and forget this session."""
+        self.stop()
+        self.resume()
+        self.wait()
+        _SESSIONS.discard(self)
+
+    def __repr__(self) -> str:
+        best = "none" if self.best is None else f"epoch {self.best.epoch + 1}"
+        return f"<FineTuneSession {self.model.name!r} state={self._state} best={best}>"
+
+
+def _make_optimizer(config: PhaseConfig) -> keras.optimizers.Optimizer:
+    # A fresh optimizer per phase: a built one cannot be reused after the
+    # trainable set changes.
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=config.learning_rate)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=0.9)
+    return keras.optimizers.Adam(learning_rate=config.learning_rate)
+
+
+def _variables_usable(model: keras.Model) -> bool:
+    try:
+        return all(v.value is not None for v in model.variables)
+    except Exception:
+        return False

@@ -1,0 +1,95 @@
+"""Best-epoch tracking and the early-stopping patience count. Plain Python, no Keras."""
+
+from __future__ import annotations
+
+import math
+
+from ftwidgets.config import EarlyStoppingConfig
+from ftwidgets.events import Best
+
+__all__ = ["BestTracker"]
+
+
+class BestTracker:
+    """Track the best epoch of a whole run, and when a phase should stop early.
+
+    The best is kept across phases (a new ``fit()`` never resets it) and is
+    never NaN or infinite. Partial epochs are never a best. The patience count
+    restarts with every phase, so a new phase is not born impatient.
+
+    Args:
+        config: which monitor, mode, min_delta, patience, baseline and warm-up.
+
+    Example:
+
+    >>> tracker = BestTracker(EarlyStoppingConfig(monitor="val_loss", patience=1))
+    >>> tracker.start_phase()
+    >>> tracker.update(0, {"val_loss": 0.5}, phase="head")
+    True
+    >>> tracker.update(1, {"val_loss": 0.7}, phase="head")
+    False
+    >>> tracker.should_stop, tracker.best.epoch
+    (True, 0)
+    """
+
+    def __init__(self, config: EarlyStoppingConfig) -> None:
+        self.config = config
+        self.best: Best | None = None
+        self.wait = 0
+        self.phase_epochs = 0
+        self.should_stop = False
+
+    def reconfigure(self, config: EarlyStoppingConfig) -> None:
+        """Adopt new settings. A new monitor or mode forgets the old best."""
+        if (config.monitor, config.resolved_mode) != (
+            self.config.monitor,
+            self.config.resolved_mode,
+        ):
+            self.best = None
+            self.wait = 0
+        self.config = config
+        self.should_stop = self._patience_spent()
+
+    def start_phase(self) -> None:
+        """Restart the patience count (the best is kept)."""
+        self.wait = 0
+        self.phase_epochs = 0
+        self.should_stop = False
+
+    def _beats(self, value: float, reference: float | None) -> bool:
+        if reference is None:
+            return True
+        if self.config.resolved_mode == "min":
+            return value < reference - self.config.min_delta
+        return value > reference + self.config.min_delta
+
+    def update(
+        self, epoch: int, logs: dict[str, float], *, phase: str, partial: bool = False
+    ) -> bool:
+        """Account for one finished epoch; return True if it is a new best.
+
+        A baseline only affects stopping: an epoch that is the best so far but
+        not past the baseline is kept as the best, yet counts against patience.
+
+        Raises:
+            KeyError: if the monitor is missing from ``logs``.
+        """
+        if partial:
+            return False
+        value = float(logs[self.config.monitor])
+        self.phase_epochs += 1
+        improved = math.isfinite(value) and self._beats(
+            value, None if self.best is None else self.best.value
+        )
+        if improved:
+            self.best = Best(epoch, value, self.config.monitor, phase)
+        if improved and self._beats(value, self.config.baseline):
+            self.wait = 0
+        elif self.phase_epochs > self.config.start_from_epoch:
+            self.wait += 1
+        self.should_stop = self._patience_spent()
+        return improved
+
+    def _patience_spent(self) -> bool:
+        # As in Keras: patience=0 stops at the first epoch without improvement.
+        return self.wait > 0 and self.wait >= self.config.patience

@@ -1,0 +1,496 @@
+"""FineTuneSession on real (tiny) Keras models on the CPU.
+
+Synchronisation is on session events (threading.Event), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+import threading
+
+import keras
+import numpy as np
+import pytest
+
+import ftwidgets as ftw
+from ftwidgets import events as ev
+from ftwidgets.transfer import get_base, unfreezable_layers
+
+pytestmark = pytest.mark.keras
+WAIT = 120  # generous: a stuck worker fails the test instead of hanging CI
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ftw.demo.digits_transfer(per_class=10, seed=0)
+
+
+def tiny_base() -> keras.Model:
+    # Dense layers compile far faster than convolutions; the demo CNN is tested elsewhere.
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(16, name="dense1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Dense(16, name="dense2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.Dense(16, activation="relu", name="dense3")(x)
+    return keras.Model(inputs, x, name="tiny_base")
+
+
+def make_model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return ftw.build_transfer_model(tiny_base(), num_classes=5, dropout=0.3)
+
+
+def make_session(data, model=None, **kwargs) -> ftw.FineTuneSession:
+    kwargs.setdefault("metrics", ["accuracy"])
+    return ftw.FineTuneSession(
+        model or make_model(),
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        loss="sparse_categorical_crossentropy",
+        **kwargs,
+    )
+
+
+def values(variables) -> list[np.ndarray]:
+    return [np.array(v.value, copy=True) for v in variables]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+class Recorder:
+    """Collect events; wait for one of a type (optionally matching a predicate)."""
+
+    def __init__(self, session):
+        self.events: list[ev.Event] = []
+        self._cond = threading.Condition()
+        session.on_event(self)
+
+    def __call__(self, event):
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def of(self, kind):
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def wait_for(self, kind, predicate=lambda e: True, timeout=WAIT):
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: any(isinstance(e, kind) and predicate(e) for e in self.events), timeout
+            )
+        assert ok, (
+            f"no {kind.__name__} within {timeout}s; saw {[type(e).__name__ for e in self.events]}"
+        )
+        return next(e for e in self.events if isinstance(e, kind) and predicate(e))
+
+
+def test_head_phase_leaves_every_base_weight_bitwise_unchanged(data):
+    session = make_session(data)
+    base = get_base(session.model)
+    before = values(base.variables)
+    head_before = values(session.model.get_layer("head_dense").variables)
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16))
+    assert same(values(base.variables), before)
+    assert not same(values(session.model.get_layer("head_dense").variables), head_before)
+
+
+def test_finetune_changes_exactly_the_top_k_layers_and_keeps_batchnorm_stats(data):
+    session = make_session(data)
+    base = get_base(session.model)
+    layers = unfreezable_layers(base)
+    before = {id(v): np.array(v.value) for v in base.variables}
+    session.run(ftw.PhaseConfig(phase="finetune", epochs=2, learning_rate=1e-2, unfreeze_depth=2))
+    top = layers[-2:]
+    for layer in layers:
+        changed = any(not np.array_equal(before[id(v)], v.value) for v in layer.trainable_weights)
+        assert layer.trainable == (layer in top)
+        assert changed == (layer in top), layer.name
+    for layer in base._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert not layer.trainable
+            for v in layer.variables:  # gamma, beta, moving_mean, moving_variance
+                assert np.array_equal(before[id(v)], v.value), v.path
+
+
+def test_phases_get_fresh_optimizers_and_continue_epoch_numbering(data):
+    session = make_session(data)
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16))
+    first = session.model.optimizer
+    assert int(first.iterations) == 2 * 4
+    session.run(ftw.PhaseConfig(phase="finetune", epochs=3, batch_size=25, unfreeze_depth=1))
+    second = session.model.optimizer
+    assert second is not first
+    assert int(second.iterations) == 3 * 2
+    assert [r.epoch for r in session.history.epochs] == [0, 1, 2, 3, 4]
+    assert [r.phase for r in session.history.epochs] == ["head"] * 2 + ["finetune"] * 3
+    spans = session.history.phases
+    assert [(s.start_epoch, s.end_epoch, s.reason) for s in spans] == [
+        (0, 2, "completed"),
+        (2, 5, "completed"),
+    ]
+    frame = session.history.to_dataframe()
+    assert list(frame["epoch"]) == [0, 1, 2, 3, 4]
+    assert {"loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"} <= set(frame)
+
+
+def test_best_survives_a_diverging_phase_and_rollback_restores_it(data):
+    session = make_session(data)
+    session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=16, learning_rate=1e-2))
+    head_best = session.best
+    assert head_best.phase == "head" and head_best.monitor == "val_loss"
+    session.start(ftw.PhaseConfig(phase="finetune", epochs=2, learning_rate=1.0, unfreeze_depth=3))
+    session.wait(WAIT)
+    assert session.best == head_best
+    finetune_losses = [r.logs.get("val_loss", math.nan) for r in session.history.epochs[3:]]
+    assert all(not (v < head_best.value) for v in finetune_losses)  # diverged (or NaN)
+    restored = session.rollback()
+    assert restored == head_best
+    logs = session.model.evaluate(data.x_val, data.y_val, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(head_best.value, rel=1e-5)
+    assert session.history.markers[-1].kind == "rollback"
+
+
+def test_nan_loss_fails_the_phase_names_where_and_restores_best(data):
+    session = make_session(data)
+    rec = Recorder(session)
+    es = ftw.EarlyStoppingConfig(patience=5)
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16), early_stopping=es)
+    best = session.best
+    best_weights = list(session.snapshots.best.values)
+    with pytest.raises(FloatingPointError) as info:
+        session.run(
+            ftw.PhaseConfig(
+                phase="finetune", epochs=3, learning_rate=1e10, optimizer="sgd", unfreeze_depth=3
+            )
+        )
+    assert session.state == "failed"
+    message = session.error.message
+    where = re.search(r"at epoch (\d+), batch (\d+) \(learning rate 1e\+10\)", message)
+    assert where and int(where[1]) >= 3, message  # 1-based; the finetune phase began at 3
+    assert "restored" in message and str(info.value) in message
+    assert "Traceback" in session.error.traceback
+    assert session.best == best
+    assert same(values(session.model.variables), best_weights)
+    assert rec.of(ev.Failed)[-1].failure is session.error
+    assert rec.of(ev.PhaseEnded)[-1].reason == "failed"
+    # The session stays usable.
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
+    assert session.state == "idle"
+    assert session.error is None
+
+
+def test_nan_in_the_first_phase_restores_the_weights_from_before(data):
+    session = make_session(data)
+    before = values(session.model.variables)
+    session.start(
+        ftw.PhaseConfig(
+            phase="finetune", epochs=2, learning_rate=1e10, optimizer="sgd", unfreeze_depth=3
+        )
+    )
+    session.wait(WAIT)
+    assert session.state == "failed"
+    assert session.best is None
+    assert same(values(session.model.variables), before)
+
+
+def test_stop_halts_within_one_batch_and_the_partial_epoch_is_never_best(data):
+    session = make_session(data, progress_interval=0.0)
+    rec = Recorder(session)
+    stop_at = (1, 2)  # epoch 1, batch 2
+
+    def stopper(event):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == stop_at:
+            session.stop()
+
+    session.on_event(stopper)
+    es = ftw.EarlyStoppingConfig(patience=10, restore_best_weights=True)
+    session.start(ftw.PhaseConfig(phase="head", epochs=20, batch_size=8), early_stopping=es)
+    assert session.wait(WAIT)
+    stopped = rec.wait_for(ev.Stopped)
+    # Requested at the start of batch 2 (which ran); honoured before batch 3.
+    assert (stopped.epoch, stopped.batch) == (1, 3)
+    steps, _, _ = session.history.batch_trace()
+    steps_per_epoch = session.phase.steps_per_epoch
+    assert steps.max() == steps_per_epoch + 2
+    records = session.history.epochs
+    assert [r.partial for r in records] == [False, True]
+    assert session.best.epoch == 0
+    assert rec.of(ev.PhaseEnded)[-1].reason == "stopped"
+    assert rec.of(ev.PhaseEnded)[-1].restored_best == session.best
+    assert session.state == "idle"
+
+
+def test_pause_holds_between_batches_and_learning_rate_applies_at_next_batch(data):
+    session = make_session(data, progress_interval=0.0)
+    rec = Recorder(session)
+
+    def pauser(event):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (0, 1):
+            session.pause()
+
+    session.on_event(pauser)
+    session.start(ftw.PhaseConfig(phase="head", epochs=2, batch_size=8))
+    rec.wait_for(ev.StateChanged, lambda e: e.state == "paused")
+    session.set_learning_rate(5e-4)
+    # Still paused after a command: the worker applied it and parked again.
+    changed = rec.wait_for(ev.LearningRateChanged)
+    assert (changed.epoch, changed.batch, changed.learning_rate) == (0, 2, 5e-4)
+    assert session.state == "paused"
+    # Paused before batch 2: batch-end records of 0 and 1 may still land, never 2.
+    steps = session.history.batch_trace()[0]
+    assert not (steps > 1).any()
+    session.resume()
+    assert session.wait(WAIT)
+    assert [r.learning_rate for r in session.history.epochs] == [5e-4, 5e-4]
+    assert float(session.model.optimizer.learning_rate) == pytest.approx(5e-4)
+    # Optimizer state kept across the pause: iterations count every batch.
+    assert int(session.model.optimizer.iterations) == 2 * session.phase.steps_per_epoch
+    assert any(m.kind == "learning_rate" and m.value == 5e-4 for m in session.history.markers)
+
+
+def test_rollback_while_running_restores_best_then_stops(data):
+    session = make_session(data, progress_interval=0.0)
+    rec = Recorder(session)
+
+    def roller(event):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (2, 1):
+            session.rollback()
+
+    session.on_event(roller)
+    session.start(ftw.PhaseConfig(phase="head", epochs=10, batch_size=8, learning_rate=1e-2))
+    assert session.wait(WAIT)
+    rolled = rec.wait_for(ev.RolledBack)
+    assert rolled.epoch == 2 and rolled.batch == 2
+    assert rec.of(ev.PhaseEnded)[-1].reason == "rolled_back"
+    assert same(values(session.model.variables), list(session.snapshots.best.values))
+    assert rolled.best == session.best
+
+
+def test_early_stopping_restores_best_and_records_a_marker(data):
+    session = make_session(data)
+    rec = Recorder(session)
+    # min_delta so large that nothing after the first epoch counts as better.
+    es = ftw.EarlyStoppingConfig(patience=1, min_delta=100.0, restore_best_weights=True)
+    session.run(ftw.PhaseConfig(phase="head", epochs=10, batch_size=16), early_stopping=es)
+    assert len(session.history) == 2
+    assert rec.of(ev.EarlyStopped)[0].epoch == 1
+    assert session.history.phases[-1].reason == "early_stopped"
+    assert session.best.epoch == 0
+    assert same(values(session.model.variables), list(session.snapshots.best.values))
+    assert [m.kind for m in session.history.markers] == ["early_stop"]
+
+
+def test_update_early_stopping_applies_to_the_running_phase(data):
+    session = make_session(data, progress_interval=0.0)
+    rec = Recorder(session)
+    es = ftw.EarlyStoppingConfig(patience=50, min_delta=100.0)
+
+    def shorten(event):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (0, 0):
+            session.update_early_stopping(patience=2)
+
+    session.on_event(shorten)
+    session.run(ftw.PhaseConfig(phase="head", epochs=20, batch_size=16), early_stopping=es)
+    assert len(session.history) == 3
+    assert session.early_stopping.patience == 2
+    assert rec.of(ev.EarlyStopped)
+    with pytest.raises(ValueError, match="patience=-1"):
+        session.update_early_stopping(patience=-1)
+
+
+def test_snapshots_stay_bounded_and_checkpoint_is_written_atomically(data, tmp_path):
+    session = make_session(data, checkpoint_dir=tmp_path / "ckpt", keep_recent=2)
+    for _ in range(4):
+        session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16, learning_rate=1e-2))
+    model_bytes = sum(np.asarray(v.value).nbytes for v in session.model.variables)
+    assert len(session.snapshots.recent) == 2
+    assert session.snapshots.nbytes == 3 * model_bytes
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["best.weights.h5"]
+    fresh = make_model(seed=1)
+    fresh.load_weights(tmp_path / "ckpt" / "best.weights.h5")
+    best = session.snapshots.best
+    weights = [np.asarray(v.value) for v in fresh.weights]
+    expected = dict(zip([v.path for v in session.model.variables], best.values, strict=True))
+    for v, w in zip(fresh.weights, weights, strict=True):
+        assert np.array_equal(w, expected[v.path])
+
+
+class FlakyData(keras.utils.PyDataset):
+    """Real data that fails at one batch, as a broken loader would."""
+
+    def __init__(self, x, y, fail_at: int | None, batch_size: int = 10):
+        super().__init__()
+        self.x, self.y, self.fail_at, self.batch_size = x, y, fail_at, batch_size
+        self.calls = 0
+
+    def __len__(self):
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise OSError(f"disk read failed at call {self.calls}")
+        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[sl], self.y[sl]
+
+
+def test_worker_exception_is_never_lost_and_the_session_recovers(data):
+    flaky = FlakyData(data.x_train, data.y_train, fail_at=8)
+    session = ftw.FineTuneSession(
+        make_model(),
+        train=flaky,
+        validation=(data.x_val, data.y_val),
+        metrics=["accuracy"],
+    )
+    rec = Recorder(session)
+    session.start(ftw.PhaseConfig(phase="head", epochs=5))
+    assert session.wait(WAIT)
+    assert session.state == "failed"
+    assert isinstance(session.error.exception, OSError)
+    assert "disk read failed" in session.error.message
+    assert "OSError" in session.error.traceback
+    assert rec.of(ev.Failed)
+    assert all(v.value is not None for v in session.model.variables)
+    flaky.fail_at = None
+    session.run(ftw.PhaseConfig(phase="head", epochs=1))
+    assert session.state == "idle"
+
+
+def test_listener_that_raises_is_reported_and_training_goes_on(data):
+    session = make_session(data)
+    rec = Recorder(session)
+
+    def broken(event):
+        if isinstance(event, ev.EpochEnded):
+            raise RuntimeError("listener bug")
+
+    session.on_event(broken)
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16))
+    assert len(session.history) == 2
+    failures = rec.of(ev.ListenerFailed)
+    assert len(failures) == 2 and "listener bug" in failures[0].message
+    assert len(session.listener_errors) == 2
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda d: ftw.PhaseConfig(phase="finetune", unfreeze_depth=99), "unfreeze_depth=99"),
+        (lambda d: ftw.PhaseConfig(phase="finetune", learning_rate=-1.0), "learning_rate=-1.0"),
+    ],
+)
+def test_bad_phase_settings_raise_before_training(data, make, fragment):
+    session = make_session(data)
+    before = values(session.model.variables)
+    with pytest.raises(ValueError, match="Received") as info:
+        session.start(make(data))
+    assert fragment in str(info.value)
+    assert same(values(session.model.variables), before)
+    assert len(session.history) == 0 and session.state == "idle"
+
+
+def test_unknown_monitor_raises_with_the_logged_names(data):
+    session = make_session(data, metrics=[])
+    before = values(session.model.variables)
+    with pytest.raises(ValueError, match="monitor='val_accuracy'") as info:
+        session.start(ftw.PhaseConfig(), ftw.EarlyStoppingConfig(monitor="val_accuracy"))
+    assert "val_loss" in str(info.value)
+    assert same(values(session.model.variables), before)
+    assert session.history.phases == ()
+
+
+def test_val_monitor_without_validation_data_raises(data):
+    session = ftw.FineTuneSession(make_model(), train=(data.x_train, data.y_train))
+    with pytest.raises(ValueError, match="needs validation data"):
+        session.start(ftw.PhaseConfig(), ftw.EarlyStoppingConfig(monitor="val_loss"))
+    assert session.monitor == "loss"
+
+
+@pytest.mark.parametrize(
+    ("train", "fragment"),
+    [
+        (lambda d: (d.x_train[:, :4], d.y_train), "x.shape=(50, 4, 8, 1)"),
+        (lambda d: (d.x_train, d.y_train[:10]), "y.shape=(10,)"),
+        (lambda d: (d.x_train, d.y_train + 3), "Labels must be integers in 0..4"),
+        (lambda d: (d.x_train, d.y_train - 1), "values [-1"),
+    ],
+)
+def test_data_that_does_not_fit_raises_before_training(data, train, fragment):
+    session = ftw.FineTuneSession(
+        make_model(), train=train(data), validation=(data.x_val, data.y_val)
+    )
+    before = values(session.model.variables)
+    with pytest.raises(ValueError) as info:
+        session.start(ftw.PhaseConfig())
+    assert fragment in str(info.value)
+    assert same(values(session.model.variables), before)
+    assert session.state == "idle"
+
+
+def test_start_while_running_raises_and_second_session_is_refused(data):
+    session = make_session(data, progress_interval=0.0)
+    rec = Recorder(session)
+    gate = threading.Event()
+
+    def hold(event):
+        if isinstance(event, ev.BatchProgress) and not gate.is_set():
+            session.pause()
+            gate.set()
+
+    session.on_event(hold)
+    session.start(ftw.PhaseConfig(phase="head", epochs=3, batch_size=16))
+    rec.wait_for(ev.StateChanged, lambda e: e.state == "paused")
+    with pytest.raises(RuntimeError, match="already running"):
+        session.start(ftw.PhaseConfig())
+    other = make_session(data, model=session.model)
+    with pytest.raises(RuntimeError, match="another session"):
+        other.start(ftw.PhaseConfig())
+    session.stop()
+    assert session.wait(WAIT)
+    assert session.state == "idle"
+    assert len(session.history.phases) == 1
+
+
+def test_validation_split_and_pydataset_inputs(data):
+    session = ftw.FineTuneSession(
+        make_model(), train=(data.x_train, data.y_train), validation_split=0.2, metrics=["accuracy"]
+    )
+    session.run(ftw.PhaseConfig(epochs=1, batch_size=10))
+    assert "val_accuracy" in session.history.epochs[0].logs
+    assert session.phase.steps_per_epoch == 4
+    ds = FlakyData(data.x_train, data.y_train, fail_at=None)
+    session = ftw.FineTuneSession(make_model(), train=ds, validation=(data.x_val, data.y_val))
+    session.run(ftw.PhaseConfig(epochs=1))
+    assert session.phase.steps_per_epoch == 5
+    assert session.best.monitor == "val_loss"
+
+
+def test_rollback_without_best_raises(data):
+    session = make_session(data)
+    with pytest.raises(ValueError, match="no best epoch"):
+        session.rollback()
+
+
+def test_importing_with_another_keras_backend_fails_clearly():
+    code = "import os; os.environ['KERAS_BACKEND']='numpy'; import keras; import ftwidgets"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "needs Keras's JAX backend" in proc.stderr and "'numpy'" in proc.stderr
+
+
+def test_importing_first_selects_jax_and_reports_the_device():
+    code = (
+        "import os; os.environ['KERAS_BACKEND']='numpy'; import ftwidgets, keras; "
+        "print(keras.backend.backend(), ftwidgets.device_summary())"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.split() == ["jax", "JAX", "·", "cpu"], proc.stderr
