@@ -1,0 +1,731 @@
+"""Live bqplot charts of a fine-tuning run, fed only by session events and the History.
+
+The charts never touch the model. ``on_event`` runs on the training worker
+thread: it decides quickly whether to redraw, and redraws at most once per
+``min_interval`` seconds, with a trailing flush on a timer thread so the last
+state is always drawn. Every series is bounded with :func:`~ftwidgets.history.decimate`,
+and a series is only reassigned when its data changed, so a redraw costs about
+the same bytes after 100 batches as after 100,000. Reading the whole per-batch
+trace does grow with the run, so that part is also kept within a time budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import bqplot as bq
+import ipywidgets as widgets
+import numpy as np
+from traitlets import Bool, observe
+
+from ftwidgets.events import (
+    Best,
+    Event,
+    NewBest,
+    PhaseEnded,
+    PhaseStarted,
+    RolledBack,
+    StateChanged,
+)
+from ftwidgets.history import History, Marker, decimate
+
+__all__ = ["TrainingCharts"]
+
+logger = logging.getLogger(__name__)
+
+TRAIN_COLOR = "#1f77b4"
+VAL_COLOR = "#ff7f0e"
+BATCH_COLOR = "#aec7e8"
+BATCH_SMOOTH_COLOR = "#5b8fc7"
+BEST_COLOR = "#e6b800"
+LR_COLOR = "#2ca02c"
+PHASE_COLORS = {"head": "#9ecae1", "finetune": "#fdae6b"}
+OTHER_PHASE_COLOR = "#c7c7c7"
+PHASE_OPACITY = 0.22
+# Marker kind -> (colour, short text shown next to its symbol).
+MARKER_STYLES = {
+    "early_stop": ("#2ca02c", "early stop"),
+    "stop": ("#7f7f7f", "stop"),
+    "rollback": ("#9467bd", "rollback"),
+    "failure": ("#d62728", "failure"),
+}
+# Kinds that cut an epoch short: a partial epoch's hollow point sits at their x.
+_CUTTING_KINDS = ("stop", "rollback", "failure")
+# Weight of the newest point in the smoothed batch loss (over the plotted points).
+EMA_ALPHA = 0.1
+# The states after which the final picture must be on screen at once.
+_SETTLED_STATES = ("idle", "failed")
+# Logged values that are never offered as "the" metric.
+_NOT_METRICS = ("learning_rate", "lr")
+
+
+def format_rate(rate: float) -> str:
+    """Format a learning rate compactly: ``1e-3``, ``2.5e-4``, ``0.5``."""
+    if 1e-2 <= rate < 1e3:
+        return f"{rate:g}"
+    return np.format_float_scientific(rate, trim="-", exp_digits=1)
+
+
+def smooth(y: np.ndarray, alpha: float = EMA_ALPHA) -> np.ndarray:
+    """Exponential moving average of ``y``; non-finite values are skipped (held).
+
+    Example:
+
+    >>> smooth(np.array([1.0, 1.0, np.nan, 1.0])).tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    out = np.empty(len(y), dtype=np.float64)
+    acc = math.nan
+    for i, value in enumerate(y.tolist()):
+        if math.isfinite(value):
+            acc = value if math.isnan(acc) else acc + alpha * (value - acc)
+        out[i] = acc
+    return out
+
+
+def bounded(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """``decimate`` to about ``max_points``, keeping the first and the newest point too.
+
+    The newest point keeps the live line reaching "now" even when it is neither
+    its bucket's min nor max.
+
+    Example:
+
+    >>> x = np.arange(1000.0)
+    >>> bx, by = bounded(x, x % 7, 100)
+    >>> len(bx) <= 102, bx[0], bx[-1]
+    (True, np.float64(0.0), np.float64(999.0))
+    """
+    n = len(x)
+    dx, dy = decimate(x, y, max_points)
+    if len(dx) == n or n == 0:
+        return dx, dy
+    if dx[0] != x[0]:
+        dx, dy = np.concatenate([x[:1], dx]), np.concatenate([y[:1], dy])
+    if dx[-1] != x[-1]:
+        dx, dy = np.concatenate([dx, x[-1:]]), np.concatenate([dy, y[-1:]])
+    return dx, dy
+
+
+def _metric_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a metric name or None. Received: name={name!r}")
+    return name.strip().removeprefix("val_")
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(new, np.ndarray) or isinstance(old, np.ndarray):
+        if old is None or new is None:
+            return old is new
+        # bqplot squeezes 2-D data (one line of five points arrives as (1, 5)).
+        old, new = (np.squeeze(a) if np.ndim(a) > 1 else np.asarray(a) for a in (old, new))
+        if old.shape != new.shape or old.dtype.kind != new.dtype.kind:
+            return False
+        if new.dtype.kind == "f":
+            return bool(np.array_equal(old, new, equal_nan=True))
+        return bool(np.array_equal(old, new))
+    return old == new
+
+
+def assign(mark: bq.Mark, **values: Any) -> bool:
+    """Set several traits of ``mark`` in one message, skipping unchanged ones.
+
+    Returns True if anything was sent.
+    """
+    changed = {
+        name: value for name, value in values.items() if not _same(getattr(mark, name), value)
+    }
+    if not changed:
+        return False
+    with mark.hold_sync():
+        for name, value in changed.items():
+            setattr(mark, name, value)
+    return True
+
+
+_EMPTY = np.zeros(0, dtype=np.float64)
+
+
+class TrainingCharts(widgets.VBox):
+    """Loss, metric and learning-rate charts of a fine-tuning run, updated live.
+
+    Three bqplot figures share one x-axis in global epochs (batch ``b`` of epoch
+    ``e`` sits at ``e + (b + 1) / steps``; an epoch's value sits at ``e + 1``, the
+    end of that epoch):
+
+    - ``loss_figure``: per-batch training loss (light, with a smoothed line),
+      per-epoch training and validation loss, phase bands labelled with phase,
+      learning rate and depth, the best epoch (a diamond, when the monitor is a
+      loss), and vertical rules with a symbol and text where early stopping,
+      a stop, a rollback or a failure happened.
+    - ``metric_figure``: a metric per epoch for training and validation
+      (``accuracy`` / ``val_accuracy`` by default), with the best marker when
+      that is the monitor.
+    - ``lr_figure``: the learning rate per epoch on a log scale, as a step line,
+      with a point at each change made while training.
+
+    A partial epoch (cut short by a Stop, a rollback or a failure) is never drawn
+    as an epoch point: it shows as a hollow circle where it was cut.
+
+    The charts read only the ``History`` and the events; they never touch the
+    model. ``on_event`` is safe to call from any thread, never raises (errors go
+    to ``on_error`` callbacks and ``last_error``), and redraws at most once per
+    ``min_interval`` seconds, with a trailing redraw so the last state is drawn.
+
+    Args:
+        history: the session's history (``session.history``).
+        metric: the metric of the second chart, without ``val_``. None picks the
+            monitored metric when it is not a loss, else the first non-loss
+            metric logged.
+        max_points: about the most points any series sends (the per-batch trace
+            is decimated keeping each bucket's min and max, so spikes survive,
+            plus its first and newest points).
+        min_interval: the least time in seconds between two redraws caused by
+            batch or epoch events.
+        **kwargs: passed to ``ipywidgets.VBox`` (e.g. ``layout``).
+
+    Attributes:
+        loss_figure, metric_figure, lr_figure: the bqplot figures.
+        show_batches: draw the per-batch loss trace (a traitlet; link it to a
+            checkbox).
+        marks: the marks by name, read-only (see ``MARK_NAMES``).
+        batch_budget: the largest share of the time that unforced redraws of
+            the per-batch trace may take (0.02: a trace costing 10 ms is redrawn
+            at most every 0.5 s).
+        last_error: the last exception a redraw raised inside ``on_event``.
+        redraws: how many redraws ran (for tests and benchmarks).
+
+    Example:
+
+    >>> from ftwidgets.history import History
+    >>> charts = TrainingCharts(History(), metric="accuracy")
+    >>> charts.metric
+    'accuracy'
+    >>> # session.on_event(charts.on_event); display(charts)
+    """
+
+    show_batches = Bool(True, help="Draw the per-batch training loss.")
+    batch_budget: float = 0.02
+
+    MARK_NAMES = (
+        "batch",
+        "loss",
+        "val_loss",
+        "partial_loss",
+        "best_loss",
+        "metric",
+        "val_metric",
+        "partial_metric",
+        "best_metric",
+        "lr",
+        "lr_changes",
+        "phase_labels",
+        "events",
+        "bands_loss",
+        "bands_metric",
+        "bands_lr",
+        "rules_loss",
+        "rules_metric",
+        "rules_lr",
+    )
+
+    def __init__(
+        self,
+        history: History,
+        *,
+        metric: str | None = None,
+        max_points: int = 500,
+        min_interval: float = 0.25,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 4:
+            raise ValueError(
+                f"max_points must be an integer >= 4. Received: max_points={max_points!r}"
+            )
+        try:
+            interval = float(min_interval)
+        except (TypeError, ValueError):
+            interval = math.nan
+        if not math.isfinite(interval) or interval < 0:
+            raise ValueError(
+                "min_interval must be a finite number of seconds >= 0. "
+                f"Received: min_interval={min_interval!r}"
+            )
+        self.history = history
+        self.max_points = max_points
+        self.min_interval = interval
+        self.last_error: BaseException | None = None
+        self._chosen_metric = _metric_name(metric)
+        self._best: Best | None = None
+        self._planned_end: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._dirty = True
+        self._closed = False
+        self._last_draw = -math.inf
+        self._last_batch_draw = -math.inf
+        self._batch_cost = 0.0
+        self._drawn: dict[str, Any] = {}
+        self._error_callbacks: list[Callable[[BaseException, str], None]] = []
+        self.redraws = 0
+
+        self._build()
+        super().__init__(children=[self.loss_figure, self.metric_figure, self.lr_figure], **kwargs)
+        self.add_class("ftwidgets-charts")
+        self.refresh(force=True)
+
+    # -- construction ---------------------------------------------------------
+    def _build(self) -> None:
+        self.x_scale = bq.LinearScale(min=0.0)
+        self._band_scale = bq.LinearScale(min=0.0, max=1.0)
+        loss_scale = bq.LinearScale()
+        metric_scale = bq.LinearScale()
+        self.lr_scale = bq.LogScale()
+        xs = {"x": self.x_scale}
+        band = {"x": self.x_scale, "y": self._band_scale}
+
+        def bands() -> bq.Lines:
+            return bq.Lines(
+                scales=band, fill="inside", stroke_width=0.0, colors=[OTHER_PHASE_COLOR],
+                preserve_domain={"y": True}, enable_hover=False,
+            )  # fmt: skip
+
+        def rules() -> bq.Lines:
+            return bq.Lines(
+                scales=band, line_style="dashed", stroke_width=1.5,
+                preserve_domain={"y": True}, enable_hover=False,
+            )  # fmt: skip
+
+        def epoch_line(scale: bq.Scale, color: str, label: str) -> bq.Lines:
+            return bq.Lines(
+                scales={**xs, "y": scale}, colors=[color], marker="circle", marker_size=24,
+                labels=[label], display_legend=True, stroke_width=2.0,
+            )  # fmt: skip
+
+        def hollow(scale: bq.Scale) -> bq.Scatter:
+            return bq.Scatter(
+                scales={**xs, "y": scale}, fill=False, default_size=48, stroke_width=1.5,
+                colors=[TRAIN_COLOR, VAL_COLOR],
+            )  # fmt: skip
+
+        def best(scale: bq.Scale) -> bq.Scatter:
+            return bq.Scatter(
+                scales={**xs, "y": scale}, marker="diamond", colors=[BEST_COLOR],
+                stroke="black", default_size=140, labels=["best"], display_legend=False,
+                tooltip=bq.Tooltip(fields=["x", "y"], formats=[".0f", ".4g"],
+                                   labels=["epoch", "value"]),
+            )  # fmt: skip
+
+        m: dict[str, bq.Mark] = {
+            "bands_loss": bands(),
+            "bands_metric": bands(),
+            "bands_lr": bands(),
+            "rules_loss": rules(),
+            "rules_metric": rules(),
+            "rules_lr": rules(),
+            "phase_labels": bq.Label(
+                scales=band, x=[], y=[], text=[], default_size=11.0, font_weight="normal",
+                colors=["#444444"], align="start", x_offset=4, y_offset=12,
+                preserve_domain={"x": True, "y": True}, enable_hover=False,
+            ),
+            "batch": bq.Lines(
+                scales={**xs, "y": loss_scale}, colors=[BATCH_COLOR, BATCH_SMOOTH_COLOR],
+                stroke_width=1.0, labels=["batch loss", "batch loss (smoothed)"],
+                display_legend=True, enable_hover=False,
+            ),
+            "loss": epoch_line(loss_scale, TRAIN_COLOR, "loss"),
+            "val_loss": epoch_line(loss_scale, VAL_COLOR, "val_loss"),
+            "partial_loss": hollow(loss_scale),
+            "best_loss": best(loss_scale),
+            "events": bq.Scatter(
+                scales=band, marker="triangle-down", apply_clip=False, default_size=50,
+                display_names=True, names=[], preserve_domain={"y": True},
+                tooltip=bq.Tooltip(fields=["x"], formats=[".2f"], labels=["epoch"]),
+            ),
+            "metric": epoch_line(metric_scale, TRAIN_COLOR, "metric"),
+            "val_metric": epoch_line(metric_scale, VAL_COLOR, "val_metric"),
+            "partial_metric": hollow(metric_scale),
+            "best_metric": best(metric_scale),
+            "lr": bq.Lines(
+                scales={**xs, "y": self.lr_scale}, colors=[LR_COLOR], marker="circle",
+                marker_size=24, interpolation="step-before", labels=["learning rate"],
+            ),
+            "lr_changes": bq.Scatter(
+                scales={**xs, "y": self.lr_scale}, colors=[LR_COLOR], marker="cross",
+                default_size=60,
+                tooltip=bq.Tooltip(fields=["x", "y"], formats=[".2f", ".2e"],
+                                   labels=["epoch", "learning rate"]),
+            ),
+        }  # fmt: skip
+        self._marks = m
+        self.marks: Mapping[str, bq.Mark] = MappingProxyType(m)
+
+        def x_axis() -> bq.Axis:
+            return bq.Axis(scale=self.x_scale, label="epoch", grid_lines="none")
+
+        def figure(title: str, marks: list[str], y_axis: bq.Axis, legend: str) -> bq.Figure:
+            return bq.Figure(
+                title=title, marks=[m[name] for name in marks], axes=[x_axis(), y_axis],
+                fig_margin={"top": 30, "bottom": 40, "left": 65, "right": 60},
+                legend_location=legend, animation_duration=0,
+                title_style={"font-size": "13px"},
+                layout=widgets.Layout(width="100%", height="260px"),
+            )  # fmt: skip
+
+        self.loss_axis = bq.Axis(scale=loss_scale, side="left", label="loss")
+        self.metric_axis = bq.Axis(scale=metric_scale, side="left", label="metric")
+        self.lr_axis = bq.Axis(
+            scale=self.lr_scale, side="left", label="learning rate", tick_format=".0e"
+        )
+        self.loss_figure = figure(
+            "Loss",
+            ["bands_loss", "rules_loss", "phase_labels", "batch", "loss", "val_loss",
+             "partial_loss", "best_loss", "events"],
+            self.loss_axis,
+            "bottom-left",  # a falling loss leaves that corner empty
+        )  # fmt: skip
+        self.metric_figure = figure(
+            "Metric",
+            ["bands_metric", "rules_metric", "metric", "val_metric", "partial_metric",
+             "best_metric"],
+            self.metric_axis,
+            "bottom-right",  # a rising accuracy leaves that corner empty
+        )  # fmt: skip
+        self.lr_figure = figure(
+            "Learning rate", ["bands_lr", "rules_lr", "lr", "lr_changes"], self.lr_axis, "top-right"
+        )
+        self.lr_figure.layout.height = "200px"
+
+    # -- public API -------------------------------------------------------------
+    @property
+    def metric(self) -> str | None:
+        """The metric the second chart shows (without ``val_``), or None if none yet."""
+        if self._chosen_metric is not None:
+            return self._chosen_metric
+        names = self.history.metric_names()
+        best = self._best
+        if best is not None:
+            base = best.monitor.removeprefix("val_")
+            if "loss" not in base and (base in names or best.monitor in names):
+                return base
+        for name in names:
+            if not name.startswith("val_") and "loss" not in name and name not in _NOT_METRICS:
+                return name
+        return None
+
+    def set_metric(self, name: str | None) -> None:
+        """Show ``name`` (e.g. ``"accuracy"``) and ``val_<name>`` on the metric chart.
+
+        None goes back to the automatic choice. The name may be one not logged
+        yet; the chart stays empty until it appears.
+        """
+        self._chosen_metric = _metric_name(name)
+        self.refresh(force=True)
+
+    def on_error(
+        self, callback: Callable[[BaseException, str], None], remove: bool = False
+    ) -> None:
+        """(Un)register ``callback(exception, traceback_text)``, called when a redraw fails.
+
+        Redraw errors never propagate out of ``on_event``; without a callback
+        they are logged. The callback may run on the worker or a timer thread.
+        """
+        if remove:
+            if callback in self._error_callbacks:
+                self._error_callbacks.remove(callback)
+        else:
+            self._error_callbacks.append(callback)
+
+    def on_event(self, event: Event) -> None:
+        """Take a session event; redraw now or soon. Register with ``session.on_event``.
+
+        Quick, thread-safe, and never raises.
+        """
+        try:
+            force = False
+            if isinstance(event, PhaseStarted):
+                self._planned_end[event.index] = event.start_epoch + event.epochs
+                force = True
+            elif isinstance(event, NewBest | RolledBack):
+                self._best = event.best
+                force = isinstance(event, RolledBack)
+            elif isinstance(event, PhaseEnded):
+                if event.restored_best is not None:
+                    self._best = event.restored_best
+                force = True
+            elif isinstance(event, StateChanged):
+                if event.state not in _SETTLED_STATES:
+                    return
+                force = True
+            self._request(force)
+        except Exception as exc:
+            self._report(exc)
+
+    def refresh(self, force: bool = False) -> None:
+        """Redraw from the history: now if ``force``, else throttled to ``min_interval``."""
+        self._request(force)
+
+    def close(self) -> None:
+        """Cancel any pending redraw and close the figures, marks, axes and scales."""
+        if not hasattr(self, "_marks"):  # __init__ did not finish (bad arguments)
+            super().close()
+            return
+        with self._lock:
+            self._closed = True
+            self._cancel_timer()
+        owned: list[widgets.Widget] = [*self._marks.values()]
+        for fig in (self.loss_figure, self.metric_figure, self.lr_figure):
+            owned += [*fig.axes, fig.scale_x, fig.scale_y, fig.layout, fig]
+        owned += [self.x_scale, self._band_scale, self.lr_scale]
+        owned += [s for mark in self._marks.values() for s in mark.scales.values()]
+        owned += [mark.tooltip for mark in self._marks.values() if mark.tooltip is not None]
+        for widget in owned:
+            widget.close()
+        super().close()
+
+    @observe("show_batches")
+    def _on_show_batches_change(self, change: dict[str, Any]) -> None:
+        with self._lock:
+            self._marks["batch"].visible = bool(change["new"])
+        self.refresh(force=True)
+
+    # -- throttling -------------------------------------------------------------
+    def _request(self, force: bool) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._dirty = True
+            now = time.monotonic()
+            due = self._last_draw + self.min_interval
+            if force or now >= due:
+                self._cancel_timer()
+                self._draw_locked(force)
+            else:
+                self._schedule_locked(due - now)
+
+    def _schedule_locked(self, delay: float) -> None:
+        if self._timer is not None:
+            return  # the pending flush draws everything that is dirty by then
+        timer = threading.Timer(max(delay, 0.0), self._flush)
+        timer.name = "ftwidgets-charts-flush"
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    def _flush(self) -> None:
+        try:
+            with self._lock:
+                self._timer = None
+                if self._dirty and not self._closed:
+                    self._draw_locked(False)
+        except Exception as exc:
+            self._report(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _report(self, exc: BaseException) -> None:
+        self.last_error = exc
+        text = "".join(traceback.format_exception(exc))
+        if not self._error_callbacks:
+            logger.warning("TrainingCharts could not redraw:\n%s", text)
+        for callback in list(self._error_callbacks):
+            try:
+                callback(exc, text)
+            except Exception:
+                logger.exception("A TrainingCharts error callback failed")
+
+    # -- drawing (the lock is held) ------------------------------------------------
+    def _draw_locked(self, force: bool) -> None:
+        self._dirty = False
+        self._last_draw = now = time.monotonic()
+        self.redraws += 1
+        history = self.history
+        metric = self.metric
+        markers = history.markers
+        # Reading and decimating the whole trace grows with the run (about 15 ms at
+        # 100,000 batches): keep it within `batch_budget` of the time, unless forced.
+        batches_due = self._last_batch_draw + self._batch_cost / self.batch_budget
+        if force or now >= batches_due:
+            self._draw_batches()
+        elif self.show_batches and self._drawn.get("batches") != self.history.batch_count:
+            self._dirty = True
+            self._schedule_locked(batches_due - now)
+        epoch_key = (len(history), metric, len(markers))
+        if self._drawn.get("epochs") != epoch_key:
+            self._draw_epochs(metric, markers)
+            self._drawn["epochs"] = epoch_key
+        self._draw_phases()
+        self._draw_markers(markers)
+        self._draw_best(metric)
+
+    def _draw_batches(self) -> None:
+        mark = self._marks["batch"]
+        if not self.show_batches:
+            return  # hidden: keep the last data, send nothing
+        key = self.history.batch_count
+        if self._drawn.get("batches") == key:
+            return
+        started = time.perf_counter()
+        _, x, y = self.history.batch_trace()
+        y = np.where(np.isfinite(y), y, np.nan)
+        x, y = bounded(x, y, self.max_points)
+        if len(x) < 2:
+            assign(mark, x=_EMPTY, y=_EMPTY)
+        else:
+            # float32 halves the bytes and is exact enough for a chart.
+            lines = np.vstack([y, smooth(y)]).astype(np.float32)
+            assign(mark, x=x.astype(np.float32), y=lines)
+        self._drawn["batches"] = key
+        self._last_batch_draw = time.monotonic()
+        self._batch_cost = time.perf_counter() - started
+
+    def _draw_epochs(self, metric: str | None, markers: tuple[Marker, ...]) -> None:
+        history = self.history
+        m = self._marks
+        for name, mark in (("loss", m["loss"]), ("val_loss", m["val_loss"])):
+            self._assign_epoch_series(mark, name)
+        if metric is None:
+            for name in ("metric", "val_metric"):
+                assign(m[name], x=_EMPTY, y=_EMPTY)
+        else:
+            self._assign_epoch_series(m["metric"], metric)
+            self._assign_epoch_series(m["val_metric"], f"val_{metric}")
+        label = metric or "metric"
+        if self.metric_axis.label != label:
+            with self.metric_figure.hold_sync():
+                self.metric_axis.label = label
+                self.metric_figure.title = label.replace("_", " ").capitalize()
+            m["metric"].labels = [label]
+            m["val_metric"].labels = [f"val_{label}"]
+
+        # Partial epochs: a hollow circle where the epoch was cut, never an epoch point.
+        cut_at = {mk.epoch: mk.x for mk in markers if mk.kind in _CUTTING_KINDS}
+        partial = [r for r in history.epochs if r.partial]
+        for mark, names in (
+            (m["partial_loss"], ("loss", "val_loss")),
+            (m["partial_metric"], (metric, f"val_{metric}") if metric else None),
+        ):
+            xs: list[float] = []
+            ys: list[float] = []
+            colors: list[str] = []
+            for record in partial if names is not None else ():
+                for name, color in zip(names, (TRAIN_COLOR, VAL_COLOR), strict=True):
+                    value = record.logs.get(name, math.nan)
+                    if math.isfinite(value):  # a NaN point would sit at the chart's corner
+                        xs.append(cut_at.get(record.epoch, record.epoch + 1.0))
+                        ys.append(value)
+                        colors.append(color)
+            assign(
+                mark,
+                x=np.array(xs, dtype=np.float64),
+                y=np.array(ys, dtype=np.float64),
+                colors=colors or [TRAIN_COLOR],
+            )
+
+        full = [r for r in history.epochs if not r.partial and r.learning_rate > 0]
+        assign(
+            m["lr"],
+            x=np.array([r.epoch + 1.0 for r in full], dtype=np.float64),
+            y=np.array([r.learning_rate for r in full], dtype=np.float64),
+        )
+
+    def _assign_epoch_series(self, mark: bq.Lines, name: str) -> None:
+        epochs, values = self.history.metric(name)
+        values = np.where(np.isfinite(values), values, np.nan)
+        x, y = bounded(epochs.astype(np.float64) + 1.0, values, self.max_points)
+        assign(mark, x=x, y=y)
+
+    def _draw_phases(self) -> None:
+        history = self.history
+        spans = history.phases
+        rows_x: list[list[float]] = []
+        fills: list[str] = []
+        texts: list[str] = []
+        for span in spans:
+            start = float(span.start_epoch)
+            if span.end_epoch is not None:
+                end = float(span.end_epoch)
+            else:
+                end = float(
+                    self._planned_end.get(span.index, max(span.start_epoch, history.next_epoch) + 1)
+                )
+            end = max(end, start + 1e-9)
+            rows_x.append([start, start, end, end, start])
+            fills.append(PHASE_COLORS.get(span.phase, OTHER_PHASE_COLOR))
+            texts.append(
+                f"{span.phase} · lr {format_rate(span.learning_rate)} · depth {span.unfreeze_depth}"
+            )
+        n = len(rows_x)
+        x = np.array(rows_x, dtype=np.float64) if n else _EMPTY
+        y = np.tile([0.0, 1.0, 1.0, 0.0, 0.0], (n, 1)) if n else _EMPTY
+        for name in ("bands_loss", "bands_metric", "bands_lr"):
+            assign(
+                self._marks[name],
+                x=x,
+                y=y,
+                fill_colors=fills or [OTHER_PHASE_COLOR],
+                fill_opacities=[PHASE_OPACITY] * max(n, 1),
+            )
+        assign(
+            self._marks["phase_labels"],
+            x=x[:, 0] if n else _EMPTY,
+            y=np.full(n, 1.0) if n else _EMPTY,
+            text=np.array(texts, dtype=str) if n else np.array([], dtype=str),
+        )
+
+    def _draw_markers(self, markers: Iterable[Marker]) -> None:
+        rules = [mk for mk in markers if mk.kind != "learning_rate"]
+        changes = [mk for mk in markers if mk.kind == "learning_rate" and mk.value]
+        n = len(rules)
+        colors = [MARKER_STYLES.get(mk.kind, ("#444444", mk.kind))[0] for mk in rules]
+        xs = np.array([mk.x for mk in rules], dtype=np.float64)
+        rx = np.repeat(xs[:, None], 2, axis=1) if n else _EMPTY
+        ry = np.tile([0.0, 1.0], (n, 1)) if n else _EMPTY
+        for name in ("rules_loss", "rules_metric", "rules_lr"):
+            assign(self._marks[name], x=rx, y=ry, colors=colors or ["#444444"])
+        assign(
+            self._marks["events"],
+            x=xs if n else _EMPTY,
+            y=np.full(n, 1.0) if n else _EMPTY,
+            colors=colors or ["#444444"],
+            names=np.array(
+                [MARKER_STYLES.get(mk.kind, ("", mk.kind.replace("_", " ")))[1] for mk in rules],
+                dtype=str,
+            ),
+        )
+        assign(
+            self._marks["lr_changes"],
+            x=np.array([mk.x for mk in changes], dtype=np.float64),
+            y=np.array([float(mk.value or 0.0) for mk in changes], dtype=np.float64),
+        )
+
+    def _draw_best(self, metric: str | None) -> None:
+        best = self._best
+        on_loss = best is not None and best.monitor in ("loss", "val_loss")
+        on_metric = best is not None and metric is not None and (
+            best.monitor in (metric, f"val_{metric}")
+        )  # fmt: skip
+        for name, shown in (("best_loss", on_loss), ("best_metric", on_metric)):
+            mark = self._marks[name]
+            if shown and best is not None:
+                assign(
+                    mark,
+                    x=np.array([best.epoch + 1.0]),
+                    y=np.array([best.value]),
+                    labels=[f"best {best.monitor}"],
+                    display_legend=True,
+                )
+            else:
+                assign(mark, x=_EMPTY, y=_EMPTY, display_legend=False)

@@ -1,0 +1,696 @@
+"""``FineTunePanel``: an ipywidgets control panel for a ``FineTuneSession``, with live charts."""
+
+from __future__ import annotations
+
+import html
+import math
+import threading
+import traceback
+from typing import Any
+
+import ipywidgets as widgets
+
+from ftwidgets import transfer
+from ftwidgets._backend import device_summary
+from ftwidgets.charts import TrainingCharts
+from ftwidgets.config import (
+    DEFAULT_LEARNING_RATES,
+    OPTIMIZERS,
+    EarlyStoppingConfig,
+    PhaseConfig,
+    check_learning_rate,
+)
+from ftwidgets.events import (
+    BatchProgress,
+    EpochEnded,
+    Event,
+    Failed,
+    NewBest,
+    PhaseEnded,
+    PhaseStarted,
+    RolledBack,
+    StateChanged,
+)
+from ftwidgets.session import FineTuneSession, live_sessions
+
+__all__ = ["FineTunePanel"]
+
+_ACTIVE = ("running", "paused", "stopping", "starting")
+_LR_MIN_EXP, _LR_MAX_EXP = -7, -1
+
+
+def _fmt_rate(rate: float) -> str:
+    return f"{rate:.0e}" if rate == float(f"{rate:.0e}") else f"{rate:.3g}"
+
+
+class FineTunePanel(widgets.VBox):
+    """A control panel that steers fine-tuning and shows it live.
+
+    Every control is a public attribute, so anything a click does can be done
+    from code too (``panel.learning_rate.value = 1e-4``,
+    ``panel.start_button.click()``). The panel only talks to its session
+    (``panel.session``), which can also be scripted directly.
+
+    Args:
+        model: a model from ``build_transfer_model``; omit it when passing ``session``.
+        train: ``(x, y)`` arrays or a ``keras.utils.PyDataset``.
+        validation: ``(x, y)`` arrays or a ``keras.utils.PyDataset``.
+        loss: any Keras loss.
+        metrics: Keras metrics, e.g. ``["accuracy"]``.
+        session: wrap an existing ``FineTuneSession`` instead of creating one.
+        epochs: the initial epochs per phase.
+        batch_size: the initial batch size.
+        **session_kwargs: passed to ``FineTuneSession`` (``validation_split``,
+            ``checkpoint_dir``...).
+
+    Example:
+
+    >>> import ftwidgets as ftw
+    >>> data = ftw.demo.digits_transfer()
+    >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    >>> panel = ftw.FineTunePanel(model, train=(data.x_train, data.y_train),
+    ...                           validation=(data.x_val, data.y_val),
+    ...                           metrics=["accuracy"])
+    >>> panel.phase.value
+    'head'
+    >>> panel  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        train: Any = None,
+        validation: Any = None,
+        *,
+        loss: Any = "sparse_categorical_crossentropy",
+        metrics: list[Any] | None = None,
+        session: FineTuneSession | None = None,
+        epochs: int = 30,
+        batch_size: int = 16,
+        **session_kwargs: Any,
+    ) -> None:
+        if session is None:
+            if model is None or train is None:
+                raise ValueError(
+                    "Pass a model and train=(x, y), or session=FineTuneSession(...). "
+                    f"Received: model={model!r}, train={type(train).__name__}"
+                )
+            session = FineTuneSession(
+                model, train, validation, loss=loss, metrics=metrics, **session_kwargs
+            )
+        elif model is not None and model is not session.model:
+            raise ValueError(
+                "model and session.model differ; pass one or the other. "
+                f"Received: model={getattr(model, 'name', model)!r}"
+            )
+        self.session = session
+        self._lock = threading.Lock()
+        self._lr = DEFAULT_LEARNING_RATES["head"]
+        self._syncing_lr = False
+        self._epoch_times: list[float] = []
+        self._phase_started: PhaseStarted | None = None
+        self._last_progress: BatchProgress | None = None
+        self._notice = ""
+        self._device = device_summary()
+        self._max_depth = len(transfer.unfreezable_layers(session.model))
+        self._layer_names = [layer.name for layer in transfer.unfreezable_layers(session.model)]
+
+        self._build_controls(epochs, batch_size)
+        self.charts = TrainingCharts(session.history)
+        self.charts.on_error(self._on_chart_error)
+        widgets.link((self.stream_batches, "value"), (self.charts, "show_batches"))
+        self._build_layout()
+        self._wire()
+        session.on_event(self._on_session_event)
+        session.on_event(self.charts.on_event)
+        if session.best is not None:
+            # A panel on a session that already trained: the history has no best.
+            self.charts.on_event(NewBest(session.best))
+        self._other_session_notice()
+        self._refresh_buttons()
+        self._refresh_status()
+        self._refresh_freeze_map()
+
+    # -- construction -------------------------------------------------------------
+    def _build_controls(self, epochs: int, batch_size: int) -> None:
+        narrow = widgets.Layout(width="260px")
+        style = {"description_width": "110px"}
+        self.phase = widgets.ToggleButtons(
+            options=[("Head only", "head"), ("Fine-tune", "finetune")],
+            value="head",
+            description="Phase",
+            style={"description_width": "110px", "button_width": "90px"},
+        )
+        self.learning_rate = widgets.FloatLogSlider(
+            value=self._lr,
+            base=10,
+            min=_LR_MIN_EXP,
+            max=_LR_MAX_EXP,
+            step=0.1,
+            description="Learning rate",
+            readout=False,
+            continuous_update=False,
+            style=style,
+            layout=widgets.Layout(width="300px"),
+        )
+        self.learning_rate_text = widgets.Text(
+            value=_fmt_rate(self._lr),
+            continuous_update=False,
+            layout=widgets.Layout(width="90px"),
+            tooltip="Any positive number, also outside the slider's range",
+        )
+        self.unfreeze_depth = widgets.IntSlider(
+            value=min(2, self._max_depth),
+            min=0,
+            max=self._max_depth,
+            description="Unfreeze depth",
+            disabled=True,
+            style=style,
+            layout=widgets.Layout(width="300px"),
+        )
+        self.depth_info = widgets.HTML()
+        self.keep_batchnorm_frozen = widgets.Checkbox(
+            value=True, description="Keep BatchNorm frozen", indent=False
+        )
+        self.epochs = widgets.BoundedIntText(
+            value=epochs, min=1, max=100_000, description="Epochs", style=style, layout=narrow
+        )
+        self.batch_size = widgets.BoundedIntText(
+            value=batch_size, min=1, max=4096, description="Batch size", style=style, layout=narrow
+        )
+        self.optimizer = widgets.Dropdown(
+            options=list(OPTIMIZERS),
+            value="adam",
+            description="Optimizer",
+            style=style,
+            layout=narrow,
+        )
+        self.dropout = widgets.FloatSlider(
+            value=self._head_dropout(),
+            min=0.0,
+            max=0.7,
+            step=0.05,
+            description="Head dropout",
+            style=style,
+            layout=widgets.Layout(width="300px"),
+        )
+        self.early_stopping = widgets.Checkbox(
+            value=True, description="Early stopping", indent=False
+        )
+        self.monitor = widgets.Combobox(
+            value="val_loss" if self.session._data.has_validation else "loss",
+            options=self._suggested_monitors(),
+            ensure_option=False,
+            description="Monitor",
+            style=style,
+            layout=narrow,
+        )
+        self.mode = widgets.Dropdown(
+            options=["auto", "min", "max"],
+            value="auto",
+            description="Mode",
+            style=style,
+            layout=narrow,
+        )
+        self.patience = widgets.BoundedIntText(
+            value=5, min=0, max=10_000, description="Patience", style=style, layout=narrow
+        )
+        self.min_delta = widgets.BoundedFloatText(
+            value=0.0,
+            min=0.0,
+            max=1e9,
+            step=0.001,
+            description="Min delta",
+            style=style,
+            layout=narrow,
+        )
+        self.restore_best = widgets.Checkbox(
+            value=True, description="Restore best weights", indent=False
+        )
+        self.start_from_epoch = widgets.BoundedIntText(
+            value=0,
+            min=0,
+            max=10_000,
+            description="Start from epoch",
+            style=style,
+            layout=narrow,
+        )
+        self.stream_batches = widgets.Checkbox(
+            value=self.session.stream_batches, description="Per-batch loss trace", indent=False
+        )
+        self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
+        self.pause_button = widgets.Button(description="Pause", icon="pause")
+        self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop")
+        self.rollback_button = widgets.Button(
+            description="Roll back to best epoch", icon="undo", layout=widgets.Layout(width="auto")
+        )
+        self.progress = widgets.FloatProgress(
+            value=0.0, min=0.0, max=1.0, layout=widgets.Layout(width="100%")
+        )
+        self.status = widgets.HTML()
+        self.error_message = widgets.HTML()
+        self.error_details = widgets.Output()
+        self.error_accordion = widgets.Accordion(children=[self.error_details])
+        self.error_accordion.set_title(0, "Details")
+        self.error_accordion.selected_index = None
+        self.dismiss_button = widgets.Button(
+            description="Dismiss", layout=widgets.Layout(width="90px")
+        )
+        self.error_area = widgets.VBox(
+            [widgets.HBox([self.error_message, self.dismiss_button]), self.error_accordion],
+            layout=widgets.Layout(display="none", border="1px solid #d9534f", padding="4px"),
+        )
+        self.freeze_map = widgets.HTML()
+
+    def _build_layout(self) -> None:
+        lr_row = widgets.HBox([self.learning_rate, self.learning_rate_text])
+        phase_box = widgets.VBox(
+            [
+                self.phase,
+                lr_row,
+                self.unfreeze_depth,
+                self.depth_info,
+                self.keep_batchnorm_frozen,
+                self.epochs,
+                self.batch_size,
+                self.optimizer,
+                self.dropout,
+                self.stream_batches,
+            ]
+        )
+        stopping_box = widgets.VBox(
+            [
+                self.early_stopping,
+                self.monitor,
+                self.mode,
+                self.patience,
+                self.min_delta,
+                self.restore_best,
+                self.start_from_epoch,
+            ]
+        )
+        settings = widgets.Tab(children=[phase_box, stopping_box, self.freeze_map])
+        for i, title in enumerate(("Phase", "Early stopping", "Freeze map")):
+            settings.set_title(i, title)
+        settings.layout.width = "440px"
+        buttons = widgets.HBox(
+            [self.start_button, self.pause_button, self.stop_button, self.rollback_button]
+        )
+        self.charts.layout.flex = "1 1 auto"
+        body = widgets.HBox([settings, self.charts], layout=widgets.Layout(width="100%"))
+        super().__init__(
+            [buttons, self.progress, self.status, self.error_area, body],
+            layout=widgets.Layout(width="100%"),
+        )
+        self.add_class("ftwidgets-panel")
+
+    def _wire(self) -> None:
+        self.phase.observe(self._on_phase_change, "value")
+        self.learning_rate.observe(self._on_learning_rate_slider, "value")
+        self.learning_rate_text.observe(self._on_learning_rate_text, "value")
+        self.unfreeze_depth.observe(self._on_depth_change, "value")
+        self.keep_batchnorm_frozen.observe(self._on_depth_change, "value")
+        for control in (self.patience, self.min_delta, self.restore_best, self.start_from_epoch):
+            control.observe(self._on_early_stopping_edit, "value")
+        self.early_stopping.observe(self._on_early_stopping_toggle, "value")
+        self.start_button.on_click(self._on_start_button_click)
+        self.pause_button.on_click(self._on_pause_button_click)
+        self.stop_button.on_click(self._on_stop_button_click)
+        self.rollback_button.on_click(self._on_rollback_button_click)
+        self.dismiss_button.on_click(lambda _: self.clear_error())
+
+    # -- what the controls say ------------------------------------------------------
+    @property
+    def learning_rate_value(self) -> float:
+        """The learning rate the next Start (or a running phase) uses."""
+        return self._lr
+
+    def phase_config(self) -> PhaseConfig:
+        """The phase settings the controls describe.
+
+        Raises:
+            ValueError: naming the bad value.
+        """
+        finetune = self.phase.value == "finetune"
+        return PhaseConfig(
+            phase=self.phase.value,
+            learning_rate=self._lr,
+            epochs=self.epochs.value,
+            batch_size=self.batch_size.value,
+            unfreeze_depth=self.unfreeze_depth.value if finetune else 0,
+            keep_batchnorm_frozen=self.keep_batchnorm_frozen.value,
+            optimizer=self.optimizer.value,
+            dropout=self.dropout.value,
+        )
+
+    def early_stopping_config(self) -> EarlyStoppingConfig | None:
+        """The early-stopping settings the controls describe (None when off).
+
+        Raises:
+            ValueError: naming the bad value.
+        """
+        if not self.early_stopping.value:
+            return None
+        return EarlyStoppingConfig(
+            monitor=self.monitor.value,
+            mode=self.mode.value,
+            patience=self.patience.value,
+            min_delta=self.min_delta.value,
+            restore_best_weights=self.restore_best.value,
+            start_from_epoch=self.start_from_epoch.value,
+        )
+
+    # -- actions (also callable from code) -------------------------------------------
+    def start(self) -> None:
+        """Start a phase with the current settings, as the Start button does."""
+        if self.session.state in _ACTIVE:
+            return  # a second click while the first starts: never two runs
+        self.clear_error()
+        self.start_button.disabled = True
+        try:
+            self.session.start(
+                self.phase_config(), early_stopping=self.early_stopping_config() or False
+            )
+        except (ValueError, RuntimeError) as exc:
+            self.show_error(str(exc))
+        except Exception as exc:
+            self.show_error(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        finally:
+            self._refresh_buttons()
+            self._refresh_status()
+
+    def show_error(self, message: str, details: str | None = None) -> None:
+        """Show a message (and folded details, e.g. a traceback) in the error area."""
+        self.error_message.value = (
+            f'<span style="color:#d9534f"><b>Error:</b> {html.escape(message)}</span>'
+        )
+        self.error_details.outputs = ()
+        if details:
+            # append_stderr, never `with out:` — that captures other threads' output.
+            self.error_details.append_stderr(details)
+        self.error_accordion.layout.display = None if details else "none"
+        self.error_area.layout.display = None
+
+    def clear_error(self) -> None:
+        """Hide the error area."""
+        self.error_message.value = ""
+        self.error_details.outputs = ()
+        self.error_area.layout.display = "none"
+
+    def close(self) -> None:
+        """Stop any training, then close every widget of the panel."""
+        self.session.on_event(self._on_session_event, remove=True)
+        self.session.on_event(self.charts.on_event, remove=True)
+        if self.session.state in _ACTIVE:
+            self.session.stop()
+            self.session.resume()
+            self.session.wait()
+        self.charts.close()
+        for child in self._all_controls():
+            child.close()
+        super().close()
+
+    # -- control handlers (kernel thread) ------------------------------------------------
+    def _on_start_button_click(self, _button: widgets.Button) -> None:
+        self.start()
+
+    def _on_pause_button_click(self, _button: widgets.Button) -> None:
+        if self.session.state == "paused" or self.pause_button.description == "Resume":
+            self.session.resume()
+            self.pause_button.description = "Pause"
+            self.pause_button.icon = "pause"
+        else:
+            self.session.pause()
+            self.pause_button.description = "Resume"
+            self.pause_button.icon = "play"
+
+    def _on_stop_button_click(self, _button: widgets.Button) -> None:
+        self.session.stop()
+        self._refresh_buttons()
+
+    def _on_rollback_button_click(self, _button: widgets.Button) -> None:
+        try:
+            self.session.rollback()
+        except ValueError as exc:
+            self.show_error(str(exc))
+        self._refresh_buttons()
+        self._refresh_status()
+
+    def _on_phase_change(self, change: dict[str, Any]) -> None:
+        old, new = change["old"], change["new"]
+        if math.isclose(self._lr, DEFAULT_LEARNING_RATES[old]):
+            self._set_lr(DEFAULT_LEARNING_RATES[new])
+        self.unfreeze_depth.disabled = new != "finetune" or self.session.state in _ACTIVE
+        self._refresh_freeze_map()
+
+    def _on_learning_rate_slider(self, change: dict[str, Any]) -> None:
+        if self._syncing_lr:
+            return
+        self._apply_lr(float(change["new"]))
+
+    def _on_learning_rate_text(self, change: dict[str, Any]) -> None:
+        if self._syncing_lr:
+            return
+        text = str(change["new"]).strip()
+        try:
+            rate = check_learning_rate(text)
+        except ValueError as exc:
+            self.show_error(f"{exc}. The learning rate stays {_fmt_rate(self._lr)}.")
+            return
+        self.clear_error()
+        self._apply_lr(rate)
+
+    def _apply_lr(self, rate: float) -> None:
+        self._set_lr(rate)
+        if self.session.state in _ACTIVE:
+            self.session.set_learning_rate(rate)
+
+    def _set_lr(self, rate: float) -> None:
+        self._lr = rate
+        self._syncing_lr = True
+        try:
+            # The slider shows the nearest value it can; the text keeps the exact one.
+            self.learning_rate.value = min(max(rate, 10.0**_LR_MIN_EXP), 10.0**_LR_MAX_EXP)
+            self.learning_rate_text.value = _fmt_rate(rate)
+        finally:
+            self._syncing_lr = False
+
+    def _on_depth_change(self, _change: dict[str, Any]) -> None:
+        self._refresh_freeze_map()
+
+    def _on_early_stopping_toggle(self, change: dict[str, Any]) -> None:
+        for control in (
+            self.monitor,
+            self.mode,
+            self.patience,
+            self.min_delta,
+            self.restore_best,
+            self.start_from_epoch,
+        ):
+            control.disabled = not change["new"]
+        self._refresh_buttons()
+
+    def _on_early_stopping_edit(self, _change: dict[str, Any]) -> None:
+        session = self.session
+        if session.state not in _ACTIVE or session.early_stopping is None:
+            return
+        try:
+            session.update_early_stopping(
+                patience=self.patience.value,
+                min_delta=self.min_delta.value,
+                restore_best_weights=self.restore_best.value,
+                start_from_epoch=self.start_from_epoch.value,
+            )
+        except ValueError as exc:
+            self.show_error(str(exc))
+
+    def _on_chart_error(self, exc: BaseException, details: str) -> None:
+        self.show_error(f"The charts could not redraw: {exc}", details)
+
+    # -- session events (worker thread) -------------------------------------------------
+    def _on_session_event(self, event: Event) -> None:
+        if isinstance(event, BatchProgress):
+            self._last_progress = event
+        elif isinstance(event, PhaseStarted):
+            self._phase_started = event
+            self._epoch_times = []
+            self._last_progress = None
+            self._notice = ""
+        elif isinstance(event, EpochEnded):
+            if not event.record.partial:
+                self._epoch_times.append(event.record.seconds)
+                if not self.monitor.options or event.record.epoch == 0:
+                    self.monitor.options = self._suggested_monitors()
+        elif isinstance(event, Failed):
+            self.show_error(event.failure.message, event.failure.traceback)
+        elif isinstance(event, RolledBack):
+            self._notice = f"Restored the weights of epoch {event.best.epoch + 1}."
+        elif isinstance(event, PhaseEnded):
+            self._notice = {
+                "early_stopped": "Early stopping ended the phase.",
+                "stopped": "Stopped.",
+                "completed": "Phase complete.",
+                "rolled_back": self._notice,
+                "failed": "The phase failed; see the error above.",
+            }.get(event.reason, "")
+            if event.restored_best is not None and event.reason != "rolled_back":
+                self._notice += f" Restored the best epoch ({event.restored_best.epoch + 1})."
+        if isinstance(event, StateChanged | PhaseStarted | PhaseEnded | NewBest | RolledBack):
+            self._refresh_buttons()
+        self._refresh_status()
+
+    # -- views -------------------------------------------------------------------------
+    def _refresh_buttons(self) -> None:
+        state = self.session.state
+        active = state in _ACTIVE
+        best = self.session.best
+        with self.hold_trait_notifications():
+            self.start_button.disabled = active
+            self.pause_button.disabled = state not in ("running", "paused")
+            self.stop_button.disabled = not active or state == "stopping"
+            self.pause_button.description = "Resume" if state == "paused" else "Pause"
+            self.pause_button.icon = "play" if state == "paused" else "pause"
+            self.rollback_button.disabled = best is None
+            self.rollback_button.description = (
+                "Roll back to best epoch"
+                if best is None
+                else f"Roll back to best epoch {best.epoch + 1}"
+            )
+            # Monitor and mode are locked while running; the rest applies live.
+            self.monitor.disabled = active or not self.early_stopping.value
+            self.mode.disabled = active or not self.early_stopping.value
+            self.early_stopping.disabled = active
+            self.phase.disabled = active
+            self.unfreeze_depth.disabled = active or self.phase.value != "finetune"
+            for control in (
+                self.keep_batchnorm_frozen,
+                self.epochs,
+                self.batch_size,
+                self.optimizer,
+                self.dropout,
+            ):
+                control.disabled = active
+
+    def _refresh_status(self) -> None:
+        session = self.session
+        state = session.state
+        parts = [f"<b>{html.escape(state)}</b>"]
+        started = self._phase_started
+        fraction = 0.0
+        if started is not None:
+            done_epochs = len(self._epoch_times)
+            progress = self._last_progress
+            within = 0.0
+            if progress is not None and progress.steps_per_epoch and state in _ACTIVE:
+                within = progress.batch / progress.steps_per_epoch
+            current = min(done_epochs + (1 if state in _ACTIVE else 0), started.epochs)
+            parts.append(f"{started.phase} phase")
+            parts.append(f"epoch {max(current, 1)}/{started.epochs}")
+            fraction = min(1.0, (done_epochs + within) / started.epochs)
+            if state in _ACTIVE and self._epoch_times:
+                per_epoch = sum(self._epoch_times[-5:]) / len(self._epoch_times[-5:])
+                left = per_epoch * (started.epochs - done_epochs - within)
+                parts.append(f"ETA {_fmt_duration(left)}")
+            rate = session.learning_rate
+            if rate is not None:
+                parts.append(f"lr {_fmt_rate(rate)}")
+        best = session.best
+        if best is not None:
+            parts.append(f"best epoch {best.epoch + 1} ({best.monitor} {best.value:.4g})")
+            es = session.early_stopping
+            if es is not None and started is not None:
+                since = session._tracker.wait
+                parts.append(f"{since}/{es.patience} epochs without improvement")
+        parts.append(html.escape(self._device))
+        text = " · ".join(parts)
+        if self._notice:
+            text += f"<br>{html.escape(self._notice)}"
+        with self.hold_trait_notifications():
+            self.status.value = text
+            self.progress.value = fraction
+            self.progress.bar_style = {"failed": "danger", "paused": "warning"}.get(state, "")
+
+    def _refresh_freeze_map(self) -> None:
+        finetune = self.phase.value == "finetune"
+        depth = self.unfreeze_depth.value if finetune else 0
+        rows = transfer.freeze_map(self.session.model)
+        keep_bn = self.keep_batchnorm_frozen.value
+        unfrozen = set(self._layer_names[len(self._layer_names) - depth :]) if depth else set()
+        deepest = self._layer_names[-depth] if depth else None
+        self.depth_info.value = (
+            f"<small>unfreezes the top {depth} layer(s), down to <code>{deepest}</code></small>"
+            if deepest
+            else "<small>base frozen</small>"
+        )
+        lines = []
+        seen_deepest = False
+        for row in rows:
+            if row.part == "head":
+                state = "trainable (head)"
+            elif row.batchnorm:
+                bn_free = not keep_bn and seen_deepest
+                state = "trainable" if bn_free else "frozen (BatchNorm)"
+            else:
+                state = "trainable" if row.name in unfrozen else "frozen"
+            if row.name == deepest:
+                seen_deepest = True
+            color = "#2e7d32" if state.startswith("trainable") else "#777"
+            lines.append(
+                f"<tr><td>{html.escape(row.name)}</td><td>{html.escape(row.kind)}</td>"
+                f"<td style='text-align:right'>{row.params:,}</td>"
+                f"<td style='color:{color}'>{state}</td></tr>"
+            )
+        self.freeze_map.value = (
+            "<table class='ftwidgets-freeze-map'><tr><th>layer</th><th>type</th>"
+            "<th>params</th><th>at next Start</th></tr>" + "".join(lines) + "</table>"
+        )
+
+    # -- helpers -------------------------------------------------------------------------
+    def _suggested_monitors(self) -> list[str]:
+        names = self.session.history.metric_names()
+        if not names:
+            base = ["loss"] + [_metric_name(m) for m in self.session.metrics]
+            names = [f"val_{n}" for n in base] if self.session._data.has_validation else []
+            names += base
+        return [n for n in dict.fromkeys(names) if n]
+
+    def _head_dropout(self) -> float:
+        try:
+            return float(self.session.model.get_layer("head_dropout").rate)
+        except ValueError:
+            return 0.3
+
+    def _other_session_notice(self) -> None:
+        for other in live_sessions():
+            if (
+                other is not self.session
+                and other.model is self.session.model
+                and (other.state in _ACTIVE)
+            ):
+                self.show_error(
+                    f"Model {self.session.model.name!r} is already training in another panel or "
+                    "session; stop it there before starting here."
+                )
+
+    def _all_controls(self) -> list[widgets.Widget]:
+        return [w for w in vars(self).values() if isinstance(w, widgets.Widget) and w is not self]
+
+    def __repr__(self) -> str:
+        return f"<FineTunePanel {self.session!r}>"
+
+
+def _metric_name(metric: Any) -> str:
+    if isinstance(metric, str):
+        return metric
+    return str(getattr(metric, "name", "") or "")
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

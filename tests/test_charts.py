@@ -1,0 +1,515 @@
+"""TrainingCharts driven by a real History and the events a session would send."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import bqplot as bq
+import numpy as np
+import pytest
+from recording_comm import CommRecorder, record_comms
+
+from ftwidgets.charts import TrainingCharts
+from ftwidgets.events import (
+    BatchProgress,
+    Best,
+    EarlyStopped,
+    EpochEnded,
+    EpochRecord,
+    LearningRateChanged,
+    NewBest,
+    PhaseEnded,
+    PhaseStarted,
+    RolledBack,
+    StateChanged,
+    Stopped,
+    frozen_logs,
+)
+from ftwidgets.history import History, Marker, PhaseSpan
+
+pytestmark = pytest.mark.widgets
+
+STEPS = 10  # batches per epoch
+
+
+class FakeSession:
+    """Fills a History and sends events in the order FineTuneSession does."""
+
+    def __init__(self, history: History | None = None) -> None:
+        self.history = history if history is not None else History()
+        self.listeners: list = []
+        self.step = 0
+        self.index = -1
+        self.phase = "head"
+        self.start_epoch = 0
+        self.learning_rate = 1e-3
+        self.state = "idle"
+
+    def emit(self, event) -> None:
+        for listener in self.listeners:
+            listener(event)
+
+    def set_state(self, state: str) -> None:
+        previous, self.state = self.state, state
+        self.emit(StateChanged(state, previous))
+
+    def start_phase(self, phase: str, epochs: int, learning_rate: float, depth: int = 0) -> None:
+        self.index += 1
+        self.phase, self.learning_rate = phase, learning_rate
+        self.start_epoch = self.history.next_epoch
+        self.history.begin_phase(
+            PhaseSpan(self.index, phase, self.start_epoch, learning_rate, depth)
+        )
+        self.set_state("running")
+        self.emit(
+            PhaseStarted(
+                self.index, phase, self.start_epoch, epochs, learning_rate, depth, STEPS, ()
+            )
+        )
+
+    def batches(self, epoch: int, losses, *, progress_every: int = 1) -> None:
+        for batch, loss in enumerate(losses):
+            self.history.record_batch(self.step, epoch + (batch + 1) / STEPS, float(loss))
+            if batch % progress_every == 0:
+                self.emit(BatchProgress(epoch, batch, STEPS, self.step, float(loss)))
+            self.step += 1
+
+    def end_epoch(self, epoch: int, partial: bool = False, **logs: float) -> EpochRecord:
+        record = EpochRecord(
+            epoch, self.phase, self.index, frozen_logs(logs), self.learning_rate, partial
+        )
+        self.history.add_epoch(record)
+        self.emit(EpochEnded(record))
+        return record
+
+    def epoch(self, epoch: int, **logs: float) -> EpochRecord:
+        self.batches(epoch, np.linspace(1.0, 0.5, STEPS))
+        return self.end_epoch(epoch, **logs)
+
+    def new_best(self, epoch: int, value: float, monitor: str = "val_loss") -> Best:
+        best = Best(epoch, value, monitor, self.phase)
+        self.emit(NewBest(best))
+        return best
+
+    def end_phase(self, reason: str = "completed", restored: Best | None = None) -> None:
+        span = self.history.end_phase(self.history.next_epoch, reason)
+        self.emit(
+            PhaseEnded(self.index, self.phase, span.start_epoch, span.end_epoch, reason, restored)
+        )
+        self.set_state("idle")
+
+
+@pytest.fixture
+def make_charts() -> Iterator:
+    """Build charts on a FakeSession; fail the test if any redraw failed."""
+    made: list[TrainingCharts] = []
+
+    def make(session: FakeSession | None = None, **kwargs) -> tuple[FakeSession, TrainingCharts]:
+        session = session or FakeSession()
+        kwargs.setdefault("min_interval", 0.0)
+        charts = TrainingCharts(session.history, **kwargs)
+        session.listeners.append(charts.on_event)
+        made.append(charts)
+        return session, charts
+
+    yield make
+    for charts in made:
+        charts.close()
+        assert charts.last_error is None, charts.last_error
+
+
+def xy(mark) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(mark.x, dtype=np.float64), np.asarray(mark.y, dtype=np.float64)
+
+
+def run_head(session: FakeSession, epochs: int = 3) -> None:
+    session.start_phase("head", epochs, 1e-3)
+    for e in range(epochs):
+        session.epoch(
+            e, loss=1.0 / (e + 1), val_loss=1.2 / (e + 1), accuracy=0.5 + e / 10, val_accuracy=0.4
+        )
+    session.end_phase()
+
+
+# -- series ----------------------------------------------------------------------------
+def test_epoch_series_equal_the_history(make_charts) -> None:
+    session, charts = make_charts()
+    run_head(session, epochs=3)
+    h = session.history
+    for mark_name, metric in [
+        ("loss", "loss"),
+        ("val_loss", "val_loss"),
+        ("metric", "accuracy"),
+        ("val_metric", "val_accuracy"),
+    ]:
+        epochs, values = h.metric(metric)
+        x, y = xy(charts.marks[mark_name])
+        np.testing.assert_array_equal(x, epochs + 1.0)  # plotted at the end of each epoch
+        np.testing.assert_array_equal(y, values)
+    assert charts.metric == "accuracy"
+    assert charts.metric_axis.label == "accuracy"
+    x, y = xy(charts.marks["lr"])
+    np.testing.assert_array_equal(x, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(y, [1e-3] * 3)
+    # The batch trace (and its smoothed copy) lines up with the epoch points.
+    _, bx, by = h.batch_trace()
+    x, y = xy(charts.marks["batch"])
+    np.testing.assert_allclose(x, bx, rtol=1e-6)
+    np.testing.assert_allclose(y[0], by, rtol=1e-6)
+    assert x[STEPS - 1] == pytest.approx(1.0)
+    assert y.shape == (2, len(bx))
+    smoothed = y[1]
+    assert smoothed[0] == y[0][0]
+    assert np.abs(np.diff(smoothed)).sum() < np.abs(np.diff(y[0])).sum() / 2
+
+
+def test_set_metric_switches_the_second_chart(make_charts) -> None:
+    session, charts = make_charts()
+    session.start_phase("head", 2, 1e-3)
+    session.epoch(0, loss=1.0, val_loss=1.1, accuracy=0.5, val_accuracy=0.4, auc=0.6, val_auc=0.7)
+    session.end_phase()
+    assert charts.metric == "accuracy"
+    charts.set_metric("val_auc")
+    assert charts.metric == "auc"
+    np.testing.assert_array_equal(xy(charts.marks["metric"])[1], [0.6])
+    np.testing.assert_array_equal(xy(charts.marks["val_metric"])[1], [0.7])
+    assert charts.metric_axis.label == "auc"
+    charts.set_metric(None)
+    assert charts.metric == "accuracy"
+    with pytest.raises(ValueError, match="Received: name="):
+        charts.set_metric("")
+
+
+def test_partial_epoch_is_not_plotted_as_an_epoch_point(make_charts) -> None:
+    session, charts = make_charts()
+    session.start_phase("head", 5, 1e-3)
+    session.epoch(0, loss=1.0, val_loss=1.1, accuracy=0.5, val_accuracy=0.4)
+    session.batches(1, [0.9, 0.8, 0.7, 0.6])  # Stop honoured at batch 4 of epoch 1
+    session.history.add_marker(Marker("stop", 1.4, 1, "stopped at epoch 2, batch 5"))
+    session.emit(Stopped(1, 4))
+    session.end_epoch(1, partial=True, loss=0.6)
+    session.end_phase("stopped")
+
+    for name in ("loss", "lr", "metric"):
+        x, _ = xy(charts.marks[name])
+        np.testing.assert_array_equal(x, [1.0])  # only the full epoch
+    # Shown instead as a hollow point where the epoch was cut.
+    partial = charts.marks["partial_loss"]
+    assert partial.fill is False
+    x, y = xy(partial)
+    np.testing.assert_array_equal(x, [1.4])
+    np.testing.assert_array_equal(y, [0.6])  # train loss; a cut epoch has no val_loss
+    assert partial.colors == [charts.marks["loss"].colors[0]]
+    assert xy(charts.marks["partial_metric"])[0].size == 0  # no NaN point in a corner
+
+
+# -- bands, best and event markers -------------------------------------------------------
+def test_two_phases_give_two_labelled_bands(make_charts) -> None:
+    session, charts = make_charts()
+    run_head(session, epochs=2)
+    session.start_phase("finetune", 4, 1e-5, depth=3)
+    session.epoch(2, loss=0.4, val_loss=0.5)
+    # While the fine-tune phase runs, its band reaches the planned end (epoch 6).
+    for name in ("bands_loss", "bands_metric", "bands_lr"):
+        x, y = xy(charts.marks[name])
+        assert x.shape == y.shape == (2, 5)
+        np.testing.assert_array_equal(x[:, 0], [0.0, 2.0])
+        np.testing.assert_array_equal(x.max(axis=1), [2.0, 6.0])
+        assert np.all(y.min(axis=1) == 0.0) and np.all(y.max(axis=1) == 1.0)
+    session.batches(3, [0.4] * 3)
+    session.history.add_marker(Marker("early_stop", 4.0, 3, "early stop after epoch 4"))
+    session.end_epoch(3, loss=0.4, val_loss=0.5)
+    session.emit(EarlyStopped(3, None))
+    session.end_phase("early_stopped")
+    x, _ = xy(charts.marks["bands_loss"])
+    np.testing.assert_array_equal(x.max(axis=1), [2.0, 4.0])  # shrunk to where it ended
+
+    labels = charts.marks["phase_labels"]
+    text = [str(t) for t in labels.text]
+    assert len(text) == 2
+    assert "head" in text[0] and "1e-3" in text[0] and "depth 0" in text[0]
+    assert "finetune" in text[1] and "1e-5" in text[1] and "depth 3" in text[1]
+    np.testing.assert_array_equal(np.asarray(labels.x), [0.0, 2.0])
+    fills = charts.marks["bands_loss"].fill_colors
+    assert len(fills) == 2 and fills[0] != fills[1]
+
+
+@pytest.mark.parametrize(
+    ("monitor", "shown", "hidden"),
+    [("val_loss", "best_loss", "best_metric"), ("val_accuracy", "best_metric", "best_loss")],
+)
+def test_best_marker_sits_on_the_best_epoch(make_charts, monitor, shown, hidden) -> None:
+    session, charts = make_charts()
+    session.start_phase("head", 4, 1e-3)
+    session.epoch(0, loss=1.0, val_loss=0.9, accuracy=0.5, val_accuracy=0.6)
+    session.new_best(0, 0.9 if monitor == "val_loss" else 0.6, monitor)
+    session.epoch(1, loss=0.8, val_loss=0.7, accuracy=0.6, val_accuracy=0.7)
+    best = session.new_best(1, 0.7, monitor)
+    session.epoch(2, loss=0.7, val_loss=0.8, accuracy=0.7, val_accuracy=0.65)
+    session.end_phase()
+    x, y = xy(charts.marks[shown])
+    np.testing.assert_array_equal(x, [best.epoch + 1.0])
+    np.testing.assert_array_equal(y, [best.value])
+    assert xy(charts.marks[hidden])[0].size == 0
+    assert charts.marks[shown].labels == [f"best {monitor}"]
+    assert charts.marks[shown].display_legend and not charts.marks[hidden].display_legend
+
+
+def test_rollback_early_stop_and_rate_markers_are_drawn(make_charts) -> None:
+    session, charts = make_charts()
+    session.start_phase("head", 10, 1e-3)
+    session.epoch(0, loss=1.0, val_loss=0.9)
+    best = session.new_best(0, 0.9)
+    session.batches(1, [0.8, 0.7, 0.6])
+    session.history.add_marker(Marker("learning_rate", 1.3, 1, "learning rate 0.0005", 5e-4))
+    session.emit(LearningRateChanged(5e-4, 1, 3))
+    session.epoch(1, loss=0.8, val_loss=1.0)
+    session.history.add_marker(Marker("early_stop", 2.0, 1, "early stop after epoch 2"))
+    session.emit(EarlyStopped(1, best))
+    session.end_phase("early_stopped", restored=best)
+    session.history.add_marker(Marker("rollback", 2.0, 2, "rolled back to epoch 1", 0))
+    session.emit(RolledBack(best, 2, None))
+
+    for name in ("rules_loss", "rules_metric", "rules_lr"):
+        x, y = xy(charts.marks[name])
+        assert x.shape == y.shape == (2, 2)  # two vertical rules, rates excluded
+        np.testing.assert_array_equal(x[:, 0], x[:, 1])
+        np.testing.assert_array_equal(x[:, 0], [2.0, 2.0])
+    events = charts.marks["events"]
+    assert [str(n) for n in events.names] == ["early stop", "rollback"]
+    assert events.colors[0] != events.colors[1]
+    np.testing.assert_array_equal(xy(charts.marks["lr_changes"])[0], [1.3])
+    np.testing.assert_array_equal(xy(charts.marks["lr_changes"])[1], [5e-4])
+
+
+def test_learning_rate_uses_a_log_scale() -> None:
+    charts = TrainingCharts(History())
+    try:
+        (y_axis,) = [a for a in charts.lr_figure.axes if a.side == "left"]
+        assert isinstance(y_axis.scale, bq.LogScale)
+        assert isinstance(charts.marks["lr"].scales["y"], bq.LogScale)
+        assert isinstance(charts.marks["loss"].scales["y"], bq.LinearScale)
+        # One x scale for every figure: the epochs line up across charts.
+        x_scales = {id(a.scale) for f in charts.children for a in f.axes if a.side == "bottom"}
+        assert len(x_scales) == 1
+        assert charts.marks["lr"].scales["x"] is charts.marks["loss"].scales["x"]
+    finally:
+        charts.close()
+
+
+# -- bounds, throttling and traffic -------------------------------------------------------
+def fill_batches(history: History, n: int, spike_at: int | None = None) -> None:
+    """Append ``n`` batches after those already recorded (a spike of 50 at ``spike_at``)."""
+    rng = np.random.default_rng(0)
+    losses = 1.0 + 0.1 * rng.random(n)
+    if spike_at is not None:
+        losses[spike_at] = 50.0
+    start = history.batch_count
+    for i, loss in enumerate(losses.tolist(), start):
+        history.record_batch(i, (i + 1) / STEPS, loss)
+
+
+def test_batch_trace_is_decimated_and_keeps_the_spike(make_charts) -> None:
+    session, charts = make_charts(max_points=500)
+    fill_batches(session.history, 100_000, spike_at=54_321)
+    charts.refresh(force=True)
+    x, y = xy(charts.marks["batch"])
+    assert len(x) <= 500 + 2  # plus the first and newest points
+    assert y.max() == 50.0
+    assert x[np.argmax(y[0])] == pytest.approx(54_322 / STEPS)
+    assert x[-1] == pytest.approx(100_000 / STEPS)  # the line reaches the newest batch
+    assert np.all(np.diff(x) > 0)
+
+
+def test_hiding_batches_stops_sending_them(make_charts) -> None:
+    session, charts = make_charts()
+    fill_batches(session.history, 50)
+    charts.refresh(force=True)
+    sent: list[object] = []
+    charts.marks["batch"].observe(sent.append, names=["x", "y"])
+    charts.show_batches = False
+    assert charts.marks["batch"].visible is False
+    fill_batches(session.history, 60)
+    charts.refresh(force=True)
+    assert sent == []
+    charts.show_batches = True
+    assert len(xy(charts.marks["batch"])[0]) == 110
+
+
+def test_a_burst_of_events_is_throttled_and_the_last_point_drawn(make_charts) -> None:
+    session, charts = make_charts(min_interval=0.2)
+    batch = charts.marks["batch"]
+    assignments: list[str] = []
+    n = 2_000
+    last_x = np.float32(n / STEPS)
+    drawn_last = threading.Event()
+
+    def count(change) -> None:
+        assignments.append(change["name"])
+        if change["name"] == "x" and len(change["new"]) and change["new"][-1] == last_x:
+            drawn_last.set()
+
+    batch.observe(count, names=["x", "y"])
+    started = time.monotonic()
+    session.batches(0, np.linspace(2.0, 1.0, n))  # one BatchProgress per batch
+    burst = time.monotonic() - started
+    during = len(assignments)
+    # x and y move together: at most one draw at the start and one per interval.
+    assert during <= 2 * (2 + burst / 0.2), (during, burst)
+    assert during < n / 10
+    # No further event comes, yet the trailing flush draws the last point.
+    assert drawn_last.wait(timeout=5.0), "the trailing flush never drew the last batch"
+    assert float(np.asarray(batch.x)[-1]) == pytest.approx(n / STEPS)
+
+
+def test_forced_events_redraw_at_once_however_recent_the_last_draw(make_charts) -> None:
+    session, charts = make_charts(min_interval=60.0)  # only forced redraws in this test
+    session.start_phase("head", 3, 1e-3)  # forced: the band shows at once
+    assert xy(charts.marks["bands_loss"])[0].size == 5
+    session.epoch(0, loss=1.0, val_loss=1.1)
+    assert xy(charts.marks["loss"])[0].size == 0  # throttled: waits for the timer
+    session.end_phase()  # PhaseEnded and StateChanged("idle") force a redraw
+    np.testing.assert_array_equal(xy(charts.marks["loss"])[0], [1.0])
+
+
+def redraw_bytes(rec: CommRecorder, charts: TrainingCharts, history: History) -> int:
+    """Bytes a frontend receives for one redraw after one more batch."""
+    n = history.batch_count
+    history.record_batch(n, (n + 1) / STEPS, 1.05)
+    start = rec.mark()
+    charts.refresh(force=True)
+    sent = rec.since(start)
+    assert sent, "the new batch was not sent"
+    # Only the batch line changed, so only it is resent.
+    assert {m.comm_id for m in sent} == {charts.marks["batch"].model_id}
+    return rec.total_bytes(sent)
+
+
+@pytest.mark.parametrize("max_points", [100, 500])
+def test_traffic_per_redraw_does_not_grow_with_the_run(max_points) -> None:
+    sizes = {}
+    with record_comms() as rec:
+        for n in (100, 1_000, 10_000, 100_000):
+            session = FakeSession()
+            run_head(session, epochs=3)
+            fill_batches(session.history, n)
+            charts = TrainingCharts(session.history, max_points=max_points, min_interval=0.0)
+            try:
+                sizes[n] = redraw_bytes(rec, charts, session.history)
+                # A redraw with nothing new sends nothing at all.
+                start = rec.mark()
+                charts.refresh(force=True)
+                assert rec.since(start) == []
+            finally:
+                charts.close()
+        assert rec.errors == []  # every message was strict JSON plus buffers
+    # x and two y rows (raw, smoothed) of float32 per point, plus the JSON around them.
+    cap = 3 * 4 * (max_points + 2) + 1_000
+    assert all(size <= cap for size in sizes.values()), sizes
+    # Once the trace is longer than max_points, a redraw costs the same however long.
+    full = [size for n, size in sizes.items() if n + 30 > max_points]
+    assert max(full) <= 2 * min(full), sizes
+    if max_points <= 100:  # here 100 batches already fill the chart
+        assert max(sizes.values()) <= 2 * min(sizes.values()), sizes
+
+
+def test_recording_comm_sees_real_serialisation() -> None:
+    with record_comms() as rec:
+        scales = {"x": bq.LinearScale(), "y": bq.LinearScale()}
+        mark = bq.Lines(x=np.zeros(3), y=np.zeros(3), scales=scales)
+        start = rec.mark()
+        with mark.hold_sync():
+            mark.x = np.arange(1000, dtype=np.float64)
+            mark.y = np.arange(1000, dtype=np.float32)
+        (msg,) = rec.since(start)
+    opened = rec.for_widget(mark)[0]
+    assert opened.msg_type == "comm_open" and opened.buffer_bytes == 2 * 3 * 8
+    assert msg.method == "update" and msg.keys == ("x", "y")
+    assert msg.buffer_bytes == 1000 * 8 + 1000 * 4
+    assert set(msg.buffer_paths) == {("x", "value"), ("y", "value")}
+    assert 0 < msg.json_bytes < 500
+    mark.close()
+
+
+# -- robustness ------------------------------------------------------------------------------
+class BrokenHistory(History):
+    def batch_trace(self):
+        raise RuntimeError("boom")
+
+
+def test_on_event_never_raises_and_reports_the_error() -> None:
+    history = BrokenHistory()
+    history.record_batch(0, 0.1, 1.0)
+    with pytest.raises(RuntimeError, match="boom"):
+        TrainingCharts(history)  # a direct call from the kernel thread does raise
+    charts = TrainingCharts(History(), min_interval=0.0)
+    reported: list[str] = []
+    charts.on_error(lambda exc, text: reported.append(text))
+    charts.history = history
+    charts.on_event(StateChanged("idle", "running"))  # a forced redraw; does not raise
+    assert isinstance(charts.last_error, RuntimeError)
+    assert len(reported) == 1 and "boom" in reported[0]
+    charts.close()
+
+
+def test_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_points=2"):
+        TrainingCharts(History(), max_points=2)
+    with pytest.raises(ValueError, match="min_interval=-1"):
+        TrainingCharts(History(), min_interval=-1)
+
+
+class CountingHistory(History):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trace_reads = 0
+
+    def batch_trace(self):
+        self.trace_reads += 1
+        return super().batch_trace()
+
+
+def test_a_redraw_with_nothing_new_does_not_read_the_trace(make_charts) -> None:
+    session, charts = make_charts(FakeSession(CountingHistory()))
+    fill_batches(session.history, 1_000)
+    charts.refresh(force=True)
+    reads = session.history.trace_reads
+    for _ in range(5):
+        charts.refresh(force=True)
+    assert session.history.trace_reads == reads
+    session.history.record_batch(1_000, 100.1, 1.0)
+    charts.refresh(force=True)
+    assert session.history.trace_reads == reads + 1
+
+
+class SlowHistory(CountingHistory):
+    def batch_trace(self):
+        time.sleep(0.01)  # stands for the cost of a long trace (not a synchronisation)
+        return super().batch_trace()
+
+
+def test_a_costly_trace_is_redrawn_within_its_time_budget(make_charts) -> None:
+    session, charts = make_charts(FakeSession(SlowHistory()), min_interval=0.0)
+    charts.batch_budget = 0.05  # a trace costing >= 10 ms: at most every 0.2 s
+    session.batches(0, [1.0] * 5)
+    charts.refresh(force=True)
+    reads = session.history.trace_reads
+    n = 300
+    last_x = np.float32((5 + n) / STEPS)
+    drawn_last = threading.Event()
+
+    def watch(change) -> None:
+        if len(change["new"]) and change["new"][-1] == last_x:
+            drawn_last.set()
+
+    charts.marks["batch"].observe(watch, names=["x"])
+    started = time.monotonic()
+    for i in range(n):  # every event redraws (min_interval=0), but not the trace
+        session.history.record_batch(5 + i, (6 + i) / STEPS, 1.0)
+        session.emit(BatchProgress(0, 5 + i, STEPS, 5 + i, 1.0))
+    burst = time.monotonic() - started
+    assert session.history.trace_reads - reads <= 1 + burst / 0.2, burst
+    assert charts.redraws >= n  # the rest of the charts were not held back
+    assert drawn_last.wait(timeout=5.0), "the deferred trace was never drawn"

@@ -1,0 +1,225 @@
+"""FineTunePanel without a kernel: click buttons, set controls, assert traitlets and chart data."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import ftwidgets as ftw
+from ftwidgets import events as ev
+
+pytestmark = [pytest.mark.widgets, pytest.mark.keras]
+WAIT = 120
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ftw.demo.digits_transfer(per_class=10, seed=0)
+
+
+@pytest.fixture
+def panel(data):
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+    panel = ftw.FineTunePanel(
+        model,
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        metrics=["accuracy"],
+        epochs=3,
+        progress_interval=0.0,
+    )
+    yield panel
+    panel.close()
+
+
+def weights(model):
+    return [np.array(v.value, copy=True) for v in model.variables]
+
+
+def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def hold_at_first_batch(session, batch: int = 0) -> threading.Event:
+    """Pause the worker at a batch of its first epoch; return an Event set once parked."""
+    parked = threading.Event()
+
+    def listener(event):
+        if isinstance(event, ev.BatchProgress) and not parked.is_set() and event.batch == batch:
+            session.pause()
+        if isinstance(event, ev.StateChanged) and event.state == "paused":
+            parked.set()
+
+    session.on_event(listener)
+    return parked
+
+
+def test_initial_controls(panel):
+    assert panel.phase.value == "head"
+    assert panel.learning_rate_value == 1e-3
+    assert panel.unfreeze_depth.disabled
+    assert panel.unfreeze_depth.max == 3  # the demo base's three convolutions
+    assert panel.rollback_button.disabled
+    assert not panel.start_button.disabled and panel.stop_button.disabled
+    assert "JAX · cpu" in panel.status.value
+    assert panel.monitor.options == ("val_loss", "val_accuracy", "loss", "accuracy")
+
+
+def test_phase_switch_sets_default_rate_unless_changed(panel):
+    panel.phase.value = "finetune"
+    assert panel.learning_rate_value == 1e-5
+    assert not panel.unfreeze_depth.disabled
+    panel.learning_rate_text.value = "3e-5"
+    panel.phase.value = "head"
+    assert panel.learning_rate_value == 3e-5
+    assert panel.unfreeze_depth.disabled
+
+
+def test_typed_rate_beyond_the_slider_is_kept_exactly(panel):
+    panel.learning_rate_text.value = "0.5"
+    assert panel.learning_rate_value == 0.5
+    assert panel.learning_rate.value == pytest.approx(0.1)  # the slider shows its end
+    assert panel.phase_config().learning_rate == 0.5
+
+
+@pytest.mark.parametrize("typed", ["-1", "0", "nan", "inf", "fast"])
+def test_bad_typed_rate_is_reported_and_not_applied(panel, typed):
+    panel.learning_rate_text.value = typed
+    assert panel.error_area.layout.display is None
+    assert "learning_rate" in panel.error_message.value
+    assert panel.learning_rate_value == 1e-3
+
+
+def test_depth_shows_the_deepest_layer_and_the_freeze_map(panel):
+    panel.phase.value = "finetune"
+    panel.unfreeze_depth.value = 2
+    assert "conv2" in panel.depth_info.value
+    table = panel.freeze_map.value
+    rows = {r.split("</td>")[0].removeprefix("<tr><td>"): r for r in table.split("</tr>")[1:-1]}
+    assert "trainable" in rows["conv3"] and "trainable" in rows["conv2"]
+    assert ">frozen<" in rows["conv1"]
+    assert "frozen (BatchNorm)" in rows["bn3"]
+    panel.keep_batchnorm_frozen.value = False
+    rows = {
+        r.split("</td>")[0].removeprefix("<tr><td>"): r
+        for r in panel.freeze_map.value.split("</tr>")[1:-1]
+    }
+    assert "frozen (BatchNorm)" not in rows["bn3"]
+    assert "frozen (BatchNorm)" in rows["bn1"]
+
+
+def test_start_runs_streams_charts_and_rollback_restores_best(panel):
+    session = panel.session
+    parked = hold_at_first_batch(session)
+    panel.start_button.click()
+    panel.start_button.click()  # a double click never starts two runs
+    assert parked.wait(WAIT)
+    assert panel.start_button.disabled
+    assert not panel.stop_button.disabled
+    assert panel.pause_button.description == "Resume"
+    assert "paused" in panel.status.value and "epoch 1/3" in panel.status.value
+    panel.pause_button.click()
+    assert session.wait(WAIT)
+    assert len(session.history.phases) == 1
+    assert session.state == "idle"
+    panel.charts.refresh(force=True)
+    _, val_loss = session.history.metric("val_loss")
+    line = panel.charts.marks["val_loss"]
+    assert np.allclose(np.asarray(line.y, dtype=float), val_loss)
+    assert list(np.asarray(line.x, dtype=float)) == [1.0, 2.0, 3.0]
+    best = session.best
+    assert f"best epoch {best.epoch + 1}" in panel.status.value
+    assert panel.rollback_button.description == f"Roll back to best epoch {best.epoch + 1}"
+    assert not panel.rollback_button.disabled and not panel.start_button.disabled
+    # Move away from the best (a stopped partial epoch is never best), then roll back.
+    panel.early_stopping.value = False
+    parked = hold_at_first_batch(session, batch=2)
+    panel.start_button.click()
+    assert parked.wait(WAIT)
+    panel.stop_button.click()
+    assert session.wait(WAIT)
+    assert session.history.epochs[-1].partial
+    assert not same(weights(session.model), session.snapshots.best.values)
+    panel.rollback_button.click()
+    assert same(weights(session.model), session.snapshots.best.values)
+    assert f"Restored the weights of epoch {session.best.epoch + 1}" in panel.status.value
+    assert [m.kind for m in session.history.markers][-1] == "rollback"
+
+
+def test_stop_button_ends_the_phase(panel):
+    session = panel.session
+    panel.epochs.value = 50
+    parked = hold_at_first_batch(session)
+    panel.start_button.click()
+    assert parked.wait(WAIT)
+    panel.stop_button.click()
+    assert session.state == "stopping" and panel.stop_button.disabled
+    assert session.wait(WAIT)
+    assert session.history.phases[-1].reason == "stopped"
+    assert not panel.start_button.disabled and panel.stop_button.disabled
+    assert "Stopped." in panel.status.value
+
+
+def test_learning_rate_change_while_running_reaches_the_worker(panel):
+    session = panel.session
+    parked = hold_at_first_batch(session)
+    panel.start_button.click()
+    assert parked.wait(WAIT)
+    panel.learning_rate.value = 1e-4  # a slider release
+    panel.pause_button.click()
+    assert session.wait(WAIT)
+    assert [r.learning_rate for r in session.history.epochs] == pytest.approx([1e-4] * 3)
+    panel.charts.refresh(force=True)
+    assert np.allclose(np.asarray(panel.charts.marks["lr"].y, dtype=float)[-1], 1e-4)
+
+
+def test_unknown_monitor_is_reported_and_nothing_trains(panel):
+    before = weights(panel.session.model)
+    panel.monitor.value = "val_precision"
+    panel.start_button.click()
+    assert "val_precision" in panel.error_message.value
+    assert "val_accuracy" in panel.error_message.value  # lists what is logged
+    assert panel.session.state == "idle" and len(panel.session.history) == 0
+    assert same(weights(panel.session.model), before)
+    # Fixing the input makes the panel work again.
+    panel.monitor.value = "val_loss"
+    panel.epochs.value = 1
+    panel.start_button.click()
+    assert panel.error_area.layout.display == "none"
+    assert panel.session.wait(WAIT) and len(panel.session.history) == 1
+
+
+def test_failure_on_the_worker_shows_message_and_folded_traceback(panel):
+    panel.phase.value = "finetune"
+    panel.unfreeze_depth.value = 3
+    panel.optimizer.value = "sgd"
+    panel.learning_rate_text.value = "1e10"
+    panel.start_button.click()
+    assert panel.session.wait(WAIT)
+    assert panel.session.state == "failed"
+    assert "training loss became nan" in panel.error_message.value
+    outputs = panel.error_details.outputs
+    assert outputs and outputs[0]["name"] == "stderr" and "Traceback" in outputs[0]["text"]
+    assert not panel.start_button.disabled
+
+
+def test_second_panel_on_a_training_model_says_so(panel, data):
+    session = panel.session
+    parked = hold_at_first_batch(session)
+    panel.start_button.click()
+    assert parked.wait(WAIT)
+    other = ftw.FineTunePanel(
+        session.model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    try:
+        assert "already training" in other.error_message.value
+        other.start_button.click()
+        assert "already training in another session" in other.error_message.value
+        assert other.session.state == "idle"
+    finally:
+        other.close()
+    panel.close()  # stops training first
+    assert session.state == "idle"
+    assert session.history.phases[-1].reason == "stopped"
