@@ -31,6 +31,7 @@ from ftwidgets.events import (
     RolledBack,
     StateChanged,
 )
+from ftwidgets.interrupt import install_interrupt_handler
 from ftwidgets.session import FineTuneSession, live_sessions
 
 __all__ = ["FineTunePanel"]
@@ -127,6 +128,7 @@ class FineTunePanel(widgets.VBox):
             # A panel on a session that already trained: the history has no best.
             self.charts.on_event(NewBest(session.best))
         self._other_session_notice()
+        install_interrupt_handler()
         self._refresh_buttons()
         self._refresh_status()
         self._refresh_freeze_map()

@@ -766,7 +766,14 @@ class FineTuneSession:
     ) -> None:
         """Start a phase and wait for it, for scripts. Re-raises a failure."""
         self.start(config, early_stopping)
-        self.wait()
+        try:
+            self.wait()
+        except KeyboardInterrupt:
+            # Interrupt during a blocking run: stop the worker too, then re-raise.
+            self.stop()
+            self.resume()
+            self.wait()
+            raise
         if self._state == "failed" and self.error is not None:
             raise self.error.exception
 
