@@ -449,10 +449,6 @@ class FineTuneSession:
     def _launch(self, run: PhaseRun) -> None:
         self.error = None
         self._run = run
-        with self._lock:
-            self._commands.clear()
-            self._pause_requested = False
-            self._attention = False
         self.history.begin_phase(
             PhaseSpan(run.index, run.config.phase, run.start_epoch, run.learning_rate, run.depth)
         )
@@ -598,57 +594,54 @@ class FineTuneSession:
 
     def _service_commands(self, model: keras.Model, run: PhaseRun) -> None:
         """Apply queued commands on the worker; park here while paused."""
+        parked = False
         while True:
             with self._lock:
                 commands = list(self._commands)
                 self._commands.clear()
                 paused = self._pause_requested
                 self._attention = paused
-            stop_reason: str | None = None
+            stop_reason = None
             for name, value in commands:
-                if name == "learning_rate":
-                    model.optimizer.learning_rate = value
-                    run.learning_rate = value
-                    self.history.add_marker(
-                        Marker(
-                            "learning_rate",
-                            run.epoch + run.batch / run.steps_per_epoch,
-                            run.epoch,
-                            f"learning rate {value:g}",
-                            value,
-                        )
-                    )
-                    self._emit(LearningRateChanged(value, run.epoch, run.batch))
-                elif name == "early_stopping":
-                    run.early_stopping = value
-                    self.early_stopping = value
-                    self._tracker.reconfigure(value)
-                elif name == "rollback" and self._snapshots.best is not None:
-                    self._apply_rollback(model, run, batch=run.batch)
-                    stop_reason = "rolled_back"
-                elif name == "stop":
-                    stop_reason = stop_reason or "stopped"
+                stop_reason = self._apply_command(model, run, name, value) or stop_reason
             if stop_reason is not None:
-                if stop_reason == "stopped":
-                    self.history.add_marker(
-                        Marker(
-                            "stop",
-                            run.epoch + run.batch / run.steps_per_epoch,
-                            run.epoch,
-                            f"stopped at epoch {run.epoch + 1}, batch {run.batch + 1}",
-                        )
-                    )
-                    self._emit(Stopped(run.epoch, run.batch))
                 raise StopPhase(stop_reason)
             if not paused:
+                if parked and self._state == "paused":
+                    self._set_state("running")
                 return
-            self._set_state("paused")
+            if not parked:
+                self._set_state("paused")
+                parked = True
             with self._lock:
                 while self._pause_requested and not self._commands:
                     self._wake.wait()
-                resumed = not self._pause_requested
-            if resumed:
-                self._set_state("running")
+
+    def _apply_command(
+        self, model: keras.Model, run: PhaseRun, name: str, value: Any
+    ) -> str | None:
+        """Apply one command on the worker; return a reason if the phase must end."""
+        x = run.epoch + run.batch / run.steps_per_epoch
+        if name == "learning_rate":
+            model.optimizer.learning_rate = value
+            run.learning_rate = value
+            self.history.add_marker(
+                Marker("learning_rate", x, run.epoch, f"learning rate {value:g}", value)
+            )
+            self._emit(LearningRateChanged(value, run.epoch, run.batch))
+        elif name == "early_stopping":
+            run.early_stopping = value
+            self.early_stopping = value
+            self._tracker.reconfigure(value)
+        elif name == "rollback" and self._snapshots.best is not None:
+            self._apply_rollback(model, run, batch=run.batch)
+            return "rolled_back"
+        elif name == "stop":
+            detail = f"stopped at epoch {run.epoch + 1}, batch {run.batch + 1}"
+            self.history.add_marker(Marker("stop", x, run.epoch, detail))
+            self._emit(Stopped(run.epoch, run.batch))
+            return "stopped"
+        return None
 
     def _apply_rollback(self, model: keras.Model, run: PhaseRun | None, batch: int | None) -> None:
         best = self._tracker.best
