@@ -8,6 +8,11 @@ Two callbacks, split by what Keras lets run where (measured, see DESIGN.md):
   progress and records epochs.
 - ``LossStream`` is ``async_safe``: its ``on_train_batch_end`` runs on Keras's
   thread pool, out of order, and only reads ``logs``.
+
+JAX dispatches batches asynchronously: without a bound, Python reaches the
+"next batch boundary" a whole epoch before the device does, and a Stop or a new
+learning rate lands an epoch late. ``SessionControl`` therefore keeps at most a
+few batches in flight, counted by ``LossStream`` as their logs become concrete.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class SessionControl(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         run = self.run
         run.batch = batch
+        run.wait_for_room()
         if run.non_finite is not None:
             raise NonFiniteLossError(run.describe_non_finite())
         if run.session._attention:
@@ -105,13 +111,17 @@ class LossStream(keras.callbacks.Callback):
         self.record = record
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        loss = (logs or {}).get("loss")
-        if loss is None:
-            return
-        loss = float(loss)
         run = self.run
-        run.last_loss = loss
-        if not math.isfinite(loss) and run.non_finite is None:
-            run.non_finite = (run.epoch, batch, loss)
-        if self.record:
-            run.record_batch(batch, loss)
+        try:
+            loss = (logs or {}).get("loss")
+            if loss is None:
+                return
+            loss = float(loss)
+            run.last_loss = loss
+            if not math.isfinite(loss) and run.non_finite is None:
+                run.non_finite = (run.epoch, batch, loss)
+            if self.record:
+                run.record_batch(batch, loss)
+        finally:
+            # Keras has made the logs concrete: this batch has finished computing.
+            run.batch_finished()

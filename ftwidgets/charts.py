@@ -635,17 +635,19 @@ class TrainingCharts(widgets.VBox):
             )
 
         full = [r for r in history.epochs if not r.partial and r.learning_rate > 0]
-        assign(
-            m["lr"],
-            x=np.array([r.epoch + 1.0 for r in full], dtype=np.float64),
-            y=np.array([r.learning_rate for r in full], dtype=np.float64),
+        x, y = bounded(
+            np.array([r.epoch + 1.0 for r in full], dtype=np.float64),
+            np.array([r.learning_rate for r in full], dtype=np.float64),
+            self.max_points,
         )
+        # float32 halves the bytes; epochs and rates need no more precision on screen.
+        assign(m["lr"], x=x.astype(np.float32), y=y.astype(np.float32))
 
     def _assign_epoch_series(self, mark: bq.Lines, name: str) -> None:
         epochs, values = self.history.metric(name)
         values = np.where(np.isfinite(values), values, np.nan)
         x, y = bounded(epochs.astype(np.float64) + 1.0, values, self.max_points)
-        assign(mark, x=x, y=y)
+        assign(mark, x=x.astype(np.float32), y=y.astype(np.float32))
 
     def _draw_phases(self) -> None:
         history = self.history

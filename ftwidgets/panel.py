@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import math
-import threading
+import time
 import traceback
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = ["FineTunePanel"]
 
 _ACTIVE = ("running", "paused", "stopping", "starting")
 _LR_MIN_EXP, _LR_MAX_EXP = -7, -1
+_STATUS_INTERVAL = 0.2  # seconds between status redraws while training
 
 
 def _fmt_rate(rate: float) -> str:
@@ -105,13 +106,13 @@ class FineTunePanel(widgets.VBox):
                 f"Received: model={getattr(model, 'name', model)!r}"
             )
         self.session = session
-        self._lock = threading.Lock()
         self._lr = DEFAULT_LEARNING_RATES["head"]
         self._syncing_lr = False
         self._epoch_times: list[float] = []
         self._phase_started: PhaseStarted | None = None
         self._last_progress: BatchProgress | None = None
         self._notice = ""
+        self._next_status = 0.0
         self._device = device_summary()
         self._max_depth = len(transfer.unfreezable_layers(session.model))
         self._layer_names = [layer.name for layer in transfer.unfreezable_layers(session.model)]
@@ -305,6 +306,9 @@ class FineTunePanel(widgets.VBox):
             layout=widgets.Layout(width="100%"),
         )
         self.add_class("ftwidgets-panel")
+        # Stable hooks for the browser tests (and user CSS): these two are plain HTML/VBox.
+        self.status.add_class("ftwidgets-status")
+        self.error_area.add_class("ftwidgets-error")
 
     def _wire(self) -> None:
         self.phase.observe(self._on_phase_change, "value")
@@ -315,6 +319,7 @@ class FineTunePanel(widgets.VBox):
         for control in (self.patience, self.min_delta, self.restore_best, self.start_from_epoch):
             control.observe(self._on_early_stopping_edit, "value")
         self.early_stopping.observe(self._on_early_stopping_toggle, "value")
+        self.stream_batches.observe(self._on_stream_batches_change, "value")
         self.start_button.on_click(self._on_start_button_click)
         self.pause_button.on_click(self._on_pause_button_click)
         self.stop_button.on_click(self._on_stop_button_click)
@@ -506,6 +511,10 @@ class FineTunePanel(widgets.VBox):
         except ValueError as exc:
             self.show_error(str(exc))
 
+    def _on_stream_batches_change(self, change: dict[str, Any]) -> None:
+        # Off also stops recording from the next phase on (NaN checks go on).
+        self.session.stream_batches = bool(change["new"])
+
     def _on_chart_error(self, exc: BaseException, details: str) -> None:
         self.show_error(f"The charts could not redraw: {exc}", details)
 
@@ -537,8 +546,12 @@ class FineTunePanel(widgets.VBox):
             }.get(event.reason, "")
             if event.restored_best is not None and event.reason != "rolled_back":
                 self._notice += f" Restored the best epoch ({event.restored_best.epoch + 1})."
+        now = time.monotonic()
         if isinstance(event, StateChanged | PhaseStarted | PhaseEnded | NewBest | RolledBack):
             self._refresh_buttons()
+        elif isinstance(event, BatchProgress | EpochEnded) and now < self._next_status:
+            return  # short epochs would otherwise redraw the status dozens of times a second
+        self._next_status = now + _STATUS_INTERVAL
         self._refresh_status()
 
     # -- views -------------------------------------------------------------------------

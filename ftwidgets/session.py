@@ -54,6 +54,9 @@ _LIVE_EARLY_STOPPING_FIELDS = {
     "baseline",
 }
 _COALESCED = ("learning_rate", "early_stopping")
+# Batches dispatched ahead of the device: enough to keep it busy, few enough that
+# a command applies within a few batches (JAX would otherwise run an epoch ahead).
+MAX_IN_FLIGHT = 2
 _SESSIONS: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
 
 
@@ -95,12 +98,42 @@ class PhaseRun:
         self.non_finite: tuple[int, int, float] | None = None
         self.reason: str | None = None
         self.rolled_back = False
+        self._dispatched = 0
+        self._finished = 0
+        self._room = threading.Condition()
 
     # -- called from the callbacks, on the worker thread ------------------
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.batch = 0
         self.epoch_started = time.perf_counter()
+
+    def wait_for_room(self) -> None:
+        """Hold the fit thread while too many dispatched batches are still computing.
+
+        Returns at once when a command is pending, so it is applied now.
+        """
+        self._dispatched += 1
+        if self._dispatched - self._finished <= MAX_IN_FLIGHT:
+            return
+        session = self.session
+        with self._room:
+            # The timeout only guards against a lost notification.
+            self._room.wait_for(
+                lambda: self._dispatched - self._finished <= MAX_IN_FLIGHT or session._attention,
+                timeout=5.0,
+            )
+
+    def batch_finished(self) -> None:
+        """Count a batch whose results are concrete (called from Keras's thread pool)."""
+        with self._room:
+            self._finished += 1
+            self._room.notify()
+
+    def wake(self) -> None:
+        """Wake a fit thread waiting for room, e.g. because a command arrived."""
+        with self._room:
+            self._room.notify()
 
     def step(self, batch: int) -> int:
         """Global batch count across the whole session."""
@@ -590,7 +623,9 @@ class FineTuneSession:
             self._commands.append((name, value))
             self._attention = True
             self._wake.notify_all()
-            return True
+        if self._run is not None:
+            self._run.wake()
+        return True
 
     def _service_commands(self, model: keras.Model, run: PhaseRun) -> None:
         """Apply queued commands on the worker; park here while paused."""
@@ -672,6 +707,8 @@ class FineTuneSession:
                 return
             self._pause_requested = True
             self._attention = True
+        if self._run is not None:
+            self._run.wake()
 
     def resume(self) -> None:
         """Continue a paused phase."""

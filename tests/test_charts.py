@@ -147,12 +147,12 @@ def test_epoch_series_equal_the_history(make_charts) -> None:
         epochs, values = h.metric(metric)
         x, y = xy(charts.marks[mark_name])
         np.testing.assert_array_equal(x, epochs + 1.0)  # plotted at the end of each epoch
-        np.testing.assert_array_equal(y, values)
+        np.testing.assert_allclose(y, values, rtol=1e-6)  # sent as float32
     assert charts.metric == "accuracy"
     assert charts.metric_axis.label == "accuracy"
     x, y = xy(charts.marks["lr"])
     np.testing.assert_array_equal(x, [1.0, 2.0, 3.0])
-    np.testing.assert_array_equal(y, [1e-3] * 3)
+    np.testing.assert_allclose(y, [1e-3] * 3, rtol=1e-6)
     # The batch trace (and its smoothed copy) lines up with the epoch points.
     _, bx, by = h.batch_trace()
     x, y = xy(charts.marks["batch"])
@@ -173,8 +173,8 @@ def test_set_metric_switches_the_second_chart(make_charts) -> None:
     assert charts.metric == "accuracy"
     charts.set_metric("val_auc")
     assert charts.metric == "auc"
-    np.testing.assert_array_equal(xy(charts.marks["metric"])[1], [0.6])
-    np.testing.assert_array_equal(xy(charts.marks["val_metric"])[1], [0.7])
+    np.testing.assert_allclose(xy(charts.marks["metric"])[1], [0.6], rtol=1e-6)
+    np.testing.assert_allclose(xy(charts.marks["val_metric"])[1], [0.7], rtol=1e-6)
     assert charts.metric_axis.label == "auc"
     charts.set_metric(None)
     assert charts.metric == "accuracy"

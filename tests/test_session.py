@@ -494,3 +494,37 @@ def test_importing_first_selects_jax_and_reports_the_device():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.split() == ["jax", "JAX", "·", "cpu"], proc.stderr
+
+
+def heavy_model() -> keras.Model:
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(1024, activation="relu", name="wide1")(x)
+    x = keras.layers.Dense(1024, activation="relu", name="wide2")(x)
+    base = keras.Model(inputs, x, name="wide_base")
+    return ftw.build_transfer_model(base, num_classes=5)
+
+
+def lag_during_a_phase(data) -> int:
+    """The largest gap between batches dispatched and batches finished, seen at batch starts."""
+    x = np.repeat(data.x_train, 40, axis=0)
+    y = np.repeat(data.y_train, 40, axis=0)
+    session = ftw.FineTuneSession(heavy_model(), train=(x, y), progress_interval=0.0)
+    lags = []
+
+    def watch(event):
+        if isinstance(event, ev.BatchProgress) and event.epoch == 1:
+            lags.append(event.step - session.history.batch_count)
+
+    session.on_event(watch)
+    session.run(ftw.PhaseConfig(phase="finetune", epochs=2, batch_size=128, unfreeze_depth=2))
+    assert lags
+    return max(lags)
+
+
+def test_commands_are_never_an_epoch_behind_the_device(data, monkeypatch):
+    # JAX dispatches asynchronously; unbounded, Python runs ahead of the device
+    # and a Stop or a new learning rate would land an epoch late.
+    from ftwidgets import session as session_module
+
+    assert lag_during_a_phase(data) <= session_module.MAX_IN_FLIGHT + 1
