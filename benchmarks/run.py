@@ -1,0 +1,1249 @@
+"""Benchmarks of ftwidgets: training overhead, chart traffic and responsiveness.
+
+One command, from the repository root::
+
+    .venv/bin/python benchmarks/run.py            # full run, a few minutes; writes RESULTS.md
+    .venv/bin/python benchmarks/run.py --quick    # smoke test, under a minute; writes nothing
+
+It measures, in one process:
+
+1. Overhead: the steady-state epoch time of the same model and data under
+   (a) a bare ``model.fit(verbose=0)``, (b) a ``FineTuneSession`` without a panel,
+   (c) a full ``FineTunePanel`` with live charts on a comm that really serialises
+   every message (``tests/recording_comm.py``), with the per-batch trace on and
+   off. Arms are interleaved within each repeat (in a rotated order), and every
+   figure is a ratio to (a) from the same repeat: the median and the min-max
+   over the repeats are reported, never absolute seconds alone.
+2. Chart traffic: bytes per chart update and in total for 10^2 to 10^5 batches,
+   feeding ``TrainingCharts`` synthetic events.
+3. Responsiveness: batches run after ``stop()``, the delay of
+   ``set_learning_rate()``, rollback time of a ~5M-parameter model, and host
+   memory held by snapshots.
+4. The device JAX actually used; on a GPU the overhead figures are reported as
+   GPU figures.
+
+See ``benchmarks/README.md`` for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as _dt
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("KERAS_BACKEND", "jax")
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # recording_comm.py
+
+import jax  # noqa: E402
+
+# Each phase recompiles (a new optimizer), so every arm pays a JIT in its first
+# epoch. That epoch is never timed; a persistent compilation cache only makes it
+# shorter, so the benchmark fits in a few minutes. The executables are the same.
+_JAX_CACHE = tempfile.mkdtemp(prefix="ftwidgets-bench-jax-cache-")
+atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import ftwidgets as ftw  # noqa: E402
+from ftwidgets import transfer  # noqa: E402
+from ftwidgets.events import (  # noqa: E402
+    EpochEnded,
+    EpochRecord,
+    LearningRateChanged,
+    NewBest,
+    PhaseEnded,
+    PhaseStarted,
+    RolledBack,
+    StateChanged,
+    frozen_logs,
+)
+from ftwidgets.history import History, Marker, PhaseSpan  # noqa: E402
+from ftwidgets.snapshots import capture  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+NOTES_BEGIN = "<!-- notes: kept across runs -->"
+NOTES_END = "<!-- /notes -->"
+LOSS = "sparse_categorical_crossentropy"
+METRICS = ["accuracy"]
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Spread:
+    """Median and range of a sample, with its size."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else math.nan
+
+    @property
+    def low(self) -> float:
+        return min(self.values) if self.values else math.nan
+
+    @property
+    def high(self) -> float:
+        return max(self.values) if self.values else math.nan
+
+    def quartiles(self) -> tuple[float, float]:
+        if len(self.values) < 2:
+            return self.low, self.high
+        q = statistics.quantiles(self.values, n=4, method="inclusive")
+        return q[0], q[2]
+
+    def ratio_text(self) -> str:
+        q1, q3 = self.quartiles()
+        return (
+            f"{self.median:.3f} (IQR {q1:.3f}-{q3:.3f}, range {self.low:.3f}-{self.high:.3f}, "
+            f"n={self.n})"
+        )
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def loadavg() -> tuple[float, float, float]:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (math.nan, math.nan, math.nan)
+
+
+def wait_for_quiet(threshold: float, max_wait: float) -> float:
+    """Poll the 1-minute load average until it is below ``threshold``; return the wait."""
+    started = time.monotonic()
+    while True:
+        one = loadavg()[0]
+        waited = time.monotonic() - started
+        if one < threshold or waited >= max_wait:
+            log(f"load average (1 min) {one:.2f} after waiting {waited:.0f}s")
+            return waited
+        log(f"load average (1 min) {one:.2f} >= {threshold}; waiting ({waited:.0f}s so far)")
+        time.sleep(min(15.0, max_wait - waited))
+
+
+# ---------------------------------------------------------------------------------------
+# workloads
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    """One model and data set that every arm trains with the same phase settings."""
+
+    name: str
+    description: str
+    model: keras.Model
+    train: tuple[np.ndarray, np.ndarray]
+    validation: tuple[np.ndarray, np.ndarray]
+    config: ftw.PhaseConfig
+    params: int = 0
+    steps_per_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        self.params = int(self.model.count_params())
+        self.steps_per_epoch = math.ceil(len(self.train[0]) / self.config.batch_size)
+
+
+def dense_base(inputs: int, widths: Sequence[int], name: str = "dense_base") -> keras.Model:
+    x_in = keras.Input((inputs,), name="features")
+    x = x_in
+    for i, width in enumerate(widths):
+        x = keras.layers.Dense(width, activation="relu", name=f"dense{i + 1}")(x)
+    return keras.Model(x_in, x, name=name)
+
+
+def teacher_data(
+    n: int, n_val: int, features: int, classes: int, seed: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Random features labelled by a random linear teacher (learnable, so bests happen)."""
+    rng = np.random.default_rng(seed)
+    teacher = rng.normal(size=(features, classes)).astype(np.float32)
+    x = rng.normal(size=(n + n_val, features)).astype(np.float32)
+    y = np.argmax(x @ teacher + 0.5 * rng.normal(size=(n + n_val, classes)), axis=1)
+    y = y.astype(np.int32)
+    return (x[:n], y[:n]), (x[n:], y[n:])
+
+
+def big_workload(samples: int, epochs: int) -> Workload:
+    """A dense model fully fine-tuned, about a second per epoch on a 2-core CPU."""
+    keras.utils.set_random_seed(1)
+    base = dense_base(256, (1024, 1024, 1024))
+    model = ftw.build_transfer_model(base, num_classes=10, dropout=0.3, name="bench_big")
+    train, val = teacher_data(samples, 512, 256, 10, seed=1)
+    depth = len(transfer.unfreezable_layers(model))
+    config = ftw.PhaseConfig(
+        phase="finetune",
+        learning_rate=1e-4,
+        epochs=epochs,
+        batch_size=128,
+        unfreeze_depth=depth,
+        dropout=0.3,
+    )
+    return Workload(
+        "one-second",
+        f"Dense base 256->3x1024 (fully unfrozen) + head, {samples} samples, batch 128",
+        model,
+        train,
+        val,
+        config,
+    )
+
+
+def tiny_workload(epochs: int) -> Workload:
+    """The demo: pretrained digits CNN + new head, 50 images (callback cost dominates)."""
+    keras.utils.set_random_seed(2)
+    data = ftw.demo.digits_transfer(per_class=10, seed=0)
+    model = ftw.build_transfer_model(
+        ftw.demo.pretrained_base(), num_classes=5, dropout=0.3, name="bench_tiny"
+    )
+    config = ftw.PhaseConfig(
+        phase="head",
+        learning_rate=1e-3,
+        epochs=epochs,
+        batch_size=16,
+        unfreeze_depth=0,
+        dropout=0.3,
+    )
+    return Workload(
+        "tiny",
+        "demo pretrained_base (8x8 digits CNN) + head, head phase, "
+        "digits_transfer(per_class=10): 50 images, batch 16",
+        model,
+        (data.x_train, data.y_train),
+        (data.x_val, data.y_val),
+        config,
+    )
+
+
+def calibrate_samples(samples: int, target: float) -> int:
+    """On an accelerator, grow the data set until a bare epoch takes about ``target`` s."""
+    w = big_workload(samples, 3)
+    per_epoch = Spread(run_bare(w).epoch_seconds).median
+    scale = min(64.0, max(1.0, target / max(per_epoch, 1e-6)))
+    n = int(samples * scale) // w.config.batch_size * w.config.batch_size
+    log(f"calibration: {per_epoch * 1e3:.0f} ms/epoch at {samples} samples -> {n} samples")
+    return n
+
+
+# ---------------------------------------------------------------------------------------
+# the overhead arms
+# ---------------------------------------------------------------------------------------
+@dataclass
+class ArmRun:
+    """What one arm measured in one repeat."""
+
+    epoch_seconds: list[float]  # successive epoch-end intervals, first (JIT) epoch excluded
+    epoch_cpu: list[float]  # process CPU seconds (all threads) over the same intervals
+    setup_seconds: float = math.nan  # compile (+ probe, snapshot) before fit
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_epoch(self) -> float:
+        """Mean wall seconds per steady-state epoch (timed epochs' total / their count)."""
+        return sum(self.epoch_seconds) / len(self.epoch_seconds)
+
+    @property
+    def cpu_per_epoch(self) -> float:
+        """Mean process CPU seconds per steady-state epoch."""
+        return sum(self.epoch_cpu) / len(self.epoch_cpu)
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Stamps the end of each epoch. Only ``on_epoch_end``: Keras's async batch dispatch
+    stays on, and the per-batch path is unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: list[tuple[float, float]] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+
+
+def intervals(stamps: list[tuple[float, float]], expected: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds between successive epoch ends (the first epoch drops out)."""
+    if len(stamps) != expected:
+        raise RuntimeError(f"expected {expected} epoch stamps, got {len(stamps)}")
+    pairs = list(itertools.pairwise(stamps))
+    return [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs]
+
+
+def run_bare(w: Workload) -> ArmRun:
+    """(a): what a user would write: unfreeze, compile, fit(verbose=0)."""
+    model, cfg = w.model, w.config
+    started = time.perf_counter()
+    transfer.unfreeze(model, cfg.unfreeze_depth or 0, keep_batchnorm_frozen=True)
+    if cfg.dropout is not None:
+        transfer.set_head_dropout(model, cfg.dropout)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate),
+        loss=LOSS,
+        metrics=METRICS,
+    )
+    setup = time.perf_counter() - started
+    clock = EpochClock()
+    model.fit(
+        *w.train,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        validation_data=w.validation,
+        verbose=0,
+        callbacks=[clock],
+    )
+    return ArmRun(*intervals(clock.stamps, cfg.epochs), setup)
+
+
+def _epoch_listener(stamps: list[tuple[float, float]]) -> Callable[[Any], None]:
+    def listener(event: Any) -> None:
+        if isinstance(event, EpochEnded) and not event.record.partial:
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    return listener
+
+
+def run_session(w: Workload, stream: bool) -> ArmRun:
+    """(b): ``FineTuneSession.start()`` then ``wait()``, no panel."""
+    session = ftw.FineTuneSession(
+        w.model, w.train, w.validation, loss=LOSS, metrics=METRICS, stream_batches=stream
+    )
+    stamps: list[tuple[float, float]] = []
+    session.on_event(_epoch_listener(stamps))
+    try:
+        started = time.perf_counter()
+        session.start(w.config, early_stopping=False)
+        setup = time.perf_counter() - started
+        session.wait()
+        if session.state != "idle":
+            raise RuntimeError(f"session ended {session.state}: {session.error}")
+        return ArmRun(
+            *intervals(stamps, w.config.epochs),
+            setup,
+            {"batches": session.history.batch_count, "snapshots": session.snapshots.nbytes},
+        )
+    finally:
+        session.close()
+
+
+def run_panel(w: Workload, stream: bool) -> ArmRun:
+    """(c): the full panel with live charts, every widget on a recording comm."""
+    from recording_comm import record_comms
+
+    with record_comms() as rec:
+        panel = ftw.FineTunePanel(
+            w.model,
+            train=w.train,
+            validation=w.validation,
+            loss=LOSS,
+            metrics=METRICS,
+            epochs=w.config.epochs,
+            batch_size=w.config.batch_size,
+            stream_batches=stream,
+        )
+        try:
+            cfg = w.config
+            panel.phase.value = cfg.phase
+            if cfg.phase == "finetune":
+                panel.unfreeze_depth.value = cfg.unfreeze_depth
+            panel.learning_rate_text.value = repr(cfg.learning_rate)
+            panel.dropout.value = cfg.dropout
+            panel.early_stopping.value = False
+            if panel.phase_config() != cfg:
+                raise RuntimeError(f"panel config {panel.phase_config()} != {cfg}")
+            stamps: list[tuple[float, float]] = []
+            panel.session.on_event(_epoch_listener(stamps))
+            mark = rec.mark()
+            started = time.perf_counter()
+            panel.start_button.click()
+            setup = time.perf_counter() - started
+            panel.session.wait()
+            sent = rec.since(mark)
+            if panel.session.state != "idle" or panel.error_area.layout.display != "none":
+                raise RuntimeError(f"panel run failed: {panel.error_message.value}")
+            if rec.errors:
+                raise RuntimeError(f"messages a kernel could not pack: {rec.errors[:3]}")
+            if panel.charts.last_error is not None:
+                raise RuntimeError(f"chart error: {panel.charts.last_error!r}")
+            batch_id = panel.charts.marks["batch"].model_id
+            return ArmRun(
+                *intervals(stamps, cfg.epochs),
+                setup,
+                {
+                    "messages": len(sent),
+                    "bytes": rec.total_bytes(sent),
+                    "batch_bytes": rec.total_bytes(m for m in sent if m.comm_id == batch_id),
+                    "redraws": panel.charts.redraws,
+                },
+            )
+        finally:
+            panel.close()
+
+
+ARMS: dict[str, tuple[str, Callable[[Workload], ArmRun]]] = {
+    "a": ("bare model.fit(verbose=0)", run_bare),
+    "a2": ("bare model.fit again (A/A noise control)", run_bare),
+    "b": ("FineTuneSession, batch trace on", lambda w: run_session(w, True)),
+    "b_off": ("FineTuneSession, batch trace off", lambda w: run_session(w, False)),
+    "c": ("FineTunePanel + live charts, batch trace on", lambda w: run_panel(w, True)),
+    "c_off": ("FineTunePanel + live charts, batch trace off", lambda w: run_panel(w, False)),
+}
+
+
+@dataclass
+class OverheadResult:
+    workload: Workload
+    device: str
+    repeats: int
+    runs: dict[str, list[ArmRun]]
+    costs: list[tuple[str, float]] = field(default_factory=list)  # (hook, CPU s per epoch)
+
+    def ratio(self, arm: str, cpu: bool = False) -> Spread:
+        def value(run: ArmRun) -> float:
+            return run.cpu_per_epoch if cpu else run.per_epoch
+
+        pairs = zip(self.runs[arm], self.runs["a"], strict=True)
+        return Spread([value(r) / value(a) for r, a in pairs])
+
+
+# Hooks timed by the instrumented run: (label, owner, attribute). Nested hooks are
+# included in their callers' figures (see the labels).
+def _hooks() -> list[tuple[str, Any, str]]:
+    from ftwidgets import callbacks, charts, panel, snapshots
+
+    return [
+        ("`SessionControl.on_train_batch_begin` (every batch; incl. progress events)",
+         callbacks.SessionControl, "on_train_batch_begin"),
+        ("`LossStream.on_train_batch_end` (every batch, Keras's callback pool)",
+         callbacks.LossStream, "on_train_batch_end"),
+        ("`SessionControl.on_epoch_end` (record, best tracking, events)",
+         callbacks.SessionControl, "on_epoch_end"),
+        ("  of which `SnapshotStore.set_best` (host copy of a new best)",
+         snapshots.SnapshotStore, "set_best"),
+        ("`FineTunePanel._on_session_event` (all events, wherever emitted)",
+         panel.FineTunePanel, "_on_session_event"),
+        ("`TrainingCharts.on_event` (all events, incl. redraws it runs)",
+         charts.TrainingCharts, "on_event"),
+        ("`TrainingCharts._flush` (trailing redraws, timer thread)",
+         charts.TrainingCharts, "_flush"),
+    ]  # fmt: skip
+
+
+def attribute_costs(w: Workload) -> list[tuple[str, float]]:
+    """One extra panel run with ftwidgets' hooks wrapped: CPU seconds per epoch in each.
+
+    Thread CPU time (``time.thread_time``) of the thread running the hook, so
+    waiting for the GIL or the device is not counted.
+    """
+    totals: dict[str, float] = {}
+    patched: list[tuple[Any, str, Any]] = []
+
+    def wrap(label: str, owner: Any, name: str) -> None:
+        original = owner.__dict__[name]
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.thread_time() - began
+
+        patched.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    hooks = _hooks()
+    for hook in hooks:
+        wrap(*hook)
+    try:
+        run_panel(w, True)
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+    return [(label, totals.get(label, 0.0) / w.config.epochs) for label, _, _ in hooks]
+
+
+def measure_overhead(
+    w: Workload, arms: Sequence[str], repeats: int, warmup_epochs: int
+) -> OverheadResult:
+    arms = list(arms)
+    log(
+        f"\n[overhead] {w.name}: {w.description}; {w.params:,} parameters, "
+        f"{w.steps_per_epoch} steps/epoch, {w.config.epochs} epochs/run, {repeats} repeats"
+    )
+    # Warm-up, not counted: first-call costs (imports, the first panel, cache fill).
+    timed_config = w.config
+    w.config = timed_config.with_changes(epochs=warmup_epochs)
+    for name in ("a", "b", "c"):
+        ARMS[name][1](w)
+    w.config = timed_config
+    runs: dict[str, list[ArmRun]] = {name: [] for name in arms}
+    for rep in range(repeats):
+        order = arms[rep % len(arms) :] + arms[: rep % len(arms)]  # rotate: no fixed position
+        line = []
+        for name in order:
+            gc.collect()
+            run = ARMS[name][1](w)
+            runs[name].append(run)
+            line.append(f"{name} {run.per_epoch * 1e3:.0f}ms")
+        log(f"  repeat {rep + 1}/{repeats}: " + ", ".join(line))
+    gc.collect()
+    costs = attribute_costs(w)
+    return OverheadResult(w, device_used(w.model), repeats, runs, costs)
+
+
+def device_used(model: keras.Model) -> str:
+    """Where the model's variables actually live."""
+    devices = set()
+    for variable in model.trainable_variables[:3]:
+        value = variable.value
+        devices |= {str(d) for d in getattr(value, "devices", lambda: set())()}
+    return ", ".join(sorted(devices)) or "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# chart traffic
+# ---------------------------------------------------------------------------------------
+@dataclass
+class TrafficRow:
+    batches: int
+    epochs: int
+    updates: int
+    per_update: Spread
+    total: int
+    naive_total: int
+    draw_ms: Spread
+    by_mark: dict[str, int] = field(default_factory=dict)
+
+
+def measure_traffic(sizes: Sequence[int], every: int, steps: int) -> list[TrafficRow]:
+    """Feed ``TrainingCharts`` a synthetic run; one forced redraw every ``every`` batches.
+
+    Updates come at a fixed cadence (as a live run redraws at a fixed rate), so a
+    longer run has proportionally more updates. Every update is a forced redraw, the
+    most a redraw can send; the time throttle is set out of the way (it would only
+    skip updates). Bytes are what the recording comm packed (JSON plus buffers).
+    """
+    from recording_comm import record_comms
+
+    from ftwidgets.charts import TrainingCharts
+
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(n)
+        history = History()
+        with record_comms() as rec:
+            charts = TrainingCharts(history, metric="accuracy", min_interval=1e9)
+            try:
+                epochs = math.ceil(n / steps)
+                history.begin_phase(PhaseSpan(0, "head", 0, 1e-3, 0))
+                charts.on_event(PhaseStarted(0, "head", 0, epochs, 1e-3, 0, steps, ("head",)))
+                sizes_sent: list[int] = []
+                draw_s: list[float] = []
+                names = {m.model_id: name for name, m in charts.marks.items()}
+                by_mark: dict[str, int] = {}
+                naive = 0
+                best = math.inf
+                for start in range(0, n, every):
+                    stop = min(n, start + every)
+                    for step in range(start, stop):
+                        loss = 2.0 * math.exp(-step / (n / 3 + 1)) + 0.1 * rng.random()
+                        history.record_batch(step, (step + 1) / steps, loss)
+                        if (step + 1) % steps == 0 or step + 1 == n:
+                            epoch = step // steps
+                            logs = {
+                                "loss": loss,
+                                "val_loss": loss * 1.1,
+                                "accuracy": 1 - loss / 3,
+                                "val_accuracy": 1 - loss / 2.5,
+                            }
+                            record = EpochRecord(epoch, "head", 0, frozen_logs(logs), 1e-3)
+                            history.add_epoch(record)
+                            charts.on_event(EpochEnded(record))
+                            if logs["val_loss"] < best:
+                                best = logs["val_loss"]
+                                charts.on_event(NewBest(ftw.Best(epoch, best, "val_loss", "head")))
+                            if epoch == epochs // 2:
+                                history.add_marker(
+                                    Marker("learning_rate", epoch + 1.0, epoch, "lr 5e-4", 5e-4)
+                                )
+                    mark = rec.mark()
+                    began = time.perf_counter()
+                    charts.refresh(force=True)
+                    draw_s.append(time.perf_counter() - began)
+                    sent = rec.since(mark)
+                    sizes_sent.append(rec.total_bytes(sent))
+                    for message in sent:
+                        name = names.get(message.comm_id, "other")
+                        by_mark[name] = by_mark.get(name, 0) + message.total_bytes
+                    # An undecimated chart would resend x and y of every point (float64).
+                    naive += 16 * history.batch_count
+                end_epoch = history.next_epoch
+                history.end_phase(end_epoch, "completed")
+                charts.on_event(PhaseEnded(0, "head", 0, end_epoch, "completed", None))
+                charts.on_event(StateChanged("idle", "running"))
+                if rec.errors:
+                    raise RuntimeError(f"messages a kernel could not pack: {rec.errors[:3]}")
+                if charts.last_error is not None:
+                    raise RuntimeError(f"chart error: {charts.last_error!r}")
+            finally:
+                charts.close()
+        rows.append(
+            TrafficRow(
+                n,
+                epochs,
+                len(sizes_sent),
+                Spread([float(s) for s in sizes_sent]),
+                sum(sizes_sent),
+                naive,
+                Spread([s * 1e3 for s in draw_s]),
+                by_mark,
+            )
+        )
+        log(
+            f"[traffic] {n:>6} batches: {len(sizes_sent)} updates, "
+            f"{fmt_bytes(statistics.median(sizes_sent))}/update (median), "
+            f"total {fmt_bytes(sum(sizes_sent))}"
+        )
+    return rows
+
+
+def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    lx, ly = np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float))
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+# ---------------------------------------------------------------------------------------
+# responsiveness
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Responsiveness:
+    stop_begun: list[int] = field(default_factory=list)  # batches dispatched after stop()
+    stop_completed: list[int] = field(default_factory=list)  # batches finished after stop()
+    stop_ms: list[float] = field(default_factory=list)
+    batch_ms: float = math.nan
+    steps_per_epoch: int = 0
+    lr_dispatch_ms: list[float] = field(default_factory=list)
+    lr_done_ms: list[float] = field(default_factory=list)
+    lr_old_batches: list[int] = field(default_factory=list)
+    lr_applied_ok: bool = False
+    rollback_params: int = 0
+    rollback_idle_ms: list[float] = field(default_factory=list)
+    rollback_running_ms: list[float] = field(default_factory=list)
+    rollback_to_idle_ms: list[float] = field(default_factory=list)
+    rollback_exact: bool = False
+    capture_ms: list[float] = field(default_factory=list)
+    model_bytes: int = 0
+    variable_bytes: int = 0
+    snapshot_bytes: int = 0
+    snapshot_count: int = 0
+
+
+class Arrivals:
+    """When each batch's loss reached the host: the moment that batch finished computing.
+
+    Wraps ``session.history.record_batch`` on the instance (``LossStream`` calls it
+    from Keras's callback pool as soon as ``float(loss)`` returns).
+    """
+
+    def __init__(self, history: History) -> None:
+        self.times: dict[int, float] = {}
+        original = history.record_batch
+
+        def record_batch(step: int, x: float, loss: float) -> None:
+            self.times[step] = time.perf_counter()
+            original(step, x, loss)
+
+        history.record_batch = record_batch  # type: ignore[method-assign]
+
+    def after(self, t: float) -> int:
+        return sum(1 for stamp in list(self.times.values()) if stamp > t)
+
+    def wait_for(self, step: int, timeout: float = 60.0) -> float:
+        deadline = time.monotonic() + timeout
+        while step not in self.times:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"batch {step} never finished")
+            time.sleep(0.0005)
+        return self.times[step]
+
+
+def _phase_step(run: Any) -> int:
+    """The batch being dispatched, counted from the start of the phase."""
+    return (run.epoch - run.start_epoch) * run.steps_per_epoch + run.batch
+
+
+def measure_stop_and_lr(w: Workload, trials: int, lr_calls: int, res: Responsiveness) -> None:
+    """Stop at random moments; change the rate at random moments.
+
+    Two clocks: when the worker's Python loop *dispatches* a batch (where the
+    session drains its commands), and when the batch *finishes* on the device
+    (its loss arrives). With JAX's async dispatch the first runs ahead of the
+    second.
+    """
+    rng = random.Random(7)
+    cfg = w.config.with_changes(epochs=1000)
+    batch_times: list[float] = []
+    res.steps_per_epoch = w.steps_per_epoch
+    for trial in range(trials):
+        session = ftw.FineTuneSession(w.model, w.train, w.validation, loss=LOSS, metrics=METRICS)
+        arrivals = Arrivals(session.history)
+        first_epoch = threading.Event()
+        epoch_ends: list[float] = []
+        applied: dict[float, tuple[float, int]] = {}
+
+        def listener(
+            event: Any,
+            session: ftw.FineTuneSession = session,
+            epoch_ends: list[float] = epoch_ends,
+            first_epoch: threading.Event = first_epoch,
+            applied: dict[float, tuple[float, int]] = applied,
+        ) -> None:
+            if isinstance(event, EpochEnded):
+                epoch_ends.append(time.perf_counter())
+                first_epoch.set()
+            elif isinstance(event, LearningRateChanged):
+                run = session.phase
+                applied[event.learning_rate] = (time.perf_counter(), run.step(run.batch))
+
+        session.on_event(listener)
+        try:
+            session.start(cfg, early_stopping=False)
+            if not first_epoch.wait(120):
+                raise RuntimeError("no epoch ended within 120 s")
+            time.sleep(0.05)
+            if trial == 0:
+                last = cfg.learning_rate
+                for i in range(lr_calls):
+                    time.sleep(rng.uniform(0.05, 0.6))
+                    rate = (2e-4 if i % 2 == 0 else 1e-4) * (1 + i * 1e-3)
+                    t0 = time.perf_counter()
+                    session.set_learning_rate(rate)
+                    deadline = time.monotonic() + 60
+                    while rate not in applied and time.monotonic() < deadline:
+                        time.sleep(0.0005)
+                    t1, step = applied[rate]
+                    done = arrivals.wait_for(step)
+                    res.lr_dispatch_ms.append((t1 - t0) * 1e3)
+                    res.lr_done_ms.append((done - t0) * 1e3)
+                    res.lr_old_batches.append(
+                        sum(1 for s, t in list(arrivals.times.items()) if t > t0 and s < step)
+                    )
+                    last = rate
+            if len(epoch_ends) >= 2:
+                period = (epoch_ends[-1] - epoch_ends[0]) / (len(epoch_ends) - 1)
+            else:
+                period = 0.5
+            time.sleep(rng.uniform(0.0, 1.2 * period))  # anywhere in an epoch
+            run = session.phase
+            begun = _phase_step(run)
+            t0 = time.perf_counter()
+            session.stop()
+            session.wait()
+            t1 = time.perf_counter()
+            time.sleep(0.2)  # losses still in Keras's callback pool land now
+            res.stop_ms.append((t1 - t0) * 1e3)
+            # The batch whose begin raised StopPhase was never dispatched.
+            res.stop_begun.append(max(0, _phase_step(run) - begun - 1))
+            res.stop_completed.append(arrivals.after(t0))
+            if trial == 0:
+                res.lr_applied_ok = math.isclose(
+                    float(keras.ops.convert_to_numpy(w.model.optimizer.learning_rate)),
+                    last,
+                    rel_tol=1e-6,
+                )
+            if len(epoch_ends) >= 2:
+                batch_times.append(period / w.steps_per_epoch)
+        finally:
+            session.close()
+    res.batch_ms = statistics.median(batch_times) * 1e3 if batch_times else math.nan
+    log(
+        f"[responsiveness] stop: {res.stop_begun} batches dispatched / {res.stop_completed} "
+        f"finished after stop(), {[round(x) for x in res.stop_ms]} ms to idle; lr: "
+        f"{[round(x) for x in res.lr_dispatch_ms]} ms to dispatch, "
+        f"{[round(x) for x in res.lr_done_ms]} ms to finish, {res.lr_old_batches} old-rate batches"
+    )
+
+
+def measure_rollback(repeats: int, res: Responsiveness) -> None:
+    """A ~5M-parameter model: idle and running rollback, capture time, snapshot memory."""
+    keras.utils.set_random_seed(3)
+    base = dense_base(512, (2048, 2048), name="big_base")
+    model = ftw.build_transfer_model(base, num_classes=10, name="bench_5m")
+    train, val = teacher_data(512, 128, 512, 10, seed=3)
+    res.rollback_params = int(model.count_params())
+    res.model_bytes = sum(int(np.asarray(v.value).nbytes) for v in model.weights)
+    res.variable_bytes = sum(int(np.asarray(v.value).nbytes) for v in model.variables)
+    session = ftw.FineTuneSession(model, train, val, loss=LOSS, metrics=METRICS)
+    try:
+        session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=64))
+        session.run(ftw.PhaseConfig(phase="finetune", learning_rate=1e-5, epochs=2, batch_size=64))
+        res.snapshot_bytes = session.snapshots.nbytes
+        res.snapshot_count = sum(
+            1 for s in (session.snapshots.best, *session.snapshots.recent) if s is not None
+        )
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            capture(model, "bench")
+            res.capture_ms.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(repeats):
+            session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=64))  # move away
+            t0 = time.perf_counter()
+            session.rollback()
+            res.rollback_idle_ms.append((time.perf_counter() - t0) * 1e3)
+        best = session.snapshots.best
+        res.rollback_exact = all(
+            np.array_equal(np.asarray(v.value), s)
+            for v, s in zip(model.variables, best.values, strict=True)
+        )
+        # While running: from rollback() to the RolledBack event, and to idle.
+        for _ in range(max(1, repeats // 2)):
+            rolled = threading.Event()
+            first = threading.Event()
+            stamp: list[float] = []
+
+            def listener(event: Any, rolled=rolled, first=first, stamp=stamp) -> None:
+                if isinstance(event, EpochEnded):
+                    first.set()
+                elif isinstance(event, RolledBack):
+                    stamp.append(time.perf_counter())
+                    rolled.set()
+
+            session.on_event(listener)
+            session.start(ftw.PhaseConfig(phase="head", epochs=1000, batch_size=64))
+            first.wait(120)
+            time.sleep(0.03)
+            t0 = time.perf_counter()
+            session.rollback()
+            rolled.wait(60)
+            session.wait()
+            t1 = time.perf_counter()
+            session.on_event(listener, remove=True)
+            res.rollback_running_ms.append((stamp[0] - t0) * 1e3)
+            res.rollback_to_idle_ms.append((t1 - t0) * 1e3)
+    finally:
+        session.close()
+    log(
+        f"[responsiveness] rollback of {res.rollback_params:,} params: idle "
+        f"{[round(x, 1) for x in res.rollback_idle_ms]} ms, running "
+        f"{[round(x, 1) for x in res.rollback_running_ms]} ms; snapshots "
+        f"{res.snapshot_bytes / res.model_bytes:.2f}x the model"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+    except OSError:
+        pass
+    versions = {}
+    for name in ("keras", "jax", "jaxlib", "numpy", "ipywidgets", "bqplot", "comm"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+        except Exception:
+            versions[name] = "?"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "ftwidgets"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split("\n")
+        dirty_files = [line[3:] for line in dirty if line.strip()]
+    except OSError:
+        commit, dirty_files = "?", []
+    device = jax.devices()[0]
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} logical cores",
+        "memory": memory,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "device": f"{device.platform}: {getattr(device, 'device_kind', '')} ({device})",
+        "commit": commit
+        + (f" + uncommitted changes in {', '.join(dirty_files)}" if dirty_files else ""),
+    }
+
+
+def verdict(result: OverheadResult, s: Spread, limit: float, cpu: bool) -> str:
+    """Met or missed on the median, unless noise alone (the A/A control) spans the margin."""
+    if "a2" in result.runs:
+        aa = result.ratio("a2", cpu=cpu)
+        noise = max(abs(aa.high - 1), abs(aa.low - 1))
+        if noise > limit - 1:
+            return f"inconclusive (A/A range {aa.low:.2f}-{aa.high:.2f})"
+    return "met" if s.median <= limit else "**missed**"
+
+
+def overhead_table(result: OverheadResult, targets: dict[str, float] | None) -> list[str]:
+    w = result.workload
+    a = Spread([r.per_epoch for r in result.runs["a"]])
+    a_cpu = Spread([r.cpu_per_epoch for r in result.runs["a"]])
+    lines = [
+        f"**{w.name}** — {w.description}; {w.params:,} parameters, {w.steps_per_epoch} "
+        f"steps/epoch; {w.config.epochs} epochs per run, the last {w.config.epochs - 1} timed; "
+        f"{result.repeats} interleaved repeats; device `{result.device}`. "
+        f"For scale only: (a) took {a.median * 1e3:.1f} ms per epoch (median; "
+        f"range {a.low * 1e3:.1f}-{a.high * 1e3:.1f}).",
+        "",
+        "| arm | wall ratio to (a): median | IQR | range | CPU ratio: median | range | runs "
+        "| target (on the median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in result.runs:
+        if name == "a":
+            continue
+        label = ARMS[name][0]
+        s = result.ratio(name)
+        c = result.ratio(name, cpu=True)
+        q1, q3 = s.quartiles()
+        target = ""
+        if targets and name in targets:
+            limit = targets[name]
+            target = (
+                f"<= {limit:.2f}: wall {verdict(result, s, limit, False)}, "
+                f"CPU {verdict(result, c, limit, True)}"
+            )
+        lines.append(
+            f"| ({name}) {label} | {s.median:.3f} | {q1:.3f}-{q3:.3f} | "
+            f"{s.low:.3f}-{s.high:.3f} | {c.median:.3f} | {c.low:.3f}-{c.high:.3f} | {s.n} "
+            f"| {target} |"
+        )
+    c_runs = result.runs.get("c", [])
+    if c_runs:
+        timed = w.config.epochs
+        per_epoch_bytes = statistics.median(r.extra["bytes"] / timed for r in c_runs)
+        per_epoch_msgs = statistics.median(r.extra["messages"] / timed for r in c_runs)
+        lines += [
+            "",
+            f"Panel traffic during (c): {per_epoch_msgs:.1f} messages and "
+            f"{fmt_bytes(per_epoch_bytes)} per epoch (median over runs), "
+            f"{statistics.median(r.extra['redraws'] for r in c_runs):.0f} chart redraws per run.",
+        ]
+    if result.costs:
+        base = a_cpu.median
+        lines += [
+            "",
+            f"Where (c)'s extra time goes (one instrumented run of (c); CPU time of the thread "
+            f"running each hook, per epoch; share of (a)'s {base * 1e3:.1f} ms CPU per epoch):",
+            "",
+            "| hook | CPU ms per epoch | share of a bare epoch |",
+            "|---|---|---|",
+        ]
+        for label, seconds in result.costs:
+            lines.append(f"| {label} | {seconds * 1e3:.3f} | {seconds / base:.2%} |")
+        top = [sec for label, sec in result.costs if not label.startswith(" ")]
+        # on_epoch_end's figure already holds the listener calls it made; the listener
+        # rows also hold calls from batch begins, so the plain sum double counts a little.
+        lines.append(
+            f"| sum of the top-level rows (an upper bound; listeners nest in the callbacks) "
+            f"| {sum(top) * 1e3:.3f} | {sum(top) / base:.2%} |"
+        )
+    return lines
+
+
+def traffic_table(rows: list[TrafficRow], every: int, steps: int) -> list[str]:
+    lines = [
+        f"One forced chart update every {every} batches, {steps} batches per epoch, "
+        "`max_points=500` (the panel's default). Bytes as packed for a kernel (JSON + binary "
+        "buffers).",
+        "",
+        "| batches | epochs | updates | bytes/update: median | max | total | total/update | "
+        "undecimated total | redraw ms: median (max) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.batches:,} | {r.epochs:,} | {r.updates:,} | {fmt_bytes(r.per_update.median)} | "
+            f"{fmt_bytes(r.per_update.high)} | {fmt_bytes(r.total)} | "
+            f"{fmt_bytes(r.total / max(r.updates, 1))} | {fmt_bytes(r.naive_total)} | "
+            f"{r.draw_ms.median:.2f} ({r.draw_ms.high:.1f}) |"
+        )
+    last = rows[-1]
+    top = sorted(last.by_mark.items(), key=lambda kv: -kv[1])[:6]
+    lines += [
+        "",
+        f"Where the bytes of the {last.batches:,}-batch run went (per update, by mark): "
+        + ", ".join(f"`{name}` {fmt_bytes(b / max(last.updates, 1))}" for name, b in top)
+        + ".",
+    ]
+    medians = [r.per_update.median for r in rows]
+    full = [r.per_update.median for r in rows if r.batches >= 1000]
+    slope = loglog_slope([r.updates for r in rows], [r.total for r in rows])
+    flat = max(medians) / min(medians)
+    flat_full = max(full) / min(full) if full else math.nan
+    lines += [
+        "",
+        f"- Bytes per update, largest / smallest median across all run lengths: {flat:.2f}x "
+        f"(target <= 2x: {'met' if flat <= 2 else '**missed**'}); from 10^3 batches on "
+        f"(trace longer than `max_points`): {flat_full:.2f}x.",
+        f"- Total bytes vs updates, log-log slope: {slope:.2f} (1 = linear, 2 = quadratic; "
+        f"target linear: {'met' if slope < 1.15 else '**missed**'}).",
+    ]
+    return lines
+
+
+def responsiveness_table(res: Responsiveness, w: Workload) -> list[str]:
+    lines = [
+        f"Stop and learning rate: the {w.name} workload ({w.steps_per_epoch} steps/epoch, "
+        f"about {res.batch_ms:.0f} ms per batch here). Rollback: a {res.rollback_params:,}-"
+        "parameter dense model.",
+        "",
+        "| measure | median | range | runs |",
+        "|---|---|---|---|",
+    ]
+
+    def row(label: str, values: list[float], fmt: str) -> None:
+        s = Spread([float(v) for v in values])
+        lines.append(f"| {label} | {s.median:{fmt}} | {s.low:{fmt}}-{s.high:{fmt}} | {s.n} |")
+
+    row("`stop()`: batches dispatched after it (beyond the one in flight)", res.stop_begun, ".0f")
+    row("`stop()`: batches that finished computing after it", res.stop_completed, ".0f")
+    row("`stop()` to worker idle, ms", res.stop_ms, ".0f")
+    row(
+        "`set_learning_rate()` to dispatch of the first batch using it, ms",
+        res.lr_dispatch_ms,
+        ".1f",
+    )
+    row("`set_learning_rate()` to that batch finishing, ms", res.lr_done_ms, ".1f")
+    row("batches finished at the old rate after `set_learning_rate()`", res.lr_old_batches, ".0f")
+    row("rollback while idle (`rollback()` returns), ms", res.rollback_idle_ms, ".1f")
+    row("rollback while training: `rollback()` to `RolledBack`, ms", res.rollback_running_ms,
+        ".1f")  # fmt: skip
+    row("rollback while training: `rollback()` to idle, ms", res.rollback_to_idle_ms, ".1f")
+    row("snapshot capture (epoch-end cost of a new best), ms", res.capture_ms, ".1f")
+    lines += [
+        "",
+        f"- Learning rate in the optimizer after the run equals the last rate set: "
+        f"{res.lr_applied_ok}. Rollback restores the best snapshot exactly: {res.rollback_exact}.",
+        f"- Host memory held by snapshots after a head phase and a fine-tune phase: "
+        f"{fmt_bytes(res.snapshot_bytes)} in {res.snapshot_count} snapshots = "
+        f"**{res.snapshot_bytes / res.model_bytes:.2f}x** the model's weights "
+        f"({fmt_bytes(res.model_bytes)}; every variable incl. seed state: "
+        f"{fmt_bytes(res.variable_bytes)}).",
+    ]
+    return lines
+
+
+def read_notes() -> str:
+    if not RESULTS.exists():
+        return ""
+    text = RESULTS.read_text()
+    if NOTES_BEGIN in text and NOTES_END in text:
+        return text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN) : text.index(NOTES_END)].strip()
+    return ""
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test, under a minute")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats per workload")
+    parser.add_argument(
+        "--write", action=argparse.BooleanOptionalAction, default=None,
+        help="write benchmarks/RESULTS.md (default: yes, except with --quick)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--wait-load",
+        type=float,
+        default=0.0,
+        metavar="LOAD",
+        help="first wait until the 1-min load average is below LOAD",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="wait at most S seconds for --wait-load (default 300)",
+    )
+    parser.add_argument(
+        "--sections",
+        default="overhead,traffic,responsiveness",
+        help="comma-separated subset of overhead,traffic,responsiveness",
+    )
+    args = parser.parse_args(argv)  # fmt: skip
+    quick = args.quick
+    write = (not quick) if args.write is None else args.write
+    sections = set(args.sections.split(","))
+    began = time.monotonic()
+    if args.wait_load > 0:
+        wait_for_quiet(args.wait_load, args.max_wait)
+    load_start = loadavg()
+    info = machine_info()
+    platform_name = jax.devices()[0].platform
+    on_accelerator = platform_name != "cpu"
+    log(f"device: {info['device']}; load average at start {load_start}")
+    log(f"versions: {info['versions']}")
+
+    repeats = args.repeats or (2 if quick else 5)
+    out: list[str] = []
+    findings: list[str] = []
+
+    overhead: list[OverheadResult] = []
+    if "overhead" in sections:
+        samples = 1024 if quick else 4096
+        if on_accelerator and not quick:
+            samples = calibrate_samples(samples, 1.0)
+        big = big_workload(samples, 3 if quick else 4)
+        tiny = tiny_workload(8 if quick else 60)
+        big_arms = ("a", "a2", "b", "c", "c_off")
+        overhead.append(measure_overhead(big, big_arms, repeats, 2))
+        overhead.append(measure_overhead(tiny, list(ARMS), repeats + (0 if quick else 1), 2))
+
+    traffic: list[TrafficRow] = []
+    every, steps = (100, 100) if quick else (25, 100)
+    if "traffic" in sections:
+        log("")
+        traffic = measure_traffic((100, 1_000, 10_000, 100_000), every, steps)
+
+    res = Responsiveness()
+    stop_workload = None
+    if "responsiveness" in sections:
+        log("")
+        stop_workload = big_workload(1024 if quick else 4096, 3)
+        measure_stop_and_lr(stop_workload, 2 if quick else 4, 4 if quick else 10, res)
+        measure_rollback(2 if quick else 4, res)
+
+    load_end = loadavg()
+    elapsed = time.monotonic() - began
+
+    # -- the report ----------------------------------------------------------------
+    title = "GPU" if on_accelerator else "CPU"
+    out += [
+        "# ftwidgets benchmark results",
+        "",
+        f"Written by `benchmarks/run.py{' --quick' if quick else ''}` on "
+        f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} in {elapsed:.0f} s. "
+        "Method: see `benchmarks/README.md`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| machine | {info['cpu']}, {info['memory']} RAM |",
+        f"| OS | {info['os']} |",
+        f"| Python | {info['python']} |",
+        f"| versions | {info['versions']} |",
+        f"| JAX device | {info['device']} |",
+        f"| code | {info['commit']} |",
+        f"| load average (1, 5, 15 min) | start {load_start[0]:.2f}, {load_start[1]:.2f}, "
+        f"{load_start[2]:.2f}; end {load_end[0]:.2f}, {load_end[1]:.2f}, {load_end[2]:.2f} |",
+        "",
+    ]
+    if overhead:
+        out += [f"## 1. Overhead per epoch ({title}: {platform_name})", ""]
+        for result in overhead:
+            targets = {"b": 1.02, "c": 1.05} if result.workload.name == "one-second" else None
+            out += [*overhead_table(result, targets), ""]
+            if targets:
+                for name, limit in targets.items():
+                    s, c = result.ratio(name), result.ratio(name, cpu=True)
+                    if s.median > limit or c.median > limit:
+                        findings.append(
+                            f"{result.workload.name}: ({name})/(a) wall {s.ratio_text()}, "
+                            f"CPU {c.ratio_text()}; target <= {limit}"
+                        )
+    if traffic:
+        out += ["## 2. Chart traffic", "", *traffic_table(traffic, every, steps), ""]
+    if stop_workload is not None:
+        out += ["## 3. Responsiveness", "", *responsiveness_table(res, stop_workload), ""]
+    out += ["## 4. GPU", ""]
+    if on_accelerator:
+        out += [f"Section 1 ran on `{info['device']}`; the variables lived on "
+                f"`{overhead[0].device if overhead else '?'}`.", ""]  # fmt: skip
+    else:
+        out += [
+            "No GPU here: JAX saw only the CPU, so section 1 is CPU-only. On a GPU machine "
+            "the same command labels section 1 with the GPU and the device the variables "
+            "lived on (the one-second workload is then grown until a bare epoch takes about "
+            "1 s).",
+            "",
+        ]
+    report = "\n".join(out)
+    log("\n" + report)
+    if findings:
+        log("Targets missed:\n  " + "\n  ".join(findings))
+    if write:
+        notes = read_notes() or "(no notes yet)"
+        RESULTS.write_text(
+            report + f"\n## Notes\n\n{NOTES_BEGIN}\n{notes}\n{NOTES_END}\n", encoding="utf-8"
+        )
+        log(f"wrote {RESULTS.relative_to(ROOT)}")
+    raw = {
+        "overhead": {
+            r.workload.name: {
+                name: [run.per_epoch for run in runs] for name, runs in r.runs.items()
+            }
+            for r in overhead
+        },
+        "traffic": [
+            {"batches": r.batches, "updates": r.updates, "total": r.total} for r in traffic
+        ],
+    }
+    out_dir = ROOT / "benchmarks" / "out"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / ("raw-quick.json" if quick else "raw.json")).write_text(json.dumps(raw, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
