@@ -84,6 +84,7 @@ class SessionControl(keras.callbacks.Callback):
         if now >= self._next_progress:
             self._next_progress = now + run.session.progress_interval
             run.report_progress()
+        run.batch_dispatched()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.run.non_finite is not None:

@@ -406,6 +406,9 @@ class FineTunePanel(widgets.VBox):
 
     def close(self) -> None:
         """Stop any training, then close every widget of the panel."""
+        if "charts" not in self.__dict__:  # __init__ failed early; ipywidgets' __del__ still calls
+            super().close()
+            return
         self.session.on_event(self._on_session_event, remove=True)
         self.session.on_event(self.charts.on_event, remove=True)
         if self.session.state in _ACTIVE:

@@ -113,16 +113,25 @@ class PhaseRun:
 
         Returns at once when a command is pending, so it is applied now.
         """
-        self._dispatched += 1
-        if self._dispatched - self._finished <= MAX_IN_FLIGHT:
+        if self._dispatched - self._finished < MAX_IN_FLIGHT:
             return
         session = self.session
         with self._room:
             # The timeout only guards against a lost notification.
             self._room.wait_for(
-                lambda: self._dispatched - self._finished <= MAX_IN_FLIGHT or session._attention,
+                lambda: self._dispatched - self._finished < MAX_IN_FLIGHT or session._attention,
                 timeout=5.0,
             )
+
+    def batch_dispatched(self) -> None:
+        """Count a batch that is about to run (called last in ``on_train_batch_begin``)."""
+        self._dispatched += 1
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every dispatched batch has been recorded (after a Stop; a failed
+        batch never reports, so failures do not wait)."""
+        with self._room:
+            self._room.wait_for(lambda: self._finished >= self._dispatched, timeout)
 
     def batch_finished(self) -> None:
         """Count a batch whose results are concrete (called from Keras's thread pool)."""
@@ -519,6 +528,7 @@ class FineTuneSession:
             reason = run.reason or "completed"
         except StopPhase as stop:
             reason = stop.reason
+            run.drain()
             self._record_partial(run)
         except BaseException as exc:
             reason = "failed"

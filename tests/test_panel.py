@@ -223,3 +223,15 @@ def test_second_panel_on_a_training_model_says_so(panel, data):
     panel.close()  # stops training first
     assert session.state == "idle"
     assert session.history.phases[-1].reason == "stopped"
+
+
+def test_a_panel_that_failed_to_build_closes_quietly(data, monkeypatch):
+    import gc
+    import sys
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(ValueError, match="Received"):
+        ftw.FineTunePanel("not a model", train=(data.x_train, data.y_train))
+    gc.collect()
+    assert unraisable == []
