@@ -1,0 +1,327 @@
+"""IPython magics: ``%load_ext ftwidgets`` adds ``%finetune`` and ``%ftstatus``.
+
+They work in any ipykernel frontend (JupyterLab, Notebook 7, Voila) and in a plain
+IPython shell, where the panel shows as its text repr.
+
+Example:
+
+>>> %load_ext ftwidgets  # doctest: +SKIP
+>>> %finetune model --train data.x_train data.y_train --val data.x_val data.y_val  # doctest: +SKIP
+>>> %ftstatus  # doctest: +SKIP
+_ftpanel: transfer_model · running · head phase · epoch 3/30 · lr 1e-03 · best epoch 2 ...
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+__all__ = ["USAGE", "FineTuneMagics", "load_ipython_extension", "session_status"]
+
+USAGE = """\
+ftwidgets magics (after %load_ext ftwidgets):
+
+  %finetune MODEL --train X Y [--val XV YV | --validation-split F]
+            [--loss LOSS] [--metrics M [M ...]] [--epochs N] [--batch-size N] [--as NAME]
+      Show a FineTunePanel for MODEL (a model from ftwidgets.build_transfer_model)
+      and keep it in the namespace as _ftpanel, or as NAME with --as.
+      MODEL, X, Y, XV, YV are names in the namespace; dotted names such as
+      data.x_train work too. LOSS and each metric are Keras names ("mse",
+      "accuracy") or names of loss/metric objects in the namespace. Without
+      --loss the loss is sparse_categorical_crossentropy and the metrics
+      default to accuracy.
+
+  %ftstatus
+      One line per live fine-tuning session: state, phase, epoch, learning
+      rate and best epoch. Handy when the panel's cell has scrolled away.
+"""
+
+DEFAULT_PANEL_NAME = "_ftpanel"
+DEFAULT_LOSS = "sparse_categorical_crossentropy"
+# Metric names that Keras's compile() resolves from the loss, not from keras.metrics.get.
+_COMPILE_METRIC_ALIASES = frozenset({"acc", "accuracy", "crossentropy", "ce"})
+# Names IPython puts in the namespace itself (output history, input history).
+_HIDDEN_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython"})
+_HISTORY_NAME = re.compile(r"^(_+|_\d+|_i+|_i\d+|_ih|_oh|_dh|__\w+__)$")
+
+
+def _resolve(namespace: dict[str, Any], name: str, what: str) -> Any:
+    """Look up ``name`` (``a`` or ``a.b.c``) in ``namespace``, without evaluating code."""
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise UsageError(
+            f"%finetune: {what} must be a name in the namespace, like data or data.x_train. "
+            f"Received: {what}={name!r}"
+        )
+    if parts[0] not in namespace:
+        raise UsageError(
+            f"%finetune: {what} {parts[0]!r} is not defined in the namespace. "
+            f"Received: {what}={name!r}"
+        )
+    value = namespace[parts[0]]
+    for depth, part in enumerate(parts[1:], start=1):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            owner = ".".join(parts[:depth])
+            raise UsageError(
+                f"%finetune: {owner} ({type(value).__name__}) has no attribute {part!r}. "
+                f"Received: {what}={name!r}"
+            ) from None
+    return value
+
+
+def _keras_object(namespace: dict[str, Any], token: str, kind: str) -> Any:
+    """A loss or metric: a namespace object if ``token`` names a callable, else a Keras name."""
+    import keras
+
+    head = token.split(".")[0]
+    if head in namespace and all(part.isidentifier() for part in token.split(".")):
+        value = _resolve(namespace, token, f"--{kind}")
+        # A variable that happens to share a Keras name (accuracy = 0.93) is not a metric.
+        if callable(value):
+            return value
+    if kind == "metrics" and token in _COMPILE_METRIC_ALIASES:
+        return token
+    getter = keras.losses.get if kind == "loss" else keras.metrics.get
+    try:
+        getter(token)
+    except (ValueError, TypeError):
+        raise UsageError(
+            f"%finetune: {token!r} is neither a Keras {'loss' if kind == 'loss' else 'metric'} "
+            f"name nor a callable in the namespace. Received: --{kind} {token}"
+        ) from None
+    return token
+
+
+def _check_model(model: Any, name: str) -> Any:
+    """Fail early, before any widget exists, if ``model`` cannot have a panel."""
+    import keras
+
+    from ftwidgets import transfer
+
+    if not isinstance(model, keras.Model):
+        raise UsageError(
+            "%finetune: MODEL must be a Keras model built with ftwidgets.build_transfer_model. "
+            f"Received: MODEL={name} ({type(model).__name__})"
+        )
+    try:
+        transfer.get_base(model)
+    except ValueError:
+        raise UsageError(
+            f"%finetune: {name} has no layer named 'base'; wrap your pretrained base with "
+            f"ftwidgets.build_transfer_model(base, num_classes=...). Received: MODEL={name}"
+        ) from None
+    return model
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    # Engine messages can quote a whole array; a magic's error stays one short line.
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fmt_rate(rate: float | None) -> str:
+    if rate is None or not math.isfinite(rate):
+        return "-"
+    return f"{rate:.0e}" if rate == float(f"{rate:.0e}") else f"{rate:.3g}"
+
+
+def session_status(session: Any, name: str | None = None) -> str:
+    """Describe a ``FineTuneSession`` in one line: state, phase, epoch, rate and best.
+
+    Args:
+        session: the session (``panel.session``).
+        name: how the notebook refers to it (e.g. ``"_ftpanel"``), shown first.
+
+    Returns:
+        For example ``"_ftpanel: transfer_model · running · head phase · epoch 3/30 ·
+        lr 1e-03 · best epoch 2 (val_loss 1.21)"``.
+
+    Example:
+
+    >>> session_status(panel.session, "panel")  # doctest: +SKIP
+    'panel: transfer_model · idle · no phase yet · best -'
+    """
+    parts = [f"{session.model.name}", session.state]
+    run = session.phase
+    if run is None:
+        parts.append("no phase yet")
+    else:
+        phases = len(session.history.phases)
+        label = f"{run.config.phase} phase"
+        if phases > 1:
+            label += f" ({phases} phases so far)"
+        parts.append(label)
+        done = session.history.next_epoch - run.start_epoch
+        if session.state in ("running", "paused", "stopping"):
+            current = min(run.epoch - run.start_epoch + 1, run.config.epochs)
+            parts.append(f"epoch {current}/{run.config.epochs}")
+        else:
+            parts.append(f"{done}/{run.config.epochs} epochs run")
+        parts.append(f"lr {_fmt_rate(session.learning_rate)}")
+    best = session.best
+    if best is None:
+        parts.append("best -")
+    else:
+        parts.append(f"best epoch {best.epoch + 1} ({best.monitor} {best.value:.4g})")
+    if session.state == "failed" and session.error is not None:
+        parts.append(f"error: {_one_line(session.error.message)}")
+    line = " · ".join(parts)
+    return f"{name}: {line}" if name else line
+
+
+@magics_class
+class FineTuneMagics(Magics):
+    """``%finetune`` and ``%ftstatus``; registered by ``load_ipython_extension``.
+
+    Example:
+
+    >>> ip = get_ipython()  # doctest: +SKIP
+    >>> ip.register_magics(FineTuneMagics)  # doctest: +SKIP
+    """
+
+    @magic_arguments()
+    @argument("model", help="name of a model built with ftwidgets.build_transfer_model")
+    @argument(
+        "--train", nargs=2, metavar=("X", "Y"), required=True, help="training inputs and labels"
+    )
+    @argument("--val", nargs=2, metavar=("XV", "YV"), help="validation inputs and labels")
+    @argument(
+        "--validation-split",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="hold out this fraction of the training arrays instead of --val",
+    )
+    @argument("--loss", help=f"a Keras loss name or a loss in the namespace ({DEFAULT_LOSS})")
+    @argument(
+        "--metrics",
+        nargs="+",
+        metavar="M",
+        help="Keras metric names or metrics in the namespace (accuracy without --loss)",
+    )
+    @argument("--epochs", type=int, default=30, help="initial epochs per phase (30)")
+    @argument("--batch-size", type=int, default=16, help="initial batch size (16)")
+    @argument(
+        "--as",
+        dest="as_name",
+        default=DEFAULT_PANEL_NAME,
+        metavar="NAME",
+        help=f"namespace name for the panel ({DEFAULT_PANEL_NAME})",
+    )
+    @line_magic
+    def finetune(self, line: str) -> None:
+        """Show a fine-tuning control panel for a model and keep it in the namespace.
+
+        Names are looked up in the notebook's namespace; errors are one line.
+        """
+        args = parse_argstring(self.finetune, line)
+        namespace = self.shell.user_ns
+        name = args.as_name
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise UsageError(f"%finetune: --as needs a Python identifier. Received: --as {name}")
+        if args.val is not None and args.validation_split:
+            raise UsageError(
+                "%finetune: pass --val or --validation-split, not both. "
+                f"Received: --validation-split {args.validation_split}"
+            )
+        for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+            if value < 1:
+                raise UsageError(f"%finetune: {option} must be >= 1. Received: {option} {value}")
+        if not 0.0 <= args.validation_split < 1.0:
+            raise UsageError(
+                "%finetune: --validation-split must be in [0, 1). "
+                f"Received: --validation-split {args.validation_split}"
+            )
+        model = _check_model(_resolve(namespace, args.model, "MODEL"), args.model)
+        train = tuple(_resolve(namespace, token, "--train") for token in args.train)
+        validation = (
+            None
+            if args.val is None
+            else tuple(_resolve(namespace, token, "--val") for token in args.val)
+        )
+        loss = DEFAULT_LOSS if args.loss is None else _keras_object(namespace, args.loss, "loss")
+        if args.metrics is not None:
+            metrics = [_keras_object(namespace, token, "metrics") for token in args.metrics]
+        else:
+            metrics = ["accuracy"] if args.loss is None else []
+
+        from ftwidgets.panel import FineTunePanel
+
+        try:
+            panel = FineTunePanel(
+                model,
+                train=train,
+                validation=validation,
+                loss=loss,
+                metrics=metrics,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                validation_split=args.validation_split,
+            )
+        except (ValueError, TypeError) as exc:
+            # The engine's messages already name the bad value; keep them to one line.
+            raise UsageError(f"%finetune: {_one_line(exc)}") from None
+        namespace[name] = panel
+
+        from IPython.display import display
+
+        display(panel)
+
+    @line_magic
+    def ftstatus(self, line: str) -> None:
+        """Print one line per live fine-tuning session (state, phase, epoch, best)."""
+        if line.strip():
+            raise UsageError(f"%ftstatus takes no arguments. Received: {line.strip()!r}")
+        from ftwidgets.session import live_sessions
+
+        sessions = live_sessions()
+        if not sessions:
+            print("No live fine-tuning sessions. Start one with %finetune or FineTunePanel(...).")
+            return
+        names = self._names_by_session()
+        for index, session in enumerate(sessions, start=1):
+            name = names.get(id(session)) or f"[{index}]"
+            print(session_status(session, name))
+
+    def _names_by_session(self) -> dict[int, str]:
+        """id(session) -> a namespace name that holds it or its panel; public names first."""
+        from ftwidgets.panel import FineTunePanel
+        from ftwidgets.session import FineTuneSession
+
+        found: dict[int, str] = {}
+        items = list(self.shell.user_ns.items())
+        # Sorting on "starts with _" keeps `panel` ahead of `_ftpanel` for the same session.
+        for key, value in sorted(items, key=lambda item: item[0].startswith("_")):
+            # Output-history names (_, __, _7, _i3...) would only add noise.
+            if key in _HIDDEN_NAMES or _HISTORY_NAME.match(key):
+                continue
+            if isinstance(value, FineTunePanel):
+                found.setdefault(id(value.session), key)
+            elif isinstance(value, FineTuneSession):
+                found.setdefault(id(value), key)
+        return found
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register ``%finetune`` and ``%ftstatus``; ``%load_ext ftwidgets`` calls this.
+
+    Calling it again (``%reload_ext ftwidgets``) replaces the magics, so loading
+    twice is harmless.
+
+    Args:
+        ipython: the running ``InteractiveShell``.
+
+    Example:
+
+    >>> from IPython import get_ipython
+    >>> load_ipython_extension(get_ipython())  # doctest: +SKIP
+    """
+    ipython.register_magics(FineTuneMagics)

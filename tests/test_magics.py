@@ -1,0 +1,331 @@
+"""``%load_ext ftwidgets``: ``%finetune`` and ``%ftstatus`` in a real IPython shell.
+
+The shell is IPython's own test shell (``IPython.testing.globalipapp``); cells go
+through ``run_cell``, so errors are shown exactly as a user would see them. One
+test at the end runs the magics on a real ipykernel through nbclient.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import keras
+import nbclient
+import nbformat
+import pytest
+from IPython.core.error import UsageError
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
+
+import ftwidgets as ftw
+from ftwidgets import magics
+from ftwidgets.events import StateChanged
+from ftwidgets.panel import FineTunePanel
+from ftwidgets.session import live_sessions
+
+pytestmark = pytest.mark.widgets
+WAIT = 120  # seconds; generous for a shared CPU, a passing test never waits that long
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.fixture(scope="module")
+def ip():
+    shell = start_ipython()
+    with capture_output():
+        shell.run_line_magic("load_ext", "ftwidgets")
+    yield shell
+
+
+@pytest.fixture
+def ns(ip):
+    """Fresh demo data and a model in the shell's namespace; closes every panel made."""
+    keras.utils.set_random_seed(0)
+    before = {id(s) for s in live_sessions()}
+    ip.user_ns.update(
+        ftw=ftw,
+        data=ftw.demo.digits_transfer(per_class=4, seed=0, val_per_class=4, test_per_class=4),
+        model=ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5),
+    )
+    yield ip.user_ns
+    for name in [k for k, v in ip.user_ns.items() if isinstance(v, FineTunePanel)]:
+        ip.user_ns.pop(name).close()
+    for session in live_sessions():
+        if id(session) not in before:
+            session.close()
+    for name in ("data", "model", "base_only"):
+        ip.user_ns.pop(name, None)
+
+
+def run(ip, code: str):
+    """Run a cell; return (result, stdout, stderr, displayed outputs)."""
+    with capture_output() as captured:
+        result = ip.run_cell(code, store_history=False)
+    return result, captured.stdout, captured.stderr, captured.outputs
+
+
+FINETUNE = "%finetune model --train data.x_train data.y_train --val data.x_val data.y_val"
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+def test_load_ext_registers_the_magics(ip):
+    line_magics = ip.magics_manager.magics["line"]
+    assert "finetune" in line_magics
+    assert "ftstatus" in line_magics
+
+
+def test_loading_twice_is_harmless(ip):
+    result, out, err, _ = run(ip, "%load_ext ftwidgets")
+    assert result.success
+    assert "already loaded" in out
+    assert err == ""
+    result, out, err, _ = run(ip, "%reload_ext ftwidgets")
+    assert result.success, err
+    assert err == ""
+    result, out, _, _ = run(ip, "%ftstatus")
+    assert result.success
+
+
+def test_usage_text_names_both_magics():
+    assert "%finetune MODEL --train X Y" in magics.USAGE
+    assert "%ftstatus" in magics.USAGE
+    assert "--as NAME" in magics.USAGE
+
+
+# -- %finetune ---------------------------------------------------------------------------
+
+
+def test_finetune_displays_a_panel_and_keeps_it_as_ftpanel(ip, ns):
+    result, _, err, outputs = run(ip, FINETUNE)
+    assert result.success, err
+    assert err == ""
+    panel = ns["_ftpanel"]
+    assert isinstance(panel, FineTunePanel)
+    assert panel.session.model is ns["model"]
+    assert panel.session._data.has_validation
+    assert panel.session.loss == "sparse_categorical_crossentropy"
+    assert panel.session.metrics == ["accuracy"]
+    # Exactly one display: the panel's widget view (what a frontend renders).
+    assert len(outputs) == 1
+    assert outputs[0].data[WIDGET_VIEW]["model_id"] == panel.model_id
+
+
+def test_finetune_options_reach_the_panel(ip, ns):
+    ns["my_loss"] = keras.losses.SparseCategoricalCrossentropy(name="my_loss")
+    result, _, err, _ = run(
+        ip,
+        "%finetune model --train data.x_train data.y_train --validation-split 0.25 "
+        "--loss my_loss --metrics accuracy sparse_top_k_categorical_accuracy "
+        "--epochs 3 --batch-size 8 --as mine",
+    )
+    assert result.success, err
+    panel = ns["mine"]
+    assert "_ftpanel" not in ns
+    assert panel.session.loss is ns["my_loss"]
+    assert panel.session.metrics == ["accuracy", "sparse_top_k_categorical_accuracy"]
+    assert panel.session._data.validation_split == 0.25
+    assert (panel.epochs.value, panel.batch_size.value) == (3, 8)
+
+
+def test_a_namespace_value_named_like_a_metric_is_not_taken_for_one(ip, ns):
+    ns["accuracy"] = 0.93  # a number, not a metric: the Keras name wins
+    result, _, err, _ = run(ip, FINETUNE + " --metrics accuracy")
+    ns.pop("accuracy")
+    assert result.success, err
+    assert ns["_ftpanel"].session.metrics == ["accuracy"]
+
+
+def test_finetune_without_validation_monitors_the_training_loss(ip, ns):
+    result, _, err, _ = run(ip, "%finetune model --train data.x_train data.y_train")
+    assert result.success, err
+    assert ns["_ftpanel"].monitor.value == "loss"
+
+
+BAD_LINES = {
+    "unknown model": ("%finetune nope --train data.x_train data.y_train", "'nope' is not defined"),
+    "unknown attribute": (
+        "%finetune model --train data.x_nope data.y_train",
+        "has no attribute 'x_nope'",
+    ),
+    "unknown data name": ("%finetune model --train xs data.y_train", "'xs' is not defined"),
+    "not a name": ("%finetune model --train data[0] data.y_train", "must be a name"),
+    "missing --train": ("%finetune model", "--train"),
+    "one --train value": ("%finetune model --train data.x_train", "expected 2 arguments"),
+    "unknown option": (
+        "%finetune model --train data.x_train data.y_train --bogus 1",
+        "unrecognized arguments: --bogus 1",
+    ),
+    "unknown loss": (
+        "%finetune model --train data.x_train data.y_train --loss nonsense",
+        "'nonsense' is neither a Keras loss",
+    ),
+    "unknown metric": (
+        "%finetune model --train data.x_train data.y_train --metrics accuracy nonsense",
+        "'nonsense' is neither a Keras metric",
+    ),
+    "not a model": (
+        "%finetune data --train data.x_train data.y_train",
+        "MODEL must be a Keras model",
+    ),
+    "model without a base": (
+        "%finetune base_only --train data.x_train data.y_train",
+        "has no layer named 'base'",
+    ),
+    "bad --as": ("%finetune model --train data.x_train data.y_train --as 2x", "--as needs"),
+    "keyword --as": ("%finetune model --train data.x_train data.y_train --as class", "--as needs"),
+    "val and split": (FINETUNE + " --validation-split 0.2", "not both"),
+    "bad split": (
+        "%finetune model --train data.x_train data.y_train --validation-split 1.5",
+        "must be in [0, 1)",
+    ),
+    "zero epochs": (FINETUNE + " --epochs 0", "--epochs must be >= 1"),
+    "not an int": (FINETUNE + " --batch-size many", "invalid int value"),
+}
+
+
+@pytest.mark.parametrize("line, expected", BAD_LINES.values(), ids=BAD_LINES.keys())
+def test_bad_input_is_a_one_line_usage_error(ip, ns, line, expected):
+    ns["base_only"] = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten()])
+    result, out, err, outputs = run(ip, line)
+    assert isinstance(result.error_in_exec, UsageError)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("UsageError: ")
+    assert expected in lines[0]
+    assert "Traceback" not in err + out
+    assert outputs == []
+    assert "_ftpanel" not in ns
+
+
+def test_engine_messages_are_squeezed_to_one_short_line():
+    message = magics._one_line(ValueError("bad value.\nReceived: x=" + "[0. 0. 0.]\n" * 200))
+    assert "\n" not in message
+    assert len(message) == 300
+    assert message.startswith("bad value. Received: x=[0. 0. 0.] [0. 0. 0.]")
+    assert message.endswith("...")
+
+
+# -- %ftstatus ---------------------------------------------------------------------------
+
+
+def test_ftstatus_without_sessions(ip, monkeypatch):
+    monkeypatch.setattr("ftwidgets.session.live_sessions", lambda: [])
+    result, out, err, _ = run(ip, "%ftstatus")
+    assert result.success, err
+    assert out.strip() == (
+        "No live fine-tuning sessions. Start one with %finetune or FineTunePanel(...)."
+    )
+
+
+def test_ftstatus_takes_no_arguments(ip):
+    result, _, err, _ = run(ip, "%ftstatus now")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert err.strip() == "UsageError: %ftstatus takes no arguments. Received: 'now'"
+
+
+def _status_line(out: str, name: str) -> str:
+    found = [line for line in out.splitlines() if line.startswith(f"{name}: ")]
+    assert len(found) == 1, out
+    return found[0]
+
+
+def test_ftstatus_follows_a_session_through_a_run(ip, ns):
+    assert run(ip, FINETUNE + " --epochs 50 --batch-size 4")[0].success
+    panel = ns["_ftpanel"]
+    result, out, _, _ = run(ip, "%ftstatus")
+    assert result.success
+    assert _status_line(out, "_ftpanel") == (
+        "_ftpanel: transfer_model · idle · no phase yet · best -"
+    )
+
+    # Pause inside the first epoch, so the line shows a live run at a known point.
+    paused = threading.Event()
+    panel.session.on_event(
+        lambda e: paused.set() if isinstance(e, StateChanged) and e.state == "paused" else None
+    )
+    panel.session.start(ftw.PhaseConfig(phase="head", epochs=50, batch_size=4))
+    panel.session.pause()
+    assert paused.wait(WAIT)
+    epoch = panel.session.phase.epoch + 1
+    result, out, _, _ = run(ip, "%ftstatus")
+    assert _status_line(out, "_ftpanel") == (
+        f"_ftpanel: transfer_model · paused · head phase · epoch {epoch}/50 · lr 1e-03 · "
+        + (
+            "best -"
+            if panel.session.best is None
+            else f"best epoch {panel.session.best.epoch + 1} "
+            f"({panel.session.best.monitor} {panel.session.best.value:.4g})"
+        )
+    )
+
+    panel.session.stop()
+    panel.session.resume()
+    assert panel.session.wait(WAIT)
+    panel.session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=4))
+    best = panel.session.best
+    runs = len(panel.session.history.phases)
+    result, out, _, _ = run(ip, "%ftstatus")
+    assert _status_line(out, "_ftpanel") == (
+        f"_ftpanel: transfer_model · idle · head phase ({runs} phases so far) · 2/2 epochs run · "
+        f"lr 1e-03 · best epoch {best.epoch + 1} (val_loss {best.value:.4g})"
+    )
+
+
+def test_ftstatus_prefers_the_public_name(ip, ns):
+    assert run(ip, FINETUNE)[0].success
+    ns["panel"] = ns["_ftpanel"]
+    _, out, _, _ = run(ip, "%ftstatus")
+    assert _status_line(out, "panel").startswith("panel: transfer_model · idle")
+    assert not [line for line in out.splitlines() if line.startswith("_ftpanel: ")]
+
+
+def test_ftstatus_numbers_unnamed_sessions(ip, ns):
+    session = ftw.FineTuneSession(
+        ns["model"], train=(ns["data"].x_train, ns["data"].y_train), metrics=["accuracy"]
+    )
+    _, out, _, _ = run(ip, "%ftstatus")
+    index = live_sessions().index(session) + 1
+    assert f"[{index}]: transfer_model · idle · no phase yet · best -" in out.splitlines()
+
+
+# -- on a real ipykernel -------------------------------------------------------------------
+
+
+@pytest.mark.kernel
+def test_magics_on_a_real_kernel(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("%load_ext ftwidgets\n%load_ext ftwidgets"),
+        nbformat.v4.new_code_cell(
+            "import ftwidgets as ftw\n"
+            "data = ftw.demo.digits_transfer(per_class=4, val_per_class=4, test_per_class=4)\n"
+            "model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)"
+        ),
+        nbformat.v4.new_code_cell(FINETUNE + " --as p"),
+        nbformat.v4.new_code_cell("%ftstatus"),
+        nbformat.v4.new_code_cell("%finetune nope --train data.x_train data.y_train"),
+    ]
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=WAIT,
+        kernel_name="python3",
+        allow_errors=True,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()
+    outputs = [cell.outputs for cell in nb.cells]
+    assert "already loaded" in outputs[0][0]["text"]
+    assert outputs[2][0]["output_type"] == "display_data"
+    assert WIDGET_VIEW in outputs[2][0]["data"]
+    assert outputs[3][0]["text"] == "p: transfer_model · idle · no phase yet · best -\n"
+    # A UsageError is one line of stderr on a kernel too, with no traceback.
+    assert [(o["output_type"], o.get("name")) for o in outputs[4]] == [("stream", "stderr")]
+    assert outputs[4][0]["text"] == (
+        "UsageError: %finetune: MODEL 'nope' is not defined in the namespace. "
+        "Received: MODEL='nope'\n"
+    )
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(
+        "ftwidgets-panel" in model["state"].get("_dom_classes", ()) for model in state.values()
+    )
