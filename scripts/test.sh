@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# The Binder pins constrain the runtime packages, so the notebooks are tested in the
+# environment Binder builds.
+.venv/bin/python -m pip install --quiet -e '.[test]' -c binder/requirements.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
