@@ -10,6 +10,11 @@ Fixtures:
     browser       session  Playwright ``Browser`` (Debian Chromium, headless)
     page          function Playwright ``Page`` bound to ``lab_server``; every kernel is shut
                            down after the test; a failure leaves ``FAILED-<test>.png``
+    shared_page   module   like ``page``, but one page (so one notebook kernel) for every test
+                           of a module, with a viewport tall enough for a whole panel
+    scenario      function for tests on ``shared_page`` that continue each other's state, in
+                           file order: skips the rest of the module after the first failure
+                           (naming it) and saves ``FAILED-<test>.png`` of the shared page
     bare_page     function a ``Page`` with no Lab server (for Voila)
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +36,11 @@ if TYPE_CHECKING:
 _HERE = Path(__file__).parent
 _REQUIRE = os.environ.get("FTWIDGETS_REQUIRE_BROWSER") == "1"
 _VIEWPORT = {"width": 1280, "height": 900}
+# The quickstart panel (buttons, status, settings and three charts) is about 900 px tall.
+_SHARED_VIEWPORT = {"width": 1400, "height": 1300}
 _CALL_FAILED = pytest.StashKey[bool]()
+_FIRST_FAILURE = pytest.StashKey[str]()
+_layer: dict[str, float | None] = {"started": None, "ended": None}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -47,12 +57,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     return report
 
 
+def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    if _layer["started"] is not None and Path(location[0]).parts[:2] == ("tests", "browser"):
+        _layer["ended"] = time.monotonic()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not lab.saved_artifacts and not lab.timings:
         return
     terminalreporter.section("browser artifacts")
+    for text in lab.notes:
+        terminalreporter.write_line(f"NOTE: {text}", yellow=True)
     for name, seconds in lab.timings.items():
         terminalreporter.write_line(f"{name}: {seconds:.2f} s")
+    for name, value in lab.counts.items():
+        terminalreporter.write_line(f"{name}: {value}")
+    if _layer["started"] is not None and _layer["ended"] is not None:
+        seconds = _layer["ended"] - _layer["started"]
+        terminalreporter.write_line(
+            f"whole browser layer (first setup -> last test): {seconds:.2f} s"
+        )
     for path in lab.saved_artifacts:
         if path.exists():
             terminalreporter.write_line(str(path.relative_to(lab.REPO_ROOT)))
@@ -71,6 +95,7 @@ def _browser_prerequisites() -> None:
             pytest.fail(f"{problem} (FTWIDGETS_REQUIRE_BROWSER=1)", pytrace=False)
         pytest.skip(problem)
     lab.reset_artifacts()
+    _layer["started"] = time.monotonic()
 
 
 def _playwright_importable() -> bool:
@@ -136,8 +161,10 @@ def browser() -> Iterator[Browser]:
 
 
 @contextlib.contextmanager
-def _new_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    context = browser.new_context(viewport=_VIEWPORT)
+def _new_page(
+    browser: Browser, request: pytest.FixtureRequest, viewport: dict[str, int] = _VIEWPORT
+) -> Iterator[Page]:
+    context = browser.new_context(viewport=viewport)
     context.route(lab.EXTERNAL_URL, lambda route: route.abort())
     page = context.new_page()
     console: list[str] = []
@@ -173,6 +200,38 @@ def page(
             yield page
     finally:
         lab_server.shutdown_all()
+
+
+@pytest.fixture(scope="module")
+def shared_page(
+    browser: Browser, lab_server: lab.LabServer, request: pytest.FixtureRequest
+) -> Iterator[Page]:
+    """One page for all tests of a module that ask for it; all kernels shut down after."""
+    try:
+        with _new_page(browser, request, _SHARED_VIEWPORT) as page:
+            lab.bind_page(page, lab_server)
+            yield page
+    finally:
+        lab_server.shutdown_all()
+
+
+@pytest.fixture
+def scenario(shared_page: Page, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """``shared_page``, for a test that continues the state the previous one left.
+
+    After the first failure in the module the later scenarios are skipped, naming it,
+    so the report shows one real failure instead of a cascade.
+    """
+    module = request.node.getparent(pytest.Module).stash
+    if _FIRST_FAILURE in module:
+        pytest.skip(f"continues from {module[_FIRST_FAILURE]}, which failed")
+    yield shared_page
+    if request.node.stash.get(_CALL_FAILED, False):
+        module[_FIRST_FAILURE] = request.node.name
+        try:
+            lab.screenshot(shared_page, f"FAILED-{request.node.name}")
+        except Exception as error:  # keep the real failure
+            lab.note(f"no failure screenshot for {request.node.name}: {error}")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ absolute paths.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -64,6 +65,8 @@ T = TypeVar("T")
 # Everything the session saved under ARTIFACTS, and what it measured, for the summary.
 saved_artifacts: list[Path] = []
 timings: dict[str, float] = {}
+counts: dict[str, int] = {}
+notes: list[str] = []
 
 
 # --------------------------------------------------------------------------- redaction
@@ -87,6 +90,11 @@ class Redactor:
         for secret, placeholder in self._pairs:
             text = text.replace(secret, placeholder)
         return text
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """``(secret, placeholder)``, longest secret first."""
+        return list(self._pairs)
 
 
 redact = Redactor()
@@ -552,11 +560,49 @@ def wait_run_finished(page: Any, timeout_ms: float = 120_000) -> None:
     )
 
 
-def stderr_outputs(page: Any) -> list[str]:
-    """Text of every stderr output (tracebacks included) in the page's output areas."""
-    return page.locator(
-        '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
-    ).all_inner_texts()
+def stderr_outputs(page: Any, outside: str | None = None) -> list[str]:
+    """Text of every stderr output (tracebacks included) in the page's output areas.
+
+    ``outside``: a CSS selector; outputs inside a matching element are left out (e.g.
+    ``".ftwidgets-panel"``, whose error area shows tracebacks on purpose).
+    """
+    return page.evaluate(
+        """(outside) => Array.from(document.querySelectorAll(
+                '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'))
+            .filter((el) => !outside || !el.closest(outside))
+            .map((el) => el.innerText)""",
+        outside,
+    )
+
+
+def kernel_eval(page: Any, expression: str, timeout_ms: float = 30_000) -> Any:
+    """Evaluate ``expression`` in the current notebook's kernel; return it JSON-decoded.
+
+    It goes as a silent ``user_expressions`` request: no cell, no output, no history, and
+    the kernel thread answers while a session trains on its worker thread. For secondary
+    checks only; what a person sees is read from the DOM.
+    """
+    text = page.evaluate(
+        """async ([expr, timeout]) => {
+            const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+            const future = kernel.requestExecute({
+                code: '', silent: true, store_history: false,
+                user_expressions: {value: expr}, allow_stdin: false, stop_on_error: false,
+            });
+            const reply = await Promise.race([
+                future.done,
+                new Promise((_, reject) => setTimeout(
+                    () => reject(new Error('no reply in ' + timeout + ' ms')), timeout)),
+            ]);
+            const result = reply.content.user_expressions.value;
+            if (result.status !== 'ok') {
+                throw new Error(result.ename + ': ' + result.evalue);
+            }
+            return result.data['text/plain'];
+        }""",
+        [f"__import__('json').dumps({expression})", timeout_ms],
+    )
+    return json.loads(ast.literal_eval(text))
 
 
 _PATH_TOKEN = re.compile(
@@ -614,12 +660,48 @@ def wait_until(
         time.sleep(interval)
 
 
-def screenshot(page: Any, name: str, full_page: bool = False) -> Path:
-    """Save a PNG of the page to ARTIFACTS as ``<name>.png`` and list it in the summary."""
+_REDACT_DOM = """(pairs) => {
+    const clean = (text) => pairs.reduce((t, [secret, mark]) => t.split(secret).join(mark), text);
+    const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+        const text = clean(node.nodeValue);
+        if (text !== node.nodeValue) node.nodeValue = text;
+    }
+    for (const field of document.querySelectorAll('input, textarea')) {
+        const value = clean(field.value);
+        if (value !== field.value) field.value = value;
+    }
+}"""
+
+
+def screenshot(target: Any, name: str, full_page: bool = False) -> Path:
+    """Save a PNG of a page (or of one element: pass a Locator) to ARTIFACTS as
+    ``<name>.png`` and list it in the summary.
+
+    Secrets and absolute paths shown on the page (a traceback names files) are first
+    replaced in the DOM by the placeholders ``redact`` uses for logs.
+    """
     path = artifact_path(name, ".png")
-    page.screenshot(path=str(path), full_page=full_page)
+    page = getattr(target, "page", target)  # a Locator knows its page
+    with contextlib.suppress(Exception):  # a closed or navigating page: shoot as is
+        page.evaluate(_REDACT_DOM, redact.pairs)
+    if full_page:
+        target.screenshot(path=str(path), full_page=True)
+    else:
+        target.screenshot(path=str(path))
     return record_artifact(path)
 
 
 def record_timing(name: str, seconds: float) -> None:
     timings[name] = round(seconds, 2)
+
+
+def record_count(name: str, value: int) -> None:
+    """A measured number that is not a duration (e.g. batches run after a Stop click)."""
+    counts[name] = int(value)
+
+
+def note(text: str) -> None:
+    """A line for the summary that a reader must not miss (e.g. a fallback was used)."""
+    if text not in notes:
+        notes.append(text)
