@@ -69,8 +69,8 @@ _NOT_METRICS = ("learning_rate", "lr")
 def format_rate(rate: float) -> str:
     """Format a learning rate compactly: ``1e-3``, ``2.5e-4``, ``0.5``."""
     if 1e-2 <= rate < 1e3:
-        return f"{rate:g}"
-    return np.format_float_scientific(rate, trim="-", exp_digits=1)
+        return f"{rate:.3g}"
+    return np.format_float_scientific(rate, precision=2, trim="-", exp_digits=1)
 
 
 def smooth(y: np.ndarray, alpha: float = EMA_ALPHA) -> np.ndarray:
@@ -391,7 +391,7 @@ class TrainingCharts(widgets.VBox):
             ["bands_loss", "rules_loss", "phase_labels", "batch", "loss", "val_loss",
              "partial_loss", "best_loss", "events"],
             self.loss_axis,
-            "bottom-left",  # a falling loss leaves that corner empty
+            "top-right",  # a falling loss leaves that corner empty
         )  # fmt: skip
         self.metric_figure = figure(
             "Metric",
@@ -642,6 +642,13 @@ class TrainingCharts(widgets.VBox):
         )
         # float32 halves the bytes; epochs and rates need no more precision on screen.
         assign(m["lr"], x=x.astype(np.float32), y=y.astype(np.float32))
+        if len(y):
+            # Label decades only: d3 labels every minor tick of a log axis.
+            low, high = np.floor(np.log10(y.min())), np.ceil(np.log10(y.max()))
+            decades = [float(10.0**e) for e in np.arange(low, high + 1)]
+            current = self.lr_axis.tick_values
+            if current is None or list(current) != decades:
+                self.lr_axis.tick_values = decades
 
     def _assign_epoch_series(self, mark: bq.Lines, name: str) -> None:
         epochs, values = self.history.metric(name)
@@ -660,9 +667,11 @@ class TrainingCharts(widgets.VBox):
             if span.end_epoch is not None:
                 end = float(span.end_epoch)
             else:
-                end = float(
-                    self._planned_end.get(span.index, max(span.start_epoch, history.next_epoch) + 1)
-                )
+                # Reach toward the planned end, but not so far that a long run squashes
+                # what has been drawn into a sliver at the left.
+                done = max(history.next_epoch - span.start_epoch, 1)
+                planned = self._planned_end.get(span.index, span.start_epoch + done + 1)
+                end = float(min(planned, span.start_epoch + max(1.25 * done, done + 5)))
             end = max(end, start + 1e-9)
             rows_x.append([start, start, end, end, start])
             fills.append(PHASE_COLORS.get(span.phase, OTHER_PHASE_COLOR))

@@ -8,7 +8,7 @@ Example:
 >>> %load_ext ftwidgets  # doctest: +SKIP
 >>> %finetune model --train data.x_train data.y_train --val data.x_val data.y_val  # doctest: +SKIP
 >>> %ftstatus  # doctest: +SKIP
-_ftpanel: transfer_model · running · head phase · epoch 3/30 · lr 1e-03 · best epoch 2 ...
+_ftpanel: transfer_model · running · head phase · epoch 3/30 · lr 1e-3 · best epoch 2 ...
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 def _fmt_rate(rate: float | None) -> str:
     if rate is None or not math.isfinite(rate):
         return "-"
-    return f"{rate:.0e}" if rate == float(f"{rate:.0e}") else f"{rate:.3g}"
+    from ftwidgets.charts import format_rate
+
+    return format_rate(rate)
 
 
 def session_status(session: Any, name: str | None = None) -> str:
@@ -142,7 +144,7 @@ def session_status(session: Any, name: str | None = None) -> str:
 
     Returns:
         For example ``"_ftpanel: transfer_model · running · head phase · epoch 3/30 ·
-        lr 1e-03 · best epoch 2 (val_loss 1.21)"``.
+        lr 1e-3 · best epoch 2 (val_loss 1.21)"``.
 
     Example:
 

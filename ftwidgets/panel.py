@@ -12,7 +12,7 @@ import ipywidgets as widgets
 
 from ftwidgets import transfer
 from ftwidgets._backend import device_summary
-from ftwidgets.charts import TrainingCharts
+from ftwidgets.charts import TrainingCharts, format_rate
 from ftwidgets.config import (
     DEFAULT_LEARNING_RATES,
     OPTIMIZERS,
@@ -39,10 +39,6 @@ __all__ = ["FineTunePanel"]
 _ACTIVE = ("running", "paused", "stopping", "starting")
 _LR_MIN_EXP, _LR_MAX_EXP = -7, -1
 _STATUS_INTERVAL = 0.2  # seconds between status redraws while training
-
-
-def _fmt_rate(rate: float) -> str:
-    return f"{rate:.0e}" if rate == float(f"{rate:.0e}") else f"{rate:.3g}"
 
 
 class FineTunePanel(widgets.VBox):
@@ -157,7 +153,7 @@ class FineTunePanel(widgets.VBox):
             layout=widgets.Layout(width="300px"),
         )
         self.learning_rate_text = widgets.Text(
-            value=_fmt_rate(self._lr),
+            value=format_rate(self._lr),
             continuous_update=False,
             layout=widgets.Layout(width="90px"),
             tooltip="Any positive number, also outside the slider's range",
@@ -465,7 +461,8 @@ class FineTunePanel(widgets.VBox):
         try:
             rate = check_learning_rate(text)
         except ValueError as exc:
-            self.show_error(f"{exc}. The learning rate stays {_fmt_rate(self._lr)}.")
+            self.show_error(f"{exc}. The learning rate stays {format_rate(self._lr)}.")
+            self._set_lr(self._lr)  # the field shows the rate in force, not the rejected text
             return
         self.clear_error()
         self._apply_lr(rate)
@@ -481,7 +478,7 @@ class FineTunePanel(widgets.VBox):
         try:
             # The slider shows the nearest value it can; the text keeps the exact one.
             self.learning_rate.value = min(max(rate, 10.0**_LR_MIN_EXP), 10.0**_LR_MAX_EXP)
-            self.learning_rate_text.value = _fmt_rate(rate)
+            self.learning_rate_text.value = format_rate(rate)
         finally:
             self._syncing_lr = False
 
@@ -602,8 +599,12 @@ class FineTunePanel(widgets.VBox):
             if progress is not None and progress.steps_per_epoch and state in _ACTIVE:
                 within = progress.batch / progress.steps_per_epoch
             current = min(done_epochs + (1 if state in _ACTIVE else 0), started.epochs)
+            # Epoch numbers are global, as on the charts and in "best epoch N".
             parts.append(f"{started.phase} phase")
-            parts.append(f"epoch {max(current, 1)}/{started.epochs}")
+            parts.append(
+                f"epoch {started.start_epoch + max(current, 1)} "
+                f"({max(current, 1)}/{started.epochs} of this phase)"
+            )
             fraction = min(1.0, (done_epochs + within) / started.epochs)
             if state in _ACTIVE and self._epoch_times:
                 per_epoch = sum(self._epoch_times[-5:]) / len(self._epoch_times[-5:])
@@ -611,7 +612,7 @@ class FineTunePanel(widgets.VBox):
                 parts.append(f"ETA {_fmt_duration(left)}")
             rate = session.learning_rate
             if rate is not None:
-                parts.append(f"lr {_fmt_rate(rate)}")
+                parts.append(f"lr {format_rate(rate)}")
         best = session.best
         if best is not None:
             parts.append(f"best epoch {best.epoch + 1} ({best.monitor} {best.value:.4g})")
@@ -643,7 +644,9 @@ class FineTunePanel(widgets.VBox):
         lines = []
         seen_deepest = False
         for row in rows:
-            if row.part == "head":
+            if row.params == 0:
+                state = "no weights"
+            elif row.part == "head":
                 state = "trainable (head)"
             elif row.batchnorm:
                 bn_free = not keep_bn and seen_deepest

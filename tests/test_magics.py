@@ -250,7 +250,7 @@ def test_ftstatus_follows_a_session_through_a_run(ip, ns):
     epoch = panel.session.phase.epoch + 1
     result, out, _, _ = run(ip, "%ftstatus")
     assert _status_line(out, "_ftpanel") == (
-        f"_ftpanel: transfer_model · paused · head phase · epoch {epoch}/50 · lr 1e-03 · "
+        f"_ftpanel: transfer_model · paused · head phase · epoch {epoch}/50 · lr 1e-3 · "
         + (
             "best -"
             if panel.session.best is None
@@ -268,7 +268,7 @@ def test_ftstatus_follows_a_session_through_a_run(ip, ns):
     result, out, _, _ = run(ip, "%ftstatus")
     assert _status_line(out, "_ftpanel") == (
         f"_ftpanel: transfer_model · idle · head phase ({runs} phases so far) · 2/2 epochs run · "
-        f"lr 1e-03 · best epoch {best.epoch + 1} (val_loss {best.value:.4g})"
+        f"lr 1e-3 · best epoch {best.epoch + 1} (val_loss {best.value:.4g})"
     )
 
 

@@ -119,7 +119,7 @@ def test_start_runs_streams_charts_and_rollback_restores_best(panel):
     assert panel.start_button.disabled
     assert not panel.stop_button.disabled
     assert panel.pause_button.description == "Resume"
-    assert "paused" in panel.status.value and "epoch 1/3" in panel.status.value
+    assert "paused" in panel.status.value and "epoch 1 (1/3 of this phase)" in panel.status.value
     panel.pause_button.click()
     assert session.wait(WAIT)
     assert len(session.history.phases) == 1

@@ -24,7 +24,7 @@ _CURVE = "g.curve:has(> text.curve_label:text-is('{label}'))"
 _BAND = "path.line[style*='fill-opacity']"
 
 _TRANSLATE = re.compile(r"translate\(\s*([-+\d.eE]+)[ ,]+([-+\d.eE]+)\s*\)")
-_EPOCH = re.compile(r"epoch (\d+)/(\d+)")
+_EPOCH = re.compile(r"\((\d+)/(\d+) of this phase\)")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -42,7 +42,7 @@ def _translate(transform: str | None) -> Point:
 
 
 def epoch_progress(status: str) -> tuple[int, int] | None:
-    """``(i, n)`` from a status text that says ``epoch i/n``, else None."""
+    """``(i, n)`` from a status text that says ``epoch G (i/n of this phase)``, else None."""
     match = _EPOCH.search(status)
     return None if match is None else (int(match[1]), int(match[2]))
 

@@ -49,7 +49,7 @@ WAIT_S = 120.0
 WAIT_MS = WAIT_S * 1000
 IDLE = re.compile(r"^idle\b")
 # Idle after a head phase ran: the quickstart's own training (cells 3-4) has finished.
-IDLE_AFTER_HEAD = re.compile(r"^idle · head phase · epoch \d+/\d+")
+IDLE_AFTER_HEAD = re.compile(r"^idle · head phase · epoch \d+ \(\d+/\d+ of this phase\)")
 RUNNING = re.compile(r"^running\b")
 ROLLBACK = re.compile(r"Roll back to best epoch (\d+)")
 STATUS_RATE = re.compile(r"· lr (\S+) ·")
