@@ -66,6 +66,33 @@ _SETTLED_STATES = ("idle", "failed")
 _NOT_METRICS = ("learning_rate", "lr")
 
 
+LOSS_LEGEND = (
+    ("batch loss", BATCH_COLOR, "line"),
+    ("smoothed", BATCH_SMOOTH_COLOR, "line"),
+    ("loss", TRAIN_COLOR, "line"),
+    ("val_loss", VAL_COLOR, "line"),
+    ("best", BEST_COLOR, "diamond"),
+)
+
+
+def _legend_html(entries: tuple[tuple[str, str, str], ...]) -> str:
+    items = []
+    for label, color, kind in entries:
+        swatch = (
+            f"<span style='display:inline-block;width:9px;height:9px;background:{color};"
+            "transform:rotate(45deg);border:1px solid #333'></span>"
+            if kind == "diamond"
+            else f"<span style='display:inline-block;width:18px;height:3px;background:{color};"
+            "vertical-align:middle'></span>"
+        )
+        items.append(f"<span style='margin-right:14px'>{swatch} {label}</span>")
+    return (
+        "<div class='ftwidgets-loss-legend' style='font-size:12px;text-align:center'>"
+        + "".join(items)
+        + "</div>"
+    )
+
+
 def format_rate(rate: float) -> str:
     """Format a learning rate compactly: ``1e-3``, ``2.5e-4``, ``0.5``."""
     if 1e-2 <= rate < 1e3:
@@ -279,7 +306,14 @@ class TrainingCharts(widgets.VBox):
         self.redraws = 0
 
         self._build()
-        super().__init__(children=[self.loss_figure, self.metric_figure, self.lr_figure], **kwargs)
+        # The loss curves cross every corner of their chart, so their legend sits above it.
+        self.loss_legend = widgets.HTML(_legend_html(LOSS_LEGEND))
+        for name in ("batch", "loss", "val_loss", "best_loss"):
+            self._marks[name].display_legend = False
+        super().__init__(
+            children=[self.loss_legend, self.loss_figure, self.metric_figure, self.lr_figure],
+            **kwargs,
+        )
         self.add_class("ftwidgets-charts")
         self.refresh(force=True)
 
@@ -391,7 +425,7 @@ class TrainingCharts(widgets.VBox):
             ["bands_loss", "rules_loss", "phase_labels", "batch", "loss", "val_loss",
              "partial_loss", "best_loss", "events"],
             self.loss_axis,
-            "top-right",  # a falling loss leaves that corner empty
+            "top-right",  # unused: the loss chart's legend is the HTML row above it
         )  # fmt: skip
         self.metric_figure = figure(
             "Metric",
@@ -485,7 +519,7 @@ class TrainingCharts(widgets.VBox):
         owned: list[widgets.Widget] = [*self._marks.values()]
         for fig in (self.loss_figure, self.metric_figure, self.lr_figure):
             owned += [*fig.axes, fig.scale_x, fig.scale_y, fig.layout, fig]
-        owned += [self.x_scale, self._band_scale, self.lr_scale]
+        owned += [self.x_scale, self._band_scale, self.lr_scale, self.loss_legend]
         owned += [s for mark in self._marks.values() for s in mark.scales.values()]
         owned += [mark.tooltip for mark in self._marks.values() if mark.tooltip is not None]
         for widget in owned:
@@ -736,7 +770,7 @@ class TrainingCharts(widgets.VBox):
                     x=np.array([best.epoch + 1.0]),
                     y=np.array([best.value]),
                     labels=[f"best {best.monitor}"],
-                    display_legend=True,
+                    display_legend=name == "best_metric",
                 )
             else:
                 assign(mark, x=_EMPTY, y=_EMPTY, display_legend=False)

@@ -462,7 +462,6 @@ class FineTunePanel(widgets.VBox):
             rate = check_learning_rate(text)
         except ValueError as exc:
             self.show_error(f"{exc}. The learning rate stays {format_rate(self._lr)}.")
-            self._set_lr(self._lr)  # the field shows the rate in force, not the rejected text
             return
         self.clear_error()
         self._apply_lr(rate)
@@ -662,7 +661,8 @@ class FineTunePanel(widgets.VBox):
                 f"<td style='color:{color}'>{state}</td></tr>"
             )
         self.freeze_map.value = (
-            "<table class='ftwidgets-freeze-map'><tr><th>layer</th><th>type</th>"
+            "<table class='ftwidgets-freeze-map' style='font-size:12px;white-space:nowrap'>"
+            "<tr><th>layer</th><th>type</th>"
             "<th>params</th><th>at next Start</th></tr>" + "".join(lines) + "</table>"
         )
 
