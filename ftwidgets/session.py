@@ -617,9 +617,12 @@ class FineTuneSession:
             self._emit(Failed(failure))
         else:
             self._set_state("idle")
-        for name, _value in leftovers:
+        for name, value in leftovers:
             if name == "rollback" and self._snapshots.best is not None:
                 self._apply_rollback(model, run, batch=None)
+            elif name == "early_stopping":
+                self.early_stopping = value
+                self._tracker.reconfigure(value)
 
     # -- commands ----------------------------------------------------------------
     def _request(self, name: str, value: Any = None) -> bool:
