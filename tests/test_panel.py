@@ -235,3 +235,19 @@ def test_a_panel_that_failed_to_build_closes_quietly(data, monkeypatch):
         ftw.FineTunePanel("not a model", train=(data.x_train, data.y_train))
     gc.collect()
     assert unraisable == []
+
+
+def test_data_that_does_not_fit_is_reported_in_the_panel(data):
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    panel = ftw.FineTunePanel(
+        model, train=(data.x_train[:, :4], data.y_train), validation=(data.x_val, data.y_val)
+    )
+    try:
+        before = weights(model)
+        panel.start_button.click()
+        assert "Received: x.shape=(50, 4, 8, 1)" in panel.error_message.value
+        assert panel.session.state == "idle" and len(panel.session.history) == 0
+        assert same(weights(model), before)
+        assert not panel.start_button.disabled
+    finally:
+        panel.close()
