@@ -41,7 +41,7 @@ from ftwidgets.inputs import TrainingData
 from ftwidgets.snapshots import SnapshotStore, capture, restore
 from ftwidgets.tracking import BestTracker
 
-__all__ = ["FineTuneSession", "PhaseRun", "live_sessions"]
+__all__ = ["FineTuneSession", "live_sessions"]
 
 Listener = Callable[[Event], None]
 _ACTIVE = ("running", "paused", "stopping")
