@@ -198,7 +198,8 @@ class PanelPage:
             .filter(has=self.page.locator("text.dot_text", has_text=re.compile(rf"^{name}$")))
             .evaluate_all("(groups) => groups.map((g) => g.getAttribute('transform'))")
         )
-        return [_translate(t).x for t in transforms]
+        # bqplot adds a marker's group before it positions it: skip those for now.
+        return [_translate(t).x for t in transforms if t]
 
     def last_line_point(self, figure: Any, label: str) -> Point | None:
         """The last point of the (first) line labelled ``label``, in pixels."""
