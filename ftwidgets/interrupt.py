@@ -18,11 +18,9 @@ from ftwidgets.session import live_sessions
 
 __all__ = ["install_interrupt_handler"]
 
-_ACTIVE = ("running", "paused", "stopping")
-
 
 def _stop_running_sessions() -> int:
-    running = [s for s in live_sessions() if s.state in _ACTIVE]
+    running = [s for s in live_sessions() if s.is_training]
     for session in running:
         session.stop()
         session.resume()

@@ -162,7 +162,7 @@ def session_status(session: Any, name: str | None = None) -> str:
             label += f" ({phases} phases so far)"
         parts.append(label)
         done = session.history.next_epoch - run.start_epoch
-        if session.state in ("running", "paused", "stopping"):
+        if session.is_training:
             current = min(run.epoch - run.start_epoch + 1, run.config.epochs)
             parts.append(f"epoch {current}/{run.config.epochs}")
         else:

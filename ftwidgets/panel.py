@@ -36,7 +36,6 @@ from ftwidgets.session import FineTuneSession, live_sessions
 
 __all__ = ["FineTunePanel"]
 
-_ACTIVE = ("running", "paused", "stopping", "starting")
 _LR_MIN_EXP, _LR_MAX_EXP = -7, -1
 _STATUS_INTERVAL = 0.2  # seconds between status redraws while training
 
@@ -366,7 +365,7 @@ class FineTunePanel(widgets.VBox):
     # -- actions (also callable from code) -------------------------------------------
     def start(self) -> None:
         """Start a phase with the current settings, as the Start button does."""
-        if self.session.state in _ACTIVE:
+        if self.session.is_training:
             return  # a second click while the first starts: never two runs
         self.clear_error()
         self.start_button.disabled = True
@@ -407,7 +406,7 @@ class FineTunePanel(widgets.VBox):
             return
         self.session.on_event(self._on_session_event, remove=True)
         self.session.on_event(self.charts.on_event, remove=True)
-        if self.session.state in _ACTIVE:
+        if self.session.is_training:
             self.session.stop()
             self.session.resume()
             self.session.wait()
@@ -446,7 +445,7 @@ class FineTunePanel(widgets.VBox):
         old, new = change["old"], change["new"]
         if math.isclose(self._lr, DEFAULT_LEARNING_RATES[old]):
             self._set_lr(DEFAULT_LEARNING_RATES[new])
-        self.unfreeze_depth.disabled = new != "finetune" or self.session.state in _ACTIVE
+        self.unfreeze_depth.disabled = new != "finetune" or self.session.is_training
         self._refresh_freeze_map()
 
     def _on_learning_rate_slider(self, change: dict[str, Any]) -> None:
@@ -468,7 +467,7 @@ class FineTunePanel(widgets.VBox):
 
     def _apply_lr(self, rate: float) -> None:
         self._set_lr(rate)
-        if self.session.state in _ACTIVE:
+        if self.session.is_training:
             self.session.set_learning_rate(rate)
 
     def _set_lr(self, rate: float) -> None:
@@ -498,7 +497,7 @@ class FineTunePanel(widgets.VBox):
 
     def _on_early_stopping_edit(self, _change: dict[str, Any]) -> None:
         session = self.session
-        if session.state not in _ACTIVE or session.early_stopping is None:
+        if not session.is_training or session.early_stopping is None:
             return
         try:
             session.update_early_stopping(
@@ -556,7 +555,7 @@ class FineTunePanel(widgets.VBox):
     # -- views -------------------------------------------------------------------------
     def _refresh_buttons(self) -> None:
         state = self.session.state
-        active = state in _ACTIVE
+        active = self.session.is_training
         best = self.session.best
         with self.hold_trait_notifications():
             self.start_button.disabled = active
@@ -595,9 +594,9 @@ class FineTunePanel(widgets.VBox):
             done_epochs = len(self._epoch_times)
             progress = self._last_progress
             within = 0.0
-            if progress is not None and progress.steps_per_epoch and state in _ACTIVE:
+            if progress is not None and progress.steps_per_epoch and self.session.is_training:
                 within = progress.batch / progress.steps_per_epoch
-            current = min(done_epochs + (1 if state in _ACTIVE else 0), started.epochs)
+            current = min(done_epochs + (1 if self.session.is_training else 0), started.epochs)
             # Epoch numbers are global, as on the charts and in "best epoch N".
             parts.append(f"{started.phase} phase")
             parts.append(
@@ -605,7 +604,7 @@ class FineTunePanel(widgets.VBox):
                 f"({max(current, 1)}/{started.epochs} of this phase)"
             )
             fraction = min(1.0, (done_epochs + within) / started.epochs)
-            if state in _ACTIVE and self._epoch_times:
+            if self.session.is_training and self._epoch_times:
                 per_epoch = sum(self._epoch_times[-5:]) / len(self._epoch_times[-5:])
                 left = per_epoch * (started.epochs - done_epochs - within)
                 parts.append(f"ETA {_fmt_duration(left)}")
@@ -686,7 +685,7 @@ class FineTunePanel(widgets.VBox):
             if (
                 other is not self.session
                 and other.model is self.session.model
-                and (other.state in _ACTIVE)
+                and other.is_training
             ):
                 self.show_error(
                     f"Model {self.session.model.name!r} is already training in another panel or "

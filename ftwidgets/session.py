@@ -286,6 +286,11 @@ class FineTuneSession:
         return self._state
 
     @property
+    def is_training(self) -> bool:
+        """True from ``start()`` until the phase has ended (running, paused or stopping)."""
+        return self._state in _ACTIVE or self._state == "starting"
+
+    @property
     def best(self) -> Best | None:
         """The best epoch of the whole run so far, or None."""
         return self._tracker.best

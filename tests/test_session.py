@@ -449,6 +449,7 @@ def test_start_while_running_raises_and_second_session_is_refused(data):
     session.on_event(hold)
     session.start(ftw.PhaseConfig(phase="head", epochs=3, batch_size=16))
     rec.wait_for(ev.StateChanged, lambda e: e.state == "paused")
+    assert session.is_training
     with pytest.raises(RuntimeError, match="already running"):
         session.start(ftw.PhaseConfig())
     other = make_session(data, model=session.model)
@@ -456,7 +457,7 @@ def test_start_while_running_raises_and_second_session_is_refused(data):
         other.start(ftw.PhaseConfig())
     session.stop()
     assert session.wait(WAIT)
-    assert session.state == "idle"
+    assert session.state == "idle" and not session.is_training
     assert len(session.history.phases) == 1
 
 
