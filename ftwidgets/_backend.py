@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["device_summary", "ensure_jax_backend"]
+__all__ = ["adopt_keras_state", "device_summary", "ensure_jax_backend", "keras_state"]
+
+# Keras keeps these in thread-local storage (keras/src/backend/common/global_state.py):
+# set on the kernel thread, they read as unset on a worker thread.
+_THREAD_LOCAL_SETTINGS = (
+    "dtype_policy",  # keras.mixed_precision.set_dtype_policy
+    "global_random_seed",  # keras.utils.set_random_seed
+    "global_seed_generator",  # what keras.random draws from without a seed
+    "distribution",  # keras.distribution.set_distribution
+)
 
 
 def ensure_jax_backend() -> None:
@@ -50,3 +59,40 @@ def device_summary() -> str:
         return "JAX · cpu"
     kind = getattr(device, "device_kind", "") or ""
     return f"JAX · {device.platform}:{device.id} {kind}".rstrip()
+
+
+def keras_state() -> dict[str, object]:
+    """Keras's thread-local global settings of the calling thread.
+
+    Work moved to a worker thread (compiling, probing, ``fit``) must run under
+    the caller's settings: pass this to `adopt_keras_state` there.
+
+    Example:
+
+    >>> import threading, keras
+    >>> keras.mixed_precision.set_dtype_policy("mixed_float16")
+    >>> state, seen = keras_state(), []
+    >>> def work():
+    ...     adopt_keras_state(state)
+    ...     seen.append(keras.mixed_precision.dtype_policy().name)
+    >>> worker = threading.Thread(target=work)
+    >>> worker.start(); worker.join()
+    >>> keras.mixed_precision.set_dtype_policy("float32")
+    >>> seen
+    ['mixed_float16']
+    """
+    from keras.src.backend.common import global_state
+
+    return {
+        name: value
+        for name in _THREAD_LOCAL_SETTINGS
+        if (value := global_state.get_global_attribute(name)) is not None
+    }
+
+
+def adopt_keras_state(state: dict[str, object]) -> None:
+    """Apply settings captured by `keras_state` on the current thread."""
+    from keras.src.backend.common import global_state
+
+    for name, value in state.items():
+        global_state.set_global_attribute(name, value)

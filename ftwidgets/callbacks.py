@@ -26,11 +26,26 @@ import keras
 if TYPE_CHECKING:
     from ftwidgets.session import PhaseRun
 
-__all__ = ["LossStream", "NonFiniteLossError", "SessionControl", "StopPhase"]
+__all__ = [
+    "LossStream",
+    "NonFiniteError",
+    "NonFiniteLossError",
+    "NonFiniteWeightsError",
+    "SessionControl",
+    "StopPhase",
+]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or infinite value; the session restores finite weights."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """The training loss became NaN or infinite."""
+
+
+class NonFiniteWeightsError(NonFiniteError):
+    """A weight became NaN or infinite while the loss stayed finite (e.g. NaN inputs)."""
 
 
 class StopPhase(Exception):

@@ -14,6 +14,7 @@ from types import MappingProxyType
 __all__ = [
     "BatchProgress",
     "Best",
+    "BestChanged",
     "EarlyStopped",
     "EpochEnded",
     "EpochRecord",
@@ -67,6 +68,8 @@ class EpochRecord:
         partial: True if the epoch was cut short (Stop, rollback, failure);
             a partial epoch is never a best.
         seconds: wall-clock duration of the epoch.
+        finite_weights: False if a weight was NaN or infinite at the end of the
+            epoch; such an epoch is never a best.
     """
 
     epoch: int
@@ -76,6 +79,12 @@ class EpochRecord:
     learning_rate: float
     partial: bool = False
     seconds: float = 0.0
+    finite_weights: bool = True
+
+    @property
+    def eligible(self) -> bool:
+        """Whether this epoch may be the best: complete, and with finite weights."""
+        return not self.partial and self.finite_weights
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ class Event:
 
 @dataclass(frozen=True)
 class StateChanged(Event):
-    """The session moved between idle, running, paused, stopping and failed."""
+    """The session moved between idle, compiling, running, paused, stopping and failed."""
 
     state: str
     previous: str
@@ -169,6 +178,18 @@ class NewBest(Event):
     """A new best epoch was recorded and its weights were kept."""
 
     best: Best
+
+
+@dataclass(frozen=True)
+class BestChanged(Event):
+    """The best was recomputed from the recorded epochs for a new monitor or mode.
+
+    ``best`` is None when no recorded epoch qualifies; ``kept`` says whether its
+    weights are in memory, so that a rollback can restore them.
+    """
+
+    best: Best | None
+    kept: bool
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,26 @@ class History:
             self._trace[:, n] = (step, x, loss)
             self._batches = n + 1
 
+    def place_batches(self, first_step: int, steps: int, epoch: int) -> None:
+        """Spread the points of steps ``first_step .. first_step + steps - 1`` over ``epoch``.
+
+        For data of unknown length the points of a first epoch are recorded at
+        provisional positions; once the epoch has ended its length is known.
+
+        Example:
+
+        >>> h = History()
+        >>> for step in range(4):
+        ...     h.record_batch(step, 0.99, 1.0)
+        >>> h.place_batches(0, 4, epoch=0)
+        >>> h.batch_trace()[1].tolist()
+        [0.25, 0.5, 0.75, 1.0]
+        """
+        with self._lock:
+            trace = self._trace[:, : self._batches]
+            mine = (trace[0] >= first_step) & (trace[0] < first_step + steps)
+            trace[1, mine] = epoch + (trace[0, mine] - first_step + 1) / steps
+
     @property
     def batch_count(self) -> int:
         """How many batch points have been recorded."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import threading
 import time
@@ -9,17 +10,25 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 
-from ftwidgets import transfer
-from ftwidgets.callbacks import LossStream, NonFiniteLossError, SessionControl, StopPhase
+from ftwidgets import _backend, tasks, transfer
+from ftwidgets.callbacks import (
+    LossStream,
+    NonFiniteError,
+    NonFiniteWeightsError,
+    SessionControl,
+    StopPhase,
+)
 from ftwidgets.config import EarlyStoppingConfig, PhaseConfig, check_learning_rate, resolve_mode
 from ftwidgets.events import (
     BatchProgress,
     Best,
+    BestChanged,
     EarlyStopped,
     EpochEnded,
     EpochRecord,
@@ -38,13 +47,13 @@ from ftwidgets.events import (
 )
 from ftwidgets.history import History, Marker, PhaseSpan
 from ftwidgets.inputs import TrainingData
-from ftwidgets.snapshots import SnapshotStore, capture, restore
+from ftwidgets.snapshots import SnapshotStore, capture, first_non_finite, restore
 from ftwidgets.tracking import BestTracker
 
 __all__ = ["FineTuneSession", "live_sessions"]
 
 Listener = Callable[[Event], None]
-_ACTIVE = ("running", "paused", "stopping")
+_ACTIVE = ("compiling", "running", "paused", "stopping")
 # Settings that may change under a running phase; monitor and mode may not.
 _LIVE_EARLY_STOPPING_FIELDS = {
     "patience",
@@ -79,8 +88,9 @@ class PhaseRun:
         depth: int,
         trainable: list[str],
         start_epoch: int,
-        steps_per_epoch: int,
+        steps_per_epoch: int | None,
         early_stopping: EarlyStoppingConfig | None,
+        watched: list[Any],
     ) -> None:
         self.session = session
         self.index = index
@@ -88,6 +98,7 @@ class PhaseRun:
         self.depth = depth
         self.trainable = trainable
         self.start_epoch = start_epoch
+        # None until the first epoch of data of unknown length has ended.
         self.steps_per_epoch = steps_per_epoch
         self.early_stopping = early_stopping
         self.learning_rate = float(config.learning_rate)
@@ -98,6 +109,10 @@ class PhaseRun:
         self.non_finite: tuple[int, int, float] | None = None
         self.reason: str | None = None
         self.rolled_back = False
+        # The variables this phase can change; checked for NaN at each epoch end.
+        self.watched = watched
+        self._first_step = session._steps_before_phase
+        self._epoch_first_step = self._first_step
         self._dispatched = 0
         self._finished = 0
         self._room = threading.Condition()
@@ -146,13 +161,21 @@ class PhaseRun:
 
     def step(self, batch: int) -> int:
         """Global batch count across the whole session."""
-        return self.session._steps_before_phase + (
-            (self.epoch - self.start_epoch) * self.steps_per_epoch + batch
-        )
+        return self._epoch_first_step + batch
+
+    def position(self, batch: int) -> float:
+        """Where ``batch`` of the current epoch sits on the global epoch axis."""
+        steps = self.steps_per_epoch
+        # Unknown length: a provisional place inside the epoch, fixed at its end.
+        return self.epoch + batch / (steps if steps else batch + 1)
+
+    @property
+    def steps_done(self) -> int:
+        """Global step count after the batches this phase has run."""
+        return self._first_step + self._dispatched
 
     def record_batch(self, batch: int, loss: float) -> None:
-        x = self.epoch + (batch + 1) / self.steps_per_epoch
-        self.session.history.record_batch(self.step(batch), x, loss)
+        self.session.history.record_batch(self.step(batch), self.position(batch + 1), loss)
 
     def report_progress(self) -> None:
         self.session._emit(
@@ -170,6 +193,12 @@ class PhaseRun:
 
     def end_epoch(self, model: keras.Model, epoch: int, logs: dict[str, Any]) -> None:
         session = self.session
+        batches = self.batch + 1
+        if self.steps_per_epoch is None:
+            self.steps_per_epoch = batches
+            session.history.place_batches(self._epoch_first_step, batches, epoch)
+        self._epoch_first_step += batches
+        bad = first_non_finite(self.watched)
         record = EpochRecord(
             epoch=epoch,
             phase=self.config.phase,
@@ -178,9 +207,16 @@ class PhaseRun:
             learning_rate=self.learning_rate,
             partial=False,
             seconds=time.perf_counter() - self.epoch_started,
+            finite_weights=bad is None,
         )
         session.history.add_epoch(record)
         session._emit(EpochEnded(record))
+        if bad is not None:
+            raise NonFiniteWeightsError(
+                f"The weights of {bad!r} became NaN or infinite in epoch {epoch + 1} while "
+                f"the loss stayed {logs.get('loss', math.nan):.4g} (learning rate "
+                f"{self.learning_rate:g}). Check the inputs for NaN, or try a lower learning rate."
+            )
         tracker = session._tracker
         if tracker.config.monitor not in record.logs:
             raise ValueError(
@@ -199,27 +235,44 @@ class PhaseRun:
             session._emit(EarlyStopped(epoch, tracker.best))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What ``start()`` checked on the caller's thread, for the worker to carry out."""
+
+    config: PhaseConfig
+    early_stopping: EarlyStoppingConfig | None
+    tracking: EarlyStoppingConfig
+    depth: int
+    previous_early_stopping: EarlyStoppingConfig | None
+
+
 class FineTuneSession:
     """Fine-tune a transfer model in phases on a worker thread, steerable while it trains.
 
-    The caller's thread builds, compiles and validates in ``start()``; a worker
-    thread runs only ``model.fit``. Requests made while a phase runs (stop,
-    pause, learning rate, early-stopping settings, rollback) are queued and
-    applied on the worker at the next batch boundary. The best epoch is tracked
-    across every phase, and its weights are kept in host memory.
+    ``start()`` makes the cheap checks (settings, shapes, labels, non-finite
+    values) on the caller's thread and returns at once; a worker thread then
+    unfreezes, compiles, checks the monitor against the compiled metrics and
+    runs ``model.fit``. Requests made while a phase runs (stop, pause, learning
+    rate, early-stopping settings, rollback) are queued and applied on the
+    worker at the next batch boundary. The best epoch is tracked across every
+    phase, and its weights are kept in host memory.
 
     Args:
-        model: a model from ``build_transfer_model`` (its base is the layer named
-            ``"base"``). The session never rebuilds it.
-        train: ``(x, y)`` numpy arrays, or a ``keras.utils.PyDataset``.
-        validation: ``(x, y)`` arrays or a ``keras.utils.PyDataset``.
+        model: a model from ``build_transfer_model``, or any model with a layer
+            named ``"base"``. The session never rebuilds it.
+        train: ``(x, y)`` or ``(x, y, sample_weight)`` arrays, or a dataset
+            (see `ftwidgets.inputs.TrainingData` for every accepted form).
+        validation: the same forms as ``train``.
         validation_split: fraction of ``train`` arrays held out instead (0 <= f < 1).
-        loss: any Keras loss.
-        metrics: Keras metrics, e.g. ``["accuracy"]``.
+        loss: any Keras loss. None picks one from the task of the model's head
+            (see `ftwidgets.tasks.default_loss`).
+        metrics: Keras metrics, e.g. ``["accuracy"]``. None picks them from the
+            task: accuracy for classification, ``mae`` for regression.
         checkpoint_dir: also write the best weights there, atomically.
         stream_batches: record the per-batch training loss (NaN checks run either way).
         progress_interval: seconds between ``BatchProgress`` events.
-        keep_recent: how many pre-phase snapshots to keep besides the best.
+        keep_recent: how many pre-phase snapshots, and former bests kept after a
+            change of monitor, to keep besides the best.
 
     Example:
 
@@ -227,21 +280,22 @@ class FineTuneSession:
     >>> data = ftw.demo.digits_transfer(per_class=10, seed=0)
     >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
     >>> session = ftw.FineTuneSession(
-    ...     model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val),
-    ...     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    >>> session.run(ftw.PhaseConfig(phase="head", epochs=2))  # doctest: +SKIP
-    >>> session.best.epoch  # doctest: +SKIP
-    1
+    ...     model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val))
+    >>> session.loss, session.metrics
+    ('sparse_categorical_crossentropy', ['accuracy'])
+    >>> session.run(ftw.PhaseConfig(phase="head", epochs=2))
+    >>> [record.epoch for record in session.history.epochs]
+    [0, 1]
     """
 
     def __init__(
         self,
         model: keras.Model,
-        train: tuple[Any, Any] | keras.utils.PyDataset,
-        validation: tuple[Any, Any] | keras.utils.PyDataset | None = None,
+        train: Any,
+        validation: Any = None,
         *,
         validation_split: float = 0.0,
-        loss: Any = "sparse_categorical_crossentropy",
+        loss: Any = None,
         metrics: Sequence[Any] | None = None,
         checkpoint_dir: str | None = None,
         stream_batches: bool = True,
@@ -253,8 +307,9 @@ class FineTuneSession:
         transfer.get_base(model)
         self._data = TrainingData.from_args(train, validation, validation_split)
         self.model = model
-        self.loss = loss
-        self.metrics = list(metrics or [])
+        self.task = tasks.model_task(model)
+        self.loss = self._default_loss() if loss is None else loss
+        self.metrics = list(tasks.default_metrics(self.task) if metrics is None else metrics)
         self.stream_batches = stream_batches
         self.progress_interval = float(progress_interval)
         self.history = History()
@@ -279,16 +334,29 @@ class FineTuneSession:
         self._created = time.monotonic()
         _SESSIONS.add(self)
 
+    def _default_loss(self) -> str:
+        if self.task is None:
+            raise ValueError(
+                "Cannot tell the task of this model's head (no 'head_dense' layer, and the "
+                "output layer is neither softmax nor sigmoid); pass loss=..., e.g. "
+                "loss='sparse_categorical_crossentropy'. Received: loss=None"
+            )
+        return tasks.default_loss(self.task, self._data.first_batch(32)[1])
+
     # -- read-only views ----------------------------------------------------
     @property
     def state(self) -> str:
-        """``"idle"``, ``"running"``, ``"paused"``, ``"stopping"`` or ``"failed"``."""
+        """``"idle"``, ``"compiling"``, ``"running"``, ``"paused"``, ``"stopping"`` or ``"failed"``.
+
+        ``"compiling"`` lasts from ``start()`` to the first batch: the worker
+        unfreezes, compiles and checks the monitor.
+        """
         return self._state
 
     @property
     def is_training(self) -> bool:
-        """True from ``start()`` until the phase has ended (running, paused or stopping)."""
-        return self._state in _ACTIVE or self._state == "starting"
+        """True from ``start()`` until the phase has ended: compiling, running, paused, stopping."""
+        return self._state in _ACTIVE
 
     @property
     def best(self) -> Best | None:
@@ -307,7 +375,7 @@ class FineTuneSession:
 
     @property
     def snapshots(self) -> SnapshotStore:
-        """The kept host copies of the weights (the best and a few recent ones)."""
+        """The kept host copies of the weights (the best and a few others)."""
         return self._snapshots
 
     @property
@@ -346,9 +414,12 @@ class FineTuneSession:
                         except Exception:
                             self.listener_errors.append(report)
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: str, *, only_from: tuple[str, ...] | None = None) -> None:
         with self._lock:
-            previous, self._state = self._state, state
+            previous = self._state
+            if only_from is not None and previous not in only_from:
+                return
+            self._state = state
             if state in _ACTIVE:
                 self._idle.clear()
             else:
@@ -362,7 +433,12 @@ class FineTuneSession:
         config: PhaseConfig,
         early_stopping: EarlyStoppingConfig | bool | None = None,
     ) -> None:
-        """Check everything, compile on this thread, then train on a worker thread.
+        """Check the settings and the data, then prepare and train on a worker thread.
+
+        Returns within milliseconds: the state is ``"compiling"`` until the first
+        batch. Errors found on the worker (an unknown monitor, a model that does
+        not run on the data) end the phase as a failure, in ``error`` and a
+        ``Failed`` event, with the weights and history untouched; `run` raises them.
 
         Args:
             config: the phase to run.
@@ -399,19 +475,33 @@ class FineTuneSession:
                         f"Model {self.model.name!r} is already training in another session; "
                         "stop that one first."
                     )
-            # Claim the session before the slow compile so a double start fails fast.
-            previous, self._state = self._state, "starting"
+            # Claim the session first so a double start fails fast; nothing queued
+            # before this start may reach the new phase.
+            previous, self._state = self._state, "compiling"
             self._idle.clear()
+            self._commands.clear()
+            self._pause_requested = False
+            self._attention = False
         try:
-            run = self._prepare(config, es)
+            plan = self._plan(config, es)
         except BaseException:
             with self._lock:
                 self._state = previous
                 self._idle.set()
             raise
-        self._launch(run)
+        self.error = None
+        self.early_stopping = es
+        self._emit(StateChanged("compiling", previous))
+        self._thread = threading.Thread(
+            target=self._work,
+            args=(plan, _backend.keras_state()),
+            name=f"ftwidgets-fit-{len(self.history.phases)}",
+            daemon=True,
+        )
+        self._thread.start()
 
-    def _prepare(self, config: PhaseConfig, es: EarlyStoppingConfig | None) -> PhaseRun:
+    def _plan(self, config: PhaseConfig, es: EarlyStoppingConfig | None) -> _Plan:
+        """The checks that need no compiled model, on the caller's thread."""
         model = self.model
         max_depth = len(transfer.unfreezable_layers(model))
         depth = config.unfreeze_depth
@@ -428,12 +518,44 @@ class FineTuneSession:
                 f"monitor {es.monitor!r} needs validation data; pass validation=... or "
                 f"validation_split, or monitor 'loss'. Received: monitor={es.monitor!r}"
             )
-        tracker_config = es or self._best_only_config()
+        tracking = es or self._best_only_config()
+        if tracking.resolved_mode is None and tracking.monitor in self._expected_metric_names():
+            resolve_mode(tracking.monitor, tracking.mode)  # raises, naming it
+        return _Plan(config, es, tracking, depth, self.early_stopping)
+
+    def _expected_metric_names(self) -> set[str]:
+        # Names certain to be logged, known without compiling; the worker checks
+        # the rest against the compiled metrics.
+        names = {"loss"} | {_metric_name(m) for m in self.metrics}
+        if self._data.has_validation:
+            names |= {f"val_{name}" for name in names}
+        return names
+
+    # -- the worker ------------------------------------------------------------
+    def _work(self, plan: _Plan, keras_settings: dict[str, object]) -> None:
+        _backend.adopt_keras_state(keras_settings)
+        try:
+            run = self._prepare(plan)
+        except BaseException as exc:
+            self._fail_to_start(plan, exc)
+            return
+        self._launch(run)
+        self._train(run)
+
+    def _prepare(self, plan: _Plan) -> PhaseRun:
+        """Unfreeze, compile and check the monitor; on failure leave the model as it was."""
+        model, config = self.model, plan.config
         before = capture(model, f"before phase {len(self.history.phases) + 1}")
+        if not before.finite:
+            raise ValueError(
+                f"The model's weights hold NaN or infinite values before training, in "
+                f"{before.non_finite!r}; reload or rebuild them. Received: "
+                f"{before.non_finite} is not finite"
+            )
         trainable_before = {id(layer): layer.trainable for layer in model._flatten_layers()}
         try:
             trainable = transfer.unfreeze(
-                model, depth, keep_batchnorm_frozen=config.keep_batchnorm_frozen
+                model, plan.depth, keep_batchnorm_frozen=config.keep_batchnorm_frozen
             )
             if config.dropout is not None:
                 transfer.set_head_dropout(model, config.dropout)
@@ -442,64 +564,84 @@ class FineTuneSession:
                 loss=self.loss,
                 metrics=self.metrics or None,
             )
-            names = self._probe_metric_names(config.batch_size)
+            self._check_monitor(plan.tracking, config.batch_size)
         except BaseException:
             for layer in model._flatten_layers():
                 layer.trainable = trainable_before.get(id(layer), layer.trainable)
             restore(model, before)
             raise
-        if tracker_config.monitor not in names:
-            restore(model, before)
-            raise ValueError(
-                f"monitor {tracker_config.monitor!r} is not a logged metric; this model logs "
-                f"{sorted(names)}. Received: monitor={tracker_config.monitor!r}"
-            )
-        if tracker_config.resolved_mode is None:
-            restore(model, before)
-            resolve_mode(tracker_config.monitor, tracker_config.mode)  # raises, naming it
         self._snapshots.keep_recent(before)
-        self.early_stopping = es
-        self._tracker.reconfigure(tracker_config)
+        self._track(plan.tracking)
         self._tracker.start_phase()
         return PhaseRun(
             self,
             index=len(self.history.phases),
             config=config,
-            depth=depth,
+            depth=plan.depth,
             trainable=trainable,
             start_epoch=self.history.next_epoch,
             steps_per_epoch=self._data.steps_per_epoch(config.batch_size),
-            early_stopping=es,
+            early_stopping=plan.early_stopping,
+            watched=_changing_variables(model),
         )
 
-    def _best_only_config(self) -> EarlyStoppingConfig:
-        # Without early stopping the best is still tracked, on the validation loss.
-        monitor = "val_loss" if self._data.has_validation else "loss"
-        return EarlyStoppingConfig(monitor=monitor, mode="min", restore_best_weights=False)
-
-    def _probe_metric_names(self, batch_size: int) -> set[str]:
-        # After compile, metrics_names is only ['loss', 'compile_metrics']; one
-        # evaluated batch gives the real names, and shows the model runs on the data.
-        x, y = self._data.first_batch(batch_size)
+    def _check_monitor(self, tracking: EarlyStoppingConfig, batch_size: int) -> None:
+        x, y, *rest = self._data.first_batch(batch_size)
+        batch = (x, y, rest[0]) if rest and rest[0] is not None else (x, y)
         try:
-            logs = self.model.evaluate(x, y, verbose=0, return_dict=True)
+            # Builds the compiled metrics and loss symbolically (no XLA compile,
+            # unlike a probe `evaluate`), as fit would at its start anyway.
+            model = self.model
+            model._symbolic_build(data_batch=batch)
+            names = set(model.get_metrics_result())
+            if tracking.monitor.removeprefix("val_") not in names:
+                # Rare metrics are named only once they have run: ask for real.
+                names |= set(model.evaluate(x, y, verbose=0, return_dict=True))
         except Exception as exc:
             raise ValueError(
                 f"The model cannot run on the training data: {exc}. Received: "
-                f"x.shape={np.shape(x)}, y.shape={np.shape(y)}"
+                f"x shape {_shapes(x)}, y shape {_shapes(y)}"
             ) from exc
-        names = set(logs)
         if self._data.has_validation:
-            names |= {f"val_{name}" for name in logs}
-        return names
+            names |= {f"val_{name}" for name in names}
+        if tracking.monitor not in names:
+            raise ValueError(
+                f"monitor {tracking.monitor!r} is not a logged metric; this model logs "
+                f"{sorted(names)}. Received: monitor={tracking.monitor!r}"
+            )
+        if tracking.resolved_mode is None:
+            resolve_mode(tracking.monitor, tracking.mode)  # raises, naming it
+
+    def _track(self, config: EarlyStoppingConfig) -> None:
+        """Track the best on ``config``; a new monitor or mode recomputes it from the history."""
+        tracker = self._tracker
+        old = tracker.best
+        new_target = (config.monitor, config.resolved_mode) != (
+            tracker.config.monitor,
+            tracker.config.resolved_mode,
+        )
+        if old is not None and new_target:
+            # The old best stays restorable under the new monitor.
+            self._snapshots.retain(old.epoch)
+        if tracker.reconfigure(config, self.history.epochs):
+            best = self._tracker.best
+            kept = self._snapshots.select_best(None if best is None else best.epoch)
+            self._emit(BestChanged(best, kept))
+
+    def _fail_to_start(self, plan: _Plan, exc: BaseException) -> None:
+        message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        self.early_stopping = plan.previous_early_stopping
+        self.error = Failure(exc, message, "".join(traceback.format_exception(exc)))
+        self._set_state("failed")
+        self._emit(Failed(self.error))
 
     def _launch(self, run: PhaseRun) -> None:
-        self.error = None
         self._run = run
         self.history.begin_phase(
             PhaseSpan(run.index, run.config.phase, run.start_epoch, run.learning_rate, run.depth)
         )
-        self._set_state("running")
+        # A Stop that arrived while compiling keeps the state "stopping".
+        self._set_state("running", only_from=("compiling",))
         self._emit(
             PhaseStarted(
                 run.index,
@@ -512,17 +654,11 @@ class FineTuneSession:
                 tuple(run.trainable),
             )
         )
-        self._thread = threading.Thread(
-            target=self._work, args=(run,), name=f"ftwidgets-fit-{run.index}", daemon=True
-        )
-        self._thread.start()
 
-    # -- the worker ------------------------------------------------------------
-    def _work(self, run: PhaseRun) -> None:
-        data = self._data
+    def _train(self, run: PhaseRun) -> None:
         failure: Failure | None = None
         fit_args = {
-            **data.fit_args(run.config.batch_size),
+            **self._data.fit_args(run.config.batch_size),
             "epochs": run.start_epoch + run.config.epochs,
             "initial_epoch": run.start_epoch,
             "callbacks": [SessionControl(run), LossStream(run, record=self.stream_batches)],
@@ -540,7 +676,7 @@ class FineTuneSession:
             self._record_partial(run)
             failure = Failure(
                 exc,
-                str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}",
+                str(exc) if isinstance(exc, NonFiniteError) else f"{type(exc).__name__}: {exc}",
                 "".join(traceback.format_exception(exc)),
                 run.epoch,
                 run.batch,
@@ -577,7 +713,7 @@ class FineTuneSession:
         best = self._snapshots.best if self._tracker.best is not None else None
         restored: Best | None = None
         broken = failure is not None and not _variables_usable(model)
-        non_finite = failure is not None and isinstance(failure.exception, NonFiniteLossError)
+        non_finite = failure is not None and isinstance(failure.exception, NonFiniteError)
         es = run.early_stopping
         if (
             best is not None
@@ -586,8 +722,8 @@ class FineTuneSession:
         ):
             restore(model, best)
             restored = self._tracker.best
-        elif (broken or non_finite) and self._snapshots.recent:
-            restore(model, self._snapshots.recent[-1])
+        elif (broken or non_finite) and (fallback := self._snapshots.latest_finite_recent()):
+            restore(model, fallback)
         if failure is not None and non_finite:
             what = (
                 f"the best weights (epoch {restored.epoch + 1}) were restored"
@@ -601,39 +737,42 @@ class FineTuneSession:
                 failure.epoch,
                 failure.batch,
             )
-        # Leftover requests from the last epoch's validation pass apply now.
+        self._steps_before_phase = run.steps_done
+        span = self.history.end_phase(self.history.next_epoch, reason)
+        if failure is not None:
+            self.history.add_marker(Marker("failure", run.epoch + 1, run.epoch, failure.message))
+            self.error = failure
+        # Settle the state and take the leftovers under one lock: a command sent
+        # from now on (e.g. by a PhaseEnded listener) finds the session idle.
         with self._lock:
             leftovers = list(self._commands)
             self._commands.clear()
             self._pause_requested = False
             self._attention = False
-        self._steps_before_phase = run.step(run.batch) + 1
-        span = self.history.end_phase(self.history.next_epoch, reason)
-        if failure is not None:
-            self.history.add_marker(Marker("failure", run.epoch + 1, run.epoch, failure.message))
+            previous = self._state
+            self._state = "failed" if failure is not None else "idle"
+            self._idle.set()
         self._emit(
             PhaseEnded(
                 run.index, run.config.phase, span.start_epoch, span.end_epoch or 0, reason, restored
             )
         )
+        self._emit(StateChanged(self._state, previous))
         if failure is not None:
-            self.error = failure
-            self._set_state("failed")
             self._emit(Failed(failure))
-        else:
-            self._set_state("idle")
+        # Requests from the last epoch's validation pass that still make sense.
         for name, value in leftovers:
             if name == "rollback" and self._snapshots.best is not None:
                 self._apply_rollback(model, run, batch=None)
             elif name == "early_stopping":
                 self.early_stopping = value
-                self._tracker.reconfigure(value)
+                self._track(value)
 
     # -- commands ----------------------------------------------------------------
     def _request(self, name: str, value: Any = None) -> bool:
-        """Queue a command if a phase is running; return False if idle."""
+        """Queue a command if a phase is in progress; return False if idle."""
         with self._lock:
-            if self._state not in _ACTIVE and self._state != "starting":
+            if self._state not in _ACTIVE:
                 return False
             if name in _COALESCED:
                 # A slider drag sends many rates; only the latest matters.
@@ -660,11 +799,11 @@ class FineTuneSession:
             if stop_reason is not None:
                 raise StopPhase(stop_reason)
             if not paused:
-                if parked and self._state == "paused":
-                    self._set_state("running")
+                if parked:
+                    self._set_state("running", only_from=("paused",))
                 return
             if not parked:
-                self._set_state("paused")
+                self._set_state("paused", only_from=("running",))
                 parked = True
             with self._lock:
                 while self._pause_requested and not self._commands:
@@ -674,7 +813,7 @@ class FineTuneSession:
         self, model: keras.Model, run: PhaseRun, name: str, value: Any
     ) -> str | None:
         """Apply one command on the worker; return a reason if the phase must end."""
-        x = run.epoch + run.batch / run.steps_per_epoch
+        x = run.position(run.batch)
         if name == "learning_rate":
             model.optimizer.learning_rate = value
             run.learning_rate = value
@@ -685,7 +824,7 @@ class FineTuneSession:
         elif name == "early_stopping":
             run.early_stopping = value
             self.early_stopping = value
-            self._tracker.reconfigure(value)
+            self._track(value)
         elif name == "rollback" and self._snapshots.best is not None:
             self._apply_rollback(model, run, batch=run.batch)
             return "rolled_back"
@@ -702,7 +841,7 @@ class FineTuneSession:
         if run is not None:
             run.rolled_back = True
         epoch = self.history.next_epoch if run is None else run.epoch
-        x = epoch if batch is None or run is None else run.epoch + batch / run.steps_per_epoch
+        x = epoch if batch is None or run is None else run.position(batch)
         self.history.add_marker(
             Marker("rollback", x, epoch, f"rolled back to epoch {best.epoch + 1}", best.epoch)
         )
@@ -711,17 +850,22 @@ class FineTuneSession:
     def stop(self) -> None:
         """Stop the running phase at the next batch boundary (no-op when idle).
 
-        The cut epoch is recorded as partial and is never a best.
+        The cut epoch is recorded as partial and is never a best. A phase still
+        compiling ends before its first batch.
         """
-        if self._request("stop"):
-            with self._lock:
-                self._pause_requested = False
-            self._set_state("stopping")
+        with self._lock:
+            if not self._request("stop"):
+                return
+            self._pause_requested = False
+            self._wake.notify_all()
+            previous, self._state = self._state, "stopping"
+        if previous != "stopping":
+            self._emit(StateChanged("stopping", previous))
 
     def pause(self) -> None:
         """Hold the worker at the next batch boundary, keeping the optimizer state."""
         with self._lock:
-            if self._state not in ("running", "starting"):
+            if self._state not in ("compiling", "running"):
                 return
             self._pause_requested = True
             self._attention = True
@@ -753,7 +897,8 @@ class FineTuneSession:
         """Change early-stopping settings; a running phase picks them up at the next batch.
 
         While a phase runs only patience, min_delta, restore_best_weights,
-        start_from_epoch and baseline may change.
+        start_from_epoch and baseline may change. While idle, a new monitor or
+        mode recomputes the best from the recorded epochs.
 
         Returns:
             The new settings.
@@ -777,7 +922,7 @@ class FineTuneSession:
         updated = current.with_changes(**changes)
         if not self._request("early_stopping", updated):
             self.early_stopping = updated
-            self._tracker.reconfigure(updated)
+            self._track(updated)
         return updated
 
     def rollback(self) -> Best:
@@ -790,11 +935,19 @@ class FineTuneSession:
             The best epoch restored (or about to be).
 
         Raises:
-            ValueError: if there is no best epoch yet.
+            ValueError: if there is no best epoch yet, or its weights were not
+                kept (the message names the epochs whose weights are kept).
         """
         best = self._tracker.best
-        if best is None or self._snapshots.best is None:
+        if best is None:
             raise ValueError("There is no best epoch to roll back to yet. Received: best=None")
+        if self._snapshots.best is None:
+            kept = ", ".join(str(epoch + 1) for epoch in self._snapshots.epochs) or "none"
+            raise ValueError(
+                f"The best epoch for {best.monitor} is epoch {best.epoch + 1}, but its weights "
+                f"were not kept: it became the best when the monitor changed. Epochs with kept "
+                f"weights: {kept}. Received: best epoch {best.epoch + 1}"
+            )
         if not self._request("rollback"):
             self._apply_rollback(self.model, None, batch=None)
         return best
@@ -832,9 +985,33 @@ class FineTuneSession:
         self.wait()
         _SESSIONS.discard(self)
 
+    def _best_only_config(self) -> EarlyStoppingConfig:
+        # Without early stopping the best is still tracked, on the validation loss.
+        monitor = "val_loss" if self._data.has_validation else "loss"
+        return EarlyStoppingConfig(monitor=monitor, mode="min", restore_best_weights=False)
+
     def __repr__(self) -> str:
         best = "none" if self.best is None else f"epoch {self.best.epoch + 1}"
         return f"<FineTuneSession {self.model.name!r} state={self._state} best={best}>"
+
+
+def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
+    """Stop every phase in progress before the interpreter shuts down.
+
+    A worker still inside XLA (compiling, or mid-batch) when the interpreter
+    finalizes is torn down by force, which aborts the process ("terminate called
+    after throwing an instance of ''"), e.g. when a kernel shuts down mid-phase.
+    """
+    running = [session for session in live_sessions() if session.is_training]
+    for session in running:
+        session.stop()
+        session.resume()
+    deadline = time.monotonic() + timeout
+    for session in running:
+        session.wait(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_stop_sessions_at_exit)
 
 
 def _make_optimizer(config: PhaseConfig) -> keras.optimizers.Optimizer:
@@ -852,3 +1029,24 @@ def _variables_usable(model: keras.Model) -> bool:
         return all(v.value is not None for v in model.variables)
     except Exception:
         return False
+
+
+def _changing_variables(model: keras.Model) -> list[Any]:
+    """The float variables of trainable leaf layers: all that a phase can change."""
+    found: dict[int, Any] = {}
+    for layer in model._flatten_layers(include_self=False):
+        if layer.trainable and not list(layer._flatten_layers(include_self=False, recursive=False)):
+            for variable in layer.weights:
+                if "float" in str(variable.dtype):
+                    found.setdefault(id(variable), variable)
+    return list(found.values())
+
+
+def _metric_name(metric: Any) -> str:
+    if isinstance(metric, str):
+        return metric
+    return str(getattr(metric, "name", None) or getattr(metric, "__name__", ""))
+
+
+def _shapes(value: Any) -> Any:
+    return keras.tree.map_structure(lambda a: tuple(np.shape(a)), value)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from ftwidgets.config import EarlyStoppingConfig
-from ftwidgets.events import Best
+from ftwidgets.events import Best, EpochRecord
 
 __all__ = ["BestTracker"]
 
@@ -39,16 +40,41 @@ class BestTracker:
         self.phase_epochs = 0
         self.should_stop = False
 
-    def reconfigure(self, config: EarlyStoppingConfig) -> None:
-        """Adopt new settings. A new monitor or mode forgets the old best."""
-        if (config.monitor, config.resolved_mode) != (
+    def reconfigure(self, config: EarlyStoppingConfig, epochs: Iterable[EpochRecord] = ()) -> bool:
+        """Adopt new settings.
+
+        A new monitor or mode recomputes the best from ``epochs``, the epochs
+        recorded so far, as if they had been tracked with the new settings from
+        the start.
+
+        Returns:
+            True if the best was recomputed.
+
+        Example:
+
+        >>> from types import MappingProxyType as M
+        >>> runs = [EpochRecord(0, "head", 0, M({"val_loss": 0.9, "val_acc": 0.7}), 1e-3),
+        ...         EpochRecord(1, "head", 0, M({"val_loss": 0.8, "val_acc": 0.6}), 1e-3)]
+        >>> tracker = BestTracker(EarlyStoppingConfig(monitor="val_loss"))
+        >>> tracker.reconfigure(EarlyStoppingConfig(monitor="val_acc"), runs)
+        True
+        >>> tracker.best
+        Best(epoch=0, value=0.7, monitor='val_acc', phase='head')
+        """
+        changed = (config.monitor, config.resolved_mode) != (
             self.config.monitor,
             self.config.resolved_mode,
-        ):
+        )
+        self.config = config
+        if changed:
             self.best = None
             self.wait = 0
-        self.config = config
+            for record in epochs:
+                value = record.logs.get(config.monitor)
+                if record.eligible and value is not None:
+                    self._consider(record.epoch, float(value), record.phase)
         self.should_stop = self._patience_spent()
+        return changed
 
     def start_phase(self) -> None:
         """Restart the patience count (the best is kept)."""
@@ -78,16 +104,20 @@ class BestTracker:
             return False
         value = float(logs[self.config.monitor])
         self.phase_epochs += 1
-        improved = math.isfinite(value) and self._beats(
-            value, None if self.best is None else self.best.value
-        )
-        if improved:
-            self.best = Best(epoch, value, self.config.monitor, phase)
+        improved = self._consider(epoch, value, phase)
         if improved and self._beats(value, self.config.baseline):
             self.wait = 0
         elif self.phase_epochs > self.config.start_from_epoch:
             self.wait += 1
         self.should_stop = self._patience_spent()
+        return improved
+
+    def _consider(self, epoch: int, value: float, phase: str) -> bool:
+        improved = math.isfinite(value) and self._beats(
+            value, None if self.best is None else self.best.value
+        )
+        if improved:
+            self.best = Best(epoch, value, self.config.monitor, phase)
         return improved
 
     def _patience_spent(self) -> bool:

@@ -399,13 +399,18 @@ def test_bad_phase_settings_raise_before_training(data, make, fragment):
 
 
 def test_unknown_monitor_raises_with_the_logged_names(data):
+    # Checked on the worker against the compiled metrics, before any batch.
     session = make_session(data, metrics=[])
+    rec = Recorder(session)
     before = values(session.model.variables)
     with pytest.raises(ValueError, match="monitor='val_accuracy'") as info:
-        session.start(ftw.PhaseConfig(), ftw.EarlyStoppingConfig(monitor="val_accuracy"))
+        session.run(ftw.PhaseConfig(), ftw.EarlyStoppingConfig(monitor="val_accuracy"))
     assert "val_loss" in str(info.value)
+    assert session.state == "failed" and session.error.exception is info.value
+    assert rec.of(ev.Failed)[0].failure.message == str(info.value)
     assert same(values(session.model.variables), before)
-    assert session.history.phases == ()
+    assert session.history.phases == () and len(session.history) == 0
+    assert session.early_stopping is None
 
 
 def test_val_monitor_without_validation_data_raises(data):
