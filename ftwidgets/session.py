@@ -79,7 +79,7 @@ class PhaseRun:
         depth: int,
         trainable: list[str],
         start_epoch: int,
-        steps_per_epoch: int,
+        steps_per_epoch: int | None,
         early_stopping: EarlyStoppingConfig | None,
     ) -> None:
         self.session = session
@@ -89,6 +89,7 @@ class PhaseRun:
         self.trainable = trainable
         self.start_epoch = start_epoch
         self.steps_per_epoch = steps_per_epoch
+        self._length_unknown = steps_per_epoch is None
         self.early_stopping = early_stopping
         self.learning_rate = float(config.learning_rate)
         self.epoch = start_epoch
@@ -104,6 +105,12 @@ class PhaseRun:
 
     # -- called from the callbacks, on the worker thread ------------------
     def begin_epoch(self, epoch: int) -> None:
+        if self._length_unknown and epoch > self.epoch:
+            # A dataset without a length (a Grain IterDataset). Keras on JAX begins one
+            # batch past its end that never ends; its futures are flushed at epoch end,
+            # so count the batches that finished, and forget that phantom one.
+            self.steps_per_epoch = self.steps_per_epoch or self._finished
+            self._dispatched = self._finished
         self.epoch = epoch
         self.batch = 0
         self.epoch_started = time.perf_counter()
@@ -147,11 +154,17 @@ class PhaseRun:
     def step(self, batch: int) -> int:
         """Global batch count across the whole session."""
         return self.session._steps_before_phase + (
-            (self.epoch - self.start_epoch) * self.steps_per_epoch + batch
+            (self.epoch - self.start_epoch) * (self.steps_per_epoch or 0) + batch
         )
 
+    def fraction(self, batches: int) -> float:
+        """How far into the epoch ``batches`` finished batches are (0 to 1)."""
+        if self.steps_per_epoch is None:
+            return batches / (batches + 1)  # length unknown yet: keep the order only
+        return batches / self.steps_per_epoch
+
     def record_batch(self, batch: int, loss: float) -> None:
-        x = self.epoch + (batch + 1) / self.steps_per_epoch
+        x = self.epoch + self.fraction(batch + 1)
         self.session.history.record_batch(self.step(batch), x, loss)
 
     def report_progress(self) -> None:
@@ -480,9 +493,9 @@ class FineTuneSession:
     def _probe_metric_names(self, batch_size: int) -> set[str]:
         # After compile, metrics_names is only ['loss', 'compile_metrics']; one
         # evaluated batch gives the real names, and shows the model runs on the data.
-        x, y = self._data.first_batch(batch_size)
+        x, y, weights = self._data.first_batch(batch_size)
         try:
-            logs = self.model.evaluate(x, y, verbose=0, return_dict=True)
+            logs = self.model.evaluate(x, y, sample_weight=weights, verbose=0, return_dict=True)
         except Exception as exc:
             raise ValueError(
                 f"The model cannot run on the training data: {exc}. Received: "
@@ -674,7 +687,7 @@ class FineTuneSession:
         self, model: keras.Model, run: PhaseRun, name: str, value: Any
     ) -> str | None:
         """Apply one command on the worker; return a reason if the phase must end."""
-        x = run.epoch + run.batch / run.steps_per_epoch
+        x = run.epoch + run.fraction(run.batch)
         if name == "learning_rate":
             model.optimizer.learning_rate = value
             run.learning_rate = value
@@ -702,7 +715,7 @@ class FineTuneSession:
         if run is not None:
             run.rolled_back = True
         epoch = self.history.next_epoch if run is None else run.epoch
-        x = epoch if batch is None or run is None else run.epoch + batch / run.steps_per_epoch
+        x = epoch if batch is None or run is None else run.epoch + run.fraction(batch)
         self.history.add_marker(
             Marker("rollback", x, epoch, f"rolled back to epoch {best.epoch + 1}", best.epoch)
         )
