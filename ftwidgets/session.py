@@ -115,6 +115,7 @@ class PhaseRun:
         self._epoch_first_step = self._first_step
         self._dispatched = 0
         self._finished = 0
+        self._finished_before_epoch = 0
         self._room = threading.Condition()
 
     # -- called from the callbacks, on the worker thread ------------------
@@ -193,7 +194,11 @@ class PhaseRun:
 
     def end_epoch(self, model: keras.Model, epoch: int, logs: dict[str, Any]) -> None:
         session = self.session
-        batches = self.batch + 1
+        # Keras has flushed this epoch's batch ends, so every batch that ran has
+        # finished. On data of unknown length Keras also begins one batch past
+        # the end that never runs: forget it.
+        batches = self._finished - self._finished_before_epoch
+        self._finished_before_epoch = self._dispatched = self._finished
         if self.steps_per_epoch is None:
             self.steps_per_epoch = batches
             session.history.place_batches(self._epoch_first_step, batches, epoch)
@@ -309,7 +314,9 @@ class FineTuneSession:
         self.model = model
         self.task = tasks.model_task(model)
         self.loss = self._default_loss() if loss is None else loss
-        self.metrics = list(tasks.default_metrics(self.task) if metrics is None else metrics)
+        if metrics is None:
+            metrics = [] if self.task is None else tasks.default_metrics(self.task)
+        self.metrics = list(metrics)
         self.stream_batches = stream_batches
         self.progress_interval = float(progress_interval)
         self.history = History()
@@ -335,13 +342,7 @@ class FineTuneSession:
         _SESSIONS.add(self)
 
     def _default_loss(self) -> str:
-        if self.task is None:
-            raise ValueError(
-                "Cannot tell the task of this model's head (no 'head_dense' layer, and the "
-                "output layer is neither softmax nor sigmoid); pass loss=..., e.g. "
-                "loss='sparse_categorical_crossentropy'. Received: loss=None"
-            )
-        return tasks.default_loss(self.task, self._data.first_batch(32)[1])
+        return tasks.default_loss(tasks.require_task(self.model), self._data.first_batch(32)[1])
 
     # -- read-only views ----------------------------------------------------
     @property

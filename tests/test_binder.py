@@ -32,6 +32,7 @@ BINDER = REPO / "binder"
 # runtime and Lab's widget extension, which the version pins must fix too.
 EXPECTED_PINS = {
     "bqplot",
+    "grain",
     "h5py",
     "ipykernel",
     "ipython",
@@ -43,6 +44,7 @@ EXPECTED_PINS = {
     "keras",
     "numpy",
     "pandas",
+    "pillow",
     "scikit-learn",
 }
 # mybinder gives 1-2 GB of RAM; the kernel must leave room for the server and the browser tab.
