@@ -34,8 +34,9 @@ ftwidgets magics (after %load_ext ftwidgets):
       MODEL, X, Y, XV, YV are names in the namespace; dotted names such as
       data.x_train work too. LOSS and each metric are Keras names ("mse",
       "accuracy") or names of loss/metric objects in the namespace. Without
-      --loss the loss is sparse_categorical_crossentropy and the metrics
-      default to accuracy.
+      --loss the loss follows the model's head (sparse or categorical
+      crossentropy, binary crossentropy, or mean squared error) and the
+      metrics default to accuracy (mae for regression).
 
   %ftstatus
       One line per live fine-tuning session: state, phase, epoch, learning
@@ -43,7 +44,6 @@ ftwidgets magics (after %load_ext ftwidgets):
 """
 
 DEFAULT_PANEL_NAME = "_ftpanel"
-DEFAULT_LOSS = "sparse_categorical_crossentropy"
 # Metric names that Keras's compile() resolves from the loss, not from keras.metrics.get.
 _COMPILE_METRIC_ALIASES = frozenset({"acc", "accuracy", "crossentropy", "ce"})
 # Names IPython puts in the namespace itself (output history, input history).
@@ -202,7 +202,7 @@ class FineTuneMagics(Magics):
         metavar="F",
         help="hold out this fraction of the training arrays instead of --val",
     )
-    @argument("--loss", help=f"a Keras loss name or a loss in the namespace ({DEFAULT_LOSS})")
+    @argument("--loss", help="a Keras loss name or a loss in the namespace (from the head)")
     @argument(
         "--metrics",
         nargs="+",
@@ -249,11 +249,11 @@ class FineTuneMagics(Magics):
             if args.val is None
             else tuple(_resolve(namespace, token, "--val") for token in args.val)
         )
-        loss = DEFAULT_LOSS if args.loss is None else _keras_object(namespace, args.loss, "loss")
+        loss = None if args.loss is None else _keras_object(namespace, args.loss, "loss")
         if args.metrics is not None:
             metrics = [_keras_object(namespace, token, "metrics") for token in args.metrics]
         else:
-            metrics = ["accuracy"] if args.loss is None else []
+            metrics = None if args.loss is None else []
 
         from ftwidgets.panel import FineTunePanel
 

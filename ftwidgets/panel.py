@@ -52,8 +52,8 @@ class FineTunePanel(widgets.VBox):
         model: a model from ``build_transfer_model``; omit it when passing ``session``.
         train: ``(x, y)`` arrays or a ``keras.utils.PyDataset``.
         validation: ``(x, y)`` arrays or a ``keras.utils.PyDataset``.
-        loss: any Keras loss.
-        metrics: Keras metrics, e.g. ``["accuracy"]``.
+        loss: any Keras loss; None follows the task of the model's head.
+        metrics: Keras metrics, e.g. ``["accuracy"]``; None follows the task.
         session: wrap an existing ``FineTuneSession`` instead of creating one.
         epochs: the initial epochs per phase.
         batch_size: the initial batch size.
@@ -79,7 +79,7 @@ class FineTunePanel(widgets.VBox):
         train: Any = None,
         validation: Any = None,
         *,
-        loss: Any = "sparse_categorical_crossentropy",
+        loss: Any = None,
         metrics: list[Any] | None = None,
         session: FineTuneSession | None = None,
         epochs: int = 30,
@@ -590,6 +590,11 @@ class FineTunePanel(widgets.VBox):
         parts = [f"<b>{html.escape(state)}</b>"]
         started = self._phase_started
         fraction = 0.0
+        if state == "compiling":
+            # Between Start and the first batch: unfreezing, compiling, checking the monitor.
+            parts.append(f"{html.escape(self.phase.value)} phase")
+            parts.append("preparing the model; the first batch follows")
+            started = None
         if started is not None:
             done_epochs = len(self._epoch_times)
             progress = self._last_progress

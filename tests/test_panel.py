@@ -179,9 +179,13 @@ def test_unknown_monitor_is_reported_and_nothing_trains(panel):
     before = weights(panel.session.model)
     panel.monitor.value = "val_precision"
     panel.start_button.click()
+    # Checked on the worker against the compiled metrics, before the first batch.
+    assert panel.session.wait(WAIT)
     assert "val_precision" in panel.error_message.value
     assert "val_accuracy" in panel.error_message.value  # lists what is logged
-    assert panel.session.state == "idle" and len(panel.session.history) == 0
+    assert panel.session.state == "failed" and len(panel.session.history) == 0
+    assert "failed" in panel.status.value
+    assert not panel.start_button.disabled
     assert same(weights(panel.session.model), before)
     # Fixing the input makes the panel work again.
     panel.monitor.value = "val_loss"
