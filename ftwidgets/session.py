@@ -1012,7 +1012,10 @@ def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
         session.wait(max(0.0, deadline - time.monotonic()))
 
 
-atexit.register(_stop_sessions_at_exit)
+# Before Python joins its threads and shuts down thread pools (Keras dispatches
+# batch ends to one, and a pool refusing work would fail the phase instead of
+# stopping it): the hook concurrent.futures itself uses, else plain atexit.
+getattr(threading, "_register_atexit", atexit.register)(_stop_sessions_at_exit)
 
 
 def _make_optimizer(config: PhaseConfig) -> keras.optimizers.Optimizer:

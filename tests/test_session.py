@@ -534,3 +534,43 @@ def test_commands_are_never_an_epoch_behind_the_device(data, monkeypatch):
     from ftwidgets import session as session_module
 
     assert lag_during_a_phase(data) <= session_module.MAX_IN_FLIGHT + 1
+
+
+def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(data):
+    session = make_session(data)
+    rec = Recorder(session)
+    es = ftw.EarlyStoppingConfig(monitor="val_loss", patience=100)
+    session.run(ftw.PhaseConfig(phase="head", epochs=6, batch_size=16, learning_rate=3e-3), es)
+    val_loss = np.array([r.logs["val_loss"] for r in session.history.epochs])
+    val_acc = np.array([r.logs["val_accuracy"] for r in session.history.epochs])
+    loss_best = session.best.epoch
+    assert loss_best == int(np.argmin(val_loss))
+    # The worst val_loss epoch (the first, before the head learned) was never kept.
+    session.update_early_stopping(mode="max")
+    worst = int(np.argmax(val_loss))
+    assert worst != loss_best
+    assert (session.best.epoch, session.best.value) == (worst, val_loss[worst])
+    changed = rec.of(ev.BestChanged)[-1]
+    assert changed.best == session.best and not changed.kept
+    with pytest.raises(ValueError) as info:
+        session.rollback()
+    message = str(info.value)
+    assert f"epoch {worst + 1}, but its weights were not kept" in message
+    assert f"Epochs with kept weights: {loss_best + 1}" in message
+    # Back to min: the old best's weights were retained, so rollback restores them.
+    session.update_early_stopping(mode="min")
+    assert session.best.epoch == loss_best and rec.of(ev.BestChanged)[-1].kept
+    kernel = session.model.get_layer("head_dense").kernel
+    kernel.assign(np.zeros(kernel.shape, dtype="float32"))
+    assert session.rollback().epoch == loss_best
+    logs = session.model.evaluate(data.x_val, data.y_val, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(val_loss[loss_best], rel=1e-5)
+    # A new monitor at the next start: the best of val_accuracy among recorded epochs.
+    session.run(
+        ftw.PhaseConfig(phase="head", epochs=1, batch_size=16),
+        ftw.EarlyStoppingConfig(monitor="val_accuracy", patience=100),
+    )
+    first_best = int(np.argmax(val_acc))
+    all_acc = [r.logs["val_accuracy"] for r in session.history.epochs]
+    expected = first_best if all_acc[-1] <= val_acc[first_best] else len(all_acc) - 1
+    assert session.best.epoch == expected and session.best.monitor == "val_accuracy"
