@@ -1,11 +1,12 @@
-"""Benchmarks of ftwidgets: training overhead, chart traffic and responsiveness.
+"""Benchmarks of ftwidgets: training overhead, chart traffic, responsiveness, startup.
 
 One command, from the repository root::
 
     .venv/bin/python benchmarks/run.py            # full run, a few minutes; writes RESULTS.md
     .venv/bin/python benchmarks/run.py --quick    # smoke test, under a minute; writes nothing
+    .venv/bin/python benchmarks/run.py --sections startup --no-write   # one section
 
-It measures, in one process:
+It measures (1-4 in one process, 5 in child processes):
 
 1. Overhead: the steady-state epoch time of the same model and data under
    (a) a bare ``model.fit(verbose=0)``, (b) a ``FineTuneSession`` without a panel,
@@ -21,6 +22,11 @@ It measures, in one process:
    memory held by snapshots.
 4. The device JAX actually used; on a GPU the overhead figures are reported as
    GPU figures.
+5. Startup (section ``startup``): from a Start click on the panel to ``click()``
+   returning, to the first batch dispatched and to the first loss, cold (a fresh
+   child process without a persistent compilation cache) and warm (the same phase
+   again in that process). ``--compare BEFORE.json AFTER.json`` renders a
+   before/after table from two raw JSON files.
 
 See ``benchmarks/README.md`` for the method.
 """
@@ -56,14 +62,21 @@ sys.path.insert(0, str(ROOT / "tests"))  # recording_comm.py
 
 import jax  # noqa: E402
 
-# Each phase recompiles (a new optimizer), so every arm pays a JIT in its first
-# epoch. That epoch is never timed; a persistent compilation cache only makes it
-# shorter, so the benchmark fits in a few minutes. The executables are the same.
-_JAX_CACHE = tempfile.mkdtemp(prefix="ftwidgets-bench-jax-cache-")
-atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The startup section times compilation itself: each of its measurements runs in a
+# child process (this script, with this variable set) that has no persistent cache.
+STARTUP_CHILD_ENV = "FTWIDGETS_BENCH_STARTUP_CHILD"
+if os.environ.get(STARTUP_CHILD_ENV):
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax.config.update("jax_compilation_cache_dir", None)
+else:
+    # Each phase recompiles (a new optimizer), so every arm pays a JIT in its first
+    # epoch. That epoch is never timed; a persistent compilation cache only makes it
+    # shorter, so the benchmark fits in a few minutes. The executables are the same.
+    _JAX_CACHE = tempfile.mkdtemp(prefix="ftwidgets-bench-jax-cache-")
+    atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -71,6 +84,7 @@ import numpy as np  # noqa: E402
 import ftwidgets as ftw  # noqa: E402
 from ftwidgets import transfer  # noqa: E402
 from ftwidgets.events import (  # noqa: E402
+    BatchProgress,
     EpochEnded,
     EpochRecord,
     LearningRateChanged,
@@ -85,6 +99,7 @@ from ftwidgets.history import History, Marker, PhaseSpan  # noqa: E402
 from ftwidgets.snapshots import capture  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTIONS = ("overhead", "traffic", "responsiveness", "startup")
 NOTES_BEGIN = "<!-- notes: kept across runs -->"
 NOTES_END = "<!-- /notes -->"
 LOSS = "sparse_categorical_crossentropy"
@@ -868,6 +883,397 @@ def measure_rollback(repeats: int, res: Responsiveness) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# startup: click to first batch
+# ---------------------------------------------------------------------------------------
+STARTUP_MARKER = "STARTUP-RESULT "
+STARTUP_FORMAT = 1  # of the raw JSON's "startup" entry, for --compare
+STARTUP_EPOCHS = 1
+STARTUP_TIMEOUT = 600.0  # seconds one phase may take before the benchmark gives up
+STARTUP_SETTLE = 0.5  # seconds of quiet before each click (the last phase's threads end)
+# (model key, label, description, phases in the order one child process runs them)
+STARTUP_MODELS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "demo": (
+        "demo",
+        "`demo.pretrained_base()` (8x8 digits CNN) + `build_transfer_model(num_classes=5)`, "
+        "`digits_transfer(per_class=10, seed=0)`: 50 images, 150 validation, batch 16",
+        ("head",),
+    ),
+    "mobilenetv3small": (
+        "MobileNetV3Small",
+        "`keras.applications.MobileNetV3Small(input_shape=(96, 96, 3), include_top=False, "
+        "weights=None)` + `build_transfer_model(num_classes=5)`, 64 synthetic 96x96 RGB "
+        "images, 16 validation, batch 16",
+        ("head", "finetune"),
+    ),
+}
+STARTUP_MEASURES = (
+    ("returns_s", "click → `click()` returns"),
+    ("first_batch_s", "click → first batch dispatched"),
+    ("first_loss_s", "click → first loss"),
+)
+STARTUP_RETURN_TARGET = 0.050  # the issue: start() returns within 50 ms
+
+
+class PhaseFailedError(RuntimeError):
+    """A timed phase did not end normally (the benchmark must not report its times)."""
+
+
+def startup_data(name: str) -> tuple[keras.Model, tuple[Any, Any], tuple[Any, Any]]:
+    """The model and data of one startup workload (built before any click; not timed)."""
+    keras.utils.set_random_seed(0)
+    if name == "demo":
+        data = ftw.demo.digits_transfer(per_class=10, seed=0)
+        model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+        return model, (data.x_train, data.y_train), (data.x_val, data.y_val)
+    if name == "mobilenetv3small":
+        base = keras.applications.MobileNetV3Small(
+            input_shape=(96, 96, 3), include_top=False, weights=None
+        )
+        model = ftw.build_transfer_model(base, num_classes=5)
+        rng = np.random.default_rng(0)
+        x = rng.uniform(0.0, 255.0, size=(80, 96, 96, 3)).astype(np.float32)
+        y = rng.integers(0, 5, size=80).astype(np.int32)
+        return model, (x[:64], y[:64]), (x[64:], y[64:])
+    raise ValueError(f"unknown startup model {name!r}; known: {sorted(STARTUP_MODELS)}")
+
+
+def startup_config(phase: str) -> ftw.PhaseConfig:
+    return ftw.PhaseConfig(
+        phase=phase,
+        learning_rate=1e-3 if phase == "head" else 1e-5,
+        epochs=STARTUP_EPOCHS,
+        batch_size=16,
+        unfreeze_depth=0 if phase == "head" else 2,
+        dropout=0.3,
+    )
+
+
+def time_click(panel: Any, config: ftw.PhaseConfig) -> dict[str, Any]:
+    """Set the panel's controls to ``config``, click Start, and time what follows.
+
+    Public API only (the same code must time the old and the new ``start()``): the
+    click returning; the first ``BatchProgress`` event (the worker reaching batch 0,
+    before its train step is traced); the first per-batch loss reaching the history
+    (``history.record_batch`` wrapped on the instance, with a poll of
+    ``history.batch_count`` from this thread as the fallback and the wait); then
+    ``session.wait()``. Raises ``PhaseFailedError`` unless the phase ended idle.
+    """
+    session = panel.session
+    history = session.history
+    panel.phase.value = config.phase
+    if config.phase == "finetune":
+        panel.unfreeze_depth.value = config.unfreeze_depth
+    panel.learning_rate_text.value = repr(config.learning_rate)
+    panel.epochs.value = config.epochs
+    panel.batch_size.value = config.batch_size
+    panel.dropout.value = config.dropout
+    panel.early_stopping.value = False
+    panel.stream_batches.value = True
+    if panel.phase_config() != config:
+        raise RuntimeError(f"panel config {panel.phase_config()} != {config}")
+
+    stamps: dict[str, float] = {}
+
+    def listener(event: Any) -> None:
+        if isinstance(event, BatchProgress) and "batch" not in stamps:
+            stamps["batch"] = time.perf_counter()
+
+    recorder = history.record_batch  # the bound method
+
+    def record_batch(*args: Any, **kwargs: Any) -> Any:
+        if "loss" not in stamps:
+            stamps["loss"] = time.perf_counter()
+        return recorder(*args, **kwargs)
+
+    def failure(what: str) -> PhaseFailedError:
+        error = session.error
+        shown = panel.error_area.layout.display != "none"
+        return PhaseFailedError(
+            f"{config.phase} phase: {what}; session state {session.state!r}, "
+            f"session.error {error.message if error is not None else None!r}, "
+            f"panel error {panel.error_message.value if shown else None!r}"
+        )
+
+    before = history.batch_count
+    gc.collect()
+    time.sleep(STARTUP_SETTLE)
+    session.on_event(listener)
+    history.record_batch = record_batch  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        panel.start_button.click()
+        returned = time.perf_counter()
+        state_after_click = session.state
+        deadline = returned + STARTUP_TIMEOUT
+        while True:
+            state = session.state  # read before the count: "idle" then means ended
+            if history.batch_count > before:
+                polled = time.perf_counter()
+                break
+            if state == "failed" or panel.error_area.layout.display != "none":
+                raise failure("failed before its first batch loss")
+            if state == "idle":
+                raise failure(
+                    f"ended without a batch loss (state after click {state_after_click!r})"
+                )
+            if time.perf_counter() > deadline:
+                raise failure(f"no batch loss within {STARTUP_TIMEOUT:.0f} s")
+            time.sleep(0.001)
+        if not session.wait(STARTUP_TIMEOUT):
+            raise failure(f"still running after {STARTUP_TIMEOUT:.0f} s")
+        ended = time.perf_counter()
+    finally:
+        session.on_event(listener, remove=True)
+        history.__dict__.pop("record_batch", None)
+    if (
+        session.state != "idle"
+        or session.error is not None
+        or panel.error_area.layout.display != "none"
+    ):
+        raise failure("did not end idle")
+    if "batch" not in stamps:
+        raise failure("trained without a BatchProgress event")
+    return {
+        "phase": config.phase,
+        "returns_s": returned - t0,
+        "first_batch_s": stamps["batch"] - t0,
+        "first_loss_s": stamps.get("loss", polled) - t0,
+        "first_loss_source": "record_batch" if "loss" in stamps else "poll",
+        "first_loss_poll_s": polled - t0,
+        "end_s": ended - t0,
+        "state_after_click": state_after_click,
+        "batches": history.batch_count - before,
+    }
+
+
+def startup_child(name: str) -> dict[str, Any]:
+    """One cold process: build the model and a panel, then click Start per phase, twice.
+
+    The first click of a phase is "cold" (nothing of that phase compiled in this
+    process), the second, on the same panel with the same settings once the first
+    ended, is "warm".
+    """
+    from recording_comm import record_comms
+
+    cache = {
+        "jax_enable_compilation_cache": bool(jax.config.jax_enable_compilation_cache),
+        "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir,
+    }
+    if cache["jax_enable_compilation_cache"] or cache["jax_compilation_cache_dir"]:
+        raise RuntimeError(f"a persistent compilation cache is on in a cold process: {cache}")
+    model, train, validation = startup_data(name)
+    clicks = []
+    with record_comms() as rec:
+        panel = ftw.FineTunePanel(
+            model,
+            train=train,
+            validation=validation,
+            loss=LOSS,
+            metrics=METRICS,
+            epochs=STARTUP_EPOCHS,
+            batch_size=16,
+        )
+        try:
+            for phase in STARTUP_MODELS[name][2]:
+                config = startup_config(phase)
+                for start in ("cold", "warm"):
+                    clicks.append({"start": start, **time_click(panel, config)})
+        finally:
+            panel.close()
+        if rec.errors:
+            raise RuntimeError(f"messages a kernel could not pack: {rec.errors[:3]}")
+    return {
+        "model": name,
+        "pid": os.getpid(),
+        "device": str(jax.devices()[0]),
+        "params": int(model.count_params()),
+        "cache": cache,
+        "clicks": clicks,
+    }
+
+
+def run_startup_child(name: str) -> dict[str, Any]:
+    """Run ``startup_child`` in a fresh interpreter without a persistent JAX cache."""
+    env = dict(os.environ)
+    env[STARTUP_CHILD_ENV] = "1"
+    env["KERAS_BACKEND"] = "jax"
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    command = [sys.executable, str(Path(__file__).resolve()), "--startup-child", name]
+    done = subprocess.run(
+        command,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=8 * STARTUP_TIMEOUT,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(STARTUP_MARKER)]
+    if done.returncode != 0 or not lines:
+        tail = (done.stdout + done.stderr)[-4000:]
+        raise RuntimeError(f"startup child {name!r} failed (exit {done.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(STARTUP_MARKER) :])
+
+
+def measure_startup(models: Sequence[str], runs: int, code: str, info: dict[str, str]) -> dict:
+    """``runs`` cold child processes per model, interleaved; the raw figures and rows."""
+    log(f"\n[startup] {runs} cold process(es) per model: {', '.join(models)}")
+    load_start = loadavg()
+    children: list[dict[str, Any]] = []
+    for run in range(runs):
+        for name in models:
+            child = run_startup_child(name)
+            children.append(child)
+            log(
+                f"  run {run + 1}/{runs} {name}: "
+                + "; ".join(
+                    f"{c['phase']} {c['start']}: returns {c['returns_s'] * 1e3:.0f} ms, "
+                    f"batch {c['first_batch_s'] * 1e3:.0f} ms, "
+                    f"loss {c['first_loss_s'] * 1e3:.0f} ms ({c['state_after_click']})"
+                    for c in child["clicks"]
+                )
+            )
+    rows = []
+    for name in models:
+        for phase in STARTUP_MODELS[name][2]:
+            for start in ("cold", "warm"):
+                clicks = [
+                    c
+                    for child in children
+                    if child["model"] == name
+                    for c in child["clicks"]
+                    if c["phase"] == phase and c["start"] == start
+                ]
+                row: dict[str, Any] = {"model": name, "phase": phase, "start": start}
+                for key in ("returns_s", "first_batch_s", "first_loss_s", "end_s"):
+                    row[key] = [c[key] for c in clicks]
+                row["state_after_click"] = sorted({c["state_after_click"] for c in clicks})
+                rows.append(row)
+    return {
+        "format": STARTUP_FORMAT,
+        "code": code,
+        "written": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": info["cpu"],
+        "device": info["device"],
+        "versions": info["versions"],
+        "epochs": STARTUP_EPOCHS,
+        "runs": runs,
+        "cache": "off: jax_enable_compilation_cache=False, jax_compilation_cache_dir=None "
+        "(read back in every child)",
+        "load_start": load_start,
+        "load_end": loadavg(),
+        "params": {child["model"]: child["params"] for child in children},
+        "rows": rows,
+        "children": children,
+    }
+
+
+def code_label(info: dict[str, str]) -> str:
+    """The commit measured, with ``+`` when ``ftwidgets/`` had uncommitted changes."""
+    commit = info["commit"].split(" ", 1)[0] or "?"
+    return commit + ("+" if "uncommitted" in info["commit"] else "")
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if abs(ms) >= 100 else f"{ms:.1f}"
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    s = Spread(list(values))
+    return _ms(s.median) if s.n == 1 else f"{_ms(s.median)} ({_ms(s.low)}-{_ms(s.high)})"
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    label = STARTUP_MODELS.get(row["model"], (row["model"],))[0]
+    return f"{label} | {row['phase']} | {row['start']}"
+
+
+def startup_table(startup: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Through `FineTunePanel`: controls set, `start_button.click()`, then `wait()`; "
+        f"{startup['epochs']} epoch per phase. Cold: the first start of that phase in a fresh "
+        f"process ({startup['runs']} {'process' if startup['runs'] == 1 else 'processes'} per "
+        "model; the fine-tune phase follows the head phase in the same process). Warm: a "
+        "second click on the same panel, same settings, after the first phase ended. JAX "
+        "persistent compilation cache: "
+        f"{startup['cache']}. Code `{startup['code']}`, device `{startup['device']}`, load "
+        f"average (1 min) {startup['load_start'][0]:.2f} at the start, "
+        f"{startup['load_end'][0]:.2f} at the end.",
+        "",
+    ]
+    for name, (label, description, _) in STARTUP_MODELS.items():
+        if name in startup["params"]:
+            lines.append(f"- **{label}**: {description}; {startup['params'][name]:,} parameters.")
+    lines += [
+        "",
+        "| model | phase | start | " + " | ".join(f"{t}, ms" for _, t in STARTUP_MEASURES)
+        + " | runs | state after click | code |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for row in startup["rows"]:
+        cells = " | ".join(_cell(row[key]) for key, _ in STARTUP_MEASURES)
+        lines.append(
+            f"| {_row_label(row)} | {cells} | {len(row['returns_s'])} | "
+            f"{', '.join(row['state_after_click'])} | {startup['code']} |"
+        )
+    worst = max(startup["rows"], key=lambda r: statistics.median(r["returns_s"]))
+    worst_ms = statistics.median(worst["returns_s"])
+    lines += [
+        "",
+        "Cells: median (min-max) over the runs, ms from the click.",
+        f"- `click()` returns within {STARTUP_RETURN_TARGET * 1e3:.0f} ms (the issue's target, "
+        f"on every row's median): {'met' if worst_ms <= STARTUP_RETURN_TARGET else '**missed**'}"
+        f" (largest median {_ms(worst_ms)} ms: {_row_label(worst).replace(' | ', ', ')}).",
+    ]
+    return lines
+
+
+def startup_comparison(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """A before/after table from two raw ``startup`` entries, matched by row."""
+    for name, entry in (("before", before), ("after", after)):
+        if entry.get("format") != STARTUP_FORMAT:
+            raise ValueError(f"{name}: not a startup entry of format {STARTUP_FORMAT}")
+    lines = [
+        f"Before: code `{before['code']}`, {before['written']}, {before['machine']}, "
+        f"`{before['device']}`, load {before['load_start'][0]:.2f}. After: code "
+        f"`{after['code']}`, {after['written']}, {after['machine']}, `{after['device']}`, "
+        f"load {after['load_start'][0]:.2f}.",
+    ]
+    if (before["machine"], before["device"]) != (after["machine"], after["device"]):
+        lines.append("**The two were measured on different machines or devices.**")
+    lines += [
+        "",
+        "| model | phase | start | "
+        + " | ".join(f"{t}: before | after" for _, t in STARTUP_MEASURES)
+        + " | runs before/after |",
+        "|---|---|---|" + "---|" * (2 * len(STARTUP_MEASURES) + 1),
+    ]
+    keyed = {(r["model"], r["phase"], r["start"]): r for r in before["rows"]}
+    for row in after["rows"]:
+        old = keyed.get((row["model"], row["phase"], row["start"]))
+        cells = " | ".join(
+            f"{_cell(old[key]) if old else '-'} | {_cell(row[key])}" for key, _ in STARTUP_MEASURES
+        )
+        runs = f"{len(old['returns_s']) if old else 0}/{len(row['returns_s'])}"
+        lines.append(f"| {_row_label(row)} | {cells} | {runs} |")
+    lines += ["", "Cells: median (min-max) over the runs, ms from the click."]
+    if before.get("quick") or after.get("quick"):
+        lines.append("At least one side is a `--quick` run.")
+    return lines
+
+
+def read_startup_raw(path: str) -> dict[str, Any]:
+    """The ``startup`` entry of a raw JSON file written by this script."""
+    raw = json.loads(Path(path).read_text())
+    if "startup" not in raw:
+        raise SystemExit(f"{path} has no startup results (run with --sections startup)")
+    return raw["startup"]
+
+
+# ---------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------
 def machine_info() -> dict[str, str]:
@@ -1119,13 +1525,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sections",
-        default="overhead,traffic,responsiveness",
-        help="comma-separated subset of overhead,traffic,responsiveness",
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; with --quick "
+        "all but startup, whose cold processes alone take about 2 min)",
     )
+    parser.add_argument(
+        "--startup-runs",
+        type=int,
+        metavar="N",
+        help="startup: cold processes per model (default 3; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--compare-with",
+        metavar="BEFORE.json",
+        help="startup: add a before/after table against this raw JSON of an earlier run",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BEFORE.json", "AFTER.json"),
+        help="print the startup before/after table of two raw JSON files; run nothing",
+    )
+    parser.add_argument("--startup-child", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)  # fmt: skip
+    if args.startup_child:
+        # A cold process of the startup section (started by measure_startup).
+        result = startup_child(args.startup_child)
+        print(STARTUP_MARKER + json.dumps(result), flush=True)
+        return 0
+    if args.compare:
+        before, after = (read_startup_raw(path) for path in args.compare)
+        log("\n".join(startup_comparison(before, after)))
+        return 0
+    compare_with = read_startup_raw(args.compare_with) if args.compare_with else None
     quick = args.quick
     write = (not quick) if args.write is None else args.write
-    sections = set(args.sections.split(","))
+    if args.sections is None:
+        sections = set(SECTIONS) - ({"startup"} if quick else set())
+    else:
+        sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(sections - set(SECTIONS))}; known: {SECTIONS}")
     began = time.monotonic()
     if args.wait_load > 0:
         wait_for_quiet(args.wait_load, args.max_wait)
@@ -1164,6 +1603,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_workload = big_workload(1024 if quick else 4096, 3)
         measure_stop_and_lr(stop_workload, 2 if quick else 4, 4 if quick else 10, res)
         measure_rollback(2 if quick else 4, res)
+
+    startup = None
+    if "startup" in sections:
+        runs = args.startup_runs or (1 if quick else 3)
+        startup = measure_startup(list(STARTUP_MODELS), runs, code_label(info), info)
+        startup["quick"] = quick
 
     load_end = loadavg()
     elapsed = time.monotonic() - began
@@ -1218,6 +1663,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "1 s).",
             "",
         ]
+    if startup is not None:
+        out += ["## 5. Startup: click to first batch", "", *startup_table(startup), ""]
+        if compare_with is not None:
+            out += [
+                "Before/after (`--compare-with`):",
+                "",
+                *startup_comparison(compare_with, startup),
+                "",
+            ]
     report = "\n".join(out)
     log("\n" + report)
     if findings:
@@ -1239,9 +1693,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             {"batches": r.batches, "updates": r.updates, "total": r.total} for r in traffic
         ],
     }
+    if startup is not None:
+        raw["startup"] = startup
     out_dir = ROOT / "benchmarks" / "out"
     out_dir.mkdir(exist_ok=True)
-    (out_dir / ("raw-quick.json" if quick else "raw.json")).write_text(json.dumps(raw, indent=1))
+    raw_path = out_dir / ("raw-quick.json" if quick else "raw.json")
+    raw_path.write_text(json.dumps(raw, indent=1))
+    log(f"raw figures: {raw_path.relative_to(ROOT)}")
     return 0
 
 
