@@ -461,7 +461,7 @@ class OverheadResult:
 # Hooks timed by the instrumented run: (label, owner, attribute). Nested hooks are
 # included in their callers' figures (see the labels).
 def _hooks() -> list[tuple[str, Any, str]]:
-    from ftwidgets import callbacks, charts, panel, snapshots
+    from ftwidgets import callbacks, charts, panel, session, snapshots
 
     return [
         ("`SessionControl.on_train_batch_begin` (every batch; incl. progress events)",
@@ -472,6 +472,8 @@ def _hooks() -> list[tuple[str, Any, str]]:
          callbacks.SessionControl, "on_epoch_end"),
         ("  of which `SnapshotStore.set_best` (host copy of a new best)",
          snapshots.SnapshotStore, "set_best"),
+        ("  of which `first_non_finite` (NaN check of the trainable weights)",
+         session, "first_non_finite"),
         ("`FineTunePanel._on_session_event` (all events, wherever emitted)",
          panel.FineTunePanel, "_on_session_event"),
         ("`TrainingCharts.on_event` (all events, incl. redraws it runs)",
