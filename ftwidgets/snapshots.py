@@ -58,7 +58,7 @@ def first_non_finite(variables: Iterable[Any]) -> str | None:
     >>> layer.build((None, 3))
     >>> first_non_finite(layer.variables) is None
     True
-    >>> layer.kernel.assign(layer.kernel * float("nan"))
+    >>> _ = layer.kernel.assign(layer.kernel * float("nan"))
     >>> first_non_finite(layer.variables)
     'dense/kernel'
     """
@@ -104,7 +104,7 @@ def restore(model, snapshot: Snapshot) -> None:
     >>> layer = keras.layers.Dense(2)
     >>> layer.build((None, 3))
     >>> snap = capture(layer, "before")
-    >>> layer.kernel.assign(layer.kernel + 1.0)
+    >>> _ = layer.kernel.assign(layer.kernel + 1.0)
     >>> restore(layer, snap)
     >>> bool((layer.kernel.numpy() == snap.values[0]).all())
     True
