@@ -37,10 +37,13 @@ WALKTHROUGHS = {
     "02_two_phase_fine_tuning.ipynb": 1,
     "03_early_stopping_and_rollback.ipynb": 2,
     "04_bring_your_own_model.ipynb": 2,
+    "05_your_own_images.ipynb": 1,
 }
 # The issue's budget: about a minute each, two at most (override on a slow machine).
 BUDGET_S = float(os.environ.get("FTWIDGETS_NOTEBOOK_BUDGET_S", "120"))
 CELL_TIMEOUT_S = 300
+# Binder gives a kernel about 2 GB; each walkthrough's kernel must peak below this.
+KERNEL_MEMORY_BUDGET_MIB = 1536
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 PROBE_TAG = "FTWIDGETS-PROBE "
 PROBE = f"""\
@@ -62,7 +65,7 @@ def notebook_paths() -> list[Path]:
 # -- committed clean (no kernel) ------------------------------------------------------------
 
 
-def test_the_four_walkthroughs_are_there():
+def test_the_walkthroughs_are_there():
     assert [p.name for p in notebook_paths()] == sorted(WALKTHROUGHS)
 
 
@@ -85,10 +88,19 @@ def test_quickstart_is_five_cells():
     assert len(nb.cells) == 5
 
 
-def test_bring_your_own_model_has_the_offline_switch():
-    text = (NOTEBOOKS / "04_bring_your_own_model.ipynb").read_text()
+@pytest.mark.parametrize("name", ["04_bring_your_own_model.ipynb", "05_your_own_images.ipynb"])
+def test_imagenet_walkthroughs_have_the_offline_switch(name):
+    text = (NOTEBOOKS / name).read_text()
     assert "FTWIDGETS_OFFLINE" in text
     assert "create_connection" in text  # the fast check when the switch is not set
+
+
+def test_your_own_images_writes_a_folder_and_reads_it_with_grain():
+    nb = nbformat.read(NOTEBOOKS / "05_your_own_images.ipynb", as_version=4)
+    code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+    assert "keras.utils.save_img(" in code  # it writes its own folder: nothing to download
+    assert "keras.utils.image_dataset_from_directory(" in code
+    assert 'format="grain"' in code
 
 
 # -- running them ----------------------------------------------------------------------------
@@ -253,6 +265,11 @@ def test_walkthrough_runs_and_its_panels_train(name):
     # The kernel is this environment's Python (python3 resolves to the venv).
     assert run.probe["prefix"] == sys.prefix
     assert run.seconds < BUDGET_S, f"{name} took {run.seconds:.0f} s (budget {BUDGET_S:.0f} s)"
+    peak_mib = run.probe["peak_rss_kb"] / 1024
+    assert peak_mib < KERNEL_MEMORY_BUDGET_MIB, (
+        f"{name}: the kernel peaked at {peak_mib:.0f} MiB "
+        f"(budget {KERNEL_MEMORY_BUDGET_MIB} MiB; Binder gives about 2 GB)"
+    )
 
     stderr = run.stream("stderr")
     assert "Traceback" not in stderr
@@ -291,3 +308,15 @@ def test_walkthroughs_print_their_results():
     four = execute("04_bring_your_own_model.ipynb").stream()
     assert "weights=None" in four  # FTWIDGETS_OFFLINE=1 skipped the download
     assert "own Functional base, head phase: test accuracy" in four
+
+    five = execute("05_your_own_images.ipynb").stream()
+    assert "weights=None" in five  # FTWIDGETS_OFFLINE=1 skipped the download
+    names = "['digit_5', 'digit_6', 'digit_7', 'digit_8', 'digit_9']"
+    assert f"class names (label i is class_names[i]): {names}" in five
+    assert "one batch: images (16, 32, 32, 3) float32, values 0 to 255" in five
+    assert "loss: sparse_categorical_crossentropy, metrics: ['accuracy']" in five
+    assert re.search(r"base layers trained in the fine-tune phase: \[('[\w]+', ){3}'[\w]+'\]", five)
+    best = re.search(r"best epoch (\d+) \((head|finetune) phase\): val_loss [\d.]+", five)
+    assert best and 1 <= int(best.group(1)) <= 8  # 5 head epochs, then 3 fine-tune
+    accuracy = float(re.search(r"validation accuracy now, weights=None: ([\d.]+)", five).group(1))
+    assert 0.0 <= accuracy <= 1.0
