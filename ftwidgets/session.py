@@ -413,14 +413,15 @@ class FineTuneSession:
 
     def _prepare(self, config: PhaseConfig, es: EarlyStoppingConfig | None) -> PhaseRun:
         model = self.model
-        max_depth = len(transfer.unfreezable_layers(model))
+        unit = config.unfreeze_unit or transfer.default_unit(model)
+        max_depth = len(transfer.unfreeze_units(model, unit))
         depth = config.unfreeze_depth
         if depth is None:
             depth = 0 if config.phase == "head" else max_depth
         if depth > max_depth:
             raise ValueError(
-                f"unfreeze_depth={depth} goes past the base, which has {max_depth} layers that "
-                f"can be unfrozen. Received: unfreeze_depth={depth}"
+                f"unfreeze_depth={depth} goes past the base, which has {max_depth} {unit}s that "
+                f"can be unfrozen. Received: unfreeze_depth={depth}, unfreeze_unit={unit!r}"
             )
         self._data.check(model, self.loss, config.batch_size)
         if es is not None and es.monitor.startswith("val_") and not self._data.has_validation:
@@ -433,7 +434,7 @@ class FineTuneSession:
         trainable_before = {id(layer): layer.trainable for layer in model._flatten_layers()}
         try:
             trainable = transfer.unfreeze(
-                model, depth, keep_batchnorm_frozen=config.keep_batchnorm_frozen
+                model, depth, keep_batchnorm_frozen=config.keep_batchnorm_frozen, unit=unit
             )
             if config.dropout is not None:
                 transfer.set_head_dropout(model, config.dropout)
