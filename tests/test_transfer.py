@@ -6,11 +6,11 @@ import ftwidgets  # noqa: F401
 # isort: split
 import doctest
 from collections.abc import Sequence
-from html.parser import HTMLParser
 
 import keras
 import numpy as np
 import pytest
+from html_table import folded_rows, table_rows
 
 from ftwidgets.transfer import (
     FreezeMap,
@@ -577,9 +577,14 @@ def test_efficientnet_groups_blocks_and_collapses_the_freeze_map(efficientnet):
     assert "class='ftwidgets-freeze-map'" in page
     assert page.count("<details>") == len(blocks) == 16
     assert page.count("class='ftwidgets-freeze-map-block'") == 16
-    top_rows = _top_level_rows(page)
+    top_rows = table_rows(page)
     assert len(top_rows) == len(fmap.groups) + 3  # + the header, the "head" line and the totals
-    block7a = next(cells for cells in top_rows if cells and cells[0].startswith("block7a"))
+    block7a = next(cells for cells in top_rows if cells[0] == "block7a")
+    assert [cells[0] for cells in folded_rows(page, "block7a")][:2] == [
+        "block7a_expand_conv",
+        "block7a_expand_bn",
+    ]
+    assert len(folded_rows(page, "block7a")) == 13
     assert block7a[1:4] == [
         "block (13 layers)",
         f"{groups['block7a'].trainable_params:,}",
@@ -731,38 +736,6 @@ def test_freeze_map_html_escapes_names():
     page = freeze_map(model)._repr_html_()
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "<b>" not in page and "block1_&lt;b&gt;dense" in page
-
-
-def _top_level_rows(page):
-    """Cell texts of each row of the outer table (rows of nested tables left out)."""
-
-    class Rows(HTMLParser):
-        def __init__(self):
-            super().__init__()
-            self.depth, self.rows, self.cell = 0, [], None
-
-        def handle_starttag(self, tag, attrs):
-            if tag == "table":
-                self.depth += 1
-            elif self.depth == 1 and tag == "tr":
-                self.rows.append([])
-            elif self.depth == 1 and tag in ("td", "th"):
-                self.cell = []
-
-        def handle_endtag(self, tag):
-            if tag == "table":
-                self.depth -= 1
-            elif self.depth == 1 and tag in ("td", "th") and self.cell is not None:
-                self.rows[-1].append("".join(self.cell).strip())
-                self.cell = None
-
-        def handle_data(self, data):
-            if self.depth == 1 and self.cell is not None:
-                self.cell.append(data)
-
-    parser = Rows()
-    parser.feed(page)
-    return parser.rows
 
 
 def test_docstring_examples_run():
