@@ -10,6 +10,7 @@ __all__ = [
     "DEFAULT_LEARNING_RATES",
     "OPTIMIZERS",
     "PHASES",
+    "UNFREEZE_UNITS",
     "EarlyStoppingConfig",
     "PhaseConfig",
     "resolve_mode",
@@ -18,6 +19,8 @@ __all__ = [
 PHASES = ("head", "finetune")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 MODES = ("auto", "min", "max")
+# What unfreeze depth counts: whole blocks of the base (``block5a_...``), or single layers.
+UNFREEZE_UNITS = ("block", "layer")
 # The usual recipe: a moderate rate for a new head, 10-100x lower once the base thaws.
 DEFAULT_LEARNING_RATES = {"head": 1e-3, "finetune": 1e-5}
 
@@ -83,24 +86,32 @@ class PhaseConfig:
 
     Args:
         phase: ``"head"`` trains only the new head with the base frozen;
-            ``"finetune"`` also unfreezes the top ``unfreeze_depth`` base layers.
+            ``"finetune"`` also unfreezes the top ``unfreeze_depth`` units of the base.
         learning_rate: positive and finite. ``None`` picks the phase default
             (1e-3 for the head, 1e-5 for fine-tuning).
         epochs: how many epochs this phase may run (early stopping may end it sooner).
         batch_size: samples per step (ignored for a ``keras.utils.PyDataset``).
-        unfreeze_depth: how many weight-bearing base layers to unfreeze, counted
-            from the top. ``None`` means 0 for the head phase and the whole base
-            for fine-tuning. Checked against the base when the phase starts.
+        unfreeze_depth: how many units of the base (see ``unfreeze_unit``) to
+            unfreeze, counted from the top. ``None`` means 0 for the head phase and
+            the whole base for fine-tuning. Checked against the base when the
+            phase starts.
         keep_batchnorm_frozen: keep BatchNorm layers frozen (and their moving
             statistics unchanged) while fine-tuning.
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with momentum 0.9).
         dropout: when given, the head's Dropout rate for this phase (0 <= rate < 1).
+        unfreeze_unit: what ``unfreeze_depth`` counts: ``"block"`` (whole blocks
+            such as EfficientNet's ``block5a_...``; a layer outside any block
+            counts as one), ``"layer"`` (single weight-bearing layers), or
+            ``None`` for the base's default (``ftwidgets.transfer.default_unit``:
+            blocks when its layer names form blocks, else layers).
 
     Example:
 
     >>> cfg = PhaseConfig(phase="finetune", learning_rate=1e-5, epochs=10, unfreeze_depth=2)
-    >>> cfg.unfreeze_depth
-    2
+    >>> cfg.unfreeze_depth, cfg.unfreeze_unit
+    (2, None)
+    >>> PhaseConfig(phase="finetune", unfreeze_depth=3, unfreeze_unit="layer").unfreeze_unit
+    'layer'
     """
 
     phase: Literal["head", "finetune"] = "head"
@@ -111,6 +122,7 @@ class PhaseConfig:
     keep_batchnorm_frozen: bool = True
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     dropout: float | None = None
+    unfreeze_unit: Literal["block", "layer"] | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -136,6 +148,11 @@ class PhaseConfig:
             isinstance(self.dropout, int | float) and 0 <= self.dropout < 1
         ):
             raise ValueError(f"dropout must be in [0, 1). Received: dropout={self.dropout!r}")
+        if self.unfreeze_unit is not None and self.unfreeze_unit not in UNFREEZE_UNITS:
+            raise ValueError(
+                f"unfreeze_unit must be one of {UNFREEZE_UNITS} or None. "
+                f"Received: unfreeze_unit={self.unfreeze_unit!r}"
+            )
 
     def with_changes(self, **changes: object) -> PhaseConfig:
         """Return a copy with some fields changed (and validated again)."""

@@ -16,6 +16,7 @@ from ftwidgets.charts import TrainingCharts, format_rate
 from ftwidgets.config import (
     DEFAULT_LEARNING_RATES,
     OPTIMIZERS,
+    UNFREEZE_UNITS,
     EarlyStoppingConfig,
     PhaseConfig,
     check_learning_rate,
@@ -47,6 +48,12 @@ class FineTunePanel(widgets.VBox):
     from code too (``panel.learning_rate.value = 1e-4``,
     ``panel.start_button.click()``). The panel only talks to its session
     (``panel.session``), which can also be scripted directly.
+
+    The unfreeze depth counts ``panel.unfreeze_unit.value``: ``"block"`` or
+    ``"layer"`` (see ``ftwidgets.transfer.unfreeze``), at first the base's
+    default unit. On a base whose layer names form no blocks (such as the demo
+    base) both count the same layers, so the unit control stays hidden there.
+    The "Freeze map" tab previews what the next Start will train.
 
     Args:
         model: a model from ``build_transfer_model``; omit it when passing ``session``.
@@ -109,8 +116,11 @@ class FineTunePanel(widgets.VBox):
         self._notice = ""
         self._next_status = 0.0
         self._device = device_summary()
-        self._max_depth = len(transfer.unfreezable_layers(session.model))
-        self._layer_names = [layer.name for layer in transfer.unfreezable_layers(session.model)]
+        # The base's structure never changes, so list what each depth unfreezes once.
+        self._units = {
+            unit: transfer.unfreeze_units(session.model, unit) for unit in UNFREEZE_UNITS
+        }
+        self._default_unit = transfer.default_unit(session.model)
 
         self._build_controls(epochs, batch_size)
         self.charts = TrainingCharts(session.history)
@@ -157,10 +167,25 @@ class FineTunePanel(widgets.VBox):
             layout=widgets.Layout(width="90px"),
             tooltip="Any positive number, also outside the slider's range",
         )
+        self.unfreeze_unit = widgets.ToggleButtons(
+            options=[("Blocks", "block"), ("Layers", "layer")],
+            value=self._default_unit,
+            description="Unfreeze by",
+            tooltips=[
+                "Depth counts whole blocks of the base (e.g. block5a_...)",
+                "Depth counts single weight-bearing layers",
+            ],
+            disabled=True,
+            style={"description_width": "110px", "button_width": "70px"},
+        )
+        if self._default_unit == "layer":
+            # Without blocks both units count the same layers: nothing to choose.
+            self.unfreeze_unit.layout.display = "none"
+        max_depth = len(self._units[self._default_unit])
         self.unfreeze_depth = widgets.IntSlider(
-            value=min(2, self._max_depth),
+            value=min(2, max_depth),
             min=0,
-            max=self._max_depth,
+            max=max_depth,
             description="Unfreeze depth",
             disabled=True,
             style=style,
@@ -266,6 +291,7 @@ class FineTunePanel(widgets.VBox):
             [
                 self.phase,
                 lr_row,
+                self.unfreeze_unit,
                 self.unfreeze_depth,
                 self.depth_info,
                 self.keep_batchnorm_frozen,
@@ -309,6 +335,7 @@ class FineTunePanel(widgets.VBox):
         self.phase.observe(self._on_phase_change, "value")
         self.learning_rate.observe(self._on_learning_rate_slider, "value")
         self.learning_rate_text.observe(self._on_learning_rate_text, "value")
+        self.unfreeze_unit.observe(self._on_unit_change, "value")
         self.unfreeze_depth.observe(self._on_depth_change, "value")
         self.keep_batchnorm_frozen.observe(self._on_depth_change, "value")
         for control in (self.patience, self.min_delta, self.restore_best, self.start_from_epoch):
@@ -343,6 +370,7 @@ class FineTunePanel(widgets.VBox):
             keep_batchnorm_frozen=self.keep_batchnorm_frozen.value,
             optimizer=self.optimizer.value,
             dropout=self.dropout.value,
+            unfreeze_unit=self.unfreeze_unit.value,
         )
 
     def early_stopping_config(self) -> EarlyStoppingConfig | None:
@@ -445,7 +473,9 @@ class FineTunePanel(widgets.VBox):
         old, new = change["old"], change["new"]
         if math.isclose(self._lr, DEFAULT_LEARNING_RATES[old]):
             self._set_lr(DEFAULT_LEARNING_RATES[new])
-        self.unfreeze_depth.disabled = new != "finetune" or self.session.is_training
+        locked = new != "finetune" or self.session.is_training
+        self.unfreeze_unit.disabled = locked
+        self.unfreeze_depth.disabled = locked
         self._refresh_freeze_map()
 
     def _on_learning_rate_slider(self, change: dict[str, Any]) -> None:
@@ -479,6 +509,11 @@ class FineTunePanel(widgets.VBox):
             self.learning_rate_text.value = format_rate(rate)
         finally:
             self._syncing_lr = False
+
+    def _on_unit_change(self, change: dict[str, Any]) -> None:
+        # The slider clamps its value to the new maximum (which may refresh once more).
+        self.unfreeze_depth.max = len(self._units[change["new"]])
+        self._refresh_freeze_map()
 
     def _on_depth_change(self, _change: dict[str, Any]) -> None:
         self._refresh_freeze_map()
@@ -574,6 +609,7 @@ class FineTunePanel(widgets.VBox):
             self.mode.disabled = active or not self.early_stopping.value
             self.early_stopping.disabled = active
             self.phase.disabled = active
+            self.unfreeze_unit.disabled = active or self.phase.value != "finetune"
             self.unfreeze_depth.disabled = active or self.phase.value != "finetune"
             for control in (
                 self.keep_batchnorm_frozen,
@@ -633,42 +669,35 @@ class FineTunePanel(widgets.VBox):
             self.progress.bar_style = {"failed": "danger", "paused": "warning"}.get(state, "")
 
     def _refresh_freeze_map(self) -> None:
-        finetune = self.phase.value == "finetune"
-        depth = self.unfreeze_depth.value if finetune else 0
-        rows = transfer.freeze_map(self.session.model)
-        keep_bn = self.keep_batchnorm_frozen.value
-        unfrozen = set(self._layer_names[len(self._layer_names) - depth :]) if depth else set()
-        deepest = self._layer_names[-depth] if depth else None
-        self.depth_info.value = (
-            f"<small>unfreezes the top {depth} layer(s), down to <code>{deepest}</code></small>"
-            if deepest
-            else "<small>base frozen</small>"
+        depth = self.unfreeze_depth.value if self.phase.value == "finetune" else 0
+        unit = self.unfreeze_unit.value
+        # A preview: reads layer flags and shapes only, never weights, so it is safe
+        # while a phase trains.
+        preview = transfer.freeze_map(
+            self.session.model,
+            depth,
+            unit=unit,
+            keep_batchnorm_frozen=self.keep_batchnorm_frozen.value,
         )
-        lines = []
-        seen_deepest = False
-        for row in rows:
-            if row.params == 0:
-                state = "no weights"
-            elif row.part == "head":
-                state = "trainable (head)"
-            elif row.batchnorm:
-                bn_free = not keep_bn and seen_deepest
-                state = "trainable" if bn_free else "frozen (BatchNorm)"
-            else:
-                state = "trainable" if row.name in unfrozen else "frozen"
-            if row.name == deepest:
-                seen_deepest = True
-            color = "#2e7d32" if state.startswith("trainable") else "#777"
-            lines.append(
-                f"<tr><td>{html.escape(row.name)}</td><td>{html.escape(row.kind)}</td>"
-                f"<td style='text-align:right'>{row.params:,}</td>"
-                f"<td style='color:{color}'>{state}</td></tr>"
-            )
-        self.freeze_map.value = (
-            "<table class='ftwidgets-freeze-map' style='font-size:12px;white-space:nowrap'>"
-            "<tr><th>layer</th><th>type</th>"
-            "<th>params</th><th>at next Start</th></tr>" + "".join(lines) + "</table>"
-        )
+        trained = sum(1 for row in preview if row.part == "base" and row.trainable)
+        self.depth_info.value = f"<small>{self._depth_text(depth, unit, trained)}</small>"
+        self.freeze_map.value = preview.to_html()
+
+    def _depth_text(self, depth: int, unit: str, trained: int) -> str:
+        """What the depth unfreezes, e.g. "the top 2 blocks (block6d … block7a), 10 layers"."""
+        if depth == 0:
+            return "base frozen"
+        units = self._units[unit]
+        top = units[len(units) - depth :]
+        lowest = html.escape(top[0].name)
+        if unit == "layer":
+            return f"unfreezes the top {depth} layer(s), down to <code>{lowest}</code>"
+        span = f"<code>{lowest}</code>"
+        if depth > 1:
+            span += f" … <code>{html.escape(top[-1].name)}</code>"
+        blocks = "block" if depth == 1 else f"{depth} blocks"
+        layers = "1 layer" if trained == 1 else f"{trained} layers"
+        return f"unfreezes the top {blocks} ({span}), {layers}"
 
     # -- helpers -------------------------------------------------------------------------
     def _suggested_monitors(self) -> list[str]:

@@ -248,6 +248,7 @@ class _Plan:
     early_stopping: EarlyStoppingConfig | None
     tracking: EarlyStoppingConfig
     depth: int
+    unit: str
     previous_early_stopping: EarlyStoppingConfig | None
 
 
@@ -504,14 +505,15 @@ class FineTuneSession:
     def _plan(self, config: PhaseConfig, es: EarlyStoppingConfig | None) -> _Plan:
         """The checks that need no compiled model, on the caller's thread."""
         model = self.model
-        max_depth = len(transfer.unfreezable_layers(model))
+        unit = config.unfreeze_unit or transfer.default_unit(model)
+        max_depth = len(transfer.unfreeze_units(model, unit))
         depth = config.unfreeze_depth
         if depth is None:
             depth = 0 if config.phase == "head" else max_depth
         if depth > max_depth:
             raise ValueError(
-                f"unfreeze_depth={depth} goes past the base, which has {max_depth} layers that "
-                f"can be unfrozen. Received: unfreeze_depth={depth}"
+                f"unfreeze_depth={depth} goes past the base, which has {max_depth} {unit}s that "
+                f"can be unfrozen. Received: unfreeze_depth={depth}, unfreeze_unit={unit!r}"
             )
         self._data.check(model, self.loss, config.batch_size)
         if es is not None and es.monitor.startswith("val_") and not self._data.has_validation:
@@ -522,7 +524,7 @@ class FineTuneSession:
         tracking = es or self._best_only_config()
         if tracking.resolved_mode is None and tracking.monitor in self._expected_metric_names():
             resolve_mode(tracking.monitor, tracking.mode)  # raises, naming it
-        return _Plan(config, es, tracking, depth, self.early_stopping)
+        return _Plan(config, es, tracking, depth, unit, self.early_stopping)
 
     def _expected_metric_names(self) -> set[str]:
         # Names certain to be logged, known without compiling; the worker checks
@@ -556,7 +558,10 @@ class FineTuneSession:
         trainable_before = {id(layer): layer.trainable for layer in model._flatten_layers()}
         try:
             trainable = transfer.unfreeze(
-                model, plan.depth, keep_batchnorm_frozen=config.keep_batchnorm_frozen
+                model,
+                plan.depth,
+                keep_batchnorm_frozen=config.keep_batchnorm_frozen,
+                unit=plan.unit,
             )
             if config.dropout is not None:
                 transfer.set_head_dropout(model, config.dropout)

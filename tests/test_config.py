@@ -25,12 +25,23 @@ def test_phase_defaults_follow_the_recipe():
         ({"dropout": 1.5}, "dropout=1.5"),
         ({"unfreeze_depth": -1, "phase": "finetune"}, "unfreeze_depth=-1"),
         ({"unfreeze_depth": 2, "phase": "head"}, "unfreeze_depth=2"),
+        ({"unfreeze_unit": "blocks", "phase": "finetune"}, "unfreeze_unit='blocks'"),
+        ({"unfreeze_unit": "Layer", "phase": "finetune"}, "unfreeze_unit='Layer'"),
+        ({"unfreeze_unit": 1, "phase": "finetune"}, "unfreeze_unit=1"),
     ],
 )
 def test_phase_config_names_the_bad_value(kwargs, fragment):
     with pytest.raises(ValueError, match="Received") as info:
         PhaseConfig(**kwargs)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("unit", ["block", "layer", None])
+def test_unfreeze_unit_accepts_block_layer_or_none(unit):
+    config = PhaseConfig(phase="finetune", unfreeze_depth=2, unfreeze_unit=unit)
+    assert config.unfreeze_unit == unit
+    assert config.with_changes(unfreeze_depth=1).unfreeze_unit == unit
+    assert PhaseConfig().unfreeze_unit is None
 
 
 @pytest.mark.parametrize(

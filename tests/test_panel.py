@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import keras
 import numpy as np
 import pytest
+from html_table import folded_rows, table_rows
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
@@ -61,6 +63,10 @@ def test_initial_controls(panel):
     assert panel.learning_rate_value == 1e-3
     assert panel.unfreeze_depth.disabled
     assert panel.unfreeze_depth.max == 3  # the demo base's three convolutions
+    # The demo base has no blocks: depth counts layers, and there is no unit to choose.
+    assert panel.unfreeze_unit.value == "layer"
+    assert panel.unfreeze_unit.layout.display == "none"
+    assert panel.phase_config().unfreeze_unit == "layer"
     assert panel.rollback_button.disabled
     assert not panel.start_button.disabled and panel.stop_button.disabled
     assert "JAX · cpu" in panel.status.value
@@ -255,3 +261,105 @@ def test_data_that_does_not_fit_is_reported_in_the_panel(data):
         assert not panel.start_button.disabled
     finally:
         panel.close()
+
+
+def block_base() -> keras.Model:
+    """A stem, then two blocks named as in keras.applications (Dense layers compile fast)."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dense(8, name="stem_dense")(x)
+    x = keras.layers.Dense(8, name="block1_dense1")(x)
+    x = keras.layers.BatchNormalization(name="block1_bn")(x)
+    x = keras.layers.Dense(8, name="block1_dense2")(x)
+    x = keras.layers.Dense(8, name="block2_dense1")(x)
+    x = keras.layers.BatchNormalization(name="block2_bn")(x)
+    x = keras.layers.Dense(8, name="block2_dense2")(x)
+    return keras.Model(inputs, x, name="block_base")
+
+
+@pytest.fixture
+def block_panel(data):
+    model = ftw.build_transfer_model(block_base(), num_classes=5)
+    panel = ftw.FineTunePanel(
+        model,
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        metrics=["accuracy"],
+        epochs=1,
+        progress_interval=0.0,
+    )
+    yield panel
+    panel.close()
+
+
+def freeze_map_states(panel):
+    """``{first cell: state}`` for the freeze map's top-level rows (blocks collapsed)."""
+    return {cells[0]: cells[-1] for cells in table_rows(panel.freeze_map.value) if len(cells) == 5}
+
+
+def test_unit_control_sets_the_depth_range_and_the_freeze_map(block_panel):
+    panel = block_panel
+    assert panel.unfreeze_unit.value == "block"  # the base's default
+    assert panel.unfreeze_unit.layout.display != "none"
+    assert panel.unfreeze_unit.disabled  # head phase, like the depth slider
+    assert panel.unfreeze_depth.max == 3  # stem_dense, block1, block2
+    panel.phase.value = "finetune"
+    assert not panel.unfreeze_unit.disabled
+
+    panel.unfreeze_depth.value = 1
+    assert panel.depth_info.value == (
+        "<small>unfreezes the top block (<code>block2</code>), 2 layers</small>"
+    )
+    states = freeze_map_states(panel)
+    assert [name for name in states if name.startswith(("stem", "block"))] == [
+        "stem_dense",
+        "block1",
+        "block2",
+    ]
+    assert states["block2"] == "trainable" and states["block1"] == "frozen"
+    assert panel.phase_config().unfreeze_unit == "block"
+    assert panel.phase_config().unfreeze_depth == 1
+
+    panel.unfreeze_unit.value = "layer"
+    assert panel.unfreeze_depth.max == 5
+    assert panel.unfreeze_depth.value == 1
+    assert "down to <code>block2_dense2</code>" in panel.depth_info.value
+    assert freeze_map_states(panel)["block2"] == "partly trainable"
+    folded = {cells[0]: cells[-1] for cells in folded_rows(panel.freeze_map.value, "block2")}
+    assert folded == {
+        "block2_dense1": "frozen",
+        "block2_bn": "frozen (BatchNorm)",
+        "block2_dense2": "trainable",
+    }
+    assert panel.phase_config().unfreeze_unit == "layer"
+
+    # Back to blocks, a depth past the last block is clamped to the whole base.
+    panel.unfreeze_depth.value = 5
+    panel.unfreeze_unit.value = "block"
+    assert (panel.unfreeze_depth.max, panel.unfreeze_depth.value) == (3, 3)
+    assert "top 3 blocks (<code>stem_dense</code> … <code>block2</code>), 5 layers" in (
+        panel.depth_info.value
+    )
+    assert freeze_map_states(panel)["block1"] == "trainable"
+    panel.keep_batchnorm_frozen.value = False
+    assert "7 layers" in panel.depth_info.value  # and the two BatchNorms
+    assert panel.phase_config().unfreeze_depth == 3
+
+
+def test_unit_control_is_locked_while_training_and_reaches_the_session(block_panel):
+    panel = block_panel
+    session = panel.session
+    panel.phase.value = "finetune"
+    panel.unfreeze_unit.value = "layer"
+    panel.unfreeze_depth.value = 1
+    parked = hold_at_first_batch(session)
+    started = []
+    session.on_event(lambda e: started.append(e) if isinstance(e, ev.PhaseStarted) else None)
+    panel.start_button.click()
+    assert parked.wait(WAIT)
+    assert panel.unfreeze_unit.disabled and panel.unfreeze_depth.disabled
+    panel.stop_button.click()
+    panel.pause_button.click()  # resume, so that the stop is seen
+    assert session.wait(WAIT)
+    assert started[0].trainable_layers == ("block2_dense2",)
+    assert not panel.unfreeze_unit.disabled and not panel.unfreeze_depth.disabled

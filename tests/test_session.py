@@ -120,6 +120,57 @@ def test_finetune_changes_exactly_the_top_k_layers_and_keeps_batchnorm_stats(dat
                 assert np.array_equal(before[id(v)], v.value), v.path
 
 
+def block_base() -> keras.Model:
+    """A stem, then two blocks named as in keras.applications (block1_..., block2_...)."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dense(16, name="stem_dense")(x)
+    x = keras.layers.Dense(16, name="block1_dense1")(x)
+    x = keras.layers.BatchNormalization(name="block1_bn")(x)
+    x = keras.layers.Dense(16, name="block1_dense2")(x)
+    x = keras.layers.Dense(16, name="block2_dense1")(x)
+    x = keras.layers.BatchNormalization(name="block2_bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.Dense(16, name="block2_dense2")(x)
+    return keras.Model(inputs, x, name="block_base")
+
+
+def test_finetune_by_block_changes_exactly_the_top_block_and_keeps_batchnorm_stats(data):
+    keras.utils.set_random_seed(0)
+    session = make_session(data, ftw.build_transfer_model(block_base(), num_classes=5))
+    base = get_base(session.model)
+    before = {v.path: np.array(v.value) for v in base.variables}
+    rec = Recorder(session)
+    session.run(
+        ftw.PhaseConfig(
+            phase="finetune",
+            unfreeze_depth=1,
+            unfreeze_unit="block",
+            epochs=1,
+            batch_size=16,
+            learning_rate=1e-2,
+        )
+    )
+    changed = {v.path for v in base.variables if not np.array_equal(before[v.path], v.value)}
+    assert changed == {
+        "block2_dense1/kernel",
+        "block2_dense1/bias",
+        "block2_dense2/kernel",
+        "block2_dense2/bias",
+    }
+    assert rec.of(ev.PhaseStarted)[0].trainable_layers == ("block2_dense1", "block2_dense2")
+
+    # Past the base, the error counts in the unit asked for.
+    with pytest.raises(ValueError, match="3 blocks") as info:
+        session.start(ftw.PhaseConfig(phase="finetune", unfreeze_depth=4, unfreeze_unit="block"))
+    assert "unfreeze_depth=4, unfreeze_unit='block'" in str(info.value)
+    # The block base defaults to blocks; unfreeze_unit="layer" reaches unfreeze().
+    session.run(
+        ftw.PhaseConfig(phase="finetune", unfreeze_depth=1, unfreeze_unit="layer", epochs=1)
+    )
+    assert rec.of(ev.PhaseStarted)[-1].trainable_layers == ("block2_dense2",)
+
+
 def test_phases_get_fresh_optimizers_and_continue_epoch_numbering(data):
     session = make_session(data)
     session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16))

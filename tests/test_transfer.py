@@ -4,19 +4,27 @@
 import ftwidgets  # noqa: F401
 
 # isort: split
+import doctest
+from collections.abc import Sequence
+
 import keras
 import numpy as np
 import pytest
+from html_table import folded_rows, table_rows
 
 from ftwidgets.transfer import (
+    FreezeMap,
     LayerRow,
     build_transfer_model,
+    default_unit,
     freeze_map,
     freeze_map_frame,
     get_base,
     set_head_dropout,
     unfreezable_layers,
     unfreeze,
+    unfreeze_plan,
+    unfreeze_units,
 )
 
 L = keras.layers
@@ -374,3 +382,364 @@ def test_set_head_dropout_rejects_bad_input():
     plain = keras.Sequential([L.Input((3,)), L.Dense(2)])
     with pytest.raises(ValueError, match="Received: model="):
         set_head_dropout(plain, 0.5)
+
+
+# -- blocks ------------------------------------------------------------------------------
+
+
+def resnet_like_base():
+    """ResNet-style names: a stem, conv2_block1 (with a shortcut), conv2_block2, and a
+    pre-activation conv3_block1 that opens with its BatchNorm (as in ResNetV2/DenseNet)."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", name="conv1_conv")(inputs)
+    x = L.BatchNormalization(name="conv1_bn")(x)
+    shortcut = L.Conv2D(8, 1, name="conv2_block1_0_conv")(x)
+    y = L.Conv2D(4, 1, name="conv2_block1_1_conv")(x)
+    y = L.BatchNormalization(name="conv2_block1_1_bn")(y)
+    y = L.ReLU(name="relu_a")(y)  # unnamed by the pattern, but inside conv2_block1
+    y = L.Conv2D(8, 3, padding="same", name="conv2_block1_2_conv")(y)
+    x = L.Add(name="conv2_block1_add")([shortcut, y])
+    y = L.Conv2D(8, 1, name="conv2_block2_1_conv")(x)
+    y = L.Conv2D(8, 3, padding="same", name="conv2_block2_2_conv")(y)
+    x = L.Add(name="conv2_block2_add")([x, y])
+    x = L.BatchNormalization(name="conv3_block1_preact_bn")(x)
+    y = L.Conv2D(8, 1, name="conv3_block1_1_conv")(x)
+    y = L.BatchNormalization(name="conv3_block1_1_bn")(y)
+    y = L.Conv2D(8, 3, padding="same", name="conv3_block1_2_conv")(y)
+    x = L.Add(name="conv3_block1_out")([x, y])
+    x = L.ReLU(name="post_relu")(x)
+    return keras.Model(inputs, x, name="resnet_like")
+
+
+RESNET_UNITS = {
+    "conv1_conv": ["conv1_conv"],
+    # In the base's (topological) order the shortcut conv follows the first conv, as in ResNet50.
+    "conv2_block1": ["conv2_block1_1_conv", "conv2_block1_0_conv", "conv2_block1_2_conv"],
+    "conv2_block2": ["conv2_block2_1_conv", "conv2_block2_2_conv"],
+    "conv3_block1": ["conv3_block1_1_conv", "conv3_block1_2_conv"],
+}
+
+
+def resnet_like_model():
+    return build_transfer_model(resnet_like_base(), 3)
+
+
+def trainable_leaf_names(model):
+    """Trainable layers of a base without nested models."""
+    layers = get_base(model).layers
+    return [
+        layer.name for layer in layers if layer.trainable and not isinstance(layer, L.InputLayer)
+    ]
+
+
+def all_flags(model):
+    layers = model._flatten_layers()
+    return [layer.trainable for layer in layers], [v.trainable for v in model.variables]
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    base = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), include_top=False, weights=None
+    )
+    return build_transfer_model(base, 3)
+
+
+@pytest.fixture(scope="module")
+def efficientnet():
+    base = keras.applications.EfficientNetB0(
+        input_shape=(32, 32, 3), include_top=False, weights=None
+    )
+    return build_transfer_model(base, 3)
+
+
+MOBILENET_BLOCKS = ["expanded_conv"] + [f"expanded_conv_{i}" for i in range(1, 11)]
+
+
+def test_mobilenet_v3_depth_counts_blocks(mobilenet):
+    units = unfreeze_units(mobilenet)
+    assert default_unit(mobilenet) == "block"
+    # The stem conv and the final conv_1 sit outside the blocks: one unit each.
+    assert [unit.name for unit in units] == ["conv", *MOBILENET_BLOCKS, "conv_1"]
+    assert [unit.kind for unit in units] == ["layer"] + ["block"] * 11 + ["layer"]
+    # Every unfreezable layer is in exactly one unit, in the base's order.
+    flat = [name for unit in units for name in unit.unfreezable]
+    assert flat == [layer.name for layer in unfreezable_layers(mobilenet)]
+    assert len(flat) == 52
+
+    assert unfreeze(mobilenet, 1) == ["conv_1"]
+    assert trainable_leaf_names(mobilenet) == ["conv_1"]
+    top_block = [name for name in flat if name.startswith("expanded_conv_10_")]
+    assert top_block == [
+        "expanded_conv_10_expand",
+        "expanded_conv_10_depthwise",
+        "expanded_conv_10_squeeze_excite_conv",
+        "expanded_conv_10_squeeze_excite_conv_1",
+        "expanded_conv_10_project",
+    ]
+    assert unfreeze(mobilenet, 2) == [*top_block, "conv_1"]
+    assert trainable_leaf_names(mobilenet) == [*top_block, "conv_1"]
+
+
+def test_mobilenet_v3_depth_never_stops_mid_block(mobilenet):
+    units = unfreeze_units(mobilenet)
+    for depth in range(len(units) + 1):
+        made = unfreeze(mobilenet, depth)
+        assert made == [name for unit in units[len(units) - depth :] for name in unit.unfreezable]
+        assert trainable_leaf_names(mobilenet) == made
+        for unit in units:
+            thawed = [name in made for name in unit.unfreezable]
+            assert all(thawed) or not any(thawed), (depth, unit.name)
+    # Counting layers, depth 10 stops inside expanded_conv_9 (4 of its 5 layers).
+    made = unfreeze(mobilenet, 10, unit="layer")
+    assert len(made) == 10
+    assert sum(name.startswith("expanded_conv_9_") for name in made) == 4
+
+
+def test_mobilenet_v3_rows_carry_their_block(mobilenet):
+    rows = {row.name: row for row in freeze_map(mobilenet)}
+    assert rows["expanded_conv_9_expand"].block == "expanded_conv_9"
+    assert rows["expanded_conv_depthwise"].block == "expanded_conv"
+    # Activations named re_lu_N / activation_N inside a block belong to it; those between
+    # blocks and around the stem and the top do not.
+    assert rows["re_lu_3"].block == "expanded_conv_1"
+    assert rows["activation_17"].block is None
+    assert rows["conv_1"].block is None and rows["conv_1_bn"].block is None
+    assert rows["head_dense"].block is None
+
+
+def test_mobilenet_v3_bad_depth_names_the_maximum_in_the_unit(mobilenet):
+    with pytest.raises(ValueError, match=r"from 0 to 13 \(the base's blocks") as info:
+        unfreeze(mobilenet, 14)
+    assert "Received: depth=14" in str(info.value)
+    with pytest.raises(ValueError, match=r"from 0 to 52 \(the base's unfreezable layers\)"):
+        unfreeze(mobilenet, 53, unit="layer")
+    assert len(unfreeze(mobilenet, 52, unit="layer")) == 52
+
+
+def test_mobilenet_v3_unfrozen_batchnorm_follows_whole_blocks(mobilenet):
+    made = unfreeze(mobilenet, 2, keep_batchnorm_frozen=False)
+    batchnorms = [name for name in made if "_bn" in name]
+    assert batchnorms == [
+        "expanded_conv_10_expand_bn",
+        "expanded_conv_10_depthwise_bn",
+        "expanded_conv_10_project_bn",
+        "conv_1_bn",
+    ]
+
+
+def test_efficientnet_groups_blocks_and_collapses_the_freeze_map(efficientnet):
+    blocks = ["1a", "2a", "2b", "3a", "3b", "4a", "4b", "4c", "5a", "5b", "5c"]
+    blocks = [f"block{b}" for b in [*blocks, "6a", "6b", "6c", "6d", "7a"]]
+    assert [u.name for u in unfreeze_units(efficientnet)] == ["stem_conv", *blocks, "top_conv"]
+    unfreeze(efficientnet, 3)  # block6d, block7a and top_conv
+    fmap = freeze_map(efficientnet)
+    assert len(fmap) == 239
+    for row in fmap:
+        if row.name.startswith("block"):
+            assert row.block == row.name.split("_")[0], row.name
+    assert fmap.blocks == tuple(blocks)
+
+    groups = {group.name: group for group in fmap.groups}
+    assert len(groups) == len(fmap.groups) < 30
+    base = get_base(efficientnet)
+    for block in blocks:
+        layers = [layer for layer in base.layers if layer.name.startswith(f"{block}_")]
+        trainable = sum(int(np.prod(v.shape)) for layer in layers for v in layer.trainable_weights)
+        total = sum(layer.count_params() for layer in layers)
+        assert groups[block].trainable_params == trainable, block
+        assert groups[block].frozen_params == total - trainable, block
+        assert groups[block].state == ("trainable" if block in ("block6d", "block7a") else "frozen")
+    assert groups["block7a"].trainable_params > 0
+    # Blocks and the rest add up to the model's own totals.
+    model_trainable = sum(int(np.prod(v.shape)) for v in efficientnet.trainable_weights)
+    assert sum(g.trainable_params for g in fmap.groups) == model_trainable
+    assert fmap.trainable_params + fmap.frozen_params == efficientnet.count_params()
+
+    text = str(fmap)
+    assert repr(fmap) == text
+    lines = text.splitlines()
+    assert len(lines) < 40  # collapsed, not 239
+    line = next(line for line in lines if line.startswith("block7a "))
+    assert line.split()[-3:-1] == [
+        f"{groups['block7a'].trainable_params:,}",
+        f"{groups['block7a'].frozen_params:,}",
+    ]
+    assert "block (13 layers)" in line
+    assert lines[-1].split()[-2:] == [f"{model_trainable:,}", f"{fmap.frozen_params:,}"]
+    head = [line.split()[0] for line in lines if line.startswith("head_")]
+    assert head == ["head_pool", "head_dropout", "head_dense"]
+    assert lines.index(next(line for line in lines if line.startswith("head_pool"))) > max(
+        lines.index(line) for line in lines if line.startswith("block")
+    )
+
+    page = fmap._repr_html_()
+    assert "class='ftwidgets-freeze-map'" in page
+    assert page.count("<details>") == len(blocks) == 16
+    assert page.count("class='ftwidgets-freeze-map-block'") == 16
+    top_rows = table_rows(page)
+    assert len(top_rows) == len(fmap.groups) + 3  # + the header, the "head" line and the totals
+    block7a = next(cells for cells in top_rows if cells[0] == "block7a")
+    assert [cells[0] for cells in folded_rows(page, "block7a")][:2] == [
+        "block7a_expand_conv",
+        "block7a_expand_bn",
+    ]
+    assert len(folded_rows(page, "block7a")) == 13
+    assert block7a[1:4] == [
+        "block (13 layers)",
+        f"{groups['block7a'].trainable_params:,}",
+        f"{groups['block7a'].frozen_params:,}",
+    ]
+
+
+def test_efficientnet_freeze_map_frame_has_the_block_column(efficientnet):
+    unfreeze(efficientnet, 1)
+    frame = freeze_map_frame(efficientnet)
+    assert list(frame.columns) == list(LayerRow.__dataclass_fields__)
+    assert frame.loc[frame.name == "block7a_project_conv", "block"].item() == "block7a"
+    assert frame.loc[frame.name == "top_conv", "block"].isna().item()
+    assert frame.loc[frame.trainable & (frame.part == "base"), "name"].tolist() == ["top_conv"]
+
+
+def test_resnet_style_names_group_into_blocks():
+    model = resnet_like_model()
+    units = unfreeze_units(model)
+    assert default_unit(model) == "block"
+    assert {unit.name: list(unit.unfreezable) for unit in units} == RESNET_UNITS
+    assert [unit.name for unit in units] == list(RESNET_UNITS)
+    block1 = units[1].layers
+    assert "relu_a" in block1 and "conv2_block1_add" in block1
+    assert unfreeze(model, 1) == RESNET_UNITS["conv3_block1"]
+    assert unfreeze(model, 2) == RESNET_UNITS["conv2_block2"] + RESNET_UNITS["conv3_block1"]
+    # With BatchNorm thawed, the block's opening pre-activation BatchNorm thaws with it.
+    assert unfreeze(model, 1, keep_batchnorm_frozen=False) == [
+        "conv3_block1_preact_bn",
+        "conv3_block1_1_conv",
+        "conv3_block1_1_bn",
+        "conv3_block1_2_conv",
+    ]
+    with pytest.raises(ValueError, match=r"from 0 to 4 \(the base's blocks") as info:
+        unfreeze(model, 5)
+    assert "depth=5" in str(info.value)
+
+
+def test_unit_layer_still_counts_layers_on_a_block_base():
+    model = resnet_like_model()
+    flat = [name for names in RESNET_UNITS.values() for name in names]
+    assert [unit.name for unit in unfreeze_units(model, unit="layer")] == flat
+    assert all(unit.kind == "layer" for unit in unfreeze_units(model, unit="layer"))
+    assert unfreeze(model, 1, unit="layer") == ["conv3_block1_2_conv"]
+    assert unfreeze(model, 3, unit="layer") == flat[-3:]  # splits conv2_block2
+    assert trainable_leaf_names(model) == flat[-3:]
+    with pytest.raises(ValueError, match=r"from 0 to 8 \(the base's unfreezable layers\)"):
+        unfreeze(model, 9, unit="layer")
+
+
+def test_demo_base_has_no_blocks_and_counts_layers():
+    from ftwidgets import demo
+
+    model = build_transfer_model(demo.build_base(), 5)
+    assert default_unit(model) == "layer"
+    layer_units = unfreeze_units(model)
+    assert [unit.name for unit in layer_units] == ["conv1", "conv2", "conv3"]
+    # Asking for blocks on a base without blocks counts the same layers.
+    assert unfreeze_units(model, unit="block") == layer_units
+    assert unfreeze(model, 2) == ["conv2", "conv3"]
+    assert unfreeze(model, 2, unit="block") == ["conv2", "conv3"]
+    fmap = freeze_map(model)
+    assert fmap.blocks == ()
+    assert [row.block for row in fmap] == [None] * len(fmap)
+    assert [group.name for group in fmap.groups] == [row.name for row in fmap]
+
+
+def test_tiny_base_with_a_nested_model_stays_layer_based():
+    model, _ = model_and_base()
+    assert default_unit(model) == "layer"
+    assert [unit.name for unit in unfreeze_units(model)] == UNFREEZABLE
+
+
+@pytest.mark.parametrize("unit", ["blocks", "Block", "layers", 1])
+def test_bad_unit_names_the_value(unit):
+    model = resnet_like_model()
+    calls = [
+        lambda: unfreeze(model, 1, unit=unit),
+        lambda: unfreeze_units(model, unit),
+        lambda: unfreeze_plan(model, 1, unit=unit),
+        lambda: freeze_map(model, 1, unit=unit),
+    ]
+    flags = all_flags(model)
+    for call in calls:
+        with pytest.raises(ValueError, match="Received") as info:
+            call()
+        assert f"unit={unit!r}" in str(info.value)
+    assert all_flags(model) == flags
+
+
+@pytest.mark.parametrize(
+    ("depth", "unit", "keep_bn"),
+    [
+        (0, None, True),
+        (1, None, True),
+        (2, "block", False),
+        (3, "layer", True),
+        (5, "layer", False),
+    ],
+)
+def test_freeze_map_preview_matches_unfreeze_and_touches_nothing(depth, unit, keep_bn):
+    model = resnet_like_model()
+    unfreeze(model, 4, keep_batchnorm_frozen=False)  # a state unlike the preview's
+    flags = all_flags(model)
+    preview = freeze_map(model, depth, unit=unit, keep_batchnorm_frozen=keep_bn)
+    planned = unfreeze_plan(model, depth, keep_bn, unit=unit)
+    assert all_flags(model) == flags
+    assert preview.depth == depth and preview.unit == (unit or "block")
+
+    made = unfreeze(model, depth, keep_bn, unit=unit)
+    assert made == planned
+    assert list(freeze_map(model)) == list(preview)
+    assert [row.name for row in preview if row.part == "base" and row.trainable] == made
+
+
+def test_freeze_map_preview_on_mobilenet_matches_unfreeze(mobilenet):
+    unfreeze(mobilenet, 0)
+    flags = all_flags(mobilenet)
+    preview = freeze_map(mobilenet, 4, keep_batchnorm_frozen=False)
+    assert all_flags(mobilenet) == flags
+    unfreeze(mobilenet, 4, keep_batchnorm_frozen=False)
+    assert list(freeze_map(mobilenet)) == list(preview)
+    assert "preview of unfreeze(depth=4, unit='block', keep_batchnorm_frozen=False)" in str(preview)
+
+
+def test_freeze_map_is_a_sequence_of_rows():
+    model, _ = model_and_base()
+    unfreeze(model, 1)
+    fmap = freeze_map(model)
+    assert isinstance(fmap, FreezeMap) and isinstance(fmap, Sequence)
+    assert len(fmap) == len(BASE_LEAVES) + len(HEAD)
+    assert fmap[0].name == "conv1" and fmap[-1].name == "head_dense"
+    assert [row.name for row in fmap[-3:]] == HEAD
+    assert list(fmap) == list(fmap.rows)
+    assert fmap.depth is None and fmap.unit is None
+    # The tiny base has no blocks: one line per layer, the head after a rule, then totals.
+    lines = str(fmap).splitlines()
+    assert [line.split()[0] for line in lines[3 : 3 + len(BASE_LEAVES)]] == BASE_LEAVES
+    assert lines[3 + len(BASE_LEAVES)].startswith("---")
+    assert lines[-1].startswith("total")
+
+
+def test_freeze_map_html_escapes_names():
+    inputs = keras.Input((4,))
+    x = L.Dense(3, name="block1_<b>dense")(inputs)
+    x = L.Dense(3, name="block1_second")(x)
+    x = L.Dense(2, name="<script>")(x)
+    model = build_transfer_model(keras.Model(inputs, x), 2)
+    page = freeze_map(model)._repr_html_()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<b>" not in page and "block1_&lt;b&gt;dense" in page
+
+
+def test_docstring_examples_run():
+    from ftwidgets import transfer
+
+    failed, attempted = doctest.testmod(transfer, verbose=False)[:2]
+    assert attempted > 10 and failed == 0
