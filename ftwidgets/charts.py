@@ -709,9 +709,10 @@ class TrainingCharts(widgets.VBox):
             end = max(end, start + 1e-9)
             rows_x.append([start, start, end, end, start])
             fills.append(PHASE_COLORS.get(span.phase, OTHER_PHASE_COLOR))
-            texts.append(
-                f"{span.phase} · lr {format_rate(span.learning_rate)} · depth {span.unfreeze_depth}"
-            )
+            depth = f"depth {span.unfreeze_depth}"
+            if span.unfreeze_unit == "block":
+                depth += " block" if span.unfreeze_depth == 1 else " blocks"
+            texts.append(f"{span.phase} · lr {format_rate(span.learning_rate)} · {depth}")
         n = len(rows_x)
         x = np.array(rows_x, dtype=np.float64) if n else _EMPTY
         y = np.tile([0.0, 1.0, 1.0, 0.0, 0.0], (n, 1)) if n else _EMPTY

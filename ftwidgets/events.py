@@ -122,7 +122,10 @@ class StateChanged(Event):
 
 @dataclass(frozen=True)
 class PhaseStarted(Event):
-    """A phase began: its settings, and where it sits on the global epoch axis."""
+    """A phase began: its settings, and where it sits on the global epoch axis.
+
+    ``unfreeze_depth`` is in units of ``unfreeze_unit``: ``"block"`` or ``"layer"``.
+    """
 
     index: int
     phase: str
@@ -132,6 +135,7 @@ class PhaseStarted(Event):
     unfreeze_depth: int
     steps_per_epoch: int | None
     trainable_layers: tuple[str, ...]
+    unfreeze_unit: str = "layer"
 
 
 @dataclass(frozen=True)

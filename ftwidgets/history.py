@@ -21,7 +21,8 @@ __all__ = ["History", "Marker", "PhaseSpan", "decimate"]
 class PhaseSpan:
     """One phase on the global epoch axis: ``[start_epoch, end_epoch)``.
 
-    ``end_epoch`` and ``reason`` are None while the phase runs.
+    ``end_epoch`` and ``reason`` are None while the phase runs;
+    ``unfreeze_depth`` is in units of ``unfreeze_unit`` (``"block"`` or ``"layer"``).
     """
 
     index: int
@@ -31,6 +32,7 @@ class PhaseSpan:
     unfreeze_depth: int
     end_epoch: int | None = None
     reason: str | None = None
+    unfreeze_unit: str = "layer"
 
 
 @dataclass(frozen=True)

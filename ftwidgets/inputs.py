@@ -196,6 +196,9 @@ class TrainingData:
         """The data arguments of ``model.fit``."""
         if self.is_dataset:
             args: dict[str, Any] = {"x": self.x}
+            if not isinstance(self.x, keras.utils.PyDataset):
+                # A Grain dataset orders itself; Keras warns that it ignores shuffle.
+                args["shuffle"] = False
         else:
             args = {
                 "x": self.x,

@@ -199,7 +199,13 @@ class FineTunePanel(widgets.VBox):
             value=epochs, min=1, max=100_000, description="Epochs", style=style, layout=narrow
         )
         self.batch_size = widgets.BoundedIntText(
-            value=batch_size, min=1, max=4096, description="Batch size", style=style, layout=narrow
+            value=batch_size,
+            min=1,
+            max=4096,
+            description="Batch size",
+            tooltip="For arrays; a dataset brings its own batches",
+            style=style,
+            layout=narrow,
         )
         self.optimizer = widgets.Dropdown(
             options=list(OPTIMIZERS),
@@ -221,7 +227,7 @@ class FineTunePanel(widgets.VBox):
             value=True, description="Early stopping", indent=False
         )
         self.monitor = widgets.Combobox(
-            value="val_loss" if self.session._data.has_validation else "loss",
+            value="val_loss" if self.session.data.has_validation else "loss",
             options=self._suggested_monitors(),
             ensure_option=False,
             description="Monitor",
@@ -614,11 +620,12 @@ class FineTunePanel(widgets.VBox):
             for control in (
                 self.keep_batchnorm_frozen,
                 self.epochs,
-                self.batch_size,
                 self.optimizer,
                 self.dropout,
             ):
                 control.disabled = active
+            # A dataset brings its own batches.
+            self.batch_size.disabled = active or self.session.data.is_dataset
 
     def _refresh_status(self) -> None:
         session = self.session
@@ -704,7 +711,7 @@ class FineTunePanel(widgets.VBox):
         names = self.session.history.metric_names()
         if not names:
             base = ["loss"] + [_metric_name(m) for m in self.session.metrics]
-            names = [f"val_{n}" for n in base] if self.session._data.has_validation else []
+            names = [f"val_{n}" for n in base] if self.session.data.has_validation else []
             names += base
         return [n for n in dict.fromkeys(names) if n]
 

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 import traceback
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -86,6 +87,7 @@ class PhaseRun:
         index: int,
         config: PhaseConfig,
         depth: int,
+        unit: str,
         trainable: list[str],
         start_epoch: int,
         steps_per_epoch: int | None,
@@ -96,6 +98,7 @@ class PhaseRun:
         self.index = index
         self.config = config
         self.depth = depth
+        self.unit = unit
         self.trainable = trainable
         self.start_epoch = start_epoch
         # None until the first epoch of data of unknown length has ended.
@@ -200,7 +203,7 @@ class PhaseRun:
         batches = self._finished - self._finished_before_epoch
         self._finished_before_epoch = self._dispatched = self._finished
         if self.steps_per_epoch is None:
-            self.steps_per_epoch = batches
+            self.steps_per_epoch = session._learned_steps = batches
             session.history.place_batches(self._epoch_first_step, batches, epoch)
         self._epoch_first_step += batches
         bad = first_non_finite(self.watched)
@@ -339,6 +342,8 @@ class FineTuneSession:
         self._run: PhaseRun | None = None
         self._thread: threading.Thread | None = None
         self._steps_before_phase = 0
+        # Batches per epoch of data of unknown length, once an epoch has shown it.
+        self._learned_steps: int | None = None
         self._created = time.monotonic()
         _SESSIONS.add(self)
 
@@ -374,6 +379,11 @@ class FineTuneSession:
     def learning_rate(self) -> float | None:
         """The learning rate of the running (or last) phase."""
         return None if self._run is None else self._run.learning_rate
+
+    @property
+    def data(self) -> TrainingData:
+        """The training and validation data, as checked when the session was made."""
+        return self._data
 
     @property
     def snapshots(self) -> SnapshotStore:
@@ -584,9 +594,10 @@ class FineTuneSession:
             index=len(self.history.phases),
             config=config,
             depth=plan.depth,
+            unit=plan.unit,
             trainable=trainable,
             start_epoch=self.history.next_epoch,
-            steps_per_epoch=self._data.steps_per_epoch(config.batch_size),
+            steps_per_epoch=self._data.steps_per_epoch(config.batch_size) or self._learned_steps,
             early_stopping=plan.early_stopping,
             watched=_changing_variables(model),
         )
@@ -644,7 +655,14 @@ class FineTuneSession:
     def _launch(self, run: PhaseRun) -> None:
         self._run = run
         self.history.begin_phase(
-            PhaseSpan(run.index, run.config.phase, run.start_epoch, run.learning_rate, run.depth)
+            PhaseSpan(
+                run.index,
+                run.config.phase,
+                run.start_epoch,
+                run.learning_rate,
+                run.depth,
+                unfreeze_unit=run.unit,
+            )
         )
         # A Stop that arrived while compiling keeps the state "stopping".
         self._set_state("running", only_from=("compiling",))
@@ -658,11 +676,18 @@ class FineTuneSession:
                 run.depth,
                 run.steps_per_epoch,
                 tuple(run.trainable),
+                run.unit,
             )
         )
 
     def _train(self, run: PhaseRun) -> None:
         failure: Failure | None = None
+        if self._data.steps_per_epoch(run.config.batch_size) is None:
+            # Keras finds the end of data of unknown length by running out, and
+            # warns each epoch from this worker, into whichever cell ran last.
+            warnings.filterwarnings(
+                "ignore", "Your input ran out of data", UserWarning, r"keras\.src\.trainers"
+            )
         fit_args = {
             **self._data.fit_args(run.config.batch_size),
             "epochs": run.start_epoch + run.config.epochs,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+import warnings
 
 import grain
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 
 import ftwidgets as ftw
+from ftwidgets import events as ev
 from ftwidgets.inputs import TrainingData
 from ftwidgets.transfer import get_base
 
@@ -422,14 +424,28 @@ def test_a_grain_image_folder_trains_through_a_session(tmp_path):
     data = TrainingData.from_args(dataset, dataset, 0.0)
     assert data.steps_per_epoch(4) is None
     session = make_session(model, train=dataset, validation=dataset, loss=SPARSE)
+    started = []
+    session.on_event(lambda e: started.append(e) if isinstance(e, ev.PhaseStarted) else None)
     head_before = values(model.get_layer("head_dense").variables)
-    session.run(ftw.PhaseConfig(phase="head", epochs=2, learning_rate=1e-2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session.run(ftw.PhaseConfig(phase="head", epochs=2, learning_rate=1e-2))
+    # Keras's warnings would land, from the worker, in whichever cell ran last.
+    assert not [w for w in caught if "shuffle" in str(w.message) or "ran out" in str(w.message)]
     records = session.history.epochs
     assert [r.epoch for r in records] == [0, 1]
     assert all(math.isfinite(r.logs["val_loss"]) for r in records)
     assert session.phase.steps_per_epoch == 3  # 12 images in batches of 4, learned in epoch 1
     assert session.history.batch_count == 6
+    # Points of the first epoch were placed once its length was known.
+    assert session.history.batch_trace()[1].tolist() == pytest.approx(
+        [1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2]
+    )
     assert not same(values(model.get_layer("head_dense").variables), head_before)
+    # The next phase knows the length from the start: progress within its first epoch.
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, learning_rate=1e-2))
+    assert [e.steps_per_epoch for e in started] == [None, 3]
+    assert session.history.batch_trace()[0].tolist() == list(range(9))
 
 
 def start_refused(session, fragments):
