@@ -89,6 +89,8 @@ class SessionControl(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         run = self.run
         run.batch = batch
+        if run.compiling and (batch or run.epoch > run.start_epoch):
+            run.compiled()  # the first call of the train step compiled it
         run.wait_for_room()
         if run.non_finite is not None:
             raise NonFiniteLossError(run.describe_non_finite())

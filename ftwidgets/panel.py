@@ -634,9 +634,9 @@ class FineTunePanel(widgets.VBox):
         started = self._phase_started
         fraction = 0.0
         if state == "compiling":
-            # Between Start and the first batch: unfreezing, compiling, checking the monitor.
+            # Between Start and the end of the first batch, which compiles the train step.
             parts.append(f"{html.escape(self.phase.value)} phase")
-            parts.append("preparing the model; the first batch follows")
+            parts.append("compiling the training step; epochs follow")
             started = None
         if started is not None:
             done_epochs = len(self._epoch_times)

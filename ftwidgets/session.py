@@ -112,6 +112,8 @@ class PhaseRun:
         self.non_finite: tuple[int, int, float] | None = None
         self.reason: str | None = None
         self.rolled_back = False
+        # True until the first batch has run: fit compiles the train step there.
+        self.compiling = True
         # The variables this phase can change; checked for NaN at each epoch end.
         self.watched = watched
         self._first_step = session._steps_before_phase
@@ -122,6 +124,12 @@ class PhaseRun:
         self._room = threading.Condition()
 
     # -- called from the callbacks, on the worker thread ------------------
+    def compiled(self) -> None:
+        """The train step has compiled and run once: the phase is running."""
+        self.compiling = False
+        # A Stop or a Pause that arrived meanwhile keeps its state.
+        self.session._set_state("running", only_from=("compiling",))
+
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.batch = 0
@@ -355,8 +363,9 @@ class FineTuneSession:
     def state(self) -> str:
         """``"idle"``, ``"compiling"``, ``"running"``, ``"paused"``, ``"stopping"`` or ``"failed"``.
 
-        ``"compiling"`` lasts from ``start()`` to the first batch: the worker
-        unfreezes, compiles and checks the monitor.
+        ``"compiling"`` lasts from ``start()`` until the first batch has run: the
+        worker unfreezes, compiles and checks the monitor, then XLA compiles the
+        train step on its first call.
         """
         return self._state
 
@@ -448,7 +457,7 @@ class FineTuneSession:
         """Check the settings and the data, then prepare and train on a worker thread.
 
         Returns within milliseconds: the state is ``"compiling"`` until the first
-        batch. Errors found on the worker (an unknown monitor, a model that does
+        batch has run. Errors found on the worker (an unknown monitor, a model that does
         not run on the data) end the phase as a failure, in ``error`` and a
         ``Failed`` event, with the weights and history untouched; `run` raises them.
 
@@ -664,8 +673,6 @@ class FineTuneSession:
                 unfreeze_unit=run.unit,
             )
         )
-        # A Stop that arrived while compiling keeps the state "stopping".
-        self._set_state("running", only_from=("compiling",))
         self._emit(
             PhaseStarted(
                 run.index,
@@ -834,7 +841,7 @@ class FineTuneSession:
                     self._set_state("running", only_from=("paused",))
                 return
             if not parked:
-                self._set_state("paused", only_from=("running",))
+                self._set_state("paused", only_from=("compiling", "running"))
                 parked = True
             with self._lock:
                 while self._pause_requested and not self._commands:

@@ -363,3 +363,26 @@ def test_unit_control_is_locked_while_training_and_reaches_the_session(block_pan
     assert session.wait(WAIT)
     assert started[0].trainable_layers == ("block2_dense2",)
     assert not panel.unfreeze_unit.disabled and not panel.unfreeze_depth.disabled
+
+
+def test_the_panel_shows_a_phase_compiling_and_can_stop_it_there(panel, monkeypatch):
+    session = panel.session
+    release = threading.Event()
+    compile_original = session.model.compile
+
+    def slow_compile(*args, **kwargs):
+        assert release.wait(WAIT)
+        return compile_original(*args, **kwargs)
+
+    monkeypatch.setattr(session.model, "compile", slow_compile)
+    panel.start_button.click()  # returns while the worker compiles
+    assert session.state == "compiling"
+    assert panel.status.value.startswith("<b>compiling</b> · head phase")
+    assert panel.start_button.disabled and not panel.stop_button.disabled
+    assert panel.phase.disabled and panel.batch_size.disabled
+    panel.stop_button.click()
+    release.set()
+    assert session.wait(WAIT)
+    assert panel.status.value.startswith("<b>idle</b>")
+    assert not panel.start_button.disabled and panel.error_area.layout.display == "none"
+    assert session.history.batch_count == 0

@@ -51,6 +51,8 @@ IDLE = re.compile(r"^idle\b")
 # Idle after a head phase ran: the quickstart's own training (cells 3-4) has finished.
 IDLE_AFTER_HEAD = re.compile(r"^idle · head phase · epoch \d+ \(\d+/\d+ of this phase\)")
 RUNNING = re.compile(r"^running\b")
+# A monitor the compiled model does not log fails the phase before its first batch.
+FAILED = re.compile(r"^failed\b")
 ROLLBACK = re.compile(r"Roll back to best epoch (\d+)")
 STATUS_RATE = re.compile(r"· lr (\S+) ·")
 
@@ -391,7 +393,7 @@ def test_7_bad_input_is_reported_in_the_panel(scenario) -> None:
     ui.button("Start").click()
     expect(ui.error).to_be_visible(timeout=WAIT_MS)
     expect(ui.error).to_contain_text("'val_f1'")
-    expect(ui.status).to_have_text(IDLE)
+    expect(ui.status).to_have_text(FAILED)
     _expect_idle_buttons(ui)
     assert _val_points(ui) == points
     _no_stray_stderr(page)
