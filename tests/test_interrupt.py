@@ -40,7 +40,7 @@ def test_interrupt_button_stops_a_running_phase_and_the_kernel_lives_on():
     try:
         run(client, SETUP)
         # The cell has ended; the phase trains on (100,000 epochs would take hours).
-        assert run(client, "print(panel.session.state)").strip() == "running"
+        assert run(client, "print(panel.session.state)").strip() in ("compiling", "running")
         km.interrupt_kernel()
         state = run(
             client,

@@ -439,6 +439,8 @@ def all_flags(model):
 
 @pytest.fixture(scope="module")
 def mobilenet():
+    # Unnamed layers (re_lu_3...) are numbered by a process-wide counter: start it afresh.
+    keras.backend.clear_session(free_memory=False)
     base = keras.applications.MobileNetV3Small(
         input_shape=(32, 32, 3), include_top=False, weights=None
     )
