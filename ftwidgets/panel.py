@@ -289,7 +289,8 @@ class FineTunePanel(widgets.VBox):
             [widgets.HBox([self.error_message, self.dismiss_button]), self.error_accordion],
             layout=widgets.Layout(display="none", border="1px solid #d9534f", padding="4px"),
         )
-        self.freeze_map = widgets.HTML()
+        # Five columns are wider than the settings tab: scroll rather than clip.
+        self.freeze_map = widgets.HTML(layout=widgets.Layout(overflow="auto"))
 
     def _build_layout(self) -> None:
         lr_row = widgets.HBox([self.learning_rate, self.learning_rate_text])
@@ -322,7 +323,7 @@ class FineTunePanel(widgets.VBox):
         settings = widgets.Tab(children=[phase_box, stopping_box, self.freeze_map])
         for i, title in enumerate(("Phase", "Early stopping", "Freeze map")):
             settings.set_title(i, title)
-        settings.layout.width = "440px"
+        settings.layout.width = "520px"  # room for the freeze map's five columns
         buttons = widgets.HBox(
             [self.start_button, self.pause_button, self.stop_button, self.rollback_button]
         )

@@ -673,8 +673,11 @@ class FreezeMap(Sequence[LayerRow]):
         """The HTML table a notebook shows: a ``<table class="ftwidgets-freeze-map">``."""
         title = html.escape(self._title())
         parts = [
+            # Compact rows: a notebook's default cell padding makes 30 rows a page long.
+            "<style>.ftwidgets-freeze-map td, .ftwidgets-freeze-map th "
+            "{padding: 1px 4px; line-height: 1.3}</style>",
             f"<div class='ftwidgets-freeze-map-title'><small>{title}</small></div>",
-            "<table class='ftwidgets-freeze-map' style='font-size:12px;white-space:nowrap'>",
+            "<table class='ftwidgets-freeze-map' style='font-size:11px;white-space:nowrap'>",
             "<tr><th>layer</th><th>type</th><th>trainable</th><th>frozen</th><th>state</th></tr>",
         ]
         head_started = False
