@@ -401,6 +401,8 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
             panel.learning_rate_text.value = repr(cfg.learning_rate)
             panel.dropout.value = cfg.dropout
             panel.early_stopping.value = False
+            # The panel names the unit the session would pick for None.
+            cfg = cfg.with_changes(unfreeze_unit=panel.unfreeze_unit.value)
             if panel.phase_config() != cfg:
                 raise RuntimeError(f"panel config {panel.phase_config()} != {cfg}")
             stamps: list[tuple[float, float]] = []

@@ -49,8 +49,8 @@ def device_summary() -> str:
     Example:
 
     >>> import ftwidgets as ftw
-    >>> ftw.device_summary()  # doctest: +SKIP
-    'JAX · cpu'
+    >>> ftw.device_summary().startswith("JAX · ")
+    True
     """
     import jax
 

@@ -66,10 +66,7 @@ class SessionControl(keras.callbacks.Callback):
     Args:
         run: the session's bookkeeping for the running phase.
 
-    Example:
-
-    >>> control = SessionControl(run)  # doctest: +SKIP
-    >>> model.fit(x, y, callbacks=[control])  # doctest: +SKIP
+    Not public API: a session installs it into its own ``model.fit``.
     """
 
     def __init__(self, run: PhaseRun) -> None:

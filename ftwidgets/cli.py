@@ -64,8 +64,8 @@ def checkout_notebooks() -> Path | None:
 
     Example:
 
-    >>> checkout_notebooks()  # doctest: +SKIP
-    PosixPath('/home/me/ftwidgets/notebooks')
+    >>> checkout_notebooks().name  # in this repository's checkout
+    'notebooks'
     """
     root = Path(__file__).resolve().parent.parent
     notebooks = root / "notebooks"
@@ -85,7 +85,7 @@ def walkthrough_source() -> Path:
 
     Example:
 
-    >>> (walkthrough_source() / QUICKSTART).is_file()  # doctest: +SKIP
+    >>> (walkthrough_source() / QUICKSTART).is_file()
     True
     """
     packaged = Path(str(importlib.resources.files("ftwidgets") / "notebooks"))
@@ -117,9 +117,10 @@ def copy_walkthroughs(dest: str | os.PathLike[str], source: Path | None = None) 
 
     Example:
 
-    >>> report = copy_walkthroughs("ftwidgets-walkthroughs")  # doctest: +SKIP
-    >>> report.copied[0]  # doctest: +SKIP
-    '01_quickstart.ipynb'
+    >>> import tempfile
+    >>> report = copy_walkthroughs(Path(tempfile.mkdtemp()) / "ftwidgets-walkthroughs")
+    >>> report.copied[0], report.kept
+    ('01_quickstart.ipynb', [])
     """
     dest = Path(dest)
     source = walkthrough_source() if source is None else Path(source)
@@ -152,7 +153,7 @@ def lab_command(
 
     Example:
 
-    >>> lab_command(Path("/nb"), port=8899)[-2:]  # doctest: +SKIP
+    >>> lab_command(Path("/nb"), port=8899)[-2:]
     ['--LabApp.default_url=/lab/tree/01_quickstart.ipynb', '--ServerApp.port=8899']
     """
     argv = [
@@ -255,9 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status (``ftwidgets lab`` only returns if Jupyter could not start).
 
-    Example:
+    Example, from a shell (it starts JupyterLab, so not a doctest)::
 
-    >>> main(["lab", "--no-browser", "--port", "8899"])  # doctest: +SKIP
+        ftwidgets lab --no-browser --port 8899
     """
     parser = _parser()
     args, extra = parser.parse_known_args(argv)

@@ -47,6 +47,12 @@ class Best:
         value: the monitored value at that epoch (always finite).
         monitor: the metric name, e.g. ``"val_loss"``.
         phase: the phase the epoch belonged to.
+
+    Example:
+
+    >>> best = Best(epoch=4, value=0.31, monitor="val_loss", phase="head")
+    >>> f"best epoch {best.epoch + 1} ({best.monitor} {best.value})"
+    'best epoch 5 (val_loss 0.31)'
     """
 
     epoch: int
@@ -70,6 +76,12 @@ class EpochRecord:
         seconds: wall-clock duration of the epoch.
         finite_weights: False if a weight was NaN or infinite at the end of the
             epoch; such an epoch is never a best.
+
+    Example:
+
+    >>> record = EpochRecord(0, "head", 0, frozen_logs({"val_loss": 0.5}), 1e-3)
+    >>> record.logs["val_loss"], record.eligible
+    (0.5, True)
     """
 
     epoch: int
@@ -97,6 +109,12 @@ class Failure:
         traceback: the formatted traceback text.
         epoch: the global epoch at failure, if training had begun.
         batch: the batch within that epoch, if known.
+
+    Example:
+
+    >>> failure = Failure(ValueError("bad"), "ValueError: bad", "Traceback ...")
+    >>> failure.message, failure.epoch
+    ('ValueError: bad', None)
     """
 
     exception: BaseException

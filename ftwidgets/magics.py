@@ -3,12 +3,13 @@
 They work in any ipykernel frontend (JupyterLab, Notebook 7, Voila) and in a plain
 IPython shell, where the panel shows as its text repr.
 
-Example:
+Example, in a notebook cell (IPython syntax, so not a doctest; ``tests/test_magics.py``
+runs it on a real kernel)::
 
->>> %load_ext ftwidgets  # doctest: +SKIP
->>> %finetune model --train data.x_train data.y_train --val data.x_val data.y_val  # doctest: +SKIP
->>> %ftstatus  # doctest: +SKIP
-_ftpanel: transfer_model · running · head phase · epoch 3/30 · lr 1e-3 · best epoch 2 ...
+    %load_ext ftwidgets
+    %finetune model --train data.x_train data.y_train --val data.x_val data.y_val
+    %ftstatus
+    _ftpanel: transfer_model · running · head phase · epoch 3/30 · lr 1e-3 · best epoch 2 ...
 """
 
 from __future__ import annotations
@@ -148,8 +149,12 @@ def session_status(session: Any, name: str | None = None) -> str:
 
     Example:
 
-    >>> session_status(panel.session, "panel")  # doctest: +SKIP
-    'panel: transfer_model · idle · no phase yet · best -'
+    >>> import ftwidgets as ftw
+    >>> data = ftw.demo.digits_transfer(per_class=10, seed=0)
+    >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    >>> session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
+    >>> session_status(session, "session")
+    'session: transfer_model · idle · no phase yet · best -'
     """
     parts = [f"{session.model.name}", session.state]
     run = session.phase
@@ -183,10 +188,9 @@ def session_status(session: Any, name: str | None = None) -> str:
 class FineTuneMagics(Magics):
     """``%finetune`` and ``%ftstatus``; registered by ``load_ipython_extension``.
 
-    Example:
+    Example, in IPython (``%load_ext ftwidgets`` does the same)::
 
-    >>> ip = get_ipython()  # doctest: +SKIP
-    >>> ip.register_magics(FineTuneMagics)  # doctest: +SKIP
+        get_ipython().register_magics(FineTuneMagics)
     """
 
     @magic_arguments()
@@ -321,9 +325,9 @@ def load_ipython_extension(ipython: Any) -> None:
     Args:
         ipython: the running ``InteractiveShell``.
 
-    Example:
+    Example, in IPython::
 
-    >>> from IPython import get_ipython
-    >>> load_ipython_extension(get_ipython())  # doctest: +SKIP
+        from IPython import get_ipython
+        load_ipython_extension(get_ipython())
     """
     ipython.register_magics(FineTuneMagics)

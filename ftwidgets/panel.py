@@ -10,7 +10,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ftwidgets import transfer
+from ftwidgets import tasks, transfer
 from ftwidgets._backend import device_summary
 from ftwidgets.charts import TrainingCharts, format_rate
 from ftwidgets.config import (
@@ -57,8 +57,9 @@ class FineTunePanel(widgets.VBox):
 
     Args:
         model: a model from ``build_transfer_model``; omit it when passing ``session``.
-        train: ``(x, y)`` arrays or a ``keras.utils.PyDataset``.
-        validation: ``(x, y)`` arrays or a ``keras.utils.PyDataset``.
+        train: the training data in any form ``FineTuneSession`` takes: arrays,
+            ``(x, y, sample_weight)``, a ``keras.utils.PyDataset`` or a Grain dataset.
+        validation: the same forms as ``train``.
         loss: any Keras loss; None follows the task of the model's head.
         metrics: Keras metrics, e.g. ``["accuracy"]``; None follows the task.
         session: wrap an existing ``FineTuneSession`` instead of creating one.
@@ -77,7 +78,8 @@ class FineTunePanel(widgets.VBox):
     ...                           metrics=["accuracy"])
     >>> panel.phase.value
     'head'
-    >>> panel  # doctest: +SKIP
+    >>> panel.session.loss, panel.session.metrics
+    ('sparse_categorical_crossentropy', ['accuracy'])
     """
 
     def __init__(
@@ -711,7 +713,7 @@ class FineTunePanel(widgets.VBox):
     def _suggested_monitors(self) -> list[str]:
         names = self.session.history.metric_names()
         if not names:
-            base = ["loss"] + [_metric_name(m) for m in self.session.metrics]
+            base = ["loss"] + [tasks.metric_name(m) for m in self.session.metrics]
             names = [f"val_{n}" for n in base] if self.session.data.has_validation else []
             names += base
         return [n for n in dict.fromkeys(names) if n]
@@ -739,12 +741,6 @@ class FineTunePanel(widgets.VBox):
 
     def __repr__(self) -> str:
         return f"<FineTunePanel {self.session!r}>"
-
-
-def _metric_name(metric: Any) -> str:
-    if isinstance(metric, str):
-        return metric
-    return str(getattr(metric, "name", "") or "")
 
 
 def _fmt_duration(seconds: float) -> str:

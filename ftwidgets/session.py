@@ -71,7 +71,20 @@ _SESSIONS: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
 
 
 def live_sessions() -> list[FineTuneSession]:
-    """Every session not yet closed or garbage-collected, oldest first."""
+    """Every session not yet closed or garbage-collected, oldest first.
+
+    Example:
+
+    >>> import ftwidgets as ftw
+    >>> data = ftw.demo.digits_transfer(per_class=10, seed=0)
+    >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    >>> session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
+    >>> session in live_sessions()
+    True
+    >>> session.close()
+    >>> session in live_sessions()
+    False
+    """
     return sorted(_SESSIONS, key=lambda s: s._created)
 
 
@@ -548,7 +561,7 @@ class FineTuneSession:
     def _expected_metric_names(self) -> set[str]:
         # Names certain to be logged, known without compiling; the worker checks
         # the rest against the compiled metrics.
-        names = {"loss"} | {_metric_name(m) for m in self.metrics}
+        names = {"loss"} | {tasks.metric_name(m) for m in self.metrics}
         if self._data.has_validation:
             names |= {f"val_{name}" for name in names}
         return names
@@ -1081,12 +1094,6 @@ def _changing_variables(model: keras.Model) -> list[Any]:
                 if "float" in str(variable.dtype):
                     found.setdefault(id(variable), variable)
     return list(found.values())
-
-
-def _metric_name(metric: Any) -> str:
-    if isinstance(metric, str):
-        return metric
-    return str(getattr(metric, "name", None) or getattr(metric, "__name__", ""))
 
 
 def _shapes(value: Any) -> Any:

@@ -54,7 +54,7 @@ def first_non_finite(variables: Iterable[Any]) -> str | None:
     Example:
 
     >>> import keras
-    >>> layer = keras.layers.Dense(2)
+    >>> layer = keras.layers.Dense(2, name="dense")
     >>> layer.build((None, 3))
     >>> first_non_finite(layer.variables) is None
     True

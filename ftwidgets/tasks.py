@@ -29,6 +29,7 @@ __all__ = [
     "default_loss",
     "default_metrics",
     "loss_kind",
+    "metric_name",
     "model_task",
     "require_task",
 ]
@@ -382,6 +383,19 @@ def _loss_kinds() -> dict[Callable, str]:
         losses.huber: "regression",
         losses.log_cosh: "regression",
     }
+
+
+def metric_name(metric: Any) -> str:
+    """The name Keras logs a metric under: the string itself, or the object's name.
+
+    Example:
+
+    >>> metric_name("accuracy"), metric_name(keras.metrics.AUC(name="auc"))
+    ('accuracy', 'auc')
+    """
+    if isinstance(metric, str):
+        return metric
+    return str(getattr(metric, "name", None) or getattr(metric, "__name__", ""))
 
 
 def _loss_name(loss: Any) -> str:

@@ -198,10 +198,14 @@ def build_transfer_model(
 
     Example:
 
-    >>> base = keras.applications.MobileNetV3Small(  # doctest: +SKIP
-    ...     input_shape=(96, 96, 3), include_top=False, weights="imagenet")
-    >>> model = build_transfer_model(base, num_classes=5, dropout=0.4)  # doctest: +SKIP
-    >>> model.get_layer("base").trainable  # doctest: +SKIP
+    >>> inputs = keras.Input((32, 32, 3))
+    >>> base = keras.Model(inputs, keras.layers.Conv2D(8, 3, name="conv")(inputs))
+    >>> model = build_transfer_model(base, num_classes=5, dropout=0.4)
+    >>> model.get_layer("base").trainable, [layer.name for layer in model.layers][-3:]
+    (False, ['head_pool', 'head_dropout', 'head_dense'])
+
+    A ``keras.applications`` backbone works the same way, e.g.
+    ``keras.applications.MobileNetV3Small(input_shape=(96, 96, 3), include_top=False)``.
     False
     """
     if task not in TASKS:
@@ -269,7 +273,9 @@ def get_base(model: keras.Model) -> keras.Model:
 
     Example:
 
-    >>> get_base(model) is model.get_layer("base")  # doctest: +SKIP
+    >>> from ftwidgets import demo
+    >>> model = build_transfer_model(demo.pretrained_base(), num_classes=5)
+    >>> get_base(model) is model.get_layer("base")
     True
     """
     for layer in getattr(model, "layers", ()):
@@ -292,7 +298,9 @@ def unfreezable_layers(model_or_base: keras.Layer) -> list[keras.layers.Layer]:
 
     Example:
 
-    >>> [layer.name for layer in unfreezable_layers(model)][-2:]  # doctest: +SKIP
+    >>> from ftwidgets import demo
+    >>> model = build_transfer_model(demo.pretrained_base(), num_classes=5)
+    >>> [layer.name for layer in unfreezable_layers(model)][-2:]
     ['conv2', 'conv3']
     """
     return [layer for _, layer in _base_leaves(_resolve_base(model_or_base)) if _unfreezable(layer)]
@@ -808,8 +816,10 @@ def freeze_map_frame(
 
     Example:
 
-    >>> frame = freeze_map_frame(model)  # doctest: +SKIP
-    >>> frame.loc[frame.unfreezable_index <= 2, "name"].tolist()  # doctest: +SKIP
+    >>> from ftwidgets import demo
+    >>> model = build_transfer_model(demo.pretrained_base(), num_classes=5)
+    >>> frame = freeze_map_frame(model)
+    >>> frame.loc[frame.unfreezable_index <= 2, "name"].tolist()
     ['conv2', 'conv3']
     """
     return freeze_map(
@@ -830,8 +840,10 @@ def set_head_dropout(model: keras.Model, rate: float) -> None:
 
     Example:
 
-    >>> set_head_dropout(model, 0.5)  # doctest: +SKIP
-    >>> model.get_layer("head_dropout").rate  # doctest: +SKIP
+    >>> from ftwidgets import demo
+    >>> model = build_transfer_model(demo.pretrained_base(), num_classes=5)
+    >>> set_head_dropout(model, 0.5)
+    >>> model.get_layer("head_dropout").rate
     0.5
     """
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:

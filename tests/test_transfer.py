@@ -4,7 +4,6 @@
 import ftwidgets  # noqa: F401
 
 # isort: split
-import doctest
 from collections.abc import Sequence
 
 import keras
@@ -738,10 +737,3 @@ def test_freeze_map_html_escapes_names():
     page = freeze_map(model)._repr_html_()
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "<b>" not in page and "block1_&lt;b&gt;dense" in page
-
-
-def test_docstring_examples_run():
-    from ftwidgets import transfer
-
-    failed, attempted = doctest.testmod(transfer, verbose=False)[:2]
-    assert attempted > 10 and failed == 0
