@@ -378,6 +378,27 @@ def run_session(w: Workload, stream: bool) -> ArmRun:
         session.close()
 
 
+def set_controls(panel: Any, config: ftw.PhaseConfig) -> None:
+    """Set the panel's controls to ``config``, early stopping off; check it reads them back.
+
+    Raises:
+        RuntimeError: if ``panel.phase_config()`` differs (so every arm trains alike).
+    """
+    panel.phase.value = config.phase
+    if config.phase == "finetune":
+        panel.unfreeze_depth.value = config.unfreeze_depth
+    panel.learning_rate_text.value = repr(config.learning_rate)
+    panel.epochs.value = config.epochs
+    panel.batch_size.value = config.batch_size
+    panel.dropout.value = config.dropout
+    panel.early_stopping.value = False
+    unit = getattr(panel, "unfreeze_unit", None)  # the panel names the unit None resolves to
+    if unit is not None and config.unfreeze_unit is None:
+        config = config.with_changes(unfreeze_unit=unit.value)
+    if panel.phase_config() != config:
+        raise RuntimeError(f"panel config {panel.phase_config()} != {config}")
+
+
 def run_panel(w: Workload, stream: bool) -> ArmRun:
     """(c): the full panel with live charts, every widget on a recording comm."""
     from recording_comm import record_comms
@@ -394,17 +415,7 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
             stream_batches=stream,
         )
         try:
-            cfg = w.config
-            panel.phase.value = cfg.phase
-            if cfg.phase == "finetune":
-                panel.unfreeze_depth.value = cfg.unfreeze_depth
-            panel.learning_rate_text.value = repr(cfg.learning_rate)
-            panel.dropout.value = cfg.dropout
-            panel.early_stopping.value = False
-            # The panel names the unit the session would pick for None.
-            cfg = cfg.with_changes(unfreeze_unit=panel.unfreeze_unit.value)
-            if panel.phase_config() != cfg:
-                raise RuntimeError(f"panel config {panel.phase_config()} != {cfg}")
+            set_controls(panel, w.config)
             stamps: list[tuple[float, float]] = []
             panel.session.on_event(_epoch_listener(stamps))
             mark = rec.mark()
@@ -421,7 +432,7 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
                 raise RuntimeError(f"chart error: {panel.charts.last_error!r}")
             batch_id = panel.charts.marks["batch"].model_id
             return ArmRun(
-                *intervals(stamps, cfg.epochs),
+                *intervals(stamps, w.config.epochs),
                 setup,
                 {
                     "messages": len(sent),
@@ -964,17 +975,8 @@ def time_click(panel: Any, config: ftw.PhaseConfig) -> dict[str, Any]:
     """
     session = panel.session
     history = session.history
-    panel.phase.value = config.phase
-    if config.phase == "finetune":
-        panel.unfreeze_depth.value = config.unfreeze_depth
-    panel.learning_rate_text.value = repr(config.learning_rate)
-    panel.epochs.value = config.epochs
-    panel.batch_size.value = config.batch_size
-    panel.dropout.value = config.dropout
-    panel.early_stopping.value = False
     panel.stream_batches.value = True
-    if panel.phase_config() != config:
-        raise RuntimeError(f"panel config {panel.phase_config()} != {config}")
+    set_controls(panel, config)
 
     stamps: dict[str, float] = {}
 

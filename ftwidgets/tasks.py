@@ -280,8 +280,7 @@ def _check_binary(
     model: keras.Model, loss: str, y: np.ndarray, name: str, out: tuple, units: int
 ) -> None:
     per_sample = y.shape[1:]
-    fits = per_sample == out or (units == 1 and per_sample == out[:-1])
-    if not fits:
+    if not _fits_output(per_sample, out, units):
         if units == 1 and per_sample[-1:] != (1,) and _looks_one_hot(y):
             classes = per_sample[-1]
             raise ValueError(
@@ -327,7 +326,7 @@ def _check_regression(
     model: keras.Model, loss: str, y: np.ndarray, name: str, out: tuple, units: int
 ) -> None:
     per_sample = y.shape[1:]
-    if per_sample == out or (units == 1 and per_sample == out[:-1]):
+    if _fits_output(per_sample, out, units):
         return
     given = per_sample[-1] if len(per_sample) == len(out) else 1
     values = _plural(given, "target value")
@@ -343,6 +342,11 @@ def _check_regression(
         f"build the model with num_classes={given} (task='regression'), or fix the "
         f"labels. Received: {name}.shape={y.shape}"
     )
+
+
+def _fits_output(per_sample: tuple, out: tuple, units: int) -> bool:
+    # One value per sample also fits a single-unit output (shape (n,) for (n, 1)).
+    return per_sample == out or (units == 1 and per_sample == out[:-1])
 
 
 def _check_class_indices(y: np.ndarray, name: str, classes: int) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 
-import keras
 import numpy as np
 import pytest
 from html_table import folded_rows, table_rows
+from test_session import block_base
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
@@ -21,17 +21,21 @@ def data():
     return ftw.demo.digits_transfer(per_class=10, seed=0)
 
 
-@pytest.fixture
-def panel(data):
-    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
-    panel = ftw.FineTunePanel(
+def make_panel(data, model, epochs: int) -> ftw.FineTunePanel:
+    return ftw.FineTunePanel(
         model,
         train=(data.x_train, data.y_train),
         validation=(data.x_val, data.y_val),
         metrics=["accuracy"],
-        epochs=3,
+        epochs=epochs,
         progress_interval=0.0,
     )
+
+
+@pytest.fixture
+def panel(data):
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+    panel = make_panel(data, model, epochs=3)
     yield panel
     panel.close()
 
@@ -263,31 +267,9 @@ def test_data_that_does_not_fit_is_reported_in_the_panel(data):
         panel.close()
 
 
-def block_base() -> keras.Model:
-    """A stem, then two blocks named as in keras.applications (Dense layers compile fast)."""
-    inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Flatten(name="flatten")(inputs)
-    x = keras.layers.Dense(8, name="stem_dense")(x)
-    x = keras.layers.Dense(8, name="block1_dense1")(x)
-    x = keras.layers.BatchNormalization(name="block1_bn")(x)
-    x = keras.layers.Dense(8, name="block1_dense2")(x)
-    x = keras.layers.Dense(8, name="block2_dense1")(x)
-    x = keras.layers.BatchNormalization(name="block2_bn")(x)
-    x = keras.layers.Dense(8, name="block2_dense2")(x)
-    return keras.Model(inputs, x, name="block_base")
-
-
 @pytest.fixture
 def block_panel(data):
-    model = ftw.build_transfer_model(block_base(), num_classes=5)
-    panel = ftw.FineTunePanel(
-        model,
-        train=(data.x_train, data.y_train),
-        validation=(data.x_val, data.y_val),
-        metrics=["accuracy"],
-        epochs=1,
-        progress_interval=0.0,
-    )
+    panel = make_panel(data, ftw.build_transfer_model(block_base(), num_classes=5), epochs=1)
     yield panel
     panel.close()
 
