@@ -311,6 +311,7 @@ def test_unit_control_sets_the_depth_range_and_the_freeze_map(block_panel):
     assert folded == {
         "block2_dense1": "frozen",
         "block2_bn": "frozen (BatchNorm)",
+        "relu": "no weights",  # unnamed by block, but between two of its layers
         "block2_dense2": "trainable",
     }
     assert panel.phase_config().unfreeze_unit == "layer"
