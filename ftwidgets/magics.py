@@ -158,7 +158,10 @@ def session_status(session: Any, name: str | None = None) -> str:
     """
     parts = [f"{session.model.name}", session.state]
     run = session.phase
-    if run is None:
+    if session.state == "compiling":
+        # Until the worker has prepared it, `phase` may still be the previous one.
+        parts.append("preparing a phase")
+    elif run is None:
         parts.append("no phase yet")
     else:
         phases = len(session.history.phases)

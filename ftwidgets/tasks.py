@@ -285,8 +285,7 @@ def _check_binary(
             classes = per_sample[-1]
             raise ValueError(
                 f"{name} looks one-hot ({classes} columns) but the model has 1 sigmoid unit: "
-                f"for {classes} classes use build_transfer_model(..., task='multiclass', "
-                f"num_classes={classes}) with loss='categorical_crossentropy', or give one "
+                f"{_use_multiclass(classes, 'categorical_crossentropy')}, or give one "
                 f"0/1 label per sample. Received: {name}.shape={y.shape}"
             )
         if units > 1 and per_sample in (out[:-1], (*out[:-1], 1)):
@@ -310,10 +309,8 @@ def _check_binary(
         classes = int(high) + 1
         raise ValueError(
             f"loss={loss!r} needs labels in [0, 1], but {name} holds class indices "
-            f"0..{int(high)}: "
-            f"for {classes} classes use build_transfer_model(..., task='multiclass', "
-            f"num_classes={classes}) with loss='sparse_categorical_crossentropy', or fix the "
-            f"labels. Received: {name} values {bad}"
+            f"0..{int(high)}: {_use_multiclass(classes, 'sparse_categorical_crossentropy')}, "
+            f"or fix the labels. Received: {name} values {bad}"
         )
     raise ValueError(
         f"loss={loss!r} needs labels in [0, 1] (two classes as 0/1, or probabilities): fix the "
@@ -341,6 +338,13 @@ def _check_regression(
         f"{name} has {values} per sample but the model has {_plural(units, 'output')}: "
         f"build the model with num_classes={given} (task='regression'), or fix the "
         f"labels. Received: {name}.shape={y.shape}"
+    )
+
+
+def _use_multiclass(classes: int, loss: str) -> str:
+    return (
+        f"for {classes} classes use build_transfer_model(..., task='multiclass', "
+        f"num_classes={classes}) with loss={loss!r}"
     )
 
 

@@ -16,6 +16,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
+from test_session import hold_compile
 
 import ftwidgets as ftw
 from ftwidgets import magics
@@ -270,6 +271,23 @@ def test_ftstatus_follows_a_session_through_a_run(ip, ns):
         f"_ftpanel: transfer_model · idle · head phase ({runs} phases so far) · 2/2 epochs run · "
         f"lr 1e-3 · best epoch {best.epoch + 1} (val_loss {best.value:.4g})"
     )
+
+
+def test_ftstatus_says_a_phase_is_being_prepared_while_it_compiles(ip, ns, monkeypatch):
+    assert run(ip, FINETUNE + " --epochs 5 --batch-size 4")[0].success
+    session = ns["_ftpanel"].session
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=4))
+    release = hold_compile(session.model, monkeypatch)
+    session.start(ftw.PhaseConfig(phase="finetune", epochs=1, batch_size=4, unfreeze_depth=1))
+    try:
+        _, out, _, _ = run(ip, "%ftstatus")
+        # Not the finished head phase's epochs: the new phase is not prepared yet.
+        assert _status_line(out, "_ftpanel").startswith(
+            "_ftpanel: transfer_model · compiling · preparing a phase · best epoch 1"
+        )
+    finally:
+        release.set()
+        assert session.wait(WAIT)
 
 
 def test_ftstatus_prefers_the_public_name(ip, ns):

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 from html_table import folded_rows, table_rows
-from test_session import block_base
+from test_session import block_base, hold_compile
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
@@ -350,14 +350,7 @@ def test_unit_control_is_locked_while_training_and_reaches_the_session(block_pan
 
 def test_the_panel_shows_a_phase_compiling_and_can_stop_it_there(panel, monkeypatch):
     session = panel.session
-    release = threading.Event()
-    compile_original = session.model.compile
-
-    def slow_compile(*args, **kwargs):
-        assert release.wait(WAIT)
-        return compile_original(*args, **kwargs)
-
-    monkeypatch.setattr(session.model, "compile", slow_compile)
+    release = hold_compile(session.model, monkeypatch)
     panel.start_button.click()  # returns while the worker compiles
     assert session.state == "compiling"
     assert panel.status.value.startswith("<b>compiling</b> · head phase")

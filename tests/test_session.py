@@ -65,6 +65,19 @@ def same(a, b) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def hold_compile(model, monkeypatch) -> threading.Event:
+    """Make the worker wait inside ``model.compile`` until the returned Event is set."""
+    release = threading.Event()
+    original = model.compile
+
+    def held(*args, **kwargs):
+        assert release.wait(WAIT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "compile", held)
+    return release
+
+
 class Recorder:
     """Collect events; wait for one of a type (optionally matching a predicate)."""
 

@@ -13,7 +13,16 @@ import keras
 import numpy as np
 import pytest
 from keras.src.utils.rng_utils import get_random_seed  # not exported; thread-local
-from test_session import WAIT, Recorder, make_model, make_session, same, tiny_base, values
+from test_session import (
+    WAIT,
+    Recorder,
+    hold_compile,
+    make_model,
+    make_session,
+    same,
+    tiny_base,
+    values,
+)
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
@@ -56,14 +65,7 @@ def test_a_phase_held_while_compiling_shows_it_and_a_stop_ends_it_before_any_bat
 ):
     session = make_session(data)
     model = session.model
-    release = threading.Event()
-    compile_original = model.compile
-
-    def slow_compile(*args, **kwargs):
-        assert release.wait(WAIT)
-        return compile_original(*args, **kwargs)
-
-    monkeypatch.setattr(model, "compile", slow_compile)
+    release = hold_compile(model, monkeypatch)
     rec = Recorder(session)
     before = values(model.variables)
     session.start(ftw.PhaseConfig(phase="head", epochs=5, batch_size=16))
