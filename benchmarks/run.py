@@ -809,7 +809,7 @@ def measure_stop_and_lr(w: Workload, trials: int, lr_calls: int, res: Responsive
             t1 = time.perf_counter()
             time.sleep(0.2)  # losses still in Keras's callback pool land now
             res.stop_ms.append((t1 - t0) * 1e3)
-            # The batch whose begin raised StopPhase was never dispatched.
+            # The batch whose begin raised StopJob was never dispatched.
             res.stop_begun.append(max(0, _phase_step(run) - begun - 1))
             res.stop_completed.append(arrivals.after(t0))
             if trial == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 __all__ = [
     "BatchProgress",
@@ -27,6 +28,9 @@ __all__ = [
     "PhaseEnded",
     "PhaseStarted",
     "RolledBack",
+    "SearchEnded",
+    "SearchStarted",
+    "SearchStep",
     "StateChanged",
     "Stopped",
     "frozen_logs",
@@ -246,6 +250,37 @@ class RolledBack(Event):
     best: Best
     epoch: int
     batch: int | None
+
+
+@dataclass(frozen=True)
+class SearchStarted(Event):
+    """A learning-rate search began, for a phase at an unfreeze depth."""
+
+    phase: str
+    unfreeze_depth: int
+    start: float
+    end: float
+    steps: int
+    repeats: int
+
+
+@dataclass(frozen=True)
+class SearchStep(Event):
+    """One step of a learning-rate search: the rate, its batch's loss, the smoothed loss."""
+
+    repeat: int
+    step: int
+    learning_rate: float
+    loss: float
+    smoothed: float
+
+
+@dataclass(frozen=True)
+class SearchEnded(Event):
+    """A learning-rate search ended; ``search`` holds its curve and suggestions."""
+
+    search: Any
+    reason: str
 
 
 @dataclass(frozen=True)

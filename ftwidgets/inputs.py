@@ -21,7 +21,7 @@ Arrays are converted to numpy once, here: the checks before every phase
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +192,36 @@ class TrainingData:
             None if self.sample_weight is None else self.sample_weight[:batch_size],
         )
 
+    def batches(self, batch_size: int, seed: int = 0) -> Iterator[tuple[Any, Any, Any]]:
+        """Training batches ``(x, y, sample_weight)`` without end, as a search uses them.
+
+        Arrays are shuffled afresh on each pass (with ``seed``), from the part
+        ``validation_split`` leaves for training; a dataset is read in its own
+        order, from the start again when it runs out.
+
+        Example:
+
+        >>> data = TrainingData.from_args((np.arange(10.0)[:, None], np.zeros(10)), None, 0.2)
+        >>> stream = data.batches(batch_size=3)
+        >>> [len(next(stream)[0]) for _ in range(4)]
+        [3, 3, 3, 3]
+        """
+        if self.is_dataset:
+            yield from _cycle(self.x)
+            return
+        rng = np.random.default_rng(seed)
+        n = self.num_train()
+        size = min(batch_size, n)
+        while True:
+            order = rng.permutation(n)
+            for begin in range(0, n - size + 1, size):
+                rows = order[begin : begin + size]
+                yield (
+                    _map(lambda a, rows=rows: a[rows], self.x),
+                    _map(lambda a, rows=rows: a[rows], self.y),
+                    None if self.sample_weight is None else self.sample_weight[rows],
+                )
+
     def fit_args(self, batch_size: int) -> dict[str, Any]:
         """The data arguments of ``model.fit``."""
         if self.is_dataset:
@@ -338,6 +368,14 @@ def _first_element(dataset: Any, what: str) -> tuple[Any, Any, Any]:
             f"of type {_type_name(element)}{count}"
         )
     return _unpack(element, where, "")
+
+
+def _cycle(dataset: Any) -> Iterator[tuple[Any, Any, Any]]:
+    indexed = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+    while True:
+        elements = (dataset[i] for i in range(len(dataset))) if indexed else iter(dataset)
+        for element in elements:
+            yield _unpack(tuple(element), "a batch of train", "")
 
 
 def _fit_tuple(validation: Any) -> Any:

@@ -667,7 +667,7 @@ class FineTunePanel(widgets.VBox):
             parts.append(f"best epoch {best.epoch + 1} ({best.monitor} {best.value:.4g})")
             es = session.early_stopping
             if es is not None and started is not None:
-                since = session._tracker.wait
+                since = session.epochs_without_improvement
                 parts.append(f"{since}/{es.patience} epochs without improvement")
         parts.append(html.escape(self._device))
         text = " · ".join(parts)

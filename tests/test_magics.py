@@ -104,7 +104,7 @@ def test_finetune_displays_a_panel_and_keeps_it_as_ftpanel(ip, ns):
     panel = ns["_ftpanel"]
     assert isinstance(panel, FineTunePanel)
     assert panel.session.model is ns["model"]
-    assert panel.session._data.has_validation
+    assert panel.session.data.has_validation
     assert panel.session.loss == "sparse_categorical_crossentropy"
     assert panel.session.metrics == ["accuracy"]
     # Exactly one display: the panel's widget view (what a frontend renders).
@@ -125,7 +125,7 @@ def test_finetune_options_reach_the_panel(ip, ns):
     assert "_ftpanel" not in ns
     assert panel.session.loss is ns["my_loss"]
     assert panel.session.metrics == ["accuracy", "sparse_top_k_categorical_accuracy"]
-    assert panel.session._data.validation_split == 0.25
+    assert panel.session.data.validation_split == 0.25
     assert (panel.epochs.value, panel.batch_size.value) == (3, 8)
 
 

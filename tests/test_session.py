@@ -595,9 +595,9 @@ def lag_during_a_phase(data) -> int:
 def test_commands_are_never_an_epoch_behind_the_device(data, monkeypatch):
     # JAX dispatches asynchronously; unbounded, Python runs ahead of the device
     # and a Stop or a new learning rate would land an epoch late.
-    from ftwidgets import session as session_module
+    from ftwidgets.channel import MAX_IN_FLIGHT
 
-    assert lag_during_a_phase(data) <= session_module.MAX_IN_FLIGHT + 1
+    assert lag_during_a_phase(data) <= MAX_IN_FLIGHT + 1
 
 
 def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(data):

@@ -1,0 +1,721 @@
+"""Jobs: what a session's worker runs, one at a time, through one path.
+
+A job is prepared on the worker (unfreeze, compile, checks), runs, and finishes
+(restore, record). Failing to prepare leaves the model as it was; a failure
+while running restores finite weights. The session runs every job the same
+way: `FitPhase` (a head or fine-tune phase) and the learning-rate search
+(``ftwidgets.lr_search``) are the two kinds.
+
+A job sees the session only through a `JobContext`: the model, the data, the
+run's record (history, best, snapshots), the channel and the event outbox.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import keras
+import numpy as np
+
+from ftwidgets import tasks, transfer
+from ftwidgets.callbacks import (
+    LossStream,
+    NonFiniteError,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    SessionControl,
+)
+from ftwidgets.channel import (
+    Channel,
+    Command,
+    Rollback,
+    SetLearningRate,
+    State,
+    Stop,
+    UpdateEarlyStopping,
+)
+from ftwidgets.config import EarlyStoppingConfig, PhaseConfig, resolve_mode
+from ftwidgets.events import (
+    BatchProgress,
+    Best,
+    BestChanged,
+    EarlyStopped,
+    EpochEnded,
+    EpochRecord,
+    Event,
+    Failure,
+    LearningRateChanged,
+    NewBest,
+    PhaseEnded,
+    PhaseStarted,
+    RolledBack,
+    Stopped,
+    frozen_logs,
+)
+from ftwidgets.history import History, Marker, PhaseSpan
+from ftwidgets.inputs import TrainingData
+from ftwidgets.snapshots import SnapshotStore, capture, first_non_finite, restore
+from ftwidgets.tracking import BestTracker
+
+__all__ = [
+    "FitPhase",
+    "Job",
+    "JobContext",
+    "ModelSetup",
+    "PhaseStatus",
+    "StopJob",
+    "describe_failure",
+    "make_optimizer",
+]
+
+
+class StopJob(Exception):
+    """Raised at a batch boundary to end a job at once, skipping validation.
+
+    ``fit``'s own ``finally`` syncs the JAX state back to the model, so the
+    model holds the weights of the last finished batch.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class JobContext:
+    """What a job may use of its session: the model, the data and the run's record.
+
+    The session owns one and hands it to every job; nothing else of the session
+    is visible to a job or its callbacks.
+    """
+
+    model: keras.Model
+    data: TrainingData
+    loss: Any
+    metrics: list[Any]
+    history: History
+    tracker: BestTracker
+    snapshots: SnapshotStore
+    channel: Channel
+    emit: Callable[[Event], None]
+    stream_batches: bool = True
+    progress_interval: float = 0.2
+    early_stopping: EarlyStoppingConfig | None = None
+    # Batches per epoch of data of unknown length, once an epoch has shown it.
+    learned_steps: int | None = None
+    # Global batch count before the next phase, so steps never restart.
+    steps_before: int = 0
+
+    def track(self, config: EarlyStoppingConfig) -> None:
+        """Track the best on ``config``; a new monitor or mode recomputes it from the history."""
+        tracker = self.tracker
+        old = tracker.best
+        new_target = (config.monitor, config.resolved_mode) != (
+            tracker.config.monitor,
+            tracker.config.resolved_mode,
+        )
+        if old is not None and new_target:
+            # The old best stays restorable under the new monitor.
+            self.snapshots.retain(old.epoch)
+        if tracker.reconfigure(config, self.history.epochs):
+            best = tracker.best
+            kept = self.snapshots.select_best(None if best is None else best.epoch)
+            self.emit(BestChanged(best, kept))
+
+    def roll_back(self, epoch: int, x: float, batch: int | None) -> Best:
+        """Restore the best epoch's weights and mark it at ``x`` on the history."""
+        best = self.tracker.best
+        restore(self.model, self.snapshots.best)
+        self.history.add_marker(
+            Marker("rollback", x, epoch, f"rolled back to epoch {best.epoch + 1}", best.epoch)
+        )
+        self.emit(RolledBack(best, epoch, batch))
+        return best
+
+
+class Job(Protocol):
+    """One piece of work on the session's worker.
+
+    The worker calls `prepare` (which leaves the model as it was when it
+    raises), `run`, then `finish` whatever happened; `end_events` are posted
+    with the final state, in one step with it.
+    """
+
+    kind: str
+
+    def prepare(self, ctx: JobContext) -> None:
+        """Get the model ready; raise to refuse, leaving the model untouched."""
+
+    def run(self, ctx: JobContext) -> str:
+        """Do the work; return why it ended, or raise `StopJob` or a failure."""
+
+    def finish(self, ctx: JobContext, reason: str, failure: Failure | None) -> Failure | None:
+        """Restore and record after `run`; return the failure to report, if any."""
+
+    def end_events(self, ctx: JobContext, reason: str) -> list[Event]:
+        """The events that announce the end, posted just before the final state."""
+
+    def apply(self, ctx: JobContext, command: Command) -> None:
+        """Apply a command that was queued for this job but arrived after it ended."""
+
+
+@dataclass(frozen=True)
+class PhaseStatus:
+    """A snapshot of a phase, running or ended: what ``session.phase`` returns.
+
+    Attributes:
+        index: which phase of the run (0 for the first).
+        config: the phase's settings.
+        start_epoch: its first global epoch.
+        epoch: the global epoch it is in (or ended in).
+        batch: the batch within that epoch.
+        steps_per_epoch: batches per epoch; None until known for data of unknown length.
+        learning_rate: the rate in effect.
+        unfreeze_depth: the depth it trains, in ``unfreeze_unit`` units.
+        unfreeze_unit: ``"block"`` or ``"layer"``.
+        trainable_layers: the base layers it trains.
+        reason: why it ended; None while it runs.
+
+    Example:
+
+    >>> status = PhaseStatus(0, PhaseConfig(), 0, 3, 1, 4, 1e-3, 0, "layer", (), None)
+    >>> status.config.phase, status.epoch
+    ('head', 3)
+    """
+
+    index: int
+    config: PhaseConfig
+    start_epoch: int
+    epoch: int
+    batch: int
+    steps_per_epoch: int | None
+    learning_rate: float
+    unfreeze_depth: int
+    unfreeze_unit: str
+    trainable_layers: tuple[str, ...]
+    reason: str | None
+
+
+def make_optimizer(config: PhaseConfig) -> keras.optimizers.Optimizer:
+    """A fresh optimizer of the phase's kind, at its learning rate.
+
+    A fresh one per phase: a built optimizer cannot be reused after the
+    trainable set changes.
+
+    Example:
+
+    >>> type(make_optimizer(PhaseConfig(optimizer="sgd"))).__name__
+    'SGD'
+    """
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=config.learning_rate)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=0.9)
+    return keras.optimizers.Adam(learning_rate=config.learning_rate)
+
+
+def describe_failure(exc: BaseException, epoch: int | None, batch: int | None) -> Failure:
+    """A `Failure` for an exception raised while a job ran."""
+    message = str(exc) if isinstance(exc, NonFiniteError) else f"{type(exc).__name__}: {exc}"
+    return Failure(exc, message, "".join(traceback.format_exception(exc)), epoch, batch)
+
+
+class ModelSetup:
+    """A phase's trainable set on the model, with the flags it replaced kept for `undo`.
+
+    Args:
+        model: a model with a layer named ``"base"``.
+        config: the phase: its depth, unit, BatchNorm setting and dropout.
+        depth: the depth checked against the base.
+        unit: ``"block"`` or ``"layer"``.
+
+    Example:
+
+    >>> from ftwidgets import demo
+    >>> model = transfer.build_transfer_model(demo.pretrained_base(), num_classes=5)
+    >>> setup = ModelSetup(model, PhaseConfig(phase="finetune"), depth=1, unit="layer")
+    >>> setup.trainable, model.get_layer("base").trainable
+    (['conv3'], True)
+    >>> setup.undo()
+    >>> model.get_layer("base").trainable
+    False
+    """
+
+    def __init__(self, model: keras.Model, config: PhaseConfig, depth: int, unit: str) -> None:
+        self.model = model
+        self._flags = {id(layer): layer.trainable for layer in model._flatten_layers()}
+        self._dropout = _head_dropout_rate(model) if config.dropout is not None else None
+        try:
+            self.trainable = transfer.unfreeze(
+                model, depth, keep_batchnorm_frozen=config.keep_batchnorm_frozen, unit=unit
+            )
+            if config.dropout is not None:
+                transfer.set_head_dropout(model, config.dropout)
+        except BaseException:
+            self.undo()
+            raise
+
+    def undo(self) -> None:
+        """Put back the trainable flags (and the head's dropout rate) it replaced."""
+        for layer in self.model._flatten_layers():
+            layer.trainable = self._flags.get(id(layer), layer.trainable)
+        if self._dropout is not None:
+            transfer.set_head_dropout(self.model, self._dropout)
+
+
+def _head_dropout_rate(model: keras.Model) -> float | None:
+    for layer in model.layers:
+        if layer.name == transfer.HEAD_DROPOUT_NAME and isinstance(layer, keras.layers.Dropout):
+            return float(layer.rate)
+    return None
+
+
+class FitPhase:
+    """A head or fine-tune phase: ``model.fit`` under the session's callbacks.
+
+    It is also the recorder its callbacks report to: epochs, batches, progress
+    and the commands taken at batch boundaries.
+
+    Args:
+        config: the phase's settings.
+        early_stopping: when to stop early (None: never).
+        tracking: what the best is tracked on (early stopping's monitor, or the
+            validation loss).
+        depth: the unfreeze depth, checked against the base.
+        unit: what ``depth`` counts.
+    """
+
+    kind = "phase"
+
+    def __init__(
+        self,
+        config: PhaseConfig,
+        early_stopping: EarlyStoppingConfig | None,
+        tracking: EarlyStoppingConfig,
+        depth: int,
+        unit: str,
+    ) -> None:
+        self.config = config
+        self.early_stopping = early_stopping
+        self.tracking = tracking
+        self.depth = depth
+        self.unit = unit
+        self.learning_rate = float(config.learning_rate)
+        self.index = 0
+        self.start_epoch = 0
+        self.epoch = 0
+        self.batch = 0
+        self.steps_per_epoch: int | None = None
+        self.trainable: list[str] = []
+        self.epoch_started = time.perf_counter()
+        self.last_loss: float | None = None
+        self.non_finite: tuple[int, int, float] | None = None
+        self.reason: str | None = None
+        self.rolled_back = False
+        self.restored: Best | None = None
+        # True until the first batch has run: fit compiles the train step there.
+        self.compiling = True
+        self._ctx: JobContext | None = None
+        self._watched: list[Any] = []
+        self._epoch_first_step = 0
+        self._finished_before_epoch = 0
+        self._next_progress = 0.0
+
+    # -- the job ------------------------------------------------------------------
+    def prepare(self, ctx: JobContext) -> None:
+        """Unfreeze, compile and check the monitor; on failure leave the model as it was."""
+        model, config = ctx.model, self.config
+        before = capture(model, f"before phase {len(ctx.history.phases) + 1}")
+        if not before.finite:
+            raise ValueError(
+                f"The model's weights hold NaN or infinite values before training, in "
+                f"{before.non_finite!r}; reload or rebuild them. Received: "
+                f"{before.non_finite} is not finite"
+            )
+        setup = ModelSetup(model, config, self.depth, self.unit)
+        try:
+            model.compile(
+                optimizer=make_optimizer(config), loss=ctx.loss, metrics=ctx.metrics or None
+            )
+            _check_monitor(ctx, self.tracking, config.batch_size)
+        except BaseException:
+            setup.undo()
+            restore(model, before)
+            raise
+        self._ctx = ctx
+        self.trainable = setup.trainable
+        self.index = len(ctx.history.phases)
+        self.start_epoch = self.epoch = ctx.history.next_epoch
+        self.steps_per_epoch = ctx.data.steps_per_epoch(config.batch_size) or ctx.learned_steps
+        self._epoch_first_step = ctx.steps_before
+        self._watched = _changing_variables(model)
+        ctx.snapshots.keep_recent(before)
+        ctx.early_stopping = self.early_stopping
+        ctx.track(self.tracking)
+        ctx.tracker.start_phase()
+        ctx.history.begin_phase(
+            PhaseSpan(
+                self.index,
+                config.phase,
+                self.start_epoch,
+                self.learning_rate,
+                self.depth,
+                unfreeze_unit=self.unit,
+            )
+        )
+        ctx.emit(
+            PhaseStarted(
+                self.index,
+                config.phase,
+                self.start_epoch,
+                config.epochs,
+                self.learning_rate,
+                self.depth,
+                self.steps_per_epoch,
+                tuple(self.trainable),
+                self.unit,
+            )
+        )
+
+    def run(self, ctx: JobContext) -> str:
+        """``model.fit`` with the session's callbacks."""
+        config = self.config
+        if ctx.data.steps_per_epoch(config.batch_size) is None:
+            # Keras finds the end of data of unknown length by running out, and
+            # warns each epoch from this worker, into whichever cell ran last.
+            warnings.filterwarnings(
+                "ignore", "Your input ran out of data", UserWarning, r"keras\.src\.trainers"
+            )
+        try:
+            ctx.model.fit(
+                **ctx.data.fit_args(config.batch_size),
+                epochs=self.start_epoch + config.epochs,
+                initial_epoch=self.start_epoch,
+                callbacks=[
+                    SessionControl(ctx.channel, self),
+                    LossStream(ctx.channel, self, record=ctx.stream_batches),
+                ],
+                verbose=0,
+            )
+        except StopJob:
+            ctx.channel.drain()
+            self._record_partial(ctx)
+            raise
+        except BaseException:
+            self._record_partial(ctx)
+            raise
+        return self.reason or "completed"
+
+    def failure(self, exc: BaseException) -> Failure:
+        """Describe an exception raised by `run`."""
+        return describe_failure(exc, self.epoch, self.batch)
+
+    def finish(self, ctx: JobContext, reason: str, failure: Failure | None) -> Failure | None:
+        """Restore the best (or the weights from before) as the settings ask; record the end."""
+        model = ctx.model
+        best = ctx.snapshots.best if ctx.tracker.best is not None else None
+        broken = failure is not None and not _variables_usable(model)
+        non_finite = failure is not None and isinstance(failure.exception, NonFiniteError)
+        es = self.early_stopping
+        if (
+            best is not None
+            and not self.rolled_back
+            and ((es is not None and es.restore_best_weights) or non_finite)
+        ):
+            restore(model, best)
+            self.restored = ctx.tracker.best
+        elif (broken or non_finite) and (fallback := ctx.snapshots.latest_finite_recent()):
+            restore(model, fallback)
+        if failure is not None and non_finite:
+            what = (
+                f"the best weights (epoch {self.restored.epoch + 1}) were restored"
+                if self.restored
+                else "the weights from before the phase were restored"
+            )
+            failure = Failure(
+                failure.exception,
+                f"{failure.message} The phase was stopped and {what}.",
+                failure.traceback,
+                failure.epoch,
+                failure.batch,
+            )
+        ctx.steps_before = self._epoch_first_step + (
+            ctx.channel.dispatched_batches - self._finished_before_epoch
+        )
+        ctx.history.end_phase(ctx.history.next_epoch, reason)
+        if failure is not None:
+            ctx.history.add_marker(Marker("failure", self.epoch + 1, self.epoch, failure.message))
+        self.reason = reason
+        return failure
+
+    def end_events(self, ctx: JobContext, reason: str) -> list[Event]:
+        span = ctx.history.phases[-1]
+        return [
+            PhaseEnded(
+                self.index,
+                self.config.phase,
+                span.start_epoch,
+                span.end_epoch or 0,
+                reason,
+                self.restored,
+            )
+        ]
+
+    def apply(self, ctx: JobContext, command: Command) -> None:
+        """Leftovers from the last epoch's validation pass: a rollback or new settings."""
+        if isinstance(command, Rollback) and ctx.snapshots.best is not None:
+            next_epoch = ctx.history.next_epoch
+            ctx.roll_back(next_epoch, next_epoch, None)
+        elif isinstance(command, UpdateEarlyStopping):
+            ctx.early_stopping = command.config
+            ctx.track(command.config)
+
+    def status(self) -> PhaseStatus:
+        """An immutable snapshot of the phase."""
+        return PhaseStatus(
+            self.index,
+            self.config,
+            self.start_epoch,
+            self.epoch,
+            self.batch,
+            self.steps_per_epoch,
+            self.learning_rate,
+            self.depth,
+            self.unit,
+            tuple(self.trainable),
+            self.reason,
+        )
+
+    # -- the recorder, called by the callbacks on the worker ----------------------
+    def compiled(self) -> None:
+        """The train step has compiled and run once: the phase is running."""
+        self.compiling = False
+        # A Stop or a Pause that arrived meanwhile keeps its state.
+        self._ctx.channel.transition(State.RUNNING, only_from=(State.COMPILING,))
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batch = 0
+        self.epoch_started = time.perf_counter()
+
+    def step(self, batch: int) -> int:
+        """Global batch count across the whole session."""
+        return self._epoch_first_step + batch
+
+    def position(self, batch: int) -> float:
+        """Where ``batch`` of the current epoch sits on the global epoch axis."""
+        steps = self.steps_per_epoch
+        # Unknown length: a provisional place inside the epoch, fixed at its end.
+        return self.epoch + batch / (steps if steps else batch + 1)
+
+    def record_loss(self, batch: int, loss: float, record: bool) -> None:
+        """Take one batch's loss (from Keras's callback pool); flag a NaN or inf."""
+        self.last_loss = loss
+        if not math.isfinite(loss) and self.non_finite is None:
+            self.non_finite = (self.epoch, batch, loss)
+        if record:
+            self._ctx.history.record_batch(self.step(batch), self.position(batch + 1), loss)
+
+    def check_finite(self) -> None:
+        """Raise if a loss became NaN or infinite."""
+        if self.non_finite is not None:
+            epoch, batch, loss = self.non_finite
+            raise NonFiniteLossError(
+                f"The training loss became {loss} at epoch {epoch + 1}, batch {batch + 1} "
+                f"(learning rate {self.learning_rate:g}). Try a lower learning rate."
+            )
+
+    def report_progress(self) -> None:
+        """Send a `BatchProgress`, at most every ``progress_interval`` seconds."""
+        ctx = self._ctx
+        now = time.monotonic()
+        if now < self._next_progress:
+            return
+        self._next_progress = now + ctx.progress_interval
+        ctx.emit(
+            BatchProgress(
+                self.epoch, self.batch, self.steps_per_epoch, self.step(self.batch), self.last_loss
+            )
+        )
+
+    def service(self, model: keras.Model) -> None:
+        """Apply the queued commands (the model is synced); park here while paused."""
+        channel = self._ctx.channel
+        parked = False
+        while True:
+            commands, paused = channel.take()
+            stop_reason = None
+            for command in commands:
+                stop_reason = self._apply(model, command) or stop_reason
+            if stop_reason is not None:
+                raise StopJob(stop_reason)
+            if not paused:
+                if parked:
+                    channel.transition(State.RUNNING, only_from=(State.PAUSED,))
+                return
+            if not parked:
+                channel.transition(State.PAUSED, only_from=(State.COMPILING, State.RUNNING))
+                parked = True
+            channel.park()
+
+    def _apply(self, model: keras.Model, command: Command) -> str | None:
+        ctx = self._ctx
+        x = self.position(self.batch)
+        if isinstance(command, SetLearningRate):
+            rate = command.learning_rate
+            model.optimizer.learning_rate = rate
+            self.learning_rate = rate
+            ctx.history.add_marker(
+                Marker("learning_rate", x, self.epoch, f"learning rate {rate:g}", rate)
+            )
+            ctx.emit(LearningRateChanged(rate, self.epoch, self.batch))
+        elif isinstance(command, UpdateEarlyStopping):
+            self.early_stopping = ctx.early_stopping = command.config
+            ctx.track(command.config)
+        elif isinstance(command, Rollback) and ctx.snapshots.best is not None:
+            ctx.roll_back(self.epoch, x, self.batch)
+            self.rolled_back = True
+            return "rolled_back"
+        elif isinstance(command, Stop):
+            detail = f"stopped at epoch {self.epoch + 1}, batch {self.batch + 1}"
+            ctx.history.add_marker(Marker("stop", x, self.epoch, detail))
+            ctx.emit(Stopped(self.epoch, self.batch))
+            return "stopped"
+        return None
+
+    def end_epoch(self, model: keras.Model, epoch: int, logs: dict[str, Any]) -> None:
+        """Record a finished epoch, check the weights, track the best, stop early."""
+        ctx = self._ctx
+        channel = ctx.channel
+        # Keras has flushed this epoch's batch ends, so every batch that ran has
+        # finished. On data of unknown length Keras also begins one batch past
+        # the end that never runs: forget it.
+        batches = channel.finished_batches - self._finished_before_epoch
+        channel.forget_unfinished()
+        self._finished_before_epoch = channel.finished_batches
+        if self.steps_per_epoch is None:
+            self.steps_per_epoch = ctx.learned_steps = batches
+            ctx.history.place_batches(self._epoch_first_step, batches, epoch)
+        self._epoch_first_step += batches
+        bad = first_non_finite(self._watched)
+        record = EpochRecord(
+            epoch=epoch,
+            phase=self.config.phase,
+            phase_index=self.index,
+            logs=frozen_logs(logs),
+            learning_rate=self.learning_rate,
+            partial=False,
+            seconds=time.perf_counter() - self.epoch_started,
+            finite_weights=bad is None,
+        )
+        ctx.history.add_epoch(record)
+        ctx.emit(EpochEnded(record))
+        if bad is not None:
+            raise NonFiniteWeightsError(
+                f"The weights of {bad!r} became NaN or infinite in epoch {epoch + 1} while "
+                f"the loss stayed {logs.get('loss', math.nan):.4g} (learning rate "
+                f"{self.learning_rate:g}). Check the inputs for NaN, or try a lower learning rate."
+            )
+        tracker = ctx.tracker
+        if tracker.config.monitor not in record.logs:
+            raise ValueError(
+                f"The monitor {tracker.config.monitor!r} was not logged; logged metrics are "
+                f"{sorted(record.logs)}. Received: monitor={tracker.config.monitor!r}"
+            )
+        if tracker.update(epoch, dict(record.logs), phase=self.config.phase):
+            ctx.snapshots.set_best(model, epoch)
+            ctx.emit(NewBest(tracker.best))
+        if self.early_stopping is not None and tracker.should_stop:
+            model.stop_training = True
+            self.reason = "early_stopped"
+            ctx.history.add_marker(
+                Marker("early_stop", epoch + 1, epoch, f"early stop after epoch {epoch + 1}")
+            )
+            ctx.emit(EarlyStopped(epoch, tracker.best))
+
+    def _record_partial(self, ctx: JobContext) -> None:
+        # A cut epoch is kept for the record but is never a best.
+        if self.batch == 0 or ctx.history.next_epoch > self.epoch:
+            return
+        logs = {} if self.last_loss is None else {"loss": self.last_loss}
+        record = EpochRecord(
+            self.epoch,
+            self.config.phase,
+            self.index,
+            frozen_logs(logs),
+            self.learning_rate,
+            partial=True,
+            seconds=time.perf_counter() - self.epoch_started,
+        )
+        ctx.history.add_epoch(record)
+        ctx.emit(EpochEnded(record))
+
+
+def _check_monitor(ctx: JobContext, tracking: EarlyStoppingConfig, batch_size: int) -> None:
+    x, y, weights = ctx.data.first_batch(batch_size)
+    batch = (x, y) if weights is None else (x, y, weights)
+    model = ctx.model
+    try:
+        # Builds the compiled metrics and loss symbolically (no XLA compile,
+        # unlike a probe `evaluate`), as fit would at its start anyway.
+        model._symbolic_build(data_batch=batch)
+        names = set(model.get_metrics_result())
+        if tracking.monitor.removeprefix("val_") not in names:
+            # Rare metrics are named only once they have run: ask for real.
+            names |= set(model.evaluate(x, y, verbose=0, return_dict=True))
+    except Exception as exc:
+        raise ValueError(
+            f"The model cannot run on the training data: {exc}. Received: "
+            f"x shape {_shapes(x)}, y shape {_shapes(y)}"
+        ) from exc
+    if ctx.data.has_validation:
+        names |= {f"val_{name}" for name in names}
+    if tracking.monitor not in names:
+        raise ValueError(
+            f"monitor {tracking.monitor!r} is not a logged metric; this model logs "
+            f"{sorted(names)}. Received: monitor={tracking.monitor!r}"
+        )
+    if tracking.resolved_mode is None:
+        resolve_mode(tracking.monitor, tracking.mode)  # raises, naming it
+
+
+def expected_metric_names(metrics: Sequence[Any], has_validation: bool) -> set[str]:
+    """Names certain to be logged, known without compiling.
+
+    Example:
+
+    >>> sorted(expected_metric_names(["accuracy"], has_validation=True))
+    ['accuracy', 'loss', 'val_accuracy', 'val_loss']
+    """
+    names = {"loss"} | {tasks.metric_name(m) for m in metrics}
+    if has_validation:
+        names |= {f"val_{name}" for name in names}
+    return names
+
+
+def _changing_variables(model: keras.Model) -> list[Any]:
+    """The float variables of trainable leaf layers: all that a phase can change."""
+    found: dict[int, Any] = {}
+    for layer in model._flatten_layers(include_self=False):
+        if layer.trainable and not list(layer._flatten_layers(include_self=False, recursive=False)):
+            for variable in layer.weights:
+                if "float" in str(variable.dtype):
+                    found.setdefault(id(variable), variable)
+    return list(found.values())
+
+
+def _variables_usable(model: keras.Model) -> bool:
+    try:
+        return all(v.value is not None for v in model.variables)
+    except Exception:
+        return False
+
+
+def _shapes(value: Any) -> Any:
+    return keras.tree.map_structure(lambda a: tuple(np.shape(a)), value)

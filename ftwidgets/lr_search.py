@@ -1,0 +1,469 @@
+"""The learning-rate range test, as a job that leaves no trace on the model.
+
+The rate grows exponentially from ``start`` to ``end``, one batch per step; the
+loss is smoothed with a bias-corrected exponential moving average, and the
+search stops once the smoothed loss exceeds ``stop_factor`` times its best.
+Suggestions follow fastai's ``lr_find``: ``"valley"``, ``"steep"``,
+``"minimum"``.
+
+It runs as a stateless loop: the weights, the optimizer's state and the
+non-trainable variables (BatchNorm statistics, seed generators) are threaded
+through a jitted step as plain arrays and never written back. Afterwards every
+model variable is bitwise as it was, and the phase's trainable flags are put
+back.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from ftwidgets.channel import State, Stop
+from ftwidgets.config import PhaseConfig
+from ftwidgets.events import Event, Failure, SearchEnded, SearchStarted, SearchStep
+from ftwidgets.jobs import (
+    JobContext,
+    ModelSetup,
+    StopJob,
+    describe_failure,
+    make_optimizer,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "SUGGESTIONS",
+    "LearningRateSearch",
+    "SearchJob",
+    "SearchSettings",
+    "minimum",
+    "smooth",
+    "steep",
+    "valley",
+]
+
+SUGGESTIONS = ("valley", "steep", "minimum")
+# As fastai's lr_find: the first tenth and the last few steps are too noisy to suggest from.
+_SKIP_START = 0.1
+_SKIP_END = 5
+# Below this fall of the smoothed loss (relative to where it began), there is no descent.
+_CLEAR_DESCENT = 0.05
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The range, length and stopping rule of a learning-rate search.
+
+    Raises:
+        ValueError: naming a bad value.
+
+    Example:
+
+    >>> SearchSettings(start=1e-6, end=1.0, steps=50).rates()[[0, -1]].tolist()
+    [1e-06, 1.0]
+    """
+
+    start: float = 1e-7
+    end: float = 10.0
+    steps: int = 100
+    smoothing: float = 0.98
+    stop_factor: float = 4.0
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("start", self.start)
+        _positive("end", self.end)
+        if not self.end > self.start:
+            raise ValueError(
+                f"end must be above start. Received: start={self.start!r}, end={self.end!r}"
+            )
+        _integer("steps", self.steps, 5)
+        _integer("repeats", self.repeats, 1)
+        if not _real(self.smoothing) or not 0 <= self.smoothing < 1:
+            raise ValueError(f"smoothing must be in [0, 1). Received: smoothing={self.smoothing!r}")
+        if not _real(self.stop_factor) or not self.stop_factor > 1 or math.isinf(self.stop_factor):
+            raise ValueError(
+                f"stop_factor must be a finite number above 1. "
+                f"Received: stop_factor={self.stop_factor!r}"
+            )
+
+    def rates(self) -> np.ndarray:
+        """The rate of every step: exponential from ``start`` to ``end``."""
+        return np.geomspace(self.start, self.end, self.steps)
+
+
+def smooth(losses: np.ndarray, beta: float) -> np.ndarray:
+    """Bias-corrected exponential moving average, as fastai and Lightning smooth.
+
+    Example:
+
+    >>> smooth(np.array([4.0, 2.0, 2.0]), beta=0.5).tolist()
+    [4.0, 2.6666666666666665, 2.2857142857142856]
+    """
+    out = np.empty(len(losses))
+    average = 0.0
+    for i, loss in enumerate(losses):
+        average = beta * average + (1 - beta) * loss
+        out[i] = average / (1 - beta ** (i + 1))
+    return out
+
+
+def valley(rates: np.ndarray, losses: np.ndarray) -> int:
+    """Index of fastai's "valley", about half-way into the longest stretch of falling loss.
+
+    fastai's rule exactly (``fastai.callback.schedule.valley``), its counting
+    included, so that the suggestions agree with what fastai users know.
+
+    Example:
+
+    >>> valley(np.arange(8.0), np.array([5, 4, 3, 2, 1, 0.5, 3, 9.0]))
+    2
+    """
+    n = len(losses)
+    longest = [1] * n
+    start = end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+            if longest[end] < longest[i]:
+                end = i
+                start = end - longest[end]
+    third = (end - start) / 3
+    return start + int(third) + int(third / 2)
+
+
+def steep(rates: np.ndarray, losses: np.ndarray) -> int:
+    """Index of the steepest fall of the loss against the log of the rate.
+
+    Example:
+
+    >>> steep(np.geomspace(1e-4, 1, 5), np.array([3.0, 2.9, 1.0, 0.9, 2.0]))
+    1
+    """
+    slopes = np.diff(losses) / np.diff(np.log(rates))
+    return int(np.argmin(slopes))
+
+
+def minimum(rates: np.ndarray, losses: np.ndarray) -> int:
+    """Index of the lowest loss (the suggestion is that rate divided by 10).
+
+    Example:
+
+    >>> minimum(np.arange(4.0), np.array([3.0, 1.0, 2.0, 5.0]))
+    1
+    """
+    return int(np.argmin(losses))
+
+
+class LearningRateSearch:
+    """A learning-rate range test's curve and suggestions.
+
+    Filled in step by step while it runs (``done`` is False until then).
+
+    Attributes:
+        phase: the phase whose trainable set and optimizer it searched for.
+        settings: its range, length and stopping rule.
+        learning_rates: the rate of each step run.
+        losses: each step's training loss (the mean over repeats).
+        smoothed: ``losses`` smoothed (bias-corrected moving average).
+        runs: one ``(learning_rates, losses)`` pair per repeat.
+        suggestions: ``{"valley": .., "steep": .., "minimum": ..}`` once done,
+            when the curve is long enough.
+        suggested: the default suggestion (``"valley"``), or None.
+        warning: why the suggestions may mislead, or None.
+        reason: how it ended: ``"completed"``, ``"diverged"``, ``"non_finite"``,
+            ``"stopped"`` or ``"failed"`` (None while it runs).
+        seconds: how long it ran.
+
+    Example:
+
+    >>> search = LearningRateSearch(PhaseConfig(), SearchSettings(steps=30, smoothing=0.5))
+    >>> rates = search.settings.rates()
+    >>> search.add_run(rates, (np.log10(rates) + 4) ** 2 + 1)  # lowest near 1e-4
+    >>> search.conclude("completed")
+    >>> {name: f"{rate:.0e}" for name, rate in search.suggestions.items()}
+    {'valley': '5e-06', 'steep': '7e-07', 'minimum': '2e-05'}
+    """
+
+    def __init__(self, phase: PhaseConfig, settings: SearchSettings) -> None:
+        self.phase = phase
+        self.settings = settings
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.learning_rates = np.empty(0)
+        self.losses = np.empty(0)
+        self.smoothed = np.empty(0)
+        self.suggestions: dict[str, float] = {}
+        self.suggested: float | None = None
+        self.warning: str | None = None
+        self.reason: str | None = None
+        self.seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        """True once the search has ended, however it ended."""
+        return self.reason is not None
+
+    def add_run(self, rates: np.ndarray, losses: np.ndarray) -> None:
+        """Keep one repeat's curve, and average the curves over their common length."""
+        self.runs.append((np.asarray(rates, dtype=np.float64), np.asarray(losses, np.float64)))
+        length = min(len(r) for r, _ in self.runs)
+        self.learning_rates = self.runs[0][0][:length]
+        self.losses = np.mean([loss[:length] for _, loss in self.runs], axis=0)
+        self.smoothed = smooth(self.losses, self.settings.smoothing)
+
+    def band(self) -> tuple[np.ndarray, np.ndarray]:
+        """The lowest and highest smoothed loss over the repeats, per step."""
+        length = len(self.learning_rates)
+        curves = [smooth(loss[:length], self.settings.smoothing) for _, loss in self.runs]
+        return np.min(curves, axis=0), np.max(curves, axis=0)
+
+    def conclude(self, reason: str) -> None:
+        """Mark the search ended and compute the suggestions (on the smoothed curve)."""
+        rates, losses = self._trimmed()
+        if len(rates) >= 3:
+            self.suggestions = {
+                "valley": float(rates[valley(rates, losses)]),
+                "steep": float(rates[steep(rates, losses)]),
+                "minimum": float(rates[minimum(rates, losses)] / 10),
+            }
+            self.suggested = self.suggestions["valley"]
+        self.warning = self._warning(losses)
+        self.reason = reason
+
+    def _trimmed(self) -> tuple[np.ndarray, np.ndarray]:
+        rates, losses = self.learning_rates, self.smoothed
+        finite = np.isfinite(losses)
+        rates, losses = rates[finite], losses[finite]
+        skip = int(len(rates) * _SKIP_START)
+        end = len(rates) - _SKIP_END if len(rates) - skip > 2 * _SKIP_END else len(rates)
+        return rates[skip:end], losses[skip:end]
+
+    def _warning(self, losses: np.ndarray) -> str | None:
+        if len(losses) < 3:
+            return (
+                f"The search stopped after {len(self.learning_rates)} steps, too few to suggest "
+                f"a rate: the loss rose from the start. Try a lower start."
+            )
+        fall = (losses[0] - losses.min()) / max(abs(losses[0]), 1e-12)
+        if fall < _CLEAR_DESCENT:
+            return (
+                f"The loss hardly fell over the range (by {fall:.1%} at most), so the curve has "
+                f"no clear descent and the suggestions are unreliable. Widen the range, or "
+                f"check that the phase has something to learn."
+            )
+        return None
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per step: ``learning_rate``, ``loss``, ``smoothed``."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {"learning_rate": self.learning_rates, "loss": self.losses, "smoothed": self.smoothed}
+        )
+
+    def __repr__(self) -> str:
+        state = self.reason or "running"
+        rate = "none" if self.suggested is None else f"{self.suggested:.2g}"
+        return (
+            f"<LearningRateSearch {self.phase.phase} phase, {len(self.learning_rates)} steps, "
+            f"{state}, suggested {rate}>"
+        )
+
+
+@dataclass
+class _Loop:
+    """The arrays a search threads through its jitted step, never the model's own."""
+
+    trainable: list[Any]
+    non_trainable: list[Any]
+    optimizer: list[Any]
+    step: Any = field(repr=False)
+
+
+class SearchJob:
+    """The session's job for a `LearningRateSearch`.
+
+    Args:
+        search: the search to fill in.
+        depth: the phase's unfreeze depth, checked against the base.
+        unit: what ``depth`` counts.
+    """
+
+    kind = "search"
+
+    def __init__(self, search: LearningRateSearch, depth: int, unit: str) -> None:
+        self.search = search
+        self.depth = depth
+        self.unit = unit
+        self._setup: ModelSetup | None = None
+        self._loop: _Loop | None = None
+        self._ctx: JobContext | None = None
+        self._started = 0.0
+
+    def prepare(self, ctx: JobContext) -> None:
+        """The phase's trainable set, a fresh optimizer of its kind, a jitted step."""
+        config = self.search.phase
+        self._setup = ModelSetup(ctx.model, config, self.depth, self.unit)
+        try:
+            self._loop = _make_loop(ctx, config)
+        except BaseException:
+            self._setup.undo()
+            raise
+        self._ctx = ctx
+        self._started = time.perf_counter()
+        settings = self.search.settings
+        ctx.emit(
+            SearchStarted(
+                config.phase,
+                self.depth,
+                settings.start,
+                settings.end,
+                settings.steps,
+                settings.repeats,
+            )
+        )
+
+    def run(self, ctx: JobContext) -> str:
+        """Each repeat from the model's own state; stop on divergence or a Stop."""
+        search, settings = self.search, self.search.settings
+        reason = "completed"
+        for repeat in range(settings.repeats):
+            batches = ctx.data.batches(search.phase.batch_size, seed=repeat)
+            rates, losses, reason = self._one_run(ctx, repeat, batches)
+            search.add_run(rates, losses)
+        return reason
+
+    def _one_run(self, ctx: JobContext, repeat: int, batches: Any) -> tuple[Any, Any, str]:
+        loop, settings = self._loop, self.search.settings
+        state = (loop.trainable, loop.non_trainable, loop.optimizer)
+        rates, losses = [], []
+        average, best = 0.0, math.inf
+        for step, rate in enumerate(settings.rates()):
+            if ctx.channel.attention:
+                self._service(ctx, rates, losses)
+            x, y, weights = next(batches)
+            loss, *state = loop.step(*state, x, y, weights, jnp.asarray(rate, jnp.float32))
+            loss = float(loss)
+            if step == 0 and repeat == 0:
+                # The first step compiled the search's step function.
+                ctx.channel.transition(State.RUNNING, only_from=(State.COMPILING,))
+            rates.append(rate)
+            losses.append(loss)
+            average = settings.smoothing * average + (1 - settings.smoothing) * loss
+            smoothed = average / (1 - settings.smoothing ** (step + 1))
+            ctx.emit(SearchStep(repeat, step, float(rate), loss, smoothed))
+            if not math.isfinite(smoothed):
+                return rates, losses, "non_finite"
+            if smoothed > settings.stop_factor * best:
+                return rates, losses, "diverged"
+            best = min(best, smoothed)
+        return rates, losses, "completed"
+
+    def _service(self, ctx: JobContext, rates: list[float], losses: list[float]) -> None:
+        # A search sets its own rates: it takes Stop and Pause, and ignores the rest.
+        channel = ctx.channel
+        parked = False
+        while True:
+            commands, paused = channel.take()
+            if any(isinstance(command, Stop) for command in commands):
+                if rates:
+                    self.search.add_run(rates, losses)
+                raise StopJob("stopped")
+            if not paused:
+                if parked:
+                    channel.transition(State.RUNNING, only_from=(State.PAUSED,))
+                return
+            if not parked:
+                channel.transition(State.PAUSED, only_from=(State.COMPILING, State.RUNNING))
+                parked = True
+            channel.park()
+
+    def failure(self, exc: BaseException) -> Failure:
+        """Describe an exception raised by `run`."""
+        return describe_failure(exc, None, len(self.search.learning_rates))
+
+    def finish(self, ctx: JobContext, reason: str, failure: Failure | None) -> Failure | None:
+        """Put the phase's trainable flags back and conclude the search."""
+        if self._setup is not None:
+            self._setup.undo()
+        self._loop = None
+        self.search.seconds = time.perf_counter() - self._started
+        self.search.conclude("failed" if failure is not None else reason)
+        return failure
+
+    def end_events(self, ctx: JobContext, reason: str) -> list[Event]:
+        return [SearchEnded(self.search, self.search.reason or reason)]
+
+    def apply(self, ctx: JobContext, command: Any) -> None:
+        """Nothing left for the model: a search changes nothing."""
+
+
+def _make_loop(ctx: JobContext, config: PhaseConfig) -> _Loop:
+    """A fresh optimizer on the phase's trainable set, and one jitted training step."""
+    model = ctx.model
+    trainable = list(model.trainable_variables)
+    optimizer = make_optimizer(config)
+    optimizer.build(trainable)
+    rate_index = next(
+        (i for i, v in enumerate(optimizer.variables) if v is optimizer._learning_rate), None
+    )
+    if rate_index is None:  # a schedule: not what make_optimizer builds
+        raise ValueError("The search needs an optimizer with a constant learning rate.")
+    loss_fn = _loss_function(ctx.loss)
+
+    def step(trainable_values, non_trainable_values, optimizer_values, x, y, weights, rate):
+        def loss_of(values):
+            y_pred, updated, extra = model.stateless_call(
+                values, non_trainable_values, x, training=True, return_losses=True
+            )
+            loss = loss_fn(y, y_pred, sample_weight=weights)
+            return loss + sum(extra) if extra else loss, updated
+
+        (loss, updated), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable_values)
+        optimizer_values = list(optimizer_values)
+        optimizer_values[rate_index] = rate.astype(optimizer_values[rate_index].dtype)
+        new_trainable, new_optimizer = optimizer.stateless_apply(
+            optimizer_values, grads, trainable_values
+        )
+        return loss, new_trainable, updated, new_optimizer
+
+    # The model's own arrays go in as the start; nothing is donated, nothing assigned.
+    return _Loop(
+        [v.value for v in trainable],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in optimizer.variables],
+        jax.jit(step),
+    )
+
+
+def _loss_function(loss: Any) -> keras.losses.Loss:
+    loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    return keras.losses.LossFunctionWrapper(loss)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _positive(name: str, value: object) -> None:
+    if not _real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number. Received: {name}={value!r}")
+
+
+def _integer(name: str, value: object, minimum_value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum_value:
+        raise ValueError(
+            f"{name} must be an integer >= {minimum_value}. Received: {name}={value!r}"
+        )
