@@ -177,6 +177,7 @@ class LearningRateSearch:
         losses: each step's training loss (the mean over repeats).
         smoothed: ``losses`` smoothed (bias-corrected moving average).
         runs: one ``(learning_rates, losses)`` pair per repeat.
+        trainable_layers: the base layers the phase trains (none for the head).
         suggestions: ``{"valley": .., "steep": .., "minimum": ..}`` once done,
             when the curve is long enough.
         suggested: the default suggestion (``"valley"``), or None.
@@ -199,6 +200,7 @@ class LearningRateSearch:
         self.phase = phase
         self.settings = settings
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.trainable_layers: tuple[str, ...] = ()
         self.learning_rates = np.empty(0)
         self.losses = np.empty(0)
         self.smoothed = np.empty(0)
@@ -314,6 +316,7 @@ class SearchJob:
         """The phase's trainable set, a fresh optimizer of its kind, a jitted step."""
         config = self.search.phase
         self._setup = ModelSetup(ctx.model, config, self.depth, self.unit)
+        self.search.trainable_layers = tuple(self._setup.trainable)
         try:
             self._loop = _make_loop(ctx, config)
         except BaseException:
@@ -446,11 +449,19 @@ def _make_loop(ctx: JobContext, config: PhaseConfig) -> _Loop:
     )
 
 
-def _loss_function(loss: Any) -> keras.losses.Loss:
+def _loss_function(loss: Any) -> Any:
+    """``loss(y, y_pred, sample_weight=...)``, averaged as Keras reduces a loss function."""
     loss = keras.losses.get(loss)
     if isinstance(loss, keras.losses.Loss):
         return loss
-    return keras.losses.LossFunctionWrapper(loss)
+
+    def reduced(y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        per_sample = loss(y_true, y_pred)
+        if sample_weight is not None:
+            per_sample = per_sample * keras.ops.cast(sample_weight, per_sample.dtype)
+        return keras.ops.mean(per_sample)
+
+    return reduced
 
 
 def _real(value: object) -> bool:
