@@ -32,6 +32,9 @@ from ftwidgets.events import (
     PhaseEnded,
     PhaseStarted,
     RolledBack,
+    SearchEnded,
+    SearchStarted,
+    SearchStep,
     StateChanged,
 )
 from ftwidgets.history import History, Marker, decimate
@@ -486,6 +489,8 @@ class TrainingCharts(widgets.VBox):
         """
         try:
             force = False
+            if isinstance(event, SearchStarted | SearchStep | SearchEnded):
+                return  # a search changes nothing these charts draw
             if isinstance(event, PhaseStarted):
                 self._planned_end[event.index] = event.start_epoch + event.epochs
                 force = True

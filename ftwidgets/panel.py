@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import threading
 import time
 import traceback
 from typing import Any
@@ -30,9 +31,14 @@ from ftwidgets.events import (
     PhaseEnded,
     PhaseStarted,
     RolledBack,
+    SearchEnded,
+    SearchStarted,
+    SearchStep,
     StateChanged,
 )
 from ftwidgets.interrupt import install_interrupt_handler
+from ftwidgets.lr_search import LearningRateSearch
+from ftwidgets.search_chart import SearchChart
 from ftwidgets.session import FineTuneSession, live_sessions
 
 __all__ = ["FineTunePanel"]
@@ -110,6 +116,9 @@ class FineTunePanel(widgets.VBox):
                 f"Received: model={getattr(model, 'name', model)!r}"
             )
         self.session = session
+        # One writer: the worker's events, the kernel thread and the chart code all
+        # write the panel's widgets under this lock, re-reading the session inside.
+        self._ui = threading.RLock()
         self._lr = DEFAULT_LEARNING_RATES["head"]
         self._syncing_lr = False
         self._epoch_times: list[float] = []
@@ -117,6 +126,9 @@ class FineTunePanel(widgets.VBox):
         self._last_progress: BatchProgress | None = None
         self._notice = ""
         self._next_status = 0.0
+        self._search_started: SearchStarted | None = None
+        self._search_step: SearchStep | None = None
+        self._suggested: float | None = None
         self._device = device_summary()
         # The base's structure never changes, so list what each depth unfreezes once.
         self._units = {
@@ -275,6 +287,19 @@ class FineTunePanel(widgets.VBox):
         self.rollback_button = widgets.Button(
             description="Roll back to best epoch", icon="undo", layout=widgets.Layout(width="auto")
         )
+        self.find_lr_button = widgets.Button(
+            description="Find learning rate",
+            icon="search",
+            tooltip="A range test for the phase and depth selected above; changes nothing",
+            layout=widgets.Layout(width="auto"),
+        )
+        self.use_lr_button = widgets.Button(
+            description="Use suggested rate",
+            icon="check",
+            disabled=True,
+            layout=widgets.Layout(width="auto"),
+        )
+        self.search_chart = SearchChart()
         self.progress = widgets.FloatProgress(
             value=0.0, min=0.0, max=1.0, layout=widgets.Layout(width="100%")
         )
@@ -300,6 +325,7 @@ class FineTunePanel(widgets.VBox):
             [
                 self.phase,
                 lr_row,
+                widgets.HBox([self.find_lr_button, self.use_lr_button]),
                 self.unfreeze_unit,
                 self.unfreeze_depth,
                 self.depth_info,
@@ -322,8 +348,11 @@ class FineTunePanel(widgets.VBox):
                 self.start_from_epoch,
             ]
         )
-        settings = widgets.Tab(children=[phase_box, stopping_box, self.freeze_map])
-        for i, title in enumerate(("Phase", "Early stopping", "Freeze map")):
+        self.settings = widgets.Tab(
+            children=[phase_box, stopping_box, self.freeze_map, self.search_chart]
+        )
+        settings = self.settings
+        for i, title in enumerate(("Phase", "Early stopping", "Freeze map", "LR search")):
             settings.set_title(i, title)
         settings.layout.width = "520px"  # room for the freeze map's five columns
         buttons = widgets.HBox(
@@ -354,6 +383,8 @@ class FineTunePanel(widgets.VBox):
         self.start_button.on_click(self._on_start_button_click)
         self.pause_button.on_click(self._on_pause_button_click)
         self.stop_button.on_click(self._on_stop_button_click)
+        self.find_lr_button.on_click(lambda _: self.find_learning_rate())
+        self.use_lr_button.on_click(self._on_use_lr_button_click)
         self.rollback_button.on_click(self._on_rollback_button_click)
         self.dismiss_button.on_click(lambda _: self.clear_error())
 
@@ -402,14 +433,38 @@ class FineTunePanel(widgets.VBox):
     # -- actions (also callable from code) -------------------------------------------
     def start(self) -> None:
         """Start a phase with the current settings, as the Start button does."""
-        if self.session.is_training:
-            return  # a second click while the first starts: never two runs
-        self.clear_error()
-        self.start_button.disabled = True
-        try:
-            self.session.start(
+        self._act(
+            lambda: self.session.start(
                 self.phase_config(), early_stopping=self.early_stopping_config() or False
             )
+        )
+
+    def find_learning_rate(self, **settings: Any) -> LearningRateSearch | None:
+        """Run a learning-rate search for the selected phase and depth, as the button does.
+
+        It runs on the session's worker; the "LR search" tab shows it live, and
+        "Use ..." then sets the learning-rate field. It never sets the rate itself.
+
+        Args:
+            **settings: ``FineTuneSession.find_learning_rate`` arguments
+                (``start``, ``end``, ``steps``...).
+
+        Returns:
+            The search (filled in as it runs), or None if it was refused.
+        """
+        self.settings.selected_index = 3
+        return self._act(
+            lambda: self.session.find_learning_rate(self.phase_config(), wait=False, **settings)
+        )
+
+    def _act(self, action: Any) -> Any:
+        if self.session.is_training:
+            return None  # a second click while the first starts: never two jobs
+        self.clear_error()
+        with self._ui:
+            self.start_button.disabled = self.find_lr_button.disabled = True
+        try:
+            return action()
         except (ValueError, RuntimeError) as exc:
             self.show_error(str(exc))
         except Exception as exc:
@@ -417,24 +472,27 @@ class FineTunePanel(widgets.VBox):
         finally:
             self._refresh_buttons()
             self._refresh_status()
+        return None
 
     def show_error(self, message: str, details: str | None = None) -> None:
         """Show a message (and folded details, e.g. a traceback) in the error area."""
-        self.error_message.value = (
-            f'<span style="color:#d9534f"><b>Error:</b> {html.escape(message)}</span>'
-        )
-        self.error_details.outputs = ()
-        if details:
-            # append_stderr, never `with out:` — that captures other threads' output.
-            self.error_details.append_stderr(details)
-        self.error_accordion.layout.display = None if details else "none"
-        self.error_area.layout.display = None
+        with self._ui:
+            self.error_message.value = (
+                f'<span style="color:#d9534f"><b>Error:</b> {html.escape(message)}</span>'
+            )
+            self.error_details.outputs = ()
+            if details:
+                # append_stderr, never `with out:` — that captures other threads' output.
+                self.error_details.append_stderr(details)
+            self.error_accordion.layout.display = None if details else "none"
+            self.error_area.layout.display = None
 
     def clear_error(self) -> None:
         """Hide the error area."""
-        self.error_message.value = ""
-        self.error_details.outputs = ()
-        self.error_area.layout.display = "none"
+        with self._ui:
+            self.error_message.value = ""
+            self.error_details.outputs = ()
+            self.error_area.layout.display = "none"
 
     def close(self) -> None:
         """Stop any training, then close every widget of the panel."""
@@ -457,14 +515,20 @@ class FineTunePanel(widgets.VBox):
         self.start()
 
     def _on_pause_button_click(self, _button: widgets.Button) -> None:
-        if self.session.state == "paused" or self.pause_button.description == "Resume":
+        with self._ui:
+            resume = self.session.state == "paused" or self.pause_button.description == "Resume"
+        if resume:
             self.session.resume()
-            self.pause_button.description = "Pause"
-            self.pause_button.icon = "pause"
         else:
             self.session.pause()
-            self.pause_button.description = "Resume"
-            self.pause_button.icon = "play"
+        with self._ui, self.pause_button.hold_sync():
+            # The state changes at the worker's next batch; say what was asked now.
+            self.pause_button.description = "Pause" if resume else "Resume"
+            self.pause_button.icon = "pause" if resume else "play"
+
+    def _on_use_lr_button_click(self, _button: widgets.Button) -> None:
+        if self._suggested is not None:
+            self._apply_lr(self._suggested)
 
     def _on_stop_button_click(self, _button: widgets.Button) -> None:
         self.session.stop()
@@ -482,9 +546,10 @@ class FineTunePanel(widgets.VBox):
         old, new = change["old"], change["new"]
         if math.isclose(self._lr, DEFAULT_LEARNING_RATES[old]):
             self._set_lr(DEFAULT_LEARNING_RATES[new])
-        locked = new != "finetune" or self.session.is_training
-        self.unfreeze_unit.disabled = locked
-        self.unfreeze_depth.disabled = locked
+        with self._ui:
+            locked = new != "finetune" or self.session.is_training
+            self.unfreeze_unit.disabled = locked
+            self.unfreeze_depth.disabled = locked
         self._refresh_freeze_map()
 
     def _on_learning_rate_slider(self, change: dict[str, Any]) -> None:
@@ -506,18 +571,20 @@ class FineTunePanel(widgets.VBox):
 
     def _apply_lr(self, rate: float) -> None:
         self._set_lr(rate)
-        if self.session.is_training:
+        # A search sets its own rates; the field is for the next phase then.
+        if self.session.is_training and not self.session.searching:
             self.session.set_learning_rate(rate)
 
     def _set_lr(self, rate: float) -> None:
-        self._lr = rate
-        self._syncing_lr = True
-        try:
-            # The slider shows the nearest value it can; the text keeps the exact one.
-            self.learning_rate.value = min(max(rate, 10.0**_LR_MIN_EXP), 10.0**_LR_MAX_EXP)
-            self.learning_rate_text.value = format_rate(rate)
-        finally:
-            self._syncing_lr = False
+        with self._ui:
+            self._lr = rate
+            self._syncing_lr = True
+            try:
+                # The slider shows the nearest value it can; the text keeps the exact one.
+                self.learning_rate.value = min(max(rate, 10.0**_LR_MIN_EXP), 10.0**_LR_MAX_EXP)
+                self.learning_rate_text.value = format_rate(rate)
+            finally:
+                self._syncing_lr = False
 
     def _on_unit_change(self, change: dict[str, Any]) -> None:
         # The slider clamps its value to the new maximum (which may refresh once more).
@@ -562,6 +629,13 @@ class FineTunePanel(widgets.VBox):
 
     # -- session events (worker thread) -------------------------------------------------
     def _on_session_event(self, event: Event) -> None:
+        with self._ui:
+            self._take_event(event)
+
+    def _take_event(self, event: Event) -> None:
+        if isinstance(event, SearchStarted | SearchStep | SearchEnded):
+            self._take_search_event(event)
+            return
         if isinstance(event, BatchProgress):
             self._last_progress = event
         elif isinstance(event, PhaseStarted):
@@ -596,47 +670,93 @@ class FineTunePanel(widgets.VBox):
         self._next_status = now + _STATUS_INTERVAL
         self._refresh_status()
 
-    # -- views -------------------------------------------------------------------------
+    def _take_search_event(self, event: Event) -> None:
+        self.search_chart.on_event(event)
+        if isinstance(event, SearchStarted):
+            self._search_started, self._search_step = event, None
+            self._notice = ""
+        elif isinstance(event, SearchStep):
+            self._search_step = event
+            if time.monotonic() < self._next_status:
+                return
+        else:
+            search = event.search
+            self._suggested = search.suggested
+            if search.suggested is None:
+                self._notice = "The learning-rate search found no rate to suggest."
+            else:
+                rate = format_rate(search.suggested)
+                self._notice = f"Learning-rate search: suggested {rate} (valley)."
+            self._refresh_buttons()
+        self._next_status = time.monotonic() + _STATUS_INTERVAL
+        self._refresh_status()
+
+    # -- views (each re-reads the session under the lock) -------------------------------
     def _refresh_buttons(self) -> None:
+        with self._ui:
+            self._refresh_buttons_locked()
+
+    def _refresh_buttons_locked(self) -> None:
         state = self.session.state
         active = self.session.is_training
         best = self.session.best
-        with self.hold_trait_notifications():
-            self.start_button.disabled = active
+        self.start_button.disabled = active
+        self.find_lr_button.disabled = active
+        self.stop_button.disabled = not active or state == "stopping"
+        with self.pause_button.hold_sync():
             self.pause_button.disabled = state not in ("running", "paused")
-            self.stop_button.disabled = not active or state == "stopping"
             self.pause_button.description = "Resume" if state == "paused" else "Pause"
             self.pause_button.icon = "play" if state == "paused" else "pause"
-            self.rollback_button.disabled = best is None
+        with self.rollback_button.hold_sync():
+            self.rollback_button.disabled = best is None or self.session.searching
             self.rollback_button.description = (
                 "Roll back to best epoch"
                 if best is None
                 else f"Roll back to best epoch {best.epoch + 1}"
             )
-            # Monitor and mode are locked while running; the rest applies live.
-            self.monitor.disabled = active or not self.early_stopping.value
-            self.mode.disabled = active or not self.early_stopping.value
-            self.early_stopping.disabled = active
-            self.phase.disabled = active
-            self.unfreeze_unit.disabled = active or self.phase.value != "finetune"
-            self.unfreeze_depth.disabled = active or self.phase.value != "finetune"
-            for control in (
-                self.keep_batchnorm_frozen,
-                self.epochs,
-                self.optimizer,
-                self.dropout,
-            ):
-                control.disabled = active
-            # A dataset brings its own batches.
-            self.batch_size.disabled = active or self.session.data.is_dataset
+        with self.use_lr_button.hold_sync():
+            self.use_lr_button.disabled = active or self._suggested is None
+            self.use_lr_button.description = (
+                "Use suggested rate"
+                if self._suggested is None
+                else f"Use {format_rate(self._suggested)}"
+            )
+        # Monitor and mode are locked while running; the rest applies live.
+        self.monitor.disabled = active or not self.early_stopping.value
+        self.mode.disabled = active or not self.early_stopping.value
+        self.early_stopping.disabled = active
+        self.phase.disabled = active
+        self.unfreeze_unit.disabled = active or self.phase.value != "finetune"
+        self.unfreeze_depth.disabled = active or self.phase.value != "finetune"
+        for control in (
+            self.keep_batchnorm_frozen,
+            self.epochs,
+            self.optimizer,
+            self.dropout,
+        ):
+            control.disabled = active
+        # A dataset brings its own batches.
+        self.batch_size.disabled = active or self.session.data.is_dataset
 
     def _refresh_status(self) -> None:
+        with self._ui:
+            self._refresh_status_locked()
+
+    def _refresh_status_locked(self) -> None:
         session = self.session
         state = session.state
         parts = [f"<b>{html.escape(state)}</b>"]
         started = self._phase_started
         fraction = 0.0
-        if state == "compiling":
+        if session.searching and self._search_started is not None:
+            search, step = self._search_started, self._search_step
+            parts.append(f"learning-rate search for the {html.escape(search.phase)} phase")
+            if step is not None:
+                parts.append(f"step {step.step + 1}/{search.steps}")
+                parts.append(f"lr {format_rate(step.learning_rate)}")
+                fraction = (step.step + 1) / search.steps
+            started = None
+        elif state == "compiling":
             # Between Start and the end of the first batch, which compiles the train step.
             parts.append(f"{html.escape(self.phase.value)} phase")
             parts.append("compiling the training step; epochs follow")
@@ -673,12 +793,16 @@ class FineTunePanel(widgets.VBox):
         text = " · ".join(parts)
         if self._notice:
             text += f"<br>{html.escape(self._notice)}"
-        with self.hold_trait_notifications():
-            self.status.value = text
+        self.status.value = text
+        with self.progress.hold_sync():
             self.progress.value = fraction
             self.progress.bar_style = {"failed": "danger", "paused": "warning"}.get(state, "")
 
     def _refresh_freeze_map(self) -> None:
+        with self._ui:
+            self._refresh_freeze_map_locked()
+
+    def _refresh_freeze_map_locked(self) -> None:
         depth = self.unfreeze_depth.value if self.phase.value == "finetune" else 0
         unit = self.unfreeze_unit.value
         # A preview: reads layer flags and shapes only, never weights, so it is safe

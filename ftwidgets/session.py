@@ -459,6 +459,10 @@ class FineTuneSession:
         return depth, unit
 
     def _launch(self, job: Job, on_refusal: Callable[[], None] | None = None) -> None:
+        worker = self._thread
+        if worker is not None and worker is not threading.current_thread():
+            # The last job's worker may still apply its leftover commands.
+            worker.join()
         previous_phase = self._phase
 
         def refused() -> None:

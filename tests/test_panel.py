@@ -11,6 +11,7 @@ from test_session import block_base, hold_compile
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
+from ftwidgets.charts import format_rate
 
 pytestmark = [pytest.mark.widgets, pytest.mark.keras]
 WAIT = 120
@@ -362,3 +363,86 @@ def test_the_panel_shows_a_phase_compiling_and_can_stop_it_there(panel, monkeypa
     assert panel.status.value.startswith("<b>idle</b>")
     assert not panel.start_button.disabled and panel.error_area.layout.display == "none"
     assert session.history.batch_count == 0
+
+
+def test_find_learning_rate_shows_the_curve_and_never_sets_the_rate_by_itself(panel):
+    session = panel.session
+    before = weights(session.model)
+    panel.phase.value = "finetune"
+    panel.unfreeze_depth.value = 2
+    rate_before = panel.learning_rate_value
+    seen_while_running = []
+
+    def watch(event):
+        if isinstance(event, ev.SearchStep) and event.step == 3:
+            seen_while_running.append(
+                (
+                    panel.start_button.disabled,
+                    panel.find_lr_button.disabled,
+                    panel.phase.disabled,
+                    panel.unfreeze_depth.disabled,
+                    panel.stop_button.disabled,
+                    panel.status.value,
+                )
+            )
+
+    session.on_event(watch)
+    panel.find_lr_button.click()
+    assert panel.settings.selected_index == 3  # the LR search tab
+    assert session.wait(WAIT)
+    search = session.searches[-1]
+    assert search.done and search.phase.unfreeze_depth == 2 and search.phase.phase == "finetune"
+    start, find, phase, depth, stop, status = seen_while_running[0]
+    assert (start, find, phase, depth, stop) == (True, True, True, True, False)
+    assert "learning-rate search for the finetune phase" in status
+    # The chart holds the whole curve and one marker per suggestion.
+    chart = panel.search_chart
+    assert len(chart.smoothed_line.x) == len(search.learning_rates)
+    assert sorted(chart.suggestion_marks.names) == sorted(search.suggestions)
+    # The rate is unchanged until "Use ..." is pressed; the model never changed.
+    assert panel.learning_rate_value == rate_before
+    assert same(weights(session.model), before)
+    assert not panel.use_lr_button.disabled
+    assert panel.use_lr_button.description == f"Use {format_rate(search.suggested)}"
+    panel.use_lr_button.click()
+    assert panel.learning_rate_value == search.suggested
+    assert panel.phase_config().learning_rate == search.suggested
+    assert not panel.start_button.disabled and not panel.find_lr_button.disabled
+
+
+def test_stop_ends_a_search_started_from_the_panel(panel):
+    session = panel.session
+
+    def stop_at_step_5(event):
+        if isinstance(event, ev.SearchStep) and event.step == 5:
+            panel.stop_button.click()
+
+    session.on_event(stop_at_step_5)
+    search = panel.find_learning_rate(steps=60)
+    assert session.wait(WAIT)
+    assert search.reason == "stopped" and len(search.learning_rates) == 6
+    assert panel.status.value.startswith("<b>idle</b>")
+    assert not panel.start_button.disabled and panel.stop_button.disabled
+
+
+def test_the_panel_settles_right_after_many_racing_starts_and_stops(panel, monkeypatch):
+    # The worker's events, the kernel thread and the charts all write the panel; with
+    # one writer the buttons always end as the idle state says.
+    import random
+
+    from test_stress import fake_fit
+
+    from ftwidgets import jobs
+
+    model = panel.session.model
+    monkeypatch.setattr(model, "fit", fake_fit(model, random.Random(0)))
+    monkeypatch.setattr(jobs, "_check_monitor", lambda ctx, tracking, batch_size: None)
+    rng = random.Random(1)
+    for _ in range(60):
+        panel.start_button.click()
+        if rng.random() < 0.7:
+            panel.stop_button.click()
+        assert panel.session.wait(WAIT)
+        assert not panel.start_button.disabled and panel.stop_button.disabled
+        assert panel.pause_button.disabled and not panel.find_lr_button.disabled
+        assert panel.status.value.startswith("<b>idle</b>")
