@@ -71,6 +71,7 @@ __all__ = [
     "PhaseStatus",
     "StopJob",
     "describe_failure",
+    "expected_metric_names",
     "make_optimizer",
 ]
 

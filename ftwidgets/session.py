@@ -23,7 +23,6 @@ from ftwidgets import _backend, lr_search, tasks, transfer
 from ftwidgets.channel import (
     ACTIVE,
     Channel,
-    Command,
     Outbox,
     Pause,
     Resume,
@@ -640,25 +639,6 @@ class FineTuneSession:
             self._ctx.roll_back(epoch, epoch, None)
         return best
 
-    def submit(self, command: Command) -> bool:
-        """Send a typed command (``ftwidgets.channel``), as the methods above do.
-
-        Returns:
-            True if a running job took it.
-        """
-        handlers = {
-            Stop: self.stop,
-            Pause: self.pause,
-            Resume: self.resume,
-            Rollback: lambda: self.rollback() and self.is_training,
-        }
-        if isinstance(command, SetLearningRate):
-            return self.set_learning_rate(command.learning_rate)
-        if isinstance(command, UpdateEarlyStopping):
-            self.update_early_stopping(**_changed_fields(self.early_stopping, command.config))
-            return self.is_training
-        return bool(handlers[type(command)]())
-
     # -- waiting ----------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no job is running; False if ``timeout`` seconds passed first."""
@@ -704,18 +684,6 @@ def _best_only_config(data: TrainingData) -> EarlyStoppingConfig:
     # Without early stopping the best is still tracked, on the validation loss.
     monitor = "val_loss" if data.has_validation else "loss"
     return EarlyStoppingConfig(monitor=monitor, mode="min", restore_best_weights=False)
-
-
-def _changed_fields(
-    current: EarlyStoppingConfig | None, new: EarlyStoppingConfig
-) -> dict[str, Any]:
-    if current is None:
-        return {}
-    return {
-        name: getattr(new, name)
-        for name in ("monitor", "mode", *sorted(_LIVE_EARLY_STOPPING_FIELDS))
-        if getattr(new, name) != getattr(current, name)
-    }
 
 
 def _stop_sessions_at_exit(timeout: float = 120.0) -> None:

@@ -204,3 +204,26 @@ def test_the_session_phase_defaults_to_the_last_phase(data):
     session.on_event(lambda e: done.set() if isinstance(e, ev.SearchEnded) else None)
     session.find_learning_rate("head", steps=10)
     assert done.is_set()
+
+
+def test_on_the_demo_the_suggested_rate_beats_a_thirtieth_and_thirty_times_it():
+    # The benchmark measures three seeds and a second base; one seed here guards
+    # the rule itself (margins measured: 0.67 against 1.81 and 6.59).
+    data = ftw.demo.digits_transfer(per_class=20, seed=0)
+
+    def session():
+        keras.utils.set_random_seed(0)
+        model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+        return ftw.FineTuneSession(
+            model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+        )
+
+    suggested = session().find_learning_rate("head").suggested
+    lowest = {}
+    for factor in (1 / 30, 1.0, 30.0):
+        trial = session()
+        trial.run(
+            ftw.PhaseConfig(phase="head", epochs=5, batch_size=16, learning_rate=suggested * factor)
+        )
+        lowest[factor] = min(r.logs["val_loss"] for r in trial.history.epochs)
+    assert lowest[1.0] < lowest[1 / 30] and lowest[1.0] < lowest[30.0], lowest

@@ -638,3 +638,40 @@ def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(d
     all_acc = [r.logs["val_accuracy"] for r in session.history.epochs]
     expected = first_best if all_acc[-1] <= val_acc[first_best] else len(all_acc) - 1
     assert session.best.epoch == expected and session.best.monitor == "val_accuracy"
+
+
+def test_a_stop_sent_as_a_phase_ends_is_refused_and_never_reaches_the_next_phase(data):
+    # Reproduced 20 of 20 times before the channel: a Stop from a PhaseEnded listener
+    # was queued, and the next phase ended at batch 0 with no epochs.
+    session = make_session(data)
+    answers = []
+
+    def stop_at_the_end(event):
+        if isinstance(event, ev.PhaseEnded):
+            answers.append((session.state, session.stop(), session.pause()))
+
+    session.on_event(stop_at_the_end)
+    for _ in range(3):
+        session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16))
+    assert answers == [("idle", False, False)] * 3
+    assert [span.reason for span in session.history.phases] == ["completed"] * 3
+    assert [span.end_epoch - span.start_epoch for span in session.history.phases] == [2, 2, 2]
+
+
+def test_session_phase_is_an_immutable_snapshot(data):
+    import dataclasses
+
+    session = make_session(data, progress_interval=0.0)
+    snapshots = []
+
+    def take(event):
+        if isinstance(event, ev.EpochEnded) and not snapshots:
+            snapshots.append(session.phase)
+
+    session.on_event(take)
+    session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=16))
+    first, last = snapshots[0], session.phase
+    assert (first.epoch, first.reason) == (0, None)
+    assert (last.epoch, last.reason) == (2, "completed")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        last.epoch = 5
