@@ -156,6 +156,9 @@ class Job(Protocol):
     def run(self, ctx: JobContext) -> str:
         """Do the work; return why it ended, or raise `StopJob` or a failure."""
 
+    def failure(self, exc: BaseException) -> Failure:
+        """Describe an exception `run` raised."""
+
     def finish(self, ctx: JobContext, reason: str, failure: Failure | None) -> Failure | None:
         """Restore and record after `run`; return the failure to report, if any."""
 
