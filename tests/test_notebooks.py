@@ -298,6 +298,21 @@ def test_walkthroughs_print_their_results():
     assert 0.0 <= head <= 1.0 and 0.0 <= tuned <= 1.0
     assert "BatchNorm moving means unchanged by fine-tuning: True" in two
     assert "base layers trained in phase 2: ['conv2', 'conv3']" in two
+    # The range tests: fine-tuning's suggestion 10-100x below the head's, and with the
+    # base's top layers training the loss blows up sooner than on the same weights alone.
+    assert "head search: 100 steps, completed" in two
+    ratio = int(re.search(r"the fine-tune suggestion is (\d+)x lower than the head's", two)[1])
+    assert 10 <= ratio <= 100
+    searches = {
+        name: (float(suggested), float(stopped))
+        for name, suggested, stopped in re.findall(
+            r"(head, after phase 1|fine-tune, depth 2) +suggested (\S+), stopped at (\S+)", two
+        )
+    }
+    assert searches["fine-tune, depth 2"][1] < searches["head, after phase 1"][1]
+    # "Use ..." put the fine-tune suggestion (printed to 2 digits) into the phase's config.
+    used = float(re.search(r"PhaseConfig\(phase='finetune', learning_rate=([\d.e-]+)", two)[1])
+    assert used == pytest.approx(searches["fine-tune, depth 2"][0], rel=0.05)
 
     three = execute("03_early_stopping_and_rollback.ipynb").stream()
     assert re.search(r"after overfitting: test accuracy [\d.]+, test loss [\d.]+", three)
