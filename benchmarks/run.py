@@ -481,7 +481,7 @@ class OverheadResult:
 # Hooks timed by the instrumented run: (label, owner, attribute). Nested hooks are
 # included in their callers' figures (see the labels).
 def _hooks() -> list[tuple[str, Any, str]]:
-    from ftwidgets import callbacks, charts, panel, session, snapshots
+    from ftwidgets import callbacks, charts, jobs, panel, snapshots
 
     return [
         ("`SessionControl.on_train_batch_begin` (every batch; incl. progress events)",
@@ -493,7 +493,7 @@ def _hooks() -> list[tuple[str, Any, str]]:
         ("  of which `SnapshotStore.set_best` (host copy of a new best)",
          snapshots.SnapshotStore, "set_best"),
         ("  of which `first_non_finite` (NaN check of the trainable weights)",
-         session, "first_non_finite"),
+         jobs, "first_non_finite"),
         ("`FineTunePanel._on_session_event` (all events, wherever emitted)",
          panel.FineTunePanel, "_on_session_event"),
         ("`TrainingCharts.on_event` (all events, incl. redraws it runs)",
@@ -1107,20 +1107,40 @@ def startup_child(name: str) -> dict[str, Any]:
 
 def run_startup_child(name: str) -> dict[str, Any]:
     """Run ``startup_child`` in a fresh interpreter without a persistent JAX cache."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--startup-child", name]
+    result, _ = run_child(["--startup-child", name], STARTUP_MARKER, 8 * STARTUP_TIMEOUT)
+    return result
+
+
+def _uncached_child_env() -> dict[str, str]:
+    """The environment of a child process without a persistent JAX compilation cache."""
+    env = dict(os.environ)
+    env[STARTUP_CHILD_ENV] = "1"
+    env["KERAS_BACKEND"] = "jax"
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    return env
+
+
+def run_child(args: list[str], marker: str, timeout: float) -> tuple[dict[str, Any], str]:
+    """Run this script with ``args`` without a persistent JAX cache.
+
+    Returns:
+        The JSON the child printed after ``marker``, and all it printed.
+    """
+    command = [sys.executable, str(Path(__file__).resolve()), *args]
     done = subprocess.run(
         command,
         env=_uncached_child_env(),
         capture_output=True,
         text=True,
-        timeout=8 * STARTUP_TIMEOUT,
+        timeout=timeout,
         check=False,
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith(STARTUP_MARKER)]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
     if done.returncode != 0 or not lines:
         tail = (done.stdout + done.stderr)[-4000:]
-        raise RuntimeError(f"startup child {name!r} failed (exit {done.returncode}):\n{tail}")
-    return json.loads(lines[-1][len(STARTUP_MARKER) :])
+        raise RuntimeError(f"child {args} failed (exit {done.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(marker) :]), done.stdout
 
 
 def measure_startup(models: Sequence[str], runs: int, code: str, info: dict[str, str]) -> dict:
@@ -1501,40 +1521,15 @@ def lr_time_child(names: Sequence[str], repeats: int) -> dict[str, Any]:
     return {"cache": cache, "device": str(jax.devices()[0]), "workloads": workloads}
 
 
-def _uncached_child_env() -> dict[str, str]:
-    """The environment of a child process without a persistent JAX compilation cache."""
-    env = dict(os.environ)
-    env[STARTUP_CHILD_ENV] = "1"
-    env["KERAS_BACKEND"] = "jax"
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-    return env
-
-
 def run_lr_time_child(names: Sequence[str], repeats: int) -> dict[str, Any]:
     """Run ``lr_time_child`` in a fresh interpreter; its progress lines are passed on."""
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--lr-search-child",
-        f"{','.join(names)}:{repeats}",
-    ]
-    done = subprocess.run(
-        command,
-        env=_uncached_child_env(),
-        capture_output=True,
-        text=True,
-        timeout=4 * LR_TIMEOUT,
-        check=False,
+    result, printed = run_child(
+        ["--lr-search-child", f"{','.join(names)}:{repeats}"], LR_MARKER, 4 * LR_TIMEOUT
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith(LR_MARKER)]
-    if done.returncode != 0 or not lines:
-        tail = (done.stdout + done.stderr)[-4000:]
-        raise RuntimeError(f"lr_search timing child failed (exit {done.returncode}):\n{tail}")
-    for line in done.stdout.splitlines():
+    for line in printed.splitlines():
         if line.startswith("  "):
             log(line)
-    return json.loads(lines[-1][len(LR_MARKER) :])
+    return result
 
 
 def lr_quality_model(base_name: str, seed: int) -> keras.Model:

@@ -363,6 +363,25 @@ class Channel:
             while self._paused and not self._commands:
                 self._changed.wait()
 
+    def serve(self, handle: Callable[[list[Command]], None]) -> None:
+        """Give the queued commands to ``handle``; while paused, park until resumed.
+
+        On the worker, at a batch boundary. ``handle`` may raise to end the job.
+        The state goes to ``paused`` when it parks and back to ``running`` after.
+        """
+        parked = False
+        while True:
+            commands, paused = self.take()
+            handle(commands)
+            if not paused:
+                if parked:
+                    self.transition(State.RUNNING, only_from=(State.PAUSED,))
+                return
+            if not parked:
+                self.transition(State.PAUSED, only_from=(State.COMPILING, State.RUNNING))
+                parked = True
+            self.park()
+
     # -- the in-flight bound ----------------------------------------------------
     def wait_for_room(self) -> None:
         """Hold the worker while too many dispatched batches are still computing.

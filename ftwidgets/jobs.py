@@ -550,23 +550,15 @@ class FitPhase:
 
     def service(self, model: keras.Model) -> None:
         """Apply the queued commands (the model is synced); park here while paused."""
-        channel = self._ctx.channel
-        parked = False
-        while True:
-            commands, paused = channel.take()
+
+        def handle(commands: list[Command]) -> None:
             stop_reason = None
             for command in commands:
                 stop_reason = self._apply(model, command) or stop_reason
             if stop_reason is not None:
                 raise StopJob(stop_reason)
-            if not paused:
-                if parked:
-                    channel.transition(State.RUNNING, only_from=(State.PAUSED,))
-                return
-            if not parked:
-                channel.transition(State.PAUSED, only_from=(State.COMPILING, State.RUNNING))
-                parked = True
-            channel.park()
+
+        self._ctx.channel.serve(handle)
 
     def _apply(self, model: keras.Model, command: Command) -> str | None:
         ctx = self._ctx

@@ -374,22 +374,14 @@ class SearchJob:
 
     def _service(self, ctx: JobContext, rates: list[float], losses: list[float]) -> None:
         # A search sets its own rates: it takes Stop and Pause, and ignores the rest.
-        channel = ctx.channel
-        parked = False
-        while True:
-            commands, paused = channel.take()
+
+        def handle(commands: list[Any]) -> None:
             if any(isinstance(command, Stop) for command in commands):
                 if rates:
                     self.search.add_run(rates, losses)
                 raise StopJob("stopped")
-            if not paused:
-                if parked:
-                    channel.transition(State.RUNNING, only_from=(State.PAUSED,))
-                return
-            if not parked:
-                channel.transition(State.PAUSED, only_from=(State.COMPILING, State.RUNNING))
-                parked = True
-            channel.park()
+
+        ctx.channel.serve(handle)
 
     def failure(self, exc: BaseException) -> Failure:
         """Describe an exception raised by `run`."""

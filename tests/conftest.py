@@ -1,10 +1,12 @@
-"""Keep Keras, Jupyter and Chromium state out of the user's home during tests."""
+"""Keep Keras, Jupyter and Chromium state out of the user's home during tests; shared data."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+
+import pytest
 
 _HOME = tempfile.mkdtemp(prefix="ftwidgets-test-home-")
 for _name, _sub in {
@@ -22,6 +24,14 @@ for _name, _sub in {
     os.makedirs(os.environ[_name], exist_ok=True)
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The demo's digits 5-9, 10 training images per class: the session tests' data."""
+    import ftwidgets as ftw  # after the environment above is set
+
+    return ftw.demo.digits_transfer(per_class=10, seed=0)
 
 
 def pytest_unconfigure(config):

@@ -24,11 +24,6 @@ from ftwidgets.lr_search import (
 pytestmark = pytest.mark.keras
 
 
-@pytest.fixture(scope="module")
-def data():
-    return ftw.demo.digits_transfer(per_class=10, seed=0)
-
-
 def dropout_base() -> keras.Model:
     """BatchNorm (frozen and not), Dropout inside the base, and a seed generator."""
     inputs = keras.Input((8, 8, 1))

@@ -22,11 +22,6 @@ from ftwidgets.snapshots import SnapshotStore, capture, restore
 pytestmark = pytest.mark.keras
 
 
-@pytest.fixture(scope="module")
-def data():
-    return ftw.demo.digits_transfer(per_class=10, seed=0)
-
-
 class Corruptible(keras.utils.PyDataset):
     """Real batches that hold NaN once ``corrupt`` is set (a file that went bad)."""
 

@@ -17,11 +17,6 @@ pytestmark = [pytest.mark.widgets, pytest.mark.keras]
 WAIT = 120
 
 
-@pytest.fixture(scope="module")
-def data():
-    return ftw.demo.digits_transfer(per_class=10, seed=0)
-
-
 def make_panel(data, model, epochs: int) -> ftw.FineTunePanel:
     return ftw.FineTunePanel(
         model,

@@ -23,11 +23,6 @@ pytestmark = pytest.mark.keras
 WAIT = 120  # generous: a stuck worker fails the test instead of hanging CI
 
 
-@pytest.fixture(scope="module")
-def data():
-    return ftw.demo.digits_transfer(per_class=10, seed=0)
-
-
 def tiny_base() -> keras.Model:
     # Dense layers compile far faster than convolutions; the demo CNN is tested elsewhere.
     inputs = keras.Input((8, 8, 1))

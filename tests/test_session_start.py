@@ -30,11 +30,6 @@ from ftwidgets import events as ev
 pytestmark = pytest.mark.keras
 
 
-@pytest.fixture(scope="module")
-def data():
-    return ftw.demo.digits_transfer(per_class=10, seed=0)
-
-
 def test_compile_and_monitor_check_run_on_the_worker_not_the_caller(data, monkeypatch):
     session = make_session(data)
     model = session.model
