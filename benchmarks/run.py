@@ -776,8 +776,7 @@ def measure_stop_and_lr(w: Workload, trials: int, lr_calls: int, res: Responsive
                 epoch_ends.append(time.perf_counter())
                 first_epoch.set()
             elif isinstance(event, LearningRateChanged):
-                run = session.phase
-                applied[event.learning_rate] = (time.perf_counter(), run.step(run.batch))
+                applied[event.learning_rate] = (time.perf_counter(), _phase_step(session.phase))
 
         session.on_event(listener)
         try:
@@ -808,8 +807,7 @@ def measure_stop_and_lr(w: Workload, trials: int, lr_calls: int, res: Responsive
             else:
                 period = 0.5
             time.sleep(rng.uniform(0.0, 1.2 * period))  # anywhere in an epoch
-            run = session.phase
-            begun = _phase_step(run)
+            begun = _phase_step(session.phase)  # a snapshot: read it again after
             t0 = time.perf_counter()
             session.stop()
             session.wait()
@@ -817,7 +815,7 @@ def measure_stop_and_lr(w: Workload, trials: int, lr_calls: int, res: Responsive
             time.sleep(0.2)  # losses still in Keras's callback pool land now
             res.stop_ms.append((t1 - t0) * 1e3)
             # The batch whose begin raised StopJob was never dispatched.
-            res.stop_begun.append(max(0, _phase_step(run) - begun - 1))
+            res.stop_begun.append(max(0, _phase_step(session.phase) - begun - 1))
             res.stop_completed.append(arrivals.after(t0))
             if trial == 0:
                 res.lr_applied_ok = math.isclose(
