@@ -353,7 +353,7 @@ def test_5_finetune_phase(scenario) -> None:
     expect(ui.root.locator("table.ftwidgets-freeze-map")).to_be_visible()
     assert [n for n, s in ui.freeze_map() if s == "trainable"] == trainable
     # Secondary, from the kernel: the running phase trains exactly those layers.
-    assert kernel_eval(page, "sorted(panel.session.phase.trainable)") == trainable
+    assert kernel_eval(page, "sorted(panel.session.phase.trainable_layers)") == trainable
     _wait_val_points(ui, _val_points(ui) + 1, "5 finetune: two more val_loss points")
     _stop(ui, "5 finetune")
 
