@@ -141,20 +141,23 @@ def session_status(session: Any, name: str | None = None) -> str:
 
     Args:
         session: the session (``panel.session``).
-        name: how the notebook refers to it (e.g. ``"_ftpanel"``), shown first.
+        name: how the notebook refers to it (e.g. ``"_ftpanel"``), shown after
+            the session's own name.
 
     Returns:
-        For example ``"_ftpanel: transfer_model · running · head phase · epoch 3/30 ·
-        lr 1e-3 · best epoch 2 (val_loss 1.21)"``.
+        For example ``"session-1 (_ftpanel): transfer_model · running · head phase ·
+        epoch 3/30 · lr 1e-3 · best epoch 2 (val_loss 1.21)"``.
 
     Example:
 
     >>> import ftwidgets as ftw
     >>> data = ftw.demo.digits_transfer(per_class=10, seed=0)
     >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
-    >>> session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
+    >>> session = ftw.FineTuneSession(
+    ...     model, train=(data.x_train, data.y_train), name="digits")
     >>> session_status(session, "session")
-    'session: transfer_model · idle · no phase yet · best -'
+    'digits (session): transfer_model · idle · no phase yet · best -'
+    >>> session.close()
     """
     parts = [f"{session.model.name}", session.state]
     run = session.phase
@@ -183,8 +186,8 @@ def session_status(session: Any, name: str | None = None) -> str:
         parts.append(f"best epoch {best.epoch + 1} ({best.monitor} {best.value:.4g})")
     if session.state == "failed" and session.error is not None:
         parts.append(f"error: {_one_line(session.error.message)}")
-    line = " · ".join(parts)
-    return f"{name}: {line}" if name else line
+    label = f"{session.name} ({name})" if name else session.name
+    return f"{label}: {' · '.join(parts)}"
 
 
 @magics_class
@@ -225,6 +228,7 @@ class FineTuneMagics(Magics):
         metavar="NAME",
         help=f"namespace name for the panel ({DEFAULT_PANEL_NAME})",
     )
+    @argument("--name", help="the session's name (default: session-1, session-2...)")
     @line_magic
     def finetune(self, line: str) -> None:
         """Show a fine-tuning control panel for a model and keep it in the namespace.
@@ -274,6 +278,7 @@ class FineTuneMagics(Magics):
                 epochs=args.epochs,
                 batch_size=args.batch_size,
                 validation_split=args.validation_split,
+                name=args.name,
             )
         except (ValueError, TypeError) as exc:
             # The engine's messages already name the bad value; keep them to one line.
@@ -296,9 +301,8 @@ class FineTuneMagics(Magics):
             print("No live fine-tuning sessions. Start one with %finetune or FineTunePanel(...).")
             return
         names = self._names_by_session()
-        for index, session in enumerate(sessions, start=1):
-            name = names.get(id(session)) or f"[{index}]"
-            print(session_status(session, name))
+        for session in sessions:
+            print(session_status(session, names.get(id(session))))
 
     def _names_by_session(self) -> dict[int, str]:
         """id(session) -> a namespace name that holds it or its panel; public names first."""

@@ -71,8 +71,9 @@ class FineTunePanel(widgets.VBox):
         session: wrap an existing ``FineTuneSession`` instead of creating one.
         epochs: the initial epochs per phase.
         batch_size: the initial batch size.
-        **session_kwargs: passed to ``FineTuneSession`` (``validation_split``,
-            ``checkpoint_dir``...).
+        **session_kwargs: passed to ``FineTuneSession`` (``name``,
+            ``validation_split``, ``checkpoint_dir``...). The title line shows
+            the session's name.
 
     Example:
 
@@ -360,13 +361,18 @@ class FineTunePanel(widgets.VBox):
         )
         self.charts.layout.flex = "1 1 auto"
         body = widgets.HBox([settings, self.charts], layout=widgets.Layout(width="100%"))
+        self.title = widgets.HTML(
+            f"<b>{html.escape(self.session.name)}</b> · model "
+            f"<code>{html.escape(self.session.model.name)}</code>"
+        )
         super().__init__(
-            [buttons, self.progress, self.status, self.error_area, body],
+            [self.title, buttons, self.progress, self.status, self.error_area, body],
             layout=widgets.Layout(width="100%"),
         )
         self.add_class("ftwidgets-panel")
         # Stable hooks for the browser tests (and user CSS): these two are plain HTML/VBox.
         self.status.add_class("ftwidgets-status")
+        self.title.add_class("ftwidgets-title")
         self.error_area.add_class("ftwidgets-error")
 
     def _wire(self) -> None:

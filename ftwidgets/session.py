@@ -9,6 +9,7 @@ search) one at a time on its worker, passes commands through its channel
 from __future__ import annotations
 
 import atexit
+import itertools
 import threading
 import time
 import traceback
@@ -65,6 +66,26 @@ _LIVE_EARLY_STOPPING_FIELDS = {
     "baseline",
 }
 _SESSIONS: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
+_NUMBERS = itertools.count(1)
+_MAX_NAME = 40
+
+
+def _session_name(name: str | None) -> str:
+    """A checked name, unique among live sessions; None gives the next ``session-N``."""
+    taken = {session._name for session in _SESSIONS}
+    if name is None:
+        return next(n for n in (f"session-{i}" for i in _NUMBERS) if n not in taken)
+    if not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME:
+        raise ValueError(
+            f"name must be a non-empty string of at most {_MAX_NAME} characters. "
+            f"Received: name={name!r}"
+        )
+    if name in taken:
+        raise ValueError(
+            f"A live session is already named {name!r}; choose another name, or close that "
+            f"session first. Received: name={name!r}"
+        )
+    return name
 
 
 def live_sessions() -> list[FineTuneSession]:
@@ -118,6 +139,8 @@ class FineTuneSession:
         progress_interval: seconds between ``BatchProgress`` events.
         keep_recent: how many pre-phase snapshots, and former bests kept after a
             change of monitor, to keep besides the best.
+        name: how the panel, ``%ftstatus`` and the JupyterLab extension call it;
+            unique among live sessions. None gives ``"session-1"``, ``"session-2"``...
 
     Example:
 
@@ -148,7 +171,9 @@ class FineTuneSession:
         stream_batches: bool = True,
         progress_interval: float = 0.2,
         keep_recent: int = 2,
+        name: str | None = None,
     ) -> None:
+        self._name = _session_name(name)
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model. Received: model={model!r}")
         transfer.get_base(model)
@@ -186,6 +211,11 @@ class FineTuneSession:
         _SESSIONS.add(self)
 
     # -- read-only views ----------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The session's name, unique among live sessions (``"session-1"``...)."""
+        return self._name
+
     @property
     def state(self) -> State:
         """``"idle"``, ``"compiling"``, ``"running"``, ``"paused"``, ``"stopping"`` or ``"failed"``.

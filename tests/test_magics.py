@@ -7,6 +7,7 @@ test at the end runs the magics on a real ipykernel through nbclient.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import keras
@@ -226,7 +227,7 @@ def test_ftstatus_takes_no_arguments(ip):
 
 
 def _status_line(out: str, name: str) -> str:
-    found = [line for line in out.splitlines() if line.startswith(f"{name}: ")]
+    found = [line for line in out.splitlines() if f" ({name}): " in line]
     assert len(found) == 1, out
     return found[0]
 
@@ -236,9 +237,9 @@ def test_ftstatus_follows_a_session_through_a_run(ip, ns):
     panel = ns["_ftpanel"]
     result, out, _, _ = run(ip, "%ftstatus")
     assert result.success
-    assert _status_line(out, "_ftpanel") == (
-        "_ftpanel: transfer_model · idle · no phase yet · best -"
-    )
+    label = f"{panel.session.name} (_ftpanel)"
+    idle = "transfer_model · idle · no phase yet · best -"
+    assert _status_line(out, "_ftpanel") == f"{label}: {idle}"
 
     # Pause inside the first epoch, so the line shows a live run at a known point.
     paused = threading.Event()
@@ -251,7 +252,7 @@ def test_ftstatus_follows_a_session_through_a_run(ip, ns):
     epoch = panel.session.phase.epoch + 1
     result, out, _, _ = run(ip, "%ftstatus")
     assert _status_line(out, "_ftpanel") == (
-        f"_ftpanel: transfer_model · paused · head phase · epoch {epoch}/50 · lr 1e-3 · "
+        f"{label}: transfer_model · paused · head phase · epoch {epoch}/50 · lr 1e-3 · "
         + (
             "best -"
             if panel.session.best is None
@@ -268,7 +269,7 @@ def test_ftstatus_follows_a_session_through_a_run(ip, ns):
     runs = len(panel.session.history.phases)
     result, out, _, _ = run(ip, "%ftstatus")
     assert _status_line(out, "_ftpanel") == (
-        f"_ftpanel: transfer_model · idle · head phase ({runs} phases so far) · 2/2 epochs run · "
+        f"{label}: transfer_model · idle · head phase ({runs} phases so far) · 2/2 epochs run · "
         f"lr 1e-3 · best epoch {best.epoch + 1} (val_loss {best.value:.4g})"
     )
 
@@ -283,7 +284,8 @@ def test_ftstatus_says_a_phase_is_being_prepared_while_it_compiles(ip, ns, monke
         _, out, _, _ = run(ip, "%ftstatus")
         # Not the finished head phase's epochs: the new phase is not prepared yet.
         assert _status_line(out, "_ftpanel").startswith(
-            "_ftpanel: transfer_model · compiling · preparing a phase · best epoch 1"
+            f"{session.name} (_ftpanel): transfer_model · compiling · preparing a phase · "
+            "best epoch 1"
         )
     finally:
         release.set()
@@ -294,17 +296,31 @@ def test_ftstatus_prefers_the_public_name(ip, ns):
     assert run(ip, FINETUNE)[0].success
     ns["panel"] = ns["_ftpanel"]
     _, out, _, _ = run(ip, "%ftstatus")
-    assert _status_line(out, "panel").startswith("panel: transfer_model · idle")
-    assert not [line for line in out.splitlines() if line.startswith("_ftpanel: ")]
+    name = ns["panel"].session.name
+    assert _status_line(out, "panel").startswith(f"{name} (panel): transfer_model · idle")
+    assert not [line for line in out.splitlines() if "(_ftpanel)" in line]
 
 
-def test_ftstatus_numbers_unnamed_sessions(ip, ns):
+def test_ftstatus_shows_a_session_held_by_no_name_by_its_own_name(ip, ns):
     session = ftw.FineTuneSession(
         ns["model"], train=(ns["data"].x_train, ns["data"].y_train), metrics=["accuracy"]
     )
     _, out, _, _ = run(ip, "%ftstatus")
-    index = live_sessions().index(session) + 1
-    assert f"[{index}]: transfer_model · idle · no phase yet · best -" in out.splitlines()
+    assert re.fullmatch(r"session-\d+", session.name)
+    assert f"{session.name}: transfer_model · idle · no phase yet · best -" in out.splitlines()
+
+
+def test_finetune_names_the_session(ip, ns):
+    assert run(ip, FINETUNE + " --name digits --as named")[0].success
+    assert ns["named"].session.name == "digits"
+    assert "<b>digits</b>" in ns["named"].title.value
+    # Names are unique among live sessions: the second one is refused in one line.
+    result, _, err, _ = run(ip, FINETUNE + " --name digits --as again")
+    assert not result.success and "again" not in ns
+    assert err.strip() == (
+        "UsageError: %finetune: A live session is already named 'digits'; choose another "
+        "name, or close that session first. Received: name='digits'"
+    )
 
 
 # -- on a real ipykernel -------------------------------------------------------------------
@@ -336,7 +352,8 @@ def test_magics_on_a_real_kernel(tmp_path):
     assert "already loaded" in outputs[0][0]["text"]
     assert outputs[2][0]["output_type"] == "display_data"
     assert WIDGET_VIEW in outputs[2][0]["data"]
-    assert outputs[3][0]["text"] == "p: transfer_model · idle · no phase yet · best -\n"
+    # A fresh kernel: its first session is session-1.
+    assert outputs[3][0]["text"] == "session-1 (p): transfer_model · idle · no phase yet · best -\n"
     # A UsageError is one line of stderr on a kernel too, with no traceback.
     assert [(o["output_type"], o.get("name")) for o in outputs[4]] == [("stream", "stderr")]
     assert outputs[4][0]["text"] == (

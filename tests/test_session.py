@@ -670,3 +670,20 @@ def test_session_phase_is_an_immutable_snapshot(data):
     assert (last.epoch, last.reason) == (2, "completed")
     with pytest.raises(dataclasses.FrozenInstanceError):
         last.epoch = 5
+
+
+def test_sessions_have_unique_names(data):
+    first, second = make_session(data), make_session(data)
+    assert re.fullmatch(r"session-\d+", first.name)
+    assert first.name != second.name
+    named = make_session(data, name="digits")
+    assert named.name == "digits"
+    with pytest.raises(ValueError, match=r"already named 'digits'.*Received: name='digits'"):
+        make_session(data, name="digits")
+    for bad in ("", "  ", 3, "x" * 41):
+        with pytest.raises(ValueError, match=r"name must be a non-empty string .*Received: name="):
+            make_session(data, name=bad)
+    named.close()  # a closed session's name is free again
+    assert make_session(data, name="digits").name == "digits"
+    with pytest.raises(AttributeError):
+        first.name = "renamed"  # names key the extension's cards: fixed for life
