@@ -16,7 +16,7 @@ from ftwidgets._backend import device_summary  # noqa: E402
 from ftwidgets.config import EarlyStoppingConfig, PhaseConfig  # noqa: E402
 from ftwidgets.events import Best, EpochRecord, Failure  # noqa: E402
 from ftwidgets.history import History  # noqa: E402
-from ftwidgets.session import FineTuneSession, live_sessions  # noqa: E402
+from ftwidgets.session import FineTuneSession, live_sessions, watch_sessions  # noqa: E402
 from ftwidgets.transfer import (  # noqa: E402
     build_transfer_model,
     freeze_map,
@@ -24,6 +24,17 @@ from ftwidgets.transfer import (  # noqa: E402
 )
 
 __version__ = "0.1.0"
+
+
+def _serve_the_lab_extension(session: FineTuneSession, alive: bool) -> None:
+    # In a kernel, the first session starts the bridge to the JupyterLab extension.
+    if alive:
+        from ftwidgets import comms
+
+        comms.bridge()
+
+
+watch_sessions(_serve_the_lab_extension)
 
 
 def __getattr__(name: str):

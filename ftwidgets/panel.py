@@ -11,7 +11,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ftwidgets import tasks, transfer
+from ftwidgets import comms, tasks, telemetry, transfer
 from ftwidgets._backend import device_summary
 from ftwidgets.charts import TrainingCharts, format_rate
 from ftwidgets.config import (
@@ -373,6 +373,9 @@ class FineTunePanel(widgets.VBox):
         # Stable hooks for the browser tests (and user CSS): these two are plain HTML/VBox.
         self.status.add_class("ftwidgets-status")
         self.title.add_class("ftwidgets-title")
+        # The extension's "Show panel" finds the panel by this class.
+        self.add_class(telemetry.panel_class(self.session.name))
+        comms.note_panel(self.session)
         self.error_area.add_class("ftwidgets-error")
 
     def _wire(self) -> None:

@@ -54,7 +54,7 @@ from ftwidgets.jobs import (
 from ftwidgets.snapshots import SnapshotStore
 from ftwidgets.tracking import BestTracker
 
-__all__ = ["FineTuneSession", "live_sessions"]
+__all__ = ["FineTuneSession", "live_sessions", "watch_sessions"]
 
 Listener = Callable[[Event], None]
 # Settings that may change under a running phase; monitor and mode may not.
@@ -67,6 +67,8 @@ _LIVE_EARLY_STOPPING_FIELDS = {
 }
 _SESSIONS: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
 _NUMBERS = itertools.count(1)
+# Called with (session, alive) when a session is created (True) or closed (False).
+_WATCHERS: list[Callable[[FineTuneSession, bool], None]] = []
 _MAX_NAME = 40
 
 
@@ -86,6 +88,15 @@ def _session_name(name: str | None) -> str:
             f"session first. Received: name={name!r}"
         )
     return name
+
+
+def watch_sessions(callback: Callable[[FineTuneSession, bool], None]) -> None:
+    """Call ``callback(session, alive)`` whenever a session is created or closed.
+
+    For views that follow every session (the JupyterLab extension's bridge).
+    Exceptions in ``callback`` propagate: keep it quick and safe.
+    """
+    _WATCHERS.append(callback)
 
 
 def live_sessions() -> list[FineTuneSession]:
@@ -209,6 +220,8 @@ class FineTuneSession:
         self._thread: threading.Thread | None = None
         self._created = time.monotonic()
         _SESSIONS.add(self)
+        for watcher in list(_WATCHERS):
+            watcher(self, True)
 
     # -- read-only views ----------------------------------------------------
     @property
@@ -703,7 +716,10 @@ class FineTuneSession:
         self.stop()
         self.resume()
         self.wait()
-        _SESSIONS.discard(self)
+        if self in _SESSIONS:
+            _SESSIONS.discard(self)
+            for watcher in list(_WATCHERS):
+                watcher(self, False)
 
     def __repr__(self) -> str:
         best = "none" if self.best is None else f"epoch {self.best.epoch + 1}"

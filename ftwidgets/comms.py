@@ -1,0 +1,226 @@
+"""The kernel side of the JupyterLab extension: sessions out, commands in.
+
+Two comms, because ipykernel hands a comm's incoming messages to the subshell that
+last sent on it:
+
+- ``ftwidgets.telemetry``, opened by the kernel, carries session cards (at most
+  five updates a second) and phase-end notices out. It is sent on from a
+  background thread, never from a subshell.
+- ``ftwidgets.control``, opened by the front end in its own subshell, carries
+  commands in. Its handler only queues session commands and replies on the same
+  comm, so with kernel subshells a Stop takes effect while a cell is busy.
+
+The kernel sends nothing but the telemetry comm's opening until a front end says
+hello on a control comm: under nbclient or a console it stays quiet. A hello
+(a reloaded page, another notebook view) opens a fresh telemetry comm, since a new
+page cannot see a comm opened before it loaded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Any
+
+from ftwidgets import telemetry
+from ftwidgets.events import Best, EpochEnded, Event, PhaseEnded, PhaseStarted, RolledBack
+from ftwidgets.session import FineTuneSession, live_sessions, watch_sessions
+
+__all__ = ["CONTROL_TARGET", "TELEMETRY_TARGET", "KernelBridge", "bridge", "note_panel"]
+
+TELEMETRY_TARGET = "ftwidgets.telemetry"
+CONTROL_TARGET = "ftwidgets.control"
+MIN_INTERVAL = 0.2  # seconds between telemetry updates: at most 5 a second
+
+_PANELS: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
+_BRIDGE: KernelBridge | None = None
+_BRIDGE_LOCK = threading.Lock()
+
+
+def note_panel(session: FineTuneSession) -> None:
+    """Record that a ``FineTunePanel`` shows ``session`` (for "Show panel")."""
+    _PANELS.add(session)
+    if _BRIDGE is not None:
+        _BRIDGE.changed()
+
+
+def bridge() -> KernelBridge | None:
+    """The kernel's bridge, started on first use inside an ipykernel; else None."""
+    global _BRIDGE
+    with _BRIDGE_LOCK:
+        if _BRIDGE is None:
+            kernel = _running_kernel()
+            if kernel is not None:
+                _BRIDGE = KernelBridge(kernel)
+                _BRIDGE.start()
+        return _BRIDGE
+
+
+def _running_kernel() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return None
+    shell = get_ipython()
+    kernel = getattr(shell, "kernel", None)
+    return kernel if getattr(kernel, "comm_manager", None) is not None else None
+
+
+class KernelBridge:
+    """Follows every live session and serves the extension's two comms.
+
+    Args:
+        kernel: the running ipykernel ``Kernel``.
+
+    Example, in a notebook (``ftwidgets`` starts it when the first session is made)::
+
+        from ftwidgets import comms
+        comms.bridge().subshells  # True on ipykernel 7 with subshells
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.subshells = bool(getattr(kernel, "_supports_kernel_subshells", False))
+        self.answered = False  # a front end said hello
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._telemetry: Any = None
+        self._notices: list[telemetry.PhaseEndNotice] = []
+        self._restored: dict[str, Best | None] = {}
+        self._followed: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
+
+    def start(self) -> None:
+        """Register the control target, follow the sessions, open the telemetry comm."""
+        self.kernel.comm_manager.register_target(CONTROL_TARGET, self._on_control_open)
+        watch_sessions(self._on_session)
+        for session in live_sessions():
+            self._follow(session)
+        self._open_telemetry()
+        threading.Thread(target=self._send_loop, name="ftwidgets-telemetry", daemon=True).start()
+
+    def changed(self) -> None:
+        """Something the cards show changed: send an update soon."""
+        self._wake.set()
+
+    # -- sessions -----------------------------------------------------------------
+    def _on_session(self, session: FineTuneSession, alive: bool) -> None:
+        if alive:
+            self._follow(session)
+        self.changed()
+
+    def _follow(self, session: FineTuneSession) -> None:
+        if session in self._followed:
+            return
+        self._followed.add(session)
+        name = session.name
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, PhaseStarted | EpochEnded):
+                self._restored[name] = None  # the weights move on
+            elif isinstance(event, RolledBack):
+                self._restored[name] = event.best
+            elif isinstance(event, PhaseEnded):
+                self._restored[name] = event.restored_best
+                notice = telemetry.phase_end_notice(session, event, session in _PANELS)
+                with self._lock:
+                    self._notices.append(notice)
+            self._wake.set()
+
+        session.on_event(on_event)
+
+    def cards(self) -> list[telemetry.Card]:
+        """Every live session's card, oldest session first."""
+        return [
+            telemetry.card(s, self._restored.get(s.name), s in _PANELS) for s in live_sessions()
+        ]
+
+    # -- telemetry out ------------------------------------------------------------
+    def _open_telemetry(self) -> None:
+        from comm import create_comm
+
+        old, self._telemetry = self._telemetry, None
+        if old is not None:
+            old.close()
+        self._telemetry = create_comm(
+            target_name=TELEMETRY_TARGET,
+            data={
+                "protocol": telemetry.PROTOCOL,
+                "subshells": self.subshells,
+                "sessions": self.cards() if self.answered else [],
+            },
+        )
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self.answered and self._telemetry is not None:
+                try:
+                    self._send_update()
+                except Exception:  # a closed kernel socket at shutdown: nothing to tell
+                    return
+            time.sleep(MIN_INTERVAL)
+
+    def _send_update(self) -> None:
+        with self._lock:
+            notices, self._notices = self._notices, []
+        comm = self._telemetry
+        comm.send({"type": "sessions", "sessions": self.cards()})
+        for notice in notices:
+            comm.send(dict(notice))
+
+    # -- control in ---------------------------------------------------------------
+    def _on_control_open(self, comm: Any, msg: dict[str, Any]) -> None:
+        comm.on_msg(lambda message: self._on_control_msg(comm, message))
+        # The front end says hello in the opening message: a message sent right after
+        # the opening could reach the kernel before the comm exists.
+        if msg["content"]["data"]:
+            self._on_control_msg(comm, msg)
+
+    def _on_control_msg(self, comm: Any, msg: dict[str, Any]) -> None:
+        data = msg["content"]["data"] or {}
+        action = data.get("action")
+        ok, message = True, ""
+        try:
+            message = self._apply(action, data.get("session"))
+        except (LookupError, ValueError) as exc:
+            ok, message = False, str(exc)
+        comm.send(
+            {
+                "type": "reply",
+                "request": data.get("request"),
+                "action": action,
+                "session": data.get("session"),
+                "ok": ok,
+                "message": message,
+                "subshells": self.subshells,
+            }
+        )
+
+    def _apply(self, action: Any, name: Any) -> str:
+        """Queue one command; return what happened, in words."""
+        if action == "hello":
+            self.answered = True
+            self._open_telemetry()  # a page that just loaded sees only comms opened after
+            self.changed()
+            return "hello"
+        if action == "stop_all":
+            stopped = [s.name for s in live_sessions() if s.stop()]
+            return f"stopped {', '.join(stopped)}" if stopped else "nothing was running"
+        session = next((s for s in live_sessions() if s.name == name), None)
+        if session is None:
+            raise LookupError(f"No live session is named {name!r}.")
+        if action == "stop":
+            return "stopping" if session.stop() else "nothing was running"
+        if action == "pause":
+            return "pausing" if session.pause() else "nothing was running"
+        if action == "resume":
+            return "resuming" if session.resume() else "nothing was paused"
+        if action == "rollback":
+            best = session.rollback()
+            return f"rolling back to epoch {best.epoch + 1}"
+        raise ValueError(
+            "action must be hello, stop, pause, resume, rollback or stop_all. "
+            f"Received: action={action!r}"
+        )

@@ -1,0 +1,253 @@
+"""The JupyterLab extension's comm protocol, on a real ipykernel driven by jupyter_client.
+
+The test plays the front end as the extension does: it opens the control comm in
+its own kernel subshell, says hello, reads the telemetry, and sends commands while
+a cell is blocked in ``session.run(...)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+pytestmark = pytest.mark.kernel
+WAIT = 120.0
+
+SETUP = """
+import ftwidgets as ftw
+data = ftw.demo.digits_transfer(per_class=10, seed=0)
+model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+session = ftw.FineTuneSession(model, (data.x_train, data.y_train), (data.x_val, data.y_val),
+                              name="s1")
+"""
+
+
+class Frontend:
+    """A kernel client that records iopub and speaks the extension's protocol."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, KERAS_BACKEND="jax", PYDEVD_DISABLE_FILE_VALIDATION="1")
+        env.setdefault("JAX_PLATFORMS", "cpu")
+        self.manager, self.client = start_new_kernel(kernel_name="python3", env=env)
+        self.messages: list[tuple[float, dict[str, Any]]] = []
+        self._changed = threading.Condition()
+        self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._running = True
+        self._reader = threading.Thread(target=self._read_iopub, daemon=True)
+        self._reader.start()
+        self.subshell: str | None = None
+        self.control_id: str | None = None
+
+    def _read_iopub(self) -> None:
+        while self._running:
+            try:
+                msg = self.client.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                continue
+            with self._changed:
+                self.messages.append((time.monotonic(), msg))
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        self._running = False
+        self._reader.join()
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+    # -- reading ----------------------------------------------------------------
+    def wait_for(self, found: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not (result := found()):
+                left = deadline - time.monotonic()
+                assert left > 0, f"timed out waiting for {what}"
+                self._changed.wait(left)
+            return result
+
+    def comm_opens(self, target: str) -> list[dict[str, Any]]:
+        return [
+            m["content"]
+            for _, m in self.messages
+            if m["msg_type"] == "comm_open" and m["content"]["target_name"] == target
+        ]
+
+    def comm_data(self, comm_id: str) -> list[tuple[float, dict[str, Any]]]:
+        return [
+            (t, m["content"]["data"])
+            for t, m in self.messages
+            if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id
+        ]
+
+    def telemetry(self) -> list[tuple[float, dict[str, Any]]]:
+        opens = self.comm_opens("ftwidgets.telemetry")
+        return self.comm_data(opens[-1]["comm_id"]) if opens else []
+
+    def stderr(self) -> str:
+        return "".join(
+            m["content"]["text"]
+            for _, m in self.messages
+            if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
+        )
+
+    # -- running cells ------------------------------------------------------------
+    def execute(self, code: str, wait: bool = True) -> str:
+        msg_id = self.client.execute(code)
+        if wait:
+            reply = self.reply(msg_id)
+            assert reply["content"]["status"] == "ok", reply["content"]
+        return msg_id
+
+    def reply(self, msg_id: str, timeout: float = WAIT) -> dict[str, Any]:
+        while True:
+            reply = self.client.get_shell_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply
+
+    # -- the control comm, in its own subshell ------------------------------------
+    def open_control(self) -> str:
+        """Open the control comm in a new subshell, saying hello; return the request id."""
+        request = self.client.session.msg("create_subshell_request", {})
+        self.client.control_channel.send(request)
+        reply = self.client.control_channel.get_msg(timeout=WAIT)
+        self.subshell = reply["content"]["subshell_id"]
+        self.control_id = uuid.uuid4().hex
+        hello = uuid.uuid4().hex
+        data = {"action": "hello", "request": hello}
+        self._send_shell(
+            "comm_open",
+            {"comm_id": self.control_id, "target_name": "ftwidgets.control", "data": data},
+        )
+        return hello
+
+    def command(self, action: str, session: str | None = None) -> str:
+        request = uuid.uuid4().hex
+        data = {"action": action, "session": session, "request": request}
+        self._send_shell("comm_msg", {"comm_id": self.control_id, "data": data})
+        return request
+
+    def answer(self, request: str, timeout: float = WAIT) -> tuple[float, dict[str, Any]]:
+        def found():
+            return next(
+                ((t, d) for t, d in self.comm_data(self.control_id) if d["request"] == request),
+                None,
+            )
+
+        return self.wait_for(found, f"the reply to {request}", timeout)
+
+    def _send_shell(self, msg_type: str, content: dict[str, Any]) -> None:
+        msg = self.client.session.msg(msg_type, content)
+        msg["header"]["subshell_id"] = self.subshell
+        self.client.shell_channel.send(msg)
+
+
+@pytest.fixture
+def frontend():
+    front = Frontend()
+    yield front
+    front.close()
+
+
+def last_card(front: Frontend, name: str = "s1") -> dict[str, Any] | None:
+    updates = [d for _, d in front.telemetry() if d.get("type") == "sessions"]
+    if not updates:
+        return None
+    return next((c for c in updates[-1]["sessions"] if c["name"] == name), None)
+
+
+def test_without_a_front_end_the_kernel_only_opens_the_telemetry_comm(frontend):
+    frontend.execute(SETUP)
+    frontend.execute("session.run(ftw.PhaseConfig(phase='head', epochs=2, batch_size=8))")
+    opens = frontend.comm_opens("ftwidgets.telemetry")
+    assert len(opens) == 1
+    assert opens[0]["data"] == {"protocol": 1, "subshells": True, "sessions": []}
+    assert frontend.telemetry() == []  # nobody said hello: nothing more was sent
+    assert frontend.stderr() == ""
+
+
+def test_a_stop_from_the_control_comm_ends_a_busy_cell(frontend):
+    frontend.execute(SETUP)
+    _, hello = frontend.answer(frontend.open_control())
+    assert hello["ok"] and hello["subshells"]
+    # A hello opens a fresh telemetry comm, whose first update lists the session.
+    assert len(frontend.comm_opens("ftwidgets.telemetry")) == 2
+    card = frontend.wait_for(lambda: last_card(frontend), "a card for s1")
+    assert (card["state"], card["phase"], card["best_epoch"]) == ("idle", None, None)
+    assert card["panel_class"] is None and card["spark"] == []
+
+    busy = frontend.execute(
+        "session.run(ftw.PhaseConfig(phase='head', epochs=1000, batch_size=4))", wait=False
+    )
+    running = frontend.wait_for(
+        lambda: (
+            (c := last_card(frontend)) and c["state"] == "running" and len(c["spark"]) >= 2 and c
+        ),
+        "two epochs of the busy cell",
+    )
+    assert running["phase"] == "head" and running["epochs"] == 1000
+    assert running["monitor"] == "val_loss" and running["best_epoch"] is not None
+
+    sent = time.monotonic()
+    request = frontend.command("stop", "s1")
+    answered, reply = frontend.answer(request, timeout=10)
+    done = frontend.reply(busy, timeout=10)
+    ended = time.monotonic()
+    assert reply == {
+        "type": "reply",
+        "request": request,
+        "action": "stop",
+        "session": "s1",
+        "ok": True,
+        "message": "stopping",
+        "subshells": True,
+    }
+    assert answered - sent < 1.0  # handled while the cell was still busy
+    assert done["content"]["status"] == "ok"
+    assert ended - sent < 2.0, f"the busy cell ended {ended - sent:.2f} s after the Stop"
+
+    notice = frontend.wait_for(
+        lambda: [d for _, d in frontend.telemetry() if d.get("type") == "phase_ended"],
+        "the phase-end notice",
+    )[-1]
+    assert notice["session"] == "s1" and notice["outcome"] == "stopped"
+    # Telemetry is throttled: at most about five updates a second.
+    stamps = [t for t, d in frontend.telemetry() if d.get("type") == "sessions"]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert gaps and min(gaps) >= 0.15, gaps
+    assert frontend.stderr() == ""
+
+
+def test_rollback_pause_and_bad_commands_get_replies(frontend):
+    frontend.execute(SETUP)
+    frontend.execute("session.run(ftw.PhaseConfig(phase='head', epochs=3, batch_size=8))")
+    frontend.answer(frontend.open_control())
+    card = frontend.wait_for(lambda: last_card(frontend), "a card for s1")
+    assert card["can_roll_back"] and card["epoch"] == 3 and len(card["spark"]) == 3
+
+    _, reply = frontend.answer(frontend.command("rollback", "s1"))
+    assert reply["ok"] and reply["message"] == f"rolling back to epoch {card['best_epoch']}"
+    frontend.wait_for(lambda: not last_card(frontend)["can_roll_back"], "rollback done")
+
+    # A panel gives the card the CSS class the front end's "Show panel" looks for.
+    frontend.execute("panel = ftw.FineTunePanel(session=session)")
+    frontend.wait_for(
+        lambda: last_card(frontend)["panel_class"] == "ftw-panel-s1", "the panel's class"
+    )
+
+    _, reply = frontend.answer(frontend.command("pause", "s1"))
+    assert reply["ok"] and reply["message"] == "nothing was running"
+    _, reply = frontend.answer(frontend.command("stop", "nope"))
+    assert not reply["ok"] and reply["message"] == "No live session is named 'nope'."
+    _, reply = frontend.answer(frontend.command("explode", "s1"))
+    assert not reply["ok"] and "Received: action='explode'" in reply["message"]
+    _, reply = frontend.answer(frontend.command("stop_all"))
+    assert reply["ok"] and reply["message"] == "nothing was running"
+    assert frontend.stderr() == ""
