@@ -1,0 +1,42 @@
+/**
+ * What a phase-end notification says and offers: a pure function, so it is tested
+ * without JupyterLab.
+ */
+import { IPhaseEnded } from './protocol';
+
+export type NoticeKind = 'success' | 'info' | 'warning' | 'error';
+export type NoticeAction = 'rollback' | 'panel';
+
+export interface INotice {
+  kind: NoticeKind;
+  text: string;
+  actions: NoticeAction[];
+}
+
+export function phaseEndNotice(event: IPhaseEnded): INotice {
+  const phase = event.phase === 'finetune' ? 'fine-tune' : 'head';
+  const who = `${event.session} (${phase} phase)`;
+  const panel: NoticeAction[] = event.panel_class ? ['panel'] : [];
+  const rollback: NoticeAction[] = event.can_roll_back ? ['rollback'] : [];
+  switch (event.outcome) {
+    case 'completed':
+      return { kind: 'success', text: `${who} finished.`, actions: [...rollback, ...panel] };
+    case 'early_stopped': {
+      const restored =
+        event.restored_epoch === null
+          ? ''
+          : ` and restored the best epoch, ${event.restored_epoch}`;
+      return { kind: 'info', text: `${who} stopped early${restored}.`, actions: panel };
+    }
+    case 'failed': {
+      const why = event.message ? `: ${event.message}` : '.';
+      return { kind: 'error', text: `${who} failed${why}`, actions: [...rollback, ...panel] };
+    }
+    case 'rolled_back':
+      return { kind: 'info', text: `${who} was rolled back.`, actions: [] };
+    case 'stopped':
+      return { kind: 'info', text: `${who} was stopped.`, actions: [] };
+    default:
+      return { kind: 'info', text: `${who} ended (${String(event.outcome)}).`, actions: [] };
+  }
+}
