@@ -57,6 +57,11 @@ def load_ipython_extension(ipython) -> None:
     load(ipython)
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the built JupyterLab extension lies (``jupyter labextension develop``)."""
+    return [{"src": "labextension", "dest": "ftwidgets"}]
+
+
 __all__ = [
     "Best",
     "EarlyStoppingConfig",
