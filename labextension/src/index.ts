@@ -83,21 +83,6 @@ const plugin: JupyterFrontEndPlugin<void> = {
       app.commands.notifyCommandChanged(CommandIDs.stopAll);
     };
 
-    // Every notebook's kernel gets a bridge, so a kernel that already runs
-    // ftwidgets (a reloaded page, a notebook in the background) is found.
-    tracker.widgetAdded.connect((_, panel) => {
-      bridgeFor(panel.sessionContext.session?.kernel);
-      panel.sessionContext.kernelChanged.connect((_, change) => {
-        bridgeFor(change.newValue);
-        if (panel === tracker.currentWidget) {
-          showActive();
-        }
-      });
-    });
-    tracker.forEach(panel => bridgeFor(panel.sessionContext.session?.kernel));
-    tracker.currentChanged.connect(showActive);
-    showActive();
-
     const panelOf = (bridge: KernelBridge): NotebookPanel | undefined =>
       tracker.find(panel => panel.sessionContext.session?.kernel === bridge.kernel);
 
@@ -165,6 +150,22 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
     palette?.addItem({ command: CommandIDs.stopAll, category: 'Fine-tuning' });
     palette?.addItem({ command: CommandIDs.insertPanel, category: 'Fine-tuning' });
+
+    // Last, once the commands exist (showActive refreshes one). Every notebook's
+    // kernel gets a bridge, so a kernel that already runs ftwidgets (a reloaded
+    // page, a notebook in the background) is found.
+    tracker.widgetAdded.connect((_, panel) => {
+      bridgeFor(panel.sessionContext.session?.kernel);
+      panel.sessionContext.kernelChanged.connect((_, change) => {
+        bridgeFor(change.newValue);
+        if (panel === tracker.currentWidget) {
+          showActive();
+        }
+      });
+    });
+    tracker.forEach(panel => bridgeFor(panel.sessionContext.session?.kernel));
+    tracker.currentChanged.connect(showActive);
+    showActive();
   }
 };
 
