@@ -1,19 +1,22 @@
 """The kernel side of the JupyterLab extension: sessions out, commands in.
 
-Two comms, because ipykernel hands a comm's incoming messages to the subshell that
-last sent on it:
+The kernel never opens a comm to the front end: a front end without the extension
+(Voila, a console, nbclient, a Lab without it) would answer with an error. Instead:
 
-- ``ftwidgets.telemetry``, opened by the kernel, carries session cards (at most
-  five updates a second) and phase-end notices out. It is sent on from a
-  background thread, never from a subshell.
-- ``ftwidgets.control``, opened by the front end in its own subshell, carries
-  commands in. Its handler only queues session commands and replies on the same
-  comm, so with kernel subshells a Stop takes effect while a cell is busy.
+- A *beacon*, a comm object with target ``ftwidgets.beacon`` that is registered
+  in the kernel but never sent, makes ``comm_info_request`` list ftwidgets: the
+  extension asks, and so learns that this kernel has sessions to show.
+- The extension then opens ``ftwidgets.control`` in a kernel subshell of its own,
+  saying hello. Commands come in on it, and the handler only queues session
+  commands and replies, so with subshells a Stop takes effect while a cell is busy.
+- In answer to the hello the kernel opens ``ftwidgets.telemetry`` for that page
+  (its opening names the control comm), and sends session cards (at most five
+  updates a second) and phase-end notices on it from a background thread. Not on
+  the control comm: ipykernel hands a comm's incoming messages to the subshell that
+  last sent on it, and the background thread would pull it to the busy main shell.
 
-The kernel sends nothing but the telemetry comm's opening until a front end says
-hello on a control comm: under nbclient or a console it stays quiet. A hello
-(a reloaded page, another notebook view) opens a fresh telemetry comm, since a new
-page cannot see a comm opened before it loaded.
+Under nbclient, Voila or a plain console nobody says hello, and the kernel sends
+nothing at all.
 """
 
 from __future__ import annotations
@@ -27,10 +30,18 @@ from ftwidgets import telemetry
 from ftwidgets.events import Best, EpochEnded, Event, PhaseEnded, PhaseStarted, RolledBack
 from ftwidgets.session import FineTuneSession, live_sessions, watch_sessions
 
-__all__ = ["CONTROL_TARGET", "TELEMETRY_TARGET", "KernelBridge", "bridge", "note_panel"]
+__all__ = [
+    "BEACON_TARGET",
+    "CONTROL_TARGET",
+    "TELEMETRY_TARGET",
+    "KernelBridge",
+    "bridge",
+    "note_panel",
+]
 
-TELEMETRY_TARGET = "ftwidgets.telemetry"
+BEACON_TARGET = "ftwidgets.beacon"
 CONTROL_TARGET = "ftwidgets.control"
+TELEMETRY_TARGET = "ftwidgets.telemetry"
 MIN_INTERVAL = 0.2  # seconds between telemetry updates: at most 5 a second
 
 _PANELS: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
@@ -82,21 +93,24 @@ class KernelBridge:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.subshells = bool(getattr(kernel, "_supports_kernel_subshells", False))
-        self.answered = False  # a front end said hello
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._telemetry: Any = None
+        self._telemetry: dict[str, Any] = {}  # control comm id -> its telemetry comm
         self._notices: list[telemetry.PhaseEndNotice] = []
         self._restored: dict[str, Best | None] = {}
         self._followed: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
 
     def start(self) -> None:
-        """Register the control target, follow the sessions, open the telemetry comm."""
-        self.kernel.comm_manager.register_target(CONTROL_TARGET, self._on_control_open)
+        """Register the control target and the beacon; follow the sessions."""
+        from comm import create_comm
+
+        manager = self.kernel.comm_manager
+        manager.register_target(CONTROL_TARGET, self._on_control_open)
+        # primary=False: the comm exists in the kernel only; nothing is sent.
+        manager.register_comm(create_comm(target_name=BEACON_TARGET, primary=False))
         watch_sessions(self._on_session)
         for session in live_sessions():
             self._follow(session)
-        self._open_telemetry()
         threading.Thread(target=self._send_loop, name="ftwidgets-telemetry", daemon=True).start()
 
     def changed(self) -> None:
@@ -136,53 +150,67 @@ class KernelBridge:
         ]
 
     # -- telemetry out ------------------------------------------------------------
-    def _open_telemetry(self) -> None:
-        from comm import create_comm
-
-        old, self._telemetry = self._telemetry, None
-        if old is not None:
-            old.close()
-        self._telemetry = create_comm(
-            target_name=TELEMETRY_TARGET,
-            data={
-                "protocol": telemetry.PROTOCOL,
-                "subshells": self.subshells,
-                "sessions": self.cards() if self.answered else [],
-            },
-        )
-
     def _send_loop(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
-            if self.answered and self._telemetry is not None:
-                try:
-                    self._send_update()
-                except Exception:  # a closed kernel socket at shutdown: nothing to tell
-                    return
+            try:
+                self._send_update()
+            except Exception:  # a closed kernel socket at shutdown: nothing to tell
+                return
             time.sleep(MIN_INTERVAL)
 
     def _send_update(self) -> None:
         with self._lock:
             notices, self._notices = self._notices, []
-        comm = self._telemetry
-        comm.send({"type": "sessions", "sessions": self.cards()})
-        for notice in notices:
-            comm.send(dict(notice))
+            outputs = list(self._telemetry.values())
+        if not outputs:
+            return  # no front end: stay quiet (notices of that time are dropped)
+        update = {"type": "sessions", "sessions": self.cards()}
+        for comm in outputs:
+            comm.send(update)
+            for notice in notices:
+                comm.send(dict(notice))
 
     # -- control in ---------------------------------------------------------------
     def _on_control_open(self, comm: Any, msg: dict[str, Any]) -> None:
         comm.on_msg(lambda message: self._on_control_msg(comm, message))
+        comm.on_close(lambda _message: self._forget(comm))
         # The front end says hello in the opening message: a message sent right after
         # the opening could reach the kernel before the comm exists.
         if msg["content"]["data"]:
             self._on_control_msg(comm, msg)
+
+    def _forget(self, control: Any) -> None:
+        with self._lock:
+            output = self._telemetry.pop(control.comm_id, None)
+        if output is not None:
+            output.close()
+
+    def _greet(self, control: Any) -> None:
+        """Open this page's telemetry comm (a new one for a page that says hello again)."""
+        from comm import create_comm
+
+        self._forget(control)
+        output = create_comm(
+            target_name=TELEMETRY_TARGET,
+            data={
+                "protocol": telemetry.PROTOCOL,
+                "subshells": self.subshells,
+                "control": control.comm_id,
+            },
+        )
+        with self._lock:
+            self._telemetry[control.comm_id] = output
+        self.changed()  # the page gets every card at once
 
     def _on_control_msg(self, comm: Any, msg: dict[str, Any]) -> None:
         data = msg["content"]["data"] or {}
         action = data.get("action")
         ok, message = True, ""
         try:
+            if action == "hello":
+                self._greet(comm)
             message = self._apply(action, data.get("session"))
         except (LookupError, ValueError) as exc:
             ok, message = False, str(exc)
@@ -194,6 +222,7 @@ class KernelBridge:
                 "session": data.get("session"),
                 "ok": ok,
                 "message": message,
+                "protocol": telemetry.PROTOCOL,
                 "subshells": self.subshells,
             }
         )
@@ -201,9 +230,6 @@ class KernelBridge:
     def _apply(self, action: Any, name: Any) -> str:
         """Queue one command; return what happened, in words."""
         if action == "hello":
-            self.answered = True
-            self._open_telemetry()  # a page that just loaded sees only comms opened after
-            self.changed()
             return "hello"
         if action == "stop_all":
             stopped = [s.name for s in live_sessions() if s.stop()]

@@ -1,6 +1,6 @@
 """What the JupyterLab extension is told about sessions: typed, JSON-ready messages.
 
-The kernel sends these on the ``ftwidgets.telemetry`` comm (see `ftwidgets.comms`);
+The kernel sends these on the extension's control comms (see `ftwidgets.comms`);
 ``labextension/src/protocol.ts`` declares the same shapes for the front end. Pure
 functions of a session's public state: no comms, no widgets.
 """

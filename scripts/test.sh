@@ -2,7 +2,9 @@
 # Set up a virtual environment from a fresh clone, then lint and run every test layer.
 # Needs no root. Browser tests need Debian's Chromium at /usr/bin/chromium
 # (sudo apt-get install -y chromium); without it they are skipped, unless
-# FTWIDGETS_REQUIRE_BROWSER=1 (as in CI), which makes a skip a failure.
+# FTWIDGETS_REQUIRE_BROWSER=1 (as in CI), which makes a skip a failure. With npm
+# present it also rebuilds the JupyterLab extension and checks it against the
+# committed bundle (FTWIDGETS_REQUIRE_NODE=1, as in CI, requires npm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -10,6 +12,20 @@ python3 -m venv .venv
 # The Binder pins constrain the runtime packages, so the notebooks are tested in the
 # environment Binder builds.
 .venv/bin/python -m pip install --quiet -e '.[test]' -c binder/requirements.txt
+# The JupyterLab extension's bundle is committed (a user needs no Node); where npm is
+# here, rebuild it from the lock file and fail if it differs from the committed one.
+if command -v npm >/dev/null; then
+    (cd labextension && npm ci --no-audit --no-fund --loglevel=error \
+        && PATH="$PWD/../.venv/bin:$PATH" npm run --silent build:prod >/dev/null)
+    if [ -n "$(git status --porcelain -- ftwidgets/labextension)" ]; then
+        git status --short -- ftwidgets/labextension
+        echo "The rebuilt extension differs from the committed bundle: commit the rebuild." >&2
+        exit 1
+    fi
+elif [ "${FTWIDGETS_REQUIRE_NODE:-0}" = 1 ]; then
+    echo "npm is missing, and FTWIDGETS_REQUIRE_NODE=1: cannot check the bundle." >&2
+    exit 1
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"

@@ -73,13 +73,6 @@ class Frontend:
                 self._changed.wait(left)
             return result
 
-    def comm_opens(self, target: str) -> list[dict[str, Any]]:
-        return [
-            m["content"]
-            for _, m in self.messages
-            if m["msg_type"] == "comm_open" and m["content"]["target_name"] == target
-        ]
-
     def comm_data(self, comm_id: str) -> list[tuple[float, dict[str, Any]]]:
         return [
             (t, m["content"]["data"])
@@ -87,9 +80,22 @@ class Frontend:
             if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id
         ]
 
+    def telemetry_opens(self) -> list[dict[str, Any]]:
+        return [
+            m["content"]
+            for _, m in self.messages
+            if m["msg_type"] == "comm_open" and m["content"]["target_name"] == "ftwidgets.telemetry"
+        ]
+
     def telemetry(self) -> list[tuple[float, dict[str, Any]]]:
-        opens = self.comm_opens("ftwidgets.telemetry")
+        """What the kernel sent on this page's telemetry comm."""
+        opens = [o for o in self.telemetry_opens() if o["data"]["control"] == self.control_id]
         return self.comm_data(opens[-1]["comm_id"]) if opens else []
+
+    def beacons(self) -> dict[str, Any]:
+        """The kernel's answer to comm_info_request for the beacon's target."""
+        msg_id = self.client.comm_info(target_name="ftwidgets.beacon")
+        return self.reply(msg_id)["content"]["comms"]
 
     def stderr(self) -> str:
         return "".join(
@@ -137,7 +143,7 @@ class Frontend:
     def answer(self, request: str, timeout: float = WAIT) -> tuple[float, dict[str, Any]]:
         def found():
             return next(
-                ((t, d) for t, d in self.comm_data(self.control_id) if d["request"] == request),
+                ((t, d) for t, d in self.comm_data(self.control_id) if d.get("request") == request),
                 None,
             )
 
@@ -163,22 +169,27 @@ def last_card(front: Frontend, name: str = "s1") -> dict[str, Any] | None:
     return next((c for c in updates[-1]["sessions"] if c["name"] == name), None)
 
 
-def test_without_a_front_end_the_kernel_only_opens_the_telemetry_comm(frontend):
+def test_without_a_front_end_the_kernel_sends_nothing_and_shows_a_beacon(frontend):
+    frontend.execute("import ftwidgets")
+    assert frontend.beacons() == {}  # no session yet: nothing to show
     frontend.execute(SETUP)
     frontend.execute("session.run(ftw.PhaseConfig(phase='head', epochs=2, batch_size=8))")
-    opens = frontend.comm_opens("ftwidgets.telemetry")
-    assert len(opens) == 1
-    assert opens[0]["data"] == {"protocol": 1, "subshells": True, "sessions": []}
-    assert frontend.telemetry() == []  # nobody said hello: nothing more was sent
+    # A front end asking which comms exist learns that ftwidgets runs here...
+    assert list(frontend.beacons().values()) == [{"target_name": "ftwidgets.beacon"}]
+    # ...but nothing was sent to one: no comm opened, no message, nothing on stderr.
+    assert [m for _, m in frontend.messages if m["msg_type"].startswith("comm_")] == []
     assert frontend.stderr() == ""
 
 
 def test_a_stop_from_the_control_comm_ends_a_busy_cell(frontend):
     frontend.execute(SETUP)
     _, hello = frontend.answer(frontend.open_control())
-    assert hello["ok"] and hello["subshells"]
-    # A hello opens a fresh telemetry comm, whose first update lists the session.
-    assert len(frontend.comm_opens("ftwidgets.telemetry")) == 2
+    assert hello["ok"] and hello["subshells"] and hello["protocol"] == 1
+    # The hello opened this page's telemetry comm: the only comm the kernel opened.
+    opens = [m for _, m in frontend.messages if m["msg_type"] == "comm_open"]
+    assert [o["content"]["data"] for o in opens] == [
+        {"protocol": 1, "subshells": True, "control": frontend.control_id}
+    ]
     card = frontend.wait_for(lambda: last_card(frontend), "a card for s1")
     assert (card["state"], card["phase"], card["best_epoch"]) == ("idle", None, None)
     assert card["panel_class"] is None and card["spark"] == []
@@ -207,6 +218,7 @@ def test_a_stop_from_the_control_comm_ends_a_busy_cell(frontend):
         "session": "s1",
         "ok": True,
         "message": "stopping",
+        "protocol": 1,
         "subshells": True,
     }
     assert answered - sent < 1.0  # handled while the cell was still busy

@@ -1,9 +1,13 @@
 /**
  * Comm plumbing: one bridge per kernel connection this page tracks.
  *
- * The kernel opens `ftwidgets.telemetry`; the bridge opens `ftwidgets.control` in a
- * subshell of its own, so that a command reaches the kernel while a cell is busy
- * (ipykernel hands a comm's messages to the subshell that last sent on it).
+ * The kernel never opens a comm unasked (a front end without this extension would
+ * answer with an error). It registers a beacon comm that `comm_info` lists once
+ * ftwidgets has a session there; the bridge asks on connection and after each
+ * execution until it finds one. It then opens `ftwidgets.control` in a subshell of
+ * its own, so that a command reaches the kernel while a cell is busy (ipykernel
+ * hands a comm's messages to the subshell that last sent on it), saying hello; the
+ * kernel answers by opening this page's `ftwidgets.telemetry`.
  */
 import { Kernel, KernelMessage, CommsOverSubshells } from '@jupyterlab/services';
 import { ISignal, Signal } from '@lumino/signaling';
@@ -11,6 +15,7 @@ import { ISignal, Signal } from '@lumino/signaling';
 import { SessionModel } from './model';
 import {
   Action,
+  BEACON_TARGET,
   CONTROL_TARGET,
   ICommand,
   IPhaseEnded,
@@ -21,6 +26,8 @@ import {
 } from './protocol';
 
 let requests = 0;
+/** While a cell is busy and no session was found yet, look this often. */
+const POLL_MS = 2000;
 
 /** The comm services 7.4+ create; `IComm` does not declare its subshell promise. */
 type SubshellComm = Kernel.IComm & { subshellStarted?: Promise<void> };
@@ -60,28 +67,61 @@ export class KernelBridge {
   }
 
   dispose(): void {
+    clearInterval(this._poll ?? undefined);
     this.kernel.removeCommTarget(TELEMETRY_TARGET, this._onTelemetryTarget);
     this.kernel.statusChanged.disconnect(this._onStatus, this);
     Signal.clearData(this);
   }
 
-  /** A page that loads after ftwidgets started in the kernel asks which comms exist. */
+  /** Does the kernel run ftwidgets sessions? Its beacon says so; then say hello. */
   private async _discover(): Promise<void> {
+    if (this._control || this._discovering) {
+      return;
+    }
+    this._discovering = true;
     try {
       await this.kernel.info;
       this.model.setSubshells(this.kernel.supportsSubshells);
-      const reply = await this.kernel.requestCommInfo({ target_name: TELEMETRY_TARGET });
+      const reply = await this._commInfo();
       const content = reply.content;
       if (content.status === 'ok' && Object.keys(content.comms).length > 0) {
         await this._openControl();
       }
     } catch (reason) {
       console.warn('ftwidgets: could not ask the kernel for its comms', reason);
+    } finally {
+      this._discovering = false;
     }
   }
 
+  /** Ask for the beacon; in a subshell when possible, so a busy cell does not delay it. */
+  private async _commInfo(): Promise<KernelMessage.ICommInfoReplyMsg> {
+    const content = { target_name: BEACON_TARGET };
+    if (!this.kernel.supportsSubshells) {
+      return this.kernel.requestCommInfo(content);
+    }
+    if (!this._probeShell) {
+      const created = await this.kernel.requestCreateSubshell({}).done;
+      this._probeShell = (created as KernelMessage.ICreateSubshellReplyMsg).content.subshell_id;
+    }
+    const request = KernelMessage.createMessage({
+      msgType: 'comm_info_request',
+      channel: 'shell',
+      session: this.kernel.clientId,
+      username: this.kernel.username,
+      content,
+      subshellId: this._probeShell
+    });
+    const reply = await this.kernel.sendShellMessage(request, true).done;
+    return reply as KernelMessage.ICommInfoReplyMsg;
+  }
+
   private _onTelemetry(comm: Kernel.IComm, msg: KernelMessage.ICommOpenMsg): void {
-    this.model.applyOpen(msg.content.data as unknown as ITelemetryOpen);
+    const data = msg.content.data as unknown as ITelemetryOpen;
+    if (!this._controlComm || data.control !== this._controlComm.commId) {
+      return; // another page's telemetry: that page reads it (closing it would end it)
+    }
+    this.model.applyOpen(data);
     comm.onMsg = message => {
       const data = message.content.data as unknown as TelemetryMessage;
       const notice = this.model.applyMessage(data);
@@ -89,9 +129,6 @@ export class KernelBridge {
         this._phaseEnded.emit(notice);
       }
     };
-    // The kernel opened telemetry before this page said hello (it sends nothing until
-    // then), or for another page: say hello once so it sends to this page too.
-    void this._openControl();
   }
 
   // registerCommTarget keeps the callback it was given; removeCommTarget needs it back.
@@ -137,8 +174,8 @@ export class KernelBridge {
     // kernel before the comm exists there.
     const request = nextRequest();
     this.model.sent(request, 'hello');
+    this._controlComm = comm; // before the opening: the telemetry names it
     comm.open({ action: 'hello', request });
-    this._controlComm = comm;
     this.model.setControl('open');
     return comm;
   }
@@ -154,16 +191,28 @@ export class KernelBridge {
   }
 
   private _onStatus(kernel: Kernel.IKernelConnection, status: Kernel.Status): void {
-    // A restart drops every comm; the new kernel opens telemetry again when its first
-    // session is made, and that opening brings a new control comm.
+    // A restart drops every comm and subshell; the new kernel's beacon shows once it
+    // makes a session, and the next look finds it.
     if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
       this._control = null;
       this._controlComm = null;
       this.model.reset();
+      this._probeShell = null;
+    } else if (status === 'busy' && !this._poll) {
+      // A busy cell may make the first session and then train in it: look again
+      // every few seconds, in the probe's own subshell.
+      this._poll = setInterval(() => void this._discover(), POLL_MS);
+    } else if (status === 'idle') {
+      clearInterval(this._poll ?? undefined);
+      this._poll = null;
+      void this._discover(); // a cell may just have made the first session
     }
   }
 
   private _control: Promise<Kernel.IComm | null> | null = null;
+  private _discovering = false;
+  private _probeShell: string | null = null;
+  private _poll: ReturnType<typeof setInterval> | null = null;
   private _controlComm: Kernel.IComm | null = null;
   private _phaseEnded = new Signal<this, IPhaseEnded>(this);
   private _refused = new Signal<this, string>(this);

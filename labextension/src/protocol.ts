@@ -6,6 +6,8 @@
 
 /** The comm the kernel opens to send session cards and phase-end notices. */
 export const TELEMETRY_TARGET = 'ftwidgets.telemetry';
+/** A comm the kernel registers but never sends: comm_info lists it once ftwidgets runs. */
+export const BEACON_TARGET = 'ftwidgets.beacon';
 /** The comm this extension opens, in its own subshell, to send commands. */
 export const CONTROL_TARGET = 'ftwidgets.control';
 /** The protocol version this extension speaks. */
@@ -49,7 +51,9 @@ export interface ICard {
 export interface ITelemetryOpen {
   protocol: number;
   subshells: boolean;
-  sessions: ICard[];
+  /** The id of the control comm whose hello opened it: each page keeps its own. */
+  control: string;
+  sessions?: ICard[];
 }
 
 export interface ISessionsMessage {

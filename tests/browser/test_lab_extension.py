@@ -72,6 +72,17 @@ def test_sidebar_stop_ends_a_busy_cell(page, busy_notebook) -> None:
     stop = card.locator('[data-ftw-action="stop"]')
     stop.wait_for(state="visible", timeout=30_000)
     assert page.locator(".ftw-sidebar .ftw-no-subshells").is_hidden()
+    # Running, with a few epochs on the sparkline: what the README's screenshot shows.
+    page.wait_for_function(
+        """(name) => {
+            const card = document.querySelector(`.ftw-session[data-session="${name}"]`);
+            const state = card?.querySelector('.ftw-session-state')?.textContent ?? '';
+            const line = card?.querySelector('.ftw-spark polyline')?.getAttribute('points');
+            return state.includes('running') && (line ?? '').trim().split(/\\s+/).length >= 3;
+        }""",
+        arg=SESSION,
+        timeout=120_000,
+    )
     assert page.evaluate(LAST_CELL_COUNT) is None, "the training cell should still be busy"
     screenshot(page, "lab-extension-sidebar-running")
 

@@ -50,18 +50,18 @@ test('an opening replaces the sessions and says whether the kernel has subshells
   const model = new SessionModel();
   let changes = 0;
   model.onChange(() => (changes += 1));
-  model.applyOpen({ protocol: 1, subshells: false, sessions: [card()] });
+  model.applyOpen({ protocol: 1, control: 'c', subshells: false, sessions: [card()] });
   assert.equal(model.sessions.length, 1);
   assert.equal(model.subshells, false);
   assert.equal(changes, 1);
-  model.applyOpen({ protocol: 1, subshells: true, sessions: [] });
+  model.applyOpen({ protocol: 1, control: 'c', subshells: true, sessions: [] });
   assert.deepEqual(model.sessions, []);
   assert.equal(model.headline, null);
 });
 
 test('a sessions message replaces the list; a phase end is handed back, not stored', () => {
   const model = new SessionModel();
-  model.applyOpen({ protocol: 1, subshells: true, sessions: [] });
+  model.applyOpen({ protocol: 1, control: 'c', subshells: true, sessions: [] });
   const none = model.applyMessage({ type: 'sessions', sessions: [card(), card({ name: 'b' })] });
   assert.equal(none, null);
   assert.deepEqual(
@@ -75,7 +75,7 @@ test('a sessions message replaces the list; a phase end is handed back, not stor
 
 test('a newer protocol is refused with a reason, and its messages ignored', () => {
   const model = new SessionModel();
-  model.applyOpen({ protocol: 2, subshells: true, sessions: [card()] });
+  model.applyOpen({ protocol: 2, control: 'c', subshells: true, sessions: [card()] });
   assert.match(model.problem ?? '', /protocol 2/);
   assert.deepEqual(model.sessions, []);
   model.applyMessage({ type: 'sessions', sessions: [card()] });
@@ -87,7 +87,7 @@ test('the headline is the first busy session, else a failed one, else the newest
   const idle = card({ name: 'a', state: 'idle' });
   const failed = card({ name: 'b', state: 'failed' });
   const paused = card({ name: 'c', state: 'paused' });
-  model.applyOpen({ protocol: 1, subshells: true, sessions: [idle, failed, paused] });
+  model.applyOpen({ protocol: 1, control: 'c', subshells: true, sessions: [idle, failed, paused] });
   assert.equal(model.headline?.name, 'c');
   model.applyMessage({ type: 'sessions', sessions: [idle, failed] });
   assert.equal(model.headline?.name, 'b');
@@ -131,7 +131,7 @@ test('a command is pending until its reply; a closed comm forgets every pending 
 
 test('a reset forgets the sessions and the control comm', () => {
   const model = new SessionModel();
-  model.applyOpen({ protocol: 1, subshells: true, sessions: [card()] });
+  model.applyOpen({ protocol: 1, control: 'c', subshells: true, sessions: [card()] });
   model.setControl('open');
   model.reset();
   assert.deepEqual(model.sessions, []);
