@@ -4,17 +4,16 @@
  * Cards are updated in place, never rebuilt: telemetry comes up to five times a
  * second, and a button replaced between press and release would lose the click.
  */
-import { Widget } from '@lumino/widgets';
 
-import { KernelBridge } from './kernels';
 import { epochLabel, formatNumber, phaseLabel, sparkPoints } from './model';
 import { ICard, SessionAction } from './protocol';
+import { BridgeView } from './view';
 
 const SPARK_WIDTH = 120;
 const SPARK_HEIGHT = 24;
 const SVG = 'http://www.w3.org/2000/svg';
 
-export class FineTuningSidebar extends Widget {
+export class FineTuningSidebar extends BridgeView {
   constructor() {
     super();
     this.id = 'ftwidgets-sidebar';
@@ -35,23 +34,8 @@ export class FineTuningSidebar extends Widget {
     this._render();
   }
 
-  /** The kernel whose sessions to show (the active notebook's), or null. */
-  set bridge(bridge: KernelBridge | null) {
-    if (bridge === this._bridge) {
-      return;
-    }
-    this._unsubscribe?.();
-    this._unsubscribe = bridge?.model.onChange(() => this._render()) ?? null;
-    this._bridge = bridge;
-    this._render();
-  }
 
-  dispose(): void {
-    this._unsubscribe?.();
-    super.dispose();
-  }
-
-  private _render(): void {
+  protected _render(): void {
     const model = this._bridge?.model;
     const cards = model?.sessions ?? [];
     this._note.textContent = !model
@@ -79,8 +63,6 @@ export class FineTuningSidebar extends Widget {
     }
   }
 
-  private _bridge: KernelBridge | null = null;
-  private _unsubscribe: (() => void) | null = null;
   private _views = new Map<string, CardView>();
   private _note: HTMLElement;
   private _subshells: HTMLElement;

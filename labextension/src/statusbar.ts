@@ -3,12 +3,11 @@
  * kernel has no session; a click opens the sidebar.
  */
 import { ISignal, Signal } from '@lumino/signaling';
-import { Widget } from '@lumino/widgets';
 
-import { KernelBridge } from './kernels';
 import { statusText } from './model';
+import { BridgeView } from './view';
 
-export class FineTuningStatus extends Widget {
+export class FineTuningStatus extends BridgeView {
   constructor(onClick: () => void) {
     super();
     this.addClass('ftw-status');
@@ -26,29 +25,13 @@ export class FineTuningStatus extends Widget {
     return this._activeChanged;
   }
 
-  set bridge(bridge: KernelBridge | null) {
-    if (bridge === this._bridge) {
-      return;
-    }
-    this._unsubscribe?.();
-    this._unsubscribe = bridge?.model.onChange(() => this._render()) ?? null;
-    this._bridge = bridge;
-    this._render();
-  }
 
-  dispose(): void {
-    this._unsubscribe?.();
-    super.dispose();
-  }
-
-  private _render(): void {
+  protected _render(): void {
     const card = this._bridge?.model.headline ?? null;
     this.node.textContent = card ? statusText(card) : '';
     this.node.dataset.state = card?.state ?? '';
     this._activeChanged.emit();
   }
 
-  private _bridge: KernelBridge | null = null;
-  private _unsubscribe: (() => void) | null = null;
   private _activeChanged = new Signal<this, void>(this);
 }
