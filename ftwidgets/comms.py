@@ -79,7 +79,7 @@ def _running_kernel() -> Any:
 
 
 class KernelBridge:
-    """Follows every live session and serves the extension's two comms.
+    """Follows every live session and serves the extension's comms.
 
     Args:
         kernel: the running ipykernel ``Kernel``.
