@@ -14,8 +14,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet -e '.[test]' -c binder/requirements.txt
 # The JupyterLab extension's bundle is committed (a user needs no Node); where npm is
 # here, rebuild it from the lock file and fail if it differs from the committed one.
-# Module ids depend on the path from .venv's JupyterLab to labextension/, so commit a
-# bundle built by this script (with the repository's own .venv), not another venv's.
 if command -v npm >/dev/null; then
     (cd labextension && npm ci --no-audit --no-fund --loglevel=error \
         && PATH="$PWD/../.venv/bin:$PATH" npm run --silent build:prod >/dev/null)

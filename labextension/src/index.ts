@@ -10,7 +10,6 @@ import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application'
 import { ICommandPalette, InputDialog, Notification } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { Kernel } from '@jupyterlab/services';
-import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { KernelBridge } from './kernels';
@@ -34,11 +33,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
   id: 'ftwidgets:plugin',
   description: 'Status bar item, sidebar and notifications for ftwidgets fine-tuning sessions.',
   autoStart: true,
-  optional: [INotebookTracker, IStatusBar, ICommandPalette],
+  optional: [INotebookTracker, ICommandPalette],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker | null,
-    statusBar: IStatusBar | null,
     palette: ICommandPalette | null
   ) => {
     if (!tracker) {
@@ -49,13 +47,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     sidebar.title.icon = fineTuningIcon;
     app.shell.add(sidebar, 'right', { rank: 900 });
     const status = new FineTuningStatus(() => app.shell.activateById(sidebar.id));
-    statusBar?.registerStatusItem('ftwidgets:status', {
-      item: status,
-      align: 'left',
-      rank: 5,
-      isActive: () => status.hasSession,
-      activeStateChanged: status.activeChanged
-    });
+    void addStatusItem(app, status);
 
     const bridgeFor = (kernel: Kernel.IKernelConnection | null | undefined) => {
       if (!kernel || kernel.isDisposed) {
@@ -179,3 +171,25 @@ function panelCell(model: string): string {
 }
 
 export default plugin;
+
+/**
+ * Put the item in the status bar, where the front end has one. The status bar's
+ * package is imported only here: a host that does not share it (Voila) would
+ * otherwise fail to load the whole extension, and bundling a fallback copy would make
+ * the build depend on where it runs.
+ */
+async function addStatusItem(app: JupyterFrontEnd, status: FineTuningStatus): Promise<void> {
+  try {
+    const { IStatusBar } = await import('@jupyterlab/statusbar');
+    const statusBar = await app.resolveOptionalService(IStatusBar);
+    statusBar?.registerStatusItem('ftwidgets:status', {
+      item: status,
+      align: 'left',
+      rank: 5,
+      isActive: () => status.hasSession,
+      activeStateChanged: status.activeChanged
+    });
+  } catch (reason) {
+    console.info('ftwidgets: no status bar here', reason);
+  }
+}
