@@ -35,6 +35,7 @@ __all__ = [
     "CONTROL_TARGET",
     "TELEMETRY_TARGET",
     "KernelBridge",
+    "answer_while_busy",
     "bridge",
     "note_panel",
 ]
@@ -54,6 +55,23 @@ def note_panel(session: FineTuneSession) -> None:
     _PANELS.add(session)
     if _BRIDGE is not None:
         _BRIDGE.changed()
+
+
+def answer_while_busy(widget: Any) -> bool:
+    """Let ``widget``'s messages be handled while a cell is busy; True if they can be.
+
+    JupyterLab 4.4 and later send each comm target's messages from a kernel subshell
+    of their own, but ipykernel 7.4 hands a comm's incoming messages to the subshell
+    that last sent on it: for a panel's widgets, the main shell, busy with the cell
+    (a Stop click waited for the cell to end). Honouring the front end's choice again
+    for this widget's comm lets its handler run on the subshell's thread. Use it only
+    for widgets whose handlers are thread-safe (they queue a session command).
+    """
+    comm = getattr(widget, "comm", None)
+    if comm is None or not hasattr(comm, "_reply_subshell_for"):
+        return False  # no kernel, or an ipykernel that routes by the front end anyway
+    comm._reply_subshell_for = lambda _data, default: default
+    return True
 
 
 def bridge() -> KernelBridge | None:

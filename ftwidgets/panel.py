@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import threading
 import time
 import traceback
@@ -45,6 +46,8 @@ __all__ = ["FineTunePanel"]
 
 _LR_MIN_EXP, _LR_MAX_EXP = -7, -1
 _STATUS_INTERVAL = 0.2  # seconds between status redraws while training
+_ONE_LINE = "white-space:nowrap;overflow:hidden;text-overflow:ellipsis"
+_TAG = re.compile(r"<[^>]+>")
 
 
 class FineTunePanel(widgets.VBox):
@@ -395,6 +398,16 @@ class FineTunePanel(widgets.VBox):
         self.find_lr_button.on_click(lambda _: self.find_learning_rate())
         self.use_lr_button.on_click(self._on_use_lr_button_click)
         self.rollback_button.on_click(self._on_rollback_button_click)
+        # Their handlers only queue a session command and write widgets under self._ui:
+        # safe on a subshell's thread, so they work while a cell is busy.
+        for control in (
+            self.pause_button,
+            self.stop_button,
+            self.rollback_button,
+            self.learning_rate,
+            self.learning_rate_text,
+        ):
+            comms.answer_while_busy(control)
         self.dismiss_button.on_click(lambda _: self.clear_error())
 
     # -- what the controls say ------------------------------------------------------
@@ -562,13 +575,15 @@ class FineTunePanel(widgets.VBox):
         self._refresh_freeze_map()
 
     def _on_learning_rate_slider(self, change: dict[str, Any]) -> None:
-        if self._syncing_lr:
-            return
+        with self._ui:  # a click on a subshell's thread waits for _set_lr to finish
+            if self._syncing_lr:
+                return
         self._apply_lr(float(change["new"]))
 
     def _on_learning_rate_text(self, change: dict[str, Any]) -> None:
-        if self._syncing_lr:
-            return
+        with self._ui:
+            if self._syncing_lr:
+                return
         text = str(change["new"]).strip()
         try:
             rate = check_learning_rate(text)
@@ -799,9 +814,15 @@ class FineTunePanel(widgets.VBox):
                 since = session.epochs_without_improvement
                 parts.append(f"{since}/{es.patience} epochs without improvement")
         parts.append(html.escape(self._device))
-        text = " · ".join(parts)
+        line = " · ".join(parts)
+        # One line, cut with an ellipsis (all of it on hover): a line that wrapped as
+        # its numbers grew moved everything below it on every update.
+        text = (
+            f'<div class="ftwidgets-status-line" title="{html.escape(_plain(line))}" '
+            f'style="{_ONE_LINE}">{line}</div>'
+        )
         if self._notice:
-            text += f"<br>{html.escape(self._notice)}"
+            text += f'<div class="ftwidgets-notice">{html.escape(self._notice)}</div>'
         self.status.value = text
         with self.progress.hold_sync():
             self.progress.value = fraction
@@ -885,3 +906,8 @@ def _fmt_duration(seconds: float) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def _plain(markup: str) -> str:
+    """The text of a status line's markup (its parts are escaped already)."""
+    return html.unescape(_TAG.sub("", markup))

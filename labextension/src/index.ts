@@ -23,6 +23,8 @@ namespace CommandIDs {
   export const insertPanel = 'ftwidgets:insert-panel';
 }
 
+const NOTICE_MS = 8000;
+
 const fineTuningIcon = new LabIcon({
   name: 'ftwidgets:fine-tuning',
   svgstr:
@@ -105,8 +107,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
               callback: () => showPanel(bridge, event.panel_class ?? '')
             }
       );
+      // A toast that stays would cover the notebook; the notification centre keeps it
+      // with its actions. A failure stays until dismissed.
       Notification.emit(notice.text, notice.kind, {
-        autoClose: notice.actions.length > 0 || notice.kind === 'error' ? false : 5000,
+        autoClose: notice.kind === 'error' ? false : NOTICE_MS,
         actions
       });
     };

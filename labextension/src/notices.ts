@@ -1,6 +1,7 @@
 /**
  * What a phase-end notification says and offers: a pure function, so it is tested
- * without JupyterLab.
+ * without JupyterLab. "Roll back to best" is offered wherever the kernel says a best
+ * epoch exists and is not restored already (an early stop that kept its last weights).
  */
 import { IPhaseEnded } from './protocol';
 
@@ -26,7 +27,11 @@ export function phaseEndNotice(event: IPhaseEnded): INotice {
         event.restored_epoch === null
           ? ''
           : ` and restored the best epoch, ${event.restored_epoch}`;
-      return { kind: 'info', text: `${who} stopped early${restored}.`, actions: panel };
+      return {
+        kind: 'info',
+        text: `${who} stopped early${restored}.`,
+        actions: [...rollback, ...panel]
+      };
     }
     case 'failed': {
       const why = event.message ? `: ${event.message}` : '.';

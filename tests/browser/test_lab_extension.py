@@ -4,17 +4,20 @@ the sidebar's Stop ends a busy cell (the control comm runs in its own kernel sub
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import pytest
 from lab import (
+    kernel_eval,
     open_notebook,
     record_timing,
     run_all,
     screenshot,
     stderr_outputs,
     wait_kernel_ready,
+    wait_until,
     write_notebook,
 )
 
@@ -100,4 +103,85 @@ def test_sidebar_stop_ends_a_busy_cell(page, busy_notebook) -> None:
         timeout=30_000,
     )
     screenshot(page, "lab-extension-after-stop")
+    assert stderr_outputs(page) == []
+
+
+PANEL_SCRATCH = "_lab_extension/busy_panel.ipynb"
+PANEL_SETUP = SETUP.replace(
+    "session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train)",
+    "panel = ftw.FineTunePanel(model, train=(data.x_train, data.y_train)",
+).replace(f'name="{SESSION}")', f'name="{SESSION}-panel")\npanel')
+PANEL_BUSY = BUSY.replace("session.run", "panel.session.run")
+
+
+def test_panel_stop_ends_a_busy_cell(page, lab_root: Path) -> None:
+    write_notebook(lab_root / PANEL_SCRATCH, [PANEL_SETUP, PANEL_BUSY])
+    open_notebook(page, PANEL_SCRATCH)
+    wait_kernel_ready(page)
+    run_all(page)
+    panel = page.locator(".ftwidgets-panel")
+    page.wait_for_function(
+        """() => /epoch \\d+ \\(\\d+\\/1000/.test(
+            document.querySelector('.ftwidgets-status')?.textContent ?? '')""",
+        timeout=180_000,
+    )
+    # A new learning rate reaches the running phase while the cell is busy.
+    rate = panel.get_by_title(re.compile(r"^Any positive number"))
+    rate.fill("3e-4")
+    rate.press("Enter")
+    page.wait_for_function(
+        """() => (document.querySelector('.ftwidgets-status')?.textContent ?? '')
+            .includes('lr 3e-4')""",
+        timeout=10_000,
+    )
+    assert page.evaluate(LAST_CELL_COUNT) is None, "the training cell should still be busy"
+    stop = panel.locator("button", has_text="Stop")
+    assert stop.is_enabled()
+    clicked = time.monotonic()
+    stop.click()
+    page.wait_for_function(f"() => ({LAST_CELL_COUNT})() !== null", timeout=60_000)
+    latency = time.monotonic() - clicked
+    record_timing("panel: Stop click -> busy cell has its execution count", latency)
+    assert latency < STOP_BUDGET_S, f"the busy cell ended {latency:.2f} s after Stop"
+
+
+EARLY_SCRATCH = "_lab_extension/early_stop.ipynb"
+EARLY_SESSION = "early"
+# min_delta=10: no epoch after the first counts as better, so patience 1 ends the
+# phase at epoch 2, keeping its last weights (restore_best_weights=False).
+EARLY_RUN = f"""\
+session = ftw.FineTuneSession(
+    model,
+    train=(data.x_train, data.y_train),
+    validation=(data.x_val, data.y_val),
+    name="{EARLY_SESSION}",
+)
+session.run(
+    ftw.PhaseConfig(phase="head", epochs=50, batch_size=8),
+    early_stopping=ftw.EarlyStoppingConfig(patience=1, min_delta=10.0, restore_best_weights=False),
+)
+"""
+
+
+def test_early_stop_notification_rolls_back(page, lab_root: Path) -> None:
+    setup = SETUP.split("session =")[0]
+    write_notebook(lab_root / EARLY_SCRATCH, [setup, EARLY_RUN])
+    open_notebook(page, EARLY_SCRATCH)
+    wait_kernel_ready(page)
+    run_all(page)
+    toast = page.locator(".Toastify__toast", has_text=f"{EARLY_SESSION} (head phase) stopped early")
+    toast.wait_for(state="visible", timeout=180_000)
+    screenshot(page, "lab-extension-early-stop-notice")
+    # The last weights were kept, so the notice offers the best epoch's; no panel exists.
+    assert toast.get_by_role("button", name="Show panel").count() == 0
+    assert kernel_eval(page, "[m.kind for m in session.history.markers]") == ["early_stop"]
+    toast.get_by_role("button", name="Roll back to best").click()
+    wait_until(
+        lambda: kernel_eval(page, "[m.kind for m in session.history.markers]"),
+        lambda kinds: kinds == ["early_stop", "rollback"],
+        timeout=10,
+        what="the notification's Roll back to reach the session",
+    )
+    # Back to the first epoch, the best (the marker holds its 0-based index).
+    assert kernel_eval(page, "session.history.markers[-1].value") == 0
     assert stderr_outputs(page) == []

@@ -184,9 +184,16 @@ test('phase-end notices offer what the outcome allows', () => {
     phaseEndNotice(notice({ can_roll_back: false, panel_class: null })).actions,
     []
   );
-  const early = phaseEndNotice(notice({ outcome: 'early_stopped', restored_epoch: 7 }));
+  const early = phaseEndNotice(
+    notice({ outcome: 'early_stopped', restored_epoch: 7, can_roll_back: false })
+  );
   assert.match(early.text, /restored the best epoch, 7/);
   assert.deepEqual(early.actions, ['panel']);
+  const kept = phaseEndNotice(
+    notice({ outcome: 'early_stopped', restored_epoch: null, can_roll_back: true })
+  );
+  assert.match(kept.text, /stopped early\.$/);
+  assert.deepEqual(kept.actions, ['rollback', 'panel']);
   const failed = phaseEndNotice(notice({ outcome: 'failed', message: 'NaN loss' }));
   assert.equal(failed.kind, 'error');
   assert.match(failed.text, /failed: NaN loss/);
