@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from test_notebooks import execute
 REPO = Path(__file__).resolve().parents[1]
 BINDER = REPO / "binder"
 # What ftwidgets needs at runtime on Binder: pyproject's dependencies, plus the JAX
-# runtime and Lab's widget extension, which the version pins must fix too.
+# runtime, Lab's widget extension and Voila (for the dashboard badge), which the
+# version pins must fix too.
 EXPECTED_PINS = {
     "bqplot",
     "grain",
@@ -46,6 +48,7 @@ EXPECTED_PINS = {
     "pandas",
     "pillow",
     "scikit-learn",
+    "voila",
 }
 # mybinder gives 1-2 GB of RAM; the kernel must leave room for the server and the browser tab.
 KERNEL_MEMORY_BUDGET_MIB = 1200
@@ -216,3 +219,55 @@ def test_quickstart_runs_from_the_pins_within_binder_memory():
     peak_mib = run.probe["peak_rss_kb"] / 1024
     print(f"notebook 01 kernel peak RSS: {peak_mib:.0f} MiB in {run.seconds:.0f} s")
     assert peak_mib < KERNEL_MEMORY_BUDGET_MIB
+
+
+BADGE = re.compile(r"\(https://mybinder\.org/v2/gh/ftwidgets/ftwidgets/HEAD\?urlpath=([^)]+)\)")
+
+
+def test_readme_badges_open_walkthrough_01_in_lab_and_as_a_voila_dashboard():
+    urlpaths = BADGE.findall((REPO / "README.md").read_text())
+    assert urlpaths == [
+        "lab/tree/notebooks/01_quickstart.ipynb",
+        "voila/render/notebooks/01_quickstart.ipynb",
+    ]
+    for urlpath in urlpaths:
+        notebook = urlpath.split("/", 2)[2]
+        assert (REPO / notebook).is_file(), urlpath
+
+
+def test_voila_serves_dashboards_from_the_binder_server():
+    """Binder's server is Jupyter Server: Voila's server extension gives it /voila/render."""
+    done = subprocess.run(
+        [sys.executable, "-m", "jupyter", "server", "extension", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    listing = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
+    assert re.search(r"voila\.server_extension\s+enabled", listing), listing
+
+
+def test_the_wheel_binder_installs_carries_the_lab_extension(tmp_path):
+    """postBuild installs ftwidgets from a wheel built here: the bundle must be in it."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = tmp_path.glob("ftwidgets-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    share = "ftwidgets-0.1.0.data/data/share/jupyter/labextensions/ftwidgets/"
+    assert share + "package.json" in names and share + "install.json" in names
+    assert any(n.startswith(share + "static/remoteEntry.") for n in names)

@@ -263,3 +263,23 @@ def test_rollback_pause_and_bad_commands_get_replies(frontend):
     _, reply = frontend.answer(frontend.command("stop_all"))
     assert reply["ok"] and reply["message"] == "nothing was running"
     assert frontend.stderr() == ""
+
+
+def test_a_kernel_without_subshells_says_so_in_every_reply():
+    """ipykernel 6 has no subshells: the sidebar then says commands wait for the cell."""
+    from types import SimpleNamespace
+
+    from ftwidgets.comms import KernelBridge
+
+    class Comm:
+        comm_id = "c1"
+        sent: list[dict[str, Any]] = []
+
+        def send(self, data: dict[str, Any]) -> None:
+            self.sent.append(data)
+
+    bridge = KernelBridge(SimpleNamespace(comm_manager=object()))  # no _supports_kernel_subshells
+    comm = Comm()
+    bridge._on_control_msg(comm, {"content": {"data": {"action": "stop_all", "request": "r"}}})
+    (reply,) = comm.sent
+    assert reply["subshells"] is False and reply["ok"] and reply["request"] == "r"

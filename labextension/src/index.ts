@@ -21,6 +21,7 @@ import { FineTuningStatus } from './statusbar';
 namespace CommandIDs {
   export const stopAll = 'ftwidgets:stop-all';
   export const insertPanel = 'ftwidgets:insert-panel';
+  export const showSidebar = 'ftwidgets:show-sidebar';
 }
 
 const NOTICE_MS = 8000;
@@ -144,6 +145,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
         tracker.activeCell?.model.sharedModel.setSource(panelCell(model));
       }
     });
+    // Notebook 7 has no status bar to click: the palette opens the sidebar there.
+    app.commands.addCommand(CommandIDs.showSidebar, {
+      label: 'Fine-tuning: show the sessions sidebar',
+      execute: () => app.shell.activateById(sidebar.id)
+    });
+    palette?.addItem({ command: CommandIDs.showSidebar, category: 'Fine-tuning' });
     palette?.addItem({ command: CommandIDs.stopAll, category: 'Fine-tuning' });
     palette?.addItem({ command: CommandIDs.insertPanel, category: 'Fine-tuning' });
 

@@ -15,8 +15,10 @@ from lab import (
     record_timing,
     run_all,
     screenshot,
+    server_of,
     stderr_outputs,
     wait_kernel_ready,
+    wait_run_finished,
     wait_until,
     write_notebook,
 )
@@ -185,3 +187,94 @@ def test_early_stop_notification_rolls_back(page, lab_root: Path) -> None:
     # Back to the first epoch, the best (the marker holds its 0-based index).
     assert kernel_eval(page, "session.history.markers[-1].value") == 0
     assert stderr_outputs(page) == []
+
+
+NB7_SCRATCH = "_lab_extension/notebook7.ipynb"
+
+
+def test_notebook7_shows_the_sidebar_and_notifications(page, lab_root: Path) -> None:
+    """Notebook 7 exposes no app object: driven through its menus and palette."""
+    setup = SETUP.split("session =")[0]
+    write_notebook(lab_root / NB7_SCRATCH, [setup, EARLY_RUN.replace('"early"', '"nb7"')])
+    page.goto(server_of(page).lab_url(f"/notebooks/{NB7_SCRATCH}"), wait_until="domcontentloaded")
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=60_000)
+    page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').wait_for(
+        state="attached", timeout=60_000
+    )
+    page.get_by_role("menuitem", name="Run").first.click()
+    page.get_by_text("Run All Cells", exact=True).click()
+    toast = page.locator(".Toastify__toast", has_text="nb7 (head phase) stopped early")
+    toast.wait_for(state="visible", timeout=180_000)
+    assert toast.get_by_role("button", name="Roll back to best").is_visible()
+    assert page.locator(".ftw-status").count() == 0  # Notebook 7 has no status bar
+
+    page.keyboard.press("Control+Shift+c")
+    page.keyboard.type("Fine-tuning: show")
+    page.keyboard.press("Enter")
+    card = page.locator('.ftw-sidebar .ftw-session[data-session="nb7"]')
+    card.wait_for(state="visible", timeout=30_000)
+    assert card.locator(".ftw-session-state").inner_text() == "idle"
+    screenshot(page, "notebook7-sidebar")
+    rollback = card.locator('[data-ftw-action="rollback"]')
+    assert rollback.inner_text() == "Roll back to epoch 1"
+    rollback.click()
+    # Once the best epoch's weights are back, there is nothing left to roll back to.
+    rollback.wait_for(state="hidden", timeout=10_000)
+
+
+SWITCH_A = "_lab_extension/switch_a.ipynb"
+SWITCH_B = "_lab_extension/switch_b.ipynb"
+
+
+def _session_cell(name: str) -> str:
+    return SETUP.replace(f'name="{SESSION}"', f'name="{name}"')
+
+
+def _sidebar_sessions(page) -> list[str]:
+    return page.evaluate(
+        """() => [...document.querySelectorAll('.ftw-sidebar .ftw-session')]
+            .map(card => card.dataset.session)"""
+    )
+
+
+def _wait_sidebar(page, names: list[str], what: str) -> None:
+    wait_until(lambda: _sidebar_sessions(page), lambda got: got == names, timeout=30, what=what)
+
+
+def test_sidebar_follows_the_active_notebook_and_a_reload(page, lab_root: Path) -> None:
+    write_notebook(lab_root / SWITCH_A, [_session_cell("alpha")])
+    write_notebook(lab_root / SWITCH_B, [_session_cell("beta")])
+    open_notebook(page, SWITCH_A)
+    wait_kernel_ready(page)
+    run_all(page)
+    wait_run_finished(page)
+    page.evaluate("() => window.jupyterapp.commands.execute('ftwidgets:show-sidebar')")
+    _wait_sidebar(page, ["alpha"], "notebook A's session in the sidebar")
+
+    page.evaluate(
+        f"() => window.jupyterapp.commands.execute('docmanager:open', {{path: '{SWITCH_B}'}})"
+    )
+    page.wait_for_function(
+        "(path) => window.jupyterapp.shell.currentWidget?.context?.path === path", arg=SWITCH_B
+    )
+    wait_kernel_ready(page)
+    _wait_sidebar(page, [], "an empty sidebar for notebook B, whose kernel has no session")
+    run_all(page)
+    wait_run_finished(page)
+    _wait_sidebar(page, ["beta"], "notebook B's session in the sidebar")
+
+    page.evaluate(
+        f"() => window.jupyterapp.commands.execute('docmanager:open', {{path: '{SWITCH_A}'}})"
+    )
+    _wait_sidebar(page, ["alpha"], "notebook A's session again after switching back")
+
+    # A reload finds the running kernels again (Lab restores both notebooks).
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_function(
+        "(path) => window.jupyterapp?.shell?.currentWidget?.context?.path === path",
+        arg=SWITCH_A,
+        timeout=60_000,
+    )
+    page.evaluate("() => window.jupyterapp.commands.execute('ftwidgets:show-sidebar')")
+    _wait_sidebar(page, ["alpha"], "notebook A's session after a reload")
+    assert page.locator(".ftw-status").inner_text().startswith("alpha: idle")

@@ -431,6 +431,28 @@ def test_8_voila_dashboard_renders_and_trains(bare_page, voila_server, quickstar
     # Voila scrolls inside its own container, so a full-page shot is one viewport: make
     # it tall enough for the notebook's header and the whole panel.
     bare_page.set_viewport_size({"width": 1280, "height": 1400})
+    # Voila loads every lab extension, ftwidgets' too (it has no notebooks to follow):
+    # it must load, and neither raise nor log a complaint. (Other packages' extensions
+    # log errors of their own in Voila: the notebook package's finds no docregistry.)
+    problems: list[str] = []
+    loaded: list[str] = []
+    bare_page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    bare_page.on(
+        "console",
+        lambda msg: (
+            problems.append(f"console {msg.type}: {msg.text}")
+            if msg.type in ("error", "warning") and "ftwidgets" in msg.text
+            else None
+        ),
+    )
+    bare_page.on(
+        "response",
+        lambda response: (
+            loaded.append(response.url)
+            if "/labextensions/ftwidgets/static/" in response.url and response.ok
+            else None
+        ),
+    )
     server = voila_server(quickstart)
     # Voila streams the page while it runs the cells: "load" waits for the last one.
     bare_page.goto(server.dashboard_url, wait_until="commit", timeout=WAIT_MS)
@@ -451,4 +473,6 @@ def test_8_voila_dashboard_renders_and_trains(bare_page, voila_server, quickstar
     _stop(ui, "8 voila")
 
     screenshot(bare_page, "quickstart-8-voila")
+    assert problems == []
+    assert any("/remoteEntry." in url for url in loaded), "Voila did not load the extension"
     record_timing("8 voila: whole scenario", _since(started))
