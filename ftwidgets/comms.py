@@ -27,7 +27,7 @@ import weakref
 from typing import Any
 
 from ftwidgets import telemetry
-from ftwidgets.events import Best, EpochEnded, Event, PhaseEnded, PhaseStarted, RolledBack
+from ftwidgets.events import Best, Event, PhaseEnded, PhaseStarted, RolledBack
 from ftwidgets.session import FineTuneSession, live_sessions, watch_sessions
 
 __all__ = [
@@ -148,13 +148,14 @@ class KernelBridge:
         name = session.name
 
         def on_event(event: Event) -> None:
-            if isinstance(event, PhaseStarted | EpochEnded):
+            if isinstance(event, PhaseStarted):
                 self._restored[name] = None  # the weights move on
             elif isinstance(event, RolledBack):
                 self._restored[name] = event.best
             elif isinstance(event, PhaseEnded):
-                self._restored[name] = event.restored_best
-                notice = telemetry.phase_end_notice(session, event, session in _PANELS)
+                rolled_back = self._restored.get(name)
+                notice = telemetry.phase_end_notice(session, event, session in _PANELS, rolled_back)
+                self._restored[name] = event.restored_best or rolled_back
                 with self._lock:
                     self._notices.append(notice)
             self._wake.set()

@@ -141,9 +141,15 @@ def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
     )
 
 
-def phase_end_notice(session: Any, event: PhaseEnded, has_panel: bool) -> PhaseEndNotice:
-    """The notification for a phase's end (sent once, as it ends)."""
-    restored = event.restored_best
+def phase_end_notice(
+    session: Any, event: PhaseEnded, has_panel: bool, rolled_back: Best | None = None
+) -> PhaseEndNotice:
+    """The notification for a phase's end (sent once, as it ends).
+
+    ``rolled_back`` is the best a rollback restored during the phase (a rollback ends
+    its phase, and its ``PhaseEnded`` carries no ``restored_best``).
+    """
+    restored = event.restored_best or rolled_back
     message = None
     if event.reason == "failed" and session.error is not None:
         message = session.error.message

@@ -23,6 +23,7 @@ PY
 fi
 if [ ! -x .venv/bin/ftwidgets ] || [ "${FTWIDGETS_REINSTALL:-0}" = 1 ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e .
+    # The extension's bundle is committed: no Node build, even where npm is installed.
+    SKIP_JUPYTER_BUILDER=1 .venv/bin/python -m pip install --quiet -e .
 fi
 exec .venv/bin/ftwidgets lab "$@"

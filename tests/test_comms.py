@@ -237,6 +237,44 @@ def test_a_stop_from_the_control_comm_ends_a_busy_cell(frontend):
     assert frontend.stderr() == ""
 
 
+def test_pause_resume_and_rollback_take_effect_within_a_second_in_a_busy_cell(frontend):
+    frontend.execute(SETUP)
+    frontend.answer(frontend.open_control())
+    busy = frontend.execute(
+        "session.run(ftw.PhaseConfig(phase='head', epochs=1000, batch_size=4))", wait=False
+    )
+    frontend.wait_for(
+        lambda: (c := last_card(frontend)) and c["state"] == "running" and c["can_roll_back"],
+        "a running phase with a best epoch to roll back to",
+    )
+
+    def took_effect(action: str, state: str) -> float:
+        sent = time.monotonic()
+        _, reply = frontend.answer(frontend.command(action, "s1"), timeout=10)
+        assert reply["ok"], reply
+        frontend.wait_for(lambda: last_card(frontend)["state"] == state, state, timeout=10)
+        return time.monotonic() - sent
+
+    paused = took_effect("pause", "paused")
+    resumed = took_effect("resume", "running")
+    frontend.wait_for(lambda: last_card(frontend)["can_roll_back"], "a best to roll back to")
+    sent = time.monotonic()
+    _, reply = frontend.answer(frontend.command("rollback", "s1"), timeout=10)
+    done = frontend.reply(busy, timeout=10)
+    rolled = time.monotonic() - sent
+    print(f"pause {paused:.2f} s, resume {resumed:.2f} s, rollback ends the cell {rolled:.2f} s")
+    # What the sidebar shows comes at most 0.2 s after the fact (telemetry throttle).
+    assert paused < 1.0 and resumed < 1.0 and rolled < 1.0
+    assert reply["message"].startswith("rolling back to epoch")
+    assert done["content"]["status"] == "ok"
+    notice = frontend.wait_for(
+        lambda: [d for _, d in frontend.telemetry() if d.get("type") == "phase_ended"],
+        "the phase-end notice",
+    )[-1]
+    assert notice["outcome"] == "rolled_back" and not notice["can_roll_back"]
+    assert frontend.stderr() == ""
+
+
 def test_rollback_pause_and_bad_commands_get_replies(frontend):
     frontend.execute(SETUP)
     frontend.execute("session.run(ftw.PhaseConfig(phase='head', epochs=3, batch_size=8))")

@@ -198,11 +198,18 @@ def test_notebook7_shows_the_sidebar_and_notifications(page, lab_root: Path) -> 
     write_notebook(lab_root / NB7_SCRATCH, [setup, EARLY_RUN.replace('"early"', '"nb7"')])
     page.goto(server_of(page).lab_url(f"/notebooks/{NB7_SCRATCH}"), wait_until="domcontentloaded")
     page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible", timeout=60_000)
-    page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').wait_for(
-        state="attached", timeout=60_000
+    first_prompt = page.locator(".jp-Notebook .jp-Cell .jp-InputPrompt").first
+
+    def run_all_from_the_menu() -> str:
+        page.get_by_role("menuitem", name="Run").first.click()
+        page.get_by_text("Run All Cells", exact=True).click()
+        page.wait_for_timeout(3_000)
+        return first_prompt.inner_text()
+
+    # A run asked for before the kernel is connected can be dropped: ask again.
+    wait_until(
+        run_all_from_the_menu, lambda prompt: "[ ]" not in prompt, timeout=60, what="run all"
     )
-    page.get_by_role("menuitem", name="Run").first.click()
-    page.get_by_text("Run All Cells", exact=True).click()
     toast = page.locator(".Toastify__toast", has_text="nb7 (head phase) stopped early")
     toast.wait_for(state="visible", timeout=180_000)
     assert toast.get_by_role("button", name="Roll back to best").is_visible()
@@ -224,6 +231,13 @@ def test_notebook7_shows_the_sidebar_and_notifications(page, lab_root: Path) -> 
 
 SWITCH_A = "_lab_extension/switch_a.ipynb"
 SWITCH_B = "_lab_extension/switch_b.ipynb"
+
+
+def _open_in_same_page(page, path: str) -> None:
+    """Open another notebook beside the current one (returns before it is shown)."""
+    page.evaluate(
+        "(path) => { window.jupyterapp.commands.execute('docmanager:open', {path}); }", path
+    )
 
 
 def _session_cell(name: str) -> str:
@@ -251,9 +265,7 @@ def test_sidebar_follows_the_active_notebook_and_a_reload(page, lab_root: Path) 
     page.evaluate("() => window.jupyterapp.commands.execute('ftwidgets:show-sidebar')")
     _wait_sidebar(page, ["alpha"], "notebook A's session in the sidebar")
 
-    page.evaluate(
-        f"() => window.jupyterapp.commands.execute('docmanager:open', {{path: '{SWITCH_B}'}})"
-    )
+    _open_in_same_page(page, SWITCH_B)
     page.wait_for_function(
         "(path) => window.jupyterapp.shell.currentWidget?.context?.path === path", arg=SWITCH_B
     )
@@ -263,9 +275,7 @@ def test_sidebar_follows_the_active_notebook_and_a_reload(page, lab_root: Path) 
     wait_run_finished(page)
     _wait_sidebar(page, ["beta"], "notebook B's session in the sidebar")
 
-    page.evaluate(
-        f"() => window.jupyterapp.commands.execute('docmanager:open', {{path: '{SWITCH_A}'}})"
-    )
+    _open_in_same_page(page, SWITCH_A)
     _wait_sidebar(page, ["alpha"], "notebook A's session again after switching back")
 
     # A reload finds the running kernels again (Lab restores both notebooks).
@@ -278,3 +288,70 @@ def test_sidebar_follows_the_active_notebook_and_a_reload(page, lab_root: Path) 
     page.evaluate("() => window.jupyterapp.commands.execute('ftwidgets:show-sidebar')")
     _wait_sidebar(page, ["alpha"], "notebook A's session after a reload")
     assert page.locator(".ftw-status").inner_text().startswith("alpha: idle")
+
+    # The palette's "insert a panel" asks for the model's variable and writes the cell.
+    page.evaluate("() => { window.jupyterapp.commands.execute('ftwidgets:insert-panel'); }")
+    field = page.locator(".jp-Dialog input")
+    field.fill("model")
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+    page.wait_for_function(
+        """() => (window.jupyterapp.shell.currentWidget.content.activeCell?.model
+            .sharedModel.getSource() ?? '').includes('%finetune model --train')"""
+    )
+    source = page.evaluate(
+        "() => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel"
+        ".getSource()"
+    )
+    assert source.startswith("%load_ext ftwidgets\n")
+
+
+SHOWN = "_lab_extension/shown.ipynb"
+OTHER = "_lab_extension/other.ipynb"
+SHOWN_CELLS = [
+    SETUP.split("session =")[0],
+    """\
+panel = ftw.FineTunePanel(
+    model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val), name="shown"
+)
+panel""",
+    # Early stop at epoch 2, restoring epoch 1: the notice offers only "Show panel".
+    """\
+panel.session.run(
+    ftw.PhaseConfig(phase="head", epochs=50, batch_size=8),
+    early_stopping=ftw.EarlyStoppingConfig(patience=1, min_delta=10.0),
+)""",
+]
+
+PANEL_IN_VIEW = """() => {
+    const panel = document.querySelector('.ftw-panel-shown');
+    if (!panel?.offsetParent) return false;
+    const box = panel.getBoundingClientRect();
+    return box.bottom > 0 && box.top < window.innerHeight;
+}"""
+
+
+def test_show_panel_brings_back_the_panel_of_another_notebook(page, lab_root: Path) -> None:
+    write_notebook(lab_root / SHOWN, SHOWN_CELLS)
+    write_notebook(lab_root / OTHER, ["1 + 1"])
+    open_notebook(page, SHOWN)
+    wait_kernel_ready(page)
+    run_all(page)
+    page.locator(".ftw-panel-shown").wait_for(state="visible", timeout=60_000)
+    # While the phase runs, look at another notebook.
+    _open_in_same_page(page, OTHER)
+    page.wait_for_function(
+        "(path) => window.jupyterapp.shell.currentWidget?.context?.path === path", arg=OTHER
+    )
+    toast = page.locator(
+        ".Toastify__toast",
+        has_text="shown (head phase) stopped early and restored the best epoch, 1",
+    )
+    toast.wait_for(state="visible", timeout=180_000)
+    assert toast.get_by_role("button", name="Roll back to best").count() == 0
+    assert not page.evaluate(PANEL_IN_VIEW)
+    toast.get_by_role("button", name="Show panel").click()
+    page.wait_for_function(
+        "(path) => window.jupyterapp.shell.currentWidget?.context?.path === path", arg=SHOWN
+    )
+    page.wait_for_function(PANEL_IN_VIEW, timeout=10_000)
+    screenshot(page, "lab-extension-show-panel")
