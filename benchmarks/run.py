@@ -705,6 +705,8 @@ class Responsiveness:
     rollback_running_ms: list[float] = field(default_factory=list)
     rollback_to_idle_ms: list[float] = field(default_factory=list)
     rollback_exact: bool = False
+    restore_epoch_ms: list[float] = field(default_factory=list)
+    restore_epoch_exact: bool = False
     capture_ms: list[float] = field(default_factory=list)
     model_bytes: int = 0
     variable_bytes: int = 0
@@ -850,8 +852,17 @@ def measure_rollback(repeats: int, res: Responsiveness) -> None:
         session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=64))
         session.run(ftw.PhaseConfig(phase="finetune", learning_rate=1e-5, epochs=2, batch_size=64))
         res.snapshot_bytes = session.snapshots.nbytes
-        res.snapshot_count = sum(
-            1 for s in (session.snapshots.best, *session.snapshots.recent) if s is not None
+        res.snapshot_count = len(session.snapshots.epochs) + len(session.snapshots.recent)
+        # Any kept epoch, from memory (time travel; the best is timed below).
+        kept = [e for e in session.restorable_epochs if e != session.best.epoch]
+        for i in range(repeats * 2):
+            epoch = kept[i % len(kept)]
+            t0 = time.perf_counter()
+            session.restore_epoch(epoch)
+            res.restore_epoch_ms.append((time.perf_counter() - t0) * 1e3)
+        res.restore_epoch_exact = all(
+            np.array_equal(np.asarray(v.value), s)
+            for v, s in zip(model.variables, session.snapshots.get(epoch).values, strict=True)
         )
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -2033,6 +2044,8 @@ def responsiveness_table(res: Responsiveness, w: Workload) -> list[str]:
     row("`set_learning_rate()` to that batch finishing, ms", res.lr_done_ms, ".1f")
     row("batches finished at the old rate after `set_learning_rate()`", res.lr_old_batches, ".0f")
     row("rollback while idle (`rollback()` returns), ms", res.rollback_idle_ms, ".1f")
+    row("`restore_epoch(n)` of a kept epoch while idle, from memory, ms", res.restore_epoch_ms,
+        ".1f")  # fmt: skip
     row("rollback while training: `rollback()` to `RolledBack`, ms", res.rollback_running_ms,
         ".1f")  # fmt: skip
     row("rollback while training: `rollback()` to idle, ms", res.rollback_to_idle_ms, ".1f")
@@ -2040,8 +2053,10 @@ def responsiveness_table(res: Responsiveness, w: Workload) -> list[str]:
     lines += [
         "",
         f"- Learning rate in the optimizer after the run equals the last rate set: "
-        f"{res.lr_applied_ok}. Rollback restores the best snapshot exactly: {res.rollback_exact}.",
-        f"- Host memory held by snapshots after a head phase and a fine-tune phase: "
+        f"{res.lr_applied_ok}. Rollback restores the best snapshot exactly: {res.rollback_exact}. "
+        f"`restore_epoch` restores its epoch exactly: {res.restore_epoch_exact}.",
+        f"- Host memory held by snapshots (default `keep`, every epoch offered) after a head "
+        f"phase and a fine-tune phase: "
         f"{fmt_bytes(res.snapshot_bytes)} in {res.snapshot_count} snapshots = "
         f"**{res.snapshot_bytes / res.model_bytes:.2f}x** the model's weights "
         f"({fmt_bytes(res.model_bytes)}; every variable incl. seed state: "

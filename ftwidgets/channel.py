@@ -117,7 +117,9 @@ class UpdateEarlyStopping(Command):
 
 @dataclass(frozen=True)
 class Rollback(Command):
-    """Restore the best epoch's weights, then end the job."""
+    """Restore a kept epoch's weights (the best's when ``epoch`` is None), then end the job."""
+
+    epoch: int | None = None
 
 
 # A slider drag sends many rates; only the latest of these matters.

@@ -129,15 +129,26 @@ class JobContext:
             kept = self.snapshots.select_best(None if best is None else best.epoch)
             self.emit(BestChanged(best, kept))
 
-    def roll_back(self, epoch: int, x: float, batch: int | None) -> Best:
-        """Restore the best epoch's weights and mark it at ``x`` on the history."""
-        best = self.tracker.best
-        restore(self.model, self.snapshots.best)
+    def roll_back(self, epoch: int, x: float, batch: int | None, target: int | None = None) -> Best:
+        """Restore a kept epoch (the best when ``target`` is None); mark it at ``x``.
+
+        Returns:
+            The restored epoch, as a ``Best`` of the monitor at that epoch.
+        """
+        best = self.tracker.best if target is None else self.epoch_as_best(target)
+        restore(self.model, self.snapshots.get(best.epoch))
         self.history.add_marker(
             Marker("rollback", x, epoch, f"rolled back to epoch {best.epoch + 1}", best.epoch)
         )
         self.emit(RolledBack(best, epoch, batch))
         return best
+
+    def epoch_as_best(self, epoch: int) -> Best:
+        """Describe a recorded ``epoch`` as the tracker describes its best."""
+        record = next(r for r in self.history.epochs if r.epoch == epoch)
+        monitor = self.tracker.config.monitor
+        value = record.logs.get(monitor, math.nan)
+        return Best(epoch=epoch, value=float(value), monitor=monitor, phase=record.phase)
 
 
 class Job(Protocol):
@@ -453,6 +464,7 @@ class FitPhase:
             ctx.channel.dispatched_batches - self._finished_before_epoch
         )
         ctx.history.end_phase(ctx.history.next_epoch, reason)
+        ctx.snapshots.end_phase(ctx.history.next_epoch - 1)
         if failure is not None:
             ctx.history.add_marker(Marker("failure", self.epoch + 1, self.epoch, failure.message))
         self.reason = reason
@@ -473,9 +485,9 @@ class FitPhase:
 
     def apply(self, ctx: JobContext, command: Command) -> None:
         """Leftovers from the last epoch's validation pass: a rollback or new settings."""
-        if isinstance(command, Rollback) and ctx.snapshots.best is not None:
+        if isinstance(command, Rollback) and _restorable(ctx, command):
             next_epoch = ctx.history.next_epoch
-            ctx.roll_back(next_epoch, next_epoch, None)
+            ctx.roll_back(next_epoch, next_epoch, None, command.epoch)
         elif isinstance(command, UpdateEarlyStopping):
             ctx.early_stopping = command.config
             ctx.track(command.config)
@@ -574,8 +586,8 @@ class FitPhase:
         elif isinstance(command, UpdateEarlyStopping):
             self.early_stopping = ctx.early_stopping = command.config
             ctx.track(command.config)
-        elif isinstance(command, Rollback) and ctx.snapshots.best is not None:
-            ctx.roll_back(self.epoch, x, self.batch)
+        elif isinstance(command, Rollback) and _restorable(ctx, command):
+            ctx.roll_back(self.epoch, x, self.batch, command.epoch)
             self.rolled_back = True
             return "rolled_back"
         elif isinstance(command, Stop):
@@ -624,6 +636,7 @@ class FitPhase:
                 f"The monitor {tracker.config.monitor!r} was not logged; logged metrics are "
                 f"{sorted(record.logs)}. Received: monitor={tracker.config.monitor!r}"
             )
+        ctx.snapshots.keep_epoch(model, epoch)
         if tracker.update(epoch, dict(record.logs), phase=self.config.phase):
             ctx.snapshots.set_best(model, epoch)
             ctx.emit(NewBest(tracker.best))
@@ -715,3 +728,9 @@ def _variables_usable(model: keras.Model) -> bool:
 
 def _shapes(value: Any) -> Any:
     return keras.tree.map_structure(lambda a: tuple(np.shape(a)), value)
+
+
+def _restorable(ctx: JobContext, command: Rollback) -> bool:
+    if command.epoch is None:
+        return ctx.snapshots.best is not None
+    return ctx.snapshots.get(command.epoch) is not None

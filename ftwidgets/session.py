@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 
 from ftwidgets import _backend, lr_search, tasks, transfer
 from ftwidgets.channel import (
@@ -152,6 +153,11 @@ class FineTuneSession:
             change of monitor, to keep besides the best.
         name: how the panel, ``%ftstatus`` and the JupyterLab extension call it;
             unique among live sessions. None gives ``"session-1"``, ``"session-2"``...
+        keep: which epochs' weights stay restorable (`restore_epoch`): an int caps
+            their number, a size such as ``"256MB"`` bounds their host memory, and
+            None is the default budget, 512 MiB. The best epoch, the last epoch of
+            each phase and epochs spread evenly over the run are kept; the rest go
+            first (see `ftwidgets.snapshots.SnapshotStore`).
 
     Example:
 
@@ -183,6 +189,7 @@ class FineTuneSession:
         progress_interval: float = 0.2,
         keep_recent: int = 2,
         name: str | None = None,
+        keep: int | str | None = None,
     ) -> None:
         self._name = _session_name(name)
         if not isinstance(model, keras.Model):
@@ -209,7 +216,9 @@ class FineTuneSession:
             metrics=list(metrics),
             history=History(),
             tracker=BestTracker(_best_only_config(data)),
-            snapshots=SnapshotStore(keep_recent=keep_recent, checkpoint_dir=checkpoint_dir),
+            snapshots=SnapshotStore(
+                keep_recent=keep_recent, checkpoint_dir=checkpoint_dir, keep=keep
+            ),
             channel=self._channel,
             emit=self._emit,
             stream_batches=stream_batches,
@@ -287,8 +296,13 @@ class FineTuneSession:
 
     @property
     def snapshots(self) -> SnapshotStore:
-        """The kept host copies of the weights (the best and a few others)."""
+        """The kept host copies of the weights (many epochs, within ``keep``)."""
         return self._ctx.snapshots
+
+    @property
+    def restorable_epochs(self) -> tuple[int, ...]:
+        """The epochs `restore_epoch` can restore (0-based, as ``best.epoch``), in order."""
+        return self._ctx.snapshots.epochs
 
     @property
     def epochs_without_improvement(self) -> int:
@@ -677,10 +691,42 @@ class FineTuneSession:
                 f"were not kept: it became the best when the monitor changed. Epochs with kept "
                 f"weights: {kept}. Received: best epoch {best.epoch + 1}"
             )
-        if self._channel.submit(Rollback()) is None:
-            epoch = self.history.next_epoch
-            self._ctx.roll_back(epoch, epoch, None)
-        return best
+        return self._roll_back(None) or best
+
+    def restore_epoch(self, epoch: int) -> Best:
+        """Restore the weights of a kept epoch (see `restorable_epochs`).
+
+        The whole model state comes back: every variable, BatchNorm statistics and
+        seed generators included. Idle or failed: at once. Running: at the next batch
+        boundary on the worker, which then ends the phase, as `rollback` does.
+
+        Args:
+            epoch: the 0-based epoch, as ``session.best.epoch`` and the history count.
+
+        Returns:
+            The epoch restored (or about to be), with its monitored value.
+
+        Raises:
+            ValueError: if that epoch's weights are not kept (the message lists the
+                restorable epochs).
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer):
+            raise ValueError(f"epoch must be an int. Received: epoch={epoch!r}")
+        epoch = int(epoch)
+        if epoch not in self.restorable_epochs:
+            kept = ", ".join(map(str, self.restorable_epochs)) or "none yet"
+            raise ValueError(
+                f"The weights of epoch {epoch} are not kept. Restorable epochs (0-based): "
+                f"{kept}. Received: epoch={epoch!r}"
+            )
+        return self._roll_back(epoch) or self._ctx.epoch_as_best(epoch)
+
+    def _roll_back(self, epoch: int | None) -> Best | None:
+        """Queue the rollback on a running job; else restore at once and return it."""
+        if self._channel.submit(Rollback(epoch)) is not None:
+            return None
+        next_epoch = self.history.next_epoch
+        return self._ctx.roll_back(next_epoch, next_epoch, None, epoch)
 
     # -- waiting ----------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:

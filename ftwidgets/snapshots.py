@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -11,7 +13,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Snapshot", "SnapshotStore", "capture", "first_non_finite", "restore"]
+__all__ = [
+    "DEFAULT_KEEP_BYTES",
+    "Snapshot",
+    "SnapshotStore",
+    "capture",
+    "first_non_finite",
+    "parse_keep",
+    "restore",
+]
+
+# The default host-memory budget for kept epochs: 512 MiB holds about 25 epochs of a
+# 5M-parameter float32 model and thousands of a small one.
+DEFAULT_KEEP_BYTES = 512 * 2**20
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
+_UNITS["GIB"] = 2**30
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,33 @@ def first_non_finite(variables: Iterable[Any]) -> str | None:
     return None
 
 
+def parse_keep(keep: int | str | None) -> tuple[int | None, int | None]:
+    """Read ``keep`` as (most epochs, most bytes); one of them is None.
+
+    An int caps the number of kept epochs; a size such as ``"256MB"`` or ``"1GiB"``
+    is a host-memory budget; None is the default budget, `DEFAULT_KEEP_BYTES`.
+
+    Example:
+
+    >>> parse_keep(10), parse_keep("1.5GB"), parse_keep(None) == (None, DEFAULT_KEEP_BYTES)
+    ((10, None), (None, 1500000000), True)
+    """
+    if keep is None:
+        return None, DEFAULT_KEEP_BYTES
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 epoch. Received: keep={keep!r}")
+        return keep, None
+    found = _SIZE.match(keep) if isinstance(keep, str) else None
+    if found is None or float(found.group(1)) <= 0:
+        raise ValueError(
+            "keep must be a number of epochs (an int >= 1) or a memory budget such as "
+            f"'512MB' or '2GiB'. Received: keep={keep!r}"
+        )
+    unit = (found.group(2) or "").upper()
+    return None, int(float(found.group(1)) * _UNITS[unit])
+
+
 def capture(model, label: str, epoch: int | None = None) -> Snapshot:
     """Copy every variable of ``model`` to host memory.
 
@@ -87,6 +131,11 @@ def capture(model, label: str, epoch: int | None = None) -> Snapshot:
     values = tuple(np.array(v.value, copy=True) for v in variables)
     bad = next((v.path for v, x in zip(variables, values, strict=True) if _non_finite(x)), None)
     return Snapshot(label, epoch, values, bad)
+
+
+def nbytes_of(model) -> int:
+    """The host memory a snapshot of ``model`` takes (without taking it)."""
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.variables)
 
 
 def restore(model, snapshot: Snapshot) -> None:
@@ -125,33 +174,52 @@ def restore(model, snapshot: Snapshot) -> None:
 
 
 class SnapshotStore:
-    """The weights of kept epochs (the best among them) and of a few phase starts.
+    """The weights of many epochs within a budget, and of a few phase starts.
 
-    A new best replaces the previous best's snapshot, unless that one was
-    retained with `retain` (the session retains the old best when the monitor
-    changes, so both stay restorable).
+    Every finished epoch is offered with `keep_epoch`. When the budget (`keep`)
+    is reached, epochs are evicted in this order:
+
+    1. epochs that are neither the best, nor the last of a phase, nor the newest:
+       the one whose neighbours are closest together goes first, so the kept
+       epochs stay spread evenly over the run;
+    2. then the last epochs of earlier phases, oldest first.
+
+    The best epoch is never evicted. Pre-phase snapshots (`keep_recent`) count
+    towards a memory budget too. A former best can be retained (`retain`) when
+    the monitor changes, so both stay restorable.
 
     Args:
         keep_recent: how many pre-phase snapshots, and how many retained former
-            bests, to keep; older ones are dropped.
+            bests, to keep.
         checkpoint_dir: if given, each new best is also written there as
             ``best.weights.h5``, atomically (write, then rename), so a kernel
             crash loses nothing.
+        keep: an int caps the number of kept epochs; a size such as ``"256MB"``
+            is a host-memory budget; None is `DEFAULT_KEEP_BYTES`.
 
     Example:
 
-    >>> store = SnapshotStore(keep_recent=2)
-    >>> store.best is None, store.epochs
-    (True, ())
+    >>> store = SnapshotStore(keep=3)
+    >>> for epoch in range(6):
+    ...     store.add(Snapshot(f"epoch {epoch + 1}", epoch, ()))
+    >>> store.epochs
+    (0, 2, 5)
     """
 
-    def __init__(self, keep_recent: int = 2, checkpoint_dir: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        keep_recent: int = 2,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        keep: int | str | None = None,
+    ):
         self.recent: deque[Snapshot] = deque(maxlen=keep_recent)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.best_epoch: int | None = None
+        self.max_epochs, self.max_bytes = parse_keep(keep)
         self._keep = keep_recent
         self._by_epoch: dict[int, Snapshot] = {}
         self._retained: deque[int] = deque()
+        self._phase_ends: set[int] = set()
 
     @property
     def best(self) -> Snapshot | None:
@@ -178,26 +246,51 @@ class SnapshotStore:
         return sum(s.nbytes for s in (*self._by_epoch.values(), *self.recent))
 
     def keep_recent(self, snapshot: Snapshot) -> None:
-        """Keep ``snapshot`` among the recent ones."""
+        """Keep ``snapshot`` among the recent ones (room is made for it first)."""
+        if len(self.recent) == self.recent.maxlen and self.recent:
+            self.recent.popleft()
+        self._make_room(snapshot.nbytes, 0)
         self.recent.append(snapshot)
 
     def latest_finite_recent(self) -> Snapshot | None:
         """The newest pre-phase snapshot that may be restored."""
         return next((s for s in reversed(self.recent) if s.finite), None)
 
+    def keep_epoch(self, model, epoch: int) -> Snapshot | None:
+        """Capture ``model`` at the end of ``epoch`` and keep it within the budget.
+
+        Room is made before the copy, so the budget holds at every moment.
+
+        Returns:
+            The snapshot, or None if a weight is not finite (nothing is kept).
+        """
+        self._make_room(nbytes_of(model), 1)
+        snapshot = capture(model, f"epoch {epoch + 1}", epoch)
+        if not snapshot.finite:
+            return None
+        self.add(snapshot)
+        return snapshot
+
+    def add(self, snapshot: Snapshot) -> None:
+        """Keep an epoch's snapshot, evicting others past the budget."""
+        self._by_epoch[snapshot.epoch] = snapshot
+        self._newest = snapshot.epoch
+        self._make_room(0, 0)
+
+    def end_phase(self, last_epoch: int | None) -> None:
+        """Protect the last epoch of a phase that ended."""
+        if last_epoch is not None and last_epoch in self._by_epoch:
+            self._phase_ends.add(last_epoch)
+
     def set_best(self, model, epoch: int) -> Snapshot | None:
-        """Capture ``model`` as the new best (and checkpoint it if asked).
+        """Make ``epoch`` the best: keep its weights if they are not kept yet.
 
         Returns:
             The snapshot, or None if a weight is not finite: then nothing changes.
         """
-        snapshot = capture(model, f"best (epoch {epoch + 1})", epoch)
-        if not snapshot.finite:
+        snapshot = self._by_epoch.get(epoch) or self.keep_epoch(model, epoch)
+        if snapshot is None:
             return None
-        previous = self.best_epoch
-        if previous is not None and previous != epoch and previous not in self._retained:
-            self._by_epoch.pop(previous, None)
-        self._by_epoch[epoch] = snapshot
         self.best_epoch = epoch
         if self.checkpoint_path is not None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -212,9 +305,7 @@ class SnapshotStore:
             return
         self._retained.append(epoch)
         while len(self._retained) > self._keep:
-            dropped = self._retained.popleft()
-            if dropped != self.best_epoch:
-                self._by_epoch.pop(dropped, None)
+            self._retained.popleft()
 
     def select_best(self, epoch: int | None) -> bool:
         """Point ``best`` at ``epoch`` (after the best was recomputed).
@@ -222,8 +313,41 @@ class SnapshotStore:
         Returns:
             True if that epoch's weights are kept.
         """
-        previous = self.best_epoch
         self.best_epoch = epoch
-        if previous is not None and previous != epoch and previous not in self._retained:
-            self._by_epoch.pop(previous, None)
         return epoch is not None and epoch in self._by_epoch
+
+    # -- the budget -----------------------------------------------------------------
+    _newest: int | None = None
+
+    def _over(self, extra_bytes: int, extra_epochs: int) -> bool:
+        if self.max_epochs is not None and len(self._by_epoch) + extra_epochs > self.max_epochs:
+            return True
+        return self.max_bytes is not None and self.nbytes + extra_bytes > self.max_bytes
+
+    def _make_room(self, extra_bytes: int, extra_epochs: int) -> None:
+        while self._over(extra_bytes, extra_epochs):
+            victim = self._victim()
+            if victim is None:
+                return  # only the best (and the newest) are left
+            del self._by_epoch[victim]
+            self._phase_ends.discard(victim)
+            if victim in self._retained:
+                self._retained.remove(victim)
+
+    def _victim(self) -> int | None:
+        kept = sorted(self._by_epoch)
+        fixed = {self.best_epoch, self._newest}
+        protected = fixed | self._phase_ends | set(self._retained)
+        spread = [e for e in kept if e not in protected]
+        if spread:
+            # Evict where kept epochs are densest: the smallest gap its removal leaves.
+            # The first kept epoch bounds the run, like the newest: it goes last.
+            def gap(epoch: int) -> tuple[float, int]:
+                i = kept.index(epoch)
+                if i == 0 or i + 1 == len(kept):
+                    return math.inf, epoch
+                return kept[i + 1] - kept[i - 1], epoch
+
+            return min(spread, key=gap)
+        later = [e for e in kept if e not in fixed]
+        return later[0] if later else None

@@ -366,12 +366,14 @@ def test_update_early_stopping_applies_to_the_running_phase(data):
 
 
 def test_snapshots_stay_bounded_and_checkpoint_is_written_atomically(data, tmp_path):
-    session = make_session(data, checkpoint_dir=tmp_path / "ckpt", keep_recent=2)
+    session = make_session(data, checkpoint_dir=tmp_path / "ckpt", keep_recent=2, keep=3)
     for _ in range(4):
         session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16, learning_rate=1e-2))
     model_bytes = sum(np.asarray(v.value).nbytes for v in session.model.variables)
     assert len(session.snapshots.recent) == 2
-    assert session.snapshots.nbytes == 3 * model_bytes
+    # Three kept epochs of eight (keep=3), and two pre-phase snapshots.
+    assert len(session.restorable_epochs) == 3
+    assert session.snapshots.nbytes == 5 * model_bytes
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["best.weights.h5"]
     fresh = make_model(seed=1)
@@ -596,7 +598,7 @@ def test_commands_are_never_an_epoch_behind_the_device(data, monkeypatch):
 
 
 def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(data):
-    session = make_session(data)
+    session = make_session(data, keep=2)  # so that some epochs' weights are gone
     rec = Recorder(session)
     es = ftw.EarlyStoppingConfig(monitor="val_loss", patience=100)
     session.run(ftw.PhaseConfig(phase="head", epochs=6, batch_size=16, learning_rate=3e-3), es)
@@ -604,7 +606,7 @@ def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(d
     val_acc = np.array([r.logs["val_accuracy"] for r in session.history.epochs])
     loss_best = session.best.epoch
     assert loss_best == int(np.argmin(val_loss))
-    # The worst val_loss epoch (the first, before the head learned) was never kept.
+    # The worst val_loss epoch (the first, before the head learned) was evicted.
     session.update_early_stopping(mode="max")
     worst = int(np.argmax(val_loss))
     assert worst != loss_best
@@ -615,7 +617,9 @@ def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(d
         session.rollback()
     message = str(info.value)
     assert f"epoch {worst + 1}, but its weights were not kept" in message
-    assert f"Epochs with kept weights: {loss_best + 1}" in message
+    kept = session.restorable_epochs
+    assert loss_best in kept and worst not in kept
+    assert f"Epochs with kept weights: {', '.join(str(e + 1) for e in kept)}" in message
     # Back to min: the old best's weights were retained, so rollback restores them.
     session.update_early_stopping(mode="min")
     assert session.best.epoch == loss_best and rec.of(ev.BestChanged)[-1].kept

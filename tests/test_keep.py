@@ -1,0 +1,137 @@
+"""Many epochs within a budget (``keep=``), and ``restore_epoch`` of any kept one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_session import WAIT, Recorder, make_model, make_session, same, values
+
+import ftwidgets as ftw
+from ftwidgets import events as ev
+from ftwidgets.snapshots import DEFAULT_KEEP_BYTES, Snapshot, SnapshotStore, nbytes_of
+
+pytestmark = pytest.mark.keras
+
+
+def offered(store: SnapshotStore, epochs: range, nbytes: int = 0) -> list[tuple[int, ...]]:
+    """Offer one snapshot per epoch; return what was kept after each."""
+    kept = []
+    for epoch in epochs:
+        store.add(Snapshot(f"epoch {epoch + 1}", epoch, (np.zeros(nbytes, np.uint8),)))
+        kept.append(store.epochs)
+    return kept
+
+
+def test_an_int_caps_the_epochs_and_keeps_them_spread_over_the_run():
+    store = SnapshotStore(keep=10)
+    history = offered(store, range(100))
+    assert max(len(kept) for kept in history) == 10
+    kept = store.epochs
+    assert kept[0] == 0 and kept[-1] == 99  # the run's ends
+    gaps = np.diff(kept)
+    # Evenly spread: no gap more than twice the even one (11), none tiny.
+    assert gaps.max() <= 22 and gaps.min() >= 5, kept
+
+
+def test_the_best_and_each_phase_end_outlive_the_rest():
+    store = SnapshotStore(keep=4)
+    for epoch in range(30):
+        store.add(Snapshot(f"epoch {epoch + 1}", epoch, ()))
+        if epoch == 3:
+            store.select_best(3)
+        if epoch == 9:
+            store.end_phase(9)  # the head phase ended at epoch 9
+    assert {3, 9, 29} <= set(store.epochs) and len(store.epochs) == 4
+    # Past its budget a phase end goes (oldest first); the best never does.
+    tight = SnapshotStore(keep=2)
+    offered(tight, range(3))
+    tight.select_best(0)
+    tight.end_phase(2)
+    offered(tight, range(3, 6))
+    assert tight.epochs == (0, 5)
+
+
+def test_a_memory_budget_holds_at_every_moment_with_a_real_model(data):
+    model = make_model()
+    one = nbytes_of(model)
+    budget = 3 * one + one // 2  # room for three epochs, not four
+    store = SnapshotStore(keep=f"{budget}B")
+    for epoch in range(8):
+        store.keep_epoch(model, epoch)
+        assert store.nbytes <= budget
+        assert len(store.epochs) == min(epoch + 1, 3)
+        model.layers[-1].kernel.assign(model.layers[-1].kernel + 1.0)
+    assert store.epochs[0] == 0 and store.epochs[-1] == 7
+    assert store.get(7).nbytes == one
+    # Room is made before the copy, so the budget holds during it as well.
+    full = SnapshotStore(keep=f"{3 * one}B")
+    for epoch in range(3):
+        full.keep_epoch(model, epoch)
+    copies = []
+    original = full.add
+    full.add = lambda snapshot: (copies.append(full.nbytes + snapshot.nbytes), original(snapshot))
+    full.keep_epoch(model, 3)
+    assert copies == [3 * one]
+
+
+def test_keep_is_checked_and_the_default_is_documented(data):
+    assert SnapshotStore().max_bytes == DEFAULT_KEEP_BYTES == 512 * 2**20
+    for bad in (0, -3, True, "lots", "0MB", 2.5):
+        with pytest.raises(ValueError, match=r"Received: keep="):
+            make_session(data, keep=bad)
+    assert SnapshotStore(keep="1.5GiB").max_bytes == int(1.5 * 2**30)
+
+
+def test_restore_epoch_brings_back_each_kept_epoch_exactly(data):
+    session = make_session(data, keep=20)
+    session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=8, learning_rate=1e-2))
+    session.run(ftw.PhaseConfig(phase="finetune", epochs=2, batch_size=8, learning_rate=1e-3))
+    records = {r.epoch: r for r in session.history.epochs}
+    assert session.restorable_epochs == (0, 1, 2, 3, 4)
+    rec = Recorder(session)
+    for epoch in (2, 0, 4, 1):
+        restored = session.restore_epoch(epoch)
+        assert restored.epoch == epoch
+        assert restored.value == pytest.approx(records[epoch].logs["val_loss"])
+        assert same(values(session.model.variables), session.snapshots.get(epoch).values)
+        # BatchNorm statistics came back too: evaluate() gives the recorded value.
+        got = session.model.evaluate(
+            data.x_val, data.y_val, batch_size=8, verbose=0, return_dict=True
+        )
+        assert got["val_loss" if "val_loss" in got else "loss"] == pytest.approx(
+            records[epoch].logs["val_loss"], rel=1e-4
+        )
+    assert [e.best.epoch for e in rec.of(ev.RolledBack)] == [2, 0, 4, 1]
+    assert [m.value for m in session.history.markers if m.kind == "rollback"] == [2, 0, 4, 1]
+
+
+def test_an_epoch_not_kept_is_refused_with_the_list_and_nothing_moves(data):
+    session = make_session(data, keep=2)
+    session.run(ftw.PhaseConfig(phase="head", epochs=4, batch_size=8))
+    before = values(session.model.variables)
+    markers = session.history.markers
+    kept = session.restorable_epochs
+    assert len(kept) == 2 and 3 in kept
+    missing = next(e for e in range(4) if e not in kept)
+    with pytest.raises(
+        ValueError, match=rf"Restorable epochs \(0-based\): .*Received: epoch={missing}"
+    ):
+        session.restore_epoch(missing)
+    with pytest.raises(ValueError, match="epoch must be an int"):
+        session.restore_epoch("2")
+    assert same(values(session.model.variables), before)
+    assert session.history.markers == markers
+
+
+def test_restore_epoch_while_running_ends_the_phase_on_that_epoch(data):
+    session = make_session(data, keep=50)
+    rec = Recorder(session)
+    session.start(ftw.PhaseConfig(phase="head", epochs=500, batch_size=4))
+    rec.wait_for(ev.EpochEnded, lambda e: e.record.epoch == 2)
+    session.restore_epoch(1)
+    ended = rec.wait_for(ev.PhaseEnded)
+    assert session.wait(WAIT)
+    assert ended.reason == "rolled_back"
+    assert same(values(session.model.variables), session.snapshots.get(1).values)
+    (rolled,) = rec.of(ev.RolledBack)
+    assert rolled.best.epoch == 1 and rolled.epoch >= 2
