@@ -66,6 +66,12 @@ def answer_while_busy(widget: Any) -> bool:
     (a Stop click waited for the cell to end). Honouring the front end's choice again
     for this widget's comm lets its handler run on the subshell's thread. Use it only
     for widgets whose handlers are thread-safe (they queue a session command).
+
+    Example (outside a kernel there is nothing to route):
+
+    >>> import ipywidgets
+    >>> answer_while_busy(ipywidgets.Button(description="Stop"))
+    False
     """
     comm = getattr(widget, "comm", None)
     if comm is None or not hasattr(comm, "_reply_subshell_for"):
