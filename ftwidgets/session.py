@@ -146,7 +146,9 @@ class FineTuneSession:
             (see `ftwidgets.tasks.default_loss`).
         metrics: Keras metrics, e.g. ``["accuracy"]``. None picks them from the
             task: accuracy for classification, ``mae`` for regression.
-        checkpoint_dir: also write the best weights there, atomically.
+        checkpoint_dir: also write every kept epoch, and the best, there: to a
+            folder of this session's own, atomically, so epochs that left memory
+            stay restorable (see `ftwidgets.snapshots.SnapshotStore`).
         stream_batches: record the per-batch training loss (NaN checks run either way).
         progress_interval: seconds between ``BatchProgress`` events.
         keep_recent: how many pre-phase snapshots, and former bests kept after a
@@ -217,7 +219,7 @@ class FineTuneSession:
             history=History(),
             tracker=BestTracker(_best_only_config(data)),
             snapshots=SnapshotStore(
-                keep_recent=keep_recent, checkpoint_dir=checkpoint_dir, keep=keep
+                keep_recent=keep_recent, checkpoint_dir=checkpoint_dir, keep=keep, run=self._name
             ),
             channel=self._channel,
             emit=self._emit,

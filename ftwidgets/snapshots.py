@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 __all__ = [
@@ -173,6 +175,47 @@ def restore(model, snapshot: Snapshot) -> None:
         variable.assign(value)
 
 
+_STATE_GROUP = "ftwidgets_state"  # every variable in model.variables order, seed state too
+
+
+def write_snapshot(model, path: Path, snapshot: Snapshot) -> None:
+    """Write ``model``'s weights to ``path`` (a ``.weights.h5``) atomically.
+
+    Keras's ``save_weights`` layout, so ``model.load_weights(path)`` reads it, plus
+    a group with every variable (``save_weights`` leaves out the seed generators'
+    state). The file is written under a unique temporary name, flushed to disk with
+    ``fsync`` and renamed, so a reader (or a second session writing to the same
+    folder) never sees a partial file.
+    """
+    partial = path.with_name(f".{path.name[: -len('.weights.h5')]}.{uuid.uuid4().hex}.weights.h5")
+    try:
+        model.save_weights(partial)
+        with h5py.File(partial, "a") as f:
+            group = f.create_group(_STATE_GROUP)
+            group.attrs["label"] = snapshot.label
+            for i, value in enumerate(snapshot.values):
+                group.create_dataset(str(i), data=value)
+        with open(partial, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
+
+
+def read_snapshot(path: Path, epoch: int | None) -> Snapshot:
+    """Read a snapshot that `write_snapshot` wrote."""
+    with h5py.File(path, "r") as f:
+        group = f[_STATE_GROUP]
+        values = tuple(np.array(group[str(i)]) for i in range(len(group)))
+        label = str(group.attrs.get("label", path.name))
+    return Snapshot(label, epoch, values)
+
+
 class SnapshotStore:
     """The weights of many epochs within a budget, and of a few phase starts.
 
@@ -191,11 +234,14 @@ class SnapshotStore:
     Args:
         keep_recent: how many pre-phase snapshots, and how many retained former
             bests, to keep.
-        checkpoint_dir: if given, each new best is also written there as
-            ``best.weights.h5``, atomically (write, then rename), so a kernel
-            crash loses nothing.
+        checkpoint_dir: if given, every kept epoch is also written to a folder of
+            this store's own inside it, ``<run>-<8 hex>/epoch-0007.weights.h5``
+            (0-based epochs), and the best as ``best.weights.h5``, each atomically
+            (see `write_snapshot`). Epochs evicted from memory stay restorable from
+            there, and sessions sharing ``checkpoint_dir`` never collide.
         keep: an int caps the number of kept epochs; a size such as ``"256MB"``
             is a host-memory budget; None is `DEFAULT_KEEP_BYTES`.
+        run: the name of the store's folder (the session's name).
 
     Example:
 
@@ -211,9 +257,15 @@ class SnapshotStore:
         keep_recent: int = 2,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         keep: int | str | None = None,
+        run: str = "run",
     ):
         self.recent: deque[Snapshot] = deque(maxlen=keep_recent)
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_dir = (
+            None
+            if checkpoint_dir is None
+            else Path(checkpoint_dir) / f"{run}-{uuid.uuid4().hex[:8]}"
+        )
+        self._on_disk: set[int] = set()
         self.best_epoch: int | None = None
         self.max_epochs, self.max_bytes = parse_keep(keep)
         self._keep = keep_recent
@@ -224,16 +276,30 @@ class SnapshotStore:
     @property
     def best(self) -> Snapshot | None:
         """The snapshot of the best epoch, if its weights are kept."""
-        return None if self.best_epoch is None else self._by_epoch.get(self.best_epoch)
+        return None if self.best_epoch is None else self.get(self.best_epoch)
 
     @property
     def epochs(self) -> tuple[int, ...]:
-        """The epochs whose weights are kept, in order."""
+        """The epochs whose weights are kept, in memory or on disk, in order."""
+        return tuple(sorted(self._by_epoch.keys() | self._on_disk))
+
+    @property
+    def in_memory(self) -> tuple[int, ...]:
+        """The epochs whose weights are kept in memory, in order."""
         return tuple(sorted(self._by_epoch))
 
     def get(self, epoch: int) -> Snapshot | None:
-        """The kept snapshot of ``epoch``, or None."""
-        return self._by_epoch.get(epoch)
+        """The kept snapshot of ``epoch`` (read from disk if it left memory), or None."""
+        snapshot = self._by_epoch.get(epoch)
+        if snapshot is None and epoch in self._on_disk:
+            snapshot = read_snapshot(self.epoch_path(epoch), epoch)
+        return snapshot
+
+    def epoch_path(self, epoch: int) -> Path | None:
+        """Where ``epoch`` is written, if a checkpoint folder was given."""
+        if self.checkpoint_dir is None:
+            return None
+        return self.checkpoint_dir / f"epoch-{epoch:04d}.weights.h5"
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -268,6 +334,10 @@ class SnapshotStore:
         snapshot = capture(model, f"epoch {epoch + 1}", epoch)
         if not snapshot.finite:
             return None
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            write_snapshot(model, self.epoch_path(epoch), snapshot)
+            self._on_disk.add(epoch)
         self.add(snapshot)
         return snapshot
 
@@ -294,9 +364,7 @@ class SnapshotStore:
         self.best_epoch = epoch
         if self.checkpoint_path is not None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            partial = self.checkpoint_dir / "best.partial.weights.h5"
-            model.save_weights(partial)
-            os.replace(partial, self.checkpoint_path)
+            write_snapshot(model, self.checkpoint_path, snapshot)
         return snapshot
 
     def retain(self, epoch: int) -> None:
@@ -314,7 +382,7 @@ class SnapshotStore:
             True if that epoch's weights are kept.
         """
         self.best_epoch = epoch
-        return epoch is not None and epoch in self._by_epoch
+        return epoch is not None and epoch in self.epochs
 
     # -- the budget -----------------------------------------------------------------
     _newest: int | None = None

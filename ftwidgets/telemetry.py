@@ -85,7 +85,7 @@ def _finite(value: Any) -> float | None:
 def can_roll_back(session: Any, restored: Best | None) -> bool:
     """A best exists, its weights are kept, and they are not what the model holds now."""
     best = session.best
-    if best is None or session.snapshots.get(best.epoch) is None:
+    if best is None or best.epoch not in session.snapshots.epochs:
         return False
     return restored is None or restored.epoch != best.epoch
 

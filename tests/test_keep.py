@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_session import WAIT, Recorder, make_model, make_session, same, values
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
-from ftwidgets.snapshots import DEFAULT_KEEP_BYTES, Snapshot, SnapshotStore, nbytes_of
+from ftwidgets.snapshots import (
+    DEFAULT_KEEP_BYTES,
+    Snapshot,
+    SnapshotStore,
+    nbytes_of,
+    read_snapshot,
+)
 
 pytestmark = pytest.mark.keras
 
@@ -135,3 +143,69 @@ def test_restore_epoch_while_running_ends_the_phase_on_that_epoch(data):
     assert same(values(session.model.variables), session.snapshots.get(1).values)
     (rolled,) = rec.of(ev.RolledBack)
     assert rolled.best.epoch == 1 and rolled.epoch >= 2
+
+
+def test_disk_copies_hold_the_whole_state_and_restore_after_leaving_memory(data, tmp_path):
+    everything = make_session(data, keep=20, checkpoint_dir=tmp_path)
+    everything.run(ftw.PhaseConfig(phase="head", epochs=4, batch_size=8))
+    for epoch in everything.restorable_epochs:
+        on_disk = read_snapshot(everything.snapshots.epoch_path(epoch), epoch)
+        # Seed generators' state included, which Keras's save_weights leaves out.
+        assert same(on_disk.values, everything.snapshots.get(epoch).values)
+
+    session = make_session(data, keep=2, checkpoint_dir=tmp_path)
+    session.run(ftw.PhaseConfig(phase="head", epochs=5, batch_size=8, learning_rate=1e-2))
+    assert len(session.snapshots.in_memory) == 2
+    assert session.restorable_epochs == (0, 1, 2, 3, 4)
+    records = {r.epoch: r for r in session.history.epochs}
+    gone = [e for e in range(5) if e not in session.snapshots.in_memory]
+    for epoch in gone:
+        session.restore_epoch(epoch)
+        got = session.model.evaluate(
+            data.x_val, data.y_val, batch_size=8, verbose=0, return_dict=True
+        )
+        assert got["loss"] == pytest.approx(records[epoch].logs["val_loss"], rel=1e-4)
+
+
+def test_sessions_sharing_a_folder_never_collide(data, tmp_path):
+    sessions = [
+        make_session(data, make_model(seed), keep=20, checkpoint_dir=tmp_path, name=f"shared{seed}")
+        for seed in (1, 2)
+    ]
+    for session in sessions:  # both write at once, from their workers
+        session.start(ftw.PhaseConfig(phase="head", epochs=4, batch_size=4))
+    for session in sessions:
+        assert session.wait(WAIT) and session.error is None
+    folders = sorted(tmp_path.iterdir())
+    assert [f.name.split("-")[0] for f in folders] == ["shared1", "shared2"]
+    for session in sessions:
+        folder = session.snapshots.checkpoint_dir
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == ["best.weights.h5"] + [f"epoch-{e:04d}.weights.h5" for e in range(4)]
+        for epoch in range(4):
+            on_disk = read_snapshot(folder / f"epoch-{epoch:04d}.weights.h5", epoch)
+            assert same(on_disk.values, session.snapshots.get(epoch).values)
+
+
+def test_a_disk_copy_is_flushed_before_its_rename(tmp_path, monkeypatch):
+    import os
+
+    from ftwidgets import snapshots
+
+    model = make_model()
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(snapshots.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(
+        snapshots.os,
+        "replace",
+        lambda a, b: (
+            calls.append(f"replace {Path(a).name[0]} -> {Path(b).name}"),
+            real_replace(a, b),
+        ),
+    )
+    target = tmp_path / "epoch-0000.weights.h5"
+    snapshots.write_snapshot(model, target, snapshots.capture(model, "x", 0))
+    # A unique hidden temporary name, flushed, renamed, then the folder flushed.
+    assert calls == ["fsync", "replace . -> epoch-0000.weights.h5", "fsync"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0000.weights.h5"]

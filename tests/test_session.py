@@ -371,13 +371,17 @@ def test_snapshots_stay_bounded_and_checkpoint_is_written_atomically(data, tmp_p
         session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16, learning_rate=1e-2))
     model_bytes = sum(np.asarray(v.value).nbytes for v in session.model.variables)
     assert len(session.snapshots.recent) == 2
-    # Three kept epochs of eight (keep=3), and two pre-phase snapshots.
-    assert len(session.restorable_epochs) == 3
+    # Three kept epochs of eight in memory (keep=3), and two pre-phase snapshots.
+    assert len(session.snapshots.in_memory) == 3
     assert session.snapshots.nbytes == 5 * model_bytes
-    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["best.weights.h5"]
+    (folder,) = (tmp_path / "ckpt").iterdir()  # the session's own
+    assert folder.name.startswith(f"{session.name}-")
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["best.weights.h5"] + [f"epoch-{e:04d}.weights.h5" for e in range(8)]
+    # Every epoch left on disk stays restorable; plain Keras reads the files.
+    assert session.restorable_epochs == tuple(range(8))
     fresh = make_model(seed=1)
-    fresh.load_weights(tmp_path / "ckpt" / "best.weights.h5")
+    fresh.load_weights(folder / "best.weights.h5")
     best = session.snapshots.best
     weights = [np.asarray(v.value) for v in fresh.weights]
     expected = dict(zip([v.path for v in session.model.variables], best.values, strict=True))
