@@ -398,16 +398,12 @@ class FineTunePanel(widgets.VBox):
         self.find_lr_button.on_click(lambda _: self.find_learning_rate())
         self.use_lr_button.on_click(self._on_use_lr_button_click)
         self.rollback_button.on_click(self._on_rollback_button_click)
-        # Their handlers only queue a session command and write widgets under self._ui:
-        # safe on a subshell's thread, so they work while a cell is busy.
-        for control in (
-            self.pause_button,
-            self.stop_button,
-            self.rollback_button,
-            self.learning_rate,
-            self.learning_rate_text,
-        ):
-            comms.answer_while_busy(control)
+        # A click only runs a handler that queues a session command and writes widgets
+        # under self._ui: safe on a subshell's thread, so these work while a cell is
+        # busy. Value widgets (the rate) stay on the main shell: syncing a widget's state
+        # from two threads is not safe in ipywidgets.
+        for button in (self.pause_button, self.stop_button, self.rollback_button):
+            comms.answer_while_busy(button)
         self.dismiss_button.on_click(lambda _: self.clear_error())
 
     # -- what the controls say ------------------------------------------------------

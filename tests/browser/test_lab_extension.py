@@ -4,7 +4,6 @@ the sidebar's Stop ends a busy cell (the control comm runs in its own kernel sub
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -131,15 +130,6 @@ def test_panel_stop_ends_a_busy_cell(page, lab_root: Path) -> None:
         """() => /epoch \\d+ \\(\\d+\\/1000/.test(
             document.querySelector('.ftwidgets-status')?.textContent ?? '')""",
         timeout=180_000,
-    )
-    # A new learning rate reaches the running phase while the cell is busy.
-    rate = panel.get_by_title(re.compile(r"^Any positive number"))
-    rate.fill("3e-4")
-    rate.press("Enter")
-    page.wait_for_function(
-        """() => (document.querySelector('.ftwidgets-status')?.textContent ?? '')
-            .includes('lr 3e-4')""",
-        timeout=10_000,
     )
     assert page.evaluate(LAST_CELL_COUNT) is None, "the training cell should still be busy"
     stop = panel.locator("button", has_text="Stop")
