@@ -25,6 +25,9 @@ from lab import (
 SCRATCH = "_lab_extension/busy_session.ipynb"
 SESSION = "lab-ext"
 STOP_BUDGET_S = 2.0
+# The panel's Stop goes through ipywidgets to a subshell: measured 0.6-3.7 s. Without
+# that routing the click waits for the run to end (34 s, when early stopping ends it).
+PANEL_STOP_BUDGET_S = 5.0
 
 SETUP = f"""\
 import ftwidgets as ftw
@@ -41,14 +44,14 @@ LAST_CELL_COUNT = """() => {
 }"""
 
 
-def _stop_ends_the_busy_cell(page, stop, who: str) -> None:
+def _stop_ends_the_busy_cell(page, stop, who: str, budget_s: float = STOP_BUDGET_S) -> None:
     """Click ``stop``; the busy cell must get its execution count within the budget."""
     clicked = time.monotonic()
     stop.click()
     page.wait_for_function(f"() => ({LAST_CELL_COUNT})() !== null", timeout=60_000)
     latency = time.monotonic() - clicked
     record_timing(f"{who}: Stop click -> busy cell has its execution count", latency)
-    assert latency < STOP_BUDGET_S, f"the busy cell ended {latency:.2f} s after Stop"
+    assert latency < budget_s, f"the busy cell ended {latency:.2f} s after Stop"
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +137,7 @@ def test_panel_stop_ends_a_busy_cell(page, lab_root: Path) -> None:
     assert page.evaluate(LAST_CELL_COUNT) is None, "the training cell should still be busy"
     stop = panel.locator("button", has_text="Stop")
     assert stop.is_enabled()
-    _stop_ends_the_busy_cell(page, stop, "panel")
+    _stop_ends_the_busy_cell(page, stop, "panel", PANEL_STOP_BUDGET_S)
 
 
 EARLY_SCRATCH = "_lab_extension/early_stop.ipynb"
