@@ -733,4 +733,4 @@ def _shapes(value: Any) -> Any:
 def _restorable(ctx: JobContext, command: Rollback) -> bool:
     if command.epoch is None:
         return ctx.snapshots.best is not None
-    return command.epoch in ctx.snapshots.epochs
+    return ctx.snapshots.keeps(command.epoch)

@@ -715,7 +715,7 @@ class FineTuneSession:
         if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer):
             raise ValueError(f"epoch must be an int. Received: epoch={epoch!r}")
         epoch = int(epoch)
-        if epoch not in self.restorable_epochs:
+        if not self._ctx.snapshots.keeps(epoch):
             kept = ", ".join(map(str, self.restorable_epochs)) or "none yet"
             raise ValueError(
                 f"The weights of epoch {epoch} are not kept. Restorable epochs (0-based): "

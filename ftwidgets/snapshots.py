@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
+import shutil
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -187,7 +187,7 @@ def write_snapshot(model, path: Path, snapshot: Snapshot) -> None:
     ``fsync`` and renamed, so a reader (or a second session writing to the same
     folder) never sees a partial file.
     """
-    partial = path.with_name(f".{path.name[: -len('.weights.h5')]}.{uuid.uuid4().hex}.weights.h5")
+    partial = _partial_name(path)
     try:
         model.save_weights(partial)
         with h5py.File(partial, "a") as f:
@@ -195,14 +195,38 @@ def write_snapshot(model, path: Path, snapshot: Snapshot) -> None:
             group.attrs["label"] = snapshot.label
             for i, value in enumerate(snapshot.values):
                 group.create_dataset(str(i), data=value)
-        with open(partial, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(partial, path)
+        _commit(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def publish(source: Path, path: Path) -> None:
+    """Make ``path`` a copy of the written file ``source``, atomically (a hard link
+    where the file system has them: no second write of the weights)."""
+    partial = _partial_name(path)
+    try:
+        try:
+            os.link(source, partial)
+        except OSError:
+            shutil.copyfile(source, partial)
+        _commit(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _partial_name(path: Path) -> Path:
+    """A unique hidden name beside ``path``: two writers never share one."""
+    return path.with_name(f".{path.name[: -len('.weights.h5')]}.{uuid.uuid4().hex}.weights.h5")
+
+
+def _commit(partial: Path, path: Path) -> None:
+    """Flush ``partial`` to disk, rename it to ``path``, then flush the rename."""
+    with open(partial, "rb+") as written:
+        os.fsync(written.fileno())
+    os.replace(partial, path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(folder)  # the rename itself
+        os.fsync(folder)
     finally:
         os.close(folder)
 
@@ -272,6 +296,7 @@ class SnapshotStore:
         self._by_epoch: dict[int, Snapshot] = {}
         self._retained: deque[int] = deque()
         self._phase_ends: set[int] = set()
+        self._newest: int | None = None
 
     @property
     def best(self) -> Snapshot | None:
@@ -282,6 +307,10 @@ class SnapshotStore:
     def epochs(self) -> tuple[int, ...]:
         """The epochs whose weights are kept, in memory or on disk, in order."""
         return tuple(sorted(self._by_epoch.keys() | self._on_disk))
+
+    def keeps(self, epoch: int) -> bool:
+        """Whether ``epoch``'s weights are kept, in memory or on disk."""
+        return epoch in self._by_epoch or epoch in self._on_disk
 
     @property
     def in_memory(self) -> tuple[int, ...]:
@@ -363,8 +392,7 @@ class SnapshotStore:
             return None
         self.best_epoch = epoch
         if self.checkpoint_path is not None:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            write_snapshot(model, self.checkpoint_path, snapshot)
+            publish(self.epoch_path(epoch), self.checkpoint_path)
         return snapshot
 
     def retain(self, epoch: int) -> None:
@@ -382,11 +410,9 @@ class SnapshotStore:
             True if that epoch's weights are kept.
         """
         self.best_epoch = epoch
-        return epoch is not None and epoch in self.epochs
+        return epoch is not None and self.keeps(epoch)
 
     # -- the budget -----------------------------------------------------------------
-    _newest: int | None = None
-
     def _over(self, extra_bytes: int, extra_epochs: int) -> bool:
         if self.max_epochs is not None and len(self._by_epoch) + extra_epochs > self.max_epochs:
             return True
@@ -406,16 +432,17 @@ class SnapshotStore:
         kept = sorted(self._by_epoch)
         fixed = {self.best_epoch, self._newest}
         protected = fixed | self._phase_ends | set(self._retained)
+        # Evict where kept epochs are densest: the smallest gap its removal leaves.
+        # The first and the last kept epochs bound the run: they go last.
+        gaps = [
+            (kept[i + 1] - kept[i - 1], epoch)
+            for i, epoch in enumerate(kept[1:-1], start=1)
+            if epoch not in protected
+        ]
+        if gaps:
+            return min(gaps)[1]
         spread = [e for e in kept if e not in protected]
         if spread:
-            # Evict where kept epochs are densest: the smallest gap its removal leaves.
-            # The first kept epoch bounds the run, like the newest: it goes last.
-            def gap(epoch: int) -> tuple[float, int]:
-                i = kept.index(epoch)
-                if i == 0 or i + 1 == len(kept):
-                    return math.inf, epoch
-                return kept[i + 1] - kept[i - 1], epoch
-
-            return min(spread, key=gap)
+            return spread[0]
         later = [e for e in kept if e not in fixed]
         return later[0] if later else None

@@ -1,8 +1,8 @@
 """What the JupyterLab extension is told about sessions: typed, JSON-ready messages.
 
-The kernel sends these on the extension's control comms (see `ftwidgets.comms`);
-``labextension/src/protocol.ts`` declares the same shapes for the front end. Pure
-functions of a session's public state: no comms, no widgets.
+The kernel sends these on each page's ``ftwidgets.telemetry`` comm (see
+`ftwidgets.comms`); ``labextension/src/protocol.ts`` declares the same shapes for the
+front end. Pure functions of a session's public state: no comms, no widgets.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _finite(value: Any) -> float | None:
 def can_roll_back(session: Any, restored: Best | None) -> bool:
     """A best exists, its weights are kept, and they are not what the model holds now."""
     best = session.best
-    if best is None or best.epoch not in session.snapshots.epochs:
+    if best is None or not session.snapshots.keeps(best.epoch):
         return False
     return restored is None or restored.epoch != best.epoch
 
