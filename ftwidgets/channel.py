@@ -117,9 +117,13 @@ class UpdateEarlyStopping(Command):
 
 @dataclass(frozen=True)
 class Rollback(Command):
-    """Restore a kept epoch's weights (the best's when ``epoch`` is None), then end the job."""
+    """Restore a kept epoch's weights (the best's when ``epoch`` is None), then end the job.
+
+    ``branch`` is the branch of the run ``epoch`` is on (see ``History.branches``).
+    """
 
     epoch: int | None = None
+    branch: int = 0
 
 
 # A slider drag sends many rates; only the latest of these matters.

@@ -51,6 +51,8 @@ class Best:
         value: the monitored value at that epoch (always finite).
         monitor: the metric name, e.g. ``"val_loss"``.
         phase: the phase the epoch belonged to.
+        branch: the branch of the run the epoch is on (0 until a restored
+            epoch is trained on again; see ``History.branches``).
 
     Example:
 
@@ -63,6 +65,7 @@ class Best:
     value: float
     monitor: str
     phase: str
+    branch: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class EpochRecord:
         seconds: wall-clock duration of the epoch.
         finite_weights: False if a weight was NaN or infinite at the end of the
             epoch; such an epoch is never a best.
+        branch: the branch of the run (set by ``History.add_epoch``).
 
     Example:
 
@@ -96,6 +100,7 @@ class EpochRecord:
     partial: bool = False
     seconds: float = 0.0
     finite_weights: bool = True
+    branch: int = 0
 
     @property
     def eligible(self) -> bool:

@@ -1,20 +1,34 @@
-"""What happened in a run: epochs, phases, markers and the per-batch loss trace."""
+"""What happened in a run: epochs, phases, markers, branches and the per-batch loss trace."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from importlib import metadata
 from os import PathLike
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ftwidgets.events import EpochRecord
+from ftwidgets.config import EarlyStoppingConfig, PhaseConfig
+from ftwidgets.events import EpochRecord, frozen_logs
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["History", "Marker", "PhaseSpan", "decimate"]
+__all__ = ["Branch", "History", "Marker", "PhaseSpan", "decimate"]
+
+# The file format of `History.save`; `History.load` refuses other ones.
+FORMAT = "ftwidgets.history"
+FORMAT_VERSION = 1
+# The packages whose versions a saved history records.
+_PACKAGES = ("ftwidgets", "keras", "jax", "numpy")
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,8 @@ class PhaseSpan:
 
     ``end_epoch`` and ``reason`` are None while the phase runs;
     ``unfreeze_depth`` is in units of ``unfreeze_unit`` (``"block"`` or ``"layer"``).
+    ``config`` and ``early_stopping`` are the phase's settings, ``branch`` the
+    branch of the run it trained.
     """
 
     index: int
@@ -33,6 +49,9 @@ class PhaseSpan:
     end_epoch: int | None = None
     reason: str | None = None
     unfreeze_unit: str = "layer"
+    config: PhaseConfig | None = None
+    early_stopping: EarlyStoppingConfig | None = None
+    branch: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,7 @@ class Marker:
         epoch: the global epoch it happened in.
         detail: a short human-readable description.
         value: a number that goes with it (the restored epoch, the new rate).
+        branch: the branch of the run it happened on.
     """
 
     kind: str
@@ -53,6 +73,38 @@ class Marker:
     epoch: int
     detail: str = ""
     value: float | None = None
+    branch: int = 0
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One line of a run's history.
+
+    A run starts on branch 0, ``"main"``. Restoring epoch ``n`` (with
+    ``FineTuneSession.restore_epoch``) and training again starts a new branch:
+    its first epoch is ``n + 1``, and the old continuation stays recorded.
+
+    Attributes:
+        index: 0 for the first line, then 1, 2, ... in the order they began.
+        parent: the branch it forked from (None for branch 0).
+        fork_epoch: the last epoch it shares with ``parent``.
+
+    Example:
+
+    >>> Branch(1, parent=0, fork_epoch=4).name
+    'branch 1 (from epoch 5)'
+    """
+
+    index: int
+    parent: int | None = None
+    fork_epoch: int | None = None
+
+    @property
+    def name(self) -> str:
+        """``"main"``, or ``"branch 1 (from epoch 5)"`` with the 1-based epoch it grew from."""
+        if self.parent is None or self.fork_epoch is None:
+            return "main"
+        return f"branch {self.index} (from epoch {self.fork_epoch + 1})"
 
 
 def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,24 +138,41 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray,
 
 
 class History:
-    """Every epoch of a session across phases, plus phase spans, markers and batches.
+    """Every epoch of a session across phases and branches, plus markers and batches.
 
     Epoch numbering is global: the second phase continues where the first ended.
-    The per-batch trace may be appended from Keras's callback thread pool; it is
-    guarded by a lock and read back sorted by global step.
+    After ``restore_epoch(n)`` the next phase continues from ``n + 1`` on a new
+    `Branch`; the old continuation stays in ``epochs`` (the chart draws it
+    dimmed), while `lineage` and `metric` follow the current branch back to
+    the start. The per-batch trace may be appended from Keras's callback thread
+    pool; it is guarded by a lock and read back sorted by global step.
+
+    `save` writes the run as JSON (epochs, phases with their settings, markers,
+    branches, the model's name and the package versions); `load` reads it back.
 
     Example:
 
-    >>> import ftwidgets as ftw
     >>> h = History()
-    >>> h.next_epoch
-    0
+    >>> h.next_epoch, h.branch.name
+    (0, 'main')
     """
 
     def __init__(self) -> None:
         self._epochs: list[EpochRecord] = []
         self._phases: list[PhaseSpan] = []
         self._markers: list[Marker] = []
+        self._branches: list[Branch] = [Branch(0)]
+        self._branch = 0
+        # The epoch the next phase grows a new branch from, once one was restored.
+        self._fork: int | None = None
+        # The last epoch recorded on each branch.
+        self._tips: dict[int, int] = {}
+        self._keys: dict[tuple[int, int], int] = {}
+        self._lineage: tuple[EpochRecord, ...] | None = ()
+        self.holds: tuple[int, int] | None = None
+        self.model_name: str | None = None
+        self.model_settings: dict[str, Any] = {}
+        self.versions: dict[str, str] = {}
         self._lock = threading.Lock()
         # Growable columns (step, x, loss): appends are O(1) amortised and reads
         # are one slice copy, so a 100,000-batch trace costs little to redraw.
@@ -113,21 +182,94 @@ class History:
     # -- epochs ---------------------------------------------------------
     @property
     def epochs(self) -> tuple[EpochRecord, ...]:
-        """All epoch records, oldest first (partial ones included, flagged)."""
+        """All epoch records of every branch, in the order they ran (partial ones flagged)."""
         return tuple(self._epochs)
 
     @property
     def next_epoch(self) -> int:
         """The global index the next epoch will get."""
-        return self._epochs[-1].epoch + 1 if self._epochs else 0
+        if self._fork is not None:
+            return self._fork + 1
+        tip = self._tips.get(self._branch, self.branch.fork_epoch)
+        return 0 if tip is None else tip + 1
 
-    def add_epoch(self, record: EpochRecord) -> None:
-        """Append an epoch record."""
+    def add_epoch(self, record: EpochRecord) -> EpochRecord:
+        """Append an epoch record to the current branch and return it as recorded.
+
+        The model then holds that epoch (`holds`).
+        """
+        if record.branch != self._branch:
+            record = replace(record, branch=self._branch)
+        self._keys[record.branch, record.epoch] = len(self._epochs)
         self._epochs.append(record)
+        self._tips[self._branch] = record.epoch
+        self._lineage = None
+        self.holds = (record.branch, record.epoch)
+        return record
+
+    def key(self, epoch: int, branch: int | None = None) -> int | None:
+        """The position in `epochs` of ``epoch`` on ``branch``'s lineage (default: current).
+
+        Weights are kept under this key: unlike the epoch number, it stays unique
+        when branches repeat an epoch number. None if that epoch was not recorded.
+
+        Example:
+
+        >>> h = History()
+        >>> for epoch in range(3):
+        ...     _ = h.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs({}), 1e-3))
+        >>> h.key(2), h.key(7)
+        (2, None)
+        """
+        limits = self._limits(self._branch if branch is None else branch)
+        for on, limit in limits.items():
+            if epoch <= limit and (on, epoch) in self._keys:
+                return self._keys[on, epoch]
+        return None
+
+    def lineage(self, branch: int | None = None) -> tuple[EpochRecord, ...]:
+        """The epochs that led to ``branch``'s last epoch (default: the current branch).
+
+        With no branches this is every epoch.
+        """
+        if branch is None or branch == self._branch:
+            if self._lineage is None:
+                self._lineage = self._follow(self._branch)
+            return self._lineage
+        return self._follow(branch)
+
+    def abandoned(self) -> tuple[EpochRecord, ...]:
+        """The epochs off the current branch's lineage: continuations left behind."""
+        mine = set(map(id, self.lineage()))
+        return tuple(r for r in self._epochs if id(r) not in mine)
+
+    def on_lineage(self, branch: int, epoch: int) -> bool:
+        """Whether ``epoch`` of ``branch`` led to the current branch's last epoch."""
+        return epoch <= self._limits(self._branch).get(branch, -1)
+
+    def _limits(self, branch: int) -> dict[int, float]:
+        # Each branch on the way back to main, with the last epoch of it on the way.
+        limits: dict[int, float] = {}
+        limit = math.inf
+        current: int | None = branch
+        while current is not None:
+            limits[current] = limit
+            node = self._branches[current]
+            if node.fork_epoch is not None:
+                limit = min(limit, node.fork_epoch)
+            current = node.parent
+        return limits
+
+    def _follow(self, branch: int) -> tuple[EpochRecord, ...]:
+        if len(self._branches) == 1:
+            return tuple(self._epochs)
+        limits = self._limits(branch)
+        mine = [r for r in self._epochs if r.epoch <= limits.get(r.branch, -1)]
+        return tuple(sorted(mine, key=lambda r: r.epoch))
 
     def metric(self, name: str, *, include_partial: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(epochs, values)`` of one logged metric (NaN where it was not logged)."""
-        rows = [r for r in self._epochs if include_partial or not r.partial]
+        """``(epochs, values)`` of one metric on the current lineage (NaN where not logged)."""
+        rows = [r for r in self.lineage() if include_partial or not r.partial]
         epochs = np.array([r.epoch for r in rows], dtype=np.int64)
         values = np.array([r.logs.get(name, np.nan) for r in rows], dtype=np.float64)
         return epochs, values
@@ -139,15 +281,60 @@ class History:
             names.update(dict.fromkeys(record.logs))
         return list(names)
 
+    # -- branches --------------------------------------------------------
+    @property
+    def branches(self) -> tuple[Branch, ...]:
+        """Every branch of the run, in the order they began."""
+        return tuple(self._branches)
+
+    @property
+    def branch(self) -> Branch:
+        """The branch the next epoch goes to."""
+        return self._branches[self._branch]
+
+    def travel(self, epoch: int, branch: int | None = None) -> None:
+        """Note that the model now holds ``epoch`` of ``branch`` (default: the current one).
+
+        That branch becomes current; if ``epoch`` is not its last, the next
+        `begin_phase` grows a new branch from it.
+        """
+        branch = self._branch if branch is None else branch
+        if self.key(epoch, branch) is None:
+            raise ValueError(f"Epoch {epoch} was not recorded on branch {branch}.")
+        self._branch = branch
+        self._lineage = None
+        self._fork = None if epoch == self._tips.get(branch) else epoch
+        self.holds = (branch, epoch)
+
     # -- phases and markers ----------------------------------------------
     @property
     def phases(self) -> tuple[PhaseSpan, ...]:
-        """Every phase started so far; the last may still be running."""
+        """Every phase started so far, on every branch; the last may still be running."""
         return tuple(self._phases)
 
-    def begin_phase(self, span: PhaseSpan) -> None:
-        """Record the start of a phase."""
+    def lineage_phases(self) -> tuple[PhaseSpan, ...]:
+        """The phases on the current lineage, cut where a later branch forked."""
+        limits = self._limits(self._branch)
+        spans = []
+        for span in self._phases:
+            limit = limits.get(span.branch)
+            if limit is None or span.start_epoch > limit:
+                continue
+            if span.end_epoch is not None and span.end_epoch > limit + 1:
+                span = replace(span, end_epoch=int(limit) + 1)
+            spans.append(span)
+        return tuple(spans)
+
+    def begin_phase(self, span: PhaseSpan) -> PhaseSpan:
+        """Record the start of a phase (on a new branch after a restore); return it."""
+        if self._fork is not None:
+            self._branches.append(Branch(len(self._branches), self._branch, self._fork))
+            self._branch = len(self._branches) - 1
+            self._fork = None
+            self._lineage = None
+        span = replace(span, branch=self._branch)
         self._phases.append(span)
+        return span
 
     def end_phase(self, end_epoch: int, reason: str) -> PhaseSpan:
         """Close the running phase and return its final span."""
@@ -157,11 +344,13 @@ class History:
 
     @property
     def markers(self) -> tuple[Marker, ...]:
-        """Events worth marking on a chart, oldest first."""
+        """Events worth marking on a chart, oldest first, on every branch."""
         return tuple(self._markers)
 
     def add_marker(self, marker: Marker) -> None:
-        """Append a marker."""
+        """Append a marker (on the current branch)."""
+        if marker.branch != self._branch:
+            marker = replace(marker, branch=self._branch)
         self._markers.append(marker)
 
     # -- per-batch trace -------------------------------------------------
@@ -213,25 +402,166 @@ class History:
         return steps, trace[1], trace[2]
 
     # -- export ----------------------------------------------------------
+    _FIELDS = ("epoch", "phase", "phase_index", "learning_rate", "partial", "seconds", "branch")
+
     def to_records(self) -> list[dict[str, object]]:
-        """One flat dict per epoch: epoch, phase, phase_index, learning_rate, partial,
-        seconds, then every logged metric."""
-        fields = ("epoch", "phase", "phase_index", "learning_rate", "partial", "seconds")
+        """One flat dict per epoch of every branch: epoch, phase, phase_index,
+        learning_rate, partial, seconds, branch, then every logged metric."""
         return [
-            {**{name: getattr(record, name) for name in fields}, **record.logs}
+            {**{name: getattr(record, name) for name in self._FIELDS}, **record.logs}
             for record in self._epochs
         ]
 
     def to_dataframe(self) -> pd.DataFrame:
-        """The epochs as a pandas DataFrame, one row per epoch."""
+        """The epochs of every branch as a pandas DataFrame, one row per epoch."""
         import pandas as pd
 
-        columns = ["epoch", "phase", "phase_index", "learning_rate", "partial", "seconds"]
-        return pd.DataFrame(self.to_records() or None, columns=None if self._epochs else columns)
+        columns = None if self._epochs else list(self._FIELDS)
+        return pd.DataFrame(self.to_records() or None, columns=columns)
 
     def to_csv(self, path: str | PathLike[str]) -> None:
         """Write the epochs as CSV."""
         self.to_dataframe().to_csv(path, index=False)
 
+    def settings(self) -> dict[str, Any]:
+        """The run's settings as flat ``name: value`` pairs, for comparing runs.
+
+        Phases are named by their 1-based place in the run (``"phase 1 learning_rate"``);
+        the model's settings are prefixed ``"model"``.
+
+        Example:
+
+        >>> h = History()
+        >>> _ = h.begin_phase(PhaseSpan(0, "head", 0, 1e-3, 0, config=PhaseConfig(epochs=3)))
+        >>> h.settings()["phase 1 epochs"]
+        3
+        """
+        flat: dict[str, Any] = {f"model {k}": v for k, v in self.model_settings.items()}
+        for span in self._phases:
+            where = f"phase {span.index + 1}"
+            flat[f"{where} phase"] = span.phase
+            if span.config is not None:
+                for name, value in _fields(span.config).items():
+                    flat[f"{where} {name}"] = value
+            if span.early_stopping is not None:
+                for name, value in _fields(span.early_stopping).items():
+                    flat[f"{where} early_stopping.{name}"] = value
+        return flat
+
+    def save(self, path: str | PathLike[str]) -> Path:
+        """Write the run to ``path`` as readable JSON, atomically; return the path.
+
+        The file holds the epochs of every branch, the phases with their settings
+        and early-stopping settings, the markers, the branches, the model's name
+        and settings, and the versions of ftwidgets, Keras, JAX and NumPy. The
+        per-batch trace is left out. NaN and infinite values are written as
+        ``NaN`` / ``Infinity``, as Python's ``json`` does.
+
+        Example:
+
+        >>> import tempfile, pathlib
+        >>> h = History()
+        >>> _ = h.add_epoch(EpochRecord(0, "head", 0, frozen_logs({"val_loss": 0.5}), 1e-3))
+        >>> path = h.save(pathlib.Path(tempfile.mkdtemp()) / "run.json")
+        >>> History.load(path).to_records()[0]["val_loss"]
+        0.5
+        """
+        path = Path(path)
+        versions = dict(self.versions) or _versions()
+        data = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model": self.model_name,
+            "model_settings": self.model_settings,
+            "versions": versions,
+            "branch": self._branch,
+            "holds": self.holds,
+            "branches": [dataclasses.asdict(b) for b in self._branches],
+            "phases": [_span_to_json(span) for span in self._phases],
+            "markers": [dataclasses.asdict(m) for m in self._markers],
+            "epochs": [_record_to_json(r) for r in self._epochs],
+        }
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        temporary.write_text(json.dumps(data, indent=1))
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | PathLike[str]) -> History:
+        """Read a run written by `save`.
+
+        Raises:
+            ValueError: if the file is not a saved history, naming what it holds.
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(path)!r} is not a saved History (not JSON: {exc}).") from exc
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"{str(path)!r} is not a saved History: expected format {FORMAT!r}. "
+                f"Received: format={found!r}"
+            )
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{str(path)!r} was saved in History format version {data.get('version')!r}; "
+                f"this ftwidgets reads version {FORMAT_VERSION}."
+            )
+        history = cls()
+        history.model_name = data.get("model")
+        history.model_settings = dict(data.get("model_settings") or {})
+        history.versions = dict(data.get("versions") or {})
+        history._branches = [Branch(**b) for b in data["branches"]] or [Branch(0)]
+        history._phases = [_span_from_json(span) for span in data["phases"]]
+        history._markers = [Marker(**m) for m in data["markers"]]
+        for row in data["epochs"]:
+            row = dict(row)
+            logs = frozen_logs(row.pop("logs"))
+            history._branch = row["branch"]
+            history.add_epoch(EpochRecord(logs=logs, **row))
+        history._branch = data.get("branch", 0)
+        history._lineage = None
+        holds = data.get("holds")
+        history.holds = None if holds is None else (int(holds[0]), int(holds[1]))
+        return history
+
     def __len__(self) -> int:
         return len(self._epochs)
+
+
+def _record_to_json(record: EpochRecord) -> dict[str, Any]:
+    row = {name: getattr(record, name) for name in History._FIELDS}
+    return {**row, "finite_weights": record.finite_weights, "logs": dict(record.logs)}
+
+
+def _fields(settings: PhaseConfig | EarlyStoppingConfig) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.init}
+
+
+def _span_to_json(span: PhaseSpan) -> dict[str, Any]:
+    row = dataclasses.asdict(span)
+    for name in ("config", "early_stopping"):
+        value = getattr(span, name)
+        row[name] = None if value is None else _fields(value)
+    return row
+
+
+def _span_from_json(row: Mapping[str, Any]) -> PhaseSpan:
+    row = dict(row)
+    config, stopping = row.pop("config", None), row.pop("early_stopping", None)
+    return PhaseSpan(
+        **row,
+        config=None if config is None else PhaseConfig(**config),
+        early_stopping=None if stopping is None else EarlyStoppingConfig(**stopping),
+    )
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found

@@ -123,32 +123,56 @@ class JobContext:
         )
         if old is not None and new_target:
             # The old best stays restorable under the new monitor.
-            self.snapshots.retain(old.epoch)
+            self.snapshots.retain(self.key(old))
         if tracker.reconfigure(config, self.history.epochs):
             best = tracker.best
-            kept = self.snapshots.select_best(None if best is None else best.epoch)
+            kept = self.snapshots.select_best(self.key(best))
             self.emit(BestChanged(best, kept))
 
-    def roll_back(self, epoch: int, x: float, batch: int | None, target: int | None = None) -> Best:
-        """Restore a kept epoch (the best when ``target`` is None); mark it at ``x``.
+    def key(self, epoch: Best | None) -> int | None:
+        """Where ``epoch``'s weights are kept (see ``History.key``); None for None."""
+        return None if epoch is None else self.history.key(epoch.epoch, epoch.branch)
+
+    def roll_back(
+        self, epoch: int, x: float, batch: int | None, target: Rollback | None = None
+    ) -> Best:
+        """Restore a kept epoch (the best unless ``target`` names one); mark it at ``x``.
 
         Returns:
             The restored epoch, as a ``Best`` of the monitor at that epoch.
         """
-        best = self.tracker.best if target is None else self.epoch_as_best(target)
-        restore(self.model, self.snapshots.get(best.epoch))
-        self.history.add_marker(
-            Marker("rollback", x, epoch, f"rolled back to epoch {best.epoch + 1}", best.epoch)
-        )
+        if target is None or target.epoch is None:
+            best = self.tracker.best
+        else:
+            best = self.epoch_as_best(target.epoch, target.branch)
+        restore(self.model, self.snapshots.get(self.key(best)))
+        detail = f"rolled back to epoch {best.epoch + 1}"
+        if best.branch != self.history.branch.index:
+            detail += f" of {self.history.branches[best.branch].name}"
+        self.history.add_marker(Marker("rollback", x, epoch, detail, best.epoch))
         self.emit(RolledBack(best, epoch, batch))
         return best
 
-    def epoch_as_best(self, epoch: int) -> Best:
-        """Describe a recorded ``epoch`` as the tracker describes its best."""
-        record = next(r for r in self.history.epochs if r.epoch == epoch)
+    def settle(self, held: Best, travel: bool) -> None:
+        """Note that the model holds ``held``, once no phase runs.
+
+        Travelling (`restore_epoch`) makes the next phase grow a new branch from
+        it; so does holding an epoch off the current lineage. Rolling back to a
+        best on it keeps the epoch count going, as Keras's ``restore_best_weights``.
+        """
+        history = self.history
+        if travel or not history.on_lineage(held.branch, held.epoch):
+            history.travel(held.epoch, held.branch)
+        else:
+            history.holds = (held.branch, held.epoch)
+
+    def epoch_as_best(self, epoch: int, branch: int | None = None) -> Best:
+        """Describe a recorded ``epoch`` (of ``branch``, default the current lineage's)
+        as the tracker describes its best."""
+        record = self.history.epochs[self.history.key(epoch, branch)]
         monitor = self.tracker.config.monitor
         value = record.logs.get(monitor, math.nan)
-        return Best(epoch=epoch, value=float(value), monitor=monitor, phase=record.phase)
+        return Best(epoch, float(value), monitor, record.phase, record.branch)
 
 
 class Job(Protocol):
@@ -333,6 +357,9 @@ class FitPhase:
         self.non_finite: tuple[int, int, float] | None = None
         self.reason: str | None = None
         self.rolled_back = False
+        # Where a rollback took the model, and whether to a chosen epoch (time travel).
+        self.rolled_to: Best | None = None
+        self.rolled_to_epoch = False
         self.restored: Best | None = None
         # True until the first batch has run: fit compiles the train step there.
         self.compiling = True
@@ -382,6 +409,8 @@ class FitPhase:
                 self.learning_rate,
                 self.depth,
                 unfreeze_unit=self.unit,
+                config=config,
+                early_stopping=self.early_stopping,
             )
         )
         ctx.emit(
@@ -438,6 +467,7 @@ class FitPhase:
         broken = failure is not None and not _variables_usable(model)
         non_finite = failure is not None and isinstance(failure.exception, NonFiniteError)
         es = self.early_stopping
+        fallback = None
         if (
             best is not None
             and not self.rolled_back
@@ -464,7 +494,14 @@ class FitPhase:
             ctx.channel.dispatched_batches - self._finished_before_epoch
         )
         ctx.history.end_phase(ctx.history.next_epoch, reason)
-        ctx.snapshots.end_phase(ctx.history.next_epoch - 1)
+        ctx.snapshots.end_phase(ctx.history.key(ctx.history.next_epoch - 1))
+        if self.rolled_to is not None:
+            ctx.settle(self.rolled_to, self.rolled_to_epoch)
+        elif self.restored is not None:
+            ctx.settle(self.restored, travel=False)
+        elif fallback is not None:
+            before = self.start_epoch - 1
+            ctx.history.holds = (ctx.history.branch.index, before) if before >= 0 else None
         if failure is not None:
             ctx.history.add_marker(Marker("failure", self.epoch + 1, self.epoch, failure.message))
         self.reason = reason
@@ -487,7 +524,8 @@ class FitPhase:
         """Leftovers from the last epoch's validation pass: a rollback or new settings."""
         if isinstance(command, Rollback) and _restorable(ctx, command):
             next_epoch = ctx.history.next_epoch
-            ctx.roll_back(next_epoch, next_epoch, None, command.epoch)
+            held = ctx.roll_back(next_epoch, next_epoch, None, command)
+            ctx.settle(held, travel=command.epoch is not None)
         elif isinstance(command, UpdateEarlyStopping):
             ctx.early_stopping = command.config
             ctx.track(command.config)
@@ -587,7 +625,8 @@ class FitPhase:
             self.early_stopping = ctx.early_stopping = command.config
             ctx.track(command.config)
         elif isinstance(command, Rollback) and _restorable(ctx, command):
-            ctx.roll_back(self.epoch, x, self.batch, command.epoch)
+            self.rolled_to = ctx.roll_back(self.epoch, x, self.batch, command)
+            self.rolled_to_epoch = command.epoch is not None
             self.rolled_back = True
             return "rolled_back"
         elif isinstance(command, Stop):
@@ -622,7 +661,7 @@ class FitPhase:
             seconds=time.perf_counter() - self.epoch_started,
             finite_weights=bad is None,
         )
-        ctx.history.add_epoch(record)
+        record = ctx.history.add_epoch(record)
         ctx.emit(EpochEnded(record))
         if bad is not None:
             raise NonFiniteWeightsError(
@@ -636,9 +675,10 @@ class FitPhase:
                 f"The monitor {tracker.config.monitor!r} was not logged; logged metrics are "
                 f"{sorted(record.logs)}. Received: monitor={tracker.config.monitor!r}"
             )
-        ctx.snapshots.keep_epoch(model, epoch)
-        if tracker.update(epoch, dict(record.logs), phase=self.config.phase):
-            ctx.snapshots.set_best(model, epoch)
+        key = len(ctx.history) - 1
+        ctx.snapshots.keep_epoch(model, key, number=epoch, branch=record.branch)
+        if tracker.update(epoch, dict(record.logs), phase=self.config.phase, branch=record.branch):
+            ctx.snapshots.set_best(model, key)
             ctx.emit(NewBest(tracker.best))
         if self.early_stopping is not None and tracker.should_stop:
             model.stop_training = True
@@ -662,8 +702,7 @@ class FitPhase:
             partial=True,
             seconds=time.perf_counter() - self.epoch_started,
         )
-        ctx.history.add_epoch(record)
-        ctx.emit(EpochEnded(record))
+        ctx.emit(EpochEnded(ctx.history.add_epoch(record)))
 
 
 def _check_monitor(ctx: JobContext, tracking: EarlyStoppingConfig, batch_size: int) -> None:
@@ -733,4 +772,5 @@ def _shapes(value: Any) -> Any:
 def _restorable(ctx: JobContext, command: Rollback) -> bool:
     if command.epoch is None:
         return ctx.snapshots.best is not None
-    return ctx.snapshots.keeps(command.epoch)
+    key = ctx.history.key(command.epoch, command.branch)
+    return key is not None and ctx.snapshots.keeps(key)

@@ -226,6 +226,8 @@ class FineTuneSession:
             stream_batches=stream_batches,
             progress_interval=float(progress_interval),
         )
+        self.history.model_name = model.name
+        self.history.model_settings = _model_settings(model)
         self._job: Job | None = None
         self._phase: FitPhase | None = None
         self._thread: threading.Thread | None = None
@@ -303,8 +305,21 @@ class FineTuneSession:
 
     @property
     def restorable_epochs(self) -> tuple[int, ...]:
-        """The epochs `restore_epoch` can restore (0-based, as ``best.epoch``), in order."""
-        return self._ctx.snapshots.epochs
+        """The epochs of the current branch's lineage that `restore_epoch` can restore.
+
+        0-based, as ``best.epoch``, in order. Epochs of other branches can be
+        restored too, with ``restore_epoch(n, branch=...)``.
+        """
+        return self.restorable(self.history.branch.index)
+
+    def restorable(self, branch: int) -> tuple[int, ...]:
+        """The restorable epochs on ``branch``'s lineage (see ``history.branches``)."""
+        history, snapshots = self.history, self._ctx.snapshots
+        return tuple(
+            record.epoch
+            for record in history.lineage(branch)
+            if snapshots.keeps(history.key(record.epoch, branch))
+        )
 
     @property
     def epochs_without_improvement(self) -> int:
@@ -315,6 +330,11 @@ class FineTuneSession:
     def monitor(self) -> str:
         """The metric the best epoch is tracked on."""
         return self._ctx.tracker.config.monitor
+
+    @property
+    def mode(self) -> str:
+        """``"min"`` or ``"max"``: which way `monitor` improves."""
+        return self._ctx.tracker.config.resolved_mode or "min"
 
     @property
     def early_stopping(self) -> EarlyStoppingConfig | None:
@@ -687,26 +707,32 @@ class FineTuneSession:
             raise ValueError("There is no best epoch to roll back to yet. Received: best=None")
         snapshots = self.snapshots
         if snapshots.best is None:
-            kept = ", ".join(str(epoch + 1) for epoch in snapshots.epochs) or "none"
+            kept = ", ".join(str(epoch + 1) for epoch in self.restorable_epochs) or "none"
             raise ValueError(
                 f"The best epoch for {best.monitor} is epoch {best.epoch + 1}, but its weights "
                 f"were not kept: it became the best when the monitor changed. Epochs with kept "
                 f"weights: {kept}. Received: best epoch {best.epoch + 1}"
             )
-        return self._roll_back(None) or best
+        return self._roll_back(Rollback()) or best
 
-    def restore_epoch(self, epoch: int) -> Best:
-        """Restore the weights of a kept epoch (see `restorable_epochs`).
+    def restore_epoch(self, epoch: int, branch: int | None = None) -> Best:
+        """Restore the weights of a kept epoch (see `restorable_epochs`): time travel.
 
         The whole model state comes back: every variable, BatchNorm statistics and
         seed generators included. Idle or failed: at once. Running: at the next batch
         boundary on the worker, which then ends the phase, as `rollback` does.
 
+        Training on from an epoch before the branch's last grows a new branch of the
+        run (``history.branches``): the next phase continues from ``epoch + 1``, and
+        the old continuation stays in the history (the chart draws it dimmed).
+
         Args:
             epoch: the 0-based epoch, as ``session.best.epoch`` and the history count.
+            branch: the branch the epoch is on (``best.branch``, ``record.branch``);
+                None means the current branch's lineage.
 
         Returns:
-            The epoch restored (or about to be), with its monitored value.
+            The epoch restored (or about to be), with its monitored value and branch.
 
         Raises:
             ValueError: if that epoch's weights are not kept (the message lists the
@@ -714,21 +740,32 @@ class FineTuneSession:
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer):
             raise ValueError(f"epoch must be an int. Received: epoch={epoch!r}")
+        history = self.history
+        if branch is not None and not 0 <= branch < len(history.branches):
+            raise ValueError(
+                f"The run has branches 0 to {len(history.branches) - 1}. "
+                f"Received: branch={branch!r}"
+            )
         epoch = int(epoch)
-        if not self._ctx.snapshots.keeps(epoch):
-            kept = ", ".join(map(str, self.restorable_epochs)) or "none yet"
+        key = history.key(epoch, branch)
+        if key is None or not self._ctx.snapshots.keeps(key):
+            where = history.branch.index if branch is None else branch
+            kept = ", ".join(map(str, self.restorable(where))) or "none yet"
             raise ValueError(
                 f"The weights of epoch {epoch} are not kept. Restorable epochs (0-based): "
                 f"{kept}. Received: epoch={epoch!r}"
             )
-        return self._roll_back(epoch) or self._ctx.epoch_as_best(epoch)
+        target = Rollback(epoch, history.epochs[key].branch)
+        return self._roll_back(target) or self._ctx.epoch_as_best(epoch, target.branch)
 
-    def _roll_back(self, epoch: int | None) -> Best | None:
+    def _roll_back(self, target: Rollback) -> Best | None:
         """Queue the rollback on a running job; else restore at once and return it."""
-        if self._channel.submit(Rollback(epoch)) is not None:
+        if self._channel.submit(target) is not None:
             return None
         next_epoch = self.history.next_epoch
-        return self._ctx.roll_back(next_epoch, next_epoch, None, epoch)
+        held = self._ctx.roll_back(next_epoch, next_epoch, None, target)
+        self._ctx.settle(held, travel=target.epoch is not None)
+        return held
 
     # -- waiting ----------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
@@ -800,3 +837,14 @@ def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
 # batch ends to one, and a pool refusing work would fail the phase instead of
 # stopping it): the hook concurrent.futures itself uses, else plain atexit.
 getattr(threading, "_register_atexit", atexit.register)(_stop_sessions_at_exit)
+
+
+def _model_settings(model: keras.Model) -> dict[str, object]:
+    """What a saved history records of the model: its size and its dropout rates."""
+    settings: dict[str, object] = {}
+    if model.built:
+        settings["parameters"] = int(model.count_params())
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            settings[f"{layer.name} rate"] = float(layer.rate)
+    return settings

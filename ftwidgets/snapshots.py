@@ -290,6 +290,7 @@ class SnapshotStore:
             else Path(checkpoint_dir) / f"{run}-{uuid.uuid4().hex[:8]}"
         )
         self._on_disk: set[int] = set()
+        self._stems: dict[int, str] = {}
         self.best_epoch: int | None = None
         self.max_epochs, self.max_bytes = parse_keep(keep)
         self._keep = keep_recent
@@ -328,7 +329,8 @@ class SnapshotStore:
         """Where ``epoch`` is written, if a checkpoint folder was given."""
         if self.checkpoint_dir is None:
             return None
-        return self.checkpoint_dir / f"epoch-{epoch:04d}.weights.h5"
+        stem = self._stems.get(epoch, f"epoch-{epoch:04d}")
+        return self.checkpoint_dir / f"{stem}.weights.h5"
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -351,16 +353,30 @@ class SnapshotStore:
         """The newest pre-phase snapshot that may be restored."""
         return next((s for s in reversed(self.recent) if s.finite), None)
 
-    def keep_epoch(self, model, epoch: int) -> Snapshot | None:
+    def keep_epoch(
+        self, model, epoch: int, *, number: int | None = None, branch: int = 0
+    ) -> Snapshot | None:
         """Capture ``model`` at the end of ``epoch`` and keep it within the budget.
 
         Room is made before the copy, so the budget holds at every moment.
+
+        Args:
+            model: the model, synced.
+            epoch: the key to keep it under. The session uses ``History.key``,
+                which is the 0-based epoch until the run branches.
+            number: the 0-based epoch, when it is not the key; with ``branch``
+                it names the file (``epoch-0007-branch-1.weights.h5``).
+            branch: the branch of the run the epoch is on.
 
         Returns:
             The snapshot, or None if a weight is not finite (nothing is kept).
         """
         self._make_room(nbytes_of(model), 1)
-        snapshot = capture(model, f"epoch {epoch + 1}", epoch)
+        number = epoch if number is None else number
+        stem = f"epoch-{number:04d}" + (f"-branch-{branch}" if branch else "")
+        self._stems[epoch] = stem
+        label = f"epoch {number + 1}" + (f" of branch {branch}" if branch else "")
+        snapshot = capture(model, label, epoch)
         if not snapshot.finite:
             return None
         if self.checkpoint_dir is not None:

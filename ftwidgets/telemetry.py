@@ -84,10 +84,10 @@ def _finite(value: Any) -> float | None:
 
 def can_roll_back(session: Any, restored: Best | None) -> bool:
     """A best exists, its weights are kept, and they are not what the model holds now."""
-    best = session.best
-    if best is None or not session.snapshots.keeps(best.epoch):
+    best, kept = session.best, session.snapshots.best_epoch
+    if best is None or kept is None or not session.snapshots.keeps(kept):
         return False
-    return restored is None or restored.epoch != best.epoch
+    return restored is None or (restored.epoch, restored.branch) != (best.epoch, best.branch)
 
 
 def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
@@ -110,7 +110,7 @@ def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
     >>> session.close()
     """
     monitor = session.monitor
-    full = [r for r in session.history.epochs if not r.partial]
+    full = [r for r in session.history.lineage() if not r.partial]
     values = [_finite(r.logs.get(monitor)) for r in full]
     spark = [v for v in values if v is not None][-SPARK_POINTS:]
     phase = session.phase

@@ -59,7 +59,7 @@ class BestTracker:
         >>> tracker.reconfigure(EarlyStoppingConfig(monitor="val_acc"), runs)
         True
         >>> tracker.best
-        Best(epoch=0, value=0.7, monitor='val_acc', phase='head')
+        Best(epoch=0, value=0.7, monitor='val_acc', phase='head', branch=0)
         """
         changed = (config.monitor, config.resolved_mode) != (
             self.config.monitor,
@@ -72,7 +72,7 @@ class BestTracker:
             for record in epochs:
                 value = record.logs.get(config.monitor)
                 if record.eligible and value is not None:
-                    self._consider(record.epoch, float(value), record.phase)
+                    self._consider(record.epoch, float(value), record.phase, record.branch)
         self.should_stop = self._patience_spent()
         return changed
 
@@ -90,7 +90,13 @@ class BestTracker:
         return value > reference + self.config.min_delta
 
     def update(
-        self, epoch: int, logs: dict[str, float], *, phase: str, partial: bool = False
+        self,
+        epoch: int,
+        logs: dict[str, float],
+        *,
+        phase: str,
+        partial: bool = False,
+        branch: int = 0,
     ) -> bool:
         """Account for one finished epoch; return True if it is a new best.
 
@@ -104,7 +110,7 @@ class BestTracker:
             return False
         value = float(logs[self.config.monitor])
         self.phase_epochs += 1
-        improved = self._consider(epoch, value, phase)
+        improved = self._consider(epoch, value, phase, branch)
         if improved and self._beats(value, self.config.baseline):
             self.wait = 0
         elif self.phase_epochs > self.config.start_from_epoch:
@@ -112,12 +118,12 @@ class BestTracker:
         self.should_stop = self._patience_spent()
         return improved
 
-    def _consider(self, epoch: int, value: float, phase: str) -> bool:
+    def _consider(self, epoch: int, value: float, phase: str, branch: int = 0) -> bool:
         improved = math.isfinite(value) and self._beats(
             value, None if self.best is None else self.best.value
         )
         if improved:
-            self.best = Best(epoch, value, self.config.monitor, phase)
+            self.best = Best(epoch, value, self.config.monitor, phase, branch)
         return improved
 
     def _patience_spent(self) -> bool:

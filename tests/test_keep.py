@@ -209,3 +209,93 @@ def test_a_disk_copy_is_flushed_before_its_rename(tmp_path, monkeypatch):
     # A unique hidden temporary name, flushed, renamed, then the folder flushed.
     assert calls == ["fsync", "replace . -> epoch-0000.weights.h5", "fsync"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0000.weights.h5"]
+
+
+def test_training_on_from_a_restored_epoch_grows_a_branch_and_keeps_the_old_one(data):
+    session = make_session(data, keep=50)
+    head = ftw.PhaseConfig(phase="head", epochs=4, batch_size=8, learning_rate=1e-2)
+    session.run(head)
+    old_last = session.snapshots.get(session.history.key(3)).values
+    session.restore_epoch(1)
+    assert session.history.next_epoch == 2 and session.history.holds == (0, 1)
+    session.run(head.with_changes(epochs=2, learning_rate=3e-3))
+    history = session.history
+    assert [(r.epoch, r.branch) for r in history.epochs] == [
+        (0, 0), (1, 0), (2, 0), (3, 0), (2, 1), (3, 1)
+    ]  # fmt: skip
+    branch = history.branches[1]
+    assert (branch.parent, branch.fork_epoch, branch.name) == (0, 1, "branch 1 (from epoch 2)")
+    assert [(r.epoch, r.branch) for r in history.lineage()] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert [(r.epoch, r.branch) for r in history.abandoned()] == [(2, 0), (3, 0)]
+    assert history.phases[-1].branch == 1 and history.phases[-1].start_epoch == 2
+    assert list(history.to_dataframe()["branch"]) == [0, 0, 0, 0, 1, 1]
+    # Both epoch 3s stay restorable, each with its own weights.
+    assert session.restorable_epochs == (0, 1, 2, 3) == session.restorable(0)
+    session.restore_epoch(3, branch=0)
+    assert same(values(session.model.variables), old_last)
+    assert history.branch.index == 0 and history.holds == (0, 3)
+    session.restore_epoch(3, branch=1)
+    assert not same(values(session.model.variables), old_last)
+    # The best is the best of every branch, and names its branch.
+    full = [r for r in history.epochs if not r.partial]
+    winner = min(full, key=lambda r: r.logs["val_loss"])
+    assert (session.best.epoch, session.best.branch) == (winner.epoch, winner.branch)
+    session.restore_epoch(0)
+    session.rollback()
+    assert history.holds == (winner.branch, winner.epoch)
+    assert same(
+        values(session.model.variables),
+        session.snapshots.get(history.key(winner.epoch, winner.branch)).values,
+    )
+
+
+def test_a_restore_while_running_branches_the_next_phase(data):
+    session = make_session(data, keep=50)
+    rec = Recorder(session)
+    session.start(ftw.PhaseConfig(phase="head", epochs=500, batch_size=4))
+    rec.wait_for(ev.EpochEnded, lambda e: e.record.epoch == 3)
+    session.restore_epoch(1)
+    assert session.wait(WAIT)
+    history = session.history
+    # Every epoch that ran, a cut one too, stays on the old line.
+    assert history.epochs[-1].epoch >= 3 and {r.branch for r in history.epochs} == {0}
+    assert history.holds == (0, 1) and history.next_epoch == 2
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=4))
+    assert (history.epochs[-1].epoch, history.epochs[-1].branch) == (2, 1)
+
+
+def test_history_save_and_load_keep_the_whole_run(data, tmp_path):
+    session = make_session(data, keep=50)
+    session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=8))
+    session.restore_epoch(0)
+    session.run(
+        ftw.PhaseConfig(phase="finetune", epochs=2, batch_size=8, unfreeze_depth=1),
+        early_stopping=ftw.EarlyStoppingConfig(patience=4, min_delta=0.01),
+    )
+    history = session.history
+    path = history.save(tmp_path / "run.json")
+    text = path.read_text()
+    assert '"format": "ftwidgets.history"' in text and '"min_delta": 0.01' in text
+    loaded = ftw.History.load(path)
+    assert loaded.to_records() == history.to_records()
+    assert loaded.phases == history.phases
+    assert loaded.phases[1].early_stopping == ftw.EarlyStoppingConfig(patience=4, min_delta=0.01)
+    assert loaded.phases[1].config.unfreeze_depth == 1
+    assert loaded.markers == history.markers
+    assert loaded.branches == history.branches and loaded.branch == history.branch
+    assert [r.epoch for r in loaded.lineage()] == [r.epoch for r in history.lineage()]
+    assert loaded.model_name == session.model.name
+    assert loaded.model_settings["head_dropout rate"] == 0.3
+    assert set(loaded.versions) == {"ftwidgets", "keras", "jax", "numpy"}
+    assert loaded.versions["keras"] == keras_version()
+    assert loaded.settings() == history.settings()
+    for bad, message in (("[1, 2]", "Received: format='list'"), ("{", "not JSON")):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            ftw.History.load(tmp_path / "bad.json")
+
+
+def keras_version() -> str:
+    import keras
+
+    return keras.__version__
