@@ -15,7 +15,7 @@ from ftwidgets import demo  # noqa: E402
 from ftwidgets._backend import device_summary  # noqa: E402
 from ftwidgets.config import EarlyStoppingConfig, PhaseConfig  # noqa: E402
 from ftwidgets.events import Best, EpochRecord, Failure  # noqa: E402
-from ftwidgets.history import History  # noqa: E402
+from ftwidgets.history import Branch, History  # noqa: E402
 from ftwidgets.session import FineTuneSession, live_sessions, watch_sessions  # noqa: E402
 from ftwidgets.transfer import (  # noqa: E402
     build_transfer_model,
@@ -47,6 +47,10 @@ def __getattr__(name: str):
         from ftwidgets.charts import TrainingCharts
 
         return TrainingCharts
+    if name == "RunComparison":
+        from ftwidgets.compare import RunComparison
+
+        return RunComparison
     raise AttributeError(f"module 'ftwidgets' has no attribute {name!r}")
 
 
@@ -64,6 +68,7 @@ def _jupyter_labextension_paths() -> list[dict[str, str]]:
 
 __all__ = [
     "Best",
+    "Branch",
     "EarlyStoppingConfig",
     "EpochRecord",
     "Failure",
@@ -71,6 +76,7 @@ __all__ = [
     "FineTuneSession",
     "History",
     "PhaseConfig",
+    "RunComparison",
     "TrainingCharts",
     "__version__",
     "build_transfer_model",

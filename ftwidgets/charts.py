@@ -16,14 +16,14 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import bqplot as bq
 import ipywidgets as widgets
 import numpy as np
-from traitlets import Bool, observe
+from traitlets import Bool, Int, observe
 
 from ftwidgets.events import (
     Best,
@@ -69,25 +69,46 @@ _SETTLED_STATES = ("idle", "failed")
 _NOT_METRICS = ("learning_rate", "lr")
 
 
+HELD_COLOR = "#222222"
+# The halo around each restorable epoch's point.
+RING_OPACITY = 0.3
+# How strongly a branch left behind is drawn.
+ABANDONED_OPACITY = 0.3
+
 LOSS_LEGEND = (
     ("batch loss", BATCH_COLOR, "line"),
     ("smoothed", BATCH_SMOOTH_COLOR, "line"),
     ("loss", TRAIN_COLOR, "line"),
     ("val_loss", VAL_COLOR, "line"),
     ("best", BEST_COLOR, "diamond"),
+    ("restorable (click to pick)", VAL_COLOR, "halo"),
+    ("model holds", HELD_COLOR, "ring"),
 )
 
 
 def _legend_html(entries: tuple[tuple[str, str, str], ...]) -> str:
     items = []
     for label, color, kind in entries:
-        swatch = (
-            f"<span style='display:inline-block;width:9px;height:9px;background:{color};"
-            "transform:rotate(45deg);border:1px solid #333'></span>"
-            if kind == "diamond"
-            else f"<span style='display:inline-block;width:18px;height:3px;background:{color};"
-            "vertical-align:middle'></span>"
-        )
+        if kind == "diamond":
+            swatch = (
+                f"<span style='display:inline-block;width:9px;height:9px;background:{color};"
+                "transform:rotate(45deg);border:1px solid #333'></span>"
+            )
+        elif kind == "halo":
+            swatch = (
+                "<span style='display:inline-block;width:11px;height:11px;border-radius:50%;"
+                f"background:{color};opacity:{RING_OPACITY}'></span>"
+            )
+        elif kind == "ring":
+            swatch = (
+                "<span style='display:inline-block;width:8px;height:8px;border-radius:50%;"
+                f"border:2px solid {color}'></span>"
+            )
+        else:
+            swatch = (
+                f"<span style='display:inline-block;width:18px;height:3px;background:{color};"
+                "vertical-align:middle'></span>"
+            )
         items.append(f"<span style='margin-right:14px'>{swatch} {label}</span>")
     return (
         "<div class='ftwidgets-loss-legend' style='font-size:12px;text-align:center'>"
@@ -196,10 +217,14 @@ class TrainingCharts(widgets.VBox):
       per-epoch training and validation loss, phase bands labelled with phase,
       learning rate and depth, the best epoch (a diamond, when the monitor is a
       loss), and vertical rules with a symbol and text where early stopping,
-      a stop, a rollback or a failure happened.
+      a stop, a rollback or a failure happened. Epochs whose weights can be
+      restored have a faint halo on the validation curve (``max_points / 4``
+      at most, spread evenly): a click picks one (``selected_epoch``). A dark
+      ring marks the epoch the model holds, and the continuations left behind
+      by time travel are drawn dimmed.
     - ``metric_figure``: a metric per epoch for training and validation
       (``accuracy`` / ``val_accuracy`` by default), with the best marker when
-      that is the monitor.
+      that is the monitor, and the same halos and dimmed branches.
     - ``lr_figure``: the learning rate per epoch on a log scale, as a step line,
       with a point at each change made while training.
 
@@ -221,12 +246,17 @@ class TrainingCharts(widgets.VBox):
             plus its first and newest points).
         min_interval: the least time in seconds between two redraws caused by
             batch or epoch events.
+        restorable: returns the epochs whose weights can be restored
+            (``lambda: session.restorable_epochs``); None marks none.
         **kwargs: passed to ``ipywidgets.VBox`` (e.g. ``layout``).
 
     Attributes:
         loss_figure, metric_figure, lr_figure: the bqplot figures.
         show_batches: draw the per-batch loss trace (a traitlet; link it to a
             checkbox).
+        selected_epoch: the restorable epoch (0-based) picked by a click on
+            its halo, or None (a traitlet; a click on the chart's background,
+            or setting None, clears it).
         marks: the marks by name, read-only (see ``MARK_NAMES``).
         batch_budget: the largest share of the time that unforced redraws of
             the per-batch trace may take (0.02: a trace costing 10 ms is redrawn
@@ -244,6 +274,7 @@ class TrainingCharts(widgets.VBox):
     """
 
     show_batches = Bool(True, help="Draw the per-batch training loss.")
+    selected_epoch = Int(None, allow_none=True, help="The restorable epoch picked on the chart.")
     batch_budget: float = 0.02
 
     MARK_NAMES = (
@@ -266,6 +297,12 @@ class TrainingCharts(widgets.VBox):
         "rules_loss",
         "rules_metric",
         "rules_lr",
+        "abandoned_loss",
+        "abandoned_metric",
+        "restorable_loss",
+        "restorable_metric",
+        "held_loss",
+        "held_metric",
     )
 
     def __init__(
@@ -275,6 +312,7 @@ class TrainingCharts(widgets.VBox):
         metric: str | None = None,
         max_points: int = 500,
         min_interval: float = 0.25,
+        restorable: Callable[[], Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 4:
@@ -291,6 +329,7 @@ class TrainingCharts(widgets.VBox):
                 f"Received: min_interval={min_interval!r}"
             )
         self.history = history
+        self.restorable = restorable
         self.max_points = max_points
         self.min_interval = interval
         self.last_error: BaseException | None = None
@@ -305,6 +344,9 @@ class TrainingCharts(widgets.VBox):
         self._last_batch_draw = -math.inf
         self._batch_cost = 0.0
         self._drawn: dict[str, Any] = {}
+        self._syncing = False
+        # The epoch behind each halo, per chart, as last drawn.
+        self._halos: dict[str, np.ndarray] = {}
         self._error_callbacks: list[Callable[[BaseException, str], None]] = []
         self.redraws = 0
 
@@ -313,6 +355,8 @@ class TrainingCharts(widgets.VBox):
         self.loss_legend = widgets.HTML(_legend_html(LOSS_LEGEND))
         for name in ("batch", "loss", "val_loss", "best_loss"):
             self._marks[name].display_legend = False
+        for name in ("restorable_loss", "restorable_metric"):
+            self._marks[name].observe(self._on_halo_selected, "selected")
         super().__init__(
             children=[self.loss_legend, self.loss_figure, self.metric_figure, self.lr_figure],
             **kwargs,
@@ -354,6 +398,28 @@ class TrainingCharts(widgets.VBox):
                 colors=[TRAIN_COLOR, VAL_COLOR],
             )  # fmt: skip
 
+        def abandoned(scale: bq.Scale) -> bq.Lines:
+            return bq.Lines(
+                scales={**xs, "y": scale}, colors=[TRAIN_COLOR, VAL_COLOR], stroke_width=1.5,
+                opacities=[ABANDONED_OPACITY] * 2, labels=["left behind"], enable_hover=False,
+            )  # fmt: skip
+
+        def halos(scale: bq.Scale) -> bq.Scatter:
+            # Filled (a hollow ring takes clicks only on its stroke) and faint, on top.
+            return bq.Scatter(
+                scales={**xs, "y": scale}, colors=[VAL_COLOR], opacities=[RING_OPACITY],
+                default_size=170, labels=["restorable"], interactions={"click": "select"},
+                selected_style={"opacity": "1", "stroke": "black", "stroke-width": "2"},
+                tooltip=bq.Tooltip(fields=["x", "y"], formats=[".0f", ".4g"],
+                                   labels=["restore epoch", "value"]),
+            )  # fmt: skip
+
+        def held(scale: bq.Scale) -> bq.Scatter:
+            return bq.Scatter(
+                scales={**xs, "y": scale}, fill=False, colors=[HELD_COLOR], stroke_width=2.0,
+                default_size=260, labels=["model holds"], enable_hover=False,
+            )  # fmt: skip
+
         def best(scale: bq.Scale) -> bq.Scatter:
             return bq.Scatter(
                 scales={**xs, "y": scale}, marker="diamond", colors=[BEST_COLOR],
@@ -383,6 +449,12 @@ class TrainingCharts(widgets.VBox):
             "val_loss": epoch_line(loss_scale, VAL_COLOR, "val_loss"),
             "partial_loss": hollow(loss_scale),
             "best_loss": best(loss_scale),
+            "abandoned_loss": abandoned(loss_scale),
+            "restorable_loss": halos(loss_scale),
+            "held_loss": held(loss_scale),
+            "abandoned_metric": abandoned(metric_scale),
+            "restorable_metric": halos(metric_scale),
+            "held_metric": held(metric_scale),
             "events": bq.Scatter(
                 scales=band, marker="triangle-down", apply_clip=False, default_size=50,
                 display_names=True, names=[], preserve_domain={"y": True},
@@ -425,15 +497,15 @@ class TrainingCharts(widgets.VBox):
         )
         self.loss_figure = figure(
             "Loss",
-            ["bands_loss", "rules_loss", "phase_labels", "batch", "loss", "val_loss",
-             "partial_loss", "best_loss", "events"],
+            ["bands_loss", "rules_loss", "phase_labels", "batch", "abandoned_loss", "loss",
+             "val_loss", "partial_loss", "held_loss", "best_loss", "events", "restorable_loss"],
             self.loss_axis,
             "top-right",  # unused: the loss chart's legend is the HTML row above it
         )  # fmt: skip
         self.metric_figure = figure(
             "Metric",
-            ["bands_metric", "rules_metric", "metric", "val_metric", "partial_metric",
-             "best_metric"],
+            ["bands_metric", "rules_metric", "abandoned_metric", "metric", "val_metric",
+             "partial_metric", "held_metric", "best_metric", "restorable_metric"],
             self.metric_axis,
             "bottom-right",  # a rising accuracy leaves that corner empty
         )  # fmt: skip
@@ -601,9 +673,11 @@ class TrainingCharts(widgets.VBox):
         elif self.show_batches and self._drawn.get("batches") != self.history.batch_count:
             self._dirty = True
             self._schedule_locked(batches_due - now)
-        epoch_key = (len(history), metric, len(markers))
+        epoch_key = (len(history), metric, len(markers), history.holds, history.branch)
         if self._drawn.get("epochs") != epoch_key:
             self._draw_epochs(metric, markers)
+            self._draw_branches(metric)
+            self._draw_halos(metric)
             self._drawn["epochs"] = epoch_key
         self._draw_phases()
         self._draw_markers(markers)
@@ -651,7 +725,8 @@ class TrainingCharts(widgets.VBox):
 
         # Partial epochs: a hollow circle where the epoch was cut, never an epoch point.
         cut_at = {mk.epoch: mk.x for mk in markers if mk.kind in _CUTTING_KINDS}
-        partial = [r for r in history.epochs if r.partial]
+        lineage = history.lineage()
+        partial = [r for r in lineage if r.partial]
         for mark, names in (
             (m["partial_loss"], ("loss", "val_loss")),
             (m["partial_metric"], (metric, f"val_{metric}") if metric else None),
@@ -673,7 +748,7 @@ class TrainingCharts(widgets.VBox):
                 colors=colors or [TRAIN_COLOR],
             )
 
-        full = [r for r in history.epochs if not r.partial and r.learning_rate > 0]
+        full = [r for r in lineage if not r.partial and r.learning_rate > 0]
         x, y = bounded(
             np.array([r.epoch + 1.0 for r in full], dtype=np.float64),
             np.array([r.learning_rate for r in full], dtype=np.float64),
@@ -695,9 +770,104 @@ class TrainingCharts(widgets.VBox):
         x, y = bounded(epochs.astype(np.float64) + 1.0, values, self.max_points)
         assign(mark, x=x.astype(np.float32), y=y.astype(np.float32))
 
+    def _draw_branches(self, metric: str | None) -> None:
+        """Dim the continuations that time travel left behind, each joined to its fork."""
+        history = self.history
+        lineage = {id(r) for r in history.lineage()}
+        rows: dict[int, list[Any]] = {}
+        for record in history.epochs:
+            if id(record) not in lineage and not record.partial:
+                rows.setdefault(record.branch, []).append(record)
+        for mark_name, names in (
+            ("abandoned_loss", ("loss", "val_loss")),
+            ("abandoned_metric", (metric, f"val_{metric}") if metric else None),
+        ):
+            xs: list[float] = []
+            ys: list[list[float]] = [[], []]
+            for branch, records in rows.items() if names is not None else ():
+                # Joined to the epoch before it on its own line, where it left the current one.
+                start = history.key(records[0].epoch - 1, branch)
+                line = ([history.epochs[start]] if start is not None else []) + records
+                for record in [*line, None]:  # None: a gap before the next branch
+                    xs.append(math.nan if record is None else record.epoch + 1.0)
+                    for row, name in zip(ys, names, strict=True):
+                        value = math.nan if record is None else record.logs.get(name, math.nan)
+                        row.append(value if math.isfinite(value) else math.nan)
+            x = np.array(xs, dtype=np.float32)
+            assign(self._marks[mark_name], x=x, y=np.array(ys, dtype=np.float32) if xs else _EMPTY)
+
+    def _draw_halos(self, metric: str | None) -> None:
+        """Rings on the validation curves where weights can be restored; one on the held epoch."""
+        history = self.history
+        kept = np.array(self.restorable() if self.restorable else (), dtype=np.int64)
+        most = max(self.max_points // 4, 2)  # halos are for clicking: a few hundred at most
+        if len(kept) > most:  # thin out evenly, keeping both ends
+            kept = kept[np.unique(np.linspace(0, len(kept) - 1, most).round().astype(int))]
+        by_epoch = {r.epoch: r for r in history.lineage() if not r.partial}
+        holds = history.holds
+        held = by_epoch.get(holds[1]) if holds and history.on_lineage(*holds) else None
+        for chart, name in (("loss", "val_loss"), ("metric", f"val_{metric}" if metric else None)):
+            if name is not None and not any(name in r.logs for r in by_epoch.values()):
+                name = name.removeprefix("val_")  # no validation data: the training curve
+            points = [
+                (epoch, by_epoch[epoch].logs.get(name, math.nan) if name else math.nan)
+                for epoch in kept
+                if epoch in by_epoch
+            ]
+            points = [(e, v) for e, v in points if math.isfinite(v)]
+            self._halos[chart] = np.array([e for e, _ in points], dtype=np.int64)
+            halo = self._marks[f"restorable_{chart}"]
+            with halo.hold_sync():
+                assign(
+                    halo,
+                    x=np.array([e + 1.0 for e, _ in points], dtype=np.float32),
+                    y=np.array([v for _, v in points], dtype=np.float32),
+                )
+                self._select_halo(chart)
+            value = held.logs.get(name, math.nan) if held is not None and name else math.nan
+            shown = math.isfinite(value)
+            assign(
+                self._marks[f"held_{chart}"],
+                x=np.array([held.epoch + 1.0]) if shown else _EMPTY,
+                y=np.array([value]) if shown else _EMPTY,
+            )
+
+    def _select_halo(self, chart: str) -> None:
+        epochs = self._halos.get(chart, np.zeros(0, np.int64))
+        chosen = self.selected_epoch
+        at = [] if chosen is None else np.flatnonzero(epochs == chosen)
+        halo = self._marks[f"restorable_{chart}"]
+        selected = None if len(at) == 0 else np.array([int(at[0])])
+        current = halo.selected
+        if (current is None) != (selected is None) or (
+            current is not None and list(current) != list(selected)
+        ):
+            self._syncing = True
+            try:
+                halo.selected = selected
+            finally:
+                self._syncing = False
+
+    def _on_halo_selected(self, change: dict[str, Any]) -> None:
+        if self._syncing:
+            return
+        chart = "loss" if change["owner"] is self._marks["restorable_loss"] else "metric"
+        picked = change["new"]
+        epochs = self._halos.get(chart, np.zeros(0, np.int64))
+        if picked is None or len(picked) == 0 or not 0 <= int(picked[-1]) < len(epochs):
+            self.selected_epoch = None
+        else:
+            self.selected_epoch = int(epochs[int(picked[-1])])
+
+    @observe("selected_epoch")
+    def _on_selected_epoch_change(self, _change: dict[str, Any]) -> None:
+        with self._lock:
+            for chart in ("loss", "metric"):
+                self._select_halo(chart)
+
     def _draw_phases(self) -> None:
         history = self.history
-        spans = history.phases
+        spans = history.lineage_phases()
         rows_x: list[list[float]] = []
         fills: list[str] = []
         texts: list[str] = []
@@ -737,6 +907,8 @@ class TrainingCharts(widgets.VBox):
         )
 
     def _draw_markers(self, markers: Iterable[Marker]) -> None:
+        history = self.history
+        markers = [mk for mk in markers if history.on_lineage(mk.branch, mk.epoch)]
         rules = [mk for mk in markers if mk.kind != "learning_rate"]
         changes = [mk for mk in markers if mk.kind == "learning_rate" and mk.value]
         n = len(rules)

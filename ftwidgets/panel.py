@@ -15,6 +15,7 @@ import ipywidgets as widgets
 from ftwidgets import comms, tasks, telemetry, transfer
 from ftwidgets._backend import device_summary
 from ftwidgets.charts import TrainingCharts, format_rate
+from ftwidgets.compare import ComparedRun, RunComparison
 from ftwidgets.config import (
     DEFAULT_LEARNING_RATES,
     OPTIMIZERS,
@@ -141,8 +142,11 @@ class FineTunePanel(widgets.VBox):
         self._default_unit = transfer.default_unit(session.model)
 
         self._build_controls(epochs, batch_size)
-        self.charts = TrainingCharts(session.history)
+        self.charts = TrainingCharts(session.history, restorable=lambda: session.restorable_epochs)
         self.charts.on_error(self._on_chart_error)
+        self.comparison = RunComparison(
+            self.charts, session.history, monitor=session.monitor, mode=session.mode
+        )
         widgets.link((self.stream_batches, "value"), (self.charts, "show_batches"))
         self._build_layout()
         self._wire()
@@ -291,6 +295,13 @@ class FineTunePanel(widgets.VBox):
         self.rollback_button = widgets.Button(
             description="Roll back to best epoch", icon="undo", layout=widgets.Layout(width="auto")
         )
+        self.best_button = widgets.Button(
+            description="best",
+            icon="star",
+            tooltip="Roll back to the best epoch, not the one picked on the chart",
+            disabled=True,
+            layout=widgets.Layout(width="auto"),
+        )
         self.find_lr_button = widgets.Button(
             description="Find learning rate",
             icon="search",
@@ -360,7 +371,13 @@ class FineTunePanel(widgets.VBox):
             settings.set_title(i, title)
         settings.layout.width = "520px"  # room for the freeze map's five columns
         buttons = widgets.HBox(
-            [self.start_button, self.pause_button, self.stop_button, self.rollback_button]
+            [
+                self.start_button,
+                self.pause_button,
+                self.stop_button,
+                self.rollback_button,
+                self.best_button,
+            ]
         )
         self.charts.layout.flex = "1 1 auto"
         body = widgets.HBox([settings, self.charts], layout=widgets.Layout(width="100%"))
@@ -369,7 +386,15 @@ class FineTunePanel(widgets.VBox):
             f"<code>{html.escape(self.session.model.name)}</code>"
         )
         super().__init__(
-            [self.title, buttons, self.progress, self.status, self.error_area, body],
+            [
+                self.title,
+                buttons,
+                self.progress,
+                self.status,
+                self.error_area,
+                body,
+                self.comparison,
+            ],
             layout=widgets.Layout(width="100%"),
         )
         self.add_class("ftwidgets-panel")
@@ -398,6 +423,8 @@ class FineTunePanel(widgets.VBox):
         self.find_lr_button.on_click(lambda _: self.find_learning_rate())
         self.use_lr_button.on_click(self._on_use_lr_button_click)
         self.rollback_button.on_click(self._on_rollback_button_click)
+        self.best_button.on_click(self._on_best_button_click)
+        self.charts.observe(lambda _: self._refresh_buttons(), "selected_epoch")
         # A click only runs a handler that queues a session command and writes widgets
         # under self._ui: safe on a subshell's thread, so these work while a cell is
         # busy. Value widgets (the rate) stay on the main shell: syncing a widget's state
@@ -474,6 +501,30 @@ class FineTunePanel(widgets.VBox):
         return self._act(
             lambda: self.session.find_learning_rate(self.phase_config(), wait=False, **settings)
         )
+
+    def compare(self, other: Any, label: str | None = None) -> ComparedRun:
+        """Overlay another run on the charts, with a row in the comparison table.
+
+        ``other`` is a ``FineTuneSession`` (followed live), a ``History`` or the
+        path of one saved with ``history.save(path)``. Its curves are dashed,
+        aligned by global epoch, and listed in the legend with a checkbox that
+        shows or hides them; the table lists each run's best epoch and value and
+        its settings that differ from this run's.
+
+        Args:
+            other: the run to compare.
+            label: its name in the legend and table (default: the session's
+                name, or the file's name).
+
+        Returns:
+            The overlay (``.visible``, ``.toggle``, ``.marks``).
+
+        Raises:
+            ValueError: for anything else, or a label already used.
+        """
+        comparison = self.comparison
+        comparison.monitor, comparison.mode = self.session.monitor, self.session.mode
+        return comparison.add(other, label)
 
     def _act(self, action: Any) -> Any:
         if self.session.is_training:
@@ -553,12 +604,19 @@ class FineTunePanel(widgets.VBox):
         self._refresh_buttons()
 
     def _on_rollback_button_click(self, _button: widgets.Button) -> None:
+        chosen = self.charts.selected_epoch
         try:
-            self.session.rollback()
+            if chosen is None:
+                self.session.rollback()
+            else:
+                self.session.restore_epoch(chosen)
         except ValueError as exc:
             self.show_error(str(exc))
         self._refresh_buttons()
         self._refresh_status()
+
+    def _on_best_button_click(self, _button: widgets.Button) -> None:
+        self.charts.selected_epoch = None
 
     def _on_phase_change(self, change: dict[str, Any]) -> None:
         old, new = change["old"], change["new"]
@@ -682,6 +740,10 @@ class FineTunePanel(widgets.VBox):
             }.get(event.reason, "")
             if event.restored_best is not None and event.reason != "rolled_back":
                 self._notice += f" Restored the best epoch ({event.restored_best.epoch + 1})."
+            if self.comparison.runs:  # this run's best and settings may have changed
+                comparison = self.comparison
+                comparison.monitor, comparison.mode = self.session.monitor, self.session.mode
+                comparison.refresh_table()
         now = time.monotonic()
         if isinstance(event, StateChanged | PhaseStarted | PhaseEnded | NewBest | RolledBack):
             self._refresh_buttons()
@@ -727,13 +789,19 @@ class FineTunePanel(widgets.VBox):
             self.pause_button.disabled = state not in ("running", "paused")
             self.pause_button.description = "Resume" if state == "paused" else "Pause"
             self.pause_button.icon = "play" if state == "paused" else "pause"
+        chosen = self.charts.selected_epoch
         with self.rollback_button.hold_sync():
-            self.rollback_button.disabled = best is None or self.session.searching
-            self.rollback_button.description = (
-                "Roll back to best epoch"
-                if best is None
-                else f"Roll back to best epoch {best.epoch + 1}"
-            )
+            if chosen is not None:
+                self.rollback_button.disabled = self.session.searching
+                self.rollback_button.description = f"Roll back to epoch {chosen + 1}"
+            else:
+                self.rollback_button.disabled = best is None or self.session.searching
+                self.rollback_button.description = (
+                    "Roll back to best epoch"
+                    if best is None
+                    else f"Roll back to best epoch {best.epoch + 1}"
+                )
+        self.best_button.disabled = chosen is None
         with self.use_lr_button.hold_sync():
             self.use_lr_button.disabled = active or self._suggested is None
             self.use_lr_button.description = (
@@ -802,9 +870,16 @@ class FineTunePanel(widgets.VBox):
             rate = session.learning_rate
             if rate is not None:
                 parts.append(f"lr {format_rate(rate)}")
+        history = session.history
+        branched = len(history.branches) > 1
+        if history.holds is not None and not session.is_training:
+            branch, epoch = history.holds
+            where = f" of {history.branches[branch].name}" if branched else ""
+            parts.append(f"model holds epoch {epoch + 1}{where}")
         best = session.best
         if best is not None:
-            parts.append(f"best epoch {best.epoch + 1} ({best.monitor} {best.value:.4g})")
+            where = f" on {history.branches[best.branch].name}" if branched else ""
+            parts.append(f"best epoch {best.epoch + 1}{where} ({best.monitor} {best.value:.4g})")
             es = session.early_stopping
             if es is not None and started is not None:
                 since = session.epochs_without_improvement

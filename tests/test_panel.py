@@ -163,6 +163,62 @@ def test_start_runs_streams_charts_and_rollback_restores_best(panel):
     assert [m.kind for m in session.history.markers][-1] == "rollback"
 
 
+def test_a_ring_picked_on_the_chart_is_restored_and_training_on_branches(panel):
+    session, charts = panel.session, panel.charts
+    panel.epochs.value = 4
+    panel.start_button.click()
+    assert session.wait(WAIT)
+    charts.refresh(force=True)
+    rings = charts.marks["restorable_loss"]
+    kept = session.restorable_epochs
+    assert kept == (0, 1, 2, 3)
+    assert list(np.asarray(rings.x, dtype=float)) == [1.0, 2.0, 3.0, 4.0]
+    _, val_loss = session.history.metric("val_loss")
+    assert np.allclose(np.asarray(rings.y, dtype=float), val_loss)
+    assert rings.interactions["click"] == "select"
+    held = charts.marks["held_loss"]
+    assert list(np.asarray(held.x, dtype=float)) == [4.0]
+    assert "model holds epoch 4" in status_line(panel)
+    assert panel.best_button.disabled
+    # A click on the second ring (the front end sets `selected`) picks epoch 2.
+    rings.selected = np.array([1])
+    assert charts.selected_epoch == 1
+    assert list(charts.marks["restorable_metric"].selected) == [1]
+    assert panel.rollback_button.description == "Roll back to epoch 2"
+    assert not panel.best_button.disabled
+    panel.rollback_button.click()
+    assert same(weights(session.model), session.snapshots.get(1).values)
+    assert session.history.holds == (0, 1)
+    assert "model holds epoch 2" in status_line(panel)
+    charts.refresh(force=True)
+    assert list(np.asarray(held.x, dtype=float)) == [2.0]
+    # "best" goes back to the best epoch.
+    panel.best_button.click()
+    assert charts.selected_epoch is None and rings.selected is None
+    best = session.best
+    assert panel.rollback_button.description == f"Roll back to best epoch {best.epoch + 1}"
+    # Training on from epoch 2 grows branch 1; the old epochs 3 and 4 are drawn dimmed.
+    # (Without early stopping: restoring the best, on main, would travel back there.)
+    panel.early_stopping.value = False
+    panel.epochs.value = 1
+    panel.start_button.click()
+    assert session.wait(WAIT)
+    charts.refresh(force=True)
+    history = session.history
+    assert [(r.epoch, r.branch) for r in history.lineage()] == [(0, 0), (1, 0), (2, 1)]
+    left = charts.marks["abandoned_loss"]
+    x = np.asarray(left.x, dtype=float)
+    # From the fork (epoch 2) through the old epochs 3 and 4, then a gap.
+    assert list(x[:3]) == [2.0, 3.0, 4.0] and np.isnan(x[3])
+    old_val = [r.logs["val_loss"] for r in history.epochs[1:4]]
+    assert np.allclose(np.asarray(left.y, dtype=float)[1, :3], old_val)
+    assert list(np.asarray(charts.marks["val_loss"].x, dtype=float)) == [1.0, 2.0, 3.0]
+    assert "model holds epoch 3 of branch 1 (from epoch 2)" in status_line(panel)
+    winner = min(history.epochs, key=lambda r: r.logs["val_loss"])
+    named = "main" if winner.branch == 0 else "branch 1 (from epoch 2)"
+    assert f"best epoch {winner.epoch + 1} on {named} (val_loss" in status_line(panel)
+
+
 def test_stop_button_ends_the_phase(panel):
     session = panel.session
     panel.epochs.value = 50
