@@ -587,19 +587,35 @@ class TrafficRow:
     naive_total: int
     draw_ms: Spread
     by_mark: dict[str, int] = field(default_factory=dict)
+    overlays: int = 0
 
 
-def measure_traffic(sizes: Sequence[int], every: int, steps: int) -> list[TrafficRow]:
+def finished_run(epochs: int, offset: float) -> History:
+    """A saved-looking run of ``epochs`` epochs, to overlay with ``RunComparison``."""
+    history = History()
+    for epoch in range(epochs):
+        loss = 2.0 * math.exp(-epoch / (epochs / 3 + 1)) + offset
+        logs = {"loss": loss, "val_loss": loss * 1.1, "accuracy": 1 - loss / 3}
+        history.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs(logs), 1e-3))
+    return history
+
+
+def measure_traffic(
+    sizes: Sequence[int], every: int, steps: int, overlays: int = 0
+) -> list[TrafficRow]:
     """Feed ``TrainingCharts`` a synthetic run; one forced redraw every ``every`` batches.
 
     Updates come at a fixed cadence (as a live run redraws at a fixed rate), so a
     longer run has proportionally more updates. Every update is a forced redraw, the
     most a redraw can send; the time throttle is set out of the way (it would only
     skip updates). Bytes are what the recording comm packed (JSON plus buffers).
+    With ``overlays``, that many finished runs of the same length are compared on
+    the charts (``RunComparison``) before the run starts.
     """
     from recording_comm import record_comms
 
     from ftwidgets.charts import TrainingCharts
+    from ftwidgets.compare import RunComparison
 
     rows = []
     for n in sizes:
@@ -607,13 +623,18 @@ def measure_traffic(sizes: Sequence[int], every: int, steps: int) -> list[Traffi
         history = History()
         with record_comms() as rec:
             charts = TrainingCharts(history, metric="accuracy", min_interval=1e9)
+            comparison = RunComparison(charts, history, monitor="val_loss", mode="min")
             try:
                 epochs = math.ceil(n / steps)
+                for index in range(overlays):
+                    comparison.add(finished_run(epochs, 0.05 * (index + 1)), f"run {index + 1}")
                 history.begin_phase(PhaseSpan(0, "head", 0, 1e-3, 0))
                 charts.on_event(PhaseStarted(0, "head", 0, epochs, 1e-3, 0, steps, ("head",)))
                 sizes_sent: list[int] = []
                 draw_s: list[float] = []
                 names = {m.model_id: name for name, m in charts.marks.items()}
+                for run in comparison.runs:
+                    names.update({m.model_id: "overlay" for m in run.marks.values()})
                 by_mark: dict[str, int] = {}
                 naive = 0
                 best = math.inf
@@ -660,6 +681,7 @@ def measure_traffic(sizes: Sequence[int], every: int, steps: int) -> list[Traffi
                 if charts.last_error is not None:
                     raise RuntimeError(f"chart error: {charts.last_error!r}")
             finally:
+                comparison.close()
                 charts.close()
         rows.append(
             TrafficRow(
@@ -671,10 +693,11 @@ def measure_traffic(sizes: Sequence[int], every: int, steps: int) -> list[Traffi
                 naive,
                 Spread([s * 1e3 for s in draw_s]),
                 by_mark,
+                overlays,
             )
         )
         log(
-            f"[traffic] {n:>6} batches: {len(sizes_sent)} updates, "
+            f"[traffic] {n:>6} batches, {overlays} overlays: {len(sizes_sent)} updates, "
             f"{fmt_bytes(statistics.median(sizes_sent))}/update (median), "
             f"total {fmt_bytes(sum(sizes_sent))}"
         )
@@ -1978,6 +2001,31 @@ def overhead_table(result: OverheadResult, targets: dict[str, float] | None) -> 
     return lines
 
 
+def overlay_table(rows: list[TrafficRow], plain: list[TrafficRow]) -> list[str]:
+    alone = {r.batches: r for r in plain}
+    lines = [
+        "With finished runs compared on the charts (`panel.compare`, `RunComparison`), "
+        "each as long as the live one:",
+        "",
+        "| batches | runs compared | bytes/update: median | without overlays | "
+        "overlay bytes in the updates |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = alone.get(r.batches)
+        lines.append(
+            f"| {r.batches:,} | {r.overlays} | {fmt_bytes(r.per_update.median)} | "
+            f"{fmt_bytes(base.per_update.median) if base else '-'} | "
+            f"{fmt_bytes(r.by_mark.get('overlay', 0))} |"
+        )
+    lines += [
+        "",
+        "An overlay is sent once when it is added (decimated to `max_points` per curve) and "
+        "again only when its run records an epoch; the live run's updates never resend it.",
+    ]
+    return lines
+
+
 def traffic_table(rows: list[TrafficRow], every: int, steps: int) -> list[str]:
     lines = [
         f"One forced chart update every {every} batches, {steps} batches per epoch, "
@@ -2174,10 +2222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         overhead.append(measure_overhead(tiny, list(ARMS), repeats + (0 if quick else 1), 2))
 
     traffic: list[TrafficRow] = []
+    overlaid: list[TrafficRow] = []
     every, steps = (100, 100) if quick else (25, 100)
     if "traffic" in sections:
         log("")
         traffic = measure_traffic((100, 1_000, 10_000, 100_000), every, steps)
+        overlaid = measure_traffic((1_000, 100_000), every, steps, overlays=3)
 
     res = Responsiveness()
     stop_workload = None
@@ -2236,6 +2286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
     if traffic:
         out += ["## 2. Chart traffic", "", *traffic_table(traffic, every, steps), ""]
+        out += [*overlay_table(overlaid, traffic), ""]
     if stop_workload is not None:
         out += ["## 3. Responsiveness", "", *responsiveness_table(res, stop_workload), ""]
     out += ["## 4. GPU", ""]

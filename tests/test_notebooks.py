@@ -35,7 +35,7 @@ WALKTHROUGHS = {
     # name: how many panels it shows (each one trains from code)
     "01_quickstart.ipynb": 1,
     "02_two_phase_fine_tuning.ipynb": 1,
-    "03_early_stopping_and_rollback.ipynb": 2,
+    "03_early_stopping_and_rollback.ipynb": 4,
     "04_bring_your_own_model.ipynb": 2,
     "05_your_own_images.ipynb": 1,
 }
@@ -319,6 +319,15 @@ def test_walkthroughs_print_their_results():
     assert re.search(r"rolled back to epoch \d+: test accuracy [\d.]+, test loss [\d.]+", three)
     stopped = re.search(r"stopped after (\d+) of 80 epochs", three)
     assert stopped and int(stopped.group(1)) < 80
+    # Time travel: every epoch of the small model kept; training on from epoch 10 branches.
+    assert "restorable: 80 of 80 epochs" in three
+    assert re.search(r"back at epoch 10: test accuracy [\d.]+", three)
+    assert "branches: ['main', 'branch 1 (from epoch 10)']" in three
+    assert re.search(r"\n1 +10 +19 +10\n", three)  # branch 1: epochs 11-20 (0-based 10-19)
+    assert re.search(r"best: epoch \d+ on (main|branch 1 \(from epoch 10\))", three)
+    for rate in ("0.3", "0.5"):
+        assert re.search(rf"head dropout {rate}: best epoch \d+, val_loss [\d.]+", three)
+    assert "compared: dropout 0.5 from dropout-0.5.json" in three
 
     four = execute("04_bring_your_own_model.ipynb").stream()
     assert "weights=None" in four  # FTWIDGETS_OFFLINE=1 skipped the download
