@@ -306,6 +306,16 @@ class History:
         self._fork = None if epoch == self._tips.get(branch) else epoch
         self.holds = (branch, epoch)
 
+    def hold(self, epoch: int | None, branch: int | None = None) -> None:
+        """Note that the model holds ``epoch`` of the current lineage (None: no kept epoch).
+
+        Unlike `travel`, the epoch count goes on from the branch's last epoch: a
+        pending fork is dropped (a rollback to the best after a `travel`).
+        """
+        self._fork = None
+        branch = self._branch if branch is None else branch
+        self.holds = None if epoch is None else (branch, epoch)
+
     # -- phases and markers ----------------------------------------------
     @property
     def phases(self) -> tuple[PhaseSpan, ...]:

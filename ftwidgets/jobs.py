@@ -164,7 +164,7 @@ class JobContext:
         if travel or not history.on_lineage(held.branch, held.epoch):
             history.travel(held.epoch, held.branch)
         else:
-            history.holds = (held.branch, held.epoch)
+            history.hold(held.epoch, held.branch)
 
     def epoch_as_best(self, epoch: int, branch: int | None = None) -> Best:
         """Describe a recorded ``epoch`` (of ``branch``, default the current lineage's)
@@ -501,7 +501,7 @@ class FitPhase:
             ctx.settle(self.restored, travel=False)
         elif fallback is not None:
             before = self.start_epoch - 1
-            ctx.history.holds = (ctx.history.branch.index, before) if before >= 0 else None
+            ctx.history.hold(before if before >= 0 else None)
         if failure is not None:
             ctx.history.add_marker(Marker("failure", self.epoch + 1, self.epoch, failure.message))
         self.reason = reason

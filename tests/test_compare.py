@@ -64,7 +64,7 @@ def test_compare_overlays_a_saved_run_with_its_own_legend_toggle_and_table(data,
         assert f"<td>{theirs:.4g}</td>" in table
         assert "model head_dropout rate: 0.5" in table and "(this run: 0.3)" in table
         assert "phase 1 epochs: 4" in table and "phase 1 learning_rate" not in table
-        with pytest.raises(ValueError, match="already labelled 'dropout-0.5'"):
+        with pytest.raises(ValueError, match=r"already labelled 'dropout-0\.5'"):
             panel.compare(path)
         with pytest.raises(ValueError, match="Received: int"):
             panel.compare(42)

@@ -264,6 +264,17 @@ def test_a_restore_while_running_branches_the_next_phase(data):
     assert (history.epochs[-1].epoch, history.epochs[-1].branch) == (2, 1)
 
 
+def test_a_rollback_to_the_best_after_a_restore_goes_on_without_a_branch(data):
+    session = make_session(data, keep=50)
+    session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=8, learning_rate=1e-2))
+    session.restore_epoch(0)
+    assert session.history.next_epoch == 1  # would branch from epoch 1
+    best = session.rollback()
+    assert session.history.holds == (0, best.epoch) and session.history.next_epoch == 3
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=8))
+    assert len(session.history.branches) == 1 and session.history.epochs[-1].epoch == 3
+
+
 def test_history_save_and_load_keep_the_whole_run(data, tmp_path):
     session = make_session(data, keep=50)
     session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=8))

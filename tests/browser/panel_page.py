@@ -173,6 +173,16 @@ class PanelPage:
         lo, hi = math.log10(v0), math.log10(v1)
         return [10 ** (lo + (y - y0) / (y1 - y0) * (hi - lo)) for y in ys]
 
+    def halos(self, figure: Any) -> list[Any]:
+        """The faint filled dots on the validation curve that mark restorable epochs,
+        in data order (told apart from every other dot by their opacity)."""
+        dots = figure.locator("path.dot")
+        faint = dots.evaluate_all(
+            """(dots) => dots.map((d, i) => [i, parseFloat(getComputedStyle(d).opacity)])
+                .filter(([, o]) => Math.abs(o - 0.3) < 0.01).map(([i]) => i)"""
+        )
+        return [dots.nth(i) for i in faint]
+
     def bands(self, figure: Any) -> list[str]:
         """The fill colour of every phase band drawn in ``figure``, left to right."""
         return figure.locator(_BAND).evaluate_all(

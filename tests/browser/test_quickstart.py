@@ -382,6 +382,30 @@ def test_6_roll_back_to_best(scenario) -> None:
     record_timing("6 rollback: whole scenario", _since(started))
 
 
+def test_6b_a_picked_epoch_is_restored_and_best_is_one_click_away(scenario) -> None:
+    page, started = scenario, time.monotonic()
+    ui = PanelPage(page)
+    loss = ui.figure("Loss")
+    wait_until(lambda: len(ui.halos(loss)) >= 2, what="halos on the restorable epochs")
+    ui.halos(loss)[0].click()  # the first kept epoch: the run's first
+    picked = ui.button("Roll back to epoch 1")
+    expect(picked).to_be_visible(timeout=WAIT_MS)
+    clicked = time.monotonic()
+    picked.click()
+    expect(ui.status).to_contain_text("Restored the weights of epoch 1.", timeout=WAIT_MS)
+    record_timing("6b pick: click -> status names the restored epoch", _since(clicked))
+    expect(ui.status).to_contain_text("model holds epoch 1")
+    screenshot(ui.root, "quickstart-6b-picked-epoch-restored")
+    # "best" beside it turns the button back; a click there restores the best again.
+    ui.button("best").click()
+    button = ui.button(ROLLBACK)
+    expect(button).to_be_enabled(timeout=WAIT_MS)
+    best = int(ROLLBACK.search(button.inner_text())[1])
+    button.click()
+    expect(ui.status).to_contain_text(f"model holds epoch {best}", timeout=WAIT_MS)
+    record_timing("6b pick: whole scenario", _since(started))
+
+
 def test_7_bad_input_is_reported_in_the_panel(scenario) -> None:
     page, started = scenario, time.monotonic()
     ui = PanelPage(page)
