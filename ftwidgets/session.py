@@ -741,7 +741,11 @@ class FineTuneSession:
         if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer):
             raise ValueError(f"epoch must be an int. Received: epoch={epoch!r}")
         history = self.history
-        if branch is not None and not 0 <= branch < len(history.branches):
+        if branch is not None and (
+            isinstance(branch, bool)
+            or not isinstance(branch, int | np.integer)
+            or not 0 <= branch < len(history.branches)
+        ):
             raise ValueError(
                 f"The run has branches 0 to {len(history.branches) - 1}. "
                 f"Received: branch={branch!r}"

@@ -127,6 +127,9 @@ def test_an_epoch_not_kept_is_refused_with_the_list_and_nothing_moves(data):
         session.restore_epoch(missing)
     with pytest.raises(ValueError, match="epoch must be an int"):
         session.restore_epoch("2")
+    for bad in (1, -1, "0", True):
+        with pytest.raises(ValueError, match=rf"branches 0 to 0\. Received: branch={bad!r}"):
+            session.restore_epoch(kept[0], branch=bad)
     assert same(values(session.model.variables), before)
     assert session.history.markers == markers
 

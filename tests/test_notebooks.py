@@ -323,7 +323,7 @@ def test_walkthroughs_print_their_results():
     assert "restorable: 80 of 80 epochs" in three
     assert re.search(r"back at epoch 10: test accuracy [\d.]+", three)
     assert "branches: ['main', 'branch 1 (from epoch 10)']" in three
-    assert re.search(r"\n1 +10 +19 +10\n", three)  # branch 1: epochs 11-20 (0-based 10-19)
+    assert re.search(r"\n1 +10 +14 +5\n", three)  # branch 1: epochs 11-15 (0-based 10-14)
     assert re.search(r"best: epoch \d+ on (main|branch 1 \(from epoch 10\))", three)
     for rate in ("0.3", "0.5"):
         assert re.search(rf"head dropout {rate}: best epoch \d+, val_loss [\d.]+", three)
