@@ -109,7 +109,7 @@ def _legend_html(entries: tuple[tuple[str, str, str], ...]) -> str:
                 f"<span style='display:inline-block;width:18px;height:3px;background:{color};"
                 "vertical-align:middle'></span>"
             )
-        items.append(f"<span style='margin-right:14px'>{swatch} {label}</span>")
+        items.append(f"<span style='margin-right:14px;white-space:nowrap'>{swatch} {label}</span>")
     return (
         "<div class='ftwidgets-loss-legend' style='font-size:12px;text-align:center'>"
         + "".join(items)
@@ -408,7 +408,7 @@ class TrainingCharts(widgets.VBox):
             # Filled (a hollow ring takes clicks only on its stroke) and faint, on top.
             return bq.Scatter(
                 scales={**xs, "y": scale}, colors=[VAL_COLOR], opacities=[RING_OPACITY],
-                default_size=170, labels=["restorable"], interactions={"click": "select"},
+                default_size=110, labels=["restorable"], interactions={"click": "select"},
                 selected_style={"opacity": "1", "stroke": "black", "stroke-width": "2"},
                 tooltip=bq.Tooltip(fields=["x", "y"], formats=[".0f", ".4g"],
                                    labels=["restore epoch", "value"]),

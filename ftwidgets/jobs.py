@@ -134,9 +134,17 @@ class JobContext:
         return None if epoch is None else self.history.key(epoch.epoch, epoch.branch)
 
     def roll_back(
-        self, epoch: int, x: float, batch: int | None, target: Rollback | None = None
+        self,
+        epoch: int,
+        x: float,
+        batch: int | None,
+        target: Rollback | None = None,
+        settle: bool = True,
     ) -> Best:
         """Restore a kept epoch (the best unless ``target`` names one); mark it at ``x``.
+
+        With ``settle`` (no phase runs), the history notes what the model now holds
+        before listeners hear of it; a running phase settles as it ends.
 
         Returns:
             The restored epoch, as a ``Best`` of the monitor at that epoch.
@@ -150,6 +158,8 @@ class JobContext:
         if best.branch != self.history.branch.index:
             detail += f" of {self.history.branches[best.branch].name}"
         self.history.add_marker(Marker("rollback", x, epoch, detail, best.epoch))
+        if settle:
+            self.settle(best, travel=target is not None and target.epoch is not None)
         self.emit(RolledBack(best, epoch, batch))
         return best
 
@@ -524,8 +534,7 @@ class FitPhase:
         """Leftovers from the last epoch's validation pass: a rollback or new settings."""
         if isinstance(command, Rollback) and _restorable(ctx, command):
             next_epoch = ctx.history.next_epoch
-            held = ctx.roll_back(next_epoch, next_epoch, None, command)
-            ctx.settle(held, travel=command.epoch is not None)
+            ctx.roll_back(next_epoch, next_epoch, None, command)
         elif isinstance(command, UpdateEarlyStopping):
             ctx.early_stopping = command.config
             ctx.track(command.config)
@@ -625,7 +634,7 @@ class FitPhase:
             self.early_stopping = ctx.early_stopping = command.config
             ctx.track(command.config)
         elif isinstance(command, Rollback) and _restorable(ctx, command):
-            self.rolled_to = ctx.roll_back(self.epoch, x, self.batch, command)
+            self.rolled_to = ctx.roll_back(self.epoch, x, self.batch, command, settle=False)
             self.rolled_to_epoch = command.epoch is not None
             self.rolled_back = True
             return "rolled_back"

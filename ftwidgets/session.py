@@ -767,9 +767,7 @@ class FineTuneSession:
         if self._channel.submit(target) is not None:
             return None
         next_epoch = self.history.next_epoch
-        held = self._ctx.roll_back(next_epoch, next_epoch, None, target)
-        self._ctx.settle(held, travel=target.epoch is not None)
-        return held
+        return self._ctx.roll_back(next_epoch, next_epoch, None, target)
 
     # -- waiting ----------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
