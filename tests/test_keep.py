@@ -134,7 +134,7 @@ def test_an_epoch_not_kept_is_refused_with_the_list_and_nothing_moves(data):
     assert session.history.markers == markers
 
 
-def test_restore_epoch_while_running_ends_the_phase_on_that_epoch(data):
+def test_restore_epoch_while_running_ends_the_phase_on_that_epoch_and_branches(data):
     session = make_session(data, keep=50)
     rec = Recorder(session)
     session.start(ftw.PhaseConfig(phase="head", epochs=500, batch_size=4))
@@ -146,6 +146,12 @@ def test_restore_epoch_while_running_ends_the_phase_on_that_epoch(data):
     assert same(values(session.model.variables), session.snapshots.get(1).values)
     (rolled,) = rec.of(ev.RolledBack)
     assert rolled.best.epoch == 1 and rolled.epoch >= 2
+    # Every epoch that ran, a cut one too, stays on the old line; the next phase branches.
+    history = session.history
+    assert history.epochs[-1].epoch >= 2 and {r.branch for r in history.epochs} == {0}
+    assert history.holds == (0, 1) and history.next_epoch == 2
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=4))
+    assert (history.epochs[-1].epoch, history.epochs[-1].branch) == (2, 1)
 
 
 def test_disk_copies_hold_the_whole_state_and_restore_after_leaving_memory(data, tmp_path):
@@ -250,21 +256,6 @@ def test_training_on_from_a_restored_epoch_grows_a_branch_and_keeps_the_old_one(
         values(session.model.variables),
         session.snapshots.get(history.key(winner.epoch, winner.branch)).values,
     )
-
-
-def test_a_restore_while_running_branches_the_next_phase(data):
-    session = make_session(data, keep=50)
-    rec = Recorder(session)
-    session.start(ftw.PhaseConfig(phase="head", epochs=500, batch_size=4))
-    rec.wait_for(ev.EpochEnded, lambda e: e.record.epoch == 3)
-    session.restore_epoch(1)
-    assert session.wait(WAIT)
-    history = session.history
-    # Every epoch that ran, a cut one too, stays on the old line.
-    assert history.epochs[-1].epoch >= 3 and {r.branch for r in history.epochs} == {0}
-    assert history.holds == (0, 1) and history.next_epoch == 2
-    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=4))
-    assert (history.epochs[-1].epoch, history.epochs[-1].branch) == (2, 1)
 
 
 def test_a_rollback_to_the_best_after_a_restore_goes_on_without_a_branch(data):
