@@ -104,12 +104,14 @@ class SessionControl(keras.callbacks.Callback):
 
 
 class LossStream(keras.callbacks.Callback):
-    """Stream each batch's training loss, and flag a NaN or infinite loss.
+    """Stream the training loss after each batch, and flag a NaN or infinite loss.
 
     Runs on Keras's callback thread pool (``async_safe``), so it touches only
     ``logs``, the recorder's lock-guarded trace and the channel's batch count.
-    Keras logs the running mean of the epoch's loss, so the first non-finite
-    batch poisons every later value.
+    Keras logs the running mean of the epoch's loss, not the batch's own: the
+    history recovers each batch's loss from consecutive means (see
+    ``History.batch_trace``), and the first non-finite batch poisons every later
+    mean.
 
     Args:
         channel: the session's channel, which counts finished batches.

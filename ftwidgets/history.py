@@ -174,9 +174,10 @@ class History:
         self.model_settings: dict[str, Any] = {}
         self.versions: dict[str, str] = {}
         self._lock = threading.Lock()
-        # Growable columns (step, x, loss): appends are O(1) amortised and reads
-        # are one slice copy, so a 100,000-batch trace costs little to redraw.
-        self._trace = np.empty((3, 1024), dtype=np.float64)
+        # Growable columns (step, x, loss or running mean, batch in epoch, size):
+        # appends are O(1) amortised and reads are one slice copy, so a 100,000-batch
+        # trace costs little to redraw.
+        self._trace = np.empty((5, 1024), dtype=np.float64)
         self._batches = 0
 
     # -- epochs ---------------------------------------------------------
@@ -364,15 +365,24 @@ class History:
         self._markers.append(marker)
 
     # -- per-batch trace -------------------------------------------------
-    def record_batch(self, step: int, x: float, loss: float) -> None:
-        """Append one batch's training loss. Safe to call from any thread."""
+    def record_batch(
+        self, step: int, x: float, loss: float, *, batch: int | None = None, size: float = 1.0
+    ) -> None:
+        """Append one batch's training loss. Safe to call from any thread.
+
+        Keras logs the running mean of the epoch's loss so far, weighted by batch
+        size, not the batch's own loss. Pass that mean with ``batch`` (the batch's
+        index in its epoch) and ``size`` (its samples): `batch_trace` recovers each
+        batch's own loss from consecutive means. Without ``batch``, ``loss`` is
+        taken as the batch's own.
+        """
         with self._lock:
             n = self._batches
             if n == self._trace.shape[1]:
-                grown = np.empty((3, 2 * n), dtype=np.float64)
+                grown = np.empty((5, 2 * n), dtype=np.float64)
                 grown[:, :n] = self._trace
                 self._trace = grown
-            self._trace[:, n] = (step, x, loss)
+            self._trace[:, n] = (step, x, loss, -1 if batch is None else batch, size)
             self._batches = n + 1
 
     def place_batches(self, first_step: int, steps: int, epoch: int) -> None:
@@ -401,7 +411,22 @@ class History:
         return self._batches
 
     def batch_trace(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return ``(steps, x, loss)`` of the per-batch trace, sorted by step."""
+        """Return ``(steps, x, loss)`` of the per-batch trace, sorted by step.
+
+        ``loss`` is each batch's own loss. Where it was recorded as a running mean,
+        batch ``k`` of an epoch is ``(m_k S_k - m_(k-1) S_(k-1)) / n_k``, with ``m``
+        the means, ``n`` the batch sizes and ``S`` their running sums; a batch whose
+        predecessors in its epoch were not all recorded is NaN.
+
+        Example (Keras logged 0, 0.5, 1.67 and 3.5 for batches whose losses are 0, 1,
+        4 and 9; they may arrive out of order):
+
+        >>> h = History()
+        >>> for batch, mean in [(1, 0.5), (0, 0.0), (3, 3.5), (2, 5 / 3)]:
+        ...     h.record_batch(batch, batch + 1, mean, batch=batch)
+        >>> h.batch_trace()[2].round(6).tolist()
+        [0.0, 1.0, 4.0, 9.0]
+        """
         with self._lock:
             trace = self._trace[:, : self._batches].copy()
         steps = trace[0].astype(np.int64)
@@ -409,7 +434,7 @@ class History:
             # Keras's callback pool may finish batches out of order.
             trace = trace[:, np.argsort(steps, kind="stable")]
             steps = trace[0].astype(np.int64)
-        return steps, trace[1], trace[2]
+        return steps, trace[1], _own_losses(steps, trace[2], trace[3], trace[4])
 
     # -- export ----------------------------------------------------------
     _FIELDS = ("epoch", "phase", "phase_index", "learning_rate", "partial", "seconds", "branch")
@@ -538,6 +563,33 @@ class History:
 
     def __len__(self) -> int:
         return len(self._epochs)
+
+
+def _own_losses(
+    steps: np.ndarray, values: np.ndarray, batch: np.ndarray, size: np.ndarray
+) -> np.ndarray:
+    """Each batch's own loss, from rows sorted by step (see `History.batch_trace`)."""
+    means = batch >= 0
+    if not means.any():
+        return values
+    start = steps - batch  # the epoch's first step, per row
+    index = np.arange(len(steps))
+    # Rows chain when the one before is the previous batch of the same epoch.
+    chained = np.zeros(len(steps), dtype=bool)
+    chained[1:] = (start[1:] == start[:-1]) & (batch[1:] == batch[:-1] + 1) & means[:-1]
+    first = means & (batch == 0)
+    # Running sums of sizes from each epoch's batch 0; a broken chain poisons the rest.
+    head = np.maximum.accumulate(np.where(first | ~chained, index, 0))
+    total = np.cumsum(size)
+    seen = total - total[head] + size[head]
+    whole = first[head]
+    own = np.full(len(steps), np.nan)
+    before = np.zeros(len(steps))
+    before[1:] = values[:-1] * seen[:-1]
+    safe = np.where(size > 0, size, np.nan)
+    own = np.where(chained & whole, (values * seen - before) / safe, own)
+    own = np.where(first, values, own)
+    return np.where(means, own, values)
 
 
 def _record_to_json(record: EpochRecord) -> dict[str, Any]:

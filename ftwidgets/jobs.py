@@ -378,6 +378,7 @@ class FitPhase:
         self._epoch_first_step = 0
         self._finished_before_epoch = 0
         self._next_progress = 0.0
+        self._sizes = (1.0, 1.0)
 
     # -- the job ------------------------------------------------------------------
     def prepare(self, ctx: JobContext) -> None:
@@ -405,6 +406,13 @@ class FitPhase:
         self.index = len(ctx.history.phases)
         self.start_epoch = self.epoch = ctx.history.next_epoch
         self.steps_per_epoch = ctx.data.steps_per_epoch(config.batch_size) or ctx.learned_steps
+        # Keras weighs each batch's loss in its running mean by the batch's samples.
+        samples = ctx.data.num_train()
+        if samples is None or not self.steps_per_epoch:
+            self._sizes = (1.0, 1.0)  # a dataset: taken as equal batches
+        else:
+            last = samples - (self.steps_per_epoch - 1) * config.batch_size
+            self._sizes = (float(config.batch_size), float(last))
         self._epoch_first_step = ctx.steps_before
         self._watched = _changing_variables(model)
         ctx.snapshots.keep_recent(before)
@@ -578,12 +586,17 @@ class FitPhase:
         return self.epoch + batch / (steps if steps else batch + 1)
 
     def record_loss(self, batch: int, loss: float, record: bool) -> None:
-        """Take one batch's loss (from Keras's callback pool); flag a NaN or inf."""
+        """Take the epoch's running mean loss after ``batch`` (from Keras's callback
+        pool); flag a NaN or inf."""
         self.last_loss = loss
         if not math.isfinite(loss) and self.non_finite is None:
             self.non_finite = (self.epoch, batch, loss)
         if record:
-            self._ctx.history.record_batch(self.step(batch), self.position(batch + 1), loss)
+            full, last = self._sizes
+            size = last if batch + 1 == self.steps_per_epoch else full
+            self._ctx.history.record_batch(
+                self.step(batch), self.position(batch + 1), loss, batch=batch, size=size
+            )
 
     def check_finite(self) -> None:
         """Raise if a loss became NaN or infinite."""
