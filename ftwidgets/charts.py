@@ -61,6 +61,10 @@ MARKER_STYLES = {
 }
 # Kinds that cut an epoch short: a partial epoch's hollow point sits at their x.
 _CUTTING_KINDS = ("stop", "rollback", "failure")
+# About the share of the x axis one character of a label takes (7 px of about 420).
+_CHAR_WIDTH = 1 / 60
+# Event markers closer than this share of the x axis share one label.
+_NEAR = 0.04
 # Weight of the newest point in the smoothed batch loss (over the plotted points).
 EMA_ALPHA = 0.1
 # The states after which the final picture must be on screen at once.
@@ -77,13 +81,23 @@ ABANDONED_OPACITY = 0.3
 
 LOSS_LEGEND = (
     ("batch loss", BATCH_COLOR, "line"),
-    ("smoothed", BATCH_SMOOTH_COLOR, "line"),
+    ("batch loss, smoothed", BATCH_SMOOTH_COLOR, "line"),
     ("loss", TRAIN_COLOR, "line"),
     ("val_loss", VAL_COLOR, "line"),
     ("best", BEST_COLOR, "diamond"),
     ("restorable (click to pick)", VAL_COLOR, "halo"),
     ("model holds", HELD_COLOR, "ring"),
 )
+
+
+def metric_legend(label: str) -> tuple[tuple[str, str, str], ...]:
+    """The metric chart's legend entries for the metric ``label`` (e.g. ``"accuracy"``)."""
+    return (
+        (label, TRAIN_COLOR, "line"),
+        (f"val_{label}", VAL_COLOR, "line"),
+        ("best", BEST_COLOR, "diamond"),
+        ("model holds", HELD_COLOR, "ring"),
+    )
 
 
 def _legend_html(entries: tuple[tuple[str, str, str], ...]) -> str:
@@ -115,6 +129,31 @@ def _legend_html(entries: tuple[tuple[str, str, str], ...]) -> str:
         + "".join(items)
         + "</div>"
     )
+
+
+def whole_ticks(extent: float, most: int = 8) -> list[float]:
+    """Whole-epoch ticks from 0 to ``extent``, at a step of 1, 2 or 5 times a power of ten.
+
+    Example:
+
+    >>> whole_ticks(3.5), whole_ticks(40)[:3]
+    ([0.0, 1.0, 2.0, 3.0], [0.0, 5.0, 10.0])
+    """
+    wanted = max(extent, 1.0) / most
+    step = next(m * 10.0**p for p in range(0, 12) for m in (1, 2, 5) if m * 10.0**p >= wanted)
+    return [float(t) for t in np.arange(0.0, extent + 1e-9, step)]
+
+
+def _fitted_labels(
+    texts: list[str], short: list[str], rows: list[list[float]], extent: float
+) -> list[str]:
+    """A band's label, or its phase alone, or nothing: what fits before the next band."""
+    per_char = extent * _CHAR_WIDTH  # epochs one character takes at a typical width
+    fitted = []
+    for i, text in enumerate(texts):
+        room = rows[i + 1][0] - rows[i][0] if i + 1 < len(rows) else math.inf
+        fitted.append(next((t for t in (text, short[i]) if len(t) * per_char < room), ""))
+    return fitted
 
 
 def format_rate(rate: float) -> str:
@@ -213,7 +252,8 @@ class TrainingCharts(widgets.VBox):
     ``e`` sits at ``e + (b + 1) / steps``; an epoch's value sits at ``e + 1``, the
     end of that epoch):
 
-    - ``loss_figure``: per-batch training loss (light, with a smoothed line),
+    - ``loss_figure``: each batch's own training loss (light, with a smoothed
+      line; Keras logs a running mean of the epoch, which the history undoes),
       per-epoch training and validation loss, phase bands labelled with phase,
       learning rate and depth, the best epoch (a diamond, when the monitor is a
       loss), and vertical rules with a symbol and text where early stopping,
@@ -222,7 +262,8 @@ class TrainingCharts(widgets.VBox):
       at most, spread evenly): a click picks one (``selected_epoch``). A dark
       ring marks the epoch the model holds, and the continuations left behind
       by time travel are drawn dimmed.
-    - ``metric_figure``: a metric per epoch for training and validation
+    - ``metric_figure``: below its legend row (``metric_legend``), a metric per
+      epoch for training and validation
       (``accuracy`` / ``val_accuracy`` by default), with the best marker when
       that is the monitor, and the same halos and dimmed branches.
     - ``lr_figure``: the learning rate per epoch on a log scale, as a step line,
@@ -254,6 +295,9 @@ class TrainingCharts(widgets.VBox):
         loss_figure, metric_figure, lr_figure: the bqplot figures.
         show_batches: draw the per-batch loss trace (a traitlet; link it to a
             checkbox).
+        loss_legend, metric_legend: the HTML legend rows above the first two charts.
+        min_extent: the epoch the x axis's whole-epoch ticks reach at least
+            (``RunComparison`` raises it to a compared run's last epoch).
         selected_epoch: the restorable epoch (0-based) picked by a click on
             its halo, or None (a traitlet; a click on the chart's background,
             or setting None, clears it).
@@ -349,16 +393,25 @@ class TrainingCharts(widgets.VBox):
         self._halos: dict[str, np.ndarray] = {}
         self._error_callbacks: list[Callable[[BaseException, str], None]] = []
         self.redraws = 0
+        self.min_extent = 0.0
+        self._x_axes: list[bq.Axis] = []
 
         self._build()
-        # The loss curves cross every corner of their chart, so their legend sits above it.
+        # Curves cross every corner of a chart, so the legends sit above them.
         self.loss_legend = widgets.HTML(_legend_html(LOSS_LEGEND))
-        for name in ("batch", "loss", "val_loss", "best_loss"):
+        self.metric_legend = widgets.HTML(_legend_html(metric_legend("metric")))
+        for name in ("batch", "loss", "val_loss", "best_loss", "metric", "val_metric"):
             self._marks[name].display_legend = False
         for name in ("restorable_loss", "restorable_metric"):
             self._marks[name].observe(self._on_halo_selected, "selected")
         super().__init__(
-            children=[self.loss_legend, self.loss_figure, self.metric_figure, self.lr_figure],
+            children=[
+                self.loss_legend,
+                self.loss_figure,
+                self.metric_legend,
+                self.metric_figure,
+                self.lr_figure,
+            ],
             **kwargs,
         )
         self.add_class("ftwidgets-charts")
@@ -479,7 +532,9 @@ class TrainingCharts(widgets.VBox):
         self.marks: Mapping[str, bq.Mark] = MappingProxyType(m)
 
         def x_axis() -> bq.Axis:
-            return bq.Axis(scale=self.x_scale, label="epoch", grid_lines="none")
+            axis = bq.Axis(scale=self.x_scale, label="epoch", grid_lines="none", tick_format="d")
+            self._x_axes.append(axis)
+            return axis
 
         def figure(title: str, marks: list[str], y_axis: bq.Axis, legend: str) -> bq.Figure:
             return bq.Figure(
@@ -507,7 +562,7 @@ class TrainingCharts(widgets.VBox):
             ["bands_metric", "rules_metric", "abandoned_metric", "metric", "val_metric",
              "partial_metric", "held_metric", "best_metric", "restorable_metric"],
             self.metric_axis,
-            "bottom-right",  # a rising accuracy leaves that corner empty
+            "top-right",  # unused: the HTML row above is its legend
         )  # fmt: skip
         self.lr_figure = figure(
             "Learning rate", ["bands_lr", "rules_lr", "lr", "lr_changes"], self.lr_axis, "top-right"
@@ -596,7 +651,8 @@ class TrainingCharts(widgets.VBox):
         owned: list[widgets.Widget] = [*self._marks.values()]
         for fig in (self.loss_figure, self.metric_figure, self.lr_figure):
             owned += [*fig.axes, fig.scale_x, fig.scale_y, fig.layout, fig]
-        owned += [self.x_scale, self._band_scale, self.lr_scale, self.loss_legend]
+        owned += [self.x_scale, self._band_scale, self.lr_scale]
+        owned += [self.loss_legend, self.metric_legend]
         owned += [s for mark in self._marks.values() for s in mark.scales.values()]
         owned += [mark.tooltip for mark in self._marks.values() if mark.tooltip is not None]
         for widget in owned:
@@ -722,6 +778,7 @@ class TrainingCharts(widgets.VBox):
                 self.metric_figure.title = label.replace("_", " ").capitalize()
             m["metric"].labels = [label]
             m["val_metric"].labels = [f"val_{label}"]
+            self.metric_legend.value = _legend_html(metric_legend(label))
 
         # Partial epochs: a hollow circle where the epoch was cut, never an epoch point.
         cut_at = {mk.epoch: mk.x for mk in markers if mk.kind in _CUTTING_KINDS}
@@ -888,6 +945,12 @@ class TrainingCharts(widgets.VBox):
             if span.unfreeze_unit == "block":
                 depth += " block" if span.unfreeze_depth == 1 else " blocks"
             texts.append(f"{span.phase} · lr {format_rate(span.learning_rate)} · {depth}")
+        extent = max([self.min_extent, float(history.next_epoch), *(r[2] for r in rows_x)])
+        texts = _fitted_labels(texts, [span.phase for span in spans], rows_x, extent)
+        ticks = whole_ticks(extent)
+        for axis in self._x_axes:
+            if axis.tick_values is None or list(axis.tick_values) != ticks:
+                axis.tick_values = ticks
         n = len(rows_x)
         x = np.array(rows_x, dtype=np.float64) if n else _EMPTY
         y = np.tile([0.0, 1.0, 1.0, 0.0, 0.0], (n, 1)) if n else _EMPTY
@@ -918,15 +981,25 @@ class TrainingCharts(widgets.VBox):
         ry = np.tile([0.0, 1.0], (n, 1)) if n else _EMPTY
         for name in ("rules_loss", "rules_metric", "rules_lr"):
             assign(self._marks[name], x=rx, y=ry, colors=colors or ["#444444"])
+        # Events close together (a stop and a rollback at one epoch) share one label.
+        near = max(self.min_extent, float(history.next_epoch), 1.0) * _NEAR
+        events: list[tuple[float, str, str]] = []
+        for mk, color in sorted(zip(rules, colors, strict=True), key=lambda pair: pair[0].x):
+            name = MARKER_STYLES.get(mk.kind, ("", mk.kind.replace("_", " ")))[1]
+            if events and mk.x - events[-1][0] < near:
+                x, names, _ = events[-1]
+                if name not in names.split(" + "):
+                    names += f" + {name}"
+                events[-1] = (x, names, color)
+            else:
+                events.append((mk.x, name, color))
+        k = len(events)
         assign(
             self._marks["events"],
-            x=xs if n else _EMPTY,
-            y=np.full(n, 1.0) if n else _EMPTY,
-            colors=colors or ["#444444"],
-            names=np.array(
-                [MARKER_STYLES.get(mk.kind, ("", mk.kind.replace("_", " ")))[1] for mk in rules],
-                dtype=str,
-            ),
+            x=np.array([e[0] for e in events], dtype=np.float64) if k else _EMPTY,
+            y=np.full(k, 1.0) if k else _EMPTY,
+            colors=[e[2] for e in events] or ["#444444"],
+            names=np.array([e[1] for e in events], dtype=str),
         )
         assign(
             self._marks["lr_changes"],
@@ -948,7 +1021,6 @@ class TrainingCharts(widgets.VBox):
                     x=np.array([best.epoch + 1.0]),
                     y=np.array([best.value]),
                     labels=[f"best {best.monitor}"],
-                    display_legend=name == "best_metric",
                 )
             else:
-                assign(mark, x=_EMPTY, y=_EMPTY, display_legend=False)
+                assign(mark, x=_EMPTY, y=_EMPTY)

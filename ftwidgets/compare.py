@@ -129,7 +129,6 @@ class RunComparison(widgets.VBox):
                 line_style="dashed",
                 stroke_width=1.5,
                 labels=[f"{label} (train)", label],
-                display_legend=chart == "metric",
                 enable_hover=False,
             )
             for chart, scale in y_scales.items()
@@ -232,6 +231,9 @@ class RunComparison(widgets.VBox):
             picked = np.linspace(0, len(lineage) - 1, self.charts.max_points).round()
             lineage = [lineage[int(i)] for i in np.unique(picked)]
         x = np.array([r.epoch + 1.0 for r in lineage], dtype=np.float32)
+        if len(x) and x[-1] > self.charts.min_extent:
+            self.charts.min_extent = float(x[-1])  # whole-epoch ticks reach its end
+            self.charts.refresh(force=True)
         for chart, names in (("loss", ("loss", "val_loss")), ("metric", (metric, f"val_{metric}"))):
             y = np.array(
                 [

@@ -236,6 +236,31 @@ def test_two_phases_give_two_labelled_bands(make_charts) -> None:
     assert len(fills) == 2 and fills[0] != fills[1]
 
 
+def test_labels_never_overlap_and_the_epoch_axis_ticks_whole_epochs(make_charts) -> None:
+    session, charts = make_charts()
+    run_head(session, epochs=2)
+    for axis in (fig.axes[0] for fig in (charts.loss_figure, charts.metric_figure)):
+        assert list(axis.tick_values) == [0.0, 1.0, 2.0]  # not 0.5, 1.5
+    session.start_phase("head", 6, 1e-3)
+    for e in range(2, 8):
+        session.epoch(e, loss=0.5, val_loss=0.6)
+    session.end_phase()
+    session.start_phase("finetune", 60, 1e-5, depth=2)
+    for e in range(8, 68):
+        session.epoch(e, loss=0.4, val_loss=0.5)
+    session.history.add_marker(Marker("stop", 67.5, 67, "stopped"))
+    session.history.add_marker(Marker("rollback", 67.6, 67, "rolled back to epoch 60", 59))
+    session.end_phase("rolled_back")
+    assert list(charts.lr_figure.axes[0].tick_values) == [float(t) for t in range(0, 61, 10)]
+    # A band too narrow for its label shows the phase alone, or nothing.
+    text = [str(t) for t in charts.marks["phase_labels"].text]
+    assert text[0] == "" and text[1] == "head"
+    assert text[2].startswith("finetune · lr 1e-5")
+    # A stop and a rollback at one epoch share one label instead of printing over each other.
+    assert [str(n) for n in charts.marks["events"].names] == ["stop + rollback"]
+    assert len(charts.marks["rules_loss"].x) == 2  # both rules stay
+
+
 @pytest.mark.parametrize(
     ("monitor", "shown", "hidden"),
     [("val_loss", "best_loss", "best_metric"), ("val_accuracy", "best_metric", "best_loss")],
@@ -254,10 +279,15 @@ def test_best_marker_sits_on_the_best_epoch(make_charts, monitor, shown, hidden)
     np.testing.assert_array_equal(y, [best.value])
     assert xy(charts.marks[hidden])[0].size == 0
     assert charts.marks[shown].labels == [f"best {monitor}"]
-    # The loss chart's legend is an HTML row (curves cross every corner of it).
-    assert charts.marks["best_metric"].display_legend == (shown == "best_metric")
-    assert not charts.marks["best_loss"].display_legend
+    # Each chart's legend is an HTML row above it (curves cross every corner of a chart).
+    marks = charts.marks
+    assert not any(marks[name].display_legend for name in ("best_metric", "best_loss"))
     assert "best" in charts.loss_legend.value
+    for name in ("metric", "val_metric"):
+        assert not marks[name].display_legend
+    assert charts.children.index(charts.metric_legend) == 2  # just above the metric chart
+    assert "</span> accuracy</span>" in charts.metric_legend.value
+    assert "</span> val_accuracy</span>" in charts.metric_legend.value
 
 
 def test_rollback_early_stop_and_rate_markers_are_drawn(make_charts) -> None:
@@ -280,9 +310,11 @@ def test_rollback_early_stop_and_rate_markers_are_drawn(make_charts) -> None:
         assert x.shape == y.shape == (2, 2)  # two vertical rules, rates excluded
         np.testing.assert_array_equal(x[:, 0], x[:, 1])
         np.testing.assert_array_equal(x[:, 0], [2.0, 2.0])
+    # At one x, the two events share one label; their rules keep their own colors.
     events = charts.marks["events"]
-    assert [str(n) for n in events.names] == ["early stop", "rollback"]
-    assert events.colors[0] != events.colors[1]
+    assert [str(n) for n in events.names] == ["early stop + rollback"]
+    rules = charts.marks["rules_loss"].colors
+    assert rules[0] != rules[1]
     np.testing.assert_array_equal(xy(charts.marks["lr_changes"])[0], [1.3])
     np.testing.assert_array_equal(xy(charts.marks["lr_changes"])[1], [5e-4])
 

@@ -44,7 +44,7 @@ def test_compare_overlays_a_saved_run_with_its_own_legend_toggle_and_table(data,
         saved = ftw.History.load(path)
         loss, metric = run.marks["loss"], run.marks["metric"]
         assert loss in panel.charts.loss_figure.marks and metric in panel.charts.metric_figure.marks
-        assert loss.line_style == "dashed" and metric.display_legend
+        assert loss.line_style == "dashed" and metric.line_style == "dashed"
         # Aligned by global epoch: the saved run's 4 epochs at x = 1..4.
         assert list(np.asarray(loss.x, dtype=float)) == [1.0, 2.0, 3.0, 4.0]
         _, val_loss = saved.metric("val_loss")

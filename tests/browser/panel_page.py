@@ -202,10 +202,12 @@ class PanelPage:
         )
 
     def marker_x(self, figure: Any, name: str) -> list[float]:
-        """Pixel x of every event marker named ``name`` ("stop", "rollback"...)."""
+        """Pixel x of every event marker named ``name`` ("stop", "rollback"...), alone
+        or sharing a label with events at the same place ("stop + rollback")."""
+        named = re.compile(rf"(^| \+ ){re.escape(name)}( \+ |$)")
         transforms = (
             figure.locator("g.object_grp")
-            .filter(has=self.page.locator("text.dot_text", has_text=re.compile(rf"^{name}$")))
+            .filter(has=self.page.locator("text.dot_text", has_text=named))
             .evaluate_all("(groups) => groups.map((g) => g.getAttribute('transform'))")
         )
         # bqplot adds a marker's group before it positions it: skip those for now.
