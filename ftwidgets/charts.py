@@ -394,6 +394,7 @@ class TrainingCharts(widgets.VBox):
         self._error_callbacks: list[Callable[[BaseException, str], None]] = []
         self.redraws = 0
         self.min_extent = 0.0
+        self._extent = 0.0
         self._x_axes: list[bq.Axis] = []
 
         self._build()
@@ -945,7 +946,11 @@ class TrainingCharts(widgets.VBox):
             if span.unfreeze_unit == "block":
                 depth += " block" if span.unfreeze_depth == 1 else " blocks"
             texts.append(f"{span.phase} · lr {format_rate(span.learning_rate)} · {depth}")
-        extent = max([self.min_extent, float(history.next_epoch), *(r[2] for r in rows_x)])
+        # The x axis's reach: not next_epoch, which a restored epoch moves back.
+        lineage = history.lineage()
+        last = lineage[-1].epoch + 1.0 if lineage else 0.0
+        extent = max([self.min_extent, last, *(r[2] for r in rows_x)])
+        self._extent = extent
         texts = _fitted_labels(texts, [span.phase for span in spans], rows_x, extent)
         ticks = whole_ticks(extent)
         for axis in self._x_axes:
@@ -982,7 +987,7 @@ class TrainingCharts(widgets.VBox):
         for name in ("rules_loss", "rules_metric", "rules_lr"):
             assign(self._marks[name], x=rx, y=ry, colors=colors or ["#444444"])
         # Events close together (a stop and a rollback at one epoch) share one label.
-        near = max(self.min_extent, float(history.next_epoch), 1.0) * _NEAR
+        near = max(self._extent, 1.0) * _NEAR
         events: list[tuple[float, str, str]] = []
         for mk, color in sorted(zip(rules, colors, strict=True), key=lambda pair: pair[0].x):
             name = MARKER_STYLES.get(mk.kind, ("", mk.kind.replace("_", " ")))[1]

@@ -256,9 +256,14 @@ def test_labels_never_overlap_and_the_epoch_axis_ticks_whole_epochs(make_charts)
     text = [str(t) for t in charts.marks["phase_labels"].text]
     assert text[0] == "" and text[1] == "head"
     assert text[2].startswith("finetune · lr 1e-5")
-    # A stop and a rollback at one epoch share one label instead of printing over each other.
+    # A stop and a rollback at one epoch share one label instead of printing over each other,
+    # also once the model holds an early epoch again (which moves next_epoch back).
     assert [str(n) for n in charts.marks["events"].names] == ["stop + rollback"]
     assert len(charts.marks["rules_loss"].x) == 2  # both rules stay
+    session.history.travel(0)
+    charts.refresh(force=True)
+    assert [str(n) for n in charts.marks["events"].names] == ["stop + rollback"]
+    assert list(charts.lr_figure.axes[0].tick_values)[-1] == 60.0
 
 
 @pytest.mark.parametrize(
