@@ -10,9 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ftwidgets.coach import Note
 
 __all__ = [
+    "Advised",
     "BatchProgress",
     "Best",
     "BestChanged",
@@ -302,3 +306,17 @@ class ListenerFailed(Event):
     listener: str
     message: str
     traceback: str
+
+
+@dataclass(frozen=True)
+class Advised(Event):
+    """The coach wrote a note (see ``ftwidgets.coach``; ``session.advice()`` lists them).
+
+    Example:
+
+    >>> from ftwidgets.coach import Note
+    >>> Advised(Note("early_stop", "Early stopping ended the phase.", "...", 4)).note.rule
+    'early_stop'
+    """
+
+    note: Note

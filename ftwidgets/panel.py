@@ -15,6 +15,8 @@ import ipywidgets as widgets
 from ftwidgets import comms, tasks, telemetry, transfer
 from ftwidgets._backend import device_summary
 from ftwidgets.charts import TrainingCharts, format_rate
+from ftwidgets.coach import Action
+from ftwidgets.coach_view import CoachView
 from ftwidgets.compare import ComparedRun, RunComparison
 from ftwidgets.config import (
     DEFAULT_LEARNING_RATES,
@@ -25,6 +27,7 @@ from ftwidgets.config import (
     check_learning_rate,
 )
 from ftwidgets.events import (
+    Advised,
     BatchProgress,
     EpochEnded,
     Event,
@@ -144,6 +147,7 @@ class FineTunePanel(widgets.VBox):
         self._build_controls(epochs, batch_size)
         self.charts = TrainingCharts(session.history, restorable=lambda: session.restorable_epochs)
         self.charts.on_error(self._on_chart_error)
+        self.coach = CoachView(self.act, enabled=session.coach.enabled)
         self.comparison = RunComparison(
             self.charts, session.history, monitor=session.monitor, mode=session.mode
         )
@@ -160,6 +164,7 @@ class FineTunePanel(widgets.VBox):
         self._refresh_buttons()
         self._refresh_status()
         self._refresh_freeze_map()
+        self.coach.show(session.advice())
 
     # -- construction -------------------------------------------------------------
     def _build_controls(self, epochs: int, batch_size: int) -> None:
@@ -380,7 +385,9 @@ class FineTunePanel(widgets.VBox):
             ]
         )
         self.charts.layout.flex = "1 1 auto"
-        body = widgets.HBox([settings, self.charts], layout=widgets.Layout(width="100%"))
+        self.coach.layout.width = settings.layout.width
+        left = widgets.VBox([settings, self.coach])
+        body = widgets.HBox([left, self.charts], layout=widgets.Layout(width="100%"))
         self.title = widgets.HTML(
             f"<b>{html.escape(self.session.name)}</b> · model "
             f"<code>{html.escape(self.session.model.name)}</code>"
@@ -424,6 +431,7 @@ class FineTunePanel(widgets.VBox):
         self.use_lr_button.on_click(self._on_use_lr_button_click)
         self.rollback_button.on_click(self._on_rollback_button_click)
         self.best_button.on_click(self._on_best_button_click)
+        self.coach.enabled.observe(self._on_coach_toggle, "value")
         self.charts.observe(lambda _: self._refresh_buttons(), "selected_epoch")
         # A click only runs a handler that queues a session command and writes widgets
         # under self._ui: safe on a subshell's thread, so these work while a cell is
@@ -615,6 +623,40 @@ class FineTunePanel(widgets.VBox):
         self._refresh_buttons()
         self._refresh_status()
 
+    def act(self, action: Action) -> None:
+        """Apply a coach note's action: set the controls it names, or call the session.
+
+        Never starts training. A rollback to an epoch that is no longer the best
+        restores that epoch (``session.restore_epoch``).
+        """
+        try:
+            kind, value = action.kind, action.value
+            if kind == "rollback":
+                best = self.session.best
+                if best is not None and best.epoch == value:
+                    self.session.rollback()
+                else:
+                    self.session.restore_epoch(value)
+            elif kind == "set_learning_rate":
+                self._apply_lr(float(value))
+            elif kind == "set_dropout":
+                self.dropout.value = float(value)
+            elif kind == "set_unfreeze_depth":
+                self.unfreeze_depth.value = min(int(value), self.unfreeze_depth.max)
+            elif kind == "set_phase":
+                self.phase.value = value["phase"]
+                self.unfreeze_depth.value = min(value["unfreeze_depth"], self.unfreeze_depth.max)
+                self._apply_lr(value["learning_rate"])
+            else:
+                raise ValueError(f"Unknown coach action. Received: kind={kind!r}")
+        except ValueError as exc:
+            self.show_error(str(exc))
+        self._refresh_buttons()
+        self._refresh_status()
+
+    def _on_coach_toggle(self, change: dict[str, Any]) -> None:
+        self.session.coach.enabled = bool(change["new"])
+
     def _on_best_button_click(self, _button: widgets.Button) -> None:
         self.charts.selected_epoch = None
 
@@ -713,6 +755,9 @@ class FineTunePanel(widgets.VBox):
     def _take_event(self, event: Event) -> None:
         if isinstance(event, SearchStarted | SearchStep | SearchEnded):
             self._take_search_event(event)
+            return
+        if isinstance(event, Advised):
+            self.coach.show(self.session.advice())
             return
         if isinstance(event, BatchProgress):
             self._last_progress = event

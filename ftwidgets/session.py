@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import math
 import threading
 import time
 import traceback
@@ -34,6 +35,7 @@ from ftwidgets.channel import (
     Stop,
     UpdateEarlyStopping,
 )
+from ftwidgets.coach import Coach, Note, Record
 from ftwidgets.config import (
     DEFAULT_LEARNING_RATES,
     EarlyStoppingConfig,
@@ -41,7 +43,17 @@ from ftwidgets.config import (
     check_learning_rate,
     resolve_mode,
 )
-from ftwidgets.events import Best, Event, Failed, Failure, ListenerFailed
+from ftwidgets.events import (
+    Advised,
+    Best,
+    EpochEnded,
+    Event,
+    Failed,
+    Failure,
+    ListenerFailed,
+    PhaseEnded,
+    PhaseStarted,
+)
 from ftwidgets.history import History
 from ftwidgets.inputs import TrainingData
 from ftwidgets.jobs import (
@@ -160,6 +172,9 @@ class FineTuneSession:
             None is the default budget, 512 MiB. The best epoch, the last epoch of
             each phase and epochs spread evenly over the run are kept; the rest go
             first (see `ftwidgets.snapshots.SnapshotStore`).
+        coach: run the coach's rules (`ftwidgets.coach`) after each epoch and
+            phase; `advice` returns their notes. ``session.coach.enabled`` turns
+            it off and on later.
 
     Example:
 
@@ -192,6 +207,7 @@ class FineTuneSession:
         keep_recent: int = 2,
         name: str | None = None,
         keep: int | str | None = None,
+        coach: bool = True,
     ) -> None:
         self._name = _session_name(name)
         if not isinstance(model, keras.Model):
@@ -228,6 +244,11 @@ class FineTuneSession:
         )
         self.history.model_name = model.name
         self.history.model_settings = _model_settings(model)
+        self.coach = Coach(enabled=coach)
+        # What the coach's record needs and the history lacks, as the events tell it.
+        self._phase_end: str | None = None
+        self._failure: str | None = None
+        self._trainable_params: int | None = None
         self._job: Job | None = None
         self._phase: FitPhase | None = None
         self._thread: threading.Thread | None = None
@@ -370,7 +391,56 @@ class FineTuneSession:
         self._outbox.post(event)
         self._outbox.flush()
 
+    def advice(self) -> list[Note]:
+        """The coach's notes so far, newest first (see `ftwidgets.coach`).
+
+        Each has a one-line ``message``, a ``why`` with the numbers behind it, and
+        ``actions`` that set a panel control or call the session.
+        """
+        return list(self.coach.notes)
+
+    def _advise(self, event: Event) -> None:
+        """Run the coach after the events that change what it reads."""
+        if isinstance(event, PhaseStarted):
+            self._phase_end = self._failure = None
+            model = self._ctx.model
+            # Shapes only, never values: safe while the phase trains.
+            self._trainable_params = sum(math.prod(v.shape) for v in model.trainable_weights)
+        elif isinstance(event, PhaseEnded):
+            self._phase_end = event.reason
+        elif isinstance(event, Failed):
+            self._failure = event.failure.message
+        elif not (isinstance(event, EpochEnded) and not event.record.partial):
+            return
+        phase = self._phase
+        if phase is None or not self.coach.enabled:
+            return
+        es = self._ctx.early_stopping
+        try:
+            dropout = float(self._ctx.model.get_layer("head_dropout").rate)
+        except ValueError:
+            dropout = None
+        record = Record(
+            self.history,
+            self.monitor,
+            self.mode,
+            min_delta=es.min_delta if es is not None else 0.0,
+            patience=es.patience if es is not None else None,
+            phase=phase.config.phase,
+            phase_index=phase.index,
+            learning_rate=phase.learning_rate,
+            unfreeze_depth=phase.depth,
+            dropout=dropout,
+            trainable_params=self._trainable_params,
+            train_samples=self._ctx.data.num_train(),
+            phase_ended=self._phase_end,
+            failure=self._failure,
+        )
+        for note in self.coach.update(record):
+            self._emit(Advised(note))
+
     def _deliver(self, event: Event) -> None:
+        self._advise(event)
         with self._listeners_lock:
             listeners = list(self._listeners)
         for listener in listeners:

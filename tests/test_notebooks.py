@@ -53,8 +53,10 @@ try:
         _peak_kb = int(re.search(r"VmHWM:\\s+(\\d+)", _f.read()).group(1))
 except Exception:  # not Linux: ru_maxrss is in KiB on Linux, bytes on macOS
     _peak_kb = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
+import ftwidgets as _ftw
+_advice = {{_s.name: [_n.rule for _n in reversed(_s.advice())] for _s in _ftw.live_sessions()}}
 print({PROBE_TAG!r} + _json.dumps({{"prefix": _sys.prefix, "executable": _sys.executable,
-      "peak_rss_kb": _peak_kb}}))
+      "peak_rss_kb": _peak_kb, "advice": _advice}}))
 """.replace("import json", "import re, json")
 
 
@@ -182,6 +184,7 @@ def _write_summary(run: Executed) -> None:
     summary[run.name] = {
         "seconds": round(run.seconds, 1),
         "kernel_peak_rss_mib": round(run.probe["peak_rss_kb"] / 1024, 1),
+        "coach_notes": run.probe["advice"],
         "printed": [line for line in run.stream().splitlines() if PROBE_TAG not in line],
     }
     path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -319,6 +322,10 @@ def test_walkthroughs_print_their_results():
     assert re.search(r"rolled back to epoch \d+: test accuracy [\d.]+, test loss [\d.]+", three)
     stopped = re.search(r"stopped after (\d+) of 80 epochs", three)
     assert stopped and int(stopped.group(1)) < 80
+    # The coach saw the overfitting of part 1, and said so in the panel and in print.
+    assert re.search(
+        r"coach: overfitting: Overfitting: val_loss is \d+ epochs past its best", three
+    )
     # Time travel: every epoch of the small model kept; training on from epoch 10 branches.
     assert "restorable: 80 of 80 epochs" in three
     assert re.search(r"back at epoch 10: test accuracy [\d.]+", three)

@@ -6,6 +6,7 @@ import html
 import re
 import threading
 
+import keras
 import numpy as np
 import pytest
 from html_table import folded_rows, table_rows
@@ -217,6 +218,55 @@ def test_a_ring_picked_on_the_chart_is_restored_and_training_on_branches(panel):
     winner = min(history.epochs, key=lambda r: r.logs["val_loss"])
     named = "main" if winner.branch == 0 else "branch 1 (from epoch 2)"
     assert f"best epoch {winner.epoch + 1} on {named} (val_loss" in status_line(panel)
+
+
+def test_the_coach_notes_overfitting_and_its_buttons_only_set_controls(data):
+    keras.utils.set_random_seed(0)
+    small = ftw.demo.digits_transfer(per_class=3, seed=0)
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.0)
+    panel = ftw.FineTunePanel(
+        model,
+        train=(small.x_train, small.y_train),
+        validation=(small.x_val, small.y_val),
+        batch_size=4,
+        epochs=25,
+    )
+    try:
+        session = panel.session
+        panel.phase.value = "finetune"
+        panel.unfreeze_depth.value = panel.unfreeze_depth.max
+        panel.keep_batchnorm_frozen.value = False
+        panel.learning_rate_text.value = "3e-3"
+        panel.early_stopping.value = False
+        panel.start_button.click()
+        assert session.wait(WAIT)
+        notes = session.advice()
+        assert notes == sorted(notes, key=lambda n: -n.epoch)  # newest first
+        overfit = next(n for n in notes if n.rule == "overfitting")
+        cards = panel.coach.notes.children
+        assert len(cards) == len(notes)
+        shown = [card.children[0].value for card in cards]
+        assert any("data-rule='overfitting'" in text and "<details>" in text for text in shown)
+        card = cards[notes.index(overfit)]
+        buttons = {b.description: b for b in card.children[1].children}
+        assert set(buttons) >= {
+            f"Roll back to epoch {overfit.actions[0].value + 1}",
+            "Head dropout 0.5",
+        }
+        before = len(session.history)
+        buttons["Head dropout 0.5"].click()
+        assert panel.dropout.value == 0.5 and not session.is_training
+        buttons[f"Roll back to epoch {overfit.actions[0].value + 1}"].click()
+        epoch = overfit.actions[0].value
+        assert session.history.holds[1] == epoch and len(session.history) == before
+        assert same(
+            weights(session.model), session.snapshots.get(session.history.key(epoch)).values
+        )
+        # The coach can be turned off from the panel.
+        panel.coach.enabled.value = False
+        assert not session.coach.enabled
+    finally:
+        panel.close()
 
 
 def test_stop_button_ends_the_phase(panel):

@@ -1,0 +1,433 @@
+"""The coach: small named rules that say what a run's curves mean and what to try next.
+
+Each rule is a pure function of a `Record` (the history with its per-batch trace, and
+the run's settings) that returns a `Note` or None. `Coach` runs the rules, keeps them
+quiet during a warm-up, and lets each fire once per episode. Nothing here imports
+widgets or Keras: the panel shows the notes, ``session.advice()`` returns them.
+
+The thresholds are module constants, named after what they bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ftwidgets.history import History
+
+__all__ = ["RULES", "Action", "Coach", "Note", "Record"]
+
+# Curve-reading rules stay quiet for this many epochs of each phase.
+WARMUP_EPOCHS = 3
+# Overfitting: the validation monitor has not beaten its best for this many epochs...
+OVERFIT_EPOCHS = 3
+# ...while the training loss fell over them by at least this share.
+OVERFIT_TRAIN_DROP = 0.02
+# Diverging: after a rate change, the median batch loss rose by this factor...
+DIVERGE_RISE = 1.5
+# ...comparing this many batches before the change with as many at the end.
+DIVERGE_WINDOW = 10
+# Diverging: the last batches swing widely: their standard deviation over their mean.
+SWING_RATIO = 0.75
+SWING_WINDOW = 20
+# The head has converged: the monitor stayed within a band this many epochs...
+FLAT_EPOCHS = 4
+# ...the band being min_delta, or this share of the value, whichever is larger.
+FLAT_SHARE = 0.01
+# Fine-tuning: a rate above this, or above this share of the head's rate, is high.
+FINETUNE_MAX_RATE = 1e-4
+FINETUNE_SHARE_OF_HEAD = 0.1
+# Small data: more trainable parameters than this many times the training samples.
+PARAMS_PER_SAMPLE = 100.0
+# The rates the seed recommends.
+HEAD_RATE = 1e-3
+FINETUNE_RATE = 1e-5
+HIGH_DROPOUT = 0.5
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a note's button does. It only sets a panel control or calls the session;
+    it never starts training.
+
+    Attributes:
+        label: the button's text.
+        kind: ``"rollback"`` (to the best), ``"set_learning_rate"``, ``"set_dropout"``,
+            ``"set_unfreeze_depth"`` or ``"set_phase"`` (``value`` is then a dict of
+            ``phase``, ``unfreeze_depth`` and ``learning_rate``).
+        value: the rate, the dropout, the depth, or the phase's settings.
+
+    Example:
+
+    >>> Action("Lower the rate to 1e-4", "set_learning_rate", 1e-4).kind
+    'set_learning_rate'
+    """
+
+    label: str
+    kind: str
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class Note:
+    """One piece of advice.
+
+    Attributes:
+        rule: the rule that wrote it (``"overfitting"``...).
+        message: one line.
+        why: the numbers that triggered it, in a sentence or two.
+        epoch: the global epoch (0-based) it was written at.
+        actions: buttons that apply a suggestion.
+        episode: what the condition is about (the best epoch it is past, the
+            phase...): the coach writes one note per rule and episode.
+
+    Example:
+
+    >>> Note("early_stop", "Early stopping ended the phase.", "Patience 3 ran out.", 9).rule
+    'early_stop'
+    """
+
+    rule: str
+    message: str
+    why: str
+    epoch: int
+    actions: tuple[Action, ...] = ()
+    episode: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the rules read: the history and the settings of the run.
+
+    Attributes:
+        history: the run's history, with its per-batch trace.
+        monitor: the metric the best is tracked on; ``mode`` is ``"min"`` or ``"max"``.
+        min_delta: the early-stopping min_delta (0 when early stopping is off).
+        patience: the early-stopping patience, or None when it is off.
+        phase: ``"head"`` or ``"finetune"``: the running or last phase, or None.
+        phase_index: that phase's place in the run.
+        learning_rate: the rate now.
+        unfreeze_depth: the running or last phase's depth.
+        dropout: the head's dropout rate, if known.
+        trainable_params: parameters the running or last phase trains.
+        train_samples: training samples per epoch, if known.
+        phase_ended: how the last phase ended (``"early_stopped"``...), None while running.
+        failure: the last failure's message, if the last phase failed.
+
+    Example:
+
+    >>> Record(History(), "val_loss", "min").phase is None
+    True
+    """
+
+    history: History
+    monitor: str
+    mode: str
+    min_delta: float = 0.0
+    patience: int | None = None
+    phase: str | None = None
+    phase_index: int = 0
+    learning_rate: float | None = None
+    unfreeze_depth: int = 0
+    dropout: float | None = None
+    trainable_params: int | None = None
+    train_samples: int | None = None
+    phase_ended: str | None = None
+    failure: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def phase_records(self) -> list[Any]:
+        """The complete epochs of the running or last phase, on the current lineage."""
+        return [
+            r for r in self.history.lineage() if r.phase_index == self.phase_index and not r.partial
+        ]
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is better than ``b`` for the monitor."""
+        return a < b if self.mode == "min" else a > b
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _rate(value: float) -> str:
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
+# -- the rules --------------------------------------------------------------------------
+def overfitting(record: Record) -> Note | None:
+    """The validation monitor has been worse than its best for ``OVERFIT_EPOCHS`` epochs
+    while the training loss fell by ``OVERFIT_TRAIN_DROP`` or more over them.
+
+    Example:
+
+    >>> from ftwidgets.events import EpochRecord, frozen_logs
+    >>> h = History()
+    >>> for e, (loss, val) in enumerate([(1, .9), (.6, .5), (.4, .6), (.3, .7), (.2, .8)]):
+    ...     _ = h.add_epoch(EpochRecord(e, "head", 0, frozen_logs(
+    ...         {"loss": loss, "val_loss": val}), 1e-3))
+    >>> overfitting(Record(h, "val_loss", "min", phase="head")).message
+    'Overfitting: val_loss is 3 epochs past its best while the training loss falls.'
+    """
+    if not record.monitor.startswith("val_"):
+        return None
+    rows = [r for r in record.history.lineage() if not r.partial]
+    values = [(r, r.logs.get(record.monitor, math.nan)) for r in rows]
+    values = [(r, v) for r, v in values if math.isfinite(v)]
+    if len(values) < OVERFIT_EPOCHS + 1:
+        return None
+    best_row, best = values[0]
+    for row, value in values[1:]:
+        if record.better(value, best):
+            best_row, best = row, value
+    since = [r for r, _ in values if r.epoch > best_row.epoch]
+    if len(since) < OVERFIT_EPOCHS:
+        return None
+    start, end = best_row.logs.get("loss", math.nan), since[-1].logs.get("loss", math.nan)
+    if not (math.isfinite(start) and math.isfinite(end)) or end > start * (1 - OVERFIT_TRAIN_DROP):
+        return None
+    last = since[-1].logs[record.monitor]
+    actions = [Action(f"Roll back to epoch {best_row.epoch + 1}", "rollback", best_row.epoch)]
+    if record.dropout is not None and record.dropout < HIGH_DROPOUT:
+        actions.append(Action(f"Head dropout {HIGH_DROPOUT}", "set_dropout", HIGH_DROPOUT))
+    if record.phase == "finetune" and record.unfreeze_depth > 1:
+        depth = record.unfreeze_depth // 2
+        actions.append(Action(f"Unfreeze {depth} instead", "set_unfreeze_depth", depth))
+    return Note(
+        "overfitting",
+        f"Overfitting: {record.monitor} is {len(since)} epochs past its best while the "
+        "training loss falls.",
+        f"{record.monitor} was best at epoch {best_row.epoch + 1} ({_fmt(best)}) and is "
+        f"{_fmt(last)} now, while the training loss went from {_fmt(start)} to "
+        f"{_fmt(end)}. The model is learning the training set by heart: roll back to the "
+        f"best epoch, raise the head's dropout toward {HIGH_DROPOUT}, add augmentation "
+        "layers, or unfreeze fewer layers.",
+        since[-1].epoch,
+        tuple(actions),
+        episode=(best_row.branch, best_row.epoch),
+    )
+
+
+def diverging(record: Record) -> Note | None:
+    """The batch loss rose by ``DIVERGE_RISE``x after a learning-rate change, or the last
+    ``SWING_WINDOW`` batches swing with a deviation over ``SWING_RATIO`` of their mean
+    and average no lower than the batches before them."""
+    history = record.history
+    _, x, losses = history.batch_trace()
+    finite = np.isfinite(losses)
+    x, losses = x[finite], losses[finite]
+    rate = record.learning_rate
+    if rate is None or len(losses) < SWING_WINDOW:
+        return None
+    lower = Action(f"Lower the rate to {_rate(rate / 10)}", "set_learning_rate", rate / 10)
+    epoch = history.next_epoch - 1
+    changes = [m for m in history.markers if m.kind == "learning_rate"]
+    if changes:
+        at = changes[-1].x
+        before, after = losses[x <= at][-DIVERGE_WINDOW:], losses[x > at][-DIVERGE_WINDOW:]
+        if len(before) >= 3 and len(after) >= DIVERGE_WINDOW:
+            old, new = float(np.median(before)), float(np.median(after))
+            if old > 0 and new > DIVERGE_RISE * old:
+                return Note(
+                    "diverging",
+                    f"Diverging: the batch loss rose {new / old:.1f}x after the rate change.",
+                    f"The median batch loss was {_fmt(old)} before the rate became "
+                    f"{_rate(rate)} and is {_fmt(new)} over the last {len(after)} batches. "
+                    f"Lower the rate to {_rate(rate / 10)}.",
+                    epoch,
+                    (lower,),
+                    episode=("change", len(changes)),
+                )
+    recent, earlier = losses[-SWING_WINDOW:], losses[-2 * SWING_WINDOW : -SWING_WINDOW]
+    mean, spread = float(np.mean(recent)), float(np.std(recent))
+    # Swings that come with progress are noise near a small loss; these bring none.
+    stalled = len(earlier) == 0 or mean >= float(np.mean(earlier))
+    if mean > 0 and spread > SWING_RATIO * mean and stalled:
+        return Note(
+            "diverging",
+            "Unstable: the batch loss swings widely.",
+            f"Over the last {len(recent)} batches the loss averages {_fmt(mean)} with a "
+            f"standard deviation of {_fmt(spread)} ({spread / mean:.0%} of it) at rate "
+            f"{_rate(rate)}, and it is not falling. Lower the rate to {_rate(rate / 10)}.",
+            epoch,
+            (lower,),
+            episode=("swing", record.phase_index, rate),
+        )
+    return None
+
+
+def head_converged(record: Record) -> Note | None:
+    """In the head phase, the monitor stayed within min_delta (or ``FLAT_SHARE`` of its
+    value) for ``FLAT_EPOCHS`` epochs: time to fine-tune."""
+    if record.phase != "head":
+        return None
+    rows = record.phase_records()[-FLAT_EPOCHS:]
+    values = [r.logs.get(record.monitor, math.nan) for r in rows]
+    if len(values) < FLAT_EPOCHS or not all(math.isfinite(v) for v in values):
+        return None
+    band = max(record.min_delta, FLAT_SHARE * abs(values[-1]))
+    if max(values) - min(values) > band:
+        return None
+    return Note(
+        "head_converged",
+        f"The head has converged: {record.monitor} is flat.",
+        f"Over the last {FLAT_EPOCHS} epochs {record.monitor} stayed between "
+        f"{_fmt(min(values))} and {_fmt(max(values))}, within {_fmt(band)}. Fine-tune: "
+        f"unfreeze the top 2 units of the base at {_rate(FINETUNE_RATE)}.",
+        rows[-1].epoch,
+        (
+            Action(
+                f"Fine-tune at depth 2, {_rate(FINETUNE_RATE)}",
+                "set_phase",
+                {"phase": "finetune", "unfreeze_depth": 2, "learning_rate": FINETUNE_RATE},
+            ),
+        ),
+        episode=record.phase_index,
+    )
+
+
+def finetune_rate_too_high(record: Record) -> Note | None:
+    """A fine-tune phase with the base unfrozen at a rate above ``FINETUNE_MAX_RATE``, or
+    above ``FINETUNE_SHARE_OF_HEAD`` of the head phase's rate."""
+    rate = record.learning_rate
+    if record.phase != "finetune" or record.unfreeze_depth < 1 or rate is None:
+        return None
+    heads = [s.learning_rate for s in record.history.lineage_phases() if s.phase == "head"]
+    head = heads[-1] if heads else None
+    limit = FINETUNE_MAX_RATE
+    if head is not None:
+        limit = min(limit, FINETUNE_SHARE_OF_HEAD * head)
+    if rate <= limit * (1 + 1e-9):
+        return None
+    than_head = f", {rate / head:.2g}x the head's {_rate(head)}" if head else ""
+    return Note(
+        "finetune_rate_too_high",
+        f"The fine-tune rate {_rate(rate)} is high for an unfrozen base.",
+        f"Fine-tuning at {_rate(rate)}{than_head} can wreck the pretrained features; "
+        f"{_rate(FINETUNE_RATE)} to {_rate(FINETUNE_MAX_RATE)}, 10-100x below the head's "
+        "rate, is the usual range.",
+        record.history.next_epoch - 1,
+        (Action(f"Use {_rate(FINETUNE_RATE)}", "set_learning_rate", FINETUNE_RATE),),
+        episode=(record.phase_index, rate),
+    )
+
+
+def small_data(record: Record) -> Note | None:
+    """More than ``PARAMS_PER_SAMPLE`` trainable parameters per training sample."""
+    params, samples = record.trainable_params, record.train_samples
+    if not params or not samples or params <= PARAMS_PER_SAMPLE * samples:
+        return None
+    return Note(
+        "small_data",
+        f"{params:,} trainable parameters for {samples:,} training samples.",
+        f"That is {params / samples:,.0f} per sample: with this little data, more unfrozen "
+        "layers mostly add ways to memorise it. Unfreeze fewer, add augmentation, and keep "
+        "early stopping on.",
+        max(record.history.next_epoch - 1, 0),
+        episode=(record.phase_index, params),
+    )
+
+
+def non_finite_loss(record: Record) -> Note | None:
+    """The loss became NaN or infinite."""
+    failure = record.failure or ""
+    last = next((r for r in reversed(record.history.lineage())), None)
+    bad_log = last is not None and not math.isfinite(last.logs.get("loss", 0.0))
+    if "NaN or infinite" not in failure and "became nan" not in failure.lower() and not bad_log:
+        return None
+    rate = last.learning_rate if last is not None else record.learning_rate
+    actions = ()
+    if rate:
+        actions = (Action(f"Lower the rate to {_rate(rate / 10)}", "set_learning_rate", rate / 10),)
+    where = f" at rate {_rate(rate)}" if rate else ""
+    return Note(
+        "non_finite_loss",
+        f"The loss became NaN or infinite{where}.",
+        (failure or "The last epoch logged a non-finite loss.")
+        + " Too high a rate makes the weights overflow; so do NaN inputs. Lower the rate,"
+        " or check the data.",
+        last.epoch if last is not None else 0,
+        actions,
+        episode=record.phase_index,
+    )
+
+
+def early_stop(record: Record) -> Note | None:
+    """The last phase ended because patience ran out."""
+    if record.phase_ended != "early_stopped" or record.patience is None:
+        return None
+    rows = record.phase_records()
+    if not rows:
+        return None
+    return Note(
+        "early_stop",
+        f"Early stopping ended the phase after epoch {rows[-1].epoch + 1}.",
+        f"For {record.patience} epochs in a row no epoch improved {record.monitor} by more "
+        f"than min_delta {record.min_delta:g}, so the phase stopped after {len(rows)} of "
+        "its epochs.",
+        rows[-1].epoch,
+        episode=record.phase_index,
+    )
+
+
+Rule = Callable[[Record], "Note | None"]
+# Each rule with whether it reads the curves (and so waits out the warm-up).
+RULES: dict[str, tuple[Rule, bool]] = {
+    "overfitting": (overfitting, True),
+    "diverging": (diverging, True),
+    "head_converged": (head_converged, True),
+    "finetune_rate_too_high": (finetune_rate_too_high, False),
+    "small_data": (small_data, False),
+    "non_finite_loss": (non_finite_loss, False),
+    "early_stop": (early_stop, False),
+}
+
+
+class Coach:
+    """Run the rules over a run's record; each fires once per episode.
+
+    A rule's note names its episode (the best epoch the monitor is past, the phase,
+    the rate...); the coach writes it only the first time that episode comes up, so
+    a condition that holds for many epochs gives one note. Curve-reading rules stay
+    quiet for the first ``WARMUP_EPOCHS`` epochs of each phase.
+
+    Args:
+        enabled: whether `update` writes notes.
+
+    Example:
+
+    >>> coach = Coach()
+    >>> coach.update(Record(History(), "val_loss", "min"))
+    []
+    >>> coach.notes
+    ()
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._notes: list[Note] = []
+        self._seen: set[tuple[str, Any]] = set()
+
+    @property
+    def notes(self) -> tuple[Note, ...]:
+        """Every note written so far, newest first."""
+        return tuple(reversed(self._notes))
+
+    def update(self, record: Record) -> list[Note]:
+        """Run every rule over ``record``; return the notes that fired now."""
+        if not self.enabled:
+            return []
+        warm = len(record.phase_records()) >= WARMUP_EPOCHS
+        fired = []
+        for name, (rule, reads_curves) in RULES.items():
+            note = rule(record) if warm or not reads_curves else None
+            if note is not None and (name, note.episode) not in self._seen:
+                self._seen.add((name, note.episode))
+                fired.append(note)
+        self._notes.extend(fired)
+        return fired

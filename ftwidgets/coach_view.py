@@ -1,0 +1,61 @@
+"""The coach's notes in the panel: newest first, each with its "why" and action buttons."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+
+import ipywidgets as widgets
+
+from ftwidgets.coach import Action, Note
+
+__all__ = ["CoachView"]
+
+
+class CoachView(widgets.VBox):
+    """A list of coach notes: a one-line message, a "why" that unfolds, and buttons.
+
+    A button only calls ``act(action)``, which sets a control or calls the session;
+    nothing here starts training. The checkbox turns the coach on and off.
+
+    Args:
+        act: called with a note's `Action` when its button is clicked.
+        enabled: the checkbox's first value.
+
+    Example:
+
+    >>> view = CoachView(act=print)
+    >>> view.show([Note("early_stop", "Early stopping ended the phase.", "Patience ran out.", 4)])
+    >>> len(view.notes.children)
+    1
+    """
+
+    def __init__(self, act: Callable[[Action], None], enabled: bool = True) -> None:
+        self.act = act
+        self.enabled = widgets.Checkbox(value=enabled, description="Coach", indent=False)
+        self.enabled.layout.width = "auto"
+        self.notes = widgets.VBox()
+        super().__init__([self.enabled, self.notes])
+        self.add_class("ftwidgets-coach")
+
+    def show(self, notes: list[Note]) -> None:
+        """Show ``notes``, newest first."""
+        old = self.notes.children
+        self.notes.children = [self._card(note) for note in notes]
+        for card in old:
+            for child in (*card.children, *getattr(card.children[-1], "children", ())):
+                child.close()
+            card.close()
+
+    def _card(self, note: Note) -> widgets.VBox:
+        text = widgets.HTML(
+            f"<div class='ftwidgets-note' data-rule='{html.escape(note.rule)}'>"
+            f"<b>Epoch {note.epoch + 1}:</b> {html.escape(note.message)}"
+            f"<details><summary>why</summary>{html.escape(note.why)}</details></div>"
+        )
+        buttons = []
+        for action in note.actions:
+            button = widgets.Button(description=action.label, layout=widgets.Layout(width="auto"))
+            button.on_click(lambda _b, action=action: self.act(action))
+            buttons.append(button)
+        return widgets.VBox([text, widgets.HBox(buttons)])

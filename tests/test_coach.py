@@ -1,0 +1,135 @@
+"""The coach's rules: each fires on a run where it must, and stays quiet where it must not."""
+
+from __future__ import annotations
+
+import math
+
+from ftwidgets import coach
+from ftwidgets.coach import Coach, Record
+from ftwidgets.events import EpochRecord, frozen_logs
+from ftwidgets.history import History, Marker, PhaseSpan
+
+
+def run(curves, phase: str = "head", rate: float = 1e-3, history: History | None = None) -> History:
+    """A history of one more phase: ``curves`` is ``[(loss, val_loss), ...]`` per epoch."""
+    history = history or History()
+    index = len(history.phases)
+    start = history.next_epoch
+    history.begin_phase(PhaseSpan(index, phase, start, rate, 0 if phase == "head" else 2))
+    for offset, (loss, val) in enumerate(curves):
+        logs = {"loss": loss, "val_loss": val}
+        history.add_epoch(EpochRecord(start + offset, phase, index, frozen_logs(logs), rate))
+    return history
+
+
+def record(history: History, **kwargs) -> Record:
+    spans = history.phases
+    kwargs.setdefault("phase", spans[-1].phase if spans else None)
+    kwargs.setdefault("phase_index", len(spans) - 1)
+    kwargs.setdefault("learning_rate", spans[-1].learning_rate if spans else None)
+    return Record(history, kwargs.pop("monitor", "val_loss"), kwargs.pop("mode", "min"), **kwargs)
+
+
+OVERFIT = [(1.0, 0.9), (0.6, 0.5), (0.4, 0.6), (0.3, 0.7), (0.2, 0.8)]
+
+
+def test_overfitting_fires_when_validation_turns_while_training_falls():
+    note = coach.overfitting(record(run(OVERFIT), dropout=0.3))
+    assert note.rule == "overfitting"
+    assert "best at epoch 2 (0.5)" in note.why and "from 0.6 to 0.2" in note.why
+    assert [(a.kind, a.value) for a in note.actions] == [("rollback", 1), ("set_dropout", 0.5)]
+    # Not while validation still improves, nor when the training loss is flat too,
+    # nor on a monitor that is not a validation metric.
+    improving = [(1.0 - e / 10, 0.9 - e / 10) for e in range(5)]
+    assert coach.overfitting(record(run(improving))) is None
+    flat = [(0.5, v) for _, v in OVERFIT]
+    assert coach.overfitting(record(run(flat))) is None
+    assert coach.overfitting(record(run(OVERFIT), monitor="loss")) is None
+
+
+def test_diverging_fires_on_a_rise_after_a_rate_change_or_on_wild_swings():
+    def traced(losses, change_at=None, rate=1e-2):
+        history = run([(1.0, 1.0)] * 3, rate=rate)
+        for step, loss in enumerate(losses):
+            history.record_batch(step, (step + 1) / 10, loss)
+        if change_at is not None:
+            history.add_marker(Marker("learning_rate", change_at, 0, "lr", rate))
+        return record(history)
+
+    rose = coach.diverging(traced([1.0] * 20 + [2.5] * 12, change_at=2.0))
+    assert rose.rule == "diverging" and "rose 2.5x after the rate change" in rose.message
+    assert [(a.kind, a.value) for a in rose.actions] == [("set_learning_rate", 1e-3)]
+    assert coach.diverging(traced([1.0] * 20 + [0.9] * 12, change_at=2.0)) is None
+    swinging = [0.2] * 20 + [0.1, 2.0] * 10
+    assert "swings widely" in coach.diverging(traced(swinging)).message
+    # Swings while the loss falls fast are progress, not trouble; a smooth curve is fine.
+    assert coach.diverging(traced([3.0] * 20 + [0.1, 2.0] * 10)) is None
+    assert coach.diverging(traced([1.0 / (s + 1) for s in range(40)])) is None
+
+
+def test_head_converged_fires_on_a_flat_monitor_in_the_head_phase_only():
+    flat = [(0.5, 0.500), (0.5, 0.501), (0.5, 0.499), (0.5, 0.500)]
+    note = coach.head_converged(record(run(flat), min_delta=0.0))
+    assert note.rule == "head_converged"
+    (action,) = note.actions
+    assert action.kind == "set_phase"
+    assert action.value == {"phase": "finetune", "unfreeze_depth": 2, "learning_rate": 1e-5}
+    assert coach.head_converged(record(run(flat, phase="finetune", rate=1e-5))) is None
+    moving = [(0.5, 0.5), (0.5, 0.45), (0.5, 0.40), (0.5, 0.35)]
+    assert coach.head_converged(record(run(moving))) is None
+
+
+def test_finetune_rate_too_high_against_the_seed_range_and_the_head_rate():
+    head = run([(1.0, 1.0)], rate=1e-3)
+    high = run([(1.0, 1.0)], phase="finetune", rate=1e-3, history=head)
+    note = coach.finetune_rate_too_high(record(high, unfreeze_depth=2))
+    assert note.rule == "finetune_rate_too_high" and "1x the head's 1e-3" in note.why
+    assert [(a.kind, a.value) for a in note.actions] == [("set_learning_rate", 1e-5)]
+    ok = run([(1.0, 1.0)], phase="finetune", rate=1e-5, history=run([(1.0, 1.0)]))
+    assert coach.finetune_rate_too_high(record(ok, unfreeze_depth=2)) is None
+    # 5e-5 is within the seed's range, but above a tenth of a 1e-4 head rate.
+    slow_head = run([(1.0, 1.0)], rate=1e-4)
+    close = run([(1.0, 1.0)], phase="finetune", rate=5e-5, history=slow_head)
+    assert coach.finetune_rate_too_high(record(close, unfreeze_depth=2)) is not None
+    assert coach.finetune_rate_too_high(record(high, unfreeze_depth=0)) is None  # base frozen
+
+
+def test_small_data_notes_many_parameters_per_sample():
+    history = run([(1.0, 1.0)])
+    note = coach.small_data(record(history, trainable_params=1_000_000, train_samples=100))
+    assert note.rule == "small_data" and "10,000 per sample" in note.why and not note.actions
+    assert coach.small_data(record(history, trainable_params=5_000, train_samples=100)) is None
+
+
+def test_non_finite_loss_explains_and_names_the_rate():
+    history = run([(1.0, 1.0), (math.nan, math.nan)], rate=0.5)
+    note = coach.non_finite_loss(record(history))
+    assert "at rate 5e-1" in note.message
+    assert [(a.kind, a.value) for a in note.actions] == [("set_learning_rate", 0.05)]
+    assert coach.non_finite_loss(record(run([(1.0, 1.0)]))) is None
+
+
+def test_early_stop_says_what_patience_and_min_delta_did():
+    history = run(OVERFIT)
+    ended = record(history, phase_ended="early_stopped", patience=3, min_delta=0.01)
+    note = coach.early_stop(ended)
+    assert note.why == (
+        "For 3 epochs in a row no epoch improved val_loss by more than min_delta 0.01, "
+        "so the phase stopped after 5 of its epochs."
+    )
+    assert coach.early_stop(record(history, phase_ended="completed", patience=3)) is None
+
+
+def test_the_coach_waits_out_the_warm_up_fires_once_per_episode_and_can_be_off():
+    history = run(OVERFIT[:2])
+    quiet = Coach()
+    assert quiet.update(record(history, dropout=0.3)) == []
+    history = run(OVERFIT)
+    watcher = Coach()
+    assert [n.rule for n in watcher.update(record(history))] == ["overfitting"]
+    # Another epoch past the same best: the same episode, no second note.
+    history.add_epoch(EpochRecord(5, "head", 0, frozen_logs({"loss": 0.1, "val_loss": 0.9}), 1e-3))
+    assert watcher.update(record(history)) == []
+    assert [n.rule for n in watcher.notes] == ["overfitting"]
+    off = Coach(enabled=False)
+    assert off.update(record(history)) == [] and off.notes == ()
