@@ -646,7 +646,7 @@ class FineTunePanel(widgets.VBox):
             elif kind == "set_phase":
                 self.phase.value = value["phase"]
                 self.unfreeze_depth.value = min(value["unfreeze_depth"], self.unfreeze_depth.max)
-                self._apply_lr(value["learning_rate"])
+                self._set_lr(value["learning_rate"])  # for that next phase, not a running one
             else:
                 raise ValueError(f"Unknown coach action. Received: kind={kind!r}")
         except ValueError as exc:
