@@ -82,8 +82,8 @@ class Note:
         why: the numbers that triggered it, in a sentence or two.
         epoch: the global epoch (0-based) it was written at.
         actions: buttons that apply a suggestion.
-        episode: what the condition is about (the best epoch it is past, the
-            phase...): the coach writes one note per rule and episode.
+        episode: what the condition is about (the phase, the rate...): the coach
+            writes one note per rule and episode.
 
     Example:
 
@@ -162,7 +162,8 @@ def _rate(value: float) -> str:
 # -- the rules --------------------------------------------------------------------------
 def overfitting(record: Record) -> Note | None:
     """The validation monitor has been worse than its best for ``OVERFIT_EPOCHS`` epochs
-    while the training loss fell by ``OVERFIT_TRAIN_DROP`` or more over them.
+    while the training loss fell by ``OVERFIT_TRAIN_DROP`` or more over them. One note
+    a phase: in a long, noisy run the best moves often, and so would a note per best.
 
     Example:
 
@@ -209,7 +210,7 @@ def overfitting(record: Record) -> Note | None:
         "layers, or unfreeze fewer layers.",
         since[-1].epoch,
         tuple(actions),
-        episode=(best_row.branch, best_row.epoch),
+        episode=record.phase_index,
     )
 
 
@@ -391,8 +392,8 @@ RULES: dict[str, tuple[Rule, bool]] = {
 class Coach:
     """Run the rules over a run's record; each fires once per episode.
 
-    A rule's note names its episode (the best epoch the monitor is past, the phase,
-    the rate...); the coach writes it only the first time that episode comes up, so
+    A rule's note names its episode (the phase, the rate, the rate change...); the
+    coach writes it only the first time that episode comes up, so
     a condition that holds for many epochs gives one note. Curve-reading rules stay
     quiet for the first ``WARMUP_EPOCHS`` epochs of each phase.
 

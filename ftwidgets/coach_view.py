@@ -34,7 +34,8 @@ class CoachView(widgets.VBox):
         self.act = act
         self.enabled = widgets.Checkbox(value=enabled, description="Coach", indent=False)
         self.enabled.layout.width = "auto"
-        self.notes = widgets.VBox()
+        # The newest notes stay in view; older ones scroll.
+        self.notes = widgets.VBox(layout=widgets.Layout(max_height="320px", overflow="auto"))
         super().__init__([self.enabled, self.notes])
         self.add_class("ftwidgets-coach")
 
@@ -58,4 +59,5 @@ class CoachView(widgets.VBox):
             button = widgets.Button(description=action.label, layout=widgets.Layout(width="auto"))
             button.on_click(lambda _b, action=action: self.act(action))
             buttons.append(button)
-        return widgets.VBox([text, widgets.HBox(buttons)])
+        row = widgets.HBox(buttons, layout=widgets.Layout(flex_flow="row wrap"))
+        return widgets.VBox([text, row], layout=widgets.Layout(margin="0 0 6px 0"))

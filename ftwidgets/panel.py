@@ -385,8 +385,10 @@ class FineTunePanel(widgets.VBox):
             ]
         )
         self.charts.layout.flex = "1 1 auto"
-        self.coach.layout.width = settings.layout.width
-        left = widgets.VBox([settings, self.coach])
+        left = widgets.VBox(
+            [settings, self.coach], layout=widgets.Layout(width=settings.layout.width)
+        )
+        left.layout.flex = "0 0 auto"  # the charts take the rest; the notes wrap inside
         body = widgets.HBox([left, self.charts], layout=widgets.Layout(width="100%"))
         self.title = widgets.HTML(
             f"<b>{html.escape(self.session.name)}</b> · model "
