@@ -991,7 +991,9 @@ class TrainingCharts(widgets.VBox):
         events: list[tuple[float, str, str]] = []
         for mk, color in sorted(zip(rules, colors, strict=True), key=lambda pair: pair[0].x):
             name = MARKER_STYLES.get(mk.kind, ("", mk.kind.replace("_", " ")))[1]
-            if events and mk.x - events[-1][0] < near:
+            # Closer than the label already there is wide (at a typical chart width).
+            room = max(near, len(events[-1][1]) * _CHAR_WIDTH * self._extent) if events else 0
+            if events and mk.x - events[-1][0] < room:
                 x, names, _ = events[-1]
                 if name not in names.split(" + "):
                     names += f" + {name}"

@@ -50,7 +50,8 @@ class CoachView(widgets.VBox):
 
     def _card(self, note: Note) -> widgets.VBox:
         text = widgets.HTML(
-            f"<div class='ftwidgets-note' data-rule='{html.escape(note.rule)}'>"
+            f"<div class='ftwidgets-note' data-rule='{html.escape(note.rule)}' "
+            "style='white-space:normal;line-height:1.35'>"
             f"<b>Epoch {note.epoch + 1}:</b> {html.escape(note.message)}"
             f"<details><summary>why</summary>{html.escape(note.why)}</details></div>"
         )
@@ -60,4 +61,5 @@ class CoachView(widgets.VBox):
             button.on_click(lambda _b, action=action: self.act(action))
             buttons.append(button)
         row = widgets.HBox(buttons, layout=widgets.Layout(flex_flow="row wrap"))
-        return widgets.VBox([text, row], layout=widgets.Layout(margin="0 0 6px 0"))
+        # No shrinking in the scrolling list: a card keeps its height and the list scrolls.
+        return widgets.VBox([text, row], layout=widgets.Layout(margin="0 0 6px 0", flex="0 0 auto"))

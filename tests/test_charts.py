@@ -263,6 +263,14 @@ def test_labels_never_overlap_and_the_epoch_axis_ticks_whole_epochs(make_charts)
     session.history.travel(0)
     charts.refresh(force=True)
     assert [str(n) for n in charts.marks["events"].names] == ["stop + rollback"]
+    # One closer than the label there is wide joins it too (4 characters: 4.5 epochs here).
+    session.history.add_marker(Marker("early_stop", 63.0, 62, "early stop"))
+    session.history.add_marker(Marker("stop", 30.0, 29, "stopped"))
+    charts.refresh(force=True)
+    assert [str(n) for n in charts.marks["events"].names] == [
+        "stop",
+        "early stop + stop + rollback",
+    ]
     assert list(charts.lr_figure.axes[0].tick_values)[-1] == 60.0
 
 
