@@ -138,7 +138,6 @@ class Record:
     train_samples: int | None = None
     phase_ended: str | None = None
     failure: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def phase_records(self) -> list[Any]:
         """The complete epochs of the running or last phase, on the current lineage."""
