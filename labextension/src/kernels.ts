@@ -12,6 +12,7 @@
 import { Kernel, KernelMessage, CommsOverSubshells } from '@jupyterlab/services';
 import { ISignal, Signal } from '@lumino/signaling';
 
+import { Coalesced } from './coalesce';
 import { SessionModel } from './model';
 import {
   Action,
@@ -73,12 +74,19 @@ export class KernelBridge {
     Signal.clearData(this);
   }
 
-  /** Does the kernel run ftwidgets sessions? Its beacon says so; then say hello. */
-  private async _discover(): Promise<void> {
-    if (this._control || this._discovering) {
+  /**
+   * Does the kernel run ftwidgets sessions? Its beacon says so; then say hello.
+   * A look asked for while one is in flight runs again after it: the one in flight
+   * may have been answered just before a cell made the first session.
+   */
+  private _discover(): Promise<void> {
+    return this._discovery.run();
+  }
+
+  private async _lookForSessions(): Promise<void> {
+    if (this._control) {
       return;
     }
-    this._discovering = true;
     try {
       await this.kernel.info;
       this.model.setSubshells(this.kernel.supportsSubshells);
@@ -89,8 +97,6 @@ export class KernelBridge {
       }
     } catch (reason) {
       console.warn('ftwidgets: could not ask the kernel for its comms', reason);
-    } finally {
-      this._discovering = false;
     }
   }
 
@@ -210,7 +216,7 @@ export class KernelBridge {
   }
 
   private _control: Promise<Kernel.IComm | null> | null = null;
-  private _discovering = false;
+  private _discovery = new Coalesced(() => this._lookForSessions());
   private _probeShell: string | null = null;
   private _poll: ReturnType<typeof setInterval> | null = null;
   private _controlComm: Kernel.IComm | null = null;

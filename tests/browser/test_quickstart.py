@@ -136,7 +136,7 @@ def _start(ui: PanelPage, where: str) -> None:
     """Click Start; wait for the first new validation point."""
     before = _val_points(ui)
     clicked = time.monotonic()
-    ui.button("Start").click()
+    ui.button("Start").click(no_wait_after=True)
     _wait_val_points(ui, before, f"{where}: a new val_loss point after Start")
     record_timing(f"{where}: click Start -> first new val_loss point", _since(clicked))
     expect(ui.status).to_have_text(RUNNING, timeout=WAIT_MS)
@@ -144,7 +144,9 @@ def _start(ui: PanelPage, where: str) -> None:
 
 def _stop(ui: PanelPage, where: str) -> None:
     clicked = time.monotonic()
-    ui.button("Stop").click()
+    # The buttons never navigate. Voila's page still streams, and a click waiting for
+    # "scheduled navigations" there has hung past its timeout.
+    ui.button("Stop").click(no_wait_after=True)
     expect(ui.status).to_have_text(IDLE, timeout=WAIT_MS)
     record_timing(f"{where}: click Stop -> idle status", _since(clicked))
     _expect_idle_buttons(ui)
@@ -255,21 +257,29 @@ def test_3_learning_rate_slider_mid_run(scenario) -> None:
         except ValueError:  # one rate so far: the log axis has a single labelled tick
             return []
 
-    def shows_new_rate(found: list[float]) -> bool:
-        tail = [v for v in found if math.isclose(v, new_rate, rel_tol=0.05)]
-        return len(tail) >= 2 and found[-1] == tail[-1]
+    def at(found: list[float], rate: float) -> list[float]:
+        return [v for v in found if math.isclose(v, rate, rel_tol=0.05)]
+
+    def one_step_down(found: list[float]) -> bool:
+        # Earlier epochs at 1e-3, every later one at the new rate, two of them so far.
+        # A read between two redraws may mix the dots of both: a real bounce persists.
+        old, new = at(found, 1e-3), at(found, new_rate)
+        return len(new) >= 2 and found == old + new
 
     found = wait_until(
-        values, shows_new_rate, timeout=WAIT_S, what="two epochs at the new rate in the chart"
+        values, one_step_down, timeout=WAIT_S, what="two epochs at the new rate in the chart"
     )
     record_timing("3 lr slider: key press -> two epochs at the new rate", _since(moved))
-    # Earlier epochs stay at 1e-3, every later one is at the new rate: one step down.
-    old = [v for v in found if math.isclose(v, 1e-3, rel_tol=0.05)]
-    new = [v for v in found if math.isclose(v, new_rate, rel_tol=0.05)]
-    assert len(old) + len(new) == len(found), found
-    assert found == old + new, found
+    old = at(found, 1e-3)
     assert len(old) >= 3, "the head phase ran at 1e-3 before the change"
-    # Secondary, from the kernel: the chart's data and the running phase agree.
+    # Secondary, from the kernel: the recorded rates step down once, the chart's data
+    # and the running phase agree.
+    rates = kernel_eval(
+        page, "[r.learning_rate for r in panel.session.history.lineage() if not r.partial]"
+    )
+    changed = next(i for i, rate in enumerate(rates) if rate != rates[0])
+    assert rates[0] == pytest.approx(1e-3)
+    assert rates[changed:] == pytest.approx([new_rate] * (len(rates) - changed)), rates
     assert kernel_eval(page, "float(panel.charts.marks['lr'].y[-1])") == pytest.approx(new_rate)
     assert kernel_eval(page, "panel.session.learning_rate") == pytest.approx(new_rate)
 
