@@ -61,8 +61,9 @@ MARKER_STYLES = {
 }
 # Kinds that cut an epoch short: a partial epoch's hollow point sits at their x.
 _CUTTING_KINDS = ("stop", "rollback", "failure")
-# About the share of the x axis one character of a label takes (7 px of about 420).
-_CHAR_WIDTH = 1 / 60
+# About the share of the x axis one character of a label takes: 7 px of the about
+# 310 px a chart has beside the settings and the coach's notes.
+_CHAR_WIDTH = 1 / 45
 # Event markers closer than this share of the x axis share one label.
 _NEAR = 0.04
 # Weight of the newest point in the smoothed batch loss (over the plotted points).
@@ -152,7 +153,8 @@ def _fitted_labels(
     fitted = []
     for i, text in enumerate(texts):
         room = rows[i + 1][0] - rows[i][0] if i + 1 < len(rows) else math.inf
-        fitted.append(next((t for t in (text, short[i]) if len(t) * per_char < room), ""))
+        # One character more for the label's offset from the band's edge.
+        fitted.append(next((t for t in (text, short[i]) if (len(t) + 1) * per_char < room), ""))
     return fitted
 
 
