@@ -27,13 +27,19 @@ WARMUP_EPOCHS = 3
 OVERFIT_EPOCHS = 3
 # ...while the training loss fell over them by at least this share.
 OVERFIT_TRAIN_DROP = 0.02
-# Diverging: after a rate change, the median batch loss rose by this factor...
+# Diverging: after the rate was raised, the median batch loss rose by this factor...
 DIVERGE_RISE = 1.5
-# ...comparing this many batches before the change with as many at the end.
-DIVERGE_WINDOW = 10
-# Diverging: the last batches swing widely: their standard deviation over their mean.
+# ...and above this quantile of the batches before the change (past their noise)...
+DIVERGE_QUANTILE = 0.9
+# ...comparing this many batches before the change with as many at the end...
+DIVERGE_WINDOW = 30
+# ...of the newest this many batches (a change further back is not read).
+DIVERGE_TAIL = 2000
+# Unstable: the last batches swing, their standard deviation over their mean above
+# SWING_RATIO, and they average SWING_ABOVE times the phase's lowest epoch loss.
 SWING_RATIO = 0.75
-SWING_WINDOW = 20
+SWING_WINDOW = 50
+SWING_ABOVE = 2.0
 # The head has converged: the monitor stayed within a band this many epochs...
 FLAT_EPOCHS = 4
 # ...the band being min_delta, or this share of the value, whichever is larger.
@@ -214,46 +220,68 @@ def overfitting(record: Record) -> Note | None:
 
 
 def diverging(record: Record) -> Note | None:
-    """The batch loss rose by ``DIVERGE_RISE``x after a learning-rate change, or the last
-    ``SWING_WINDOW`` batches swing with a deviation over ``SWING_RATIO`` of their mean
-    and average no lower than the batches before them."""
+    """The batch loss rose after the rate was raised, or it swings far above the
+    phase's best.
+
+    After a raise in this phase, the median of the last ``DIVERGE_WINDOW`` batches is
+    ``DIVERGE_RISE`` times that of the ``DIVERGE_WINDOW`` before the raise and above
+    their ``DIVERGE_QUANTILE``. Or the last ``SWING_WINDOW`` batches deviate by more
+    than ``SWING_RATIO`` of their mean, which is ``SWING_ABOVE`` times the lowest
+    epoch training loss of the phase. (Per-batch losses near convergence swing widely
+    too, but around the phase's best: that is noise, not trouble.)
+    """
     history = record.history
-    _, x, losses = history.batch_trace()
+    rate = record.learning_rate
+    if rate is None:
+        return None
+    _, x, losses = history.batch_trace(last=DIVERGE_TAIL)
     finite = np.isfinite(losses)
     x, losses = x[finite], losses[finite]
-    rate = record.learning_rate
-    if rate is None or len(losses) < SWING_WINDOW:
-        return None
     lower = Action(f"Lower the rate to {_rate(rate / 10)}", "set_learning_rate", rate / 10)
     epoch = history.next_epoch - 1
-    changes = [m for m in history.markers if m.kind == "learning_rate"]
+    span = next((p for p in history.phases if p.index == record.phase_index), None)
+    if span is None:
+        return None
+    changes = [m for m in history.markers if m.kind == "learning_rate" and m.x >= span.start_epoch]
     if changes:
-        at = changes[-1].x
+        at, raised_to = changes[-1].x, changes[-1].value
+        was = changes[-2].value if len(changes) > 1 else span.learning_rate
         before, after = losses[x <= at][-DIVERGE_WINDOW:], losses[x > at][-DIVERGE_WINDOW:]
-        if len(before) >= 3 and len(after) >= DIVERGE_WINDOW:
+        raised = raised_to is not None and was is not None and raised_to > was
+        if raised and len(before) == len(after) == DIVERGE_WINDOW:
             old, new = float(np.median(before)), float(np.median(after))
-            if old > 0 and new > DIVERGE_RISE * old:
+            noise = float(np.quantile(before, DIVERGE_QUANTILE))
+            if old > 0 and new > DIVERGE_RISE * old and new > noise:
                 return Note(
                     "diverging",
-                    f"Diverging: the batch loss rose {new / old:.1f}x after the rate change.",
-                    f"The median batch loss was {_fmt(old)} before the rate became "
-                    f"{_rate(rate)} and is {_fmt(new)} over the last {len(after)} batches. "
-                    f"Lower the rate to {_rate(rate / 10)}.",
+                    f"Diverging: the batch loss rose {new / old:.1f}x after the rate went up.",
+                    f"The median batch loss was {_fmt(old)} before the rate went from "
+                    f"{_rate(was)} to {_rate(raised_to)}, and is {_fmt(new)} over the last "
+                    f"{len(after)} batches. Lower the rate to {_rate(rate / 10)}.",
                     epoch,
                     (lower,),
                     episode=("change", len(changes)),
                 )
-    recent, earlier = losses[-SWING_WINDOW:], losses[-2 * SWING_WINDOW : -SWING_WINDOW]
+    lowest = min(
+        (
+            r.logs["loss"]
+            for r in record.phase_records()
+            if math.isfinite(r.logs.get("loss", math.nan))
+        ),
+        default=math.nan,
+    )
+    recent = losses[-SWING_WINDOW:]
+    if len(recent) < SWING_WINDOW or not lowest > 0:
+        return None
     mean, spread = float(np.mean(recent)), float(np.std(recent))
-    # Swings that come with progress are noise near a small loss; these bring none.
-    stalled = len(earlier) == 0 or mean >= float(np.mean(earlier))
-    if mean > 0 and spread > SWING_RATIO * mean and stalled:
+    if spread > SWING_RATIO * mean and mean > SWING_ABOVE * lowest:
         return Note(
             "diverging",
-            "Unstable: the batch loss swings widely.",
+            "Unstable: the batch loss swings widely, far above its best.",
             f"Over the last {len(recent)} batches the loss averages {_fmt(mean)} with a "
             f"standard deviation of {_fmt(spread)} ({spread / mean:.0%} of it) at rate "
-            f"{_rate(rate)}, and it is not falling. Lower the rate to {_rate(rate / 10)}.",
+            f"{_rate(rate)}: {mean / lowest:.1f}x this phase's lowest epoch loss "
+            f"({_fmt(lowest)}). Lower the rate to {_rate(rate / 10)}.",
             epoch,
             (lower,),
             episode=("swing", record.phase_index, rate),

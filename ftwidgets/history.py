@@ -29,6 +29,9 @@ FORMAT = "ftwidgets.history"
 FORMAT_VERSION = 1
 # The packages whose versions a saved history records.
 _PACKAGES = ("ftwidgets", "keras", "jax", "numpy")
+# Batches read before a tail, so that out-of-order arrivals and each kept batch's
+# predecessor in its epoch are there to sort and to recover from.
+_TAIL_MARGIN = 64
 
 
 @dataclass(frozen=True)
@@ -410,13 +413,16 @@ class History:
         """How many batch points have been recorded."""
         return self._batches
 
-    def batch_trace(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def batch_trace(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return ``(steps, x, loss)`` of the per-batch trace, sorted by step.
 
         ``loss`` is each batch's own loss. Where it was recorded as a running mean,
         batch ``k`` of an epoch is ``(m_k S_k - m_(k-1) S_(k-1)) / n_k``, with ``m``
         the means, ``n`` the batch sizes and ``S`` their running sums; a batch whose
         predecessors in its epoch were not all recorded is NaN.
+
+        Args:
+            last: only the newest ``last`` batches (a read that does not grow with the run).
 
         Example (Keras logged 0, 0.5, 1.67 and 3.5 for batches whose losses are 0, 1,
         4 and 9; they may arrive out of order):
@@ -426,15 +432,22 @@ class History:
         ...     h.record_batch(batch, batch + 1, mean, batch=batch)
         >>> h.batch_trace()[2].round(6).tolist()
         [0.0, 1.0, 4.0, 9.0]
+        >>> h.batch_trace(last=2)[2].round(6).tolist()
+        [4.0, 9.0]
         """
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+            raise ValueError(f"last must be a positive integer or None. Received: last={last!r}")
         with self._lock:
-            trace = self._trace[:, : self._batches].copy()
+            start = 0 if last is None else max(self._batches - last - _TAIL_MARGIN, 0)
+            trace = self._trace[:, start : self._batches].copy()
         steps = trace[0].astype(np.int64)
         if len(steps) > 1 and np.any(steps[1:] < steps[:-1]):
             # Keras's callback pool may finish batches out of order.
             trace = trace[:, np.argsort(steps, kind="stable")]
             steps = trace[0].astype(np.int64)
-        return steps, trace[1], _own_losses(steps, trace[2], trace[3], trace[4])
+        losses = _own_losses(steps, trace[2], trace[3], trace[4])
+        keep = slice(0 if last is None else max(len(steps) - last, 0), None)
+        return steps[keep], trace[1][keep], losses[keep]
 
     # -- export ----------------------------------------------------------
     _FIELDS = ("epoch", "phase", "phase_index", "learning_rate", "partial", "seconds", "branch")

@@ -47,24 +47,32 @@ def test_overfitting_fires_when_validation_turns_while_training_falls():
     assert coach.overfitting(record(run(OVERFIT), monitor="loss")) is None
 
 
-def test_diverging_fires_on_a_rise_after_a_rate_change_or_on_wild_swings():
-    def traced(losses, change_at=None, rate=1e-2):
-        history = run([(1.0, 1.0)] * 3, rate=rate)
+def test_diverging_fires_on_a_rise_after_a_raised_rate_or_on_swings_far_above_the_best():
+    def traced(losses, change_to=None, lowest=0.5):
+        # A head phase at 1e-2 whose epochs' training loss was at best `lowest`.
+        history = run([(lowest, 1.0)] * 3, rate=1e-2)
         for step, loss in enumerate(losses):
             history.record_batch(step, (step + 1) / 10, loss)
-        if change_at is not None:
-            history.add_marker(Marker("learning_rate", change_at, 0, "lr", rate))
-        return record(history)
+        if change_to is not None:  # after the 30th batch
+            history.add_marker(Marker("learning_rate", 3.0, 2, "lr", change_to))
+        return record(history, learning_rate=change_to or 1e-2)
 
-    rose = coach.diverging(traced([1.0] * 20 + [2.5] * 12, change_at=2.0))
-    assert rose.rule == "diverging" and "rose 2.5x after the rate change" in rose.message
-    assert [(a.kind, a.value) for a in rose.actions] == [("set_learning_rate", 1e-3)]
-    assert coach.diverging(traced([1.0] * 20 + [0.9] * 12, change_at=2.0)) is None
-    swinging = [0.2] * 20 + [0.1, 2.0] * 10
-    assert "swings widely" in coach.diverging(traced(swinging)).message
-    # Swings while the loss falls fast are progress, not trouble; a smooth curve is fine.
-    assert coach.diverging(traced([3.0] * 20 + [0.1, 2.0] * 10)) is None
-    assert coach.diverging(traced([1.0 / (s + 1) for s in range(40)])) is None
+    rose = coach.diverging(traced([1.0] * 30 + [2.5] * 30, change_to=1e-1))
+    assert rose.rule == "diverging" and "rose 2.5x after the rate went up" in rose.message
+    assert "from 1e-2 to 1e-1" in rose.why
+    assert [(a.kind, a.value) for a in rose.actions] == [("set_learning_rate", 1e-2)]
+    # Not after a lowered rate, nor by less than 1.5x, nor within the old batches' noise
+    # (1.8 is 1.6x their median, 1.1, but below their 90th percentile, 2.0).
+    assert coach.diverging(traced([1.0] * 30 + [2.5] * 30, change_to=1e-3)) is None
+    assert coach.diverging(traced([1.0] * 30 + [1.4] * 30, change_to=1e-1)) is None
+    assert coach.diverging(traced([0.2, 2.0] * 15 + [1.8] * 30, change_to=1e-1)) is None
+
+    swinging = coach.diverging(traced([0.5] * 20 + [0.1, 2.0] * 25))
+    assert "swings widely" in swinging.message
+    assert "2.1x this phase's lowest epoch loss (0.5)" in swinging.why
+    # Batches near convergence swing as widely, but around the phase's best: noise.
+    assert coach.diverging(traced([0.5] * 20 + [0.05, 0.9] * 25)) is None
+    assert coach.diverging(traced([1.0 / (s + 1) for s in range(80)])) is None
 
 
 def test_head_converged_fires_on_a_flat_monitor_in_the_head_phase_only():
