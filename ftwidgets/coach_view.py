@@ -62,4 +62,6 @@ class CoachView(widgets.VBox):
             buttons.append(button)
         row = widgets.HBox(buttons, layout=widgets.Layout(flex_flow="row wrap"))
         # No shrinking in the scrolling list: a card keeps its height and the list scrolls.
-        return widgets.VBox([text, row], layout=widgets.Layout(margin="0 0 6px 0", flex="0 0 auto"))
+        card = widgets.VBox([text, row], layout=widgets.Layout(margin="0 0 6px 0", flex="0 0 auto"))
+        card.add_class("ftwidgets-coach-note")
+        return card

@@ -54,7 +54,10 @@ try:
 except Exception:  # not Linux: ru_maxrss is in KiB on Linux, bytes on macOS
     _peak_kb = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
 import ftwidgets as _ftw
-_advice = {{_s.name: [_n.rule for _n in reversed(_s.advice())] for _s in _ftw.live_sessions()}}
+_advice = {{
+    _s.name: [f"epoch {{_n.epoch + 1}} {{_n.rule}}: {{_n.message}}" for _n in reversed(_s.advice())]
+    for _s in _ftw.live_sessions()
+}}
 print({PROBE_TAG!r} + _json.dumps({{"prefix": _sys.prefix, "executable": _sys.executable,
       "peak_rss_kb": _peak_kb, "advice": _advice}}))
 """.replace("import json", "import re, json")

@@ -367,6 +367,24 @@ def test_5_finetune_phase(scenario) -> None:
     _wait_val_points(ui, _val_points(ui) + 1, "5 finetune: two more val_loss points")
     _stop(ui, "5 finetune")
 
+    # The coach saw a fine-tune rate above a tenth of the head's (1e-4 against 3.2e-4).
+    note = ui.root.locator(".ftwidgets-coach-note").filter(
+        has=page.locator('.ftwidgets-note[data-rule="finetune_rate_too_high"]')
+    )
+    expect(note).to_have_count(1)
+    expect(note).to_contain_text("The fine-tune rate 1e-4 is high for an unfrozen base.")
+    why = note.locator("details")
+    expect(why.locator("summary")).to_have_text("why")
+    assert why.get_attribute("open") is None, "the why starts folded"
+    why.locator("summary").click()
+    expect(why).to_have_attribute("open", "")
+    expect(why).to_contain_text("1e-5 to 1e-4, 10-100x below the head's rate")
+    # Its button sets the rate field, and starts nothing.
+    note.locator("button", has_text="Use 1e-5").click(no_wait_after=True)
+    _wait_rate_in_field(ui, 1e-5)
+    expect(ui.status).to_have_text(IDLE)
+    assert kernel_eval(page, "panel.session.is_training") is False
+
     screenshot(ui.root, "quickstart-5-finetune-phase")
     record_timing("5 finetune: whole scenario", _since(started))
 
@@ -437,7 +455,8 @@ def test_7_bad_input_is_reported_in_the_panel(scenario) -> None:
     ui.type_into(ui.learning_rate_text(), "-0.001")
     expect(ui.error).to_contain_text("learning_rate must be a positive finite number")
     kept = re.search(r"The learning rate stays (\S+)\.", ui.error_text())
-    assert kept is not None and _same_rate(kept[1], 1e-4), ui.error_text()
+    # The coach's button set 1e-5 in scenario 5.
+    assert kept is not None and _same_rate(kept[1], 1e-5), ui.error_text()
     _no_stray_stderr(page)
     screenshot(ui.root, "quickstart-7-error-shown")
 
