@@ -35,11 +35,13 @@ DIVERGE_QUANTILE = 0.9
 DIVERGE_WINDOW = 30
 # ...of the newest this many batches (a change further back is not read).
 DIVERGE_TAIL = 2000
-# Unstable: the last batches swing, their standard deviation over their mean above
-# SWING_RATIO, and they average SWING_ABOVE times the phase's lowest epoch loss.
+# Unstable: the last SWING_WINDOW batches swing, their standard deviation over their
+# mean above SWING_RATIO, and their mean is SWING_ABOVE times the median mean of the
+# windows before them (at least SWING_HISTORY windows, within the tail read).
 SWING_RATIO = 0.75
 SWING_WINDOW = 50
-SWING_ABOVE = 2.0
+SWING_ABOVE = 3.0
+SWING_HISTORY = 4
 # The head has converged: the monitor stayed within a band this many epochs...
 FLAT_EPOCHS = 4
 # ...the band being min_delta, or this share of the value, whichever is larger.
@@ -220,15 +222,15 @@ def overfitting(record: Record) -> Note | None:
 
 
 def diverging(record: Record) -> Note | None:
-    """The batch loss rose after the rate was raised, or it swings far above the
-    phase's best.
+    """The batch loss rose after the rate was raised, or it swings far above where
+    it was.
 
     After a raise in this phase, the median of the last ``DIVERGE_WINDOW`` batches is
     ``DIVERGE_RISE`` times that of the ``DIVERGE_WINDOW`` before the raise and above
     their ``DIVERGE_QUANTILE``. Or the last ``SWING_WINDOW`` batches deviate by more
-    than ``SWING_RATIO`` of their mean, which is ``SWING_ABOVE`` times the lowest
-    epoch training loss of the phase. (Per-batch losses near convergence swing widely
-    too, but around the phase's best: that is noise, not trouble.)
+    than ``SWING_RATIO`` of their mean, which is ``SWING_ABOVE`` times the median mean
+    of the windows before them. (Per-batch losses near convergence swing widely too,
+    but around their usual level: that is noise, not trouble.)
     """
     history = record.history
     rate = record.learning_rate
@@ -262,26 +264,20 @@ def diverging(record: Record) -> Note | None:
                     (lower,),
                     episode=("change", len(changes)),
                 )
-    lowest = min(
-        (
-            r.logs["loss"]
-            for r in record.phase_records()
-            if math.isfinite(r.logs.get("loss", math.nan))
-        ),
-        default=math.nan,
-    )
-    recent = losses[-SWING_WINDOW:]
-    if len(recent) < SWING_WINDOW or not lowest > 0:
+    recent, earlier = losses[-SWING_WINDOW:], losses[:-SWING_WINDOW]
+    whole = len(earlier) // SWING_WINDOW * SWING_WINDOW
+    if len(recent) < SWING_WINDOW or whole < SWING_HISTORY * SWING_WINDOW:
         return None
+    typical = float(np.median(earlier[len(earlier) - whole :].reshape(-1, SWING_WINDOW).mean(1)))
     mean, spread = float(np.mean(recent)), float(np.std(recent))
-    if spread > SWING_RATIO * mean and mean > SWING_ABOVE * lowest:
+    if typical > 0 and spread > SWING_RATIO * mean and mean > SWING_ABOVE * typical:
         return Note(
             "diverging",
-            "Unstable: the batch loss swings widely, far above its best.",
+            "Unstable: the batch loss swings widely, far above where it was.",
             f"Over the last {len(recent)} batches the loss averages {_fmt(mean)} with a "
             f"standard deviation of {_fmt(spread)} ({spread / mean:.0%} of it) at rate "
-            f"{_rate(rate)}: {mean / lowest:.1f}x this phase's lowest epoch loss "
-            f"({_fmt(lowest)}). Lower the rate to {_rate(rate / 10)}.",
+            f"{_rate(rate)}: {mean / typical:.1f}x the {_fmt(typical)} a window of "
+            f"{SWING_WINDOW} batches averaged before. Lower the rate to {_rate(rate / 10)}.",
             epoch,
             (lower,),
             episode=("swing", record.phase_index, rate),
