@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
-__all__ = ["adopt_keras_state", "device_summary", "ensure_jax_backend", "keras_state"]
+import numpy as np
+
+__all__ = [
+    "adopt_keras_state",
+    "batch_devices",
+    "device_summary",
+    "ensure_jax_backend",
+    "keras_state",
+]
 
 # Keras keeps these in thread-local storage (keras/src/backend/common/global_state.py):
 # set on the kernel thread, they read as unset on a worker thread.
@@ -40,11 +49,15 @@ def ensure_jax_backend() -> None:
         )
 
 
-def device_summary() -> str:
-    """Describe the device JAX computes on, for status lines.
+def device_summary(distribution: Any = None) -> str:
+    """Describe the devices JAX computes on, for status lines.
+
+    Under ``keras.distribution`` (``distribution``, else the calling thread's), it
+    names the mesh too.
 
     Returns:
-        For example ``"JAX · cpu"`` or ``"JAX · gpu:0 NVIDIA H100 80GB HBM3"``.
+        For example ``"JAX · cpu"``, ``"JAX · gpu:0 NVIDIA H100 80GB HBM3"``, or
+        ``"JAX · 2 cpu devices · DataParallel mesh (batch=2)"``.
 
     Example:
 
@@ -53,12 +66,41 @@ def device_summary() -> str:
     True
     """
     import jax
+    import keras
 
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return "JAX · cpu"
-    kind = getattr(device, "device_kind", "") or ""
-    return f"JAX · {device.platform}:{device.id} {kind}".rstrip()
+    dist = distribution if distribution is not None else keras.distribution.distribution()
+    if dist is None:
+        device = jax.devices()[0]
+        if device.platform == "cpu":
+            return "JAX · cpu"
+        kind = getattr(device, "device_kind", "") or ""
+        return f"JAX · {device.platform}:{device.id} {kind}".rstrip()
+    mesh = dist.device_mesh
+    devices = list(np.ravel(mesh.devices))
+    first = devices[0]
+    kind = getattr(first, "device_kind", "") or ""
+    what = first.platform if first.platform == "cpu" else f"{first.platform} {kind}".rstrip()
+    axes = ", ".join(
+        f"{name}={size}" for name, size in zip(mesh.axis_names, mesh.shape, strict=True)
+    )
+    return f"JAX · {len(devices)} {what} devices · {type(dist).__name__} mesh ({axes})"
+
+
+def batch_devices(distribution: Any) -> int:
+    """How many devices ``distribution`` splits each batch over (1 for None).
+
+    Example:
+
+    >>> batch_devices(None)
+    1
+    """
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    name = getattr(distribution, "batch_dim_name", None)
+    if name is None or name not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[list(mesh.axis_names).index(name)])
 
 
 def keras_state() -> dict[str, object]:

@@ -242,6 +242,28 @@ class TrainingData:
             args["validation_data"] = _fit_tuple(self.validation)
         return args
 
+    def check_split(self, batch_size: int, devices: int) -> None:
+        """Under data parallelism each batch, the last ones too, splits evenly over ``devices``.
+
+        Raises:
+            ValueError: naming the batch size or the last batch that does not divide.
+        """
+        if devices <= 1:
+            return
+        sizes = [("batch_size", batch_size)]
+        for side, count in (("training", self.num_train()), ("validation", self.num_validation())):
+            if count is not None and count % batch_size:
+                sizes.append((f"the last {side} batch", count % batch_size))
+        bad = [f"{name} is {size}" for name, size in sizes if size % devices]
+        if bad:
+            raise ValueError(
+                f"The distribution splits every batch over {devices} devices, but "
+                f"{' and '.join(bad)}, which does not divide by {devices}. Choose a batch size, "
+                f"and training and validation counts, that divide by {devices}. "
+                f"Received: batch_size={batch_size}, training samples={self.num_train()}, "
+                f"validation samples={self.num_validation()}"
+            )
+
     def check(self, model: keras.Model, loss: Any, batch_size: int) -> None:
         """Check that the data fits ``model`` and ``loss``, before any training.
 

@@ -137,7 +137,7 @@ class FineTunePanel(widgets.VBox):
         self._search_started: SearchStarted | None = None
         self._search_step: SearchStep | None = None
         self._suggested: float | None = None
-        self._device = device_summary()
+        self._device: tuple[object, str] | None = None  # (distribution, its summary)
         # The base's structure never changes, so list what each depth unfreezes once.
         self._units = {
             unit: transfer.unfreeze_units(session.model, unit) for unit in UNFREEZE_UNITS
@@ -873,6 +873,12 @@ class FineTunePanel(widgets.VBox):
         # A dataset brings its own batches.
         self.batch_size.disabled = active or self.session.data.is_dataset
 
+    def _device_summary(self) -> str:
+        distribution = self.session.distribution
+        if self._device is None or self._device[0] is not distribution:
+            self._device = (distribution, device_summary(distribution))
+        return self._device[1]
+
     def _refresh_status(self) -> None:
         with self._ui:
             self._refresh_status_locked()
@@ -931,7 +937,7 @@ class FineTunePanel(widgets.VBox):
             if es is not None and started is not None:
                 since = session.epochs_without_improvement
                 parts.append(f"{since}/{es.patience} epochs without improvement")
-        parts.append(html.escape(self._device))
+        parts.append(html.escape(self._device_summary()))
         line = " · ".join(parts)
         # One line, cut with an ellipsis (all of it on hover): a line that wrapped as
         # its numbers grew moved everything below it on every update.

@@ -253,6 +253,9 @@ class FineTuneSession:
         self._phase: FitPhase | None = None
         self._thread: threading.Thread | None = None
         self._created = time.monotonic()
+        # Keras's settings live per thread; a Start clicked on a subshell's thread
+        # sees none. Those of the thread that made the session fill the gaps.
+        self._keras_settings = _backend.keras_state()
         _SESSIONS.add(self)
         for watcher in list(_WATCHERS):
             watcher(self, True)
@@ -298,6 +301,14 @@ class FineTuneSession:
     def learning_rate(self) -> float | None:
         """The learning rate of the running (or last) phase."""
         return None if self._phase is None else self._phase.learning_rate
+
+    @property
+    def distribution(self) -> Any:
+        """The ``keras.distribution`` the next phase trains under, or None (one device).
+
+        The calling thread's, else the one set where the session was made.
+        """
+        return self._settings_for_worker().get("distribution")
 
     @property
     def history(self) -> History:
@@ -498,6 +509,7 @@ class FineTuneSession:
         self._refuse_if_busy()
         depth, unit = self._check_depth(config)
         self._ctx.data.check(self.model, self.loss, config.batch_size)
+        self._ctx.data.check_split(config.batch_size, _backend.batch_devices(self.distribution))
         if es is not None and es.monitor.startswith("val_") and not self.data.has_validation:
             raise ValueError(
                 f"monitor {es.monitor!r} needs validation data; pass validation=... or "
@@ -572,6 +584,7 @@ class FineTuneSession:
         self._refuse_if_busy()
         depth, unit = self._check_depth(config)
         self._ctx.data.check(self.model, self.loss, config.batch_size)
+        self._ctx.data.check_split(config.batch_size, _backend.batch_devices(self.distribution))
         search = lr_search.LearningRateSearch(config, settings)
         self._launch(lr_search.SearchJob(search, depth, unit))
         self.searches.append(search)
@@ -580,6 +593,9 @@ class FineTuneSession:
             if self.state == State.FAILED and self.error is not None:
                 raise self.error.exception
         return search
+
+    def _settings_for_worker(self) -> dict[str, object]:
+        return {**self._keras_settings, **_backend.keras_state()}
 
     def _refuse_if_busy(self) -> None:
         if self.is_training:
@@ -632,7 +648,7 @@ class FineTuneSession:
             raise
         self._thread = threading.Thread(
             target=self._work,
-            args=(job, _backend.keras_state(), refused),
+            args=(job, self._settings_for_worker(), refused),
             name=f"ftwidgets-{job.kind}",
             daemon=True,
         )
