@@ -13,6 +13,12 @@ _ensure_jax_backend()
 
 from ftwidgets import demo  # noqa: E402
 from ftwidgets._backend import device_summary  # noqa: E402
+from ftwidgets.compile_cache import (  # noqa: E402
+    compilation_cache_dir,
+    configure_from_environment,
+    disable_compilation_cache,
+    enable_compilation_cache,
+)
 from ftwidgets.config import EarlyStoppingConfig, PhaseConfig  # noqa: E402
 from ftwidgets.events import Best, EpochRecord, Failure  # noqa: E402
 from ftwidgets.history import Branch, History  # noqa: E402
@@ -24,6 +30,8 @@ from ftwidgets.transfer import (  # noqa: E402
 )
 
 __version__ = "0.1.0"
+
+configure_from_environment()
 
 
 def _serve_the_lab_extension(session: FineTuneSession, alive: bool) -> None:
@@ -80,8 +88,11 @@ __all__ = [
     "TrainingCharts",
     "__version__",
     "build_transfer_model",
+    "compilation_cache_dir",
     "demo",
     "device_summary",
+    "disable_compilation_cache",
+    "enable_compilation_cache",
     "freeze_map",
     "live_sessions",
     "unfreeze",

@@ -34,6 +34,7 @@ BINDER = REPO / "binder"
 # version pins must fix too.
 EXPECTED_PINS = {
     "bqplot",
+    "filelock",
     "grain",
     "h5py",
     "ipykernel",
@@ -47,6 +48,7 @@ EXPECTED_PINS = {
     "numpy",
     "pandas",
     "pillow",
+    "platformdirs",
     "scikit-learn",
     "voila",
 }
