@@ -145,6 +145,24 @@ def whole_ticks(extent: float, most: int = 8) -> list[float]:
     return [float(t) for t in np.arange(0.0, extent + 1e-9, step)]
 
 
+_NICE = (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
+
+
+def nice_extent(reach: float) -> float:
+    """The x axis's end for data reaching ``reach`` epochs: whole epochs up to 10, then
+    the next of 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120...
+
+    Example:
+
+    >>> nice_extent(3.5), nice_extent(11), nice_extent(81), nice_extent(1234)
+    (4.0, 12.0, 100.0, 1500.0)
+    """
+    if reach <= 10.0:
+        return float(max(math.ceil(reach - 1e-9), 1))
+    power = 10.0 ** math.floor(math.log10(reach))
+    return next(m * power for m in _NICE if m * power >= reach - 1e-9)
+
+
 def _fitted_labels(
     texts: list[str], short: list[str], rows: list[list[float]], extent: float
 ) -> list[str]:
@@ -937,7 +955,7 @@ class TrainingCharts(widgets.VBox):
                 end = float(span.end_epoch)
             else:
                 # Reach toward the planned end, but not so far that a long run squashes
-                # what has been drawn into a sliver at the left.
+                # what has been drawn into a sliver at the left; the edge is set below.
                 done = max(history.next_epoch - span.start_epoch, 1)
                 planned = self._planned_end.get(span.index, span.start_epoch + done + 1)
                 end = float(min(planned, span.start_epoch + max(1.25 * done, done + 5)))
@@ -948,11 +966,18 @@ class TrainingCharts(widgets.VBox):
             if span.unfreeze_unit == "block":
                 depth += " block" if span.unfreeze_depth == 1 else " blocks"
             texts.append(f"{span.phase} · lr {format_rate(span.learning_rate)} · {depth}")
-        # The x axis's reach: not next_epoch, which a restored epoch moves back.
+        # The x axis's reach: not next_epoch, which a restored epoch moves back. Past 10
+        # epochs it grows in steps of about a fifth: a scale whose domain moves redraws
+        # every mark on it in the browser, which fell behind when it moved every epoch.
         lineage = history.lineage()
         last = lineage[-1].epoch + 1.0 if lineage else 0.0
-        extent = max([self.min_extent, last, *(r[2] for r in rows_x)])
+        extent = nice_extent(max([self.min_extent, last, *(r[2] for r in rows_x)]))
+        if spans and spans[-1].end_epoch is None:
+            planned = self._planned_end.get(spans[-1].index, extent)
+            rows_x[-1][2] = rows_x[-1][3] = max(min(float(planned), extent), rows_x[-1][2])
         self._extent = extent
+        if self.x_scale.max != extent:
+            self.x_scale.max = extent
         texts = _fitted_labels(texts, [span.phase for span in spans], rows_x, extent)
         ticks = whole_ticks(extent)
         for axis in self._x_axes:

@@ -251,7 +251,9 @@ def test_labels_never_overlap_and_the_epoch_axis_ticks_whole_epochs(make_charts)
     session.history.add_marker(Marker("stop", 71.5, 71, "stopped"))
     session.history.add_marker(Marker("rollback", 71.6, 71, "rolled back to epoch 64", 63))
     session.end_phase("rolled_back")
-    assert list(charts.lr_figure.axes[0].tick_values) == [float(t) for t in range(0, 71, 10)]
+    # The axis reaches the next whole tick step past the last epoch (72).
+    assert list(charts.lr_figure.axes[0].tick_values) == [float(t) for t in range(0, 81, 10)]
+    assert charts.x_scale.max == 80.0
     # A band too narrow for its label shows the phase alone, or nothing.
     text = [str(t) for t in charts.marks["phase_labels"].text]
     assert text[0] == "" and text[1] == "head"
@@ -263,7 +265,7 @@ def test_labels_never_overlap_and_the_epoch_axis_ticks_whole_epochs(make_charts)
     session.history.travel(0)
     charts.refresh(force=True)
     assert [str(n) for n in charts.marks["events"].names] == ["stop + rollback"]
-    # One closer than the label there is wide joins it too (4 characters: 6.4 epochs here).
+    # One closer than the label there is wide joins it too (4 characters: 7.1 epochs here).
     session.history.add_marker(Marker("early_stop", 66.0, 65, "early stop"))
     session.history.add_marker(Marker("stop", 30.0, 29, "stopped"))
     charts.refresh(force=True)
@@ -271,7 +273,28 @@ def test_labels_never_overlap_and_the_epoch_axis_ticks_whole_epochs(make_charts)
         "stop",
         "early stop + stop + rollback",
     ]
-    assert list(charts.lr_figure.axes[0].tick_values)[-1] == 70.0
+    assert list(charts.lr_figure.axes[0].tick_values)[-1] == 80.0
+
+
+def test_the_epoch_axis_grows_in_steps_not_every_epoch(make_charts) -> None:
+    # The browser redraws every mark on a scale whose domain moves: keep it still.
+    session, charts = make_charts()
+    session.start_phase("head", 500, 1e-3)
+    reaches = []
+    for e in range(200):
+        session.epoch(e, loss=0.5, val_loss=0.6)
+        charts.refresh(force=True)
+        reaches.append(charts.x_scale.max)
+        ticks = list(charts.loss_figure.axes[0].tick_values)
+        assert e + 1 <= reaches[-1] <= 2 * (e + 1) + 5, (e, reaches[-1])
+        assert ticks[-1] <= reaches[-1] and ticks[0] == 0.0, ticks
+    # A running phase reaches 5 epochs ahead, then a quarter past its epochs; the axis
+    # ends at the next whole epoch to 10, then at 12, 15, 20, 25, 30, 40, 50, 60, 80...
+    assert sorted(set(reaches)) == [6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100,
+                                    120, 150, 200, 250]  # fmt: skip
+    # The running band fills the chart to its edge (its planned end is further).
+    x, _ = xy(charts.marks["bands_loss"])
+    assert x.max() == reaches[-1]
 
 
 @pytest.mark.parametrize(
