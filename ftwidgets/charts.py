@@ -166,11 +166,12 @@ def nice_extent(reach: float) -> float:
 def _fitted_labels(
     texts: list[str], short: list[str], rows: list[list[float]], extent: float
 ) -> list[str]:
-    """A band's label, or its phase alone, or nothing: what fits before the next band."""
+    """A band's label, or its phase alone, or nothing: what fits before the next band
+    (or the chart's edge)."""
     per_char = extent * _CHAR_WIDTH  # epochs one character takes at a typical width
     fitted = []
     for i, text in enumerate(texts):
-        room = rows[i + 1][0] - rows[i][0] if i + 1 < len(rows) else math.inf
+        room = (rows[i + 1][0] if i + 1 < len(rows) else extent) - rows[i][0]
         # One character more for the label's offset from the band's edge.
         fitted.append(next((t for t in (text, short[i]) if (len(t) + 1) * per_char < room), ""))
     return fitted

@@ -230,7 +230,7 @@ def test_two_phases_give_two_labelled_bands(make_charts) -> None:
     text = [str(t) for t in labels.text]
     assert len(text) == 2
     assert text[0] == "head"  # half of a 4-epoch chart is too narrow for the whole label
-    assert "finetune" in text[1] and "1e-5" in text[1] and "depth 3" in text[1]
+    assert text[1] == "finetune"  # the whole label would run past the chart's edge
     np.testing.assert_array_equal(np.asarray(labels.x), [0.0, 2.0])
     fills = charts.marks["bands_loss"].fill_colors
     assert len(fills) == 2 and fills[0] != fills[1]

@@ -201,6 +201,21 @@ class PanelPage:
                 .map((t) => t.textContent)"""
         )
 
+    def label_boxes(self, figure: Any) -> tuple[list[tuple[float, float, str]], float]:
+        """``(left, right, text)`` on screen of each non-empty label mark text (the band
+        labels), left to right, and the right edge of the plot area."""
+        return figure.evaluate(
+            """(fig) => {
+                const boxes = [...fig.querySelectorAll('text.label')]
+                    .filter((t) => t.textContent && getComputedStyle(t).display !== 'none')
+                    .map((t) => { const r = t.getBoundingClientRect();
+                                  return [r.left, r.right, t.textContent]; })
+                    .sort((a, b) => a[0] - b[0]);
+                const area = fig.querySelector('rect.plotarea_background');
+                return [boxes, area.getBoundingClientRect().right];
+            }"""
+        )
+
     def marker_x(self, figure: Any, name: str) -> list[float]:
         """Pixel x of every event marker named ``name`` ("stop", "rollback"...), alone
         or sharing a label with events at the same place ("stop + rollback")."""

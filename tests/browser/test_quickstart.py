@@ -12,6 +12,7 @@ records its timings; both are listed in the "browser artifacts" summary.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -354,11 +355,14 @@ def test_5_finetune_phase(scenario) -> None:
         what="one more phase band",
     )
     assert bands[:-1] == head_bands and bands[-1] not in head_bands, bands
-    labels = ui.svg_labels(loss)
-    band_label = re.compile(r"^finetune · lr (\S+) · depth 3$")
-    assert any(
-        (found := band_label.match(label)) and _same_rate(found[1], 2e-4) for label in labels
-    ), labels
+    # Band labels say what fits: the whole one, the phase alone, or nothing. None
+    # overlaps the next, nor runs past the plot's edge.
+    boxes, edge = ui.label_boxes(loss)
+    for (_, right, _), (left, _, _) in itertools.pairwise(boxes):
+        assert right <= left, boxes
+    assert boxes and boxes[-1][1] <= edge + 1, (boxes, edge)
+    for *_, text in boxes:
+        assert re.fullmatch(r"(head|finetune)( · lr \S+ · depth \d+)?", text), boxes
     # The freeze map still shows what this phase unfroze.
     expect(ui.root.locator("table.ftwidgets-freeze-map")).to_be_visible()
     assert [n for n, s in ui.freeze_map() if s == "trainable"] == trainable
