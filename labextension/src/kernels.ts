@@ -12,6 +12,7 @@
 import { Kernel, KernelMessage, CommsOverSubshells } from '@jupyterlab/services';
 import { ISignal, Signal } from '@lumino/signaling';
 
+import { cellState } from './cellstate';
 import { Coalesced } from './coalesce';
 import { SessionModel } from './model';
 import {
@@ -37,6 +38,7 @@ export class KernelBridge {
   constructor(readonly kernel: Kernel.IKernelConnection) {
     kernel.registerCommTarget(TELEMETRY_TARGET, this._onTelemetryTarget);
     kernel.statusChanged.connect(this._onStatus, this);
+    kernel.iopubMessage.connect(this._onIopub, this);
     void this._discover();
   }
 
@@ -71,6 +73,7 @@ export class KernelBridge {
     clearInterval(this._poll ?? undefined);
     this.kernel.removeCommTarget(TELEMETRY_TARGET, this._onTelemetryTarget);
     this.kernel.statusChanged.disconnect(this._onStatus, this);
+    this.kernel.iopubMessage.disconnect(this._onIopub, this);
     Signal.clearData(this);
   }
 
@@ -204,11 +207,16 @@ export class KernelBridge {
       this._controlComm = null;
       this.model.reset();
       this._probeShell = null;
-    } else if (status === 'busy' && !this._poll) {
+    }
+  }
+
+  private _onIopub(_: Kernel.IKernelConnection, msg: KernelMessage.IIOPubMessage): void {
+    const state = cellState(msg);
+    if (state === 'busy' && !this._poll) {
       // A busy cell may make the first session and then train in it: look again
       // every few seconds, in the probe's own subshell.
       this._poll = setInterval(() => void this._discover(), POLL_MS);
-    } else if (status === 'idle') {
+    } else if (state === 'idle') {
       clearInterval(this._poll ?? undefined);
       this._poll = null;
       void this._discover(); // a cell may just have made the first session
