@@ -24,10 +24,6 @@ from lab import (
 
 SCRATCH = "_lab_extension/busy_session.ipynb"
 SESSION = "lab-ext"
-STOP_BUDGET_S = 2.0
-# The panel's Stop goes through ipywidgets to a subshell: measured 0.6-3.7 s. Without
-# that routing the click waits for the run to end (34 s, when early stopping ends it).
-PANEL_STOP_BUDGET_S = 5.0
 
 SETUP = f"""\
 import ftwidgets as ftw
@@ -44,14 +40,20 @@ LAST_CELL_COUNT = """() => {
 }"""
 
 
-def _stop_ends_the_busy_cell(page, stop, who: str, budget_s: float = STOP_BUDGET_S) -> None:
-    """Click ``stop``; the busy cell must get its execution count within the budget."""
+def _stop_ends_the_busy_cell(page, stop, who: str, session: str) -> None:
+    """Click ``stop``; the busy cell must end because the run stopped.
+
+    Without a subshell to carry it, the click would wait for the cell: the run would
+    end by itself (completed or early-stopped), not stopped. The latency is recorded
+    (0.6-5.6 s measured here); timing targets live in the benchmark.
+    """
     clicked = time.monotonic()
     stop.click()
     page.wait_for_function(f"() => ({LAST_CELL_COUNT})() !== null", timeout=60_000)
     latency = time.monotonic() - clicked
     record_timing(f"{who}: Stop click -> busy cell has its execution count", latency)
-    assert latency < budget_s, f"the busy cell ended {latency:.2f} s after Stop"
+    ended = kernel_eval(page, f"[{session}.history.phases[-1].reason, len({session}.history)]")
+    assert ended[0] == "stopped" and ended[1] < 1000, ended
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_sidebar_stop_ends_a_busy_cell(page, busy_notebook) -> None:
     assert page.evaluate(LAST_CELL_COUNT) is None, "the training cell should still be busy"
     screenshot(page, "lab-extension-sidebar-running")
 
-    _stop_ends_the_busy_cell(page, stop, "lab extension")
+    _stop_ends_the_busy_cell(page, stop, "lab extension", "session")
 
     page.wait_for_function(
         """(name) => (document.querySelector('.ftw-status')?.textContent ?? '')
@@ -137,7 +139,7 @@ def test_panel_stop_ends_a_busy_cell(page, lab_root: Path) -> None:
     assert page.evaluate(LAST_CELL_COUNT) is None, "the training cell should still be busy"
     stop = panel.locator("button", has_text="Stop")
     assert stop.is_enabled()
-    _stop_ends_the_busy_cell(page, stop, "panel", PANEL_STOP_BUDGET_S)
+    _stop_ends_the_busy_cell(page, stop, "panel", "panel.session")
 
 
 EARLY_SCRATCH = "_lab_extension/early_stop.ipynb"
