@@ -44,6 +44,9 @@ BEACON_TARGET = "ftwidgets.beacon"
 CONTROL_TARGET = "ftwidgets.control"
 TELEMETRY_TARGET = "ftwidgets.telemetry"
 MIN_INTERVAL = 0.2  # seconds between telemetry updates: at most 5 a second
+# A short phase may end before the page has found the session (cells run together):
+# a notice no page heard waits this long for the next page that says hello.
+UNHEARD_NOTICE_S = 30.0
 
 _PANELS: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
 _BRIDGE: KernelBridge | None = None
@@ -121,6 +124,7 @@ class KernelBridge:
         self._wake = threading.Event()
         self._telemetry: dict[str, Any] = {}  # control comm id -> its telemetry comm
         self._notices: list[telemetry.PhaseEndNotice] = []
+        self._unheard: list[tuple[float, telemetry.PhaseEndNotice]] = []
         self._restored: dict[str, Best | None] = {}
         self._followed: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
 
@@ -186,11 +190,16 @@ class KernelBridge:
             time.sleep(MIN_INTERVAL)
 
     def _send_update(self) -> None:
+        now = time.monotonic()
         with self._lock:
             notices, self._notices = self._notices, []
             outputs = list(self._telemetry.values())
-        if not outputs:
-            return  # no front end: stay quiet (notices of that time are dropped)
+            waiting = [(t, n) for t, n in self._unheard if now - t < UNHEARD_NOTICE_S]
+            if not outputs:  # no front end: stay quiet, and keep the notices a while
+                self._unheard = waiting + [(now, notice) for notice in notices]
+                return
+            self._unheard = []
+        notices = [notice for _, notice in waiting] + notices
         update = {"type": "sessions", "sessions": self.cards()}
         for comm in outputs:
             comm.send(update)

@@ -179,6 +179,25 @@ def test_without_a_front_end_the_kernel_sends_nothing_and_shows_a_beacon(fronten
     # ...but nothing was sent to one: no comm opened, no message, nothing on stderr.
     assert [m for _, m in frontend.messages if m["msg_type"].startswith("comm_")] == []
     assert frontend.stderr() == ""
+    # A page that says hello soon after (it found the session once a short phase had
+    # ended) still hears how that phase ended.
+    frontend.open_control()
+    notices = frontend.wait_for(
+        lambda: [d for _, d in frontend.telemetry() if d.get("type") == "phase_ended"],
+        "the earlier phase's notice",
+    )
+    assert [(n["session"], n["outcome"]) for n in notices] == [("s1", "completed")]
+
+
+def test_a_notice_nobody_heard_for_long_is_not_shown_to_a_later_page(frontend):
+    frontend.execute("import ftwidgets.comms; ftwidgets.comms.UNHEARD_NOTICE_S = 0.5")
+    frontend.execute(SETUP)
+    frontend.execute("session.run(ftw.PhaseConfig(phase='head', epochs=2, batch_size=8))")
+    time.sleep(1.0)
+    frontend.answer(frontend.open_control())
+    frontend.wait_for(lambda: last_card(frontend), "a card for s1")
+    time.sleep(2 * 0.2)  # two telemetry intervals: the notice would have come by now
+    assert [d for _, d in frontend.telemetry() if d.get("type") == "phase_ended"] == []
 
 
 def test_a_stop_from_the_control_comm_ends_a_busy_cell(frontend):
