@@ -71,9 +71,13 @@ import jax  # noqa: E402
 # those measurements run in a child process (this script, with this variable set)
 # that has no persistent cache.
 STARTUP_CHILD_ENV = "FTWIDGETS_BENCH_STARTUP_CHILD"
+# A startup child given a cache folder this way sets it up as `import ftwidgets` does
+# for a user; the others have none.
+CACHE_ENV = "FTWIDGETS_COMPILATION_CACHE"
 if os.environ.get(STARTUP_CHILD_ENV):
-    jax.config.update("jax_enable_compilation_cache", False)
-    jax.config.update("jax_compilation_cache_dir", None)
+    if not os.environ.get(CACHE_ENV):
+        jax.config.update("jax_enable_compilation_cache", False)
+        jax.config.update("jax_compilation_cache_dir", None)
 else:
     # Each phase recompiles (a new optimizer), so every arm pays a JIT in its first
     # epoch. That epoch is never timed; a persistent compilation cache only makes it
@@ -1104,7 +1108,11 @@ def startup_child(name: str) -> dict[str, Any]:
         "jax_enable_compilation_cache": bool(jax.config.jax_enable_compilation_cache),
         "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir,
     }
-    if cache["jax_enable_compilation_cache"] or cache["jax_compilation_cache_dir"]:
+    folder = os.environ.get(CACHE_ENV)
+    on = cache["jax_enable_compilation_cache"] and cache["jax_compilation_cache_dir"]
+    if folder and (not on or Path(cache["jax_compilation_cache_dir"]) != Path(folder).resolve()):
+        raise RuntimeError(f"the cache in {folder} is not the one in use: {cache}")
+    if not folder and (cache["jax_enable_compilation_cache"] or cache["jax_compilation_cache_dir"]):
         raise RuntimeError(f"a persistent compilation cache is on in a cold process: {cache}")
     model, train, validation = startup_data(name)
     clicks = []
@@ -1137,24 +1145,32 @@ def startup_child(name: str) -> dict[str, Any]:
     }
 
 
-def run_startup_child(name: str) -> dict[str, Any]:
-    """Run ``startup_child`` in a fresh interpreter without a persistent JAX cache."""
-    result, _ = run_child(["--startup-child", name], STARTUP_MARKER, 8 * STARTUP_TIMEOUT)
+def run_startup_child(name: str, cache: str | None = None) -> dict[str, Any]:
+    """Run ``startup_child`` in a fresh interpreter, with JAX's persistent cache in
+    ``cache`` (as ``import ftwidgets`` sets it up), or without one."""
+    args = ["--startup-child", name]
+    result, _ = run_child(args, STARTUP_MARKER, 8 * STARTUP_TIMEOUT, cache)
     return result
 
 
-def _uncached_child_env() -> dict[str, str]:
-    """The environment of a child process without a persistent JAX compilation cache."""
+def _child_env(cache: str | None) -> dict[str, str]:
+    """The environment of a child process: its JAX cache in ``cache``, or none."""
     env = dict(os.environ)
     env[STARTUP_CHILD_ENV] = "1"
     env["KERAS_BACKEND"] = "jax"
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    env.pop(CACHE_ENV, None)
+    if cache is None:
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    else:
+        env[CACHE_ENV] = cache
     return env
 
 
-def run_child(args: list[str], marker: str, timeout: float) -> tuple[dict[str, Any], str]:
-    """Run this script with ``args`` without a persistent JAX cache.
+def run_child(
+    args: list[str], marker: str, timeout: float, cache: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """Run this script with ``args``, with JAX's persistent cache in ``cache`` or none.
 
     Returns:
         The JSON the child printed after ``marker``, and all it printed.
@@ -1162,7 +1178,7 @@ def run_child(args: list[str], marker: str, timeout: float) -> tuple[dict[str, A
     command = [sys.executable, str(Path(__file__).resolve()), *args]
     done = subprocess.run(
         command,
-        env=_uncached_child_env(),
+        env=_child_env(cache),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -1176,13 +1192,24 @@ def run_child(args: list[str], marker: str, timeout: float) -> tuple[dict[str, A
 
 
 def measure_startup(models: Sequence[str], runs: int, code: str, info: dict[str, str]) -> dict:
-    """``runs`` cold child processes per model, interleaved; the raw figures and rows."""
+    """``runs`` cold child processes per model, interleaved; the raw figures and rows.
+
+    Each run also times a child whose persistent cache an earlier child of the same
+    model filled (its clicks are "cached cold" and "cached warm").
+    """
     log(f"\n[startup] {runs} cold process(es) per model: {', '.join(models)}")
     load_start = loadavg()
     children: list[dict[str, Any]] = []
     for run in range(runs):
-        for name in models:
-            child = run_startup_child(name)
+        for name, cached in itertools.product(models, (False, True)):
+            if cached:
+                with tempfile.TemporaryDirectory(prefix="ftwidgets-bench-cache-") as folder:
+                    run_startup_child(name, folder)  # fills the cache; not counted
+                    child = run_startup_child(name, folder)
+                for click in child["clicks"]:
+                    click["start"] = f"cached {click['start']}"
+            else:
+                child = run_startup_child(name)
             children.append(child)
             log(
                 f"  run {run + 1}/{runs} {name}: "
@@ -1196,7 +1223,7 @@ def measure_startup(models: Sequence[str], runs: int, code: str, info: dict[str,
     rows = []
     for name in models:
         for phase in STARTUP_MODELS[name][2]:
-            for start in ("cold", "warm"):
+            for start in ("cold", "warm", "cached cold", "cached warm"):
                 clicks = [
                     c
                     for child in children
@@ -1218,8 +1245,10 @@ def measure_startup(models: Sequence[str], runs: int, code: str, info: dict[str,
         "versions": info["versions"],
         "epochs": STARTUP_EPOCHS,
         "runs": runs,
-        "cache": "off: jax_enable_compilation_cache=False, jax_compilation_cache_dir=None "
-        "(read back in every child)",
+        "cache": "off in the cold and warm rows: jax_enable_compilation_cache=False, "
+        "jax_compilation_cache_dir=None (read back in every child); in the cached rows, a "
+        "fresh process whose folder (FTWIDGETS_COMPILATION_CACHE, set up as `import "
+        "ftwidgets` does) an earlier process of the same model filled",
         "load_start": load_start,
         "load_end": loadavg(),
         "params": {child["model"]: child["params"] for child in children},
