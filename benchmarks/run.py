@@ -752,9 +752,9 @@ class Arrivals:
         self.times: dict[int, float] = {}
         original = history.record_batch
 
-        def record_batch(step: int, x: float, loss: float) -> None:
+        def record_batch(step: int, x: float, loss: float, **kwargs: Any) -> None:
             self.times[step] = time.perf_counter()
-            original(step, x, loss)
+            original(step, x, loss, **kwargs)
 
         history.record_batch = record_batch  # type: ignore[method-assign]
 
