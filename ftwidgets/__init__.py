@@ -15,10 +15,10 @@ from ftwidgets import demo  # noqa: E402
 from ftwidgets._backend import device_summary  # noqa: E402
 from ftwidgets.compile_cache import (  # noqa: E402
     compilation_cache_dir,
-    configure_from_environment,
     disable_compilation_cache,
     enable_compilation_cache,
 )
+from ftwidgets.compile_cache import configure_from_environment as _configure_cache  # noqa: E402
 from ftwidgets.config import EarlyStoppingConfig, PhaseConfig  # noqa: E402
 from ftwidgets.events import Best, EpochRecord, Failure  # noqa: E402
 from ftwidgets.history import Branch, History  # noqa: E402
@@ -31,7 +31,7 @@ from ftwidgets.transfer import (  # noqa: E402
 
 __version__ = "0.1.0"
 
-configure_from_environment()
+_configure_cache()
 
 
 def _serve_the_lab_extension(session: FineTuneSession, alive: bool) -> None:

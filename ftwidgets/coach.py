@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -51,8 +52,7 @@ FINETUNE_MAX_RATE = 1e-4
 FINETUNE_SHARE_OF_HEAD = 0.1
 # Small data: more trainable parameters than this many times the training samples.
 PARAMS_PER_SAMPLE = 100.0
-# The rates the seed recommends.
-HEAD_RATE = 1e-3
+# The fine-tune rate the seed recommends.
 FINETUNE_RATE = 1e-5
 HIGH_DROPOUT = 0.5
 
@@ -125,6 +125,7 @@ class Record:
         train_samples: training samples per epoch, if known.
         phase_ended: how the last phase ended (``"early_stopped"``...), None while running.
         failure: the last failure's message, if the last phase failed.
+        non_finite: whether that failure was a NaN or infinite loss or weight.
 
     Example:
 
@@ -146,7 +147,9 @@ class Record:
     train_samples: int | None = None
     phase_ended: str | None = None
     failure: str | None = None
+    non_finite: bool = False
 
+    @cached_property
     def phase_records(self) -> list[Any]:
         """The complete epochs of the running or last phase, on the current lineage."""
         return [
@@ -290,7 +293,7 @@ def head_converged(record: Record) -> Note | None:
     value) for ``FLAT_EPOCHS`` epochs: time to fine-tune."""
     if record.phase != "head":
         return None
-    rows = record.phase_records()[-FLAT_EPOCHS:]
+    rows = record.phase_records[-FLAT_EPOCHS:]
     values = [r.logs.get(record.monitor, math.nan) for r in rows]
     if len(values) < FLAT_EPOCHS or not all(math.isfinite(v) for v in values):
         return None
@@ -358,13 +361,17 @@ def small_data(record: Record) -> Note | None:
 
 
 def non_finite_loss(record: Record) -> Note | None:
-    """The loss became NaN or infinite."""
-    failure = record.failure or ""
-    last = next((r for r in reversed(record.history.lineage())), None)
-    bad_log = last is not None and not math.isfinite(last.logs.get("loss", 0.0))
-    if "NaN or infinite" not in failure and "became nan" not in failure.lower() and not bad_log:
+    """The loss (or a weight) became NaN or infinite: the phase failed on it, or its
+    last epoch logged it."""
+    last = next(reversed(record.history.lineage()), None)
+    bad_log = (
+        last is not None
+        and last.phase_index == record.phase_index
+        and not math.isfinite(last.logs.get("loss", 0.0))
+    )
+    if not (record.non_finite or bad_log):
         return None
-    rate = last.learning_rate if last is not None else record.learning_rate
+    rate = record.learning_rate
     actions = ()
     if rate:
         actions = (Action(f"Lower the rate to {_rate(rate / 10)}", "set_learning_rate", rate / 10),)
@@ -372,7 +379,7 @@ def non_finite_loss(record: Record) -> Note | None:
     return Note(
         "non_finite_loss",
         f"The loss became NaN or infinite{where}.",
-        (failure or "The last epoch logged a non-finite loss.")
+        (record.failure or "The last epoch logged a non-finite loss.")
         + " Too high a rate makes the weights overflow; so do NaN inputs. Lower the rate,"
         " or check the data.",
         last.epoch if last is not None else 0,
@@ -385,7 +392,7 @@ def early_stop(record: Record) -> Note | None:
     """The last phase ended because patience ran out."""
     if record.phase_ended != "early_stopped" or record.patience is None:
         return None
-    rows = record.phase_records()
+    rows = record.phase_records
     if not rows:
         return None
     return Note(
@@ -446,7 +453,7 @@ class Coach:
         """Run every rule over ``record``; return the notes that fired now."""
         if not self.enabled:
             return []
-        warm = len(record.phase_records()) >= WARMUP_EPOCHS
+        warm = len(record.phase_records) >= WARMUP_EPOCHS
         fired = []
         for name, (rule, reads_curves) in RULES.items():
             note = rule(record) if warm or not reads_curves else None

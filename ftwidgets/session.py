@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 from ftwidgets import _backend, lr_search, tasks, transfer
+from ftwidgets.callbacks import NonFiniteError
 from ftwidgets.channel import (
     ACTIVE,
     Channel,
@@ -247,7 +248,7 @@ class FineTuneSession:
         self.coach = Coach(enabled=coach)
         # What the coach's record needs and the history lacks, as the events tell it.
         self._phase_end: str | None = None
-        self._failure: str | None = None
+        self._failure: Failure | None = None
         self._trainable_params: int | None = None
         self._job: Job | None = None
         self._phase: FitPhase | None = None
@@ -420,7 +421,7 @@ class FineTuneSession:
         elif isinstance(event, PhaseEnded):
             self._phase_end = event.reason
         elif isinstance(event, Failed):
-            self._failure = event.failure.message
+            self._failure = event.failure
         elif not (isinstance(event, EpochEnded) and not event.record.partial):
             return
         phase = self._phase
@@ -445,7 +446,9 @@ class FineTuneSession:
             trainable_params=self._trainable_params,
             train_samples=self._ctx.data.num_train(),
             phase_ended=self._phase_end,
-            failure=self._failure,
+            failure=self._failure.message if self._failure else None,
+            non_finite=self._failure is not None
+            and isinstance(self._failure.exception, NonFiniteError),
         )
         for note in self.coach.update(record):
             self._emit(Advised(note))

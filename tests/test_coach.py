@@ -116,6 +116,13 @@ def test_non_finite_loss_explains_and_names_the_rate():
     assert "at rate 5e-1" in note.message
     assert [(a.kind, a.value) for a in note.actions] == [("set_learning_rate", 0.05)]
     assert coach.non_finite_loss(record(run([(1.0, 1.0)]))) is None
+    # A phase that failed on an infinite loss mid-epoch (no epoch logged it) fires too,
+    # naming the failing phase's rate; another failure, even one that says "nan", not.
+    inf = "The training loss became inf at epoch 2, batch 3 (learning rate 0.5)."
+    note = coach.non_finite_loss(record(run([(1.0, 1.0)]), failure=inf, non_finite=True))
+    assert note.why.startswith(inf) and "at rate 1e-3" in note.message
+    other = "ValueError: the monitor 'val_nan_rate' was not logged"
+    assert coach.non_finite_loss(record(run([(1.0, 1.0)]), failure=other)) is None
 
 
 def test_early_stop_says_what_patience_and_min_delta_did():

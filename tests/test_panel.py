@@ -325,6 +325,9 @@ def test_failure_on_the_worker_shows_message_and_folded_traceback(panel):
     assert panel.session.wait(WAIT)
     assert panel.session.state == "failed"
     assert "training loss became nan" in panel.error_message.value
+    # The coach explains it, naming the rate that caused it.
+    note = next(n for n in panel.session.advice() if n.rule == "non_finite_loss")
+    assert note.message == "The loss became NaN or infinite at rate 1e+10."
     outputs = panel.error_details.outputs
     assert outputs and outputs[0]["name"] == "stderr" and "Traceback" in outputs[0]["text"]
     assert not panel.start_button.disabled
