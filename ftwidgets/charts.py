@@ -72,6 +72,10 @@ EMA_ALPHA = 0.1
 _SETTLED_STATES = ("idle", "failed")
 # Logged values that are never offered as "the" metric.
 _NOT_METRICS = ("learning_rate", "lr")
+# An epoch curve marks its points while it has at most this many. Each marker is an
+# SVG element that bqplot moves on every redraw: five curves of 500 marked points
+# kept a 2-core browser busy for seconds per second of a fast run (clicks waited).
+MARKED_POINTS = 60
 
 
 HELD_COLOR = "#222222"
@@ -264,6 +268,11 @@ def assign(mark: bq.Mark, **values: Any) -> bool:
 
 
 _EMPTY = np.zeros(0, dtype=np.float64)
+
+
+def _marker(points: int) -> str | None:
+    """The marker of an epoch curve of ``points`` points: circles while few, else none."""
+    return "circle" if points <= MARKED_POINTS else None
 
 
 class TrainingCharts(widgets.VBox):
@@ -834,7 +843,7 @@ class TrainingCharts(widgets.VBox):
             self.max_points,
         )
         # float32 halves the bytes; epochs and rates need no more precision on screen.
-        assign(m["lr"], x=x.astype(np.float32), y=y.astype(np.float32))
+        assign(m["lr"], x=x.astype(np.float32), y=y.astype(np.float32), marker=_marker(len(x)))
         if len(y):
             # Label decades only: d3 labels every minor tick of a log axis.
             low, high = np.floor(np.log10(y.min())), np.ceil(np.log10(y.max()))
@@ -847,7 +856,7 @@ class TrainingCharts(widgets.VBox):
         epochs, values = self.history.metric(name)
         values = np.where(np.isfinite(values), values, np.nan)
         x, y = bounded(epochs.astype(np.float64) + 1.0, values, self.max_points)
-        assign(mark, x=x.astype(np.float32), y=y.astype(np.float32))
+        assign(mark, x=x.astype(np.float32), y=y.astype(np.float32), marker=_marker(len(x)))
 
     def _draw_branches(self, metric: str | None) -> None:
         """Dim the continuations that time travel left behind, each joined to its fork."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from recording_comm import CommRecorder, record_comms
 
-from ftwidgets.charts import TrainingCharts
+from ftwidgets.charts import MARKED_POINTS, TrainingCharts
 from ftwidgets.events import (
     BatchProgress,
     Best,
@@ -295,6 +295,20 @@ def test_the_epoch_axis_grows_in_steps_not_every_epoch(make_charts) -> None:
     # The running band fills the chart to its edge (its planned end is further).
     x, _ = xy(charts.marks["bands_loss"])
     assert x.max() == reaches[-1]
+
+
+def test_epoch_curves_drop_their_point_markers_on_long_runs(make_charts) -> None:
+    # Every marker is an SVG element the browser moves at each redraw: hundreds of them
+    # kept a 2-core browser so busy that a click on Stop waited seconds.
+    session, charts = make_charts()
+    session.start_phase("head", 100, 1e-3)
+    curves = ("loss", "val_loss", "metric", "val_metric", "lr")
+    for e in range(MARKED_POINTS + 1):
+        session.epoch(e, loss=0.5, val_loss=0.6, accuracy=0.7, val_accuracy=0.6)
+        charts.refresh(force=True)
+        expected = "circle" if e + 1 <= MARKED_POINTS else None
+        assert {charts.marks[name].marker for name in curves} == {expected}, e
+    assert len(charts.marks["loss"].x) == MARKED_POINTS + 1
 
 
 @pytest.mark.parametrize(

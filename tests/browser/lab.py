@@ -610,10 +610,10 @@ _PATH_TOKEN = re.compile(
 )
 
 
-def line_points(d: str | None) -> int:
-    """Number of points in an SVG path drawn by a linear d3 line (``M``/``L``/``Z`` only)."""
-    numbers: dict[int, int] = {}  # numbers after each M/L command, by position
-    position, command, end = -1, "", 0
+def line_vertices(d: str | None) -> list[tuple[float, float]]:
+    """The vertices of an SVG path drawn by a linear d3 line (``M``/``L``/``Z`` only)."""
+    numbers: list[float] = []
+    command, end = "", 0
     for token in _PATH_TOKEN.finditer(d or ""):
         if token.start() != end:
             raise ValueError(f"cannot parse path at {end}: {d!r:.80}")
@@ -624,17 +624,22 @@ def line_points(d: str | None) -> int:
                 raise ValueError(
                     f"path command {command!r} is not a linear line (interpolation?): {d!r:.80}"
                 )
-            position += 1
-            numbers[position] = 0
+            if len(numbers) % 2:
+                raise ValueError(f"odd number of coordinates in path: {d!r:.80}")
         elif token["number"]:
             if command not in "MLml":
                 raise ValueError(f"number outside M/L in path: {d!r:.80}")
-            numbers[position] += 1
+            numbers.append(float(token["number"]))
     if end != len(d or ""):
         raise ValueError(f"cannot parse path at {end}: {d!r:.80}")
-    if any(count % 2 for count in numbers.values()):
+    if len(numbers) % 2:
         raise ValueError(f"odd number of coordinates in path: {d!r:.80}")
-    return sum(numbers.values()) // 2
+    return list(zip(numbers[::2], numbers[1::2], strict=True))
+
+
+def line_points(d: str | None) -> int:
+    """Number of points in an SVG path drawn by a linear d3 line (``M``/``L``/``Z`` only)."""
+    return len(line_vertices(d))
 
 
 def count_line_points(locator: Any) -> int:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lab import line_points
+from lab import line_points, line_vertices
 
 # One bqplot Lines curve, by its legend label.
 _CURVE = "g.curve:has(> text.curve_label:text-is('{label}'))"
@@ -130,17 +130,16 @@ class PanelPage:
             return 0
         return line_points(line.first.get_attribute("d"))
 
-    def dots(self, figure: Any, label: str) -> list[Point] | None:
-        """Pixel positions of the markers of the line labelled ``label``; None while a
-        redraw has added a marker it has not placed yet (poll again)."""
-        transforms = (
-            self.curve(figure, label)
-            .locator("path.dot")
-            .evaluate_all("(dots) => dots.map((d) => d.getAttribute('transform'))")
-        )
-        if None in transforms:
-            return None
-        return [_translate(t) for t in transforms]
+    def steps(self, figure: Any, label: str) -> list[Point]:
+        """The data points of the step line labelled ``label`` (``step-before``, as the
+        learning rate is drawn): d3 draws each point, then the riser to the next one's
+        value, so the points are every other vertex. Read from the line, not from its
+        markers, which long runs do not draw."""
+        line = self.curve(figure, label).locator("path.line")
+        if line.count() == 0:
+            return []
+        vertices = line_vertices(line.first.get_attribute("d"))
+        return [Point(x, y) for x, y in vertices[::2]]
 
     def y_ticks(self, figure: Any, axis_label: str) -> list[tuple[float, float]]:
         """``(pixel y, value)`` of every labelled tick of the vertical axis ``axis_label``."""

@@ -10,6 +10,7 @@ import pytest
 from lab import (
     count_line_points,
     line_points,
+    line_vertices,
     open_notebook,
     record_timing,
     run_all,
@@ -125,6 +126,12 @@ def test_voila_click_grows_bqplot_line(bare_page, voila_server, scratch_notebook
 )
 def test_line_points_parses_linear_paths(d: str | None, points: int) -> None:
     assert line_points(d) == points
+
+
+def test_line_vertices_reads_the_coordinates() -> None:
+    assert line_vertices("M0,10L5.5,2e-3L1e+2,-.5") == [(0.0, 10.0), (5.5, 0.002), (100.0, -0.5)]
+    with pytest.raises(ValueError, match="odd number"):
+        line_vertices("M0,1,2L3,4")
 
 
 def test_line_points_rejects_curves() -> None:

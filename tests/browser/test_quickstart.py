@@ -250,11 +250,9 @@ def test_3_learning_rate_slider_mid_run(scenario) -> None:
     _wait_rate_in_status(ui, new_rate)
 
     def values() -> list[float]:
-        dots = ui.dots(lr_chart, "learning rate")
-        if dots is None:
-            return []
+        points = ui.steps(lr_chart, "learning rate")
         try:
-            return ui.log_values_at(lr_chart, "learning rate", [dot.y for dot in dots])
+            return ui.log_values_at(lr_chart, "learning rate", [point.y for point in points])
         except ValueError:  # one rate so far: the log axis has a single labelled tick
             return []
 
@@ -263,7 +261,7 @@ def test_3_learning_rate_slider_mid_run(scenario) -> None:
 
     def one_step_down(found: list[float]) -> bool:
         # Earlier epochs at 1e-3, every later one at the new rate, two of them so far.
-        # A read between two redraws may mix the dots of both: a real bounce persists.
+        # A read between two redraws may mix the points of both: a real bounce persists.
         old, new = at(found, 1e-3), at(found, new_rate)
         return len(new) >= 2 and found == old + new
 
