@@ -32,7 +32,21 @@ data = ftw.demo.digits_transfer(per_class=10, seed=0)
 model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
 session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train), name="{SESSION}")
 """
-BUSY = 'session.run(ftw.PhaseConfig(phase="head", epochs=1000, batch_size=4))'
+# When the kernel heard each Stop (wall clock, as the page's Date.now() / 1000).
+HEARD = """\
+import time
+from ftwidgets.events import StateChanged
+
+heard = []
+{session}.on_event(
+    lambda e: heard.append(time.time()) if isinstance(e, StateChanged) and e.state == "stopping"
+    else None
+)
+"""
+# Long enough (about 10 minutes here) that a click the page delivers late still finds
+# the cell busy: the run must end because it was stopped, never by running out.
+EPOCHS = 20_000
+BUSY = f'session.run(ftw.PhaseConfig(phase="head", epochs={EPOCHS}, batch_size=4))'
 
 LAST_CELL_COUNT = """() => {
     const cells = window.jupyterapp.shell.currentWidget.content.widgets;
@@ -43,22 +57,35 @@ LAST_CELL_COUNT = """() => {
 def _stop_ends_the_busy_cell(page, stop, who: str, session: str) -> None:
     """Click ``stop``; the busy cell must end because the run stopped.
 
-    Without a subshell to carry it, the click would wait for the cell: the run would
-    end by itself (completed or early-stopped), not stopped. The latency is recorded
-    (0.6-5.6 s measured here); timing targets live in the benchmark.
+    Without a subshell to carry it, the click would wait for the cell, which would not
+    end for minutes. The latency is recorded in three legs (the page delivering the
+    click, the kernel hearing it, the cell ending), so a slow run says which was slow;
+    timing targets live in the benchmark.
     """
-    clicked = time.monotonic()
-    stop.click()
+    page.evaluate(
+        """() => document.addEventListener(
+            'click', () => { window.__ftwClicked = Date.now() / 1000; }, {capture: true, once: true}
+        )"""
+    )
+    clicked = time.time()
+    stop.click(no_wait_after=True)
     page.wait_for_function(f"() => ({LAST_CELL_COUNT})() !== null", timeout=60_000)
-    latency = time.monotonic() - clicked
-    record_timing(f"{who}: Stop click -> busy cell has its execution count", latency)
-    ended = kernel_eval(page, f"[{session}.history.phases[-1].reason, len({session}.history)]")
-    assert ended[0] == "stopped" and ended[1] < 1000, ended
+    ended = time.time()
+    delivered = page.evaluate("() => window.__ftwClicked ?? null")
+    heard = kernel_eval(page, "heard")
+    record_timing(f"{who}: Stop click -> busy cell has its execution count", ended - clicked)
+    if delivered is not None:
+        record_timing(f"{who}: Stop click -> the page's click event", delivered - clicked)
+    if heard and delivered is not None:
+        record_timing(f"{who}: the page's click event -> the kernel stopping", heard[0] - delivered)
+    history = f"{session}.history"
+    reason, epochs = kernel_eval(page, f"[{history}.phases[-1].reason, len({history})]")
+    assert reason == "stopped" and epochs < EPOCHS, (reason, epochs, delivered, heard)
 
 
 @pytest.fixture(scope="module")
 def busy_notebook(lab_root: Path) -> str:
-    write_notebook(lab_root / SCRATCH, [SETUP, BUSY])
+    write_notebook(lab_root / SCRATCH, [SETUP, HEARD.format(session="session"), BUSY])
     return SCRATCH
 
 
@@ -76,7 +103,7 @@ def test_sidebar_stop_ends_a_busy_cell(page, busy_notebook) -> None:
         """(name) => {
             const item = document.querySelector('.ftw-status');
             const text = item?.offsetParent ? item.textContent : '';
-            return text.startsWith(name + ':') && /epoch \\d+\\/1000/.test(text);
+            return text.startsWith(name + ':') && /epoch \\d+\\/\\d+/.test(text);
         }""",
         arg=SESSION,
         timeout=180_000,
@@ -126,13 +153,15 @@ PANEL_BUSY = BUSY.replace("session.run", "panel.session.run")
 
 
 def test_panel_stop_ends_a_busy_cell(page, lab_root: Path) -> None:
-    write_notebook(lab_root / PANEL_SCRATCH, [PANEL_SETUP, PANEL_BUSY])
+    write_notebook(
+        lab_root / PANEL_SCRATCH, [PANEL_SETUP, HEARD.format(session="panel.session"), PANEL_BUSY]
+    )
     open_notebook(page, PANEL_SCRATCH)
     wait_kernel_ready(page)
     run_all(page)
     panel = page.locator(".ftwidgets-panel")
     page.wait_for_function(
-        """() => /epoch \\d+ \\(\\d+\\/1000/.test(
+        """() => /epoch \\d+ \\(\\d+\\/\\d+/.test(
             document.querySelector('.ftwidgets-status')?.textContent ?? '')""",
         timeout=180_000,
     )
