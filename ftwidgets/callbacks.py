@@ -58,6 +58,7 @@ class Recorder(Protocol):
     compiling: bool
 
     def compiled(self) -> None: ...
+    def await_compiled(self, batch: int | None = None) -> None: ...
     def begin_epoch(self, epoch: int) -> None: ...
     def check_finite(self) -> None: ...
     def service(self, model: keras.Model) -> None: ...
@@ -89,6 +90,7 @@ class SessionControl(keras.callbacks.Callback):
         recorder.batch = batch
         if recorder.compiling and (batch or recorder.epoch > recorder.start_epoch):
             recorder.compiled()  # the first call of the train step compiled it
+        recorder.await_compiled(batch)
         channel.wait_for_room()
         recorder.check_finite()
         if channel.attention:
@@ -97,6 +99,9 @@ class SessionControl(keras.callbacks.Callback):
             recorder.service(self.model)
         recorder.report_progress()
         channel.batch_dispatched()
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.recorder.await_compiled()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.recorder.check_finite()

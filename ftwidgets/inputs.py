@@ -155,6 +155,34 @@ class TrainingData:
             return None
         return _length(self.validation[0])
 
+    def split_arrays(self) -> tuple[tuple[Any, Any, Any] | None, tuple[Any, Any, Any] | None]:
+        """``(train, validation)``, each ``(x, y, sample_weight)`` as ``fit`` splits the
+        arrays, or None where there are none (a dataset, or no validation).
+
+        Example:
+
+        >>> data = TrainingData.from_args((np.zeros((10, 4)), [0] * 10), None, 0.2)
+        >>> [part[0].shape for part in data.split_arrays()]
+        [(8, 4), (2, 4)]
+        """
+        if self.is_dataset:
+            return None, self._validation_arrays()
+        n = self.num_train()
+
+        def part(cut: slice) -> tuple[Any, Any, Any]:
+            weights = None if self.sample_weight is None else self.sample_weight[cut]
+            return _map(lambda a: a[cut], self.x), _map(lambda a: a[cut], self.y), weights
+
+        train = part(slice(None, n))
+        if self.validation_split:
+            return train, part(slice(n, None))
+        return train, self._validation_arrays()
+
+    def _validation_arrays(self) -> tuple[Any, Any, Any] | None:
+        if self.validation is None or is_dataset(self.validation):
+            return None
+        return self.validation
+
     def steps_per_epoch(self, batch_size: int) -> int | None:
         """Batches per epoch, or None when it cannot be known before an epoch has run.
 

@@ -13,6 +13,7 @@ run's record (history, best, snapshots), the channel and the event outbox.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import traceback
 import warnings
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 import keras
 import numpy as np
 
-from ftwidgets import tasks, transfer
+from ftwidgets import tasks, transfer, warm_compile
 from ftwidgets.callbacks import (
     LossStream,
     NonFiniteError,
@@ -373,6 +374,7 @@ class FitPhase:
         self.restored: Best | None = None
         # True until the first batch has run: fit compiles the train step there.
         self.compiling = True
+        self._ahead: threading.Thread | None = None  # compiling steps fit needs later
         self._ctx: JobContext | None = None
         self._watched: list[Any] = []
         self._epoch_first_step = 0
@@ -454,6 +456,10 @@ class FitPhase:
             warnings.filterwarnings(
                 "ignore", "Your input ran out of data", UserWarning, r"keras\.src\.trainers"
             )
+        # What fit compiles after its first batch compiles meanwhile, on another core.
+        self._ahead = warm_compile.compile_ahead(
+            ctx.model, config.batch_size, *ctx.data.split_arrays()
+        )
         try:
             ctx.model.fit(
                 **ctx.data.fit_args(config.batch_size),
@@ -569,6 +575,17 @@ class FitPhase:
         self.compiling = False
         # A Stop or a Pause that arrived meanwhile keeps its state.
         self._ctx.channel.transition(State.RUNNING, only_from=(State.COMPILING,))
+
+    def await_compiled(self, batch: int | None = None) -> None:
+        """Before the test step (``batch`` None) or a train batch: if that may be one
+        compiled ahead (a smaller last batch), wait for it rather than compile it twice."""
+        ahead = self._ahead
+        if ahead is None:
+            return
+        smaller_last = self._sizes[0] != self._sizes[1]
+        if batch is None or (smaller_last and batch == self.steps_per_epoch - 1):
+            ahead.join()
+            self._ahead = None
 
     def begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
