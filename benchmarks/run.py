@@ -301,6 +301,7 @@ class ArmRun:
     epoch_cpu: list[float]  # process CPU seconds (all threads) over the same intervals
     setup_seconds: float = math.nan  # compile (+ probe, snapshot) before fit
     extra: dict[str, Any] = field(default_factory=dict)
+    whole_seconds: float = math.nan  # from the call (or the click) to the phase's end
 
     @property
     def per_epoch(self) -> float:
@@ -355,7 +356,8 @@ def run_bare(w: Workload) -> ArmRun:
         verbose=0,
         callbacks=[clock],
     )
-    return ArmRun(*intervals(clock.stamps, cfg.epochs), setup)
+    whole = time.perf_counter() - started
+    return ArmRun(*intervals(clock.stamps, cfg.epochs), setup, whole_seconds=whole)
 
 
 def _epoch_listener(stamps: list[tuple[float, float]]) -> Callable[[Any], None]:
@@ -378,12 +380,14 @@ def run_session(w: Workload, stream: bool) -> ArmRun:
         session.start(w.config, early_stopping=False)
         setup = time.perf_counter() - started
         session.wait()
+        whole = time.perf_counter() - started
         if session.state != "idle":
             raise RuntimeError(f"session ended {session.state}: {session.error}")
         return ArmRun(
             *intervals(stamps, w.config.epochs),
             setup,
             {"batches": session.history.batch_count, "snapshots": session.snapshots.nbytes},
+            whole,
         )
     finally:
         session.close()
@@ -434,6 +438,7 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
             panel.start_button.click()
             setup = time.perf_counter() - started
             panel.session.wait()
+            whole = time.perf_counter() - started
             sent = rec.since(mark)
             if panel.session.state != "idle" or panel.error_area.layout.display != "none":
                 raise RuntimeError(f"panel run failed: {panel.error_message.value}")
@@ -451,6 +456,7 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
                     "batch_bytes": rec.total_bytes(m for m in sent if m.comm_id == batch_id),
                     "redraws": panel.charts.redraws,
                 },
+                whole,
             )
         finally:
             panel.close()
@@ -567,6 +573,119 @@ def measure_overhead(
     gc.collect()
     costs = attribute_costs(w)
     return OverheadResult(w, device_used(w.model), repeats, runs, costs)
+
+
+# The issue's second workload: a whole head phase, compile included, on a fresh model.
+WHOLE_SAMPLES, WHOLE_VAL = 1024, 256
+
+
+def cnn_transfer_model() -> keras.Model:
+    """A fresh CNN with BatchNorm (three conv blocks, GAP, Dense 256) and a new head."""
+    keras.utils.set_random_seed(3)
+    x_in = keras.Input((32, 32, 3))
+    x = x_in
+    for filters in (32, 64, 128):
+        x = keras.layers.Conv2D(filters, 3, padding="same")(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+        x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(256, activation="relu")(x)
+    base = keras.Model(x_in, x, name="cnn_base")
+    return ftw.build_transfer_model(base, num_classes=4, dropout=0.3, name="bench_cnn")
+
+
+def whole_phase_workload(epochs: int) -> Workload:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(WHOLE_SAMPLES + WHOLE_VAL, 32, 32, 3)).astype(np.float32)
+    # Labels from the image's brightness, overall and in its top half: learnable.
+    y = (x.mean(axis=(1, 2, 3)) > 0) + 2 * (x[:, :16].mean(axis=(1, 2, 3)) > 0)
+    y = y.astype(np.int32)
+    train = (x[:WHOLE_SAMPLES], y[:WHOLE_SAMPLES])
+    val = (x[WHOLE_SAMPLES:], y[WHOLE_SAMPLES:])
+    config = ftw.PhaseConfig(
+        phase="head",
+        learning_rate=1e-3,
+        epochs=epochs,
+        batch_size=32,
+        unfreeze_depth=0,
+        dropout=0.3,
+    )
+    return Workload(
+        "whole-phase",
+        f"a fresh CNN with BatchNorm (3 conv blocks, GAP, Dense 256) + head, 32x32x3 inputs, "
+        f"{WHOLE_SAMPLES} training and {WHOLE_VAL} validation samples, batch 32, head phase",
+        cnn_transfer_model(),
+        train,
+        val,
+        config,
+    )
+
+
+def measure_whole_phase(epochs: int, repeats: int) -> dict[str, Any]:
+    """Each arm trains a whole phase on a fresh model, timed from its first call (the
+    unfreeze, ``start()`` or the click) to the phase's end, compile included. Every
+    run compiles into an empty persistent cache, so nothing is reused across runs or
+    arms. Interleaved, in a rotated order."""
+    w = whole_phase_workload(epochs)
+    log(f"\n[whole phase] {w.description}; {epochs} epochs; {repeats} repeats")
+    arms = ("a", "b", "c")
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    cpu: dict[str, list[float]] = {name: [] for name in arms}
+
+    def timed(name: str) -> tuple[float, float]:
+        w.model = cnn_transfer_model()
+        folder = tempfile.mkdtemp(prefix="ftwidgets-bench-cold-")
+        ftw.enable_compilation_cache(folder)
+        try:
+            cpu = time.process_time()
+            wall = ARMS[name][1](w).whole_seconds
+            return wall, time.process_time() - cpu
+        finally:
+            ftw.enable_compilation_cache(_JAX_CACHE)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    timed("a")  # warm-up, not counted: imports and first-call costs
+    for rep in range(repeats):
+        order = arms[rep % len(arms) :] + arms[: rep % len(arms)]
+        for name in order:
+            gc.collect()
+            wall, used = timed(name)
+            seconds[name].append(wall)
+            cpu[name].append(used)
+        times = ", ".join(f"{name} {seconds[name][-1]:.2f}s" for name in arms)
+        log(f"  repeat {rep + 1}/{repeats}: {times}")
+    return {"workload": w, "seconds": seconds, "cpu": cpu}
+
+
+def whole_phase_table(result: dict[str, Any]) -> list[str]:
+    w, seconds = result["workload"], result["seconds"]
+    a = Spread(seconds["a"])
+    lines = [
+        f"**{w.name}** — {w.description}; {w.params:,} parameters, {w.steps_per_epoch} "
+        f"steps/epoch, {w.config.epochs} epochs. Timed from the call (or the Start click) to "
+        f"the phase's end, compile included, each run on a fresh model compiling into an "
+        f"empty persistent cache; {a.n} interleaved repeats. (a) took {a.median:.2f} s "
+        f"(median; range {a.low:.2f}-{a.high:.2f}).",
+        "",
+        "| arm | seconds: median | wall ratio to (a), same repeat: median | IQR | range "
+        "| CPU ratio: median | range | target (on the wall median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratios(of: dict[str, list[float]], name: str) -> Spread:
+        return Spread([x / y for x, y in zip(of[name], of["a"], strict=True)])
+
+    for name, limit in (("b", 1.02), ("c", 1.05)):
+        wall, cpu = ratios(seconds, name), ratios(result["cpu"], name)
+        q1, q3 = wall.quartiles()
+        met = "met" if wall.median <= limit else "**not met**"
+        lines.append(
+            f"| ({name}) {ARMS[name][0]} | {statistics.median(seconds[name]):.2f} | "
+            f"{wall.median:.3f} | {q1:.3f}-{q3:.3f} | {wall.low:.3f}-{wall.high:.3f} | "
+            f"{cpu.median:.3f} | {cpu.low:.3f}-{cpu.high:.3f} | <= {limit:.2f}: {met} |"
+        )
+    return lines
 
 
 def device_used(model: keras.Model) -> str:
@@ -2240,6 +2359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     findings: list[str] = []
 
     overhead: list[OverheadResult] = []
+    whole: dict[str, Any] | None = None
     if "overhead" in sections:
         samples = 1024 if quick else 4096
         if on_accelerator and not quick:
@@ -2249,6 +2369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         big_arms = ("a", "a2", "b", "c", "c_off")
         overhead.append(measure_overhead(big, big_arms, repeats, 2))
         overhead.append(measure_overhead(tiny, list(ARMS), repeats + (0 if quick else 1), 2))
+        whole = measure_whole_phase(2 if quick else 5, 2 if quick else repeats + 2)
 
     traffic: list[TrafficRow] = []
     overlaid: list[TrafficRow] = []
@@ -2313,6 +2434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"{result.workload.name}: ({name})/(a) wall {s.ratio_text()}, "
                             f"CPU {c.ratio_text()}; target <= {limit}"
                         )
+    if whole is not None:
+        out += [*whole_phase_table(whole), ""]
     if traffic:
         out += ["## 2. Chart traffic", "", *traffic_table(traffic, every, steps), ""]
         out += [*overlay_table(overlaid, traffic), ""]
