@@ -276,6 +276,25 @@ def describe_failure(exc: BaseException, epoch: int | None, batch: int | None) -
     return Failure(exc, message, "".join(traceback.format_exception(exc)), epoch, batch)
 
 
+def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> list[Any]:
+    """Trace the programs a phase of ``config`` compiles, as `FitPhase.prepare` sets it
+    up, and put back the trainable flags and the dropout. Only on the model's thread.
+
+    The model is left compiled with a fresh optimizer (each phase makes its own) and
+    its weights untouched.
+    """
+    model = ctx.model
+    setup = ModelSetup(model, config, depth, unit)
+    try:
+        model.compile(optimizer=make_optimizer(config), loss=ctx.loss, metrics=ctx.metrics or None)
+        x, y, weights = ctx.data.first_batch(config.batch_size)
+        model._symbolic_build(data_batch=(x, y) if weights is None else (x, y, weights))
+        train, validation = ctx.data.split_arrays()
+        return warm_compile.lower_steps(model, config.batch_size, train, validation, first=True)
+    finally:
+        setup.undo()
+
+
 class ModelSetup:
     """A phase's trainable set on the model, with the flags it replaced kept for `undo`.
 
@@ -350,8 +369,10 @@ class FitPhase:
         tracking: EarlyStoppingConfig,
         depth: int,
         unit: str,
+        warm_up: warm_compile.WarmUp | None = None,
     ) -> None:
         self.config = config
+        self.warm_up = warm_up  # this phase's programs, compiling since the settings rested
         self.early_stopping = early_stopping
         self.tracking = tracking
         self.depth = depth
@@ -456,10 +477,14 @@ class FitPhase:
             warnings.filterwarnings(
                 "ignore", "Your input ran out of data", UserWarning, r"keras\.src\.trainers"
             )
-        # What fit compiles after its first batch compiles meanwhile, on another core.
-        self._ahead = warm_compile.compile_ahead(
-            ctx.model, config.batch_size, *ctx.data.split_arrays()
-        )
+        if self.warm_up is not None:
+            # It compiled all that fit will: loading beats compiling again.
+            self.warm_up.wait()
+        else:
+            # What fit compiles after its first batch compiles meanwhile, on another core.
+            self._ahead = warm_compile.compile_ahead(
+                ctx.model, config.batch_size, *ctx.data.split_arrays()
+            )
         try:
             ctx.model.fit(
                 **ctx.data.fit_args(config.batch_size),

@@ -50,6 +50,8 @@ __all__ = ["FineTunePanel"]
 
 _LR_MIN_EXP, _LR_MAX_EXP = -7, -1
 _STATUS_INTERVAL = 0.2  # seconds between status redraws while training
+# How long the settings must rest before the panel compiles their phase ahead of Start.
+WARM_UP_DELAY = 1.0
 _ONE_LINE = "white-space:nowrap;overflow:hidden;text-overflow:ellipsis"
 _TAG = re.compile(r"<[^>]+>")
 
@@ -134,6 +136,7 @@ class FineTunePanel(widgets.VBox):
         self._last_progress: BatchProgress | None = None
         self._notice = ""
         self._next_status = 0.0
+        self._warm_generation = 0  # a warm-up fires only if no setting changed since
         self._search_started: SearchStarted | None = None
         self._search_step: SearchStep | None = None
         self._suggested: float | None = None
@@ -165,6 +168,7 @@ class FineTunePanel(widgets.VBox):
         self._refresh_status()
         self._refresh_freeze_map()
         self.coach.show(session.advice())
+        self._schedule_warm_up()
 
     # -- construction -------------------------------------------------------------
     def _build_controls(self, epochs: int, batch_size: int) -> None:
@@ -426,6 +430,16 @@ class FineTunePanel(widgets.VBox):
             control.observe(self._on_early_stopping_edit, "value")
         self.early_stopping.observe(self._on_early_stopping_toggle, "value")
         self.stream_batches.observe(self._on_stream_batches_change, "value")
+        for control in (
+            self.phase,
+            self.unfreeze_unit,
+            self.unfreeze_depth,
+            self.keep_batchnorm_frozen,
+            self.batch_size,
+            self.optimizer,
+            self.dropout,
+        ):
+            control.observe(self._schedule_warm_up, "value")
         self.start_button.on_click(self._on_start_button_click)
         self.pause_button.on_click(self._on_pause_button_click)
         self.stop_button.on_click(self._on_stop_button_click)
@@ -493,6 +507,33 @@ class FineTunePanel(widgets.VBox):
                 self.phase_config(), early_stopping=self.early_stopping_config() or False
             )
         )
+
+    def warm_up(self) -> bool:
+        """Compile the phase the controls describe, in the background, ahead of Start.
+
+        The panel calls it itself inside a kernel, once the settings have rested for
+        ``WARM_UP_DELAY`` seconds; see ``FineTuneSession.warm_up``. False when the
+        settings are not valid yet, or nothing was compiled ahead.
+        """
+        try:
+            config = self.phase_config()
+        except ValueError:
+            return False
+        return self.session.warm_up(config)
+
+    def _schedule_warm_up(self, _change: dict[str, Any] | None = None) -> None:
+        # Later, on the kernel's own loop: the model is only traced between cells, on
+        # the thread that runs them, and only once the settings stop changing.
+        loop = _kernel_loop()
+        if loop is None:
+            return  # no kernel: nothing runs later on this thread; call warm_up()
+        self._warm_generation = generation = self._warm_generation + 1
+
+        def fire() -> None:
+            if generation == self._warm_generation and not self.session.is_training:
+                self.warm_up()
+
+        loop.add_callback(lambda: loop.call_later(WARM_UP_DELAY, fire))
 
     def find_learning_rate(self, **settings: Any) -> LearningRateSearch | None:
         """Run a learning-rate search for the selected phase and depth, as the button does.
@@ -1019,6 +1060,16 @@ class FineTunePanel(widgets.VBox):
 
     def __repr__(self) -> str:
         return f"<FineTunePanel {self.session!r}>"
+
+
+def _kernel_loop() -> Any:
+    """The running ipykernel's IO loop (on the thread that runs cells), or None."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return None
+    kernel = getattr(get_ipython(), "kernel", None)
+    return getattr(kernel, "io_loop", None)
 
 
 def _fmt_duration(seconds: float) -> str:

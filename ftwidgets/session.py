@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ftwidgets import _backend, lr_search, tasks, transfer
+from ftwidgets import _backend, lr_search, tasks, transfer, warm_compile
 from ftwidgets.callbacks import NonFiniteError
 from ftwidgets.channel import (
     ACTIVE,
@@ -64,6 +64,7 @@ from ftwidgets.jobs import (
     PhaseStatus,
     StopJob,
     expected_metric_names,
+    lower_phase,
 )
 from ftwidgets.snapshots import SnapshotStore
 from ftwidgets.tracking import BestTracker
@@ -253,6 +254,7 @@ class FineTuneSession:
         self._job: Job | None = None
         self._phase: FitPhase | None = None
         self._thread: threading.Thread | None = None
+        self._warm: warm_compile.WarmUp | None = None
         self._created = time.monotonic()
         # Keras's settings live per thread; a Start clicked on a subshell's thread
         # sees none. Those of the thread that made the session fill the gaps.
@@ -522,7 +524,11 @@ class FineTuneSession:
         names = expected_metric_names(self.metrics, self.data.has_validation)
         if tracking.resolved_mode is None and tracking.monitor in names:
             resolve_mode(tracking.monitor, tracking.mode)  # raises, naming it
-        job = FitPhase(config, es, tracking, depth, unit)
+        warm, self._warm = self._warm, None
+        if warm is not None and warm.key != _warm_key(config, depth, unit):
+            warm.cancel()  # other settings: its programs would only take the cores
+            warm = None
+        job = FitPhase(config, es, tracking, depth, unit, warm)
         previous_es = self._ctx.early_stopping
         # Set at once, so update_early_stopping() works while the phase compiles.
         self._ctx.early_stopping = es
@@ -531,6 +537,58 @@ class FineTuneSession:
         except BaseException:
             self._ctx.early_stopping = previous_es
             raise
+
+    @property
+    def warming(self) -> warm_compile.WarmUp | None:
+        """The background compile of the last `warm_up`, until a Start takes it over."""
+        return self._warm
+
+    def warm_up(self, config: PhaseConfig) -> bool:
+        """Compile the programs of a phase of ``config`` in the background, before Start.
+
+        Call it from the thread that uses the model (a notebook's cells); the panel
+        does, once its settings rest. Here it only traces the steps (a fraction of a
+        second), then puts back the trainable flags and the dropout; XLA compiles on
+        a background thread that never touches the model, into the persistent
+        compilation cache, and a Start with the same settings loads them (the
+        learning rate and the epochs may differ). Later settings replace earlier ones.
+
+        Returns:
+            False, doing nothing, when the cache is off, a phase is running, a
+            distribution is set, or Start would refuse these settings.
+
+        Example:
+
+        >>> import ftwidgets as ftw
+        >>> data = ftw.demo.digits_transfer(per_class=2, seed=0)
+        >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+        >>> session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
+        >>> session.warm_up(ftw.PhaseConfig("head", batch_size=4))
+        True
+        >>> session.warm_up(ftw.PhaseConfig("finetune", batch_size=4, unfreeze_depth=9))
+        False
+        """
+        from ftwidgets.compile_cache import compilation_cache_dir
+
+        if compilation_cache_dir() is None or self.distribution is not None:
+            return False
+        try:
+            self._refuse_if_busy()
+            depth, unit = self._check_depth(config)
+            self._ctx.data.check(self.model, self.loss, config.batch_size)
+        except (RuntimeError, ValueError):
+            return False
+        key = _warm_key(config, depth, unit)
+        if self._warm is not None:
+            if self._warm.key == key:
+                return True
+            self._warm.cancel()
+        try:
+            lowered = lower_phase(self._ctx, config, depth, unit)
+        except Exception:  # Start runs the same steps and reports what failed
+            return False
+        self._warm = warm_compile.WarmUp(key, lowered)
+        return True
 
     def find_learning_rate(
         self,
@@ -939,3 +997,8 @@ def _model_settings(model: keras.Model) -> dict[str, object]:
         if isinstance(layer, keras.layers.Dropout):
             settings[f"{layer.name} rate"] = float(layer.rate)
     return settings
+
+
+def _warm_key(config: PhaseConfig, depth: int, unit: str) -> tuple[Any, ...]:
+    """What a phase's programs depend on: not its learning rate (a variable) nor its length."""
+    return (config.with_changes(learning_rate=1.0, epochs=1), depth, unit)

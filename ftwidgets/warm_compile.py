@@ -14,10 +14,16 @@ hands them to XLA on a daemon thread, which never touches the model. When ``fit`
 there, JAX finds each program in the persistent compilation cache
 (:mod:`ftwidgets.compile_cache`) and loads it instead of compiling it. With the cache
 off this does nothing: an executable compiled aside would be thrown away.
+
+The same pieces compile a whole phase before its Start (``FineTuneSession.warm_up``,
+which the panel calls once its settings rest): traced on the model's thread as the
+phase will set the model up, compiled here, and loaded by ``fit`` at the click.
+A :class:`WarmUp` for settings that changed since is cancelled.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from collections.abc import Sequence
@@ -25,7 +31,7 @@ from typing import Any
 
 import keras
 
-__all__ = ["compile_ahead", "compile_in_background", "lower_steps"]
+__all__ = ["WarmUp", "compile_ahead", "compile_in_background", "lower_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +63,10 @@ def lower_steps(
     batch_size: int,
     train: tuple[Any, Any, Any] | None,
     validation: tuple[Any, Any, Any] | None,
+    first: bool = False,
 ) -> list[Any]:
-    """Trace what ``fit`` compiles after its first batch: JAX ``Lowered`` programs.
+    """Trace what ``fit`` compiles after its first batch (and that one too if
+    ``first``): JAX ``Lowered`` programs.
 
     Call it on the thread that owns ``model``, after ``compile`` and a symbolic build
     (so the optimizer and metrics have their variables). ``train`` and ``validation``
@@ -104,35 +112,98 @@ def lower_steps(
             specs(model.metrics_variables),
         )
         train_step = jax.jit(model.train_step, donate_argnums=0)
-        for batch in _batch_specs(train, batch_size, full=False):  # fit compiles the full one
+        for batch in _batch_specs(train, batch_size, full=first):
             lowered.append(train_step.lower(state, batch))
     return lowered
 
 
-def compile_in_background(lowered: Sequence[Any]) -> threading.Thread | None:
+def compile_in_background(
+    lowered: Sequence[Any], cancelled: threading.Event | None = None
+) -> threading.Thread | None:
     """Compile ``lowered`` programs on a daemon thread (into the persistent cache).
 
     XLA alone runs there; a failure is logged at debug level, since ``fit`` then
-    compiles the program itself and reports any error from its own thread.
+    compiles the program itself and reports any error from its own thread. Once
+    ``cancelled`` is set, the programs not started yet are skipped.
     """
     if not lowered:
         return None
 
     def work() -> None:
-        for program in lowered:
-            try:
-                program.compile()
-            except Exception:
-                logger.debug("compiling a step ahead of fit failed", exc_info=True)
+        try:
+            for program in lowered:
+                if _EXITING.is_set() or (cancelled is not None and cancelled.is_set()):
+                    return
+                try:
+                    program.compile()
+                except Exception:
+                    logger.debug("compiling a step ahead of fit failed", exc_info=True)
+        finally:
+            with _LOCK:
+                _RUNNING.discard(threading.current_thread())
 
     thread = threading.Thread(target=work, name="ftwidgets-warm-compile", daemon=True)
+    with _LOCK:
+        _RUNNING.add(thread)
     thread.start()
     return thread
 
 
+# A daemon thread still inside XLA when the interpreter finalizes aborts the process
+# ("terminate called..."): at exit, compile nothing more and let the current finish.
+_LOCK = threading.Lock()
+_RUNNING: set[threading.Thread] = set()
+_EXITING = threading.Event()
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    _EXITING.set()
+    with _LOCK:
+        running = list(_RUNNING)
+    for thread in running:
+        thread.join(timeout=120)
+
+
+class WarmUp:
+    """A phase's programs compiling in the background, for settings named by ``key``.
+
+    Args:
+        key: what the programs depend on (two warm-ups with equal keys compile the same).
+        lowered: the programs, from :func:`lower_steps`.
+
+    Example:
+
+    >>> warm = WarmUp(("head", 32), [])
+    >>> warm.done, warm.key
+    (True, ('head', 32))
+    """
+
+    def __init__(self, key: Any, lowered: Sequence[Any]) -> None:
+        self.key = key
+        self.programs = len(lowered)
+        self._cancelled = threading.Event()
+        self._thread = compile_in_background(lowered, self._cancelled)
+
+    @property
+    def done(self) -> bool:
+        """True once every program is compiled (or skipped after `cancel`)."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        """The settings changed: compile nothing more (the program under way finishes)."""
+        self._cancelled.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until `done`; False if ``timeout`` seconds passed first."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.done
+
+
 def _batch_specs(data: tuple[Any, Any, Any], batch_size: int, full: bool) -> list[Any]:
-    """The batch structures ``fit`` passes its step: the full batch (if ``full``) and a
-    smaller last one, as Keras's own data adapter makes them."""
+    """The batch structures ``fit`` passes its step, as Keras's own data adapter makes
+    them: a smaller last batch, and the first batch too if ``full``."""
     import jax
     from keras.src.trainers.data_adapters import get_data_adapter
 
@@ -144,7 +215,7 @@ def _batch_specs(data: tuple[Any, Any, Any], batch_size: int, full: bool) -> lis
     last = adapter.partial_batch_size
     whole = adapter.num_batches - (1 if last else 0)  # batches of batch_size
     sizes = [batch_size] if full and whole else []
-    if last and (full or whole):  # a lone short batch is the one fit compiles first
+    if last and (full or whole):  # a lone short batch is the first one
         sizes.append(last)
     return [
         jax.tree.map(

@@ -1,0 +1,144 @@
+"""Compiling a phase ahead of its Start: the session's ``warm_up`` and the panel's timing.
+
+The proof that a program was compiled ahead is JAX's own log: ``fit`` found it in the
+persistent compilation cache, which nothing else had filled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import ftwidgets as ftw
+from ftwidgets import panel as panel_module
+from ftwidgets.transfer import HEAD_DROPOUT_NAME
+
+pytestmark = pytest.mark.keras
+
+
+class CacheHits(logging.Handler):
+    """The names of the programs JAX loads from its persistent cache."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("Persistent compilation cache hit"):
+            self.names.append(record.args[0])
+
+
+@pytest.fixture
+def hits() -> Iterator[CacheHits]:
+    logger = logging.getLogger("jax._src.compiler")
+    handler, level = CacheHits(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def empty_cache(tmp_path) -> Iterator:
+    """Point JAX's persistent cache at a new empty folder each call; put it back after."""
+    before = ftw.compilation_cache_dir()
+    made = iter(range(100))
+    yield lambda: ftw.enable_compilation_cache(tmp_path / f"cache{next(made)}")
+    if before is None:
+        ftw.disable_compilation_cache()
+    else:
+        ftw.enable_compilation_cache(before)
+
+
+def test_a_warmed_up_phase_loads_its_train_step_instead_of_compiling_it(hits, empty_cache):
+    data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+    session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
+    config = ftw.PhaseConfig("finetune", epochs=1, batch_size=8, unfreeze_depth=1, dropout=0.5)
+
+    # Without a warm-up, fit compiles its first train step itself; only the one of the
+    # last, smaller batch was compiled ahead (while the first batches trained).
+    empty_cache()
+    session.run(config.with_changes(dropout=0.3))
+    assert hits.names.count("jit_train_step") == 1, hits.names
+
+    empty_cache()
+    before = [np.array(v.value, copy=True) for v in model.variables]
+    flags = [layer.trainable for layer in model._flatten_layers()]
+    other = config.with_changes(unfreeze_depth=2)
+    assert session.warm_up(other)
+    assert session.warm_up(config)  # the settings changed: this one replaces it
+    assert session.warming is not None and session.warming.programs == 2
+    # Traced as the phase will run, then put back: weights, flags and dropout.
+    after = [np.array(v.value) for v in model.variables]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert [layer.trainable for layer in model._flatten_layers()] == flags
+    assert model.get_layer(HEAD_DROPOUT_NAME).rate == 0.3
+    assert session.warming.wait(120)
+
+    hits.names.clear()
+    # A different rate and length compile the same programs.
+    session.run(config.with_changes(learning_rate=3e-4, epochs=2))
+    assert hits.names.count("jit_train_step") == 2, hits.names
+    assert session.warming is None  # the Start took it over
+
+
+def test_warm_up_refuses_what_start_would_refuse(empty_cache):
+    empty_cache()
+    data = ftw.demo.digits_transfer(per_class=2, seed=0)
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
+    assert not session.warm_up(ftw.PhaseConfig("finetune", unfreeze_depth=99))
+    ftw.disable_compilation_cache()
+    assert not session.warm_up(ftw.PhaseConfig("head"))  # nothing would keep the programs
+    assert session.warming is None
+
+
+class FakeLoop:
+    """The kernel's IO loop, run by hand: callbacks, then timers when told."""
+
+    def __init__(self) -> None:
+        self.callbacks: list = []
+        self.timers: list = []
+        self.delays: list[float] = []
+
+    def add_callback(self, callback) -> None:
+        self.callbacks.append(callback)
+
+    def call_later(self, delay: float, callback) -> None:
+        self.delays.append(delay)
+        self.timers.append((delay, callback))
+
+    def run(self) -> None:
+        while self.callbacks:
+            self.callbacks.pop(0)()
+        timers, self.timers = self.timers, []
+        for _, callback in timers:
+            callback()
+
+
+@pytest.mark.widgets
+def test_the_panel_warms_up_once_its_settings_rest(data, monkeypatch):
+    loop = FakeLoop()
+    monkeypatch.setattr(panel_module, "_kernel_loop", lambda: loop)
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    panel = ftw.FineTunePanel(model, train=(data.x_train, data.y_train))
+    asked: list[ftw.PhaseConfig] = []
+    monkeypatch.setattr(panel.session, "warm_up", lambda config: asked.append(config) or True)
+    try:
+        loop.run()  # the settings a new panel shows are chosen already
+        assert asked == [panel.phase_config()]
+        panel.batch_size.value = 8
+        panel.dropout.value = 0.5
+        panel.learning_rate_text.value = "3e-4"  # no new programs: no new warm-up
+        loop.run()
+        # Two changes, one warm-up: the earlier timer found a newer setting.
+        assert asked[1:] == [panel.phase_config()]
+        assert loop.delays == [panel_module.WARM_UP_DELAY] * 3
+        assert (asked[-1].batch_size, asked[-1].dropout) == (8, 0.5)
+    finally:
+        panel.close()
