@@ -74,6 +74,8 @@ STARTUP_CHILD_ENV = "FTWIDGETS_BENCH_STARTUP_CHILD"
 # A startup child given a cache folder this way sets it up as `import ftwidgets` does
 # for a user; the others have none.
 CACHE_ENV = "FTWIDGETS_COMPILATION_CACHE"
+# A startup child with this set warms each phase up (`FineTunePanel.warm_up`) first.
+WARM_UP_ENV = "FTWIDGETS_BENCH_WARM_UP"
 if os.environ.get(STARTUP_CHILD_ENV):
     if not os.environ.get(CACHE_ENV):
         jax.config.update("jax_enable_compilation_cache", False)
@@ -254,6 +256,18 @@ def big_workload(samples: int, epochs: int) -> Workload:
     )
 
 
+def head_config(epochs: int, batch_size: int) -> ftw.PhaseConfig:
+    """A head phase at 1e-3 with head dropout 0.3, as the small workloads train."""
+    return ftw.PhaseConfig(
+        phase="head",
+        learning_rate=1e-3,
+        epochs=epochs,
+        batch_size=batch_size,
+        unfreeze_depth=0,
+        dropout=0.3,
+    )
+
+
 def tiny_workload(epochs: int) -> Workload:
     """The demo: pretrained digits CNN + new head, 50 images (callback cost dominates)."""
     keras.utils.set_random_seed(2)
@@ -261,14 +275,7 @@ def tiny_workload(epochs: int) -> Workload:
     model = ftw.build_transfer_model(
         ftw.demo.pretrained_base(), num_classes=5, dropout=0.3, name="bench_tiny"
     )
-    config = ftw.PhaseConfig(
-        phase="head",
-        learning_rate=1e-3,
-        epochs=epochs,
-        batch_size=16,
-        unfreeze_depth=0,
-        dropout=0.3,
-    )
+    config = head_config(epochs, batch_size=16)
     return Workload(
         "tiny",
         "demo pretrained_base (8x8 digits CNN) + head, head phase, "
@@ -603,14 +610,7 @@ def whole_phase_workload(epochs: int) -> Workload:
     y = y.astype(np.int32)
     train = (x[:WHOLE_SAMPLES], y[:WHOLE_SAMPLES])
     val = (x[WHOLE_SAMPLES:], y[WHOLE_SAMPLES:])
-    config = ftw.PhaseConfig(
-        phase="head",
-        learning_rate=1e-3,
-        epochs=epochs,
-        batch_size=32,
-        unfreeze_depth=0,
-        dropout=0.3,
-    )
+    config = head_config(epochs, batch_size=32)
     return Workload(
         "whole-phase",
         f"a fresh CNN with BatchNorm (3 conv blocks, GAP, Dense 256) + head, 32x32x3 inputs, "
@@ -1089,6 +1089,7 @@ STARTUP_MEASURES = (
     ("first_loss_s", "click → first loss"),
 )
 STARTUP_RETURN_TARGET = 0.050  # the issue: start() returns within 50 ms
+WARMED_UP_TARGET = 0.5  # click to first batch, settings chosen (and warmed up) on the demo
 
 
 class PhaseFailedError(RuntimeError):
@@ -1248,7 +1249,15 @@ def startup_child(name: str) -> dict[str, Any]:
         try:
             for phase in STARTUP_MODELS[name][2]:
                 config = startup_config(phase)
-                for start in ("cold", "warm"):
+                starts = ["cold", "warm"]
+                if os.environ.get(WARM_UP_ENV):
+                    # Settings chosen, then idle until the panel's warm-up compiled them.
+                    set_controls(panel, config)
+                    if not panel.warm_up() or panel.session.warming is None:
+                        raise RuntimeError(f"the {phase} phase could not be warmed up")
+                    panel.session.warming.wait()
+                    starts[0] = "warmed up"
+                for start in starts:
                     clicks.append({"start": start, **time_click(panel, config)})
         finally:
             panel.close()
@@ -1264,11 +1273,17 @@ def startup_child(name: str) -> dict[str, Any]:
     }
 
 
-def run_startup_child(name: str, cache: str | None = None) -> dict[str, Any]:
+def run_startup_child(name: str, cache: str | None = None, warm_up: bool = False) -> dict[str, Any]:
     """Run ``startup_child`` in a fresh interpreter, with JAX's persistent cache in
-    ``cache`` (as ``import ftwidgets`` sets it up), or without one."""
+    ``cache`` (as ``import ftwidgets`` sets it up), or without one; with ``warm_up``,
+    each phase's settings are warmed up before its first click."""
     args = ["--startup-child", name]
-    result, _ = run_child(args, STARTUP_MARKER, 8 * STARTUP_TIMEOUT, cache)
+    if warm_up:
+        os.environ[WARM_UP_ENV] = "1"
+    try:
+        result, _ = run_child(args, STARTUP_MARKER, 8 * STARTUP_TIMEOUT, cache)
+    finally:
+        os.environ.pop(WARM_UP_ENV, None)
     return result
 
 
@@ -1314,19 +1329,24 @@ def measure_startup(models: Sequence[str], runs: int, code: str, info: dict[str,
     """``runs`` cold child processes per model, interleaved; the raw figures and rows.
 
     Each run also times a child whose persistent cache an earlier child of the same
-    model filled (its clicks are "cached cold" and "cached warm").
+    model filled (its clicks are "cached cold" and "cached warm"), and one with an
+    empty cache whose panel warmed each phase up before its click ("warmed up").
     """
     log(f"\n[startup] {runs} cold process(es) per model: {', '.join(models)}")
     load_start = loadavg()
     children: list[dict[str, Any]] = []
     for run in range(runs):
-        for name, cached in itertools.product(models, (False, True)):
-            if cached:
+        for name, kind in itertools.product(models, ("cold", "cached", "warmed up")):
+            if kind == "cached":
                 with tempfile.TemporaryDirectory(prefix="ftwidgets-bench-cache-") as folder:
                     run_startup_child(name, folder)  # fills the cache; not counted
                     child = run_startup_child(name, folder)
                 for click in child["clicks"]:
                     click["start"] = f"cached {click['start']}"
+            elif kind == "warmed up":
+                with tempfile.TemporaryDirectory(prefix="ftwidgets-bench-cache-") as folder:
+                    child = run_startup_child(name, folder, warm_up=True)
+                child["clicks"] = [c for c in child["clicks"] if c["start"] == "warmed up"]
             else:
                 child = run_startup_child(name)
             children.append(child)
@@ -1342,7 +1362,7 @@ def measure_startup(models: Sequence[str], runs: int, code: str, info: dict[str,
     rows = []
     for name in models:
         for phase in STARTUP_MODELS[name][2]:
-            for start in ("cold", "warm", "cached cold", "cached warm"):
+            for start in ("cold", "warm", "cached cold", "cached warm", "warmed up"):
                 clicks = [
                     c
                     for child in children
@@ -1436,6 +1456,15 @@ def startup_table(startup: dict[str, Any]) -> list[str]:
         f"on every row's median): {'met' if worst_ms <= STARTUP_RETURN_TARGET else '**missed**'}"
         f" (largest median {_ms(worst_ms)} ms: {_row_label(worst).replace(' | ', ', ')}).",
     ]
+    for row in startup["rows"]:
+        if row["model"] == "demo" and row["start"] == "warmed up" and row["first_batch_s"]:
+            median = statistics.median(row["first_batch_s"])
+            met = "met" if median <= WARMED_UP_TARGET else "**missed**"
+            lines.append(
+                f"- Click to first batch under {WARMED_UP_TARGET * 1e3:.0f} ms on the demo, its "
+                f"settings warmed up (the issue's target, on the median): {met} "
+                f"({_ms(median)} ms, {row['phase']} phase)."
+            )
     return lines
 
 
