@@ -13,7 +13,6 @@ run's record (history, best, snapshots), the channel and the event outbox.
 from __future__ import annotations
 
 import math
-import threading
 import time
 import traceback
 import warnings
@@ -286,13 +285,23 @@ def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> 
     model = ctx.model
     setup = ModelSetup(model, config, depth, unit)
     try:
-        model.compile(optimizer=make_optimizer(config), loss=ctx.loss, metrics=ctx.metrics or None)
-        x, y, weights = ctx.data.first_batch(config.batch_size)
-        model._symbolic_build(data_batch=(x, y) if weights is None else (x, y, weights))
+        _compile(ctx, config)
+        model._symbolic_build(data_batch=_fit_batch(ctx, config.batch_size))
         train, validation = ctx.data.split_arrays()
         return warm_compile.lower_steps(model, config.batch_size, train, validation, first=True)
     finally:
         setup.undo()
+
+
+def _compile(ctx: JobContext, config: PhaseConfig) -> None:
+    """Compile the model for a phase of ``config``: a fresh optimizer, the session's loss."""
+    ctx.model.compile(optimizer=make_optimizer(config), loss=ctx.loss, metrics=ctx.metrics or None)
+
+
+def _fit_batch(ctx: JobContext, batch_size: int) -> tuple[Any, ...]:
+    """The first training batch as ``fit`` passes it: ``(x, y)``, or with its weights."""
+    x, y, weights = ctx.data.first_batch(batch_size)
+    return (x, y) if weights is None else (x, y, weights)
 
 
 class ModelSetup:
@@ -395,7 +404,7 @@ class FitPhase:
         self.restored: Best | None = None
         # True until the first batch has run: fit compiles the train step there.
         self.compiling = True
-        self._ahead: threading.Thread | None = None  # compiling steps fit needs later
+        self._ahead: warm_compile.WarmUp | None = None  # compiling steps fit needs later
         self._ctx: JobContext | None = None
         self._watched: list[Any] = []
         self._epoch_first_step = 0
@@ -416,9 +425,7 @@ class FitPhase:
             )
         setup = ModelSetup(model, config, self.depth, self.unit)
         try:
-            model.compile(
-                optimizer=make_optimizer(config), loss=ctx.loss, metrics=ctx.metrics or None
-            )
+            _compile(ctx, config)
             _check_monitor(ctx, self.tracking, config.batch_size)
         except BaseException:
             setup.undo()
@@ -609,7 +616,7 @@ class FitPhase:
             return
         smaller_last = self._sizes[0] != self._sizes[1]
         if batch is None or (smaller_last and batch == self.steps_per_epoch - 1):
-            ahead.join()
+            ahead.wait()
             self._ahead = None
 
     def begin_epoch(self, epoch: int) -> None:
@@ -770,8 +777,8 @@ class FitPhase:
 
 
 def _check_monitor(ctx: JobContext, tracking: EarlyStoppingConfig, batch_size: int) -> None:
-    x, y, weights = ctx.data.first_batch(batch_size)
-    batch = (x, y) if weights is None else (x, y, weights)
+    batch = _fit_batch(ctx, batch_size)
+    x, y = batch[:2]
     model = ctx.model
     try:
         # Builds the compiled metrics and loss symbolically (no XLA compile,

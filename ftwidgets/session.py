@@ -511,10 +511,7 @@ class FineTuneSession:
                 "early_stopping must be an EarlyStoppingConfig, None or False. "
                 f"Received: early_stopping={early_stopping!r}"
             )
-        self._refuse_if_busy()
-        depth, unit = self._check_depth(config)
-        self._ctx.data.check(self.model, self.loss, config.batch_size)
-        self._ctx.data.check_split(config.batch_size, _backend.batch_devices(self.distribution))
+        depth, unit = self._check_phase(config)
         if es is not None and es.monitor.startswith("val_") and not self.data.has_validation:
             raise ValueError(
                 f"monitor {es.monitor!r} needs validation data; pass validation=... or "
@@ -573,9 +570,7 @@ class FineTuneSession:
         if compilation_cache_dir() is None or self.distribution is not None:
             return False
         try:
-            self._refuse_if_busy()
-            depth, unit = self._check_depth(config)
-            self._ctx.data.check(self.model, self.loss, config.batch_size)
+            depth, unit = self._check_phase(config)
         except (RuntimeError, ValueError):
             return False
         key = _warm_key(config, depth, unit)
@@ -642,10 +637,7 @@ class FineTuneSession:
                 f"Received: phase={phase!r}"
             )
         settings = lr_search.SearchSettings(start, end, steps, smoothing, stop_factor, repeats)
-        self._refuse_if_busy()
-        depth, unit = self._check_depth(config)
-        self._ctx.data.check(self.model, self.loss, config.batch_size)
-        self._ctx.data.check_split(config.batch_size, _backend.batch_devices(self.distribution))
+        depth, unit = self._check_phase(config)
         search = lr_search.LearningRateSearch(config, settings)
         self._launch(lr_search.SearchJob(search, depth, unit))
         self.searches.append(search)
@@ -669,6 +661,14 @@ class FineTuneSession:
                     f"Model {self.model.name!r} is already training in another session; "
                     "stop that one first."
                 )
+
+    def _check_phase(self, config: PhaseConfig) -> tuple[int, str]:
+        """Refuse a job of ``config`` that could not run now; its depth and unit."""
+        self._refuse_if_busy()
+        depth, unit = self._check_depth(config)
+        self._ctx.data.check(self.model, self.loss, config.batch_size)
+        self._ctx.data.check_split(config.batch_size, _backend.batch_devices(self.distribution))
+        return depth, unit
 
     def _check_depth(self, config: PhaseConfig) -> tuple[int, str]:
         unit = config.unfreeze_unit or transfer.default_unit(self.model)

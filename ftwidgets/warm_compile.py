@@ -41,10 +41,10 @@ def compile_ahead(
     batch_size: int,
     train: tuple[Any, Any, Any] | None,
     validation: tuple[Any, Any, Any] | None,
-) -> threading.Thread | None:
-    """:func:`lower_steps`, then :func:`compile_in_background`, if the persistent cache is on.
+) -> WarmUp | None:
+    """:func:`lower_steps`, compiled in a :class:`WarmUp`, if the persistent cache is on.
 
-    Returns the compiling thread, or None when there is nothing to compile ahead.
+    Returns None when there is nothing to compile ahead.
     """
     from ftwidgets.compile_cache import compilation_cache_dir
 
@@ -55,7 +55,7 @@ def compile_ahead(
     except Exception:  # fit traces the same steps next and reports what failed
         logger.debug("tracing a step ahead of fit failed", exc_info=True)
         return None
-    return compile_in_background(lowered)
+    return WarmUp(None, lowered) if lowered else None
 
 
 def lower_steps(
