@@ -17,7 +17,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import keras
@@ -112,6 +112,8 @@ class JobContext:
     learned_steps: int | None = None
     # Global batch count before the next phase, so steps never restart.
     steps_before: int = 0
+    # `phase_key`s of phases whose programs are all in the persistent cache.
+    cached_phases: set[tuple[Any, ...]] = field(default_factory=set)
 
     def track(self, config: EarlyStoppingConfig) -> None:
         """Track the best on ``config``; a new monitor or mode recomputes it from the history."""
@@ -275,6 +277,26 @@ def describe_failure(exc: BaseException, epoch: int | None, batch: int | None) -
     return Failure(exc, message, "".join(traceback.format_exception(exc)), epoch, batch)
 
 
+def phase_key(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> tuple[Any, ...]:
+    """What a phase's programs depend on besides the session's model and data.
+
+    Not its learning rate (a variable of the programs) nor its length. The head's
+    dropout rates are constants of the train step, so a phase that keeps them
+    (``dropout=None``) names them. The cache folder is where the programs went.
+    """
+    from ftwidgets.compile_cache import compilation_cache_dir
+
+    rates = ()
+    if config.dropout is None:
+        rates = tuple(
+            float(layer.rate)
+            for layer in ctx.model.layers
+            if isinstance(layer, keras.layers.Dropout)
+        )
+    general = config.with_changes(learning_rate=1.0, epochs=1)
+    return (compilation_cache_dir(), general, depth, unit, rates)
+
+
 def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> list[Any]:
     """Trace the programs a phase of ``config`` compiles, as `FitPhase.prepare` sets it
     up, and put back the trainable flags and the dropout. Only on the model's thread.
@@ -367,6 +389,8 @@ class FitPhase:
             validation loss).
         depth: the unfreeze depth, checked against the base.
         unit: what ``depth`` counts.
+        warm_up: this phase's programs, compiling since its settings rested.
+        key: the phase's `phase_key`.
     """
 
     kind = "phase"
@@ -379,9 +403,11 @@ class FitPhase:
         depth: int,
         unit: str,
         warm_up: warm_compile.WarmUp | None = None,
+        key: tuple[Any, ...] | None = None,
     ) -> None:
         self.config = config
-        self.warm_up = warm_up  # this phase's programs, compiling since the settings rested
+        self.warm_up = warm_up
+        self.key = key
         self.early_stopping = early_stopping
         self.tracking = tracking
         self.depth = depth
@@ -487,7 +513,7 @@ class FitPhase:
         if self.warm_up is not None:
             # It compiled all that fit will: loading beats compiling again.
             self.warm_up.wait()
-        else:
+        elif self.key not in ctx.cached_phases:  # else tracing ahead only delays the start
             # What fit compiles after its first batch compiles meanwhile, on another core.
             self._ahead = warm_compile.compile_ahead(
                 ctx.model, config.batch_size, *ctx.data.split_arrays()
@@ -549,6 +575,9 @@ class FitPhase:
         ctx.steps_before = self._epoch_first_step + (
             ctx.channel.dispatched_batches - self._finished_before_epoch
         )
+        if not self.compiling and self.key is not None:
+            # fit compiled its first train step, and the rest was compiled ahead.
+            ctx.cached_phases.add(self.key)
         ctx.history.end_phase(ctx.history.next_epoch, reason)
         ctx.snapshots.end_phase(ctx.history.key(ctx.history.next_epoch - 1))
         if self.rolled_to is not None:

@@ -65,6 +65,7 @@ from ftwidgets.jobs import (
     StopJob,
     expected_metric_names,
     lower_phase,
+    phase_key,
 )
 from ftwidgets.snapshots import SnapshotStore
 from ftwidgets.tracking import BestTracker
@@ -521,11 +522,12 @@ class FineTuneSession:
         names = expected_metric_names(self.metrics, self.data.has_validation)
         if tracking.resolved_mode is None and tracking.monitor in names:
             resolve_mode(tracking.monitor, tracking.mode)  # raises, naming it
+        key = phase_key(self._ctx, config, depth, unit)
         warm, self._warm = self._warm, None
-        if warm is not None and warm.key != _warm_key(config, depth, unit):
+        if warm is not None and warm.key != key:
             warm.cancel()  # other settings: its programs would only take the cores
             warm = None
-        job = FitPhase(config, es, tracking, depth, unit, warm)
+        job = FitPhase(config, es, tracking, depth, unit, warm, key)
         previous_es = self._ctx.early_stopping
         # Set at once, so update_early_stopping() works while the phase compiles.
         self._ctx.early_stopping = es
@@ -548,7 +550,8 @@ class FineTuneSession:
         second), then puts back the trainable flags and the dropout; XLA compiles on
         a background thread that never touches the model, into the persistent
         compilation cache, and a Start with the same settings loads them (the
-        learning rate and the epochs may differ). Later settings replace earlier ones.
+        learning rate and the epochs may differ). Later settings replace earlier ones;
+        settings a phase of this session already ran need nothing more.
 
         Returns:
             False, doing nothing, when the cache is off, a phase is running, a
@@ -573,11 +576,14 @@ class FineTuneSession:
             depth, unit = self._check_phase(config)
         except (RuntimeError, ValueError):
             return False
-        key = _warm_key(config, depth, unit)
+        key = phase_key(self._ctx, config, depth, unit)
         if self._warm is not None:
             if self._warm.key == key:
                 return True
             self._warm.cancel()
+            self._warm = None
+        if key in self._ctx.cached_phases:
+            return True  # a phase of these settings ran: its programs are in the cache
         try:
             lowered = lower_phase(self._ctx, config, depth, unit)
         except Exception:  # Start runs the same steps and reports what failed
@@ -997,8 +1003,3 @@ def _model_settings(model: keras.Model) -> dict[str, object]:
         if isinstance(layer, keras.layers.Dropout):
             settings[f"{layer.name} rate"] = float(layer.rate)
     return settings
-
-
-def _warm_key(config: PhaseConfig, depth: int, unit: str) -> tuple[Any, ...]:
-    """What a phase's programs depend on: not its learning rate (a variable) nor its length."""
-    return (config.with_changes(learning_rate=1.0, epochs=1), depth, unit)

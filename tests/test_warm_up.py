@@ -14,21 +14,26 @@ import pytest
 
 import ftwidgets as ftw
 from ftwidgets import panel as panel_module
-from ftwidgets.transfer import HEAD_DROPOUT_NAME
+from ftwidgets import warm_compile
+from ftwidgets.transfer import HEAD_DROPOUT_NAME, set_head_dropout
 
 pytestmark = pytest.mark.keras
 
 
 class CacheHits(logging.Handler):
-    """The names of the programs JAX loads from its persistent cache."""
+    """The names of the programs JAX loads from its persistent cache, and of those it
+    had to compile (``misses``)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.names: list[str] = []
+        self.misses: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if str(record.msg).startswith("Persistent compilation cache hit"):
             self.names.append(record.args[0])
+        elif str(record.msg).startswith("PERSISTENT COMPILATION CACHE MISS"):
+            self.misses.append(record.args[0])
 
 
 @pytest.fixture
@@ -85,6 +90,37 @@ def test_a_warmed_up_phase_loads_its_train_step_instead_of_compiling_it(hits, em
     session.run(config.with_changes(learning_rate=3e-4, epochs=2))
     assert hits.names.count("jit_train_step") == 2, hits.names
     assert session.warming is None  # the Start took it over
+
+
+def test_settings_that_ran_before_start_without_tracing_ahead(hits, empty_cache, monkeypatch):
+    data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+    session = ftw.FineTuneSession(
+        model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    traced: list[int] = []
+    lower_steps = warm_compile.lower_steps
+    monkeypatch.setattr(
+        warm_compile, "lower_steps", lambda *a, **k: traced.append(1) or lower_steps(*a, **k)
+    )
+    config = ftw.PhaseConfig("head", epochs=1, batch_size=8)
+    empty_cache()
+    session.run(config)
+    assert len(traced) == 1  # the test steps and the last train batch's, ahead of fit
+
+    # Tracing them again would only delay the first batch: all are in the cache.
+    hits.misses.clear()
+    session.run(config.with_changes(learning_rate=3e-4, epochs=2))
+    assert session.warm_up(config.with_changes(learning_rate=1e-4))
+    assert len(traced) == 1 and session.warming is None
+    assert hits.misses == [], hits.misses
+
+    # The head's dropout is a constant of the train step: a new rate traces again,
+    # also where the phase keeps the model's rate (dropout=None).
+    set_head_dropout(model, 0.5)
+    session.run(config)
+    assert len(traced) == 2
+    assert "jit_train_step" in hits.misses
 
 
 def test_warm_up_refuses_what_start_would_refuse(empty_cache):
