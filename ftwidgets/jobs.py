@@ -634,6 +634,8 @@ class FitPhase:
     def compiled(self) -> None:
         """The train step has compiled and run once: the phase is running."""
         self.compiling = False
+        if self._ahead is not None:
+            self._ahead.start()  # now it takes no core from the train step's compile
         # A Stop or a Pause that arrived meanwhile keeps its state.
         self._ctx.channel.transition(State.RUNNING, only_from=(State.COMPILING,))
 

@@ -10,7 +10,8 @@ a small CNN on 2 CPU cores.
 So, before ``fit``, on the thread that owns the model, :func:`lower_steps` traces the
 programs ``fit`` will compile later in the phase (the test step, and the train step of
 a last, smaller batch) from the shapes of the data alone; :func:`compile_in_background`
-hands them to XLA on a daemon thread, which never touches the model. When ``fit`` gets
+hands them to XLA on a daemon thread, which never touches the model, once the first
+train step has compiled (sooner, the two compiles slowed each other). When ``fit`` gets
 there, JAX finds each program in the persistent compilation cache
 (:mod:`ftwidgets.compile_cache`) and loads it instead of compiling it. With the cache
 off this does nothing: an executable compiled aside would be thrown away.
@@ -44,6 +45,8 @@ def compile_ahead(
 ) -> WarmUp | None:
     """:func:`lower_steps`, compiled in a :class:`WarmUp`, if the persistent cache is on.
 
+    Its compile waits for `WarmUp.start`: started before ``fit`` compiles the first
+    train step, it would slow that compile down, which the first batch waits for.
     Returns None when there is nothing to compile ahead.
     """
     from ftwidgets.compile_cache import compilation_cache_dir
@@ -55,7 +58,7 @@ def compile_ahead(
     except Exception:  # fit traces the same steps next and reports what failed
         logger.debug("tracing a step ahead of fit failed", exc_info=True)
         return None
-    return WarmUp(None, lowered) if lowered else None
+    return WarmUp(None, lowered, start=False) if lowered else None
 
 
 def lower_steps(
@@ -118,13 +121,14 @@ def lower_steps(
 
 
 def compile_in_background(
-    lowered: Sequence[Any], cancelled: threading.Event | None = None
+    lowered: Sequence[Any], cancelled: threading.Event | None = None, start: bool = True
 ) -> threading.Thread | None:
     """Compile ``lowered`` programs on a daemon thread (into the persistent cache).
 
     XLA alone runs there; a failure is logged at debug level, since ``fit`` then
     compiles the program itself and reports any error from its own thread. Once
-    ``cancelled`` is set, the programs not started yet are skipped.
+    ``cancelled`` is set, the programs not started yet are skipped. With ``start``
+    False the thread is returned unstarted.
     """
     if not lowered:
         return None
@@ -143,10 +147,17 @@ def compile_in_background(
                 _RUNNING.discard(threading.current_thread())
 
     thread = threading.Thread(target=work, name="ftwidgets-warm-compile", daemon=True)
+    if start:
+        _start(thread)
+    return thread
+
+
+def _start(thread: threading.Thread) -> None:
     with _LOCK:
+        if _EXITING.is_set():
+            return
         _RUNNING.add(thread)
     thread.start()
-    return thread
 
 
 # A daemon thread still inside XLA when the interpreter finalizes aborts the process
@@ -171,6 +182,7 @@ class WarmUp:
     Args:
         key: what the programs depend on (two warm-ups with equal keys compile the same).
         lowered: the programs, from :func:`lower_steps`.
+        start: compile at once; else at `start` (or at `wait`).
 
     Example:
 
@@ -179,24 +191,31 @@ class WarmUp:
     (True, ('head', 32))
     """
 
-    def __init__(self, key: Any, lowered: Sequence[Any]) -> None:
+    def __init__(self, key: Any, lowered: Sequence[Any], start: bool = True) -> None:
         self.key = key
         self.programs = len(lowered)
         self._cancelled = threading.Event()
-        self._thread = compile_in_background(lowered, self._cancelled)
+        self._thread = compile_in_background(lowered, self._cancelled, start)
+
+    def start(self) -> None:
+        """Begin compiling, if not yet begun."""
+        if self._thread is not None and self._thread.ident is None:
+            _start(self._thread)
 
     @property
     def done(self) -> bool:
         """True once every program is compiled (or skipped after `cancel`)."""
-        return self._thread is None or not self._thread.is_alive()
+        thread = self._thread
+        return thread is None or (thread.ident is not None and not thread.is_alive())
 
     def cancel(self) -> None:
         """The settings changed: compile nothing more (the program under way finishes)."""
         self._cancelled.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until `done`; False if ``timeout`` seconds passed first."""
-        if self._thread is not None:
+        """Start if need be, and block until `done`; False if ``timeout`` seconds passed first."""
+        self.start()
+        if self._thread is not None and self._thread.ident is not None:
             self._thread.join(timeout)
         return self.done
 

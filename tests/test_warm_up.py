@@ -7,8 +7,10 @@ persistent compilation cache, which nothing else had filled.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
+import keras
 import numpy as np
 import pytest
 
@@ -121,6 +123,20 @@ def test_settings_that_ran_before_start_without_tracing_ahead(hits, empty_cache,
     session.run(config)
     assert len(traced) == 2
     assert "jit_train_step" in hits.misses
+
+
+def test_compiling_ahead_of_fit_waits_for_its_start(empty_cache):
+    # Started at once, it would slow down the compile of fit's first train step.
+    empty_cache()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    x, y = np.zeros((10, 3)), np.zeros((10, 2))
+    model._symbolic_build(data_batch=(x[:4], y[:4]))
+    ahead = warm_compile.compile_ahead(model, 4, (x, y, None), (x[:9], y[:9], None))
+    assert ahead is not None and ahead.programs == 3
+    time.sleep(0.5)
+    assert not ahead.done
+    assert ahead.wait(60)  # a wait starts it
 
 
 def test_warm_up_refuses_what_start_would_refuse(empty_cache):
