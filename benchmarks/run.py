@@ -185,6 +185,12 @@ class Spread:
         return f"{side} on the median; not settled ({span})"
 
 
+def rotated(arms: Sequence[Any], rep: int) -> list[Any]:
+    """The arms in repeat ``rep``'s order, rotated by one each repeat: no fixed position."""
+    k = rep % len(arms)
+    return [*arms[k:], *arms[:k]]
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
@@ -592,7 +598,7 @@ def measure_overhead(
     w.config = timed_config
     runs: dict[str, list[ArmRun]] = {name: [] for name in arms}
     for rep in range(repeats):
-        order = arms[rep % len(arms) :] + arms[: rep % len(arms)]  # rotate: no fixed position
+        order = rotated(arms, rep)
         line = []
         for name in order:
             gc.collect()
@@ -671,7 +677,7 @@ def measure_whole_phase(epochs: int, repeats: int) -> dict[str, Any]:
 
     timed("a")  # warm-up, not counted: imports and first-call costs
     for rep in range(repeats):
-        order = arms[rep % len(arms) :] + arms[: rep % len(arms)]
+        order = rotated(arms, rep)
         for name in order:
             gc.collect()
             wall, used = timed(name)
@@ -1036,7 +1042,7 @@ def measure_in_flight(
     rows = []
     try:
         for rep in range(repeats + 1):  # the first round is a warm-up
-            order = arms[rep % len(arms) :] + arms[: rep % len(arms)]
+            order = rotated(arms, rep)
             for arm in order:
                 channel.MAX_IN_FLIGHT = default if arm is None else arm
                 gc.collect()

@@ -38,6 +38,7 @@ __all__ = [
     "answer_while_busy",
     "bridge",
     "note_panel",
+    "running_kernel",
 ]
 
 BEACON_TARGET = "ftwidgets.beacon"
@@ -88,14 +89,19 @@ def bridge() -> KernelBridge | None:
     global _BRIDGE
     with _BRIDGE_LOCK:
         if _BRIDGE is None:
-            kernel = _running_kernel()
+            kernel = running_kernel()
             if kernel is not None:
                 _BRIDGE = KernelBridge(kernel)
                 _BRIDGE.start()
         return _BRIDGE
 
 
-def _running_kernel() -> Any:
+def running_kernel() -> Any:
+    """The ipykernel ``Kernel`` this process runs in, or None outside a kernel.
+
+    >>> running_kernel() is None  # a plain Python process
+    True
+    """
     try:
         from IPython import get_ipython
     except ImportError:  # pragma: no cover - IPython is a dependency

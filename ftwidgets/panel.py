@@ -1064,12 +1064,7 @@ class FineTunePanel(widgets.VBox):
 
 def _kernel_loop() -> Any:
     """The running ipykernel's IO loop (on the thread that runs cells), or None."""
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython is a dependency
-        return None
-    kernel = getattr(get_ipython(), "kernel", None)
-    return getattr(kernel, "io_loop", None)
+    return getattr(comms.running_kernel(), "io_loop", None)
 
 
 def _fmt_duration(seconds: float) -> str:

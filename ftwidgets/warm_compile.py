@@ -152,19 +152,19 @@ def compile_in_background(
     return thread
 
 
+# A daemon thread still inside XLA when the interpreter finalizes aborts the process
+# ("terminate called..."): at exit, compile nothing more and let the current finish.
+_LOCK = threading.Lock()
+_RUNNING: set[threading.Thread] = set()
+_EXITING = threading.Event()
+
+
 def _start(thread: threading.Thread) -> None:
     with _LOCK:
         if _EXITING.is_set():
             return
         _RUNNING.add(thread)
     thread.start()
-
-
-# A daemon thread still inside XLA when the interpreter finalizes aborts the process
-# ("terminate called..."): at exit, compile nothing more and let the current finish.
-_LOCK = threading.Lock()
-_RUNNING: set[threading.Thread] = set()
-_EXITING = threading.Event()
 
 
 @atexit.register
