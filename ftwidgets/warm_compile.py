@@ -1,4 +1,4 @@
-"""Compile a phase's steps ahead of ``fit``, in the background, into the persistent cache.
+"""Compile a phase's steps ahead of ``fit``, in the background.
 
 ``model.fit`` compiles its train step before the first batch and its test step at the
 first validation. A bare ``fit`` hides the second compile: it dispatches the epoch's
@@ -9,17 +9,17 @@ a small CNN on 2 CPU cores.
 
 So, before ``fit``, on the thread that owns the model, :func:`lower_steps` traces the
 programs ``fit`` will compile later in the phase (the test step, and the train step of
-a last, smaller batch) from the shapes of the data alone; :func:`compile_in_background`
-hands them to XLA on a daemon thread, which never touches the model, once the first
-train step has compiled (sooner, the two compiles slowed each other). When ``fit`` gets
-there, JAX finds each program in the persistent compilation cache
-(:mod:`ftwidgets.compile_cache`) and loads it instead of compiling it. With the cache
-off this does nothing: an executable compiled aside would be thrown away.
+a last, smaller batch) from the shapes of the data alone, and makes its jitted steps
+the ones ``fit`` calls; :func:`compile_in_background` hands them to XLA on a daemon
+thread, which never touches the model, once the first train step has compiled (sooner,
+the two compiles slowed each other). When ``fit`` gets there, JAX finds the trace and
+the executable in that jitted step's memory: nothing is traced or compiled twice.
 
 The same pieces compile a whole phase before its Start (``FineTuneSession.warm_up``,
 which the panel calls once its settings rest): traced on the model's thread as the
-phase will set the model up, compiled here, and loaded by ``fit`` at the click.
-A :class:`WarmUp` for settings that changed since is cancelled.
+phase will set the model up, compiled here into the persistent compilation cache
+(:mod:`ftwidgets.compile_cache`; the Start compiles the model afresh), and loaded by
+``fit`` at the click. A :class:`WarmUp` for settings that changed since is cancelled.
 """
 
 from __future__ import annotations
@@ -43,18 +43,14 @@ def compile_ahead(
     train: tuple[Any, Any, Any] | None,
     validation: tuple[Any, Any, Any] | None,
 ) -> WarmUp | None:
-    """:func:`lower_steps`, compiled in a :class:`WarmUp`, if the persistent cache is on.
+    """:func:`lower_steps` for the next ``fit``, compiled in a :class:`WarmUp`.
 
     Its compile waits for `WarmUp.start`: started before ``fit`` compiles the first
     train step, it would slow that compile down, which the first batch waits for.
     Returns None when there is nothing to compile ahead.
     """
-    from ftwidgets.compile_cache import compilation_cache_dir
-
-    if compilation_cache_dir() is None:
-        return None
     try:
-        lowered = lower_steps(model, batch_size, train, validation)
+        lowered = lower_steps(model, batch_size, train, validation, install=True)
     except Exception:  # fit traces the same steps next and reports what failed
         logger.debug("tracing a step ahead of fit failed", exc_info=True)
         return None
@@ -67,15 +63,18 @@ def lower_steps(
     train: tuple[Any, Any, Any] | None,
     validation: tuple[Any, Any, Any] | None,
     first: bool = False,
+    install: bool = False,
 ) -> list[Any]:
     """Trace what ``fit`` compiles after its first batch (and that one too if
     ``first``): JAX ``Lowered`` programs.
 
     Call it on the thread that owns ``model``, after ``compile`` and a symbolic build
     (so the optimizer and metrics have their variables). ``train`` and ``validation``
-    are ``(x, y, sample_weight)`` arrays, or None. Returns nothing where ``fit`` would
-    compile something else: another backend, a distribution, several steps per
-    execution. Only shapes and dtypes are read, never a variable's value.
+    are ``(x, y, sample_weight)`` arrays, or None. With ``install``, the next ``fit``
+    calls these jitted steps, so it reuses their traces and, once compiled, their
+    executables (until the model is compiled again). Returns nothing where ``fit``
+    would compile something else: another backend, a distribution, Flax NNX, several
+    steps per execution. Only shapes and dtypes are read, never a variable's value.
 
     Example:
 
@@ -89,6 +88,10 @@ def lower_steps(
     [('@jit_test_step', (4, 3)), ('@jit_test_step', (1, 3)), ('@jit_train_step', (2, 3))]
     """
     if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
+        return []
+    from keras.src.backend.config import is_nnx_enabled
+
+    if is_nnx_enabled():  # fit would jit another function (nnx.jit of the class's step)
         return []
     if getattr(model, "steps_per_execution", 1) != 1 or not model.jit_compile:
         return []
@@ -107,6 +110,8 @@ def lower_steps(
         test_step = jax.jit(model.test_step, donate_argnums=0)
         for batch in _batch_specs(validation, batch_size, full=True):
             lowered.append(test_step.lower(state, batch))
+        if install:
+            model.test_function = model._make_function(test_step)
     if train is not None:
         state = (
             specs(model.trainable_variables),
@@ -117,6 +122,8 @@ def lower_steps(
         train_step = jax.jit(model.train_step, donate_argnums=0)
         for batch in _batch_specs(train, batch_size, full=first):
             lowered.append(train_step.lower(state, batch))
+        if install:
+            model.train_function = model._make_function(train_step)
     return lowered
 
 

@@ -92,12 +92,12 @@ def test_a_second_kernel_compiles_nothing_the_first_compiled(tmp_path) -> None:
     first = python(PHASES, FTWIDGETS_COMPILATION_CACHE=folder)
     assert first["folder"] == str(Path(folder).resolve())
     # Every program of two phases (train and test steps of each, and Keras's small ones)
-    # went through the cache. None was there yet, but fit found in it what the session
-    # had compiled ahead while the first epoch trained: in each phase the test step of
-    # the full and of the last validation batch (150 = 18 x 8 + 6) and the train step
-    # of the last training batch (20 = 2 x 8 + 4).
-    assert first["requests"] >= 4 and first["misses"] + first["hits"] == first["requests"], first
-    assert sorted(first["hit_names"]) == ["jit_test_step"] * 4 + ["jit_train_step"] * 2, first
+    # went through the cache, and none was there yet. What the session compiled ahead
+    # while the first epoch trained (in each phase the test step of the full and of the
+    # last validation batch, 150 = 18 x 8 + 6, and the train step of the last training
+    # batch, 20 = 2 x 8 + 4) fit found in memory, not in the cache.
+    assert first["requests"] >= 8 and first["misses"] == first["requests"], first
+    assert first["hits"] == 0 and first["hit_names"] == [], first
     second = python(PHASES, FTWIDGETS_COMPILATION_CACHE=folder)
     assert second["misses"] == 0, second
     assert second["hits"] == second["requests"] == first["requests"], (first, second)

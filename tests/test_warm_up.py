@@ -7,9 +7,11 @@ persistent compilation cache, which nothing else had filled.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
+import jax
 import keras
 import numpy as np
 import pytest
@@ -49,6 +51,37 @@ def hits() -> Iterator[CacheHits]:
     logger.setLevel(level)
 
 
+class Compiles:
+    """Who lowered and compiled what on ftwidgets' threads: ``(thread, module)``, from
+    JAX's monitoring events (a load from the persistent cache counts as a compile)."""
+
+    def __init__(self) -> None:
+        self.compiled: list[tuple[str, str]] = []
+        self.lowered: list[tuple[str, str]] = []
+
+    def __call__(self, event: str, duration: float, **kwargs: object) -> None:
+        thread = threading.current_thread().name
+        if not thread.startswith("ftwidgets"):
+            return
+        entry = (thread, str(kwargs.get("fun_name")))
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compiled.append(entry)
+        elif event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            self.lowered.append(entry)
+
+    def by(self, thread: str, step: str, of: str = "compiled") -> int:
+        names = (f"jit({step})", f"jit_{step}")  # JAX names a module both ways
+        return sum(t.startswith(thread) and m in names for t, m in getattr(self, of))
+
+
+@pytest.fixture
+def compiles() -> Iterator[Compiles]:
+    listener = Compiles()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield listener
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture
 def empty_cache(tmp_path) -> Iterator:
     """Point JAX's persistent cache at a new empty folder each call; put it back after."""
@@ -61,17 +94,36 @@ def empty_cache(tmp_path) -> Iterator:
         ftw.enable_compilation_cache(before)
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_fit_reuses_what_was_compiled_ahead_of_it(compiles, hits, empty_cache, cache):
+    data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+    session = ftw.FineTuneSession(
+        model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    empty_cache()
+    if not cache:
+        ftw.disable_compilation_cache()
+    session.run(ftw.PhaseConfig("head", epochs=2, batch_size=8))
+    assert session.state == "idle" and len(session.history) == 2
+
+    # fit compiles its first train step; the step of the last, smaller batch and the
+    # test steps were traced once, ahead of it, and compiled on another thread.
+    phase, aside = "ftwidgets-phase", "ftwidgets-warm-compile"
+    assert compiles.by(phase, "train_step") == 1, compiles.compiled
+    assert compiles.by(phase, "test_step") == 0, compiles.compiled
+    assert compiles.by(aside, "train_step") == 1, compiles.compiled
+    assert compiles.by(aside, "test_step") == 2, compiles.compiled  # 8 and 4 images
+    assert compiles.by(phase, "test_step", of="lowered") == 2, compiles.lowered
+    assert compiles.by(phase, "train_step", of="lowered") == 2, compiles.lowered
+    assert hits.names == []  # held in memory: not even loaded from the cache
+
+
 def test_a_warmed_up_phase_loads_its_train_step_instead_of_compiling_it(hits, empty_cache):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
     session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
     config = ftw.PhaseConfig("finetune", epochs=1, batch_size=8, unfreeze_depth=1, dropout=0.5)
-
-    # Without a warm-up, fit compiles its first train step itself; only the one of the
-    # last, smaller batch was compiled ahead (while the first batches trained).
-    empty_cache()
-    session.run(config.with_changes(dropout=0.3))
-    assert hits.names.count("jit_train_step") == 1, hits.names
 
     empty_cache()
     before = [np.array(v.value, copy=True) for v in model.variables]
