@@ -12,7 +12,7 @@ It measures (1-4 and 6's quality in one process, 5 and 6's timing in child proce
    (a) a bare ``model.fit(verbose=0)``, (b) a ``FineTuneSession`` without a panel,
    (c) a full ``FineTunePanel`` with live charts on a comm that really serialises
    every message (``tests/recording_comm.py``), with the per-batch trace on and
-   off. Arms are interleaved within each repeat (in a rotated order), and every
+   off. Arms are interleaved within each repeat (in a balanced order), and every
    figure is a ratio to (a) from the same repeat: the median and the min-max
    over the repeats are reported, never absolute seconds alone.
 2. Chart traffic: bytes per chart update and in total for 10^2 to 10^5 batches,
@@ -174,7 +174,15 @@ class Spread:
         )
 
     def verdict(self, limit: float) -> str:
-        """The median against ``limit``, and whether its 90% interval settles it."""
+        """The median against ``limit``, and whether its 90% interval settles it.
+
+        >>> Spread([0.99, 1.00, 1.00, 1.01, 0.98]).verdict(1.02)
+        'met (90% CI 0.980-1.010)'
+        >>> Spread([0.90, 1.00, 1.01, 1.05, 1.10]).verdict(1.02)
+        'met on the median; not settled (90% CI 0.900-1.100)'
+        >>> Spread([1.03, 1.04, 1.05]).verdict(1.02)
+        '**missed** (90% CI 1.030-1.050)'
+        """
         low, high = self.median_interval()
         span = f"90% CI {low:.3f}-{high:.3f}"
         if high <= limit:
@@ -185,10 +193,23 @@ class Spread:
         return f"{side} on the median; not settled ({span})"
 
 
-def rotated(arms: Sequence[Any], rep: int) -> list[Any]:
-    """The arms in repeat ``rep``'s order, rotated by one each repeat: no fixed position."""
-    k = rep % len(arms)
-    return [*arms[k:], *arms[:k]]
+def balanced(arms: Sequence[Any], rep: int) -> list[Any]:
+    """The arms in repeat ``rep``'s order, from a Williams design: over a cycle of
+    ``len(arms)`` repeats (twice that for an odd count) each arm runs at each position,
+    and right after each other arm, equally often. A rotation alone keeps the same
+    predecessor for each arm, and what a run leaves behind (threads, garbage, a hot
+    cache) could favour one arm.
+
+    >>> [balanced("abcd", rep) for rep in range(4)]
+    [['a', 'b', 'd', 'c'], ['b', 'c', 'a', 'd'], ['c', 'd', 'b', 'a'], ['d', 'a', 'c', 'b']]
+    """
+    n = len(arms)
+    first = [0]  # 0, 1, n-1, 2, n-2, ...: every difference between neighbours once
+    for i in range(1, n):
+        first.append((i + 1) // 2 if i % 2 else n - i // 2)
+    cycle = rep % (2 * n if n % 2 else n)
+    order = [arms[(k + cycle) % n] for k in first]
+    return order[::-1] if cycle >= n else order
 
 
 def fmt_bytes(n: float) -> str:
@@ -598,7 +619,7 @@ def measure_overhead(
     w.config = timed_config
     runs: dict[str, list[ArmRun]] = {name: [] for name in arms}
     for rep in range(repeats):
-        order = rotated(arms, rep)
+        order = balanced(arms, rep)
         line = []
         for name in order:
             gc.collect()
@@ -656,7 +677,7 @@ def measure_whole_phase(epochs: int, repeats: int) -> dict[str, Any]:
     """Each arm trains a whole phase on a fresh model, timed from its first call (the
     unfreeze, ``start()`` or the click) to the phase's end, compile included. Every
     run compiles into an empty persistent cache, so nothing is reused across runs or
-    arms. Interleaved, in a rotated order."""
+    arms. Interleaved, in a balanced order."""
     w = whole_phase_workload(epochs)
     log(f"\n[whole phase] {w.description}; {epochs} epochs; {repeats} repeats")
     arms = ("a", "a2", "b", "c")
@@ -677,7 +698,7 @@ def measure_whole_phase(epochs: int, repeats: int) -> dict[str, Any]:
 
     timed("a")  # warm-up, not counted: imports and first-call costs
     for rep in range(repeats):
-        order = rotated(arms, rep)
+        order = balanced(arms, rep)
         for name in order:
             gc.collect()
             wall, used = timed(name)
@@ -1031,7 +1052,7 @@ def measure_in_flight(
     w: Workload, bounds: Sequence[int], repeats: int, trials: int, lr_calls: int
 ) -> list[InFlightRow]:
     """Per bound on batches in flight (``channel.MAX_IN_FLIGHT``): the session's epoch
-    time against bare ``fit`` (arms interleaved in a rotated order, each bound its own
+    time against bare ``fit`` (arms interleaved in a balanced order, each bound its own
     arm), then Stop and rate-change latency as in section 3."""
     from ftwidgets import channel
 
@@ -1042,7 +1063,7 @@ def measure_in_flight(
     rows = []
     try:
         for rep in range(repeats + 1):  # the first round is a warm-up
-            order = rotated(arms, rep)
+            order = balanced(arms, rep)
             for arm in order:
                 channel.MAX_IN_FLIGHT = default if arm is None else arm
                 gc.collect()
@@ -2487,7 +2508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         big_arms = ("a", "a2", "b", "c", "c_off")
         overhead.append(measure_overhead(big, big_arms, repeats, 2))
         overhead.append(measure_overhead(tiny, list(ARMS), repeats + (0 if quick else 1), 2))
-        whole = measure_whole_phase(2 if quick else 5, 2 if quick else repeats + 6)
+        # 20 by default: five balanced cycles of its four arms.
+        whole = measure_whole_phase(2 if quick else 5, 2 if quick else 2 * repeats + 2)
 
     traffic: list[TrafficRow] = []
     overlaid: list[TrafficRow] = []
