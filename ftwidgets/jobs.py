@@ -641,7 +641,9 @@ class FitPhase:
         """The train step has compiled and run once: the phase is running."""
         self.compiling = False
         if self._ahead is not None:
-            self._ahead.start()  # now it takes no core from the train step's compile
+            # Traced here while the first batch computes, compiled on another core:
+            # nothing now delays the first batch or slows the train step's compile.
+            self._ahead.start()
         # A Stop or a Pause that arrived meanwhile keeps its state.
         self._ctx.channel.transition(State.RUNNING, only_from=(State.COMPILING,))
 

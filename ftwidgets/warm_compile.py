@@ -7,13 +7,14 @@ waits for its batches (at most two in flight, so Stop and rate changes act at on
 and the test step's compile came after the epoch's compute: about 0.5 s per phase on
 a small CNN on 2 CPU cores.
 
-So, before ``fit``, on the thread that owns the model, :func:`lower_steps` traces the
-programs ``fit`` will compile later in the phase (the test step, and the train step of
-a last, smaller batch) from the shapes of the data alone, and makes its jitted steps
-the ones ``fit`` calls; :func:`compile_in_background` hands them to XLA on a daemon
-thread, which never touches the model, once the first train step has compiled (sooner,
-the two compiles slowed each other). When ``fit`` gets there, JAX finds the trace and
-the executable in that jitted step's memory: nothing is traced or compiled twice.
+So, before ``fit``, :func:`install_steps` makes jitted steps of ours the ones ``fit``
+calls. Once ``fit``'s first train step has compiled, on the thread that owns the model,
+:func:`lower_steps` traces through them what ``fit`` will compile later in the phase
+(the train step of a last, smaller batch, and the test step) from the shapes of the
+data alone, while the first batch computes; :func:`compile_in_background` hands those
+to XLA on a daemon thread, which never touches the model. Sooner, the trace delayed
+the first batch and the two compiles slowed each other. When ``fit`` gets there, JAX
+finds trace and executable in the jitted step's memory: nothing is done twice.
 
 The same pieces compile a whole phase before its Start (``FineTuneSession.warm_up``,
 which the panel calls once its settings rest): traced on the model's thread as the
@@ -27,12 +28,19 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
 
-__all__ = ["WarmUp", "compile_ahead", "compile_in_background", "lower_steps"]
+__all__ = [
+    "WarmUp",
+    "compile_ahead",
+    "compile_in_background",
+    "fit_steps",
+    "install_steps",
+    "lower_steps",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +51,78 @@ def compile_ahead(
     train: tuple[Any, Any, Any] | None,
     validation: tuple[Any, Any, Any] | None,
 ) -> WarmUp | None:
-    """:func:`lower_steps` for the next ``fit``, compiled in a :class:`WarmUp`.
+    """Make the next ``fit`` call jitted steps of ours (:func:`install_steps`), and
+    return a :class:`WarmUp` of what that ``fit`` compiles after its first batch.
 
-    Its compile waits for `WarmUp.start`: started before ``fit`` compiles the first
-    train step, it would slow that compile down, which the first batch waits for.
-    Returns None when there is nothing to compile ahead.
+    Start it on the model's thread once ``fit``'s first train step has compiled: it
+    traces there (:func:`lower_steps`, while the first batch computes) and compiles on
+    another thread. Sooner, the trace would delay the first batch and the compile slow
+    down the train step's. Returns None where ``fit`` would make other steps.
     """
-    try:
-        lowered = lower_steps(model, batch_size, train, validation, install=True)
-    except Exception:  # fit traces the same steps next and reports what failed
-        logger.debug("tracing a step ahead of fit failed", exc_info=True)
+    steps = install_steps(model)
+    if steps is None:
         return None
-    return WarmUp(None, lowered, start=False) if lowered else None
+
+    def lower() -> list[Any]:
+        try:
+            return lower_steps(model, batch_size, train, validation, steps=steps)
+        except Exception:  # fit traces the same steps itself and reports what failed
+            logger.debug("tracing a step ahead of fit failed", exc_info=True)
+            return []
+
+    return WarmUp(None, lower, start=False)
+
+
+def fit_steps(model: keras.Model) -> tuple[Any, Any] | None:
+    """The train and test steps, jitted as ``fit`` jits them; None where ``fit`` would
+    make something else: another backend, a distribution, Flax NNX, several steps per
+    execution, no XLA.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> fit_steps(model) is not None
+    True
+    >>> model.compile(optimizer="adam", loss="mse", steps_per_execution=2)
+    >>> fit_steps(model) is None
+    True
+    """
+    if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
+        return None
+    from keras.src.backend.config import is_nnx_enabled
+
+    if is_nnx_enabled():  # fit would jit another function (nnx.jit of the class's step)
+        return None
+    if getattr(model, "steps_per_execution", 1) != 1 or not model.jit_compile:
+        return None
+    import jax
+
+    train_step = jax.jit(model.train_step, donate_argnums=0)
+    return train_step, jax.jit(model.test_step, donate_argnums=0)
+
+
+def install_steps(model: keras.Model) -> tuple[Any, Any] | None:
+    """:func:`fit_steps`, made the ones the next ``fit`` calls (until the model is
+    compiled again): what they trace and compile, ``fit`` finds in their memory.
+    Nothing is traced here.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> train_step, _ = install_steps(model)
+    >>> _ = model.fit(np.zeros((4, 3)), np.zeros((4, 2)), verbose=0)
+    >>> train_step._cache_size()  # fit traced and compiled through it
+    1
+    """
+    steps = fit_steps(model)
+    if steps is not None:
+        model.train_function = model._make_function(steps[0])
+        model.test_function = model._make_function(steps[1])
+    return steps
 
 
 def lower_steps(
@@ -63,18 +131,15 @@ def lower_steps(
     train: tuple[Any, Any, Any] | None,
     validation: tuple[Any, Any, Any] | None,
     first: bool = False,
-    install: bool = False,
+    steps: tuple[Any, Any] | None = None,
 ) -> list[Any]:
     """Trace what ``fit`` compiles after its first batch (and that one too if
-    ``first``): JAX ``Lowered`` programs.
+    ``first``): JAX ``Lowered`` programs, of ``steps`` (by default new `fit_steps`).
 
     Call it on the thread that owns ``model``, after ``compile`` and a symbolic build
     (so the optimizer and metrics have their variables). ``train`` and ``validation``
-    are ``(x, y, sample_weight)`` arrays, or None. With ``install``, the next ``fit``
-    calls these jitted steps, so it reuses their traces and, once compiled, their
-    executables (until the model is compiled again). Returns nothing where ``fit``
-    would compile something else: another backend, a distribution, Flax NNX, several
-    steps per execution. Only shapes and dtypes are read, never a variable's value.
+    are ``(x, y, sample_weight)`` arrays, or None. Returns nothing where ``fit`` would
+    make other steps. Only shapes and dtypes are read, never a variable's value.
 
     Example:
 
@@ -85,45 +150,35 @@ def lower_steps(
     >>> model._symbolic_build(data_batch=(x[:4], y[:4]))
     >>> programs = lower_steps(model, 4, (x, y, None), (x[:9], y[:9], None))
     >>> [(p.as_text().split()[1], p.args_info[0][1][0].shape) for p in programs]
-    [('@jit_test_step', (4, 3)), ('@jit_test_step', (1, 3)), ('@jit_train_step', (2, 3))]
+    [('@jit_train_step', (2, 3)), ('@jit_test_step', (4, 3)), ('@jit_test_step', (1, 3))]
     """
-    if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
-        return []
-    from keras.src.backend.config import is_nnx_enabled
-
-    if is_nnx_enabled():  # fit would jit another function (nnx.jit of the class's step)
-        return []
-    if getattr(model, "steps_per_execution", 1) != 1 or not model.jit_compile:
+    steps = steps or fit_steps(model)
+    if steps is None:
         return []
     import jax
 
     def specs(variables: Sequence[Any]) -> list[Any]:
         return [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
 
+    train_step, test_step = steps
     lowered = []
-    if validation is not None:
-        state = (
-            specs(model.trainable_variables),
-            specs(model.non_trainable_variables),
-            specs(model.metrics_variables),
-        )
-        test_step = jax.jit(model.test_step, donate_argnums=0)
-        for batch in _batch_specs(validation, batch_size, full=True):
-            lowered.append(test_step.lower(state, batch))
-        if install:
-            model.test_function = model._make_function(test_step)
-    if train is not None:
+    if train is not None:  # train steps first: a smaller last batch precedes validation
         state = (
             specs(model.trainable_variables),
             specs(model.non_trainable_variables),
             specs(model.optimizer.variables),
             specs(model.metrics_variables),
         )
-        train_step = jax.jit(model.train_step, donate_argnums=0)
         for batch in _batch_specs(train, batch_size, full=first):
             lowered.append(train_step.lower(state, batch))
-        if install:
-            model.train_function = model._make_function(train_step)
+    if validation is not None:
+        state = (
+            specs(model.trainable_variables),
+            specs(model.non_trainable_variables),
+            specs(model.metrics_variables),
+        )
+        for batch in _batch_specs(validation, batch_size, full=True):
+            lowered.append(test_step.lower(state, batch))
     return lowered
 
 
@@ -188,7 +243,8 @@ class WarmUp:
 
     Args:
         key: what the programs depend on (two warm-ups with equal keys compile the same).
-        lowered: the programs, from :func:`lower_steps`.
+        lowered: the programs, from :func:`lower_steps`, or a function that traces
+            them, which `start` calls on its own thread.
         start: compile at once; else at `start` (or at `wait`).
 
     Example:
@@ -196,23 +252,41 @@ class WarmUp:
     >>> warm = WarmUp(("head", 32), [])
     >>> warm.done, warm.key
     (True, ('head', 32))
+    >>> later = WarmUp(None, lambda: [], start=False)
+    >>> later.done, later.wait(), later.programs
+    (False, True, 0)
     """
 
-    def __init__(self, key: Any, lowered: Sequence[Any], start: bool = True) -> None:
+    def __init__(
+        self, key: Any, lowered: Sequence[Any] | Callable[[], Sequence[Any]], start: bool = True
+    ) -> None:
         self.key = key
-        self.programs = len(lowered)
         self._cancelled = threading.Event()
-        self._thread = compile_in_background(lowered, self._cancelled, start)
+        self._lower = lowered if callable(lowered) else None
+        self.programs = 0 if callable(lowered) else len(lowered)
+        self._thread: threading.Thread | None = None
+        if callable(lowered):
+            if start:
+                self.start()
+        else:
+            self._thread = compile_in_background(lowered, self._cancelled, start)
 
     def start(self) -> None:
-        """Begin compiling, if not yet begun."""
-        if self._thread is not None and self._thread.ident is None:
+        """Begin compiling (tracing first, on this thread, if that waited), if not yet begun."""
+        if self._lower is not None:
+            lower, self._lower = self._lower, None
+            lowered = lower()
+            self.programs = len(lowered)
+            self._thread = compile_in_background(lowered, self._cancelled)
+        elif self._thread is not None and self._thread.ident is None:
             _start(self._thread)
 
     @property
     def done(self) -> bool:
         """True once every program is compiled (or skipped after `cancel`)."""
         thread = self._thread
+        if self._lower is not None:
+            return False
         return thread is None or (thread.ident is not None and not thread.is_alive())
 
     def cancel(self) -> None:

@@ -185,10 +185,11 @@ def test_compiling_ahead_of_fit_waits_for_its_start(empty_cache):
     x, y = np.zeros((10, 3)), np.zeros((10, 2))
     model._symbolic_build(data_batch=(x[:4], y[:4]))
     ahead = warm_compile.compile_ahead(model, 4, (x, y, None), (x[:9], y[:9], None))
-    assert ahead is not None and ahead.programs == 3
+    assert ahead is not None and ahead.programs == 0  # not even traced yet
     time.sleep(0.5)
     assert not ahead.done
     assert ahead.wait(60)  # a wait starts it
+    assert ahead.programs == 3
 
 
 def test_warm_up_refuses_what_start_would_refuse(empty_cache):
@@ -246,3 +247,27 @@ def test_the_panel_warms_up_once_its_settings_rest(data, monkeypatch):
         assert (asked[-1].batch_size, asked[-1].dropout) == (8, 0.5)
     finally:
         panel.close()
+
+
+def test_compiling_ahead_changes_no_result(monkeypatch):
+    # fit runs programs traced mid-phase through our jitted steps: they must be the
+    # programs it would have traced itself, to the bit.
+    data = ftw.demo.digits_transfer(per_class=4, seed=0)  # train 8+8+4, with validation
+
+    def trained(ahead: bool) -> tuple[list[np.ndarray], list[float]]:
+        keras.utils.set_random_seed(7)
+        model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+        with monkeypatch.context() as patch:
+            if not ahead:
+                patch.setattr(warm_compile, "compile_ahead", lambda *a, **k: None)
+            session = ftw.FineTuneSession(
+                model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+            )
+            session.run(ftw.PhaseConfig("finetune", epochs=2, batch_size=8, unfreeze_depth=2))
+        assert session.state == "idle", session.error
+        losses = [record.logs["val_loss"] for record in session.history.epochs]
+        return [np.array(v.value) for v in model.variables], losses
+
+    (weights, losses), (plain_weights, plain_losses) = trained(True), trained(False)
+    assert losses == plain_losses
+    assert all(np.array_equal(a, b) for a, b in zip(weights, plain_weights, strict=True))
