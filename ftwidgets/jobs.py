@@ -519,11 +519,11 @@ class FitPhase:
         if self.warm_up is not None:
             # It compiled all that fit will: loading beats compiling again.
             self.warm_up.wait()
-        elif self.key not in ctx.cached_phases:  # else tracing ahead only delays the start
-            # What fit compiles after its first batch compiles meanwhile, on another core.
-            self._ahead = warm_compile.compile_ahead(
-                ctx.model, config.batch_size, *ctx.data.split_arrays()
-            )
+        # What fit compiles after its first batch is traced once that batch is under
+        # way, and compiled (or loaded from the cache) meanwhile on another core.
+        self._ahead = warm_compile.compile_ahead(
+            ctx.model, config.batch_size, *ctx.data.split_arrays()
+        )
         try:
             ctx.model.fit(
                 **ctx.data.fit_args(config.batch_size),
@@ -582,7 +582,8 @@ class FitPhase:
             ctx.channel.dispatched_batches - self._finished_before_epoch
         )
         if not self.compiling and self.key is not None:
-            # fit compiled its first train step, and the rest was compiled ahead.
+            # fit compiled its first train step, and the rest was compiled ahead: a
+            # warm-up of these settings has nothing left to do.
             ctx.cached_phases.add(self.key)
         ctx.history.end_phase(ctx.history.next_epoch, reason)
         ctx.snapshots.end_phase(ctx.history.key(ctx.history.next_epoch - 1))

@@ -146,7 +146,7 @@ def test_a_warmed_up_phase_loads_its_train_step_instead_of_compiling_it(hits, em
     assert session.warming is None  # the Start took it over
 
 
-def test_settings_that_ran_before_start_without_tracing_ahead(hits, empty_cache, monkeypatch):
+def test_settings_that_ran_before_need_no_warm_up(hits, empty_cache, monkeypatch):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
     session = ftw.FineTuneSession(
@@ -160,20 +160,23 @@ def test_settings_that_ran_before_start_without_tracing_ahead(hits, empty_cache,
     config = ftw.PhaseConfig("head", epochs=1, batch_size=8)
     empty_cache()
     session.run(config)
-    assert len(traced) == 1  # the test steps and the last train batch's, ahead of fit
+    assert len(traced) == 1  # the test steps and the last train batch's, ahead
 
-    # Tracing them again would only delay the first batch: all are in the cache.
+    # All its programs are in the cache now: a second run compiles none, and a
+    # warm-up of these settings (another rate) has nothing to do.
     hits.misses.clear()
     session.run(config.with_changes(learning_rate=3e-4, epochs=2))
-    assert session.warm_up(config.with_changes(learning_rate=1e-4))
-    assert len(traced) == 1 and session.warming is None
     assert hits.misses == [], hits.misses
+    assert len(traced) == 2  # ahead of the validation, loaded on another thread
+    assert session.warm_up(config.with_changes(learning_rate=1e-4))
+    assert len(traced) == 2 and session.warming is None
 
-    # The head's dropout is a constant of the train step: a new rate traces again,
+    # The head's dropout is a constant of the train step: a new rate is warmed up,
     # also where the phase keeps the model's rate (dropout=None).
     set_head_dropout(model, 0.5)
-    session.run(config)
-    assert len(traced) == 2
+    assert session.warm_up(config)
+    assert len(traced) == 3 and session.warming is not None
+    assert session.warming.wait(120)
     assert "jit_train_step" in hits.misses
 
 
