@@ -277,11 +277,8 @@ def describe_failure(exc: BaseException, epoch: int | None, batch: int | None) -
     return Failure(exc, message, "".join(traceback.format_exception(exc)), epoch, batch)
 
 
-def phase_key(
-    ctx: JobContext, config: PhaseConfig, depth: int, unit: str
-) -> tuple[Any, ...] | None:
-    """What a phase's programs depend on besides the session's model and data; None
-    when the persistent cache is off, since nothing keeps them.
+def phase_key(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> tuple[Any, ...]:
+    """What a phase's programs depend on besides the session's model and data.
 
     Not its learning rate (a variable of the programs) nor its length. The head's
     dropout rates are constants of the train step, so a phase that keeps them
@@ -289,9 +286,6 @@ def phase_key(
     """
     from ftwidgets.compile_cache import compilation_cache_dir
 
-    folder = compilation_cache_dir()
-    if folder is None:
-        return None
     rates = ()
     if config.dropout is None:
         rates = tuple(
@@ -300,7 +294,7 @@ def phase_key(
             if isinstance(layer, keras.layers.Dropout)
         )
     general = config.with_changes(learning_rate=1.0, epochs=1)
-    return (folder, general, depth, unit, rates)
+    return (compilation_cache_dir(), general, depth, unit, rates)
 
 
 def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> list[Any]:

@@ -183,14 +183,14 @@ def lower_steps(
 
 
 def compile_in_background(
-    lowered: Sequence[Any], cancelled: threading.Event | None = None, start: bool = True
+    lowered: Sequence[Any], cancelled: threading.Event | None = None
 ) -> threading.Thread | None:
-    """Compile ``lowered`` programs on a daemon thread (into the persistent cache).
+    """Compile ``lowered`` programs on a daemon thread (each keeps its executable, and
+    the persistent cache too when it is on).
 
     XLA alone runs there; a failure is logged at debug level, since ``fit`` then
     compiles the program itself and reports any error from its own thread. Once
-    ``cancelled`` is set, the programs not started yet are skipped. With ``start``
-    False the thread is returned unstarted.
+    ``cancelled`` is set, the programs not started yet are skipped.
     """
     if not lowered:
         return None
@@ -209,8 +209,11 @@ def compile_in_background(
                 _RUNNING.discard(threading.current_thread())
 
     thread = threading.Thread(target=work, name="ftwidgets-warm-compile", daemon=True)
-    if start:
-        _start(thread)
+    with _LOCK:
+        if _EXITING.is_set():
+            return None
+        _RUNNING.add(thread)
+    thread.start()
     return thread
 
 
@@ -219,14 +222,6 @@ def compile_in_background(
 _LOCK = threading.Lock()
 _RUNNING: set[threading.Thread] = set()
 _EXITING = threading.Event()
-
-
-def _start(thread: threading.Thread) -> None:
-    with _LOCK:
-        if _EXITING.is_set():
-            return
-        _RUNNING.add(thread)
-    thread.start()
 
 
 @atexit.register
@@ -261,15 +256,14 @@ class WarmUp:
         self, key: Any, lowered: Sequence[Any] | Callable[[], Sequence[Any]], start: bool = True
     ) -> None:
         self.key = key
-        self._cancelled = threading.Event()
-        self._lower = lowered if callable(lowered) else None
         self.programs = 0 if callable(lowered) else len(lowered)
+        self._cancelled = threading.Event()
+        self._lower: Callable[[], Sequence[Any]] | None = (
+            lowered if callable(lowered) else lambda: lowered
+        )
         self._thread: threading.Thread | None = None
-        if callable(lowered):
-            if start:
-                self.start()
-        else:
-            self._thread = compile_in_background(lowered, self._cancelled, start)
+        if start:
+            self.start()
 
     def start(self) -> None:
         """Begin compiling (tracing first, on this thread, if that waited), if not yet begun."""
@@ -278,16 +272,12 @@ class WarmUp:
             lowered = lower()
             self.programs = len(lowered)
             self._thread = compile_in_background(lowered, self._cancelled)
-        elif self._thread is not None and self._thread.ident is None:
-            _start(self._thread)
 
     @property
     def done(self) -> bool:
         """True once every program is compiled (or skipped after `cancel`)."""
         thread = self._thread
-        if self._lower is not None:
-            return False
-        return thread is None or (thread.ident is not None and not thread.is_alive())
+        return self._lower is None and (thread is None or not thread.is_alive())
 
     def cancel(self) -> None:
         """The settings changed: compile nothing more (the program under way finishes)."""
@@ -296,7 +286,7 @@ class WarmUp:
     def wait(self, timeout: float | None = None) -> bool:
         """Start if need be, and block until `done`; False if ``timeout`` seconds passed first."""
         self.start()
-        if self._thread is not None and self._thread.ident is not None:
+        if self._thread is not None:
             self._thread.join(timeout)
         return self.done
 
