@@ -112,7 +112,15 @@ from ftwidgets.history import History, Marker, PhaseSpan  # noqa: E402
 from ftwidgets.snapshots import capture  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-SECTIONS = ("overhead", "traffic", "responsiveness", "in_flight", "startup", "lr_search")
+SECTIONS = (
+    "overhead",
+    "whole_phase",
+    "traffic",
+    "responsiveness",
+    "in_flight",
+    "startup",
+    "lr_search",
+)
 NOTES_BEGIN = "<!-- notes: kept across runs -->"
 NOTES_END = "<!-- /notes -->"
 LOSS = "sparse_categorical_crossentropy"
@@ -359,6 +367,7 @@ class ArmRun:
     setup_seconds: float = math.nan  # compile (+ probe, snapshot) before fit
     extra: dict[str, Any] = field(default_factory=dict)
     whole_seconds: float = math.nan  # from the call (or the click) to the phase's end
+    whole_cpu: float = math.nan  # process CPU seconds (all threads) over that same span
 
     @property
     def per_epoch(self) -> float:
@@ -394,7 +403,7 @@ def intervals(stamps: list[tuple[float, float]], expected: int) -> tuple[list[fl
 def run_bare(w: Workload) -> ArmRun:
     """(a): what a user would write: unfreeze, compile, fit(verbose=0)."""
     model, cfg = w.model, w.config
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     transfer.unfreeze(model, cfg.unfreeze_depth or 0, keep_batchnorm_frozen=True)
     if cfg.dropout is not None:
         transfer.set_head_dropout(model, cfg.dropout)
@@ -413,8 +422,8 @@ def run_bare(w: Workload) -> ArmRun:
         verbose=0,
         callbacks=[clock],
     )
-    whole = time.perf_counter() - started
-    return ArmRun(*intervals(clock.stamps, cfg.epochs), setup, whole_seconds=whole)
+    whole, whole_cpu = time.perf_counter() - started, time.process_time() - cpu
+    return ArmRun(*intervals(clock.stamps, cfg.epochs), setup, {}, whole, whole_cpu)
 
 
 def _epoch_listener(stamps: list[tuple[float, float]]) -> Callable[[Any], None]:
@@ -433,11 +442,11 @@ def run_session(w: Workload, stream: bool) -> ArmRun:
     stamps: list[tuple[float, float]] = []
     session.on_event(_epoch_listener(stamps))
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         session.start(w.config, early_stopping=False)
         setup = time.perf_counter() - started
         session.wait()
-        whole = time.perf_counter() - started
+        whole, whole_cpu = time.perf_counter() - started, time.process_time() - cpu
         if session.state != "idle":
             raise RuntimeError(f"session ended {session.state}: {session.error}")
         return ArmRun(
@@ -445,6 +454,7 @@ def run_session(w: Workload, stream: bool) -> ArmRun:
             setup,
             {"batches": session.history.batch_count, "snapshots": session.snapshots.nbytes},
             whole,
+            whole_cpu,
         )
     finally:
         session.close()
@@ -491,11 +501,11 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
             stamps: list[tuple[float, float]] = []
             panel.session.on_event(_epoch_listener(stamps))
             mark = rec.mark()
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             panel.start_button.click()
             setup = time.perf_counter() - started
             panel.session.wait()
-            whole = time.perf_counter() - started
+            whole, whole_cpu = time.perf_counter() - started, time.process_time() - cpu
             sent = rec.since(mark)
             if panel.session.state != "idle" or panel.error_area.layout.display != "none":
                 raise RuntimeError(f"panel run failed: {panel.error_message.value}")
@@ -514,6 +524,7 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
                     "redraws": panel.charts.redraws,
                 },
                 whole,
+                whole_cpu,
             )
         finally:
             panel.close()
@@ -689,9 +700,8 @@ def measure_whole_phase(epochs: int, repeats: int) -> dict[str, Any]:
         folder = tempfile.mkdtemp(prefix="ftwidgets-bench-cold-")
         ftw.enable_compilation_cache(folder)
         try:
-            cpu = time.process_time()
-            wall = ARMS[name][1](w).whole_seconds
-            return wall, time.process_time() - cpu
+            run = ARMS[name][1](w)
+            return run.whole_seconds, run.whole_cpu
         finally:
             ftw.enable_compilation_cache(_JAX_CACHE)
             shutil.rmtree(folder, ignore_errors=True)
@@ -2508,6 +2518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         big_arms = ("a", "a2", "b", "c", "c_off")
         overhead.append(measure_overhead(big, big_arms, repeats, 2))
         overhead.append(measure_overhead(tiny, list(ARMS), repeats + (0 if quick else 1), 2))
+    if "whole_phase" in sections:
         # 20 by default: five balanced cycles of its four arms.
         whole = measure_whole_phase(2 if quick else 5, 2 if quick else 2 * repeats + 2)
 
@@ -2573,7 +2584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{load_start[2]:.2f}; end {load_end[0]:.2f}, {load_end[1]:.2f}, {load_end[2]:.2f} |",
         "",
     ]
-    if overhead:
+    if overhead or whole is not None:
         out += [f"## 1. Overhead per epoch ({title}: {platform_name})", ""]
         for result in overhead:
             targets = OVERHEAD_TARGETS if result.workload.name == "one-second" else None
