@@ -358,6 +358,114 @@ def calibrate_samples(samples: int, target: float) -> int:
 # ---------------------------------------------------------------------------------------
 # the overhead arms
 # ---------------------------------------------------------------------------------------
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds each thread of this process has run, by native id (nanosecond
+    ``schedstat`` on Linux; empty where ``/proc`` has none)."""
+    seconds = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                seconds[int(tid)] = int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass  # the thread ended meanwhile
+    return seconds
+
+
+ENDED = "native threads that ended within the span"
+# Python threads' names and CPU seconds as they end (`_record_thread_ends`), by native
+# id: a thread that ends within a span has left /proc by its end.
+_ENDED_THREADS: dict[int, tuple[str, float]] = {}
+
+
+def _record_thread_ends() -> None:
+    bootstrap = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+    if getattr(bootstrap, "records_ends", False):
+        return
+
+    def recorded(thread: threading.Thread) -> None:
+        try:
+            bootstrap(thread)
+        finally:
+            if thread.native_id is not None:
+                _ENDED_THREADS[thread.native_id] = (thread.name, time.thread_time())
+
+    recorded.records_ends = True  # type: ignore[attr-defined]
+    threading.Thread._bootstrap_inner = recorded  # type: ignore[attr-defined]
+
+
+def thread_kind(tid: int, python_names: dict[int, str]) -> str:
+    """Group threads by what they are: a Python thread by its name without the running
+    number, a native one by its kernel name (XLA's are ``tf_XLAEigen``, ``llvm-worker``)."""
+    if tid == threading.main_thread().native_id:
+        return "main thread"
+    name = python_names.get(tid)
+    if name is not None:
+        return name.split(" (")[0].rstrip("-_0123456789") or name
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        return ENDED
+    comm = comm.rstrip("-_0123456789") or comm
+    return "native, unnamed (XLA's runtime and compiler)" if comm == "python" else comm
+
+
+class SpanClock:
+    """Wall and process CPU time from its creation to ``stop()``, and the CPU time of
+    each kind of thread (`thread_kind`) over that span.
+
+    >>> spun, done = threading.Event(), threading.Event()
+    >>> def spin():
+    ...     end = time.thread_time() + 0.05
+    ...     while time.thread_time() < end:
+    ...         pass
+    ...     spun.set()
+    ...     done.wait()
+    >>> clock = SpanClock()
+    >>> spinner = threading.Thread(target=spin, name="spinner-7")
+    >>> spinner.start(); spun.wait()
+    True
+    >>> wall, cpu, kinds = clock.stop(); done.set(); spinner.join()
+    >>> kinds["spinner"] >= 0.05, cpu >= kinds["spinner"], wall >= 0.05
+    (True, True, True)
+
+    A Python thread that ends within the span is counted under its own name:
+
+    >>> clock = SpanClock()
+    >>> ended = threading.Thread(target=lambda: (spun.clear(), spin()), name="ended-2")
+    >>> ended.start(); ended.join()
+    >>> kinds = clock.stop()[2]
+    >>> kinds["ended"] >= 0.05
+    True
+    """
+
+    def __init__(self) -> None:
+        _record_thread_ends()
+        _ENDED_THREADS.clear()
+        self.threads = thread_cpu()
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> tuple[float, float, dict[str, float]]:
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        now = thread_cpu()
+        if not now:
+            return wall, cpu, {}
+        names = {t.native_id: t.name for t in threading.enumerate() if t.native_id}
+        for tid, (name, seconds) in list(_ENDED_THREADS.items()):
+            names.setdefault(tid, name)
+            now.setdefault(tid, seconds)
+        kinds: dict[str, float] = {}
+        for tid, seconds in now.items():
+            kind = thread_kind(tid, names)
+            kinds[kind] = kinds.get(kind, 0.0) + seconds - self.threads.get(tid, 0.0)
+        kinds[ENDED] = max(0.0, cpu - sum(kinds.values()))
+        return wall, cpu, kinds
+
+
 @dataclass
 class ArmRun:
     """What one arm measured in one repeat."""
@@ -368,6 +476,7 @@ class ArmRun:
     extra: dict[str, Any] = field(default_factory=dict)
     whole_seconds: float = math.nan  # from the call (or the click) to the phase's end
     whole_cpu: float = math.nan  # process CPU seconds (all threads) over that same span
+    whole_threads: dict[str, float] = field(default_factory=dict)  # that CPU, by thread kind
 
     @property
     def per_epoch(self) -> float:
@@ -403,7 +512,8 @@ def intervals(stamps: list[tuple[float, float]], expected: int) -> tuple[list[fl
 def run_bare(w: Workload) -> ArmRun:
     """(a): what a user would write: unfreeze, compile, fit(verbose=0)."""
     model, cfg = w.model, w.config
-    started, cpu = time.perf_counter(), time.process_time()
+    clock = SpanClock()
+    started = time.perf_counter()
     transfer.unfreeze(model, cfg.unfreeze_depth or 0, keep_batchnorm_frozen=True)
     if cfg.dropout is not None:
         transfer.set_head_dropout(model, cfg.dropout)
@@ -413,17 +523,16 @@ def run_bare(w: Workload) -> ArmRun:
         metrics=METRICS,
     )
     setup = time.perf_counter() - started
-    clock = EpochClock()
+    epochs = EpochClock()
     model.fit(
         *w.train,
         batch_size=cfg.batch_size,
         epochs=cfg.epochs,
         validation_data=w.validation,
         verbose=0,
-        callbacks=[clock],
+        callbacks=[epochs],
     )
-    whole, whole_cpu = time.perf_counter() - started, time.process_time() - cpu
-    return ArmRun(*intervals(clock.stamps, cfg.epochs), setup, {}, whole, whole_cpu)
+    return ArmRun(*intervals(epochs.stamps, cfg.epochs), setup, {}, *clock.stop())
 
 
 def _epoch_listener(stamps: list[tuple[float, float]]) -> Callable[[Any], None]:
@@ -442,19 +551,19 @@ def run_session(w: Workload, stream: bool) -> ArmRun:
     stamps: list[tuple[float, float]] = []
     session.on_event(_epoch_listener(stamps))
     try:
-        started, cpu = time.perf_counter(), time.process_time()
+        clock = SpanClock()
+        started = time.perf_counter()
         session.start(w.config, early_stopping=False)
         setup = time.perf_counter() - started
         session.wait()
-        whole, whole_cpu = time.perf_counter() - started, time.process_time() - cpu
+        whole = clock.stop()
         if session.state != "idle":
             raise RuntimeError(f"session ended {session.state}: {session.error}")
         return ArmRun(
             *intervals(stamps, w.config.epochs),
             setup,
             {"batches": session.history.batch_count, "snapshots": session.snapshots.nbytes},
-            whole,
-            whole_cpu,
+            *whole,
         )
     finally:
         session.close()
@@ -501,11 +610,12 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
             stamps: list[tuple[float, float]] = []
             panel.session.on_event(_epoch_listener(stamps))
             mark = rec.mark()
-            started, cpu = time.perf_counter(), time.process_time()
+            clock = SpanClock()
+            started = time.perf_counter()
             panel.start_button.click()
             setup = time.perf_counter() - started
             panel.session.wait()
-            whole, whole_cpu = time.perf_counter() - started, time.process_time() - cpu
+            whole = clock.stop()
             sent = rec.since(mark)
             if panel.session.state != "idle" or panel.error_area.layout.display != "none":
                 raise RuntimeError(f"panel run failed: {panel.error_message.value}")
@@ -523,8 +633,7 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
                     "batch_bytes": rec.total_bytes(m for m in sent if m.comm_id == batch_id),
                     "redraws": panel.charts.redraws,
                 },
-                whole,
-                whole_cpu,
+                *whole,
             )
         finally:
             panel.close()
@@ -692,16 +801,14 @@ def measure_whole_phase(epochs: int, repeats: int) -> dict[str, Any]:
     w = whole_phase_workload(epochs)
     log(f"\n[whole phase] {w.description}; {epochs} epochs; {repeats} repeats")
     arms = ("a", "a2", "b", "c")
-    seconds: dict[str, list[float]] = {name: [] for name in arms}
-    cpu: dict[str, list[float]] = {name: [] for name in arms}
+    runs: dict[str, list[ArmRun]] = {name: [] for name in arms}
 
-    def timed(name: str) -> tuple[float, float]:
+    def timed(name: str) -> ArmRun:
         w.model = cnn_transfer_model()
         folder = tempfile.mkdtemp(prefix="ftwidgets-bench-cold-")
         ftw.enable_compilation_cache(folder)
         try:
-            run = ARMS[name][1](w)
-            return run.whole_seconds, run.whole_cpu
+            return ARMS[name][1](w)
         finally:
             ftw.enable_compilation_cache(_JAX_CACHE)
             shutil.rmtree(folder, ignore_errors=True)
@@ -711,12 +818,15 @@ def measure_whole_phase(epochs: int, repeats: int) -> dict[str, Any]:
         order = balanced(arms, rep)
         for name in order:
             gc.collect()
-            wall, used = timed(name)
-            seconds[name].append(wall)
-            cpu[name].append(used)
-        times = ", ".join(f"{name} {seconds[name][-1]:.2f}s" for name in arms)
+            runs[name].append(timed(name))
+        times = ", ".join(f"{name} {runs[name][-1].whole_seconds:.2f}s" for name in arms)
         log(f"  repeat {rep + 1}/{repeats}: {times}")
-    return {"workload": w, "seconds": seconds, "cpu": cpu}
+    return {
+        "workload": w,
+        "seconds": {name: [run.whole_seconds for run in runs[name]] for name in arms},
+        "cpu": {name: [run.whole_cpu for run in runs[name]] for name in arms},
+        "threads": {name: [run.whole_threads for run in runs[name]] for name in arms},
+    }
 
 
 def whole_phase_table(result: dict[str, Any]) -> list[str]:
@@ -749,6 +859,47 @@ def whole_phase_table(result: dict[str, Any]) -> list[str]:
             f"{wall.median:.3f} | {q1:.3f}-{q3:.3f} | {wall.low:.3f}-{wall.high:.3f} | "
             f"{cpu.median:.3f} | {cpu.low:.3f}-{cpu.high:.3f} | {target} |"
         )
+    return [*lines, "", *thread_table(result["threads"], ("a", "b", "c"))]
+
+
+def thread_table(threads: dict[str, list[dict[str, float]]], arms: Sequence[str]) -> list[str]:
+    """Where each arm's CPU time went, by kind of thread: the mean over its runs, and
+    each arm's difference from the one before it.
+
+    >>> rows = thread_table({"a": [{"main thread": 1.0}], "b": [{"main thread": 0.5,
+    ...     "ftwidgets-phase": 0.75}]}, ("a", "b"))
+    >>> for row in rows[-3:]:
+    ...     print(row)
+    | ftwidgets-phase | 0 | 750 | +750 |
+    | main thread | 1000 | 500 | -500 |
+    | **all** | 1000 | 1250 | +250 |
+    """
+    if not any(threads[arm] and threads[arm][0] for arm in arms):
+        return ["(No CPU time by thread: this system has no `/proc/self/task/*/schedstat`.)"]
+    kinds = sorted({k for arm in arms for run in threads[arm] for k in run})
+
+    def mean_ms(arm: str, kind: str | None) -> float:
+        runs = threads[arm]
+        return (
+            1e3
+            * sum(sum(r.values()) if kind is None else r.get(kind, 0.0) for r in runs)
+            / len(runs)
+        )
+
+    diffs = [f"({b})-({a})" for a, b in itertools.pairwise(arms)]
+    lines = [
+        "Where the CPU time of that span went, by thread (mean ms per run; process CPU "
+        "time as the kernel counts it per thread):",
+        "",
+        "| thread | " + " | ".join(f"({arm})" for arm in arms) + " | " + " | ".join(diffs) + " |",
+        "|---|" + "---|" * (len(arms) + len(diffs)),
+    ]
+    order = sorted(kinds, key=lambda kind: -mean_ms(arms[-1], kind))
+    for kind in [*order, None]:
+        values = [mean_ms(arm, kind) for arm in arms]
+        cells = [f"{v:.0f}" for v in values]
+        cells += [f"{b - a:+.0f}" for a, b in itertools.pairwise(values)]
+        lines.append(f"| {kind or '**all**'} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -2519,8 +2670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         overhead.append(measure_overhead(big, big_arms, repeats, 2))
         overhead.append(measure_overhead(tiny, list(ARMS), repeats + (0 if quick else 1), 2))
     if "whole_phase" in sections:
-        # 20 by default: five balanced cycles of its four arms.
-        whole = measure_whole_phase(2 if quick else 5, 2 if quick else 2 * repeats + 2)
+        # 40 by default: ten balanced cycles of its four arms (a 20-repeat run's 90 %
+        # intervals, about +-4 %, could not settle a 2 % target).
+        whole = measure_whole_phase(2 if quick else 5, 2 if quick else 4 * (repeats + 1))
 
     traffic: list[TrafficRow] = []
     overlaid: list[TrafficRow] = []
