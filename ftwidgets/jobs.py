@@ -389,8 +389,8 @@ class FitPhase:
             validation loss).
         depth: the unfreeze depth, checked against the base.
         unit: what ``depth`` counts.
-        warm_up: this phase's programs, compiling since its settings rested.
         key: the phase's `phase_key`.
+        warm_up: this phase's programs, compiling since its settings rested.
     """
 
     kind = "phase"
@@ -402,8 +402,8 @@ class FitPhase:
         tracking: EarlyStoppingConfig,
         depth: int,
         unit: str,
+        key: tuple[Any, ...],
         warm_up: warm_compile.WarmUp | None = None,
-        key: tuple[Any, ...] | None = None,
     ) -> None:
         self.config = config
         self.warm_up = warm_up
@@ -575,7 +575,7 @@ class FitPhase:
         ctx.steps_before = self._epoch_first_step + (
             ctx.channel.dispatched_batches - self._finished_before_epoch
         )
-        if not self.compiling and self.key is not None:
+        if not self.compiling:
             # fit compiled its first train step, and the rest was compiled ahead: a
             # warm-up of these settings has nothing left to do.
             ctx.cached_phases.add(self.key)

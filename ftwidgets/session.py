@@ -527,7 +527,7 @@ class FineTuneSession:
         if warm is not None and warm.key != key:
             warm.cancel()  # other settings: its programs would only take the cores
             warm = None
-        job = FitPhase(config, es, tracking, depth, unit, warm, key)
+        job = FitPhase(config, es, tracking, depth, unit, key, warm)
         previous_es = self._ctx.early_stopping
         # Set at once, so update_early_stopping() works while the phase compiles.
         self._ctx.early_stopping = es
