@@ -84,7 +84,7 @@ def test_a_memory_budget_holds_at_every_moment_with_a_real_model(data):
 
 
 def test_each_epoch_is_copied_into_memory_written_ahead_on_another_thread(data, monkeypatch):
-    # A fresh block costs a page fault per page on the model's thread (5-35 ms per
+    # A fresh block costs a page fault per page on the model's thread (2-40 ms per
     # 10 MB on the CI machine); the store writes the next epoch's block while it trains.
     from ftwidgets import snapshots
 
@@ -103,12 +103,13 @@ def test_each_epoch_is_copied_into_memory_written_ahead_on_another_thread(data, 
         model.layers[-1].kernel.assign(model.layers[-1].kernel + 1.0)
         snap = store.keep_epoch(model, epoch)
         assert same(snap.values, values(model.variables))  # the copy is exact
-        if epoch in (1, 2):  # the block written after the epoch before
-            name, block = made[epoch - 1]
-            assert name.startswith("ftwidgets-snapshot-memory")
-            assert all(np.shares_memory(v, block) for v in snap.values if v.size)
-    # Three epochs fill keep=3: the fourth evicts one, so nothing is written ahead for it.
-    assert len(made) == 2 and not np.shares_memory(snap.values[0], made[-1][1])
+        ((name, block),) = [(n, b) for n, b in made if np.shares_memory(snap.values[0], b)]
+        assert all(np.shares_memory(v, block) for v in snap.values if v.size)
+        # Epochs 1 and 2 take a block written after the epoch before. Three epochs fill
+        # keep=3: the fourth evicts one, so nothing was written ahead for it.
+        ahead = name.startswith("ftwidgets-snapshot-memory")
+        assert ahead == (epoch in (1, 2)), (epoch, name)
+    assert [n.startswith("ftwidgets-snapshot-memory") for n, _ in made].count(True) == 2
     store.end_phase(3)  # an idle store holds no block
     assert store._spare is None
 

@@ -132,3 +132,20 @@ def test_an_epoch_with_nan_weights_is_never_the_best_after_a_monitor_change(data
         session.update_early_stopping(mode=mode)
         assert session.best.epoch == 0
     assert session.wait(WAIT)
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [(None, None), (np.nan, "dense/kernel"), (-np.inf, "dense/kernel"), (3e38, None)],
+)
+def test_the_weight_check_finds_nan_and_inf_and_not_a_large_finite_value(bad, expected):
+    # 3e38 is finite, but a sum of two of them overflows float32: the check must not
+    # take the overflow for a non-finite weight.
+    layer = keras.layers.Dense(4, name="dense")
+    layer.build((None, 3))
+    kernel = np.full((3, 4), 3e38 if bad == 3e38 else 0.5, np.float32)
+    if bad is not None:
+        kernel[2, 1] = bad
+    layer.kernel.assign(kernel)
+    assert ftw.snapshots.first_non_finite(layer.variables) == expected
+    assert capture(layer, "x").non_finite == expected
