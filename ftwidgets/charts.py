@@ -38,6 +38,7 @@ from ftwidgets.events import (
     StateChanged,
 )
 from ftwidgets.history import History, Marker, decimate
+from ftwidgets.widget_tree import close_tree
 
 __all__ = ["TrainingCharts"]
 
@@ -679,15 +680,9 @@ class TrainingCharts(widgets.VBox):
         with self._lock:
             self._closed = True
             self._cancel_timer()
-        owned: list[widgets.Widget] = [*self._marks.values()]
-        for fig in (self.loss_figure, self.metric_figure, self.lr_figure):
-            owned += [*fig.axes, fig.scale_x, fig.scale_y, fig.layout, fig]
-        owned += [self.x_scale, self._band_scale, self.lr_scale]
-        owned += [self.loss_legend, self.metric_legend]
-        owned += [s for mark in self._marks.values() for s in mark.scales.values()]
-        owned += [mark.tooltip for mark in self._marks.values() if mark.tooltip is not None]
-        for widget in owned:
-            widget.close()
+        # Hidden marks and unused scales too, which no figure reaches.
+        close_tree(self, *self._marks.values(), self.x_scale, self._band_scale, self.lr_scale,
+                   keep_open=self)  # fmt: skip
         super().close()
 
     @observe("show_batches")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import ipywidgets as widgets
 
 from ftwidgets.coach import Action, Note
+from ftwidgets.widget_tree import close_tree
 
 __all__ = ["CoachView"]
 
@@ -43,10 +44,7 @@ class CoachView(widgets.VBox):
         """Show ``notes``, newest first."""
         old = self.notes.children
         self.notes.children = [self._card(note) for note in notes]
-        for card in old:
-            for child in (*card.children, *getattr(card.children[-1], "children", ())):
-                child.close()
-            card.close()
+        close_tree(*old)
 
     def _card(self, note: Note) -> widgets.VBox:
         text = widgets.HTML(

@@ -18,6 +18,7 @@ import numpy as np
 from ftwidgets.charts import TrainingCharts
 from ftwidgets.events import EpochEnded, Event, PhaseEnded, RolledBack
 from ftwidgets.history import History
+from ftwidgets.widget_tree import close_tree
 
 __all__ = ["ComparedRun", "RunComparison"]
 
@@ -198,11 +199,8 @@ class RunComparison(widgets.VBox):
         for run in self.runs:
             if run.unsubscribe is not None:
                 run.unsubscribe()
-            for mark in run.marks.values():
-                mark.close()
-            run.toggle.close()
-        self.legend.close()
-        self.table.close()
+            close_tree(*run.marks.values(), run.toggle)
+        close_tree(self, self.legend, self.table, keep_open=self)
         super().close()
 
     def _follower(self, run: ComparedRun) -> Callable[[Event], None]:

@@ -45,6 +45,7 @@ from ftwidgets.interrupt import install_interrupt_handler
 from ftwidgets.lr_search import LearningRateSearch
 from ftwidgets.search_chart import SearchChart
 from ftwidgets.session import FineTuneSession, live_sessions
+from ftwidgets.widget_tree import close_tree
 
 __all__ = ["FineTunePanel"]
 
@@ -625,9 +626,9 @@ class FineTunePanel(widgets.VBox):
             self.session.stop()
             self.session.resume()
             self.session.wait()
-        self.charts.close()
-        for child in self._all_controls():
-            child.close()
+        # The charts, coach and controls with their layouts and styles: any of them
+        # left in ipywidgets' registry keeps this panel and its session alive.
+        close_tree(self, *self._all_controls(), keep_open=self)
         super().close()
 
     # -- control handlers (kernel thread) ------------------------------------------------

@@ -559,3 +559,30 @@ def test_the_panel_settles_right_after_many_racing_starts_and_stops(panel, monke
         assert not panel.start_button.disabled and panel.stop_button.disabled
         assert panel.pause_button.disabled and not panel.find_lr_button.disabled
         assert status_line(panel).startswith("idle")
+
+
+def test_a_closed_panel_leaves_no_widget_behind_and_frees_its_session(data, tmp_path):
+    # ipywidgets' registry holds every open widget; one left there (a layout, a
+    # style, a coach card's button) kept the panel, its session and its kept epochs
+    # alive for as long as the kernel ran.
+    import gc
+    import weakref
+
+    from ipywidgets import Widget
+
+    before = set(Widget._active_widgets)
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+    panel = make_panel(data, model, epochs=2)
+    panel.start_button.click()
+    assert panel.session.wait(WAIT) and panel.session.best is not None
+    panel.compare(panel.session.history.save(tmp_path / "run.json"), label="saved")
+    panel.coach.show(panel.session.advice())  # replaced cards must go too
+    panel.coach.show([])
+    created = set(Widget._active_widgets) - before
+    assert len(created) > 100  # the panel, its charts, coach and controls
+    freed = weakref.ref(panel), weakref.ref(panel.session)
+    panel.close()
+    del panel
+    gc.collect()
+    assert set(Widget._active_widgets) - before == set()
+    assert [ref() for ref in freed] == [None, None]
