@@ -2545,7 +2545,8 @@ def responsiveness_table(res: Responsiveness, w: Workload) -> list[str]:
     row("rollback while training: `rollback()` to `RolledBack`, ms", res.rollback_running_ms,
         ".1f")  # fmt: skip
     row("rollback while training: `rollback()` to idle, ms", res.rollback_to_idle_ms, ".1f")
-    row("snapshot capture (epoch-end cost of a new best), ms", res.capture_ms, ".1f")
+    row("snapshot capture into fresh memory (a phase's first epoch, a pre-phase snapshot), ms",
+        res.capture_ms, ".1f")  # fmt: skip
     lines += [
         "",
         f"- Learning rate in the optimizer after the run equals the last rate set: "
