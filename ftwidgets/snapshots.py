@@ -66,7 +66,9 @@ def _non_finite(value: np.ndarray) -> bool:
         return False
     # A NaN or inf anywhere makes the sum non-finite, so a finite sum settles it at
     # half the cost of isfinite(); a sum that overflowed is checked element-wise.
-    return not np.isfinite(np.add.reduce(value, axis=None)) and not np.isfinite(value).all()
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(value, axis=None)
+    return not np.isfinite(total) and not np.isfinite(value).all()
 
 
 def first_non_finite(variables: Iterable[Any]) -> str | None:
