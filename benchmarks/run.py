@@ -1199,47 +1199,61 @@ def measure_stop_and_lr(w: Workload, trials: int, lr_calls: int, res: Responsive
     )
 
 
-IN_FLIGHT_BOUNDS = (2, 4, 8)
+# Fixed bounds (no time budget), then the session's default: MAX_IN_FLIGHT at least,
+# more while the batches' device time fits IN_FLIGHT_SECONDS. None: the default.
+IN_FLIGHT_BOUNDS: tuple[int | None, ...] = (2, 4, 8, None)
 
 
 @dataclass
 class InFlightRow:
-    bound: int
+    bound: str
     ratio: Spread  # session/bare wall time per epoch, same repeat
     res: Responsiveness
 
 
 def measure_in_flight(
-    w: Workload, bounds: Sequence[int], repeats: int, trials: int, lr_calls: int
+    w: Workload, bounds: Sequence[int | None], repeats: int, trials: int, lr_calls: int
 ) -> list[InFlightRow]:
-    """Per bound on batches in flight (``channel.MAX_IN_FLIGHT``): the session's epoch
-    time against bare ``fit`` (arms interleaved in a balanced order, each bound its own
-    arm), then Stop and rate-change latency as in section 3."""
+    """Per bound on batches in flight (``channel.MAX_IN_FLIGHT`` with no time budget, or
+    the session's default, None): the session's epoch time against bare ``fit`` (arms
+    interleaved in a balanced order, each bound its own arm), then Stop and rate-change
+    latency as in section 3."""
     from ftwidgets import channel
 
-    default = channel.MAX_IN_FLIGHT
-    arms: list[int | None] = [None, *bounds]  # None: bare fit
-    seconds: dict[int | None, list[float]] = {arm: [] for arm in arms}
-    log(f"\n[in flight] {w.name}: bounds {list(bounds)}, {repeats} repeats")
+    default = channel.MAX_IN_FLIGHT, channel.IN_FLIGHT_SECONDS
+
+    def use(bound: int | None) -> None:
+        fixed = (bound, 0.0) if bound is not None else default
+        channel.MAX_IN_FLIGHT, channel.IN_FLIGHT_SECONDS = fixed
+
+    def label(bound: int | None) -> str:
+        if bound is not None:
+            return str(bound)
+        return f"{default[0]}, or {default[1] * 1e3:.0f} ms of batches (default)"
+
+    arms: list[str | int | None] = ["bare", *bounds]
+    seconds: dict[str | int | None, list[float]] = {arm: [] for arm in arms}
+    log(f"\n[in flight] {w.name}: bounds {[label(b) for b in bounds]}, {repeats} repeats")
     rows = []
     try:
         for rep in range(repeats + 1):  # the first round is a warm-up
             order = balanced(arms, rep)
             for arm in order:
-                channel.MAX_IN_FLIGHT = default if arm is None else arm
+                use(None if arm == "bare" else arm)
                 gc.collect()
-                run = run_bare(w) if arm is None else run_session(w, True)
+                run = run_bare(w) if arm == "bare" else run_session(w, True)
                 if rep:
                     seconds[arm].append(run.per_epoch)
         for bound in bounds:
-            channel.MAX_IN_FLIGHT = bound
+            use(bound)
             res = Responsiveness()
             measure_stop_and_lr(w, trials, lr_calls, res)
-            ratio = Spread([b / a for b, a in zip(seconds[bound], seconds[None], strict=True)])
-            rows.append(InFlightRow(bound, ratio, res))
-            log(f"  bound {bound}: session/bare {ratio.ratio_text()}")
+            pairs = zip(seconds[bound], seconds["bare"], strict=True)
+            ratio = Spread([b / a for b, a in pairs])
+            rows.append(InFlightRow(label(bound), ratio, res))
+            log(f"  bound {label(bound)}: session/bare {ratio.ratio_text()}")
     finally:
-        channel.MAX_IN_FLIGHT = default
+        use(None)
     return rows
 
 
@@ -1247,9 +1261,10 @@ def in_flight_table(rows: list[InFlightRow], w: Workload, device: str) -> list[s
     from ftwidgets import channel
 
     lines = [
-        f"The {w.name} workload on `{device}`; the session's bound today: "
-        f"{channel.MAX_IN_FLIGHT}. Epoch time: {rows[0].ratio.n} interleaved repeats per "
-        "bound. Latency: medians of section 3's measures at each bound.",
+        f"The {w.name} workload on `{device}`; the session's bound today: at least "
+        f"{channel.MAX_IN_FLIGHT} batches, more while their device time fits "
+        f"{channel.IN_FLIGHT_SECONDS * 1e3:.0f} ms. Epoch time: {rows[0].ratio.n} interleaved "
+        "repeats per bound. Latency: medians of section 3's measures at each bound.",
         "",
         "| batches in flight | session/bare wall per epoch: median (90% CI) | stop(): batches "
         "finished after it | stop() to idle, ms | rate change to its first batch finishing, "

@@ -576,8 +576,9 @@ def heavy_model() -> keras.Model:
     return ftw.build_transfer_model(base, num_classes=5)
 
 
-def lag_during_a_phase(data) -> int:
-    """The largest gap between batches dispatched and batches finished, seen at batch starts."""
+def lag_during_a_phase(data) -> tuple[int, float]:
+    """The largest gap between batches dispatched and batches finished, seen at batch
+    starts, and the seconds a batch took (the second epoch's time over its batches)."""
     x = np.repeat(data.x_train, 40, axis=0)
     y = np.repeat(data.y_train, 40, axis=0)
     session = ftw.FineTuneSession(heavy_model(), train=(x, y), progress_interval=0.0)
@@ -590,15 +591,22 @@ def lag_during_a_phase(data) -> int:
     session.on_event(watch)
     session.run(ftw.PhaseConfig(phase="finetune", epochs=2, batch_size=128, unfreeze_depth=2))
     assert lags
-    return max(lags)
+    steps = math.ceil(len(x) / 128)
+    return max(lags), session.history.epochs[1].seconds / steps
 
 
 def test_commands_are_never_an_epoch_behind_the_device(data, monkeypatch):
     # JAX dispatches asynchronously; unbounded, Python runs ahead of the device
     # and a Stop or a new learning rate would land an epoch late.
-    from ftwidgets.channel import MAX_IN_FLIGHT
+    from ftwidgets import channel
 
-    assert lag_during_a_phase(data) <= MAX_IN_FLIGHT + 1
+    monkeypatch.setattr(channel, "IN_FLIGHT_SECONDS", 0.0)  # the floor alone
+    assert lag_during_a_phase(data)[0] <= channel.MAX_IN_FLIGHT + 1
+    # By default short batches may queue up to IN_FLIGHT_SECONDS of device time.
+    monkeypatch.undo()
+    lag, seconds = lag_during_a_phase(data)
+    assert lag <= max(channel.MAX_IN_FLIGHT, 2 * channel.IN_FLIGHT_SECONDS / seconds) + 1
+    assert lag < math.ceil(len(data.x_train) * 40 / 128)  # less than an epoch
 
 
 def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(data):
