@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ __all__ = [
     "batch_devices",
     "device_summary",
     "ensure_jax_backend",
+    "keras_config_path",
     "keras_state",
 ]
 
@@ -26,26 +29,112 @@ _THREAD_LOCAL_SETTINGS = (
 )
 
 
-def ensure_jax_backend() -> None:
-    """Make sure Keras runs on JAX.
+def keras_config_path() -> str:
+    """Where Keras reads and writes ``keras.json``, as Keras itself decides.
 
-    Keras reads ``KERAS_BACKEND`` once, when it is first imported, so this has to
-    run before anything imports ``keras``.
+    ``$KERAS_HOME/keras.json`` when ``KERAS_HOME`` is set, else ``~/.keras/keras.json``
+    (``/tmp/.keras`` when the home folder is not writable), as in
+    ``keras/src/backend/config.py``.
+
+    Example:
+
+    >>> keras_config_path().endswith("keras.json")
+    True
+    """
+    if "KERAS_HOME" in os.environ:
+        folder = os.environ["KERAS_HOME"]
+    else:
+        home = os.path.expanduser("~")
+        folder = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    return os.path.expanduser(os.path.join(folder, "keras.json"))
+
+
+def _restart_advice(path: str) -> str:
+    return (
+        "To use ftwidgets, either set the environment variable KERAS_BACKEND=jax before "
+        "Python starts (for Jupyter: before you start JupyterLab, or in the kernel's "
+        f'env), or set "backend": "jax" in {path}; then restart the kernel.'
+    )
+
+
+def _write_jax_config(path: str) -> None:
+    """Write a Keras config that names JAX, unless one appeared meanwhile."""
+    folder = os.path.dirname(path)
+    config = {
+        "floatx": "float32",
+        "epsilon": 1e-07,
+        "backend": "jax",
+        "image_data_format": "channels_last",
+    }
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".keras.json.", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f, indent=4)
+        try:
+            # link() fails if another process wrote its config first: theirs stays.
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    except OSError:
+        pass  # an unwritable home: the caller sees no file
+
+
+def ensure_jax_backend() -> None:
+    """Make sure Keras will run on JAX, without overriding a choice the user made.
+
+    Keras picks its backend once, when it is first imported: from ``KERAS_BACKEND``,
+    else from ``keras.json``. With neither, Keras writes a ``keras.json`` that names
+    TensorFlow, which breaks every later ``import keras`` on a machine without it. So
+    where no config exists, this writes one that names JAX first (in ``KERAS_HOME``
+    when set, else ``~/.keras``). An existing config is never changed.
 
     Raises:
-        ImportError: if Keras is already loaded with another backend.
+        ImportError: if Keras is already loaded with another backend, or
+            ``KERAS_BACKEND`` or the config names another backend; the message says
+            what to set and where.
     """
-    if "keras" not in sys.modules:
-        os.environ["KERAS_BACKEND"] = "jax"
-        return
-    import keras
+    path = keras_config_path()
+    if "keras" in sys.modules:
+        import keras
 
-    backend = keras.backend.backend()
-    if backend != "jax":
+        backend = keras.backend.backend()
+        if backend != "jax":
+            raise ImportError(
+                "ftwidgets needs Keras's JAX backend, but Keras is already loaded with the "
+                f"{backend!r} backend. " + _restart_advice(path)
+            )
+        return
+    chosen = os.environ.get("KERAS_BACKEND")
+    if chosen:
+        if chosen != "jax":
+            raise ImportError(
+                "ftwidgets needs Keras's JAX backend, but the environment variable "
+                f"KERAS_BACKEND is {chosen!r}. " + _restart_advice(path)
+            )
+        return
+    if not os.path.exists(path):
+        _write_jax_config(path)
+        if not os.path.exists(path):
+            # An unwritable home: there is no config to respect, and Keras cannot
+            # write one either, so JAX is chosen for this process only.
+            os.environ["KERAS_BACKEND"] = "jax"
+            return
+    try:
+        with open(path) as f:
+            named = json.load(f).get("backend", "tensorflow")
+    except (ValueError, AttributeError):
         raise ImportError(
-            f"ftwidgets needs Keras's JAX backend, but Keras is already loaded with the "
-            f"{backend!r} backend. Restart the kernel and import ftwidgets before keras, "
-            "or set KERAS_BACKEND=jax before starting Python."
+            f"ftwidgets needs Keras's JAX backend, but the Keras config {path} is not a "
+            "JSON object, so Keras would fall back to its default, 'tensorflow'. "
+            + _restart_advice(path)
+        ) from None
+    if named != "jax":
+        raise ImportError(
+            f"ftwidgets needs Keras's JAX backend, but the Keras config {path} names the "
+            f"{named!r} backend and KERAS_BACKEND is not set. " + _restart_advice(path)
         )
 
 

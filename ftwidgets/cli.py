@@ -239,8 +239,9 @@ def _prepare_dir(requested: Path | None) -> Path:
 
 def _run_lab(argv: list[str]) -> int:
     env = dict(os.environ)
-    # Kernels started by this Lab inherit it, so Keras picks JAX even before ftwidgets loads.
-    env["KERAS_BACKEND"] = "jax"
+    # Kernels started by this Lab inherit it, so Keras picks JAX even before ftwidgets
+    # loads. A backend the user chose stays: importing ftwidgets then says what to do.
+    env.setdefault("KERAS_BACKEND", "jax")
     if os.name == "posix":
         # Replace this process: Ctrl+C and signals go straight to Jupyter.
         os.execve(argv[0], argv, env)

@@ -11,8 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+step() { printf '==> %s\n' "$*"; }
 
 if [ ! -x .venv/bin/python ]; then
+    step "Creating the virtual environment .venv with $PYTHON"
     "$PYTHON" - <<'PY'
 import sys
 if sys.version_info < (3, 11):
@@ -22,8 +24,11 @@ PY
     "$PYTHON" -m venv .venv
 fi
 if [ ! -x .venv/bin/ftwidgets ] || [ "${FTWIDGETS_REINSTALL:-0}" = 1 ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
+    step "Upgrading pip in .venv"
+    .venv/bin/python -m pip install --upgrade pip
+    step "Installing ftwidgets and its dependencies into .venv (a few minutes the first time)"
     # The extension's bundle is committed: no Node build, even where npm is installed.
-    SKIP_JUPYTER_BUILDER=1 .venv/bin/python -m pip install --quiet -e .
+    SKIP_JUPYTER_BUILDER=1 .venv/bin/python -m pip install -e .
 fi
+step "Starting JupyterLab on the quickstart walkthrough (Ctrl-C stops it)"
 exec .venv/bin/ftwidgets lab "$@"

@@ -7,17 +7,22 @@
 # committed bundle (FTWIDGETS_REQUIRE_NODE=1, as in CI, requires npm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { printf '==> %s\n' "$*"; }
+step "Creating the virtual environment .venv"
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
+step "Upgrading pip in .venv"
+.venv/bin/python -m pip install --upgrade pip
 # The Binder pins constrain the runtime packages, so the notebooks are tested in the
 # environment Binder builds.
 # SKIP_JUPYTER_BUILDER: the install keeps the committed bundle (what users get); the
 # rebuild below checks it.
-SKIP_JUPYTER_BUILDER=1 .venv/bin/python -m pip install --quiet -e '.[test]' \
+step "Installing ftwidgets with its test dependencies into .venv"
+SKIP_JUPYTER_BUILDER=1 .venv/bin/python -m pip install -e '.[test]' \
     -c binder/requirements.txt
 # The JupyterLab extension's bundle is committed (a user needs no Node); where npm is
 # here, rebuild it from the lock file and fail if it differs from the committed one.
 if command -v npm >/dev/null; then
+    step "Rebuilding the JupyterLab extension and comparing it with the committed bundle"
     (cd labextension && npm ci --no-audit --no-fund --loglevel=error \
         && PATH="$PWD/../.venv/bin:$PATH" npm run --silent build:prod >/dev/null)
     if [ -n "$(git status --porcelain -- ftwidgets/labextension)" ]; then
@@ -29,6 +34,8 @@ elif [ "${FTWIDGETS_REQUIRE_NODE:-0}" = 1 ]; then
     echo "npm is missing, and FTWIDGETS_REQUIRE_NODE=1: cannot check the bundle." >&2
     exit 1
 fi
+step "Linting with ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+step "Running the tests"
 .venv/bin/python -m pytest "$@"

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -357,3 +358,32 @@ def test_lab_script_is_valid_bash_and_needs_no_root():
     assert not [line for line in code if "--allow-root" in line]
     assert "ftwidgets lab" in text
     assert os.access(script, os.X_OK)
+
+
+def test_lab_script_says_what_each_step_does_and_shows_pips_progress(tmp_path):
+    """A first run is minutes of installing: every step announces itself, and pip is not
+    quietened. Stand-ins for the venv's python and ``ftwidgets`` record their arguments."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "lab.sh", tmp_path / "scripts" / "lab.sh")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("python", "ftwidgets"):
+        stand_in = bin_dir / name
+        stand_in.write_text(f'#!/bin/sh\necho "{name} $*"\n')
+        stand_in.chmod(0o755)
+    done = subprocess.run(
+        ["bash", "scripts/lab.sh", "--no-browser"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FTWIDGETS_REINSTALL": "1"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("==> ")]
+    assert [s.split()[1] for s in steps] == ["Upgrading", "Installing", "Starting"], lines
+    installs = [line for line in lines if line.startswith("python -m pip install")]
+    assert installs and not [line for line in installs if "--quiet" in line], installs
+    assert lines[-1] == "ftwidgets lab --no-browser"
+    assert lines.index(steps[-1]) == len(lines) - 2

@@ -53,13 +53,16 @@ try:
         _peak_kb = int(re.search(r"VmHWM:\\s+(\\d+)", _f.read()).group(1))
 except Exception:  # not Linux: ru_maxrss is in KiB on Linux, bytes on macOS
     _peak_kb = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
-import ftwidgets as _ftw
+import ftwidgets as _ftw, keras as _keras, os as _os
+with open(_os.path.join(_os.environ["KERAS_HOME"], "keras.json")) as _f:
+    _config = _json.load(_f)
 _advice = {{
     _s.name: [f"epoch {{_n.epoch + 1}} {{_n.rule}}: {{_n.message}}" for _n in reversed(_s.advice())]
     for _s in _ftw.live_sessions()
 }}
 print({PROBE_TAG!r} + _json.dumps({{"prefix": _sys.prefix, "executable": _sys.executable,
-      "peak_rss_kb": _peak_kb, "advice": _advice}}))
+      "peak_rss_kb": _peak_kb, "advice": _advice, "backend": _keras.backend.backend(),
+      "environ_backend": _os.environ.get("KERAS_BACKEND"), "keras_config": _config}}))
 """.replace("import json", "import re, json")
 
 
@@ -134,15 +137,25 @@ class Executed:
         )
 
 
-def _kernel_env() -> dict[str, str]:
+def _kernel_env(keras_home: str) -> dict[str, str | None]:
     return {
         # 04 must not wait on a network timeout: skip the ImageNet download at once.
         "FTWIDGETS_OFFLINE": "1",
-        "KERAS_BACKEND": "jax",
+        # As on a new machine under plain nbclient: no backend chosen, an empty Keras home.
+        "KERAS_BACKEND": None,
+        "KERAS_HOME": keras_home,
         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
         # debugpy warns about frozen modules at every kernel start.
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     }
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @functools.cache
@@ -150,10 +163,13 @@ def execute(name: str) -> Executed:
     """Run ``notebooks/<name>`` once per test session (test_binder reuses 01's run)."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
-    saved = {key: os.environ.get(key) for key in _kernel_env()}
-    os.environ.update(_kernel_env())  # the kernel inherits this process's environment
-    try:
-        with tempfile.TemporaryDirectory(prefix="ftwidgets-nb-") as cwd:
+    with tempfile.TemporaryDirectory(prefix="ftwidgets-nb-") as cwd:
+        keras_home = os.path.join(cwd, ".keras")
+        os.mkdir(keras_home)
+        env = _kernel_env(keras_home)
+        saved = {key: os.environ.get(key) for key in env}
+        _set_environ(env)  # the kernel inherits this process's environment
+        try:
             client = nbclient.NotebookClient(
                 nb,
                 timeout=CELL_TIMEOUT_S,
@@ -164,12 +180,8 @@ def execute(name: str) -> Executed:
             started = time.monotonic()
             client.execute()
             seconds = time.monotonic() - started
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        finally:
+            _set_environ(saved)
     probe_text = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     probe = json.loads(probe_text.split(PROBE_TAG, 1)[1])
     executed = Executed(name, nb, seconds, probe)
@@ -270,6 +282,10 @@ def test_walkthrough_runs_and_its_panels_train(name):
     run = execute(name)
     # The kernel is this environment's Python (python3 resolves to the venv).
     assert run.probe["prefix"] == sys.prefix
+    # With KERAS_BACKEND unset, importing ftwidgets wrote a JAX config into the empty home.
+    assert run.probe["environ_backend"] is None
+    assert run.probe["backend"] == "jax"
+    assert run.probe["keras_config"]["backend"] == "jax"
     assert run.seconds < BUDGET_S, f"{name} took {run.seconds:.0f} s (budget {BUDGET_S:.0f} s)"
     peak_mib = run.probe["peak_rss_kb"] / 1024
     assert peak_mib < KERNEL_MEMORY_BUDGET_MIB, (

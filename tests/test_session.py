@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 import threading
 
 import keras
@@ -549,22 +547,6 @@ def test_rollback_without_best_raises(data):
     session = make_session(data)
     with pytest.raises(ValueError, match="no best epoch"):
         session.rollback()
-
-
-def test_importing_with_another_keras_backend_fails_clearly():
-    code = "import os; os.environ['KERAS_BACKEND']='numpy'; import keras; import ftwidgets"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert "needs Keras's JAX backend" in proc.stderr and "'numpy'" in proc.stderr
-
-
-def test_importing_first_selects_jax_and_reports_the_device():
-    code = (
-        "import os; os.environ['KERAS_BACKEND']='numpy'; import ftwidgets, keras; "
-        "print(keras.backend.backend(), ftwidgets.device_summary())"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.stdout.split() == ["jax", "JAX", "·", "cpu"], proc.stderr
 
 
 def heavy_model() -> keras.Model:
