@@ -183,7 +183,7 @@ def session_status(session: Any, name: str | None = None) -> str:
     if best is None:
         parts.append("best -")
     else:
-        parts.append(f"best epoch {best.epoch + 1} ({best.monitor} {best.value:.4g})")
+        parts.append(f"best epoch {best.epoch} ({best.monitor} {best.value:.4g})")
     if session.state == "failed" and session.error is not None:
         parts.append(f"error: {_one_line(session.error.message)}")
     label = f"{session.name} ({name})" if name else session.name
