@@ -14,6 +14,7 @@ from test_session import block_base, hold_compile
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
+from ftwidgets import telemetry
 from ftwidgets.charts import format_rate
 
 pytestmark = [pytest.mark.widgets, pytest.mark.keras]
@@ -150,6 +151,10 @@ def test_start_runs_streams_charts_and_rollback_restores_best(panel):
     assert best.epoch in (1, 2, 3)
     assert f"best epoch {best.epoch} " in panel.status.value
     assert panel.rollback_button.description == f"Roll back to best epoch {best.epoch}"
+    # The lab extension shows the same number: its card and its phase-end notice.
+    assert telemetry.card(session, None, has_panel=True)["best_epoch"] == best.epoch
+    ended = ev.PhaseEnded(0, "head", 1, 4, "completed", best)
+    assert telemetry.phase_end_notice(session, ended, True)["restored_epoch"] == best.epoch
     assert not panel.rollback_button.disabled and not panel.start_button.disabled
     # Move away from the best (a stopped partial epoch is never best), then roll back.
     panel.early_stopping.value = False
