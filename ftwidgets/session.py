@@ -191,6 +191,8 @@ class FineTuneSession:
     >>> session.run(ftw.PhaseConfig(phase="head", epochs=2))
     >>> [record.epoch for record in session.history.epochs]  # 1-based, as Keras prints them
     [1, 2]
+    >>> session.restorable_epochs, session.restore_epoch(1).epoch
+    ((1, 2), 1)
     >>> session.stop()  # nothing runs: refused
     False
     """
