@@ -931,8 +931,8 @@ class TrafficRow:
 def finished_run(epochs: int, offset: float) -> History:
     """A saved-looking run of ``epochs`` epochs, to overlay with ``RunComparison``."""
     history = History()
-    for epoch in range(epochs):
-        loss = 2.0 * math.exp(-epoch / (epochs / 3 + 1)) + offset
+    for epoch in range(1, epochs + 1):  # counted from 1, as the session counts them
+        loss = 2.0 * math.exp(-(epoch - 1) / (epochs / 3 + 1)) + offset
         logs = {"loss": loss, "val_loss": loss * 1.1, "accuracy": 1 - loss / 3}
         history.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs(logs), 1e-3))
     return history
@@ -966,8 +966,8 @@ def measure_traffic(
                 epochs = math.ceil(n / steps)
                 for index in range(overlays):
                     comparison.add(finished_run(epochs, 0.05 * (index + 1)), f"run {index + 1}")
-                history.begin_phase(PhaseSpan(0, "head", 0, 1e-3, 0))
-                charts.on_event(PhaseStarted(0, "head", 0, epochs, 1e-3, 0, steps, ("head",)))
+                history.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+                charts.on_event(PhaseStarted(0, "head", 1, epochs, 1e-3, 0, steps, ("head",)))
                 sizes_sent: list[int] = []
                 draw_s: list[float] = []
                 names = {m.model_id: name for name, m in charts.marks.items()}
@@ -982,7 +982,7 @@ def measure_traffic(
                         loss = 2.0 * math.exp(-step / (n / 3 + 1)) + 0.1 * rng.random()
                         history.record_batch(step, (step + 1) / steps, loss)
                         if (step + 1) % steps == 0 or step + 1 == n:
-                            epoch = step // steps
+                            epoch = step // steps + 1  # 1-based, ending at x = epoch
                             logs = {
                                 "loss": loss,
                                 "val_loss": loss * 1.1,
@@ -997,7 +997,7 @@ def measure_traffic(
                                 charts.on_event(NewBest(ftw.Best(epoch, best, "val_loss", "head")))
                             if epoch == epochs // 2:
                                 history.add_marker(
-                                    Marker("learning_rate", epoch + 1.0, epoch, "lr 5e-4", 5e-4)
+                                    Marker("learning_rate", float(epoch), epoch, "lr 5e-4", 5e-4)
                                 )
                     mark = rec.mark()
                     began = time.perf_counter()
@@ -1012,7 +1012,7 @@ def measure_traffic(
                     naive += 16 * history.batch_count
                 end_epoch = history.next_epoch
                 history.end_phase(end_epoch, "completed")
-                charts.on_event(PhaseEnded(0, "head", 0, end_epoch, "completed", None))
+                charts.on_event(PhaseEnded(0, "head", 1, end_epoch, "completed", None))
                 charts.on_event(StateChanged("idle", "running"))
                 if rec.errors:
                     raise RuntimeError(f"messages a kernel could not pack: {rec.errors[:3]}")
@@ -1307,7 +1307,11 @@ def measure_rollback(repeats: int, res: Responsiveness) -> None:
             res.restore_epoch_ms.append((time.perf_counter() - t0) * 1e3)
         res.restore_epoch_exact = all(
             np.array_equal(np.asarray(v.value), s)
-            for v, s in zip(model.variables, session.snapshots.get(epoch).values, strict=True)
+            for v, s in zip(
+                model.variables,
+                session.snapshots.get(session.history.key(epoch)).values,
+                strict=True,
+            )
         )
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -12,6 +12,10 @@ Two callbacks, split by what Keras lets run where (measured, see DESIGN.md):
 Both talk to two things only: the session's channel (``ftwidgets.channel``) and
 a `Recorder`, the running phase, never to the session itself.
 
+Keras counts epochs from 0 in its callback arguments and ``initial_epoch``; the
+session counts them from 1, as Keras prints them. `from_keras` and `to_keras`
+are the only conversion between the two.
+
 JAX dispatches batches asynchronously: without a bound, Python reaches the
 "next batch boundary" a whole epoch before the device does, and a Stop or a new
 learning rate lands an epoch late. ``SessionControl`` therefore keeps at most a
@@ -37,6 +41,27 @@ __all__ = [
 ]
 
 
+def from_keras(epoch: int) -> int:
+    """The session's 1-based epoch for Keras's 0-based callback ``epoch`` argument.
+
+    Keras prints that epoch as ``epoch + 1`` ("Epoch 1/5") and names
+    ``ModelCheckpoint`` files so; the session counts the same way everywhere.
+
+    >>> from_keras(0)
+    1
+    """
+    return epoch + 1
+
+
+def to_keras(epoch: int) -> int:
+    """Keras's 0-based epoch index (``fit(initial_epoch=...)``) for a session epoch.
+
+    >>> to_keras(1)
+    0
+    """
+    return epoch - 1
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced a NaN or infinite value; the session restores finite weights."""
 
@@ -50,7 +75,10 @@ class NonFiniteWeightsError(NonFiniteError):
 
 
 class Recorder(Protocol):
-    """What the callbacks report to: the running phase (``ftwidgets.jobs.FitPhase``)."""
+    """What the callbacks report to: the running phase (``ftwidgets.jobs.FitPhase``).
+
+    Its epochs are the session's, 1-based.
+    """
 
     epoch: int
     batch: int
@@ -83,7 +111,7 @@ class SessionControl(keras.callbacks.Callback):
         self.recorder = recorder
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.recorder.begin_epoch(epoch)
+        self.recorder.begin_epoch(from_keras(epoch))
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         recorder, channel = self.recorder, self.channel
@@ -105,7 +133,7 @@ class SessionControl(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.recorder.check_finite()
-        self.recorder.end_epoch(self.model, epoch, logs or {})
+        self.recorder.end_epoch(self.model, from_keras(epoch), logs or {})
 
 
 class LossStream(keras.callbacks.Callback):

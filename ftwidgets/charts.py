@@ -279,9 +279,9 @@ def _marker(points: int) -> str | None:
 class TrainingCharts(widgets.VBox):
     """Loss, metric and learning-rate charts of a fine-tuning run, updated live.
 
-    Three bqplot figures share one x-axis in global epochs (batch ``b`` of epoch
-    ``e`` sits at ``e + (b + 1) / steps``; an epoch's value sits at ``e + 1``, the
-    end of that epoch):
+    Three bqplot figures share one x-axis in global epochs, counted from 1 as
+    Keras prints them: epoch ``e`` spans ``e - 1`` to ``e``, its batch ``b`` sits
+    at ``e - 1 + (b + 1) / steps`` and its value at ``e``, the end of that epoch:
 
     - ``loss_figure``: each batch's own training loss (light, with a smoothed
       line; Keras logs a running mean of the epoch, which the history undoes),
@@ -329,7 +329,7 @@ class TrainingCharts(widgets.VBox):
         loss_legend, metric_legend: the HTML legend rows above the first two charts.
         min_extent: the epoch the x axis's whole-epoch ticks reach at least
             (``RunComparison`` raises it to a compared run's last epoch).
-        selected_epoch: the restorable epoch (0-based) picked by a click on
+        selected_epoch: the restorable epoch (1-based) picked by a click on
             its halo, or None (a traitlet; a click on the chart's background,
             or setting None, clears it).
         marks: the marks by name, read-only (see ``MARK_NAMES``).
@@ -651,7 +651,8 @@ class TrainingCharts(widgets.VBox):
             if isinstance(event, SearchStarted | SearchStep | SearchEnded):
                 return  # a search changes nothing these charts draw
             if isinstance(event, PhaseStarted):
-                self._planned_end[event.index] = event.start_epoch + event.epochs
+                # The x where the phase's last epoch would end.
+                self._planned_end[event.index] = event.start_epoch - 1 + event.epochs
                 force = True
             elif isinstance(event, NewBest | RolledBack):
                 self._best = event.best
@@ -821,7 +822,7 @@ class TrainingCharts(widgets.VBox):
                 for name, color in zip(names, (TRAIN_COLOR, VAL_COLOR), strict=True):
                     value = record.logs.get(name, math.nan)
                     if math.isfinite(value):  # a NaN point would sit at the chart's corner
-                        xs.append(cut_at.get(record.epoch, record.epoch + 1.0))
+                        xs.append(cut_at.get(record.epoch, float(record.epoch)))
                         ys.append(value)
                         colors.append(color)
             assign(
@@ -833,7 +834,7 @@ class TrainingCharts(widgets.VBox):
 
         full = [r for r in lineage if not r.partial and r.learning_rate > 0]
         x, y = bounded(
-            np.array([r.epoch + 1.0 for r in full], dtype=np.float64),
+            np.array([r.epoch for r in full], dtype=np.float64),
             np.array([r.learning_rate for r in full], dtype=np.float64),
             self.max_points,
         )
@@ -850,7 +851,7 @@ class TrainingCharts(widgets.VBox):
     def _assign_epoch_series(self, mark: bq.Lines, name: str) -> None:
         epochs, values = self.history.metric(name)
         values = np.where(np.isfinite(values), values, np.nan)
-        x, y = bounded(epochs.astype(np.float64) + 1.0, values, self.max_points)
+        x, y = bounded(epochs.astype(np.float64), values, self.max_points)
         assign(mark, x=x.astype(np.float32), y=y.astype(np.float32), marker=_marker(len(x)))
 
     def _draw_branches(self, metric: str | None) -> None:
@@ -872,7 +873,7 @@ class TrainingCharts(widgets.VBox):
                 start = history.key(records[0].epoch - 1, branch)
                 line = ([history.epochs[start]] if start is not None else []) + records
                 for record in [*line, None]:  # None: a gap before the next branch
-                    xs.append(math.nan if record is None else record.epoch + 1.0)
+                    xs.append(math.nan if record is None else float(record.epoch))
                     for row, name in zip(ys, names, strict=True):
                         value = math.nan if record is None else record.logs.get(name, math.nan)
                         row.append(value if math.isfinite(value) else math.nan)
@@ -903,7 +904,7 @@ class TrainingCharts(widgets.VBox):
             with halo.hold_sync():
                 assign(
                     halo,
-                    x=np.array([e + 1.0 for e, _ in points], dtype=np.float32),
+                    x=np.array([e for e, _ in points], dtype=np.float32),
                     y=np.array([v for _, v in points], dtype=np.float32),
                 )
                 self._select_halo(chart)
@@ -911,7 +912,7 @@ class TrainingCharts(widgets.VBox):
             shown = math.isfinite(value)
             assign(
                 self._marks[f"held_{chart}"],
-                x=np.array([held.epoch + 1.0]) if shown else _EMPTY,
+                x=np.array([float(held.epoch)]) if shown else _EMPTY,
                 y=np.array([value]) if shown else _EMPTY,
             )
 
@@ -955,15 +956,16 @@ class TrainingCharts(widgets.VBox):
         fills: list[str] = []
         texts: list[str] = []
         for span in spans:
-            start = float(span.start_epoch)
+            # Epochs [start_epoch, end_epoch) span x from start_epoch - 1 to end_epoch - 1.
+            start = float(span.start_epoch - 1)
             if span.end_epoch is not None:
-                end = float(span.end_epoch)
+                end = float(span.end_epoch - 1)
             else:
                 # Reach toward the planned end, but not so far that a long run squashes
                 # what has been drawn into a sliver at the left; the edge is set below.
                 done = max(history.next_epoch - span.start_epoch, 1)
-                planned = self._planned_end.get(span.index, span.start_epoch + done + 1)
-                end = float(min(planned, span.start_epoch + max(1.25 * done, done + 5)))
+                planned = self._planned_end.get(span.index, start + done + 1)
+                end = float(min(planned, start + max(1.25 * done, done + 5)))
             end = max(end, start + 1e-9)
             rows_x.append([start, start, end, end, start])
             fills.append(PHASE_COLORS.get(span.phase, OTHER_PHASE_COLOR))
@@ -975,7 +977,7 @@ class TrainingCharts(widgets.VBox):
         # epochs it grows in steps of about a fifth: a scale whose domain moves redraws
         # every mark on it in the browser, which fell behind when it moved every epoch.
         lineage = history.lineage()
-        last = lineage[-1].epoch + 1.0 if lineage else 0.0
+        last = float(lineage[-1].epoch) if lineage else 0.0
         extent = nice_extent(max([self.min_extent, last, *(r[2] for r in rows_x)]))
         if spans and spans[-1].end_epoch is None:
             planned = self._planned_end.get(spans[-1].index, extent)
@@ -1057,7 +1059,7 @@ class TrainingCharts(widgets.VBox):
             if shown and best is not None:
                 assign(
                     mark,
-                    x=np.array([best.epoch + 1.0]),
+                    x=np.array([float(best.epoch)]),
                     y=np.array([best.value]),
                     labels=[f"best {best.monitor}"],
                 )

@@ -88,7 +88,7 @@ class Note:
         rule: the rule that wrote it (``"overfitting"``...).
         message: one line.
         why: the numbers that triggered it, in a sentence or two.
-        epoch: the global epoch (0-based) it was written at.
+        epoch: the global epoch (1-based, as Keras prints it) it was written at.
         actions: buttons that apply a suggestion.
         episode: what the condition is about (the phase, the rate...): the coach
             writes one note per rule and episode.
@@ -161,6 +161,11 @@ class Record:
         return a < b if self.mode == "min" else a > b
 
 
+def _last_epoch(history: History) -> int:
+    # The last epoch recorded, or epoch 1 when a note comes before any epoch ran.
+    return max(history.next_epoch - 1, 1)
+
+
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
@@ -179,7 +184,7 @@ def overfitting(record: Record) -> Note | None:
 
     >>> from ftwidgets.events import EpochRecord, frozen_logs
     >>> h = History()
-    >>> for e, (loss, val) in enumerate([(1, .9), (.6, .5), (.4, .6), (.3, .7), (.2, .8)]):
+    >>> for e, (loss, val) in enumerate([(1, .9), (.6, .5), (.4, .6), (.3, .7), (.2, .8)], 1):
     ...     _ = h.add_epoch(EpochRecord(e, "head", 0, frozen_logs(
     ...         {"loss": loss, "val_loss": val}), 1e-3))
     >>> overfitting(Record(h, "val_loss", "min", phase="head")).message
@@ -203,7 +208,7 @@ def overfitting(record: Record) -> Note | None:
     if not (math.isfinite(start) and math.isfinite(end)) or end > start * (1 - OVERFIT_TRAIN_DROP):
         return None
     last = since[-1].logs[record.monitor]
-    actions = [Action(f"Roll back to epoch {best_row.epoch + 1}", "rollback", best_row.epoch)]
+    actions = [Action(f"Roll back to epoch {best_row.epoch}", "rollback", best_row.epoch)]
     if record.dropout is not None and record.dropout < HIGH_DROPOUT:
         actions.append(Action(f"Head dropout {HIGH_DROPOUT}", "set_dropout", HIGH_DROPOUT))
     if record.phase == "finetune" and record.unfreeze_depth > 1:
@@ -213,7 +218,7 @@ def overfitting(record: Record) -> Note | None:
         "overfitting",
         f"Overfitting: {record.monitor} is {len(since)} epochs past its best while the "
         "training loss falls.",
-        f"{record.monitor} was best at epoch {best_row.epoch + 1} ({_fmt(best)}) and is "
+        f"{record.monitor} was best at epoch {best_row.epoch} ({_fmt(best)}) and is "
         f"{_fmt(last)} now, while the training loss went from {_fmt(start)} to "
         f"{_fmt(end)}. The model is learning the training set by heart: roll back to the "
         f"best epoch, raise the head's dropout toward {HIGH_DROPOUT}, add augmentation "
@@ -243,11 +248,14 @@ def diverging(record: Record) -> Note | None:
     finite = np.isfinite(losses)
     x, losses = x[finite], losses[finite]
     lower = Action(f"Lower the rate to {_rate(rate / 10)}", "set_learning_rate", rate / 10)
-    epoch = history.next_epoch - 1
+    epoch = _last_epoch(history)
     span = next((p for p in history.phases if p.index == record.phase_index), None)
     if span is None:
         return None
-    changes = [m for m in history.markers if m.kind == "learning_rate" and m.x >= span.start_epoch]
+    # The phase's first epoch begins at x = start_epoch - 1.
+    changes = [
+        m for m in history.markers if m.kind == "learning_rate" and m.x >= span.start_epoch - 1
+    ]
     if changes:
         at, raised_to = changes[-1].x, changes[-1].value
         was = changes[-2].value if len(changes) > 1 else span.learning_rate
@@ -338,7 +346,7 @@ def finetune_rate_too_high(record: Record) -> Note | None:
         f"Fine-tuning at {_rate(rate)}{than_head} can wreck the pretrained features; "
         f"{_rate(FINETUNE_RATE)} to {_rate(FINETUNE_MAX_RATE)}, 10-100x below the head's "
         "rate, is the usual range.",
-        record.history.next_epoch - 1,
+        _last_epoch(record.history),
         (Action(f"Use {_rate(FINETUNE_RATE)}", "set_learning_rate", FINETUNE_RATE),),
         episode=(record.phase_index, rate),
     )
@@ -355,7 +363,7 @@ def small_data(record: Record) -> Note | None:
         f"That is {params / samples:,.0f} per sample: with this little data, more unfrozen "
         "layers mostly add ways to memorise it. Unfreeze fewer, add augmentation, and keep "
         "early stopping on.",
-        max(record.history.next_epoch - 1, 0),
+        _last_epoch(record.history),
         episode=(record.phase_index, params),
     )
 
@@ -382,7 +390,7 @@ def non_finite_loss(record: Record) -> Note | None:
         (record.failure or "The last epoch logged a non-finite loss.")
         + " Too high a rate makes the weights overflow; so do NaN inputs. Lower the rate,"
         " or check the data.",
-        last.epoch if last is not None else 0,
+        last.epoch if last is not None else 1,
         actions,
         episode=record.phase_index,
     )
@@ -397,7 +405,7 @@ def early_stop(record: Record) -> Note | None:
         return None
     return Note(
         "early_stop",
-        f"Early stopping ended the phase after epoch {rows[-1].epoch + 1}.",
+        f"Early stopping ended the phase after epoch {rows[-1].epoch}.",
         f"For {record.patience} epochs in a row no epoch improved {record.monitor} by more "
         f"than min_delta {record.min_delta:g}, so the phase stopped after {len(rows)} of "
         "its epochs.",

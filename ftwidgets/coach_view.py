@@ -50,7 +50,7 @@ class CoachView(widgets.VBox):
         text = widgets.HTML(
             f"<div class='ftwidgets-note' data-rule='{html.escape(note.rule)}' "
             "style='white-space:normal;line-height:1.35'>"
-            f"<b>Epoch {note.epoch + 1}:</b> {html.escape(note.message)}"
+            f"<b>Epoch {note.epoch}:</b> {html.escape(note.message)}"
             f"<details><summary>why</summary>{html.escape(note.why)}</details></div>"
         )
         buttons = []

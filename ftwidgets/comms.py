@@ -285,7 +285,7 @@ class KernelBridge:
             return "resuming" if session.resume() else "nothing was paused"
         if action == "rollback":
             best = session.rollback()
-            return f"rolling back to epoch {best.epoch + 1}"
+            return f"rolling back to epoch {best.epoch}"
         raise ValueError(
             "action must be hello, stop, pause, resume, rollback or stop_all. "
             f"Received: action={action!r}"

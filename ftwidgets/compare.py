@@ -164,7 +164,7 @@ class RunComparison(widgets.VBox):
         cells = []
         for label, color, history, settings in rows:
             best = best_of(history, self.monitor, self.mode)
-            where = "—" if best is None else f"{best[0] + 1}"
+            where = "—" if best is None else f"{best[0]}"
             value = "—" if best is None else f"{best[1]:.4g}"
             if best is not None and len(history.branches) > 1:
                 where += f" ({html.escape(history.branches[best[2]].name)})"
@@ -228,7 +228,7 @@ class RunComparison(widgets.VBox):
         if len(lineage) > self.charts.max_points:  # thin out evenly, keeping both ends
             picked = np.linspace(0, len(lineage) - 1, self.charts.max_points).round()
             lineage = [lineage[int(i)] for i in np.unique(picked)]
-        x = np.array([r.epoch + 1.0 for r in lineage], dtype=np.float32)
+        x = np.array([r.epoch for r in lineage], dtype=np.float32)
         if len(x) and x[-1] > self.charts.min_extent:
             self.charts.min_extent = float(x[-1])  # whole-epoch ticks reach its end
             self.charts.refresh(force=True)
@@ -255,10 +255,10 @@ def best_of(history: History, monitor: str, mode: str) -> tuple[int, float, int]
 
     >>> from ftwidgets.events import EpochRecord, frozen_logs
     >>> h = History()
-    >>> for epoch, value in enumerate([0.9, 0.4, 0.6]):
+    >>> for epoch, value in enumerate([0.9, 0.4, 0.6], 1):
     ...     _ = h.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs({"val_loss": value}), 1e-3))
     >>> best_of(h, "val_loss", "min")
-    (1, 0.4, 0)
+    (2, 0.4, 0)
     """
     found = None
     for record in history.epochs:

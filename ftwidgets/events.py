@@ -51,7 +51,8 @@ class Best:
     """The best epoch so far.
 
     Attributes:
-        epoch: 0-based global epoch index, as Keras counts (a UI shows ``epoch + 1``).
+        epoch: the global epoch, 1-based, as Keras prints "Epoch 1/5" and as
+            ``restore_epoch`` takes it.
         value: the monitored value at that epoch (always finite).
         monitor: the metric name, e.g. ``"val_loss"``.
         phase: the phase the epoch belonged to.
@@ -60,8 +61,8 @@ class Best:
 
     Example:
 
-    >>> best = Best(epoch=4, value=0.31, monitor="val_loss", phase="head")
-    >>> f"best epoch {best.epoch + 1} ({best.monitor} {best.value})"
+    >>> best = Best(epoch=5, value=0.31, monitor="val_loss", phase="head")
+    >>> f"best epoch {best.epoch} ({best.monitor} {best.value})"
     'best epoch 5 (val_loss 0.31)'
     """
 
@@ -77,7 +78,7 @@ class EpochRecord:
     """One epoch of the run, as kept in the session's history.
 
     Attributes:
-        epoch: 0-based global epoch index, continuing across phases.
+        epoch: the global epoch, 1-based, continuing across phases.
         phase: ``"head"`` or ``"finetune"``.
         phase_index: which phase of the run (0 for the first ``start()``).
         logs: the epoch's metrics, e.g. ``{"loss": .., "val_loss": ..}``.
@@ -91,7 +92,7 @@ class EpochRecord:
 
     Example:
 
-    >>> record = EpochRecord(0, "head", 0, frozen_logs({"val_loss": 0.5}), 1e-3)
+    >>> record = EpochRecord(1, "head", 0, frozen_logs({"val_loss": 0.5}), 1e-3)
     >>> record.logs["val_loss"], record.eligible
     (0.5, True)
     """
@@ -120,7 +121,7 @@ class Failure:
         exception: the exception raised on the worker (or by a check).
         message: one line for a status area.
         traceback: the formatted traceback text.
-        epoch: the global epoch at failure, if training had begun.
+        epoch: the global epoch (1-based) at failure, if training had begun.
         batch: the batch within that epoch, if known.
 
     Example:
@@ -153,7 +154,8 @@ class StateChanged(Event):
 
 @dataclass(frozen=True)
 class PhaseStarted(Event):
-    """A phase began: its settings, and where it sits on the global epoch axis.
+    """A phase began: its settings, and where it sits on the global epoch axis
+    (``start_epoch`` is its first epoch, 1-based).
 
     ``unfreeze_depth`` is in units of ``unfreeze_unit``: ``"block"`` or ``"layer"``.
     """

@@ -26,7 +26,9 @@ __all__ = ["Branch", "History", "Marker", "PhaseSpan", "decimate"]
 
 # The file format of `History.save`; `History.load` refuses other ones.
 FORMAT = "ftwidgets.history"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 counted epochs from 0; `History.load` renumbers them from 1.
+_ZERO_BASED_VERSION = 1
 # The packages whose versions a saved history records.
 _PACKAGES = ("ftwidgets", "keras", "jax", "numpy")
 # Batches read before a tail, so that out-of-order arrivals and each kept batch's
@@ -36,7 +38,7 @@ _TAIL_MARGIN = 64
 
 @dataclass(frozen=True)
 class PhaseSpan:
-    """One phase on the global epoch axis: ``[start_epoch, end_epoch)``.
+    """One phase on the global epoch axis: ``[start_epoch, end_epoch)``, 1-based.
 
     ``end_epoch`` and ``reason`` are None while the phase runs;
     ``unfreeze_depth`` is in units of ``unfreeze_unit`` (``"block"`` or ``"layer"``).
@@ -64,8 +66,8 @@ class Marker:
     Attributes:
         kind: ``"early_stop"``, ``"stop"``, ``"rollback"``, ``"failure"`` or
             ``"learning_rate"``.
-        x: position in epochs on the global axis (``epoch + fraction``).
-        epoch: the global epoch it happened in.
+        x: position in epochs on the global axis: epoch ``n`` spans ``n - 1`` to ``n``.
+        epoch: the global epoch it happened in (1-based).
         detail: a short human-readable description.
         value: a number that goes with it (the restored epoch, the new rate).
         branch: the branch of the run it happened on.
@@ -90,11 +92,11 @@ class Branch:
     Attributes:
         index: 0 for the first line, then 1, 2, ... in the order they began.
         parent: the branch it forked from (None for branch 0).
-        fork_epoch: the last epoch it shares with ``parent``.
+        fork_epoch: the last epoch it shares with ``parent`` (1-based).
 
     Example:
 
-    >>> Branch(1, parent=0, fork_epoch=4).name
+    >>> Branch(1, parent=0, fork_epoch=5).name
     'branch 1 (from epoch 5)'
     """
 
@@ -104,10 +106,10 @@ class Branch:
 
     @property
     def name(self) -> str:
-        """``"main"``, or ``"branch 1 (from epoch 5)"`` with the 1-based epoch it grew from."""
+        """``"main"``, or ``"branch 1 (from epoch 5)"`` with the epoch it grew from."""
         if self.parent is None or self.fork_epoch is None:
             return "main"
-        return f"branch {self.index} (from epoch {self.fork_epoch + 1})"
+        return f"branch {self.index} (from epoch {self.fork_epoch})"
 
 
 def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +145,8 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray,
 class History:
     """Every epoch of a session across phases and branches, plus markers and batches.
 
-    Epoch numbering is global: the second phase continues where the first ended.
+    Epoch numbering is global and 1-based, as Keras prints "Epoch 1/5": the
+    second phase continues where the first ended.
     After ``restore_epoch(n)`` the next phase continues from ``n + 1`` on a new
     `Branch`; the old continuation stays in ``epochs`` (the chart draws it
     dimmed), while `lineage` and `metric` follow the current branch back to
@@ -157,7 +160,7 @@ class History:
 
     >>> h = History()
     >>> h.next_epoch, h.branch.name
-    (0, 'main')
+    (1, 'main')
     """
 
     def __init__(self) -> None:
@@ -191,11 +194,11 @@ class History:
 
     @property
     def next_epoch(self) -> int:
-        """The global index the next epoch will get."""
+        """The global number the next epoch will get (1 for the first)."""
         if self._fork is not None:
             return self._fork + 1
         tip = self._tips.get(self._branch, self.branch.fork_epoch)
-        return 0 if tip is None else tip + 1
+        return 1 if tip is None else tip + 1
 
     def add_epoch(self, record: EpochRecord) -> EpochRecord:
         """Append an epoch record to the current branch and return it as recorded.
@@ -220,9 +223,9 @@ class History:
         Example:
 
         >>> h = History()
-        >>> for epoch in range(3):
+        >>> for epoch in (1, 2, 3):
         ...     _ = h.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs({}), 1e-3))
-        >>> h.key(2), h.key(7)
+        >>> h.key(3), h.key(7)
         (2, None)
         """
         limits = self._limits(self._branch if branch is None else branch)
@@ -389,7 +392,8 @@ class History:
             self._batches = n + 1
 
     def place_batches(self, first_step: int, steps: int, epoch: int) -> None:
-        """Spread the points of steps ``first_step .. first_step + steps - 1`` over ``epoch``.
+        """Spread the points of steps ``first_step .. first_step + steps - 1`` over ``epoch``
+        (1-based: from ``epoch - 1`` to ``epoch`` on the axis).
 
         For data of unknown length the points of a first epoch are recorded at
         provisional positions; once the epoch has ended its length is known.
@@ -399,14 +403,14 @@ class History:
         >>> h = History()
         >>> for step in range(4):
         ...     h.record_batch(step, 0.99, 1.0)
-        >>> h.place_batches(0, 4, epoch=0)
+        >>> h.place_batches(0, 4, epoch=1)
         >>> h.batch_trace()[1].tolist()
         [0.25, 0.5, 0.75, 1.0]
         """
         with self._lock:
             trace = self._trace[:, : self._batches]
             mine = (trace[0] >= first_step) & (trace[0] < first_step + steps)
-            trace[1, mine] = epoch + (trace[0, mine] - first_step + 1) / steps
+            trace[1, mine] = epoch - 1 + (trace[0, mine] - first_step + 1) / steps
 
     @property
     def batch_count(self) -> int:
@@ -480,7 +484,7 @@ class History:
         Example:
 
         >>> h = History()
-        >>> _ = h.begin_phase(PhaseSpan(0, "head", 0, 1e-3, 0, config=PhaseConfig(epochs=3)))
+        >>> _ = h.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0, config=PhaseConfig(epochs=3)))
         >>> h.settings()["phase 1 epochs"]
         3
         """
@@ -509,7 +513,7 @@ class History:
 
         >>> import tempfile, pathlib
         >>> h = History()
-        >>> _ = h.add_epoch(EpochRecord(0, "head", 0, frozen_logs({"val_loss": 0.5}), 1e-3))
+        >>> _ = h.add_epoch(EpochRecord(1, "head", 0, frozen_logs({"val_loss": 0.5}), 1e-3))
         >>> path = h.save(pathlib.Path(tempfile.mkdtemp()) / "run.json")
         >>> History.load(path).to_records()[0]["val_loss"]
         0.5
@@ -538,6 +542,10 @@ class History:
     def load(cls, path: str | PathLike[str]) -> History:
         """Read a run written by `save`.
 
+        A file from before epochs were counted from 1 (format version 1) loads with
+        every epoch renumbered: its epoch 0 becomes epoch 1, and so on for the
+        phases, markers, branches and the epoch the model holds.
+
         Raises:
             ValueError: if the file is not a saved history, naming what it holds.
         """
@@ -551,10 +559,13 @@ class History:
                 f"{str(path)!r} is not a saved History: expected format {FORMAT!r}. "
                 f"Received: format={found!r}"
             )
-        if data.get("version") != FORMAT_VERSION:
+        version = data.get("version")
+        if version == _ZERO_BASED_VERSION:
+            data = _renumber(data)
+        elif version != FORMAT_VERSION:
             raise ValueError(
-                f"{str(path)!r} was saved in History format version {data.get('version')!r}; "
-                f"this ftwidgets reads version {FORMAT_VERSION}."
+                f"{str(path)!r} was saved in History format version {version!r}; "
+                f"this ftwidgets reads versions {_ZERO_BASED_VERSION} and {FORMAT_VERSION}."
             )
         history = cls()
         history.model_name = data.get("model")
@@ -603,6 +614,36 @@ def _own_losses(
     own = np.where(chained & whole, (values * seen - before) / safe, own)
     own = np.where(first, values, own)
     return np.where(means, own, values)
+
+
+def _renumber(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 file's contents with its 0-based epochs counted from 1.
+
+    Marker ``x`` positions stay: epoch ``n`` (0-based) always spanned ``n`` to
+    ``n + 1`` on the axis, as epoch ``n + 1`` does now.
+    """
+
+    def shift(row: Mapping[str, Any], *names: str) -> dict[str, Any]:
+        row = dict(row)
+        for name in names:
+            if row.get(name) is not None:
+                row[name] += 1
+        return row
+
+    markers = []
+    for marker in data["markers"]:
+        # A rollback's value is the epoch it restored.
+        names = ("epoch", "value") if marker.get("kind") == "rollback" else ("epoch",)
+        markers.append(shift(marker, *names))
+    holds = data.get("holds")
+    return {
+        **data,
+        "branches": [shift(b, "fork_epoch") for b in data["branches"]],
+        "phases": [shift(p, "start_epoch", "end_epoch") for p in data["phases"]],
+        "markers": markers,
+        "epochs": [shift(r, "epoch") for r in data["epochs"]],
+        "holds": None if holds is None else [holds[0], holds[1] + 1],
+    }
 
 
 def _record_to_json(record: EpochRecord) -> dict[str, Any]:

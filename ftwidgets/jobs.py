@@ -30,6 +30,7 @@ from ftwidgets.callbacks import (
     NonFiniteLossError,
     NonFiniteWeightsError,
     SessionControl,
+    to_keras,
 )
 from ftwidgets.channel import (
     Channel,
@@ -156,7 +157,7 @@ class JobContext:
         else:
             best = self.epoch_as_best(target.epoch, target.branch)
         restore(self.model, self.snapshots.get(self.key(best)))
-        detail = f"rolled back to epoch {best.epoch + 1}"
+        detail = f"rolled back to epoch {best.epoch}"
         if best.branch != self.history.branch.index:
             detail += f" of {self.history.branches[best.branch].name}"
         self.history.add_marker(Marker("rollback", x, epoch, detail, best.epoch))
@@ -223,7 +224,7 @@ class PhaseStatus:
     Attributes:
         index: which phase of the run (0 for the first).
         config: the phase's settings.
-        start_epoch: its first global epoch.
+        start_epoch: its first global epoch (1-based, as Keras prints "Epoch 1/5").
         epoch: the global epoch it is in (or ended in).
         batch: the batch within that epoch.
         steps_per_epoch: batches per epoch; None until known for data of unknown length.
@@ -235,7 +236,7 @@ class PhaseStatus:
 
     Example:
 
-    >>> status = PhaseStatus(0, PhaseConfig(), 0, 3, 1, 4, 1e-3, 0, "layer", (), None)
+    >>> status = PhaseStatus(0, PhaseConfig(), 1, 3, 1, 4, 1e-3, 0, "layer", (), None)
     >>> status.config.phase, status.epoch
     ('head', 3)
     """
@@ -521,8 +522,8 @@ class FitPhase:
         try:
             ctx.model.fit(
                 **ctx.data.fit_args(config.batch_size),
-                epochs=self.start_epoch + config.epochs,
-                initial_epoch=self.start_epoch,
+                epochs=to_keras(self.start_epoch) + config.epochs,
+                initial_epoch=to_keras(self.start_epoch),
                 callbacks=[
                     SessionControl(ctx.channel, self),
                     LossStream(ctx.channel, self, record=ctx.stream_batches),
@@ -561,7 +562,7 @@ class FitPhase:
             restore(model, fallback)
         if failure is not None and non_finite:
             what = (
-                f"the best weights (epoch {self.restored.epoch + 1}) were restored"
+                f"the best weights (epoch {self.restored.epoch}) were restored"
                 if self.restored
                 else "the weights from before the phase were restored"
             )
@@ -587,9 +588,9 @@ class FitPhase:
             ctx.settle(self.restored, travel=False)
         elif fallback is not None:
             before = self.start_epoch - 1
-            ctx.history.hold(before if before >= 0 else None)
+            ctx.history.hold(before if before >= 1 else None)
         if failure is not None:
-            ctx.history.add_marker(Marker("failure", self.epoch + 1, self.epoch, failure.message))
+            ctx.history.add_marker(Marker("failure", self.epoch, self.epoch, failure.message))
         self.reason = reason
         return failure
 
@@ -610,7 +611,7 @@ class FitPhase:
         """Leftovers from the last epoch's validation pass: a rollback or new settings."""
         if isinstance(command, Rollback) and _restorable(ctx, command):
             next_epoch = ctx.history.next_epoch
-            ctx.roll_back(next_epoch, next_epoch, None, command)
+            ctx.roll_back(next_epoch, next_epoch - 1, None, command)
         elif isinstance(command, UpdateEarlyStopping):
             ctx.early_stopping = command.config
             ctx.track(command.config)
@@ -666,7 +667,7 @@ class FitPhase:
         """Where ``batch`` of the current epoch sits on the global epoch axis."""
         steps = self.steps_per_epoch
         # Unknown length: a provisional place inside the epoch, fixed at its end.
-        return self.epoch + batch / (steps if steps else batch + 1)
+        return self.epoch - 1 + batch / (steps if steps else batch + 1)
 
     def record_loss(self, batch: int, loss: float, record: bool) -> None:
         """Take the epoch's running mean loss after ``batch`` (from Keras's callback
@@ -686,7 +687,7 @@ class FitPhase:
         if self.non_finite is not None:
             epoch, batch, loss = self.non_finite
             raise NonFiniteLossError(
-                f"The training loss became {loss} at epoch {epoch + 1}, batch {batch + 1} "
+                f"The training loss became {loss} at epoch {epoch}, batch {batch + 1} "
                 f"(learning rate {self.learning_rate:g}). Try a lower learning rate."
             )
 
@@ -735,7 +736,7 @@ class FitPhase:
             self.rolled_back = True
             return "rolled_back"
         elif isinstance(command, Stop):
-            detail = f"stopped at epoch {self.epoch + 1}, batch {self.batch + 1}"
+            detail = f"stopped at epoch {self.epoch}, batch {self.batch + 1}"
             ctx.history.add_marker(Marker("stop", x, self.epoch, detail))
             ctx.emit(Stopped(self.epoch, self.batch))
             return "stopped"
@@ -770,7 +771,7 @@ class FitPhase:
         ctx.emit(EpochEnded(record))
         if bad is not None:
             raise NonFiniteWeightsError(
-                f"The weights of {bad!r} became NaN or infinite in epoch {epoch + 1} while "
+                f"The weights of {bad!r} became NaN or infinite in epoch {epoch} while "
                 f"the loss stayed {logs.get('loss', math.nan):.4g} (learning rate "
                 f"{self.learning_rate:g}). Check the inputs for NaN, or try a lower learning rate."
             )
@@ -789,7 +790,7 @@ class FitPhase:
             model.stop_training = True
             self.reason = "early_stopped"
             ctx.history.add_marker(
-                Marker("early_stop", epoch + 1, epoch, f"early stop after epoch {epoch + 1}")
+                Marker("early_stop", epoch, epoch, f"early stop after epoch {epoch}")
             )
             ctx.emit(EarlyStopped(epoch, tracker.best))
 

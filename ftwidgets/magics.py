@@ -9,7 +9,7 @@ runs it on a real kernel)::
     %load_ext ftwidgets
     %finetune model --train data.x_train data.y_train --val data.x_val data.y_val
     %ftstatus
-    _ftpanel: transfer_model · running · head phase · epoch 3/30 · lr 1e-3 · best epoch 2 ...
+    _ftpanel: transfer_model · running · head phase · epoch 3 (3/30 of this phase) · lr 1e-3 · ...
 """
 
 from __future__ import annotations
@@ -145,8 +145,9 @@ def session_status(session: Any, name: str | None = None) -> str:
             the session's own name.
 
     Returns:
-        For example ``"session-1 (_ftpanel): transfer_model · running · head phase ·
-        epoch 3/30 · lr 1e-3 · best epoch 2 (val_loss 1.21)"``.
+        For example ``"session-1 (_ftpanel): transfer_model · running · finetune phase ·
+        epoch 33 (3/30 of this phase) · lr 1e-5 · best epoch 32 (val_loss 1.21)"``: the
+        epoch is the run's, as the panel and ``restore_epoch`` count it.
 
     Example:
 
@@ -175,7 +176,7 @@ def session_status(session: Any, name: str | None = None) -> str:
         done = session.history.next_epoch - run.start_epoch
         if session.is_training:
             current = min(run.epoch - run.start_epoch + 1, run.config.epochs)
-            parts.append(f"epoch {current}/{run.config.epochs}")
+            parts.append(f"epoch {run.epoch} ({current}/{run.config.epochs} of this phase)")
         else:
             parts.append(f"{done}/{run.config.epochs} epochs run")
         parts.append(f"lr {_fmt_rate(session.learning_rate)}")
@@ -183,7 +184,7 @@ def session_status(session: Any, name: str | None = None) -> str:
     if best is None:
         parts.append("best -")
     else:
-        parts.append(f"best epoch {best.epoch + 1} ({best.monitor} {best.value:.4g})")
+        parts.append(f"best epoch {best.epoch} ({best.monitor} {best.value:.4g})")
     if session.state == "failed" and session.error is not None:
         parts.append(f"error: {_one_line(session.error.message)}")
     label = f"{session.name} ({name})" if name else session.name

@@ -813,12 +813,12 @@ class FineTunePanel(widgets.VBox):
         elif isinstance(event, EpochEnded):
             if not event.record.partial:
                 self._epoch_times.append(event.record.seconds)
-                if not self.monitor.options or event.record.epoch == 0:
+                if not self.monitor.options or event.record.epoch == 1:
                     self.monitor.options = self._suggested_monitors()
         elif isinstance(event, Failed):
             self.show_error(event.failure.message, event.failure.traceback)
         elif isinstance(event, RolledBack):
-            self._notice = f"Restored the weights of epoch {event.best.epoch + 1}."
+            self._notice = f"Restored the weights of epoch {event.best.epoch}."
         elif isinstance(event, PhaseEnded):
             self._notice = {
                 "early_stopped": "Early stopping ended the phase.",
@@ -828,7 +828,7 @@ class FineTunePanel(widgets.VBox):
                 "failed": "The phase failed; see the error above.",
             }.get(event.reason, "")
             if event.restored_best is not None and event.reason != "rolled_back":
-                self._notice += f" Restored the best epoch ({event.restored_best.epoch + 1})."
+                self._notice += f" Restored the best epoch ({event.restored_best.epoch})."
             if self.comparison.runs:  # this run's best and settings may have changed
                 comparison = self.comparison
                 comparison.monitor, comparison.mode = self.session.monitor, self.session.mode
@@ -882,13 +882,13 @@ class FineTunePanel(widgets.VBox):
         with self.rollback_button.hold_sync():
             if chosen is not None:
                 self.rollback_button.disabled = self.session.searching
-                self.rollback_button.description = f"Roll back to epoch {chosen + 1}"
+                self.rollback_button.description = f"Roll back to epoch {chosen}"
             else:
                 self.rollback_button.disabled = best is None or self.session.searching
                 self.rollback_button.description = (
                     "Roll back to best epoch"
                     if best is None
-                    else f"Roll back to best epoch {best.epoch + 1}"
+                    else f"Roll back to best epoch {best.epoch}"
                 )
         self.best_button.disabled = chosen is None
         with self.use_lr_button.hold_sync():
@@ -951,10 +951,11 @@ class FineTunePanel(widgets.VBox):
             if progress is not None and progress.steps_per_epoch and self.session.is_training:
                 within = progress.batch / progress.steps_per_epoch
             current = min(done_epochs + (1 if self.session.is_training else 0), started.epochs)
-            # Epoch numbers are global, as on the charts and in "best epoch N".
+            # Epoch numbers are global, as on the charts and in "best epoch N": the
+            # phase's first epoch is its start_epoch.
             parts.append(f"{started.phase} phase")
             parts.append(
-                f"epoch {started.start_epoch + max(current, 1)} "
+                f"epoch {started.start_epoch - 1 + max(current, 1)} "
                 f"({max(current, 1)}/{started.epochs} of this phase)"
             )
             fraction = min(1.0, (done_epochs + within) / started.epochs)
@@ -970,11 +971,11 @@ class FineTunePanel(widgets.VBox):
         if history.holds is not None and not session.is_training:
             branch, epoch = history.holds
             where = f" of {history.branches[branch].name}" if branched else ""
-            parts.append(f"model holds epoch {epoch + 1}{where}")
+            parts.append(f"model holds epoch {epoch}{where}")
         best = session.best
         if best is not None:
             where = f" on {history.branches[best.branch].name}" if branched else ""
-            parts.append(f"best epoch {best.epoch + 1}{where} ({best.monitor} {best.value:.4g})")
+            parts.append(f"best epoch {best.epoch}{where} ({best.monitor} {best.value:.4g})")
             es = session.early_stopping
             if es is not None and started is not None:
                 since = session.epochs_without_improvement

@@ -189,8 +189,10 @@ class FineTuneSession:
     >>> session.loss, session.metrics
     ('sparse_categorical_crossentropy', ['accuracy'])
     >>> session.run(ftw.PhaseConfig(phase="head", epochs=2))
-    >>> [record.epoch for record in session.history.epochs]
-    [0, 1]
+    >>> [record.epoch for record in session.history.epochs]  # 1-based, as Keras prints them
+    [1, 2]
+    >>> session.restorable_epochs, session.restore_epoch(1).epoch
+    ((1, 2), 1)
     >>> session.stop()  # nothing runs: refused
     False
     """
@@ -343,7 +345,7 @@ class FineTuneSession:
     def restorable_epochs(self) -> tuple[int, ...]:
         """The epochs of the current branch's lineage that `restore_epoch` can restore.
 
-        0-based, as ``best.epoch``, in order. Epochs of other branches can be
+        1-based, as ``best.epoch``, in order. Epochs of other branches can be
         restored too, with ``restore_epoch(n, branch=...)``.
         """
         return self.restorable(self.history.branch.index)
@@ -860,11 +862,11 @@ class FineTuneSession:
             raise ValueError("There is no best epoch to roll back to yet. Received: best=None")
         snapshots = self.snapshots
         if snapshots.best is None:
-            kept = ", ".join(str(epoch + 1) for epoch in self.restorable_epochs) or "none"
+            kept = ", ".join(map(str, self.restorable_epochs)) or "none"
             raise ValueError(
-                f"The best epoch for {best.monitor} is epoch {best.epoch + 1}, but its weights "
+                f"The best epoch for {best.monitor} is epoch {best.epoch}, but its weights "
                 f"were not kept: it became the best when the monitor changed. Epochs with kept "
-                f"weights: {kept}. Received: best epoch {best.epoch + 1}"
+                f"weights: {kept}. Received: best epoch {best.epoch}"
             )
         return self._roll_back(Rollback()) or best
 
@@ -880,7 +882,8 @@ class FineTuneSession:
         the old continuation stays in the history (the chart draws it dimmed).
 
         Args:
-            epoch: the 0-based epoch, as ``session.best.epoch`` and the history count.
+            epoch: the epoch, 1-based, as Keras prints "Epoch 1/5", the panel shows
+                it and ``session.best.epoch`` holds it.
             branch: the branch the epoch is on (``best.branch``, ``record.branch``);
                 None means the current branch's lineage.
 
@@ -888,8 +891,8 @@ class FineTuneSession:
             The epoch restored (or about to be), with its monitored value and branch.
 
         Raises:
-            ValueError: if that epoch's weights are not kept (the message lists the
-                restorable epochs).
+            ValueError: if ``epoch`` is below 1 or its weights are not kept (the
+                message lists the restorable epochs).
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer):
             raise ValueError(f"epoch must be an int. Received: epoch={epoch!r}")
@@ -908,10 +911,12 @@ class FineTuneSession:
         if key is None or not self._ctx.snapshots.keeps(key):
             where = history.branch.index if branch is None else branch
             kept = ", ".join(map(str, self.restorable(where))) or "none yet"
-            raise ValueError(
-                f"The weights of epoch {epoch} are not kept. Restorable epochs (0-based): "
-                f"{kept}. Received: epoch={epoch!r}"
+            why = (
+                "Epochs are counted from 1, as Keras prints them"
+                if epoch < 1
+                else f"The weights of epoch {epoch} are not kept"
             )
+            raise ValueError(f"{why}. Restorable epochs: {kept}. Received: epoch={epoch!r}")
         target = Rollback(epoch, history.epochs[key].branch)
         return self._roll_back(target) or self._ctx.epoch_as_best(epoch, target.branch)
 
@@ -920,7 +925,7 @@ class FineTuneSession:
         if self._channel.submit(target) is not None:
             return None
         next_epoch = self.history.next_epoch
-        return self._ctx.roll_back(next_epoch, next_epoch, None, target)
+        return self._ctx.roll_back(next_epoch, next_epoch - 1, None, target)
 
     # -- waiting ----------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
@@ -962,7 +967,7 @@ class FineTuneSession:
                 watcher(self, False)
 
     def __repr__(self) -> str:
-        best = "none" if self.best is None else f"epoch {self.best.epoch + 1}"
+        best = "none" if self.best is None else f"epoch {self.best.epoch}"
         return f"<FineTuneSession {self.model.name!r} state={self.state.value} best={best}>"
 
 

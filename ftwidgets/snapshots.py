@@ -338,9 +338,10 @@ class SnapshotStore:
             bests, to keep.
         checkpoint_dir: if given, every kept epoch is also written to a folder of
             this store's own inside it, ``<run>-<8 hex>/epoch-0007.weights.h5``
-            (0-based epochs), and the best as ``best.weights.h5``, each atomically
-            (see `write_snapshot`). Epochs evicted from memory stay restorable from
-            there, and sessions sharing ``checkpoint_dir`` never collide.
+            (1-based epochs, as ``ModelCheckpoint`` names them), and the best as
+            ``best.weights.h5``, each atomically (see `write_snapshot`). Epochs
+            evicted from memory stay restorable from there, and sessions sharing
+            ``checkpoint_dir`` never collide.
         keep: an int caps the number of kept epochs; a size such as ``"256MB"``
             is a host-memory budget; None is `DEFAULT_KEEP_BYTES`.
         run: the name of the store's folder (the session's name).
@@ -410,7 +411,7 @@ class SnapshotStore:
         """Where ``epoch`` is written, if a checkpoint folder was given."""
         if self.checkpoint_dir is None:
             return None
-        stem = self._stems.get(epoch, f"epoch-{epoch:04d}")
+        stem = self._stems.get(epoch, f"epoch-{epoch + 1:04d}")
         return self.checkpoint_dir / f"{stem}.weights.h5"
 
     @property
@@ -444,19 +445,19 @@ class SnapshotStore:
         Args:
             model: the model, synced.
             epoch: the key to keep it under. The session uses ``History.key``,
-                which is the 0-based epoch until the run branches.
-            number: the 0-based epoch, when it is not the key; with ``branch``
-                it names the file (``epoch-0007-branch-1.weights.h5``).
+                the epoch's position in the history.
+            number: the 1-based epoch; default ``epoch + 1``. With ``branch`` it
+                names the file (``epoch-0007-branch-1.weights.h5``).
             branch: the branch of the run the epoch is on.
 
         Returns:
             The snapshot, or None if a weight is not finite (nothing is kept).
         """
         self._make_room(nbytes_of(model), 1)
-        number = epoch if number is None else number
+        number = epoch + 1 if number is None else number
         stem = f"epoch-{number:04d}" + (f"-branch-{branch}" if branch else "")
         self._stems[epoch] = stem
-        label = f"epoch {number + 1}" + (f" of branch {branch}" if branch else "")
+        label = f"epoch {number}" + (f" of branch {branch}" if branch else "")
         size = block_size(v.value for v in model.variables)
         snapshot = capture(model, label, epoch, into=self._take_spare(size))
         if not snapshot.finite:

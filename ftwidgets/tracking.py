@@ -25,12 +25,12 @@ class BestTracker:
 
     >>> tracker = BestTracker(EarlyStoppingConfig(monitor="val_loss", patience=1))
     >>> tracker.start_phase()
-    >>> tracker.update(0, {"val_loss": 0.5}, phase="head")
+    >>> tracker.update(1, {"val_loss": 0.5}, phase="head")
     True
-    >>> tracker.update(1, {"val_loss": 0.7}, phase="head")
+    >>> tracker.update(2, {"val_loss": 0.7}, phase="head")
     False
     >>> tracker.should_stop, tracker.best.epoch
-    (True, 0)
+    (True, 1)
     """
 
     def __init__(self, config: EarlyStoppingConfig) -> None:
@@ -53,13 +53,13 @@ class BestTracker:
         Example:
 
         >>> from types import MappingProxyType as M
-        >>> runs = [EpochRecord(0, "head", 0, M({"val_loss": 0.9, "val_acc": 0.7}), 1e-3),
-        ...         EpochRecord(1, "head", 0, M({"val_loss": 0.8, "val_acc": 0.6}), 1e-3)]
+        >>> runs = [EpochRecord(1, "head", 0, M({"val_loss": 0.9, "val_acc": 0.7}), 1e-3),
+        ...         EpochRecord(2, "head", 0, M({"val_loss": 0.8, "val_acc": 0.6}), 1e-3)]
         >>> tracker = BestTracker(EarlyStoppingConfig(monitor="val_loss"))
         >>> tracker.reconfigure(EarlyStoppingConfig(monitor="val_acc"), runs)
         True
         >>> tracker.best
-        Best(epoch=0, value=0.7, monitor='val_acc', phase='head', branch=0)
+        Best(epoch=1, value=0.7, monitor='val_acc', phase='head', branch=0)
         """
         changed = (config.monitor, config.resolved_mode) != (
             self.config.monitor,

@@ -43,7 +43,7 @@ class FakeSession:
         self.step = 0
         self.index = -1
         self.phase = "head"
-        self.start_epoch = 0
+        self.start_epoch = 1
         self.learning_rate = 1e-3
         self.state = "idle"
 
@@ -71,7 +71,8 @@ class FakeSession:
 
     def batches(self, epoch: int, losses, *, progress_every: int = 1) -> None:
         for batch, loss in enumerate(losses):
-            self.history.record_batch(self.step, epoch + (batch + 1) / STEPS, float(loss))
+            # Epoch e (1-based) spans e - 1 to e on the axis.
+            self.history.record_batch(self.step, epoch - 1 + (batch + 1) / STEPS, float(loss))
             if batch % progress_every == 0:
                 self.emit(BatchProgress(epoch, batch, STEPS, self.step, float(loss)))
             self.step += 1
@@ -126,10 +127,8 @@ def xy(mark) -> tuple[np.ndarray, np.ndarray]:
 
 def run_head(session: FakeSession, epochs: int = 3) -> None:
     session.start_phase("head", epochs, 1e-3)
-    for e in range(epochs):
-        session.epoch(
-            e, loss=1.0 / (e + 1), val_loss=1.2 / (e + 1), accuracy=0.5 + e / 10, val_accuracy=0.4
-        )
+    for e in range(1, epochs + 1):
+        session.epoch(e, loss=1.0 / e, val_loss=1.2 / e, accuracy=0.4 + e / 10, val_accuracy=0.4)
     session.end_phase()
 
 
@@ -146,7 +145,8 @@ def test_epoch_series_equal_the_history(make_charts) -> None:
     ]:
         epochs, values = h.metric(metric)
         x, y = xy(charts.marks[mark_name])
-        np.testing.assert_array_equal(x, epochs + 1.0)  # plotted at the end of each epoch
+        # Epoch e, counted from 1 as Keras prints it, is plotted at e: the end of that epoch.
+        np.testing.assert_array_equal(x, epochs)
         np.testing.assert_allclose(y, values, rtol=1e-6)  # sent as float32
     assert charts.metric == "accuracy"
     assert charts.metric_axis.label == "accuracy"
@@ -168,7 +168,7 @@ def test_epoch_series_equal_the_history(make_charts) -> None:
 def test_set_metric_switches_the_second_chart(make_charts) -> None:
     session, charts = make_charts()
     session.start_phase("head", 2, 1e-3)
-    session.epoch(0, loss=1.0, val_loss=1.1, accuracy=0.5, val_accuracy=0.4, auc=0.6, val_auc=0.7)
+    session.epoch(1, loss=1.0, val_loss=1.1, accuracy=0.5, val_accuracy=0.4, auc=0.6, val_auc=0.7)
     session.end_phase()
     assert charts.metric == "accuracy"
     charts.set_metric("val_auc")
@@ -185,11 +185,11 @@ def test_set_metric_switches_the_second_chart(make_charts) -> None:
 def test_partial_epoch_is_not_plotted_as_an_epoch_point(make_charts) -> None:
     session, charts = make_charts()
     session.start_phase("head", 5, 1e-3)
-    session.epoch(0, loss=1.0, val_loss=1.1, accuracy=0.5, val_accuracy=0.4)
-    session.batches(1, [0.9, 0.8, 0.7, 0.6])  # Stop honoured at batch 4 of epoch 1
-    session.history.add_marker(Marker("stop", 1.4, 1, "stopped at epoch 2, batch 5"))
-    session.emit(Stopped(1, 4))
-    session.end_epoch(1, partial=True, loss=0.6)
+    session.epoch(1, loss=1.0, val_loss=1.1, accuracy=0.5, val_accuracy=0.4)
+    session.batches(2, [0.9, 0.8, 0.7, 0.6])  # Stop honoured at batch 4 of epoch 2
+    session.history.add_marker(Marker("stop", 1.4, 2, "stopped at epoch 2, batch 5"))
+    session.emit(Stopped(2, 4))
+    session.end_epoch(2, partial=True, loss=0.6)
     session.end_phase("stopped")
 
     for name in ("loss", "lr", "metric"):
@@ -210,7 +210,7 @@ def test_two_phases_give_two_labelled_bands(make_charts) -> None:
     session, charts = make_charts()
     run_head(session, epochs=2)
     session.start_phase("finetune", 4, 1e-5, depth=3)
-    session.epoch(2, loss=0.4, val_loss=0.5)
+    session.epoch(3, loss=0.4, val_loss=0.5)
     # While the fine-tune phase runs, its band reaches the planned end (epoch 6).
     for name in ("bands_loss", "bands_metric", "bands_lr"):
         x, y = xy(charts.marks[name])
@@ -218,10 +218,10 @@ def test_two_phases_give_two_labelled_bands(make_charts) -> None:
         np.testing.assert_array_equal(x[:, 0], [0.0, 2.0])
         np.testing.assert_array_equal(x.max(axis=1), [2.0, 6.0])
         assert np.all(y.min(axis=1) == 0.0) and np.all(y.max(axis=1) == 1.0)
-    session.batches(3, [0.4] * 3)
-    session.history.add_marker(Marker("early_stop", 4.0, 3, "early stop after epoch 4"))
-    session.end_epoch(3, loss=0.4, val_loss=0.5)
-    session.emit(EarlyStopped(3, None))
+    session.batches(4, [0.4] * 3)
+    session.history.add_marker(Marker("early_stop", 4.0, 4, "early stop after epoch 4"))
+    session.end_epoch(4, loss=0.4, val_loss=0.5)
+    session.emit(EarlyStopped(4, None))
     session.end_phase("early_stopped")
     x, _ = xy(charts.marks["bands_loss"])
     np.testing.assert_array_equal(x.max(axis=1), [2.0, 4.0])  # shrunk to where it ended
@@ -242,14 +242,14 @@ def test_labels_never_overlap_and_the_epoch_axis_ticks_whole_epochs(make_charts)
     for axis in (fig.axes[0] for fig in (charts.loss_figure, charts.metric_figure)):
         assert list(axis.tick_values) == [0.0, 1.0, 2.0]  # not 0.5, 1.5
     session.start_phase("head", 10, 1e-3)
-    for e in range(2, 12):
+    for e in range(3, 13):
         session.epoch(e, loss=0.5, val_loss=0.6)
     session.end_phase()
     session.start_phase("finetune", 60, 1e-5, depth=2)
-    for e in range(12, 72):
+    for e in range(13, 73):
         session.epoch(e, loss=0.4, val_loss=0.5)
-    session.history.add_marker(Marker("stop", 71.5, 71, "stopped"))
-    session.history.add_marker(Marker("rollback", 71.6, 71, "rolled back to epoch 64", 63))
+    session.history.add_marker(Marker("stop", 71.5, 72, "stopped"))
+    session.history.add_marker(Marker("rollback", 71.6, 72, "rolled back to epoch 64", 64))
     session.end_phase("rolled_back")
     # The axis reaches the next whole tick step past the last epoch (72).
     assert list(charts.lr_figure.axes[0].tick_values) == [float(t) for t in range(0, 81, 10)]
@@ -262,12 +262,12 @@ def test_labels_never_overlap_and_the_epoch_axis_ticks_whole_epochs(make_charts)
     # also once the model holds an early epoch again (which moves next_epoch back).
     assert [str(n) for n in charts.marks["events"].names] == ["stop + rollback"]
     assert len(charts.marks["rules_loss"].x) == 2  # both rules stay
-    session.history.travel(0)
+    session.history.travel(1)
     charts.refresh(force=True)
     assert [str(n) for n in charts.marks["events"].names] == ["stop + rollback"]
     # One closer than the label there is wide joins it too (4 characters: 7.1 epochs here).
-    session.history.add_marker(Marker("early_stop", 66.0, 65, "early stop"))
-    session.history.add_marker(Marker("stop", 30.0, 29, "stopped"))
+    session.history.add_marker(Marker("early_stop", 66.0, 66, "early stop"))
+    session.history.add_marker(Marker("stop", 30.0, 30, "stopped"))
     charts.refresh(force=True)
     assert [str(n) for n in charts.marks["events"].names] == [
         "stop",
@@ -281,12 +281,12 @@ def test_the_epoch_axis_grows_in_steps_not_every_epoch(make_charts) -> None:
     session, charts = make_charts()
     session.start_phase("head", 500, 1e-3)
     reaches = []
-    for e in range(200):
+    for e in range(1, 201):
         session.epoch(e, loss=0.5, val_loss=0.6)
         charts.refresh(force=True)
         reaches.append(charts.x_scale.max)
         ticks = list(charts.loss_figure.axes[0].tick_values)
-        assert e + 1 <= reaches[-1] <= 2 * (e + 1) + 5, (e, reaches[-1])
+        assert e <= reaches[-1] <= 2 * e + 5, (e, reaches[-1])
         assert ticks[-1] <= reaches[-1] and ticks[0] == 0.0, ticks
     # A running phase reaches 5 epochs ahead, then a quarter past its epochs; the axis
     # ends at the next whole epoch to 10, then at 12, 15, 20, 25, 30, 40, 50, 60, 80...
@@ -303,10 +303,10 @@ def test_epoch_curves_drop_their_point_markers_on_long_runs(make_charts) -> None
     session, charts = make_charts()
     session.start_phase("head", 100, 1e-3)
     curves = ("loss", "val_loss", "metric", "val_metric", "lr")
-    for e in range(MARKED_POINTS + 1):
+    for e in range(1, MARKED_POINTS + 2):
         session.epoch(e, loss=0.5, val_loss=0.6, accuracy=0.7, val_accuracy=0.6)
         charts.refresh(force=True)
-        expected = "circle" if e + 1 <= MARKED_POINTS else None
+        expected = "circle" if e <= MARKED_POINTS else None
         assert {charts.marks[name].marker for name in curves} == {expected}, e
     assert len(charts.marks["loss"].x) == MARKED_POINTS + 1
 
@@ -318,14 +318,14 @@ def test_epoch_curves_drop_their_point_markers_on_long_runs(make_charts) -> None
 def test_best_marker_sits_on_the_best_epoch(make_charts, monitor, shown, hidden) -> None:
     session, charts = make_charts()
     session.start_phase("head", 4, 1e-3)
-    session.epoch(0, loss=1.0, val_loss=0.9, accuracy=0.5, val_accuracy=0.6)
-    session.new_best(0, 0.9 if monitor == "val_loss" else 0.6, monitor)
-    session.epoch(1, loss=0.8, val_loss=0.7, accuracy=0.6, val_accuracy=0.7)
-    best = session.new_best(1, 0.7, monitor)
-    session.epoch(2, loss=0.7, val_loss=0.8, accuracy=0.7, val_accuracy=0.65)
+    session.epoch(1, loss=1.0, val_loss=0.9, accuracy=0.5, val_accuracy=0.6)
+    session.new_best(1, 0.9 if monitor == "val_loss" else 0.6, monitor)
+    session.epoch(2, loss=0.8, val_loss=0.7, accuracy=0.6, val_accuracy=0.7)
+    best = session.new_best(2, 0.7, monitor)
+    session.epoch(3, loss=0.7, val_loss=0.8, accuracy=0.7, val_accuracy=0.65)
     session.end_phase()
     x, y = xy(charts.marks[shown])
-    np.testing.assert_array_equal(x, [best.epoch + 1.0])
+    np.testing.assert_array_equal(x, [best.epoch])
     np.testing.assert_array_equal(y, [best.value])
     assert xy(charts.marks[hidden])[0].size == 0
     assert charts.marks[shown].labels == [f"best {monitor}"]
@@ -343,17 +343,17 @@ def test_best_marker_sits_on_the_best_epoch(make_charts, monitor, shown, hidden)
 def test_rollback_early_stop_and_rate_markers_are_drawn(make_charts) -> None:
     session, charts = make_charts()
     session.start_phase("head", 10, 1e-3)
-    session.epoch(0, loss=1.0, val_loss=0.9)
-    best = session.new_best(0, 0.9)
-    session.batches(1, [0.8, 0.7, 0.6])
-    session.history.add_marker(Marker("learning_rate", 1.3, 1, "learning rate 0.0005", 5e-4))
-    session.emit(LearningRateChanged(5e-4, 1, 3))
-    session.epoch(1, loss=0.8, val_loss=1.0)
-    session.history.add_marker(Marker("early_stop", 2.0, 1, "early stop after epoch 2"))
-    session.emit(EarlyStopped(1, best))
+    session.epoch(1, loss=1.0, val_loss=0.9)
+    best = session.new_best(1, 0.9)
+    session.batches(2, [0.8, 0.7, 0.6])
+    session.history.add_marker(Marker("learning_rate", 1.3, 2, "learning rate 0.0005", 5e-4))
+    session.emit(LearningRateChanged(5e-4, 2, 3))
+    session.epoch(2, loss=0.8, val_loss=1.0)
+    session.history.add_marker(Marker("early_stop", 2.0, 2, "early stop after epoch 2"))
+    session.emit(EarlyStopped(2, best))
     session.end_phase("early_stopped", restored=best)
-    session.history.add_marker(Marker("rollback", 2.0, 2, "rolled back to epoch 1", 0))
-    session.emit(RolledBack(best, 2, None))
+    session.history.add_marker(Marker("rollback", 2.0, 3, "rolled back to epoch 1", 1))
+    session.emit(RolledBack(best, 3, None))
 
     for name in ("rules_loss", "rules_metric", "rules_lr"):
         x, y = xy(charts.marks[name])
@@ -439,7 +439,7 @@ def test_a_burst_of_events_is_throttled_and_the_last_point_drawn(make_charts) ->
 
     batch.observe(count, names=["x", "y"])
     started = time.monotonic()
-    session.batches(0, np.linspace(2.0, 1.0, n))  # one BatchProgress per batch
+    session.batches(1, np.linspace(2.0, 1.0, n))  # one BatchProgress per batch
     burst = time.monotonic() - started
     during = len(assignments)
     # x and y move together: at most one draw at the start and one per interval.
@@ -454,7 +454,7 @@ def test_forced_events_redraw_at_once_however_recent_the_last_draw(make_charts) 
     session, charts = make_charts(min_interval=60.0)  # only forced redraws in this test
     session.start_phase("head", 3, 1e-3)  # forced: the band shows at once
     assert xy(charts.marks["bands_loss"])[0].size == 5
-    session.epoch(0, loss=1.0, val_loss=1.1)
+    session.epoch(1, loss=1.0, val_loss=1.1)
     assert xy(charts.marks["loss"])[0].size == 0  # throttled: waits for the timer
     session.end_phase()  # PhaseEnded and StateChanged("idle") force a redraw
     np.testing.assert_array_equal(xy(charts.marks["loss"])[0], [1.0])
@@ -579,7 +579,7 @@ class SlowHistory(CountingHistory):
 def test_a_costly_trace_is_redrawn_within_its_time_budget(make_charts) -> None:
     session, charts = make_charts(FakeSession(SlowHistory()), min_interval=0.0)
     charts.batch_budget = 0.05  # a trace costing >= 10 ms: at most every 0.2 s
-    session.batches(0, [1.0] * 5)
+    session.batches(1, [1.0] * 5)
     charts.refresh(force=True)
     reads = session.history.trace_reads
     n = 300

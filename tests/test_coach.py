@@ -37,7 +37,9 @@ def test_overfitting_fires_when_validation_turns_while_training_falls():
     note = coach.overfitting(record(run(OVERFIT), dropout=0.3))
     assert note.rule == "overfitting"
     assert "best at epoch 2 (0.5)" in note.why and "from 0.6 to 0.2" in note.why
-    assert [(a.kind, a.value) for a in note.actions] == [("rollback", 1), ("set_dropout", 0.5)]
+    # One number per epoch: the button's label, its value and the note's epoch.
+    assert [(a.kind, a.value) for a in note.actions] == [("rollback", 2), ("set_dropout", 0.5)]
+    assert note.actions[0].label == "Roll back to epoch 2" and note.epoch == 5
     # Not while validation still improves, nor when the training loss is flat too,
     # nor on a monitor that is not a validation metric.
     improving = [(1.0 - e / 10, 0.9 - e / 10) for e in range(5)]
@@ -53,7 +55,7 @@ def test_diverging_fires_on_a_rise_after_a_raised_rate_or_on_swings_far_above_th
         for step, loss in enumerate(losses):
             history.record_batch(step, (step + 1) / 10, loss)
         if change_to is not None:  # after the 30th batch
-            history.add_marker(Marker("learning_rate", 3.0, 2, "lr", change_to))
+            history.add_marker(Marker("learning_rate", 3.0, 3, "lr", change_to))
         return record(history, learning_rate=change_to or 1e-2)
 
     rose = coach.diverging(traced([1.0] * 30 + [2.5] * 30, change_to=1e-1))
@@ -144,7 +146,7 @@ def test_the_coach_waits_out_the_warm_up_fires_once_per_episode_and_can_be_off()
     watcher = Coach()
     assert [n.rule for n in watcher.update(record(history))] == ["overfitting"]
     # Another epoch past the same best: the same episode, no second note.
-    history.add_epoch(EpochRecord(5, "head", 0, frozen_logs({"loss": 0.1, "val_loss": 0.9}), 1e-3))
+    history.add_epoch(EpochRecord(6, "head", 0, frozen_logs({"loss": 0.1, "val_loss": 0.9}), 1e-3))
     assert watcher.update(record(history)) == []
     assert [n.rule for n in watcher.notes] == ["overfitting"]
     off = Coach(enabled=False)

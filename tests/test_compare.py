@@ -60,7 +60,8 @@ def test_compare_overlays_a_saved_run_with_its_own_legend_toggle_and_table(data,
         table = panel.comparison.table.value
         ours = best_of(panel.session.history, "val_loss", "min")
         theirs = min(r.logs["val_loss"] for r in saved.epochs)
-        assert f"<td>{ours[0] + 1}</td><td>{ours[1]:.4g}</td>" in table
+        assert f"<td>{ours[0]}</td><td>{ours[1]:.4g}</td>" in table
+        assert ours[0] == panel.session.best.epoch  # the number the panel shows
         assert f"<td>{theirs:.4g}</td>" in table
         assert "model head_dropout rate: 0.5" in table and "(this run: 0.3)" in table
         assert "phase 1 epochs: 4" in table and "phase 1 learning_rate" not in table
@@ -96,8 +97,8 @@ def test_overlays_cost_nothing_on_the_charts_own_updates():
     others = []
     for index in range(3):
         saved = ftw.History()
-        for epoch in range(2_000):
-            logs = {"loss": 1 / (epoch + 1), "val_loss": 1.1 / (epoch + 1) + index}
+        for epoch in range(1, 2_001):
+            logs = {"loss": 1 / epoch, "val_loss": 1.1 / epoch + index}
             saved.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs(logs), 1e-3))
         others.append(saved)
     with record_comms() as rec:
@@ -108,8 +109,8 @@ def test_overlays_cost_nothing_on_the_charts_own_updates():
             # Each overlay is decimated like every other series.
             assert len(run.marks["loss"].x) <= charts.max_points
         sent = []
-        for epoch in range(5):
-            logs = {"loss": 1.0 / (epoch + 1), "val_loss": 1.2 / (epoch + 1)}
+        for epoch in range(1, 6):
+            logs = {"loss": 1.0 / epoch, "val_loss": 1.2 / epoch}
             history.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs(logs), 1e-3))
             mark = rec.mark()
             charts.refresh(force=True)

@@ -66,7 +66,7 @@ def replicas_agree():
 
 # 1. Head phase; a rate change after its first epoch.
 def change_rate(event):
-    if isinstance(event, ev.EpochEnded) and event.record.epoch == 0:
+    if isinstance(event, ev.EpochEnded) and event.record.epoch == 1:
         session.set_learning_rate(5e-4)
 
 
@@ -89,7 +89,7 @@ out["refused_untouched"] = all(
 
 # 3. Fine-tune phase, stopped by Stop during its third epoch; then the status line.
 def stopper(event):
-    if isinstance(event, ev.BatchProgress) and event.epoch >= 5:  # fine-tuning's third
+    if isinstance(event, ev.BatchProgress) and event.epoch >= 6:  # fine-tuning's third
         session.stop()
 
 

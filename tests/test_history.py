@@ -1,5 +1,8 @@
+import json
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from ftwidgets.events import EpochRecord, frozen_logs
 from ftwidgets.history import History, Marker, PhaseSpan, decimate
@@ -47,28 +50,30 @@ def test_batch_trace_grows_past_its_first_buffer():
 
 def test_epochs_metrics_phases_and_markers():
     history = History()
-    history.begin_phase(PhaseSpan(0, "head", 0, 1e-3, 0))
-    history.add_epoch(record(0, loss=1.0, val_loss=2.0))
-    history.add_epoch(record(1, loss=0.5, val_loss=1.5))
-    history.add_epoch(record(2, loss=0.4, partial=True))
-    span = history.end_phase(3, "stopped")
-    history.add_marker(Marker("stop", 2.5, 2, "stopped"))
-    assert history.next_epoch == 3
-    assert span.end_epoch == 3 and history.phases[0].reason == "stopped"
+    assert history.next_epoch == 1  # counted from 1, as Keras prints "Epoch 1/5"
+    history.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    history.add_epoch(record(1, loss=1.0, val_loss=2.0))
+    history.add_epoch(record(2, loss=0.5, val_loss=1.5))
+    history.add_epoch(record(3, loss=0.4, partial=True))
+    span = history.end_phase(4, "stopped")
+    history.add_marker(Marker("stop", 2.5, 3, "stopped"))
+    assert history.next_epoch == 4
+    assert span.end_epoch == 4 and history.phases[0].reason == "stopped"
     epochs, val = history.metric("val_loss")
-    assert epochs.tolist() == [0, 1] and val.tolist() == [2.0, 1.5]
+    assert epochs.tolist() == [1, 2] and val.tolist() == [2.0, 1.5]
     epochs, _ = history.metric("loss", include_partial=True)
-    assert epochs.tolist() == [0, 1, 2]
+    assert epochs.tolist() == [1, 2, 3]
     assert history.metric_names() == ["loss", "val_loss"]
     assert history.markers[0].kind == "stop"
 
 
 def test_csv_round_trip(tmp_path):
     history = History()
-    history.add_epoch(record(0, loss=1.0, val_loss=2.0))
-    history.add_epoch(record(1, phase="finetune", loss=0.5, val_loss=1.5))
+    history.add_epoch(record(1, loss=1.0, val_loss=2.0))
+    history.add_epoch(record(2, phase="finetune", loss=0.5, val_loss=1.5))
     history.to_csv(tmp_path / "h.csv")
     frame = pd.read_csv(tmp_path / "h.csv")
+    assert frame["epoch"].tolist() == [1, 2]
     assert frame["phase"].tolist() == ["head", "finetune"]
     assert frame["val_loss"].tolist() == [2.0, 1.5]
     assert not frame["partial"].any()
@@ -76,3 +81,66 @@ def test_csv_round_trip(tmp_path):
 
 def test_empty_history_exports_columns():
     assert list(History().to_dataframe().columns)[:2] == ["epoch", "phase"]
+
+
+# A run saved before epochs were counted from 1 (format version 1): three head
+# epochs 0-2, epoch 0 restored, then a fine-tune epoch on a branch grown from it.
+OLD_ZERO_BASED_FILE = """{
+ "format": "ftwidgets.history", "version": 1, "model": "transfer_model",
+ "model_settings": {}, "versions": {"ftwidgets": "0.1.0"},
+ "branch": 1, "holds": [1, 1],
+ "branches": [{"index": 0, "parent": null, "fork_epoch": null},
+              {"index": 1, "parent": 0, "fork_epoch": 0}],
+ "phases": [
+  {"index": 0, "phase": "head", "start_epoch": 0, "learning_rate": 0.001,
+   "unfreeze_depth": 0, "end_epoch": 3, "reason": "completed", "unfreeze_unit": "layer",
+   "config": null, "early_stopping": null, "branch": 0},
+  {"index": 1, "phase": "finetune", "start_epoch": 1, "learning_rate": 0.0001,
+   "unfreeze_depth": 1, "end_epoch": 2, "reason": "early_stopped", "unfreeze_unit": "layer",
+   "config": null, "early_stopping": null, "branch": 1}],
+ "markers": [
+  {"kind": "rollback", "x": 3.0, "epoch": 3, "detail": "rolled back to epoch 1",
+   "value": 0, "branch": 0},
+  {"kind": "early_stop", "x": 2.0, "epoch": 1, "detail": "early stop after epoch 2",
+   "value": null, "branch": 1}],
+ "epochs": [
+  {"epoch": 0, "phase": "head", "phase_index": 0, "learning_rate": 0.001, "partial": false,
+   "seconds": 1.0, "branch": 0, "finite_weights": true, "logs": {"val_loss": 0.5}},
+  {"epoch": 1, "phase": "head", "phase_index": 0, "learning_rate": 0.001, "partial": false,
+   "seconds": 1.0, "branch": 0, "finite_weights": true, "logs": {"val_loss": 0.6}},
+  {"epoch": 2, "phase": "head", "phase_index": 0, "learning_rate": 0.001, "partial": false,
+   "seconds": 1.0, "branch": 0, "finite_weights": true, "logs": {"val_loss": 0.7}},
+  {"epoch": 1, "phase": "finetune", "phase_index": 1, "learning_rate": 0.0001,
+   "partial": false, "seconds": 1.0, "branch": 1, "finite_weights": true,
+   "logs": {"val_loss": 0.4}}]
+}"""
+
+
+def test_a_history_saved_with_0_based_epochs_loads_renumbered_from_1(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(OLD_ZERO_BASED_FILE)
+    history = History.load(path)
+    assert [(r.epoch, r.branch) for r in history.epochs] == [(1, 0), (2, 0), (3, 0), (2, 1)]
+    assert [(r.epoch, r.branch) for r in history.lineage()] == [(1, 0), (2, 1)]
+    assert history.to_dataframe()["epoch"].tolist() == [1, 2, 3, 2]
+    branch = history.branches[1]
+    assert (branch.fork_epoch, branch.name) == (1, "branch 1 (from epoch 1)")
+    assert [(p.start_epoch, p.end_epoch) for p in history.phases] == [(1, 4), (2, 3)]
+    rollback, early_stop = history.markers
+    # The epoch numbers move; the positions on the chart's axis stay.
+    assert (rollback.epoch, rollback.value, rollback.x) == (4, 1, 3.0)
+    assert (early_stop.epoch, early_stop.value, early_stop.x) == (2, None, 2.0)
+    assert history.holds == (1, 2) and history.next_epoch == 3
+    # Saved again, it is the current version, and reads back unchanged.
+    again = History.load(history.save(tmp_path / "new.json"))
+    assert json.loads((tmp_path / "new.json").read_text())["version"] == 2
+    assert again.to_records() == history.to_records()
+    assert again.phases == history.phases and again.markers == history.markers
+    assert again.branches == history.branches and again.holds == history.holds
+
+
+def test_a_history_of_an_unknown_version_is_refused(tmp_path):
+    path = tmp_path / "future.json"
+    path.write_text(json.dumps({**json.loads(OLD_ZERO_BASED_FILE), "version": 3}))
+    with pytest.raises(ValueError, match="format version 3; this ftwidgets reads versions 1 and 2"):
+        History.load(path)

@@ -381,7 +381,7 @@ def test_a_users_two_input_model_trains_on_dict_inputs(arrays):
     base_before = values(get_base(model).variables)
     head_before = values(model.get_layer("out").variables)
     session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=8))
-    assert [r.epoch for r in session.history.epochs] == [0, 1]
+    assert [r.epoch for r in session.history.epochs] == [1, 2]
     assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(session.history.epochs[-1].logs)
     assert same(values(get_base(model).variables), base_before)
     assert not same(values(model.get_layer("out").variables), head_before)
@@ -436,7 +436,7 @@ def test_a_grain_image_folder_trains_through_a_session(tmp_path):
     # Keras's warnings would land, from the worker, in whichever cell ran last.
     assert not [w for w in caught if "shuffle" in str(w.message) or "ran out" in str(w.message)]
     records = session.history.epochs
-    assert [r.epoch for r in records] == [0, 1]
+    assert [r.epoch for r in records] == [1, 2]
     assert all(math.isfinite(r.logs["val_loss"]) for r in records)
     assert session.phase.steps_per_epoch == 3  # 12 images in batches of 4, learned in epoch 1
     assert session.history.batch_count == 6

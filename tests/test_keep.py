@@ -127,13 +127,15 @@ def test_restore_epoch_brings_back_each_kept_epoch_exactly(data):
     session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=8, learning_rate=1e-2))
     session.run(ftw.PhaseConfig(phase="finetune", epochs=2, batch_size=8, learning_rate=1e-3))
     records = {r.epoch: r for r in session.history.epochs}
-    assert session.restorable_epochs == (0, 1, 2, 3, 4)
+    # Counted from 1, as Keras prints "Epoch 1/3".
+    assert session.restorable_epochs == (1, 2, 3, 4, 5) == tuple(records)
     rec = Recorder(session)
-    for epoch in (2, 0, 4, 1):
+    for epoch in (3, 1, 5, 2):
         restored = session.restore_epoch(epoch)
         assert restored.epoch == epoch
         assert restored.value == pytest.approx(records[epoch].logs["val_loss"])
-        assert same(values(session.model.variables), session.snapshots.get(epoch).values)
+        kept = session.snapshots.get(session.history.key(epoch))
+        assert same(values(session.model.variables), kept.values)
         # BatchNorm statistics came back too: evaluate() gives the recorded value.
         got = session.model.evaluate(
             data.x_val, data.y_val, batch_size=8, verbose=0, return_dict=True
@@ -141,8 +143,11 @@ def test_restore_epoch_brings_back_each_kept_epoch_exactly(data):
         assert got["val_loss" if "val_loss" in got else "loss"] == pytest.approx(
             records[epoch].logs["val_loss"], rel=1e-4
         )
-    assert [e.best.epoch for e in rec.of(ev.RolledBack)] == [2, 0, 4, 1]
-    assert [m.value for m in session.history.markers if m.kind == "rollback"] == [2, 0, 4, 1]
+    assert [e.best.epoch for e in rec.of(ev.RolledBack)] == [3, 1, 5, 2]
+    assert [m.value for m in session.history.markers if m.kind == "rollback"] == [3, 1, 5, 2]
+    assert [m.detail for m in session.history.markers if m.kind == "rollback"] == [
+        f"rolled back to epoch {epoch}" for epoch in (3, 1, 5, 2)
+    ]
 
 
 def test_an_epoch_not_kept_is_refused_with_the_list_and_nothing_moves(data):
@@ -151,12 +156,20 @@ def test_an_epoch_not_kept_is_refused_with_the_list_and_nothing_moves(data):
     before = values(session.model.variables)
     markers = session.history.markers
     kept = session.restorable_epochs
-    assert len(kept) == 2 and 3 in kept
-    missing = next(e for e in range(4) if e not in kept)
+    assert len(kept) == 2 and 4 in kept
+    missing = next(e for e in range(1, 5) if e not in kept)
+    listed = ", ".join(map(str, kept))
     with pytest.raises(
-        ValueError, match=rf"Restorable epochs \(0-based\): .*Received: epoch={missing}"
+        ValueError, match=rf"Restorable epochs: {listed}\. Received: epoch={missing}"
     ):
         session.restore_epoch(missing)
+    # Epoch 0 is not a number a person saw: refused, naming the epochs there are.
+    with pytest.raises(
+        ValueError,
+        match=rf"counted from 1, as Keras prints them\. Restorable epochs: {listed}\. "
+        r"Received: epoch=0",
+    ):
+        session.restore_epoch(0)
     with pytest.raises(ValueError, match="epoch must be an int"):
         session.restore_epoch("2")
     for bad in (1, -1, "0", True):
@@ -170,36 +183,37 @@ def test_restore_epoch_while_running_ends_the_phase_on_that_epoch_and_branches(d
     session = make_session(data, keep=50)
     rec = Recorder(session)
     session.start(ftw.PhaseConfig(phase="head", epochs=500, batch_size=4))
-    rec.wait_for(ev.EpochEnded, lambda e: e.record.epoch == 2)
-    session.restore_epoch(1)
+    rec.wait_for(ev.EpochEnded, lambda e: e.record.epoch == 3)
+    session.restore_epoch(2)
     ended = rec.wait_for(ev.PhaseEnded)
     assert session.wait(WAIT)
     assert ended.reason == "rolled_back"
-    assert same(values(session.model.variables), session.snapshots.get(1).values)
-    (rolled,) = rec.of(ev.RolledBack)
-    assert rolled.best.epoch == 1 and rolled.epoch >= 2
-    # Every epoch that ran, a cut one too, stays on the old line; the next phase branches.
     history = session.history
-    assert history.epochs[-1].epoch >= 2 and {r.branch for r in history.epochs} == {0}
-    assert history.holds == (0, 1) and history.next_epoch == 2
+    assert same(values(session.model.variables), session.snapshots.get(history.key(2)).values)
+    (rolled,) = rec.of(ev.RolledBack)
+    assert rolled.best.epoch == 2 and rolled.epoch >= 3
+    # Every epoch that ran, a cut one too, stays on the old line; the next phase branches.
+    assert history.epochs[-1].epoch >= 3 and {r.branch for r in history.epochs} == {0}
+    assert history.holds == (0, 2) and history.next_epoch == 3
     session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=4))
-    assert (history.epochs[-1].epoch, history.epochs[-1].branch) == (2, 1)
+    assert (history.epochs[-1].epoch, history.epochs[-1].branch) == (3, 1)
 
 
 def test_disk_copies_hold_the_whole_state_and_restore_after_leaving_memory(data, tmp_path):
     everything = make_session(data, keep=20, checkpoint_dir=tmp_path)
     everything.run(ftw.PhaseConfig(phase="head", epochs=4, batch_size=8))
     for epoch in everything.restorable_epochs:
-        on_disk = read_snapshot(everything.snapshots.epoch_path(epoch), epoch)
+        key = everything.history.key(epoch)
+        on_disk = read_snapshot(everything.snapshots.epoch_path(key), key)
         # Seed generators' state included, which Keras's save_weights leaves out.
-        assert same(on_disk.values, everything.snapshots.get(epoch).values)
+        assert same(on_disk.values, everything.snapshots.get(key).values)
 
     session = make_session(data, keep=2, checkpoint_dir=tmp_path)
     session.run(ftw.PhaseConfig(phase="head", epochs=5, batch_size=8, learning_rate=1e-2))
     assert len(session.snapshots.in_memory) == 2
-    assert session.restorable_epochs == (0, 1, 2, 3, 4)
+    assert session.restorable_epochs == (1, 2, 3, 4, 5)
     records = {r.epoch: r for r in session.history.epochs}
-    gone = [e for e in range(5) if e not in session.snapshots.in_memory]
+    gone = [e for e in records if session.history.key(e) not in session.snapshots.in_memory]
     for epoch in gone:
         session.restore_epoch(epoch)
         got = session.model.evaluate(
@@ -221,11 +235,13 @@ def test_sessions_sharing_a_folder_never_collide(data, tmp_path):
     assert [f.name.split("-")[0] for f in folders] == ["shared1", "shared2"]
     for session in sessions:
         folder = session.snapshots.checkpoint_dir
+        # Named as ModelCheckpoint names them, from epoch 1.
         names = sorted(p.name for p in folder.iterdir())
-        assert names == ["best.weights.h5"] + [f"epoch-{e:04d}.weights.h5" for e in range(4)]
-        for epoch in range(4):
-            on_disk = read_snapshot(folder / f"epoch-{epoch:04d}.weights.h5", epoch)
-            assert same(on_disk.values, session.snapshots.get(epoch).values)
+        assert names == ["best.weights.h5"] + [f"epoch-{e:04d}.weights.h5" for e in (1, 2, 3, 4)]
+        for epoch in (1, 2, 3, 4):
+            key = session.history.key(epoch)
+            on_disk = read_snapshot(folder / f"epoch-{epoch:04d}.weights.h5", key)
+            assert same(on_disk.values, session.snapshots.get(key).values)
 
 
 def test_a_disk_copy_is_flushed_before_its_rename(tmp_path, monkeypatch):
@@ -256,32 +272,32 @@ def test_training_on_from_a_restored_epoch_grows_a_branch_and_keeps_the_old_one(
     session = make_session(data, keep=50)
     head = ftw.PhaseConfig(phase="head", epochs=4, batch_size=8, learning_rate=1e-2)
     session.run(head)
-    old_last = session.snapshots.get(session.history.key(3)).values
-    session.restore_epoch(1)
-    assert session.history.next_epoch == 2 and session.history.holds == (0, 1)
+    old_last = session.snapshots.get(session.history.key(4)).values
+    session.restore_epoch(2)
+    assert session.history.next_epoch == 3 and session.history.holds == (0, 2)
     session.run(head.with_changes(epochs=2, learning_rate=3e-3))
     history = session.history
     assert [(r.epoch, r.branch) for r in history.epochs] == [
-        (0, 0), (1, 0), (2, 0), (3, 0), (2, 1), (3, 1)
+        (1, 0), (2, 0), (3, 0), (4, 0), (3, 1), (4, 1)
     ]  # fmt: skip
     branch = history.branches[1]
-    assert (branch.parent, branch.fork_epoch, branch.name) == (0, 1, "branch 1 (from epoch 2)")
-    assert [(r.epoch, r.branch) for r in history.lineage()] == [(0, 0), (1, 0), (2, 1), (3, 1)]
-    assert [(r.epoch, r.branch) for r in history.abandoned()] == [(2, 0), (3, 0)]
-    assert history.phases[-1].branch == 1 and history.phases[-1].start_epoch == 2
+    assert (branch.parent, branch.fork_epoch, branch.name) == (0, 2, "branch 1 (from epoch 2)")
+    assert [(r.epoch, r.branch) for r in history.lineage()] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert [(r.epoch, r.branch) for r in history.abandoned()] == [(3, 0), (4, 0)]
+    assert history.phases[-1].branch == 1 and history.phases[-1].start_epoch == 3
     assert list(history.to_dataframe()["branch"]) == [0, 0, 0, 0, 1, 1]
-    # Both epoch 3s stay restorable, each with its own weights.
-    assert session.restorable_epochs == (0, 1, 2, 3) == session.restorable(0)
-    session.restore_epoch(3, branch=0)
+    # Both epoch 4s stay restorable, each with its own weights.
+    assert session.restorable_epochs == (1, 2, 3, 4) == session.restorable(0)
+    session.restore_epoch(4, branch=0)
     assert same(values(session.model.variables), old_last)
-    assert history.branch.index == 0 and history.holds == (0, 3)
-    session.restore_epoch(3, branch=1)
+    assert history.branch.index == 0 and history.holds == (0, 4)
+    session.restore_epoch(4, branch=1)
     assert not same(values(session.model.variables), old_last)
     # The best is the best of every branch, and names its branch.
     full = [r for r in history.epochs if not r.partial]
     winner = min(full, key=lambda r: r.logs["val_loss"])
     assert (session.best.epoch, session.best.branch) == (winner.epoch, winner.branch)
-    session.restore_epoch(0)
+    session.restore_epoch(1)
     session.rollback()
     assert history.holds == (winner.branch, winner.epoch)
     assert same(
@@ -293,18 +309,18 @@ def test_training_on_from_a_restored_epoch_grows_a_branch_and_keeps_the_old_one(
 def test_a_rollback_to_the_best_after_a_restore_goes_on_without_a_branch(data):
     session = make_session(data, keep=50)
     session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=8, learning_rate=1e-2))
-    session.restore_epoch(0)
-    assert session.history.next_epoch == 1  # would branch from epoch 1
+    session.restore_epoch(1)
+    assert session.history.next_epoch == 2  # would branch from epoch 1
     best = session.rollback()
-    assert session.history.holds == (0, best.epoch) and session.history.next_epoch == 3
+    assert session.history.holds == (0, best.epoch) and session.history.next_epoch == 4
     session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=8))
-    assert len(session.history.branches) == 1 and session.history.epochs[-1].epoch == 3
+    assert len(session.history.branches) == 1 and session.history.epochs[-1].epoch == 4
 
 
 def test_history_save_and_load_keep_the_whole_run(data, tmp_path):
     session = make_session(data, keep=50)
     session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=8))
-    session.restore_epoch(0)
+    session.restore_epoch(1)
     session.run(
         ftw.PhaseConfig(phase="finetune", epochs=2, batch_size=8, unfreeze_depth=1),
         early_stopping=ftw.EarlyStoppingConfig(patience=4, min_delta=0.01),

@@ -249,14 +249,15 @@ def test_ftstatus_follows_a_session_through_a_run(ip, ns):
     panel.session.start(ftw.PhaseConfig(phase="head", epochs=50, batch_size=4))
     panel.session.pause()
     assert paused.wait(WAIT)
-    epoch = panel.session.phase.epoch + 1
+    epoch = panel.session.phase.epoch  # the phase's first: global epoch 1
     result, out, _, _ = run(ip, "%ftstatus")
     assert _status_line(out, "_ftpanel") == (
-        f"{label}: transfer_model · paused · head phase · epoch {epoch}/50 · lr 1e-3 · "
+        f"{label}: transfer_model · paused · head phase · epoch {epoch} ({epoch}/50 of this "
+        "phase) · lr 1e-3 · "
         + (
             "best -"
             if panel.session.best is None
-            else f"best epoch {panel.session.best.epoch + 1} "
+            else f"best epoch {panel.session.best.epoch} "
             f"({panel.session.best.monitor} {panel.session.best.value:.4g})"
         )
     )
@@ -270,8 +271,22 @@ def test_ftstatus_follows_a_session_through_a_run(ip, ns):
     result, out, _, _ = run(ip, "%ftstatus")
     assert _status_line(out, "_ftpanel") == (
         f"{label}: transfer_model · idle · head phase ({runs} phases so far) · 2/2 epochs run · "
-        f"lr 1e-3 · best epoch {best.epoch + 1} (val_loss {best.value:.4g})"
+        f"lr 1e-3 · best epoch {best.epoch} (val_loss {best.value:.4g})"
     )
+
+    # In a later phase the epoch is the run's, the number "best epoch N" and
+    # restore_epoch use; the count within the phase is labelled as such.
+    paused.clear()
+    panel.session.start(ftw.PhaseConfig(phase="head", epochs=50, batch_size=4))
+    panel.session.pause()
+    assert paused.wait(WAIT)
+    first = panel.session.phase.start_epoch
+    assert first > 1 and panel.session.phase.epoch == first
+    _, out, _, _ = run(ip, "%ftstatus")
+    assert f" · epoch {first} (1/50 of this phase) · " in _status_line(out, "_ftpanel")
+    panel.session.stop()
+    panel.session.resume()
+    assert panel.session.wait(WAIT)
 
 
 def test_ftstatus_says_a_phase_is_being_prepared_while_it_compiles(ip, ns, monkeypatch):

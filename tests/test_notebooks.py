@@ -57,7 +57,7 @@ import ftwidgets as _ftw, keras as _keras, os as _os
 with open(_os.path.join(_os.environ["KERAS_HOME"], "keras.json")) as _f:
     _config = _json.load(_f)
 _advice = {{
-    _s.name: [f"epoch {{_n.epoch + 1}} {{_n.rule}}: {{_n.message}}" for _n in reversed(_s.advice())]
+    _s.name: [f"epoch {{_n.epoch}} {{_n.rule}}: {{_n.message}}" for _n in reversed(_s.advice())]
     for _s in _ftw.live_sessions()
 }}
 print({PROBE_TAG!r} + _json.dumps({{"prefix": _sys.prefix, "executable": _sys.executable,
@@ -349,7 +349,7 @@ def test_walkthroughs_print_their_results():
     assert "restorable: 80 of 80 epochs" in three
     assert re.search(r"back at epoch 10: test accuracy [\d.]+", three)
     assert "branches: ['main', 'branch 1 (from epoch 10)']" in three
-    assert re.search(r"\n1 +10 +14 +5\n", three)  # branch 1: epochs 11-15 (0-based 10-14)
+    assert re.search(r"\n1 +11 +15 +5\n", three)  # branch 1: epochs 11-15
     assert re.search(r"best: epoch \d+ on (main|branch 1 \(from epoch 10\))", three)
     for rate in ("0.3", "0.5"):
         assert re.search(rf"head dropout {rate}: best epoch \d+, val_loss [\d.]+", three)

@@ -14,6 +14,7 @@ from test_session import block_base, hold_compile
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
+from ftwidgets import telemetry
 from ftwidgets.charts import format_rate
 
 pytestmark = [pytest.mark.widgets, pytest.mark.keras]
@@ -146,8 +147,14 @@ def test_start_runs_streams_charts_and_rollback_restores_best(panel):
     assert np.allclose(np.asarray(line.y, dtype=float), val_loss)
     assert list(np.asarray(line.x, dtype=float)) == [1.0, 2.0, 3.0]
     best = session.best
-    assert f"best epoch {best.epoch + 1}" in panel.status.value
-    assert panel.rollback_button.description == f"Roll back to best epoch {best.epoch + 1}"
+    # The number on screen is the number the API holds: restore_epoch(best.epoch) is it.
+    assert best.epoch in (1, 2, 3)
+    assert f"best epoch {best.epoch} " in panel.status.value
+    assert panel.rollback_button.description == f"Roll back to best epoch {best.epoch}"
+    # The lab extension shows the same number: its card and its phase-end notice.
+    assert telemetry.card(session, None, has_panel=True)["best_epoch"] == best.epoch
+    ended = ev.PhaseEnded(0, "head", 1, 4, "completed", best)
+    assert telemetry.phase_end_notice(session, ended, True)["restored_epoch"] == best.epoch
     assert not panel.rollback_button.disabled and not panel.start_button.disabled
     # Move away from the best (a stopped partial epoch is never best), then roll back.
     panel.early_stopping.value = False
@@ -160,7 +167,7 @@ def test_start_runs_streams_charts_and_rollback_restores_best(panel):
     assert not same(weights(session.model), session.snapshots.best.values)
     panel.rollback_button.click()
     assert same(weights(session.model), session.snapshots.best.values)
-    assert f"Restored the weights of epoch {session.best.epoch + 1}" in panel.status.value
+    assert f"Restored the weights of epoch {session.best.epoch}." in panel.status.value
     assert [m.kind for m in session.history.markers][-1] == "rollback"
 
 
@@ -172,7 +179,7 @@ def test_a_ring_picked_on_the_chart_is_restored_and_training_on_branches(panel):
     charts.refresh(force=True)
     rings = charts.marks["restorable_loss"]
     kept = session.restorable_epochs
-    assert kept == (0, 1, 2, 3)
+    assert kept == (1, 2, 3, 4)
     assert list(np.asarray(rings.x, dtype=float)) == [1.0, 2.0, 3.0, 4.0]
     _, val_loss = session.history.metric("val_loss")
     assert np.allclose(np.asarray(rings.y, dtype=float), val_loss)
@@ -183,13 +190,13 @@ def test_a_ring_picked_on_the_chart_is_restored_and_training_on_branches(panel):
     assert panel.best_button.disabled
     # A click on the second ring (the front end sets `selected`) picks epoch 2.
     rings.selected = np.array([1])
-    assert charts.selected_epoch == 1
+    assert charts.selected_epoch == 2
     assert list(charts.marks["restorable_metric"].selected) == [1]
     assert panel.rollback_button.description == "Roll back to epoch 2"
     assert not panel.best_button.disabled
     panel.rollback_button.click()
-    assert same(weights(session.model), session.snapshots.get(1).values)
-    assert session.history.holds == (0, 1)
+    assert same(weights(session.model), session.snapshots.get(session.history.key(2)).values)
+    assert session.history.holds == (0, 2)
     assert "model holds epoch 2" in status_line(panel)
     # Redrawn on the rollback itself, with the epoch the model now holds.
     assert list(np.asarray(held.x, dtype=float)) == [2.0]
@@ -197,7 +204,7 @@ def test_a_ring_picked_on_the_chart_is_restored_and_training_on_branches(panel):
     panel.best_button.click()
     assert charts.selected_epoch is None and rings.selected is None
     best = session.best
-    assert panel.rollback_button.description == f"Roll back to best epoch {best.epoch + 1}"
+    assert panel.rollback_button.description == f"Roll back to best epoch {best.epoch}"
     # Training on from epoch 2 grows branch 1; the old epochs 3 and 4 are drawn dimmed.
     # (Without early stopping: restoring the best, on main, would travel back there.)
     panel.early_stopping.value = False
@@ -206,7 +213,7 @@ def test_a_ring_picked_on_the_chart_is_restored_and_training_on_branches(panel):
     assert session.wait(WAIT)
     charts.refresh(force=True)
     history = session.history
-    assert [(r.epoch, r.branch) for r in history.lineage()] == [(0, 0), (1, 0), (2, 1)]
+    assert [(r.epoch, r.branch) for r in history.lineage()] == [(1, 0), (2, 0), (3, 1)]
     left = charts.marks["abandoned_loss"]
     x = np.asarray(left.x, dtype=float)
     # From the fork (epoch 2) through the old epochs 3 and 4, then a gap.
@@ -217,7 +224,7 @@ def test_a_ring_picked_on_the_chart_is_restored_and_training_on_branches(panel):
     assert "model holds epoch 3 of branch 1 (from epoch 2)" in status_line(panel)
     winner = min(history.epochs, key=lambda r: r.logs["val_loss"])
     named = "main" if winner.branch == 0 else "branch 1 (from epoch 2)"
-    assert f"best epoch {winner.epoch + 1} on {named} (val_loss" in status_line(panel)
+    assert f"best epoch {winner.epoch} on {named} (val_loss" in status_line(panel)
 
 
 def test_the_coach_notes_overfitting_and_its_buttons_only_set_controls(data):
@@ -249,15 +256,14 @@ def test_the_coach_notes_overfitting_and_its_buttons_only_set_controls(data):
         assert any("data-rule='overfitting'" in text and "<details>" in text for text in shown)
         card = cards[notes.index(overfit)]
         buttons = {b.description: b for b in card.children[1].children}
-        assert set(buttons) >= {
-            f"Roll back to epoch {overfit.actions[0].value + 1}",
-            "Head dropout 0.5",
-        }
+        # The note's card, its button and its action name one epoch number.
+        epoch = overfit.actions[0].value
+        assert set(buttons) >= {f"Roll back to epoch {epoch}", "Head dropout 0.5"}
+        assert f"<b>Epoch {overfit.epoch}:</b>" in shown[notes.index(overfit)]
         before = len(session.history)
         buttons["Head dropout 0.5"].click()
         assert panel.dropout.value == 0.5 and not session.is_training
-        buttons[f"Roll back to epoch {overfit.actions[0].value + 1}"].click()
-        epoch = overfit.actions[0].value
+        buttons[f"Roll back to epoch {epoch}"].click()
         assert session.history.holds[1] == epoch and len(session.history) == before
         assert same(
             weights(session.model), session.snapshots.get(session.history.key(epoch)).values

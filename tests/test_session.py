@@ -186,15 +186,18 @@ def test_phases_get_fresh_optimizers_and_continue_epoch_numbering(data):
     second = session.model.optimizer
     assert second is not first
     assert int(second.iterations) == 3 * 2
-    assert [r.epoch for r in session.history.epochs] == [0, 1, 2, 3, 4]
+    # Counted from 1, as Keras prints "Epoch 1/5": Keras's own History callback saw
+    # its 0-based indices 2-4 for the epochs the session numbers 3-5.
+    assert [r.epoch for r in session.history.epochs] == [1, 2, 3, 4, 5]
+    assert session.model.history.epoch == [2, 3, 4]
     assert [r.phase for r in session.history.epochs] == ["head"] * 2 + ["finetune"] * 3
     spans = session.history.phases
     assert [(s.start_epoch, s.end_epoch, s.reason) for s in spans] == [
-        (0, 2, "completed"),
-        (2, 5, "completed"),
+        (1, 3, "completed"),
+        (3, 6, "completed"),
     ]
     frame = session.history.to_dataframe()
-    assert list(frame["epoch"]) == [0, 1, 2, 3, 4]
+    assert list(frame["epoch"]) == [1, 2, 3, 4, 5]
     assert {"loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"} <= set(frame)
 
 
@@ -231,7 +234,8 @@ def test_nan_loss_fails_the_phase_names_where_and_restores_best(data):
     assert session.state == "failed"
     message = session.error.message
     where = re.search(r"at epoch (\d+), batch (\d+) \(learning rate 1e\+10\)", message)
-    assert where and int(where[1]) >= 3, message  # 1-based; the finetune phase began at 3
+    # The finetune phase began at epoch 3, as the history counts it.
+    assert where and int(where[1]) >= 3 == session.history.phases[1].start_epoch, message
     assert "restored" in message and str(info.value) in message
     assert "Traceback" in session.error.traceback
     assert session.best == best
@@ -261,7 +265,7 @@ def test_nan_in_the_first_phase_restores_the_weights_from_before(data):
 def test_stop_halts_within_one_batch_and_the_partial_epoch_is_never_best(data):
     session = make_session(data, progress_interval=0.0)
     rec = Recorder(session)
-    stop_at = (1, 2)  # epoch 1, batch 2
+    stop_at = (2, 2)  # epoch 2, batch 2
 
     def stopper(event):
         if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == stop_at:
@@ -273,13 +277,13 @@ def test_stop_halts_within_one_batch_and_the_partial_epoch_is_never_best(data):
     assert session.wait(WAIT)
     stopped = rec.wait_for(ev.Stopped)
     # Requested at the start of batch 2 (which ran); honoured before batch 3.
-    assert (stopped.epoch, stopped.batch) == (1, 3)
+    assert (stopped.epoch, stopped.batch) == (2, 3)
     steps, _, _ = session.history.batch_trace()
     steps_per_epoch = session.phase.steps_per_epoch
     assert steps.max() == steps_per_epoch + 2
     records = session.history.epochs
     assert [r.partial for r in records] == [False, True]
-    assert session.best.epoch == 0
+    assert session.best.epoch == 1
     assert rec.of(ev.PhaseEnded)[-1].reason == "stopped"
     assert rec.of(ev.PhaseEnded)[-1].restored_best == session.best
     assert session.state == "idle"
@@ -290,7 +294,7 @@ def test_pause_holds_between_batches_and_learning_rate_applies_at_next_batch(dat
     rec = Recorder(session)
 
     def pauser(event):
-        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (0, 1):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (1, 1):
             session.pause()
 
     session.on_event(pauser)
@@ -299,7 +303,7 @@ def test_pause_holds_between_batches_and_learning_rate_applies_at_next_batch(dat
     session.set_learning_rate(5e-4)
     # Still paused after a command: the worker applied it and parked again.
     changed = rec.wait_for(ev.LearningRateChanged)
-    assert (changed.epoch, changed.batch, changed.learning_rate) == (0, 2, 5e-4)
+    assert (changed.epoch, changed.batch, changed.learning_rate) == (1, 2, 5e-4)
     assert session.state == "paused"
     # Paused before batch 2: batch-end records of 0 and 1 may still land, never 2.
     steps = session.history.batch_trace()[0]
@@ -318,14 +322,14 @@ def test_rollback_while_running_restores_best_then_stops(data):
     rec = Recorder(session)
 
     def roller(event):
-        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (2, 1):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (3, 1):
             session.rollback()
 
     session.on_event(roller)
     session.start(ftw.PhaseConfig(phase="head", epochs=10, batch_size=8, learning_rate=1e-2))
     assert session.wait(WAIT)
     rolled = rec.wait_for(ev.RolledBack)
-    assert rolled.epoch == 2 and rolled.batch == 2
+    assert rolled.epoch == 3 and rolled.batch == 2
     assert rec.of(ev.PhaseEnded)[-1].reason == "rolled_back"
     assert same(values(session.model.variables), list(session.snapshots.best.values))
     assert rolled.best == session.best
@@ -338,11 +342,15 @@ def test_early_stopping_restores_best_and_records_a_marker(data):
     es = ftw.EarlyStoppingConfig(patience=1, min_delta=100.0, restore_best_weights=True)
     session.run(ftw.PhaseConfig(phase="head", epochs=10, batch_size=16), early_stopping=es)
     assert len(session.history) == 2
-    assert rec.of(ev.EarlyStopped)[0].epoch == 1
+    assert rec.of(ev.EarlyStopped)[0].epoch == 2
     assert session.history.phases[-1].reason == "early_stopped"
-    assert session.best.epoch == 0
+    assert session.best.epoch == 1
     assert same(values(session.model.variables), list(session.snapshots.best.values))
-    assert [m.kind for m in session.history.markers] == ["early_stop"]
+    (marker,) = session.history.markers
+    # At the end of epoch 2 on the chart's axis, named as the panel names it.
+    assert (marker.kind, marker.epoch, marker.x) == ("early_stop", 2, 2.0)
+    assert marker.detail == "early stop after epoch 2"
+    assert "best=epoch 1" in repr(session)
 
 
 def test_update_early_stopping_applies_to_the_running_phase(data):
@@ -351,7 +359,7 @@ def test_update_early_stopping_applies_to_the_running_phase(data):
     es = ftw.EarlyStoppingConfig(patience=50, min_delta=100.0)
 
     def shorten(event):
-        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (0, 0):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (1, 0):
             session.update_early_stopping(patience=2)
 
     session.on_event(shorten)
@@ -375,9 +383,10 @@ def test_snapshots_stay_bounded_and_checkpoint_is_written_atomically(data, tmp_p
     (folder,) = (tmp_path / "ckpt").iterdir()  # the session's own
     assert folder.name.startswith(f"{session.name}-")
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["best.weights.h5"] + [f"epoch-{e:04d}.weights.h5" for e in range(8)]
+    # Named from epoch 1, as ModelCheckpoint's "{epoch:04d}" names them.
+    assert files == ["best.weights.h5"] + [f"epoch-{e:04d}.weights.h5" for e in range(1, 9)]
     # Every epoch left on disk stays restorable; plain Keras reads the files.
-    assert session.restorable_epochs == tuple(range(8))
+    assert session.restorable_epochs == tuple(range(1, 9))
     fresh = make_model(seed=1)
     fresh.load_weights(folder / "best.weights.h5")
     best = session.snapshots.best
@@ -567,7 +576,7 @@ def lag_during_a_phase(data) -> tuple[int, float]:
     lags = []
 
     def watch(event):
-        if isinstance(event, ev.BatchProgress) and event.epoch == 1:
+        if isinstance(event, ev.BatchProgress) and event.epoch == 2:
             lags.append(event.step - session.history.batch_count)
 
     session.on_event(watch)
@@ -599,21 +608,21 @@ def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(d
     val_loss = np.array([r.logs["val_loss"] for r in session.history.epochs])
     val_acc = np.array([r.logs["val_accuracy"] for r in session.history.epochs])
     loss_best = session.best.epoch
-    assert loss_best == int(np.argmin(val_loss))
+    assert loss_best == int(np.argmin(val_loss)) + 1  # epochs count from 1
     # The worst val_loss epoch (the first, before the head learned) was evicted.
     session.update_early_stopping(mode="max")
-    worst = int(np.argmax(val_loss))
+    worst = int(np.argmax(val_loss)) + 1
     assert worst != loss_best
-    assert (session.best.epoch, session.best.value) == (worst, val_loss[worst])
+    assert (session.best.epoch, session.best.value) == (worst, val_loss[worst - 1])
     changed = rec.of(ev.BestChanged)[-1]
     assert changed.best == session.best and not changed.kept
     with pytest.raises(ValueError) as info:
         session.rollback()
     message = str(info.value)
-    assert f"epoch {worst + 1}, but its weights were not kept" in message
+    assert f"epoch {worst}, but its weights were not kept" in message
     kept = session.restorable_epochs
     assert loss_best in kept and worst not in kept
-    assert f"Epochs with kept weights: {', '.join(str(e + 1) for e in kept)}" in message
+    assert f"Epochs with kept weights: {', '.join(map(str, kept))}" in message
     # Back to min: the old best's weights were retained, so rollback restores them.
     session.update_early_stopping(mode="min")
     assert session.best.epoch == loss_best and rec.of(ev.BestChanged)[-1].kept
@@ -621,7 +630,7 @@ def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(d
     kernel.assign(np.zeros(kernel.shape, dtype="float32"))
     assert session.rollback().epoch == loss_best
     logs = session.model.evaluate(data.x_val, data.y_val, verbose=0, return_dict=True)
-    assert logs["loss"] == pytest.approx(val_loss[loss_best], rel=1e-5)
+    assert logs["loss"] == pytest.approx(val_loss[loss_best - 1], rel=1e-5)
     # A new monitor at the next start: the best of val_accuracy among recorded epochs.
     session.run(
         ftw.PhaseConfig(phase="head", epochs=1, batch_size=16),
@@ -629,7 +638,7 @@ def test_a_new_monitor_or_mode_while_idle_recomputes_the_best_from_the_history(d
     )
     first_best = int(np.argmax(val_acc))
     all_acc = [r.logs["val_accuracy"] for r in session.history.epochs]
-    expected = first_best if all_acc[-1] <= val_acc[first_best] else len(all_acc) - 1
+    expected = first_best + 1 if all_acc[-1] <= val_acc[first_best] else len(all_acc)
     assert session.best.epoch == expected and session.best.monitor == "val_accuracy"
 
 
@@ -664,8 +673,8 @@ def test_session_phase_is_an_immutable_snapshot(data):
     session.on_event(take)
     session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=16))
     first, last = snapshots[0], session.phase
-    assert (first.epoch, first.reason) == (0, None)
-    assert (last.epoch, last.reason) == (2, "completed")
+    assert (first.start_epoch, first.epoch, first.reason) == (1, 1, None)
+    assert (last.epoch, last.reason) == (3, "completed")
     with pytest.raises(dataclasses.FrozenInstanceError):
         last.epoch = 5
 

@@ -73,7 +73,7 @@ def test_a_phase_held_while_compiling_shows_it_and_a_stop_ends_it_before_any_bat
     assert session.wait(WAIT)
     assert session.state == "idle"
     ended = rec.of(ev.PhaseEnded)[-1]
-    assert (ended.reason, ended.start_epoch, ended.end_epoch) == ("stopped", 0, 0)
+    assert (ended.reason, ended.start_epoch, ended.end_epoch) == ("stopped", 1, 1)
     assert session.history.batch_count == 0 and len(session.history) == 0
     assert same(values(model.variables), before)
     # The state never claimed "running" after the Stop.

@@ -208,8 +208,8 @@ def test_early_stop_notification_rolls_back(page, lab_root: Path) -> None:
         timeout=10,
         what="the notification's Roll back to reach the session",
     )
-    # Back to the first epoch, the best (the marker holds its 0-based index).
-    assert kernel_eval(page, "session.history.markers[-1].value") == 0
+    # Back to the first epoch, the best (the marker holds its number, counted from 1).
+    assert kernel_eval(page, "session.history.markers[-1].value") == 1
     assert stderr_outputs(page) == []
 
 
