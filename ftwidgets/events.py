@@ -156,6 +156,7 @@ class PhaseStarted(Event):
     """A phase began: its settings, and where it sits on the global epoch axis.
 
     ``unfreeze_depth`` is in units of ``unfreeze_unit``: ``"block"`` or ``"layer"``.
+    ``optimizer`` is the class name of the optimizer it trains with (``"Adam"``).
     """
 
     index: int
@@ -167,6 +168,7 @@ class PhaseStarted(Event):
     steps_per_epoch: int | None
     trainable_layers: tuple[str, ...]
     unfreeze_unit: str = "layer"
+    optimizer: str = ""
 
 
 @dataclass(frozen=True)

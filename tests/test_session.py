@@ -703,3 +703,48 @@ def test_sessions_have_unique_names(data):
     assert make_session(data, name="digits").name == "digits"
     with pytest.raises(AttributeError):
         first.name = "renamed"  # names key the extension's cards: fixed for life
+
+
+def user_sgd() -> keras.optimizers.SGD:
+    return keras.optimizers.SGD(
+        learning_rate=0.05, momentum=0.7, nesterov=True, weight_decay=1e-4, clipnorm=2.0
+    )
+
+
+def assert_same_settings(optimizer, template) -> None:
+    """Every setting of ``template`` but its name and rate."""
+    mine, theirs = optimizer.get_config(), template.get_config()
+    for config in (mine, theirs):
+        del config["name"], config["learning_rate"]
+    assert mine == theirs
+
+
+def test_a_model_compiled_before_the_session_keeps_its_loss_metrics_and_optimizer(data):
+    model = make_model()
+    sgd = user_sgd()
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    top2 = keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")
+    model.compile(optimizer=sgd, loss=loss, metrics=[top2])
+    session = ftw.FineTuneSession(
+        model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    assert session.loss is loss
+    assert session.metrics == [top2]
+    assert session.compiled_optimizer is sgd
+    rec = Recorder(session)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, learning_rate=0.01))
+    first = model.optimizer
+    session.run(ftw.PhaseConfig(phase="finetune", epochs=1, batch_size=16, unfreeze_depth=1))
+    second = model.optimizer
+    for optimizer, rate in ((first, 0.01), (second, 1e-5)):
+        assert type(optimizer) is keras.optimizers.SGD and optimizer is not sgd
+        assert float(optimizer.learning_rate) == pytest.approx(rate)
+        assert_same_settings(optimizer, sgd)
+    assert second is not first
+    assert int(first.iterations) == 4  # it trained: one epoch of 4 batches
+    # The user's instance is never built nor used.
+    assert not sgd.built and int(sgd.iterations) == 0
+    assert float(sgd.learning_rate) == pytest.approx(0.05)
+    assert [e.optimizer for e in rec.of(ev.PhaseStarted)] == ["SGD", "SGD"]
+    assert {"top2", "val_top2"} <= set(session.history.epochs[-1].logs)
+    assert "accuracy" not in session.history.epochs[-1].logs
