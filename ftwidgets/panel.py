@@ -240,7 +240,7 @@ class FineTunePanel(widgets.VBox):
             style=style,
             layout=narrow,
         )
-        options: list[Any] = list(OPTIMIZERS)
+        options = [(name, name) for name in OPTIMIZERS]
         compiled = self.session.compiled_optimizer
         if compiled is not None:
             # The user's own compile comes first, and is the default.

@@ -76,3 +76,20 @@ def test_csv_round_trip(tmp_path):
 
 def test_empty_history_exports_columns():
     assert list(History().to_dataframe().columns)[:2] == ["epoch", "phase"]
+
+
+def test_a_phase_with_an_optimizer_instance_saves_loads_and_compares(tmp_path):
+    import keras
+
+    from ftwidgets.config import PhaseConfig
+
+    sgd = keras.optimizers.SGD(learning_rate=0.1, momentum=0.7, clipnorm=2.0)
+    h = History()
+    h.begin_phase(PhaseSpan(0, "head", 0, 1e-3, 0, config=PhaseConfig(optimizer=sgd)))
+    h.add_epoch(record(0, val_loss=0.5))
+    assert h.settings()["phase 1 optimizer"] == (
+        "SGD(clipnorm=2.0, ema_momentum=0.99, momentum=0.7, nesterov=False, use_ema=False)"
+    )
+    loaded = History.load(h.save(tmp_path / "run.json")).phases[0].config.optimizer
+    assert type(loaded) is keras.optimizers.SGD and loaded is not sgd
+    assert (loaded.momentum, loaded.clipnorm) == (0.7, 2.0)

@@ -748,3 +748,105 @@ def test_a_model_compiled_before_the_session_keeps_its_loss_metrics_and_optimize
     assert [e.optimizer for e in rec.of(ev.PhaseStarted)] == ["SGD", "SGD"]
     assert {"top2", "val_top2"} <= set(session.history.epochs[-1].logs)
     assert "accuracy" not in session.history.epochs[-1].logs
+
+
+def test_explicit_loss_metrics_and_optimizer_win_over_the_compile(data):
+    model = make_model()
+    model.compile(optimizer=user_sgd(), loss="mse", metrics=["mae"])
+    session = make_session(data, model)  # loss= and metrics= given
+    assert session.loss == "sparse_categorical_crossentropy"
+    assert session.metrics == ["accuracy"]
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, optimizer="adam"))
+    assert type(model.optimizer) is keras.optimizers.Adam
+    logs = session.history.epochs[-1].logs
+    assert "val_accuracy" in logs and "mae" not in logs
+
+
+def test_a_compiled_weighted_metric_is_kept(data):
+    model = make_model()
+    weighted = keras.metrics.SparseCategoricalAccuracy(name="wacc")
+    model.compile(
+        optimizer="adam", loss="sparse_categorical_crossentropy", weighted_metrics=[weighted]
+    )
+    session = ftw.FineTuneSession(
+        model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    assert session.metrics == []
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
+    assert {"wacc", "val_wacc"} <= set(session.history.epochs[-1].logs)
+
+
+def test_an_optimizer_in_the_phase_config_is_copied_for_each_phase_and_never_built(data):
+    session = make_session(data)
+    adamw = keras.optimizers.AdamW(learning_rate=0.5, weight_decay=0.01, clipnorm=1.0, beta_1=0.8)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, optimizer=adamw))
+    first = session.model.optimizer
+    config = ftw.PhaseConfig(phase="finetune", epochs=1, batch_size=16, optimizer=adamw)
+    session.run(config.with_changes(unfreeze_depth=1, learning_rate=2e-4))
+    second = session.model.optimizer
+    for optimizer, rate in ((first, 1e-3), (second, 2e-4)):
+        assert type(optimizer) is keras.optimizers.AdamW and optimizer is not adamw
+        assert float(optimizer.learning_rate) == pytest.approx(rate)
+        assert_same_settings(optimizer, adamw)
+    assert second is not first and int(second.iterations) == 4
+    assert not adamw.built and int(adamw.iterations) == 0
+
+
+def test_a_rate_change_applies_at_the_next_batch_and_keeps_the_compiled_settings(data):
+    model = make_model()
+    sgd = user_sgd()
+    model.compile(optimizer=sgd, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    session = ftw.FineTuneSession(
+        model,
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        progress_interval=0.0,
+    )
+    rec = Recorder(session)
+
+    def pauser(event):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (0, 1):
+            session.pause()
+
+    session.on_event(pauser)
+    session.start(ftw.PhaseConfig(phase="head", epochs=2, batch_size=8, learning_rate=0.02))
+    rec.wait_for(ev.StateChanged, lambda e: e.state == "paused")
+    session.set_learning_rate(3e-3)
+    changed = rec.wait_for(ev.LearningRateChanged)
+    assert (changed.epoch, changed.batch, changed.learning_rate) == (0, 2, 3e-3)
+    session.resume()
+    assert session.wait(WAIT)
+    optimizer = model.optimizer
+    assert type(optimizer) is keras.optimizers.SGD and optimizer is not sgd
+    assert float(optimizer.learning_rate) == pytest.approx(3e-3)
+    assert_same_settings(optimizer, sgd)
+    assert [r.learning_rate for r in session.history.epochs] == [3e-3, 3e-3]
+    assert not sgd.built
+
+
+def test_a_compiled_learning_rate_schedule_is_refused_unless_the_phase_names_an_optimizer(data):
+    model = make_model()
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=100)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
+    session = ftw.FineTuneSession(
+        model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    with pytest.raises(ValueError, match="compiled optimizer Adam has a learning-rate schedule"):
+        session.start(ftw.PhaseConfig(phase="head", epochs=1))
+    assert session.state == "idle" and not session.history.epochs
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, optimizer="sgd"))
+    assert type(model.optimizer) is keras.optimizers.SGD
+
+
+def test_phase_key_follows_the_optimizer_settings_not_the_instance(data):
+    from ftwidgets.jobs import phase_key
+
+    session = make_session(data)
+    ctx = session._ctx
+
+    def key(optimizer):
+        return phase_key(ctx, ftw.PhaseConfig(optimizer=optimizer), 0, "layer")
+
+    assert key(user_sgd()) == key(user_sgd())
+    assert key(user_sgd()) != key(keras.optimizers.SGD(momentum=0.7))
+    assert key(None) == key("adam") != key("sgd")
