@@ -64,20 +64,29 @@ def _check_optimizer(value: object) -> None:
             f"optimizer must be None, one of {OPTIMIZERS} or a keras.optimizers.Optimizer. "
             f"Received: optimizer={value!r}"
         )
-    check_constant_rate(value, "optimizer")
+    check_steerable_optimizer(value, "optimizer")
 
 
-def check_constant_rate(optimizer: Any, what: str) -> None:
-    """Refuse an optimizer whose learning rate is a schedule.
+def check_steerable_optimizer(optimizer: Any, what: str) -> None:
+    """Refuse an optimizer that has no one constant learning rate to set.
 
-    A schedule fixes the rate's path when the model compiles; a phase sets its own
-    rate, and the panel changes it while training.
+    Each phase sets its own rate, and the panel changes it while training: a
+    schedule fixes the rate's path when the model compiles, and a
+    ``MultiOptimizer`` keeps a rate per inner optimizer.
 
     Raises:
-        ValueError: naming the optimizer and its schedule.
+        ValueError: naming the optimizer and what it holds instead.
     """
     import keras
 
+    multi = getattr(keras.optimizers, "MultiOptimizer", None)
+    if multi is not None and isinstance(optimizer, multi):
+        raise ValueError(
+            f"The {what} is a MultiOptimizer, which keeps a learning rate per inner "
+            "optimizer; each phase sets one rate, which the panel can change while it "
+            "trains. Pass one optimizer. "
+            f"Received: {what}={optimizer!r}"
+        )
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
     rate = getattr(inner, "_learning_rate", None)
     if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
@@ -187,7 +196,8 @@ class PhaseConfig:
             Every phase trains with a fresh copy made from its config at the
             phase's learning rate, keeping its other settings (``momentum``,
             ``weight_decay``, ``clipnorm``...); the instance given is never built
-            or used. An optimizer whose rate is a schedule is refused.
+            or used. An optimizer whose rate is a schedule, or a ``MultiOptimizer``,
+            is refused: a phase sets one constant rate.
         dropout: when given, the head's Dropout rate for this phase (0 <= rate < 1).
         unfreeze_unit: what ``unfreeze_depth`` counts: ``"block"`` (whole blocks
             such as EfficientNet's ``block5a_...``; a layer outside any block

@@ -40,7 +40,12 @@ from ftwidgets.channel import (
     Stop,
     UpdateEarlyStopping,
 )
-from ftwidgets.config import EarlyStoppingConfig, PhaseConfig, check_constant_rate, resolve_mode
+from ftwidgets.config import (
+    EarlyStoppingConfig,
+    PhaseConfig,
+    check_steerable_optimizer,
+    resolve_mode,
+)
 from ftwidgets.events import (
     BatchProgress,
     Best,
@@ -270,7 +275,8 @@ def make_optimizer(config: PhaseConfig, compiled: Any = None) -> keras.optimizer
     reused after the trainable set changes.
 
     Raises:
-        ValueError: for an optimizer whose rate is a schedule.
+        ValueError: for an optimizer with no one constant rate to set (a schedule,
+            a ``MultiOptimizer``).
 
     Example:
 
@@ -289,7 +295,9 @@ def make_optimizer(config: PhaseConfig, compiled: Any = None) -> keras.optimizer
         return keras.optimizers.AdamW(learning_rate=rate)
     if chosen == "sgd":
         return keras.optimizers.SGD(learning_rate=rate, momentum=0.9)
-    check_constant_rate(chosen, "optimizer" if chosen is config.optimizer else "compiled optimizer")
+    check_steerable_optimizer(
+        chosen, "optimizer" if chosen is config.optimizer else "compiled optimizer"
+    )
     fresh = type(chosen).from_config(chosen.get_config())
     fresh.learning_rate = rate
     return fresh

@@ -41,8 +41,8 @@ from ftwidgets.config import (
     DEFAULT_LEARNING_RATES,
     EarlyStoppingConfig,
     PhaseConfig,
-    check_constant_rate,
     check_learning_rate,
+    check_steerable_optimizer,
     resolve_mode,
 )
 from ftwidgets.events import (
@@ -166,7 +166,9 @@ class FineTuneSession:
             them from the task: accuracy for classification, ``mae`` for
             regression. A model compiled before the session also lends its
             optimizer to every phase whose ``PhaseConfig.optimizer`` is None
-            (see `ftwidgets.config.PhaseConfig`).
+            (see `ftwidgets.config.PhaseConfig`). Its other settings
+            (``steps_per_execution``, ``jit_compile``, ``run_eagerly``) are not
+            carried over: phases compile with Keras's defaults.
         checkpoint_dir: also write every kept epoch, and the best, there: to a
             folder of this session's own, atomically, so epochs that left memory
             stay restorable (see `ftwidgets.snapshots.SnapshotStore`).
@@ -701,7 +703,7 @@ class FineTuneSession:
         self._refuse_if_busy()
         depth, unit = self._check_depth(config)
         if config.optimizer is None and self._ctx.optimizer is not None:
-            check_constant_rate(self._ctx.optimizer, "compiled optimizer")
+            check_steerable_optimizer(self._ctx.optimizer, "compiled optimizer")
         self._ctx.data.check(self.model, self.loss, config.batch_size)
         self._ctx.data.check_split(config.batch_size, _backend.batch_devices(self.distribution))
         return depth, unit

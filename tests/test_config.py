@@ -116,3 +116,11 @@ def test_an_optimizer_with_a_learning_rate_schedule_is_refused():
     with pytest.raises(ValueError, match="CosineDecay") as info:
         PhaseConfig(optimizer=keras.optimizers.Adam(schedule))
     assert "constant" in str(info.value) and "Received: optimizer=" in str(info.value)
+
+
+def test_a_multi_optimizer_is_refused():
+    import keras
+
+    multi = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(keras.optimizers.Adam()))
+    with pytest.raises(ValueError, match="MultiOptimizer, which keeps a learning rate per inner"):
+        PhaseConfig(optimizer=multi)
