@@ -53,7 +53,7 @@ def check_learning_rate(value: float) -> float:
 
 def _check_optimizer(value: object) -> None:
     """Refuse what a phase cannot copy: a name it does not know, a non-optimizer,
-    or an optimizer whose rate is a schedule (each phase sets and steers its own rate)."""
+    or an optimizer with no one constant rate (each phase sets and steers its own)."""
     if value is None or (isinstance(value, str) and value in OPTIMIZERS):
         return
     # Lazily: this module stays importable without Keras loaded.
