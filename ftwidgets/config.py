@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "DEFAULT_LEARNING_RATES",
@@ -13,6 +13,9 @@ __all__ = [
     "UNFREEZE_UNITS",
     "EarlyStoppingConfig",
     "PhaseConfig",
+    "describe_optimizer",
+    "optimizer_from_json",
+    "optimizer_to_json",
     "resolve_mode",
 ]
 
@@ -46,6 +49,96 @@ def check_learning_rate(value: float) -> float:
             f"learning_rate must be a positive finite number. Received: learning_rate={value!r}"
         )
     return rate
+
+
+def _check_optimizer(value: object) -> None:
+    """Refuse what a phase cannot copy: a name it does not know, a non-optimizer,
+    or an optimizer with no one constant rate (each phase sets and steers its own)."""
+    if value is None or (isinstance(value, str) and value in OPTIMIZERS):
+        return
+    # Lazily: this module stays importable without Keras loaded.
+    import keras
+
+    if not isinstance(value, keras.optimizers.Optimizer):
+        raise ValueError(
+            f"optimizer must be None, one of {OPTIMIZERS} or a keras.optimizers.Optimizer. "
+            f"Received: optimizer={value!r}"
+        )
+    check_steerable_optimizer(value, "optimizer")
+
+
+def check_steerable_optimizer(optimizer: Any, what: str) -> None:
+    """Refuse an optimizer that has no one constant learning rate to set.
+
+    Each phase sets its own rate, and the panel changes it while training: a
+    schedule fixes the rate's path when the model compiles, and a
+    ``MultiOptimizer`` keeps a rate per inner optimizer.
+
+    Raises:
+        ValueError: naming the optimizer and what it holds instead.
+    """
+    import keras
+
+    multi = getattr(keras.optimizers, "MultiOptimizer", None)
+    if multi is not None and isinstance(optimizer, multi):
+        raise ValueError(
+            f"The {what} is a MultiOptimizer, which keeps a learning rate per inner "
+            "optimizer; each phase sets one rate, which the panel can change while it "
+            "trains. Pass one optimizer. "
+            f"Received: {what}={optimizer!r}"
+        )
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
+    rate = getattr(inner, "_learning_rate", None)
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        raise ValueError(
+            f"The {what} {type(optimizer).__name__} has a learning-rate schedule "
+            f"({type(rate).__name__}); each phase sets its own constant rate, which the "
+            "panel can change while it trains. Give the optimizer a constant "
+            "learning_rate (the phase's rate replaces it). "
+            f"Received: {what}={optimizer!r} with learning_rate={type(rate).__name__}"
+        )
+
+
+def describe_optimizer(optimizer: Any) -> str | None:
+    """A short, stable text for an optimizer setting: its name, or its class and
+    the settings it was made with (besides its learning rate and name).
+
+    Example:
+
+    >>> describe_optimizer("sgd")
+    'sgd'
+    >>> import keras
+    >>> describe_optimizer(keras.optimizers.SGD(momentum=0.8, clipnorm=1.0))
+    'SGD(clipnorm=1.0, ema_momentum=0.99, momentum=0.8, nesterov=False, use_ema=False)'
+    """
+    if optimizer is None or isinstance(optimizer, str):
+        return optimizer
+    config = optimizer.get_config()
+    settings = ", ".join(
+        f"{key}={value!r}"
+        for key, value in sorted(config.items())
+        if key not in ("name", "learning_rate") and value is not None
+    )
+    return f"{type(optimizer).__name__}({settings})"
+
+
+def optimizer_to_json(optimizer: Any) -> Any:
+    """An optimizer setting as JSON: a name or None as is, an optimizer as Keras
+    serializes it (its module, class and config)."""
+    if optimizer is None or isinstance(optimizer, str):
+        return optimizer
+    import keras
+
+    return keras.optimizers.serialize(optimizer)
+
+
+def optimizer_from_json(value: Any) -> Any:
+    """The optimizer setting `optimizer_to_json` wrote."""
+    if value is None or isinstance(value, str):
+        return value
+    import keras
+
+    return keras.optimizers.deserialize(value)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -97,7 +190,14 @@ class PhaseConfig:
             phase starts.
         keep_batchnorm_frozen: keep BatchNorm layers frozen (and their moving
             statistics unchanged) while fine-tuning.
-        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with momentum 0.9).
+        optimizer: None (the default) for the optimizer the model was compiled
+            with before the session was made, else Adam; ``"adam"``, ``"adamw"``
+            or ``"sgd"`` (with momentum 0.9); or a ``keras.optimizers.Optimizer``.
+            Every phase trains with a fresh copy made from its config at the
+            phase's learning rate, keeping its other settings (``momentum``,
+            ``weight_decay``, ``clipnorm``...); the instance given is never built
+            or used. An optimizer whose rate is a schedule, or a ``MultiOptimizer``,
+            is refused: a phase sets one constant rate.
         dropout: when given, the head's Dropout rate for this phase (0 <= rate < 1).
         unfreeze_unit: what ``unfreeze_depth`` counts: ``"block"`` (whole blocks
             such as EfficientNet's ``block5a_...``; a layer outside any block
@@ -112,6 +212,10 @@ class PhaseConfig:
     (2, None)
     >>> PhaseConfig(phase="finetune", unfreeze_depth=3, unfreeze_unit="layer").unfreeze_unit
     'layer'
+    >>> import keras
+    >>> cfg = PhaseConfig(optimizer=keras.optimizers.SGD(momentum=0.9, weight_decay=1e-4))
+    >>> type(cfg.optimizer).__name__, PhaseConfig().optimizer
+    ('SGD', None)
     """
 
     phase: Literal["head", "finetune"] = "head"
@@ -120,7 +224,7 @@ class PhaseConfig:
     batch_size: int = 32
     unfreeze_depth: int | None = None
     keep_batchnorm_frozen: bool = True
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    optimizer: Any = None
     dropout: float | None = None
     unfreeze_unit: Literal["block", "layer"] | None = None
 
@@ -140,10 +244,7 @@ class PhaseConfig:
                     "The head phase keeps the base frozen; use phase='finetune' to unfreeze "
                     f"layers. Received: unfreeze_depth={self.unfreeze_depth!r} with phase='head'"
                 )
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {OPTIMIZERS}. Received: optimizer={self.optimizer!r}"
-            )
+        _check_optimizer(self.optimizer)
         if self.dropout is not None and not (
             isinstance(self.dropout, int | float) and 0 <= self.dropout < 1
         ):

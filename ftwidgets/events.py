@@ -158,6 +158,7 @@ class PhaseStarted(Event):
     (``start_epoch`` is its first epoch, 1-based).
 
     ``unfreeze_depth`` is in units of ``unfreeze_unit``: ``"block"`` or ``"layer"``.
+    ``optimizer`` is the class name of the optimizer it trains with (``"Adam"``).
     """
 
     index: int
@@ -169,6 +170,7 @@ class PhaseStarted(Event):
     steps_per_epoch: int | None
     trainable_layers: tuple[str, ...]
     unfreeze_unit: str = "layer"
+    optimizer: str = ""
 
 
 @dataclass(frozen=True)

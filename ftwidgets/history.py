@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ftwidgets.config import EarlyStoppingConfig, PhaseConfig
+from ftwidgets.config import (
+    EarlyStoppingConfig,
+    PhaseConfig,
+    describe_optimizer,
+    optimizer_from_json,
+    optimizer_to_json,
+)
 from ftwidgets.events import EpochRecord, frozen_logs
 
 if TYPE_CHECKING:
@@ -494,6 +500,8 @@ class History:
             flat[f"{where} phase"] = span.phase
             if span.config is not None:
                 for name, value in _fields(span.config).items():
+                    if name == "optimizer":
+                        value = describe_optimizer(value)
                     flat[f"{where} {name}"] = value
             if span.early_stopping is not None:
                 for name, value in _fields(span.early_stopping).items():
@@ -656,10 +664,13 @@ def _fields(settings: PhaseConfig | EarlyStoppingConfig) -> dict[str, Any]:
 
 
 def _span_to_json(span: PhaseSpan) -> dict[str, Any]:
-    row = dataclasses.asdict(span)
+    # Field by field: asdict would deep-copy an optimizer in the config.
+    row = {f.name: getattr(span, f.name) for f in dataclasses.fields(span)}
     for name in ("config", "early_stopping"):
         value = getattr(span, name)
         row[name] = None if value is None else _fields(value)
+    if span.config is not None:
+        row["config"]["optimizer"] = optimizer_to_json(span.config.optimizer)
     return row
 
 
@@ -668,7 +679,9 @@ def _span_from_json(row: Mapping[str, Any]) -> PhaseSpan:
     config, stopping = row.pop("config", None), row.pop("early_stopping", None)
     return PhaseSpan(
         **row,
-        config=None if config is None else PhaseConfig(**config),
+        config=None
+        if config is None
+        else PhaseConfig(**{**config, "optimizer": optimizer_from_json(config.get("optimizer"))}),
         early_stopping=None if stopping is None else EarlyStoppingConfig(**stopping),
     )
 

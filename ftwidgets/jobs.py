@@ -41,7 +41,12 @@ from ftwidgets.channel import (
     Stop,
     UpdateEarlyStopping,
 )
-from ftwidgets.config import EarlyStoppingConfig, PhaseConfig, resolve_mode
+from ftwidgets.config import (
+    EarlyStoppingConfig,
+    PhaseConfig,
+    check_steerable_optimizer,
+    resolve_mode,
+)
 from ftwidgets.events import (
     BatchProgress,
     Best,
@@ -115,6 +120,12 @@ class JobContext:
     steps_before: int = 0
     # `phase_key`s of phases whose programs are all in the persistent cache.
     cached_phases: set[tuple[Any, ...]] = field(default_factory=set)
+    # The optimizer the model was compiled with before the session: what a phase
+    # with ``optimizer=None`` copies. Never built or used itself.
+    optimizer: Any = None
+    # The rest of that compile that goes with its loss and metrics
+    # (``loss_weights``, ``weighted_metrics``).
+    compile_extras: dict[str, Any] = field(default_factory=dict)
 
     def track(self, config: EarlyStoppingConfig) -> None:
         """Track the best on ``config``; a new monitor or mode recomputes it from the history."""
@@ -254,22 +265,68 @@ class PhaseStatus:
     reason: str | None
 
 
-def make_optimizer(config: PhaseConfig) -> keras.optimizers.Optimizer:
-    """A fresh optimizer of the phase's kind, at its learning rate.
+def make_optimizer(config: PhaseConfig, compiled: Any = None) -> keras.optimizers.Optimizer:
+    """A fresh optimizer for a phase of ``config``, at its learning rate.
 
-    A fresh one per phase: a built optimizer cannot be reused after the
-    trainable set changes.
+    ``config.optimizer`` names it, or is an optimizer to copy; None copies
+    ``compiled`` (the optimizer the model was compiled with before the session
+    was made), else Adam. A copy is made from the optimizer's config, so it keeps
+    every setting but the rate (``momentum``, ``weight_decay``, ``clipnorm``...),
+    and the optimizer it copies is never built: a built optimizer cannot be
+    reused after the trainable set changes.
+
+    Raises:
+        ValueError: for an optimizer with no one constant rate to set (a schedule,
+            a ``MultiOptimizer``).
 
     Example:
 
     >>> type(make_optimizer(PhaseConfig(optimizer="sgd"))).__name__
     'SGD'
+    >>> mine = keras.optimizers.SGD(learning_rate=0.1, momentum=0.5, clipnorm=1.0)
+    >>> fresh = make_optimizer(PhaseConfig(learning_rate=0.01), compiled=mine)
+    >>> fresh is mine, fresh.momentum, fresh.clipnorm, round(float(fresh.learning_rate), 6)
+    (False, 0.5, 1.0, 0.01)
     """
-    if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=config.learning_rate)
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=0.9)
-    return keras.optimizers.Adam(learning_rate=config.learning_rate)
+    chosen = _chosen_optimizer(config, compiled)
+    rate = config.learning_rate
+    if chosen == "adam":
+        return keras.optimizers.Adam(learning_rate=rate)
+    if chosen == "adamw":
+        return keras.optimizers.AdamW(learning_rate=rate)
+    if chosen == "sgd":
+        return keras.optimizers.SGD(learning_rate=rate, momentum=0.9)
+    check_steerable_optimizer(
+        chosen, "optimizer" if chosen is config.optimizer else "compiled optimizer"
+    )
+    fresh = type(chosen).from_config(chosen.get_config())
+    fresh.learning_rate = rate
+    return fresh
+
+
+def _chosen_optimizer(config: PhaseConfig, compiled: Any) -> Any:
+    """A phase's optimizer setting: its own, else the compiled optimizer, else ``"adam"``."""
+    if config.optimizer is not None:
+        return config.optimizer
+    return compiled if compiled is not None else "adam"
+
+
+def _optimizer_key(config: PhaseConfig, compiled: Any = None) -> tuple[Any, ...]:
+    """What a phase's optimizer changes in its programs: its class and settings.
+
+    Not the instance (two alike give the same programs) nor its rate (a variable).
+    """
+    chosen = _chosen_optimizer(config, compiled)
+    if isinstance(chosen, str):
+        return (chosen,)
+    settings = chosen.get_config()
+    return (
+        type(chosen).__module__,
+        type(chosen).__qualname__,
+        tuple(
+            sorted((k, repr(v)) for k, v in settings.items() if k not in ("name", "learning_rate"))
+        ),
+    )
 
 
 def describe_failure(exc: BaseException, epoch: int | None, batch: int | None) -> Failure:
@@ -294,8 +351,9 @@ def phase_key(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> tu
             for layer in ctx.model.layers
             if isinstance(layer, keras.layers.Dropout)
         )
-    general = config.with_changes(learning_rate=1.0, epochs=1)
-    return (compilation_cache_dir(), general, depth, unit, rates)
+    general = config.with_changes(learning_rate=1.0, epochs=1, optimizer=None)
+    optimizer = _optimizer_key(config, ctx.optimizer)
+    return (compilation_cache_dir(), general, optimizer, depth, unit, rates)
 
 
 def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> list[Any]:
@@ -316,9 +374,19 @@ def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> 
         setup.undo()
 
 
-def _compile(ctx: JobContext, config: PhaseConfig) -> None:
-    """Compile the model for a phase of ``config``: a fresh optimizer, the session's loss."""
-    ctx.model.compile(optimizer=make_optimizer(config), loss=ctx.loss, metrics=ctx.metrics or None)
+def _compile(ctx: JobContext, config: PhaseConfig) -> keras.optimizers.Optimizer:
+    """Compile the model for a phase of ``config``: a fresh optimizer, the session's loss.
+
+    Returns the fresh optimizer.
+    """
+    optimizer = make_optimizer(config, ctx.optimizer)
+    ctx.model.compile(
+        optimizer=optimizer,
+        loss=ctx.loss,
+        metrics=ctx.metrics or None,
+        **ctx.compile_extras,
+    )
+    return optimizer
 
 
 def _fit_batch(ctx: JobContext, batch_size: int) -> tuple[Any, ...]:
@@ -452,7 +520,7 @@ class FitPhase:
             )
         setup = ModelSetup(model, config, self.depth, self.unit)
         try:
-            _compile(ctx, config)
+            optimizer = _compile(ctx, config)
             _check_monitor(ctx, self.tracking, config.batch_size)
         except BaseException:
             setup.undo()
@@ -484,7 +552,8 @@ class FitPhase:
                 self.learning_rate,
                 self.depth,
                 unfreeze_unit=self.unit,
-                config=config,
+                # What trained: None stands for the compiled optimizer, or Adam.
+                config=config.with_changes(optimizer=_chosen_optimizer(config, ctx.optimizer)),
                 early_stopping=self.early_stopping,
             )
         )
@@ -499,6 +568,8 @@ class FitPhase:
                 self.steps_per_epoch,
                 tuple(self.trainable),
                 self.unit,
+                # Mixed precision wraps it in a LossScaleOptimizer: name the one it wraps.
+                type(getattr(optimizer, "inner_optimizer", optimizer)).__name__,
             )
         )
 

@@ -407,7 +407,7 @@ def _make_loop(ctx: JobContext, config: PhaseConfig) -> _Loop:
     """A fresh optimizer on the phase's trainable set, and one jitted training step."""
     model = ctx.model
     trainable = list(model.trainable_variables)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config, ctx.optimizer)
     optimizer.build(trainable)
     rate_index = next(
         (i for i, v in enumerate(optimizer.variables) if v is optimizer._learning_rate), None

@@ -51,6 +51,7 @@ __all__ = ["FineTunePanel"]
 
 _LR_MIN_EXP, _LR_MAX_EXP = -7, -1
 _STATUS_INTERVAL = 0.2  # seconds between status redraws while training
+_COMPILED = "compiled"  # the optimizer dropdown's value for the model's own optimizer
 # How long the settings must rest before the panel compiles their phase ahead of Start.
 WARM_UP_DELAY = 1.0
 _ONE_LINE = "white-space:nowrap;overflow:hidden;text-overflow:ellipsis"
@@ -239,9 +240,14 @@ class FineTunePanel(widgets.VBox):
             style=style,
             layout=narrow,
         )
+        options = [(name, name) for name in OPTIMIZERS]
+        compiled = self.session.compiled_optimizer
+        if compiled is not None:
+            # The user's own compile comes first, and is the default.
+            options.insert(0, (f"{type(compiled).__name__} (as compiled)", _COMPILED))
         self.optimizer = widgets.Dropdown(
-            options=list(OPTIMIZERS),
-            value="adam",
+            options=options,
+            value="adam" if compiled is None else _COMPILED,
             description="Optimizer",
             style=style,
             layout=narrow,
@@ -478,7 +484,7 @@ class FineTunePanel(widgets.VBox):
             batch_size=self.batch_size.value,
             unfreeze_depth=self.unfreeze_depth.value if finetune else 0,
             keep_batchnorm_frozen=self.keep_batchnorm_frozen.value,
-            optimizer=self.optimizer.value,
+            optimizer=None if self.optimizer.value == _COMPILED else self.optimizer.value,
             dropout=self.dropout.value,
             unfreeze_unit=self.unfreeze_unit.value,
         )
@@ -965,7 +971,8 @@ class FineTunePanel(widgets.VBox):
                 parts.append(f"ETA {_fmt_duration(left)}")
             rate = session.learning_rate
             if rate is not None:
-                parts.append(f"lr {format_rate(rate)}")
+                optimizer = html.escape(started.optimizer)
+                parts.append(f"{optimizer} lr {format_rate(rate)}".strip())
         history = session.history
         branched = len(history.branches) > 1
         if history.holds is not None and not session.is_training:

@@ -42,6 +42,7 @@ from ftwidgets.config import (
     EarlyStoppingConfig,
     PhaseConfig,
     check_learning_rate,
+    check_steerable_optimizer,
     resolve_mode,
 )
 from ftwidgets.events import (
@@ -157,10 +158,17 @@ class FineTuneSession:
             (see `ftwidgets.inputs.TrainingData` for every accepted form).
         validation: the same forms as ``train``.
         validation_split: fraction of ``train`` arrays held out instead (0 <= f < 1).
-        loss: any Keras loss. None picks one from the task of the model's head
-            (see `ftwidgets.tasks.default_loss`).
-        metrics: Keras metrics, e.g. ``["accuracy"]``. None picks them from the
-            task: accuracy for classification, ``mae`` for regression.
+        loss: any Keras loss. None takes the loss the model was compiled with
+            before the session was made (with its ``loss_weights``), else picks
+            one from the task of the model's head (see `ftwidgets.tasks.default_loss`).
+        metrics: Keras metrics, e.g. ``["accuracy"]``. None takes the metrics
+            (and ``weighted_metrics``) the model was compiled with, else picks
+            them from the task: accuracy for classification, ``mae`` for
+            regression. A model compiled before the session also lends its
+            optimizer to every phase whose ``PhaseConfig.optimizer`` is None
+            (see `ftwidgets.config.PhaseConfig`). Its other settings
+            (``steps_per_execution``, ``jit_compile``, ``run_eagerly``) are not
+            carried over: phases compile with Keras's defaults.
         checkpoint_dir: also write every kept epoch, and the best, there: to a
             folder of this session's own, atomically, so epochs that left memory
             stay restorable (see `ftwidgets.snapshots.SnapshotStore`).
@@ -221,8 +229,19 @@ class FineTuneSession:
         data = TrainingData.from_args(train, validation, validation_split)
         self.model = model
         self.task = tasks.model_task(model)
+        # The user's own compile, if any, is kept: what they did not override here.
+        compiled = _user_compile(model)
+        extras: dict[str, Any] = {}
+        if loss is None and compiled.get("loss") is not None:
+            loss = compiled["loss"]
+            if compiled.get("loss_weights") is not None:
+                extras["loss_weights"] = compiled["loss_weights"]
         if loss is None:
             loss = tasks.default_loss(tasks.require_task(model), data.first_batch(32)[1])
+        if metrics is None and compiled:
+            metrics = compiled.get("metrics") or []
+            if compiled.get("weighted_metrics") is not None:
+                extras["weighted_metrics"] = compiled["weighted_metrics"]
         if metrics is None:
             metrics = [] if self.task is None else tasks.default_metrics(self.task)
         self.error: Failure | None = None
@@ -246,6 +265,8 @@ class FineTuneSession:
             emit=self._emit,
             stream_batches=stream_batches,
             progress_interval=float(progress_interval),
+            optimizer=compiled.get("optimizer"),
+            compile_extras=extras,
         )
         self.history.model_name = model.name
         self.history.model_settings = _model_settings(model)
@@ -335,6 +356,15 @@ class FineTuneSession:
     def metrics(self) -> list[Any]:
         """The metrics every phase compiles with."""
         return self._ctx.metrics
+
+    @property
+    def compiled_optimizer(self) -> keras.optimizers.Optimizer | None:
+        """The optimizer the model was compiled with before the session was made, or None.
+
+        A phase whose ``PhaseConfig.optimizer`` is None trains with a fresh copy of
+        it at the phase's learning rate; it is never built or used itself.
+        """
+        return self._ctx.optimizer
 
     @property
     def snapshots(self) -> SnapshotStore:
@@ -674,6 +704,8 @@ class FineTuneSession:
         """Refuse a job of ``config`` that could not run now; its depth and unit."""
         self._refuse_if_busy()
         depth, unit = self._check_depth(config)
+        if config.optimizer is None and self._ctx.optimizer is not None:
+            check_steerable_optimizer(self._ctx.optimizer, "compiled optimizer")
         self._ctx.data.check(self.model, self.loss, config.batch_size)
         self._ctx.data.check_split(config.batch_size, _backend.batch_devices(self.distribution))
         return depth, unit
@@ -997,6 +1029,18 @@ def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
 # batch ends to one, and a pool refusing work would fail the phase instead of
 # stopping it): the hook concurrent.futures itself uses, else plain atexit.
 getattr(threading, "_register_atexit", atexit.register)(_stop_sessions_at_exit)
+
+
+def _user_compile(model: keras.Model) -> dict[str, Any]:
+    """What ``model.compile`` was given before the session: optimizer, loss, metrics...
+
+    Empty when the model was not compiled.
+    """
+    # Keras 3 keeps compile's arguments, the objects themselves, in `_compile_config`.
+    config = getattr(model, "_compile_config", None)
+    if not getattr(model, "compiled", False) or config is None:
+        return {}
+    return dict(config.config)
 
 
 def _model_settings(model: keras.Model) -> dict[str, object]:

@@ -84,3 +84,43 @@ def test_with_changes_revalidates():
     assert cfg.with_changes(patience=9).patience == 9
     with pytest.raises(ValueError, match="patience=-3"):
         cfg.with_changes(patience=-3)
+
+
+def test_optimizer_defaults_to_none_and_accepts_an_optimizer_instance():
+    import keras
+
+    assert PhaseConfig().optimizer is None  # the model's compiled optimizer, else Adam
+    sgd = keras.optimizers.SGD(momentum=0.8, weight_decay=1e-4)
+    config = PhaseConfig(optimizer=sgd)
+    assert config.optimizer is sgd
+    # Still a frozen, hashable value: changing a field keeps the instance.
+    assert hash(config) == hash(PhaseConfig(optimizer=sgd))
+    assert config.with_changes(epochs=3).optimizer is sgd
+    assert not sgd.built
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "fragment"),
+    [("rmsprop", "optimizer='rmsprop'"), (0.1, "optimizer=0.1"), (str, "optimizer=<class 'str'>")],
+)
+def test_optimizer_refuses_what_is_not_a_keras_optimizer(optimizer, fragment):
+    with pytest.raises(ValueError, match=r"keras\.optimizers\.Optimizer") as info:
+        PhaseConfig(optimizer=optimizer)
+    assert fragment in str(info.value)
+
+
+def test_an_optimizer_with_a_learning_rate_schedule_is_refused():
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=100)
+    with pytest.raises(ValueError, match="CosineDecay") as info:
+        PhaseConfig(optimizer=keras.optimizers.Adam(schedule))
+    assert "constant" in str(info.value) and "Received: optimizer=" in str(info.value)
+
+
+def test_a_multi_optimizer_is_refused():
+    import keras
+
+    multi = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(keras.optimizers.Adam()))
+    with pytest.raises(ValueError, match="MultiOptimizer, which keeps a learning rate per inner"):
+        PhaseConfig(optimizer=multi)

@@ -144,3 +144,20 @@ def test_a_history_of_an_unknown_version_is_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(OLD_ZERO_BASED_FILE), "version": 3}))
     with pytest.raises(ValueError, match="format version 3; this ftwidgets reads versions 1 and 2"):
         History.load(path)
+
+
+def test_a_phase_with_an_optimizer_instance_saves_loads_and_compares(tmp_path):
+    import keras
+
+    from ftwidgets.config import PhaseConfig
+
+    sgd = keras.optimizers.SGD(learning_rate=0.1, momentum=0.7, clipnorm=2.0)
+    h = History()
+    h.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0, config=PhaseConfig(optimizer=sgd)))
+    h.add_epoch(record(1, val_loss=0.5))
+    assert h.settings()["phase 1 optimizer"] == (
+        "SGD(clipnorm=2.0, ema_momentum=0.99, momentum=0.7, nesterov=False, use_ema=False)"
+    )
+    loaded = History.load(h.save(tmp_path / "run.json")).phases[0].config.optimizer
+    assert type(loaded) is keras.optimizers.SGD and loaded is not sgd
+    assert (loaded.momentum, loaded.clipnorm) == (0.7, 2.0)

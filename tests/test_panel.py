@@ -592,3 +592,35 @@ def test_a_closed_panel_leaves_no_widget_behind_and_frees_its_session(data, tmp_
     gc.collect()
     assert set(Widget._active_widgets) - before == set()
     assert [ref() for ref in freed] == [None, None]
+
+
+def test_the_panel_offers_the_compiled_optimizer_and_names_the_one_that_trains(data):
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+    sgd = keras.optimizers.SGD(momentum=0.6, clipnorm=1.0)
+    model.compile(optimizer=sgd, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    panel = ftw.FineTunePanel(
+        model,
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        epochs=1,
+    )
+    try:
+        assert panel.optimizer.label == "SGD (as compiled)"
+        assert panel.phase_config().optimizer is None  # the session copies the compiled one
+        panel.start_button.click()
+        assert panel.session.wait(WAIT)
+        assert type(model.optimizer) is keras.optimizers.SGD and model.optimizer.momentum == 0.6
+        assert f"SGD lr {format_rate(1e-3)}" in status_line(panel)
+        panel.optimizer.value = "adamw"
+        assert panel.phase_config().optimizer == "adamw"
+    finally:
+        panel.close()
+
+
+def test_the_panel_of_an_uncompiled_model_trains_with_adam_and_says_so(panel):
+    assert [label for label, _ in panel.optimizer.options] == ["adam", "adamw", "sgd"]
+    assert panel.optimizer.value == "adam"
+    panel.epochs.value = 1
+    panel.start_button.click()
+    assert panel.session.wait(WAIT)
+    assert re.search(r"\bAdam lr ", status_line(panel)), status_line(panel)

@@ -694,3 +694,171 @@ def test_sessions_have_unique_names(data):
     assert make_session(data, name="digits").name == "digits"
     with pytest.raises(AttributeError):
         first.name = "renamed"  # names key the extension's cards: fixed for life
+
+
+def user_sgd() -> keras.optimizers.SGD:
+    return keras.optimizers.SGD(
+        learning_rate=0.05, momentum=0.7, nesterov=True, weight_decay=1e-4, clipnorm=2.0
+    )
+
+
+def assert_same_settings(optimizer, template) -> None:
+    """Every setting of ``template`` but its name and rate."""
+    mine, theirs = optimizer.get_config(), template.get_config()
+    for config in (mine, theirs):
+        del config["name"], config["learning_rate"]
+    assert mine == theirs
+
+
+def test_a_model_compiled_before_the_session_keeps_its_loss_metrics_and_optimizer(data):
+    model = make_model()
+    sgd = user_sgd()
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    top2 = keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")
+    model.compile(optimizer=sgd, loss=loss, metrics=[top2])
+    session = ftw.FineTuneSession(
+        model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    assert session.loss is loss
+    assert session.metrics == [top2]
+    assert session.compiled_optimizer is sgd
+    rec = Recorder(session)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, learning_rate=0.01))
+    first = model.optimizer
+    session.run(ftw.PhaseConfig(phase="finetune", epochs=1, batch_size=16, unfreeze_depth=1))
+    second = model.optimizer
+    for optimizer, rate in ((first, 0.01), (second, 1e-5)):
+        assert type(optimizer) is keras.optimizers.SGD and optimizer is not sgd
+        assert float(optimizer.learning_rate) == pytest.approx(rate)
+        assert_same_settings(optimizer, sgd)
+    assert second is not first
+    assert int(first.iterations) == 4  # it trained: one epoch of 4 batches
+    # The user's instance is never built nor used.
+    assert not sgd.built and int(sgd.iterations) == 0
+    assert float(sgd.learning_rate) == pytest.approx(0.05)
+    assert [e.optimizer for e in rec.of(ev.PhaseStarted)] == ["SGD", "SGD"]
+    assert {"top2", "val_top2"} <= set(session.history.epochs[-1].logs)
+    assert "accuracy" not in session.history.epochs[-1].logs
+
+
+def test_explicit_loss_metrics_and_optimizer_win_over_the_compile(data):
+    model = make_model()
+    model.compile(optimizer=user_sgd(), loss="mse", metrics=["mae"])
+    session = make_session(data, model)  # loss= and metrics= given
+    assert session.loss == "sparse_categorical_crossentropy"
+    assert session.metrics == ["accuracy"]
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, optimizer="adam"))
+    assert type(model.optimizer) is keras.optimizers.Adam
+    logs = session.history.epochs[-1].logs
+    assert "val_accuracy" in logs and "mae" not in logs
+
+
+def test_a_compiled_weighted_metric_is_kept(data):
+    model = make_model()
+    weighted = keras.metrics.SparseCategoricalAccuracy(name="wacc")
+    model.compile(
+        optimizer="adam", loss="sparse_categorical_crossentropy", weighted_metrics=[weighted]
+    )
+    session = ftw.FineTuneSession(
+        model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    assert session.metrics == []
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
+    assert {"wacc", "val_wacc"} <= set(session.history.epochs[-1].logs)
+
+
+def test_an_optimizer_in_the_phase_config_is_copied_for_each_phase_and_never_built(data):
+    session = make_session(data)
+    adamw = keras.optimizers.AdamW(learning_rate=0.5, weight_decay=0.01, clipnorm=1.0, beta_1=0.8)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, optimizer=adamw))
+    first = session.model.optimizer
+    config = ftw.PhaseConfig(phase="finetune", epochs=1, batch_size=16, optimizer=adamw)
+    session.run(config.with_changes(unfreeze_depth=1, learning_rate=2e-4))
+    second = session.model.optimizer
+    for optimizer, rate in ((first, 1e-3), (second, 2e-4)):
+        assert type(optimizer) is keras.optimizers.AdamW and optimizer is not adamw
+        assert float(optimizer.learning_rate) == pytest.approx(rate)
+        assert_same_settings(optimizer, adamw)
+    assert second is not first and int(second.iterations) == 4
+    assert not adamw.built and int(adamw.iterations) == 0
+
+
+def test_a_rate_change_applies_at_the_next_batch_and_keeps_the_compiled_settings(data):
+    model = make_model()
+    sgd = user_sgd()
+    model.compile(optimizer=sgd, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    session = ftw.FineTuneSession(
+        model,
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        progress_interval=0.0,
+    )
+    rec = Recorder(session)
+
+    def pauser(event):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (0, 1):
+            session.pause()
+
+    session.on_event(pauser)
+    session.start(ftw.PhaseConfig(phase="head", epochs=2, batch_size=8, learning_rate=0.02))
+    rec.wait_for(ev.StateChanged, lambda e: e.state == "paused")
+    session.set_learning_rate(3e-3)
+    changed = rec.wait_for(ev.LearningRateChanged)
+    assert (changed.epoch, changed.batch, changed.learning_rate) == (0, 2, 3e-3)
+    session.resume()
+    assert session.wait(WAIT)
+    optimizer = model.optimizer
+    assert type(optimizer) is keras.optimizers.SGD and optimizer is not sgd
+    assert float(optimizer.learning_rate) == pytest.approx(3e-3)
+    assert_same_settings(optimizer, sgd)
+    assert [r.learning_rate for r in session.history.epochs] == [3e-3, 3e-3]
+    assert not sgd.built
+
+
+def test_a_compiled_learning_rate_schedule_is_refused_unless_the_phase_names_an_optimizer(data):
+    model = make_model()
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=100)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
+    session = ftw.FineTuneSession(
+        model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    with pytest.raises(ValueError, match="compiled optimizer Adam has a learning-rate schedule"):
+        session.start(ftw.PhaseConfig(phase="head", epochs=1))
+    assert session.state == "idle" and not session.history.epochs
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, optimizer="sgd"))
+    assert type(model.optimizer) is keras.optimizers.SGD
+
+
+def test_phase_key_follows_the_optimizer_settings_not_the_instance(data):
+    from ftwidgets.jobs import phase_key
+
+    session = make_session(data)
+    ctx = session._ctx
+
+    def key(optimizer):
+        return phase_key(ctx, ftw.PhaseConfig(optimizer=optimizer), 0, "layer")
+
+    assert key(user_sgd()) == key(user_sgd())
+    assert key(user_sgd()) != key(keras.optimizers.SGD(momentum=0.7))
+    assert key(None) == key("adam") != key("sgd")
+
+
+def test_the_learning_rate_search_uses_the_compiled_optimizer(data, monkeypatch):
+    from ftwidgets import lr_search
+
+    model = make_model()
+    sgd = user_sgd()
+    model.compile(optimizer=sgd, loss="sparse_categorical_crossentropy")
+    session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
+    made = []
+    real = lr_search.make_optimizer
+
+    def recording(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(lr_search, "make_optimizer", recording)
+    session.find_learning_rate("head", steps=5)
+    assert len(made) == 1 and type(made[0]) is keras.optimizers.SGD and made[0] is not sgd
+    assert_same_settings(made[0], sgd)
+    assert not sgd.built
