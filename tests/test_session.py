@@ -703,3 +703,42 @@ def test_sessions_have_unique_names(data):
     assert make_session(data, name="digits").name == "digits"
     with pytest.raises(AttributeError):
         first.name = "renamed"  # names key the extension's cards: fixed for life
+
+
+def test_a_closed_session_refuses_to_train_or_steer_and_says_closed(data):
+    session = make_session(data, name="closing")
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
+    before = values(session.model.variables)
+    epochs = len(session.history.epochs)
+    assert "state=idle" in repr(session)
+    session.close()
+    assert repr(session) == (
+        f"<FineTuneSession 'closing' model={session.model.name!r} state=closed best=epoch 1>"
+    )
+    calls = {
+        "start": lambda: session.start(ftw.PhaseConfig(phase="head", epochs=1)),
+        "run": lambda: session.run(ftw.PhaseConfig(phase="head", epochs=1)),
+        "find_learning_rate": lambda: session.find_learning_rate("head", steps=5),
+        "warm_up": lambda: session.warm_up(ftw.PhaseConfig(phase="head")),
+        "stop": session.stop,
+        "pause": session.pause,
+        "resume": session.resume,
+        "set_learning_rate": lambda: session.set_learning_rate(1e-4),
+        "update_early_stopping": lambda: session.update_early_stopping(patience=2),
+        "rollback": session.rollback,
+        "restore_epoch": lambda: session.restore_epoch(0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"Session 'closing' is closed"):
+            call()
+        assert not session.is_training, name
+    assert len(session.history.epochs) == epochs and not session.searches
+    assert same(values(session.model.variables), before)
+    session.close()  # closing again does nothing
+
+
+def test_repr_shows_the_sessions_name(data):
+    session = make_session(data, name="digits-a")
+    assert repr(session).startswith("<FineTuneSession 'digits-a' model=")
+    assert f"model={session.model.name!r} state=idle best=none>" in repr(session)
+    session.close()
