@@ -453,6 +453,7 @@ class FineTuneSession:
             failure=self._failure.message if self._failure else None,
             non_finite=self._failure is not None
             and isinstance(self._failure.exception, NonFiniteError),
+            num_classes=_num_classes(self._ctx.model, self.loss),
         )
         for note in self.coach.update(record):
             self._emit(Advised(note))
@@ -1037,6 +1038,20 @@ def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
 # batch ends to one, and a pool refusing work would fail the phase instead of
 # stopping it): the hook concurrent.futures itself uses, else plain atexit.
 getattr(threading, "_register_atexit", atexit.register)(_stop_sessions_at_exit)
+
+
+def _num_classes(model: keras.Model, loss: Any) -> int | None:
+    """The classes of a single-label classification head (for the coach's chance level)."""
+    try:
+        units = model.output_shape[-1]
+    except (AttributeError, ValueError, TypeError, IndexError):
+        return None
+    if not isinstance(units, int):
+        return None  # several outputs, or an unknown size
+    kind = tasks.loss_kind(loss)
+    if kind in ("sparse_categorical", "categorical") and units > 1:
+        return units
+    return 2 if kind == "binary" and units == 1 else None
 
 
 def _model_settings(model: keras.Model) -> dict[str, object]:
