@@ -522,8 +522,10 @@ class FineTunePanel(widgets.VBox):
 
         The panel calls it itself inside a kernel, once the settings have rested for
         ``WARM_UP_DELAY`` seconds; see ``FineTuneSession.warm_up``. False when the
-        settings are not valid yet, or nothing was compiled ahead.
+        settings are not valid yet, the session is closed, or nothing was compiled ahead.
         """
+        if self.session.closed:
+            return False
         try:
             config = self.phase_config()
         except ValueError:

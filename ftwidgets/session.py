@@ -272,6 +272,11 @@ class FineTuneSession:
         return self._name
 
     @property
+    def closed(self) -> bool:
+        """Whether `close` was called: training and steering then raise a RuntimeError."""
+        return self._closed
+
+    @property
     def state(self) -> State:
         """``"idle"``, ``"compiling"``, ``"running"``, ``"paused"``, ``"stopping"`` or ``"failed"``.
 

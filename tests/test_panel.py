@@ -142,6 +142,15 @@ def test_a_fixed_rate_box_enables_start_and_that_rate_trains(panel):
     assert panel.phase_config().learning_rate == pytest.approx(1e-2)
 
 
+def test_a_panel_on_a_closed_session_says_so_and_trains_nothing(panel):
+    session = panel.session
+    session.close()
+    assert panel.warm_up() is False  # the panel's own timer calls it: no error there
+    panel.start_button.click()
+    assert html.escape(f"Session {session.name!r} is closed") in panel.error_message.value
+    assert not session.history.epochs and session.state == "idle"
+
+
 def test_depth_shows_the_deepest_layer_and_the_freeze_map(panel):
     panel.phase.value = "finetune"
     panel.unfreeze_depth.value = 2

@@ -710,8 +710,9 @@ def test_a_closed_session_refuses_to_train_or_steer_and_says_closed(data):
     session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
     before = values(session.model.variables)
     epochs = len(session.history.epochs)
-    assert "state=idle" in repr(session)
+    assert "state=idle" in repr(session) and not session.closed
     session.close()
+    assert session.closed
     assert repr(session) == (
         f"<FineTuneSession 'closing' model={session.model.name!r} state=closed best=epoch 1>"
     )
