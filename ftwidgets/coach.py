@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
+from ftwidgets.config import DEFAULT_LEARNING_RATES
 from ftwidgets.history import History
 
 __all__ = ["RULES", "Action", "Coach", "Note", "Record"]
@@ -55,6 +56,16 @@ PARAMS_PER_SAMPLE = 100.0
 # The fine-tune rate the seed recommends.
 FINETUNE_RATE = 1e-5
 HIGH_DROPOUT = 0.5
+# Not learning: the phase's best accuracy is within this share of the way from chance
+# (one in the number of classes) to perfect...
+CHANCE_BAND = 0.05
+# ...or its loss changed by no more than this share of itself over its epochs...
+STILL_SHARE = 1e-5
+# ...or it blew up: its last training loss is this many times its lowest (counting
+# the epoch before the phase).
+BLOWUP_RISE = 2.0
+# The accuracy metrics read for the chance level, validation first.
+_ACCURACIES = ("accuracy", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy")
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,8 @@ class Note:
         why: the numbers that triggered it, in a sentence or two.
         epoch: the global epoch (1-based, as Keras prints it) it was written at.
         actions: buttons that apply a suggestion.
+        phase_index: the phase of the run (``history.phases``) it is about; the coach
+            fills it in from the record it read when a rule leaves it None.
         episode: what the condition is about (the phase, the rate...): the coach
             writes one note per rule and episode.
 
@@ -104,6 +117,7 @@ class Note:
     why: str
     epoch: int
     actions: tuple[Action, ...] = ()
+    phase_index: int | None = None
     episode: Any = field(default=None, compare=False, repr=False)
 
 
@@ -126,6 +140,8 @@ class Record:
         phase_ended: how the last phase ended (``"early_stopped"``...), None while running.
         failure: the last failure's message, if the last phase failed.
         non_finite: whether that failure was a NaN or infinite loss or weight.
+        num_classes: the classes of a single-label classification head (its accuracy
+            by chance is one in that many), None otherwise.
 
     Example:
 
@@ -148,6 +164,7 @@ class Record:
     phase_ended: str | None = None
     failure: str | None = None
     non_finite: bool = False
+    num_classes: int | None = None
 
     @cached_property
     def phase_records(self) -> list[Any]:
@@ -179,6 +196,7 @@ def overfitting(record: Record) -> Note | None:
     """The validation monitor has been worse than its best for ``OVERFIT_EPOCHS`` epochs
     while the training loss fell by ``OVERFIT_TRAIN_DROP`` or more over them. One note
     a phase: in a long, noisy run the best moves often, and so would a note per best.
+    Not while the phase's validation loss never moved (see `not_learning`).
 
     Example:
 
@@ -190,8 +208,8 @@ def overfitting(record: Record) -> Note | None:
     >>> overfitting(Record(h, "val_loss", "min", phase="head")).message
     'Overfitting: val_loss is 3 epochs past its best while the training loss falls.'
     """
-    if not record.monitor.startswith("val_"):
-        return None
+    if not record.monitor.startswith("val_") or _still(record) is not None:
+        return None  # a validation curve that never moved is not past its best
     rows = [r for r in record.history.lineage() if not r.partial]
     values = [(r, r.logs.get(record.monitor, math.nan)) for r in rows]
     values = [(r, v) for r, v in values if math.isfinite(v)]
@@ -298,8 +316,9 @@ def diverging(record: Record) -> Note | None:
 
 def head_converged(record: Record) -> Note | None:
     """In the head phase, the monitor stayed within min_delta (or ``FLAT_SHARE`` of its
-    value) for ``FLAT_EPOCHS`` epochs: time to fine-tune."""
-    if record.phase != "head":
+    value) for ``FLAT_EPOCHS`` epochs: time to fine-tune. Never after a phase that
+    failed, blew up or never learned (see `not_learning`): flat there means stuck."""
+    if record.phase != "head" or record.failure is not None or _stuck(record) is not None:
         return None
     rows = record.phase_records[-FLAT_EPOCHS:]
     values = [r.logs.get(record.monitor, math.nan) for r in rows]
@@ -396,6 +415,146 @@ def non_finite_loss(record: Record) -> Note | None:
     )
 
 
+def _stuck(record: Record) -> str | None:
+    """Why the phase is stuck rather than done: ``"non_finite"``, ``"blew_up"``,
+    ``"still"`` (nothing moved) or ``"chance"``; None when it learned."""
+    if _non_finite(record):
+        return "non_finite"
+    if _blow_up(record) is not None:
+        return "blew_up"
+    if _still(record) is not None:
+        return "still"
+    if _at_chance(record) is not None:
+        return "chance"
+    return None
+
+
+def _non_finite(record: Record) -> bool:
+    """Whether the phase failed on, or logged, a NaN or infinite loss."""
+    rows = record.phase_records
+    return record.non_finite or any(not math.isfinite(r.logs.get("loss", 0.0)) for r in rows)
+
+
+def _blow_up(record: Record) -> tuple[float, float] | None:
+    """The lowest and the last training loss, when the last is ``BLOWUP_RISE`` times it."""
+    rows = record.phase_records
+    if not rows:
+        return None
+    lineage = record.history.lineage()
+    at = next(i for i, r in enumerate(lineage) if r is rows[0])
+    before = [lineage[at - 1]] if at > 0 and not lineage[at - 1].partial else []
+    losses = [r.logs.get("loss", math.nan) for r in before + rows]
+    if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
+        return None
+    lowest, last = min(losses), losses[-1]
+    return (lowest, last) if lowest > 0 and last > BLOWUP_RISE * lowest else None
+
+
+def _still(record: Record) -> tuple[str, float, float] | None:
+    """The loss read, its first value and its range, when it moved by at most
+    ``STILL_SHARE`` of itself over two or more epochs of the phase."""
+    rows = record.phase_records
+    name = "val_loss" if rows and "val_loss" in rows[-1].logs else "loss"
+    values = [r.logs.get(name, math.nan) for r in rows]
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return None
+    moved = max(values) - min(values)
+    return (name, values[0], moved) if moved <= STILL_SHARE * abs(values[0]) else None
+
+
+def _at_chance(record: Record) -> tuple[str, float, float] | None:
+    """The accuracy read, its best in the phase and the chance level, when the best is
+    within ``CHANCE_BAND`` of the way from chance to perfect."""
+    rows, classes = record.phase_records, record.num_classes
+    if not rows or not classes or classes < 2:
+        return None
+    logs = rows[-1].logs
+    name = next(
+        (p + a for p in ("val_", "") for a in _ACCURACIES if p + a in logs),
+        None,
+    )
+    if name is None:
+        return None
+    values = [r.logs.get(name, math.nan) for r in rows]
+    if not all(math.isfinite(v) for v in values):
+        return None
+    chance, best = 1 / classes, max(values)
+    return (name, best, chance) if best <= chance + CHANCE_BAND * (1 - chance) else None
+
+
+def not_learning(record: Record) -> Note | None:
+    """The phase blew up (its training loss rose ``BLOWUP_RISE`` times), nothing moved
+    (its loss changed by at most ``STILL_SHARE``), or its best accuracy is at chance
+    level: say so, and what to try. Read once the phase has ``WARMUP_EPOCHS`` epochs,
+    or when it ends. A NaN or infinite loss is `non_finite_loss`'s to say.
+
+    Example:
+
+    >>> from ftwidgets.events import EpochRecord, frozen_logs
+    >>> h = History()
+    >>> for e in range(4):
+    ...     _ = h.add_epoch(EpochRecord(e, "head", 0, frozen_logs(
+    ...         {"loss": 1.6, "val_loss": 1.61 + e / 1000, "val_accuracy": 0.2}), 1e-3))
+    >>> not_learning(Record(h, "val_loss", "min", phase="head", num_classes=5)).message
+    'Not learning: val_accuracy stayed at chance level (0.2 for 5 classes).'
+    """
+    rows = record.phase_records
+    if not rows or (len(rows) < WARMUP_EPOCHS and record.phase_ended is None):
+        return None
+    if _non_finite(record):
+        return None
+    rate = record.learning_rate
+    at_rate = f" at rate {_rate(rate)}" if rate else ""
+    epochs = f"{len(rows)} epoch{'s' if len(rows) > 1 else ''}"
+    actions: tuple[Action, ...] = ()
+    if blown := _blow_up(record):
+        lowest, last = blown
+        if rate:
+            actions = (
+                Action(f"Lower the rate to {_rate(rate / 10)}", "set_learning_rate", rate / 10),
+            )
+        message = f"The phase diverged: the training loss rose {last / lowest:.1f}x."
+        why = (
+            f"The training loss went from {_fmt(lowest)} to {_fmt(last)}{at_rate}. Too high "
+            "a rate throws the weights off: lower it 10x and roll back to the best epoch. "
+            "If lower rates blow up too, check the data for extreme or corrupt values."
+        )
+    elif still := _still(record):
+        name, value, moved = still
+        usual = DEFAULT_LEARNING_RATES["finetune" if record.phase == "finetune" else "head"]
+        if rate and rate < usual:
+            actions = (Action(f"Use {_rate(usual)}", "set_learning_rate", usual),)
+        message = f"Nothing moved: {name} stayed at {_fmt(value)} for {epochs}."
+        why = (
+            f"Over the phase's {epochs} {name} changed by {moved:.2g}{at_rate}: the weights "
+            f"barely moved. Raise the rate ({_rate(usual)} is usual for this phase with "
+            "Adam), and check that the phase trains some weights and the labels vary."
+        )
+    elif at_chance := _at_chance(record):
+        name, best, chance = at_chance
+        message = (
+            f"Not learning: {name} stayed at chance level ({_fmt(chance)} for "
+            f"{record.num_classes} classes)."
+        )
+        why = (
+            f"Its best over the phase's {epochs} is {_fmt(best)}{at_rate}, about what guessing "
+            "scores. Check the labels (shuffled or misaligned labels stay at chance) and the "
+            "data (inputs scaled as the base expects, the right images), then try another "
+            "rate: too low moves nothing, too high throws the head off."
+        )
+    else:
+        return None
+    return Note(
+        "not_learning",
+        message,
+        why,
+        rows[-1].epoch,
+        actions,
+        phase_index=record.phase_index,
+        episode=record.phase_index,
+    )
+
+
 def early_stop(record: Record) -> Note | None:
     """The last phase ended because patience ran out."""
     if record.phase_ended != "early_stopped" or record.patience is None:
@@ -423,6 +582,7 @@ RULES: dict[str, tuple[Rule, bool]] = {
     "finetune_rate_too_high": (finetune_rate_too_high, False),
     "small_data": (small_data, False),
     "non_finite_loss": (non_finite_loss, False),
+    "not_learning": (not_learning, False),
     "early_stop": (early_stop, False),
 }
 
@@ -432,8 +592,10 @@ class Coach:
 
     A rule's note names its episode (the phase, the rate, the rate change...); the
     coach writes it only the first time that episode comes up, so
-    a condition that holds for many epochs gives one note. Curve-reading rules stay
-    quiet for the first ``WARMUP_EPOCHS`` epochs of each phase.
+    a condition that holds for many epochs gives one note. Nor does a rule say the
+    same message again in the phase after one it said it in. Curve-reading rules stay
+    quiet for the first ``WARMUP_EPOCHS`` epochs of each phase. Each note carries the
+    ``phase_index`` of the record it was read from.
 
     Args:
         enabled: whether `update` writes notes.
@@ -451,6 +613,8 @@ class Coach:
         self.enabled = enabled
         self._notes: list[Note] = []
         self._seen: set[tuple[str, Any]] = set()
+        # The last phase each rule's message came up in, written or not.
+        self._said: dict[tuple[str, str], int] = {}
 
     @property
     def notes(self) -> tuple[Note, ...]:
@@ -467,6 +631,11 @@ class Coach:
             note = rule(record) if warm or not reads_curves else None
             if note is not None and (name, note.episode) not in self._seen:
                 self._seen.add((name, note.episode))
-                fired.append(note)
+                if note.phase_index is None:
+                    note = replace(note, phase_index=record.phase_index)
+                said = self._said.get((name, note.message))
+                self._said[name, note.message] = note.phase_index
+                if said != note.phase_index - 1:  # not the previous phase's message again
+                    fired.append(note)
         self._notes.extend(fired)
         return fired

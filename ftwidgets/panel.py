@@ -132,6 +132,8 @@ class FineTunePanel(widgets.VBox):
         # write the panel's widgets under this lock, re-reading the session inside.
         self._ui = threading.RLock()
         self._lr = DEFAULT_LEARNING_RATES["head"]
+        # What the rate box holds when it is not a rate: Start and Find LR stay off.
+        self._bad_lr_text: str | None = None
         self._syncing_lr = False
         self._epoch_times: list[float] = []
         self._phase_started: PhaseStarted | None = None
@@ -467,15 +469,21 @@ class FineTunePanel(widgets.VBox):
     # -- what the controls say ------------------------------------------------------
     @property
     def learning_rate_value(self) -> float:
-        """The learning rate the next Start (or a running phase) uses."""
+        """The learning rate the next Start (or a running phase) uses.
+
+        While the rate box holds something that is not a positive finite number,
+        no Start runs (`phase_config` refuses); a running phase keeps this rate.
+        """
         return self._lr
 
     def phase_config(self) -> PhaseConfig:
         """The phase settings the controls describe.
 
         Raises:
-            ValueError: naming the bad value.
+            ValueError: naming the bad value, the rate box's text included.
         """
+        if self._bad_lr_text is not None:
+            check_learning_rate(self._bad_lr_text)  # raises, naming what was typed
         finetune = self.phase.value == "finetune"
         return PhaseConfig(
             phase=self.phase.value,
@@ -520,8 +528,10 @@ class FineTunePanel(widgets.VBox):
 
         The panel calls it itself inside a kernel, once the settings have rested for
         ``WARM_UP_DELAY`` seconds; see ``FineTuneSession.warm_up``. False when the
-        settings are not valid yet, or nothing was compiled ahead.
+        settings are not valid yet, the session is closed, or nothing was compiled ahead.
         """
+        if self.session.closed:
+            return False
         try:
             config = self.phase_config()
         except ValueError:
@@ -734,7 +744,10 @@ class FineTunePanel(widgets.VBox):
         try:
             rate = check_learning_rate(text)
         except ValueError as exc:
-            self.show_error(f"{exc}. The learning rate stays {format_rate(self._lr)}.")
+            with self._ui:
+                self._bad_lr_text = text
+            self.show_error(f"{exc}. Start and Find LR are off until the box holds one.")
+            self._refresh_buttons()
             return
         self.clear_error()
         self._apply_lr(rate)
@@ -755,6 +768,10 @@ class FineTunePanel(widgets.VBox):
                 self.learning_rate_text.value = format_rate(rate)
             finally:
                 self._syncing_lr = False
+            if self._bad_lr_text is not None:  # the box holds a rate again
+                self._bad_lr_text = None
+                self.clear_error()
+                self._refresh_buttons_locked()
 
     def _on_unit_change(self, change: dict[str, Any]) -> None:
         # The slider clamps its value to the new maximum (which may refresh once more).
@@ -877,8 +894,9 @@ class FineTunePanel(widgets.VBox):
         state = self.session.state
         active = self.session.is_training
         best = self.session.best
-        self.start_button.disabled = active
-        self.find_lr_button.disabled = active
+        # A rate box that holds no rate starts nothing: the box would not say what trains.
+        self.start_button.disabled = active or self._bad_lr_text is not None
+        self.find_lr_button.disabled = active or self._bad_lr_text is not None
         self.stop_button.disabled = not active or state == "stopping"
         with self.pause_button.hold_sync():
             self.pause_button.disabled = state not in ("running", "paused")

@@ -280,6 +280,7 @@ class FineTuneSession:
         self._thread: threading.Thread | None = None
         self._warm: warm_compile.WarmUp | None = None
         self._created = time.monotonic()
+        self._closed = False
         # Keras's settings live per thread; a Start clicked on a subshell's thread
         # sees none. Those of the thread that made the session fill the gaps.
         self._keras_settings = _backend.keras_state()
@@ -292,6 +293,11 @@ class FineTuneSession:
     def name(self) -> str:
         """The session's name, unique among live sessions (``"session-1"``...)."""
         return self._name
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: training and steering then raise a RuntimeError."""
+        return self._closed
 
     @property
     def state(self) -> State:
@@ -484,6 +490,7 @@ class FineTuneSession:
             failure=self._failure.message if self._failure else None,
             non_finite=self._failure is not None
             and isinstance(self._failure.exception, NonFiniteError),
+            num_classes=_num_classes(self._ctx.model, self.loss),
         )
         for note in self.coach.update(record):
             self._emit(Advised(note))
@@ -531,6 +538,7 @@ class FineTuneSession:
             RuntimeError: if a phase is already running, here or in another
                 session on the same model.
         """
+        self._refuse_if_closed()
         if not isinstance(config, PhaseConfig):
             raise ValueError(f"config must be a PhaseConfig. Received: config={config!r}")
         if early_stopping is False:
@@ -602,6 +610,7 @@ class FineTuneSession:
         """
         from ftwidgets.compile_cache import compilation_cache_dir
 
+        self._refuse_if_closed()
         if compilation_cache_dir() is None or self.distribution is not None:
             return False
         try:
@@ -663,6 +672,7 @@ class FineTuneSession:
             ValueError: for a bad setting or data that does not fit the model.
             RuntimeError: if a phase or a search is already running.
         """
+        self._refuse_if_closed()
         if phase is None:
             config = self._phase.config if self._phase is not None else PhaseConfig(phase="head")
         elif isinstance(phase, PhaseConfig):
@@ -687,6 +697,15 @@ class FineTuneSession:
 
     def _settings_for_worker(self) -> dict[str, object]:
         return {**self._keras_settings, **_backend.keras_state()}
+
+    def _refuse_if_closed(self) -> None:
+        # A closed session is gone from the panel, %ftstatus and the lab extension:
+        # training it would be invisible there.
+        if self._closed:
+            raise RuntimeError(
+                f"Session {self._name!r} is closed; make a new FineTuneSession to train "
+                "or steer the model."
+            )
 
     def _refuse_if_busy(self) -> None:
         if self.is_training:
@@ -805,7 +824,11 @@ class FineTuneSession:
 
         Returns:
             True if a job took the request; False when nothing runs.
+
+        Raises:
+            RuntimeError: if the session is closed.
         """
+        self._refuse_if_closed()
         return self._channel.submit(Stop()) is not None
 
     def pause(self) -> bool:
@@ -813,7 +836,11 @@ class FineTuneSession:
 
         Returns:
             True if a compiling or running job took the request.
+
+        Raises:
+            RuntimeError: if the session is closed.
         """
+        self._refuse_if_closed()
         return self._channel.submit(Pause()) is not None
 
     def resume(self) -> bool:
@@ -821,7 +848,11 @@ class FineTuneSession:
 
         Returns:
             True if a job was there to take it.
+
+        Raises:
+            RuntimeError: if the session is closed.
         """
+        self._refuse_if_closed()
         return self._channel.submit(Resume()) is not None
 
     def set_learning_rate(self, learning_rate: float) -> bool:
@@ -835,7 +866,9 @@ class FineTuneSession:
 
         Raises:
             ValueError: if the rate is not a positive finite number.
+            RuntimeError: if the session is closed.
         """
+        self._refuse_if_closed()
         rate = check_learning_rate(learning_rate)
         if self._channel.submit(SetLearningRate(rate)) is not None:
             return True
@@ -857,7 +890,9 @@ class FineTuneSession:
 
         Raises:
             ValueError: for a bad value, a locked field, or when early stopping is off.
+            RuntimeError: if the session is closed.
         """
+        self._refuse_if_closed()
         current = self.early_stopping
         if current is None:
             raise ValueError(
@@ -888,7 +923,9 @@ class FineTuneSession:
         Raises:
             ValueError: if there is no best epoch yet, or its weights were not
                 kept (the message names the epochs whose weights are kept).
+            RuntimeError: if the session is closed.
         """
+        self._refuse_if_closed()
         best = self.best
         if best is None:
             raise ValueError("There is no best epoch to roll back to yet. Received: best=None")
@@ -925,7 +962,9 @@ class FineTuneSession:
         Raises:
             ValueError: if ``epoch`` is below 1 or its weights are not kept (the
                 message lists the restorable epochs).
+            RuntimeError: if the session is closed.
         """
+        self._refuse_if_closed()
         if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer):
             raise ValueError(f"epoch must be an int. Received: epoch={epoch!r}")
         history = self.history
@@ -989,9 +1028,18 @@ class FineTuneSession:
             raise self.error.exception
 
     def close(self) -> None:
-        """Stop any running job, wait for it, and forget this session."""
-        self.stop()
-        self.resume()
+        """Stop any running job, wait for it, and forget this session.
+
+        From then on training and steering it (`start`, `run`, `find_learning_rate`,
+        `warm_up`, `stop`, `set_learning_rate`, `rollback`...) raise a RuntimeError;
+        closing again does nothing.
+        """
+        if self._closed:
+            return
+        # Closed first: a Start racing this close finds the session closed.
+        self._closed = True
+        self._channel.submit(Stop())
+        self._channel.submit(Resume())
         self.wait()
         if self in _SESSIONS:
             _SESSIONS.discard(self)
@@ -1000,7 +1048,10 @@ class FineTuneSession:
 
     def __repr__(self) -> str:
         best = "none" if self.best is None else f"epoch {self.best.epoch}"
-        return f"<FineTuneSession {self.model.name!r} state={self.state.value} best={best}>"
+        state = "closed" if self._closed else self.state.value
+        return (
+            f"<FineTuneSession {self._name!r} model={self.model.name!r} state={state} best={best}>"
+        )
 
 
 def _best_only_config(data: TrainingData) -> EarlyStoppingConfig:
@@ -1041,6 +1092,20 @@ def _user_compile(model: keras.Model) -> dict[str, Any]:
     if not getattr(model, "compiled", False) or config is None:
         return {}
     return dict(config.config)
+
+
+def _num_classes(model: keras.Model, loss: Any) -> int | None:
+    """The classes of a single-label classification head (for the coach's chance level)."""
+    try:
+        units = model.output_shape[-1]
+    except (AttributeError, ValueError, TypeError, IndexError):
+        return None
+    if not isinstance(units, int):
+        return None  # several outputs, or an unknown size
+    kind = tasks.loss_kind(loss)
+    if kind in ("sparse_categorical", "categorical") and units > 1:
+        return units
+    return 2 if kind == "binary" and units == 1 else None
 
 
 def _model_settings(model: keras.Model) -> dict[str, object]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
+import ftwidgets as ftw
 from ftwidgets import coach
 from ftwidgets.coach import Coach, Record
 from ftwidgets.events import EpochRecord, frozen_logs
@@ -151,3 +154,136 @@ def test_the_coach_waits_out_the_warm_up_fires_once_per_episode_and_can_be_off()
     assert [n.rule for n in watcher.notes] == ["overfitting"]
     off = Coach(enabled=False)
     assert off.update(record(history)) == [] and off.notes == ()
+
+
+def logged(rows, phase: str = "head", rate: float = 1e-3, history: History | None = None):
+    """A history of one more phase: ``rows`` is one logs dict per epoch."""
+    history = history or History()
+    index, start = len(history.phases), history.next_epoch
+    history.begin_phase(PhaseSpan(index, phase, start, rate, 0 if phase == "head" else 2))
+    for offset, logs in enumerate(rows):
+        history.add_epoch(EpochRecord(start + offset, phase, index, frozen_logs(logs), rate))
+    return history
+
+
+def flat_head(accuracy, loss=1.6):
+    """Five head epochs whose val_loss is flat within 1% (but moves): "converged" on main."""
+    return [
+        {"loss": loss, "val_loss": loss + d, "val_accuracy": a}
+        for d, a in zip([0.0, 0.004, 0.002, 0.006, 0.003], accuracy, strict=True)
+    ]
+
+
+def test_a_head_at_chance_level_is_not_converged_but_not_learning():
+    history = logged(flat_head([0.2, 0.21, 0.19, 0.2, 0.22]))
+    stuck = record(history, num_classes=5)
+    assert coach.head_converged(stuck) is None
+    note = coach.not_learning(stuck)
+    assert note.rule == "not_learning" and note.phase_index == 0 and note.epoch == 4
+    assert note.message == "Not learning: val_accuracy stayed at chance level (0.2 for 5 classes)."
+    assert "best over the phase's 5 epochs is 0.22 at rate 1e-3" in note.why
+    assert "labels" in note.why and "data" in note.why and "rate" in note.why
+    fired = Coach().update(stuck)
+    assert [n.rule for n in fired] == ["not_learning"]
+    assert not any("converged" in n.message for n in fired)
+    # The same curves well above chance are converged, and learning.
+    learned = record(logged(flat_head([0.8, 0.82, 0.81, 0.8, 0.83])), num_classes=5)
+    assert coach.head_converged(learned).message.startswith("The head has converged")
+    assert coach.not_learning(learned) is None
+    # Binary: chance is one half; the band is 5% of the way to perfect (0.525).
+    binary = record(logged(flat_head([0.5, 0.52, 0.49, 0.51, 0.5])), num_classes=2)
+    assert coach.not_learning(binary).rule == "not_learning"
+    assert coach.head_converged(binary) is None
+    better = record(logged(flat_head([0.5, 0.52, 0.49, 0.51, 0.55])), num_classes=2)
+    assert coach.not_learning(better) is None
+
+
+def test_nothing_moved_at_a_rate_too_low_says_so_and_offers_the_usual_rate():
+    still = [{"loss": 1.6121, "val_loss": 1.6094, "val_accuracy": 0.2}] * 2
+    ended = record(logged(still, rate=1e-12), phase_ended="completed")
+    note = coach.not_learning(ended)
+    assert note.message == "Nothing moved: val_loss stayed at 1.609 for 2 epochs."
+    assert "changed by 0 at rate 1e-12" in note.why
+    assert [(a.kind, a.value) for a in note.actions] == [("set_learning_rate", 1e-3)]
+    # Not before the phase ends or has WARMUP_EPOCHS epochs, and never "converged".
+    assert coach.not_learning(record(logged(still, rate=1e-12))) is None
+    long = record(logged(still * 3, rate=1e-12))
+    assert coach.not_learning(long).message.startswith("Nothing moved")
+    assert coach.head_converged(long) is None
+    # Dropout moves the training loss alone: that is not overfitting either.
+    noisy = [{"loss": 1.6 - e / 20, "val_loss": 1.6094} for e in range(5)]
+    assert coach.overfitting(record(logged(noisy, rate=1e-12))) is None
+    # A fine-tune phase is offered the fine-tune rate.
+    tuned = record(logged(still, phase="finetune", rate=1e-9), phase_ended="completed")
+    assert [(a.kind, a.value) for a in coach.not_learning(tuned).actions] == [
+        ("set_learning_rate", 1e-5)
+    ]
+
+
+def test_a_blown_up_phase_is_diverged_never_converged():
+    rows = [{"loss": 0.5, "val_loss": 0.6}, {"loss": 1.4, "val_loss": 3.0}]
+    rows += [{"loss": 3.0, "val_loss": 3.0 + d} for d in (0.01, 0.0, 0.02, 0.01)]
+    blown = record(logged(rows, rate=0.5))
+    assert coach.head_converged(blown) is None
+    note = coach.not_learning(blown)
+    assert note.message == "The phase diverged: the training loss rose 6.0x."
+    assert "from 0.5 to 3 at rate 5e-1" in note.why
+    assert [(a.kind, a.value) for a in note.actions] == [("set_learning_rate", 0.05)]
+    # Counted from the epoch before the phase: a second phase that starts blown up.
+    first = logged([{"loss": 0.4, "val_loss": 0.5}])
+    second = logged(
+        [{"loss": 2.0, "val_loss": 2.0 + d} for d in (0, 0.01, 0.0, 0.01)], history=first
+    )
+    assert coach.not_learning(record(second)).message.endswith("rose 5.0x.")
+    assert coach.head_converged(record(second)) is None
+    # A NaN blow-up is non_finite_loss's note alone; a phase that failed is not converged.
+    nan = logged([*flat_head([0.5] * 5), {"loss": math.nan, "val_loss": math.nan}])
+    assert coach.not_learning(record(nan)) is None
+    assert coach.non_finite_loss(record(nan)) is not None
+    failed = record(logged(flat_head([0.9] * 5)), failure="XlaRuntimeError: out of memory")
+    assert coach.head_converged(failed) is None
+
+
+def test_each_note_carries_its_phase_and_a_rule_does_not_repeat_itself_next_phase():
+    watcher = Coach()
+    history = History()
+    said = []
+    for params in (1_000_000, 1_000_000, 1_000_000, 2_000_000):
+        history = run([(1.0, 1.0)], history=history)
+        said.append(watcher.update(record(history, trainable_params=params, train_samples=100)))
+    # Phases 1 and 2 would say phase 0's words again; phase 3 has news.
+    assert [[(n.rule, n.phase_index) for n in notes] for notes in said] == [
+        [("small_data", 0)],
+        [],
+        [],
+        [("small_data", 3)],
+    ]
+    assert [n.phase_index for n in watcher.notes] == [3, 0]
+    # After a phase without it, the same words are news again.
+    history = run([(1.0, 1.0)], history=history)
+    assert watcher.update(record(history, trainable_params=10, train_samples=100)) == []
+    history = run([(1.0, 1.0)], history=history)
+    again = watcher.update(record(history, trainable_params=2_000_000, train_samples=100))
+    assert [(n.rule, n.phase_index) for n in again] == [("small_data", 5)]
+
+
+@pytest.mark.keras
+def test_a_real_head_trained_at_1e_12_is_told_nothing_moved_never_converged(data):
+    from test_session import make_session
+
+    session = make_session(data)
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, learning_rate=1e-12, batch_size=16))
+    (first,) = [n for n in session.advice() if n.rule == "not_learning"]
+    assert first.message.startswith("Nothing moved: val_loss stayed at")
+    assert first.message.endswith("for 2 epochs.") and first.phase_index == 0
+    # Four flat epochs more, past the warm-up: on a flat monitor, still not "converged".
+    session.run(ftw.PhaseConfig(phase="head", epochs=4, learning_rate=1e-12, batch_size=16))
+    notes = session.advice()
+    assert not any("converged" in n.message for n in notes), [n.message for n in notes]
+    assert not any(n.rule == "overfitting" for n in notes)  # the validation loss never moved
+    assert [(n.rule, n.phase_index) for n in notes if n.rule == "not_learning"] == [
+        ("not_learning", 1),
+        ("not_learning", 0),
+    ]
+    assert {n.phase_index for n in notes} <= {0, 1}
+    session.close()

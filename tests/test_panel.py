@@ -101,12 +101,55 @@ def test_typed_rate_beyond_the_slider_is_kept_exactly(panel):
     assert panel.phase_config().learning_rate == 0.5
 
 
-@pytest.mark.parametrize("typed", ["-1", "0", "nan", "inf", "fast"])
+@pytest.mark.parametrize("typed", ["-1", "0", "nan", "inf", "fast", "abc"])
 def test_bad_typed_rate_is_reported_and_not_applied(panel, typed):
     panel.learning_rate_text.value = typed
     assert panel.error_area.layout.display is None
     assert "learning_rate" in panel.error_message.value
     assert panel.learning_rate_value == 1e-3
+    # What the box shows is what would train: nothing starts until it holds a rate.
+    assert html.escape(f"Received: learning_rate={typed!r}") in panel.error_message.value
+    assert panel.learning_rate_text.value == typed
+    assert panel.start_button.disabled and panel.find_lr_button.disabled
+    with pytest.raises(ValueError, match=re.escape(f"learning_rate={typed!r}")):
+        panel.phase_config()
+    assert panel.warm_up() is False
+    panel.start()  # as from code: refused, with the error still naming the box's text
+    assert panel.find_learning_rate() is None
+    assert not panel.session.is_training and not panel.session.history.epochs
+    assert not panel.session.searches
+    assert html.escape(repr(typed)) in panel.error_message.value
+
+
+def test_a_fixed_rate_box_enables_start_and_that_rate_trains(panel):
+    session = panel.session
+    panel.learning_rate_text.value = "abc"
+    assert panel.start_button.disabled
+    panel.learning_rate_text.value = "1e-4"
+    assert panel.error_area.layout.display == "none"
+    assert not panel.start_button.disabled and not panel.find_lr_button.disabled
+    panel.epochs.value = 1
+    panel.start_button.click()
+    assert session.wait(WAIT)
+    assert [r.learning_rate for r in session.history.epochs] == [1e-4]
+    assert session.history.phases[-1].learning_rate == 1e-4
+    assert float(session.model.optimizer.learning_rate) == pytest.approx(1e-4)
+    # Moving the slider puts a rate back in the box too.
+    panel.learning_rate_text.value = "-1"
+    assert panel.start_button.disabled
+    panel.learning_rate.value = 1e-2
+    assert panel.learning_rate_text.value == format_rate(1e-2)
+    assert not panel.start_button.disabled and panel.error_area.layout.display == "none"
+    assert panel.phase_config().learning_rate == pytest.approx(1e-2)
+
+
+def test_a_panel_on_a_closed_session_says_so_and_trains_nothing(panel):
+    session = panel.session
+    session.close()
+    assert panel.warm_up() is False  # the panel's own timer calls it: no error there
+    panel.start_button.click()
+    assert html.escape(f"Session {session.name!r} is closed") in panel.error_message.value
+    assert not session.history.epochs and session.state == "idle"
 
 
 def test_depth_shows_the_deepest_layer_and_the_freeze_map(panel):

@@ -796,7 +796,7 @@ def test_a_rate_change_applies_at_the_next_batch_and_keeps_the_compiled_settings
     rec = Recorder(session)
 
     def pauser(event):
-        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (0, 1):
+        if isinstance(event, ev.BatchProgress) and (event.epoch, event.batch) == (1, 1):
             session.pause()
 
     session.on_event(pauser)
@@ -804,7 +804,7 @@ def test_a_rate_change_applies_at_the_next_batch_and_keeps_the_compiled_settings
     rec.wait_for(ev.StateChanged, lambda e: e.state == "paused")
     session.set_learning_rate(3e-3)
     changed = rec.wait_for(ev.LearningRateChanged)
-    assert (changed.epoch, changed.batch, changed.learning_rate) == (0, 2, 3e-3)
+    assert (changed.epoch, changed.batch, changed.learning_rate) == (1, 2, 3e-3)
     session.resume()
     assert session.wait(WAIT)
     optimizer = model.optimizer
@@ -862,3 +862,43 @@ def test_the_learning_rate_search_uses_the_compiled_optimizer(data, monkeypatch)
     assert len(made) == 1 and type(made[0]) is keras.optimizers.SGD and made[0] is not sgd
     assert_same_settings(made[0], sgd)
     assert not sgd.built
+
+
+def test_a_closed_session_refuses_to_train_or_steer_and_says_closed(data):
+    session = make_session(data, name="closing")
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
+    before = values(session.model.variables)
+    epochs = len(session.history.epochs)
+    assert "state=idle" in repr(session) and not session.closed
+    session.close()
+    assert session.closed
+    assert repr(session) == (
+        f"<FineTuneSession 'closing' model={session.model.name!r} state=closed best=epoch 1>"
+    )
+    calls = {
+        "start": lambda: session.start(ftw.PhaseConfig(phase="head", epochs=1)),
+        "run": lambda: session.run(ftw.PhaseConfig(phase="head", epochs=1)),
+        "find_learning_rate": lambda: session.find_learning_rate("head", steps=5),
+        "warm_up": lambda: session.warm_up(ftw.PhaseConfig(phase="head")),
+        "stop": session.stop,
+        "pause": session.pause,
+        "resume": session.resume,
+        "set_learning_rate": lambda: session.set_learning_rate(1e-4),
+        "update_early_stopping": lambda: session.update_early_stopping(patience=2),
+        "rollback": session.rollback,
+        "restore_epoch": lambda: session.restore_epoch(0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"Session 'closing' is closed"):
+            call()
+        assert not session.is_training, name
+    assert len(session.history.epochs) == epochs and not session.searches
+    assert same(values(session.model.variables), before)
+    session.close()  # closing again does nothing
+
+
+def test_repr_shows_the_sessions_name(data):
+    session = make_session(data, name="digits-a")
+    assert repr(session).startswith("<FineTuneSession 'digits-a' model=")
+    assert f"model={session.model.name!r} state=idle best=none>" in repr(session)
+    session.close()
