@@ -114,6 +114,8 @@ class JobContext:
     steps_before: int = 0
     # `phase_key`s of phases whose programs are all in the persistent cache.
     cached_phases: set[tuple[Any, ...]] = field(default_factory=set)
+    # The user's own Keras callbacks, passed to every phase's ``fit`` as they are.
+    callbacks: tuple[keras.callbacks.Callback, ...] = ()
 
     def track(self, config: EarlyStoppingConfig) -> None:
         """Track the best on ``config``; a new monitor or mode recomputes it from the history."""
@@ -423,6 +425,9 @@ class FitPhase:
         self.last_loss: float | None = None
         self.non_finite: tuple[int, int, float] | None = None
         self.reason: str | None = None
+        # Keras's logs of the phase's last epoch, what its ``on_train_end`` passes on.
+        self.train_logs: dict[str, Any] = {}
+        self.cut = False  # a user's callback stopped an epoch short
         self.rolled_back = False
         # Where a rollback took the model, and whether to a chosen epoch (time travel).
         self.rolled_to: Best | None = None
@@ -523,20 +528,43 @@ class FitPhase:
                 **ctx.data.fit_args(config.batch_size),
                 epochs=self.start_epoch + config.epochs,
                 initial_epoch=self.start_epoch,
+                # The session's first: they record Keras's logs before a user's
+                # callback can change them.
                 callbacks=[
                     SessionControl(ctx.channel, self),
                     LossStream(ctx.channel, self, record=ctx.stream_batches),
+                    *ctx.callbacks,
                 ],
                 verbose=0,
             )
         except StopJob:
             ctx.channel.drain()
             self._record_partial(ctx)
+            # A Stop ends training as `model.stop_training` does, and Keras then calls
+            # `on_train_end` (a CSVLogger closes its file there); fit skips it on an
+            # exception, so it is called here.
+            for callback in ctx.callbacks:
+                callback.on_train_end(self.train_logs)
             raise
         except BaseException:
             self._record_partial(ctx)
             raise
+        if self.reason is None and ctx.model.stop_training:
+            self._stopped_by_callback(ctx)
         return self.reason or "completed"
+
+    def _stopped_by_callback(self, ctx: JobContext) -> None:
+        """A callback set ``model.stop_training``: if that cut the phase short, say so."""
+        cut = self.cut
+        if not cut and ctx.history.next_epoch >= self.start_epoch + self.config.epochs:
+            return  # the phase had run all its epochs anyway
+        self.reason = "callback"
+        batch = self.batch if cut else None
+        where = f"epoch {self.epoch + 1}" + (f", batch {self.batch + 1}" if cut else "")
+        x = self.position(self.batch + 1) if cut else self.epoch + 1
+        detail = f"a callback set model.stop_training at {where}"
+        ctx.history.add_marker(Marker("stop", x, self.epoch, detail))
+        ctx.emit(Stopped(self.epoch, batch))
 
     def failure(self, exc: BaseException) -> Failure:
         """Describe an exception raised by `run`."""
@@ -751,10 +779,20 @@ class FitPhase:
         batches = channel.finished_batches - self._finished_before_epoch
         channel.forget_unfinished()
         self._finished_before_epoch = channel.finished_batches
-        if self.steps_per_epoch is None:
+        self.train_logs = logs
+        # The session's callbacks run first: a stop flag raised already was raised by
+        # a user's callback during the epoch's batches, and Keras cut the epoch there.
+        steps = self.steps_per_epoch
+        cut = model.stop_training and (steps is None or batches < steps)
+        if steps is None and not cut:
             self.steps_per_epoch = ctx.learned_steps = batches
             ctx.history.place_batches(self._epoch_first_step, batches, epoch)
         self._epoch_first_step += batches
+        if cut:
+            # As a Stop's cut epoch: recorded, never a best, its weights not kept.
+            self.cut = True
+            self._record_partial(ctx, {"loss": logs["loss"]} if "loss" in logs else {})
+            return
         bad = first_non_finite(self._watched)
         record = EpochRecord(
             epoch=epoch,
@@ -793,11 +831,14 @@ class FitPhase:
             )
             ctx.emit(EarlyStopped(epoch, tracker.best))
 
-    def _record_partial(self, ctx: JobContext) -> None:
+    def _record_partial(self, ctx: JobContext, logs: dict[str, Any] | None = None) -> None:
         # A cut epoch is kept for the record but is never a best.
-        if self.batch == 0 or ctx.history.next_epoch > self.epoch:
+        if ctx.history.next_epoch > self.epoch:
             return
-        logs = {} if self.last_loss is None else {"loss": self.last_loss}
+        if logs is None:
+            if self.batch == 0:
+                return
+            logs = {} if self.last_loss is None else {"loss": self.last_loss}
         record = EpochRecord(
             self.epoch,
             self.config.phase,

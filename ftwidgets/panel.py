@@ -823,6 +823,7 @@ class FineTunePanel(widgets.VBox):
             self._notice = {
                 "early_stopped": "Early stopping ended the phase.",
                 "stopped": "Stopped.",
+                "callback": "A callback stopped the phase (model.stop_training).",
                 "completed": "Phase complete.",
                 "rolled_back": self._notice,
                 "failed": "The phase failed; see the error above.",
