@@ -230,3 +230,130 @@ def test_the_panel_passes_callbacks_and_class_weight_on_and_names_a_callback_sto
         assert "A callback stopped the phase" in panel.status.value
     finally:
         panel.close()
+
+
+# -- class weights ------------------------------------------------------------------------
+
+CLASS_WEIGHT = {0: 4.0, 2: 0.25, 3: 0.0}
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+def trained_by_fit(data, start: list, **fit_kwargs) -> list[np.ndarray]:
+    """The weights plain ``model.fit`` reaches in two full-batch epochs of a head phase."""
+    model = tiny_model(dropout=0.0)
+    model.set_weights(start)
+    model.get_layer("base").trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    n = len(data.x_train)
+    model.fit(data.x_train, data.y_train, batch_size=n, epochs=2, verbose=0, **fit_kwargs)
+    return model.get_weights()
+
+
+def grain_loader(batch):
+    import grain
+
+    return grain.DataLoader(
+        data_source=[batch],
+        sampler=grain.samplers.IndexSampler(1, num_epochs=1, shuffle=False),
+    )
+
+
+@pytest.mark.parametrize("form", ["arrays", "pydataset", "grain_map", "grain_iter", "loader"])
+def test_class_weight_trains_exactly_as_fit_with_class_weight(data, form):
+    import grain
+
+    batch = (data.x_train, data.y_train)
+    train = {
+        "arrays": batch,
+        "pydataset": Batches([batch]),
+        "grain_map": grain.MapDataset.source([batch]),
+        "grain_iter": grain.MapDataset.source([batch]).to_iter_dataset(),
+        "loader": grain_loader(batch),
+    }[form]
+    model = tiny_model(dropout=0.0)
+    start = model.get_weights()
+    session = ftw.FineTuneSession(
+        model,
+        train=train,
+        loss="sparse_categorical_crossentropy",
+        class_weight=CLASS_WEIGHT,
+    )
+    assert session.class_weight == CLASS_WEIGHT
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=len(data.x_train)))
+
+    weighed = trained_by_fit(data, start, class_weight=CLASS_WEIGHT)
+    plain = trained_by_fit(data, start)
+    got = model.get_weights()
+    for a, b in zip(got, weighed, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    head = [i for i, w in enumerate(start) if not np.array_equal(w, plain[i])]
+    assert head and not any(np.allclose(got[i], plain[i], atol=1e-6) for i in head)
+
+
+def test_the_learning_rate_search_and_the_warm_up_see_the_class_weights(data):
+    session = session_on(data, class_weight={1: 3.0})
+    _, y, weights = next(session.data.batches(batch_size=8))
+    np.testing.assert_array_equal(weights, np.where(y == 1, 3.0, 1.0))
+    train, validation = session.data.split_arrays()
+    np.testing.assert_array_equal(train[2], np.where(data.y_train == 1, 3.0, 1.0))
+    assert validation[2] is None  # fit weighs training only
+
+
+@pytest.mark.parametrize(
+    ("class_weight", "fragment"),
+    [
+        (
+            {5: 1.0},
+            "class_weight key 5 is not a class of the model's head, whose classes are 0 to 4",
+        ),
+        ({-1: 1.0}, "key -1 is not a class"),
+        ({"cat": 1.0}, "key 'cat' is not a class"),
+        ({True: 1.0}, "key True is not a class"),
+        ({1: -0.5}, r"Received: class_weight\[1\]=-0.5"),
+        ({1: float("nan")}, r"Received: class_weight\[1\]=nan"),
+        ({2: float("inf")}, r"Received: class_weight\[2\]=inf"),
+        ({2: "heavy"}, r"Received: class_weight\[2\]='heavy'"),
+        ([1.0, 2.0], r"must be a dict .* Received: class_weight=\[1.0, 2.0\]"),
+    ],
+)
+def test_class_weights_that_name_no_class_or_no_weight_are_refused(data, class_weight, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        session_on(data, class_weight=class_weight)
+
+
+def test_class_weight_is_refused_with_sample_weights_and_on_a_regression_head(data):
+    weights = np.ones(len(data.x_train))
+    with pytest.raises(ValueError, match="class_weight and sample weights cannot both"):
+        ftw.FineTuneSession(
+            tiny_model(), train=(data.x_train, data.y_train, weights), class_weight={0: 2.0}
+        )
+    # A dataset whose batches carry weights: refused before training, as fit refuses it.
+    session = ftw.FineTuneSession(
+        tiny_model(),
+        train=Batches([(data.x_train, data.y_train, weights)]),
+        loss="sparse_categorical_crossentropy",
+        class_weight={0: 2.0},
+    )
+    with pytest.raises(ValueError, match="class_weight and sample weights cannot both"):
+        session.run(ftw.PhaseConfig(phase="head", epochs=1))
+    assert len(session.history) == 0
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    base = keras.Model(inputs, keras.layers.Flatten()(inputs), name="flat")
+    regression = ftw.build_transfer_model(base, num_classes=1, task="regression")
+    with pytest.raises(ValueError, match="class_weight needs a classification head"):
+        ftw.FineTuneSession(
+            regression, train=(data.x_train, data.y_train.astype("float32")), class_weight={0: 1}
+        )
