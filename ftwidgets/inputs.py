@@ -285,9 +285,9 @@ class TrainingData:
                 if self.class_weight is not None:
                     # fit refuses class_weight with Grain: weigh each batch as it
                     # does a PyDataset's, in a map that keeps the dataset's order.
-                    from ftwidgets import _grain
+                    from ftwidgets import grain_data
 
-                    args["x"] = _grain.with_class_weights(self.x, self.class_weight)
+                    args["x"] = grain_data.with_class_weights(self.x, self.class_weight)
             elif self.class_weight is not None:
                 args["class_weight"] = self.class_weight
         else:
