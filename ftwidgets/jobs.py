@@ -509,9 +509,13 @@ class FitPhase:
     def run(self, ctx: JobContext) -> str:
         """``model.fit`` with the session's callbacks."""
         config = self.config
-        if ctx.data.steps_per_epoch(config.batch_size) is None:
-            # Keras finds the end of data of unknown length by running out, and
-            # warns each epoch from this worker, into whichever cell ran last.
+        data = ctx.data
+        if data.steps_per_epoch(config.batch_size) is None or (
+            data.is_dataset and not isinstance(data.x, keras.utils.PyDataset)
+        ):
+            # Keras finds the end of data of unknown length, and of any Grain dataset,
+            # by running out, and warns each epoch from this worker, into whichever
+            # cell ran last.
             warnings.filterwarnings(
                 "ignore", "Your input ran out of data", UserWarning, r"keras\.src\.trainers"
             )

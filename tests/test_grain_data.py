@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import grain
 import keras
 import numpy as np
@@ -128,3 +130,14 @@ def test_a_peek_does_not_use_up_an_epoch_and_bad_arguments_are_refused(folder):
         shuffle_each_epoch(examples, batch_size=0, seed=0)
     with pytest.raises(ValueError, match="Received: seed=-1"):
         shuffle_each_epoch(examples, batch_size=5, seed=-1)
+
+
+def test_a_grain_dataset_of_known_length_trains_without_keras_warning_each_epoch(folder):
+    # Keras reads any Grain dataset until it runs out and then warns, from the worker
+    # thread, into whichever cell ran last.
+    train = shuffle_each_epoch(image_examples(folder), batch_size=5, seed=0)
+    session = ftw.FineTuneSession(model_for((4, 4, 3)), train=train)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session.run(ftw.PhaseConfig(phase="head", epochs=2))
+    assert [str(w.message) for w in caught if "ran out of data" in str(w.message)] == []
