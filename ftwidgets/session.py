@@ -186,6 +186,7 @@ class FineTuneSession:
             ``model.stop_training = True`` ends the phase like a Stop (reason
             ``"callback"``); an epoch it cuts short is partial, never a best. A
             Stop or a rollback ends training too: they still get ``on_train_end``.
+            A learning-rate search runs no ``fit`` and calls none of them.
         class_weight: ``{class index: weight}``, applied to training as
             ``model.fit(class_weight=...)`` applies it, for arrays and datasets
             alike (Grain too, where ``fit`` itself refuses it): each sample's
