@@ -357,3 +357,30 @@ def test_class_weight_is_refused_with_sample_weights_and_on_a_regression_head(da
         ftw.FineTuneSession(
             regression, train=(data.x_train, data.y_train.astype("float32")), class_weight={0: 1}
         )
+
+
+def test_backup_and_restore_works_unchanged_across_phases_and_a_stop(data, tmp_path):
+    backup = tmp_path / "backup"
+    seen: list[bool] = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((backup / "latest.weights.h5").exists())
+
+    session = session_on(data, callbacks=[keras.callbacks.BackupAndRestore(str(backup)), Spy()])
+    first_epoch = threading.Event()
+    session.on_event(
+        lambda e: isinstance(e, ev.EpochEnded) and e.record.epoch == 0 and first_epoch.set()
+    )
+    session.start(ftw.PhaseConfig(phase="head", epochs=50, batch_size=8))
+    assert first_epoch.wait(WAIT)
+    session.stop()
+    assert session.wait(WAIT)
+    assert session.history.phases[-1].reason == "stopped"
+    # on_train_end deleted the backup, so the next phase starts afresh, where the
+    # session goes on, instead of resuming the stopped phase.
+    assert seen and all(seen) and not backup.exists()
+    next_epoch = session.history.next_epoch
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=8))
+    assert [r.epoch for r in session.history.epochs][-2:] == [next_epoch, next_epoch + 1]
+    assert not backup.exists()
