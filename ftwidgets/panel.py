@@ -82,8 +82,8 @@ class FineTunePanel(widgets.VBox):
         epochs: the initial epochs per phase.
         batch_size: the initial batch size.
         **session_kwargs: passed to ``FineTuneSession`` (``name``,
-            ``validation_split``, ``checkpoint_dir``...). The title line shows
-            the session's name.
+            ``validation_split``, ``checkpoint_dir``, ``callbacks``,
+            ``class_weight``...). The title line shows the session's name.
 
     Example:
 

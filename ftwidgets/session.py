@@ -362,7 +362,8 @@ class FineTuneSession:
     @property
     def class_weight(self) -> dict[int, float] | None:
         """The class weights training applies, as ``fit(class_weight=...)``; None: none."""
-        return self._ctx.data.class_weight
+        weights = self._ctx.data.class_weight
+        return None if weights is None else dict(weights)
 
     @property
     def snapshots(self) -> SnapshotStore:
