@@ -178,6 +178,7 @@ class PhaseEnded(Event):
     """A phase ended.
 
     ``reason`` is one of ``"completed"``, ``"early_stopped"``, ``"stopped"``,
+    ``"callback"`` (a user's callback set ``model.stop_training``),
     ``"rolled_back"`` or ``"failed"``. ``end_epoch`` is one past the last epoch
     that ran (full or partial).
     """

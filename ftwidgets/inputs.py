@@ -30,7 +30,7 @@ import numpy as np
 
 from ftwidgets import tasks
 
-__all__ = ["ACCEPTED", "TrainingData", "is_dataset"]
+__all__ = ["ACCEPTED", "TrainingData", "class_weights_of", "is_dataset"]
 
 ACCEPTED = (
     "(x, y) or (x, y, sample_weight), where x is an array (numpy, a list, pandas, JAX), "
@@ -74,6 +74,10 @@ class TrainingData:
             (``sample_weight_val`` may be None), or a dataset.
         validation_split: the fraction of ``x`` held out (arrays only).
         sample_weight: a numpy array, or None.
+        class_weight: ``{class: weight}`` that training applies as
+            ``fit(class_weight=...)``, or None. Every batch this object hands out
+            for training (`first_batch`, `batches`, `split_arrays`) carries the
+            sample weights Keras makes of it.
 
     Example:
 
@@ -87,9 +91,16 @@ class TrainingData:
     validation: Any
     validation_split: float = 0.0
     sample_weight: Any = None
+    class_weight: dict[int, float] | None = None
 
     @classmethod
-    def from_args(cls, train: Any, validation: Any, validation_split: float) -> TrainingData:
+    def from_args(
+        cls,
+        train: Any,
+        validation: Any,
+        validation_split: float,
+        class_weight: dict[int, float] | None = None,
+    ) -> TrainingData:
         """Take a session's data arguments apart, converting arrays to numpy.
 
         Args:
@@ -97,6 +108,8 @@ class TrainingData:
             validation: the same forms, or None.
             validation_split: fraction of the ``train`` arrays held out, in [0, 1);
                 not with a dataset, nor together with ``validation``.
+            class_weight: checked class weights (`ftwidgets.tasks.check_class_weight`),
+                or None; not with sample weights, and only for labels that are one array.
 
         Raises:
             ValueError: for a form not accepted (listing those that are, and naming
@@ -126,9 +139,11 @@ class TrainingData:
                     "validation_split needs array data; pass validation=... with a dataset. "
                     f"Received: validation_split={validation_split!r}"
                 )
-            return cls(train, None, checked_validation, 0.0)
+            return cls(train, None, checked_validation, 0.0, class_weight=class_weight)
         x, y, weights = _unpack(train, "train", "")
-        return cls(x, y, checked_validation, split, weights)
+        if class_weight is not None:
+            _check_class_weight_fits(y, weights, "train")
+        return cls(x, y, checked_validation, split, weights, class_weight)
 
     @property
     def is_dataset(self) -> bool:
@@ -173,7 +188,7 @@ class TrainingData:
             weights = None if self.sample_weight is None else self.sample_weight[cut]
             return _map(lambda a: a[cut], self.x), _map(lambda a: a[cut], self.y), weights
 
-        train = part(slice(None, n))
+        train = self._weighed(*part(slice(None, n)))
         if self.validation_split:
             return train, part(slice(n, None))
         return train, self._validation_arrays()
@@ -213,12 +228,18 @@ class TrainingData:
             ValueError: if a dataset yields nothing or an element not accepted.
         """
         if self.is_dataset:
-            return _first_element(self.x, "train")
-        return (
+            return self._weighed(*_first_element(self.x, "train"))
+        return self._weighed(
             _map(lambda a: a[:batch_size], self.x),
             _map(lambda a: a[:batch_size], self.y),
             None if self.sample_weight is None else self.sample_weight[:batch_size],
         )
+
+    def _weighed(self, x: Any, y: Any, weights: Any) -> tuple[Any, Any, Any]:
+        """A training batch as ``fit(class_weight=...)`` hands it to the train step."""
+        if self.class_weight is None:
+            return x, y, weights
+        return x, y, class_weights_of(y, weights, self.class_weight)
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[tuple[Any, Any, Any]]:
         """Training batches ``(x, y, sample_weight)`` without end, as a search uses them.
@@ -235,11 +256,15 @@ class TrainingData:
         [3, 3, 3, 3]
         """
         if self.is_dataset:
-            yield from _cycle(self.x)
+            for batch in _cycle(self.x):
+                yield self._weighed(*batch)
             return
         rng = np.random.default_rng(seed)
         n = self.num_train()
         size = min(batch_size, n)
+        weights = self.sample_weight
+        if self.class_weight is not None:
+            weights = class_weights_of(_map(lambda a: a[:n], self.y), None, self.class_weight)
         while True:
             order = rng.permutation(n)
             for begin in range(0, n - size + 1, size):
@@ -247,7 +272,7 @@ class TrainingData:
                 yield (
                     _map(lambda a, rows=rows: a[rows], self.x),
                     _map(lambda a, rows=rows: a[rows], self.y),
-                    None if self.sample_weight is None else self.sample_weight[rows],
+                    None if weights is None else weights[rows],
                 )
 
     def fit_args(self, batch_size: int) -> dict[str, Any]:
@@ -257,6 +282,14 @@ class TrainingData:
             if not isinstance(self.x, keras.utils.PyDataset):
                 # A Grain dataset orders itself; Keras warns that it ignores shuffle.
                 args["shuffle"] = False
+                if self.class_weight is not None:
+                    # fit refuses class_weight with Grain: weigh each batch as it
+                    # does a PyDataset's, in a map that keeps the dataset's order.
+                    from ftwidgets import grain_data
+
+                    args["x"] = grain_data.with_class_weights(self.x, self.class_weight)
+            elif self.class_weight is not None:
+                args["class_weight"] = self.class_weight
         else:
             args = {
                 "x": self.x,
@@ -266,6 +299,8 @@ class TrainingData:
             }
             if self.sample_weight is not None:
                 args["sample_weight"] = self.sample_weight
+            if self.class_weight is not None:
+                args["class_weight"] = self.class_weight
         if self.validation is not None:
             args["validation_data"] = _fit_tuple(self.validation)
         return args
@@ -334,6 +369,39 @@ class TrainingData:
                 f"No validation samples left by validation_split (of {total}): raise it or "
                 f"pass validation=... Received: validation_split={self.validation_split}"
             )
+
+
+def class_weights_of(y: Any, weights: Any, class_weight: dict[int, float]) -> np.ndarray:
+    """The sample weights ``fit(class_weight=...)`` makes of labels ``y``, by Keras's own code.
+
+    Raises:
+        ValueError: if there are sample weights already, or ``y`` is not one array.
+
+    Example:
+
+    >>> class_weights_of(np.array([0, 1, 1, 2]), None, {1: 3.0})
+    array([1., 3., 3., 1.], dtype=float32)
+    """
+    _check_class_weight_fits(y, weights, "a batch of train")
+    from keras.src.trainers.data_adapters.data_adapter_utils import (
+        class_weight_to_sample_weights,
+    )
+
+    return class_weight_to_sample_weights(y, class_weight)
+
+
+def _check_class_weight_fits(y: Any, weights: Any, what: str) -> None:
+    if weights is not None:
+        raise ValueError(
+            f"class_weight and sample weights cannot both weigh {what}, as in model.fit: "
+            "fold the class weights into the sample weights, or pass only one. "
+            f"Received: {what} with sample_weight of shape {np.shape(weights)}"
+        )
+    if isinstance(y, (dict, list, tuple)):
+        raise ValueError(
+            "class_weight needs the labels as one array (a model with one output), as in "
+            f"model.fit. Received: y of {what} as a {type(y).__name__}"
+        )
 
 
 # -- taking the arguments apart ------------------------------------------------------

@@ -126,6 +126,8 @@ class JobContext:
     # The rest of that compile that goes with its loss and metrics
     # (``loss_weights``, ``weighted_metrics``).
     compile_extras: dict[str, Any] = field(default_factory=dict)
+    # The user's own Keras callbacks, passed to every phase's ``fit`` as they are.
+    callbacks: tuple[keras.callbacks.Callback, ...] = ()
 
     def track(self, config: EarlyStoppingConfig) -> None:
         """Track the best on ``config``; a new monitor or mode recomputes it from the history."""
@@ -492,6 +494,9 @@ class FitPhase:
         self.last_loss: float | None = None
         self.non_finite: tuple[int, int, float] | None = None
         self.reason: str | None = None
+        # Keras's logs of the phase's last epoch, what its ``on_train_end`` passes on.
+        self.train_logs: dict[str, Any] = {}
+        self.cut = False  # a user's callback stopped an epoch short
         self.rolled_back = False
         # Where a rollback took the model, and whether to a chosen epoch (time travel).
         self.rolled_to: Best | None = None
@@ -576,9 +581,13 @@ class FitPhase:
     def run(self, ctx: JobContext) -> str:
         """``model.fit`` with the session's callbacks."""
         config = self.config
-        if ctx.data.steps_per_epoch(config.batch_size) is None:
-            # Keras finds the end of data of unknown length by running out, and
-            # warns each epoch from this worker, into whichever cell ran last.
+        data = ctx.data
+        if data.steps_per_epoch(config.batch_size) is None or (
+            data.is_dataset and not isinstance(data.x, keras.utils.PyDataset)
+        ):
+            # Keras finds the end of data of unknown length, and of any Grain dataset,
+            # by running out, and warns each epoch from this worker, into whichever
+            # cell ran last.
             warnings.filterwarnings(
                 "ignore", "Your input ran out of data", UserWarning, r"keras\.src\.trainers"
             )
@@ -595,20 +604,43 @@ class FitPhase:
                 **ctx.data.fit_args(config.batch_size),
                 epochs=to_keras(self.start_epoch) + config.epochs,
                 initial_epoch=to_keras(self.start_epoch),
+                # The session's first: they record Keras's logs before a user's
+                # callback can change them.
                 callbacks=[
                     SessionControl(ctx.channel, self),
                     LossStream(ctx.channel, self, record=ctx.stream_batches),
+                    *ctx.callbacks,
                 ],
                 verbose=0,
             )
         except StopJob:
             ctx.channel.drain()
             self._record_partial(ctx)
+            # A Stop ends training as `model.stop_training` does, and Keras then calls
+            # `on_train_end` (a CSVLogger closes its file there); fit skips it on an
+            # exception, so it is called here.
+            for callback in ctx.callbacks:
+                callback.on_train_end(self.train_logs)
             raise
         except BaseException:
             self._record_partial(ctx)
             raise
+        if self.reason is None and ctx.model.stop_training:
+            self._stopped_by_callback(ctx)
         return self.reason or "completed"
+
+    def _stopped_by_callback(self, ctx: JobContext) -> None:
+        """A callback set ``model.stop_training``: if that cut the phase short, say so."""
+        cut = self.cut
+        if not cut and ctx.history.next_epoch >= self.start_epoch + self.config.epochs:
+            return  # the phase had run all its epochs anyway
+        self.reason = "callback"
+        batch = self.batch if cut else None
+        where = f"epoch {self.epoch}" + (f", batch {self.batch + 1}" if cut else "")
+        x = self.position(self.batch + 1) if cut else self.epoch
+        detail = f"a callback set model.stop_training at {where}"
+        ctx.history.add_marker(Marker("stop", x, self.epoch, detail))
+        ctx.emit(Stopped(self.epoch, batch))
 
     def failure(self, exc: BaseException) -> Failure:
         """Describe an exception raised by `run`."""
@@ -823,10 +855,20 @@ class FitPhase:
         batches = channel.finished_batches - self._finished_before_epoch
         channel.forget_unfinished()
         self._finished_before_epoch = channel.finished_batches
-        if self.steps_per_epoch is None:
+        self.train_logs = logs
+        # The session's callbacks run first: a stop flag raised already was raised by
+        # a user's callback during the epoch's batches, and Keras cut the epoch there.
+        steps = self.steps_per_epoch
+        cut = model.stop_training and (steps is None or batches < steps)
+        if steps is None and not cut:
             self.steps_per_epoch = ctx.learned_steps = batches
             ctx.history.place_batches(self._epoch_first_step, batches, epoch)
         self._epoch_first_step += batches
+        if cut:
+            # As a Stop's cut epoch: recorded, never a best, its weights not kept.
+            self.cut = True
+            self._record_partial(ctx, {"loss": logs["loss"]} if "loss" in logs else {})
+            return
         bad = first_non_finite(self._watched)
         record = EpochRecord(
             epoch=epoch,
@@ -865,11 +907,14 @@ class FitPhase:
             )
             ctx.emit(EarlyStopped(epoch, tracker.best))
 
-    def _record_partial(self, ctx: JobContext) -> None:
+    def _record_partial(self, ctx: JobContext, logs: dict[str, Any] | None = None) -> None:
         # A cut epoch is kept for the record but is never a best.
-        if self.batch == 0 or ctx.history.next_epoch > self.epoch:
+        if ctx.history.next_epoch > self.epoch:
             return
-        logs = {} if self.last_loss is None else {"loss": self.last_loss}
+        if logs is None:
+            if self.batch == 0:
+                return
+            logs = {} if self.last_loss is None else {"loss": self.last_loss}
         record = EpochRecord(
             self.epoch,
             self.config.phase,

@@ -83,8 +83,8 @@ class FineTunePanel(widgets.VBox):
         epochs: the initial epochs per phase.
         batch_size: the initial batch size.
         **session_kwargs: passed to ``FineTuneSession`` (``name``,
-            ``validation_split``, ``checkpoint_dir``...). The title line shows
-            the session's name.
+            ``validation_split``, ``checkpoint_dir``, ``callbacks``,
+            ``class_weight``...). The title line shows the session's name.
 
     Example:
 
@@ -846,6 +846,7 @@ class FineTunePanel(widgets.VBox):
             self._notice = {
                 "early_stopped": "Early stopping ended the phase.",
                 "stopped": "Stopped.",
+                "callback": "A callback stopped the phase (model.stop_training).",
                 "completed": "Phase complete.",
                 "rolled_back": self._notice,
                 "failed": "The phase failed; see the error above.",

@@ -16,7 +16,7 @@ import time
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -186,6 +186,20 @@ class FineTuneSession:
         coach: run the coach's rules (`ftwidgets.coach`) after each epoch and
             phase; `advice` returns their notes. ``session.coach.enabled`` turns
             it off and on later.
+        callbacks: your own Keras callbacks (``CSVLogger``, ``TensorBoard``...).
+            Every phase passes them to its ``model.fit``, after the session's own,
+            so they get every hook with Keras's logs, as in ``fit(callbacks=...)``.
+            Each phase is one ``fit``: use ``CSVLogger(..., append=True)`` to keep
+            the rows of earlier phases. A callback that sets
+            ``model.stop_training = True`` ends the phase like a Stop (reason
+            ``"callback"``); an epoch it cuts short is partial, never a best. A
+            Stop or a rollback ends training too: they still get ``on_train_end``.
+            A learning-rate search runs no ``fit`` and calls none of them.
+        class_weight: ``{class index: weight}``, applied to training as
+            ``model.fit(class_weight=...)`` applies it, for arrays and datasets
+            alike (Grain too, where ``fit`` itself refuses it): each sample's
+            loss is weighed by its class's weight; a class not named keeps 1.
+            Not with sample weights in ``train``.
 
     Example:
 
@@ -221,12 +235,17 @@ class FineTuneSession:
         name: str | None = None,
         keep: int | str | None = None,
         coach: bool = True,
+        callbacks: Sequence[keras.callbacks.Callback] | None = None,
+        class_weight: Mapping[int, float] | None = None,
     ) -> None:
         self._name = _session_name(name)
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model. Received: model={model!r}")
         transfer.get_base(model)
-        data = TrainingData.from_args(train, validation, validation_split)
+        user_callbacks = _check_callbacks(callbacks)
+        if class_weight is not None:
+            class_weight = tasks.check_class_weight(model, class_weight)
+        data = TrainingData.from_args(train, validation, validation_split, class_weight)
         self.model = model
         self.task = tasks.model_task(model)
         # The user's own compile, if any, is kept: what they did not override here.
@@ -267,6 +286,7 @@ class FineTuneSession:
             progress_interval=float(progress_interval),
             optimizer=compiled.get("optimizer"),
             compile_extras=extras,
+            callbacks=user_callbacks,
         )
         self.history.model_name = model.name
         self.history.model_settings = _model_settings(model)
@@ -371,6 +391,17 @@ class FineTuneSession:
         it at the phase's learning rate; it is never built or used itself.
         """
         return self._ctx.optimizer
+
+    @property
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        """Your own Keras callbacks, which every phase's ``fit`` gets (the same objects)."""
+        return list(self._ctx.callbacks)
+
+    @property
+    def class_weight(self) -> dict[int, float] | None:
+        """The class weights training applies, as ``fit(class_weight=...)``; None: none."""
+        weights = self._ctx.data.class_weight
+        return None if weights is None else dict(weights)
 
     @property
     def snapshots(self) -> SnapshotStore:
@@ -1052,6 +1083,25 @@ class FineTuneSession:
         return (
             f"<FineTuneSession {self._name!r} model={self.model.name!r} state={state} best={best}>"
         )
+
+
+def _check_callbacks(callbacks: Any) -> tuple[keras.callbacks.Callback, ...]:
+    """The user's callbacks as a tuple of the same objects; refuse anything else."""
+    if callbacks is None:
+        return ()
+    if isinstance(callbacks, str) or not isinstance(callbacks, Sequence):
+        raise ValueError(
+            "callbacks must be a list of keras.callbacks.Callback. "
+            f"Received: callbacks={callbacks!r}"
+        )
+    found = tuple(callbacks)
+    for callback in found:
+        if not isinstance(callback, keras.callbacks.Callback):
+            raise ValueError(
+                "Each of callbacks must be a keras.callbacks.Callback. "
+                f"Received: callbacks item {callback!r} of type {type(callback).__name__}"
+            )
+    return found
 
 
 def _best_only_config(data: TrainingData) -> EarlyStoppingConfig:

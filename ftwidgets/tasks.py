@@ -16,7 +16,8 @@ The task is read from the model itself, so it survives ``model.save`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
@@ -25,6 +26,7 @@ import numpy as np
 __all__ = [
     "LOSS_KINDS",
     "TASKS",
+    "check_class_weight",
     "check_labels",
     "default_loss",
     "default_metrics",
@@ -153,6 +155,71 @@ def default_metrics(task: str) -> list[str]:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}. Received: task={task!r}")
     return ["mae"] if task == "regression" else ["accuracy"]
+
+
+def check_class_weight(model: keras.Model, class_weight: Any) -> dict[int, float]:
+    """Check ``class_weight`` against the classes of the model's head, as ``fit`` reads it.
+
+    Keras weighs each sample by the weight of its label (the index of the largest
+    entry of a one-hot label, the rounded value of a single one). So the classes
+    are ``0 .. units - 1`` of a head of several units, and 0 and 1 of a single
+    sigmoid (or logit) unit.
+
+    Returns:
+        The same weights as a plain ``{int: float}``.
+
+    Raises:
+        ValueError: for a regression head, a key that is not a class of the head,
+            or a weight that is negative or not finite, naming it.
+
+    Example:
+
+    >>> inputs = keras.Input((4,))
+    >>> model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    >>> check_class_weight(model, {0: 1, 2: 4.5})
+    {0: 1.0, 2: 4.5}
+    >>> check_class_weight(model, {3: 1.0})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: class_weight key 3 is not a class of the model's head, ...
+    """
+    if not isinstance(class_weight, Mapping):
+        raise ValueError(
+            "class_weight must be a dict {class index: weight}. "
+            f"Received: class_weight={class_weight!r}"
+        )
+    task = model_task(model)
+    out = _output_shape(model)
+    if task == "regression" or out is None or len(out) != 2 or out[-1] is None:
+        raise ValueError(
+            "class_weight needs a classification head with one output of shape (batch, "
+            f"classes); this model's output is {out} (task {task!r}). "
+            f"Received: class_weight={class_weight!r}"
+        )
+    units = int(out[-1])
+    classes = 2 if units == 1 else units
+    checked: dict[int, float] = {}
+    for key, weight in class_weight.items():
+        if (
+            isinstance(key, bool)
+            or not isinstance(key, int | np.integer)
+            or not (0 <= key < classes)
+        ):
+            raise ValueError(
+                f"class_weight key {key!r} is not a class of the model's head, whose classes "
+                f"are 0 to {classes - 1}. Received: class_weight={class_weight!r}"
+            )
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(weight, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"class_weight of class {key} must be a finite number >= 0. "
+                f"Received: class_weight[{key!r}]={weight!r}"
+            )
+        checked[int(key)] = value
+    return checked
 
 
 def loss_kind(loss: Any) -> str | None:

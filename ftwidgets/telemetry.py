@@ -26,7 +26,7 @@ __all__ = [
 PROTOCOL = 1
 SPARK_POINTS = 60  # the sparkline's last epochs
 
-Outcome = Literal["completed", "early_stopped", "stopped", "rolled_back", "failed"]
+Outcome = Literal["completed", "early_stopped", "stopped", "callback", "rolled_back", "failed"]
 
 
 class Card(TypedDict):

@@ -109,6 +109,9 @@ def test_your_own_images_writes_a_folder_and_reads_it_with_grain():
     assert "keras.utils.save_img(" in code  # it writes its own folder: nothing to download
     assert "keras.utils.image_dataset_from_directory(" in code
     assert 'format="grain"' in code
+    # Trained in a new, seeded order every epoch, as fit(shuffle=True) trains arrays.
+    assert "shuffle_each_epoch(" in code and "seed=0" in code
+    assert "train=train_data" in code
 
 
 # -- running them ----------------------------------------------------------------------------
@@ -364,6 +367,7 @@ def test_walkthroughs_print_their_results():
     names = "['digit_5', 'digit_6', 'digit_7', 'digit_8', 'digit_9']"
     assert f"class names (label i is class_names[i]): {names}" in five
     assert "one batch: images (16, 32, 32, 3) float32, values 0 to 255" in five
+    assert "12 batches an epoch" in five
     assert "loss: sparse_categorical_crossentropy, metrics: ['accuracy']" in five
     assert re.search(r"base layers trained in the fine-tune phase: \[('[\w]+', ){3}'[\w]+'\]", five)
     best = re.search(r"best epoch (\d+) \((head|finetune) phase\): val_loss [\d.]+", five)
