@@ -108,20 +108,22 @@ def ensure_jax_backend() -> None:
             )
         return
     chosen = os.environ.get("KERAS_BACKEND")
+    if chosen and chosen != "jax":
+        raise ImportError(
+            "ftwidgets needs Keras's JAX backend, but the environment variable "
+            f"KERAS_BACKEND is {chosen!r}. " + _restart_advice(path)
+        )
+    if not os.path.exists(path):
+        # Also under KERAS_BACKEND=jax: Keras would write its default, TensorFlow,
+        # and a later process without the variable would fail.
+        _write_jax_config(path)
     if chosen:
-        if chosen != "jax":
-            raise ImportError(
-                "ftwidgets needs Keras's JAX backend, but the environment variable "
-                f"KERAS_BACKEND is {chosen!r}. " + _restart_advice(path)
-            )
         return
     if not os.path.exists(path):
-        _write_jax_config(path)
-        if not os.path.exists(path):
-            # An unwritable home: there is no config to respect, and Keras cannot
-            # write one either, so JAX is chosen for this process only.
-            os.environ["KERAS_BACKEND"] = "jax"
-            return
+        # An unwritable home: there is no config to respect, and Keras cannot write
+        # one either, so JAX is chosen for this process only.
+        os.environ["KERAS_BACKEND"] = "jax"
+        return
     try:
         with open(path) as f:
             named = json.load(f).get("backend", "tensorflow")

@@ -24,6 +24,9 @@ for _name, _sub in {
     os.makedirs(os.environ[_name], exist_ok=True)
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Before any test module imports keras: ftwidgets writes the fresh Keras home's config,
+# naming JAX, as on a user's machine (Keras itself would write TensorFlow there).
+import ftwidgets  # noqa: E402, F401
 
 
 @pytest.fixture(scope="module")

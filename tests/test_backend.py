@@ -120,3 +120,14 @@ def test_the_readme_says_how_the_backend_is_chosen():
     first_screen = readme.split("## Quickstart")[0]
     assert "ftwidgets runs Keras on JAX" in first_screen
     assert "`KERAS_BACKEND`" in first_screen and "keras.json" in first_screen
+
+
+def test_with_keras_backend_jax_set_the_config_written_still_names_jax(tmp_path):
+    """Keras writes its default, TensorFlow, even under KERAS_BACKEND=jax: a later
+    process without the variable would fail."""
+    home = tmp_path / "keras"
+    done = run(PRINT_BACKEND, home, KERAS_BACKEND="jax")
+    assert done.stdout.split() == ["jax"], done.stderr
+    assert json.loads((home / "keras.json").read_text())["backend"] == "jax"
+    later = run(PRINT_BACKEND, home)
+    assert later.stdout.split() == ["jax"], later.stderr
