@@ -65,6 +65,7 @@ from ftwidgets.jobs import (
     StopJob,
     expected_metric_names,
     lower_phase,
+    metric_direction,
     phase_key,
 )
 from ftwidgets.snapshots import SnapshotStore
@@ -521,7 +522,10 @@ class FineTuneSession:
         tracking = es or _best_only_config(self.data)
         names = expected_metric_names(self.metrics, self.data.has_validation)
         if tracking.resolved_mode is None and tracking.monitor in names:
-            resolve_mode(tracking.monitor, tracking.mode)  # raises, naming it
+            # Raises, naming it, unless a metric object says its direction.
+            resolve_mode(
+                tracking.monitor, tracking.mode, metric_direction(self.metrics, tracking.monitor)
+            )
         key = phase_key(self._ctx, config, depth, unit)
         warm, self._warm = self._warm, None
         if warm is not None and warm.key != key:

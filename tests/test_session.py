@@ -703,3 +703,83 @@ def test_sessions_have_unique_names(data):
     assert make_session(data, name="digits").name == "digits"
     with pytest.raises(AttributeError):
         first.name = "renamed"  # names key the extension's cards: fixed for life
+
+
+def one_hot_session(data, metrics) -> ftw.FineTuneSession:
+    def one_hot(y):
+        return keras.utils.to_categorical(y, 5)
+
+    return ftw.FineTuneSession(
+        make_model(),
+        train=(data.x_train, one_hot(data.y_train)),
+        validation=(data.x_val, one_hot(data.y_val)),
+        loss="categorical_crossentropy",
+        metrics=metrics,
+    )
+
+
+def test_metrics_that_log_arrays_are_recorded_per_value_and_never_crash_a_phase(data):
+    # F1Score() logs one value per class; Precision(thresholds=[...]) one per threshold.
+    session = one_hot_session(
+        data, [keras.metrics.F1Score(), keras.metrics.Precision(thresholds=[0.3, 0.7])]
+    )
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16))
+    assert session.state == "idle" and len(session.history) == 2
+    names = session.history.metric_names()
+    assert [n for n in names if n.startswith("val_f1_score")] == [
+        f"val_f1_score[{i}]" for i in range(5)
+    ]
+    assert {"f1_score[4]", "precision[0]", "precision[1]", "val_precision[1]"} <= set(names)
+    # Each recorded value is Keras's own for that class, in order.
+    logs = session.model.evaluate(
+        data.x_val, keras.utils.to_categorical(data.y_val, 5), verbose=0, return_dict=True
+    )
+    last = session.history.epochs[-1].logs
+    assert [last[f"val_f1_score[{i}]"] for i in range(5)] == pytest.approx(
+        np.asarray(logs["f1_score"]).tolist(), abs=1e-6
+    )
+
+    # Not one number: refused before training, naming what can be monitored instead.
+    before = values(session.model.variables)
+    with pytest.raises(ValueError, match=r"Received: monitor='val_f1_score'") as info:
+        session.run(
+            ftw.PhaseConfig(phase="head", epochs=1, batch_size=16),
+            ftw.EarlyStoppingConfig(monitor="val_f1_score"),
+        )
+    assert "logs 5 values per epoch" in str(info.value)
+    assert "'val_f1_score[0]'" in str(info.value)
+    assert len(session.history) == 2 and same(values(session.model.variables), before)
+
+    # One class's value is a number: it can be monitored, and goes up as F1 does.
+    session.run(
+        ftw.PhaseConfig(phase="head", epochs=1, batch_size=16),
+        ftw.EarlyStoppingConfig(monitor="val_f1_score[0]", patience=5),
+    )
+    assert session.mode == "max" and session.best.monitor == "val_f1_score[0]"
+    assert session.best.value == max(r.logs["val_f1_score[0]"] for r in session.history.epochs)
+
+
+class Agreement(keras.metrics.MeanMetricWrapper):
+    """Accuracy under a name that says nothing of its direction; the metric says "up"."""
+
+    def __init__(self, name="agreement", **kwargs):
+        super().__init__(keras.metrics.sparse_categorical_accuracy, name=name, **kwargs)
+        self._direction = "up"
+
+
+def test_auto_mode_takes_the_direction_of_the_compiled_metric_as_keras_does(data, monkeypatch):
+    session = make_session(data, metrics=[Agreement()])
+    release = hold_compile(session.model, monkeypatch)
+    es = ftw.EarlyStoppingConfig(monitor="val_agreement", patience=100)
+    assert es.resolved_mode is None  # the name alone cannot tell
+    config = ftw.PhaseConfig(phase="head", epochs=4, batch_size=16, learning_rate=3e-3)
+    session.start(config, es)
+    # Changed while the phase compiles, before the compiled metric was read.
+    session.update_early_stopping(patience=50)
+    release.set()
+    assert session.wait(WAIT) and session.error is None
+    assert session.mode == "max" and session.early_stopping.resolved_mode == "max"
+    assert session.early_stopping.patience == 50
+    agreement = [r.logs["val_agreement"] for r in session.history.epochs]
+    assert session.best.value == max(agreement) > min(agreement)
+    assert session.best.epoch == agreement.index(max(agreement))
