@@ -1033,7 +1033,11 @@ class FineTunePanel(widgets.VBox):
     def _suggested_monitors(self) -> list[str]:
         names = self.session.history.metric_names()
         if not names:
-            base = ["loss"] + [tasks.metric_name(m) for m in self.session.metrics]
+            # A metric that logs an array cannot be monitored; its values, once
+            # recorded (f1_score[0]...), can.
+            base = ["loss"] + [
+                tasks.metric_name(m) for m in self.session.metrics if tasks.logs_one_number(m)
+            ]
             names = [f"val_{n}" for n in base] if self.session.data.has_validation else []
             names += base
         return [n for n in dict.fromkeys(names) if n]
