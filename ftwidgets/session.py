@@ -842,6 +842,10 @@ class FineTuneSession:
             )
         updated = current.with_changes(**changes)
         if self._channel.submit(UpdateEarlyStopping(updated)) is None:
+            # As a start does: the compiled metric says which way a new monitor goes.
+            direction = metric_direction(self.model.metrics, updated.monitor)
+            if direction is not None:
+                updated = updated.with_direction(direction)
             self._ctx.early_stopping = updated
             self._ctx.track(updated)
         return updated

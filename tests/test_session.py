@@ -783,3 +783,8 @@ def test_auto_mode_takes_the_direction_of_the_compiled_metric_as_keras_does(data
     agreement = [r.logs["val_agreement"] for r in session.history.epochs]
     assert session.best.value == max(agreement) > min(agreement)
     assert session.best.epoch == agreement.index(max(agreement))
+    # Idle, a new monitor is resolved from the compiled metrics too.
+    session.update_early_stopping(monitor="val_loss")
+    assert session.mode == "min"
+    assert session.update_early_stopping(monitor="val_agreement").resolved_mode == "max"
+    assert session.mode == "max" and session.best.value == max(agreement)
