@@ -788,3 +788,40 @@ def test_auto_mode_takes_the_direction_of_the_compiled_metric_as_keras_does(data
     assert session.mode == "min"
     assert session.update_early_stopping(monitor="val_agreement").resolved_mode == "max"
     assert session.mode == "max" and session.best.value == max(agreement)
+
+
+def test_auto_mode_resolves_every_built_in_metric_as_keras_early_stopping_does():
+    # Fourteen built-in metrics that mode="auto" used to refuse by name.
+    from keras.src import ops
+
+    from ftwidgets.jobs import metric_direction
+
+    metrics = [
+        keras.metrics.CosineSimilarity(),
+        keras.metrics.PearsonCorrelation(),
+        keras.metrics.ConcordanceCorrelation(),
+        keras.metrics.FBetaScore(average="macro"),
+        keras.metrics.IoU(3, [0], sparse_y_true=False, sparse_y_pred=False),
+        keras.metrics.BinaryIoU(),
+        keras.metrics.MeanIoU(3, sparse_y_true=False, sparse_y_pred=False),
+        keras.metrics.OneHotIoU(3, [0]),
+        keras.metrics.OneHotMeanIoU(3),
+        keras.metrics.SensitivityAtSpecificity(0.5),
+        keras.metrics.SpecificityAtSensitivity(0.5),
+        keras.metrics.LogCoshError(),
+        keras.metrics.KLDivergence(),
+        keras.metrics.Poisson(),
+    ]
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=metrics)
+    x = np.zeros((2, 4), dtype="float32")
+    model._symbolic_build(data_batch=(x, np.eye(3, dtype="float32")[[0, 1]]))
+    for metric in metrics:
+        monitor = f"val_{metric.name}"
+        stopper = keras.callbacks.EarlyStopping(monitor=monitor)
+        stopper.set_model(model)
+        stopper._set_monitor_op()
+        keras_mode = "max" if stopper.monitor_op is ops.greater else "min"
+        config = ftw.EarlyStoppingConfig(monitor=monitor)
+        resolved = config.with_direction(metric_direction(model.metrics, monitor))
+        assert (monitor, resolved.resolved_mode) == (monitor, keras_mode)
