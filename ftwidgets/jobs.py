@@ -72,6 +72,7 @@ __all__ = [
     "ModelSetup",
     "PhaseStatus",
     "StopJob",
+    "array_monitor_error",
     "describe_failure",
     "expected_metric_names",
     "make_optimizer",
@@ -844,13 +845,8 @@ def _check_monitor(
         shapes |= {f"val_{name}": shape for name, shape in shapes.items()}
     shape = shapes.get(tracking.monitor)
     if shape:
-        first = element_name(tracking.monitor, (0,) * len(shape))
-        raise ValueError(
-            f"monitor {tracking.monitor!r} logs {math.prod(shape)} values per epoch (shape "
-            f"{shape}), not one number, so no epoch can be the best on it. Each value is "
-            f"recorded on its own ({first!r}, ...): monitor one of those, or compile the "
-            f"metric with an average (e.g. F1Score(average='macro')). "
-            f"Received: monitor={tracking.monitor!r}"
+        raise array_monitor_error(
+            tracking.monitor, [element_name(tracking.monitor, i) for i in np.ndindex(shape)]
         )
     names = _logged_names(shapes)
     if tracking.monitor not in names:
@@ -859,6 +855,16 @@ def _check_monitor(
             f"{sorted(names)}. Received: monitor={tracking.monitor!r}"
         )
     return tracking.with_direction(metric_direction(model.metrics, tracking.monitor))
+
+
+def array_monitor_error(monitor: str, values: Sequence[str]) -> ValueError:
+    """The error for a ``monitor`` that logs an array, recorded as ``values``."""
+    return ValueError(
+        f"monitor {monitor!r} logs {len(values)} values per epoch, not one number, so no "
+        f"epoch can be the best on it. Each value is recorded on its own ({values[0]!r}, "
+        f"...): monitor one of those, or compile the metric with an average (e.g. "
+        f"F1Score(average='macro')). Received: monitor={monitor!r}"
+    )
 
 
 def _logged_names(shapes: dict[str, tuple[int, ...]]) -> set[str]:

@@ -63,6 +63,7 @@ from ftwidgets.jobs import (
     JobContext,
     PhaseStatus,
     StopJob,
+    array_monitor_error,
     expected_metric_names,
     lower_phase,
     metric_direction,
@@ -826,7 +827,8 @@ class FineTuneSession:
             The new settings.
 
         Raises:
-            ValueError: for a bad value, a locked field, or when early stopping is off.
+            ValueError: for a bad value, a locked field, a monitor recorded as an
+                array (``f1_score[0]``...), or when early stopping is off.
         """
         current = self.early_stopping
         if current is None:
@@ -841,6 +843,10 @@ class FineTuneSession:
                 + ", ".join(f"{k}={changes[k]!r}" for k in sorted(locked))
             )
         updated = current.with_changes(**changes)
+        recorded = self.history.metric_names()
+        values = [name for name in recorded if name.startswith(f"{updated.monitor}[")]
+        if values and updated.monitor not in recorded:
+            raise array_monitor_error(updated.monitor, values)
         if self._channel.submit(UpdateEarlyStopping(updated)) is None:
             # As a start does: the compiled metric says which way a new monitor goes.
             direction = metric_direction(self.model.metrics, updated.monitor)

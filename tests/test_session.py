@@ -757,6 +757,11 @@ def test_metrics_that_log_arrays_are_recorded_per_value_and_never_crash_a_phase(
     )
     assert session.mode == "max" and session.best.monitor == "val_f1_score[0]"
     assert session.best.value == max(r.logs["val_f1_score[0]"] for r in session.history.epochs)
+    # Nor can early stopping be switched to the whole array afterwards.
+    with pytest.raises(ValueError, match=r"Received: monitor='val_f1_score'") as info:
+        session.update_early_stopping(monitor="val_f1_score")
+    assert "logs 5 values per epoch" in str(info.value)
+    assert session.monitor == "val_f1_score[0]"
 
 
 class Agreement(keras.metrics.MeanMetricWrapper):
