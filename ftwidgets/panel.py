@@ -293,6 +293,7 @@ class FineTunePanel(widgets.VBox):
             min=0,
             max=10_000,
             description="Start from epoch",
+            tooltip="Warm-up epochs of each phase: not monitored, never the best to roll back to",
             style=style,
             layout=narrow,
         )

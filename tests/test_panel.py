@@ -614,3 +614,7 @@ def test_monitor_choices_leave_out_metrics_that_log_arrays(data):
         )
     finally:
         panel.close()
+
+
+def test_the_warm_up_control_says_its_epochs_are_never_the_best(panel):
+    assert "never the best" in panel.start_from_epoch.tooltip
