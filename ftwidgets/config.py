@@ -27,9 +27,39 @@ UNFREEZE_UNITS = ("block", "layer")
 # The usual recipe: a moderate rate for a new head, 10-100x lower once the base thaws.
 DEFAULT_LEARNING_RATES = {"head": 1e-3, "finetune": 1e-5}
 
-# Substrings that make mode="auto" pick "max"; everything loss-like picks "min".
-_MAX_HINTS = ("acc", "auc", "precision", "recall", "f1", "iou", "r2", "top_k")
-_MIN_HINTS = ("loss", "error", "mse", "mae", "mape", "msle", "crossentropy", "hinge")
+# The fallback of mode="auto" when no compiled metric says its direction: substrings
+# that pick "max", and loss-like ones that pick "min" (checked first). They cover the
+# names of Keras's built-in metrics (`io_u` is how Keras names every IoU).
+_MAX_HINTS = (
+    "acc",
+    "auc",
+    "precision",
+    "recall",
+    "f1",
+    "fbeta",
+    "iou",
+    "io_u",
+    "r2",
+    "top_k",
+    "correlation",
+    "cosine_similarity",
+    "sensitivity",
+    "specificity",
+)
+_MIN_HINTS = (
+    "loss",
+    "error",
+    "mse",
+    "mae",
+    "mape",
+    "msle",
+    "crossentropy",
+    "hinge",
+    "divergence",
+    "logcosh",
+    "poisson",
+)
+DIRECTIONS = {"up": "max", "down": "min"}
 
 
 def check_learning_rate(value: float) -> float:
@@ -147,28 +177,50 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def resolve_mode(monitor: str, mode: str) -> Literal["min", "max"]:
-    """Turn ``mode="auto"`` into ``"min"`` or ``"max"`` from the monitor's name.
+def resolve_mode(monitor: str, mode: str, direction: str | None = None) -> Literal["min", "max"]:
+    """Turn ``mode="auto"`` into ``"min"`` or ``"max"``, in Keras's order.
+
+    A loss goes down; else the compiled metric's own ``direction`` decides (its
+    ``_direction``, ``"up"`` or ``"down"``, as Keras's ``EarlyStopping`` reads it);
+    else the name (``accuracy`` up, ``..._error`` down, and the other Keras metrics).
+
+    Args:
+        monitor: the logged name, e.g. ``"val_accuracy"``.
+        mode: ``"min"``, ``"max"`` or ``"auto"``.
+        direction: the direction of the compiled metric named ``monitor``
+            (without ``val_``), when there is one.
 
     Raises:
-        ValueError: if ``mode`` is unknown, or ``"auto"`` cannot tell from the name.
+        ValueError: if ``mode`` or ``direction`` is unknown, or ``"auto"`` cannot tell.
 
     Example:
 
     >>> resolve_mode("val_accuracy", "auto")
     'max'
+    >>> resolve_mode("val_my_score", "auto", direction="up")
+    'max'
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}. Received: mode={mode!r}")
+    if direction is not None and direction not in DIRECTIONS:
+        raise ValueError(
+            f"direction must be one of {tuple(DIRECTIONS)} or None. "
+            f"Received: direction={direction!r}"
+        )
     if mode != "auto":
         return mode  # type: ignore[return-value]
+    if monitor.removeprefix("val_") == "loss":
+        return "min"
+    if direction is not None:
+        return DIRECTIONS[direction]  # type: ignore[return-value]
     name = monitor.lower()
     if any(hint in name for hint in _MIN_HINTS):
         return "min"
     if any(hint in name for hint in _MAX_HINTS):
         return "max"
     raise ValueError(
-        f"mode='auto' cannot tell whether {monitor!r} should go up or down. "
+        f"mode='auto' cannot tell whether {monitor!r} should go up or down: no compiled "
+        f"metric of that name says its direction, and the name does not. "
         f"Pass mode='min' or mode='max'. Received: monitor={monitor!r}"
     )
 
@@ -271,20 +323,32 @@ class EarlyStoppingConfig:
 
     Args:
         monitor: a logged metric, e.g. ``"val_loss"`` or ``"val_accuracy"``.
-            Checked against the compiled metrics when a phase starts.
-        mode: ``"min"``, ``"max"`` or ``"auto"`` (from the name).
+            Checked against the compiled metrics when a phase starts: it must log
+            one number per epoch. A metric that logs one value per class
+            (``F1Score()``) is recorded as ``f1_score[0]``, ``f1_score[1]``...;
+            monitor one of those, or compile an averaged one (``average="macro"``).
+        mode: ``"min"``, ``"max"`` or ``"auto"``. Auto decides as Keras does when
+            a phase starts: a loss goes down, else the compiled metric's own
+            direction decides; the name is the fallback (`resolve_mode`).
+            ``resolved_mode`` holds the answer (from the name until a phase starts).
         patience: epochs without improvement before stopping (>= 0).
         min_delta: the smallest change that counts as an improvement (>= 0).
         restore_best_weights: restore the best weights when a phase ends, however
             it ends (early stop, last epoch, Stop, or a failure).
-        start_from_epoch: epochs at the start of each phase that do not count
-            against patience (warm-up).
+        start_from_epoch: warm-up epochs at the start of each phase that are not
+            monitored at all, as in Keras: they never count against patience and
+            are never the best, so neither early stopping nor the rollback button
+            (`FineTuneSession.rollback`) restores one. While its weights are kept,
+            `FineTuneSession.restore_epoch` still restores a warm-up epoch by
+            number. A best from an earlier phase stays the best through them.
         baseline: stop if the monitor has not beaten this value within patience.
 
     Example:
 
     >>> es = EarlyStoppingConfig(monitor="val_accuracy", patience=3)
     >>> es.resolved_mode
+    'max'
+    >>> EarlyStoppingConfig(monitor="val_my_score").with_direction("up").resolved_mode
     'max'
     """
 
@@ -326,5 +390,25 @@ class EarlyStoppingConfig:
             raise ValueError(f"baseline must be finite. Received: baseline={self.baseline!r}")
 
     def with_changes(self, **changes: object) -> EarlyStoppingConfig:
-        """Return a copy with some fields changed (and validated again)."""
-        return replace(self, **changes)
+        """Return a copy with some fields changed (and validated again).
+
+        The same monitor and mode keep the resolved mode, even one that came
+        from a compiled metric (`with_direction`).
+        """
+        changed = replace(self, **changes)
+        if (changed.monitor, changed.mode) == (self.monitor, self.mode):
+            object.__setattr__(changed, "resolved_mode", self.resolved_mode)
+        return changed
+
+    def with_direction(self, direction: str | None) -> EarlyStoppingConfig:
+        """Resolve ``mode="auto"`` with the direction of the compiled metric named
+        by ``monitor`` (``"up"``, ``"down"``, or None when it has none).
+
+        Raises:
+            ValueError: if the direction is unknown, or auto still cannot tell.
+        """
+        resolved = replace(self)
+        object.__setattr__(
+            resolved, "resolved_mode", resolve_mode(self.monitor, self.mode, direction)
+        )
+        return resolved

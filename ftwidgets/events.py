@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from ftwidgets.coach import Note
 
@@ -37,13 +39,44 @@ __all__ = [
     "SearchStep",
     "StateChanged",
     "Stopped",
+    "element_name",
     "frozen_logs",
 ]
 
 
+def element_name(name: str, index: tuple[int, ...]) -> str:
+    """The log name of one value of a metric that logs an array: ``f1_score[2]``.
+
+    Example:
+
+    >>> element_name("val_f1_score", (2,)), element_name("m", (0, 1))
+    ('val_f1_score[2]', 'm[0,1]')
+    """
+    return f"{name}[{','.join(map(str, index))}]"
+
+
 def frozen_logs(logs: Mapping[str, object] | None) -> Mapping[str, float]:
-    """Copy Keras logs into a read-only mapping of plain floats."""
-    return MappingProxyType({str(k): float(v) for k, v in (logs or {}).items()})
+    """Copy Keras logs into a read-only mapping of plain floats.
+
+    A metric that logs an array (``F1Score()`` logs one value per class,
+    ``Precision(thresholds=[...])`` one per threshold) is recorded as one float
+    per element, named by `element_name`, so every chart and export reads it
+    as ordinary metrics.
+
+    Example:
+
+    >>> dict(frozen_logs({"loss": 0.5, "f1_score": np.array([0.25, 0.75])}))
+    {'loss': 0.5, 'f1_score[0]': 0.25, 'f1_score[1]': 0.75}
+    """
+    flat: dict[str, float] = {}
+    for key, value in (logs or {}).items():
+        array = np.asarray(value)
+        if array.ndim == 0:
+            flat[str(key)] = float(array)
+        else:
+            for index in np.ndindex(array.shape):
+                flat[element_name(str(key), index)] = float(array[index])
+    return MappingProxyType(flat)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import keras
 import numpy as np
+from keras.src.trainers import compile_utils
 
 from ftwidgets import tasks, transfer, warm_compile
 from ftwidgets.callbacks import (
@@ -45,7 +46,6 @@ from ftwidgets.config import (
     EarlyStoppingConfig,
     PhaseConfig,
     check_steerable_optimizer,
-    resolve_mode,
 )
 from ftwidgets.events import (
     BatchProgress,
@@ -62,6 +62,7 @@ from ftwidgets.events import (
     PhaseStarted,
     RolledBack,
     Stopped,
+    element_name,
     frozen_logs,
 )
 from ftwidgets.history import History, Marker, PhaseSpan
@@ -76,9 +77,11 @@ __all__ = [
     "ModelSetup",
     "PhaseStatus",
     "StopJob",
+    "array_monitor_error",
     "describe_failure",
     "expected_metric_names",
     "make_optimizer",
+    "metric_direction",
 ]
 
 
@@ -526,11 +529,14 @@ class FitPhase:
         setup = ModelSetup(model, config, self.depth, self.unit)
         try:
             optimizer = _compile(ctx, config)
-            _check_monitor(ctx, self.tracking, config.batch_size)
+            tracking = _check_monitor(ctx, self.tracking, config.batch_size)
         except BaseException:
             setup.undo()
             restore(model, before)
             raise
+        if self.early_stopping is self.tracking:
+            self.early_stopping = tracking
+        self.tracking = tracking
         self._ctx = ctx
         self.trainable = setup.trainable
         self.index = len(ctx.history.phases)
@@ -716,8 +722,8 @@ class FitPhase:
             next_epoch = ctx.history.next_epoch
             ctx.roll_back(next_epoch, next_epoch - 1, None, command)
         elif isinstance(command, UpdateEarlyStopping):
-            ctx.early_stopping = command.config
-            ctx.track(command.config)
+            ctx.early_stopping = _as_tracked(command.config, ctx.tracker.config)
+            ctx.track(ctx.early_stopping)
 
     def status(self) -> PhaseStatus:
         """An immutable snapshot of the phase."""
@@ -831,8 +837,9 @@ class FitPhase:
             )
             ctx.emit(LearningRateChanged(rate, self.epoch, self.batch))
         elif isinstance(command, UpdateEarlyStopping):
-            self.early_stopping = ctx.early_stopping = command.config
-            ctx.track(command.config)
+            config = _as_tracked(command.config, ctx.tracker.config)
+            self.early_stopping = ctx.early_stopping = config
+            ctx.track(config)
         elif isinstance(command, Rollback) and _restorable(ctx, command):
             self.rolled_to = ctx.roll_back(self.epoch, x, self.batch, command, settle=False)
             self.rolled_to_epoch = command.epoch is not None
@@ -927,32 +934,100 @@ class FitPhase:
         ctx.emit(EpochEnded(ctx.history.add_epoch(record)))
 
 
-def _check_monitor(ctx: JobContext, tracking: EarlyStoppingConfig, batch_size: int) -> None:
+def _check_monitor(
+    ctx: JobContext, tracking: EarlyStoppingConfig, batch_size: int
+) -> EarlyStoppingConfig:
+    """Check that the monitor is logged as one number; resolve ``mode="auto"`` as
+    Keras does, from the compiled metric's direction (the name as a fallback)."""
     batch = _fit_batch(ctx, batch_size)
     x, y = batch[:2]
     model = ctx.model
+    wanted = tracking.monitor.removeprefix("val_")
     try:
         # Builds the compiled metrics and loss symbolically (no XLA compile,
         # unlike a probe `evaluate`), as fit would at its start anyway.
         model._symbolic_build(data_batch=batch)
-        names = set(model.get_metrics_result())
-        if tracking.monitor.removeprefix("val_") not in names:
+        shapes = {name: np.shape(value) for name, value in model.get_metrics_result().items()}
+        if wanted not in shapes and wanted not in _logged_names(shapes):
             # Rare metrics are named only once they have run: ask for real.
-            names |= set(model.evaluate(x, y, verbose=0, return_dict=True))
+            results = model.evaluate(x, y, verbose=0, return_dict=True)
+            shapes |= {name: np.shape(value) for name, value in results.items()}
     except Exception as exc:
         raise ValueError(
             f"The model cannot run on the training data: {exc}. Received: "
             f"x shape {_shapes(x)}, y shape {_shapes(y)}"
         ) from exc
     if ctx.data.has_validation:
-        names |= {f"val_{name}" for name in names}
+        shapes |= {f"val_{name}": shape for name, shape in shapes.items()}
+    shape = shapes.get(tracking.monitor)
+    if shape:
+        raise array_monitor_error(
+            tracking.monitor, [element_name(tracking.monitor, i) for i in np.ndindex(shape)]
+        )
+    names = _logged_names(shapes)
     if tracking.monitor not in names:
         raise ValueError(
             f"monitor {tracking.monitor!r} is not a logged metric; this model logs "
             f"{sorted(names)}. Received: monitor={tracking.monitor!r}"
         )
-    if tracking.resolved_mode is None:
-        resolve_mode(tracking.monitor, tracking.mode)  # raises, naming it
+    return tracking.with_direction(metric_direction(model.metrics, tracking.monitor))
+
+
+def array_monitor_error(monitor: str, values: Sequence[str]) -> ValueError:
+    """The error for a ``monitor`` that logs an array, recorded as ``values``."""
+    return ValueError(
+        f"monitor {monitor!r} logs {len(values)} values per epoch, not one number, so no "
+        f"epoch can be the best on it. Each value is recorded on its own ({values[0]!r}, "
+        f"...): monitor one of those, or compile the metric with an average (e.g. "
+        f"F1Score(average='macro')). Received: monitor={monitor!r}"
+    )
+
+
+def _logged_names(shapes: dict[str, tuple[int, ...]]) -> set[str]:
+    """The names the history records for values of these shapes (see `frozen_logs`)."""
+    names: set[str] = set()
+    for name, shape in shapes.items():
+        names |= {element_name(name, i) for i in np.ndindex(shape)} if shape else {name}
+    return names
+
+
+def metric_direction(metrics: Sequence[Any], monitor: str) -> str | None:
+    """The direction, ``"up"`` or ``"down"``, of the metric that ``monitor`` logs.
+
+    Read as Keras's ``EarlyStopping`` reads it: the ``_direction`` of the metric
+    object of that name (without ``val_``, and without the ``[i]`` of one value
+    of a metric that logs several), looking inside the compiled metrics. None
+    when no such metric says.
+
+    Example:
+
+    >>> metric_direction([keras.metrics.F1Score()], "val_f1_score[2]")
+    'up'
+    >>> metric_direction(["mae"], "val_mae") is None
+    True
+    """
+    name = monitor.removeprefix("val_").split("[", 1)[0]
+    found: list[Any] = []
+    for metric in metrics:
+        found.append(metric)
+        found.extend(getattr(metric, "metrics", ()) if _is_container(metric) else ())
+    for metric in found:
+        if getattr(metric, "name", None) == name and hasattr(metric, "_direction"):
+            return metric._direction
+    return None
+
+
+def _is_container(metric: Any) -> bool:
+    return isinstance(metric, compile_utils.CompileMetrics | compile_utils.MetricsList)
+
+
+def _as_tracked(config: EarlyStoppingConfig, tracked: EarlyStoppingConfig) -> EarlyStoppingConfig:
+    """``config`` with the tracked direction when it watches the same monitor the same
+    way: settings changed while the phase compiled predate the compiled metric's."""
+    if (config.monitor, config.mode) != (tracked.monitor, tracked.mode):
+        return config
+    settings = {f.name: getattr(config, f.name) for f in fields(config) if f.init}
+    return tracked.with_changes(**settings)
 
 
 def expected_metric_names(metrics: Sequence[Any], has_validation: bool) -> set[str]:

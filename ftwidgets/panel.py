@@ -301,6 +301,7 @@ class FineTunePanel(widgets.VBox):
             min=0,
             max=10_000,
             description="Start from epoch",
+            tooltip="Warm-up epochs of each phase: not monitored, never the best to roll back to",
             style=style,
             layout=narrow,
         )
@@ -1060,7 +1061,11 @@ class FineTunePanel(widgets.VBox):
     def _suggested_monitors(self) -> list[str]:
         names = self.session.history.metric_names()
         if not names:
-            base = ["loss"] + [tasks.metric_name(m) for m in self.session.metrics]
+            # A metric that logs an array cannot be monitored; its values, once
+            # recorded (f1_score[0]...), can.
+            base = ["loss"] + [
+                tasks.metric_name(m) for m in self.session.metrics if tasks.logs_one_number(m)
+            ]
             names = [f"val_{n}" for n in base] if self.session.data.has_validation else []
             names += base
         return [n for n in dict.fromkeys(names) if n]

@@ -64,8 +64,10 @@ from ftwidgets.jobs import (
     JobContext,
     PhaseStatus,
     StopJob,
+    array_monitor_error,
     expected_metric_names,
     lower_phase,
+    metric_direction,
     phase_key,
 )
 from ftwidgets.snapshots import SnapshotStore
@@ -592,7 +594,10 @@ class FineTuneSession:
         tracking = es or _best_only_config(self.data)
         names = expected_metric_names(self.metrics, self.data.has_validation)
         if tracking.resolved_mode is None and tracking.monitor in names:
-            resolve_mode(tracking.monitor, tracking.mode)  # raises, naming it
+            # Raises, naming it, unless a metric object says its direction.
+            resolve_mode(
+                tracking.monitor, tracking.mode, metric_direction(self.metrics, tracking.monitor)
+            )
         key = phase_key(self._ctx, config, depth, unit)
         warm, self._warm = self._warm, None
         if warm is not None and warm.key != key:
@@ -920,7 +925,8 @@ class FineTuneSession:
             The new settings.
 
         Raises:
-            ValueError: for a bad value, a locked field, or when early stopping is off.
+            ValueError: for a bad value, a locked field, a monitor recorded as an
+                array (``f1_score[0]``...), or when early stopping is off.
             RuntimeError: if the session is closed.
         """
         self._refuse_if_closed()
@@ -937,7 +943,15 @@ class FineTuneSession:
                 + ", ".join(f"{k}={changes[k]!r}" for k in sorted(locked))
             )
         updated = current.with_changes(**changes)
+        recorded = self.history.metric_names()
+        values = [name for name in recorded if name.startswith(f"{updated.monitor}[")]
+        if values and updated.monitor not in recorded:
+            raise array_monitor_error(updated.monitor, values)
         if self._channel.submit(UpdateEarlyStopping(updated)) is None:
+            # As a start does: the compiled metric says which way a new monitor goes.
+            direction = metric_direction(self.model.metrics, updated.monitor)
+            if direction is not None:
+                updated = updated.with_direction(direction)
             self._ctx.early_stopping = updated
             self._ctx.track(updated)
         return updated

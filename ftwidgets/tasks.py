@@ -30,6 +30,7 @@ __all__ = [
     "check_labels",
     "default_loss",
     "default_metrics",
+    "logs_one_number",
     "loss_kind",
     "metric_name",
     "model_task",
@@ -549,3 +550,39 @@ def _batch_shape(per_sample: tuple) -> str:
     if not per_sample:
         return "(n,)"
     return "(" + ", ".join(["n", *(str(d) for d in per_sample)]) + ")"
+
+
+def logs_one_number(metric: Any) -> bool:
+    """Whether ``metric`` logs one number per epoch, as far as its settings tell.
+
+    ``F1Score()`` and ``FBetaScore()`` without an ``average`` log one value per
+    class; ``Precision``, ``Recall`` and the true/false positive/negative counts
+    log one per threshold when given several. The history records such a metric
+    per value (``f1_score[0]``, ``f1_score[1]``...), and it cannot be monitored
+    as a whole.
+
+    Example:
+
+    >>> logs_one_number("accuracy"), logs_one_number(keras.metrics.F1Score(average="macro"))
+    (True, True)
+    >>> logs_one_number(keras.metrics.F1Score())
+    False
+    >>> logs_one_number(keras.metrics.Precision(thresholds=[0.3, 0.7]))
+    False
+    """
+    if isinstance(metric, keras.metrics.FBetaScore):
+        return metric.average is not None
+    if isinstance(metric, _PER_THRESHOLD):
+        return len(metric.thresholds) == 1
+    return True
+
+
+# Keras metrics that log one value per threshold when given several.
+_PER_THRESHOLD = (
+    keras.metrics.Precision,
+    keras.metrics.Recall,
+    keras.metrics.TruePositives,
+    keras.metrics.FalsePositives,
+    keras.metrics.TrueNegatives,
+    keras.metrics.FalseNegatives,
+)

@@ -16,7 +16,9 @@ class BestTracker:
 
     The best is kept across phases (a new ``fit()`` never resets it) and is
     never NaN or infinite. Partial epochs are never a best. The patience count
-    restarts with every phase, so a new phase is not born impatient.
+    restarts with every phase, so a new phase is not born impatient. As in
+    Keras, the first ``start_from_epoch`` epochs of each phase are not monitored
+    at all: they neither compete for the best nor count against patience.
 
     Args:
         config: which monitor, mode, min_delta, patience, baseline and warm-up.
@@ -45,7 +47,7 @@ class BestTracker:
 
         A new monitor or mode recomputes the best from ``epochs``, the epochs
         recorded so far, as if they had been tracked with the new settings from
-        the start.
+        the start (warm-up epochs of each phase left out).
 
         Returns:
             True if the best was recomputed.
@@ -69,9 +71,17 @@ class BestTracker:
         if changed:
             self.best = None
             self.wait = 0
+            seen: dict[int, int] = {}  # full epochs so far of each phase
             for record in epochs:
+                if record.partial:
+                    continue
+                seen[record.phase_index] = seen.get(record.phase_index, 0) + 1
                 value = record.logs.get(config.monitor)
-                if record.eligible and value is not None:
+                if (
+                    record.eligible
+                    and value is not None
+                    and seen[record.phase_index] > config.start_from_epoch
+                ):
                     self._consider(record.epoch, float(value), record.phase, record.branch)
         self.should_stop = self._patience_spent()
         return changed
@@ -102,6 +112,8 @@ class BestTracker:
 
         A baseline only affects stopping: an epoch that is the best so far but
         not past the baseline is kept as the best, yet counts against patience.
+        A warm-up epoch (one of the phase's first ``start_from_epoch``) is not
+        monitored: never a best, and patience does not count it.
 
         Raises:
             KeyError: if the monitor is missing from ``logs``.
@@ -110,10 +122,12 @@ class BestTracker:
             return False
         value = float(logs[self.config.monitor])
         self.phase_epochs += 1
+        if self.phase_epochs <= self.config.start_from_epoch:
+            return False
         improved = self._consider(epoch, value, phase, branch)
         if improved and self._beats(value, self.config.baseline):
             self.wait = 0
-        elif self.phase_epochs > self.config.start_from_epoch:
+        else:
             self.wait += 1
         self.should_stop = self._patience_spent()
         return improved

@@ -124,3 +124,54 @@ def test_a_multi_optimizer_is_refused():
     multi = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(keras.optimizers.Adam()))
     with pytest.raises(ValueError, match="MultiOptimizer, which keeps a learning rate per inner"):
         PhaseConfig(optimizer=multi)
+
+
+# Built-in Keras metrics whose direction Keras's EarlyStopping reads from the metric
+# (`_direction`) and that mode="auto" used to refuse by name.
+KERAS_NAMES_UP = [
+    "cosine_similarity",
+    "pearson_correlation",
+    "concordance_correlation",
+    "fbeta_score",
+    "io_u",
+    "binary_io_u",
+    "mean_io_u",
+    "one_hot_io_u",
+    "one_hot_mean_io_u",
+    "sensitivity_at_specificity",
+    "specificity_at_sensitivity",
+]
+KERAS_NAMES_DOWN = ["logcosh", "kl_divergence", "poisson"]
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [(n, "max") for n in KERAS_NAMES_UP] + [(n, "min") for n in KERAS_NAMES_DOWN],
+)
+def test_auto_mode_knows_every_built_in_keras_metric_by_name(name, mode):
+    assert resolve_mode(f"val_{name}", "auto") == mode
+    assert EarlyStoppingConfig(monitor=name).resolved_mode == mode
+
+
+def test_auto_mode_follows_the_compiled_metric_before_the_name():
+    assert resolve_mode("val_my_score", "auto", direction="up") == "max"
+    assert resolve_mode("val_error_gain", "auto", direction="up") == "max"
+    assert resolve_mode("val_accuracy", "auto", direction="down") == "min"
+    # A loss goes down, whatever; an explicit mode is never overridden.
+    assert resolve_mode("val_loss", "auto", direction="up") == "min"
+    assert resolve_mode("val_my_score", "min", direction="up") == "min"
+
+
+def test_an_unknown_direction_is_refused():
+    with pytest.raises(ValueError, match="direction='sideways'"):
+        resolve_mode("val_my_score", "auto", direction="sideways")
+
+
+def test_with_direction_resolves_auto_and_with_changes_keeps_it():
+    config = EarlyStoppingConfig(monitor="val_my_score").with_direction("up")
+    assert config.resolved_mode == "max"
+    assert config.with_changes(patience=2).resolved_mode == "max"
+    assert config.with_changes(monitor="val_loss").resolved_mode == "min"
+    assert config.with_changes(mode="min").resolved_mode == "min"
+    with pytest.raises(ValueError, match="monitor='val_my_score'"):
+        EarlyStoppingConfig(monitor="val_my_score").with_direction(None)

@@ -161,3 +161,34 @@ def test_a_phase_with_an_optimizer_instance_saves_loads_and_compares(tmp_path):
     loaded = History.load(h.save(tmp_path / "run.json")).phases[0].config.optimizer
     assert type(loaded) is keras.optimizers.SGD and loaded is not sgd
     assert (loaded.momentum, loaded.clipnorm) == (0.7, 2.0)
+
+
+def test_a_metric_that_logs_an_array_is_recorded_one_float_per_value():
+    # F1Score() logs one value per class; float() of the array crashed every phase.
+    logs = frozen_logs(
+        {"loss": np.float32(0.5), "f1_score": np.array([0.25, 0.5, 0.75]), "grid": np.eye(2)}
+    )
+    assert dict(logs) == {
+        "loss": 0.5,
+        "f1_score[0]": 0.25,
+        "f1_score[1]": 0.5,
+        "f1_score[2]": 0.75,
+        "grid[0,0]": 1.0,
+        "grid[0,1]": 0.0,
+        "grid[1,0]": 0.0,
+        "grid[1,1]": 1.0,
+    }
+    assert all(type(value) is float for value in logs.values())
+
+
+def test_per_class_values_export_to_csv_and_json_and_load_back(tmp_path):
+    history = History()
+    for epoch, scores in enumerate([[0.1, 0.2], [0.3, 0.4]]):
+        history.add_epoch(record(epoch, loss=1.0, val_f1_score=np.array(scores)))
+    history.to_csv(tmp_path / "h.csv")
+    frame = pd.read_csv(tmp_path / "h.csv")
+    assert frame["val_f1_score[0]"].tolist() == [0.1, 0.3]
+    assert frame["val_f1_score[1]"].tolist() == [0.2, 0.4]
+    loaded = History.load(history.save(tmp_path / "h.json"))
+    assert loaded.metric("val_f1_score[1]")[1].tolist() == [0.2, 0.4]
+    assert loaded.metric_names() == ["loss", "val_f1_score[0]", "val_f1_score[1]"]

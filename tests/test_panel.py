@@ -598,7 +598,7 @@ def test_the_panel_settles_right_after_many_racing_starts_and_stops(panel, monke
 
     model = panel.session.model
     monkeypatch.setattr(model, "fit", fake_fit(model, random.Random(0)))
-    monkeypatch.setattr(jobs, "_check_monitor", lambda ctx, tracking, batch_size: None)
+    monkeypatch.setattr(jobs, "_check_monitor", lambda ctx, tracking, batch_size: tracking)
     rng = random.Random(1)
     for _ in range(60):
         panel.start_button.click()
@@ -667,3 +667,35 @@ def test_the_panel_of_an_uncompiled_model_trains_with_adam_and_says_so(panel):
     panel.start_button.click()
     assert panel.session.wait(WAIT)
     assert re.search(r"\bAdam lr ", status_line(panel)), status_line(panel)
+
+
+def test_monitor_choices_leave_out_metrics_that_log_arrays(data):
+    # F1Score() logs one value per class: monitoring it is refused, so never offered.
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+    panel = ftw.FineTunePanel(
+        model,
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        metrics=[
+            "accuracy",
+            keras.metrics.F1Score(),
+            keras.metrics.F1Score(average="macro", name="macro_f1"),
+            keras.metrics.Precision(thresholds=[0.3, 0.7]),
+        ],
+        epochs=1,
+    )
+    try:
+        assert panel.monitor.options == (
+            "val_loss",
+            "val_accuracy",
+            "val_macro_f1",
+            "loss",
+            "accuracy",
+            "macro_f1",
+        )
+    finally:
+        panel.close()
+
+
+def test_the_warm_up_control_says_its_epochs_are_never_the_best(panel):
+    assert "never the best" in panel.start_from_epoch.tooltip

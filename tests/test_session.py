@@ -902,3 +902,130 @@ def test_repr_shows_the_sessions_name(data):
     assert repr(session).startswith("<FineTuneSession 'digits-a' model=")
     assert f"model={session.model.name!r} state=idle best=none>" in repr(session)
     session.close()
+
+
+def one_hot_session(data, metrics) -> ftw.FineTuneSession:
+    def one_hot(y):
+        return keras.utils.to_categorical(y, 5)
+
+    return ftw.FineTuneSession(
+        make_model(),
+        train=(data.x_train, one_hot(data.y_train)),
+        validation=(data.x_val, one_hot(data.y_val)),
+        loss="categorical_crossentropy",
+        metrics=metrics,
+    )
+
+
+def test_metrics_that_log_arrays_are_recorded_per_value_and_never_crash_a_phase(data):
+    # F1Score() logs one value per class; Precision(thresholds=[...]) one per threshold.
+    session = one_hot_session(
+        data, [keras.metrics.F1Score(), keras.metrics.Precision(thresholds=[0.3, 0.7])]
+    )
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16))
+    assert session.state == "idle" and len(session.history) == 2
+    names = session.history.metric_names()
+    assert [n for n in names if n.startswith("val_f1_score")] == [
+        f"val_f1_score[{i}]" for i in range(5)
+    ]
+    assert {"f1_score[4]", "precision[0]", "precision[1]", "val_precision[1]"} <= set(names)
+    # Each recorded value is Keras's own for that class, in order.
+    logs = session.model.evaluate(
+        data.x_val, keras.utils.to_categorical(data.y_val, 5), verbose=0, return_dict=True
+    )
+    last = session.history.epochs[-1].logs
+    assert [last[f"val_f1_score[{i}]"] for i in range(5)] == pytest.approx(
+        np.asarray(logs["f1_score"]).tolist(), abs=1e-6
+    )
+
+    # Not one number: refused before training, naming what can be monitored instead.
+    before = values(session.model.variables)
+    with pytest.raises(ValueError, match=r"Received: monitor='val_f1_score'") as info:
+        session.run(
+            ftw.PhaseConfig(phase="head", epochs=1, batch_size=16),
+            ftw.EarlyStoppingConfig(monitor="val_f1_score"),
+        )
+    assert "logs 5 values per epoch" in str(info.value)
+    assert "'val_f1_score[0]'" in str(info.value)
+    assert len(session.history) == 2 and same(values(session.model.variables), before)
+
+    # One class's value is a number: it can be monitored, and goes up as F1 does.
+    session.run(
+        ftw.PhaseConfig(phase="head", epochs=1, batch_size=16),
+        ftw.EarlyStoppingConfig(monitor="val_f1_score[0]", patience=5),
+    )
+    assert session.mode == "max" and session.best.monitor == "val_f1_score[0]"
+    assert session.best.value == max(r.logs["val_f1_score[0]"] for r in session.history.epochs)
+    # Nor can early stopping be switched to the whole array afterwards.
+    with pytest.raises(ValueError, match=r"Received: monitor='val_f1_score'") as info:
+        session.update_early_stopping(monitor="val_f1_score")
+    assert "logs 5 values per epoch" in str(info.value)
+    assert session.monitor == "val_f1_score[0]"
+
+
+class Agreement(keras.metrics.MeanMetricWrapper):
+    """Accuracy under a name that says nothing of its direction; the metric says "up"."""
+
+    def __init__(self, name="agreement", **kwargs):
+        super().__init__(keras.metrics.sparse_categorical_accuracy, name=name, **kwargs)
+        self._direction = "up"
+
+
+def test_auto_mode_takes_the_direction_of_the_compiled_metric_as_keras_does(data, monkeypatch):
+    session = make_session(data, metrics=[Agreement()])
+    release = hold_compile(session.model, monkeypatch)
+    es = ftw.EarlyStoppingConfig(monitor="val_agreement", patience=100)
+    assert es.resolved_mode is None  # the name alone cannot tell
+    config = ftw.PhaseConfig(phase="head", epochs=4, batch_size=16, learning_rate=3e-3)
+    session.start(config, es)
+    # Changed while the phase compiles, before the compiled metric was read.
+    session.update_early_stopping(patience=50)
+    release.set()
+    assert session.wait(WAIT) and session.error is None
+    assert session.mode == "max" and session.early_stopping.resolved_mode == "max"
+    assert session.early_stopping.patience == 50
+    agreement = [r.logs["val_agreement"] for r in session.history.epochs]
+    assert session.best.value == max(agreement) > min(agreement)
+    assert session.best.epoch == agreement.index(max(agreement))
+    # Idle, a new monitor is resolved from the compiled metrics too.
+    session.update_early_stopping(monitor="val_loss")
+    assert session.mode == "min"
+    assert session.update_early_stopping(monitor="val_agreement").resolved_mode == "max"
+    assert session.mode == "max" and session.best.value == max(agreement)
+
+
+def test_auto_mode_resolves_every_built_in_metric_as_keras_early_stopping_does():
+    # Fourteen built-in metrics that mode="auto" used to refuse by name.
+    from keras.src import ops
+
+    from ftwidgets.jobs import metric_direction
+
+    metrics = [
+        keras.metrics.CosineSimilarity(),
+        keras.metrics.PearsonCorrelation(),
+        keras.metrics.ConcordanceCorrelation(),
+        keras.metrics.FBetaScore(average="macro"),
+        keras.metrics.IoU(3, [0], sparse_y_true=False, sparse_y_pred=False),
+        keras.metrics.BinaryIoU(),
+        keras.metrics.MeanIoU(3, sparse_y_true=False, sparse_y_pred=False),
+        keras.metrics.OneHotIoU(3, [0]),
+        keras.metrics.OneHotMeanIoU(3),
+        keras.metrics.SensitivityAtSpecificity(0.5),
+        keras.metrics.SpecificityAtSensitivity(0.5),
+        keras.metrics.LogCoshError(),
+        keras.metrics.KLDivergence(),
+        keras.metrics.Poisson(),
+    ]
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=metrics)
+    x = np.zeros((2, 4), dtype="float32")
+    model._symbolic_build(data_batch=(x, np.eye(3, dtype="float32")[[0, 1]]))
+    for metric in metrics:
+        monitor = f"val_{metric.name}"
+        stopper = keras.callbacks.EarlyStopping(monitor=monitor)
+        stopper.set_model(model)
+        stopper._set_monitor_op()
+        keras_mode = "max" if stopper.monitor_op is ops.greater else "min"
+        config = ftw.EarlyStoppingConfig(monitor=monitor)
+        resolved = config.with_direction(metric_direction(model.metrics, monitor))
+        assert (monitor, resolved.resolved_mode) == (monitor, keras_mode)

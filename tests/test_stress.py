@@ -97,7 +97,7 @@ def test_five_hundred_phases_with_commands_at_random_moments(monkeypatch):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)
     model = make_model()
     monkeypatch.setattr(model, "fit", fake_fit(model, rng))
-    monkeypatch.setattr(jobs, "_check_monitor", lambda ctx, tracking, batch_size: None)
+    monkeypatch.setattr(jobs, "_check_monitor", lambda ctx, tracking, batch_size: tracking)
     session = ftw.FineTuneSession(
         model,
         train=(data.x_train, data.y_train),
