@@ -344,7 +344,7 @@ def test_a_per_class_metric_is_charted_one_class_at_a_time(make_charts) -> None:
     # F1Score() logs an array per epoch; the history holds f1_score[0], f1_score[1]...
     session, charts = make_charts()
     session.start_phase("head", 3, 1e-3)
-    for epoch, scores in enumerate([[0.2, 0.4], [0.3, 0.6], [0.1, 0.5]]):
+    for epoch, scores in enumerate([[0.2, 0.4], [0.3, 0.6], [0.1, 0.5]], start=1):
         session.epoch(
             epoch,
             loss=1.0,
@@ -352,15 +352,15 @@ def test_a_per_class_metric_is_charted_one_class_at_a_time(make_charts) -> None:
             f1_score=np.array(scores) + 0.1,
             val_f1_score=np.array(scores),
         )
-        if epoch == 1:
-            best = session.new_best(1, 0.6, "val_f1_score[1]")
+        if epoch == 2:
+            best = session.new_best(2, 0.6, "val_f1_score[1]")
     session.end_phase()
     assert charts.metric == "f1_score[1]"
     assert charts.metric_axis.label == "f1_score[1]"
     np.testing.assert_allclose(xy(charts.marks["val_metric"])[1], [0.4, 0.6, 0.5], rtol=1e-6)
     np.testing.assert_allclose(xy(charts.marks["metric"])[1], [0.5, 0.7, 0.6], rtol=1e-6)
     x, y = xy(charts.marks["best_metric"])
-    np.testing.assert_array_equal(x, [best.epoch + 1.0])
+    np.testing.assert_array_equal(x, [float(best.epoch)])
     np.testing.assert_allclose(y, [0.6], rtol=1e-6)
     charts.set_metric("val_f1_score[0]")
     np.testing.assert_allclose(xy(charts.marks["val_metric"])[1], [0.2, 0.3, 0.1], rtol=1e-6)

@@ -179,7 +179,7 @@ def test_a_head_at_chance_level_is_not_converged_but_not_learning():
     stuck = record(history, num_classes=5)
     assert coach.head_converged(stuck) is None
     note = coach.not_learning(stuck)
-    assert note.rule == "not_learning" and note.phase_index == 0 and note.epoch == 4
+    assert note.rule == "not_learning" and note.phase_index == 0 and note.epoch == 5
     assert note.message == "Not learning: val_accuracy stayed at chance level (0.2 for 5 classes)."
     assert "best over the phase's 5 epochs is 0.22 at rate 1e-3" in note.why
     assert "labels" in note.why and "data" in note.why and "rate" in note.why

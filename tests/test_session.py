@@ -920,7 +920,8 @@ def one_hot_session(data, metrics) -> ftw.FineTuneSession:
 def test_metrics_that_log_arrays_are_recorded_per_value_and_never_crash_a_phase(data):
     # F1Score() logs one value per class; Precision(thresholds=[...]) one per threshold.
     session = one_hot_session(
-        data, [keras.metrics.F1Score(), keras.metrics.Precision(thresholds=[0.3, 0.7])]
+        data,
+        [keras.metrics.F1Score(), keras.metrics.Precision(thresholds=[0.3, 0.7], name="precision")],
     )
     session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16))
     assert session.state == "idle" and len(session.history) == 2
@@ -986,7 +987,7 @@ def test_auto_mode_takes_the_direction_of_the_compiled_metric_as_keras_does(data
     assert session.early_stopping.patience == 50
     agreement = [r.logs["val_agreement"] for r in session.history.epochs]
     assert session.best.value == max(agreement) > min(agreement)
-    assert session.best.epoch == agreement.index(max(agreement))
+    assert session.best.epoch == agreement.index(max(agreement)) + 1
     # Idle, a new monitor is resolved from the compiled metrics too.
     session.update_early_stopping(monitor="val_loss")
     assert session.mode == "min"
