@@ -37,6 +37,7 @@ class Card(TypedDict):
     state: str
     searching: bool
     phase: str | None
+    run_epoch: int | None  # 1-based across the run: the panel's "epoch 33 (3/30 of this phase)"
     epoch: int | None  # 1-based within the phase
     epochs: int | None
     learning_rate: float | None
@@ -114,11 +115,12 @@ def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
     values = [_finite(r.logs.get(monitor)) for r in full]
     spark = [v for v in values if v is not None][-SPARK_POINTS:]
     phase = session.phase
-    epoch = epochs = None
+    run_epoch = epoch = epochs = None
     if phase is not None:
         epochs = phase.config.epochs
         ran = session.history.next_epoch - phase.start_epoch
         epoch = min(max(phase.epoch - phase.start_epoch + 1, ran), epochs)
+        run_epoch = phase.start_epoch - 1 + epoch  # start_epoch is the phase's first, 1-based
     best = session.best
     error = session.error.message if session.state == "failed" and session.error else None
     return Card(
@@ -127,6 +129,7 @@ def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
         state=str(session.state),
         searching=bool(session.searching),
         phase=None if phase is None else phase.config.phase,
+        run_epoch=run_epoch,
         epoch=epoch,
         epochs=epochs,
         learning_rate=_finite(session.learning_rate),

@@ -300,6 +300,7 @@ def test_rollback_pause_and_bad_commands_get_replies(frontend):
     frontend.answer(frontend.open_control())
     card = frontend.wait_for(lambda: last_card(frontend), "a card for s1")
     assert card["can_roll_back"] and card["epoch"] == 3 and len(card["spark"]) == 3
+    assert card["run_epoch"] == 3  # the run's epoch, as the panel counts it, goes over the wire
 
     _, reply = frontend.answer(frontend.command("rollback", "s1"))
     assert reply["ok"] and reply["message"] == f"rolling back to epoch {card['best_epoch']}"

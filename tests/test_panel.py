@@ -214,6 +214,23 @@ def test_start_runs_streams_charts_and_rollback_restores_best(panel):
     assert [m.kind for m in session.history.markers][-1] == "rollback"
 
 
+def test_the_lab_extension_card_shows_the_panels_run_epoch(panel):
+    # In a second phase the run's epoch and the phase's differ: 3 (1/3), then 5 (3/3).
+    session = panel.session
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=8))
+    parked = hold_at_first_batch(session)
+    panel.start_button.click()
+    assert parked.wait(WAIT)
+    card = telemetry.card(session, None, has_panel=True)
+    assert "epoch 3 (1/3 of this phase)" in status_line(panel)
+    assert (card["run_epoch"], card["epoch"], card["epochs"]) == (3, 1, 3)
+    panel.pause_button.click()  # resumes
+    assert session.wait(WAIT)
+    card = telemetry.card(session, None, has_panel=True)
+    assert "epoch 5 (3/3 of this phase)" in status_line(panel)
+    assert (card["run_epoch"], card["epoch"], card["epochs"]) == (5, 3, 3)
+
+
 def test_a_ring_picked_on_the_chart_is_restored_and_training_on_branches(panel):
     session, charts = panel.session, panel.charts
     panel.epochs.value = 4

@@ -175,12 +175,21 @@ export function phaseLabel(phase: ICard['phase']): string {
   return phase === 'head' ? 'head' : phase === 'finetune' ? 'fine-tune' : '';
 }
 
-/** "epoch 3/40", or '' outside a phase. */
-export function epochLabel(card: ICard): string {
+/**
+ * "epoch 33 (3/30)": the run's epoch, as the panel counts it, then the phase's; ''
+ * outside a phase. `phaseWords` adds the panel's "of this phase" where there is room.
+ */
+export function epochLabel(card: ICard, phaseWords = false): string {
   if (card.epoch === null) {
     return '';
   }
-  return card.epochs === null ? `epoch ${card.epoch}` : `epoch ${card.epoch}/${card.epochs}`;
+  const ofPhase = phaseWords ? ' of this phase' : '';
+  const within = card.epochs === null ? `${card.epoch}` : `${card.epoch}/${card.epochs}`;
+  if (card.run_epoch === undefined || card.run_epoch === null) {
+    // An older kernel sends only the phase's count: say so rather than pass it off as the run's.
+    return `epoch ${within} of this phase`;
+  }
+  return `epoch ${card.run_epoch} (${within}${ofPhase})`;
 }
 
 /** The status bar's text for a card. */

@@ -19,20 +19,24 @@ export function phaseEndNotice(event: IPhaseEnded): INotice {
   const who = `${event.session} (${phase} phase)`;
   const panel: NoticeAction[] = event.panel_class ? ['panel'] : [];
   const rollback: NoticeAction[] = event.can_roll_back ? ['rollback'] : [];
+  const restored =
+    event.restored_epoch === null ? '' : ` and restored the best epoch, ${event.restored_epoch}`;
   switch (event.outcome) {
     case 'completed':
       return { kind: 'success', text: `${who} finished.`, actions: [...rollback, ...panel] };
-    case 'early_stopped': {
-      const restored =
-        event.restored_epoch === null
-          ? ''
-          : ` and restored the best epoch, ${event.restored_epoch}`;
+    case 'early_stopped':
       return {
         kind: 'info',
         text: `${who} stopped early${restored}.`,
         actions: [...rollback, ...panel]
       };
-    }
+    case 'callback':
+      // As the panel says it: the user's own Keras callback set model.stop_training.
+      return {
+        kind: 'info',
+        text: `${who}: a callback stopped the phase (model.stop_training)${restored}.`,
+        actions: [...rollback, ...panel]
+      };
     case 'failed': {
       const why = event.message ? `: ${event.message}` : '.';
       return { kind: 'error', text: `${who} failed${why}`, actions: [...rollback, ...panel] };

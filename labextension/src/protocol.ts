@@ -30,6 +30,11 @@ export interface ICard {
   state: SessionState;
   searching: boolean;
   phase: Phase | null;
+  /**
+   * 1-based across the run, the number the panel, the charts and `restore_epoch`
+   * use; absent from a kernel older than this field.
+   */
+  run_epoch?: number | null;
   /** 1-based within the phase. */
   epoch: number | null;
   epochs: number | null;
@@ -65,6 +70,7 @@ export type Outcome =
   | 'completed'
   | 'early_stopped'
   | 'stopped'
+  | 'callback'
   | 'rolled_back'
   | 'failed';
 

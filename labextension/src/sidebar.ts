@@ -116,7 +116,7 @@ class CardView {
         : `epoch ${card.best_epoch} (${card.monitor} ${formatNumber(card.best_value)})`;
     this._setFacts([
       ['phase', phaseLabel(card.phase) || '–'],
-      ['epoch', epochLabel(card).replace('epoch ', '') || '–'],
+      ['epoch', epochLabel(card, true).replace('epoch ', '') || '–'],
       ['learning rate', formatNumber(card.learning_rate)],
       [card.monitor, formatNumber(card.value)],
       ['best', best]

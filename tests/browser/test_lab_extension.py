@@ -103,7 +103,7 @@ def test_sidebar_stop_ends_a_busy_cell(page, busy_notebook) -> None:
         """(name) => {
             const item = document.querySelector('.ftw-status');
             const text = item?.offsetParent ? item.textContent : '';
-            return text.startsWith(name + ':') && /epoch \\d+\\/\\d+/.test(text);
+            return text.startsWith(name + ':') && /epoch \\d+ \\(\\d+\\/\\d+\\)/.test(text);
         }""",
         arg=SESSION,
         timeout=180_000,

@@ -3,6 +3,7 @@ import { test } from 'node:test';
 
 import {
   SessionModel,
+  epochLabel,
   formatNumber,
   sparkPoints,
   statusText
@@ -17,6 +18,7 @@ function card(overrides: Partial<ICard> = {}): ICard {
     state: 'running',
     searching: false,
     phase: 'head',
+    run_epoch: 33,
     epoch: 3,
     epochs: 40,
     learning_rate: 0.001,
@@ -149,10 +151,10 @@ test('an unsubscribed listener hears nothing more', () => {
 });
 
 test('the status text names the session, phase, epoch, value and best epoch', () => {
-  assert.equal(statusText(card()), 'session-1: head epoch 3/40 val_loss 0.4123 best 2');
+  assert.equal(statusText(card()), 'session-1: head epoch 33 (3/40) val_loss 0.4123 best 2');
   assert.equal(
     statusText(card({ state: 'paused', phase: 'finetune' })),
-    'session-1: fine-tune paused epoch 3/40 val_loss 0.4123 best 2'
+    'session-1: fine-tune paused epoch 33 (3/40) val_loss 0.4123 best 2'
   );
   assert.equal(statusText(card({ state: 'idle' })), 'session-1: idle · best epoch 2');
   assert.equal(statusText(card({ state: 'idle', best_epoch: null })), 'session-1: idle');
@@ -161,6 +163,17 @@ test('the status text names the session, phase, epoch, value and best epoch', ()
     statusText(card({ searching: true, epoch: null, value: null, best_epoch: null })),
     'session-1: LR search'
   );
+});
+
+test("the epoch is the run's, as the panel says it, then the phase's", () => {
+  assert.equal(epochLabel(card()), 'epoch 33 (3/40)');
+  assert.equal(epochLabel(card(), true), 'epoch 33 (3/40 of this phase)');
+  assert.equal(epochLabel(card({ epochs: null })), 'epoch 33 (3)');
+  assert.equal(epochLabel(card({ run_epoch: null, epoch: null, epochs: null })), '');
+  // A kernel from before run_epoch: the phase's count, never passed off as the run's.
+  const older: ICard = card();
+  delete older.run_epoch;
+  assert.equal(epochLabel(older), 'epoch 3/40 of this phase');
 });
 
 test('numbers keep four significant digits; tiny and huge ones go exponential', () => {
@@ -199,6 +212,16 @@ test('phase-end notices offer what the outcome allows', () => {
   assert.match(failed.text, /failed: NaN loss/);
   assert.deepEqual(failed.actions, ['rollback', 'panel']);
   assert.deepEqual(phaseEndNotice(notice({ outcome: 'rolled_back' })).actions, []);
+  const callback = phaseEndNotice(notice({ outcome: 'callback' }));
+  assert.equal(
+    callback.text,
+    'session-1 (head phase): a callback stopped the phase (model.stop_training).'
+  );
+  assert.deepEqual(callback.actions, ['rollback', 'panel']);
+  assert.match(
+    phaseEndNotice(notice({ outcome: 'callback', restored_epoch: 4 })).text,
+    /\(model\.stop_training\) and restored the best epoch, 4\.$/
+  );
   const stopped = phaseEndNotice(notice({ outcome: 'stopped' }));
   assert.equal(stopped.kind, 'info');
   assert.deepEqual(stopped.actions, []);
