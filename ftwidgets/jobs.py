@@ -78,6 +78,7 @@ __all__ = [
     "PhaseStatus",
     "StopJob",
     "array_monitor_error",
+    "compiles_with_xla",
     "describe_failure",
     "expected_metric_names",
     "make_optimizer",
@@ -392,6 +393,13 @@ def _compile(ctx: JobContext, config: PhaseConfig) -> keras.optimizers.Optimizer
         **ctx.compile_extras,
     )
     return optimizer
+
+
+def compiles_with_xla(ctx: JobContext) -> bool:
+    """Whether the session's compile jits its steps: not ``run_eagerly=True`` nor
+    ``jit_compile=False`` (the model's own compile settings, kept for every phase)."""
+    extras = ctx.compile_extras
+    return not extras.get("run_eagerly", False) and extras.get("jit_compile", True) is not False
 
 
 def _fit_batch(ctx: JobContext, batch_size: int) -> tuple[Any, ...]:

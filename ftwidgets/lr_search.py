@@ -33,6 +33,7 @@ from ftwidgets.jobs import (
     JobContext,
     ModelSetup,
     StopJob,
+    compiles_with_xla,
     describe_failure,
     make_optimizer,
 )
@@ -437,7 +438,8 @@ def _make_loop(ctx: JobContext, config: PhaseConfig) -> _Loop:
         [v.value for v in trainable],
         [v.value for v in model.non_trainable_variables],
         [v.value for v in optimizer.variables],
-        jax.jit(step),
+        # Eagerly where the model's compile asks it (run_eagerly, jit_compile=False).
+        jax.jit(step) if compiles_with_xla(ctx) else step,
     )
 
 

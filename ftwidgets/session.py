@@ -65,6 +65,7 @@ from ftwidgets.jobs import (
     PhaseStatus,
     StopJob,
     array_monitor_error,
+    compiles_with_xla,
     expected_metric_names,
     lower_phase,
     metric_direction,
@@ -168,9 +169,11 @@ class FineTuneSession:
             them from the task: accuracy for classification, ``mae`` for
             regression. A model compiled before the session also lends its
             optimizer to every phase whose ``PhaseConfig.optimizer`` is None
-            (see `ftwidgets.config.PhaseConfig`). Its other settings
-            (``steps_per_execution``, ``jit_compile``, ``run_eagerly``) are not
-            carried over: phases compile with Keras's defaults.
+            (see `ftwidgets.config.PhaseConfig`), and its ``run_eagerly``,
+            ``jit_compile`` and ``auto_scale_loss`` to every phase's compile and
+            the learning-rate search (without XLA, `warm_up` compiles nothing
+            ahead). A ``steps_per_execution`` other than 1 is refused: the
+            session acts and records at every batch.
         checkpoint_dir: also write every kept epoch, and the best, there: to a
             folder of this session's own, atomically, so epochs that left memory
             stay restorable (see `ftwidgets.snapshots.SnapshotStore`).
@@ -252,7 +255,7 @@ class FineTuneSession:
         self.task = tasks.model_task(model)
         # The user's own compile, if any, is kept: what they did not override here.
         compiled = _user_compile(model)
-        extras: dict[str, Any] = {}
+        extras = _compile_settings(model) if compiled else {}
         if loss is None and compiled.get("loss") is not None:
             loss = compiled["loss"]
             if compiled.get("loss_weights") is not None:
@@ -631,7 +634,9 @@ class FineTuneSession:
 
         Returns:
             False, doing nothing, when the cache is off, a phase is running, a
-            distribution is set, or Start would refuse these settings.
+            distribution is set, the model was compiled with ``run_eagerly=True``
+            or ``jit_compile=False`` (nothing to compile ahead), or Start would
+            refuse these settings.
 
         Example:
 
@@ -661,6 +666,8 @@ class FineTuneSession:
             self._warm = None
         if key in self._ctx.cached_phases:
             return True  # a phase of these settings ran: its programs are in the cache
+        if not compiles_with_xla(self._ctx):
+            return False  # eager, or no XLA: fit compiles nothing that could be ahead
         try:
             lowered = lower_phase(self._ctx, config, depth, unit)
         except Exception:  # Start runs the same steps and reports what failed
@@ -1156,6 +1163,39 @@ def _user_compile(model: keras.Model) -> dict[str, Any]:
     if not getattr(model, "compiled", False) or config is None:
         return {}
     return dict(config.config)
+
+
+def _compile_settings(model: keras.Model) -> dict[str, Any]:
+    """The compiled model's ``run_eagerly``, ``jit_compile`` and ``auto_scale_loss``,
+    where they differ from Keras's defaults: what every phase compiles with.
+
+    Read from the model, so ``model.run_eagerly = True`` after ``compile`` counts too.
+
+    Raises:
+        ValueError: for ``steps_per_execution`` other than 1.
+    """
+    steps = model.steps_per_execution
+    if steps != 1:
+        # Keras would call the batch hooks once per `steps` batches: the per-batch loss
+        # trace came out all NaN, the global steps wrong, and commands would wait.
+        raise ValueError(
+            f"FineTuneSession cannot train a model compiled with steps_per_execution="
+            f"{steps!r}: Keras then calls batch callbacks once per {steps!r} batches, but the "
+            "session takes Stop, Pause and rate changes, reports progress and records the "
+            "loss at every batch. Compile the model with steps_per_execution=1 (the "
+            f"default) before making the session. Received: steps_per_execution={steps!r}"
+        )
+    settings: dict[str, Any] = {}
+    if model.run_eagerly:
+        settings["run_eagerly"] = True  # Keras then turns jit_compile off itself
+    elif not model.jit_compile:
+        settings["jit_compile"] = False
+    # auto_scale_loss=False leaves a mixed_float16 model's optimizer unwrapped.
+    if model.dtype_policy.name == "mixed_float16" and not isinstance(
+        model.optimizer, (keras.optimizers.LossScaleOptimizer, type(None))
+    ):
+        settings["auto_scale_loss"] = False
+    return settings
 
 
 def _num_classes(model: keras.Model, loss: Any) -> int | None:
