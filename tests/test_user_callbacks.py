@@ -8,6 +8,7 @@ import threading
 import keras
 import numpy as np
 import pytest
+from test_inputs import Batches
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
@@ -235,18 +236,6 @@ def test_the_panel_passes_callbacks_and_class_weight_on_and_names_a_callback_sto
 # -- class weights ------------------------------------------------------------------------
 
 CLASS_WEIGHT = {0: 4.0, 2: 0.25, 3: 0.0}
-
-
-class Batches(keras.utils.PyDataset):
-    def __init__(self, batches):
-        super().__init__()
-        self.batches = batches
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, i):
-        return self.batches[i]
 
 
 def trained_by_fit(data, start: list, **fit_kwargs) -> list[np.ndarray]:
