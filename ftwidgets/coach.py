@@ -62,8 +62,11 @@ CHANCE_BAND = 0.05
 # ...or its loss changed by no more than this share of itself over its epochs...
 STILL_SHARE = 1e-5
 # ...or it blew up: its last training loss is this many times its lowest (counting
-# the epoch before the phase).
+# the epoch before the phase)...
 BLOWUP_RISE = 2.0
+# ...and gave back at least this share of what the phase had gained: a loss of 0.005
+# that drifts to 0.012 at the end of a long run is noise, not a blow-up.
+BLOWUP_GIVEN_BACK = 0.5
 # The accuracy metrics read for the chance level, validation first.
 _ACCURACIES = ("accuracy", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy")
 
@@ -436,7 +439,8 @@ def _non_finite(record: Record) -> bool:
 
 
 def _blow_up(record: Record) -> tuple[float, float] | None:
-    """The lowest and the last training loss, when the last is ``BLOWUP_RISE`` times it."""
+    """The lowest and the last training loss, when the last is ``BLOWUP_RISE`` times the
+    lowest and has given back ``BLOWUP_GIVEN_BACK`` of the fall from the first."""
     rows = record.phase_records
     if not rows:
         return None
@@ -446,8 +450,11 @@ def _blow_up(record: Record) -> tuple[float, float] | None:
     losses = [r.logs.get("loss", math.nan) for r in before + rows]
     if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
         return None
-    lowest, last = min(losses), losses[-1]
-    return (lowest, last) if lowest > 0 and last > BLOWUP_RISE * lowest else None
+    first, lowest, last = losses[0], min(losses), losses[-1]
+    rose = lowest > 0 and last > BLOWUP_RISE * lowest
+    return (
+        (lowest, last) if rose and last - lowest >= BLOWUP_GIVEN_BACK * (first - lowest) else None
+    )
 
 
 def _still(record: Record) -> tuple[str, float, float] | None:

@@ -236,6 +236,13 @@ def test_a_blown_up_phase_is_diverged_never_converged():
     )
     assert coach.not_learning(record(second)).message.endswith("rose 5.0x.")
     assert coach.head_converged(record(second)) is None
+    # Noise at the bottom of a long run is no blow-up; giving back most of the fall is.
+    fell = [1.4, 0.6, 0.2, 0.05] + [0.005 + 0.001 * (i % 3) for i in range(40)] + [0.012]
+    noisy = record(logged([{"loss": v, "val_loss": v + 0.05} for v in fell]))
+    assert coach.not_learning(noisy) is None
+    fell[-1] = 1.0
+    back = coach.not_learning(record(logged([{"loss": v, "val_loss": v + 0.05} for v in fell])))
+    assert back.message == "The phase diverged: the training loss rose 200.0x."
     # A NaN blow-up is non_finite_loss's note alone; a phase that failed is not converged.
     nan = logged([*flat_head([0.5] * 5), {"loss": math.nan, "val_loss": math.nan}])
     assert coach.not_learning(record(nan)) is None
