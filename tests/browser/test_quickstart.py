@@ -55,7 +55,7 @@ RUNNING = re.compile(r"^running\b")
 # A monitor the compiled model does not log fails the phase before its first batch.
 FAILED = re.compile(r"^failed\b")
 ROLLBACK = re.compile(r"Roll back to best epoch (\d+)")
-STATUS_RATE = re.compile(r"· lr (\S+) ·")
+STATUS_RATE = re.compile(r"· Adam lr (\S+) ·")  # the optimizer that trains, and its rate
 
 
 @pytest.fixture(scope="module")
