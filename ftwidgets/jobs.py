@@ -1017,16 +1017,13 @@ def metric_direction(metrics: Sequence[Any], monitor: str) -> str | None:
     found: list[Any] = []
     for metric in metrics:
         found.append(metric)
-        found.extend(getattr(metric, "metrics", ()) if _is_container(metric) else ())
+        if upstream.is_compile_container(metric):
+            found.extend(getattr(metric, "metrics", ()))
     for metric in found:
         direction = upstream.metric_direction(metric)
         if getattr(metric, "name", None) == name and direction is not None:
             return direction
     return None
-
-
-def _is_container(metric: Any) -> bool:
-    return upstream.is_compile_container(metric)
 
 
 def _as_tracked(config: EarlyStoppingConfig, tracked: EarlyStoppingConfig) -> EarlyStoppingConfig:
