@@ -55,7 +55,6 @@ def test_a_shim_whose_attribute_is_gone_raises_upstream_changed():
 # Keras
 
 
-@pytest.mark.keras
 def test_symbolic_build_builds_the_compiled_metrics_and_the_optimizer():
     model = tiny_model()
     model.compile(optimizer="adam", loss="mse", metrics=["mae"])
