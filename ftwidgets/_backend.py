@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ftwidgets import upstream
+
 __all__ = [
     "adopt_keras_state",
     "batch_devices",
@@ -214,18 +216,9 @@ def keras_state() -> dict[str, object]:
     >>> seen
     ['mixed_float16']
     """
-    from keras.src.backend.common import global_state
-
-    return {
-        name: value
-        for name in _THREAD_LOCAL_SETTINGS
-        if (value := global_state.get_global_attribute(name)) is not None
-    }
+    return upstream.thread_settings(_THREAD_LOCAL_SETTINGS)
 
 
 def adopt_keras_state(state: dict[str, object]) -> None:
     """Apply settings captured by `keras_state` on the current thread."""
-    from keras.src.backend.common import global_state
-
-    for name, value in state.items():
-        global_state.set_global_attribute(name, value)
+    upstream.set_thread_settings(state)

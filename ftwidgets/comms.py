@@ -26,7 +26,7 @@ import time
 import weakref
 from typing import Any
 
-from ftwidgets import telemetry
+from ftwidgets import telemetry, upstream
 from ftwidgets.events import Best, Event, PhaseEnded, PhaseStarted, RolledBack
 from ftwidgets.session import FineTuneSession, live_sessions, watch_sessions
 
@@ -78,10 +78,8 @@ def answer_while_busy(widget: Any) -> bool:
     False
     """
     comm = getattr(widget, "comm", None)
-    if comm is None or not hasattr(comm, "_reply_subshell_for"):
-        return False  # no kernel, or an ipykernel that routes by the front end anyway
-    comm._reply_subshell_for = lambda _data, default: default
-    return True
+    # False with no kernel, or an ipykernel that routes by the front end anyway.
+    return comm is not None and upstream.route_replies_as_requested(comm)
 
 
 def bridge() -> KernelBridge | None:
@@ -125,7 +123,7 @@ class KernelBridge:
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
-        self.subshells = bool(getattr(kernel, "_supports_kernel_subshells", False))
+        self.subshells = upstream.kernel_supports_subshells(kernel)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._telemetry: dict[str, Any] = {}  # control comm id -> its telemetry comm

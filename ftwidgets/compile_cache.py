@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ftwidgets import upstream
+
 __all__ = [
     "MAX_BYTES",
     "compilation_cache_dir",
@@ -87,7 +89,6 @@ def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path
     >>> _ = before and ftw.enable_compilation_cache(before)  # as it was
     """
     import jax
-    from jax.experimental.compilation_cache import compilation_cache
 
     folder = Path(path if path is not None else default_cache_dir()).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,8 +97,7 @@ def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if jax.config.jax_compilation_cache_max_size == -1:  # unbounded is JAX's default
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
-    # JAX reads the folder once, at its first compile: make it read it again.
-    compilation_cache.reset_cache()
+    upstream.reset_compilation_cache()
     return folder
 
 
@@ -113,10 +113,9 @@ def disable_compilation_cache() -> None:
     >>> _ = before and ftw.enable_compilation_cache(before)  # as it was
     """
     import jax
-    from jax.experimental.compilation_cache import compilation_cache
 
     jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
+    upstream.reset_compilation_cache()
 
 
 def configure_from_environment() -> Path | None:

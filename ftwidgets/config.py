@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from ftwidgets import upstream
+
 __all__ = [
     "DEFAULT_LEARNING_RATES",
     "OPTIMIZERS",
@@ -118,7 +120,7 @@ def check_steerable_optimizer(optimizer: Any, what: str) -> None:
             f"Received: {what}={optimizer!r}"
         )
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
-    rate = getattr(inner, "_learning_rate", None)
+    rate = upstream.learning_rate_of(inner)
     if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
         raise ValueError(
             f"The {what} {type(optimizer).__name__} has a learning-rate schedule "

@@ -14,6 +14,7 @@ from typing import Any
 
 import grain
 
+from ftwidgets import upstream
 from ftwidgets.inputs import class_weights_of
 
 __all__ = ["ClassWeights", "EpochShuffled", "shuffle_each_epoch", "with_class_weights"]
@@ -176,15 +177,5 @@ def with_class_weights(dataset: Any, class_weight: dict[int, float]) -> Any:
     """
     weigh = ClassWeights(class_weight)
     if isinstance(dataset, grain.DataLoader):
-        options = dataset._multiprocessing_options
-        return grain.DataLoader(
-            data_source=dataset._data_source,
-            sampler=dataset._sampler,
-            operations=[*dataset._operations, weigh],
-            worker_count=options.num_workers,
-            worker_buffer_size=options.per_worker_buffer_size,
-            shard_options=dataset._shard_options,
-            read_options=dataset._read_options,
-            enable_profiling=options.enable_profiling,
-        )
+        return upstream.append_data_loader_operation(dataset, weigh)
     return dataset.map(weigh)

@@ -28,7 +28,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ftwidgets import tasks
+from ftwidgets import tasks, upstream
 
 __all__ = ["ACCEPTED", "TrainingData", "class_weights_of", "is_dataset"]
 
@@ -383,11 +383,7 @@ def class_weights_of(y: Any, weights: Any, class_weight: dict[int, float]) -> np
     array([1., 3., 3., 1.], dtype=float32)
     """
     _check_class_weight_fits(y, weights, "a batch of train")
-    from keras.src.trainers.data_adapters.data_adapter_utils import (
-        class_weight_to_sample_weights,
-    )
-
-    return class_weight_to_sample_weights(y, class_weight)
+    return upstream.class_weight_to_sample_weights(y, class_weight)
 
 
 def _check_class_weight_fits(y: Any, weights: Any, what: str) -> None:

@@ -12,8 +12,10 @@ the usual ``KeyboardInterrupt`` still happens.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
+from ftwidgets import upstream
 from ftwidgets.session import live_sessions
 
 __all__ = ["install_interrupt_handler"]
@@ -50,17 +52,20 @@ def install_interrupt_handler() -> bool:
         return False
     shell = get_ipython()
     kernel = getattr(shell, "kernel", None)
-    if kernel is None or not hasattr(kernel, "saved_sigint_handler"):
+    if kernel is None:
         return False
     if getattr(kernel, "_ftwidgets_interrupt_installed", False):
         return True
-    previous = kernel.saved_sigint_handler
 
-    def on_interrupt(signum: int, frame: Any) -> None:
-        if _stop_running_sessions() == 0 and callable(previous):
-            previous(signum, frame)
+    def wrap(previous: Any) -> Callable[[int, Any], None]:
+        def on_interrupt(signum: int, frame: Any) -> None:
+            if _stop_running_sessions() == 0 and callable(previous):
+                previous(signum, frame)
+
+        return on_interrupt
 
     # Restored by ipykernel's post_handler_hook once the current cell ends.
-    kernel.saved_sigint_handler = on_interrupt
+    if not upstream.replace_cell_sigint_handler(kernel, wrap):
+        return False
     kernel._ftwidgets_interrupt_installed = True
     return True

@@ -22,9 +22,8 @@ from typing import Any, Protocol
 
 import keras
 import numpy as np
-from keras.src.trainers import compile_utils
 
-from ftwidgets import tasks, transfer, warm_compile
+from ftwidgets import tasks, transfer, upstream, warm_compile
 from ftwidgets.callbacks import (
     LossStream,
     NonFiniteError,
@@ -373,7 +372,7 @@ def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> 
     setup = ModelSetup(model, config, depth, unit)
     try:
         _compile(ctx, config)
-        model._symbolic_build(data_batch=_fit_batch(ctx, config.batch_size))
+        upstream.symbolic_build(model, _fit_batch(ctx, config.batch_size))
         train, validation = ctx.data.split_arrays()
         return warm_compile.lower_steps(model, config.batch_size, train, validation, first=True)
     finally:
@@ -431,7 +430,7 @@ class ModelSetup:
 
     def __init__(self, model: keras.Model, config: PhaseConfig, depth: int, unit: str) -> None:
         self.model = model
-        self._flags = {id(layer): layer.trainable for layer in model._flatten_layers()}
+        self._flags = {id(layer): layer.trainable for layer in upstream.flatten_layers(model)}
         self._dropout = _head_dropout_rate(model) if config.dropout is not None else None
         try:
             self.trainable = transfer.unfreeze(
@@ -445,7 +444,7 @@ class ModelSetup:
 
     def undo(self) -> None:
         """Put back the trainable flags (and the head's dropout rate) it replaced."""
-        for layer in self.model._flatten_layers():
+        for layer in upstream.flatten_layers(self.model):
             layer.trainable = self._flags.get(id(layer), layer.trainable)
         if self._dropout is not None:
             transfer.set_head_dropout(self.model, self._dropout)
@@ -954,7 +953,7 @@ def _check_monitor(
     try:
         # Builds the compiled metrics and loss symbolically (no XLA compile,
         # unlike a probe `evaluate`), as fit would at its start anyway.
-        model._symbolic_build(data_batch=batch)
+        upstream.symbolic_build(model, batch)
         shapes = {name: np.shape(value) for name, value in model.get_metrics_result().items()}
         if wanted not in shapes and wanted not in _logged_names(shapes):
             # Rare metrics are named only once they have run: ask for real.
@@ -1018,15 +1017,13 @@ def metric_direction(metrics: Sequence[Any], monitor: str) -> str | None:
     found: list[Any] = []
     for metric in metrics:
         found.append(metric)
-        found.extend(getattr(metric, "metrics", ()) if _is_container(metric) else ())
+        if upstream.is_compile_container(metric):
+            found.extend(getattr(metric, "metrics", ()))
     for metric in found:
-        if getattr(metric, "name", None) == name and hasattr(metric, "_direction"):
-            return metric._direction
+        direction = upstream.metric_direction(metric)
+        if getattr(metric, "name", None) == name and direction is not None:
+            return direction
     return None
-
-
-def _is_container(metric: Any) -> bool:
-    return isinstance(metric, compile_utils.CompileMetrics | compile_utils.MetricsList)
 
 
 def _as_tracked(config: EarlyStoppingConfig, tracked: EarlyStoppingConfig) -> EarlyStoppingConfig:
@@ -1055,8 +1052,10 @@ def expected_metric_names(metrics: Sequence[Any], has_validation: bool) -> set[s
 def _changing_variables(model: keras.Model) -> list[Any]:
     """The float variables of trainable leaf layers: all that a phase can change."""
     found: dict[int, Any] = {}
-    for layer in model._flatten_layers(include_self=False):
-        if layer.trainable and not list(layer._flatten_layers(include_self=False, recursive=False)):
+    for layer in upstream.flatten_layers(model, include_self=False):
+        if layer.trainable and not upstream.flatten_layers(
+            layer, include_self=False, recursive=False
+        ):
             for variable in layer.weights:
                 if "float" in str(variable.dtype):
                     found.setdefault(id(variable), variable)

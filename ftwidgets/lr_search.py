@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from ftwidgets import upstream
 from ftwidgets.channel import State, Stop
 from ftwidgets.config import PhaseConfig
 from ftwidgets.events import Event, Failure, SearchEnded, SearchStarted, SearchStep
@@ -410,9 +411,8 @@ def _make_loop(ctx: JobContext, config: PhaseConfig) -> _Loop:
     trainable = list(model.trainable_variables)
     optimizer = make_optimizer(config, ctx.optimizer)
     optimizer.build(trainable)
-    rate_index = next(
-        (i for i, v in enumerate(optimizer.variables) if v is optimizer._learning_rate), None
-    )
+    rate = upstream.learning_rate_of(optimizer)
+    rate_index = next((i for i, v in enumerate(optimizer.variables) if v is rate), None)
     if rate_index is None:  # a schedule: not what make_optimizer builds
         raise ValueError("The search needs an optimizer with a constant learning rate.")
     loss_fn = _loss_function(ctx.loss)

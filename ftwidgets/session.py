@@ -8,7 +8,6 @@ search) one at a time on its worker, passes commands through its channel
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import math
 import threading
@@ -22,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ftwidgets import _backend, lr_search, tasks, transfer, warm_compile
+from ftwidgets import _backend, lr_search, tasks, transfer, upstream, warm_compile
 from ftwidgets.callbacks import NonFiniteError
 from ftwidgets.channel import (
     ACTIVE,
@@ -1150,7 +1149,7 @@ def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
 # Before Python joins its threads and shuts down thread pools (Keras dispatches
 # batch ends to one, and a pool refusing work would fail the phase instead of
 # stopping it): the hook concurrent.futures itself uses, else plain atexit.
-getattr(threading, "_register_atexit", atexit.register)(_stop_sessions_at_exit)
+upstream.register_atexit(_stop_sessions_at_exit)
 
 
 def _user_compile(model: keras.Model) -> dict[str, Any]:
@@ -1158,11 +1157,7 @@ def _user_compile(model: keras.Model) -> dict[str, Any]:
 
     Empty when the model was not compiled.
     """
-    # Keras 3 keeps compile's arguments, the objects themselves, in `_compile_config`.
-    config = getattr(model, "_compile_config", None)
-    if not getattr(model, "compiled", False) or config is None:
-        return {}
-    return dict(config.config)
+    return upstream.compile_arguments(model)
 
 
 def _compile_settings(model: keras.Model) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from ftwidgets import upstream
+
 __all__ = [
     "LOSS_KINDS",
     "TASKS",
@@ -495,9 +497,9 @@ def _output_layer(model: keras.Model) -> keras.layers.Layer | None:
     if outputs is not None:
         if len(outputs) != 1:
             return None
-        history = getattr(outputs[0], "_keras_history", None)
-        if history is not None:
-            return history[0]
+        layer = upstream.output_layer_of(outputs[0])
+        if layer is not None:
+            return layer
     layers = getattr(model, "layers", None)
     return layers[-1] if layers else None
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Literal
 
 import keras
 
+from ftwidgets import upstream
 from ftwidgets.config import UNFREEZE_UNITS
 
 if TYPE_CHECKING:
@@ -881,11 +882,10 @@ def _resolve_base(model_or_base: keras.Layer) -> keras.Layer:
 
 
 def _sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
-    # `_flatten_layers` walks `_layers`, the same list the `trainable` setter
-    # propagates through; `Model.layers` would miss non-Model composite layers.
+    # Not `Model.layers`, which would miss non-Model composite layers.
     return [
         sub
-        for sub in layer._flatten_layers(include_self=False, recursive=False)
+        for sub in upstream.flatten_layers(layer, include_self=False, recursive=False)
         if not isinstance(sub, keras.layers.InputLayer)
     ]
 
@@ -931,11 +931,8 @@ def _ensure_seed_generator(layer: keras.layers.Dropout) -> None:
     # so raising a 0 rate later fails in call() ("no attribute seed_generator").
     # Built layers lock their state; Keras itself unlocks like this to quantize.
     if getattr(layer, "seed_generator", None) is None:
-        layer._tracker.unlock()
-        try:
+        with upstream.unlocked_state(layer):
             layer.seed_generator = keras.random.SeedGenerator(layer.seed)
-        finally:
-            layer._lock_state()
 
 
 def _is_batchnorm(layer: keras.layers.Layer) -> bool:
@@ -946,7 +943,7 @@ def _unfreezable(layer: keras.layers.Layer) -> bool:
     # `trainable_weights` is empty while a layer is frozen, so ask which of its
     # own variables were created trainable. This leaves out layers such as
     # Normalization whose weights are never trained.
-    return not _is_batchnorm(layer) and bool(layer._trainable_variables)
+    return not _is_batchnorm(layer) and bool(upstream.created_trainable_variables(layer))
 
 
 def _check_unit(unit: object) -> None:
@@ -1069,7 +1066,7 @@ def _row(
     params = layer.count_params() if layer.built else 0
     if preview:
         # What `trainable_weights` will hold once `unfreeze` sets the flag.
-        weights = layer._trainable_variables if trainable else []
+        weights = upstream.created_trainable_variables(layer) if trainable else []
     else:
         weights = layer.trainable_weights
     return LayerRow(

@@ -33,6 +33,8 @@ from typing import Any
 
 import keras
 
+from ftwidgets import upstream
+
 __all__ = [
     "WarmUp",
     "compile_ahead",
@@ -91,9 +93,7 @@ def fit_steps(model: keras.Model) -> tuple[Any, Any] | None:
     """
     if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
         return None
-    from keras.src.backend.config import is_nnx_enabled
-
-    if is_nnx_enabled():  # fit would jit another function (nnx.jit of the class's step)
+    if keras.config.is_nnx_enabled():  # fit would jit nnx.jit of the class's step instead
         return None
     if getattr(model, "steps_per_execution", 1) != 1 or not model.jit_compile:
         return None
@@ -120,8 +120,8 @@ def install_steps(model: keras.Model) -> tuple[Any, Any] | None:
     """
     steps = fit_steps(model)
     if steps is not None:
-        model.train_function = model._make_function(steps[0])
-        model.test_function = model._make_function(steps[1])
+        model.train_function = upstream.make_function(model, steps[0])
+        model.test_function = upstream.make_function(model, steps[1])
     return steps
 
 
@@ -295,12 +295,9 @@ def _batch_specs(data: tuple[Any, Any, Any], batch_size: int, full: bool) -> lis
     """The batch structures ``fit`` passes its step, as Keras's own data adapter makes
     them: a smaller last batch, and the first batch too if ``full``."""
     import jax
-    from keras.src.trainers.data_adapters import get_data_adapter
 
     x, y, sample_weight = data
-    adapter = get_data_adapter(
-        x=x, y=y, sample_weight=sample_weight, batch_size=batch_size, shuffle=False
-    )
+    adapter = upstream.data_adapter(x, y, sample_weight, batch_size)
     first = next(iter(adapter.get_jax_iterator()))
     last = adapter.partial_batch_size
     whole = adapter.num_batches - (1 if last else 0)  # batches of batch_size
