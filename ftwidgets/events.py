@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "LearningRateChanged",
     "ListenerFailed",
     "NewBest",
+    "PhaseEnd",
     "PhaseEnded",
     "PhaseStarted",
     "RolledBack",
@@ -77,6 +79,24 @@ def frozen_logs(logs: Mapping[str, object] | None) -> Mapping[str, float]:
             for index in np.ndindex(array.shape):
                 flat[element_name(str(key), index)] = float(array[index])
     return MappingProxyType(flat)
+
+
+class PhaseEnd(StrEnum):
+    """Why a phase ended. Compares equal to its value, and is written as it in JSON.
+
+    Example:
+
+    >>> PhaseEnd.EARLY_STOPPED == "early_stopped", PhaseEnd("callback")
+    (True, <PhaseEnd.CALLBACK: 'callback'>)
+    """
+
+    COMPLETED = "completed"
+    EARLY_STOPPED = "early_stopped"
+    STOPPED = "stopped"
+    # A user's callback set ``model.stop_training``.
+    CALLBACK = "callback"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -210,9 +230,7 @@ class PhaseStarted(Event):
 class PhaseEnded(Event):
     """A phase ended.
 
-    ``reason`` is one of ``"completed"``, ``"early_stopped"``, ``"stopped"``,
-    ``"callback"`` (a user's callback set ``model.stop_training``),
-    ``"rolled_back"`` or ``"failed"``. ``end_epoch`` is one past the last epoch
+    ``reason`` says why (a `PhaseEnd`). ``end_epoch`` is one past the last epoch
     that ran (full or partial).
     """
 
@@ -220,7 +238,7 @@ class PhaseEnded(Event):
     phase: str
     start_epoch: int
     end_epoch: int
-    reason: str
+    reason: PhaseEnd
     restored_best: Best | None
 
 

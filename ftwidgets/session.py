@@ -53,6 +53,7 @@ from ftwidgets.events import (
     Failed,
     Failure,
     ListenerFailed,
+    PhaseEnd,
     PhaseEnded,
     PhaseStarted,
 )
@@ -841,7 +842,7 @@ class FineTuneSession:
         except StopJob as stop:
             reason = stop.reason
         except BaseException as exc:
-            reason = "failed"
+            reason = PhaseEnd.FAILED
             failure = job.failure(exc)
         try:
             failure = job.finish(ctx, reason, failure)

@@ -241,7 +241,7 @@ def test_nan_loss_fails_the_phase_names_where_and_restores_best(data):
     assert session.best == best
     assert same(values(session.model.variables), best_weights)
     assert rec.of(ev.Failed)[-1].failure is session.error
-    assert rec.of(ev.PhaseEnded)[-1].reason == "failed"
+    assert rec.of(ev.PhaseEnded)[-1].reason is ev.PhaseEnd.FAILED
     # The session stays usable.
     session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
     assert session.state == "idle"
@@ -343,7 +343,8 @@ def test_early_stopping_restores_best_and_records_a_marker(data):
     session.run(ftw.PhaseConfig(phase="head", epochs=10, batch_size=16), early_stopping=es)
     assert len(session.history) == 2
     assert rec.of(ev.EarlyStopped)[0].epoch == 2
-    assert session.history.phases[-1].reason == "early_stopped"
+    assert session.history.phases[-1].reason is ev.PhaseEnd.EARLY_STOPPED
+    assert rec.of(ev.PhaseEnded)[-1].reason is ev.PhaseEnd.EARLY_STOPPED
     assert session.best.epoch == 1
     assert same(values(session.model.variables), list(session.snapshots.best.values))
     (marker,) = session.history.markers
@@ -675,6 +676,7 @@ def test_session_phase_is_an_immutable_snapshot(data):
     first, last = snapshots[0], session.phase
     assert (first.start_epoch, first.epoch, first.reason) == (1, 1, None)
     assert (last.epoch, last.reason) == (3, "completed")
+    assert last.reason is ev.PhaseEnd.COMPLETED
     with pytest.raises(dataclasses.FrozenInstanceError):
         last.epoch = 5
 
