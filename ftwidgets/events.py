@@ -8,7 +8,7 @@ and must not touch the model.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ftwidgets.coach import Note
+    from ftwidgets.actions import Action
 
 __all__ = [
     "Advised",
@@ -32,8 +32,11 @@ __all__ = [
     "LearningRateChanged",
     "ListenerFailed",
     "NewBest",
+    "NonFiniteError",
+    "Note",
     "PhaseEnd",
     "PhaseEnded",
+    "PhasePlanned",
     "PhaseStarted",
     "RolledBack",
     "SearchEnded",
@@ -166,6 +169,10 @@ class EpochRecord:
         return not self.partial and self.finite_weights
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or infinite value; the session restores finite weights."""
+
+
 @dataclass(frozen=True)
 class Failure:
     """What went wrong in the last failed phase.
@@ -212,6 +219,10 @@ class PhaseStarted(Event):
 
     ``unfreeze_depth`` is in units of ``unfreeze_unit``: ``"block"`` or ``"layer"``.
     ``optimizer`` is the class name of the optimizer it trains with (``"Adam"``).
+    ``trainable_params`` counts the parameters it trains, ``dropout`` is the head's
+    dropout rate in it (None: no head dropout), ``num_classes`` the classes of a
+    single-label classification head (None otherwise), ``train_samples`` the training
+    samples per epoch (None for a dataset).
     """
 
     index: int
@@ -224,6 +235,10 @@ class PhaseStarted(Event):
     trainable_layers: tuple[str, ...]
     unfreeze_unit: str = "layer"
     optimizer: str = ""
+    trainable_params: int | None = None
+    dropout: float | None = None
+    num_classes: int | None = None
+    train_samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +255,15 @@ class PhaseEnded(Event):
     end_epoch: int
     reason: PhaseEnd
     restored_best: Best | None
+
+
+@dataclass(frozen=True)
+class PhasePlanned(Event):
+    """Settings proposed for the next phase (``PhaseConfig`` fields), by an action or
+    by code (``session.plan_next_phase``). Whoever draws up the next phase takes them
+    (the panel sets its controls); nothing starts."""
+
+    changes: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -365,12 +389,42 @@ class ListenerFailed(Event):
 
 
 @dataclass(frozen=True)
+class Note:
+    """One piece of advice.
+
+    Attributes:
+        rule: the rule that wrote it (``"overfitting"``...).
+        message: one line.
+        why: the numbers that triggered it, in a sentence or two.
+        epoch: the global epoch (1-based, as Keras prints it) it was written at.
+        actions: typed actions (``ftwidgets.actions``) that apply a suggestion,
+            each with its button's label: ``session.apply(action)``.
+        phase_index: the phase of the run (``history.phases``) it is about; the coach
+            fills it in from the record it read when a rule leaves it None.
+        episode: what the condition is about (the phase, the rate...): the coach
+            writes one note per rule and episode.
+
+    Example:
+
+    >>> Note("early_stop", "Early stopping ended the phase.", "Patience 3 ran out.", 9).rule
+    'early_stop'
+    """
+
+    rule: str
+    message: str
+    why: str
+    epoch: int
+    actions: tuple[Action, ...] = ()
+    phase_index: int | None = None
+    episode: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Advised(Event):
     """The coach wrote a note (see ``ftwidgets.coach``; ``session.advice()`` lists them).
 
     Example:
 
-    >>> from ftwidgets.coach import Note
     >>> Advised(Note("early_stop", "Early stopping ended the phase.", "...", 4)).note.rule
     'early_stop'
     """

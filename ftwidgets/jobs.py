@@ -452,6 +452,20 @@ class ModelSetup:
             transfer.set_head_dropout(self.model, self._dropout)
 
 
+def _num_classes(model: keras.Model, loss: Any) -> int | None:
+    """The classes of a single-label classification head (its chance level is one in that many)."""
+    try:
+        units = model.output_shape[-1]
+    except (AttributeError, ValueError, TypeError, IndexError):
+        return None
+    if not isinstance(units, int):
+        return None  # several outputs, or an unknown size
+    kind = tasks.loss_kind(loss)
+    if kind in ("sparse_categorical", "categorical") and units > 1:
+        return units
+    return 2 if kind == "binary" and units == 1 else None
+
+
 def _head_dropout_rate(model: keras.Model) -> float | None:
     for layer in model.layers:
         if layer.name == transfer.HEAD_DROPOUT_NAME and isinstance(layer, keras.layers.Dropout):
@@ -590,6 +604,10 @@ class FitPhase:
                 self.unit,
                 # Mixed precision wraps it in a LossScaleOptimizer: name the one it wraps.
                 type(getattr(optimizer, "inner_optimizer", optimizer)).__name__,
+                trainable_params=sum(math.prod(v.shape) for v in model.trainable_weights),
+                dropout=_head_dropout_rate(model),
+                num_classes=_num_classes(model, ctx.loss),
+                train_samples=samples,
             )
         )
 
