@@ -17,6 +17,7 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import keras
@@ -862,10 +863,9 @@ class FineTuneSession:
                 f"plan_next_phase takes PhaseConfig fields: {sorted(names)}. Received: {changes!r}"
             )
         PhaseConfig(**{"phase": "finetune", **changes})  # raises, naming a bad value
-        self._emit(PhasePlanned(dict(changes)))
+        self._emit(PhasePlanned(MappingProxyType(dict(changes))))
         return dict(changes)
 
-    # -- commands ----------------------------------------------------------------
     def stop(self) -> bool:
         """Stop the running phase (or search) at the next batch boundary.
 
