@@ -34,6 +34,14 @@ __version__ = "0.1.0"
 _configure_cache()
 
 
+def _coach_the_session(session: FineTuneSession, alive: bool) -> None:
+    # The coach listens to the session's events; the session knows nothing of its rules.
+    if alive:
+        from ftwidgets.coach import Coach
+
+        session.coach = Coach(enabled=session._coach_on).listen(session)
+
+
 def _serve_the_lab_extension(session: FineTuneSession, alive: bool) -> None:
     # In a kernel, the first session starts the bridge to the JupyterLab extension.
     if alive:
@@ -42,6 +50,7 @@ def _serve_the_lab_extension(session: FineTuneSession, alive: bool) -> None:
         comms.bridge()
 
 
+watch_sessions(_coach_the_session)
 watch_sessions(_serve_the_lab_extension)
 
 

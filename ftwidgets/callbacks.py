@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import keras
 
+from ftwidgets.events import NonFiniteError
+
 if TYPE_CHECKING:
     from ftwidgets.channel import Channel
 
@@ -60,10 +62,6 @@ def to_keras(epoch: int) -> int:
     0
     """
     return epoch - 1
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced a NaN or infinite value; the session restores finite weights."""
 
 
 class NonFiniteLossError(NonFiniteError):

@@ -5,6 +5,11 @@ the run's settings) that returns a `Note` or None. `Coach` runs the rules, keeps
 quiet during a warm-up, and lets each fire once per episode. Nothing here imports
 widgets or Keras: the panel shows the notes, ``session.advice()`` returns them.
 
+The coach is a listener: `Coach.listen` follows a session's events, reads its record
+after the ones that change it, and posts each new note as an ``Advised`` event. The
+session knows nothing of the rules. A note's actions are typed (``ftwidgets.actions``);
+``session.apply(action)`` applies any of them.
+
 The thresholds are module constants, named after what they bound.
 """
 
@@ -12,13 +17,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
+from ftwidgets.actions import (
+    Action,
+    ChangeLearningRate,
+    PlanPhase,
+    RollBack,
+    SetDropout,
+    SetUnfreezeDepth,
+)
 from ftwidgets.config import DEFAULT_LEARNING_RATES
+from ftwidgets.events import (
+    Advised,
+    EpochEnded,
+    Event,
+    Failed,
+    Failure,
+    LearningRateChanged,
+    NonFiniteError,
+    Note,
+    PhaseEnd,
+    PhaseEnded,
+    PhaseStarted,
+)
 from ftwidgets.history import History
 
 __all__ = ["RULES", "Action", "Coach", "Note", "Record"]
@@ -72,59 +98,6 @@ _ACCURACIES = ("accuracy", "sparse_categorical_accuracy", "categorical_accuracy"
 
 
 @dataclass(frozen=True)
-class Action:
-    """What a note's button does. It only sets a panel control or calls the session;
-    it never starts training.
-
-    Attributes:
-        label: the button's text.
-        kind: ``"rollback"`` (to the best), ``"set_learning_rate"``, ``"set_dropout"``,
-            ``"set_unfreeze_depth"`` or ``"set_phase"`` (``value`` is then a dict of
-            ``phase``, ``unfreeze_depth`` and ``learning_rate``).
-        value: the rate, the dropout, the depth, or the phase's settings.
-
-    Example:
-
-    >>> Action("Lower the rate to 1e-4", "set_learning_rate", 1e-4).kind
-    'set_learning_rate'
-    """
-
-    label: str
-    kind: str
-    value: Any = None
-
-
-@dataclass(frozen=True)
-class Note:
-    """One piece of advice.
-
-    Attributes:
-        rule: the rule that wrote it (``"overfitting"``...).
-        message: one line.
-        why: the numbers that triggered it, in a sentence or two.
-        epoch: the global epoch (1-based, as Keras prints it) it was written at.
-        actions: buttons that apply a suggestion.
-        phase_index: the phase of the run (``history.phases``) it is about; the coach
-            fills it in from the record it read when a rule leaves it None.
-        episode: what the condition is about (the phase, the rate...): the coach
-            writes one note per rule and episode.
-
-    Example:
-
-    >>> Note("early_stop", "Early stopping ended the phase.", "Patience 3 ran out.", 9).rule
-    'early_stop'
-    """
-
-    rule: str
-    message: str
-    why: str
-    epoch: int
-    actions: tuple[Action, ...] = ()
-    phase_index: int | None = None
-    episode: Any = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
 class Record:
     """What the rules read: the history and the settings of the run.
 
@@ -164,7 +137,7 @@ class Record:
     dropout: float | None = None
     trainable_params: int | None = None
     train_samples: int | None = None
-    phase_ended: str | None = None
+    phase_ended: PhaseEnd | None = None
     failure: str | None = None
     non_finite: bool = False
     num_classes: int | None = None
@@ -229,12 +202,12 @@ def overfitting(record: Record) -> Note | None:
     if not (math.isfinite(start) and math.isfinite(end)) or end > start * (1 - OVERFIT_TRAIN_DROP):
         return None
     last = since[-1].logs[record.monitor]
-    actions = [Action(f"Roll back to epoch {best_row.epoch}", "rollback", best_row.epoch)]
+    actions: list[Action] = [RollBack(best_row.epoch, f"Roll back to epoch {best_row.epoch}")]
     if record.dropout is not None and record.dropout < HIGH_DROPOUT:
-        actions.append(Action(f"Head dropout {HIGH_DROPOUT}", "set_dropout", HIGH_DROPOUT))
+        actions.append(SetDropout(HIGH_DROPOUT, f"Head dropout {HIGH_DROPOUT}"))
     if record.phase == "finetune" and record.unfreeze_depth > 1:
         depth = record.unfreeze_depth // 2
-        actions.append(Action(f"Unfreeze {depth} instead", "set_unfreeze_depth", depth))
+        actions.append(SetUnfreezeDepth(depth, f"Unfreeze {depth} instead"))
     return Note(
         "overfitting",
         f"Overfitting: {record.monitor} is {len(since)} epochs past its best while the "
@@ -268,7 +241,7 @@ def diverging(record: Record) -> Note | None:
     _, x, losses = history.batch_trace(last=DIVERGE_TAIL)
     finite = np.isfinite(losses)
     x, losses = x[finite], losses[finite]
-    lower = Action(f"Lower the rate to {_rate(rate / 10)}", "set_learning_rate", rate / 10)
+    lower = ChangeLearningRate(rate / 10, f"Lower the rate to {_rate(rate / 10)}")
     epoch = _last_epoch(history)
     span = next((p for p in history.phases if p.index == record.phase_index), None)
     if span is None:
@@ -337,13 +310,7 @@ def head_converged(record: Record) -> Note | None:
         f"{_fmt(min(values))} and {_fmt(max(values))}, within {_fmt(band)}. Fine-tune: "
         f"unfreeze the top 2 units of the base at {_rate(FINETUNE_RATE)}.",
         rows[-1].epoch,
-        (
-            Action(
-                f"Fine-tune at depth 2, {_rate(FINETUNE_RATE)}",
-                "set_phase",
-                {"phase": "finetune", "unfreeze_depth": 2, "learning_rate": FINETUNE_RATE},
-            ),
-        ),
+        (PlanPhase("finetune", 2, FINETUNE_RATE, f"Fine-tune at depth 2, {_rate(FINETUNE_RATE)}"),),
         episode=record.phase_index,
     )
 
@@ -369,7 +336,7 @@ def finetune_rate_too_high(record: Record) -> Note | None:
         f"{_rate(FINETUNE_RATE)} to {_rate(FINETUNE_MAX_RATE)}, 10-100x below the head's "
         "rate, is the usual range.",
         _last_epoch(record.history),
-        (Action(f"Use {_rate(FINETUNE_RATE)}", "set_learning_rate", FINETUNE_RATE),),
+        (ChangeLearningRate(FINETUNE_RATE, f"Use {_rate(FINETUNE_RATE)}"),),
         episode=(record.phase_index, rate),
     )
 
@@ -404,7 +371,7 @@ def non_finite_loss(record: Record) -> Note | None:
     rate = record.learning_rate
     actions = ()
     if rate:
-        actions = (Action(f"Lower the rate to {_rate(rate / 10)}", "set_learning_rate", rate / 10),)
+        actions = (ChangeLearningRate(rate / 10, f"Lower the rate to {_rate(rate / 10)}"),)
     where = f" at rate {_rate(rate)}" if rate else ""
     return Note(
         "non_finite_loss",
@@ -517,9 +484,7 @@ def not_learning(record: Record) -> Note | None:
     if blown := _blow_up(record):
         lowest, last = blown
         if rate:
-            actions = (
-                Action(f"Lower the rate to {_rate(rate / 10)}", "set_learning_rate", rate / 10),
-            )
+            actions = (ChangeLearningRate(rate / 10, f"Lower the rate to {_rate(rate / 10)}"),)
         message = f"The phase diverged: the training loss rose {last / lowest:.1f}x."
         why = (
             f"The training loss went from {_fmt(lowest)} to {_fmt(last)}{at_rate}. Too high "
@@ -530,7 +495,7 @@ def not_learning(record: Record) -> Note | None:
         name, value, moved = still
         usual = DEFAULT_LEARNING_RATES["finetune" if record.phase == "finetune" else "head"]
         if rate and rate < usual:
-            actions = (Action(f"Use {_rate(usual)}", "set_learning_rate", usual),)
+            actions = (ChangeLearningRate(usual, f"Use {_rate(usual)}"),)
         message = f"Nothing moved: {name} stayed at {_fmt(value)} for {epochs}."
         why = (
             f"Over the phase's {epochs} {name} changed by {moved:.2g}{at_rate}: the weights "
@@ -564,7 +529,7 @@ def not_learning(record: Record) -> Note | None:
 
 def early_stop(record: Record) -> Note | None:
     """The last phase ended because patience ran out."""
-    if record.phase_ended != "early_stopped" or record.patience is None:
+    if record.phase_ended != PhaseEnd.EARLY_STOPPED or record.patience is None:
         return None
     rows = record.phase_records
     if not rows:
@@ -604,6 +569,10 @@ class Coach:
     quiet for the first ``WARMUP_EPOCHS`` epochs of each phase. Each note carries the
     ``phase_index`` of the record it was read from.
 
+    As a listener (`listen`), it reads a session's record after each complete epoch,
+    a phase's start and end, and a failure, and posts each new note as an
+    ``Advised`` event.
+
     Args:
         enabled: whether `update` writes notes.
 
@@ -622,6 +591,64 @@ class Coach:
         self._seen: set[tuple[str, Any]] = set()
         # The last phase each rule's message came up in, written or not.
         self._said: dict[tuple[str, str], int] = {}
+        self._session: Any = None
+        # What the record needs and the history lacks, as the events tell it.
+        self._started: PhaseStarted | None = None
+        self._rate: float | None = None
+        self._ended: PhaseEnd | None = None
+        self._failure: Failure | None = None
+
+    def listen(self, session: Any) -> Coach:
+        """Follow ``session`` (a ``FineTuneSession``): its events, ``history``,
+        ``monitor``, ``mode`` and ``early_stopping``; post notes with ``session.post``.
+
+        Returns:
+            The coach itself.
+        """
+        self._session = session
+        session.on_event(self.on_event)
+        return self
+
+    def on_event(self, event: Event) -> None:
+        """Take a session event; after those that change the record, run the rules."""
+        if isinstance(event, PhaseStarted):
+            self._started, self._rate = event, event.learning_rate
+            self._ended = self._failure = None
+        elif isinstance(event, LearningRateChanged):
+            self._rate = event.learning_rate
+            return
+        elif isinstance(event, PhaseEnded):
+            self._ended = event.reason
+        elif isinstance(event, Failed):
+            self._failure = event.failure
+        elif not (isinstance(event, EpochEnded) and not event.record.partial):
+            return
+        if self._started is None or self._session is None or not self.enabled:
+            return
+        for note in self.update(self._record()):
+            self._session.post(Advised(note))
+
+    def _record(self) -> Record:
+        session, started, failure = self._session, self._started, self._failure
+        es = session.early_stopping
+        return Record(
+            session.history,
+            session.monitor,
+            session.mode,
+            min_delta=es.min_delta if es is not None else 0.0,
+            patience=es.patience if es is not None else None,
+            phase=started.phase,
+            phase_index=started.index,
+            learning_rate=self._rate,
+            unfreeze_depth=started.unfreeze_depth,
+            dropout=started.dropout,
+            trainable_params=started.trainable_params,
+            train_samples=started.train_samples,
+            phase_ended=self._ended,
+            failure=failure.message if failure else None,
+            non_finite=failure is not None and isinstance(failure.exception, NonFiniteError),
+            num_classes=started.num_classes,
+        )
 
     @property
     def notes(self) -> tuple[Note, ...]:

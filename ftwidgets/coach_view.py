@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import ipywidgets as widgets
 
-from ftwidgets.coach import Action, Note
+from ftwidgets.actions import Action
+from ftwidgets.events import Note
 from ftwidgets.widget_tree import close_tree
 
 __all__ = ["CoachView"]
@@ -16,11 +17,11 @@ __all__ = ["CoachView"]
 class CoachView(widgets.VBox):
     """A list of coach notes: a one-line message, a "why" that unfolds, and buttons.
 
-    A button only calls ``act(action)``, which sets a control or calls the session;
-    nothing here starts training. The checkbox turns the coach on and off.
+    A button only calls ``act(action)`` (the panel's applies it with
+    ``session.apply``); nothing here starts training. The checkbox turns the coach on and off.
 
     Args:
-        act: called with a note's `Action` when its button is clicked.
+        act: called with a note's typed `Action` when its button is clicked.
         enabled: the checkbox's first value.
 
     Example:

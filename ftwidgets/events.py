@@ -8,14 +8,15 @@ and must not touch the model.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from ftwidgets.coach import Note
+    from ftwidgets.actions import Action
 
 __all__ = [
     "Advised",
@@ -31,7 +32,11 @@ __all__ = [
     "LearningRateChanged",
     "ListenerFailed",
     "NewBest",
+    "NonFiniteError",
+    "Note",
+    "PhaseEnd",
     "PhaseEnded",
+    "PhasePlanned",
     "PhaseStarted",
     "RolledBack",
     "SearchEnded",
@@ -77,6 +82,24 @@ def frozen_logs(logs: Mapping[str, object] | None) -> Mapping[str, float]:
             for index in np.ndindex(array.shape):
                 flat[element_name(str(key), index)] = float(array[index])
     return MappingProxyType(flat)
+
+
+class PhaseEnd(StrEnum):
+    """Why a phase ended. Compares equal to its value, and is written as it in JSON.
+
+    Example:
+
+    >>> PhaseEnd.EARLY_STOPPED == "early_stopped", PhaseEnd("callback")
+    (True, <PhaseEnd.CALLBACK: 'callback'>)
+    """
+
+    COMPLETED = "completed"
+    EARLY_STOPPED = "early_stopped"
+    STOPPED = "stopped"
+    # A user's callback set ``model.stop_training``.
+    CALLBACK = "callback"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -146,6 +169,10 @@ class EpochRecord:
         return not self.partial and self.finite_weights
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or infinite value; the session restores finite weights."""
+
+
 @dataclass(frozen=True)
 class Failure:
     """What went wrong in the last failed phase.
@@ -192,6 +219,10 @@ class PhaseStarted(Event):
 
     ``unfreeze_depth`` is in units of ``unfreeze_unit``: ``"block"`` or ``"layer"``.
     ``optimizer`` is the class name of the optimizer it trains with (``"Adam"``).
+    ``trainable_params`` counts the parameters it trains, ``dropout`` is the head's
+    dropout rate in it (None: no head dropout), ``num_classes`` the classes of a
+    single-label classification head (None otherwise), ``train_samples`` the training
+    samples per epoch (None for a dataset).
     """
 
     index: int
@@ -204,15 +235,17 @@ class PhaseStarted(Event):
     trainable_layers: tuple[str, ...]
     unfreeze_unit: str = "layer"
     optimizer: str = ""
+    trainable_params: int | None = None
+    dropout: float | None = None
+    num_classes: int | None = None
+    train_samples: int | None = None
 
 
 @dataclass(frozen=True)
 class PhaseEnded(Event):
     """A phase ended.
 
-    ``reason`` is one of ``"completed"``, ``"early_stopped"``, ``"stopped"``,
-    ``"callback"`` (a user's callback set ``model.stop_training``),
-    ``"rolled_back"`` or ``"failed"``. ``end_epoch`` is one past the last epoch
+    ``reason`` says why (a `PhaseEnd`). ``end_epoch`` is one past the last epoch
     that ran (full or partial).
     """
 
@@ -220,8 +253,17 @@ class PhaseEnded(Event):
     phase: str
     start_epoch: int
     end_epoch: int
-    reason: str
+    reason: PhaseEnd
     restored_best: Best | None
+
+
+@dataclass(frozen=True)
+class PhasePlanned(Event):
+    """Settings proposed for the next phase (``PhaseConfig`` fields), by an action or
+    by code (``session.plan_next_phase``). Whoever draws up the next phase takes them
+    (the panel sets its controls); nothing starts."""
+
+    changes: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -347,12 +389,42 @@ class ListenerFailed(Event):
 
 
 @dataclass(frozen=True)
+class Note:
+    """One piece of advice.
+
+    Attributes:
+        rule: the rule that wrote it (``"overfitting"``...).
+        message: one line.
+        why: the numbers that triggered it, in a sentence or two.
+        epoch: the global epoch (1-based, as Keras prints it) it was written at.
+        actions: typed actions (``ftwidgets.actions``) that apply a suggestion,
+            each with its button's label: ``session.apply(action)``.
+        phase_index: the phase of the run (``history.phases``) it is about; the coach
+            fills it in from the record it read when a rule leaves it None.
+        episode: what the condition is about (the phase, the rate...): the coach
+            writes one note per rule and episode.
+
+    Example:
+
+    >>> Note("early_stop", "Early stopping ended the phase.", "Patience 3 ran out.", 9).rule
+    'early_stop'
+    """
+
+    rule: str
+    message: str
+    why: str
+    epoch: int
+    actions: tuple[Action, ...] = ()
+    phase_index: int | None = None
+    episode: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Advised(Event):
     """The coach wrote a note (see ``ftwidgets.coach``; ``session.advice()`` lists them).
 
     Example:
 
-    >>> from ftwidgets.coach import Note
     >>> Advised(Note("early_stop", "Early stopping ended the phase.", "...", 4)).note.rule
     'early_stop'
     """

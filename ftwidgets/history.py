@@ -23,7 +23,7 @@ from ftwidgets.config import (
     optimizer_from_json,
     optimizer_to_json,
 )
-from ftwidgets.events import EpochRecord, frozen_logs
+from ftwidgets.events import EpochRecord, PhaseEnd, frozen_logs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,7 +58,7 @@ class PhaseSpan:
     learning_rate: float
     unfreeze_depth: int
     end_epoch: int | None = None
-    reason: str | None = None
+    reason: PhaseEnd | None = None
     unfreeze_unit: str = "layer"
     config: PhaseConfig | None = None
     early_stopping: EarlyStoppingConfig | None = None
@@ -359,9 +359,13 @@ class History:
         self._phases.append(span)
         return span
 
-    def end_phase(self, end_epoch: int, reason: str) -> PhaseSpan:
-        """Close the running phase and return its final span."""
-        span = replace(self._phases[-1], end_epoch=end_epoch, reason=reason)
+    def end_phase(self, end_epoch: int, reason: PhaseEnd | str) -> PhaseSpan:
+        """Close the running phase and return its final span.
+
+        Raises:
+            ValueError: if ``reason`` is not a `PhaseEnd` value.
+        """
+        span = replace(self._phases[-1], end_epoch=end_epoch, reason=PhaseEnd(reason))
         self._phases[-1] = span
         return span
 
@@ -677,6 +681,8 @@ def _span_to_json(span: PhaseSpan) -> dict[str, Any]:
 def _span_from_json(row: Mapping[str, Any]) -> PhaseSpan:
     row = dict(row)
     config, stopping = row.pop("config", None), row.pop("early_stopping", None)
+    if row.get("reason") is not None:
+        row["reason"] = PhaseEnd(row["reason"])
     return PhaseSpan(
         **row,
         config=None

@@ -57,6 +57,7 @@ from ftwidgets.events import (
     Failure,
     LearningRateChanged,
     NewBest,
+    PhaseEnd,
     PhaseEnded,
     PhaseStarted,
     RolledBack,
@@ -267,7 +268,7 @@ class PhaseStatus:
     unfreeze_depth: int
     unfreeze_unit: str
     trainable_layers: tuple[str, ...]
-    reason: str | None
+    reason: PhaseEnd | None
 
 
 def make_optimizer(config: PhaseConfig, compiled: Any = None) -> keras.optimizers.Optimizer:
@@ -450,6 +451,20 @@ class ModelSetup:
             transfer.set_head_dropout(self.model, self._dropout)
 
 
+def _num_classes(model: keras.Model, loss: Any) -> int | None:
+    """The classes of a single-label classification head (its chance level is one in that many)."""
+    try:
+        units = model.output_shape[-1]
+    except (AttributeError, ValueError, TypeError, IndexError):
+        return None
+    if not isinstance(units, int):
+        return None  # several outputs, or an unknown size
+    kind = tasks.loss_kind(loss)
+    if kind in ("sparse_categorical", "categorical") and units > 1:
+        return units
+    return 2 if kind == "binary" and units == 1 else None
+
+
 def _head_dropout_rate(model: keras.Model) -> float | None:
     for layer in model.layers:
         if layer.name == transfer.HEAD_DROPOUT_NAME and isinstance(layer, keras.layers.Dropout):
@@ -503,7 +518,7 @@ class FitPhase:
         self.epoch_started = time.perf_counter()
         self.last_loss: float | None = None
         self.non_finite: tuple[int, int, float] | None = None
-        self.reason: str | None = None
+        self.reason: PhaseEnd | None = None
         # Keras's logs of the phase's last epoch, what its ``on_train_end`` passes on.
         self.train_logs: dict[str, Any] = {}
         self.cut = False  # a user's callback stopped an epoch short
@@ -588,6 +603,10 @@ class FitPhase:
                 self.unit,
                 # Mixed precision wraps it in a LossScaleOptimizer: name the one it wraps.
                 type(getattr(optimizer, "inner_optimizer", optimizer)).__name__,
+                trainable_params=sum(math.prod(v.shape) for v in model.trainable_weights),
+                dropout=_head_dropout_rate(model),
+                num_classes=_num_classes(model, ctx.loss),
+                train_samples=samples,
             )
         )
 
@@ -640,14 +659,14 @@ class FitPhase:
             raise
         if self.reason is None and ctx.model.stop_training:
             self._stopped_by_callback(ctx)
-        return self.reason or "completed"
+        return self.reason or PhaseEnd.COMPLETED
 
     def _stopped_by_callback(self, ctx: JobContext) -> None:
         """A callback set ``model.stop_training``: if that cut the phase short, say so."""
         cut = self.cut
         if not cut and ctx.history.next_epoch >= self.start_epoch + self.config.epochs:
             return  # the phase had run all its epochs anyway
-        self.reason = "callback"
+        self.reason = PhaseEnd.CALLBACK
         batch = self.batch if cut else None
         where = f"epoch {self.epoch}" + (f", batch {self.batch + 1}" if cut else "")
         x = self.position(self.batch + 1) if cut else self.epoch
@@ -661,6 +680,7 @@ class FitPhase:
 
     def finish(self, ctx: JobContext, reason: str, failure: Failure | None) -> Failure | None:
         """Restore the best (or the weights from before) as the settings ask; record the end."""
+        reason = PhaseEnd(reason)
         model = ctx.model
         best = ctx.snapshots.best if ctx.tracker.best is not None else None
         broken = failure is not None and not _variables_usable(model)
@@ -718,7 +738,7 @@ class FitPhase:
                 self.config.phase,
                 span.start_epoch,
                 span.end_epoch or 0,
-                reason,
+                PhaseEnd(reason),
                 self.restored,
             )
         ]
@@ -851,12 +871,12 @@ class FitPhase:
             self.rolled_to = ctx.roll_back(self.epoch, x, self.batch, command, settle=False)
             self.rolled_to_epoch = command.epoch is not None
             self.rolled_back = True
-            return "rolled_back"
+            return PhaseEnd.ROLLED_BACK
         elif isinstance(command, Stop):
             detail = f"stopped at epoch {self.epoch}, batch {self.batch + 1}"
             ctx.history.add_marker(Marker("stop", x, self.epoch, detail))
             ctx.emit(Stopped(self.epoch, self.batch))
-            return "stopped"
+            return PhaseEnd.STOPPED
         return None
 
     def end_epoch(self, model: keras.Model, epoch: int, logs: dict[str, Any]) -> None:
@@ -915,7 +935,7 @@ class FitPhase:
             ctx.emit(NewBest(tracker.best))
         if self.early_stopping is not None and tracker.should_stop:
             model.stop_training = True
-            self.reason = "early_stopped"
+            self.reason = PhaseEnd.EARLY_STOPPED
             ctx.history.add_marker(
                 Marker("early_stop", epoch, epoch, f"early stop after epoch {epoch}")
             )

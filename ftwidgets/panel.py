@@ -8,14 +8,16 @@ import re
 import threading
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ipywidgets as widgets
+from traitlets import TraitError
 
 from ftwidgets import comms, tasks, telemetry, transfer
 from ftwidgets._backend import device_summary
+from ftwidgets.actions import Action
 from ftwidgets.charts import TrainingCharts, format_rate
-from ftwidgets.coach import Action
 from ftwidgets.coach_view import CoachView
 from ftwidgets.compare import ComparedRun, RunComparison
 from ftwidgets.config import (
@@ -34,6 +36,7 @@ from ftwidgets.events import (
     Failed,
     NewBest,
     PhaseEnded,
+    PhasePlanned,
     PhaseStarted,
     RolledBack,
     SearchEnded,
@@ -684,36 +687,58 @@ class FineTunePanel(widgets.VBox):
         self._refresh_buttons()
         self._refresh_status()
 
-    def act(self, action: Action) -> None:
-        """Apply a coach note's action: set the controls it names, or call the session.
+    def act(self, action: Action) -> Any:
+        """Apply a coach note's action, as its button does: ``session.apply(action)``.
 
-        Never starts training. A rollback to an epoch that is no longer the best
-        restores that epoch (``session.restore_epoch``).
+        The coach's actions never start training: they restore weights, change the
+        rate, or propose the next phase's settings, which the controls then show.
+        A refused action shows its message in the error area.
+
+        Returns:
+            What ``session.apply`` returns, or None when it was refused.
         """
         try:
-            kind, value = action.kind, action.value
-            if kind == "rollback":
-                best = self.session.best
-                if best is not None and best.epoch == value:
-                    self.session.rollback()
-                else:
-                    self.session.restore_epoch(value)
-            elif kind == "set_learning_rate":
-                self._apply_lr(float(value))
-            elif kind == "set_dropout":
-                self.dropout.value = float(value)
-            elif kind == "set_unfreeze_depth":
-                self.unfreeze_depth.value = min(int(value), self.unfreeze_depth.max)
-            elif kind == "set_phase":
-                self.phase.value = value["phase"]
-                self.unfreeze_depth.value = min(value["unfreeze_depth"], self.unfreeze_depth.max)
-                self._set_lr(value["learning_rate"])  # for that next phase, not a running one
-            else:
-                raise ValueError(f"Unknown coach action. Received: kind={kind!r}")
+            return self.session.apply(action)
         except ValueError as exc:
             self.show_error(str(exc))
-        self._refresh_buttons()
-        self._refresh_status()
+            return None
+        finally:
+            self._refresh_buttons()
+            self._refresh_status()
+
+    def _take_plan(self, changes: Mapping[str, Any]) -> None:
+        """Show the next phase's proposed settings (a ``PhasePlanned``) in the controls."""
+        # In this order: a new phase resets a default rate, which a planned rate then replaces.
+        for name, setter in self._plan_setters.items():
+            if name in changes:
+                try:
+                    setter(changes[name])
+                except (TraitError, ValueError, TypeError) as exc:
+                    self.show_error(
+                        f"The controls cannot show the proposed {name}: {exc}. "
+                        f"Received: {name}={changes[name]!r}"
+                    )
+
+    @property
+    def _plan_setters(self) -> dict[str, Callable[[Any], None]]:
+        """A setter for each ``PhaseConfig`` field, the controls that show it."""
+
+        def control(widget: widgets.ValueWidget) -> Callable[[Any], None]:
+            return lambda value: setattr(widget, "value", value)
+
+        return {
+            "phase": control(self.phase),
+            "unfreeze_unit": control(self.unfreeze_unit),
+            "unfreeze_depth": lambda depth: setattr(
+                self.unfreeze_depth, "value", min(int(depth), self.unfreeze_depth.max)
+            ),
+            "learning_rate": lambda rate: self._set_lr(float(rate)),
+            "epochs": control(self.epochs),
+            "batch_size": control(self.batch_size),
+            "optimizer": control(self.optimizer),
+            "dropout": lambda rate: setattr(self.dropout, "value", float(rate)),
+            "keep_batchnorm_frozen": control(self.keep_batchnorm_frozen),
+        }
 
     def _on_coach_toggle(self, change: dict[str, Any]) -> None:
         self.session.coach.enabled = bool(change["new"])
@@ -826,6 +851,9 @@ class FineTunePanel(widgets.VBox):
             return
         if isinstance(event, Advised):
             self.coach.show(self.session.advice())
+            return
+        if isinstance(event, PhasePlanned):
+            self._take_plan(event.changes)
             return
         if isinstance(event, BatchProgress):
             self._last_progress = event

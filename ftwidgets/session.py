@@ -8,21 +8,22 @@ search) one at a time on its worker, passes commands through its channel
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import math
 import threading
 import time
 import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import keras
 import numpy as np
 
 from ftwidgets import _backend, lr_search, tasks, transfer, upstream, warm_compile
-from ftwidgets.callbacks import NonFiniteError
+from ftwidgets.actions import Action
 from ftwidgets.channel import (
     ACTIVE,
     Channel,
@@ -35,7 +36,6 @@ from ftwidgets.channel import (
     Stop,
     UpdateEarlyStopping,
 )
-from ftwidgets.coach import Coach, Note, Record
 from ftwidgets.config import (
     DEFAULT_LEARNING_RATES,
     EarlyStoppingConfig,
@@ -45,15 +45,14 @@ from ftwidgets.config import (
     resolve_mode,
 )
 from ftwidgets.events import (
-    Advised,
     Best,
-    EpochEnded,
     Event,
     Failed,
     Failure,
     ListenerFailed,
-    PhaseEnded,
-    PhaseStarted,
+    Note,
+    PhaseEnd,
+    PhasePlanned,
 )
 from ftwidgets.history import History
 from ftwidgets.inputs import TrainingData
@@ -294,11 +293,10 @@ class FineTuneSession:
         )
         self.history.model_name = model.name
         self.history.model_settings = _model_settings(model)
-        self.coach = Coach(enabled=coach)
-        # What the coach's record needs and the history lacks, as the events tell it.
-        self._phase_end: str | None = None
-        self._failure: Failure | None = None
-        self._trainable_params: int | None = None
+        # The coach (``ftwidgets.coach``) listens to every session's events; the
+        # package attaches one when a session is made (see `watch_sessions`).
+        self._coach_on = bool(coach)
+        self.coach: Any = None
         self._job: Job | None = None
         self._phase: FitPhase | None = None
         self._thread: threading.Thread | None = None
@@ -479,59 +477,26 @@ class FineTuneSession:
         self._outbox.post(event)
         self._outbox.flush()
 
+    def post(self, event: Event) -> None:
+        """Send ``event`` to the listeners, after every event sent before it: for
+        listeners that publish events of their own, as the coach posts its notes.
+
+        Raises:
+            ValueError: for anything but an ``Event``.
+        """
+        if not isinstance(event, Event):
+            raise ValueError(f"event must be an ftwidgets.events.Event. Received: event={event!r}")
+        self._emit(event)
+
     def advice(self) -> list[Note]:
         """The coach's notes so far, newest first (see `ftwidgets.coach`).
 
         Each has a one-line ``message``, a ``why`` with the numbers behind it, and
-        ``actions`` that set a panel control or call the session.
+        typed ``actions`` (``ftwidgets.actions``) that `apply` applies.
         """
         return list(self.coach.notes)
 
-    def _advise(self, event: Event) -> None:
-        """Run the coach after the events that change what it reads."""
-        if isinstance(event, PhaseStarted):
-            self._phase_end = self._failure = None
-            model = self._ctx.model
-            # Shapes only, never values: safe while the phase trains.
-            self._trainable_params = sum(math.prod(v.shape) for v in model.trainable_weights)
-        elif isinstance(event, PhaseEnded):
-            self._phase_end = event.reason
-        elif isinstance(event, Failed):
-            self._failure = event.failure
-        elif not (isinstance(event, EpochEnded) and not event.record.partial):
-            return
-        phase = self._phase
-        if phase is None or not self.coach.enabled:
-            return
-        es = self._ctx.early_stopping
-        try:
-            dropout = float(self._ctx.model.get_layer("head_dropout").rate)
-        except ValueError:
-            dropout = None
-        record = Record(
-            self.history,
-            self.monitor,
-            self.mode,
-            min_delta=es.min_delta if es is not None else 0.0,
-            patience=es.patience if es is not None else None,
-            phase=phase.config.phase,
-            phase_index=phase.index,
-            learning_rate=phase.learning_rate,
-            unfreeze_depth=phase.depth,
-            dropout=dropout,
-            trainable_params=self._trainable_params,
-            train_samples=self._ctx.data.num_train(),
-            phase_ended=self._phase_end,
-            failure=self._failure.message if self._failure else None,
-            non_finite=self._failure is not None
-            and isinstance(self._failure.exception, NonFiniteError),
-            num_classes=_num_classes(self._ctx.model, self.loss),
-        )
-        for note in self.coach.update(record):
-            self._emit(Advised(note))
-
     def _deliver(self, event: Event) -> None:
-        self._advise(event)
         with self._listeners_lock:
             listeners = list(self._listeners)
         for listener in listeners:
@@ -840,7 +805,7 @@ class FineTuneSession:
         except StopJob as stop:
             reason = stop.reason
         except BaseException as exc:
-            reason = "failed"
+            reason = PhaseEnd.FAILED
             failure = job.failure(exc)
         try:
             failure = job.finish(ctx, reason, failure)
@@ -858,6 +823,48 @@ class FineTuneSession:
             job.apply(ctx, command)
 
     # -- commands ----------------------------------------------------------------
+    def apply(self, action: Action) -> Any:
+        """Apply a typed action (``ftwidgets.actions``): a coach note's button, code or
+        an autopilot, all the same way.
+
+        Returns:
+            What the session method the action stands for returns: ``set_learning_rate``'s
+            bool for `ChangeLearningRate`, the `Best` restored for `RollBack`...
+
+        Raises:
+            ValueError: for anything but an `Action`, or what that method refuses.
+            RuntimeError: if the session is closed.
+        """
+        self._refuse_if_closed()
+        if not isinstance(action, Action):
+            raise ValueError(
+                f"action must be an ftwidgets.actions.Action. Received: action={action!r}"
+            )
+        return action.apply_to(self)
+
+    def plan_next_phase(self, **changes: Any) -> dict[str, Any]:
+        """Propose settings for the next phase (``PhaseConfig`` fields), as a
+        ``PhasePlanned`` event: whoever draws up the next phase takes them (the panel
+        sets its controls). It starts nothing; `start` runs the config it is given.
+
+        Returns:
+            The changes.
+
+        Raises:
+            ValueError: for no change, a name that is not a ``PhaseConfig`` field, or a
+                value a phase would refuse.
+            RuntimeError: if the session is closed.
+        """
+        self._refuse_if_closed()
+        names = {field.name for field in dataclasses.fields(PhaseConfig)}
+        if not changes or set(changes) - names:
+            raise ValueError(
+                f"plan_next_phase takes PhaseConfig fields: {sorted(names)}. Received: {changes!r}"
+            )
+        PhaseConfig(**{"phase": "finetune", **changes})  # raises, naming a bad value
+        self._emit(PhasePlanned(MappingProxyType(dict(changes))))
+        return dict(changes)
+
     def stop(self) -> bool:
         """Stop the running phase (or search) at the next batch boundary.
 
@@ -1191,20 +1198,6 @@ def _compile_settings(model: keras.Model) -> dict[str, Any]:
     ):
         settings["auto_scale_loss"] = False
     return settings
-
-
-def _num_classes(model: keras.Model, loss: Any) -> int | None:
-    """The classes of a single-label classification head (for the coach's chance level)."""
-    try:
-        units = model.output_shape[-1]
-    except (AttributeError, ValueError, TypeError, IndexError):
-        return None
-    if not isinstance(units, int):
-        return None  # several outputs, or an unknown size
-    kind = tasks.loss_kind(loss)
-    if kind in ("sparse_categorical", "categorical") and units > 1:
-        return units
-    return 2 if kind == "binary" and units == 1 else None
 
 
 def _model_settings(model: keras.Model) -> dict[str, object]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 
 import pytest
 
 import ftwidgets as ftw
 from ftwidgets import coach
+from ftwidgets.actions import ChangeLearningRate, PlanPhase, RollBack, SetDropout
 from ftwidgets.coach import Coach, Record
-from ftwidgets.events import EpochRecord, frozen_logs
+from ftwidgets.events import Advised, EpochRecord, frozen_logs
 from ftwidgets.history import History, Marker, PhaseSpan
 
 
@@ -41,8 +44,11 @@ def test_overfitting_fires_when_validation_turns_while_training_falls():
     assert note.rule == "overfitting"
     assert "best at epoch 2 (0.5)" in note.why and "from 0.6 to 0.2" in note.why
     # One number per epoch: the button's label, its value and the note's epoch.
-    assert [(a.kind, a.value) for a in note.actions] == [("rollback", 2), ("set_dropout", 0.5)]
-    assert note.actions[0].label == "Roll back to epoch 2" and note.epoch == 5
+    assert note.actions == (
+        RollBack(2, "Roll back to epoch 2"),
+        SetDropout(0.5, "Head dropout 0.5"),
+    )
+    assert note.epoch == 5
     # Not while validation still improves, nor when the training loss is flat too,
     # nor on a monitor that is not a validation metric.
     improving = [(1.0 - e / 10, 0.9 - e / 10) for e in range(5)]
@@ -64,7 +70,7 @@ def test_diverging_fires_on_a_rise_after_a_raised_rate_or_on_swings_far_above_th
     rose = coach.diverging(traced([1.0] * 30 + [2.5] * 30, change_to=1e-1))
     assert rose.rule == "diverging" and "rose 2.5x after the rate went up" in rose.message
     assert "from 1e-2 to 1e-1" in rose.why
-    assert [(a.kind, a.value) for a in rose.actions] == [("set_learning_rate", 1e-2)]
+    assert rose.actions == (ChangeLearningRate(1e-2, "Lower the rate to 1e-2"),)
     # Not after a lowered rate, nor by less than 1.5x, nor within the old batches' noise
     # (1.8 is 1.6x their median, 1.1, but below their 90th percentile, 2.0).
     assert coach.diverging(traced([1.0] * 30 + [2.5] * 30, change_to=1e-3)) is None
@@ -86,8 +92,8 @@ def test_head_converged_fires_on_a_flat_monitor_in_the_head_phase_only():
     note = coach.head_converged(record(run(flat), min_delta=0.0))
     assert note.rule == "head_converged"
     (action,) = note.actions
-    assert action.kind == "set_phase"
-    assert action.value == {"phase": "finetune", "unfreeze_depth": 2, "learning_rate": 1e-5}
+    assert action == PlanPhase("finetune", 2, 1e-5, "Fine-tune at depth 2, 1e-5")
+    assert action.changes == {"phase": "finetune", "unfreeze_depth": 2, "learning_rate": 1e-5}
     assert coach.head_converged(record(run(flat, phase="finetune", rate=1e-5))) is None
     moving = [(0.5, 0.5), (0.5, 0.45), (0.5, 0.40), (0.5, 0.35)]
     assert coach.head_converged(record(run(moving))) is None
@@ -98,7 +104,7 @@ def test_finetune_rate_too_high_against_the_seed_range_and_the_head_rate():
     high = run([(1.0, 1.0)], phase="finetune", rate=1e-3, history=head)
     note = coach.finetune_rate_too_high(record(high, unfreeze_depth=2))
     assert note.rule == "finetune_rate_too_high" and "1x the head's 1e-3" in note.why
-    assert [(a.kind, a.value) for a in note.actions] == [("set_learning_rate", 1e-5)]
+    assert note.actions == (ChangeLearningRate(1e-5, "Use 1e-5"),)
     ok = run([(1.0, 1.0)], phase="finetune", rate=1e-5, history=run([(1.0, 1.0)]))
     assert coach.finetune_rate_too_high(record(ok, unfreeze_depth=2)) is None
     # 5e-5 is within the seed's range, but above a tenth of a 1e-4 head rate.
@@ -119,7 +125,7 @@ def test_non_finite_loss_explains_and_names_the_rate():
     history = run([(1.0, 1.0), (math.nan, math.nan)], rate=0.5)
     note = coach.non_finite_loss(record(history))
     assert "at rate 5e-1" in note.message
-    assert [(a.kind, a.value) for a in note.actions] == [("set_learning_rate", 0.05)]
+    assert [(type(a), a.learning_rate) for a in note.actions] == [(ChangeLearningRate, 0.05)]
     assert coach.non_finite_loss(record(run([(1.0, 1.0)]))) is None
     # A phase that failed on an infinite loss mid-epoch (no epoch logged it) fires too,
     # naming the failing phase's rate; another failure, even one that says "nan", not.
@@ -204,7 +210,7 @@ def test_nothing_moved_at_a_rate_too_low_says_so_and_offers_the_usual_rate():
     note = coach.not_learning(ended)
     assert note.message == "Nothing moved: val_loss stayed at 1.609 for 2 epochs."
     assert "changed by 0 at rate 1e-12" in note.why
-    assert [(a.kind, a.value) for a in note.actions] == [("set_learning_rate", 1e-3)]
+    assert [(type(a), a.learning_rate) for a in note.actions] == [(ChangeLearningRate, 1e-3)]
     # Not before the phase ends or has WARMUP_EPOCHS epochs, and never "converged".
     assert coach.not_learning(record(logged(still, rate=1e-12))) is None
     long = record(logged(still * 3, rate=1e-12))
@@ -215,8 +221,8 @@ def test_nothing_moved_at_a_rate_too_low_says_so_and_offers_the_usual_rate():
     assert coach.overfitting(record(logged(noisy, rate=1e-12))) is None
     # A fine-tune phase is offered the fine-tune rate.
     tuned = record(logged(still, phase="finetune", rate=1e-9), phase_ended="completed")
-    assert [(a.kind, a.value) for a in coach.not_learning(tuned).actions] == [
-        ("set_learning_rate", 1e-5)
+    assert [(type(a), a.learning_rate) for a in coach.not_learning(tuned).actions] == [
+        (ChangeLearningRate, 1e-5)
     ]
 
 
@@ -228,7 +234,7 @@ def test_a_blown_up_phase_is_diverged_never_converged():
     note = coach.not_learning(blown)
     assert note.message == "The phase diverged: the training loss rose 6.0x."
     assert "from 0.5 to 3 at rate 5e-1" in note.why
-    assert [(a.kind, a.value) for a in note.actions] == [("set_learning_rate", 0.05)]
+    assert [(type(a), a.learning_rate) for a in note.actions] == [(ChangeLearningRate, 0.05)]
     # Counted from the epoch before the phase: a second phase that starts blown up.
     first = logged([{"loss": 0.4, "val_loss": 0.5}])
     second = logged(
@@ -293,4 +299,46 @@ def test_a_real_head_trained_at_1e_12_is_told_nothing_moved_never_converged(data
         ("not_learning", 0),
     ]
     assert {n.phase_index for n in notes} <= {0, 1}
+    session.close()
+
+
+def _imports(module) -> set[str]:
+    """The modules a module's source imports, ``from a import b`` as ``a`` and ``a.b``."""
+    names = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_coach_and_the_session_do_not_import_each_other():
+    from ftwidgets import session
+
+    assert "ftwidgets.session" not in _imports(coach)
+    assert "ftwidgets.coach" not in _imports(session)
+    # Nor does the session read the head's dropout layer for the coach any more.
+    assert "head_dropout" not in inspect.getsource(session)
+
+
+@pytest.mark.keras
+def test_the_coach_is_a_listener_that_posts_its_notes_as_events(data):
+    from test_session import Recorder, make_session
+
+    session = make_session(data, coach=False)
+    assert isinstance(session.coach, Coach) and not session.coach.enabled
+    rec = Recorder(session)
+    slow = ftw.PhaseConfig(phase="head", epochs=2, learning_rate=1e-12, batch_size=16)
+    session.run(slow)
+    assert session.advice() == [] and rec.of(Advised) == []
+    session.coach.enabled = True
+    session.run(slow)
+    assert [n.rule for n in session.advice()] == ["not_learning"]
+    assert [e.note for e in rec.of(Advised)] == session.advice()
+    # Unsubscribed, it hears nothing and writes nothing.
+    session.on_event(session.coach.on_event, remove=True)
+    session.run(slow.with_changes(learning_rate=1e-11))
+    assert len(session.advice()) == 1
     session.close()

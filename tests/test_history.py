@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ftwidgets.events import EpochRecord, frozen_logs
+from ftwidgets.events import EpochRecord, PhaseEnd, frozen_logs
 from ftwidgets.history import History, Marker, PhaseSpan, decimate
 
 
@@ -192,3 +192,25 @@ def test_per_class_values_export_to_csv_and_json_and_load_back(tmp_path):
     loaded = History.load(history.save(tmp_path / "h.json"))
     assert loaded.metric("val_f1_score[1]")[1].tolist() == [0.2, 0.4]
     assert loaded.metric_names() == ["loss", "val_f1_score[0]", "val_f1_score[1]"]
+
+
+def test_a_phase_end_reason_is_a_phase_end_that_reads_and_saves_as_its_string(tmp_path):
+    assert [r.value for r in PhaseEnd] == [
+        "completed",
+        "early_stopped",
+        "stopped",
+        "callback",
+        "rolled_back",
+        "failed",
+    ]
+    history = History()
+    history.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    history.add_epoch(record(1, loss=1.0))
+    span = history.end_phase(2, "early_stopped")
+    assert span.reason is PhaseEnd.EARLY_STOPPED and span.reason == "early_stopped"
+    saved = json.loads(history.save(tmp_path / "run.json").read_text())
+    assert saved["phases"][0]["reason"] == "early_stopped"
+    assert History.load(tmp_path / "run.json").phases[0].reason is PhaseEnd.EARLY_STOPPED
+    history.begin_phase(PhaseSpan(1, "head", 2, 1e-3, 0))
+    with pytest.raises(ValueError, match="'early_stop'"):
+        history.end_phase(2, "early_stop")

@@ -15,6 +15,7 @@ from test_session import block_base, hold_compile
 import ftwidgets as ftw
 from ftwidgets import events as ev
 from ftwidgets import telemetry
+from ftwidgets.actions import PlanPhase, RollBack, SetDropout, SetUnfreezeDepth
 from ftwidgets.charts import format_rate
 
 pytestmark = [pytest.mark.widgets, pytest.mark.keras]
@@ -317,13 +318,17 @@ def test_the_coach_notes_overfitting_and_its_buttons_only_set_controls(data):
         card = cards[notes.index(overfit)]
         buttons = {b.description: b for b in card.children[1].children}
         # The note's card, its button and its action name one epoch number.
-        epoch = overfit.actions[0].value
+        epoch = overfit.actions[0].epoch
         assert set(buttons) >= {f"Roll back to epoch {epoch}", "Head dropout 0.5"}
         assert f"<b>Epoch {overfit.epoch}:</b>" in shown[notes.index(overfit)]
         before = len(session.history)
+        # Each button applies its typed action through the session, in one call.
+        applied, apply = [], session.apply
+        session.apply = lambda action: apply(applied.append(action) or action)
         buttons["Head dropout 0.5"].click()
         assert panel.dropout.value == 0.5 and not session.is_training
         buttons[f"Roll back to epoch {epoch}"].click()
+        assert applied == [SetDropout(0.5, "Head dropout 0.5"), overfit.actions[0]]
         assert session.history.holds[1] == epoch and len(session.history) == before
         assert same(
             weights(session.model), session.snapshots.get(session.history.key(epoch)).values
@@ -716,3 +721,29 @@ def test_monitor_choices_leave_out_metrics_that_log_arrays(data):
 
 def test_the_warm_up_control_says_its_epochs_are_never_the_best(panel):
     assert "never the best" in panel.start_from_epoch.tooltip
+
+
+def test_actions_applied_from_code_set_the_controls_and_start_nothing(panel):
+    session = panel.session
+    # Applied by code (or an autopilot), not a button: the controls follow all the same.
+    session.apply(PlanPhase("finetune", 2, 1e-5))
+    assert (panel.phase.value, panel.unfreeze_depth.value) == ("finetune", 2)
+    assert panel.learning_rate_text.value == format_rate(1e-5)
+    session.apply(SetDropout(0.5))
+    session.apply(SetUnfreezeDepth(10**6))  # more than the base has: its deepest
+    assert panel.dropout.value == 0.5
+    assert panel.unfreeze_depth.value == panel.unfreeze_depth.max
+    assert panel.phase_config().dropout == 0.5 and not session.is_training
+    session.plan_next_phase(optimizer="sgd", unfreeze_unit="layer", epochs=7)
+    assert (panel.optimizer.value, panel.unfreeze_unit.value, panel.epochs.value) == (
+        "sgd",
+        "layer",
+        7,
+    )
+    # A proposal the controls cannot show is said, never dropped silently.
+    session.plan_next_phase(optimizer=keras.optimizers.SGD())
+    assert "cannot show the proposed optimizer" in panel.error_message.value
+    assert panel.optimizer.value == "sgd"
+    # A refused action shows its message, as a refused click does.
+    assert panel.act(RollBack()) is None
+    assert "no best epoch" in panel.error_message.value

@@ -15,6 +15,15 @@ import pytest
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
+from ftwidgets.actions import (
+    ChangeLearningRate,
+    PlanPhase,
+    RollBack,
+    SetDropout,
+    SetUnfreezeDepth,
+    StartPhase,
+    StopTraining,
+)
 from ftwidgets.transfer import get_base, unfreezable_layers
 
 pytestmark = pytest.mark.keras
@@ -241,7 +250,7 @@ def test_nan_loss_fails_the_phase_names_where_and_restores_best(data):
     assert session.best == best
     assert same(values(session.model.variables), best_weights)
     assert rec.of(ev.Failed)[-1].failure is session.error
-    assert rec.of(ev.PhaseEnded)[-1].reason == "failed"
+    assert rec.of(ev.PhaseEnded)[-1].reason is ev.PhaseEnd.FAILED
     # The session stays usable.
     session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
     assert session.state == "idle"
@@ -343,7 +352,8 @@ def test_early_stopping_restores_best_and_records_a_marker(data):
     session.run(ftw.PhaseConfig(phase="head", epochs=10, batch_size=16), early_stopping=es)
     assert len(session.history) == 2
     assert rec.of(ev.EarlyStopped)[0].epoch == 2
-    assert session.history.phases[-1].reason == "early_stopped"
+    assert session.history.phases[-1].reason is ev.PhaseEnd.EARLY_STOPPED
+    assert rec.of(ev.PhaseEnded)[-1].reason is ev.PhaseEnd.EARLY_STOPPED
     assert session.best.epoch == 1
     assert same(values(session.model.variables), list(session.snapshots.best.values))
     (marker,) = session.history.markers
@@ -675,6 +685,7 @@ def test_session_phase_is_an_immutable_snapshot(data):
     first, last = snapshots[0], session.phase
     assert (first.start_epoch, first.epoch, first.reason) == (1, 1, None)
     assert (last.epoch, last.reason) == (3, "completed")
+    assert last.reason is ev.PhaseEnd.COMPLETED
     with pytest.raises(dataclasses.FrozenInstanceError):
         last.epoch = 5
 
@@ -1030,3 +1041,112 @@ def test_auto_mode_resolves_every_built_in_metric_as_keras_early_stopping_does()
         config = ftw.EarlyStoppingConfig(monitor=monitor)
         resolved = config.with_direction(metric_direction(model.metrics, monitor))
         assert (monitor, resolved.resolved_mode) == (monitor, keras_mode)
+
+
+def test_each_typed_action_applies_through_session_apply(data):
+    session = make_session(data, progress_interval=0.0)
+    rec = Recorder(session)
+    head = ftw.PhaseConfig(phase="head", epochs=3, batch_size=16)
+    assert session.apply(StartPhase(head, early_stopping=False)) is None
+    assert session.wait(WAIT) and len(session.history) == 3
+    assert rec.of(ev.PhaseStarted)[-1].epochs == 3
+    assert session.history.phases[-1].reason is ev.PhaseEnd.COMPLETED
+
+    # Idle, a rate goes to the last phase's optimizer and is proposed for the next phase.
+    assert session.apply(ChangeLearningRate(1e-4)) is False
+    assert session.learning_rate == 1e-4
+    assert float(session.model.optimizer.learning_rate) == pytest.approx(1e-4)
+    assert rec.of(ev.PhasePlanned)[-1].changes == {"learning_rate": 1e-4}
+
+    # A rollback restores the epoch named, or the best; both return what they restored.
+    restored = session.apply(RollBack(1))
+    assert restored.epoch == 1 and session.history.holds[1] == 1
+    kept = session.snapshots.get(session.history.key(1)).values
+    assert same(values(session.model.variables), list(kept))
+    assert session.apply(RollBack()) == session.best
+    assert same(values(session.model.variables), list(session.snapshots.best.values))
+
+    # Proposals for the next phase change nothing on the model; they are events.
+    dropout = session.model.get_layer("head_dropout").rate
+    assert session.apply(SetDropout(0.5)) == {"dropout": 0.5}
+    assert session.apply(SetUnfreezeDepth(2)) == {"unfreeze_depth": 2}
+    planned = PlanPhase("finetune", 2, 1e-5)
+    assert session.apply(planned) == planned.changes
+    assert [e.changes for e in rec.of(ev.PhasePlanned)[-3:]] == [
+        {"dropout": 0.5},
+        {"unfreeze_depth": 2},
+        {"phase": "finetune", "unfreeze_depth": 2, "learning_rate": 1e-5},
+    ]
+    assert session.model.get_layer("head_dropout").rate == dropout and not session.is_training
+
+    # Running: a rate reaches the worker at the next batch, and a stop ends the phase.
+    took = []
+
+    def steer(event):
+        if isinstance(event, ev.BatchProgress) and not took:
+            took.append(session.apply(ChangeLearningRate(5e-4)))
+            took.append(session.apply(StopTraining()))
+
+    session.on_event(steer)
+    session.apply(StartPhase(head.with_changes(epochs=20)))
+    assert session.wait(WAIT) and took == [True, True]
+    assert rec.wait_for(ev.LearningRateChanged).learning_rate == 5e-4
+    assert session.history.phases[-1].reason is ev.PhaseEnd.STOPPED
+    assert rec.of(ev.PhaseEnded)[-1].reason is ev.PhaseEnd.STOPPED
+
+
+def test_actions_carry_labels_and_what_they_cannot_do_is_refused(data):
+    assert [
+        a.label
+        for a in (
+            ChangeLearningRate(1e-4),
+            RollBack(),
+            RollBack(3),
+            SetDropout(0.5),
+            SetUnfreezeDepth(2),
+            PlanPhase("finetune", 2, 1e-5),
+            StartPhase(ftw.PhaseConfig(phase="finetune")),
+            StopTraining(),
+        )
+    ] == [
+        "Learning rate 0.0001",
+        "Roll back to the best",
+        "Roll back to epoch 3",
+        "Head dropout 0.5",
+        "Unfreeze 2",
+        "Next: finetune",
+        "Start the finetune phase",
+        "Stop",
+    ]
+    assert SetDropout(0.5, "Head dropout 0.5 now").label == "Head dropout 0.5 now"
+    session = make_session(data)
+    with pytest.raises(ValueError, match="Received: action='rollback'"):
+        session.apply("rollback")
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\). Received: dropout=1.5"):
+        session.apply(SetDropout(1.5))
+    with pytest.raises(ValueError, match=re.escape("Received: {'depth': 2}")):
+        session.plan_next_phase(depth=2)
+    with pytest.raises(ValueError, match="no best epoch"):
+        session.apply(RollBack())
+    with pytest.raises(ValueError, match="Received: learning_rate=-1"):
+        session.apply(ChangeLearningRate(-1))
+    assert session.apply(StopTraining()) is False  # nothing runs
+    session.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        session.apply(StopTraining())
+
+
+def test_phase_started_tells_what_the_coach_reads_of_the_model(data):
+    session = make_session(data)
+    rec = Recorder(session)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1))
+    assert rec.of(ev.PhaseStarted)[-1].dropout == 0.3  # the model's own
+    session.run(ftw.PhaseConfig(phase="finetune", epochs=1, unfreeze_depth=1, dropout=0.1))
+    started = rec.of(ev.PhaseStarted)[-1]
+    assert started.dropout == 0.1  # the phase's
+    assert started.num_classes == 5 and started.train_samples == len(data.x_train)
+    head, dense3 = (
+        session.model.get_layer("head_dense"),
+        get_base(session.model).get_layer("dense3"),
+    )
+    assert started.trainable_params == head.count_params() + dense3.count_params()
