@@ -12,8 +12,7 @@ import threading
 import keras
 import numpy as np
 import pytest
-from keras.src.utils.rng_utils import get_random_seed  # not exported; thread-local
-from test_session import (
+from helpers import (
     WAIT,
     Recorder,
     hold_compile,
@@ -23,6 +22,7 @@ from test_session import (
     tiny_base,
     values,
 )
+from keras.src.utils.rng_utils import get_random_seed  # not exported; thread-local
 
 import ftwidgets as ftw
 from ftwidgets import events as ev

@@ -21,8 +21,6 @@ from ftwidgets import panel as panel_module
 from ftwidgets import warm_compile
 from ftwidgets.transfer import HEAD_DROPOUT_NAME, set_head_dropout
 
-pytestmark = pytest.mark.keras
-
 
 class CacheHits(logging.Handler):
     """The names of the programs JAX loads from its persistent cache, and of those it
@@ -94,6 +92,7 @@ def empty_cache(tmp_path) -> Iterator:
         ftw.enable_compilation_cache(before)
 
 
+@pytest.mark.keras
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
 def test_fit_reuses_what_was_compiled_ahead_of_it(compiles, hits, empty_cache, cache):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
@@ -119,6 +118,7 @@ def test_fit_reuses_what_was_compiled_ahead_of_it(compiles, hits, empty_cache, c
     assert hits.names == []  # held in memory: not even loaded from the cache
 
 
+@pytest.mark.keras
 def test_a_warmed_up_phase_loads_its_train_step_instead_of_compiling_it(hits, empty_cache):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
@@ -146,6 +146,7 @@ def test_a_warmed_up_phase_loads_its_train_step_instead_of_compiling_it(hits, em
     assert session.warming is None  # the Start took it over
 
 
+@pytest.mark.keras
 def test_settings_that_ran_before_need_no_warm_up(hits, empty_cache, monkeypatch):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
@@ -180,6 +181,7 @@ def test_settings_that_ran_before_need_no_warm_up(hits, empty_cache, monkeypatch
     assert "jit_train_step" in hits.misses
 
 
+@pytest.mark.keras
 def test_compiling_ahead_of_fit_waits_for_its_start(empty_cache):
     # Started at once, it would slow down the compile of fit's first train step.
     empty_cache()
@@ -195,6 +197,7 @@ def test_compiling_ahead_of_fit_waits_for_its_start(empty_cache):
     assert ahead.programs == 3
 
 
+@pytest.mark.keras
 def test_warm_up_refuses_what_start_would_refuse(empty_cache):
     empty_cache()
     data = ftw.demo.digits_transfer(per_class=2, seed=0)
@@ -252,6 +255,7 @@ def test_the_panel_warms_up_once_its_settings_rest(data, monkeypatch):
         panel.close()
 
 
+@pytest.mark.keras
 def test_compiling_ahead_changes_no_result(monkeypatch):
     # fit runs programs traced mid-phase through our jitted steps: they must be the
     # programs it would have traced itself, to the bit.
