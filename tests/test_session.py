@@ -127,6 +127,7 @@ def test_best_survives_a_diverging_phase_and_rollback_restores_it(data):
     session.wait(WAIT)
     assert session.best == head_best
     finetune_losses = [r.logs.get("val_loss", math.nan) for r in session.history.epochs[3:]]
+    assert len(finetune_losses) == 2
     assert all(not (v < head_best.value) for v in finetune_losses)  # diverged (or NaN)
     restored = session.rollback()
     assert restored == head_best
@@ -283,7 +284,7 @@ def test_update_early_stopping_applies_to_the_running_phase(data):
     session.run(ftw.PhaseConfig(phase="head", epochs=20, batch_size=16), early_stopping=es)
     assert len(session.history) == 3
     assert session.early_stopping.patience == 2
-    assert rec.of(ev.EarlyStopped)
+    assert [e.epoch for e in rec.of(ev.EarlyStopped)] == [3]  # one best, then two worse
     with pytest.raises(ValueError, match="patience=-1"):
         session.update_early_stopping(patience=-1)
 

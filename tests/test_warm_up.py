@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 
 import jax
@@ -189,9 +188,11 @@ def test_compiling_ahead_of_fit_waits_for_its_start(empty_cache):
     model.compile(optimizer="adam", loss="mse")
     x, y = np.zeros((10, 3)), np.zeros((10, 2))
     model._symbolic_build(data_batch=(x[:4], y[:4]))
+    threads = set(threading.enumerate())
     ahead = warm_compile.compile_ahead(model, 4, (x, y, None), (x[:9], y[:9], None))
     assert ahead is not None and ahead.programs == 0  # not even traced yet
-    time.sleep(0.5)
+    # Nothing was left running that could start it: no new thread, and not begun.
+    assert set(threading.enumerate()) <= threads
     assert not ahead.done
     assert ahead.wait(60)  # a wait starts it
     assert ahead.programs == 3
