@@ -348,7 +348,7 @@ def test_worker_exception_is_never_lost_and_the_session_recovers(data):
     assert isinstance(session.error.exception, OSError)
     assert "disk read failed" in session.error.message
     assert "OSError" in session.error.traceback
-    assert rec.of(ev.Failed)
+    assert [e.failure for e in rec.of(ev.Failed)] == [session.error]
     assert all(v.value is not None for v in session.model.variables)
     flaky.fail_at = None
     session.run(ftw.PhaseConfig(phase="head", epochs=1))
