@@ -13,9 +13,10 @@ import ftwidgets
 MODULES = sorted(
     info.name for info in pkgutil.walk_packages(ftwidgets.__path__, prefix="ftwidgets.")
 )
-# Each module's examples in the layer of what they do; the rest are unit tests, where
-# training a model fails (tests/layers.py).
-TRAINING_EXAMPLES = {"ftwidgets.session", "ftwidgets.warm_compile"}
+# Each module's examples in the layer of what they do (ftwidgets.transfer's build
+# keras.applications models, seconds each); the rest are unit tests, where training a
+# model fails (tests/layers.py).
+KERAS_EXAMPLES = {"ftwidgets.session", "ftwidgets.transfer", "ftwidgets.warm_compile"}
 WIDGET_EXAMPLES = {
     "ftwidgets.charts",
     "ftwidgets.coach_view",
@@ -27,7 +28,7 @@ WIDGET_EXAMPLES = {
 
 
 def layer(name: str) -> pytest.MarkDecorator:
-    if name in TRAINING_EXAMPLES:
+    if name in KERAS_EXAMPLES:
         return pytest.mark.keras
     return pytest.mark.widgets if name in WIDGET_EXAMPLES else pytest.mark.unit
 

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 from layers import LAYERS
 
-pytestmark = pytest.mark.unit
-
 TESTS = Path(__file__).resolve().parent
 
 
@@ -29,6 +27,7 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
+@pytest.mark.unit
 def test_no_test_module_imports_another():
     paths = sorted(TESTS.rglob("*.py"))
     test_modules = {p.stem for p in paths if p.name.startswith("test_")}
@@ -39,6 +38,7 @@ def test_no_test_module_imports_another():
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
+@pytest.mark.unit
 def test_the_import_scan_finds_imports_inside_functions(tmp_path):
     source = tmp_path / "test_x.py"
     source.write_text("import os\n\ndef test_y():\n    from test_session import make_session\n")
@@ -52,6 +52,7 @@ def inner_suite(pytester: pytest.Pytester, source: str) -> None:
     pytester.makepyfile(test_inner=source)
 
 
+@pytest.mark.unit
 def test_collection_fails_naming_each_test_with_no_layer_or_two(pytester):
     inner_suite(
         pytester,
@@ -80,6 +81,7 @@ def test_collection_fails_naming_each_test_with_no_layer_or_two(pytester):
         assert "test_one_layer" not in errors
 
 
+@pytest.mark.kernel
 def test_a_unit_test_that_trains_fails_and_a_keras_test_trains(pytester, monkeypatch):
     inner_suite(
         pytester,

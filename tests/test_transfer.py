@@ -474,7 +474,7 @@ def efficientnet():
 MOBILENET_BLOCKS = ["expanded_conv"] + [f"expanded_conv_{i}" for i in range(1, 11)]
 
 
-@pytest.mark.unit
+@pytest.mark.keras
 def test_mobilenet_v3_depth_counts_blocks(mobilenet):
     units = unfreeze_units(mobilenet)
     assert default_unit(mobilenet) == "block"
@@ -500,7 +500,7 @@ def test_mobilenet_v3_depth_counts_blocks(mobilenet):
     assert trainable_leaf_names(mobilenet) == [*top_block, "conv_1"]
 
 
-@pytest.mark.unit
+@pytest.mark.keras
 def test_mobilenet_v3_depth_never_stops_mid_block(mobilenet):
     units = unfreeze_units(mobilenet)
     for depth in range(len(units) + 1):
@@ -516,7 +516,7 @@ def test_mobilenet_v3_depth_never_stops_mid_block(mobilenet):
     assert sum(name.startswith("expanded_conv_9_") for name in made) == 4
 
 
-@pytest.mark.unit
+@pytest.mark.keras
 def test_mobilenet_v3_rows_carry_their_block(mobilenet):
     rows = {row.name: row for row in freeze_map(mobilenet)}
     assert rows["expanded_conv_9_expand"].block == "expanded_conv_9"
@@ -529,7 +529,7 @@ def test_mobilenet_v3_rows_carry_their_block(mobilenet):
     assert rows["head_dense"].block is None
 
 
-@pytest.mark.unit
+@pytest.mark.keras
 def test_mobilenet_v3_bad_depth_names_the_maximum_in_the_unit(mobilenet):
     with pytest.raises(ValueError, match=r"from 0 to 13 \(the base's blocks") as info:
         unfreeze(mobilenet, 14)
@@ -539,7 +539,7 @@ def test_mobilenet_v3_bad_depth_names_the_maximum_in_the_unit(mobilenet):
     assert len(unfreeze(mobilenet, 52, unit="layer")) == 52
 
 
-@pytest.mark.unit
+@pytest.mark.keras
 def test_mobilenet_v3_unfrozen_batchnorm_follows_whole_blocks(mobilenet):
     made = unfreeze(mobilenet, 2, keep_batchnorm_frozen=False)
     batchnorms = [name for name in made if "_bn" in name]
@@ -551,7 +551,7 @@ def test_mobilenet_v3_unfrozen_batchnorm_follows_whole_blocks(mobilenet):
     ]
 
 
-@pytest.mark.unit
+@pytest.mark.keras
 def test_efficientnet_groups_blocks_and_collapses_the_freeze_map(efficientnet):
     blocks = ["1a", "2a", "2b", "3a", "3b", "4a", "4b", "4c", "5a", "5b", "5c"]
     blocks = [f"block{b}" for b in [*blocks, "6a", "6b", "6c", "6d", "7a"]]
@@ -616,7 +616,7 @@ def test_efficientnet_groups_blocks_and_collapses_the_freeze_map(efficientnet):
     ]
 
 
-@pytest.mark.unit
+@pytest.mark.keras
 def test_efficientnet_freeze_map_frame_has_the_block_column(efficientnet):
     unfreeze(efficientnet, 1)
     frame = freeze_map_frame(efficientnet)
@@ -731,7 +731,7 @@ def test_freeze_map_preview_matches_unfreeze_and_touches_nothing(depth, unit, ke
     assert [row.name for row in preview if row.part == "base" and row.trainable] == made
 
 
-@pytest.mark.unit
+@pytest.mark.keras
 def test_freeze_map_preview_on_mobilenet_matches_unfreeze(mobilenet):
     unfreeze(mobilenet, 0)
     flags = all_flags(mobilenet)
