@@ -1,4 +1,7 @@
-"""Keep Keras, Jupyter and Chromium state out of the user's home during tests; shared data."""
+"""Keep Keras, Jupyter and Chromium state out of the user's home during tests; shared data.
+
+The test layers (one marker per test, unit tests train nothing) are in ``layers.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import shutil
 import tempfile
 
 import pytest
+
+pytest_plugins = ("layers", "pytester")
 
 _HOME = tempfile.mkdtemp(prefix="ftwidgets-test-home-")
 for _name, _sub in {

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.kernel
+
 PRINT_BACKEND = "import ftwidgets, keras; print(keras.backend.backend())"
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import nbclient
 import nbformat
 import pytest
+from notebook_run import execute
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from test_notebooks import execute
 
 REPO = Path(__file__).resolve().parents[1]
 BINDER = REPO / "binder"
@@ -70,6 +70,7 @@ def pins() -> dict[str, str]:
     return found
 
 
+@pytest.mark.unit
 def test_runtime_is_a_python_that_installs_current_jax():
     text = (BINDER / "runtime.txt").read_text().strip()
     found = re.fullmatch(r"python-3\.(\d+)", text)
@@ -80,6 +81,7 @@ def test_runtime_is_a_python_that_installs_current_jax():
     assert minor == sys.version_info.minor, "run the tests with the Binder Python"
 
 
+@pytest.mark.unit
 def test_requirements_pin_exactly_what_ftwidgets_runs_with():
     pinned = pins()
     assert set(pinned) == {canonicalize_name(n) for n in EXPECTED_PINS}
@@ -88,6 +90,7 @@ def test_requirements_pin_exactly_what_ftwidgets_runs_with():
     assert not set(pinned) & {canonicalize_name(n) for n in HEAVY}
 
 
+@pytest.mark.unit
 def test_pins_satisfy_the_package_dependencies():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pinned = pins()
@@ -107,6 +110,7 @@ _OFFLINE = (
 )
 
 
+@pytest.mark.kernel
 @pytest.mark.timeout(900)
 def test_pinned_requirements_resolve(tmp_path):
     # pip as configured on this machine, i.e. the package index the user installs from.
@@ -150,6 +154,7 @@ def _commands(path: Path) -> list[str]:
     ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("script", ["postBuild", "start"])
 def test_scripts_are_valid_executable_bash(script):
     path = BINDER / script
@@ -159,6 +164,7 @@ def test_scripts_are_valid_executable_bash(script):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.unit
 def test_post_build_installs_the_package_and_enables_the_extension():
     commands = _commands(BINDER / "postBuild")
     assert commands[0].startswith("set -e")
@@ -168,6 +174,7 @@ def test_post_build_installs_the_package_and_enables_the_extension():
     assert "profile_default" in text
 
 
+@pytest.mark.unit
 def test_start_exports_the_jax_backend_and_runs_the_command():
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     done = subprocess.run(
@@ -187,6 +194,7 @@ def test_start_exports_the_jax_backend_and_runs_the_command():
     assert _commands(BINDER / "start")[-1] == 'exec "$@"'
 
 
+@pytest.mark.unit
 def test_no_heavy_packages_anywhere_in_binder():
     for path in BINDER.iterdir():
         text = path.read_text().lower()
@@ -226,6 +234,7 @@ def test_quickstart_runs_from_the_pins_within_binder_memory():
 BADGE = re.compile(r"\(https://mybinder\.org/v2/gh/ftwidgets/ftwidgets/HEAD\?urlpath=([^)]+)\)")
 
 
+@pytest.mark.unit
 def test_readme_badges_open_walkthrough_01_in_lab_and_as_a_voila_dashboard():
     urlpaths = BADGE.findall((REPO / "README.md").read_text())
     assert urlpaths == [
@@ -237,6 +246,7 @@ def test_readme_badges_open_walkthrough_01_in_lab_and_as_a_voila_dashboard():
         assert (REPO / notebook).is_file(), urlpath
 
 
+@pytest.mark.kernel
 def test_voila_serves_dashboards_from_the_binder_server():
     """Binder's server is Jupyter Server: Voila's server extension gives it /voila/render."""
     done = subprocess.run(
@@ -249,6 +259,7 @@ def test_voila_serves_dashboards_from_the_binder_server():
     assert re.search(r"voila\.server_extension\s+enabled", listing), listing
 
 
+@pytest.mark.kernel
 def test_the_wheel_binder_installs_carries_the_lab_extension(tmp_path):
     """postBuild installs ftwidgets from a wheel built here: the bundle must be in it."""
     done = subprocess.run(

@@ -10,6 +10,8 @@ import pytest
 from ftwidgets import channel
 from ftwidgets.channel import Channel, Outbox, Stop
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def clock(monkeypatch):

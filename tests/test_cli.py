@@ -49,6 +49,7 @@ def launched(monkeypatch):
     return calls
 
 
+@pytest.mark.unit
 def test_lab_serves_the_checkout_notebooks_and_opens_the_quickstart(launched):
     assert cli.main(["lab"]) == 0
     (argv,) = launched
@@ -57,6 +58,7 @@ def test_lab_serves_the_checkout_notebooks_and_opens_the_quickstart(launched):
     assert "--LabApp.default_url=/lab/tree/01_quickstart.ipynb" in argv
 
 
+@pytest.mark.unit
 def test_lab_options_and_pass_through(launched, tmp_path):
     extra = ["--ServerApp.log_level=DEBUG", "--LabApp.dev_mode=False"]
     assert cli.main(["lab", "--port", "8899", "--no-browser", "--dir", str(tmp_path), *extra]) == 0
@@ -68,11 +70,13 @@ def test_lab_options_and_pass_through(launched, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.ipynb")) == WALKTHROUGHS
 
 
+@pytest.mark.unit
 def test_arguments_after_a_double_dash_go_to_jupyter(launched):
     assert cli.main(["lab", "--", "--port-retries=0"]) == 0
     assert launched[0][-1] == "--port-retries=0"
 
 
+@pytest.mark.unit
 def test_security_defaults_are_left_to_jupyter(launched):
     cli.main(["lab"])
     argv = " ".join(launched[0])
@@ -83,6 +87,7 @@ def test_security_defaults_are_left_to_jupyter(launched):
     assert launched[1].count("--allow-root") == 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("port", ["0", "70000", "http"])
 def test_a_bad_port_is_a_usage_error(launched, capsys, port):
     with pytest.raises(SystemExit) as exited:
@@ -92,6 +97,7 @@ def test_a_bad_port_is_a_usage_error(launched, capsys, port):
     assert launched == []
 
 
+@pytest.mark.unit
 def test_a_command_is_required(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main([])
@@ -99,6 +105,7 @@ def test_a_command_is_required(capsys):
     assert "COMMAND" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_a_file_as_working_folder_is_refused(launched, tmp_path, capsys):
     target = tmp_path / "file"
     target.write_text("x")
@@ -112,6 +119,7 @@ def test_a_file_as_working_folder_is_refused(launched, tmp_path, capsys):
 # -- copying the walkthroughs ------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_copy_keeps_a_users_edited_notebook(tmp_path):
     report = cli.copy_walkthroughs(tmp_path / "work", NOTEBOOKS)
     assert report.copied == WALKTHROUGHS
@@ -128,6 +136,7 @@ def test_copy_keeps_a_users_edited_notebook(tmp_path):
     assert "03_early_stopping_and_rollback.ipynb" not in again.copied + again.kept
 
 
+@pytest.mark.unit
 def test_lab_tells_which_edited_copies_it_kept(launched, tmp_path, capsys):
     cli.main(["lab", "--dir", str(tmp_path)])
     (tmp_path / "01_quickstart.ipynb").write_text("{}")
@@ -137,6 +146,7 @@ def test_lab_tells_which_edited_copies_it_kept(launched, tmp_path, capsys):
     assert (tmp_path / "01_quickstart.ipynb").read_text() == "{}"
 
 
+@pytest.mark.kernel
 def test_the_wheel_ships_the_walkthroughs(tmp_path):
     """Build the wheel, install it into a folder, and copy from the installed package."""
     built = subprocess.run(
@@ -316,6 +326,7 @@ def _check_serves_the_quickstart(server: Server, port: int, root: Path) -> None:
             pass
 
 
+@pytest.mark.kernel
 def test_ftwidgets_lab_starts_jupyterlab_on_the_quickstart(tmp_path, server_env):
     port = _free_port()
     work = tmp_path / "walkthroughs"
@@ -336,19 +347,35 @@ def test_ftwidgets_lab_starts_jupyterlab_on_the_quickstart(tmp_path, server_env)
     assert sorted(p.name for p in work.glob("*.ipynb")) == WALKTHROUGHS
 
 
+@pytest.mark.kernel
 def test_readme_first_command_runs_lab_from_the_checkout(tmp_path, server_env):
-    """``bash scripts/lab.sh``: with .venv in place it goes straight to ``ftwidgets lab``."""
-    if not (REPO / ".venv" / "bin" / "ftwidgets").exists():
-        pytest.skip("scripts/lab.sh would create .venv and install into it (network)")
+    """``bash scripts/lab.sh``: with .venv in place it goes straight to ``ftwidgets lab``.
+
+    The script runs in a copy of the checkout whose ``.venv`` is this environment: its
+    ``python`` and ``ftwidgets`` hand over to this interpreter and its console command
+    (a real ``.venv`` would need a network install)."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "lab.sh", checkout / "scripts" / "lab.sh")
+    bin_dir = checkout / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, target in (("python", sys.executable), ("ftwidgets", SCRIPTS / "ftwidgets")):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    server_env.pop("FTWIDGETS_REINSTALL", None)
     port = _free_port()
-    argv = ["bash", str(REPO / "scripts" / "lab.sh"), "--no-browser", "--port", str(port)]
+    argv = ["bash", str(checkout / "scripts" / "lab.sh"), "--no-browser", "--port", str(port)]
     server = Server([*argv, *ROOT_ARGS], server_env, tmp_path)
     try:
         _check_serves_the_quickstart(server, port, NOTEBOOKS)
     finally:
         server.stop()
+    # Nothing was created or installed: the first step is the start.
+    steps = [line.split()[1] for line in server.lines if line.startswith("==> ")]
+    assert steps == ["Starting"], server.log()
 
 
+@pytest.mark.unit
 def test_lab_script_is_valid_bash_and_needs_no_root():
     script = REPO / "scripts" / "lab.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -360,6 +387,7 @@ def test_lab_script_is_valid_bash_and_needs_no_root():
     assert os.access(script, os.X_OK)
 
 
+@pytest.mark.unit
 def test_lab_script_says_what_each_step_does_and_shows_pips_progress(tmp_path):
     """A first run is minutes of installing: every step announces itself, and pip is not
     quietened. Stand-ins for the venv's python and ``ftwidgets`` record their arguments."""

@@ -39,6 +39,7 @@ def record(history: History, **kwargs) -> Record:
 OVERFIT = [(1.0, 0.9), (0.6, 0.5), (0.4, 0.6), (0.3, 0.7), (0.2, 0.8)]
 
 
+@pytest.mark.unit
 def test_overfitting_fires_when_validation_turns_while_training_falls():
     note = coach.overfitting(record(run(OVERFIT), dropout=0.3))
     assert note.rule == "overfitting"
@@ -58,6 +59,7 @@ def test_overfitting_fires_when_validation_turns_while_training_falls():
     assert coach.overfitting(record(run(OVERFIT), monitor="loss")) is None
 
 
+@pytest.mark.unit
 def test_diverging_fires_on_a_rise_after_a_raised_rate_or_on_swings_far_above_the_usual():
     def traced(losses, change_to=None):
         history = run([(0.5, 1.0)] * 3, rate=1e-2)  # a head phase at 1e-2
@@ -87,6 +89,7 @@ def test_diverging_fires_on_a_rise_after_a_raised_rate_or_on_swings_far_above_th
     assert coach.diverging(traced([1.0 / (s + 1) for s in range(300)])) is None
 
 
+@pytest.mark.unit
 def test_head_converged_fires_on_a_flat_monitor_in_the_head_phase_only():
     flat = [(0.5, 0.500), (0.5, 0.501), (0.5, 0.499), (0.5, 0.500)]
     note = coach.head_converged(record(run(flat), min_delta=0.0))
@@ -99,6 +102,7 @@ def test_head_converged_fires_on_a_flat_monitor_in_the_head_phase_only():
     assert coach.head_converged(record(run(moving))) is None
 
 
+@pytest.mark.unit
 def test_finetune_rate_too_high_against_the_seed_range_and_the_head_rate():
     head = run([(1.0, 1.0)], rate=1e-3)
     high = run([(1.0, 1.0)], phase="finetune", rate=1e-3, history=head)
@@ -114,6 +118,7 @@ def test_finetune_rate_too_high_against_the_seed_range_and_the_head_rate():
     assert coach.finetune_rate_too_high(record(high, unfreeze_depth=0)) is None  # base frozen
 
 
+@pytest.mark.unit
 def test_small_data_notes_many_parameters_per_sample():
     history = run([(1.0, 1.0)])
     note = coach.small_data(record(history, trainable_params=1_000_000, train_samples=100))
@@ -121,6 +126,7 @@ def test_small_data_notes_many_parameters_per_sample():
     assert coach.small_data(record(history, trainable_params=5_000, train_samples=100)) is None
 
 
+@pytest.mark.unit
 def test_non_finite_loss_explains_and_names_the_rate():
     history = run([(1.0, 1.0), (math.nan, math.nan)], rate=0.5)
     note = coach.non_finite_loss(record(history))
@@ -136,6 +142,7 @@ def test_non_finite_loss_explains_and_names_the_rate():
     assert coach.non_finite_loss(record(run([(1.0, 1.0)]), failure=other)) is None
 
 
+@pytest.mark.unit
 def test_early_stop_says_what_patience_and_min_delta_did():
     history = run(OVERFIT)
     ended = record(history, phase_ended="early_stopped", patience=3, min_delta=0.01)
@@ -147,6 +154,7 @@ def test_early_stop_says_what_patience_and_min_delta_did():
     assert coach.early_stop(record(history, phase_ended="completed", patience=3)) is None
 
 
+@pytest.mark.unit
 def test_the_coach_waits_out_the_warm_up_fires_once_per_episode_and_can_be_off():
     history = run(OVERFIT[:2])
     quiet = Coach()
@@ -180,6 +188,7 @@ def flat_head(accuracy, loss=1.6):
     ]
 
 
+@pytest.mark.unit
 def test_a_head_at_chance_level_is_not_converged_but_not_learning():
     history = logged(flat_head([0.2, 0.21, 0.19, 0.2, 0.22]))
     stuck = record(history, num_classes=5)
@@ -204,6 +213,7 @@ def test_a_head_at_chance_level_is_not_converged_but_not_learning():
     assert coach.not_learning(better) is None
 
 
+@pytest.mark.unit
 def test_nothing_moved_at_a_rate_too_low_says_so_and_offers_the_usual_rate():
     still = [{"loss": 1.6121, "val_loss": 1.6094, "val_accuracy": 0.2}] * 2
     ended = record(logged(still, rate=1e-12), phase_ended="completed")
@@ -226,6 +236,7 @@ def test_nothing_moved_at_a_rate_too_low_says_so_and_offers_the_usual_rate():
     ]
 
 
+@pytest.mark.unit
 def test_a_blown_up_phase_is_diverged_never_converged():
     rows = [{"loss": 0.5, "val_loss": 0.6}, {"loss": 1.4, "val_loss": 3.0}]
     rows += [{"loss": 3.0, "val_loss": 3.0 + d} for d in (0.01, 0.0, 0.02, 0.01)]
@@ -257,6 +268,7 @@ def test_a_blown_up_phase_is_diverged_never_converged():
     assert coach.head_converged(failed) is None
 
 
+@pytest.mark.unit
 def test_each_note_carries_its_phase_and_a_rule_does_not_repeat_itself_next_phase():
     watcher = Coach()
     history = History()
@@ -282,7 +294,7 @@ def test_each_note_carries_its_phase_and_a_rule_does_not_repeat_itself_next_phas
 
 @pytest.mark.keras
 def test_a_real_head_trained_at_1e_12_is_told_nothing_moved_never_converged(data):
-    from test_session import make_session
+    from helpers import make_session
 
     session = make_session(data)
     session.run(ftw.PhaseConfig(phase="head", epochs=2, learning_rate=1e-12, batch_size=16))

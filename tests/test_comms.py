@@ -189,14 +189,34 @@ def test_without_a_front_end_the_kernel_sends_nothing_and_shows_a_beacon(fronten
     assert [(n["session"], n["outcome"]) for n in notices] == [("s1", "completed")]
 
 
+# In the kernel: wait until the telemetry thread has kept the phase's notice for a later
+# page (nobody listened), then make every notice kept so far count as heard of too late.
+PARK_THE_NOTICE = """
+import time
+from ftwidgets import comms
+deadline = time.monotonic() + 60
+while not comms.bridge()._unheard:
+    assert time.monotonic() < deadline, "the phase's notice was never kept for a later page"
+    time.sleep(0.01)
+comms.UNHEARD_NOTICE_S = 0.0
+"""
+
+
+def sessions_updates(front: Frontend) -> int:
+    return sum(1 for _, d in front.telemetry() if d.get("type") == "sessions")
+
+
 def test_a_notice_nobody_heard_for_long_is_not_shown_to_a_later_page(frontend):
-    frontend.execute("import ftwidgets.comms; ftwidgets.comms.UNHEARD_NOTICE_S = 0.5")
     frontend.execute(SETUP)
     frontend.execute("session.run(ftw.PhaseConfig(phase='head', epochs=2, batch_size=8))")
-    time.sleep(1.0)
+    frontend.execute(PARK_THE_NOTICE)
     frontend.answer(frontend.open_control())
     frontend.wait_for(lambda: last_card(frontend), "a card for s1")
-    time.sleep(2 * 0.2)  # two telemetry intervals: the notice would have come by now
+    # An update sends its notices right after its cards, and the next update comes after
+    # them on the same channel: once it is here, a kept notice would have been too.
+    seen = sessions_updates(frontend)
+    frontend.execute("comms.bridge().changed()")
+    frontend.wait_for(lambda: sessions_updates(frontend) > seen, "the next telemetry update")
     assert [d for _, d in frontend.telemetry() if d.get("type") == "phase_ended"] == []
 
 

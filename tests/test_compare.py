@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import WAIT, make_panel
 from recording_comm import record_comms
-from test_panel import WAIT, make_panel
 
 import ftwidgets as ftw
 from ftwidgets.compare import RunComparison, best_of
 from ftwidgets.events import EpochRecord, frozen_logs
 
-pytestmark = [pytest.mark.widgets, pytest.mark.keras]
+pytestmark = pytest.mark.widgets
 
 
 def trained(data, dropout: float, epochs: int = 3) -> ftw.FineTuneSession:

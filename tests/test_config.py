@@ -4,6 +4,8 @@ import pytest
 
 from ftwidgets.config import EarlyStoppingConfig, PhaseConfig, resolve_mode
 
+pytestmark = pytest.mark.unit
+
 
 def test_phase_defaults_follow_the_recipe():
     assert PhaseConfig(phase="head").learning_rate == 1e-3

@@ -36,6 +36,7 @@ def digit_of_image():
 # --- digits_transfer -------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_transfer_split_sizes_are_per_class():
     data = demo.digits_transfer(per_class=7, seed=3, val_per_class=20, test_per_class=15)
     assert np.bincount(data.y_train).tolist() == [7] * 5
@@ -48,6 +49,7 @@ def test_transfer_split_sizes_are_per_class():
     assert np.bincount(data.y_test).tolist() == [174 - 40] * 5
 
 
+@pytest.mark.unit
 def test_transfer_splits_are_disjoint():
     data = demo.digits_transfer(per_class=20, seed=1)
     train, val, test = _rows(data.x_train), _rows(data.x_val), _rows(data.x_test)
@@ -59,6 +61,7 @@ def test_transfer_splits_are_disjoint():
     assert not val & test
 
 
+@pytest.mark.unit
 def test_transfer_is_digits_five_to_nine_relabelled(digit_of_image):
     data = demo.digits_transfer(seed=2)
     assert data.class_names == ("5", "6", "7", "8", "9")
@@ -73,6 +76,7 @@ def test_transfer_is_digits_five_to_nine_relabelled(digit_of_image):
         np.testing.assert_array_equal(digits, y + 5)
 
 
+@pytest.mark.unit
 def test_transfer_images_are_float32_in_unit_range():
     data = demo.digits_transfer()
     for x in (data.x_train, data.x_val, data.x_test):
@@ -82,6 +86,7 @@ def test_transfer_images_are_float32_in_unit_range():
         assert x.max() == 1.0
 
 
+@pytest.mark.unit
 def test_transfer_is_deterministic_for_a_seed_and_differs_across_seeds():
     a = demo.digits_transfer(seed=5)
     b = demo.digits_transfer(seed=5)
@@ -92,17 +97,20 @@ def test_transfer_is_deterministic_for_a_seed_and_differs_across_seeds():
     assert _rows(a.x_val) != _rows(c.x_val)
 
 
+@pytest.mark.unit
 def test_transfer_labels_are_shuffled_not_sorted():
     data = demo.digits_transfer(seed=0)
     assert not np.all(np.diff(data.y_train) >= 0)
 
 
+@pytest.mark.unit
 def test_transfer_result_is_frozen():
     data = demo.digits_transfer()
     with pytest.raises(dataclasses.FrozenInstanceError):
         data.x_train = data.x_val
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
@@ -124,6 +132,7 @@ def test_transfer_bad_arguments_name_the_value(kwargs, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.unit
 def test_transfer_largest_split_that_fits_is_accepted():
     data = demo.digits_transfer(per_class=150, val_per_class=23)
     assert np.bincount(data.y_test).tolist() == [1] * 5
@@ -132,6 +141,7 @@ def test_transfer_largest_split_that_fits_is_accepted():
 # --- digits_pretraining ----------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_pretraining_is_digits_zero_to_four_only(digit_of_image):
     data = demo.digits_pretraining(orientations=1)
     assert data.class_names == ("0", "1", "2", "3", "4")
@@ -142,6 +152,7 @@ def test_pretraining_is_digits_zero_to_four_only(digit_of_image):
     assert len(data.y_train) + len(data.y_val) == 901  # every 0-4 image, once
 
 
+@pytest.mark.unit
 def test_pretraining_orientation_views_share_a_split():
     data = demo.digits_pretraining(orientations=4)
     assert len(data.class_names) == 20
@@ -156,6 +167,7 @@ def test_pretraining_orientation_views_share_a_split():
         assert not _rows(view) & val_views
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
@@ -174,6 +186,7 @@ def test_pretraining_bad_arguments_name_the_value(kwargs, fragment):
 # --- the pretrained base ---------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_weights_file_ships_with_the_package():
     path = demo.weights_path()
     assert path.is_file()
@@ -260,6 +273,7 @@ def test_pretrained_features_separate_new_digits_better_than_random_ones(base):
     assert pretrained >= random + 0.1, (pretrained, random)
 
 
+@pytest.mark.unit
 def test_training_script_writes_the_shipped_file():
     spec = importlib.util.spec_from_file_location("train_demo_base", SCRIPT)
     script = importlib.util.module_from_spec(spec)

@@ -13,9 +13,27 @@ import ftwidgets
 MODULES = sorted(
     info.name for info in pkgutil.walk_packages(ftwidgets.__path__, prefix="ftwidgets.")
 )
+# Each module's examples in the layer of what they do (ftwidgets.transfer's build
+# keras.applications models, seconds each); the rest are unit tests, where training a
+# model fails (tests/layers.py).
+KERAS_EXAMPLES = {"ftwidgets.session", "ftwidgets.transfer", "ftwidgets.warm_compile"}
+WIDGET_EXAMPLES = {
+    "ftwidgets.charts",
+    "ftwidgets.coach_view",
+    "ftwidgets.compare",
+    "ftwidgets.panel",
+    "ftwidgets.search_chart",
+    "ftwidgets.widget_tree",
+}
 
 
-@pytest.mark.parametrize("name", MODULES)
+def layer(name: str) -> pytest.MarkDecorator:
+    if name in KERAS_EXAMPLES:
+        return pytest.mark.keras
+    return pytest.mark.widgets if name in WIDGET_EXAMPLES else pytest.mark.unit
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=layer(name)) for name in MODULES])
 def test_docstring_examples_run_and_none_is_skipped(name):
     module = importlib.import_module(name)
     with open(module.__file__, encoding="utf-8") as file:
@@ -25,6 +43,7 @@ def test_docstring_examples_run_and_none_is_skipped(name):
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed"
 
 
+@pytest.mark.unit
 def test_every_public_class_and_function_has_an_example():
     missing = []
     for name in ftwidgets.__all__:

@@ -14,8 +14,6 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.keras
-
 SCRIPT = textwrap.dedent(
     """
     import atexit, sys, threading
@@ -42,6 +40,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.keras
 @pytest.mark.parametrize("moment", ["compiling", "mid-epoch"])
 def test_leaving_python_mid_phase_stops_the_session_and_exits_cleanly(tmp_path, moment):
     script = tmp_path / "leave.py"

@@ -7,6 +7,8 @@ import pytest
 from ftwidgets.events import EpochRecord, PhaseEnd, frozen_logs
 from ftwidgets.history import History, Marker, PhaseSpan, decimate
 
+pytestmark = pytest.mark.unit
+
 
 def record(epoch, phase="head", partial=False, **logs):
     return EpochRecord(epoch, phase, 0, frozen_logs(logs), 1e-3, partial=partial)

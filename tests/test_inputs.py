@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import Batches
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
@@ -87,6 +88,7 @@ def assert_same_structure(actual, expected):
 # -- every accepted form reaches fit as numpy ------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "form",
     ["y_list", "x_nested_lists", "pandas", "jax", "with_weights", "dict", "list_x", "tuple_x"],
@@ -138,6 +140,7 @@ def test_accepted_array_forms_reach_fit_as_numpy_and_pass_check(arrays, form):
     data.check(model, SPARSE, batch_size=8)
 
 
+@pytest.mark.unit
 def test_validation_may_carry_sample_weights(arrays):
     x, y, w = arrays["x"], arrays["y"], arrays["w"]
     data = TrainingData.from_args((x, y), (x[:5].tolist(), y[:5], w[:5]), 0.0)
@@ -149,6 +152,7 @@ def test_validation_may_carry_sample_weights(arrays):
     assert_same_structure(without.fit_args(4)["validation_data"], (x[:5], y[:5]))
 
 
+@pytest.mark.unit
 def test_validation_split_works_with_a_dict_of_arrays(arrays):
     data = TrainingData.from_args(({"a": arrays["a"], "b": arrays["b"]}, arrays["y"]), None, 0.25)
     assert data.num_train() == 15 and data.num_validation() == 5
@@ -157,18 +161,7 @@ def test_validation_split_works_with_a_dict_of_arrays(arrays):
     data.check(two_input_model(), SPARSE, 4)
 
 
-class Batches(keras.utils.PyDataset):
-    def __init__(self, batches):
-        super().__init__()
-        self.batches = batches
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, i):
-        return self.batches[i]
-
-
+@pytest.mark.unit
 def test_datasets_give_their_first_element_and_their_length_when_known(arrays):
     x, y, w = arrays["x"], arrays["y"], arrays["w"]
     elements = [(x[i : i + 8], y[i : i + 8], w[i : i + 8]) for i in range(0, N, 8)]
@@ -197,6 +190,7 @@ def test_datasets_give_their_first_element_and_their_length_when_known(arrays):
         data.check(model, SPARSE, 99)
 
 
+@pytest.mark.unit
 def test_validation_split_is_refused_with_a_dataset_or_with_validation(arrays):
     mapped = grain.MapDataset.source([(arrays["x"], arrays["y"])])
     with pytest.raises(ValueError, match="validation_split needs array data"):
@@ -209,6 +203,7 @@ def test_validation_split_is_refused_with_a_dataset_or_with_validation(arrays):
 # -- refused forms -----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("make", "received"),
     [
@@ -230,11 +225,13 @@ def test_unsupported_train_is_refused_listing_what_is_accepted(arrays, make, rec
             assert accepted in message, message
 
 
+@pytest.mark.unit
 def test_unsupported_validation_is_refused(arrays):
     with pytest.raises(ValueError, match="Received: validation of type float"):
         TrainingData.from_args((arrays["x"], arrays["y"]), 0.2, 0.0)
 
 
+@pytest.mark.unit
 def test_a_two_input_model_given_one_array_asks_for_a_dict(arrays):
     # (xa, xb, y) reads as (x, y, sample_weight): the check says what to pass instead.
     data = TrainingData.from_args((arrays["a"], arrays["b"], arrays["y"]), None, 0.0)
@@ -258,6 +255,7 @@ def poison(array, index, value):
     return array
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("case", "fragments"),
     [
@@ -299,6 +297,7 @@ def test_non_finite_inputs_are_refused_by_check(arrays, case, fragments):
         assert fragment in message, message
 
 
+@pytest.mark.unit
 def test_the_finite_check_makes_no_full_size_copy_and_finds_the_bad_value():
     # 2000 x 48 x 48 x 3 float32 (55 MB): a cheap whole-array test first, so no
     # boolean mask as large as the data is made unless a bad value is there.
@@ -324,6 +323,7 @@ def test_the_finite_check_makes_no_full_size_copy_and_finds_the_bad_value():
 # -- empty data -------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [
@@ -350,6 +350,7 @@ def test_empty_data_is_refused_by_check(arrays, make, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.unit
 def test_labels_that_disagree_with_the_loss_are_refused_by_check(arrays):
     one_hot = np.eye(3)[arrays["y"]]
     data = TrainingData.from_args((arrays["x"], arrays["y"]), (arrays["x"], one_hot), 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -57,8 +58,15 @@ def test_interrupt_button_stops_a_running_phase_and_the_kernel_lives_on():
 
 
 def test_kernel_is_the_test_python():
-    # The kernel layer must run the interpreter that has ftwidgets installed.
-    from jupyter_client.kernelspec import KernelSpecManager
+    # The kernel layer must run the interpreter that has ftwidgets installed: the
+    # command jupyter_client starts for "python3" is this environment's Python.
+    from jupyter_client.manager import KernelManager
 
-    spec = KernelSpecManager().get_kernel_spec("python3")
-    assert spec.argv[0] in (sys.executable, "python", "python3") or "venv" in spec.argv[0]
+    command = KernelManager(kernel_name="python3").format_kernel_cmd()
+    prefix = subprocess.run(
+        [command[0], "-c", "import sys; print(sys.prefix)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert prefix == sys.prefix, command

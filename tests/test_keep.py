@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_session import WAIT, Recorder, make_model, make_session, same, values
+from helpers import WAIT, Recorder, make_model, make_session, same, values
 
 import ftwidgets as ftw
 from ftwidgets import events as ev

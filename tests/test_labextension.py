@@ -20,6 +20,7 @@ SOURCE = REPO / "labextension"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+@pytest.mark.unit
 def test_the_built_bundle_is_committed_and_named_ftwidgets() -> None:
     meta = json.loads((BUNDLE / "package.json").read_text(encoding="utf-8"))
     assert meta["name"] == "ftwidgets"
@@ -28,6 +29,7 @@ def test_the_built_bundle_is_committed_and_named_ftwidgets() -> None:
     assert (BUNDLE / meta["jupyterlab"]["_build"]["load"]).is_file()
 
 
+@pytest.mark.kernel
 def test_jupyter_lists_the_extension_enabled() -> None:
     listing = subprocess.run(
         [sys.executable, "-m", "jupyter", "labextension", "list"],
@@ -43,6 +45,7 @@ def test_jupyter_lists_the_extension_enabled() -> None:
     assert "OK" in ours[0].split(), ours[0]
 
 
+@pytest.mark.kernel
 def test_the_typescript_model_tests_pass() -> None:
     # scripts/test.sh runs `npm ci` where npm exists; CI sets FTWIDGETS_REQUIRE_NODE=1,
     # so there a missing npm fails instead of skipping.
@@ -72,6 +75,7 @@ def _ts_fields(source: str, interface: str) -> dict[str, str]:
     return dict(re.findall(r"^  (\w+)\??: ([^;]+);", body.group(1), re.M))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("interface", "typed_dict"), [("ICard", "Card"), ("IPhaseEnded", "PhaseEndNotice")]
 )
@@ -88,6 +92,7 @@ def test_the_typescript_protocol_declares_what_telemetry_sends(
     assert {name for name, ts in fields.items() if "null" in ts} == nullable
 
 
+@pytest.mark.unit
 def test_the_typescript_protocol_knows_every_phase_end_outcome() -> None:
     from typing import get_args
 

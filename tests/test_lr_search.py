@@ -8,7 +8,7 @@ import threading
 import keras
 import numpy as np
 import pytest
-from test_session import WAIT, Recorder, same, tiny_base, values
+from helpers import WAIT, Recorder, same, tiny_base, values
 
 import ftwidgets as ftw
 from ftwidgets import events as ev

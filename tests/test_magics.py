@@ -14,10 +14,10 @@ import keras
 import nbclient
 import nbformat
 import pytest
+from helpers import hold_compile
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
-from test_session import hold_compile
 
 import ftwidgets as ftw
 from ftwidgets import magics
@@ -25,7 +25,6 @@ from ftwidgets.events import StateChanged
 from ftwidgets.panel import FineTunePanel
 from ftwidgets.session import live_sessions
 
-pytestmark = pytest.mark.widgets
 WAIT = 120  # seconds; generous for a shared CPU, a passing test never waits that long
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -71,12 +70,14 @@ FINETUNE = "%finetune model --train data.x_train data.y_train --val data.x_val d
 # -- loading -----------------------------------------------------------------------------
 
 
+@pytest.mark.widgets
 def test_load_ext_registers_the_magics(ip):
     line_magics = ip.magics_manager.magics["line"]
     assert "finetune" in line_magics
     assert "ftstatus" in line_magics
 
 
+@pytest.mark.widgets
 def test_loading_twice_is_harmless(ip):
     result, out, err, _ = run(ip, "%load_ext ftwidgets")
     assert result.success
@@ -89,6 +90,7 @@ def test_loading_twice_is_harmless(ip):
     assert result.success
 
 
+@pytest.mark.widgets
 def test_usage_text_names_both_magics():
     assert "%finetune MODEL --train X Y" in magics.USAGE
     assert "%ftstatus" in magics.USAGE
@@ -98,6 +100,7 @@ def test_usage_text_names_both_magics():
 # -- %finetune ---------------------------------------------------------------------------
 
 
+@pytest.mark.widgets
 def test_finetune_displays_a_panel_and_keeps_it_as_ftpanel(ip, ns):
     result, _, err, outputs = run(ip, FINETUNE)
     assert result.success, err
@@ -113,6 +116,7 @@ def test_finetune_displays_a_panel_and_keeps_it_as_ftpanel(ip, ns):
     assert outputs[0].data[WIDGET_VIEW]["model_id"] == panel.model_id
 
 
+@pytest.mark.widgets
 def test_finetune_options_reach_the_panel(ip, ns):
     ns["my_loss"] = keras.losses.SparseCategoricalCrossentropy(name="my_loss")
     result, _, err, _ = run(
@@ -130,6 +134,7 @@ def test_finetune_options_reach_the_panel(ip, ns):
     assert (panel.epochs.value, panel.batch_size.value) == (3, 8)
 
 
+@pytest.mark.widgets
 def test_a_namespace_value_named_like_a_metric_is_not_taken_for_one(ip, ns):
     ns["accuracy"] = 0.93  # a number, not a metric: the Keras name wins
     result, _, err, _ = run(ip, FINETUNE + " --metrics accuracy")
@@ -138,6 +143,7 @@ def test_a_namespace_value_named_like_a_metric_is_not_taken_for_one(ip, ns):
     assert ns["_ftpanel"].session.metrics == ["accuracy"]
 
 
+@pytest.mark.widgets
 def test_finetune_without_validation_monitors_the_training_loss(ip, ns):
     result, _, err, _ = run(ip, "%finetune model --train data.x_train data.y_train")
     assert result.success, err
@@ -186,6 +192,7 @@ BAD_LINES = {
 }
 
 
+@pytest.mark.widgets
 @pytest.mark.parametrize("line, expected", BAD_LINES.values(), ids=BAD_LINES.keys())
 def test_bad_input_is_a_one_line_usage_error(ip, ns, line, expected):
     ns["base_only"] = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten()])
@@ -200,6 +207,7 @@ def test_bad_input_is_a_one_line_usage_error(ip, ns, line, expected):
     assert "_ftpanel" not in ns
 
 
+@pytest.mark.widgets
 def test_engine_messages_are_squeezed_to_one_short_line():
     message = magics._one_line(ValueError("bad value.\nReceived: x=" + "[0. 0. 0.]\n" * 200))
     assert "\n" not in message
@@ -211,6 +219,7 @@ def test_engine_messages_are_squeezed_to_one_short_line():
 # -- %ftstatus ---------------------------------------------------------------------------
 
 
+@pytest.mark.widgets
 def test_ftstatus_without_sessions(ip, monkeypatch):
     monkeypatch.setattr("ftwidgets.session.live_sessions", lambda: [])
     result, out, err, _ = run(ip, "%ftstatus")
@@ -220,6 +229,7 @@ def test_ftstatus_without_sessions(ip, monkeypatch):
     )
 
 
+@pytest.mark.widgets
 def test_ftstatus_takes_no_arguments(ip):
     result, _, err, _ = run(ip, "%ftstatus now")
     assert isinstance(result.error_in_exec, UsageError)
@@ -232,6 +242,7 @@ def _status_line(out: str, name: str) -> str:
     return found[0]
 
 
+@pytest.mark.widgets
 def test_ftstatus_follows_a_session_through_a_run(ip, ns):
     assert run(ip, FINETUNE + " --epochs 50 --batch-size 4")[0].success
     panel = ns["_ftpanel"]
@@ -289,6 +300,7 @@ def test_ftstatus_follows_a_session_through_a_run(ip, ns):
     assert panel.session.wait(WAIT)
 
 
+@pytest.mark.widgets
 def test_ftstatus_says_a_phase_is_being_prepared_while_it_compiles(ip, ns, monkeypatch):
     assert run(ip, FINETUNE + " --epochs 5 --batch-size 4")[0].success
     session = ns["_ftpanel"].session
@@ -307,6 +319,7 @@ def test_ftstatus_says_a_phase_is_being_prepared_while_it_compiles(ip, ns, monke
         assert session.wait(WAIT)
 
 
+@pytest.mark.widgets
 def test_ftstatus_prefers_the_public_name(ip, ns):
     assert run(ip, FINETUNE)[0].success
     ns["panel"] = ns["_ftpanel"]
@@ -316,6 +329,7 @@ def test_ftstatus_prefers_the_public_name(ip, ns):
     assert not [line for line in out.splitlines() if "(_ftpanel)" in line]
 
 
+@pytest.mark.widgets
 def test_ftstatus_shows_a_session_held_by_no_name_by_its_own_name(ip, ns):
     session = ftw.FineTuneSession(
         ns["model"], train=(ns["data"].x_train, ns["data"].y_train), metrics=["accuracy"]
@@ -325,6 +339,7 @@ def test_ftstatus_shows_a_session_held_by_no_name_by_its_own_name(ip, ns):
     assert f"{session.name}: transfer_model · idle · no phase yet · best -" in out.splitlines()
 
 
+@pytest.mark.widgets
 def test_finetune_names_the_session(ip, ns):
     assert run(ip, FINETUNE + " --name digits --as named")[0].success
     assert ns["named"].session.name == "digits"

@@ -12,7 +12,7 @@ import math
 import keras
 import numpy as np
 import pytest
-from test_session import WAIT, Recorder, same, values
+from helpers import WAIT, Recorder, same, values
 
 import ftwidgets as ftw
 from ftwidgets import events as ev

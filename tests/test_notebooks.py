@@ -3,34 +3,28 @@
 nbclient executes every notebook (any cell error fails it) and keeps the widget state
 a frontend would have received (``nb.metadata["widgets"]``). The tests read that state:
 each notebook built its ``FineTunePanel``s, and every panel trained (a best epoch in its
-status, finite points in its loss chart) with no error shown. A probe cell appended to
-each run reports the kernel's interpreter and peak memory; timings, peak memory and the
-printed results go to ``test-artifacts/notebooks/summary.json``.
+status, finite points in its loss chart) with no error shown. ``notebook_run`` runs
+them, with a probe cell reporting the kernel's interpreter and peak memory; timings (with
+the time budget, reported, not asserted), peak memory and the printed results go to
+``test-artifacts/notebooks/summary.json``.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
-import json
-import os
 import re
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nbclient
 import nbformat
 import numpy as np
 import pytest
+from notebook_run import execute
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-ARTIFACTS = REPO / "test-artifacts" / "notebooks"
 WALKTHROUGHS = {
     # name: how many panels it shows (each one trains from code)
     "01_quickstart.ipynb": 1,
@@ -39,31 +33,8 @@ WALKTHROUGHS = {
     "04_bring_your_own_model.ipynb": 2,
     "05_your_own_images.ipynb": 1,
 }
-# The issue's budget: about a minute each, two at most (override on a slow machine).
-BUDGET_S = float(os.environ.get("FTWIDGETS_NOTEBOOK_BUDGET_S", "120"))
-CELL_TIMEOUT_S = 300
 # Binder gives a kernel about 2 GB; each walkthrough's kernel must peak below this.
 KERNEL_MEMORY_BUDGET_MIB = 1536
-WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
-PROBE_TAG = "FTWIDGETS-PROBE "
-PROBE = f"""\
-import json as _json, resource as _resource, sys as _sys
-try:
-    with open("/proc/self/status") as _f:
-        _peak_kb = int(re.search(r"VmHWM:\\s+(\\d+)", _f.read()).group(1))
-except Exception:  # not Linux: ru_maxrss is in KiB on Linux, bytes on macOS
-    _peak_kb = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
-import ftwidgets as _ftw, keras as _keras, os as _os
-with open(_os.path.join(_os.environ["KERAS_HOME"], "keras.json")) as _f:
-    _config = _json.load(_f)
-_advice = {{
-    _s.name: [f"epoch {{_n.epoch}} {{_n.rule}}: {{_n.message}}" for _n in reversed(_s.advice())]
-    for _s in _ftw.live_sessions()
-}}
-print({PROBE_TAG!r} + _json.dumps({{"prefix": _sys.prefix, "executable": _sys.executable,
-      "peak_rss_kb": _peak_kb, "advice": _advice, "backend": _keras.backend.backend(),
-      "environ_backend": _os.environ.get("KERAS_BACKEND"), "keras_config": _config}}))
-""".replace("import json", "import re, json")
 
 
 def notebook_paths() -> list[Path]:
@@ -73,10 +44,12 @@ def notebook_paths() -> list[Path]:
 # -- committed clean (no kernel) ------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_the_walkthroughs_are_there():
     assert [p.name for p in notebook_paths()] == sorted(WALKTHROUGHS)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
 def test_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
@@ -91,11 +64,13 @@ def test_committed_without_outputs(path):
     assert first.cell_type == "markdown" and first.source.startswith("# ")
 
 
+@pytest.mark.unit
 def test_quickstart_is_five_cells():
     nb = nbformat.read(NOTEBOOKS / "01_quickstart.ipynb", as_version=4)
     assert len(nb.cells) == 5
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["04_bring_your_own_model.ipynb", "05_your_own_images.ipynb"])
 def test_imagenet_walkthroughs_have_the_offline_switch(name):
     text = (NOTEBOOKS / name).read_text()
@@ -103,6 +78,7 @@ def test_imagenet_walkthroughs_have_the_offline_switch(name):
     assert "create_connection" in text  # the fast check when the switch is not set
 
 
+@pytest.mark.unit
 def test_your_own_images_writes_a_folder_and_reads_it_with_grain():
     nb = nbformat.read(NOTEBOOKS / "05_your_own_images.ipynb", as_version=4)
     code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
@@ -115,97 +91,6 @@ def test_your_own_images_writes_a_folder_and_reads_it_with_grain():
 
 
 # -- running them ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Executed:
-    """A notebook after nbclient ran it (plus the probe cell)."""
-
-    name: str
-    nb: nbformat.NotebookNode
-    seconds: float
-    probe: dict[str, Any]
-
-    @property
-    def state(self) -> dict[str, dict[str, Any]]:
-        return self.nb.metadata["widgets"][WIDGET_STATE]["state"]
-
-    def stream(self, name: str = "stdout") -> str:
-        return "".join(
-            output.get("text", "")
-            for cell in self.nb.cells
-            if cell.cell_type == "code"
-            for output in cell.outputs
-            if output.output_type == "stream" and output.name == name
-        )
-
-
-def _kernel_env(keras_home: str) -> dict[str, str | None]:
-    return {
-        # 04 must not wait on a network timeout: skip the ImageNet download at once.
-        "FTWIDGETS_OFFLINE": "1",
-        # As on a new machine under plain nbclient: no backend chosen, an empty Keras home.
-        "KERAS_BACKEND": None,
-        "KERAS_HOME": keras_home,
-        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-        # debugpy warns about frozen modules at every kernel start.
-        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-    }
-
-
-def _set_environ(values: dict[str, str | None]) -> None:
-    for key, value in values.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@functools.cache
-def execute(name: str) -> Executed:
-    """Run ``notebooks/<name>`` once per test session (test_binder reuses 01's run)."""
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
-    with tempfile.TemporaryDirectory(prefix="ftwidgets-nb-") as cwd:
-        keras_home = os.path.join(cwd, ".keras")
-        os.mkdir(keras_home)
-        env = _kernel_env(keras_home)
-        saved = {key: os.environ.get(key) for key in env}
-        _set_environ(env)  # the kernel inherits this process's environment
-        try:
-            client = nbclient.NotebookClient(
-                nb,
-                timeout=CELL_TIMEOUT_S,
-                kernel_name="python3",
-                store_widget_state=True,
-                resources={"metadata": {"path": cwd}},
-            )
-            started = time.monotonic()
-            client.execute()
-            seconds = time.monotonic() - started
-        finally:
-            _set_environ(saved)
-    probe_text = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
-    probe = json.loads(probe_text.split(PROBE_TAG, 1)[1])
-    executed = Executed(name, nb, seconds, probe)
-    _write_summary(executed)
-    return executed
-
-
-def _write_summary(run: Executed) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        summary = {}
-    summary[run.name] = {
-        "seconds": round(run.seconds, 1),
-        "kernel_peak_rss_mib": round(run.probe["peak_rss_kb"] / 1024, 1),
-        "coach_notes": run.probe["advice"],
-        "printed": [line for line in run.stream().splitlines() if PROBE_TAG not in line],
-    }
-    path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 # -- reading the saved widget state -----------------------------------------------------------
@@ -289,7 +174,6 @@ def test_walkthrough_runs_and_its_panels_train(name):
     assert run.probe["environ_backend"] is None
     assert run.probe["backend"] == "jax"
     assert run.probe["keras_config"]["backend"] == "jax"
-    assert run.seconds < BUDGET_S, f"{name} took {run.seconds:.0f} s (budget {BUDGET_S:.0f} s)"
     peak_mib = run.probe["peak_rss_kb"] / 1024
     assert peak_mib < KERNEL_MEMORY_BUDGET_MIB, (
         f"{name}: the kernel peaked at {peak_mib:.0f} MiB "
@@ -320,7 +204,10 @@ def test_walkthroughs_print_their_results():
     two = execute("02_two_phase_fine_tuning.ipynb").stream()
     head = float(re.search(r"test accuracy after the head phase: ([\d.]+)", two).group(1))
     tuned = float(re.search(r"test accuracy after fine-tuning: ([\d.]+)", two).group(1))
-    assert 0.0 <= head <= 1.0 and 0.0 <= tuned <= 1.0
+    # Five classes (chance 0.2): the head alone learns the digits, and fine-tuning the
+    # base's top layers improves on it, as the walkthrough shows.
+    assert head > 0.6, head
+    assert tuned > head, (head, tuned)
     assert "BatchNorm moving means unchanged by fine-tuning: True" in two
     assert "base layers trained in phase 2: ['conv2', 'conv3']" in two
     # The range tests: fine-tuning's suggestion 10-100x below the head's, and with the
@@ -370,7 +257,10 @@ def test_walkthroughs_print_their_results():
     assert "12 batches an epoch" in five
     assert "loss: sparse_categorical_crossentropy, metrics: ['accuracy']" in five
     assert re.search(r"base layers trained in the fine-tune phase: \[('[\w]+', ){3}'[\w]+'\]", five)
-    best = re.search(r"best epoch (\d+) \((head|finetune) phase\): val_loss [\d.]+", five)
+    best = re.search(
+        r"best epoch (\d+) \((head|finetune) phase\): val_loss [\d.]+, val_accuracy ([\d.]+)", five
+    )
     assert best and 1 <= int(best.group(1)) <= 8  # 5 head epochs, then 3 fine-tune
     accuracy = float(re.search(r"validation accuracy now, weights=None: ([\d.]+)", five).group(1))
-    assert 0.0 <= accuracy <= 1.0
+    # Early stopping put the best epoch's weights back: evaluating reproduces its accuracy.
+    assert accuracy == float(best.group(3)), (accuracy, best.group(0))

@@ -9,8 +9,8 @@ import threading
 import keras
 import numpy as np
 import pytest
+from helpers import block_base, hold_compile, make_panel
 from html_table import folded_rows, table_rows
-from test_session import block_base, hold_compile
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
@@ -18,7 +18,7 @@ from ftwidgets import telemetry
 from ftwidgets.actions import PlanPhase, RollBack, SetDropout, SetUnfreezeDepth
 from ftwidgets.charts import format_rate
 
-pytestmark = [pytest.mark.widgets, pytest.mark.keras]
+pytestmark = pytest.mark.widgets
 WAIT = 120
 
 
@@ -27,17 +27,6 @@ def status_line(panel: ftw.FineTunePanel) -> str:
     match = re.search(r'class="ftwidgets-status-line" title="([^"]*)"', panel.status.value)
     assert match, panel.status.value
     return html.unescape(match.group(1))
-
-
-def make_panel(data, model, epochs: int) -> ftw.FineTunePanel:
-    return ftw.FineTunePanel(
-        model,
-        train=(data.x_train, data.y_train),
-        validation=(data.x_val, data.y_val),
-        metrics=["accuracy"],
-        epochs=epochs,
-        progress_interval=0.0,
-    )
 
 
 @pytest.fixture
@@ -614,7 +603,7 @@ def test_the_panel_settles_right_after_many_racing_starts_and_stops(panel, monke
     # one writer the buttons always end as the idle state says.
     import random
 
-    from test_stress import fake_fit
+    from helpers import fake_fit
 
     from ftwidgets import jobs
 

@@ -12,6 +12,16 @@ import threading
 import keras
 import numpy as np
 import pytest
+from helpers import (
+    WAIT,
+    Recorder,
+    block_base,
+    hold_compile,
+    make_model,
+    make_session,
+    same,
+    values,
+)
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
@@ -27,84 +37,6 @@ from ftwidgets.actions import (
 from ftwidgets.transfer import get_base, unfreezable_layers
 
 pytestmark = pytest.mark.keras
-WAIT = 120  # generous: a stuck worker fails the test instead of hanging CI
-
-
-def tiny_base() -> keras.Model:
-    # Dense layers compile far faster than convolutions; the demo CNN is tested elsewhere.
-    inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Flatten()(inputs)
-    x = keras.layers.Dense(16, name="dense1")(x)
-    x = keras.layers.BatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Dense(16, name="dense2")(x)
-    x = keras.layers.BatchNormalization(name="bn2")(x)
-    x = keras.layers.Dense(16, activation="relu", name="dense3")(x)
-    return keras.Model(inputs, x, name="tiny_base")
-
-
-def make_model(seed: int = 0) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    return ftw.build_transfer_model(tiny_base(), num_classes=5, dropout=0.3)
-
-
-def make_session(data, model=None, **kwargs) -> ftw.FineTuneSession:
-    kwargs.setdefault("metrics", ["accuracy"])
-    return ftw.FineTuneSession(
-        model or make_model(),
-        train=(data.x_train, data.y_train),
-        validation=(data.x_val, data.y_val),
-        loss="sparse_categorical_crossentropy",
-        **kwargs,
-    )
-
-
-def values(variables) -> list[np.ndarray]:
-    return [np.array(v.value, copy=True) for v in variables]
-
-
-def same(a, b) -> bool:
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-def hold_compile(model, monkeypatch) -> threading.Event:
-    """Make the worker wait inside ``model.compile`` until the returned Event is set."""
-    release = threading.Event()
-    original = model.compile
-
-    def held(*args, **kwargs):
-        assert release.wait(WAIT)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(model, "compile", held)
-    return release
-
-
-class Recorder:
-    """Collect events; wait for one of a type (optionally matching a predicate)."""
-
-    def __init__(self, session):
-        self.events: list[ev.Event] = []
-        self._cond = threading.Condition()
-        session.on_event(self)
-
-    def __call__(self, event):
-        with self._cond:
-            self.events.append(event)
-            self._cond.notify_all()
-
-    def of(self, kind):
-        return [e for e in self.events if isinstance(e, kind)]
-
-    def wait_for(self, kind, predicate=lambda e: True, timeout=WAIT):
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: any(isinstance(e, kind) and predicate(e) for e in self.events), timeout
-            )
-        assert ok, (
-            f"no {kind.__name__} within {timeout}s; saw {[type(e).__name__ for e in self.events]}"
-        )
-        return next(e for e in self.events if isinstance(e, kind) and predicate(e))
 
 
 def test_head_phase_leaves_every_base_weight_bitwise_unchanged(data):
@@ -133,21 +65,6 @@ def test_finetune_changes_exactly_the_top_k_layers_and_keeps_batchnorm_stats(dat
             assert not layer.trainable
             for v in layer.variables:  # gamma, beta, moving_mean, moving_variance
                 assert np.array_equal(before[id(v)], v.value), v.path
-
-
-def block_base() -> keras.Model:
-    """A stem, then two blocks named as in keras.applications (block1_..., block2_...)."""
-    inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Flatten(name="flatten")(inputs)
-    x = keras.layers.Dense(16, name="stem_dense")(x)
-    x = keras.layers.Dense(16, name="block1_dense1")(x)
-    x = keras.layers.BatchNormalization(name="block1_bn")(x)
-    x = keras.layers.Dense(16, name="block1_dense2")(x)
-    x = keras.layers.Dense(16, name="block2_dense1")(x)
-    x = keras.layers.BatchNormalization(name="block2_bn")(x)
-    x = keras.layers.ReLU(name="relu")(x)
-    x = keras.layers.Dense(16, name="block2_dense2")(x)
-    return keras.Model(inputs, x, name="block_base")
 
 
 def test_finetune_by_block_changes_exactly_the_top_block_and_keeps_batchnorm_stats(data):
@@ -219,6 +136,7 @@ def test_best_survives_a_diverging_phase_and_rollback_restores_it(data):
     session.wait(WAIT)
     assert session.best == head_best
     finetune_losses = [r.logs.get("val_loss", math.nan) for r in session.history.epochs[3:]]
+    assert len(finetune_losses) == 2
     assert all(not (v < head_best.value) for v in finetune_losses)  # diverged (or NaN)
     restored = session.rollback()
     assert restored == head_best
@@ -376,7 +294,7 @@ def test_update_early_stopping_applies_to_the_running_phase(data):
     session.run(ftw.PhaseConfig(phase="head", epochs=20, batch_size=16), early_stopping=es)
     assert len(session.history) == 3
     assert session.early_stopping.patience == 2
-    assert rec.of(ev.EarlyStopped)
+    assert [e.epoch for e in rec.of(ev.EarlyStopped)] == [3]  # one best, then two worse
     with pytest.raises(ValueError, match="patience=-1"):
         session.update_early_stopping(patience=-1)
 
@@ -440,7 +358,7 @@ def test_worker_exception_is_never_lost_and_the_session_recovers(data):
     assert isinstance(session.error.exception, OSError)
     assert "disk read failed" in session.error.message
     assert "OSError" in session.error.traceback
-    assert rec.of(ev.Failed)
+    assert [e.failure for e in rec.of(ev.Failed)] == [session.error]
     assert all(v.value is not None for v in session.model.variables)
     flaky.fail_at = None
     session.run(ftw.PhaseConfig(phase="head", epochs=1))

@@ -16,38 +16,17 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from test_session import make_model
+from helpers import fake_fit, make_model
 
 import ftwidgets as ftw
 from ftwidgets import events as ev
 from ftwidgets import jobs
 from ftwidgets.channel import TRANSITIONS, State
 
+pytestmark = pytest.mark.keras
+
 CYCLES = 500
 WAIT = 20.0
-
-
-def fake_fit(model, rng: random.Random):
-    """``model.fit`` as a loop over the callbacks: epochs of 2-5 batches, sub-ms batches."""
-
-    def fit(**kwargs):
-        callbacks = kwargs["callbacks"]
-        for callback in callbacks:
-            callback.set_model(model)
-        control, stream = callbacks
-        model.stop_training = False
-        for epoch in range(kwargs["initial_epoch"], kwargs["epochs"]):
-            control.on_epoch_begin(epoch)
-            for batch in range(rng.randint(2, 5)):
-                control.on_train_batch_begin(batch)
-                time.sleep(rng.random() * 0.0005)
-                stream.on_train_batch_end(batch, {"loss": 1.0 / (1 + epoch + batch)})
-            loss = rng.random()
-            control.on_epoch_end(epoch, {"loss": loss, "val_loss": loss})
-            if model.stop_training:
-                break
-
-    return fit
 
 
 class Ledger:

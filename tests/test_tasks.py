@@ -9,6 +9,8 @@ import pytest
 import ftwidgets as ftw
 from ftwidgets import tasks, transfer
 
+pytestmark = pytest.mark.unit
+
 
 def tiny_base() -> keras.Model:
     inputs = keras.Input((6,))

@@ -6,6 +6,8 @@ from ftwidgets.config import EarlyStoppingConfig
 from ftwidgets.events import EpochRecord, frozen_logs
 from ftwidgets.tracking import BestTracker
 
+pytestmark = pytest.mark.unit
+
 
 def run(tracker, values, phase="head", start=0):
     flags = []

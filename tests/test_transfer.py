@@ -107,6 +107,7 @@ def trainable_base_leaves(base):
     return [path for path in BASE_LEAVES if leaf(base, path).trainable]
 
 
+@pytest.mark.unit
 def test_build_renames_base_and_freezes_it():
     base = tiny_base(name="tiny")
     paths = [v.path for v in base.variables]
@@ -120,6 +121,7 @@ def test_build_renames_base_and_freezes_it():
     assert model.get_layer("head_dropout").rate == pytest.approx(0.3)
 
 
+@pytest.mark.unit
 def test_head_matches_base_output_rank():
     flat = keras.Sequential([L.Input((5,)), L.Dense(4, name="fc")], name="flat")
     model = build_transfer_model(flat, 2)
@@ -144,6 +146,7 @@ def test_head_phase_leaves_every_base_variable_unchanged():
     }
 
 
+@pytest.mark.unit
 def test_unfreezable_layers_flattens_nested_models_in_base_order():
     model, base = model_and_base()
     expected = [leaf(base, path) for path in UNFREEZABLE]
@@ -151,6 +154,7 @@ def test_unfreezable_layers_flattens_nested_models_in_base_order():
     assert unfreezable_layers(base) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("depth", [0, 1, 2, 3, 4])
 def test_unfreeze_makes_exactly_the_top_layers_trainable(depth):
     model, base = model_and_base()
@@ -200,6 +204,7 @@ def test_unfrozen_batchnorm_updates_its_moving_statistics():
     assert not any(path.startswith(("bn1/", "bn2/", "conv1/", "conv2/")) for path in moved)
 
 
+@pytest.mark.unit
 def test_unfreeze_reapplies_the_whole_state():
     model, base = model_and_base()
     unfreeze(model, 3, keep_batchnorm_frozen=False)
@@ -214,6 +219,7 @@ def test_unfreeze_reapplies_the_whole_state():
     assert [v.path for v in model.trainable_weights] == ["head_dense/kernel", "head_dense/bias"]
 
 
+@pytest.mark.unit
 def test_unfreeze_thaws_a_fully_frozen_model_head():
     model, _ = model_and_base()
     model.trainable = False
@@ -227,6 +233,7 @@ def test_unfreeze_thaws_a_fully_frozen_model_head():
     }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("depth", [5, -1, 1.5, True, "2", None])
 def test_unfreeze_rejects_bad_depth(depth):
     model, _ = model_and_base()
@@ -236,6 +243,7 @@ def test_unfreeze_rejects_bad_depth(depth):
     assert "from 0 to 4" in str(info.value)
 
 
+@pytest.mark.unit
 def test_missing_base_is_an_error():
     plain = keras.Sequential([L.Input((3,)), L.Dense(2)])
     for call in (get_base, freeze_map, lambda m: unfreeze(m, 0)):
@@ -243,6 +251,7 @@ def test_missing_base_is_an_error():
             call(plain)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
@@ -266,12 +275,14 @@ def test_build_names_the_bad_value(kwargs, fragment):
         assert base.name == "tiny"  # rejected before touching the base
 
 
+@pytest.mark.unit
 def test_build_rejects_a_base_without_a_single_input():
     unbuilt = keras.Sequential([L.Dense(2)])
     with pytest.raises(ValueError, match="Received: base="):
         build_transfer_model(unbuilt, 2)
 
 
+@pytest.mark.unit
 def test_freeze_map_rows_follow_unfreeze():
     model, base = model_and_base()
     unfreeze(model, 2)
@@ -294,6 +305,7 @@ def test_freeze_map_rows_follow_unfreeze():
     }
 
 
+@pytest.mark.unit
 def test_freeze_map_frame_has_one_column_per_field():
     model, _ = model_and_base()
     unfreeze(model, 2)
@@ -306,6 +318,7 @@ def test_freeze_map_frame_has_one_column_per_field():
     assert frame["unfreezable_index"].isna().sum() == len(BASE_LEAVES) + len(HEAD) - 4
 
 
+@pytest.mark.keras
 @pytest.mark.parametrize("task", ["multiclass", "binary", "regression"])
 def test_task_sets_the_output_activation(task):
     num_classes = 1 if task == "binary" else 3
@@ -329,6 +342,7 @@ def test_task_sets_the_output_activation(task):
         np.testing.assert_array_equal(out, np.full((4, 3), -2.5, dtype="float32"))
 
 
+@pytest.mark.keras
 def test_augmentation_is_active_only_in_training():
     x, _ = data(n=4)
     # dropout=0 and a frozen base, so only the augmentation can tell training apart.
@@ -344,6 +358,7 @@ def test_augmentation_is_active_only_in_training():
     assert not np.allclose(model(x, training=True), model(x, training=False))
 
 
+@pytest.mark.unit
 def test_set_head_dropout_changes_the_rate():
     model, _ = model_and_base(dropout=0.3)
     x, _ = data(n=4)
@@ -355,6 +370,7 @@ def test_set_head_dropout_changes_the_rate():
     assert not np.allclose(model(x, training=True), model(x, training=False))
 
 
+@pytest.mark.unit
 def test_head_built_without_dropout_can_get_some_later():
     # Keras's Dropout(0.0) has no seed generator; raising its rate used to fail in call().
     model, _ = model_and_base(dropout=0.0)
@@ -374,6 +390,7 @@ def test_head_built_without_dropout_can_get_some_later():
     assert not np.allclose(plain(ones, training=True), plain(ones, training=False))
 
 
+@pytest.mark.unit
 def test_set_head_dropout_rejects_bad_input():
     model, _ = model_and_base()
     with pytest.raises(ValueError, match=r"Received: rate=1\.0"):
@@ -457,6 +474,7 @@ def efficientnet():
 MOBILENET_BLOCKS = ["expanded_conv"] + [f"expanded_conv_{i}" for i in range(1, 11)]
 
 
+@pytest.mark.keras
 def test_mobilenet_v3_depth_counts_blocks(mobilenet):
     units = unfreeze_units(mobilenet)
     assert default_unit(mobilenet) == "block"
@@ -482,6 +500,7 @@ def test_mobilenet_v3_depth_counts_blocks(mobilenet):
     assert trainable_leaf_names(mobilenet) == [*top_block, "conv_1"]
 
 
+@pytest.mark.keras
 def test_mobilenet_v3_depth_never_stops_mid_block(mobilenet):
     units = unfreeze_units(mobilenet)
     for depth in range(len(units) + 1):
@@ -497,6 +516,7 @@ def test_mobilenet_v3_depth_never_stops_mid_block(mobilenet):
     assert sum(name.startswith("expanded_conv_9_") for name in made) == 4
 
 
+@pytest.mark.keras
 def test_mobilenet_v3_rows_carry_their_block(mobilenet):
     rows = {row.name: row for row in freeze_map(mobilenet)}
     assert rows["expanded_conv_9_expand"].block == "expanded_conv_9"
@@ -509,6 +529,7 @@ def test_mobilenet_v3_rows_carry_their_block(mobilenet):
     assert rows["head_dense"].block is None
 
 
+@pytest.mark.keras
 def test_mobilenet_v3_bad_depth_names_the_maximum_in_the_unit(mobilenet):
     with pytest.raises(ValueError, match=r"from 0 to 13 \(the base's blocks") as info:
         unfreeze(mobilenet, 14)
@@ -518,6 +539,7 @@ def test_mobilenet_v3_bad_depth_names_the_maximum_in_the_unit(mobilenet):
     assert len(unfreeze(mobilenet, 52, unit="layer")) == 52
 
 
+@pytest.mark.keras
 def test_mobilenet_v3_unfrozen_batchnorm_follows_whole_blocks(mobilenet):
     made = unfreeze(mobilenet, 2, keep_batchnorm_frozen=False)
     batchnorms = [name for name in made if "_bn" in name]
@@ -529,6 +551,7 @@ def test_mobilenet_v3_unfrozen_batchnorm_follows_whole_blocks(mobilenet):
     ]
 
 
+@pytest.mark.keras
 def test_efficientnet_groups_blocks_and_collapses_the_freeze_map(efficientnet):
     blocks = ["1a", "2a", "2b", "3a", "3b", "4a", "4b", "4c", "5a", "5b", "5c"]
     blocks = [f"block{b}" for b in [*blocks, "6a", "6b", "6c", "6d", "7a"]]
@@ -593,6 +616,7 @@ def test_efficientnet_groups_blocks_and_collapses_the_freeze_map(efficientnet):
     ]
 
 
+@pytest.mark.keras
 def test_efficientnet_freeze_map_frame_has_the_block_column(efficientnet):
     unfreeze(efficientnet, 1)
     frame = freeze_map_frame(efficientnet)
@@ -602,6 +626,7 @@ def test_efficientnet_freeze_map_frame_has_the_block_column(efficientnet):
     assert frame.loc[frame.trainable & (frame.part == "base"), "name"].tolist() == ["top_conv"]
 
 
+@pytest.mark.unit
 def test_resnet_style_names_group_into_blocks():
     model = resnet_like_model()
     units = unfreeze_units(model)
@@ -624,6 +649,7 @@ def test_resnet_style_names_group_into_blocks():
     assert "depth=5" in str(info.value)
 
 
+@pytest.mark.unit
 def test_unit_layer_still_counts_layers_on_a_block_base():
     model = resnet_like_model()
     flat = [name for names in RESNET_UNITS.values() for name in names]
@@ -636,6 +662,7 @@ def test_unit_layer_still_counts_layers_on_a_block_base():
         unfreeze(model, 9, unit="layer")
 
 
+@pytest.mark.unit
 def test_demo_base_has_no_blocks_and_counts_layers():
     from ftwidgets import demo
 
@@ -653,12 +680,14 @@ def test_demo_base_has_no_blocks_and_counts_layers():
     assert [group.name for group in fmap.groups] == [row.name for row in fmap]
 
 
+@pytest.mark.unit
 def test_tiny_base_with_a_nested_model_stays_layer_based():
     model, _ = model_and_base()
     assert default_unit(model) == "layer"
     assert [unit.name for unit in unfreeze_units(model)] == UNFREEZABLE
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("unit", ["blocks", "Block", "layers", 1])
 def test_bad_unit_names_the_value(unit):
     model = resnet_like_model()
@@ -676,6 +705,7 @@ def test_bad_unit_names_the_value(unit):
     assert all_flags(model) == flags
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("depth", "unit", "keep_bn"),
     [
@@ -701,6 +731,7 @@ def test_freeze_map_preview_matches_unfreeze_and_touches_nothing(depth, unit, ke
     assert [row.name for row in preview if row.part == "base" and row.trainable] == made
 
 
+@pytest.mark.keras
 def test_freeze_map_preview_on_mobilenet_matches_unfreeze(mobilenet):
     unfreeze(mobilenet, 0)
     flags = all_flags(mobilenet)
@@ -711,6 +742,7 @@ def test_freeze_map_preview_on_mobilenet_matches_unfreeze(mobilenet):
     assert "preview of unfreeze(depth=4, unit='block', keep_batchnorm_frozen=False)" in str(preview)
 
 
+@pytest.mark.unit
 def test_freeze_map_is_a_sequence_of_rows():
     model, _ = model_and_base()
     unfreeze(model, 1)
@@ -728,6 +760,7 @@ def test_freeze_map_is_a_sequence_of_rows():
     assert lines[-1].startswith("total")
 
 
+@pytest.mark.unit
 def test_freeze_map_html_escapes_names():
     inputs = keras.Input((4,))
     x = L.Dense(3, name="block1_<b>dense")(inputs)

@@ -8,7 +8,7 @@ import threading
 import keras
 import numpy as np
 import pytest
-from test_inputs import Batches
+from helpers import Batches
 
 import ftwidgets as ftw
 from ftwidgets import events as ev

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 
 import jax
@@ -20,8 +19,6 @@ import ftwidgets as ftw
 from ftwidgets import panel as panel_module
 from ftwidgets import warm_compile
 from ftwidgets.transfer import HEAD_DROPOUT_NAME, set_head_dropout
-
-pytestmark = pytest.mark.keras
 
 
 class CacheHits(logging.Handler):
@@ -94,6 +91,7 @@ def empty_cache(tmp_path) -> Iterator:
         ftw.enable_compilation_cache(before)
 
 
+@pytest.mark.keras
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
 def test_fit_reuses_what_was_compiled_ahead_of_it(compiles, hits, empty_cache, cache):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
@@ -119,6 +117,7 @@ def test_fit_reuses_what_was_compiled_ahead_of_it(compiles, hits, empty_cache, c
     assert hits.names == []  # held in memory: not even loaded from the cache
 
 
+@pytest.mark.keras
 def test_a_warmed_up_phase_loads_its_train_step_instead_of_compiling_it(hits, empty_cache):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
@@ -146,6 +145,7 @@ def test_a_warmed_up_phase_loads_its_train_step_instead_of_compiling_it(hits, em
     assert session.warming is None  # the Start took it over
 
 
+@pytest.mark.keras
 def test_settings_that_ran_before_need_no_warm_up(hits, empty_cache, monkeypatch):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)  # 20 images: batches of 8, 8, 4
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
@@ -180,6 +180,7 @@ def test_settings_that_ran_before_need_no_warm_up(hits, empty_cache, monkeypatch
     assert "jit_train_step" in hits.misses
 
 
+@pytest.mark.keras
 def test_compiling_ahead_of_fit_waits_for_its_start(empty_cache):
     # Started at once, it would slow down the compile of fit's first train step.
     empty_cache()
@@ -187,14 +188,17 @@ def test_compiling_ahead_of_fit_waits_for_its_start(empty_cache):
     model.compile(optimizer="adam", loss="mse")
     x, y = np.zeros((10, 3)), np.zeros((10, 2))
     model._symbolic_build(data_batch=(x[:4], y[:4]))
+    threads = set(threading.enumerate())
     ahead = warm_compile.compile_ahead(model, 4, (x, y, None), (x[:9], y[:9], None))
     assert ahead is not None and ahead.programs == 0  # not even traced yet
-    time.sleep(0.5)
+    # Nothing was left running that could start it: no new thread, and not begun.
+    assert set(threading.enumerate()) <= threads
     assert not ahead.done
     assert ahead.wait(60)  # a wait starts it
     assert ahead.programs == 3
 
 
+@pytest.mark.keras
 def test_warm_up_refuses_what_start_would_refuse(empty_cache):
     empty_cache()
     data = ftw.demo.digits_transfer(per_class=2, seed=0)
@@ -252,6 +256,7 @@ def test_the_panel_warms_up_once_its_settings_rest(data, monkeypatch):
         panel.close()
 
 
+@pytest.mark.keras
 def test_compiling_ahead_changes_no_result(monkeypatch):
     # fit runs programs traced mid-phase through our jitted steps: they must be the
     # programs it would have traced itself, to the bit.

@@ -1,6 +1,6 @@
 """Fixtures for the browser layer: a real JupyterLab (and Voila) driven by headless Chromium.
 
-Every test under ``tests/browser`` gets ``@pytest.mark.browser``. Without
+Every test module under ``tests/browser`` is marked ``browser`` (``pytestmark``). Without
 ``/usr/bin/chromium`` they are skipped, or fail when ``FTWIDGETS_REQUIRE_BROWSER=1`` (CI).
 
 Fixtures:
@@ -41,12 +41,6 @@ _SHARED_VIEWPORT = {"width": 1400, "height": 1300}
 _CALL_FAILED = pytest.StashKey[bool]()
 _FIRST_FAILURE = pytest.StashKey[str]()
 _layer: dict[str, float | None] = {"started": None, "ended": None}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if _HERE in item.path.parents:
-            item.add_marker(pytest.mark.browser)
 
 
 @pytest.hookimpl(wrapper=True)

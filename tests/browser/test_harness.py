@@ -22,6 +22,8 @@ from lab import (
     write_notebook,
 )
 
+pytestmark = pytest.mark.browser
+
 SCRATCH = "_harness/button_and_line.ipynb"
 INITIAL_POINTS = 3
 LINE = ".bqplot.figure path.line"

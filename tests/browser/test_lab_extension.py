@@ -22,6 +22,8 @@ from lab import (
     write_notebook,
 )
 
+pytestmark = pytest.mark.browser
+
 SCRATCH = "_lab_extension/busy_session.ipynb"
 SESSION = "lab-ext"
 

@@ -35,6 +35,8 @@ from lab import (
 from panel_page import PanelPage, epoch_progress
 from playwright.sync_api import expect
 
+pytestmark = pytest.mark.browser
+
 # Shows ``panel`` (a FineTunePanel), and may train it from code (it does: a head phase,
 # then ``panel.session.wait()``); the scenarios continue from whatever it left.
 QUICKSTART = "01_quickstart.ipynb"

@@ -1,0 +1,157 @@
+"""Helpers that several test modules share: tiny models, sessions, an event recorder.
+
+Test modules import from here, never from one another (``test_layers`` checks it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import keras
+import numpy as np
+
+import ftwidgets as ftw
+from ftwidgets import events as ev
+
+WAIT = 120  # generous: a stuck worker fails the test instead of hanging CI
+
+
+def tiny_base() -> keras.Model:
+    # Dense layers compile far faster than convolutions; the demo CNN is tested elsewhere.
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(16, name="dense1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Dense(16, name="dense2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.Dense(16, activation="relu", name="dense3")(x)
+    return keras.Model(inputs, x, name="tiny_base")
+
+
+def block_base() -> keras.Model:
+    """A stem, then two blocks named as in keras.applications (block1_..., block2_...)."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dense(16, name="stem_dense")(x)
+    x = keras.layers.Dense(16, name="block1_dense1")(x)
+    x = keras.layers.BatchNormalization(name="block1_bn")(x)
+    x = keras.layers.Dense(16, name="block1_dense2")(x)
+    x = keras.layers.Dense(16, name="block2_dense1")(x)
+    x = keras.layers.BatchNormalization(name="block2_bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.Dense(16, name="block2_dense2")(x)
+    return keras.Model(inputs, x, name="block_base")
+
+
+def make_model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return ftw.build_transfer_model(tiny_base(), num_classes=5, dropout=0.3)
+
+
+def make_session(data, model=None, **kwargs) -> ftw.FineTuneSession:
+    kwargs.setdefault("metrics", ["accuracy"])
+    return ftw.FineTuneSession(
+        model or make_model(),
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        loss="sparse_categorical_crossentropy",
+        **kwargs,
+    )
+
+
+def make_panel(data, model, epochs: int) -> ftw.FineTunePanel:
+    return ftw.FineTunePanel(
+        model,
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        metrics=["accuracy"],
+        epochs=epochs,
+        progress_interval=0.0,
+    )
+
+
+def values(variables) -> list[np.ndarray]:
+    return [np.array(v.value, copy=True) for v in variables]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def hold_compile(model, monkeypatch) -> threading.Event:
+    """Make the worker wait inside ``model.compile`` until the returned Event is set."""
+    release = threading.Event()
+    original = model.compile
+
+    def held(*args, **kwargs):
+        assert release.wait(WAIT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "compile", held)
+    return release
+
+
+class Recorder:
+    """Collect events; wait for one of a type (optionally matching a predicate)."""
+
+    def __init__(self, session):
+        self.events: list[ev.Event] = []
+        self._cond = threading.Condition()
+        session.on_event(self)
+
+    def __call__(self, event):
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def of(self, kind):
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def wait_for(self, kind, predicate=lambda e: True, timeout=WAIT):
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: any(isinstance(e, kind) and predicate(e) for e in self.events), timeout
+            )
+        assert ok, (
+            f"no {kind.__name__} within {timeout}s; saw {[type(e).__name__ for e in self.events]}"
+        )
+        return next(e for e in self.events if isinstance(e, kind) and predicate(e))
+
+
+def fake_fit(model, rng):
+    """``model.fit`` as a loop over the callbacks: epochs of 2-5 batches, sub-ms batches."""
+
+    def fit(**kwargs):
+        callbacks = kwargs["callbacks"]
+        for callback in callbacks:
+            callback.set_model(model)
+        control, stream = callbacks
+        model.stop_training = False
+        for epoch in range(kwargs["initial_epoch"], kwargs["epochs"]):
+            control.on_epoch_begin(epoch)
+            for batch in range(rng.randint(2, 5)):
+                control.on_train_batch_begin(batch)
+                time.sleep(rng.random() * 0.0005)
+                stream.on_train_batch_end(batch, {"loss": 1.0 / (1 + epoch + batch)})
+            loss = rng.random()
+            control.on_epoch_end(epoch, {"loss": loss, "val_loss": loss})
+            if model.stop_training:
+                break
+
+    return fit
+
+
+class Batches(keras.utils.PyDataset):
+    """A PyDataset over a list of ready-made batches."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
