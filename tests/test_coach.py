@@ -326,6 +326,7 @@ def _imports(module) -> set[str]:
     return names
 
 
+@pytest.mark.unit
 def test_the_coach_and_the_session_do_not_import_each_other():
     from ftwidgets import session
 
@@ -337,7 +338,7 @@ def test_the_coach_and_the_session_do_not_import_each_other():
 
 @pytest.mark.keras
 def test_the_coach_is_a_listener_that_posts_its_notes_as_events(data):
-    from test_session import Recorder, make_session
+    from helpers import Recorder, make_session
 
     session = make_session(data, coach=False)
     assert isinstance(session.coach, Coach) and not session.coach.enabled

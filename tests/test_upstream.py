@@ -39,6 +39,7 @@ def tiny_model() -> keras.Model:
 BATCH = (np.ones((4, 3), "float32"), np.eye(2, dtype="float32")[[0, 1, 0, 1]])
 
 
+@pytest.mark.unit
 def test_upstream_changed_names_the_package_its_version_the_attribute_and_the_shim():
     message = gone("keras", "Model._symbolic_build", "symbolic_build")
     assert message == (
@@ -47,6 +48,7 @@ def test_upstream_changed_names_the_package_its_version_the_attribute_and_the_sh
     )
 
 
+@pytest.mark.unit
 def test_a_shim_whose_attribute_is_gone_raises_upstream_changed():
     with pytest.raises(UpstreamChanged, match=r"keras .*: object\._symbolic_build is gone"):
         upstream.symbolic_build(object(), BATCH)
@@ -55,6 +57,7 @@ def test_a_shim_whose_attribute_is_gone_raises_upstream_changed():
 # Keras
 
 
+@pytest.mark.unit
 def test_symbolic_build_builds_the_compiled_metrics_and_the_optimizer():
     model = tiny_model()
     model.compile(optimizer="adam", loss="mse", metrics=["mae"])
@@ -78,6 +81,7 @@ def test_make_function_makes_fit_call_the_step_once_per_batch():
     assert len(calls) == 2
 
 
+@pytest.mark.unit
 def test_flatten_layers_walks_inside_nested_layers_unless_told_not_to():
     inner = keras.Sequential([keras.layers.Dense(2, name="inner_dense")], name="inner")
     inputs = keras.Input((3,))
@@ -89,6 +93,7 @@ def test_flatten_layers_walks_inside_nested_layers_unless_told_not_to():
     assert upstream.flatten_layers(model)[0] is model
 
 
+@pytest.mark.unit
 def test_compile_arguments_are_the_users_own_objects():
     model = tiny_model()
     assert upstream.compile_arguments(model) == {}
@@ -104,6 +109,7 @@ def test_compile_arguments_are_the_users_own_objects():
     assert arguments["loss"] == "mse"
 
 
+@pytest.mark.unit
 def test_metric_direction_is_up_for_accuracy_and_down_for_an_error():
     metrics = keras.metrics.Accuracy(), keras.metrics.MeanSquaredError()
     directions = [upstream.metric_direction(metric) for metric in metrics]
@@ -112,6 +118,7 @@ def test_metric_direction_is_up_for_accuracy_and_down_for_an_error():
     assert upstream.metric_direction("mae") is None
 
 
+@pytest.mark.unit
 def test_is_compile_container_finds_the_metrics_compile_wraps():
     model = tiny_model()
     model.compile(optimizer="adam", loss="mse", metrics=["mae"])
@@ -122,6 +129,7 @@ def test_is_compile_container_finds_the_metrics_compile_wraps():
     assert not upstream.is_compile_container(keras.metrics.Mean())
 
 
+@pytest.mark.unit
 def test_learning_rate_of_is_the_rate_variable_or_the_schedule():
     optimizer = keras.optimizers.SGD(0.25)
     optimizer.build([keras.Variable(np.zeros(2))])
@@ -133,6 +141,7 @@ def test_learning_rate_of_is_the_rate_variable_or_the_schedule():
     assert upstream.learning_rate_of("adam") is None
 
 
+@pytest.mark.unit
 def test_created_trainable_variables_are_there_while_the_layer_is_frozen():
     dense, norm = keras.layers.Dense(2), keras.layers.BatchNormalization()
     dense.build((None, 3))
@@ -143,6 +152,7 @@ def test_created_trainable_variables_are_there_while_the_layer_is_frozen():
     assert [v.name for v in upstream.created_trainable_variables(norm)] == ["gamma", "beta"]
 
 
+@pytest.mark.unit
 def test_unlocked_state_lets_a_built_layer_track_new_state_then_locks_it():
     layer = keras.layers.Dropout(0.0)
     layer.build((None, 3))
@@ -155,6 +165,7 @@ def test_unlocked_state_lets_a_built_layer_track_new_state_then_locks_it():
         layer.other_generator = keras.random.SeedGenerator(2)
 
 
+@pytest.mark.unit
 def test_output_layer_of_is_the_layer_that_made_a_symbolic_tensor():
     model = tiny_model()
     assert hasattr(model.outputs[0], "_keras_history"), gone(
@@ -164,6 +175,7 @@ def test_output_layer_of_is_the_layer_that_made_a_symbolic_tensor():
     assert upstream.output_layer_of(np.zeros(2)) is None
 
 
+@pytest.mark.unit
 def test_thread_settings_carry_the_dtype_policy_to_another_thread():
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     try:
@@ -184,6 +196,7 @@ def test_thread_settings_carry_the_dtype_policy_to_another_thread():
     assert seen == ["float32", "mixed_float16"]
 
 
+@pytest.mark.unit
 def test_class_weight_to_sample_weights_weighs_integer_and_one_hot_labels():
     weights = {0: 1.0, 1: 3.0}
     labels = np.array([0, 1, 1])
@@ -192,6 +205,7 @@ def test_class_weight_to_sample_weights_weighs_integer_and_one_hot_labels():
     assert upstream.class_weight_to_sample_weights(one_hot, weights).tolist() == [1, 3, 3]
 
 
+@pytest.mark.unit
 def test_data_adapter_batches_as_fit_does():
     adapter = upstream.data_adapter(np.zeros((5, 3)), np.zeros(5), None, batch_size=2)
     assert (adapter.num_batches, adapter.partial_batch_size) == (3, 1)
@@ -202,6 +216,7 @@ def test_data_adapter_batches_as_fit_does():
 # JAX
 
 
+@pytest.mark.kernel
 def test_reset_compilation_cache_makes_jax_write_to_a_new_folder(tmp_path):
     code = textwrap.dedent(
         """
@@ -232,6 +247,7 @@ def test_reset_compilation_cache_makes_jax_write_to_a_new_folder(tmp_path):
 # ipykernel
 
 
+@pytest.mark.unit
 def test_route_replies_as_requested_answers_the_front_ends_subshell():
     from ipykernel.comm.comm import BaseComm
 
@@ -245,6 +261,7 @@ def test_route_replies_as_requested_answers_the_front_ends_subshell():
     assert upstream.route_replies_as_requested(object()) is False
 
 
+@pytest.mark.unit
 def test_kernel_supports_subshells_reads_the_kernels_property():
     from ipykernel.kernelbase import Kernel
 
@@ -255,6 +272,7 @@ def test_kernel_supports_subshells_reads_the_kernels_property():
     assert upstream.kernel_supports_subshells(SimpleNamespace()) is False
 
 
+@pytest.mark.unit
 def test_replace_cell_sigint_handler_wraps_what_the_kernel_restores_after_a_cell():
     from ipykernel.kernelbase import Kernel
 
@@ -275,6 +293,7 @@ def test_replace_cell_sigint_handler_wraps_what_the_kernel_restores_after_a_cell
 # Grain
 
 
+@pytest.mark.unit
 def test_append_data_loader_operation_keeps_the_loaders_source_sampler_and_operations():
     loader = grain.DataLoader(
         data_source=[1, 2, 3, 4],
@@ -294,6 +313,7 @@ def test_append_data_loader_operation_keeps_the_loaders_source_sampler_and_opera
 # Python
 
 
+@pytest.mark.kernel
 def test_register_atexit_runs_before_python_joins_its_threads():
     assert hasattr(threading, "_register_atexit"), gone(
         "python", "threading._register_atexit", "register_atexit"
@@ -363,6 +383,7 @@ def private_uses(source: str) -> list[str]:
     return sorted(found, key=lambda use: int(use.split(":", 1)[0]))
 
 
+@pytest.mark.unit
 def test_the_scan_finds_each_kind_of_private_use():
     source = textwrap.dedent(
         """
@@ -391,6 +412,7 @@ def test_the_scan_finds_each_kind_of_private_use():
     assert private_uses("self._tracker = x; keras.layers.Dense; x.__class__") == []
 
 
+@pytest.mark.unit
 def test_only_the_upstream_module_uses_private_upstream_apis():
     package = pathlib.Path(ftwidgets.__file__).parent
     found = {
