@@ -60,7 +60,6 @@ __all__ = [
     "SearchView",
     "SessionView",
     "fold",
-    "phase_end_notice",
 ]
 
 ETA_EPOCHS = 5  # the ETA averages the durations of the phase's last full epochs
@@ -388,13 +387,13 @@ def _monitored(
     return value, tuple(reversed(spark))
 
 
-def phase_end_notice(event: PhaseEnded, notice: str) -> str:
+def _ended_notice(event: PhaseEnded, notice: str) -> str:
     """The sentence a status area shows when a phase ends (``notice``: the one before).
 
     Example:
 
     >>> best = Best(2, 0.4, "val_loss", "head")
-    >>> phase_end_notice(PhaseEnded(0, "head", 1, 5, "early_stopped", best), "")
+    >>> _ended_notice(PhaseEnded(0, "head", 1, 5, "early_stopped", best), "")
     'Early stopping ended the phase. Restored the best epoch (2).'
     """
     if event.reason == "rolled_back":
@@ -449,7 +448,7 @@ def fold(view: SessionView, event: Event) -> SessionView:
             view,
             phase=phase,
             holds=view.holds if restored is None else restored.epoch,
-            notice=phase_end_notice(event, view.notice),
+            notice=_ended_notice(event, view.notice),
         )
     if isinstance(event, NewBest):
         return _evolve(view, best=event.best, best_kept=True, since_best=0)
