@@ -133,7 +133,7 @@ def card_of(view: SessionView, restored: Best | None, has_panel: bool) -> Card:
         value=view.value,
         best_epoch=None if best is None else best.epoch,
         best_value=None if best is None else float(best.value),
-        spark=list(view.spark),
+        spark=[value for _, value in view.spark if value is not None],
         can_roll_back=view.can_roll_back(restored),
         panel_class=panel_class(view.name) if has_panel else None,
         error=error,

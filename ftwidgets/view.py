@@ -173,8 +173,9 @@ class SessionView:
         phases: how many phases were started so far.
         learning_rate: the rate of the running (or last) phase.
         monitor: the metric the best is tracked on.
-        value: the monitored value of the last full epoch (None if not finite).
-        spark: the last `SPARK_POINTS` finite monitored values of full epochs.
+        spark: ``(epoch, value)`` of the last `SPARK_POINTS` full epochs of the current
+            branch's lineage; ``value`` is the monitored value, None if not finite.
+            The fold drops them when the monitor changes (`of` reads them again).
         best: the best epoch of the run so far.
         best_kept: whether the best's weights are kept, so a rollback can restore them.
         best_branch: the best's branch name, once the run has branched.
@@ -205,8 +206,7 @@ class SessionView:
     phases: int = 0
     learning_rate: float | None = None
     monitor: str = "val_loss"
-    value: float | None = None
-    spark: tuple[float, ...] = ()
+    spark: tuple[tuple[int, float | None], ...] = ()
     best: Best | None = None
     best_kept: bool = False
     best_branch: str | None = None
@@ -224,6 +224,11 @@ class SessionView:
     def training(self) -> bool:
         """True from a start until its job ended: compiling, running, paused, stopping."""
         return self.state in _ACTIVE
+
+    @property
+    def value(self) -> float | None:
+        """The monitored value of the last full epoch (None if not finite)."""
+        return self.spark[-1][1] if self.spark else None
 
     @property
     def fraction(self) -> float:
@@ -300,7 +305,7 @@ class SessionView:
             else:
                 phase = _phase_from_history(history.epochs, status)
         monitor = session.monitor
-        value, spark = _monitored(history.lineage(), monitor)
+        spark = _monitored(history.lineage(), monitor)
         best = session.best
         kept = session.snapshots.best_epoch
         branches = history.branches
@@ -318,7 +323,6 @@ class SessionView:
             phases=len(history.phases),
             learning_rate=session.learning_rate,
             monitor=monitor,
-            value=value,
             spark=spark,
             best=best,
             best_kept=kept is not None and session.snapshots.keeps(kept),
@@ -369,22 +373,15 @@ def _phase_from_history(records: tuple[EpochRecord, ...], status: Any) -> PhaseV
 
 def _monitored(
     lineage: tuple[EpochRecord, ...], monitor: str
-) -> tuple[float | None, tuple[float, ...]]:
-    """The last full epoch's monitored value and the sparkline, reading from the end."""
-    value: float | None = None
-    seen_last = False
-    spark: list[float] = []
+) -> tuple[tuple[int, float | None], ...]:
+    """The sparkline's last full epochs, reading from the end of the lineage."""
+    spark: list[tuple[int, float | None]] = []
     for record in reversed(lineage):
-        if record.partial:
-            continue
-        number = finite(record.logs.get(monitor))
-        if not seen_last:
-            value, seen_last = number, True
-        if number is not None:
-            spark.append(number)
+        if not record.partial:
+            spark.append((record.epoch, finite(record.logs.get(monitor))))
             if len(spark) == SPARK_POINTS:
                 break
-    return value, tuple(reversed(spark))
+    return tuple(reversed(spark))
 
 
 def _ended_notice(event: PhaseEnded, notice: str) -> str:
@@ -453,7 +450,11 @@ def fold(view: SessionView, event: Event) -> SessionView:
     if isinstance(event, NewBest):
         return _evolve(view, best=event.best, best_kept=True, since_best=0)
     if isinstance(event, BestChanged):
-        return _evolve(view, best=event.best, best_kept=event.best is not None and event.kept)
+        kept = event.best is not None and event.kept
+        if event.best is None or event.best.monitor == view.monitor:
+            return _evolve(view, best=event.best, best_kept=kept)
+        # The values of the old monitor say nothing of the new one.
+        return _evolve(view, best=event.best, best_kept=kept, monitor=event.best.monitor, spark=())
     if isinstance(event, LearningRateChanged):
         return _evolve(view, learning_rate=event.learning_rate)
     if isinstance(event, RolledBack):
@@ -490,8 +491,14 @@ def _fold_epoch(view: SessionView, record: EpochRecord) -> SessionView:
         else:
             seconds = (*phase.seconds, record.seconds)[-ETA_EPOCHS:]
             phase = _evolve(phase, ran=phase.ran + 1, full=phase.full + 1, seconds=seconds)
-    if record.partial:
-        return _evolve(view, phase=phase, holds=record.epoch)
-    value = finite(record.logs.get(view.monitor))
-    spark = view.spark if value is None else (*view.spark, value)[-SPARK_POINTS:]
-    return _evolve(view, phase=phase, holds=record.epoch, value=value, spark=spark)
+    # An epoch numbered at or below the last ones starts a branch (after a restore):
+    # the old continuation leaves the lineage, and the sparkline.
+    spark = view.spark
+    cut = len(spark)
+    while cut and spark[cut - 1][0] >= record.epoch:
+        cut -= 1
+    spark = spark[:cut]
+    if not record.partial:
+        value = finite(record.logs.get(view.monitor))
+        spark = (*spark, (record.epoch, value))[-SPARK_POINTS:]
+    return _evolve(view, phase=phase, holds=record.epoch, spark=spark)

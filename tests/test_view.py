@@ -96,7 +96,7 @@ def test_fold_follows_a_phase_into_its_second_epoch():
     assert (view.phase.epoch(True), view.phase.run_epoch(True)) == (2, 2)
     assert view.learning_rate == 1e-4 and view.phase.optimizer == "Adam"
     assert view.best == BEST_1 and view.best_kept and view.since_best == 0
-    assert view.value == 0.5 and view.spark == (0.5,) and view.holds == 1
+    assert view.value == 0.5 and view.spark == ((1, 0.5),) and view.holds == 1
     # One full epoch of 4 s, and a quarter of the next: 1.75 epochs of 4 s are left.
     assert view.fraction == pytest.approx(1.25 / 3)
     assert view.eta == pytest.approx(7.0)
@@ -121,8 +121,8 @@ def test_fold_follows_a_phase_into_its_second_epoch():
 def test_fold_leaves_the_view_it_was_given_as_it_was():
     before = fold_all(START, RUNNING)
     after = fold(before, EpochEnded(record(2, 0.4)))
-    assert before.phase.ran == 1 and before.spark == (0.5,)
-    assert after.phase.ran == 2 and after.spark == (0.5, 0.4)
+    assert before.phase.ran == 1 and before.spark == ((1, 0.5),)
+    assert after.phase.ran == 2 and after.spark == ((1, 0.5), (2, 0.4))
 
 
 def test_a_stop_mid_epoch_counts_the_cut_epoch_but_not_its_value_or_pace():
@@ -137,7 +137,7 @@ def test_a_stop_mid_epoch_counts_the_cut_epoch_but_not_its_value_or_pace():
     )
     assert (view.phase.ran, view.phase.full, view.phase.seconds) == (2, 1, (4.0,))
     assert view.phase.reason == "stopped" and view.notice == "Stopped."
-    assert view.value == 0.5 and view.spark == (0.5,) and view.eta is None
+    assert view.value == 0.5 and view.spark == ((1, 0.5),) and view.eta is None
     assert status_text(view) == (
         "demo: transfer_model · idle · head phase · 2/3 epochs run · lr 1e-4 · "
         "best epoch 1 (val_loss 0.5)"
@@ -148,6 +148,20 @@ def test_a_stop_mid_epoch_counts_the_cut_epoch_but_not_its_value_or_pace():
     card = telemetry.card_of(view, None, has_panel=True)
     assert (card["state"], card["run_epoch"], card["epoch"]) == ("idle", 2, 2)
     assert card["panel_class"] == "ftw-panel-demo"
+
+
+def test_an_epoch_trained_after_a_restore_replaces_the_old_continuation_in_the_sparkline():
+    ran = fold_all(START, [*RUNNING[:3], *(EpochEnded(record(n, n / 10)) for n in (1, 2, 3, 4))])
+    assert [epoch for epoch, _ in ran.spark] == [1, 2, 3, 4]
+    branched = fold(ran, EpochEnded(record(3, 0.9, phase_index=1)))
+    assert branched.spark == ((1, 0.1), (2, 0.2), (3, 0.9)) and branched.holds == 3
+    cut = fold(ran, EpochEnded(record(2, 0.9, phase_index=1, partial=True)))
+    assert cut.spark == ((1, 0.1),) and cut.value == 0.1
+    # A value that is not finite is no point of the sparkline, but the last value.
+    diverged = fold(ran, EpochEnded(record(5, float("nan"))))
+    assert diverged.spark[-1] == (5, None) and diverged.value is None
+    card = telemetry.card_of(diverged, None, has_panel=False)
+    assert (card["value"], card["spark"]) == (None, pytest.approx([0.1, 0.2, 0.3, 0.4]))
 
 
 def test_a_second_phase_counts_its_epochs_on_the_runs_axis():
@@ -218,6 +232,8 @@ def test_a_best_recomputed_for_a_new_monitor_may_have_no_weights_kept():
     other = Best(1, 0.9, "val_accuracy", "head")
     changed = fold(view, BestChanged(other, kept=False))
     assert changed.best == other and not changed.best_kept and not changed.can_roll_back()
+    # The loss values drawn so far say nothing of the accuracy.
+    assert (changed.monitor, changed.spark, changed.value) == ("val_accuracy", (), None)
     assert fold(view, BestChanged(None, kept=True)).best is None
 
 
@@ -289,6 +305,15 @@ def session(data):
     session.close()
 
 
+def assert_fold_reads_as_session(folded, read):
+    assert folded.phases == read.phases
+    assert replace(folded.phase, optimizer="") == read.phase  # only PhaseStarted names it
+    for field in ("state", "learning_rate", "best", "best_kept", "holds", "value", "spark"):
+        assert getattr(folded, field) == getattr(read, field), field
+    assert folded.error == read.error and folded.notes == read.notes
+    assert status_text(folded) == status_text(read)
+
+
 def test_the_fold_of_a_real_runs_events_is_what_the_session_says(session):
     seen = []
     session.on_event(seen.append)
@@ -296,16 +321,19 @@ def test_the_fold_of_a_real_runs_events_is_what_the_session_says(session):
     session.run(ftw.PhaseConfig(phase="head", epochs=3, batch_size=8))
     session.run(ftw.PhaseConfig(phase="finetune", epochs=2, batch_size=8, unfreeze_depth=1))
     session.rollback()
-    folded = fold_all(start, seen)
-    read = SessionView.of(session)
-    assert folded.phases == read.phases == 2
-    assert replace(folded.phase, optimizer="") == read.phase
-    assert folded.phase.ran == 2 and folded.phase.reason == "completed"
-    for field in ("state", "learning_rate", "best", "best_kept", "holds", "value", "error"):
-        assert getattr(folded, field) == getattr(read, field), field
-    assert folded.spark == pytest.approx(read.spark) and len(read.spark) == 5
-    assert folded.notes == read.notes
-    assert status_text(folded) == status_text(read)
+    folded, read = fold_all(start, seen), SessionView.of(session)
+    assert_fold_reads_as_session(folded, read)
+    assert read.phases == 2 and read.phase.ran == 2 and read.phase.reason == "completed"
+    assert [epoch for epoch, _ in read.spark] == [1, 2, 3, 4, 5]
+    assert read.holds == read.best.epoch
+
+    # Training on from epoch 2 grows a branch: epochs 3 to 5 leave the lineage.
+    session.restore_epoch(2)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=8))
+    folded, read = fold_all(start, seen), SessionView.of(session)
+    assert_fold_reads_as_session(folded, read)
+    assert [epoch for epoch, _ in read.spark] == [1, 2, 3] and read.holds == 3
+    assert read.holds_branch == "branch 1 (from epoch 2)"
 
 
 def test_the_panel_ftstatus_and_the_card_agree_on_epoch_best_and_rate(session):
