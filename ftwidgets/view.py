@@ -158,8 +158,8 @@ class SessionView:
     `fold` keeps one up to date from the session's events; `SessionView.of` reads
     one from a session. Facts that no event carries are read from the session by
     `of` only: ``since_best`` and ``patience`` (the tracker's own count, with its
-    warm-up and baseline), the branch names, and whether the best's weights are
-    still kept after a snapshot policy dropped some.
+    warm-up and baseline), the branch names, ``closed``, and whether the best's
+    weights are still kept after a snapshot policy dropped some.
 
     Attributes:
         name: the session's name.
@@ -408,8 +408,8 @@ def fold(view: SessionView, event: Event) -> SessionView:
 
     >>> view = SessionView(name="demo", model="m")
     >>> view = fold(view, NewBest(Best(4, 0.25, "val_loss", "head")))
-    >>> view.best.epoch, view.best_kept, view.since_best
-    (4, True, 0)
+    >>> view.best.epoch, view.best_kept
+    (4, True)
     """
     if isinstance(event, BatchProgress):
         return _evolve(view, progress=event)
@@ -432,7 +432,6 @@ def fold(view: SessionView, event: Event) -> SessionView:
             phases=max(view.phases, event.index + 1),
             learning_rate=event.learning_rate,
             progress=None,
-            since_best=0,
             notice="",
             error=None,
         )
@@ -448,7 +447,7 @@ def fold(view: SessionView, event: Event) -> SessionView:
             notice=_ended_notice(event, view.notice),
         )
     if isinstance(event, NewBest):
-        return _evolve(view, best=event.best, best_kept=True, since_best=0)
+        return _evolve(view, best=event.best, best_kept=True)
     if isinstance(event, BestChanged):
         kept = event.best is not None and event.kept
         if event.best is None or event.best.monitor == view.monitor:

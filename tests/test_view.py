@@ -95,7 +95,7 @@ def test_fold_follows_a_phase_into_its_second_epoch():
     assert (view.phase.ran, view.phase.full, view.phase.seconds) == (1, 1, (4.0,))
     assert (view.phase.epoch(True), view.phase.run_epoch(True)) == (2, 2)
     assert view.learning_rate == 1e-4 and view.phase.optimizer == "Adam"
-    assert view.best == BEST_1 and view.best_kept and view.since_best == 0
+    assert view.best == BEST_1 and view.best_kept
     assert view.value == 0.5 and view.spark == ((1, 0.5),) and view.holds == 1
     # One full epoch of 4 s, and a quarter of the next: 1.75 epochs of 4 s are left.
     assert view.fraction == pytest.approx(1.25 / 3)
