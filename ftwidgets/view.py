@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from ftwidgets.channel import ACTIVE
@@ -75,7 +75,7 @@ _PHASE_END_NOTICES = {
 
 
 def _evolve(obj: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` for the fold: a fifth of its cost, as no ``__init__`` reruns.
+    """``dataclasses.replace`` at a fifth of its cost, as no ``__init__`` reruns.
 
     The fold runs on every event the worker sends; the views have no checks to rerun.
     """
@@ -280,8 +280,10 @@ class SessionView:
             session: a ``FineTuneSession``.
             events: a view folded from the same session's events, for what only
                 events tell: the progress within an epoch, the search's last
-                step, the notice, and the phase's epoch counts and pace (reading
-                them from the history costs a pass over the phase's epochs).
+                step and the notice; and for what the history would tell at a
+                cost that a status line redrawn a few times a second need not pay:
+                the phase's epoch counts and pace, and the sparkline (while the
+                monitor is the same).
             device: the device summary to show (``ftwidgets.device_summary``).
 
         Example:
@@ -301,11 +303,14 @@ class SessionView:
         if status is not None:
             folded = None if events is None else events.phase
             if folded is not None and folded.index == status.index:
-                phase = replace(folded, reason=status.reason)
+                phase = _evolve(folded, reason=status.reason)
             else:
                 phase = _phase_from_history(history.epochs, status)
         monitor = session.monitor
-        spark = _monitored(history.lineage(), monitor)
+        if events is not None and events.monitor == monitor:
+            spark = events.spark
+        else:
+            spark = _monitored(history.lineage(), monitor)
         best = session.best
         kept = session.snapshots.best_epoch
         branches = history.branches
