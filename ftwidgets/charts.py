@@ -37,6 +37,7 @@ from ftwidgets.events import (
     SearchStep,
     StateChanged,
 )
+from ftwidgets.format import format_rate  # re-exported: ftwidgets.charts.format_rate
 from ftwidgets.history import History, Marker, decimate
 from ftwidgets.widget_tree import close_tree
 
@@ -180,13 +181,6 @@ def _fitted_labels(
         # One character more for the label's offset from the band's edge.
         fitted.append(next((t for t in (text, short[i]) if (len(t) + 1) * per_char < room), ""))
     return fitted
-
-
-def format_rate(rate: float) -> str:
-    """Format a learning rate compactly: ``1e-3``, ``2.5e-4``, ``0.5``."""
-    if 1e-2 <= rate < 1e3:
-        return f"{rate:.3g}"
-    return np.format_float_scientific(rate, precision=2, trim="-", exp_digits=1)
 
 
 def smooth(y: np.ndarray, alpha: float = EMA_ALPHA) -> np.ndarray:

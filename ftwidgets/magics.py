@@ -15,13 +15,15 @@ runs it on a real kernel)::
 from __future__ import annotations
 
 import keyword
-import math
 import re
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ftwidgets.format import one_line, status_text
+from ftwidgets.view import SessionView
 
 __all__ = ["USAGE", "FineTuneMagics", "load_ipython_extension", "session_status"]
 
@@ -122,18 +124,9 @@ def _check_model(model: Any, name: str) -> Any:
     return model
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def _one_line(exc: BaseException) -> str:
     # Engine messages can quote a whole array; a magic's error stays one short line.
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _fmt_rate(rate: float | None) -> str:
-    if rate is None or not math.isfinite(rate):
-        return "-"
-    from ftwidgets.charts import format_rate
-
-    return format_rate(rate)
+    return one_line(str(exc)) or type(exc).__name__
 
 
 def session_status(session: Any, name: str | None = None) -> str:
@@ -160,35 +153,7 @@ def session_status(session: Any, name: str | None = None) -> str:
     'digits (session): transfer_model · idle · no phase yet · best -'
     >>> session.close()
     """
-    parts = [f"{session.model.name}", session.state]
-    run = session.phase
-    if session.state == "compiling":
-        # Until the worker has prepared it, `phase` may still be the previous one.
-        parts.append("preparing a phase")
-    elif run is None:
-        parts.append("no phase yet")
-    else:
-        phases = len(session.history.phases)
-        label = f"{run.config.phase} phase"
-        if phases > 1:
-            label += f" ({phases} phases so far)"
-        parts.append(label)
-        done = session.history.next_epoch - run.start_epoch
-        if session.is_training:
-            current = min(run.epoch - run.start_epoch + 1, run.config.epochs)
-            parts.append(f"epoch {run.epoch} ({current}/{run.config.epochs} of this phase)")
-        else:
-            parts.append(f"{done}/{run.config.epochs} epochs run")
-        parts.append(f"lr {_fmt_rate(session.learning_rate)}")
-    best = session.best
-    if best is None:
-        parts.append("best -")
-    else:
-        parts.append(f"best epoch {best.epoch} ({best.monitor} {best.value:.4g})")
-    if session.state == "failed" and session.error is not None:
-        parts.append(f"error: {_one_line(session.error.message)}")
-    label = f"{session.name} ({name})" if name else session.name
-    return f"{label}: {' · '.join(parts)}"
+    return status_text(SessionView.of(session), name)
 
 
 @magics_class

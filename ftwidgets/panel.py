@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import math
-import re
 import threading
 import time
 import traceback
@@ -17,7 +16,7 @@ from traitlets import TraitError
 from ftwidgets import comms, tasks, telemetry, transfer
 from ftwidgets._backend import device_summary
 from ftwidgets.actions import Action
-from ftwidgets.charts import TrainingCharts, format_rate
+from ftwidgets.charts import TrainingCharts
 from ftwidgets.coach_view import CoachView
 from ftwidgets.compare import ComparedRun, RunComparison
 from ftwidgets.config import (
@@ -44,10 +43,12 @@ from ftwidgets.events import (
     SearchStep,
     StateChanged,
 )
+from ftwidgets.format import format_rate, status_markup
 from ftwidgets.interrupt import install_interrupt_handler
 from ftwidgets.lr_search import LearningRateSearch
 from ftwidgets.search_chart import SearchChart
 from ftwidgets.session import FineTuneSession, live_sessions
+from ftwidgets.view import SessionView, fold
 from ftwidgets.widget_tree import close_tree
 
 __all__ = ["FineTunePanel"]
@@ -57,8 +58,6 @@ _STATUS_INTERVAL = 0.2  # seconds between status redraws while training
 _COMPILED = "compiled"  # the optimizer dropdown's value for the model's own optimizer
 # How long the settings must rest before the panel compiles their phase ahead of Start.
 WARM_UP_DELAY = 1.0
-_ONE_LINE = "white-space:nowrap;overflow:hidden;text-overflow:ellipsis"
-_TAG = re.compile(r"<[^>]+>")
 
 
 class FineTunePanel(widgets.VBox):
@@ -138,14 +137,10 @@ class FineTunePanel(widgets.VBox):
         # What the rate box holds when it is not a rate: Start and Find LR stay off.
         self._bad_lr_text: str | None = None
         self._syncing_lr = False
-        self._epoch_times: list[float] = []
-        self._phase_started: PhaseStarted | None = None
-        self._last_progress: BatchProgress | None = None
-        self._notice = ""
+        # What the session's events told, folded as they arrive (see ftwidgets.view).
+        self._view = SessionView.of(session)
         self._next_status = 0.0
         self._warm_generation = 0  # a warm-up fires only if no setting changed since
-        self._search_started: SearchStarted | None = None
-        self._search_step: SearchStep | None = None
         self._suggested: float | None = None
         self._device: tuple[object, str] | None = None  # (distribution, its summary)
         # The base's structure never changes, so list what each depth unfreezes once.
@@ -846,6 +841,7 @@ class FineTunePanel(widgets.VBox):
             self._take_event(event)
 
     def _take_event(self, event: Event) -> None:
+        self._view = fold(self._view, event)
         if isinstance(event, SearchStarted | SearchStep | SearchEnded):
             self._take_search_event(event)
             return
@@ -855,37 +851,16 @@ class FineTunePanel(widgets.VBox):
         if isinstance(event, PhasePlanned):
             self._take_plan(event.changes)
             return
-        if isinstance(event, BatchProgress):
-            self._last_progress = event
-        elif isinstance(event, PhaseStarted):
-            self._phase_started = event
-            self._epoch_times = []
-            self._last_progress = None
-            self._notice = ""
-        elif isinstance(event, EpochEnded):
-            if not event.record.partial:
-                self._epoch_times.append(event.record.seconds)
-                if not self.monitor.options or event.record.epoch == 1:
-                    self.monitor.options = self._suggested_monitors()
+        if isinstance(event, EpochEnded):
+            if not event.record.partial and (not self.monitor.options or event.record.epoch == 1):
+                self.monitor.options = self._suggested_monitors()
         elif isinstance(event, Failed):
             self.show_error(event.failure.message, event.failure.traceback)
-        elif isinstance(event, RolledBack):
-            self._notice = f"Restored the weights of epoch {event.best.epoch}."
-        elif isinstance(event, PhaseEnded):
-            self._notice = {
-                "early_stopped": "Early stopping ended the phase.",
-                "stopped": "Stopped.",
-                "callback": "A callback stopped the phase (model.stop_training).",
-                "completed": "Phase complete.",
-                "rolled_back": self._notice,
-                "failed": "The phase failed; see the error above.",
-            }.get(event.reason, "")
-            if event.restored_best is not None and event.reason != "rolled_back":
-                self._notice += f" Restored the best epoch ({event.restored_best.epoch})."
-            if self.comparison.runs:  # this run's best and settings may have changed
-                comparison = self.comparison
-                comparison.monitor, comparison.mode = self.session.monitor, self.session.mode
-                comparison.refresh_table()
+        elif isinstance(event, PhaseEnded) and self.comparison.runs:
+            # This run's best and settings may have changed.
+            comparison = self.comparison
+            comparison.monitor, comparison.mode = self.session.monitor, self.session.mode
+            comparison.refresh_table()
         now = time.monotonic()
         if isinstance(event, StateChanged | PhaseStarted | PhaseEnded | NewBest | RolledBack):
             self._refresh_buttons()
@@ -896,21 +871,11 @@ class FineTunePanel(widgets.VBox):
 
     def _take_search_event(self, event: Event) -> None:
         self.search_chart.on_event(event)
-        if isinstance(event, SearchStarted):
-            self._search_started, self._search_step = event, None
-            self._notice = ""
-        elif isinstance(event, SearchStep):
-            self._search_step = event
+        if isinstance(event, SearchStep):
             if time.monotonic() < self._next_status:
                 return
-        else:
-            search = event.search
-            self._suggested = search.suggested
-            if search.suggested is None:
-                self._notice = "The learning-rate search found no rate to suggest."
-            else:
-                rate = format_rate(search.suggested)
-                self._notice = f"Learning-rate search: suggested {rate} (valley)."
+        elif isinstance(event, SearchEnded):
+            self._suggested = event.search.suggested
             self._refresh_buttons()
         self._next_status = time.monotonic() + _STATUS_INTERVAL
         self._refresh_status()
@@ -980,75 +945,11 @@ class FineTunePanel(widgets.VBox):
             self._refresh_status_locked()
 
     def _refresh_status_locked(self) -> None:
-        session = self.session
-        state = session.state
-        parts = [f"<b>{html.escape(state)}</b>"]
-        started = self._phase_started
-        fraction = 0.0
-        if session.searching and self._search_started is not None:
-            search, step = self._search_started, self._search_step
-            parts.append(f"learning-rate search for the {html.escape(search.phase)} phase")
-            if step is not None:
-                parts.append(f"step {step.step + 1}/{search.steps}")
-                parts.append(f"lr {format_rate(step.learning_rate)}")
-                fraction = (step.step + 1) / search.steps
-            started = None
-        elif state == "compiling":
-            # Between Start and the end of the first batch, which compiles the train step.
-            parts.append(f"{html.escape(self.phase.value)} phase")
-            parts.append("compiling the training step; epochs follow")
-            started = None
-        if started is not None:
-            done_epochs = len(self._epoch_times)
-            progress = self._last_progress
-            within = 0.0
-            if progress is not None and progress.steps_per_epoch and self.session.is_training:
-                within = progress.batch / progress.steps_per_epoch
-            current = min(done_epochs + (1 if self.session.is_training else 0), started.epochs)
-            # Epoch numbers are global, as on the charts and in "best epoch N": the
-            # phase's first epoch is its start_epoch.
-            parts.append(f"{started.phase} phase")
-            parts.append(
-                f"epoch {started.start_epoch - 1 + max(current, 1)} "
-                f"({max(current, 1)}/{started.epochs} of this phase)"
-            )
-            fraction = min(1.0, (done_epochs + within) / started.epochs)
-            if self.session.is_training and self._epoch_times:
-                per_epoch = sum(self._epoch_times[-5:]) / len(self._epoch_times[-5:])
-                left = per_epoch * (started.epochs - done_epochs - within)
-                parts.append(f"ETA {_fmt_duration(left)}")
-            rate = session.learning_rate
-            if rate is not None:
-                optimizer = html.escape(started.optimizer)
-                parts.append(f"{optimizer} lr {format_rate(rate)}".strip())
-        history = session.history
-        branched = len(history.branches) > 1
-        if history.holds is not None and not session.is_training:
-            branch, epoch = history.holds
-            where = f" of {history.branches[branch].name}" if branched else ""
-            parts.append(f"model holds epoch {epoch}{where}")
-        best = session.best
-        if best is not None:
-            where = f" on {history.branches[best.branch].name}" if branched else ""
-            parts.append(f"best epoch {best.epoch}{where} ({best.monitor} {best.value:.4g})")
-            es = session.early_stopping
-            if es is not None and started is not None:
-                since = session.epochs_without_improvement
-                parts.append(f"{since}/{es.patience} epochs without improvement")
-        parts.append(html.escape(self._device_summary()))
-        line = " · ".join(parts)
-        # One line, cut with an ellipsis (all of it on hover): a line that wrapped as
-        # its numbers grew moved everything below it on every update.
-        text = (
-            f'<div class="ftwidgets-status-line" title="{html.escape(_plain(line))}" '
-            f'style="{_ONE_LINE}">{line}</div>'
-        )
-        if self._notice:
-            text += f'<div class="ftwidgets-notice">{html.escape(self._notice)}</div>'
-        self.status.value = text
+        view = SessionView.of(self.session, self._view, device=self._device_summary())
+        self.status.value = status_markup(view, preparing=self.phase.value)
         with self.progress.hold_sync():
-            self.progress.value = fraction
-            self.progress.bar_style = {"failed": "danger", "paused": "warning"}.get(state, "")
+            self.progress.value = view.fraction
+            self.progress.bar_style = {"failed": "danger", "paused": "warning"}.get(view.state, "")
 
     def _refresh_freeze_map(self) -> None:
         with self._ui:
@@ -1126,19 +1027,3 @@ class FineTunePanel(widgets.VBox):
 def _kernel_loop() -> Any:
     """The running ipykernel's IO loop (on the thread that runs cells), or None."""
     return getattr(comms.running_kernel(), "io_loop", None)
-
-
-def _fmt_duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _plain(markup: str) -> str:
-    """The text of a status line's markup (its parts are escaped already)."""
-    return html.unescape(_TAG.sub("", markup))

@@ -1105,11 +1105,11 @@ class FineTuneSession:
                 watcher(self, False)
 
     def __repr__(self) -> str:
-        best = "none" if self.best is None else f"epoch {self.best.epoch}"
-        state = "closed" if self._closed else self.state.value
-        return (
-            f"<FineTuneSession {self._name!r} model={self.model.name!r} state={state} best={best}>"
-        )
+        # The view module is plain data (no widgets); imported here, as the layer above.
+        from ftwidgets.format import session_repr
+        from ftwidgets.view import SessionView
+
+        return session_repr(SessionView.of(self))
 
 
 def _check_callbacks(callbacks: Any) -> tuple[keras.callbacks.Callback, ...]:

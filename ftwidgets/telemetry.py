@@ -7,11 +7,12 @@ front end. Pure functions of a session's public state: no comms, no widgets.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Literal, TypedDict
 
 from ftwidgets.events import Best, PhaseEnded
+from ftwidgets.format import finite
+from ftwidgets.view import SPARK_POINTS, SessionView
 
 __all__ = [
     "PROTOCOL",
@@ -19,12 +20,12 @@ __all__ = [
     "Card",
     "PhaseEndNotice",
     "card",
+    "card_of",
     "panel_class",
     "phase_end_notice",
 ]
 
 PROTOCOL = 1
-SPARK_POINTS = 60  # the sparkline's last epochs
 
 Outcome = Literal["completed", "early_stopped", "stopped", "callback", "rolled_back", "failed"]
 
@@ -75,20 +76,9 @@ def panel_class(name: str) -> str:
     return "ftw-panel-" + re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def can_roll_back(session: Any, restored: Best | None) -> bool:
     """A best exists, its weights are kept, and they are not what the model holds now."""
-    best, kept = session.best, session.snapshots.best_epoch
-    if best is None or kept is None or not session.snapshots.keeps(kept):
-        return False
-    return restored is None or (restored.epoch, restored.branch) != (best.epoch, best.branch)
+    return SessionView.of(session).can_roll_back(restored)
 
 
 def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
@@ -110,36 +100,42 @@ def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
     ('demo', 'idle', None, None, [])
     >>> session.close()
     """
-    monitor = session.monitor
-    full = [r for r in session.history.lineage() if not r.partial]
-    values = [_finite(r.logs.get(monitor)) for r in full]
-    spark = [v for v in values if v is not None][-SPARK_POINTS:]
-    phase = session.phase
-    run_epoch = epoch = epochs = None
-    if phase is not None:
-        epochs = phase.config.epochs
-        ran = session.history.next_epoch - phase.start_epoch
-        epoch = min(max(phase.epoch - phase.start_epoch + 1, ran), epochs)
-        run_epoch = phase.start_epoch - 1 + epoch  # start_epoch is the phase's first, 1-based
-    best = session.best
-    error = session.error.message if session.state == "failed" and session.error else None
+    return card_of(SessionView.of(session), restored, has_panel)
+
+
+def card_of(view: SessionView, restored: Best | None, has_panel: bool) -> Card:
+    """`card` for a session's view (see `ftwidgets.view`); the same arguments otherwise.
+
+    Example:
+
+    >>> from ftwidgets.events import PhaseStarted
+    >>> from ftwidgets.view import fold
+    >>> started = PhaseStarted(0, "head", 1, 3, 1e-3, 0, 4, ())
+    >>> view = fold(SessionView(name="s", model="m"), started)
+    >>> c = card_of(view, None, has_panel=True)
+    >>> c["phase"], c["run_epoch"], c["epoch"], c["epochs"], c["panel_class"]
+    ('head', 1, 1, 3, 'ftw-panel-s')
+    """
+    phase, training = view.phase, view.training
+    best = view.best
+    error = view.error.message if view.state == "failed" and view.error else None
     return Card(
-        name=session.name,
-        model=session.model.name,
-        state=str(session.state),
-        searching=bool(session.searching),
-        phase=None if phase is None else phase.config.phase,
-        run_epoch=run_epoch,
-        epoch=epoch,
-        epochs=epochs,
-        learning_rate=_finite(session.learning_rate),
-        monitor=monitor,
-        value=values[-1] if values else None,
+        name=view.name,
+        model=view.model,
+        state=view.state,
+        searching=view.searching,
+        phase=None if phase is None else phase.kind,
+        run_epoch=None if phase is None else phase.run_epoch(training),
+        epoch=None if phase is None else phase.epoch(training),
+        epochs=None if phase is None else phase.epochs,
+        learning_rate=None if view.learning_rate is None else finite(view.learning_rate),
+        monitor=view.monitor,
+        value=view.value,
         best_epoch=None if best is None else best.epoch,
         best_value=None if best is None else float(best.value),
-        spark=spark,
-        can_roll_back=can_roll_back(session, restored),
-        panel_class=panel_class(session.name) if has_panel else None,
+        spark=[value for _, value in view.spark if value is not None],
+        can_roll_back=view.can_roll_back(restored),
+        panel_class=panel_class(view.name) if has_panel else None,
         error=error,
     )
 
