@@ -251,7 +251,7 @@ def test_coach_notes_arrive_newest_first_with_their_actions():
     later = replace(NOTE, rule="plateau", epoch=3)
     view = fold_all(START, [Advised(NOTE), Advised(later)])
     assert view.notes == (later, NOTE)
-    assert view.notes[1].actions[0].kind == "set_learning_rate"
+    assert view.notes[1].actions[0] == ChangeLearningRate(1e-4, "Lower the rate to 1e-4")
 
 
 @pytest.mark.unit
