@@ -180,7 +180,14 @@ class History:
         # The last epoch recorded on each branch.
         self._tips: dict[int, int] = {}
         self._keys: dict[tuple[int, int], int] = {}
+        # The current lineage, grown as epochs are added (None: follow the branches
+        # again), its tuple for `lineage` (None: build it again), and a count of the
+        # other changes, so readers that fold it need only read its new records.
+        self._line: list[EpochRecord] | None = []
         self._lineage: tuple[EpochRecord, ...] | None = ()
+        self._lineage_changes = 0
+        # Every metric name logged, in first-seen order, kept as epochs are added.
+        self._names: dict[str, None] = {}
         self.holds: tuple[int, int] | None = None
         self.model_name: str | None = None
         self.model_settings: dict[str, Any] = {}
@@ -213,10 +220,18 @@ class History:
         """
         if record.branch != self._branch:
             record = replace(record, branch=self._branch)
+        line = self._line
+        extends = self._fork is None and (not line or line[-1].epoch < record.epoch)
         self._keys[record.branch, record.epoch] = len(self._epochs)
         self._epochs.append(record)
         self._tips[self._branch] = record.epoch
-        self._lineage = None
+        self._names.update(dict.fromkeys(record.logs))
+        if line is not None and extends:
+            line.append(record)
+            self._lineage = None
+        elif line is not None:
+            self._lineage_moved()
+        # (None: not read since it last moved; it is followed again when read.)
         self.holds = (record.branch, record.epoch)
         return record
 
@@ -247,9 +262,38 @@ class History:
         """
         if branch is None or branch == self._branch:
             if self._lineage is None:
-                self._lineage = self._follow(self._branch)
+                self._lineage = tuple(self._current_line())
             return self._lineage
         return self._follow(branch)
+
+    @property
+    def lineage_changes(self) -> int:
+        """How many times the current lineage changed other than by an epoch added at its
+        end (a restored epoch, a new branch). While it stays the same, a reader that
+        read the lineage's first ``n`` records needs only `lineage_from` ``(n)``."""
+        return self._lineage_changes
+
+    def lineage_from(self, start: int) -> tuple[EpochRecord, ...]:
+        """The current lineage's records from position ``start`` on; copies only those.
+
+        Example:
+
+        >>> h = History()
+        >>> for epoch in (1, 2, 3):
+        ...     _ = h.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs({}), 1e-3))
+        >>> [r.epoch for r in h.lineage_from(1)], [r.epoch for r in h.lineage_from(-1)]
+        ([2, 3], [3])
+        """
+        return tuple(self._current_line()[start:])
+
+    def _current_line(self) -> list[EpochRecord]:
+        if self._line is None:
+            self._line = list(self._follow(self._branch))
+        return self._line
+
+    def _lineage_moved(self) -> None:
+        self._line = self._lineage = None
+        self._lineage_changes += 1
 
     def abandoned(self) -> tuple[EpochRecord, ...]:
         """The epochs off the current branch's lineage: continuations left behind."""
@@ -289,10 +333,7 @@ class History:
 
     def metric_names(self) -> list[str]:
         """Every metric name logged so far, in first-seen order."""
-        names: dict[str, None] = {}
-        for record in self._epochs:
-            names.update(dict.fromkeys(record.logs))
-        return list(names)
+        return list(self._names)
 
     # -- branches --------------------------------------------------------
     @property
@@ -314,8 +355,9 @@ class History:
         branch = self._branch if branch is None else branch
         if self.key(epoch, branch) is None:
             raise ValueError(f"Epoch {epoch} was not recorded on branch {branch}.")
-        self._branch = branch
-        self._lineage = None
+        if branch != self._branch:
+            self._branch = branch
+            self._lineage_moved()
         self._fork = None if epoch == self._tips.get(branch) else epoch
         self.holds = (branch, epoch)
 
@@ -354,7 +396,7 @@ class History:
             self._branches.append(Branch(len(self._branches), self._branch, self._fork))
             self._branch = len(self._branches) - 1
             self._fork = None
-            self._lineage = None
+            self._lineage_moved()
         span = replace(span, branch=self._branch)
         self._phases.append(span)
         return span
@@ -588,7 +630,7 @@ class History:
             history._branch = row["branch"]
             history.add_epoch(EpochRecord(logs=logs, **row))
         history._branch = data.get("branch", 0)
-        history._lineage = None
+        history._lineage_moved()
         holds = data.get("holds")
         history.holds = None if holds is None else (int(holds[0]), int(holds[1]))
         return history

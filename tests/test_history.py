@@ -1,4 +1,5 @@
 import json
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -192,3 +193,54 @@ def test_per_class_values_export_to_csv_and_json_and_load_back(tmp_path):
     loaded = History.load(history.save(tmp_path / "h.json"))
     assert loaded.metric("val_f1_score[1]")[1].tolist() == [0.2, 0.4]
     assert loaded.metric_names() == ["loss", "val_f1_score[0]", "val_f1_score[1]"]
+
+
+def test_the_lineage_grows_by_its_new_epochs_and_changes_on_a_new_branch():
+    h = History()
+    h.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    for epoch in range(1, 6):
+        h.add_epoch(record(epoch, loss=1 / epoch))
+    changes = h.lineage_changes
+    sixth = h.add_epoch(record(6, loss=0.1))
+    # A new epoch at the end: readers of the first five read only it.
+    assert h.lineage_changes == changes and h.lineage_from(5) == (sixth,)
+    h.travel(3)
+    assert h.lineage_changes == changes  # the same branch until a phase grows a new one
+    h.begin_phase(PhaseSpan(1, "head", 4, 1e-3, 0))
+    assert h.lineage_changes == changes + 1
+    fourth = h.add_epoch(record(4, loss=0.2))
+    assert [r.epoch for r in h.lineage()] == [1, 2, 3, 4] and h.lineage_from(3) == (fourth,)
+    assert fourth.branch == 1 and h.lineage_changes == changes + 1
+    h.travel(6, branch=0)
+    assert h.lineage_changes == changes + 2 and h.lineage_from(5) == (sixth,)
+
+
+class CountedLogs(Mapping):
+    """An epoch's logs that count their reads."""
+
+    def __init__(self, logs: dict[str, float], reads: list[str]) -> None:
+        self._logs, self._reads = logs, reads
+
+    def __getitem__(self, name: str) -> float:
+        self._reads.append(name)
+        return self._logs[name]
+
+    def __iter__(self):
+        self._reads.append("iter")
+        return iter(self._logs)
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+
+def test_metric_names_reads_no_epoch_again():
+    # The panel and the charts ask at each epoch; reading every epoch's logs each time
+    # grew with the run.
+    h = History()
+    reads: list[str] = []
+    for epoch in range(1, 101):
+        logs = {"loss": 1.0, **({"val_loss": 1.0} if epoch > 1 else {}), f"m{epoch % 3}": 0.5}
+        h.add_epoch(EpochRecord(epoch, "head", 0, CountedLogs(logs, reads), 1e-3))
+    reads.clear()
+    assert h.metric_names() == ["loss", "m1", "val_loss", "m2", "m0"]
+    assert reads == []
