@@ -188,6 +188,10 @@ class History:
         self._lineage_changes = 0
         # Every metric name logged, in first-seen order, kept as epochs are added.
         self._names: dict[str, None] = {}
+        # `metric`'s series, grown with the lineage: (lineage_changes, records read,
+        # epochs, values) by (name, include_partial). The charts read them at each redraw.
+        self._series: dict[tuple[str, bool], tuple[int, int, list[int], list[float]]] = {}
+        self._series_lock = threading.Lock()
         self.holds: tuple[int, int] | None = None
         self.model_name: str | None = None
         self.model_settings: dict[str, Any] = {}
@@ -326,10 +330,19 @@ class History:
 
     def metric(self, name: str, *, include_partial: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(epochs, values)`` of one metric on the current lineage (NaN where not logged)."""
-        rows = [r for r in self.lineage() if include_partial or not r.partial]
-        epochs = np.array([r.epoch for r in rows], dtype=np.int64)
-        values = np.array([r.logs.get(name, np.nan) for r in rows], dtype=np.float64)
-        return epochs, values
+        with self._series_lock:
+            changes, read, epochs, values = self._series.get(
+                (name, include_partial), (-1, 0, [], [])
+            )
+            if changes != self._lineage_changes:
+                changes, read, epochs, values = self._lineage_changes, 0, [], []
+            new = self.lineage_from(read)
+            for r in new:
+                if include_partial or not r.partial:
+                    epochs.append(r.epoch)
+                    values.append(r.logs.get(name, np.nan))
+            self._series[name, include_partial] = (changes, read + len(new), epochs, values)
+            return np.array(epochs, dtype=np.int64), np.array(values, dtype=np.float64)
 
     def metric_names(self) -> list[str]:
         """Every metric name logged so far, in first-seen order."""

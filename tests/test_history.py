@@ -233,14 +233,26 @@ class CountedLogs(Mapping):
         return len(self._logs)
 
 
-def test_metric_names_reads_no_epoch_again():
-    # The panel and the charts ask at each epoch; reading every epoch's logs each time
-    # grew with the run.
+def test_metric_names_and_a_metric_read_no_epoch_twice():
+    # The panel and the charts ask at each epoch or redraw; reading every epoch's logs
+    # each time grew with the run.
     h = History()
+    h.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
     reads: list[str] = []
     for epoch in range(1, 101):
-        logs = {"loss": 1.0, **({"val_loss": 1.0} if epoch > 1 else {}), f"m{epoch % 3}": 0.5}
+        logs = {"loss": 1 / epoch, **({"val_loss": 1.0} if epoch > 1 else {}), f"m{epoch % 3}": 0.5}
         h.add_epoch(EpochRecord(epoch, "head", 0, CountedLogs(logs, reads), 1e-3))
     reads.clear()
     assert h.metric_names() == ["loss", "m1", "val_loss", "m2", "m0"]
     assert reads == []
+    assert h.metric("loss")[1][-1] == 1 / 100 and len(reads) == 100
+    h.add_epoch(EpochRecord(101, "head", 0, CountedLogs({"loss": 0.5}, reads), 1e-3))
+    reads.clear()
+    epochs, values = h.metric("loss")
+    assert reads == ["loss"] and epochs[-1] == 101 and values[-1] == 0.5 and len(values) == 101
+    # A new branch from epoch 50: the series follows it.
+    h.travel(50)
+    h.begin_phase(PhaseSpan(1, "head", 51, 1e-3, 0))
+    h.add_epoch(record(51, loss=7.0))
+    epochs, values = h.metric("loss")
+    assert epochs.tolist() == list(range(1, 52)) and values[-1] == 7.0 and values[-2] == 1 / 50
