@@ -11,6 +11,8 @@ import math
 import re
 from typing import Any, Literal, TypedDict
 
+import numpy as np
+
 from ftwidgets.events import Best, PhaseEnded
 
 __all__ = [
@@ -111,9 +113,8 @@ def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
     >>> session.close()
     """
     monitor = session.monitor
-    full = [r for r in session.history.lineage() if not r.partial]
-    values = [_finite(r.logs.get(monitor)) for r in full]
-    spark = [v for v in values if v is not None][-SPARK_POINTS:]
+    _, values = session.history.metric(monitor)  # grown with the run, not re-read
+    spark = [float(v) for v in values[np.isfinite(values)][-SPARK_POINTS:]]
     phase = session.phase
     run_epoch = epoch = epochs = None
     if phase is not None:
@@ -134,7 +135,7 @@ def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
         epochs=epochs,
         learning_rate=_finite(session.learning_rate),
         monitor=monitor,
-        value=values[-1] if values else None,
+        value=_finite(values[-1]) if len(values) else None,
         best_epoch=None if best is None else best.epoch,
         best_value=None if best is None else float(best.value),
         spark=spark,
