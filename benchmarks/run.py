@@ -897,7 +897,27 @@ def measure_growth(lengths: Sequence[int], arms: Sequence[str], repeats: int) ->
         "lengths": list(lengths),
         "arms": list(arms),
         "seconds": {f"{n}/{name}": [r.whole_seconds for r in runs[n, name]] for n, name in cells},
+        # The longest run's last 100 epochs against its epochs 51-150, per run: above
+        # 1.00 where an epoch costs more late in the run, whatever the compile costs.
+        "late_early": {
+            name: [late_over_early(r.epoch_seconds) for r in runs[lengths[-1], name]]
+            for name in arms
+        },
     }
+
+
+def late_over_early(epoch_seconds: Sequence[float], window: int = 100) -> float:
+    """The median time of the last ``window`` epochs over that of epochs 51-150
+    (``epoch_seconds`` starts with the second epoch's; a shorter run, as ``--quick``'s,
+    compares shorter spans).
+
+    >>> late_over_early([1.0] * 149 + [2.0] * 450)
+    2.0
+    """
+    window = min(window, len(epoch_seconds) // 3)
+    skip = min(49, len(epoch_seconds) // 6)
+    early = epoch_seconds[skip : skip + window]
+    return statistics.median(epoch_seconds[-window:]) / statistics.median(early)
 
 
 def growth_table(result: dict[str, Any]) -> list[str]:
@@ -908,7 +928,7 @@ def growth_table(result: dict[str, Any]) -> list[str]:
     ...     "seconds": {"150/a": [1.0, 1.0], "150/b": [1.2, 1.3], "600/a": [3.0, 3.0],
     ...                 "600/b": [3.6, 3.9]}})
     >>> rows[-1]
-    '| (b) FineTuneSession, batch trace on | 1.250 (1.200-1.300) | 1.250 (1.200-1.300) | 1.000 |'
+    '| (b) FineTuneSession, batch trace on | 1.250 (1.200-1.300) | 1.250 (1.200-1.300) | 1.000 |  |'
     """
     lengths, seconds = result["lengths"], result["seconds"]
     n = len(seconds[f"{lengths[0]}/a"])
@@ -924,9 +944,17 @@ def growth_table(result: dict[str, Any]) -> list[str]:
         "",
         "| arm | "
         + " | ".join(f"wall ratio to (a) at {epochs} epochs: median (range)" for epochs in lengths)
-        + f" | {lengths[-1]} / {lengths[0]} |",
-        "|---|" + "---|" * (len(lengths) + 1),
+        + f" | {lengths[-1]} / {lengths[0]} "
+        + f"| epoch time late / early at {lengths[-1]}: median (range) |",
+        "|---|" + "---|" * (len(lengths) + 2),
     ]
+    late = result.get("late_early", {})
+    if "a" in late:
+        growth = Spread(late["a"])
+        lines.append(
+            f"| (a) {ARMS['a'][0]} |" + " |" * (len(lengths) + 1)
+            + f" {growth.median:.3f} ({growth.low:.3f}-{growth.high:.3f}) |"
+        )  # fmt: skip
     for name in result["arms"]:
         if name == "a":
             continue
@@ -935,10 +963,12 @@ def growth_table(result: dict[str, Any]) -> list[str]:
             for e in lengths
         ]
         cells = [f"{r.median:.3f} ({r.low:.3f}-{r.high:.3f})" for r in ratios]
-        lines.append(
-            f"| ({name}) {ARMS[name][0]} | {' | '.join(cells)} | "
-            f"{ratios[-1].median / ratios[0].median:.3f} |"
+        growth = Spread(late.get(name, []))
+        cells.append(f"{ratios[-1].median / ratios[0].median:.3f}")
+        cells.append(
+            f"{growth.median:.3f} ({growth.low:.3f}-{growth.high:.3f})" if growth.n else ""
         )
+        lines.append(f"| ({name}) {ARMS[name][0]} | {' | '.join(cells)} |")
     return lines
 
 
