@@ -186,6 +186,8 @@ class History:
         self._line: list[EpochRecord] | None = []
         self._lineage: tuple[EpochRecord, ...] | None = ()
         self._lineage_changes = 0
+        # Readers (the charts' timer) may follow the lineage while an epoch is added.
+        self._line_lock = threading.RLock()
         # Every metric name logged, in first-seen order, kept as epochs are added.
         self._names: dict[str, None] = {}
         # `metric`'s series, grown with the lineage: (lineage_changes, records read,
@@ -224,18 +226,19 @@ class History:
         """
         if record.branch != self._branch:
             record = replace(record, branch=self._branch)
-        line = self._line
-        extends = self._fork is None and (not line or line[-1].epoch < record.epoch)
-        self._keys[record.branch, record.epoch] = len(self._epochs)
-        self._epochs.append(record)
-        self._tips[self._branch] = record.epoch
-        self._names.update(dict.fromkeys(record.logs))
-        if line is not None and extends:
-            line.append(record)
-            self._lineage = None
-        elif line is not None:
-            self._lineage_moved()
-        # (None: not read since it last moved; it is followed again when read.)
+        with self._line_lock:
+            line = self._line
+            extends = self._fork is None and (not line or line[-1].epoch < record.epoch)
+            self._keys[record.branch, record.epoch] = len(self._epochs)
+            self._epochs.append(record)
+            self._tips[self._branch] = record.epoch
+            self._names.update(dict.fromkeys(record.logs))
+            if line is not None and extends:
+                line.append(record)
+                self._lineage = None
+            elif line is not None:
+                self._lineage_moved()
+            # (None: not read since it last moved; it is followed again when read.)
         self.holds = (record.branch, record.epoch)
         return record
 
@@ -265,9 +268,10 @@ class History:
         With no branches this is every epoch.
         """
         if branch is None or branch == self._branch:
-            if self._lineage is None:
-                self._lineage = tuple(self._current_line())
-            return self._lineage
+            with self._line_lock:
+                if self._lineage is None:
+                    self._lineage = tuple(self._current_line())
+                return self._lineage
         return self._follow(branch)
 
     @property
@@ -288,16 +292,19 @@ class History:
         >>> [r.epoch for r in h.lineage_from(1)], [r.epoch for r in h.lineage_from(-1)]
         ([2, 3], [3])
         """
-        return tuple(self._current_line()[start:])
+        with self._line_lock:
+            return tuple(self._current_line()[start:])
 
     def _current_line(self) -> list[EpochRecord]:
-        if self._line is None:
-            self._line = list(self._follow(self._branch))
-        return self._line
+        with self._line_lock:
+            if self._line is None:
+                self._line = list(self._follow(self._branch))
+            return self._line
 
     def _lineage_moved(self) -> None:
-        self._line = self._lineage = None
-        self._lineage_changes += 1
+        with self._line_lock:
+            self._line = self._lineage = None
+            self._lineage_changes += 1
 
     def abandoned(self) -> tuple[EpochRecord, ...]:
         """The epochs off the current branch's lineage: continuations left behind."""
