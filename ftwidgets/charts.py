@@ -270,6 +270,29 @@ def _marker(points: int) -> str | None:
     return "circle" if points <= MARKED_POINTS else None
 
 
+class _Lineage:
+    """What the charts read of a history's current lineage, grown as its epochs come:
+    reading every epoch at each redraw made a redraw's cost grow with the run."""
+
+    def __init__(self, history: History) -> None:
+        self.history, self.changes, self.read = history, history.lineage_changes, 0
+        self.partial: list[Any] = []  # the partial epochs, in order
+        self.rate_epochs: list[float] = []  # the complete epochs with a rate above 0
+        self.rates: list[float] = []
+        self.complete: dict[int, Any] = {}  # the complete epochs, by epoch
+        self.names: set[str] = set()  # the metrics the complete epochs logged
+
+    def add(self, record: Any) -> None:
+        if record.partial:
+            self.partial.append(record)
+            return
+        if record.learning_rate > 0:
+            self.rate_epochs.append(float(record.epoch))
+            self.rates.append(record.learning_rate)
+        self.complete[record.epoch] = record
+        self.names.update(record.logs)
+
+
 class TrainingCharts(widgets.VBox):
     """Loss, metric and learning-rate charts of a fine-tuning run, updated live.
 
@@ -416,6 +439,7 @@ class TrainingCharts(widgets.VBox):
         self._syncing = False
         # The epoch behind each halo, per chart, as last drawn.
         self._halos: dict[str, np.ndarray] = {}
+        self._lineage: _Lineage | None = None
         self._error_callbacks: list[Callable[[BaseException, str], None]] = []
         self.redraws = 0
         self.min_extent = 0.0
@@ -760,6 +784,25 @@ class TrainingCharts(widgets.VBox):
         self._draw_markers(markers)
         self._draw_best(metric)
 
+    def _lineage_read(self) -> _Lineage:
+        """The current lineage as the charts read it, brought up to date."""
+        history = self.history
+        while True:
+            read = self._lineage
+            if (
+                read is None
+                or read.history is not history
+                or read.changes != history.lineage_changes
+            ):
+                read = self._lineage = _Lineage(history)
+            new = history.lineage_from(read.read)
+            if history.lineage_changes != read.changes:
+                continue  # the lineage moved while it was read: start over
+            for record in new:
+                read.add(record)
+            read.read += len(new)
+            return read
+
     def _draw_batches(self) -> None:
         mark = self._marks["batch"]
         if not self.show_batches:
@@ -782,7 +825,6 @@ class TrainingCharts(widgets.VBox):
         self._batch_cost = time.perf_counter() - started
 
     def _draw_epochs(self, metric: str | None, markers: tuple[Marker, ...]) -> None:
-        history = self.history
         m = self._marks
         for name, mark in (("loss", m["loss"]), ("val_loss", m["val_loss"])):
             self._assign_epoch_series(mark, name)
@@ -803,8 +845,8 @@ class TrainingCharts(widgets.VBox):
 
         # Partial epochs: a hollow circle where the epoch was cut, never an epoch point.
         cut_at = {mk.epoch: mk.x for mk in markers if mk.kind in _CUTTING_KINDS}
-        lineage = history.lineage()
-        partial = [r for r in lineage if r.partial]
+        lineage = self._lineage_read()
+        partial = lineage.partial
         for mark, names in (
             (m["partial_loss"], ("loss", "val_loss")),
             (m["partial_metric"], (metric, f"val_{metric}") if metric else None),
@@ -826,10 +868,9 @@ class TrainingCharts(widgets.VBox):
                 colors=colors or [TRAIN_COLOR],
             )
 
-        full = [r for r in lineage if not r.partial and r.learning_rate > 0]
         x, y = bounded(
-            np.array([r.epoch for r in full], dtype=np.float64),
-            np.array([r.learning_rate for r in full], dtype=np.float64),
+            np.array(lineage.rate_epochs, dtype=np.float64),
+            np.array(lineage.rates, dtype=np.float64),
             self.max_points,
         )
         # float32 halves the bytes; epochs and rates need no more precision on screen.
@@ -851,11 +892,12 @@ class TrainingCharts(widgets.VBox):
     def _draw_branches(self, metric: str | None) -> None:
         """Dim the continuations that time travel left behind, each joined to its fork."""
         history = self.history
-        lineage = {id(r) for r in history.lineage()}
         rows: dict[int, list[Any]] = {}
-        for record in history.epochs:
-            if id(record) not in lineage and not record.partial:
-                rows.setdefault(record.branch, []).append(record)
+        if len(history.branches) > 1:  # on one branch, every epoch is on the lineage
+            lineage = {id(r) for r in history.lineage()}
+            for record in history.epochs:
+                if id(record) not in lineage and not record.partial:
+                    rows.setdefault(record.branch, []).append(record)
         for mark_name, names in (
             ("abandoned_loss", ("loss", "val_loss")),
             ("abandoned_metric", (metric, f"val_{metric}") if metric else None),
@@ -881,11 +923,12 @@ class TrainingCharts(widgets.VBox):
         most = max(self.max_points // 4, 2)  # halos are for clicking: a few hundred at most
         if len(kept) > most:  # thin out evenly, keeping both ends
             kept = kept[np.unique(np.linspace(0, len(kept) - 1, most).round().astype(int))]
-        by_epoch = {r.epoch: r for r in history.lineage() if not r.partial}
+        lineage = self._lineage_read()
+        by_epoch = lineage.complete
         holds = history.holds
         held = by_epoch.get(holds[1]) if holds and history.on_lineage(*holds) else None
         for chart, name in (("loss", "val_loss"), ("metric", f"val_{metric}" if metric else None)):
-            if name is not None and not any(name in r.logs for r in by_epoch.values()):
+            if name is not None and name not in lineage.names:
                 name = name.removeprefix("val_")  # no validation data: the training curve
             points = [
                 (epoch, by_epoch[epoch].logs.get(name, math.nan) if name else math.nan)
@@ -970,8 +1013,7 @@ class TrainingCharts(widgets.VBox):
         # The x axis's reach: not next_epoch, which a restored epoch moves back. Past 10
         # epochs it grows in steps of about a fifth: a scale whose domain moves redraws
         # every mark on it in the browser, which fell behind when it moved every epoch.
-        lineage = history.lineage()
-        last = float(lineage[-1].epoch) if lineage else 0.0
+        last = next((float(r.epoch) for r in history.lineage_from(-1)), 0.0)
         extent = nice_extent(max([self.min_extent, last, *(r[2] for r in rows_x)]))
         if spans and spans[-1].end_epoch is None:
             planned = self._planned_end.get(spans[-1].index, extent)

@@ -180,7 +180,20 @@ class History:
         # The last epoch recorded on each branch.
         self._tips: dict[int, int] = {}
         self._keys: dict[tuple[int, int], int] = {}
+        # The current lineage, grown as epochs are added (None: follow the branches
+        # again), its tuple for `lineage` (None: build it again), and a count of the
+        # other changes, so readers that fold it need only read its new records.
+        self._line: list[EpochRecord] | None = []
         self._lineage: tuple[EpochRecord, ...] | None = ()
+        self._lineage_changes = 0
+        # Readers (the charts' timer) may follow the lineage while an epoch is added.
+        self._line_lock = threading.RLock()
+        # Every metric name logged, in first-seen order, kept as epochs are added.
+        self._names: dict[str, None] = {}
+        # `metric`'s series, grown with the lineage: (lineage_changes, records read,
+        # epochs, values) by (name, include_partial). The charts read them at each redraw.
+        self._series: dict[tuple[str, bool], tuple[int, int, list[int], list[float]]] = {}
+        self._series_lock = threading.Lock()
         self.holds: tuple[int, int] | None = None
         self.model_name: str | None = None
         self.model_settings: dict[str, Any] = {}
@@ -213,10 +226,19 @@ class History:
         """
         if record.branch != self._branch:
             record = replace(record, branch=self._branch)
-        self._keys[record.branch, record.epoch] = len(self._epochs)
-        self._epochs.append(record)
-        self._tips[self._branch] = record.epoch
-        self._lineage = None
+        with self._line_lock:
+            line = self._line
+            extends = self._fork is None and (not line or line[-1].epoch < record.epoch)
+            self._keys[record.branch, record.epoch] = len(self._epochs)
+            self._epochs.append(record)
+            self._tips[self._branch] = record.epoch
+            self._names.update(dict.fromkeys(record.logs))
+            if line is not None and extends:
+                line.append(record)
+                self._lineage = None
+            elif line is not None:
+                self._lineage_moved()
+            # (None: not read since it last moved; it is followed again when read.)
         self.holds = (record.branch, record.epoch)
         return record
 
@@ -246,10 +268,43 @@ class History:
         With no branches this is every epoch.
         """
         if branch is None or branch == self._branch:
-            if self._lineage is None:
-                self._lineage = self._follow(self._branch)
-            return self._lineage
+            with self._line_lock:
+                if self._lineage is None:
+                    self._lineage = tuple(self._current_line())
+                return self._lineage
         return self._follow(branch)
+
+    @property
+    def lineage_changes(self) -> int:
+        """How many times the current lineage changed other than by an epoch added at its
+        end (a restored epoch, a new branch). While it stays the same, a reader that
+        read the lineage's first ``n`` records needs only `lineage_from` ``(n)``."""
+        return self._lineage_changes
+
+    def lineage_from(self, start: int) -> tuple[EpochRecord, ...]:
+        """The current lineage's records from position ``start`` on; copies only those.
+
+        Example:
+
+        >>> h = History()
+        >>> for epoch in (1, 2, 3):
+        ...     _ = h.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs({}), 1e-3))
+        >>> [r.epoch for r in h.lineage_from(1)], [r.epoch for r in h.lineage_from(-1)]
+        ([2, 3], [3])
+        """
+        with self._line_lock:
+            return tuple(self._current_line()[start:])
+
+    def _current_line(self) -> list[EpochRecord]:
+        with self._line_lock:
+            if self._line is None:
+                self._line = list(self._follow(self._branch))
+            return self._line
+
+    def _lineage_moved(self) -> None:
+        with self._line_lock:
+            self._line = self._lineage = None
+            self._lineage_changes += 1
 
     def abandoned(self) -> tuple[EpochRecord, ...]:
         """The epochs off the current branch's lineage: continuations left behind."""
@@ -282,17 +337,23 @@ class History:
 
     def metric(self, name: str, *, include_partial: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(epochs, values)`` of one metric on the current lineage (NaN where not logged)."""
-        rows = [r for r in self.lineage() if include_partial or not r.partial]
-        epochs = np.array([r.epoch for r in rows], dtype=np.int64)
-        values = np.array([r.logs.get(name, np.nan) for r in rows], dtype=np.float64)
-        return epochs, values
+        with self._series_lock:
+            changes, read, epochs, values = self._series.get(
+                (name, include_partial), (-1, 0, [], [])
+            )
+            if changes != self._lineage_changes:
+                changes, read, epochs, values = self._lineage_changes, 0, [], []
+            new = self.lineage_from(read)
+            for r in new:
+                if include_partial or not r.partial:
+                    epochs.append(r.epoch)
+                    values.append(r.logs.get(name, np.nan))
+            self._series[name, include_partial] = (changes, read + len(new), epochs, values)
+            return np.array(epochs, dtype=np.int64), np.array(values, dtype=np.float64)
 
     def metric_names(self) -> list[str]:
         """Every metric name logged so far, in first-seen order."""
-        names: dict[str, None] = {}
-        for record in self._epochs:
-            names.update(dict.fromkeys(record.logs))
-        return list(names)
+        return list(self._names)
 
     # -- branches --------------------------------------------------------
     @property
@@ -314,8 +375,9 @@ class History:
         branch = self._branch if branch is None else branch
         if self.key(epoch, branch) is None:
             raise ValueError(f"Epoch {epoch} was not recorded on branch {branch}.")
-        self._branch = branch
-        self._lineage = None
+        if branch != self._branch:
+            self._branch = branch
+            self._lineage_moved()
         self._fork = None if epoch == self._tips.get(branch) else epoch
         self.holds = (branch, epoch)
 
@@ -354,7 +416,7 @@ class History:
             self._branches.append(Branch(len(self._branches), self._branch, self._fork))
             self._branch = len(self._branches) - 1
             self._fork = None
-            self._lineage = None
+            self._lineage_moved()
         span = replace(span, branch=self._branch)
         self._phases.append(span)
         return span
@@ -592,7 +654,7 @@ class History:
             history._branch = row["branch"]
             history.add_epoch(EpochRecord(logs=logs, **row))
         history._branch = data.get("branch", 0)
-        history._lineage = None
+        history._lineage_moved()
         holds = data.get("holds")
         history.holds = None if holds is None else (int(holds[0]), int(holds[1]))
         return history

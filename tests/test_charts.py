@@ -625,3 +625,42 @@ def test_a_costly_trace_is_redrawn_within_its_time_budget(make_charts) -> None:
     assert session.history.trace_reads - reads <= 1 + burst / 0.2, burst
     assert charts.redraws >= n  # the rest of the charts were not held back
     assert drawn_last.wait(timeout=5.0), "the deferred trace was never drawn"
+
+
+READS: list[int] = []
+
+
+class CountedRecord(EpochRecord):
+    """An epoch record that notes each read of its fields, by its id."""
+
+    def __getattribute__(self, name: str):
+        if not name.startswith("__"):
+            READS.append(id(self))
+        return super().__getattribute__(name)
+
+
+def test_a_redraw_reads_the_new_epoch_not_every_epoch_again() -> None:
+    # Reading every epoch of the lineage at each redraw made it cost more as the run grew.
+    history = History()
+    history.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    reads = READS
+
+    def add(epoch: int, partial: bool = False) -> None:
+        logs = {"loss": 1 / epoch, "val_loss": 2 / epoch, "accuracy": 0.5, "val_accuracy": 0.5}
+        history.add_epoch(CountedRecord(epoch, "head", 0, frozen_logs(logs), 1e-3, partial=partial))
+
+    for epoch in range(1, 301):
+        add(epoch)
+    charts = TrainingCharts(history, min_interval=0.0, restorable=lambda: (10, 299, 300))
+    try:
+        charts.refresh(force=True)
+        for epoch, partial in ((301, False), (302, True)):
+            add(epoch, partial)
+            reads.clear()
+            charts.refresh(force=True)
+            # The new epoch, and the kept epochs whose halos are drawn: not the other 297.
+            assert len(set(reads)) <= 4, len(set(reads))
+        np.testing.assert_array_equal(xy(charts.marks["val_loss"])[0][-2:], [300, 301])
+        assert xy(charts.marks["partial_loss"])[0].tolist() == [302.0, 302.0]
+    finally:
+        charts.close()

@@ -1,4 +1,5 @@
 import json
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -216,3 +217,66 @@ def test_a_phase_end_reason_is_a_phase_end_that_reads_and_saves_as_its_string(tm
     history.begin_phase(PhaseSpan(1, "head", 2, 1e-3, 0))
     with pytest.raises(ValueError, match="'early_stop'"):
         history.end_phase(2, "early_stop")
+
+
+def test_the_lineage_grows_by_its_new_epochs_and_changes_on_a_new_branch():
+    h = History()
+    h.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    for epoch in range(1, 6):
+        h.add_epoch(record(epoch, loss=1 / epoch))
+    changes = h.lineage_changes
+    sixth = h.add_epoch(record(6, loss=0.1))
+    # A new epoch at the end: readers of the first five read only it.
+    assert h.lineage_changes == changes and h.lineage_from(5) == (sixth,)
+    h.travel(3)
+    assert h.lineage_changes == changes  # the same branch until a phase grows a new one
+    h.begin_phase(PhaseSpan(1, "head", 4, 1e-3, 0))
+    assert h.lineage_changes == changes + 1
+    fourth = h.add_epoch(record(4, loss=0.2))
+    assert [r.epoch for r in h.lineage()] == [1, 2, 3, 4] and h.lineage_from(3) == (fourth,)
+    assert fourth.branch == 1 and h.lineage_changes == changes + 1
+    h.travel(6, branch=0)
+    assert h.lineage_changes == changes + 2 and h.lineage_from(5) == (sixth,)
+
+
+class CountedLogs(Mapping):
+    """An epoch's logs that count their reads."""
+
+    def __init__(self, logs: dict[str, float], reads: list[str]) -> None:
+        self._logs, self._reads = logs, reads
+
+    def __getitem__(self, name: str) -> float:
+        self._reads.append(name)
+        return self._logs[name]
+
+    def __iter__(self):
+        self._reads.append("iter")
+        return iter(self._logs)
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+
+def test_metric_names_and_a_metric_read_no_epoch_twice():
+    # The panel and the charts ask at each epoch or redraw; reading every epoch's logs
+    # each time grew with the run.
+    h = History()
+    h.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    reads: list[str] = []
+    for epoch in range(1, 101):
+        logs = {"loss": 1 / epoch, **({"val_loss": 1.0} if epoch > 1 else {}), f"m{epoch % 3}": 0.5}
+        h.add_epoch(EpochRecord(epoch, "head", 0, CountedLogs(logs, reads), 1e-3))
+    reads.clear()
+    assert h.metric_names() == ["loss", "m1", "val_loss", "m2", "m0"]
+    assert reads == []
+    assert h.metric("loss")[1][-1] == 1 / 100 and len(reads) == 100
+    h.add_epoch(EpochRecord(101, "head", 0, CountedLogs({"loss": 0.5}, reads), 1e-3))
+    reads.clear()
+    epochs, values = h.metric("loss")
+    assert reads == ["loss"] and epochs[-1] == 101 and values[-1] == 0.5 and len(values) == 101
+    # A new branch from epoch 50: the series follows it.
+    h.travel(50)
+    h.begin_phase(PhaseSpan(1, "head", 51, 1e-3, 0))
+    h.add_epoch(record(51, loss=7.0))
+    epochs, values = h.metric("loss")
+    assert epochs.tolist() == list(range(1, 52)) and values[-1] == 7.0 and values[-2] == 1 / 50
