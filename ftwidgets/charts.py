@@ -698,7 +698,10 @@ class TrainingCharts(widgets.VBox):
             return
         with self._lock:
             self._closed = True
+            timer = self._timer
             self._cancel_timer()
+        if timer is not None and timer is not threading.current_thread():
+            timer.join()  # until its thread ends, it holds these charts (and their panel)
         # Hidden marks and unused scales too, which no figure reaches.
         close_tree(self, *self._marks.values(), self.x_scale, self._band_scale, self.lr_scale,
                    keep_open=self)  # fmt: skip

@@ -112,8 +112,16 @@ def watch_sessions(callback: Callable[[FineTuneSession, bool], None]) -> None:
     """Call ``callback(session, alive)`` whenever a session is created or closed.
 
     For views that follow every session (the JupyterLab extension's bridge).
-    Exceptions in ``callback`` propagate: keep it quick and safe.
+    Exceptions in ``callback`` propagate: keep it quick and safe. A callback of the
+    same module and name replaces the one watching: ``%reload_ext ftwidgets`` runs
+    the package's ``__init__`` again, and a second coach would double every note.
     """
+    key = (getattr(callback, "__module__", None), getattr(callback, "__qualname__", None))
+    _WATCHERS[:] = [
+        w
+        for w in _WATCHERS
+        if (getattr(w, "__module__", None), getattr(w, "__qualname__", None)) != key
+    ]
     _WATCHERS.append(callback)
 
 

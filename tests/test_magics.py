@@ -14,7 +14,7 @@ import keras
 import nbclient
 import nbformat
 import pytest
-from helpers import hold_compile
+from helpers import hold_compile, make_session
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
@@ -88,6 +88,20 @@ def test_loading_twice_is_harmless(ip):
     assert err == ""
     result, out, _, _ = run(ip, "%ftstatus")
     assert result.success
+
+
+@pytest.mark.keras
+def test_reloading_the_extension_leaves_one_coach_per_session(ip, data):
+    # %reload_ext runs ftwidgets/__init__.py again, which registers its watchers again.
+    from ftwidgets.events import Advised
+
+    assert run(ip, "%reload_ext ftwidgets")[0].success
+    session = make_session(data)
+    seen = []
+    session.on_event(lambda e: isinstance(e, Advised) and seen.append(e.note))
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, learning_rate=1e-12, batch_size=16))
+    assert seen and seen == list(reversed(session.advice()))
+    session.close()
 
 
 @pytest.mark.widgets
