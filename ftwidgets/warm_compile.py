@@ -42,6 +42,7 @@ __all__ = [
     "fit_steps",
     "install_steps",
     "lower_steps",
+    "wait_for_compiles",
 ]
 
 logger = logging.getLogger(__name__)
@@ -224,13 +225,28 @@ _RUNNING: set[threading.Thread] = set()
 _EXITING = threading.Event()
 
 
-@atexit.register
-def _finish_at_exit() -> None:
-    _EXITING.set()
+def wait_for_compiles(timeout: float | None = None) -> bool:
+    """Block until every compile started by `compile_in_background` so far has ended.
+
+    Returns:
+        False if one was still running after ``timeout`` seconds (each).
+
+    Example:
+
+    >>> wait_for_compiles(timeout=60)
+    True
+    """
     with _LOCK:
         running = list(_RUNNING)
     for thread in running:
-        thread.join(timeout=120)
+        thread.join(timeout)
+    return not any(thread.is_alive() for thread in running)
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    _EXITING.set()
+    wait_for_compiles(timeout=120)
 
 
 class WarmUp:

@@ -39,6 +39,7 @@ class CacheHits(logging.Handler):
 
 @pytest.fixture
 def hits() -> Iterator[CacheHits]:
+    assert warm_compile.wait_for_compiles(timeout=120)  # an earlier test's, still loading
     logger = logging.getLogger("jax._src.compiler")
     handler, level = CacheHits(), logger.level
     logger.addHandler(handler)
@@ -73,6 +74,8 @@ class Compiles:
 
 @pytest.fixture
 def compiles() -> Iterator[Compiles]:
+    # A compile ahead that an earlier test left running is named as ours would be.
+    assert warm_compile.wait_for_compiles(timeout=120)
     listener = Compiles()
     jax.monitoring.register_event_duration_secs_listener(listener)
     yield listener
