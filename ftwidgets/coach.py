@@ -587,7 +587,7 @@ def not_learning(record: Record) -> Note | None:
 
     >>> from ftwidgets.events import EpochRecord, frozen_logs
     >>> h = History()
-    >>> for e in range(4):
+    >>> for e in range(1, 5):
     ...     _ = h.add_epoch(EpochRecord(e, "head", 0, frozen_logs(
     ...         {"loss": 1.6, "val_loss": 1.61 + e / 1000, "val_accuracy": 0.2}), 1e-3))
     >>> not_learning(Record(h, "val_loss", "min", phase="head", num_classes=5)).message

@@ -260,7 +260,7 @@ class FineTuneSession:
         self.model = model
         self.task = tasks.model_task(model)
         # The user's own compile, if any, is kept: what they did not override here.
-        compiled = _user_compile(model)
+        compiled = upstream.compile_arguments(model)
         extras = _compile_settings(model) if compiled else {}
         if loss is None and compiled.get("loss") is not None:
             loss = compiled["loss"]
@@ -1165,14 +1165,6 @@ def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
 # batch ends to one, and a pool refusing work would fail the phase instead of
 # stopping it): the hook concurrent.futures itself uses, else plain atexit.
 upstream.register_atexit(_stop_sessions_at_exit)
-
-
-def _user_compile(model: keras.Model) -> dict[str, Any]:
-    """What ``model.compile`` was given before the session: optimizer, loss, metrics...
-
-    Empty when the model was not compiled.
-    """
-    return upstream.compile_arguments(model)
 
 
 def _compile_settings(model: keras.Model) -> dict[str, Any]:
