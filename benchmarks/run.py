@@ -97,8 +97,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ftwidgets as ftw  # noqa: E402
-from ftwidgets import transfer  # noqa: E402
-from ftwidgets.events import (  # noqa: E402
+from ftwidgets.engine import transfer  # noqa: E402
+from ftwidgets.engine.events import (  # noqa: E402
     BatchProgress,
     EpochEnded,
     EpochRecord,
@@ -111,8 +111,8 @@ from ftwidgets.events import (  # noqa: E402
     StateChanged,
     frozen_logs,
 )
-from ftwidgets.history import History, Marker, PhaseSpan  # noqa: E402
-from ftwidgets.snapshots import capture  # noqa: E402
+from ftwidgets.engine.history import History, Marker, PhaseSpan  # noqa: E402
+from ftwidgets.engine.snapshots import capture  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTIONS = (
@@ -674,7 +674,8 @@ class OverheadResult:
 # Hooks timed by the instrumented run: (label, owner, attribute). Nested hooks are
 # included in their callers' figures (see the labels).
 def _hooks() -> list[tuple[str, Any, str]]:
-    from ftwidgets import callbacks, charts, jobs, panel, snapshots
+    from ftwidgets.engine import callbacks, jobs, snapshots
+    from ftwidgets.ui import charts, panel
 
     return [
         ("`SessionControl.on_train_batch_begin` (every batch; incl. progress events)",
@@ -1062,8 +1063,8 @@ def measure_traffic(
     """
     from recording_comm import record_comms
 
-    from ftwidgets.charts import TrainingCharts
-    from ftwidgets.compare import RunComparison
+    from ftwidgets.ui.charts import TrainingCharts
+    from ftwidgets.ui.compare import RunComparison
 
     rows = []
     for n in sizes:
@@ -1328,7 +1329,7 @@ def measure_in_flight(
     the session's default, None): the session's epoch time against bare ``fit`` (arms
     interleaved in a balanced order, each bound its own arm), then Stop and rate-change
     latency as in section 3."""
-    from ftwidgets import channel
+    from ftwidgets.engine import channel
 
     default = channel.MAX_IN_FLIGHT, channel.IN_FLIGHT_SECONDS
 
@@ -1368,7 +1369,7 @@ def measure_in_flight(
 
 
 def in_flight_table(rows: list[InFlightRow], w: Workload, device: str) -> list[str]:
-    from ftwidgets import channel
+    from ftwidgets.engine import channel
 
     lines = [
         f"The {w.name} workload on `{device}`; the session's bound today: at least "

@@ -13,17 +13,17 @@ _ensure_jax_backend()
 
 from ftwidgets import demo  # noqa: E402
 from ftwidgets._backend import device_summary  # noqa: E402
-from ftwidgets.compile_cache import (  # noqa: E402
+from ftwidgets.engine.compile_cache import (  # noqa: E402
     compilation_cache_dir,
     disable_compilation_cache,
     enable_compilation_cache,
 )
-from ftwidgets.compile_cache import configure_from_environment as _configure_cache  # noqa: E402
-from ftwidgets.config import EarlyStoppingConfig, PhaseConfig  # noqa: E402
-from ftwidgets.events import Best, EpochRecord, Failure  # noqa: E402
-from ftwidgets.history import Branch, History  # noqa: E402
-from ftwidgets.session import FineTuneSession, live_sessions, watch_sessions  # noqa: E402
-from ftwidgets.transfer import (  # noqa: E402
+from ftwidgets.engine.compile_cache import configure_from_environment as _configure_cache  # noqa: E402
+from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig  # noqa: E402
+from ftwidgets.engine.events import Best, EpochRecord, Failure  # noqa: E402
+from ftwidgets.engine.history import Branch, History  # noqa: E402
+from ftwidgets.engine.session import FineTuneSession, live_sessions, watch_sessions  # noqa: E402
+from ftwidgets.engine.transfer import (  # noqa: E402
     build_transfer_model,
     freeze_map,
     unfreeze,
@@ -37,7 +37,7 @@ _configure_cache()
 def _coach_the_session(session: FineTuneSession, alive: bool) -> None:
     # The coach listens to the session's events; the session knows nothing of its rules.
     if alive:
-        from ftwidgets.coach import Coach
+        from ftwidgets.advice.coach import Coach
 
         session.coach = Coach(enabled=session._coach_on).listen(session)
 
@@ -45,7 +45,7 @@ def _coach_the_session(session: FineTuneSession, alive: bool) -> None:
 def _serve_the_lab_extension(session: FineTuneSession, alive: bool) -> None:
     # In a kernel, the first session starts the bridge to the JupyterLab extension.
     if alive:
-        from ftwidgets import comms
+        from ftwidgets.frontend import comms
 
         comms.bridge()
 
@@ -57,15 +57,15 @@ watch_sessions(_serve_the_lab_extension)
 def __getattr__(name: str):
     # The view layer loads ipywidgets and bqplot; scripts that only train never pay for it.
     if name == "FineTunePanel":
-        from ftwidgets.panel import FineTunePanel
+        from ftwidgets.ui.panel import FineTunePanel
 
         return FineTunePanel
     if name == "TrainingCharts":
-        from ftwidgets.charts import TrainingCharts
+        from ftwidgets.ui.charts import TrainingCharts
 
         return TrainingCharts
     if name == "RunComparison":
-        from ftwidgets.compare import RunComparison
+        from ftwidgets.ui.compare import RunComparison
 
         return RunComparison
     raise AttributeError(f"module 'ftwidgets' has no attribute {name!r}")
@@ -73,7 +73,7 @@ def __getattr__(name: str):
 
 def load_ipython_extension(ipython) -> None:
     """Called by ``%load_ext ftwidgets``: registers ``%finetune`` and ``%ftstatus``."""
-    from ftwidgets.magics import load_ipython_extension as load
+    from ftwidgets.ui.magics import load_ipython_extension as load
 
     load(ipython)
 

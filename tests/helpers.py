@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
+from ftwidgets.engine import events as ev
 
 WAIT = 120  # generous: a stuck worker fails the test instead of hanging CI
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ftwidgets as ftw
-from ftwidgets.history import History
+from ftwidgets.engine.history import History
 
 pytestmark = pytest.mark.keras
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ftwidgets import channel
-from ftwidgets.channel import Channel, Outbox, Stop
+from ftwidgets.engine import channel
+from ftwidgets.engine.channel import Channel, Outbox, Stop
 
 pytestmark = pytest.mark.unit
 

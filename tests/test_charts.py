@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from recording_comm import CommRecorder, record_comms
 
-from ftwidgets.charts import MARKED_POINTS, TrainingCharts
-from ftwidgets.events import (
+from ftwidgets.engine.events import (
     BatchProgress,
     Best,
     EarlyStopped,
@@ -27,7 +26,8 @@ from ftwidgets.events import (
     Stopped,
     frozen_logs,
 )
-from ftwidgets.history import History, Marker, PhaseSpan
+from ftwidgets.engine.history import History, Marker, PhaseSpan
+from ftwidgets.ui.charts import MARKED_POINTS, TrainingCharts
 
 pytestmark = pytest.mark.widgets
 

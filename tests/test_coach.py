@@ -10,11 +10,11 @@ from collections.abc import Mapping
 import pytest
 
 import ftwidgets as ftw
-from ftwidgets import coach
-from ftwidgets.actions import ChangeLearningRate, PlanPhase, RollBack, SetDropout
-from ftwidgets.coach import Coach, Record
-from ftwidgets.events import Advised, EpochRecord, frozen_logs
-from ftwidgets.history import History, Marker, PhaseSpan
+from ftwidgets.advice import coach
+from ftwidgets.advice.coach import Coach, Record
+from ftwidgets.engine.actions import ChangeLearningRate, PlanPhase, RollBack, SetDropout
+from ftwidgets.engine.events import Advised, EpochRecord, frozen_logs
+from ftwidgets.engine.history import History, Marker, PhaseSpan
 
 
 def run(curves, phase: str = "head", rate: float = 1e-3, history: History | None = None) -> History:
@@ -329,10 +329,10 @@ def _imports(module) -> set[str]:
 
 @pytest.mark.unit
 def test_the_coach_and_the_session_do_not_import_each_other():
-    from ftwidgets import session
+    from ftwidgets.engine import session
 
-    assert "ftwidgets.session" not in _imports(coach)
-    assert "ftwidgets.coach" not in _imports(session)
+    assert "ftwidgets.engine.session" not in _imports(coach)
+    assert "ftwidgets.advice.coach" not in _imports(session)
     # Nor does the session read the head's dropout layer for the coach any more.
     assert "head_dropout" not in inspect.getsource(session)
 

@@ -193,7 +193,7 @@ def test_without_a_front_end_the_kernel_sends_nothing_and_shows_a_beacon(fronten
 # page (nobody listened), then make every notice kept so far count as heard of too late.
 PARK_THE_NOTICE = """
 import time
-from ftwidgets import comms
+from ftwidgets.frontend import comms
 deadline = time.monotonic() + 60
 while not comms.bridge()._unheard:
     assert time.monotonic() < deadline, "the phase's notice was never kept for a later page"
@@ -347,7 +347,7 @@ def test_a_kernel_without_subshells_says_so_in_every_reply():
     """ipykernel 6 has no subshells: the sidebar then says commands wait for the cell."""
     from types import SimpleNamespace
 
-    from ftwidgets.comms import KernelBridge
+    from ftwidgets.frontend.comms import KernelBridge
 
     class Comm:
         comm_id = "c1"

@@ -8,8 +8,8 @@ from helpers import WAIT, make_panel
 from recording_comm import record_comms
 
 import ftwidgets as ftw
-from ftwidgets.compare import RunComparison, best_of
-from ftwidgets.events import EpochRecord, frozen_logs
+from ftwidgets.engine.events import EpochRecord, frozen_logs
+from ftwidgets.ui.compare import RunComparison, best_of
 
 pytestmark = pytest.mark.widgets
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from ftwidgets.config import EarlyStoppingConfig, PhaseConfig, resolve_mode
+from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig, resolve_mode
 
 pytestmark = pytest.mark.unit
 

@@ -27,7 +27,7 @@ import numpy as np
 from keras.src.backend.jax import distribution_lib as jax_distribution
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
+from ftwidgets.engine import events as ev
 
 assert len(jax.devices()) == 2, jax.devices()
 keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))

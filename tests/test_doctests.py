@@ -13,17 +13,21 @@ import ftwidgets
 MODULES = sorted(
     info.name for info in pkgutil.walk_packages(ftwidgets.__path__, prefix="ftwidgets.")
 )
-# Each module's examples in the layer of what they do (ftwidgets.transfer's build
+# Each module's examples in the layer of what they do (ftwidgets.engine.transfer's build
 # keras.applications models, seconds each); the rest are unit tests, where training a
 # model fails (tests/layers.py).
-KERAS_EXAMPLES = {"ftwidgets.session", "ftwidgets.transfer", "ftwidgets.warm_compile"}
+KERAS_EXAMPLES = {
+    "ftwidgets.engine.session",
+    "ftwidgets.engine.transfer",
+    "ftwidgets.engine.warm_compile",
+}
 WIDGET_EXAMPLES = {
-    "ftwidgets.charts",
-    "ftwidgets.coach_view",
-    "ftwidgets.compare",
-    "ftwidgets.panel",
-    "ftwidgets.search_chart",
-    "ftwidgets.widget_tree",
+    "ftwidgets.ui.charts",
+    "ftwidgets.ui.coach_view",
+    "ftwidgets.ui.compare",
+    "ftwidgets.ui.panel",
+    "ftwidgets.ui.search_chart",
+    "ftwidgets.ui.widget_tree",
 }
 
 

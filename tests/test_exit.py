@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
                                   if session.history.phases else None, flush=True))
 
     import ftwidgets as ftw
-    from ftwidgets import events as ev
+    from ftwidgets.engine import events as ev
 
     data = ftw.demo.digits_transfer(per_class=10, seed=0)
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ftwidgets as ftw
-from ftwidgets.grain_data import shuffle_each_epoch
+from ftwidgets.engine.grain_data import shuffle_each_epoch
 
 pytestmark = pytest.mark.keras
 IMAGES = 12  # 3 classes of 4; image i has every pixel equal to 10 * i, its id

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ftwidgets.events import EpochRecord, PhaseEnd, frozen_logs
-from ftwidgets.history import History, Marker, PhaseSpan, decimate
+from ftwidgets.engine.events import EpochRecord, PhaseEnd, frozen_logs
+from ftwidgets.engine.history import History, Marker, PhaseSpan, decimate
 
 pytestmark = pytest.mark.unit
 
@@ -152,7 +152,7 @@ def test_a_history_of_an_unknown_version_is_refused(tmp_path):
 def test_a_phase_with_an_optimizer_instance_saves_loads_and_compares(tmp_path):
     import keras
 
-    from ftwidgets.config import PhaseConfig
+    from ftwidgets.engine.config import PhaseConfig
 
     sgd = keras.optimizers.SGD(learning_rate=0.1, momentum=0.7, clipnorm=2.0)
     h = History()

@@ -1,4 +1,4 @@
-"""ftwidgets.inputs.TrainingData: every form model.fit takes, refused forms, and data checks.
+"""ftwidgets.engine.inputs.TrainingData: every form model.fit takes, refused forms, and data checks.
 
 Most tests work at the TrainingData level (fit_args, first_batch, check); the
 tests marked ``keras`` train tiny models through a real FineTuneSession.
@@ -19,9 +19,9 @@ import pytest
 from helpers import Batches
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
-from ftwidgets.inputs import TrainingData
-from ftwidgets.transfer import get_base
+from ftwidgets.engine import events as ev
+from ftwidgets.engine.inputs import TrainingData
+from ftwidgets.engine.transfer import get_base
 
 SPARSE = "sparse_categorical_crossentropy"
 N = 20

@@ -10,8 +10,8 @@ import pytest
 from helpers import WAIT, Recorder, make_model, make_session, same, values
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
-from ftwidgets.snapshots import (
+from ftwidgets.engine import events as ev
+from ftwidgets.engine.snapshots import (
     DEFAULT_KEEP_BYTES,
     Snapshot,
     SnapshotStore,
@@ -156,7 +156,7 @@ def test_keeping_an_epoch_reads_as_many_sizes_with_300_kept_as_with_3(data, monk
 def test_each_epoch_is_copied_into_memory_written_ahead_on_another_thread(data, monkeypatch):
     # A fresh block costs a page fault per page on the model's thread (2-40 ms per
     # 10 MB on the CI machine); the store writes the next epoch's block while it trains.
-    from ftwidgets import snapshots
+    from ftwidgets.engine import snapshots
 
     made: list[tuple[str, np.ndarray]] = []
     original = snapshots.touched_block
@@ -317,7 +317,7 @@ def test_sessions_sharing_a_folder_never_collide(data, tmp_path):
 def test_a_disk_copy_is_flushed_before_its_rename(tmp_path, monkeypatch):
     import os
 
-    from ftwidgets import snapshots
+    from ftwidgets.engine import snapshots
 
     model = make_model()
     calls: list[str] = []

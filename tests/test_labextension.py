@@ -82,7 +82,7 @@ def _ts_fields(source: str, interface: str) -> dict[str, str]:
 def test_the_typescript_protocol_declares_what_telemetry_sends(
     interface: str, typed_dict: str
 ) -> None:
-    from ftwidgets import telemetry
+    from ftwidgets.frontend import telemetry
 
     fields = _ts_fields((SOURCE / "src" / "protocol.ts").read_text(encoding="utf-8"), interface)
     sent = getattr(telemetry, typed_dict).__annotations__
@@ -96,7 +96,7 @@ def test_the_typescript_protocol_declares_what_telemetry_sends(
 def test_the_typescript_protocol_knows_every_phase_end_outcome() -> None:
     from typing import get_args
 
-    from ftwidgets import telemetry
+    from ftwidgets.frontend import telemetry
 
     source = (SOURCE / "src" / "protocol.ts").read_text(encoding="utf-8")
     union = re.search(r"export type Outcome =([^;]+);", source)

@@ -11,8 +11,8 @@ import pytest
 from helpers import WAIT, Recorder, same, tiny_base, values
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
-from ftwidgets.lr_search import (
+from ftwidgets.engine import events as ev
+from ftwidgets.engine.lr_search import (
     LearningRateSearch,
     SearchSettings,
     minimum,

@@ -20,10 +20,10 @@ from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
 import ftwidgets as ftw
-from ftwidgets import magics
-from ftwidgets.events import StateChanged
-from ftwidgets.panel import FineTunePanel
-from ftwidgets.session import live_sessions
+from ftwidgets.engine.events import StateChanged
+from ftwidgets.engine.session import live_sessions
+from ftwidgets.ui import magics
+from ftwidgets.ui.panel import FineTunePanel
 
 WAIT = 120  # seconds; generous for a shared CPU, a passing test never waits that long
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -93,7 +93,7 @@ def test_loading_twice_is_harmless(ip):
 @pytest.mark.keras
 def test_reloading_the_extension_leaves_one_coach_per_session(ip, data):
     # %reload_ext runs ftwidgets/__init__.py again, which registers its watchers again.
-    from ftwidgets.events import Advised
+    from ftwidgets.engine.events import Advised
 
     assert run(ip, "%reload_ext ftwidgets")[0].success
     session = make_session(data)
@@ -235,7 +235,7 @@ def test_engine_messages_are_squeezed_to_one_short_line():
 
 @pytest.mark.widgets
 def test_ftstatus_without_sessions(ip, monkeypatch):
-    monkeypatch.setattr("ftwidgets.session.live_sessions", lambda: [])
+    monkeypatch.setattr("ftwidgets.engine.session.live_sessions", lambda: [])
     result, out, err, _ = run(ip, "%ftstatus")
     assert result.success, err
     assert out.strip() == (

@@ -15,9 +15,9 @@ import pytest
 from helpers import WAIT, Recorder, same, values
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
-from ftwidgets.callbacks import NonFiniteWeightsError
-from ftwidgets.snapshots import SnapshotStore, capture, restore
+from ftwidgets.engine import events as ev
+from ftwidgets.engine.callbacks import NonFiniteWeightsError
+from ftwidgets.engine.snapshots import SnapshotStore, capture, restore
 
 pytestmark = pytest.mark.keras
 

@@ -13,10 +13,10 @@ from helpers import block_base, hold_compile, make_panel
 from html_table import folded_rows, table_rows
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
-from ftwidgets import telemetry
-from ftwidgets.actions import PlanPhase, RollBack, SetDropout, SetUnfreezeDepth
-from ftwidgets.charts import format_rate
+from ftwidgets.engine import events as ev
+from ftwidgets.engine.actions import PlanPhase, RollBack, SetDropout, SetUnfreezeDepth
+from ftwidgets.frontend import telemetry
+from ftwidgets.ui.charts import format_rate
 
 pytestmark = pytest.mark.widgets
 WAIT = 120
@@ -605,7 +605,7 @@ def test_the_panel_settles_right_after_many_racing_starts_and_stops(panel, monke
 
     from helpers import fake_fit
 
-    from ftwidgets import jobs
+    from ftwidgets.engine import jobs
 
     model = panel.session.model
     monkeypatch.setattr(model, "fit", fake_fit(model, random.Random(0)))

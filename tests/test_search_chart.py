@@ -7,10 +7,10 @@ import bqplot as bq
 import numpy as np
 import pytest
 
-from ftwidgets.config import PhaseConfig
-from ftwidgets.events import SearchEnded, SearchStarted, SearchStep
-from ftwidgets.lr_search import LearningRateSearch, SearchSettings
-from ftwidgets.search_chart import SUGGESTION_COLORS, SearchChart
+from ftwidgets.engine.config import PhaseConfig
+from ftwidgets.engine.events import SearchEnded, SearchStarted, SearchStep
+from ftwidgets.engine.lr_search import LearningRateSearch, SearchSettings
+from ftwidgets.ui.search_chart import SUGGESTION_COLORS, SearchChart
 
 pytestmark = pytest.mark.widgets
 

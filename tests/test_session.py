@@ -24,8 +24,8 @@ from helpers import (
 )
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
-from ftwidgets.actions import (
+from ftwidgets.engine import events as ev
+from ftwidgets.engine.actions import (
     ChangeLearningRate,
     PlanPhase,
     RollBack,
@@ -34,7 +34,7 @@ from ftwidgets.actions import (
     StartPhase,
     StopTraining,
 )
-from ftwidgets.transfer import get_base, unfreezable_layers
+from ftwidgets.engine.transfer import get_base, unfreezable_layers
 
 pytestmark = pytest.mark.keras
 
@@ -517,7 +517,7 @@ def lag_during_a_phase(data) -> tuple[int, float]:
 def test_commands_are_never_an_epoch_behind_the_device(data, monkeypatch):
     # JAX dispatches asynchronously; unbounded, Python runs ahead of the device
     # and a Stop or a new learning rate would land an epoch late.
-    from ftwidgets import channel
+    from ftwidgets.engine import channel
 
     monkeypatch.setattr(channel, "IN_FLIGHT_SECONDS", 0.0)  # the floor alone
     assert lag_during_a_phase(data)[0] <= channel.MAX_IN_FLIGHT + 1
@@ -759,7 +759,7 @@ def test_a_compiled_learning_rate_schedule_is_refused_unless_the_phase_names_an_
 
 
 def test_phase_key_follows_the_optimizer_settings_not_the_instance(data):
-    from ftwidgets.jobs import phase_key
+    from ftwidgets.engine.jobs import phase_key
 
     session = make_session(data)
     ctx = session._ctx
@@ -773,7 +773,7 @@ def test_phase_key_follows_the_optimizer_settings_not_the_instance(data):
 
 
 def test_the_learning_rate_search_uses_the_compiled_optimizer(data, monkeypatch):
-    from ftwidgets import lr_search
+    from ftwidgets.engine import lr_search
 
     model = make_model()
     sgd = user_sgd()
@@ -928,7 +928,7 @@ def test_auto_mode_resolves_every_built_in_metric_as_keras_early_stopping_does()
     # Fourteen built-in metrics that mode="auto" used to refuse by name.
     from keras.src import ops
 
-    from ftwidgets.jobs import metric_direction
+    from ftwidgets.engine.jobs import metric_direction
 
     metrics = [
         keras.metrics.CosineSimilarity(),

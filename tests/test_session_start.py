@@ -25,7 +25,7 @@ from helpers import (
 from keras.src.utils.rng_utils import get_random_seed  # not exported; thread-local
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
+from ftwidgets.engine import events as ev
 
 pytestmark = pytest.mark.keras
 

@@ -19,9 +19,9 @@ import pytest
 from helpers import fake_fit, make_model
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
-from ftwidgets import jobs
-from ftwidgets.channel import TRANSITIONS, State
+from ftwidgets.engine import events as ev
+from ftwidgets.engine import jobs
+from ftwidgets.engine.channel import TRANSITIONS, State
 
 pytestmark = pytest.mark.keras
 

@@ -1,4 +1,4 @@
-"""ftwidgets.tasks: the task of a model's head, its default loss, and label/loss agreement."""
+"""ftwidgets.engine.tasks: the task of a model's head, its default loss, label-loss agreement."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ftwidgets as ftw
-from ftwidgets import tasks, transfer
+from ftwidgets.engine import tasks, transfer
 
 pytestmark = pytest.mark.unit
 

@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from ftwidgets.config import EarlyStoppingConfig
-from ftwidgets.events import EpochRecord, frozen_logs
-from ftwidgets.tracking import BestTracker
+from ftwidgets.engine.config import EarlyStoppingConfig
+from ftwidgets.engine.events import EpochRecord, frozen_logs
+from ftwidgets.engine.tracking import BestTracker
 
 pytestmark = pytest.mark.unit
 

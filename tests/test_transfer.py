@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from html_table import folded_rows, table_rows
 
-from ftwidgets.transfer import (
+from ftwidgets.engine.transfer import (
     FreezeMap,
     LayerRow,
     build_transfer_model,

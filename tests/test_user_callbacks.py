@@ -11,7 +11,7 @@ import pytest
 from helpers import Batches
 
 import ftwidgets as ftw
-from ftwidgets import events as ev
+from ftwidgets.engine import events as ev
 
 pytestmark = pytest.mark.keras
 WAIT = 120

@@ -19,10 +19,9 @@ import pytest
 from helpers import WAIT
 
 import ftwidgets as ftw
-from ftwidgets import telemetry
-from ftwidgets.actions import ChangeLearningRate
-from ftwidgets.coach import Note
-from ftwidgets.events import (
+from ftwidgets.advice.coach import Note
+from ftwidgets.engine.actions import ChangeLearningRate
+from ftwidgets.engine.events import (
     Advised,
     BatchProgress,
     Best,
@@ -42,9 +41,10 @@ from ftwidgets.events import (
     StateChanged,
     frozen_logs,
 )
-from ftwidgets.format import session_repr, status_markup, status_text
-from ftwidgets.magics import session_status
-from ftwidgets.view import SessionView, fold
+from ftwidgets.frontend import telemetry
+from ftwidgets.ui.format import session_repr, status_markup, status_text
+from ftwidgets.ui.magics import session_status
+from ftwidgets.ui.view import SessionView, fold
 
 
 def fold_all(view, events):
@@ -288,7 +288,7 @@ def test_the_view_module_loads_no_widgets_and_no_ipython():
     # Keras itself imports IPython, so what counts is what the view and format add.
     code = (
         "import sys, ftwidgets; before = set(sys.modules); "
-        "import ftwidgets.view, ftwidgets.format; "
+        "import ftwidgets.ui.view, ftwidgets.ui.format; "
         "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))"
     )
     done = subprocess.run(

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import ftwidgets as ftw
-from ftwidgets import panel as panel_module
-from ftwidgets import warm_compile
-from ftwidgets.transfer import HEAD_DROPOUT_NAME, set_head_dropout
+from ftwidgets.engine import warm_compile
+from ftwidgets.engine.transfer import HEAD_DROPOUT_NAME, set_head_dropout
+from ftwidgets.ui import panel as panel_module
 
 
 class CacheHits(logging.Handler):

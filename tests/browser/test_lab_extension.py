@@ -37,7 +37,7 @@ session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train), name="{
 # When the kernel heard each Stop (wall clock, as the page's Date.now() / 1000).
 HEARD = """\
 import time
-from ftwidgets.events import StateChanged
+from ftwidgets.engine.events import StateChanged
 
 heard = []
 {session}.on_event(

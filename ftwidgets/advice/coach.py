@@ -7,7 +7,7 @@ widgets or Keras: the panel shows the notes, ``session.advice()`` returns them.
 
 The coach is a listener: `Coach.listen` follows a session's events, reads its record
 after the ones that change it, and posts each new note as an ``Advised`` event. The
-session knows nothing of the rules. A note's actions are typed (``ftwidgets.actions``);
+session knows nothing of the rules. A note's actions are typed (``ftwidgets.engine.actions``);
 ``session.apply(action)`` applies any of them.
 
 The thresholds are module constants, named after what they bound.
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ftwidgets.actions import (
+from ftwidgets.engine.actions import (
     Action,
     ChangeLearningRate,
     PlanPhase,
@@ -34,8 +34,8 @@ from ftwidgets.actions import (
     SetDropout,
     SetUnfreezeDepth,
 )
-from ftwidgets.config import DEFAULT_LEARNING_RATES
-from ftwidgets.events import (
+from ftwidgets.engine.config import DEFAULT_LEARNING_RATES
+from ftwidgets.engine.events import (
     Advised,
     EpochEnded,
     Event,
@@ -48,7 +48,7 @@ from ftwidgets.events import (
     PhaseEnded,
     PhaseStarted,
 )
-from ftwidgets.history import History
+from ftwidgets.engine.history import History
 
 __all__ = ["RULES", "Action", "Coach", "Note", "Record"]
 
@@ -303,7 +303,7 @@ def overfitting(record: Record) -> Note | None:
 
     Example:
 
-    >>> from ftwidgets.events import EpochRecord, frozen_logs
+    >>> from ftwidgets.engine.events import EpochRecord, frozen_logs
     >>> h = History()
     >>> for e, (loss, val) in enumerate([(1, .9), (.6, .5), (.4, .6), (.3, .7), (.2, .8)], 1):
     ...     _ = h.add_epoch(EpochRecord(e, "head", 0, frozen_logs(
@@ -585,7 +585,7 @@ def not_learning(record: Record) -> Note | None:
 
     Example:
 
-    >>> from ftwidgets.events import EpochRecord, frozen_logs
+    >>> from ftwidgets.engine.events import EpochRecord, frozen_logs
     >>> h = History()
     >>> for e in range(1, 5):
     ...     _ = h.add_epoch(EpochRecord(e, "head", 0, frozen_logs(

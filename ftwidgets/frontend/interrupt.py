@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ftwidgets import upstream
-from ftwidgets.session import live_sessions
+from ftwidgets.engine.session import live_sessions
 
 __all__ = ["install_interrupt_handler"]
 
@@ -40,7 +40,7 @@ def install_interrupt_handler() -> bool:
 
     Example:
 
-    >>> from ftwidgets.interrupt import install_interrupt_handler
+    >>> from ftwidgets.frontend.interrupt import install_interrupt_handler
     >>> install_interrupt_handler()  # outside a Jupyter kernel: nothing to do
     False
     """

@@ -9,7 +9,7 @@ The kernel never opens a comm to the front end: a front end without the extensio
 - The extension then opens ``ftwidgets.control`` in a kernel subshell of its own,
   saying hello. Commands come in on it, and the handler only queues session
   commands and replies, so with subshells a Stop takes effect while a cell is busy.
-- In answer to the hello the kernel opens ``ftwidgets.telemetry`` for that page
+- In answer to the hello the kernel opens ``ftwidgets.frontend.telemetry`` for that page
   (its opening names the control comm), and sends session cards (at most five
   updates a second) and phase-end notices on it from a background thread. Not on
   the control comm: ipykernel hands a comm's incoming messages to the subshell that
@@ -26,9 +26,10 @@ import time
 import weakref
 from typing import Any
 
-from ftwidgets import telemetry, upstream
-from ftwidgets.events import Best, Event, PhaseEnded, PhaseStarted, RolledBack
-from ftwidgets.session import FineTuneSession, live_sessions, watch_sessions
+from ftwidgets import upstream
+from ftwidgets.engine.events import Best, Event, PhaseEnded, PhaseStarted, RolledBack
+from ftwidgets.engine.session import FineTuneSession, live_sessions, watch_sessions
+from ftwidgets.frontend import telemetry
 
 __all__ = [
     "BEACON_TARGET",
@@ -117,7 +118,7 @@ class KernelBridge:
 
     Example, in a notebook (``ftwidgets`` starts it when the first session is made)::
 
-        from ftwidgets import comms
+        from ftwidgets.frontend import comms
         comms.bridge().subshells  # True on ipykernel 7 with subshells
     """
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from ftwidgets.config import EarlyStoppingConfig
-from ftwidgets.events import Best, EpochRecord
+from ftwidgets.engine.config import EarlyStoppingConfig
+from ftwidgets.engine.events import Best, EpochRecord
 
 __all__ = ["BestTracker"]
 

@@ -28,7 +28,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from ftwidgets import tasks, upstream
+from ftwidgets import upstream
+from ftwidgets.engine import tasks
 
 __all__ = ["ACCEPTED", "TrainingData", "class_weights_of", "is_dataset"]
 
@@ -108,7 +109,7 @@ class TrainingData:
             validation: the same forms, or None.
             validation_split: fraction of the ``train`` arrays held out, in [0, 1);
                 not with a dataset, nor together with ``validation``.
-            class_weight: checked class weights (`ftwidgets.tasks.check_class_weight`),
+            class_weight: checked class weights (`ftwidgets.engine.tasks.check_class_weight`),
                 or None; not with sample weights, and only for labels that are one array.
 
         Raises:
@@ -285,7 +286,7 @@ class TrainingData:
                 if self.class_weight is not None:
                     # fit refuses class_weight with Grain: weigh each batch as it
                     # does a PyDataset's, in a map that keeps the dataset's order.
-                    from ftwidgets import grain_data
+                    from ftwidgets.engine import grain_data
 
                     args["x"] = grain_data.with_class_weights(self.x, self.class_weight)
             elif self.class_weight is not None:

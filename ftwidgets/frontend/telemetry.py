@@ -1,7 +1,7 @@
 """What the JupyterLab extension is told about sessions: typed, JSON-ready messages.
 
 The kernel sends these on each page's ``ftwidgets.telemetry`` comm (see
-`ftwidgets.comms`); ``labextension/src/protocol.ts`` declares the same shapes for the
+`ftwidgets.frontend.comms`); ``labextension/src/protocol.ts`` declares the same shapes for the
 front end. Pure functions of a session's public state: no comms, no widgets.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, TypedDict
 
-from ftwidgets.events import Best, PhaseEnded
-from ftwidgets.format import finite
-from ftwidgets.view import SPARK_POINTS, SessionView
+from ftwidgets.engine.events import Best, PhaseEnded
+from ftwidgets.ui.format import finite
+from ftwidgets.ui.view import SPARK_POINTS, SessionView
 
 __all__ = [
     "PROTOCOL",
@@ -104,12 +104,12 @@ def card(session: Any, restored: Best | None, has_panel: bool) -> Card:
 
 
 def card_of(view: SessionView, restored: Best | None, has_panel: bool) -> Card:
-    """`card` for a session's view (see `ftwidgets.view`); the same arguments otherwise.
+    """`card` for a session's view (see `ftwidgets.ui.view`); the same arguments otherwise.
 
     Example:
 
-    >>> from ftwidgets.events import PhaseStarted
-    >>> from ftwidgets.view import fold
+    >>> from ftwidgets.engine.events import PhaseStarted
+    >>> from ftwidgets.ui.view import fold
     >>> started = PhaseStarted(0, "head", 1, 3, 1e-3, 0, 4, ())
     >>> view = fold(SessionView(name="s", model="m"), started)
     >>> c = card_of(view, None, has_panel=True)

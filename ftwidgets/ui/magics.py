@@ -22,8 +22,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ftwidgets.format import one_line, status_text
-from ftwidgets.view import SessionView
+from ftwidgets.ui.format import one_line, status_text
+from ftwidgets.ui.view import SessionView
 
 __all__ = ["USAGE", "FineTuneMagics", "load_ipython_extension", "session_status"]
 
@@ -107,7 +107,7 @@ def _check_model(model: Any, name: str) -> Any:
     """Fail early, before any widget exists, if ``model`` cannot have a panel."""
     import keras
 
-    from ftwidgets import transfer
+    from ftwidgets.engine import transfer
 
     if not isinstance(model, keras.Model):
         raise UsageError(
@@ -232,7 +232,7 @@ class FineTuneMagics(Magics):
         else:
             metrics = None if args.loss is None else []
 
-        from ftwidgets.panel import FineTunePanel
+        from ftwidgets.ui.panel import FineTunePanel
 
         try:
             panel = FineTunePanel(
@@ -260,7 +260,7 @@ class FineTuneMagics(Magics):
         """Print one line per live fine-tuning session (state, phase, epoch, best)."""
         if line.strip():
             raise UsageError(f"%ftstatus takes no arguments. Received: {line.strip()!r}")
-        from ftwidgets.session import live_sessions
+        from ftwidgets.engine.session import live_sessions
 
         sessions = live_sessions()
         if not sessions:
@@ -272,8 +272,8 @@ class FineTuneMagics(Magics):
 
     def _names_by_session(self) -> dict[int, str]:
         """id(session) -> a namespace name that holds it or its panel; public names first."""
-        from ftwidgets.panel import FineTunePanel
-        from ftwidgets.session import FineTuneSession
+        from ftwidgets.engine.session import FineTuneSession
+        from ftwidgets.ui.panel import FineTunePanel
 
         found: dict[int, str] = {}
         items = list(self.shell.user_ns.items())

@@ -15,10 +15,10 @@ import bqplot as bq
 import ipywidgets as widgets
 import numpy as np
 
-from ftwidgets.charts import TrainingCharts
-from ftwidgets.events import EpochEnded, Event, PhaseEnded, RolledBack
-from ftwidgets.history import History
-from ftwidgets.widget_tree import close_tree
+from ftwidgets.engine.events import EpochEnded, Event, PhaseEnded, RolledBack
+from ftwidgets.engine.history import History
+from ftwidgets.ui.charts import TrainingCharts
+from ftwidgets.ui.widget_tree import close_tree
 
 __all__ = ["ComparedRun", "RunComparison"]
 
@@ -81,7 +81,7 @@ class RunComparison(widgets.VBox):
 
     Example:
 
-    >>> from ftwidgets.history import History
+    >>> from ftwidgets.engine.history import History
     >>> charts = TrainingCharts(History())
     >>> comparison = RunComparison(charts, History(), monitor="val_loss", mode="min")
     >>> run = comparison.add(History(), label="dropout 0.5")
@@ -253,7 +253,7 @@ def best_of(history: History, monitor: str, mode: str) -> tuple[int, float, int]
 
     Example:
 
-    >>> from ftwidgets.events import EpochRecord, frozen_logs
+    >>> from ftwidgets.engine.events import EpochRecord, frozen_logs
     >>> h = History()
     >>> for epoch, value in enumerate([0.9, 0.4, 0.6], 1):
     ...     _ = h.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs({"val_loss": value}), 1e-3))

@@ -27,10 +27,10 @@ import keras
 import numpy as np
 
 from ftwidgets import upstream
-from ftwidgets.channel import State, Stop
-from ftwidgets.config import PhaseConfig
-from ftwidgets.events import Event, Failure, SearchEnded, SearchStarted, SearchStep
-from ftwidgets.jobs import (
+from ftwidgets.engine.channel import State, Stop
+from ftwidgets.engine.config import PhaseConfig
+from ftwidgets.engine.events import Event, Failure, SearchEnded, SearchStarted, SearchStep
+from ftwidgets.engine.jobs import (
     JobContext,
     ModelSetup,
     StopJob,

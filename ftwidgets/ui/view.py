@@ -2,14 +2,14 @@
 
 A frozen dataclass, folded from a session's events by the pure function `fold`, or
 read from a session at once by `SessionView.of`. The panel's status line,
-``%ftstatus`` and ``repr(session)`` (`ftwidgets.format`) and the lab extension's
-card (`ftwidgets.telemetry.card_of`) are pure functions of it, so they cannot drift
+``%ftstatus`` and ``repr(session)`` (`ftwidgets.ui.format`) and the lab extension's
+card (`ftwidgets.frontend.telemetry.card_of`) are pure functions of it, so they cannot drift
 apart. It imports no widgets, no IPython and no Keras: it is tested without a kernel.
 
 Example:
 
->>> from ftwidgets.events import EpochEnded, EpochRecord, PhaseStarted, StateChanged
->>> from ftwidgets.format import status_text
+>>> from ftwidgets.engine.events import EpochEnded, EpochRecord, PhaseStarted, StateChanged
+>>> from ftwidgets.ui.format import status_text
 >>> view = SessionView(name="demo", model="transfer_model")
 >>> for event in (
 ...     StateChanged("compiling", "idle"),
@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from ftwidgets.channel import ACTIVE
-from ftwidgets.events import (
+from ftwidgets.engine.channel import ACTIVE
+from ftwidgets.engine.events import (
     Advised,
     BatchProgress,
     Best,
@@ -48,10 +48,10 @@ from ftwidgets.events import (
     SearchStep,
     StateChanged,
 )
-from ftwidgets.format import finite, format_rate
+from ftwidgets.ui.format import finite, format_rate
 
 if TYPE_CHECKING:
-    from ftwidgets.coach import Note
+    from ftwidgets.advice.coach import Note
 
 __all__ = [
     "ETA_EPOCHS",

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import ipywidgets as widgets
 
-from ftwidgets.actions import Action
-from ftwidgets.events import Note
-from ftwidgets.widget_tree import close_tree
+from ftwidgets.engine.actions import Action
+from ftwidgets.engine.events import Note
+from ftwidgets.ui.widget_tree import close_tree
 
 __all__ = ["CoachView"]
 

@@ -19,7 +19,7 @@ finds trace and executable in the jitted step's memory: nothing is done twice.
 The same pieces compile a whole phase before its Start (``FineTuneSession.warm_up``,
 which the panel calls once its settings rest): traced on the model's thread as the
 phase will set the model up, compiled here into the persistent compilation cache
-(:mod:`ftwidgets.compile_cache`; the Start compiles the model afresh), and loaded by
+(:mod:`ftwidgets.engine.compile_cache`; the Start compiles the model afresh), and loaded by
 ``fit`` at the click. A :class:`WarmUp` for settings that changed since is cancelled.
 """
 

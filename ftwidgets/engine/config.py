@@ -256,7 +256,7 @@ class PhaseConfig:
         unfreeze_unit: what ``unfreeze_depth`` counts: ``"block"`` (whole blocks
             such as EfficientNet's ``block5a_...``; a layer outside any block
             counts as one), ``"layer"`` (single weight-bearing layers), or
-            ``None`` for the base's default (``ftwidgets.transfer.default_unit``:
+            ``None`` for the base's default (``ftwidgets.engine.transfer.default_unit``:
             blocks when its layer names form blocks, else layers).
 
     Example:

@@ -11,9 +11,9 @@ import bqplot as bq
 import ipywidgets as widgets
 import numpy as np
 
-from ftwidgets.charts import format_rate
-from ftwidgets.events import Event, SearchEnded, SearchStarted, SearchStep
-from ftwidgets.lr_search import LearningRateSearch
+from ftwidgets.engine.events import Event, SearchEnded, SearchStarted, SearchStep
+from ftwidgets.engine.lr_search import LearningRateSearch
+from ftwidgets.ui.charts import format_rate
 
 __all__ = ["SearchChart"]
 
@@ -37,8 +37,8 @@ class SearchChart(widgets.VBox):
 
     Example:
 
-    >>> from ftwidgets.config import PhaseConfig
-    >>> from ftwidgets.lr_search import SearchSettings
+    >>> from ftwidgets.engine.config import PhaseConfig
+    >>> from ftwidgets.engine.lr_search import SearchSettings
     >>> search = LearningRateSearch(PhaseConfig(), SearchSettings(steps=30, smoothing=0.5))
     >>> rates = search.settings.rates()
     >>> search.add_run(rates, (np.log10(rates) + 4) ** 2 + 1)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from ftwidgets.config import EarlyStoppingConfig
-from ftwidgets.events import Event, StateChanged
+from ftwidgets.engine.config import EarlyStoppingConfig
+from ftwidgets.engine.events import Event, StateChanged
 
 __all__ = [
     "ACTIVE",

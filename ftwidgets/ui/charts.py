@@ -3,7 +3,7 @@
 The charts never touch the model. ``on_event`` runs on the training worker
 thread: it decides quickly whether to redraw, and redraws at most once per
 ``min_interval`` seconds, with a trailing flush on a timer thread so the last
-state is always drawn. Every series is bounded with :func:`~ftwidgets.history.decimate`,
+state is always drawn. Every series is bounded with :func:`~ftwidgets.engine.history.decimate`,
 and a series is only reassigned when its data changed, so a redraw costs about
 the same bytes after 100 batches as after 100,000. Reading the whole per-batch
 trace does grow with the run, so that part is also kept within a time budget.
@@ -25,7 +25,7 @@ import ipywidgets as widgets
 import numpy as np
 from traitlets import Bool, Int, observe
 
-from ftwidgets.events import (
+from ftwidgets.engine.events import (
     Best,
     Event,
     NewBest,
@@ -37,9 +37,9 @@ from ftwidgets.events import (
     SearchStep,
     StateChanged,
 )
-from ftwidgets.format import format_rate  # re-exported: ftwidgets.charts.format_rate
-from ftwidgets.history import History, Marker, decimate
-from ftwidgets.widget_tree import close_tree
+from ftwidgets.engine.history import History, Marker, decimate
+from ftwidgets.ui.format import format_rate  # re-exported: ftwidgets.ui.charts.format_rate
+from ftwidgets.ui.widget_tree import close_tree
 
 __all__ = ["TrainingCharts"]
 
@@ -358,7 +358,7 @@ class TrainingCharts(widgets.VBox):
 
     Example:
 
-    >>> from ftwidgets.history import History
+    >>> from ftwidgets.engine.history import History
     >>> charts = TrainingCharts(History(), metric="accuracy")
     >>> charts.metric
     'accuracy'

@@ -1,8 +1,8 @@
 """Text for people: rates, durations, and the renderings of a ``SessionView``.
 
-Each surface renders the same view (`ftwidgets.view`): the panel's status area
+Each surface renders the same view (`ftwidgets.ui.view`): the panel's status area
 (`status_markup`), ``%ftstatus`` (`status_text`) and ``repr(session)``
-(`session_repr`); the lab extension's card is `ftwidgets.telemetry.card_of`. Pure
+(`session_repr`); the lab extension's card is `ftwidgets.frontend.telemetry.card_of`. Pure
 functions of their arguments: no widgets, no IPython, no Keras.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ftwidgets.view import SessionView
+    from ftwidgets.ui.view import SessionView
 
 __all__ = [
     "finite",
@@ -100,7 +100,7 @@ def status_markup(view: SessionView, preparing: str | None = None) -> str:
 
     Example:
 
-    >>> from ftwidgets.view import SessionView
+    >>> from ftwidgets.ui.view import SessionView
     >>> view = SessionView(name="demo", model="m", device="JAX · cpu")
     >>> _plain(status_markup(view))
     'idle · JAX · cpu'
@@ -172,7 +172,7 @@ def status_text(view: SessionView, name: str | None = None) -> str:
 
     Example:
 
-    >>> from ftwidgets.view import SessionView
+    >>> from ftwidgets.ui.view import SessionView
     >>> status_text(SessionView(name="digits", model="transfer_model"), "session")
     'digits (session): transfer_model · idle · no phase yet · best -'
     """
@@ -215,8 +215,8 @@ def session_repr(view: SessionView) -> str:
 
     Example:
 
-    >>> from ftwidgets.events import Best
-    >>> from ftwidgets.view import SessionView
+    >>> from ftwidgets.engine.events import Best
+    >>> from ftwidgets.ui.view import SessionView
     >>> session_repr(SessionView(name="a", model="m", best=Best(3, 0.2, "loss", "head")))
     "<FineTuneSession 'a' model='m' state=idle best=epoch 3>"
     """

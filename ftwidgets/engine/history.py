@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ftwidgets.config import (
+from ftwidgets.engine.config import (
     EarlyStoppingConfig,
     PhaseConfig,
     describe_optimizer,
     optimizer_from_json,
     optimizer_to_json,
 )
-from ftwidgets.events import EpochRecord, PhaseEnd, frozen_logs
+from ftwidgets.engine.events import EpochRecord, PhaseEnd, frozen_logs
 
 if TYPE_CHECKING:
     import pandas as pd

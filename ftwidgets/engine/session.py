@@ -1,9 +1,9 @@
 """``FineTuneSession``: fine-tuning in phases on a worker thread, steerable while it trains.
 
 The session is a facade: it checks what it is asked, runs jobs
-(``ftwidgets.jobs``: fit phases; ``ftwidgets.lr_search``: the learning-rate
+(``ftwidgets.engine.jobs``: fit phases; ``ftwidgets.engine.lr_search``: the learning-rate
 search) one at a time on its worker, passes commands through its channel
-(``ftwidgets.channel``), and delivers events to its listeners in order.
+(``ftwidgets.engine.channel``), and delivers events to its listeners in order.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from ftwidgets import _backend, lr_search, tasks, transfer, upstream, warm_compile
-from ftwidgets.actions import Action
-from ftwidgets.channel import (
+from ftwidgets import _backend, upstream
+from ftwidgets.engine import lr_search, tasks, transfer, warm_compile
+from ftwidgets.engine.actions import Action
+from ftwidgets.engine.channel import (
     ACTIVE,
     Channel,
     Outbox,
@@ -36,7 +37,7 @@ from ftwidgets.channel import (
     Stop,
     UpdateEarlyStopping,
 )
-from ftwidgets.config import (
+from ftwidgets.engine.config import (
     DEFAULT_LEARNING_RATES,
     EarlyStoppingConfig,
     PhaseConfig,
@@ -44,7 +45,7 @@ from ftwidgets.config import (
     check_steerable_optimizer,
     resolve_mode,
 )
-from ftwidgets.events import (
+from ftwidgets.engine.events import (
     Best,
     Event,
     Failed,
@@ -54,9 +55,9 @@ from ftwidgets.events import (
     PhaseEnd,
     PhasePlanned,
 )
-from ftwidgets.history import History
-from ftwidgets.inputs import TrainingData
-from ftwidgets.jobs import (
+from ftwidgets.engine.history import History
+from ftwidgets.engine.inputs import TrainingData
+from ftwidgets.engine.jobs import (
     FitPhase,
     Job,
     JobContext,
@@ -69,8 +70,8 @@ from ftwidgets.jobs import (
     metric_direction,
     phase_key,
 )
-from ftwidgets.snapshots import SnapshotStore
-from ftwidgets.tracking import BestTracker
+from ftwidgets.engine.snapshots import SnapshotStore
+from ftwidgets.engine.tracking import BestTracker
 
 __all__ = ["FineTuneSession", "live_sessions", "watch_sessions"]
 
@@ -164,25 +165,25 @@ class FineTuneSession:
         model: a model from ``build_transfer_model``, or any model with a layer
             named ``"base"``. The session never rebuilds it.
         train: ``(x, y)`` or ``(x, y, sample_weight)`` arrays, or a dataset
-            (see `ftwidgets.inputs.TrainingData` for every accepted form).
+            (see `ftwidgets.engine.inputs.TrainingData` for every accepted form).
         validation: the same forms as ``train``.
         validation_split: fraction of ``train`` arrays held out instead (0 <= f < 1).
         loss: any Keras loss. None takes the loss the model was compiled with
             before the session was made (with its ``loss_weights``), else picks
-            one from the task of the model's head (see `ftwidgets.tasks.default_loss`).
+            one from the task of the model's head (see `ftwidgets.engine.tasks.default_loss`).
         metrics: Keras metrics, e.g. ``["accuracy"]``. None takes the metrics
             (and ``weighted_metrics``) the model was compiled with, else picks
             them from the task: accuracy for classification, ``mae`` for
             regression. A model compiled before the session also lends its
             optimizer to every phase whose ``PhaseConfig.optimizer`` is None
-            (see `ftwidgets.config.PhaseConfig`), and its ``run_eagerly``,
+            (see `ftwidgets.engine.config.PhaseConfig`), and its ``run_eagerly``,
             ``jit_compile`` and ``auto_scale_loss`` to every phase's compile and
             the learning-rate search (without XLA, `warm_up` compiles nothing
             ahead). A ``steps_per_execution`` other than 1 is refused: the
             session acts and records at every batch.
         checkpoint_dir: also write every kept epoch, and the best, there: to a
             folder of this session's own, atomically, so epochs that left memory
-            stay restorable (see `ftwidgets.snapshots.SnapshotStore`).
+            stay restorable (see `ftwidgets.engine.snapshots.SnapshotStore`).
         stream_batches: record the per-batch training loss (NaN checks run either way).
         progress_interval: seconds between ``BatchProgress`` events.
         keep_recent: how many pre-phase snapshots, and former bests kept after a
@@ -193,8 +194,8 @@ class FineTuneSession:
             their number, a size such as ``"256MB"`` bounds their host memory, and
             None is the default budget, 512 MiB. The best epoch, the last epoch of
             each phase and epochs spread evenly over the run are kept; the rest go
-            first (see `ftwidgets.snapshots.SnapshotStore`).
-        coach: run the coach's rules (`ftwidgets.coach`) after each epoch and
+            first (see `ftwidgets.engine.snapshots.SnapshotStore`).
+        coach: run the coach's rules (`ftwidgets.advice.coach`) after each epoch and
             phase; `advice` returns their notes. ``session.coach.enabled`` turns
             it off and on later.
         callbacks: your own Keras callbacks (``CSVLogger``, ``TensorBoard``...).
@@ -301,7 +302,7 @@ class FineTuneSession:
         )
         self.history.model_name = model.name
         self.history.model_settings = _model_settings(model)
-        # The coach (``ftwidgets.coach``) listens to every session's events; the
+        # The coach (``ftwidgets.advice.coach``) listens to every session's events; the
         # package attaches one when a session is made (see `watch_sessions`).
         self._coach_on = bool(coach)
         self.coach: Any = None
@@ -493,14 +494,16 @@ class FineTuneSession:
             ValueError: for anything but an ``Event``.
         """
         if not isinstance(event, Event):
-            raise ValueError(f"event must be an ftwidgets.events.Event. Received: event={event!r}")
+            raise ValueError(
+                f"event must be an ftwidgets.engine.events.Event. Received: event={event!r}"
+            )
         self._emit(event)
 
     def advice(self) -> list[Note]:
-        """The coach's notes so far, newest first (see `ftwidgets.coach`).
+        """The coach's notes so far, newest first (see `ftwidgets.advice.coach`).
 
         Each has a one-line ``message``, a ``why`` with the numbers behind it, and
-        typed ``actions`` (``ftwidgets.actions``) that `apply` applies.
+        typed ``actions`` (``ftwidgets.engine.actions``) that `apply` applies.
         """
         return list(self.coach.notes)
 
@@ -621,7 +624,7 @@ class FineTuneSession:
         >>> session.warm_up(ftw.PhaseConfig("finetune", batch_size=4, unfreeze_depth=9))
         False
         """
-        from ftwidgets.compile_cache import compilation_cache_dir
+        from ftwidgets.engine.compile_cache import compilation_cache_dir
 
         self._refuse_if_closed()
         if compilation_cache_dir() is None or self.distribution is not None:
@@ -832,7 +835,7 @@ class FineTuneSession:
 
     # -- commands ----------------------------------------------------------------
     def apply(self, action: Action) -> Any:
-        """Apply a typed action (``ftwidgets.actions``): a coach note's button, code or
+        """Apply a typed action (``ftwidgets.engine.actions``): a coach note's button, code or
         an autopilot, all the same way.
 
         Returns:
@@ -846,7 +849,7 @@ class FineTuneSession:
         self._refuse_if_closed()
         if not isinstance(action, Action):
             raise ValueError(
-                f"action must be an ftwidgets.actions.Action. Received: action={action!r}"
+                f"action must be an ftwidgets.engine.actions.Action. Received: action={action!r}"
             )
         return action.apply_to(self)
 
@@ -1114,8 +1117,8 @@ class FineTuneSession:
 
     def __repr__(self) -> str:
         # The view module is plain data (no widgets); imported here, as the layer above.
-        from ftwidgets.format import session_repr
-        from ftwidgets.view import SessionView
+        from ftwidgets.ui.format import session_repr
+        from ftwidgets.ui.view import SessionView
 
         return session_repr(SessionView.of(self))
 

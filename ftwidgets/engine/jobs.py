@@ -4,7 +4,7 @@ A job is prepared on the worker (unfreeze, compile, checks), runs, and finishes
 (restore, record). Failing to prepare leaves the model as it was; a failure
 while running restores finite weights. The session runs every job the same
 way: `FitPhase` (a head or fine-tune phase) and the learning-rate search
-(``ftwidgets.lr_search``) are the two kinds.
+(``ftwidgets.engine.lr_search``) are the two kinds.
 
 A job sees the session only through a `JobContext`: the model, the data, the
 run's record (history, best, snapshots), the channel and the event outbox.
@@ -23,8 +23,9 @@ from typing import Any, Protocol
 import keras
 import numpy as np
 
-from ftwidgets import tasks, transfer, upstream, warm_compile
-from ftwidgets.callbacks import (
+from ftwidgets import upstream
+from ftwidgets.engine import tasks, transfer, warm_compile
+from ftwidgets.engine.callbacks import (
     LossStream,
     NonFiniteError,
     NonFiniteLossError,
@@ -32,7 +33,7 @@ from ftwidgets.callbacks import (
     SessionControl,
     to_keras,
 )
-from ftwidgets.channel import (
+from ftwidgets.engine.channel import (
     Channel,
     Command,
     Rollback,
@@ -41,12 +42,12 @@ from ftwidgets.channel import (
     Stop,
     UpdateEarlyStopping,
 )
-from ftwidgets.config import (
+from ftwidgets.engine.config import (
     EarlyStoppingConfig,
     PhaseConfig,
     check_steerable_optimizer,
 )
-from ftwidgets.events import (
+from ftwidgets.engine.events import (
     BatchProgress,
     Best,
     BestChanged,
@@ -65,10 +66,10 @@ from ftwidgets.events import (
     element_name,
     frozen_logs,
 )
-from ftwidgets.history import History, Marker, PhaseSpan
-from ftwidgets.inputs import TrainingData
-from ftwidgets.snapshots import SnapshotStore, capture, first_non_finite, restore
-from ftwidgets.tracking import BestTracker
+from ftwidgets.engine.history import History, Marker, PhaseSpan
+from ftwidgets.engine.inputs import TrainingData
+from ftwidgets.engine.snapshots import SnapshotStore, capture, first_non_finite, restore
+from ftwidgets.engine.tracking import BestTracker
 
 __all__ = [
     "FitPhase",
@@ -348,7 +349,7 @@ def phase_key(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> tu
     dropout rates are constants of the train step, so a phase that keeps them
     (``dropout=None``) names them. The cache folder is where the programs went.
     """
-    from ftwidgets.compile_cache import compilation_cache_dir
+    from ftwidgets.engine.compile_cache import compilation_cache_dir
 
     rates = ()
     if config.dropout is None:

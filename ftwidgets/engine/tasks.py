@@ -41,7 +41,7 @@ __all__ = [
 
 TASKS = ("multiclass", "binary", "regression")
 LOSS_KINDS = ("sparse_categorical", "categorical", "binary", "regression")
-HEAD_DENSE_NAME = "head_dense"  # as in ftwidgets.transfer, which imports nothing from here
+HEAD_DENSE_NAME = "head_dense"  # as in ftwidgets.engine.transfer, which imports nothing from here
 _TASK_OF_ACTIVATION = {"softmax": "multiclass", "sigmoid": "binary", "linear": "regression"}
 _DEFAULT_LOSSES = {"binary": "binary_crossentropy", "regression": "mean_squared_error"}
 

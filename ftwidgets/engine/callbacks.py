@@ -9,7 +9,7 @@ Two callbacks, split by what Keras lets run where (measured, see DESIGN.md):
 - ``LossStream`` is ``async_safe``: its ``on_train_batch_end`` runs on Keras's
   thread pool, out of order, and only reads ``logs``.
 
-Both talk to two things only: the session's channel (``ftwidgets.channel``) and
+Both talk to two things only: the session's channel (``ftwidgets.engine.channel``) and
 a `Recorder`, the running phase, never to the session itself.
 
 Keras counts epochs from 0 in its callback arguments and ``initial_epoch``; the
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import keras
 
-from ftwidgets.events import NonFiniteError
+from ftwidgets.engine.events import NonFiniteError
 
 if TYPE_CHECKING:
-    from ftwidgets.channel import Channel
+    from ftwidgets.engine.channel import Channel
 
 __all__ = [
     "LossStream",
@@ -73,7 +73,7 @@ class NonFiniteWeightsError(NonFiniteError):
 
 
 class Recorder(Protocol):
-    """What the callbacks report to: the running phase (``ftwidgets.jobs.FitPhase``).
+    """What the callbacks report to: the running phase (``ftwidgets.engine.jobs.FitPhase``).
 
     Its epochs are the session's, 1-based.
     """

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Literal
 import keras
 
 from ftwidgets import upstream
-from ftwidgets.config import UNFREEZE_UNITS
+from ftwidgets.engine.config import UNFREEZE_UNITS
 
 if TYPE_CHECKING:
     import pandas as pd

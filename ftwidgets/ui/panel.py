@@ -13,13 +13,10 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import TraitError
 
-from ftwidgets import comms, tasks, telemetry, transfer
 from ftwidgets._backend import device_summary
-from ftwidgets.actions import Action
-from ftwidgets.charts import TrainingCharts
-from ftwidgets.coach_view import CoachView
-from ftwidgets.compare import ComparedRun, RunComparison
-from ftwidgets.config import (
+from ftwidgets.engine import tasks, transfer
+from ftwidgets.engine.actions import Action
+from ftwidgets.engine.config import (
     DEFAULT_LEARNING_RATES,
     OPTIMIZERS,
     UNFREEZE_UNITS,
@@ -27,7 +24,7 @@ from ftwidgets.config import (
     PhaseConfig,
     check_learning_rate,
 )
-from ftwidgets.events import (
+from ftwidgets.engine.events import (
     Advised,
     BatchProgress,
     EpochEnded,
@@ -43,13 +40,17 @@ from ftwidgets.events import (
     SearchStep,
     StateChanged,
 )
-from ftwidgets.format import format_rate, status_markup
-from ftwidgets.interrupt import install_interrupt_handler
-from ftwidgets.lr_search import LearningRateSearch
-from ftwidgets.search_chart import SearchChart
-from ftwidgets.session import FineTuneSession, live_sessions
-from ftwidgets.view import SessionView, fold
-from ftwidgets.widget_tree import close_tree
+from ftwidgets.engine.lr_search import LearningRateSearch
+from ftwidgets.engine.session import FineTuneSession, live_sessions
+from ftwidgets.frontend import comms, telemetry
+from ftwidgets.frontend.interrupt import install_interrupt_handler
+from ftwidgets.ui.charts import TrainingCharts
+from ftwidgets.ui.coach_view import CoachView
+from ftwidgets.ui.compare import ComparedRun, RunComparison
+from ftwidgets.ui.format import format_rate, status_markup
+from ftwidgets.ui.search_chart import SearchChart
+from ftwidgets.ui.view import SessionView, fold
+from ftwidgets.ui.widget_tree import close_tree
 
 __all__ = ["FineTunePanel"]
 
@@ -69,7 +70,7 @@ class FineTunePanel(widgets.VBox):
     (``panel.session``), which can also be scripted directly.
 
     The unfreeze depth counts ``panel.unfreeze_unit.value``: ``"block"`` or
-    ``"layer"`` (see ``ftwidgets.transfer.unfreeze``), at first the base's
+    ``"layer"`` (see ``ftwidgets.engine.transfer.unfreeze``), at first the base's
     default unit. On a base whose layer names form no blocks (such as the demo
     base) both count the same layers, so the unit control stays hidden there.
     The "Freeze map" tab previews what the next Start will train.
@@ -137,7 +138,7 @@ class FineTunePanel(widgets.VBox):
         # What the rate box holds when it is not a rate: Start and Find LR stay off.
         self._bad_lr_text: str | None = None
         self._syncing_lr = False
-        # What the session's events told, folded as they arrive (see ftwidgets.view).
+        # What the session's events told, folded as they arrive (see ftwidgets.ui.view).
         self._view = SessionView.of(session)
         self._next_status = 0.0
         self._warm_generation = 0  # a warm-up fires only if no setting changed since

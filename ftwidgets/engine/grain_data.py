@@ -15,7 +15,7 @@ from typing import Any
 import grain
 
 from ftwidgets import upstream
-from ftwidgets.inputs import class_weights_of
+from ftwidgets.engine.inputs import class_weights_of
 
 __all__ = ["ClassWeights", "EpochShuffled", "shuffle_each_epoch", "with_class_weights"]
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ftwidgets.config import EarlyStoppingConfig, PhaseConfig
+from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig
 
 if TYPE_CHECKING:
-    from ftwidgets.session import FineTuneSession
+    from ftwidgets.engine.session import FineTuneSession
 
 __all__ = [
     "Action",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ftwidgets.actions import Action
+    from ftwidgets.engine.actions import Action
 
 __all__ = [
     "Advised",
@@ -397,7 +397,7 @@ class Note:
         message: one line.
         why: the numbers that triggered it, in a sentence or two.
         epoch: the global epoch (1-based, as Keras prints it) it was written at.
-        actions: typed actions (``ftwidgets.actions``) that apply a suggestion,
+        actions: typed actions (``ftwidgets.engine.actions``) that apply a suggestion,
             each with its button's label: ``session.apply(action)``.
         phase_index: the phase of the run (``history.phases``) it is about; the coach
             fills it in from the record it read when a rule leaves it None.
@@ -421,7 +421,7 @@ class Note:
 
 @dataclass(frozen=True)
 class Advised(Event):
-    """The coach wrote a note (see ``ftwidgets.coach``; ``session.advice()`` lists them).
+    """The coach wrote a note (see ``ftwidgets.advice.coach``; ``session.advice()`` lists them).
 
     Example:
 

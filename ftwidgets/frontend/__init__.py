@@ -1,0 +1,3 @@
+"""The kernel's side of the JupyterLab extension: the comm bridge, its protocol, and the
+Interrupt button.
+"""
