@@ -1,0 +1,70 @@
+"""ui.redraw.Throttle: the one place where redraws are coalesced to a bounded rate."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from ftwidgets.ui.redraw import Throttle
+
+pytestmark = pytest.mark.unit
+
+
+def test_requests_within_the_interval_become_one_later_draw():
+    drawn = threading.Event()
+    calls = []
+
+    def draw(force):
+        calls.append(force)
+        if len(calls) == 2:
+            drawn.set()
+
+    throttle = Throttle(draw, min_interval=0.2, name="test")
+    for _ in range(50):
+        throttle.request()
+    assert calls == [False]  # the first draws at once, the other 49 wait
+    assert drawn.wait(10), "the coalesced draw never came"
+    throttle.close()
+    assert calls == [False, False]
+    assert throttle.redraws == 2
+
+
+def test_a_forced_request_draws_now_and_cancels_the_pending_one():
+    calls = []
+    throttle = Throttle(calls.append, min_interval=30.0, name="test")
+    throttle.request()
+    throttle.request()  # pending, 30 s away
+    throttle.request(force=True)
+    assert calls == [False, True]
+    assert throttle._timer is None
+    throttle.close()
+
+
+def test_an_error_in_a_draw_goes_to_on_error_not_to_the_caller():
+    errors = []
+
+    def draw(force):
+        raise RuntimeError("no figure")
+
+    throttle = Throttle(draw, min_interval=0.0, name="test", on_error=errors.append)
+    throttle.request()
+    assert [str(e) for e in errors] == ["no figure"]
+    throttle.close()
+
+
+def test_close_waits_for_the_pending_draw_thread_and_stops_drawing():
+    calls = []
+    throttle = Throttle(calls.append, min_interval=30.0, name="test")
+    throttle.request()
+    throttle.request()
+    timer = throttle._timer
+    throttle.close()
+    assert timer is not None and not timer.is_alive()
+    throttle.request(force=True)
+    assert calls == [False]
+
+
+def test_a_bad_interval_is_refused_naming_the_value():
+    with pytest.raises(ValueError, match=r"Received: min_interval=-1"):
+        Throttle(print, min_interval=-1, name="test")
