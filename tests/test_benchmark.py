@@ -1,7 +1,9 @@
-"""The benchmark script's own examples (its design and its verdicts) run."""
+"""The benchmarks package: every module's examples (its design and its verdicts) run, its
+command line starts, and it imports nothing from tests/."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -9,20 +11,70 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.kernel
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "benchmarks"
+MODULES = sorted(
+    "benchmarks" if path.stem == "__init__" else f"benchmarks.{path.stem}"
+    for path in PACKAGE.glob("*.py")
+)
+DOCTESTS = """
+import doctest, importlib, sys
+failed = 0
+for name in sys.argv[1:]:
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    print(f"{name}: {result.attempted} attempted, {result.failed} failed", flush=True)
+    failed += result.failed
+sys.exit(1 if failed else 0)
+"""
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 
-
-def test_benchmark_docstring_examples_run():
-    # In a child: importing the script points JAX at a cache folder of its own.
+def child(*args: str) -> subprocess.CompletedProcess[str]:
+    # In a child: importing the package points JAX at a cache folder of its own.
     env = {**os.environ, "KERAS_BACKEND": "jax"}
-    done = subprocess.run(
-        [sys.executable, "-m", "doctest", "-v", str(SCRIPT)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
     )
+
+
+@pytest.mark.kernel
+def test_every_benchmark_module_s_docstring_examples_run():
+    done = child("-c", DOCTESTS, *MODULES)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "0 failed" in done.stdout and "balanced" in done.stdout, done.stdout[-2000:]
+    counts = {}
+    for line in done.stdout.splitlines():
+        name, _, result = line.partition(": ")
+        if result.endswith(" failed"):
+            counts[name] = int(result.split()[0])
+    assert set(counts) == set(MODULES), done.stdout
+    # The balanced order, the verdicts, CPU time by thread, the registry, the notes kept.
+    for name in ("common", "threads", "growth", "sections", "results"):
+        assert counts[f"benchmarks.{name}"] > 0, done.stdout
+    for path in PACKAGE.glob("*.py"):
+        assert "doctest: +SKIP" not in path.read_text(encoding="utf-8"), path.name
+
+
+@pytest.mark.kernel
+def test_the_command_line_lists_every_section_and_refuses_an_unknown_one():
+    done = child("-m", "benchmarks", "--help")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("overhead", "whole_phase", "growth", "traffic", "in_flight", "lr_search"):
+        assert name in done.stdout
+    done = child("-m", "benchmarks", "--sections", "overhead,nothing", "--no-write")
+    assert done.returncode == 2
+    assert "unknown sections ['nothing']" in done.stderr
+
+
+@pytest.mark.unit
+def test_the_benchmarks_import_nothing_from_tests():
+    test_modules = {path.stem for path in (ROOT / "tests").rglob("*.py")}
+    imported = {}
+    for path in PACKAGE.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        imported[path.name] = sorted(names & (test_modules | {"tests"}))
+    assert {name: found for name, found in imported.items() if found} == {}
+    assert len(imported) >= 10  # the scan sees the package

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import bqplot as bq
 import numpy as np
 import pytest
-from recording_comm import CommRecorder, record_comms
 
 from ftwidgets.engine.events import (
     BatchProgress,
@@ -27,6 +26,7 @@ from ftwidgets.engine.events import (
     frozen_logs,
 )
 from ftwidgets.engine.history import History, Marker, PhaseSpan
+from ftwidgets.frontend.recording import CommRecorder, record_comms
 from ftwidgets.ui.charts import MARKED_POINTS, TrainingCharts
 
 pytestmark = pytest.mark.widgets

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import WAIT, make_panel
-from recording_comm import record_comms
 
 import ftwidgets as ftw
 from ftwidgets.engine.events import EpochRecord, frozen_logs
+from ftwidgets.frontend.recording import record_comms
 from ftwidgets.ui.compare import RunComparison, best_of
 
 pytestmark = pytest.mark.widgets

@@ -1,7 +1,7 @@
 """How the test suite is built: every test in one layer, and test modules independent.
 
 Shared helpers live in modules that are not test modules (``helpers``,
-``notebook_run``, ``recording_comm``...), so running or moving one test module never
+``notebook_run``...), so running or moving one test module never
 needs another.
 """
 

@@ -9,25 +9,22 @@ traits' ``to_json``, e.g. bqplot's ``array_to_json``, which turns arrays into
 memoryviews) -> ``_remove_buffers`` -> ``comm.send``. The recording comm then
 packs the message content the way ``jupyter_client.Session`` does
 (``json_packer``: strict JSON, no NaN) and counts the binary buffers, so a
-test can assert the bytes a redraw costs.
+test or a benchmark can assert the bytes a redraw costs.
 
 Only widgets created while recording get a recording comm; create the widgets
-under test inside the ``with`` block.
+under test inside the ``with`` block:
 
-Example::
-
-    from recording_comm import record_comms
-
-    with record_comms() as rec:
-        charts = TrainingCharts(history)
-        start = rec.mark()
-        charts.refresh(force=True)
-        sent = rec.since(start)
-        print(rec.total_bytes(sent), [m.keys for m in sent])
-        assert rec.errors == []
-
-To use it as a fixture, import ``comm_recorder`` into a test module or list
-``"recording_comm"`` in a conftest's ``pytest_plugins``.
+>>> import ipywidgets as widgets
+>>> with record_comms() as rec:
+...     label = widgets.Label("0")
+...     start = rec.mark()
+...     label.value = "12"
+>>> sent = rec.since(start)
+>>> [(m.msg_type, m.method, m.keys) for m in sent]
+[('comm_msg', 'update', ('value',))]
+>>> rec.total_bytes(sent) > 0, rec.errors
+(True, [])
+>>> label.close()
 """
 
 from __future__ import annotations
@@ -40,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import comm
-import pytest
 from comm.base_comm import BaseComm
 
 try:  # the packer a kernel uses; a plain strict json.dumps otherwise
@@ -48,7 +44,7 @@ try:  # the packer a kernel uses; a plain strict json.dumps otherwise
 except ImportError:  # pragma: no cover
     json_default = None
 
-__all__ = ["CommRecorder", "RecordedMessage", "RecordingComm", "comm_recorder", "record_comms"]
+__all__ = ["CommRecorder", "RecordedMessage", "RecordingComm", "record_comms"]
 
 
 @dataclass(frozen=True)
@@ -204,10 +200,3 @@ def record_comms(recorder: CommRecorder | None = None) -> Iterator[CommRecorder]
     finally:
         with _install_lock:
             comm.create_comm = previous
-
-
-@pytest.fixture
-def comm_recorder() -> Iterator[CommRecorder]:
-    """A ``CommRecorder`` installed for the test (see ``record_comms``)."""
-    with record_comms() as recorder:
-        yield recorder

@@ -1,0 +1,186 @@
+"""Shared by every section: statistics, the balanced order of arms, load, child processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import CACHE_ENV, STARTUP_CHILD_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+LOSS = "sparse_categorical_crossentropy"
+METRICS = ["accuracy"]
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass
+class Spread:
+    """Median and range of a sample, with its size."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else math.nan
+
+    @property
+    def low(self) -> float:
+        return min(self.values) if self.values else math.nan
+
+    @property
+    def high(self) -> float:
+        return max(self.values) if self.values else math.nan
+
+    def quartiles(self) -> tuple[float, float]:
+        if len(self.values) < 2:
+            return self.low, self.high
+        q = statistics.quantiles(self.values, n=4, method="inclusive")
+        return q[0], q[2]
+
+    def median_interval(self, level: float = 0.9, draws: int = 4000) -> tuple[float, float]:
+        """A bootstrap confidence interval of the median (percentile method, fixed seed)."""
+        if len(self.values) < 3:
+            return self.low, self.high
+        rng = random.Random(0)
+        medians = sorted(
+            statistics.median(rng.choices(self.values, k=len(self.values))) for _ in range(draws)
+        )
+        tail = (1 - level) / 2
+        return medians[int(tail * draws)], medians[int((1 - tail) * draws) - 1]
+
+    def ratio_text(self) -> str:
+        q1, q3 = self.quartiles()
+        low, high = self.median_interval()
+        return (
+            f"{self.median:.3f} (90% CI {low:.3f}-{high:.3f}, IQR {q1:.3f}-{q3:.3f}, "
+            f"range {self.low:.3f}-{self.high:.3f}, n={self.n})"
+        )
+
+    def verdict(self, limit: float) -> str:
+        """The median against ``limit``, and whether its 90% interval settles it.
+
+        >>> Spread([0.99, 1.00, 1.00, 1.01, 0.98]).verdict(1.02)
+        'met (90% CI 0.980-1.010)'
+        >>> Spread([0.90, 1.00, 1.01, 1.05, 1.10]).verdict(1.02)
+        'met on the median; not settled (90% CI 0.900-1.100)'
+        >>> Spread([1.03, 1.04, 1.05]).verdict(1.02)
+        '**missed** (90% CI 1.030-1.050)'
+        """
+        low, high = self.median_interval()
+        span = f"90% CI {low:.3f}-{high:.3f}"
+        if high <= limit:
+            return f"met ({span})"
+        if low > limit:
+            return f"**missed** ({span})"
+        side = "met" if self.median <= limit else "**missed**"
+        return f"{side} on the median; not settled ({span})"
+
+
+def balanced(arms: Sequence[Any], rep: int) -> list[Any]:
+    """The arms in repeat ``rep``'s order, from a Williams design: over a cycle of
+    ``len(arms)`` repeats (twice that for an odd count) each arm runs at each position,
+    and right after each other arm, equally often. A rotation alone keeps the same
+    predecessor for each arm, and what a run leaves behind (threads, garbage, a hot
+    cache) could favour one arm.
+
+    >>> [balanced("abcd", rep) for rep in range(4)]
+    [['a', 'b', 'd', 'c'], ['b', 'c', 'a', 'd'], ['c', 'd', 'b', 'a'], ['d', 'a', 'c', 'b']]
+    """
+    n = len(arms)
+    first = [0]  # 0, 1, n-1, 2, n-2, ...: every difference between neighbours once
+    for i in range(1, n):
+        first.append((i + 1) // 2 if i % 2 else n - i // 2)
+    cycle = rep % (2 * n if n % 2 else n)
+    order = [arms[(k + cycle) % n] for k in first]
+    return order[::-1] if cycle >= n else order
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def loadavg() -> tuple[float, float, float]:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (math.nan, math.nan, math.nan)
+
+
+def wait_for_quiet(threshold: float, max_wait: float) -> float:
+    """Poll the 1-minute load average until it is below ``threshold``; return the wait."""
+    started = time.monotonic()
+    while True:
+        one = loadavg()[0]
+        waited = time.monotonic() - started
+        if one < threshold or waited >= max_wait:
+            log(f"load average (1 min) {one:.2f} after waiting {waited:.0f}s")
+            return waited
+        log(f"load average (1 min) {one:.2f} >= {threshold}; waiting ({waited:.0f}s so far)")
+        time.sleep(min(15.0, max_wait - waited))
+
+
+def code_label(info: dict[str, str]) -> str:
+    """The commit measured, with ``+`` when ``ftwidgets/`` had uncommitted changes."""
+    commit = info["commit"].split(" ", 1)[0] or "?"
+    return commit + ("+" if "uncommitted" in info["commit"] else "")
+
+
+def child_env(cache: str | None) -> dict[str, str]:
+    """The environment of a child process: its JAX cache in ``cache``, or none."""
+    env = dict(os.environ)
+    env[STARTUP_CHILD_ENV] = "1"
+    env["KERAS_BACKEND"] = "jax"
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop(CACHE_ENV, None)
+    if cache is None:
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    else:
+        env[CACHE_ENV] = cache
+    return env
+
+
+def run_child(
+    args: list[str], marker: str, timeout: float, cache: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """Run ``python -m benchmarks`` with ``args`` (from the repository root), with JAX's
+    persistent cache in ``cache`` or none.
+
+    Returns:
+        The JSON the child printed after ``marker``, and all it printed.
+    """
+    command = [sys.executable, "-m", "benchmarks", *args]
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=child_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
+    if done.returncode != 0 or not lines:
+        tail = (done.stdout + done.stderr)[-4000:]
+        raise RuntimeError(f"child {args} failed (exit {done.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(marker) :]), done.stdout
