@@ -13,6 +13,9 @@ _ensure_jax_backend()
 
 from ftwidgets import demo  # noqa: E402
 from ftwidgets._backend import device_summary  # noqa: E402
+
+# `ftw.transfer.unfreeze_units(model)` and friends, as the walkthroughs and README use them.
+from ftwidgets.engine import transfer as transfer  # noqa: E402
 from ftwidgets.engine.compile_cache import (  # noqa: E402
     compilation_cache_dir,
     disable_compilation_cache,

@@ -103,3 +103,9 @@ def test_a_fresh_process_imports_engine_and_advice_without_widgets():
     assert "ftwidgets.advice.coach" in seen["loaded"]
     assert set(seen["new"]) & WIDGET_PACKAGES == set()
     assert not any(m.startswith(("ftwidgets.ui", "ftwidgets.frontend")) for m in seen["loaded"])
+
+
+def test_the_walkthroughs_ftw_transfer_helpers_are_where_they_say():
+    # Walkthroughs 02 and 04 and the README call these as ftw.transfer.<name>.
+    for name in ("unfreezable_layers", "unfreeze_units"):
+        assert callable(getattr(ftwidgets.transfer, name)), name
