@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, get_args, get_type_hints
+from typing import Any, TypedDict, get_args, get_type_hints
 
 import pytest
 
@@ -65,6 +65,20 @@ def test_the_typescript_names_each_declared_field_enum_and_constant():
     for declared in (Card, PhaseEndNotice, SessionsMessage, TelemetryOpen, Reply):
         for field in get_type_hints(declared):
             assert f"\n  {field}: " in source or f"\n  {field}?: " in source, field
+
+
+def test_a_field_doc_that_names_no_field_is_refused():
+    class Bad(TypedDict):
+        """A message.
+
+        Attributes:
+            nope: Documents no field.
+        """
+
+        real: int
+
+    with pytest.raises(ValueError, match=r"Received: \['nope'\]"):
+        protocol._declaration("IBad", Bad)
 
 
 def test_the_declared_phases_are_the_ones_a_phase_config_accepts():

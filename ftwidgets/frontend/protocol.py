@@ -11,6 +11,7 @@ A test regenerates that file and compares it with the committed one, and the ker
 tests check each message the kernel sends against these shapes with `problems`.
 """
 
+import inspect
 import math
 import re
 import sys
@@ -68,21 +69,39 @@ CONSTANTS = {
 
 
 class Phase(StrEnum):
-    """What a phase trains: the head alone, or the head and the top of the base."""
+    """What a phase trains: the head alone, or the head and the top of the base.
+
+    Example:
+
+    >>> Phase("finetune"), Phase.HEAD == "head"
+    (<Phase.FINETUNE: 'finetune'>, True)
+    """
 
     HEAD = "head"
     FINETUNE = "finetune"
 
 
 class KernelAction(StrEnum):
-    """A command to the kernel as a whole: say hello, or stop every session."""
+    """A command to the kernel as a whole: say hello, or stop every session.
+
+    Example:
+
+    >>> [action.value for action in KernelAction]
+    ['hello', 'stop_all']
+    """
 
     HELLO = "hello"
     STOP_ALL = "stop_all"
 
 
 class SessionAction(StrEnum):
-    """A command to one named session."""
+    """A command to one named session.
+
+    Example:
+
+    >>> SessionAction("pause") is SessionAction.PAUSE
+    True
+    """
 
     STOP = "stop"
     PAUSE = "pause"
@@ -103,6 +122,11 @@ class Card(TypedDict):
         value: The monitored value of the last full epoch.
         best_epoch: 1-based, counted across phases.
         panel_class: A CSS class on the session's panel, if a panel shows it.
+
+    Example (the telemetry makes them; see `ftwidgets.frontend.telemetry.card`):
+
+    >>> "run_epoch" in Card.__required_keys__, len(Card.__annotations__)
+    (True, 17)
     """
 
     name: str
@@ -129,6 +153,11 @@ class TelemetryOpen(TypedDict):
 
     Attributes:
         control: The id of the control comm whose hello opened it: each page keeps its own.
+
+    Example:
+
+    >>> TelemetryOpen(protocol=PROTOCOL, subshells=True, control="c1")
+    {'protocol': 1, 'subshells': True, 'control': 'c1'}
     """
 
     protocol: int
@@ -137,7 +166,13 @@ class TelemetryOpen(TypedDict):
 
 
 class SessionsMessage(TypedDict):
-    """Every live session's card, oldest session first (at most five a second)."""
+    """Every live session's card, oldest session first (at most five a second).
+
+    Example:
+
+    >>> problems(SessionsMessage(type="sessions", sessions=[]), SessionsMessage)
+    []
+    """
 
     type: Literal["sessions"]
     sessions: list[Card]
@@ -148,6 +183,14 @@ class PhaseEndNotice(TypedDict):
 
     Attributes:
         restored_epoch: 1-based.
+
+    Example (see `ftwidgets.frontend.telemetry.phase_end_notice`):
+
+    >>> notice = {"type": "phase_ended", "session": "s", "outcome": "early_stopped",
+    ...           "phase": "head", "restored_epoch": 4, "message": None,
+    ...           "can_roll_back": False, "panel_class": None}
+    >>> problems(notice, PhaseEndNotice)
+    []
     """
 
     type: Literal["phase_ended"]
@@ -164,7 +207,15 @@ TelemetryMessage = SessionsMessage | PhaseEndNotice
 
 
 class Command(TypedDict):
-    """A command on the control comm."""
+    """A command on the control comm.
+
+    Example:
+
+    >>> problems({"action": "stop", "request": "r1", "session": "s"}, Command)
+    []
+    >>> problems({"action": "stop_all", "request": "r2"}, Command)  # for no one session
+    []
+    """
 
     action: Action
     request: str
@@ -176,6 +227,13 @@ class Reply(TypedDict):
 
     Attributes:
         action: The command's action; null for one the kernel does not know.
+
+    Example:
+
+    >>> reply = Reply(type="reply", request="r1", action=SessionAction.STOP, session="s",
+    ...               ok=True, message="stopping", protocol=PROTOCOL, subshells=True)
+    >>> problems(reply, Reply)
+    []
     """
 
     type: Literal["reply"]
@@ -311,6 +369,8 @@ def _declaration(name: str, declared: Any) -> str:
     if is_typeddict(declared):
         fields = get_type_hints(declared)
         docs = _field_docs(declared.__doc__ or "")
+        if unknown := sorted(set(docs) - set(fields)):
+            raise ValueError(f"{name}'s docstring names no field of it. Received: {unknown}")
         lines = [f"{_comment(_summary(declared))}export interface {name} {{"]
         for key, hint in fields.items():
             optional = "?" if key in declared.__optional_keys__ else ""
@@ -359,8 +419,9 @@ def _summary(declared: Any) -> str:
 
 def _field_docs(doc: str) -> dict[str, str]:
     """Field -> text, from a Google-style ``Attributes:`` section."""
-    section = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
-    entries = re.findall(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", section, re.M | re.S)
+    doc = inspect.cleandoc(doc)
+    section = doc.split("Attributes:", 1)[1].split("\n\n")[0] if "Attributes:" in doc else ""
+    entries = re.findall(r"^ {4}(\w+): (.*?)(?=^ {4}\w+: |\Z)", section, re.M | re.S)
     return {key: " ".join(text.split()).replace("``", "`") for key, text in entries}
 
 
