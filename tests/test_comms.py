@@ -19,6 +19,15 @@ from typing import Any
 import pytest
 from jupyter_client.manager import start_new_kernel
 
+from ftwidgets.frontend.protocol import (
+    PhaseEndNotice,
+    Reply,
+    SessionsMessage,
+    TelemetryMessage,
+    TelemetryOpen,
+    problems,
+)
+
 pytestmark = pytest.mark.kernel
 WAIT = 120.0
 
@@ -92,6 +101,28 @@ class Frontend:
         opens = [o for o in self.telemetry_opens() if o["data"]["control"] == self.control_id]
         return self.comm_data(opens[-1]["comm_id"]) if opens else []
 
+    def protocol_problems(self) -> tuple[int, list[str]]:
+        """Check what the kernel sent on the extension's comms against the declaration.
+
+        Returns how many messages were checked, and how they depart from it.
+        """
+        with self._changed:
+            messages = [m for _, m in self.messages]
+        opens = self.telemetry_opens()
+        telemetry = {o["comm_id"] for o in opens}
+        checked = [(o["data"], TelemetryOpen) for o in opens]
+        by_type = {"sessions": SessionsMessage, "phase_ended": PhaseEndNotice}
+        for msg in messages:
+            if msg["msg_type"] != "comm_msg":
+                continue
+            comm_id, data = msg["content"]["comm_id"], msg["content"]["data"]
+            if comm_id in telemetry:
+                checked.append((data, by_type.get(data.get("type"), TelemetryMessage)))
+            elif comm_id == self.control_id:
+                checked.append((data, Reply))
+        found = [line for data, declared in checked for line in problems(data, declared)]
+        return len(checked), found
+
     def beacons(self) -> dict[str, Any]:
         """The kernel's answer to comm_info_request for the beacon's target."""
         msg_id = self.client.comm_info(target_name="ftwidgets.beacon")
@@ -158,8 +189,13 @@ class Frontend:
 @pytest.fixture
 def frontend():
     front = Frontend()
-    yield front
-    front.close()
+    try:
+        yield front
+        # Every message the kernel sent the extension in the test is as declared.
+        checked, found = front.protocol_problems()
+        assert checked and found == [], found
+    finally:
+        front.close()
 
 
 def last_card(front: Frontend, name: str = "s1") -> dict[str, Any] | None:
@@ -361,3 +397,4 @@ def test_a_kernel_without_subshells_says_so_in_every_reply():
     bridge._on_control_msg(comm, {"content": {"data": {"action": "stop_all", "request": "r"}}})
     (reply,) = comm.sent
     assert reply["subshells"] is False and reply["ok"] and reply["request"] == "r"
+    assert problems(reply, Reply) == []

@@ -66,39 +66,3 @@ def test_the_typescript_model_tests_pass() -> None:
         [npm, "test"], cwd=SOURCE, capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-
-
-def _ts_fields(source: str, interface: str) -> dict[str, str]:
-    """The fields of a TypeScript interface in protocol.ts: name -> type."""
-    body = re.search(rf"export interface {interface} \{{(.*?)\n\}}", source, re.S)
-    assert body, f"no interface {interface} in protocol.ts"
-    return dict(re.findall(r"^  (\w+)\??: ([^;]+);", body.group(1), re.M))
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    ("interface", "typed_dict"), [("ICard", "Card"), ("IPhaseEnded", "PhaseEndNotice")]
-)
-def test_the_typescript_protocol_declares_what_telemetry_sends(
-    interface: str, typed_dict: str
-) -> None:
-    from ftwidgets.frontend import telemetry
-
-    fields = _ts_fields((SOURCE / "src" / "protocol.ts").read_text(encoding="utf-8"), interface)
-    sent = getattr(telemetry, typed_dict).__annotations__
-    assert list(fields) == list(sent)
-    # Each field the kernel may send as None is nullable on the front end, and no other.
-    nullable = {name for name, hint in sent.items() if "None" in str(hint)}
-    assert {name for name, ts in fields.items() if "null" in ts} == nullable
-
-
-@pytest.mark.unit
-def test_the_typescript_protocol_knows_every_phase_end_outcome() -> None:
-    from typing import get_args
-
-    from ftwidgets.frontend import telemetry
-
-    source = (SOURCE / "src" / "protocol.ts").read_text(encoding="utf-8")
-    union = re.search(r"export type Outcome =([^;]+);", source)
-    assert union, "no Outcome type in protocol.ts"
-    assert re.findall(r"'(\w+)'", union.group(1)) == list(get_args(telemetry.Outcome))

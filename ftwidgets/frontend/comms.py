@@ -30,11 +30,22 @@ from ftwidgets import upstream
 from ftwidgets.engine.events import Best, Event, PhaseEnded, PhaseStarted, RolledBack
 from ftwidgets.engine.session import FineTuneSession, live_sessions, watch_sessions
 from ftwidgets.frontend import telemetry
+from ftwidgets.frontend.protocol import (
+    BEACON_TARGET,
+    CONTROL_TARGET,
+    PROTOCOL,
+    TELEMETRY_TARGET,
+    Action,
+    Card,
+    KernelAction,
+    PhaseEndNotice,
+    Reply,
+    SessionAction,
+    SessionsMessage,
+    TelemetryOpen,
+)
 
 __all__ = [
-    "BEACON_TARGET",
-    "CONTROL_TARGET",
-    "TELEMETRY_TARGET",
     "KernelBridge",
     "answer_while_busy",
     "bridge",
@@ -42,9 +53,6 @@ __all__ = [
     "running_kernel",
 ]
 
-BEACON_TARGET = "ftwidgets.beacon"
-CONTROL_TARGET = "ftwidgets.control"
-TELEMETRY_TARGET = "ftwidgets.telemetry"
 MIN_INTERVAL = 0.2  # seconds between telemetry updates: at most 5 a second
 # A short phase may end before the page has found the session (cells run together):
 # a notice no page heard waits this long for the next page that says hello.
@@ -128,8 +136,8 @@ class KernelBridge:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._telemetry: dict[str, Any] = {}  # control comm id -> its telemetry comm
-        self._notices: list[telemetry.PhaseEndNotice] = []
-        self._unheard: list[tuple[float, telemetry.PhaseEndNotice]] = []
+        self._notices: list[PhaseEndNotice] = []
+        self._unheard: list[tuple[float, PhaseEndNotice]] = []
         self._restored: dict[str, Best | None] = {}
         self._followed: weakref.WeakSet[FineTuneSession] = weakref.WeakSet()
 
@@ -177,7 +185,7 @@ class KernelBridge:
 
         session.on_event(on_event)
 
-    def cards(self) -> list[telemetry.Card]:
+    def cards(self) -> list[Card]:
         """Every live session's card, oldest session first."""
         return [
             telemetry.card(s, self._restored.get(s.name), s in _PANELS) for s in live_sessions()
@@ -205,7 +213,7 @@ class KernelBridge:
                 return
             self._unheard = []
         notices = [notice for _, notice in waiting] + notices
-        update = {"type": "sessions", "sessions": self.cards()}
+        update = SessionsMessage(type="sessions", sessions=self.cards())
         for comm in outputs:
             comm.send(update)
             for notice in notices:
@@ -233,11 +241,9 @@ class KernelBridge:
         self._forget(control)
         output = create_comm(
             target_name=TELEMETRY_TARGET,
-            data={
-                "protocol": telemetry.PROTOCOL,
-                "subshells": self.subshells,
-                "control": control.comm_id,
-            },
+            data=TelemetryOpen(
+                protocol=PROTOCOL, subshells=self.subshells, control=control.comm_id
+            ),
         )
         with self._lock:
             self._telemetry[control.comm_id] = output
@@ -245,47 +251,55 @@ class KernelBridge:
 
     def _on_control_msg(self, comm: Any, msg: dict[str, Any]) -> None:
         data = msg["content"]["data"] or {}
-        action = data.get("action")
-        ok, message = True, ""
+        asked, name, request = (data.get(key) for key in ("action", "session", "request"))
+        action = _action(asked)
+        ok = True
         try:
-            if action == "hello":
+            if action is KernelAction.HELLO:
                 self._greet(comm)
-            message = self._apply(action, data.get("session"))
+            message = self._apply(action, name, asked)
         except (LookupError, ValueError) as exc:
             ok, message = False, str(exc)
+        # The reply echoes what the protocol can carry: a string or an action, else null.
         comm.send(
-            {
-                "type": "reply",
-                "request": data.get("request"),
-                "action": action,
-                "session": data.get("session"),
-                "ok": ok,
-                "message": message,
-                "protocol": telemetry.PROTOCOL,
-                "subshells": self.subshells,
-            }
+            Reply(
+                type="reply",
+                request=request if isinstance(request, str) else None,
+                action=action,
+                session=name if isinstance(name, str) else None,
+                ok=ok,
+                message=message,
+                protocol=PROTOCOL,
+                subshells=self.subshells,
+            )
         )
 
-    def _apply(self, action: Any, name: Any) -> str:
+    def _apply(self, action: Action | None, name: Any, asked: Any) -> str:
         """Queue one command; return what happened, in words."""
-        if action == "hello":
+        if action is KernelAction.HELLO:
             return "hello"
-        if action == "stop_all":
+        if action is KernelAction.STOP_ALL:
             stopped = [s.name for s in live_sessions() if s.stop()]
             return f"stopped {', '.join(stopped)}" if stopped else "nothing was running"
+        if action is None:
+            known = ", ".join([*KernelAction, *SessionAction])
+            raise ValueError(f"action must be one of {known}. Received: action={asked!r}")
         session = next((s for s in live_sessions() if s.name == name), None)
         if session is None:
             raise LookupError(f"No live session is named {name!r}.")
-        if action == "stop":
+        if action is SessionAction.STOP:
             return "stopping" if session.stop() else "nothing was running"
-        if action == "pause":
+        if action is SessionAction.PAUSE:
             return "pausing" if session.pause() else "nothing was running"
-        if action == "resume":
+        if action is SessionAction.RESUME:
             return "resuming" if session.resume() else "nothing was paused"
-        if action == "rollback":
-            best = session.rollback()
-            return f"rolling back to epoch {best.epoch}"
-        raise ValueError(
-            "action must be hello, stop, pause, resume, rollback or stop_all. "
-            f"Received: action={action!r}"
-        )
+        best = session.rollback()
+        return f"rolling back to epoch {best.epoch}"
+
+
+def _action(value: Any) -> Action | None:
+    """The action a command names, or None for anything else."""
+    for kind in (KernelAction, SessionAction):
+        if value in list(kind):
+            return kind(value)
+    return None

@@ -1,68 +1,27 @@
 """What the JupyterLab extension is told about sessions: typed, JSON-ready messages.
 
 The kernel sends these on each page's ``ftwidgets.telemetry`` comm (see
-`ftwidgets.frontend.comms`); ``labextension/src/protocol.ts`` declares the same shapes for the
-front end. Pure functions of a session's public state: no comms, no widgets.
+`ftwidgets.frontend.comms`), in the shapes `ftwidgets.frontend.protocol` declares. Pure
+functions of a session's public state: no comms, no widgets.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, TypedDict
+from typing import Any
 
 from ftwidgets.engine.events import Best, PhaseEnded
+from ftwidgets.frontend.protocol import Card, PhaseEndNotice
 from ftwidgets.ui.format import finite
 from ftwidgets.ui.view import SPARK_POINTS, SessionView
 
 __all__ = [
-    "PROTOCOL",
     "SPARK_POINTS",
-    "Card",
-    "PhaseEndNotice",
     "card",
     "card_of",
     "panel_class",
     "phase_end_notice",
 ]
-
-PROTOCOL = 1
-
-Outcome = Literal["completed", "early_stopped", "stopped", "callback", "rolled_back", "failed"]
-
-
-class Card(TypedDict):
-    """One session, as the status bar and the sidebar show it."""
-
-    name: str
-    model: str
-    state: str
-    searching: bool
-    phase: str | None
-    run_epoch: int | None  # 1-based across the run: the panel's "epoch 33 (3/30 of this phase)"
-    epoch: int | None  # 1-based within the phase
-    epochs: int | None
-    learning_rate: float | None
-    monitor: str
-    value: float | None  # the monitored value of the last full epoch
-    best_epoch: int | None  # 1-based global, as the panel says "best epoch N"
-    best_value: float | None
-    spark: list[float]
-    can_roll_back: bool
-    panel_class: str | None  # a CSS class on the session's panel, if one was shown
-    error: str | None
-
-
-class PhaseEndNotice(TypedDict):
-    """A phase ended: what the notification says and offers."""
-
-    type: Literal["phase_ended"]
-    session: str
-    outcome: str
-    phase: str
-    restored_epoch: int | None  # 1-based
-    message: str | None
-    can_roll_back: bool
-    panel_class: str | None
 
 
 def panel_class(name: str) -> str:

@@ -14,7 +14,7 @@ import { LabIcon } from '@jupyterlab/ui-components';
 
 import { KernelBridge } from './kernels';
 import { INotice, phaseEndNotice } from './notices';
-import { IPhaseEnded } from './protocol';
+import { IPhaseEndNotice } from './protocol';
 import { FineTuningSidebar } from './sidebar';
 import { FineTuningStatus } from './statusbar';
 
@@ -95,7 +95,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       });
     };
 
-    const notify = (bridge: KernelBridge, event: IPhaseEnded) => {
+    const notify = (bridge: KernelBridge, event: IPhaseEndNotice) => {
       const notice: INotice = phaseEndNotice(event);
       const actions = notice.actions.map(action =>
         action === 'rollback'

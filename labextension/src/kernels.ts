@@ -20,7 +20,7 @@ import {
   BEACON_TARGET,
   CONTROL_TARGET,
   ICommand,
-  IPhaseEnded,
+  IPhaseEndNotice,
   IReply,
   ITelemetryOpen,
   TELEMETRY_TARGET,
@@ -45,7 +45,7 @@ export class KernelBridge {
   readonly model = new SessionModel();
 
   /** A phase ended in one of this kernel's sessions. */
-  get phaseEnded(): ISignal<this, IPhaseEnded> {
+  get phaseEnded(): ISignal<this, IPhaseEndNotice> {
     return this._phaseEnded;
   }
 
@@ -228,7 +228,7 @@ export class KernelBridge {
   private _probeShell: string | null = null;
   private _poll: ReturnType<typeof setInterval> | null = null;
   private _controlComm: Kernel.IComm | null = null;
-  private _phaseEnded = new Signal<this, IPhaseEnded>(this);
+  private _phaseEnded = new Signal<this, IPhaseEndNotice>(this);
   private _refused = new Signal<this, string>(this);
 }
 

@@ -5,7 +5,7 @@
  * and no JupyterLab imports, so its tests run on plain Node.
  */
 import {
-  IPhaseEnded,
+  IPhaseEndNotice,
   IReply,
   ICard,
   ITelemetryOpen,
@@ -75,19 +75,18 @@ export class SessionModel {
 
   /** A telemetry comm opened: it replaces whatever an older one said. */
   applyOpen(data: ITelemetryOpen): void {
-    if (data.protocol !== PROTOCOL) {
-      this._problem = `The kernel's ftwidgets speaks protocol ${data.protocol}; this extension speaks ${PROTOCOL}. Update one of them.`;
-      this._sessions = [];
-    } else {
-      this._problem = null;
-      this._sessions = data.sessions ?? [];
-    }
+    this._problem =
+      data.protocol === PROTOCOL
+        ? null
+        : `The kernel's ftwidgets speaks protocol ${data.protocol}; this extension speaks ${PROTOCOL}. Update one of them.`;
+    // The kernel's first update, right after the opening, brings every card.
+    this._sessions = [];
     this._subshells = data.subshells;
     this._emit();
   }
 
   /** A telemetry message; returns the phase-end notice to show, if it was one. */
-  applyMessage(message: TelemetryMessage): IPhaseEnded | null {
+  applyMessage(message: TelemetryMessage): IPhaseEndNotice | null {
     if (this._problem) {
       return null;
     }

@@ -3,7 +3,7 @@
  * without JupyterLab. "Roll back to best" is offered wherever the kernel says a best
  * epoch exists and is not restored already (an early stop that kept its last weights).
  */
-import { IPhaseEnded } from './protocol';
+import { IPhaseEndNotice } from './protocol';
 
 export type NoticeKind = 'success' | 'info' | 'warning' | 'error';
 export type NoticeAction = 'rollback' | 'panel';
@@ -14,7 +14,7 @@ export interface INotice {
   actions: NoticeAction[];
 }
 
-export function phaseEndNotice(event: IPhaseEnded): INotice {
+export function phaseEndNotice(event: IPhaseEndNotice): INotice {
   const phase = event.phase === 'finetune' ? 'fine-tune' : 'head';
   const who = `${event.session} (${phase} phase)`;
   const panel: NoticeAction[] = event.panel_class ? ['panel'] : [];

@@ -1,18 +1,26 @@
 /**
- * The comm protocol between the kernel (ftwidgets/comms.py) and this extension.
+ * The comm protocol between the kernel (ftwidgets/frontend/comms.py) and this extension.
  *
- * The shapes mirror ftwidgets/telemetry.py; keep both in step.
+ * GENERATED from ftwidgets/frontend/protocol.py, the one declaration of these messages:
+ * edit that, then run `python -m ftwidgets.frontend.protocol labextension/src/protocol.ts`.
+ * tests/test_protocol.py fails while the two differ.
  */
 
 /** The comm the kernel opens to send session cards and phase-end notices. */
 export const TELEMETRY_TARGET = 'ftwidgets.telemetry';
-/** A comm the kernel registers but never sends: comm_info lists it once ftwidgets runs. */
+
+/**
+ * A comm the kernel registers but never sends: comm_info lists it once ftwidgets runs.
+ */
 export const BEACON_TARGET = 'ftwidgets.beacon';
+
 /** The comm this extension opens, in its own subshell, to send commands. */
 export const CONTROL_TARGET = 'ftwidgets.control';
+
 /** The protocol version this extension speaks. */
 export const PROTOCOL = 1;
 
+/** What a session is doing. */
 export type SessionState =
   | 'idle'
   | 'compiling'
@@ -21,7 +29,25 @@ export type SessionState =
   | 'stopping'
   | 'failed';
 
+/** What a phase trains: the head alone, or the head and the top of the base. */
 export type Phase = 'head' | 'finetune';
+
+/** Why a phase ended. */
+export type Outcome =
+  | 'completed'
+  | 'early_stopped'
+  | 'stopped'
+  | 'callback'
+  | 'rolled_back'
+  | 'failed';
+
+/** A command to the kernel as a whole: say hello, or stop every session. */
+export type KernelAction = 'hello' | 'stop_all';
+
+/** A command to one named session. */
+export type SessionAction = 'stop' | 'pause' | 'resume' | 'rollback';
+
+export type Action = KernelAction | SessionAction;
 
 /** One session, as the status bar and the sidebar show it. */
 export interface ICard {
@@ -31,10 +57,9 @@ export interface ICard {
   searching: boolean;
   phase: Phase | null;
   /**
-   * 1-based across the run, the number the panel, the charts and `restore_epoch`
-   * use; absent from a kernel older than this field.
+   * 1-based across the run, the number the panel, the charts and `restore_epoch` use.
    */
-  run_epoch?: number | null;
+  run_epoch: number | null;
   /** 1-based within the phase. */
   epoch: number | null;
   epochs: number | null;
@@ -58,23 +83,16 @@ export interface ITelemetryOpen {
   subshells: boolean;
   /** The id of the control comm whose hello opened it: each page keeps its own. */
   control: string;
-  sessions?: ICard[];
 }
 
+/** Every live session's card, oldest session first (at most five a second). */
 export interface ISessionsMessage {
   type: 'sessions';
   sessions: ICard[];
 }
 
-export type Outcome =
-  | 'completed'
-  | 'early_stopped'
-  | 'stopped'
-  | 'callback'
-  | 'rolled_back'
-  | 'failed';
-
-export interface IPhaseEnded {
+/** A phase ended: what the notification says and offers. */
+export interface IPhaseEndNotice {
   type: 'phase_ended';
   session: string;
   outcome: Outcome;
@@ -86,10 +104,7 @@ export interface IPhaseEnded {
   panel_class: string | null;
 }
 
-export type TelemetryMessage = ISessionsMessage | IPhaseEnded;
-
-export type SessionAction = 'stop' | 'pause' | 'resume' | 'rollback';
-export type Action = 'hello' | 'stop_all' | SessionAction;
+export type TelemetryMessage = ISessionsMessage | IPhaseEndNotice;
 
 /** A command on the control comm. */
 export interface ICommand {
@@ -102,9 +117,11 @@ export interface ICommand {
 export interface IReply {
   type: 'reply';
   request: string | null;
+  /** The command's action; null for one the kernel does not know. */
   action: Action | null;
   session: string | null;
   ok: boolean;
   message: string;
+  protocol: number;
   subshells: boolean;
 }

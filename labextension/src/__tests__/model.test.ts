@@ -9,7 +9,7 @@ import {
   statusText
 } from '../model';
 import { phaseEndNotice } from '../notices';
-import { ICard, IPhaseEnded } from '../protocol';
+import { ICard, IPhaseEndNotice } from '../protocol';
 
 function card(overrides: Partial<ICard> = {}): ICard {
   return {
@@ -34,7 +34,7 @@ function card(overrides: Partial<ICard> = {}): ICard {
   };
 }
 
-function notice(overrides: Partial<IPhaseEnded> = {}): IPhaseEnded {
+function notice(overrides: Partial<IPhaseEndNotice> = {}): IPhaseEndNotice {
   return {
     type: 'phase_ended',
     session: 'session-1',
@@ -48,22 +48,24 @@ function notice(overrides: Partial<IPhaseEnded> = {}): IPhaseEnded {
   };
 }
 
-test('an opening replaces the sessions and says whether the kernel has subshells', () => {
+test('an opening forgets the sessions and says whether the kernel has subshells', () => {
   const model = new SessionModel();
   let changes = 0;
   model.onChange(() => (changes += 1));
-  model.applyOpen({ protocol: 1, control: 'c', subshells: false, sessions: [card()] });
-  assert.equal(model.sessions.length, 1);
+  model.applyOpen({ protocol: 1, control: 'c', subshells: false });
   assert.equal(model.subshells, false);
   assert.equal(changes, 1);
-  model.applyOpen({ protocol: 1, control: 'c', subshells: true, sessions: [] });
+  model.applyMessage({ type: 'sessions', sessions: [card()] });
+  assert.equal(model.sessions.length, 1);
+  model.applyOpen({ protocol: 1, control: 'c', subshells: true });
   assert.deepEqual(model.sessions, []);
+  assert.equal(model.subshells, true);
   assert.equal(model.headline, null);
 });
 
 test('a sessions message replaces the list; a phase end is handed back, not stored', () => {
   const model = new SessionModel();
-  model.applyOpen({ protocol: 1, control: 'c', subshells: true, sessions: [] });
+  model.applyOpen({ protocol: 1, control: 'c', subshells: true });
   const none = model.applyMessage({ type: 'sessions', sessions: [card(), card({ name: 'b' })] });
   assert.equal(none, null);
   assert.deepEqual(
@@ -77,7 +79,7 @@ test('a sessions message replaces the list; a phase end is handed back, not stor
 
 test('a newer protocol is refused with a reason, and its messages ignored', () => {
   const model = new SessionModel();
-  model.applyOpen({ protocol: 2, control: 'c', subshells: true, sessions: [card()] });
+  model.applyOpen({ protocol: 2, control: 'c', subshells: true });
   assert.match(model.problem ?? '', /protocol 2/);
   assert.deepEqual(model.sessions, []);
   model.applyMessage({ type: 'sessions', sessions: [card()] });
@@ -89,7 +91,8 @@ test('the headline is the first busy session, else a failed one, else the newest
   const idle = card({ name: 'a', state: 'idle' });
   const failed = card({ name: 'b', state: 'failed' });
   const paused = card({ name: 'c', state: 'paused' });
-  model.applyOpen({ protocol: 1, control: 'c', subshells: true, sessions: [idle, failed, paused] });
+  model.applyOpen({ protocol: 1, control: 'c', subshells: true });
+  model.applyMessage({ type: 'sessions', sessions: [idle, failed, paused] });
   assert.equal(model.headline?.name, 'c');
   model.applyMessage({ type: 'sessions', sessions: [idle, failed] });
   assert.equal(model.headline?.name, 'b');
@@ -110,6 +113,7 @@ test('a command is pending until its reply; a closed comm forgets every pending 
     session: 'session-1',
     ok: true,
     message: 'stopping',
+    protocol: 1,
     subshells: false
   });
   assert.deepEqual(command, { action: 'stop', session: 'session-1' });
@@ -126,6 +130,7 @@ test('a command is pending until its reply; a closed comm forgets every pending 
     session: 'session-1',
     ok: true,
     message: '',
+    protocol: 1,
     subshells: true
   });
   assert.equal(stray, null);
@@ -133,7 +138,8 @@ test('a command is pending until its reply; a closed comm forgets every pending 
 
 test('a reset forgets the sessions and the control comm', () => {
   const model = new SessionModel();
-  model.applyOpen({ protocol: 1, control: 'c', subshells: true, sessions: [card()] });
+  model.applyOpen({ protocol: 1, control: 'c', subshells: true });
+  model.applyMessage({ type: 'sessions', sessions: [card()] });
   model.setControl('open');
   model.reset();
   assert.deepEqual(model.sessions, []);
@@ -171,9 +177,9 @@ test("the epoch is the run's, as the panel says it, then the phase's", () => {
   assert.equal(epochLabel(card({ epochs: null })), 'epoch 33 (3)');
   assert.equal(epochLabel(card({ run_epoch: null, epoch: null, epochs: null })), '');
   // A kernel from before run_epoch: the phase's count, never passed off as the run's.
-  const older: ICard = card();
+  const older: Partial<ICard> = card();
   delete older.run_epoch;
-  assert.equal(epochLabel(older), 'epoch 3/40 of this phase');
+  assert.equal(epochLabel(older as ICard), 'epoch 3/40 of this phase');
 });
 
 test('numbers keep four significant digits; tiny and huge ones go exponential', () => {
