@@ -27,7 +27,8 @@ from ftwidgets.engine.events import (
     frozen_logs,
 )
 from ftwidgets.engine.history import History, Marker, PhaseSpan
-from ftwidgets.ui.charts import MARKED_POINTS, TrainingCharts
+from ftwidgets.ui.chart_marks import MARKED_POINTS
+from ftwidgets.ui.charts import TrainingCharts
 
 pytestmark = pytest.mark.widgets
 
@@ -547,7 +548,7 @@ def test_recording_comm_sees_real_serialisation() -> None:
 
 # -- robustness ------------------------------------------------------------------------------
 class BrokenHistory(History):
-    def batch_trace(self):
+    def batch_trace(self, last=None):
         raise RuntimeError("boom")
 
 
@@ -578,9 +579,9 @@ class CountingHistory(History):
         super().__init__()
         self.trace_reads = 0
 
-    def batch_trace(self):
+    def batch_trace(self, last=None):
         self.trace_reads += 1
-        return super().batch_trace()
+        return super().batch_trace(last)
 
 
 def test_a_redraw_with_nothing_new_does_not_read_the_trace(make_charts) -> None:
@@ -597,9 +598,9 @@ def test_a_redraw_with_nothing_new_does_not_read_the_trace(make_charts) -> None:
 
 
 class SlowHistory(CountingHistory):
-    def batch_trace(self):
+    def batch_trace(self, last=None):
         time.sleep(0.01)  # stands for the cost of a long trace (not a synchronisation)
-        return super().batch_trace()
+        return super().batch_trace(last)
 
 
 def test_a_costly_trace_is_redrawn_within_its_time_budget(make_charts) -> None:

@@ -22,6 +22,7 @@ KERAS_EXAMPLES = {
     "ftwidgets.engine.warm_compile",
 }
 WIDGET_EXAMPLES = {
+    "ftwidgets.ui.chart_marks",
     "ftwidgets.ui.charts",
     "ftwidgets.ui.coach_view",
     "ftwidgets.ui.compare",
