@@ -163,7 +163,6 @@ class TrainingCharts(widgets.VBox):
         self.history = history
         self.restorable = restorable
         self.max_points = max_points
-        self.min_interval = self._throttle.min_interval
         self.last_error: BaseException | None = None
         self._chosen_metric = _metric_name(metric)
         self._best: Best | None = None
@@ -198,6 +197,11 @@ class TrainingCharts(widgets.VBox):
     def redraws(self) -> int:
         """How many redraws ran (for tests and benchmarks)."""
         return self._throttle.redraws
+
+    @property
+    def min_interval(self) -> float:
+        """The least time in seconds between two redraws caused by events."""
+        return self._throttle.min_interval
 
     # -- public API -------------------------------------------------------------
     @property
