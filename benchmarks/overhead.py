@@ -50,7 +50,7 @@ class OverheadResult:
 # included in their callers' figures (see the labels).
 def _hooks() -> list[tuple[str, Any, str]]:
     from ftwidgets.engine import callbacks, jobs, snapshots
-    from ftwidgets.ui import charts, panel
+    from ftwidgets.ui import charts, panel, redraw
 
     return [
         ("`SessionControl.on_train_batch_begin` (every batch; incl. progress events)",
@@ -67,8 +67,8 @@ def _hooks() -> list[tuple[str, Any, str]]:
          panel.FineTunePanel, "_on_session_event"),
         ("`TrainingCharts.on_event` (all events, incl. redraws it runs)",
          charts.TrainingCharts, "on_event"),
-        ("`TrainingCharts._flush` (trailing redraws, timer thread)",
-         charts.TrainingCharts, "_flush"),
+        ("`Throttle._flush` (trailing redraws, timer thread)",
+         redraw.Throttle, "_flush"),
     ]  # fmt: skip
 
 

@@ -27,7 +27,9 @@ from ftwidgets.engine.events import (
 )
 from ftwidgets.engine.history import History, Marker, PhaseSpan
 from ftwidgets.frontend.recording import CommRecorder, record_comms
-from ftwidgets.ui.charts import MARKED_POINTS, TrainingCharts
+from ftwidgets.ui import series
+from ftwidgets.ui.chart_marks import MARKED_POINTS
+from ftwidgets.ui.charts import TrainingCharts
 
 pytestmark = pytest.mark.widgets
 
@@ -547,7 +549,7 @@ def test_recording_comm_sees_real_serialisation() -> None:
 
 # -- robustness ------------------------------------------------------------------------------
 class BrokenHistory(History):
-    def batch_trace(self):
+    def batch_trace(self, last=None):
         raise RuntimeError("boom")
 
 
@@ -578,9 +580,9 @@ class CountingHistory(History):
         super().__init__()
         self.trace_reads = 0
 
-    def batch_trace(self):
+    def batch_trace(self, last=None):
         self.trace_reads += 1
-        return super().batch_trace()
+        return super().batch_trace(last)
 
 
 def test_a_redraw_with_nothing_new_does_not_read_the_trace(make_charts) -> None:
@@ -597,9 +599,9 @@ def test_a_redraw_with_nothing_new_does_not_read_the_trace(make_charts) -> None:
 
 
 class SlowHistory(CountingHistory):
-    def batch_trace(self):
+    def batch_trace(self, last=None):
         time.sleep(0.01)  # stands for the cost of a long trace (not a synchronisation)
-        return super().batch_trace()
+        return super().batch_trace(last)
 
 
 def test_a_costly_trace_is_redrawn_within_its_time_budget(make_charts) -> None:
@@ -662,5 +664,71 @@ def test_a_redraw_reads_the_new_epoch_not_every_epoch_again() -> None:
             assert len(set(reads)) <= 4, len(set(reads))
         np.testing.assert_array_equal(xy(charts.marks["val_loss"])[0][-2:], [300, 301])
         assert xy(charts.marks["partial_loss"])[0].tolist() == [302.0, 302.0]
+    finally:
+        charts.close()
+
+
+class ReadCountingHistory(History):
+    """Counts the epochs, values and batch rows its readers get back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def _counted(self, result):
+        arrays = len(result) and isinstance(result[0], np.ndarray)
+        self.elements += sum(map(len, result)) if arrays else len(result)
+        return result
+
+    def metric(self, name, **kwargs):
+        return self._counted(super().metric(name, **kwargs))
+
+    def lineage(self, branch=None):
+        return self._counted(super().lineage(branch))
+
+    def lineage_from(self, start):
+        return self._counted(super().lineage_from(start))
+
+    @property
+    def epochs(self):
+        return self._counted(super().epochs)
+
+    def batch_trace(self, last=None):
+        return self._counted(super().batch_trace(last))
+
+
+def test_a_redraw_after_20000_epochs_works_on_the_new_points_not_the_run() -> None:
+    # Thinning every series again from the whole run at each redraw made a long run's
+    # redraws cost more and more: a redraw reads the new epoch and batches, and thins
+    # them into series kept at about max_points.
+    history = ReadCountingHistory()
+    history.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    steps = 4
+
+    def add(epoch: int) -> None:
+        for batch in range(steps):
+            step = (epoch - 1) * steps + batch
+            history.record_batch(step, epoch - 1 + (batch + 1) / steps, 1 / epoch, batch=batch)
+        logs = {"loss": 1 / epoch, "val_loss": 2 / epoch, "accuracy": 0.5, "val_accuracy": 0.5}
+        history.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs(logs), 1e-3))
+
+    for epoch in range(1, 20_001):
+        add(epoch)
+    max_points = 500
+    charts = TrainingCharts(history, max_points=max_points, min_interval=0.0)
+    try:
+        for epoch in (20_001, 20_002):
+            add(epoch)
+            history.elements, touched = 0, series.touched
+            charts.refresh(force=True)
+            # The new epoch, its batches, and the open epoch's batches (a few rows each).
+            assert history.elements <= 4 * steps + 10, history.elements
+            # Six series (loss, val_loss, accuracy, val_accuracy, rate, batch loss).
+            assert series.touched - touched <= 6 * 2 * max_points, series.touched - touched
+        x, y = xy(charts.marks["val_loss"])
+        assert len(x) <= max_points and x[0] == 1.0 and x[-1] == 20_002.0
+        assert y.max() == pytest.approx(2.0)  # the highest point survives the thinning
+        x, y = xy(charts.marks["batch"])
+        assert len(x) <= max_points and x[-1] == 20_002.0
     finally:
         charts.close()

@@ -23,6 +23,7 @@ KERAS_EXAMPLES = {
 }
 WIDGET_EXAMPLES = {
     "ftwidgets.frontend.recording",
+    "ftwidgets.ui.chart_marks",
     "ftwidgets.ui.charts",
     "ftwidgets.ui.coach_view",
     "ftwidgets.ui.compare",

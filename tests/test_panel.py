@@ -16,7 +16,7 @@ import ftwidgets as ftw
 from ftwidgets.engine import events as ev
 from ftwidgets.engine.actions import PlanPhase, RollBack, SetDropout, SetUnfreezeDepth
 from ftwidgets.frontend import telemetry
-from ftwidgets.ui.charts import format_rate
+from ftwidgets.ui.format import format_rate
 
 pytestmark = pytest.mark.widgets
 WAIT = 120

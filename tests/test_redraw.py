@@ -53,6 +53,19 @@ def test_an_error_in_a_draw_goes_to_on_error_not_to_the_caller():
     throttle.close()
 
 
+def test_a_direct_request_may_raise_the_draws_error_to_its_caller():
+    errors = []
+
+    def draw(force):
+        raise RuntimeError("no figure")
+
+    throttle = Throttle(draw, min_interval=0.0, name="test", on_error=errors.append)
+    with pytest.raises(RuntimeError, match="no figure"):
+        throttle.request(force=True, raise_errors=True)
+    assert errors == []
+    throttle.close()
+
+
 def test_close_waits_for_the_pending_draw_thread_and_stops_drawing():
     calls = []
     throttle = Throttle(calls.append, min_interval=30.0, name="test")
@@ -68,3 +81,5 @@ def test_close_waits_for_the_pending_draw_thread_and_stops_drawing():
 def test_a_bad_interval_is_refused_naming_the_value():
     with pytest.raises(ValueError, match=r"Received: min_interval=-1"):
         Throttle(print, min_interval=-1, name="test")
+    with pytest.raises(ValueError, match=r"Received: min_interval='soon'"):
+        Throttle(print, min_interval="soon", name="test")

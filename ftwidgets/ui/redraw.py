@@ -46,7 +46,10 @@ class Throttle:
         name: str,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
-        interval = float(min_interval)
+        try:
+            interval = float(min_interval)
+        except (TypeError, ValueError):
+            interval = math.nan
         if not math.isfinite(interval) or interval < 0:
             raise ValueError(
                 "min_interval must be a finite number of seconds >= 0. "
@@ -67,8 +70,12 @@ class Throttle:
     def closed(self) -> bool:
         return self._closed
 
-    def request(self, force: bool = False) -> None:
-        """Draw now if forced or due, else once when the interval has passed."""
+    def request(self, force: bool = False, *, raise_errors: bool = False) -> None:
+        """Draw now if forced or due, else once when the interval has passed.
+
+        With ``raise_errors``, a draw that runs now raises to the caller instead of
+        going to ``on_error`` (a direct call, from the kernel thread).
+        """
         with self.lock:
             if self._closed:
                 return
@@ -77,7 +84,7 @@ class Throttle:
             due = self._last_draw + self.min_interval
             if force or now >= due:
                 self._cancel_timer()
-                self._run(force)
+                self._run(force, raise_errors)
             else:
                 self.later(due - now)
 
@@ -108,13 +115,15 @@ class Throttle:
             if self._dirty and not self._closed:
                 self._run(False)
 
-    def _run(self, force: bool) -> None:
+    def _run(self, force: bool, raise_errors: bool = False) -> None:
         self._dirty = False
         self._last_draw = time.monotonic()
         self.redraws += 1
         try:
             self._draw(force)
         except Exception as exc:
+            if raise_errors:
+                raise
             if self._on_error is None:
                 logger.exception("ftwidgets could not redraw %s", self._name)
             else:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ftwidgets.engine.events import Event, SearchEnded, SearchStarted, SearchStep
 from ftwidgets.engine.lr_search import LearningRateSearch
-from ftwidgets.ui.charts import format_rate
+from ftwidgets.ui.format import format_rate
 
 __all__ = ["SearchChart"]
 
