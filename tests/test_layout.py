@@ -60,6 +60,12 @@ def test_the_package_is_laid_out_in_layers():
     assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} == LAYERS
 
 
+def test_the_engine_renders_no_html():
+    # The freeze map's HTML table is the ui's (ui/freeze_map.py); the engine keeps the data.
+    engine = sorted((PACKAGE / "engine").rglob("*.py"))
+    assert [path.name for path in engine if "html" in imported_modules(path)] == []
+
+
 @pytest.mark.parametrize("path", headless_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_engine_and_advice_import_no_widget_package_even_lazily(path):
     layer = path.parent.name
@@ -104,9 +110,3 @@ def test_a_fresh_process_imports_engine_and_advice_without_widgets():
     assert "ftwidgets.advice.coach" in seen["loaded"]
     assert set(seen["new"]) & WIDGET_PACKAGES == set()
     assert not any(m.startswith(("ftwidgets.ui", "ftwidgets.frontend")) for m in seen["loaded"])
-
-
-def test_the_engine_renders_no_html():
-    # The freeze map's HTML table is the ui's (ui/freeze_map.py); the engine keeps the data.
-    engine = sorted((PACKAGE / "engine").rglob("*.py"))
-    assert [path.name for path in engine if "html" in imported_modules(path)] == []
