@@ -10,8 +10,9 @@ from collections.abc import Mapping
 import pytest
 
 import ftwidgets as ftw
-from ftwidgets.advice import coach
-from ftwidgets.advice.coach import Coach, Record
+from ftwidgets.advice import rules
+from ftwidgets.advice.coach import Coach
+from ftwidgets.advice.record import Record
 from ftwidgets.engine.actions import ChangeLearningRate, PlanPhase, RollBack, SetDropout
 from ftwidgets.engine.events import Advised, EpochRecord, frozen_logs
 from ftwidgets.engine.history import History, Marker, PhaseSpan
@@ -42,7 +43,7 @@ OVERFIT = [(1.0, 0.9), (0.6, 0.5), (0.4, 0.6), (0.3, 0.7), (0.2, 0.8)]
 
 @pytest.mark.unit
 def test_overfitting_fires_when_validation_turns_while_training_falls():
-    note = coach.overfitting(record(run(OVERFIT), dropout=0.3))
+    note = rules.overfitting(record(run(OVERFIT), dropout=0.3))
     assert note.rule == "overfitting"
     assert "best at epoch 2 (0.5)" in note.why and "from 0.6 to 0.2" in note.why
     # One number per epoch: the button's label, its value and the note's epoch.
@@ -54,10 +55,10 @@ def test_overfitting_fires_when_validation_turns_while_training_falls():
     # Not while validation still improves, nor when the training loss is flat too,
     # nor on a monitor that is not a validation metric.
     improving = [(1.0 - e / 10, 0.9 - e / 10) for e in range(5)]
-    assert coach.overfitting(record(run(improving))) is None
+    assert rules.overfitting(record(run(improving))) is None
     flat = [(0.5, v) for _, v in OVERFIT]
-    assert coach.overfitting(record(run(flat))) is None
-    assert coach.overfitting(record(run(OVERFIT), monitor="loss")) is None
+    assert rules.overfitting(record(run(flat))) is None
+    assert rules.overfitting(record(run(OVERFIT), monitor="loss")) is None
 
 
 @pytest.mark.unit
@@ -70,89 +71,89 @@ def test_diverging_fires_on_a_rise_after_a_raised_rate_or_on_swings_far_above_th
             history.add_marker(Marker("learning_rate", 3.0, 3, "lr", change_to))
         return record(history, learning_rate=change_to or 1e-2)
 
-    rose = coach.diverging(traced([1.0] * 30 + [2.5] * 30, change_to=1e-1))
+    rose = rules.diverging(traced([1.0] * 30 + [2.5] * 30, change_to=1e-1))
     assert rose.rule == "diverging" and "rose 2.5x after the rate went up" in rose.message
     assert "from 1e-2 to 1e-1" in rose.why
     assert rose.actions == (ChangeLearningRate(1e-2, "Lower the rate to 1e-2"),)
     # Not after a lowered rate, nor by less than 1.5x, nor within the old batches' noise
     # (1.8 is 1.6x their median, 1.1, but below their 90th percentile, 2.0).
-    assert coach.diverging(traced([1.0] * 30 + [2.5] * 30, change_to=1e-3)) is None
-    assert coach.diverging(traced([1.0] * 30 + [1.4] * 30, change_to=1e-1)) is None
-    assert coach.diverging(traced([0.2, 2.0] * 15 + [1.8] * 30, change_to=1e-1)) is None
+    assert rules.diverging(traced([1.0] * 30 + [2.5] * 30, change_to=1e-3)) is None
+    assert rules.diverging(traced([1.0] * 30 + [1.4] * 30, change_to=1e-1)) is None
+    assert rules.diverging(traced([0.2, 2.0] * 15 + [1.8] * 30, change_to=1e-1)) is None
 
-    swinging = coach.diverging(traced([0.3] * 200 + [0.1, 2.0] * 25))
+    swinging = rules.diverging(traced([0.3] * 200 + [0.1, 2.0] * 25))
     assert "swings widely" in swinging.message
     assert "3.5x the 0.3 a window of 50 batches averaged before" in swinging.why
     # Batches swing as widely around their usual level near convergence: noise. Nor
     # does a rule judge swings with too few batches before them to compare with.
-    assert coach.diverging(traced([0.05, 0.9] * 125)) is None
-    assert coach.diverging(traced([0.3] * 150 + [0.1, 2.0] * 25)) is None
-    assert coach.diverging(traced([1.0 / (s + 1) for s in range(300)])) is None
+    assert rules.diverging(traced([0.05, 0.9] * 125)) is None
+    assert rules.diverging(traced([0.3] * 150 + [0.1, 2.0] * 25)) is None
+    assert rules.diverging(traced([1.0 / (s + 1) for s in range(300)])) is None
 
 
 @pytest.mark.unit
 def test_head_converged_fires_on_a_flat_monitor_in_the_head_phase_only():
     flat = [(0.5, 0.500), (0.5, 0.501), (0.5, 0.499), (0.5, 0.500)]
-    note = coach.head_converged(record(run(flat), min_delta=0.0))
+    note = rules.head_converged(record(run(flat), min_delta=0.0))
     assert note.rule == "head_converged"
     (action,) = note.actions
     assert action == PlanPhase("finetune", 2, 1e-5, "Fine-tune at depth 2, 1e-5")
     assert action.changes == {"phase": "finetune", "unfreeze_depth": 2, "learning_rate": 1e-5}
-    assert coach.head_converged(record(run(flat, phase="finetune", rate=1e-5))) is None
+    assert rules.head_converged(record(run(flat, phase="finetune", rate=1e-5))) is None
     moving = [(0.5, 0.5), (0.5, 0.45), (0.5, 0.40), (0.5, 0.35)]
-    assert coach.head_converged(record(run(moving))) is None
+    assert rules.head_converged(record(run(moving))) is None
 
 
 @pytest.mark.unit
 def test_finetune_rate_too_high_against_the_seed_range_and_the_head_rate():
     head = run([(1.0, 1.0)], rate=1e-3)
     high = run([(1.0, 1.0)], phase="finetune", rate=1e-3, history=head)
-    note = coach.finetune_rate_too_high(record(high, unfreeze_depth=2))
+    note = rules.finetune_rate_too_high(record(high, unfreeze_depth=2))
     assert note.rule == "finetune_rate_too_high" and "1x the head's 1e-3" in note.why
     assert note.actions == (ChangeLearningRate(1e-5, "Use 1e-5"),)
     ok = run([(1.0, 1.0)], phase="finetune", rate=1e-5, history=run([(1.0, 1.0)]))
-    assert coach.finetune_rate_too_high(record(ok, unfreeze_depth=2)) is None
+    assert rules.finetune_rate_too_high(record(ok, unfreeze_depth=2)) is None
     # 5e-5 is within the seed's range, but above a tenth of a 1e-4 head rate.
     slow_head = run([(1.0, 1.0)], rate=1e-4)
     close = run([(1.0, 1.0)], phase="finetune", rate=5e-5, history=slow_head)
-    assert coach.finetune_rate_too_high(record(close, unfreeze_depth=2)) is not None
-    assert coach.finetune_rate_too_high(record(high, unfreeze_depth=0)) is None  # base frozen
+    assert rules.finetune_rate_too_high(record(close, unfreeze_depth=2)) is not None
+    assert rules.finetune_rate_too_high(record(high, unfreeze_depth=0)) is None  # base frozen
 
 
 @pytest.mark.unit
 def test_small_data_notes_many_parameters_per_sample():
     history = run([(1.0, 1.0)])
-    note = coach.small_data(record(history, trainable_params=1_000_000, train_samples=100))
+    note = rules.small_data(record(history, trainable_params=1_000_000, train_samples=100))
     assert note.rule == "small_data" and "10,000 per sample" in note.why and not note.actions
-    assert coach.small_data(record(history, trainable_params=5_000, train_samples=100)) is None
+    assert rules.small_data(record(history, trainable_params=5_000, train_samples=100)) is None
 
 
 @pytest.mark.unit
 def test_non_finite_loss_explains_and_names_the_rate():
     history = run([(1.0, 1.0), (math.nan, math.nan)], rate=0.5)
-    note = coach.non_finite_loss(record(history))
+    note = rules.non_finite_loss(record(history))
     assert "at rate 5e-1" in note.message
     assert [(type(a), a.learning_rate) for a in note.actions] == [(ChangeLearningRate, 0.05)]
-    assert coach.non_finite_loss(record(run([(1.0, 1.0)]))) is None
+    assert rules.non_finite_loss(record(run([(1.0, 1.0)]))) is None
     # A phase that failed on an infinite loss mid-epoch (no epoch logged it) fires too,
     # naming the failing phase's rate; another failure, even one that says "nan", not.
     inf = "The training loss became inf at epoch 2, batch 3 (learning rate 0.5)."
-    note = coach.non_finite_loss(record(run([(1.0, 1.0)]), failure=inf, non_finite=True))
+    note = rules.non_finite_loss(record(run([(1.0, 1.0)]), failure=inf, non_finite=True))
     assert note.why.startswith(inf) and "at rate 1e-3" in note.message
     other = "ValueError: the monitor 'val_nan_rate' was not logged"
-    assert coach.non_finite_loss(record(run([(1.0, 1.0)]), failure=other)) is None
+    assert rules.non_finite_loss(record(run([(1.0, 1.0)]), failure=other)) is None
 
 
 @pytest.mark.unit
 def test_early_stop_says_what_patience_and_min_delta_did():
     history = run(OVERFIT)
     ended = record(history, phase_ended="early_stopped", patience=3, min_delta=0.01)
-    note = coach.early_stop(ended)
+    note = rules.early_stop(ended)
     assert note.why == (
         "For 3 epochs in a row no epoch improved val_loss by more than min_delta 0.01, "
         "so the phase stopped after 5 of its epochs."
     )
-    assert coach.early_stop(record(history, phase_ended="completed", patience=3)) is None
+    assert rules.early_stop(record(history, phase_ended="completed", patience=3)) is None
 
 
 @pytest.mark.unit
@@ -193,8 +194,8 @@ def flat_head(accuracy, loss=1.6):
 def test_a_head_at_chance_level_is_not_converged_but_not_learning():
     history = logged(flat_head([0.2, 0.21, 0.19, 0.2, 0.22]))
     stuck = record(history, num_classes=5)
-    assert coach.head_converged(stuck) is None
-    note = coach.not_learning(stuck)
+    assert rules.head_converged(stuck) is None
+    note = rules.not_learning(stuck)
     assert note.rule == "not_learning" and note.phase_index == 0 and note.epoch == 5
     assert note.message == "Not learning: val_accuracy stayed at chance level (0.2 for 5 classes)."
     assert "best over the phase's 5 epochs is 0.22 at rate 1e-3" in note.why
@@ -204,35 +205,35 @@ def test_a_head_at_chance_level_is_not_converged_but_not_learning():
     assert not any("converged" in n.message for n in fired)
     # The same curves well above chance are converged, and learning.
     learned = record(logged(flat_head([0.8, 0.82, 0.81, 0.8, 0.83])), num_classes=5)
-    assert coach.head_converged(learned).message.startswith("The head has converged")
-    assert coach.not_learning(learned) is None
+    assert rules.head_converged(learned).message.startswith("The head has converged")
+    assert rules.not_learning(learned) is None
     # Binary: chance is one half; the band is 5% of the way to perfect (0.525).
     binary = record(logged(flat_head([0.5, 0.52, 0.49, 0.51, 0.5])), num_classes=2)
-    assert coach.not_learning(binary).rule == "not_learning"
-    assert coach.head_converged(binary) is None
+    assert rules.not_learning(binary).rule == "not_learning"
+    assert rules.head_converged(binary) is None
     better = record(logged(flat_head([0.5, 0.52, 0.49, 0.51, 0.55])), num_classes=2)
-    assert coach.not_learning(better) is None
+    assert rules.not_learning(better) is None
 
 
 @pytest.mark.unit
 def test_nothing_moved_at_a_rate_too_low_says_so_and_offers_the_usual_rate():
     still = [{"loss": 1.6121, "val_loss": 1.6094, "val_accuracy": 0.2}] * 2
     ended = record(logged(still, rate=1e-12), phase_ended="completed")
-    note = coach.not_learning(ended)
+    note = rules.not_learning(ended)
     assert note.message == "Nothing moved: val_loss stayed at 1.609 for 2 epochs."
     assert "changed by 0 at rate 1e-12" in note.why
     assert [(type(a), a.learning_rate) for a in note.actions] == [(ChangeLearningRate, 1e-3)]
     # Not before the phase ends or has WARMUP_EPOCHS epochs, and never "converged".
-    assert coach.not_learning(record(logged(still, rate=1e-12))) is None
+    assert rules.not_learning(record(logged(still, rate=1e-12))) is None
     long = record(logged(still * 3, rate=1e-12))
-    assert coach.not_learning(long).message.startswith("Nothing moved")
-    assert coach.head_converged(long) is None
+    assert rules.not_learning(long).message.startswith("Nothing moved")
+    assert rules.head_converged(long) is None
     # Dropout moves the training loss alone: that is not overfitting either.
     noisy = [{"loss": 1.6 - e / 20, "val_loss": 1.6094} for e in range(5)]
-    assert coach.overfitting(record(logged(noisy, rate=1e-12))) is None
+    assert rules.overfitting(record(logged(noisy, rate=1e-12))) is None
     # A fine-tune phase is offered the fine-tune rate.
     tuned = record(logged(still, phase="finetune", rate=1e-9), phase_ended="completed")
-    assert [(type(a), a.learning_rate) for a in coach.not_learning(tuned).actions] == [
+    assert [(type(a), a.learning_rate) for a in rules.not_learning(tuned).actions] == [
         (ChangeLearningRate, 1e-5)
     ]
 
@@ -242,8 +243,8 @@ def test_a_blown_up_phase_is_diverged_never_converged():
     rows = [{"loss": 0.5, "val_loss": 0.6}, {"loss": 1.4, "val_loss": 3.0}]
     rows += [{"loss": 3.0, "val_loss": 3.0 + d} for d in (0.01, 0.0, 0.02, 0.01)]
     blown = record(logged(rows, rate=0.5))
-    assert coach.head_converged(blown) is None
-    note = coach.not_learning(blown)
+    assert rules.head_converged(blown) is None
+    note = rules.not_learning(blown)
     assert note.message == "The phase diverged: the training loss rose 6.0x."
     assert "from 0.5 to 3 at rate 5e-1" in note.why
     assert [(type(a), a.learning_rate) for a in note.actions] == [(ChangeLearningRate, 0.05)]
@@ -252,21 +253,21 @@ def test_a_blown_up_phase_is_diverged_never_converged():
     second = logged(
         [{"loss": 2.0, "val_loss": 2.0 + d} for d in (0, 0.01, 0.0, 0.01)], history=first
     )
-    assert coach.not_learning(record(second)).message.endswith("rose 5.0x.")
-    assert coach.head_converged(record(second)) is None
+    assert rules.not_learning(record(second)).message.endswith("rose 5.0x.")
+    assert rules.head_converged(record(second)) is None
     # Noise at the bottom of a long run is no blow-up; giving back most of the fall is.
     fell = [1.4, 0.6, 0.2, 0.05] + [0.005 + 0.001 * (i % 3) for i in range(40)] + [0.012]
     noisy = record(logged([{"loss": v, "val_loss": v + 0.05} for v in fell]))
-    assert coach.not_learning(noisy) is None
+    assert rules.not_learning(noisy) is None
     fell[-1] = 1.0
-    back = coach.not_learning(record(logged([{"loss": v, "val_loss": v + 0.05} for v in fell])))
+    back = rules.not_learning(record(logged([{"loss": v, "val_loss": v + 0.05} for v in fell])))
     assert back.message == "The phase diverged: the training loss rose 200.0x."
     # A NaN blow-up is non_finite_loss's note alone; a phase that failed is not converged.
     nan = logged([*flat_head([0.5] * 5), {"loss": math.nan, "val_loss": math.nan}])
-    assert coach.not_learning(record(nan)) is None
-    assert coach.non_finite_loss(record(nan)) is not None
+    assert rules.not_learning(record(nan)) is None
+    assert rules.non_finite_loss(record(nan)) is not None
     failed = record(logged(flat_head([0.9] * 5)), failure="XlaRuntimeError: out of memory")
-    assert coach.head_converged(failed) is None
+    assert rules.head_converged(failed) is None
 
 
 @pytest.mark.unit
@@ -329,10 +330,12 @@ def _imports(module) -> set[str]:
 
 @pytest.mark.unit
 def test_the_coach_and_the_session_do_not_import_each_other():
+    from ftwidgets.advice import coach, record
     from ftwidgets.engine import session
 
-    assert "ftwidgets.engine.session" not in _imports(coach)
-    assert "ftwidgets.advice.coach" not in _imports(session)
+    for module in (coach, rules, record):
+        assert "ftwidgets.engine.session" not in _imports(module), module.__name__
+    assert not any(name.startswith("ftwidgets.advice") for name in _imports(session))
     # Nor does the session read the head's dropout layer for the coach any more.
     assert "head_dropout" not in inspect.getsource(session)
 
@@ -412,16 +415,68 @@ def test_an_update_reads_as_many_epochs_late_in_a_long_run_as_early(monkeypatch)
 @pytest.mark.unit
 def test_the_rules_read_the_new_branch_after_a_restore_not_the_one_left():
     history = run(OVERFIT)  # best at epoch 2, three epochs past it
-    assert coach.overfitting(record(history)).epoch == 5
-    assert coach.not_learning(record(history, num_classes=2)) is None
+    assert rules.overfitting(record(history)).epoch == 5
+    assert rules.not_learning(record(history, num_classes=2)) is None
     # Back to epoch 2, then a phase that keeps improving on a new branch.
     history.travel(2)
     run([(0.3, 0.45), (0.2, 0.4), (0.1, 0.35), (0.05, 0.3)], history=history)
     assert [r.epoch for r in history.lineage()] == [1, 2, 3, 4, 5, 6]
-    assert coach.overfitting(record(history)) is None
+    assert rules.overfitting(record(history)) is None
     # The new phase's epochs, not the old branch's, make its not-learning verdict.
     stuck = run([(1.0, 1.0)] * 4)
-    assert coach.not_learning(record(stuck, num_classes=2)).rule == "not_learning"
+    assert rules.not_learning(record(stuck, num_classes=2)).rule == "not_learning"
     stuck.travel(1)
     run([(0.9, 0.9), (0.5, 0.5), (0.3, 0.3)], history=stuck)
-    assert coach.not_learning(record(stuck, phase_index=0)) is None
+    assert rules.not_learning(record(stuck, phase_index=0)) is None
+
+
+@pytest.mark.unit
+def test_the_divergence_rule_reads_only_the_new_batches_at_each_epoch(monkeypatch):
+    # It used to read the newest 2,000 batches of the trace at every epoch: 2,000 rows
+    # sorted and recovered per epoch, however few batches the epoch ran.
+    read: list[int] = []
+    batch_trace = History.batch_trace
+    monkeypatch.setattr(
+        History,
+        "batch_trace",
+        lambda h, last=None: read.append(len((r := batch_trace(h, last))[0])) or r,
+    )
+    steps = 10
+    history = History()
+    history.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    watcher = Coach()
+    read_per_epoch = {}
+    for epoch in range(1, 401):
+        loss = 1.0 if epoch <= 350 else 2.5  # the rate goes up after epoch 350
+        for batch in range(steps):
+            step = (epoch - 1) * steps + batch
+            history.record_batch(step, epoch - 1 + (batch + 1) / steps, loss)
+        if epoch == 350:
+            history.add_marker(Marker("learning_rate", 350.0, 350, "lr", 1e-2))
+        logs = frozen_logs({"loss": 1.0, "val_loss": 1.0})
+        history.add_epoch(EpochRecord(epoch, "head", 0, logs, 1e-3))
+        read.clear()
+        watcher.update(record(history, learning_rate=1e-2 if epoch >= 350 else 1e-3))
+        read_per_epoch[epoch] = sum(read)
+    # Once the warm-up is over, each epoch reads its own batches, and no more.
+    assert {read_per_epoch[epoch] for epoch in range(4, 401)} == {steps}, read_per_epoch
+    (note,) = [n for n in watcher.notes if n.rule == "diverging"]
+    assert "rose 2.5x after the rate went up" in note.message and note.epoch == 353
+
+
+@pytest.mark.unit
+def test_the_divergence_rule_splits_at_a_rate_change_it_learns_of_after_its_batches():
+    # The coach reads at an epoch's end while the worker trains on: batches after a
+    # change of rate may be read before the change's marker is.
+    history = run([(0.5, 1.0)] * 3, rate=1e-2)
+
+    def batches(first: int, losses: list[float]) -> None:
+        for step, loss in enumerate(losses, first):
+            history.record_batch(step, (step + 1) / 10, loss)
+
+    batches(0, [1.0] * 30 + [2.5] * 10)  # the rate went up after the 30th batch...
+    assert rules.diverging(record(history)) is None
+    history.add_marker(Marker("learning_rate", 3.0, 3, "lr", 1e-1))  # ...said only now
+    batches(40, [2.5] * 20)
+    note = rules.diverging(record(history, learning_rate=1e-1))
+    assert "rose 2.5x after the rate went up" in note.message

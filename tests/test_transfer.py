@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from html_table import folded_rows, table_rows
 
+from ftwidgets.engine.freeze_map import FreezeMap, LayerRow
 from ftwidgets.engine.transfer import (
-    FreezeMap,
-    LayerRow,
     build_transfer_model,
     default_unit,
     freeze_map,

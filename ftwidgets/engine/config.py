@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from ftwidgets import upstream
@@ -152,6 +152,18 @@ def describe_optimizer(optimizer: Any) -> str | None:
         if key not in ("name", "learning_rate") and value is not None
     )
     return f"{type(optimizer).__name__}({settings})"
+
+
+def init_fields(settings: PhaseConfig | EarlyStoppingConfig) -> dict[str, Any]:
+    """The settings as the arguments that make them, field by field (``asdict`` would
+    deep-copy an optimizer).
+
+    Example:
+
+    >>> init_fields(EarlyStoppingConfig(patience=2))["patience"]
+    2
+    """
+    return {f.name: getattr(settings, f.name) for f in fields(settings) if f.init}
 
 
 def optimizer_to_json(optimizer: Any) -> Any:

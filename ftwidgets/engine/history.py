@@ -2,44 +2,33 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from importlib import metadata
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ftwidgets.engine import history_file
+from ftwidgets.engine.batch_trace import BatchTrace
 from ftwidgets.engine.config import (
     EarlyStoppingConfig,
     PhaseConfig,
     describe_optimizer,
-    optimizer_from_json,
-    optimizer_to_json,
+    init_fields,
 )
-from ftwidgets.engine.events import EpochRecord, PhaseEnd, frozen_logs
+from ftwidgets.engine.events import (
+    EpochRecord,
+    PhaseEnd,
+    frozen_logs,  # noqa: F401 (the examples' records)
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["Branch", "History", "Marker", "PhaseSpan", "decimate"]
-
-# The file format of `History.save`; `History.load` refuses other ones.
-FORMAT = "ftwidgets.history"
-FORMAT_VERSION = 2
-# Version 1 counted epochs from 0; `History.load` renumbers them from 1.
-_ZERO_BASED_VERSION = 1
-# The packages whose versions a saved history records.
-_PACKAGES = ("ftwidgets", "keras", "jax", "numpy")
-# Batches read before a tail, so that out-of-order arrivals and each kept batch's
-# predecessor in its epoch are there to sort and to recover from.
-_TAIL_MARGIN = 64
 
 
 @dataclass(frozen=True)
@@ -198,12 +187,7 @@ class History:
         self.model_name: str | None = None
         self.model_settings: dict[str, Any] = {}
         self.versions: dict[str, str] = {}
-        self._lock = threading.Lock()
-        # Growable columns (step, x, loss or running mean, batch in epoch, size):
-        # appends are O(1) amortised and reads are one slice copy, so a 100,000-batch
-        # trace costs little to redraw.
-        self._trace = np.empty((5, 1024), dtype=np.float64)
-        self._batches = 0
+        self._trace = BatchTrace()
 
     # -- epochs ---------------------------------------------------------
     @property
@@ -446,29 +430,14 @@ class History:
     def record_batch(
         self, step: int, x: float, loss: float, *, batch: int | None = None, size: float = 1.0
     ) -> None:
-        """Append one batch's training loss. Safe to call from any thread.
-
-        Keras logs the running mean of the epoch's loss so far, weighted by batch
-        size, not the batch's own loss. Pass that mean with ``batch`` (the batch's
-        index in its epoch) and ``size`` (its samples): `batch_trace` recovers each
-        batch's own loss from consecutive means. Without ``batch``, ``loss`` is
-        taken as the batch's own.
+        """Append one batch's training loss (Keras's running mean with ``batch`` and
+        ``size``, else the batch's own). Safe to call from any thread; see `BatchTrace.record`.
         """
-        with self._lock:
-            n = self._batches
-            if n == self._trace.shape[1]:
-                grown = np.empty((5, 2 * n), dtype=np.float64)
-                grown[:, :n] = self._trace
-                self._trace = grown
-            self._trace[:, n] = (step, x, loss, -1 if batch is None else batch, size)
-            self._batches = n + 1
+        self._trace.record(step, x, loss, batch=batch, size=size)
 
     def place_batches(self, first_step: int, steps: int, epoch: int) -> None:
-        """Spread the points of steps ``first_step .. first_step + steps - 1`` over ``epoch``
-        (1-based: from ``epoch - 1`` to ``epoch`` on the axis).
-
-        For data of unknown length the points of a first epoch are recorded at
-        provisional positions; once the epoch has ended its length is known.
+        """Spread the points of steps ``first_step .. first_step + steps - 1`` over ``epoch``,
+        once its length is known (see `BatchTrace.place`).
 
         Example:
 
@@ -479,51 +448,18 @@ class History:
         >>> h.batch_trace()[1].tolist()
         [0.25, 0.5, 0.75, 1.0]
         """
-        with self._lock:
-            trace = self._trace[:, : self._batches]
-            mine = (trace[0] >= first_step) & (trace[0] < first_step + steps)
-            trace[1, mine] = epoch - 1 + (trace[0, mine] - first_step + 1) / steps
+        self._trace.place(first_step, steps, epoch)
 
     @property
     def batch_count(self) -> int:
         """How many batch points have been recorded."""
-        return self._batches
+        return self._trace.count
 
     def batch_trace(self, last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return ``(steps, x, loss)`` of the per-batch trace, sorted by step.
-
-        ``loss`` is each batch's own loss. Where it was recorded as a running mean,
-        batch ``k`` of an epoch is ``(m_k S_k - m_(k-1) S_(k-1)) / n_k``, with ``m``
-        the means, ``n`` the batch sizes and ``S`` their running sums; a batch whose
-        predecessors in its epoch were not all recorded is NaN.
-
-        Args:
-            last: only the newest ``last`` batches (a read that does not grow with the run).
-
-        Example (Keras logged 0, 0.5, 1.67 and 3.5 for batches whose losses are 0, 1,
-        4 and 9; they may arrive out of order):
-
-        >>> h = History()
-        >>> for batch, mean in [(1, 0.5), (0, 0.0), (3, 3.5), (2, 5 / 3)]:
-        ...     h.record_batch(batch, batch + 1, mean, batch=batch)
-        >>> h.batch_trace()[2].round(6).tolist()
-        [0.0, 1.0, 4.0, 9.0]
-        >>> h.batch_trace(last=2)[2].round(6).tolist()
-        [4.0, 9.0]
+        """Return ``(steps, x, loss)`` of the per-batch trace, sorted by step, each
+        batch's own loss; ``last``: only the newest ``last`` batches (see `BatchTrace.read`).
         """
-        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
-            raise ValueError(f"last must be a positive integer or None. Received: last={last!r}")
-        with self._lock:
-            start = 0 if last is None else max(self._batches - last - _TAIL_MARGIN, 0)
-            trace = self._trace[:, start : self._batches].copy()
-        steps = trace[0].astype(np.int64)
-        if len(steps) > 1 and np.any(steps[1:] < steps[:-1]):
-            # Keras's callback pool may finish batches out of order.
-            trace = trace[:, np.argsort(steps, kind="stable")]
-            steps = trace[0].astype(np.int64)
-        losses = _own_losses(steps, trace[2], trace[3], trace[4])
-        keep = slice(0 if last is None else max(len(steps) - last, 0), None)
-        return steps[keep], trace[1][keep], losses[keep]
+        return self._trace.read(last)
 
     # -- export ----------------------------------------------------------
     _FIELDS = ("epoch", "phase", "phase_index", "learning_rate", "partial", "seconds", "branch")
@@ -565,12 +501,12 @@ class History:
             where = f"phase {span.index + 1}"
             flat[f"{where} phase"] = span.phase
             if span.config is not None:
-                for name, value in _fields(span.config).items():
+                for name, value in init_fields(span.config).items():
                     if name == "optimizer":
                         value = describe_optimizer(value)
                     flat[f"{where} {name}"] = value
             if span.early_stopping is not None:
-                for name, value in _fields(span.early_stopping).items():
+                for name, value in init_fields(span.early_stopping).items():
                     flat[f"{where} early_stopping.{name}"] = value
         return flat
 
@@ -592,25 +528,7 @@ class History:
         >>> History.load(path).to_records()[0]["val_loss"]
         0.5
         """
-        path = Path(path)
-        versions = dict(self.versions) or _versions()
-        data = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "model": self.model_name,
-            "model_settings": self.model_settings,
-            "versions": versions,
-            "branch": self._branch,
-            "holds": self.holds,
-            "branches": [dataclasses.asdict(b) for b in self._branches],
-            "phases": [_span_to_json(span) for span in self._phases],
-            "markers": [dataclasses.asdict(m) for m in self._markers],
-            "epochs": [_record_to_json(r) for r in self._epochs],
-        }
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        temporary.write_text(json.dumps(data, indent=1))
-        os.replace(temporary, path)
-        return path
+        return history_file.write(self, path)
 
     @classmethod
     def load(cls, path: str | PathLike[str]) -> History:
@@ -623,36 +541,17 @@ class History:
         Raises:
             ValueError: if the file is not a saved history, naming what it holds.
         """
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{str(path)!r} is not a saved History (not JSON: {exc}).") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(
-                f"{str(path)!r} is not a saved History: expected format {FORMAT!r}. "
-                f"Received: format={found!r}"
-            )
-        version = data.get("version")
-        if version == _ZERO_BASED_VERSION:
-            data = _renumber(data)
-        elif version != FORMAT_VERSION:
-            raise ValueError(
-                f"{str(path)!r} was saved in History format version {version!r}; "
-                f"this ftwidgets reads versions {_ZERO_BASED_VERSION} and {FORMAT_VERSION}."
-            )
+        data = history_file.read(path)
         history = cls()
         history.model_name = data.get("model")
         history.model_settings = dict(data.get("model_settings") or {})
         history.versions = dict(data.get("versions") or {})
         history._branches = [Branch(**b) for b in data["branches"]] or [Branch(0)]
-        history._phases = [_span_from_json(span) for span in data["phases"]]
+        history._phases = [PhaseSpan(**history_file.span_fields(span)) for span in data["phases"]]
         history._markers = [Marker(**m) for m in data["markers"]]
         for row in data["epochs"]:
-            row = dict(row)
-            logs = frozen_logs(row.pop("logs"))
             history._branch = row["branch"]
-            history.add_epoch(EpochRecord(logs=logs, **row))
+            history.add_epoch(history_file.record_from_json(row))
         history._branch = data.get("branch", 0)
         history._lineage_moved()
         holds = data.get("holds")
@@ -661,104 +560,3 @@ class History:
 
     def __len__(self) -> int:
         return len(self._epochs)
-
-
-def _own_losses(
-    steps: np.ndarray, values: np.ndarray, batch: np.ndarray, size: np.ndarray
-) -> np.ndarray:
-    """Each batch's own loss, from rows sorted by step (see `History.batch_trace`)."""
-    means = batch >= 0
-    if not means.any():
-        return values
-    start = steps - batch  # the epoch's first step, per row
-    index = np.arange(len(steps))
-    # Rows chain when the one before is the previous batch of the same epoch.
-    chained = np.zeros(len(steps), dtype=bool)
-    chained[1:] = (start[1:] == start[:-1]) & (batch[1:] == batch[:-1] + 1) & means[:-1]
-    first = means & (batch == 0)
-    # Running sums of sizes from each epoch's batch 0; a broken chain poisons the rest.
-    head = np.maximum.accumulate(np.where(first | ~chained, index, 0))
-    total = np.cumsum(size)
-    seen = total - total[head] + size[head]
-    whole = first[head]
-    own = np.full(len(steps), np.nan)
-    before = np.zeros(len(steps))
-    before[1:] = values[:-1] * seen[:-1]
-    safe = np.where(size > 0, size, np.nan)
-    own = np.where(chained & whole, (values * seen - before) / safe, own)
-    own = np.where(first, values, own)
-    return np.where(means, own, values)
-
-
-def _renumber(data: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 file's contents with its 0-based epochs counted from 1.
-
-    Marker ``x`` positions stay: epoch ``n`` (0-based) always spanned ``n`` to
-    ``n + 1`` on the axis, as epoch ``n + 1`` does now.
-    """
-
-    def shift(row: Mapping[str, Any], *names: str) -> dict[str, Any]:
-        row = dict(row)
-        for name in names:
-            if row.get(name) is not None:
-                row[name] += 1
-        return row
-
-    markers = []
-    for marker in data["markers"]:
-        # A rollback's value is the epoch it restored.
-        names = ("epoch", "value") if marker.get("kind") == "rollback" else ("epoch",)
-        markers.append(shift(marker, *names))
-    holds = data.get("holds")
-    return {
-        **data,
-        "branches": [shift(b, "fork_epoch") for b in data["branches"]],
-        "phases": [shift(p, "start_epoch", "end_epoch") for p in data["phases"]],
-        "markers": markers,
-        "epochs": [shift(r, "epoch") for r in data["epochs"]],
-        "holds": None if holds is None else [holds[0], holds[1] + 1],
-    }
-
-
-def _record_to_json(record: EpochRecord) -> dict[str, Any]:
-    row = {name: getattr(record, name) for name in History._FIELDS}
-    return {**row, "finite_weights": record.finite_weights, "logs": dict(record.logs)}
-
-
-def _fields(settings: PhaseConfig | EarlyStoppingConfig) -> dict[str, Any]:
-    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.init}
-
-
-def _span_to_json(span: PhaseSpan) -> dict[str, Any]:
-    # Field by field: asdict would deep-copy an optimizer in the config.
-    row = {f.name: getattr(span, f.name) for f in dataclasses.fields(span)}
-    for name in ("config", "early_stopping"):
-        value = getattr(span, name)
-        row[name] = None if value is None else _fields(value)
-    if span.config is not None:
-        row["config"]["optimizer"] = optimizer_to_json(span.config.optimizer)
-    return row
-
-
-def _span_from_json(row: Mapping[str, Any]) -> PhaseSpan:
-    row = dict(row)
-    config, stopping = row.pop("config", None), row.pop("early_stopping", None)
-    if row.get("reason") is not None:
-        row["reason"] = PhaseEnd(row["reason"])
-    return PhaseSpan(
-        **row,
-        config=None
-        if config is None
-        else PhaseConfig(**{**config, "optimizer": optimizer_from_json(config.get("optimizer"))}),
-        early_stopping=None if stopping is None else EarlyStoppingConfig(**stopping),
-    )
-
-
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in _PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found

@@ -21,7 +21,7 @@ Arrays are converted to numpy once, here: the checks before every phase
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ import keras
 import numpy as np
 
 from ftwidgets import upstream
-from ftwidgets.engine import tasks
+from ftwidgets.engine import data_checks
 
 __all__ = ["ACCEPTED", "TrainingData", "class_weights_of", "is_dataset"]
 
@@ -41,9 +41,6 @@ ACCEPTED = (
     "format='grain'))"
 )
 _GRAIN_TYPES = ("MapDataset", "IterDataset", "DataLoader")
-# Columns of the matrix-vector product in `_all_finite`.
-_ROW = 4096
-_ONES: dict[np.dtype, np.ndarray] = {}
 
 
 def is_dataset(value: Any) -> bool:
@@ -343,20 +340,22 @@ class TrainingData:
         """
         if self.is_dataset:
             x, y, weights = self.first_batch(batch_size)
-            _check_part(model, loss, x, y, weights, "", " in the first batch of train")
+            data_checks.check_part(model, loss, x, y, weights, "", " in the first batch of train")
         else:
-            _check_not_empty(self.x, "x", "train")
-            _check_part(model, loss, self.x, self.y, self.sample_weight, "", "")
+            data_checks.check_not_empty(self.x, "x", "train")
+            data_checks.check_part(model, loss, self.x, self.y, self.sample_weight, "", "")
             self._check_split()
         if self.validation is None:
             return
         if is_dataset(self.validation):
             x, y, weights = _first_element(self.validation, "validation")
-            _check_part(model, loss, x, y, weights, "", " in the first batch of validation")
+            data_checks.check_part(
+                model, loss, x, y, weights, "", " in the first batch of validation"
+            )
         else:
             x, y, weights = self.validation
-            _check_not_empty(x, "x_val", "validation")
-            _check_part(model, loss, x, y, weights, "_val", "")
+            data_checks.check_not_empty(x, "x_val", "validation")
+            data_checks.check_part(model, loss, x, y, weights, "_val", "")
 
     def _check_split(self) -> None:
         total = _length(self.x)
@@ -500,142 +499,7 @@ def _fit_tuple(validation: Any) -> Any:
     return (x, y) if weights is None else (x, y, weights)
 
 
-# -- checks ----------------------------------------------------------------------------
-
-
-def _check_part(
-    model: keras.Model, loss: Any, x: Any, y: Any, weights: Any, suffix: str, where: str
-) -> None:
-    """Check one (x, y, sample_weight) against the model: shapes, lengths, values, labels."""
-    inputs = _check_inputs(model, x, f"x{suffix}", where)
-    labels = _named(y, f"y{suffix}")
-    weight = [] if weights is None else [(f"sample_weight{suffix}", weights)]
-    arrays = inputs + labels + weight
-    first_name, first = arrays[0]
-    for name, array in arrays[1:]:
-        if len(array) != len(first):
-            raise ValueError(
-                f"{first_name} and {name}{where} differ in length ({len(first)} vs "
-                f"{len(array)}). Received: {name}.shape={array.shape}"
-            )
-    for name, array in arrays:
-        _check_finite(array, name, where)
-    tasks.check_labels(model, loss, y, f"y{suffix}")
-
-
-def _check_not_empty(x: Any, name: str, what: str) -> None:
-    named = _named(x, name)
-    if named and len(named[0][1]) == 0:
-        first_name, array = named[0]
-        raise ValueError(f"{what} holds no samples. Received: {first_name}.shape={array.shape}")
-
-
-def _check_inputs(
-    model: keras.Model, x: Any, name: str, where: str
-) -> list[tuple[str, np.ndarray]]:
-    """Match x against the model's inputs; return the arrays the model will get, named."""
-    specs = _model_inputs(model)
-    if specs is None:  # e.g. a subclassed model not yet built: Keras will tell
-        return _named(x, name)
-    names = [input_name for input_name, _ in specs]
-    if isinstance(x, dict):
-        missing = [n for n in names if n not in x]
-        if missing:
-            raise ValueError(
-                f"{name}{where} has no entry for the model's input(s) {missing}; the model's "
-                f"inputs are {names}. Received: {name} keys {list(x)}"
-            )
-        pairs = [(f"{name}[{n!r}]", x[n], shape, n) for n, shape in specs]
-    elif isinstance(x, (list, tuple)):
-        if len(x) != len(specs):
-            raise ValueError(
-                f"{name}{where} is a {type(x).__name__} of {len(x)} arrays but the model has "
-                f"{len(specs)} input(s) {names}: give one array per input (np.stack(...) makes "
-                f"one array of many). Received: {name} of {len(x)} arrays"
-            )
-        pairs = [
-            (f"{name}[{i}]", array, shape, input_name)
-            for i, (array, (input_name, shape)) in enumerate(zip(x, specs, strict=True))
-        ]
-    else:
-        if len(specs) != 1:
-            keys = ", ".join(f"{n!r}: ..." for n in names)
-            raise ValueError(
-                f"The model has {len(specs)} inputs {names}: pass {name} as a dict "
-                f"{{{keys}}} or a list of {len(specs)} arrays, e.g. train=(x, y) with that "
-                f"x. Received: {name}{where} of shape {np.shape(x)}"
-            )
-        pairs = [(name, x, specs[0][1], None)]
-    for array_name, array, expected, input_name in pairs:
-        if not _shape_fits(array.shape[1:], expected):
-            dims = ", ".join(str(d) for d in expected)
-            what = "the model" if input_name is None else f"the model's input {input_name!r}"
-            raise ValueError(
-                f"{array_name}{where} has shape {array.shape} but {what} expects "
-                f"(batch, {dims}). Received: {array_name}.shape={array.shape}"
-            )
-    return [(array_name, array) for array_name, array, _, _ in pairs]
-
-
-def _check_finite(array: np.ndarray, name: str, where: str) -> None:
-    if not _is_float(array) or _all_finite(array):
-        return
-    bad = ~np.isfinite(array)
-    if not bad.any():
-        return  # the quick test overflowed on large finite values
-    index = np.unravel_index(int(np.argmax(bad)), array.shape)
-    value = array[index]
-    what = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
-    position = ", ".join(str(int(i)) for i in index)
-    count = int(bad.sum())
-    raise ValueError(
-        f"{name}{where} holds {what} at index ({position}{',' * (len(index) == 1)}) "
-        f"(sample {int(index[0])}), {count} non-finite value{'s' * (count != 1)} in all. "
-        "Training on it would turn the weights into NaN: drop or fill those samples first "
-        f"(np.isfinite finds them). Received: {name}[{position}]={value}"
-    )
-
-
-def _all_finite(array: np.ndarray) -> bool:
-    """A cheap whole-array test; False means "look closer", not "certainly bad"."""
-    if array.size == 0:
-        return True
-    if array.dtype in (np.float32, np.float64) and array.flags.c_contiguous:
-        flat = array.reshape(-1)
-        cut = flat.size - flat.size % _ROW
-        # NaN and inf propagate through a product with ones: one BLAS pass, measured
-        # about twice as fast as min() plus max(). An overflow only costs a closer look.
-        ones = _ONES.get(array.dtype)
-        if ones is None:
-            ones = _ONES[array.dtype] = np.ones(_ROW, array.dtype)
-        with np.errstate(over="ignore", invalid="ignore"):
-            sums = flat[:cut].reshape(-1, _ROW) @ ones
-        return bool(np.isfinite(sums).all() and np.isfinite(flat[cut:]).all())
-    if array.dtype.kind == "c":
-        return bool(np.isfinite(array).all())
-    # min and max propagate NaN; together they also catch +inf and -inf.
-    return bool(np.isfinite(np.min(array)) and np.isfinite(np.max(array)))
-
-
 # -- small helpers -------------------------------------------------------------------------
-
-
-def _model_inputs(model: keras.Model) -> list[tuple[str, tuple]] | None:
-    try:
-        inputs = list(model.inputs or [])
-    except (AttributeError, ValueError):
-        return None
-    if not inputs:
-        return None
-    return [(str(t.name), tuple(t.shape[1:])) for t in inputs]
-
-
-def _named(value: Any, name: str) -> list[tuple[str, np.ndarray]]:
-    if isinstance(value, dict):
-        return [(f"{name}[{key!r}]", array) for key, array in value.items()]
-    if isinstance(value, (list, tuple)):
-        return [(f"{name}[{i}]", array) for i, array in enumerate(value)]
-    return [(name, value)]
 
 
 def _map(fn: Any, value: Any) -> Any:
@@ -647,18 +511,7 @@ def _map(fn: Any, value: Any) -> Any:
 
 
 def _length(x: Any) -> int:
-    return len(_named(x, "x")[0][1])
-
-
-def _is_float(array: np.ndarray) -> bool:
-    # bfloat16 (ml_dtypes) has kind "V", so ask the name too.
-    return array.dtype.kind in "fc" or array.dtype.name.startswith("bfloat")
-
-
-def _shape_fits(actual: Sequence[int | None], expected: Sequence[int | None]) -> bool:
-    return len(actual) == len(expected) and all(
-        e is None or a == e for a, e in zip(actual, expected, strict=True)
-    )
+    return len(data_checks.named_arrays(x, "x")[0][1])
 
 
 def _type_name(value: Any) -> str:

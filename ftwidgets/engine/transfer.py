@@ -25,18 +25,17 @@ while the base is frozen.
 
 from __future__ import annotations
 
-import html
 import math
 import numbers
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import keras
 
 from ftwidgets import upstream
-from ftwidgets.engine.config import UNFREEZE_UNITS
+from ftwidgets.engine import freezing
+from ftwidgets.engine.freeze_map import FreezeMap, LayerRow
+from ftwidgets.engine.freezing import UnfreezeUnit
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,10 +45,6 @@ __all__ = [
     "HEAD_DENSE_NAME",
     "HEAD_DROPOUT_NAME",
     "TASKS",
-    "FreezeMap",
-    "FreezeMapGroup",
-    "LayerRow",
-    "UnfreezeUnit",
     "build_transfer_model",
     "default_unit",
     "freeze_map",
@@ -69,92 +64,6 @@ HEAD_DROPOUT_NAME = "head_dropout"
 HEAD_DENSE_NAME = "head_dense"
 TASKS = ("multiclass", "binary", "regression")
 _ACTIVATIONS = {"multiclass": "softmax", "binary": "sigmoid", "regression": "linear"}
-
-# (pattern on a layer's own name, block name it gives); the first match wins.
-_BLOCK_PATTERNS = (
-    # EfficientNet and EfficientNetV2 block5a_, MobileNetV2 block_13_, VGG and Xception block4_.
-    (re.compile(r"^(block_?\d+[a-z]?)_"), r"\1"),
-    # ResNet, ResNetV2 and DenseNet: conv4_block2_.
-    (re.compile(r"^(conv\d+_block\d+)_"), r"\1"),
-    # MobileNetV2 and V3: expanded_conv_9_; their first block has no number.
-    (re.compile(r"^(expanded_conv(?:_\d+)?)_"), r"\1"),
-    # ConvNeXt: convnext_tiny_stage_2_block_4_.
-    (re.compile(r"^(\w*?stage_\d+_block_\d+)_"), r"\1"),
-    # MobileNet (v1): conv_pad_6, conv_dw_6 and conv_pw_6 make one separable block.
-    (re.compile(r"^conv_(?:dw|pw|pad)_(\d+)(?:_|$)"), r"conv_block_\1"),
-)
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One row of a freeze map: a base leaf layer or a head layer.
-
-    Attributes:
-        name: the layer's name. Base layers inside nested models are named by
-            their path from the base, e.g. ``"block/conv"``, so rows stay unique.
-        kind: the layer's class name, e.g. ``"Conv2D"``.
-        params: ``layer.count_params()`` (0 for a layer without weights).
-        trainable: the layer's ``trainable`` flag (or, in a preview, the flag
-            `unfreeze` would set).
-        batchnorm: whether the layer is a ``BatchNormalization``.
-        part: ``"base"`` or ``"head"``.
-        unfreezable_index: position among the unfreezable layers counted from the
-            top (1 is the last weight-bearing layer), so
-            ``unfreeze(model, depth=3, unit="layer")`` makes exactly the rows with
-            index 1 to 3 trainable. ``None`` for BatchNorm, weightless and head layers.
-        block: the block of the base the layer belongs to (see `unfreeze`), e.g.
-            ``"block5a"``; ``None`` outside blocks and in the head.
-        trainable_params: how many of ``params`` the optimizer updates: the
-            layer's trainable weights while it is trainable, else 0. The rest
-            (``frozen_params``) includes BatchNorm moving statistics.
-
-    Example:
-
-    >>> row = LayerRow("conv", "Conv2D", 448, False, False, "base", 1)
-    >>> row.unfreezable_index, row.block, row.frozen_params
-    (1, None, 448)
-    """
-
-    name: str
-    kind: str
-    params: int
-    trainable: bool
-    batchnorm: bool
-    part: str
-    unfreezable_index: int | None
-    block: str | None = None
-    trainable_params: int = 0
-
-    @property
-    def frozen_params(self) -> int:
-        """Parameters the optimizer leaves alone: ``params - trainable_params``."""
-        return self.params - self.trainable_params
-
-
-@dataclass(frozen=True)
-class UnfreezeUnit:
-    """What one step of unfreeze depth unfreezes: a block of the base, or one layer.
-
-    Attributes:
-        name: the block's name (e.g. ``"block7a"``), or the layer's name (as in
-            `freeze_map`) for a unit of one layer.
-        kind: ``"block"`` or ``"layer"``.
-        layers: names of every base leaf layer in the unit, lowest first,
-            BatchNorm and weightless layers included.
-        unfreezable: those of ``layers`` that `unfreeze` makes trainable: the
-            weight-bearing ones other than BatchNorm.
-
-    Example:
-
-    >>> unit = UnfreezeUnit("block2", "block", ("block2_conv1", "block2_pool"), ("block2_conv1",))
-    >>> unit.name, len(unit.layers)
-    ('block2', 2)
-    """
-
-    name: str
-    kind: Literal["block", "layer"]
-    layers: tuple[str, ...]
-    unfreezable: tuple[str, ...]
 
 
 def build_transfer_model(
@@ -304,7 +213,11 @@ def unfreezable_layers(model_or_base: keras.Layer) -> list[keras.layers.Layer]:
     >>> [layer.name for layer in unfreezable_layers(model)][-2:]
     ['conv2', 'conv3']
     """
-    return [layer for _, layer in _base_leaves(_resolve_base(model_or_base)) if _unfreezable(layer)]
+    return [
+        layer
+        for _, layer in freezing.base_leaves(_resolve_base(model_or_base))
+        if freezing.is_unfreezable(layer)
+    ]
 
 
 def unfreeze_units(
@@ -343,9 +256,9 @@ def unfreeze_units(
     >>> [unit.name for unit in unfreeze_units(base, unit="layer")]
     ['stem_conv', 'block1_conv1', 'block1_conv2', 'top_conv']
     """
-    _check_unit(unit)
-    leaves = _base_leaves(_resolve_base(model_or_base))
-    return _units(leaves, unit or _default_unit(leaves))
+    freezing.check_unit(unit)
+    leaves = freezing.base_leaves(_resolve_base(model_or_base))
+    return freezing.units(leaves, unit or freezing.default_unit_of(leaves))
 
 
 def default_unit(model_or_base: keras.Layer) -> Literal["block", "layer"]:
@@ -372,7 +285,7 @@ def default_unit(model_or_base: keras.Layer) -> Literal["block", "layer"]:
     >>> default_unit(vgg_like)
     'block'
     """
-    return _default_unit(_base_leaves(_resolve_base(model_or_base)))
+    return freezing.default_unit_of(freezing.base_leaves(_resolve_base(model_or_base)))
 
 
 def unfreeze_plan(
@@ -401,8 +314,8 @@ def unfreeze_plan(
     >>> base.get_layer("conv3").trainable, base.get_layer("bn3").trainable  # untouched
     (True, True)
     """
-    leaves = _base_leaves(_resolve_base(model_or_base))
-    wanted, _ = _plan(leaves, depth, keep_batchnorm_frozen, unit)
+    leaves = freezing.base_leaves(_resolve_base(model_or_base))
+    wanted, _ = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
     return [name for (name, _), keep in zip(leaves, wanted, strict=True) if keep]
 
 
@@ -471,15 +384,15 @@ def unfreeze(
     ValueError: depth must be an integer from 0 to 3 (the base's unfreezable layers)...
     """
     base = get_base(model)
-    leaves = _base_leaves(base)
-    wanted, _ = _plan(leaves, depth, keep_batchnorm_frozen, unit)
+    leaves = freezing.base_leaves(base)
+    wanted, _ = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
     thawed = {id(layer) for (_, layer), keep in zip(leaves, wanted, strict=True) if keep}
 
     # Setting `trainable` on a container propagates to all its sublayers, so go
     # top-down: the model, the base, nested containers, and the leaves last.
     model.trainable = True
     base.trainable = bool(thawed)
-    for container, members in _containers(base):
+    for container, members in freezing.containers(base):
         # A frozen container reports no trainable_variables at all, so it stays
         # trainable while anything inside it is.
         container.trainable = any(id(layer) in thawed for layer in members)
@@ -489,251 +402,6 @@ def unfreeze(
         if keep:
             made_trainable.append(leaf_name)
     return made_trainable
-
-
-@dataclass(frozen=True)
-class FreezeMapGroup:
-    """One line of a collapsed freeze map: a whole block of the base, or one layer.
-
-    Attributes:
-        name: the block's name, or the layer's name.
-        rows: the `LayerRow` s it stands for, lowest first.
-        is_block: whether it is a block (False: a single layer).
-
-    Example:
-
-    >>> rows = (LayerRow("block1_conv", "Conv2D", 448, True, False, "base", 2, "block1", 448),
-    ...         LayerRow("block1_bn", "BatchNormalization", 64, False, True, "base", None,
-    ...                  "block1", 0))
-    >>> group = FreezeMapGroup("block1", rows, is_block=True)
-    >>> group.trainable_params, group.frozen_params, group.state
-    (448, 64, 'trainable')
-    """
-
-    name: str
-    rows: tuple[LayerRow, ...]
-    is_block: bool
-
-    @property
-    def part(self) -> str:
-        """``"base"`` or ``"head"``."""
-        return self.rows[0].part
-
-    @property
-    def kind(self) -> str:
-        """The layer's class name, or ``"block (N layers)"``."""
-        if not self.is_block:
-            return self.rows[0].kind
-        return f"block ({_plural(len(self.rows), 'layer')})"
-
-    @property
-    def params(self) -> int:
-        """All parameters of its layers."""
-        return sum(row.params for row in self.rows)
-
-    @property
-    def trainable_params(self) -> int:
-        """Parameters the optimizer updates (see `LayerRow.trainable_params`)."""
-        return sum(row.trainable_params for row in self.rows)
-
-    @property
-    def frozen_params(self) -> int:
-        """Parameters it leaves alone, BatchNorm moving statistics included."""
-        return self.params - self.trainable_params
-
-    @property
-    def state(self) -> str:
-        """``"trainable"``, ``"partly trainable"``, ``"frozen"``, ``"frozen (BatchNorm)"``,
-        ``"no weights"``, or for the head ``"trainable (head)"``/``"frozen (head)"``."""
-        if not self.is_block:
-            return _row_state(self.rows[0])
-        if self.params == 0:
-            return "no weights"
-        if self.trainable_params == 0:
-            return "frozen"
-        unfreezable = [row for row in self.rows if row.unfreezable_index is not None]
-        return "trainable" if all(row.trainable for row in unfreezable) else "partly trainable"
-
-
-@dataclass(frozen=True, repr=False)
-class FreezeMap(Sequence[LayerRow]):
-    """The freeze state of a transfer model: a sequence of `LayerRow`, grouped by block.
-
-    Indexing, ``len`` and iteration go over the rows: one per base leaf layer,
-    then the head layers. ``print(freeze_map)`` (and ``repr``) shows a plain-text
-    table, and a notebook shows an HTML table, in which each block of the base
-    is one line with its trainable and frozen parameter counts (the HTML one
-    opens to list the block's layers), head rows come last, then the totals.
-
-    Attributes:
-        rows: the `LayerRow` s.
-        model_name: the model's name.
-        depth: for a preview (see `freeze_map`), the depth it shows; else None.
-        unit: for a preview, the unit ``depth`` counts (``"block"`` or ``"layer"``).
-        keep_batchnorm_frozen: for a preview, whether BatchNorm stays frozen.
-
-    Example:
-
-    >>> base = keras.Sequential([
-    ...     keras.Input((8, 8, 3)),
-    ...     keras.layers.Conv2D(4, 3, name="stem_conv"),
-    ...     keras.layers.Conv2D(4, 3, name="block1_conv1"),
-    ...     keras.layers.BatchNormalization(name="block1_bn"),
-    ...     keras.layers.Conv2D(4, 1, name="block1_conv2"),
-    ...     keras.layers.Conv2D(8, 1, name="top_conv"),
-    ... ])
-    >>> model = build_transfer_model(base, num_classes=3, name="tiny")
-    >>> fmap = freeze_map(model, depth=2)  # preview: the top block and top_conv
-    >>> len(fmap), fmap[1].name, fmap[1].block, fmap.blocks
-    (8, 'block1_conv1', 'block1', ('block1',))
-    >>> print(fmap)
-    Freeze map of 'tiny', preview of unfreeze(depth=2, unit='block'): 8 layers, 1 block
-    name          type                    trainable  frozen  state
-    ------------  ----------------------  ---------  ------  ----------------
-    stem_conv     Conv2D                          0     112  frozen
-    block1        block (3 layers)              168      16  trainable
-    top_conv      Conv2D                         40       0  trainable
-    ------------  ----------------------  ---------  ------  ----------------
-    head_pool     GlobalAveragePooling2D          0       0  no weights
-    head_dropout  Dropout                         0       0  no weights
-    head_dense    Dense                          27       0  trainable (head)
-    ------------  ----------------------  ---------  ------  ----------------
-    total         8 layers, 1 block             235     128
-    """
-
-    rows: tuple[LayerRow, ...]
-    model_name: str = ""
-    depth: int | None = None
-    unit: Literal["block", "layer"] | None = None
-    keep_batchnorm_frozen: bool | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "rows", tuple(self.rows))
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self.rows[index]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def groups(self) -> tuple[FreezeMapGroup, ...]:
-        """The lines of the collapsed view: one per block, one per layer outside blocks."""
-        members: dict[tuple[str, str], list[LayerRow]] = {}
-        for i, row in enumerate(self.rows):
-            key = ("block", row.block) if row.block is not None else ("row", str(i))
-            members.setdefault(key, []).append(row)
-        return tuple(
-            FreezeMapGroup(
-                rows[0].block if kind == "block" else rows[0].name, tuple(rows), kind == "block"
-            )
-            for (kind, _), rows in members.items()
-        )
-
-    @property
-    def blocks(self) -> tuple[str, ...]:
-        """Names of the base's blocks, lowest first (empty for a base without blocks)."""
-        return tuple(dict.fromkeys(row.block for row in self.rows if row.block is not None))
-
-    @property
-    def trainable_params(self) -> int:
-        """Parameters the optimizer updates, over all rows."""
-        return sum(row.trainable_params for row in self.rows)
-
-    @property
-    def frozen_params(self) -> int:
-        """Parameters it leaves alone, over all rows."""
-        return sum(row.frozen_params for row in self.rows)
-
-    def to_text(self) -> str:
-        """The plain-text table that ``print`` shows."""
-        groups = self.groups
-        base = [_group_cells(g) for g in groups if g.part == "base"]
-        head = [_group_cells(g) for g in groups if g.part != "base"]
-        total = (
-            "total",
-            self._count_label(),
-            f"{self.trainable_params:,}",
-            f"{self.frozen_params:,}",
-            "",
-        )
-        header = ("name", "type", "trainable", "frozen", "state")
-        widths = [max(len(cells[i]) for cells in [header, total, *base, *head]) for i in range(5)]
-        rule = "  ".join("-" * width for width in widths)
-
-        def line(cells: tuple[str, ...]) -> str:
-            name, kind, trainable, frozen, state = cells
-            padded = (
-                name.ljust(widths[0]),
-                kind.ljust(widths[1]),
-                trainable.rjust(widths[2]),
-                frozen.rjust(widths[3]),
-                state,
-            )
-            return "  ".join(padded).rstrip()
-
-        lines = [self._title(), line(header), rule, *map(line, base)]
-        if head:
-            lines += [rule, *map(line, head)]
-        lines += [rule, line(total)]
-        return "\n".join(lines)
-
-    def to_html(self) -> str:
-        """The HTML table a notebook shows: a ``<table class="ftwidgets-freeze-map">``."""
-        title = html.escape(self._title())
-        parts = [
-            # Compact rows: a notebook's default cell padding makes 30 rows a page long.
-            "<style>.ftwidgets-freeze-map td, .ftwidgets-freeze-map th "
-            "{padding: 1px 4px; line-height: 1.3}</style>",
-            f"<div class='ftwidgets-freeze-map-title'><small>{title}</small></div>",
-            "<table class='ftwidgets-freeze-map' style='font-size:11px;white-space:nowrap'>",
-            "<tr><th>layer</th><th>type</th><th>trainable</th><th>frozen</th><th>state</th></tr>",
-        ]
-        head_started = False
-        for group in self.groups:
-            if group.part != "base" and not head_started:
-                head_started = True
-                parts.append("<tr><th colspan='5' style='text-align:left'>head</th></tr>")
-            parts.append(_group_html(group))
-        parts.append(
-            "<tr class='ftwidgets-freeze-map-total'><th style='text-align:left'>total</th>"
-            f"<th style='text-align:left'>{html.escape(self._count_label())}</th>"
-            f"<th style='text-align:right'>{self.trainable_params:,}</th>"
-            f"<th style='text-align:right'>{self.frozen_params:,}</th><th></th></tr>"
-        )
-        parts.append("</table>")
-        return "".join(parts)
-
-    def to_frame(self) -> pd.DataFrame:
-        """The rows as a pandas DataFrame, one column per `LayerRow` field."""
-        import dataclasses
-
-        import pandas as pd
-
-        columns = [field.name for field in dataclasses.fields(LayerRow)]
-        frame = pd.DataFrame([dataclasses.astuple(row) for row in self.rows], columns=columns)
-        frame["unfreezable_index"] = frame["unfreezable_index"].astype("Int64")
-        return frame
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-    def __repr__(self) -> str:
-        return self.to_text()
-
-    def _count_label(self) -> str:
-        label = _plural(len(self.rows), "layer")
-        return f"{label}, {_plural(len(self.blocks), 'block')}" if self.blocks else label
-
-    def _title(self) -> str:
-        title = f"Freeze map of {self.model_name!r}"
-        if self.depth is not None:
-            bn = "" if self.keep_batchnorm_frozen else ", keep_batchnorm_frozen=False"
-            title += f", preview of unfreeze(depth={self.depth}, unit={self.unit!r}{bn})"
-        return f"{title}: {self._count_label()}"
 
 
 def freeze_map(
@@ -776,18 +444,20 @@ def freeze_map(
     ['head_pool', 'head_dropout', 'head_dense']
     """
     base = get_base(model)
-    leaves = _base_leaves(base)
+    leaves = freezing.base_leaves(base)
     if depth is None:
-        _check_unit(unit)
+        freezing.check_unit(unit)
         flags = [layer.trainable for _, layer in leaves]
         resolved = None
     else:
-        flags, resolved = _plan(leaves, depth, keep_batchnorm_frozen, unit)
-    unfreezable = [name for name, layer in leaves if _unfreezable(layer)]
+        flags, resolved = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
+    unfreezable = [name for name, layer in leaves if freezing.is_unfreezable(layer)]
     from_top = {name: len(unfreezable) - i for i, name in enumerate(unfreezable)}
     rows = [
         _row(name, layer, "base", from_top.get(name), block, trainable, preview=depth is not None)
-        for (name, layer), block, trainable in zip(leaves, _leaf_blocks(leaves), flags, strict=True)
+        for (name, layer), block, trainable in zip(
+            leaves, freezing.leaf_blocks(leaves), flags, strict=True
+        )
     ]
     top_level = model.layers
     for layer in top_level[top_level.index(base) + 1 :]:
@@ -881,51 +551,6 @@ def _resolve_base(model_or_base: keras.Layer) -> keras.Layer:
         return model_or_base
 
 
-def _sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
-    # Not `Model.layers`, which would miss non-Model composite layers.
-    return [
-        sub
-        for sub in upstream.flatten_layers(layer, include_self=False, recursive=False)
-        if not isinstance(sub, keras.layers.InputLayer)
-    ]
-
-
-def _base_leaves(base: keras.layers.Layer) -> list[tuple[str, keras.layers.Layer]]:
-    """(path from the base, layer) for every leaf, depth first, each layer once."""
-    leaves: list[tuple[str, keras.layers.Layer]] = []
-    seen: set[int] = set()
-
-    def walk(layer: keras.layers.Layer, prefix: str) -> None:
-        for sub in _sublayers(layer):
-            if id(sub) in seen:
-                continue
-            seen.add(id(sub))
-            if _sublayers(sub):
-                walk(sub, f"{prefix}{sub.name}/")
-            else:
-                leaves.append((f"{prefix}{sub.name}", sub))
-
-    walk(base, "")
-    return leaves
-
-
-def _containers(base: keras.layers.Layer) -> list[tuple[keras.layers.Layer, list]]:
-    """Nested containers of the base, outermost first, each with its leaves."""
-    found: list[tuple[keras.layers.Layer, list]] = []
-    seen: set[int] = set()
-
-    def walk(layer: keras.layers.Layer) -> None:
-        for sub in _sublayers(layer):
-            if id(sub) in seen or not _sublayers(sub):
-                continue
-            seen.add(id(sub))
-            found.append((sub, [leaf for _, leaf in _base_leaves(sub)]))
-            walk(sub)
-
-    walk(base)
-    return found
-
-
 def _ensure_seed_generator(layer: keras.layers.Dropout) -> None:
     # Keras creates a Dropout's seed generator only when rate > 0 at __init__,
     # so raising a 0 rate later fails in call() ("no attribute seed_generator").
@@ -933,121 +558,6 @@ def _ensure_seed_generator(layer: keras.layers.Dropout) -> None:
     if getattr(layer, "seed_generator", None) is None:
         with upstream.unlocked_state(layer):
             layer.seed_generator = keras.random.SeedGenerator(layer.seed)
-
-
-def _is_batchnorm(layer: keras.layers.Layer) -> bool:
-    return isinstance(layer, keras.layers.BatchNormalization)
-
-
-def _unfreezable(layer: keras.layers.Layer) -> bool:
-    # `trainable_weights` is empty while a layer is frozen, so ask which of its
-    # own variables were created trainable. This leaves out layers such as
-    # Normalization whose weights are never trained.
-    return not _is_batchnorm(layer) and bool(upstream.created_trainable_variables(layer))
-
-
-def _check_unit(unit: object) -> None:
-    if unit is not None and unit not in UNFREEZE_UNITS:
-        raise ValueError(f"unit must be one of {UNFREEZE_UNITS} or None. Received: unit={unit!r}")
-
-
-def _block_of_name(path: str) -> str | None:
-    """The block a leaf's own name puts it in (see `unfreeze`), or None."""
-    prefix, _, name = path.rpartition("/")
-    for pattern, template in _BLOCK_PATTERNS:
-        found = pattern.match(name)
-        if found:
-            block = found.expand(template)
-            return f"{prefix}/{block}" if prefix else block
-    return None
-
-
-def _leaf_blocks(leaves: list[tuple[str, keras.layers.Layer]]) -> list[str | None]:
-    """The block of each leaf, or None: by name, else by the named leaves around it."""
-    named = [_block_of_name(name) for name, _ in leaves]
-    before = _last_seen(named)
-    after = _last_seen(named[::-1])[::-1]
-    # An unnamed leaf between two leaves of one block (MobileNetV3's `re_lu_3`) is inside it.
-    return [
-        block if block is not None or before[i] != after[i] else before[i]
-        for i, block in enumerate(named)
-    ]
-
-
-def _last_seen(items: list[str | None]) -> list[str | None]:
-    """For each position, the last item at or before it that is not None."""
-    seen, result = None, []
-    for item in items:
-        seen = item if item is not None else seen
-        result.append(seen)
-    return result
-
-
-def _units(leaves: list[tuple[str, keras.layers.Layer]], unit: str) -> list[UnfreezeUnit]:
-    blocks = _leaf_blocks(leaves) if unit == "block" else [None] * len(leaves)
-    members: dict[tuple[str, str], list[tuple[str, keras.layers.Layer]]] = {}
-    for (name, layer), block in zip(leaves, blocks, strict=True):
-        if block is not None:
-            members.setdefault(("block", block), []).append((name, layer))
-        elif _unfreezable(layer):
-            members[("layer", name)] = [(name, layer)]
-    units = []
-    for (kind, name), layers in members.items():
-        unfreezable = tuple(leaf_name for leaf_name, layer in layers if _unfreezable(layer))
-        if unfreezable:  # a block with nothing to train adds no depth
-            names = tuple(leaf_name for leaf_name, _ in layers)
-            units.append(UnfreezeUnit(name, kind, names, unfreezable))  # type: ignore[arg-type]
-    return units
-
-
-def _default_unit(leaves: list[tuple[str, keras.layers.Layer]]) -> Literal["block", "layer"]:
-    # Units split the unfreezable layers, so fewer blocks than layers means some
-    # block holds two or more: only then do the two units differ.
-    layers = sum(1 for _, layer in leaves if _unfreezable(layer))
-    return "block" if len(_units(leaves, "block")) < layers else "layer"
-
-
-def _plan(
-    leaves: list[tuple[str, keras.layers.Layer]],
-    depth: object,
-    keep_batchnorm_frozen: bool,
-    unit: object,
-) -> tuple[list[bool], Literal["block", "layer"]]:
-    """The ``trainable`` flag `unfreeze` gives each leaf, and the unit it counted in."""
-    _check_unit(unit)
-    resolved = unit or _default_unit(leaves)
-    units = _units(leaves, resolved)  # type: ignore[arg-type]
-    maximum = len(units)
-    if (
-        isinstance(depth, bool)
-        or not isinstance(depth, numbers.Integral)
-        or not 0 <= depth <= maximum
-    ):
-        what = (
-            "blocks; a layer outside any block counts as one block"
-            if resolved == "block"
-            else "unfreezable layers"
-        )
-        raise ValueError(
-            f"depth must be an integer from 0 to {maximum} (the base's {what}). "
-            f"Received: depth={depth!r}"
-        )
-    top = units[maximum - int(depth) :]
-    chosen = {name for top_unit in top for name in top_unit.unfreezable}
-    position = {name: i for i, (name, _) in enumerate(leaves)}
-    # A block may open with its BatchNorm (DenseNet's conv2_block1_0_bn), so the
-    # BatchNorm rule starts at the lowest layer of the unit, not its first conv.
-    lowest = min(
-        (position[name] for top_unit in top for name in top_unit.layers), default=len(leaves)
-    )
-    return [
-        name in chosen or (not keep_batchnorm_frozen and _is_batchnorm(layer) and i >= lowest)
-        for i, (name, layer) in enumerate(leaves)
-    ], resolved  # type: ignore[return-value]
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _size(variable: keras.Variable) -> int:
@@ -1074,63 +584,9 @@ def _row(
         kind=type(layer).__name__,
         params=int(params),
         trainable=bool(trainable),
-        batchnorm=_is_batchnorm(layer),
+        batchnorm=freezing.is_batchnorm(layer),
         part=part,
         unfreezable_index=index,
         block=block,
         trainable_params=sum(_size(v) for v in weights),
     )
-
-
-def _row_state(row: LayerRow) -> str:
-    if row.params == 0:
-        return "no weights"
-    if row.part == "head":
-        return "trainable (head)" if row.trainable else "frozen (head)"
-    if row.trainable:
-        return "trainable"
-    return "frozen (BatchNorm)" if row.batchnorm else "frozen"
-
-
-def _group_cells(group: FreezeMapGroup) -> tuple[str, str, str, str, str]:
-    return (
-        group.name,
-        group.kind,
-        f"{group.trainable_params:,}",
-        f"{group.frozen_params:,}",
-        group.state,
-    )
-
-
-_STATE_COLORS = {
-    "trainable": "#2e7d32",
-    "trainable (head)": "#2e7d32",
-    "partly trainable": "#b26a00",
-}
-
-
-def _cells_html(cells: tuple[str, str, str, str, str], first: str) -> str:
-    _, kind, trainable, frozen, state = cells
-    color = _STATE_COLORS.get(state, "#777")
-    return (
-        f"<td>{first}</td><td>{html.escape(kind)}</td>"
-        f"<td style='text-align:right'>{trainable}</td>"
-        f"<td style='text-align:right'>{frozen}</td>"
-        f"<td style='color:{color}'>{html.escape(state)}</td>"
-    )
-
-
-def _group_html(group: FreezeMapGroup) -> str:
-    cells = _group_cells(group)
-    if not group.is_block:
-        return f"<tr>{_cells_html(cells, html.escape(group.name))}</tr>"
-    layers = (FreezeMapGroup(row.name, (row,), is_block=False) for row in group.rows)
-    inner = "".join(
-        f"<tr>{_cells_html(_group_cells(layer), html.escape(layer.name))}</tr>" for layer in layers
-    )
-    first = (
-        f"<details><summary style='cursor:pointer'>{html.escape(group.name)}</summary>"
-        "<table class='ftwidgets-freeze-map-layers' style='font-size:11px;margin-left:1em'>"
-        f"{inner}</table></details>"
-    )
-    return f"<tr class='ftwidgets-freeze-map-block'>{_cells_html(cells, first)}</tr>"

@@ -1,0 +1,320 @@
+"""The freeze map as data: one row per layer of a transfer model, grouped by block.
+
+`ftwidgets.engine.transfer.freeze_map` builds one from a model; this module holds its
+rows and the plain-text table. The HTML table a notebook shows is the ui's
+(`ftwidgets.ui.freeze_map`), loaded on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["FreezeMap", "FreezeMapGroup", "LayerRow"]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One row of a freeze map: a base leaf layer or a head layer.
+
+    Attributes:
+        name: the layer's name. Base layers inside nested models are named by
+            their path from the base, e.g. ``"block/conv"``, so rows stay unique.
+        kind: the layer's class name, e.g. ``"Conv2D"``.
+        params: ``layer.count_params()`` (0 for a layer without weights).
+        trainable: the layer's ``trainable`` flag (or, in a preview, the flag
+            `unfreeze` would set).
+        batchnorm: whether the layer is a ``BatchNormalization``.
+        part: ``"base"`` or ``"head"``.
+        unfreezable_index: position among the unfreezable layers counted from the
+            top (1 is the last weight-bearing layer), so
+            ``unfreeze(model, depth=3, unit="layer")`` makes exactly the rows with
+            index 1 to 3 trainable. ``None`` for BatchNorm, weightless and head layers.
+        block: the block of the base the layer belongs to (see `unfreeze`), e.g.
+            ``"block5a"``; ``None`` outside blocks and in the head.
+        trainable_params: how many of ``params`` the optimizer updates: the
+            layer's trainable weights while it is trainable, else 0. The rest
+            (``frozen_params``) includes BatchNorm moving statistics.
+
+    Example:
+
+    >>> row = LayerRow("conv", "Conv2D", 448, False, False, "base", 1)
+    >>> row.unfreezable_index, row.block, row.frozen_params
+    (1, None, 448)
+    """
+
+    name: str
+    kind: str
+    params: int
+    trainable: bool
+    batchnorm: bool
+    part: str
+    unfreezable_index: int | None
+    block: str | None = None
+    trainable_params: int = 0
+
+    @property
+    def frozen_params(self) -> int:
+        """Parameters the optimizer leaves alone: ``params - trainable_params``."""
+        return self.params - self.trainable_params
+
+
+@dataclass(frozen=True)
+class FreezeMapGroup:
+    """One line of a collapsed freeze map: a whole block of the base, or one layer.
+
+    Attributes:
+        name: the block's name, or the layer's name.
+        rows: the `LayerRow` s it stands for, lowest first.
+        is_block: whether it is a block (False: a single layer).
+
+    Example:
+
+    >>> rows = (LayerRow("block1_conv", "Conv2D", 448, True, False, "base", 2, "block1", 448),
+    ...         LayerRow("block1_bn", "BatchNormalization", 64, False, True, "base", None,
+    ...                  "block1", 0))
+    >>> group = FreezeMapGroup("block1", rows, is_block=True)
+    >>> group.trainable_params, group.frozen_params, group.state
+    (448, 64, 'trainable')
+    """
+
+    name: str
+    rows: tuple[LayerRow, ...]
+    is_block: bool
+
+    @property
+    def part(self) -> str:
+        """``"base"`` or ``"head"``."""
+        return self.rows[0].part
+
+    @property
+    def kind(self) -> str:
+        """The layer's class name, or ``"block (N layers)"``."""
+        if not self.is_block:
+            return self.rows[0].kind
+        return f"block ({_plural(len(self.rows), 'layer')})"
+
+    @property
+    def params(self) -> int:
+        """All parameters of its layers."""
+        return sum(row.params for row in self.rows)
+
+    @property
+    def trainable_params(self) -> int:
+        """Parameters the optimizer updates (see `LayerRow.trainable_params`)."""
+        return sum(row.trainable_params for row in self.rows)
+
+    @property
+    def frozen_params(self) -> int:
+        """Parameters it leaves alone, BatchNorm moving statistics included."""
+        return self.params - self.trainable_params
+
+    @property
+    def cells(self) -> tuple[str, str, str, str, str]:
+        """Its line of the table: name, type, trainable and frozen counts, state."""
+        return (
+            self.name,
+            self.kind,
+            f"{self.trainable_params:,}",
+            f"{self.frozen_params:,}",
+            self.state,
+        )
+
+    @property
+    def state(self) -> str:
+        """``"trainable"``, ``"partly trainable"``, ``"frozen"``, ``"frozen (BatchNorm)"``,
+        ``"no weights"``, or for the head ``"trainable (head)"``/``"frozen (head)"``."""
+        if not self.is_block:
+            return _row_state(self.rows[0])
+        if self.params == 0:
+            return "no weights"
+        if self.trainable_params == 0:
+            return "frozen"
+        unfreezable = [row for row in self.rows if row.unfreezable_index is not None]
+        return "trainable" if all(row.trainable for row in unfreezable) else "partly trainable"
+
+
+@dataclass(frozen=True, repr=False)
+class FreezeMap(Sequence[LayerRow]):
+    """The freeze state of a transfer model: a sequence of `LayerRow`, grouped by block.
+
+    Indexing, ``len`` and iteration go over the rows: one per base leaf layer,
+    then the head layers. ``print(freeze_map)`` (and ``repr``) shows a plain-text
+    table, and a notebook shows an HTML table, in which each block of the base
+    is one line with its trainable and frozen parameter counts (the HTML one
+    opens to list the block's layers), head rows come last, then the totals.
+
+    Attributes:
+        rows: the `LayerRow` s.
+        model_name: the model's name.
+        depth: for a preview (see `freeze_map`), the depth it shows; else None.
+        unit: for a preview, the unit ``depth`` counts (``"block"`` or ``"layer"``).
+        keep_batchnorm_frozen: for a preview, whether BatchNorm stays frozen.
+
+    Example:
+
+    >>> import keras
+    >>> from ftwidgets.engine.transfer import build_transfer_model, freeze_map
+    >>> base = keras.Sequential([
+    ...     keras.Input((8, 8, 3)),
+    ...     keras.layers.Conv2D(4, 3, name="stem_conv"),
+    ...     keras.layers.Conv2D(4, 3, name="block1_conv1"),
+    ...     keras.layers.BatchNormalization(name="block1_bn"),
+    ...     keras.layers.Conv2D(4, 1, name="block1_conv2"),
+    ...     keras.layers.Conv2D(8, 1, name="top_conv"),
+    ... ])
+    >>> model = build_transfer_model(base, num_classes=3, name="tiny")
+    >>> fmap = freeze_map(model, depth=2)  # preview: the top block and top_conv
+    >>> len(fmap), fmap[1].name, fmap[1].block, fmap.blocks
+    (8, 'block1_conv1', 'block1', ('block1',))
+    >>> print(fmap)
+    Freeze map of 'tiny', preview of unfreeze(depth=2, unit='block'): 8 layers, 1 block
+    name          type                    trainable  frozen  state
+    ------------  ----------------------  ---------  ------  ----------------
+    stem_conv     Conv2D                          0     112  frozen
+    block1        block (3 layers)              168      16  trainable
+    top_conv      Conv2D                         40       0  trainable
+    ------------  ----------------------  ---------  ------  ----------------
+    head_pool     GlobalAveragePooling2D          0       0  no weights
+    head_dropout  Dropout                         0       0  no weights
+    head_dense    Dense                          27       0  trainable (head)
+    ------------  ----------------------  ---------  ------  ----------------
+    total         8 layers, 1 block             235     128
+    """
+
+    rows: tuple[LayerRow, ...]
+    model_name: str = ""
+    depth: int | None = None
+    unit: Literal["block", "layer"] | None = None
+    keep_batchnorm_frozen: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", tuple(self.rows))
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.rows[index]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def groups(self) -> tuple[FreezeMapGroup, ...]:
+        """The lines of the collapsed view: one per block, one per layer outside blocks."""
+        members: dict[tuple[str, str], list[LayerRow]] = {}
+        for i, row in enumerate(self.rows):
+            key = ("block", row.block) if row.block is not None else ("row", str(i))
+            members.setdefault(key, []).append(row)
+        return tuple(
+            FreezeMapGroup(
+                rows[0].block if kind == "block" else rows[0].name, tuple(rows), kind == "block"
+            )
+            for (kind, _), rows in members.items()
+        )
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """Names of the base's blocks, lowest first (empty for a base without blocks)."""
+        return tuple(dict.fromkeys(row.block for row in self.rows if row.block is not None))
+
+    @property
+    def trainable_params(self) -> int:
+        """Parameters the optimizer updates, over all rows."""
+        return sum(row.trainable_params for row in self.rows)
+
+    @property
+    def frozen_params(self) -> int:
+        """Parameters it leaves alone, over all rows."""
+        return sum(row.frozen_params for row in self.rows)
+
+    def to_text(self) -> str:
+        """The plain-text table that ``print`` shows."""
+        groups = self.groups
+        base = [g.cells for g in groups if g.part == "base"]
+        head = [g.cells for g in groups if g.part != "base"]
+        total = (
+            "total",
+            self.count_label,
+            f"{self.trainable_params:,}",
+            f"{self.frozen_params:,}",
+            "",
+        )
+        header = ("name", "type", "trainable", "frozen", "state")
+        widths = [max(len(cells[i]) for cells in [header, total, *base, *head]) for i in range(5)]
+        rule = "  ".join("-" * width for width in widths)
+
+        def line(cells: tuple[str, ...]) -> str:
+            name, kind, trainable, frozen, state = cells
+            padded = (
+                name.ljust(widths[0]),
+                kind.ljust(widths[1]),
+                trainable.rjust(widths[2]),
+                frozen.rjust(widths[3]),
+                state,
+            )
+            return "  ".join(padded).rstrip()
+
+        lines = [self.title, line(header), rule, *map(line, base)]
+        if head:
+            lines += [rule, *map(line, head)]
+        lines += [rule, line(total)]
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        """The HTML table a notebook shows: a ``<table class="ftwidgets-freeze-map">``."""
+        # Rendering is the ui's; its module is pure HTML and loads no widgets.
+        from ftwidgets.ui.freeze_map import freeze_map_html
+
+        return freeze_map_html(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The rows as a pandas DataFrame, one column per `LayerRow` field."""
+        import dataclasses
+
+        import pandas as pd
+
+        columns = [field.name for field in dataclasses.fields(LayerRow)]
+        frame = pd.DataFrame([dataclasses.astuple(row) for row in self.rows], columns=columns)
+        frame["unfreezable_index"] = frame["unfreezable_index"].astype("Int64")
+        return frame
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def __repr__(self) -> str:
+        return self.to_text()
+
+    @property
+    def count_label(self) -> str:
+        """How many layers and blocks, e.g. ``"8 layers, 1 block"``."""
+        label = _plural(len(self.rows), "layer")
+        return f"{label}, {_plural(len(self.blocks), 'block')}" if self.blocks else label
+
+    @property
+    def title(self) -> str:
+        """The line above the table: the model, the preview if any, the counts."""
+        title = f"Freeze map of {self.model_name!r}"
+        if self.depth is not None:
+            bn = "" if self.keep_batchnorm_frozen else ", keep_batchnorm_frozen=False"
+            title += f", preview of unfreeze(depth={self.depth}, unit={self.unit!r}{bn})"
+        return f"{title}: {self.count_label}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _row_state(row: LayerRow) -> str:
+    if row.params == 0:
+        return "no weights"
+    if row.part == "head":
+        return "trainable (head)" if row.trainable else "frozen (head)"
+    if row.trainable:
+        return "trainable"
+    return "frozen (BatchNorm)" if row.batchnorm else "frozen"

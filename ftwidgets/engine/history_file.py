@@ -1,0 +1,172 @@
+"""The file format of `History.save` and `History.load`: readable JSON, versioned.
+
+Version 2 counts epochs from 1; version 1 (epochs from 0) is read renumbered.
+This module writes a history through its public properties and reads a file back
+into plain rows; `History.load` builds the history from them.
+
+Example:
+
+>>> from ftwidgets.engine.config import PhaseConfig
+>>> from ftwidgets.engine.history import PhaseSpan
+>>> row = span_to_json(PhaseSpan(0, "head", 1, 1e-3, 0, config=PhaseConfig(epochs=3)))
+>>> row["config"]["epochs"], span_fields(row)["config"].epochs
+(3, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Mapping
+from importlib import metadata
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftwidgets.engine.config import (
+    EarlyStoppingConfig,
+    PhaseConfig,
+    init_fields,
+    optimizer_from_json,
+    optimizer_to_json,
+)
+from ftwidgets.engine.events import EpochRecord, PhaseEnd, frozen_logs
+
+if TYPE_CHECKING:
+    from ftwidgets.engine.history import History, PhaseSpan
+
+FORMAT = "ftwidgets.history"
+FORMAT_VERSION = 2
+# Version 1 counted epochs from 0; `read` renumbers them from 1.
+_ZERO_BASED_VERSION = 1
+# The packages whose versions a saved history records.
+_PACKAGES = ("ftwidgets", "keras", "jax", "numpy")
+
+
+def write(history: History, path: str | PathLike[str]) -> Path:
+    """Write ``history`` to ``path`` atomically (see `History.save`); return the path."""
+    path = Path(path)
+    data = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": history.model_name,
+        "model_settings": history.model_settings,
+        "versions": dict(history.versions) or _versions(),
+        "branch": history.branch.index,
+        "holds": history.holds,
+        "branches": [dataclasses.asdict(b) for b in history.branches],
+        "phases": [span_to_json(span) for span in history.phases],
+        "markers": [dataclasses.asdict(m) for m in history.markers],
+        "epochs": [_record_to_json(r) for r in history.epochs],
+    }
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temporary.write_text(json.dumps(data, indent=1))
+    os.replace(temporary, path)
+    return path
+
+
+def read(path: str | PathLike[str]) -> dict[str, Any]:
+    """The contents of a file `write` wrote, epochs counted from 1.
+
+    Raises:
+        ValueError: if the file is not a saved history, naming what it holds.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not a saved History (not JSON: {exc}).") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a saved History: expected format {FORMAT!r}. "
+            f"Received: format={found!r}"
+        )
+    version = data.get("version")
+    if version == _ZERO_BASED_VERSION:
+        return _renumber(data)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} was saved in History format version {version!r}; "
+            f"this ftwidgets reads versions {_ZERO_BASED_VERSION} and {FORMAT_VERSION}."
+        )
+    return data
+
+
+def span_to_json(span: PhaseSpan) -> dict[str, Any]:
+    """A phase's row in the file: its fields, its settings as plain values."""
+    # Field by field: asdict would deep-copy an optimizer in the config.
+    row = {f.name: getattr(span, f.name) for f in dataclasses.fields(span)}
+    for name in ("config", "early_stopping"):
+        value = getattr(span, name)
+        row[name] = None if value is None else init_fields(value)
+    if span.config is not None:
+        row["config"]["optimizer"] = optimizer_to_json(span.config.optimizer)
+    return row
+
+
+def span_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of the `PhaseSpan` a file's row describes."""
+    row = dict(row)
+    config, stopping = row.pop("config", None), row.pop("early_stopping", None)
+    if row.get("reason") is not None:
+        row["reason"] = PhaseEnd(row["reason"])
+    if config is not None:
+        optimizer = optimizer_from_json(config.get("optimizer"))
+        config = PhaseConfig(**{**config, "optimizer": optimizer})
+    return {
+        **row,
+        "config": config,
+        "early_stopping": None if stopping is None else EarlyStoppingConfig(**stopping),
+    }
+
+
+def record_from_json(row: Mapping[str, Any]) -> EpochRecord:
+    """The `EpochRecord` a file's row describes."""
+    return EpochRecord(**{**row, "logs": frozen_logs(row["logs"])})
+
+
+def _record_to_json(record: EpochRecord) -> dict[str, Any]:
+    row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    return {**row, "logs": dict(record.logs)}
+
+
+def _renumber(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 file's contents with its 0-based epochs counted from 1.
+
+    Marker ``x`` positions stay: epoch ``n`` (0-based) always spanned ``n`` to
+    ``n + 1`` on the axis, as epoch ``n + 1`` does now.
+    """
+
+    def shift(row: Mapping[str, Any], *names: str) -> dict[str, Any]:
+        row = dict(row)
+        for name in names:
+            if row.get(name) is not None:
+                row[name] += 1
+        return row
+
+    markers = []
+    for marker in data["markers"]:
+        # A rollback's value is the epoch it restored.
+        names = ("epoch", "value") if marker.get("kind") == "rollback" else ("epoch",)
+        markers.append(shift(marker, *names))
+    holds = data.get("holds")
+    return {
+        **data,
+        "branches": [shift(b, "fork_epoch") for b in data["branches"]],
+        "phases": [shift(p, "start_epoch", "end_epoch") for p in data["phases"]],
+        "markers": markers,
+        "epochs": [shift(r, "epoch") for r in data["epochs"]],
+        "holds": None if holds is None else [holds[0], holds[1] + 1],
+    }
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found

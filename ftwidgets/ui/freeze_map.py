@@ -1,0 +1,78 @@
+"""The freeze map as the HTML table a notebook shows.
+
+Pure HTML from the engine's `FreezeMap` (no widgets): each block of the base is one
+line that opens to list its layers, the head comes after, then the totals. The panel
+shows it in its settings, and ``FreezeMap.to_html`` and ``_repr_html_`` render here.
+
+Example:
+
+>>> from ftwidgets.engine.freeze_map import FreezeMap, LayerRow
+>>> fmap = FreezeMap((LayerRow("conv", "Conv2D", 448, False, False, "base", 1),), "tiny")
+>>> page = freeze_map_html(fmap)
+>>> page.count("<tr"), "frozen" in page  # the header, the layer, the totals
+(3, True)
+"""
+
+from __future__ import annotations
+
+import html
+
+from ftwidgets.engine.freeze_map import FreezeMap, FreezeMapGroup
+
+_STATE_COLORS = {
+    "trainable": "#2e7d32",
+    "trainable (head)": "#2e7d32",
+    "partly trainable": "#b26a00",
+}
+
+
+def freeze_map_html(fmap: FreezeMap) -> str:
+    """The HTML table of ``fmap``: a ``<table class="ftwidgets-freeze-map">``."""
+    parts = [
+        # Compact rows: a notebook's default cell padding makes 30 rows a page long.
+        "<style>.ftwidgets-freeze-map td, .ftwidgets-freeze-map th "
+        "{padding: 1px 4px; line-height: 1.3}</style>",
+        f"<div class='ftwidgets-freeze-map-title'><small>{html.escape(fmap.title)}</small></div>",
+        "<table class='ftwidgets-freeze-map' style='font-size:11px;white-space:nowrap'>",
+        "<tr><th>layer</th><th>type</th><th>trainable</th><th>frozen</th><th>state</th></tr>",
+    ]
+    head_started = False
+    for group in fmap.groups:
+        if group.part != "base" and not head_started:
+            head_started = True
+            parts.append("<tr><th colspan='5' style='text-align:left'>head</th></tr>")
+        parts.append(_group_html(group))
+    parts.append(
+        "<tr class='ftwidgets-freeze-map-total'><th style='text-align:left'>total</th>"
+        f"<th style='text-align:left'>{html.escape(fmap.count_label)}</th>"
+        f"<th style='text-align:right'>{fmap.trainable_params:,}</th>"
+        f"<th style='text-align:right'>{fmap.frozen_params:,}</th><th></th></tr>"
+    )
+    parts.append("</table>")
+    return "".join(parts)
+
+
+def _cells_html(cells: tuple[str, str, str, str, str], first: str) -> str:
+    _, kind, trainable, frozen, state = cells
+    color = _STATE_COLORS.get(state, "#777")
+    return (
+        f"<td>{first}</td><td>{html.escape(kind)}</td>"
+        f"<td style='text-align:right'>{trainable}</td>"
+        f"<td style='text-align:right'>{frozen}</td>"
+        f"<td style='color:{color}'>{html.escape(state)}</td>"
+    )
+
+
+def _group_html(group: FreezeMapGroup) -> str:
+    if not group.is_block:
+        return f"<tr>{_cells_html(group.cells, html.escape(group.name))}</tr>"
+    layers = (FreezeMapGroup(row.name, (row,), is_block=False) for row in group.rows)
+    inner = "".join(
+        f"<tr>{_cells_html(layer.cells, html.escape(layer.name))}</tr>" for layer in layers
+    )
+    first = (
+        f"<details><summary style='cursor:pointer'>{html.escape(group.name)}</summary>"
+        "<table class='ftwidgets-freeze-map-layers' style='font-size:11px;margin-left:1em'>"
+        f"{inner}</table></details>"
+    )
+    return f"<tr class='ftwidgets-freeze-map-block'>{_cells_html(group.cells, first)}</tr>"
