@@ -26,6 +26,7 @@ from keras.src.utils.rng_utils import get_random_seed  # not exported; thread-lo
 
 import ftwidgets as ftw
 from ftwidgets.engine import events as ev
+from ftwidgets.engine import transfer
 
 pytestmark = pytest.mark.keras
 
@@ -82,7 +83,7 @@ def test_a_phase_held_while_compiling_shows_it_and_a_stop_ends_it_before_any_bat
 
 def test_fifty_rapid_start_stop_cycles_never_hang_and_leave_the_base_untouched(data):
     session = make_session(data)
-    base = ftw.transfer.get_base(session.model)
+    base = transfer.get_base(session.model)
     before = values(base.variables)
     for _ in range(50):
         session.start(ftw.PhaseConfig(phase="head", epochs=50, batch_size=4))

@@ -27,6 +27,7 @@ _NUMBERS = itertools.count(1)
 # Called with (session, alive) when a session is created (True) or closed (False).
 _WATCHERS: list[Callable[[FineTuneSession, bool], None]] = []
 _MAX_NAME = 40
+_exit_hooked = False
 
 
 def claim_name(name: str | None) -> str:
@@ -49,6 +50,13 @@ def claim_name(name: str | None) -> str:
 
 def register(session: FineTuneSession) -> None:
     """Count ``session`` among the live ones and tell the watchers."""
+    global _exit_hooked
+    if not _exit_hooked:
+        # Hooks run last registered first. Registered now, once Keras has loaded
+        # concurrent.futures, this one runs before the thread pools shut down: a pool
+        # refusing Keras's batch-end work would fail the phase instead of stopping it.
+        upstream.register_atexit(_stop_sessions_at_exit)
+        _exit_hooked = True
     _SESSIONS[session] = next(_ORDER)
     for watcher in list(_WATCHERS):
         watcher(session, True)
@@ -106,7 +114,8 @@ def live_sessions() -> list[FineTuneSession]:
 
 
 def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
-    """Stop every job in progress before the interpreter shuts down.
+    """Stop every job in progress before the interpreter shuts down (and before Python
+    joins its threads and shuts down its thread pools, see `upstream.register_atexit`).
 
     A worker still inside XLA (compiling, or mid-batch) when the interpreter
     finalizes is torn down by force, which aborts the process ("terminate called
@@ -119,9 +128,3 @@ def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     for session in running:
         session.wait(max(0.0, deadline - time.monotonic()))
-
-
-# Before Python joins its threads and shuts down thread pools (Keras dispatches
-# batch ends to one, and a pool refusing work would fail the phase instead of
-# stopping it): the hook concurrent.futures itself uses, else plain atexit.
-upstream.register_atexit(_stop_sessions_at_exit)
