@@ -49,7 +49,7 @@ class OverheadResult:
 # Hooks timed by the instrumented run: (label, owner, attribute). Nested hooks are
 # included in their callers' figures (see the labels).
 def _hooks() -> list[tuple[str, Any, str]]:
-    from ftwidgets.engine import callbacks, jobs, snapshots
+    from ftwidgets.engine import callbacks, recorder, snapshots
     from ftwidgets.ui import charts, panel, redraw
 
     return [
@@ -62,7 +62,7 @@ def _hooks() -> list[tuple[str, Any, str]]:
         ("  of which `SnapshotStore.set_best` (host copy of a new best)",
          snapshots.SnapshotStore, "set_best"),
         ("  of which `first_non_finite` (NaN check of the trainable weights)",
-         jobs, "first_non_finite"),
+         recorder, "first_non_finite"),
         ("`FineTunePanel._on_session_event` (all events, wherever emitted)",
          panel.FineTunePanel, "_on_session_event"),
         ("`TrainingCharts.on_event` (all events, incl. redraws it runs)",

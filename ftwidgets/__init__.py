@@ -25,7 +25,8 @@ from ftwidgets.engine.compile_cache import configure_from_environment as _config
 from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig  # noqa: E402
 from ftwidgets.engine.events import Best, EpochRecord, Failure  # noqa: E402
 from ftwidgets.engine.history import Branch, History  # noqa: E402
-from ftwidgets.engine.session import FineTuneSession, live_sessions, watch_sessions  # noqa: E402
+from ftwidgets.engine.registry import live_sessions, watch_sessions  # noqa: E402
+from ftwidgets.engine.session import FineTuneSession  # noqa: E402
 from ftwidgets.engine.transfer import (  # noqa: E402
     build_transfer_model,
     freeze_map,

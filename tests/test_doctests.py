@@ -18,6 +18,7 @@ MODULES = sorted(
 # model fails (tests/layers.py).
 KERAS_EXAMPLES = {
     "ftwidgets.engine.session",
+    "ftwidgets.engine.training",
     "ftwidgets.engine.transfer",
     "ftwidgets.engine.warm_compile",
 }

@@ -21,7 +21,7 @@ from IPython.utils.capture import capture_output
 
 import ftwidgets as ftw
 from ftwidgets.engine.events import StateChanged
-from ftwidgets.engine.session import live_sessions
+from ftwidgets.engine.registry import live_sessions
 from ftwidgets.ui import magics
 from ftwidgets.ui.panel import FineTunePanel
 
@@ -235,7 +235,7 @@ def test_engine_messages_are_squeezed_to_one_short_line():
 
 @pytest.mark.widgets
 def test_ftstatus_without_sessions(ip, monkeypatch):
-    monkeypatch.setattr("ftwidgets.engine.session.live_sessions", lambda: [])
+    monkeypatch.setattr("ftwidgets.engine.registry.live_sessions", lambda: [])
     result, out, err, _ = run(ip, "%ftstatus")
     assert result.success, err
     assert out.strip() == (

@@ -16,9 +16,8 @@ from helpers import WAIT, Recorder, same, values
 
 import ftwidgets as ftw
 from ftwidgets.engine import events as ev
-from ftwidgets.engine import snapshots
 from ftwidgets.engine.callbacks import NonFiniteWeightsError
-from ftwidgets.engine.snapshots import SnapshotStore, capture, restore
+from ftwidgets.engine.snapshots import SnapshotStore, capture, first_non_finite, restore
 
 pytestmark = pytest.mark.keras
 
@@ -148,5 +147,5 @@ def test_the_weight_check_finds_nan_and_inf_and_not_a_large_finite_value(bad, ex
     if bad is not None:
         kernel[2, 1] = bad
     layer.kernel.assign(kernel)
-    assert snapshots.first_non_finite(layer.variables) == expected
+    assert first_non_finite(layer.variables) == expected
     assert capture(layer, "x").non_finite == expected

@@ -605,11 +605,11 @@ def test_the_panel_settles_right_after_many_racing_starts_and_stops(panel, monke
 
     from helpers import fake_fit
 
-    from ftwidgets.engine import jobs
+    from ftwidgets.engine import checks
 
     model = panel.session.model
     monkeypatch.setattr(model, "fit", fake_fit(model, random.Random(0)))
-    monkeypatch.setattr(jobs, "_check_monitor", lambda ctx, tracking, batch_size: tracking)
+    monkeypatch.setattr(checks, "check_monitor", lambda ctx, tracking, batch_size: tracking)
     rng = random.Random(1)
     for _ in range(60):
         panel.start_button.click()

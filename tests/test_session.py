@@ -759,7 +759,7 @@ def test_a_compiled_learning_rate_schedule_is_refused_unless_the_phase_names_an_
 
 
 def test_phase_key_follows_the_optimizer_settings_not_the_instance(data):
-    from ftwidgets.engine.jobs import phase_key
+    from ftwidgets.engine.compiling import phase_key
 
     session = make_session(data)
     ctx = session._ctx
@@ -928,7 +928,7 @@ def test_auto_mode_resolves_every_built_in_metric_as_keras_early_stopping_does()
     # Fourteen built-in metrics that mode="auto" used to refuse by name.
     from keras.src import ops
 
-    from ftwidgets.engine.jobs import metric_direction
+    from ftwidgets.engine.checks import metric_direction
 
     metrics = [
         keras.metrics.CosineSimilarity(),

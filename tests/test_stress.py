@@ -19,8 +19,8 @@ import pytest
 from helpers import fake_fit, make_model
 
 import ftwidgets as ftw
+from ftwidgets.engine import checks
 from ftwidgets.engine import events as ev
-from ftwidgets.engine import jobs
 from ftwidgets.engine.channel import TRANSITIONS, State
 
 pytestmark = pytest.mark.keras
@@ -76,7 +76,7 @@ def test_five_hundred_phases_with_commands_at_random_moments(monkeypatch):
     data = ftw.demo.digits_transfer(per_class=4, seed=0)
     model = make_model()
     monkeypatch.setattr(model, "fit", fake_fit(model, rng))
-    monkeypatch.setattr(jobs, "_check_monitor", lambda ctx, tracking, batch_size: tracking)
+    monkeypatch.setattr(checks, "check_monitor", lambda ctx, tracking, batch_size: tracking)
     session = ftw.FineTuneSession(
         model,
         train=(data.x_train, data.y_train),

@@ -73,7 +73,8 @@ class NonFiniteWeightsError(NonFiniteError):
 
 
 class Recorder(Protocol):
-    """What the callbacks report to: the running phase (``ftwidgets.engine.jobs.FitPhase``).
+    """What the callbacks report to: the running phase
+    (``ftwidgets.engine.recorder.PhaseRecorder``).
 
     Its epochs are the session's, 1-based.
     """

@@ -28,16 +28,10 @@ import numpy as np
 
 from ftwidgets import upstream
 from ftwidgets.engine.channel import State, Stop
+from ftwidgets.engine.compiling import ModelSetup, compiles_with_xla, make_optimizer
 from ftwidgets.engine.config import PhaseConfig
 from ftwidgets.engine.events import Event, Failure, SearchEnded, SearchStarted, SearchStep
-from ftwidgets.engine.jobs import (
-    JobContext,
-    ModelSetup,
-    StopJob,
-    compiles_with_xla,
-    describe_failure,
-    make_optimizer,
-)
+from ftwidgets.engine.jobs import JobContext, StopJob, describe_failure
 
 if TYPE_CHECKING:
     import pandas as pd

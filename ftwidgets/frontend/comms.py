@@ -28,7 +28,8 @@ from typing import Any
 
 from ftwidgets import upstream
 from ftwidgets.engine.events import Best, Event, PhaseEnded, PhaseStarted, RolledBack
-from ftwidgets.engine.session import FineTuneSession, live_sessions, watch_sessions
+from ftwidgets.engine.registry import live_sessions, watch_sessions
+from ftwidgets.engine.session import FineTuneSession
 from ftwidgets.frontend import telemetry
 from ftwidgets.frontend.protocol import (
     BEACON_TARGET,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ftwidgets import upstream
-from ftwidgets.engine.session import live_sessions
+from ftwidgets.engine.registry import live_sessions
 
 __all__ = ["install_interrupt_handler"]
 

@@ -260,7 +260,7 @@ class FineTuneMagics(Magics):
         """Print one line per live fine-tuning session (state, phase, epoch, best)."""
         if line.strip():
             raise UsageError(f"%ftstatus takes no arguments. Received: {line.strip()!r}")
-        from ftwidgets.engine.session import live_sessions
+        from ftwidgets.engine.registry import live_sessions
 
         sessions = live_sessions()
         if not sessions:

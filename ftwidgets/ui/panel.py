@@ -41,7 +41,8 @@ from ftwidgets.engine.events import (
     StateChanged,
 )
 from ftwidgets.engine.lr_search import LearningRateSearch
-from ftwidgets.engine.session import FineTuneSession, live_sessions
+from ftwidgets.engine.registry import live_sessions
+from ftwidgets.engine.session import FineTuneSession
 from ftwidgets.frontend import comms, telemetry
 from ftwidgets.frontend.interrupt import install_interrupt_handler
 from ftwidgets.ui.charts import TrainingCharts
