@@ -1,0 +1,66 @@
+"""The panel's error area: one message, its folded details, and a Dismiss button."""
+
+from __future__ import annotations
+
+import html
+import threading
+
+import ipywidgets as widgets
+
+__all__ = ["ErrorArea"]
+
+
+class ErrorArea(widgets.VBox):
+    """Shows the last error (hidden while there is none); only its own methods write it.
+
+    Args:
+        lock: held while it writes its widgets (the panel's one lock), so a worker's
+            failure and a click on the kernel's thread never interleave.
+
+    Example:
+
+    >>> area = ErrorArea()
+    >>> area.show("Bad rate <0>", "Traceback ...")
+    >>> area.layout.display is None, "Bad rate &lt;0&gt;" in area.message.value
+    (True, True)
+    >>> area.dismiss_button.click()
+    >>> area.layout.display, area.message.value
+    ('none', '')
+    """
+
+    def __init__(self, lock: threading.RLock | None = None) -> None:
+        self._lock = lock or threading.RLock()
+        self.message = widgets.HTML()
+        self.details = widgets.Output()
+        self.accordion = widgets.Accordion(children=[self.details])
+        self.accordion.set_title(0, "Details")
+        self.accordion.selected_index = None
+        self.dismiss_button = widgets.Button(
+            description="Dismiss", layout=widgets.Layout(width="90px")
+        )
+        super().__init__(
+            [widgets.HBox([self.message, self.dismiss_button]), self.accordion],
+            layout=widgets.Layout(display="none", border="1px solid #d9534f", padding="4px"),
+        )
+        self.add_class("ftwidgets-error")
+        self.dismiss_button.on_click(lambda _: self.clear())
+
+    def show(self, message: str, details: str | None = None) -> None:
+        """Show ``message``, and ``details`` (e.g. a traceback) folded below it."""
+        with self._lock:
+            self.message.value = (
+                f'<span style="color:#d9534f"><b>Error:</b> {html.escape(message)}</span>'
+            )
+            self.details.outputs = ()
+            if details:
+                # append_stderr, never `with out:` — that captures other threads' output.
+                self.details.append_stderr(details)
+            self.accordion.layout.display = None if details else "none"
+            self.layout.display = None
+
+    def clear(self) -> None:
+        """Hide the area."""
+        with self._lock:
+            self.message.value = ""
+            self.details.outputs = ()
+            self.layout.display = "none"
