@@ -159,6 +159,7 @@ class PhaseControls(widgets.VBox):
             layout=widgets.Layout(**_WIDE),
         )
         self.depth_info = self.preview.depth_info
+        self.freeze_map = self.preview.freeze_map  # shown in a tab of its own
         self.keep_batchnorm_frozen = widgets.Checkbox(
             value=True, description="Keep BatchNorm frozen", indent=False
         )

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import html
 import threading
+from typing import Any
 
 import ipywidgets as widgets
 
-__all__ = ["ErrorArea"]
+from ftwidgets.engine.session import live_sessions
+
+__all__ = ["ErrorArea", "training_elsewhere"]
+
+
+def training_elsewhere(session: Any) -> str | None:
+    """The error to show when another live session trains ``session``'s model, else None."""
+    for other in live_sessions():
+        if other is not session and other.model is session.model and other.is_training:
+            return (
+                f"Model {session.model.name!r} is already training in another panel or "
+                "session; stop it there before starting here."
+            )
+    return None
 
 
 class ErrorArea(widgets.VBox):
@@ -21,25 +35,25 @@ class ErrorArea(widgets.VBox):
 
     >>> area = ErrorArea()
     >>> area.show("Bad rate <0>", "Traceback ...")
-    >>> area.layout.display is None, "Bad rate &lt;0&gt;" in area.message.value
+    >>> area.layout.display is None, "Bad rate &lt;0&gt;" in area.error_message.value
     (True, True)
     >>> area.dismiss_button.click()
-    >>> area.layout.display, area.message.value
+    >>> area.layout.display, area.error_message.value
     ('none', '')
     """
 
     def __init__(self, lock: threading.RLock | None = None) -> None:
         self._lock = lock or threading.RLock()
-        self.message = widgets.HTML()
-        self.details = widgets.Output()
-        self.accordion = widgets.Accordion(children=[self.details])
-        self.accordion.set_title(0, "Details")
-        self.accordion.selected_index = None
+        self.error_message = widgets.HTML()
+        self.error_details = widgets.Output()
+        self.error_accordion = widgets.Accordion(children=[self.error_details])
+        self.error_accordion.set_title(0, "Details")
+        self.error_accordion.selected_index = None
         self.dismiss_button = widgets.Button(
             description="Dismiss", layout=widgets.Layout(width="90px")
         )
         super().__init__(
-            [widgets.HBox([self.message, self.dismiss_button]), self.accordion],
+            [widgets.HBox([self.error_message, self.dismiss_button]), self.error_accordion],
             layout=widgets.Layout(display="none", border="1px solid #d9534f", padding="4px"),
         )
         self.add_class("ftwidgets-error")
@@ -48,19 +62,19 @@ class ErrorArea(widgets.VBox):
     def show(self, message: str, details: str | None = None) -> None:
         """Show ``message``, and ``details`` (e.g. a traceback) folded below it."""
         with self._lock:
-            self.message.value = (
+            self.error_message.value = (
                 f'<span style="color:#d9534f"><b>Error:</b> {html.escape(message)}</span>'
             )
-            self.details.outputs = ()
+            self.error_details.outputs = ()
             if details:
                 # append_stderr, never `with out:` — that captures other threads' output.
-                self.details.append_stderr(details)
-            self.accordion.layout.display = None if details else "none"
+                self.error_details.append_stderr(details)
+            self.error_accordion.layout.display = None if details else "none"
             self.layout.display = None
 
     def clear(self) -> None:
         """Hide the area."""
         with self._lock:
-            self.message.value = ""
-            self.details.outputs = ()
+            self.error_message.value = ""
+            self.error_details.outputs = ()
             self.layout.display = "none"

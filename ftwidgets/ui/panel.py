@@ -1,18 +1,15 @@
 """``FineTunePanel``: an ipywidgets control panel for a ``FineTuneSession``, with live charts.
 
-The panel composes small widgets, each with one job: the phase's controls
-(`PhaseControls`), early stopping (`StoppingControls`), Start/Pause/Stop
-(`RunButtons`), rollback (`TimeTravel`), the status line (`StatusView`), the
-error area (`ErrorArea`), the coach's notes (`CoachView`) and the charts
-(`TrainingCharts`). Here they are only laid out and wired.
+The panel lays out and wires small widgets, each with one job: the phase's
+controls (`PhaseControls`), early stopping (`StoppingControls`), Start/Pause/Stop
+(`RunButtons`), rollback (`TimeTravel`), the status (`StatusView`), errors
+(`ErrorArea`), the coach's notes (`CoachView`) and the charts (`TrainingCharts`).
 
-One writer: each widget's state is written only by the widget that owns it, in
-its own methods, and always under the panel's one lock, ``panel._redraw.lock``:
-the worker's events, the kernel's clicks (or a subshell's) and the redraw timer
-all take it. What follows the session's state (the status line and every
-button's state) is drawn by ``render(view)`` from one `SessionView`, folded from
-the session's events, through one `Throttle`: state changes draw at once, and a
-burst of progress events draws at most every ``REDRAW_INTERVAL`` seconds.
+One writer: each widget's state is written only by the part that owns it, in its
+own methods, under the panel's one lock (its `LiveView`'s): the worker's events,
+the kernel's clicks (or a subshell's) and the redraw timer all take it. The status
+and every button's state are drawn by the parts' ``render(view)`` from one
+`SessionView`, through the one `Throttle` that bounds how often they redraw.
 """
 
 from __future__ import annotations
@@ -24,35 +21,29 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ftwidgets._backend import device_summary
 from ftwidgets.engine import events as ev
 from ftwidgets.engine.actions import Action
 from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig
 from ftwidgets.engine.lr_search import LearningRateSearch
-from ftwidgets.engine.session import FineTuneSession, live_sessions
+from ftwidgets.engine.session import FineTuneSession
 from ftwidgets.frontend import comms, telemetry
 from ftwidgets.frontend.interrupt import install_interrupt_handler
 from ftwidgets.ui.charts import TrainingCharts
 from ftwidgets.ui.coach_view import CoachView
 from ftwidgets.ui.compare import ComparedRun, RunComparison
 from ftwidgets.ui.controls import PhaseControls
-from ftwidgets.ui.errors import ErrorArea
-from ftwidgets.ui.redraw import Throttle
+from ftwidgets.ui.errors import ErrorArea, training_elsewhere
+from ftwidgets.ui.live import LiveView
 from ftwidgets.ui.run_buttons import RunButtons
 from ftwidgets.ui.search_chart import SearchChart
 from ftwidgets.ui.status import StatusView
 from ftwidgets.ui.stopping import StoppingControls
 from ftwidgets.ui.time_travel import TimeTravel
-from ftwidgets.ui.view import SessionView, fold
+from ftwidgets.ui.view import SessionView
 from ftwidgets.ui.warm_up import WarmUp
 from ftwidgets.ui.widget_tree import close_tree
 
 __all__ = ["FineTunePanel"]
-
-# Seconds between two redraws of the status and buttons on progress events.
-REDRAW_INTERVAL = 0.2
-# Events that come many a second; every other one changes what the buttons offer.
-_FREQUENT = (ev.BatchProgress, ev.EpochEnded, ev.SearchStep)
 
 
 # The parts' widgets (and the rate) that are the panel's documented attributes too:
@@ -60,11 +51,12 @@ _FREQUENT = (ev.BatchProgress, ev.EpochEnded, ev.SearchStep)
 _PARTS = {
     "controls": "phase learning_rate learning_rate_text learning_rate_value find_lr_button "
     "use_lr_button unfreeze_unit unfreeze_depth depth_info keep_batchnorm_frozen epochs "
-    "batch_size optimizer dropout stream_batches",
+    "batch_size optimizer dropout stream_batches freeze_map",
     "stopping": "early_stopping monitor mode patience min_delta restore_best start_from_epoch",
     "run_buttons": "start_button pause_button stop_button",
     "time_travel": "rollback_button best_button",
     "status_view": "status progress",
+    "error_area": "error_message error_details",
 }
 
 
@@ -80,17 +72,13 @@ class FineTunePanel(widgets.VBox):
     ``panel.start_button.click()``). The panel only talks to its session
     (``panel.session``), which can also be scripted directly.
 
-    The unfreeze depth counts ``panel.unfreeze_unit.value``: ``"block"`` or
-    ``"layer"`` (see ``ftwidgets.engine.transfer.unfreeze``), at first the base's
-    default unit. On a base whose layer names form no blocks (such as the demo
-    base) both count the same layers, so the unit control stays hidden there.
-    The "Freeze map" tab previews what the next Start will train.
-
     It is made of small widgets, each with one job: ``panel.controls`` and
-    ``panel.stopping`` (the settings tabs), ``panel.run_buttons``,
+    ``panel.stopping`` (the settings tabs; the unfreeze depth counts
+    ``panel.unfreeze_unit.value``, see `PhaseControls`), ``panel.run_buttons``,
     ``panel.time_travel`` (rollback), ``panel.status_view``, ``panel.error_area``,
     ``panel.coach`` and ``panel.charts``; the documented controls and buttons
-    (``panel.phase``, ``panel.start_button``...) are theirs.
+    (``panel.phase``, ``panel.start_button``...) are theirs. The "Freeze map"
+    tab previews what the next Start will train.
 
     Args:
         model: a model from ``build_transfer_model``; omit it when passing ``session``.
@@ -148,16 +136,13 @@ class FineTunePanel(widgets.VBox):
                 f"Received: model={getattr(model, 'name', model)!r}"
             )
         self.session = session
-        # What the session's events told, folded as they arrive (see ftwidgets.ui.view).
-        self._view = SessionView.of(session)
-        self._device: tuple[object, str] | None = None  # (distribution, its summary)
-        self._redraw = Throttle(
+        self._live = LiveView(
+            session,
             self._draw,
-            min_interval=REDRAW_INTERVAL,
-            name="panel",
+            after=self._take_event,
             on_error=lambda exc: self.show_error(f"The panel could not redraw: {exc}"),
         )
-        lock = self._lock = self._redraw.lock
+        lock = self._lock = self._live.lock
         self.error_area = ErrorArea(lock)
         self.controls = PhaseControls(
             session, epochs, batch_size, lock=lock, report=self._on_rate_box,
@@ -165,11 +150,11 @@ class FineTunePanel(widgets.VBox):
         )  # fmt: skip
         self.stopping = StoppingControls(session, lock=lock, report=self.show_error)
         self.run_buttons = RunButtons(self.start, self._on_pause, self._on_stop)
-        self.time_travel = TimeTravel(self.act, self._unpick)
-        self.status_view = StatusView()
-        self.search_chart = SearchChart()
         self.charts = TrainingCharts(session.history, restorable=lambda: session.restorable_epochs)
         self.charts.on_error(self._on_chart_error)
+        self.time_travel = TimeTravel(self.act, self.charts)
+        self.status_view = StatusView()
+        self.search_chart = SearchChart()
         self.coach = CoachView(self.act, enabled=session.coach.enabled)
         self.comparison = RunComparison(
             self.charts, session.history, monitor=session.monitor, mode=session.mode
@@ -181,26 +166,14 @@ class FineTunePanel(widgets.VBox):
         if session.best is not None:
             # A panel on a session that already trained: the history has no best.
             self.charts.on_event(ev.NewBest(session.best))
-        self._other_session_notice()
+        if (busy := training_elsewhere(session)) is not None:
+            self.show_error(busy)
         install_interrupt_handler()
-        self._redraw.request(force=True)
+        self._live.request(force=True)
         self.coach.show(session.advice())
         self._warm_up.schedule()
 
     # -- construction -------------------------------------------------------------
-    @property
-    def freeze_map(self) -> widgets.HTML:
-        """The "Freeze map" tab: what the next Start would train."""
-        return self.controls.preview.freeze_map
-
-    @property
-    def error_message(self) -> widgets.HTML:
-        return self.error_area.message
-
-    @property
-    def error_details(self) -> widgets.Output:
-        return self.error_area.details
-
     def _build_layout(self) -> None:
         self.settings = settings = widgets.Tab(
             children=[self.controls, self.stopping, self.freeze_map, self.search_chart]
@@ -218,17 +191,9 @@ class FineTunePanel(widgets.VBox):
             f"<b>{html.escape(self.session.name)}</b> · model "
             f"<code>{html.escape(self.session.model.name)}</code>"
         )
-        super().__init__(
-            [
-                self.title,
-                widgets.HBox([self.run_buttons, self.time_travel]),
-                self.status_view,
-                self.error_area,
-                body,
-                self.comparison,
-            ],
-            layout=widgets.Layout(width="100%"),
-        )
+        buttons = widgets.HBox([self.run_buttons, self.time_travel])
+        parts = [self.title, buttons, self.status_view, self.error_area, body, self.comparison]
+        super().__init__(parts, layout=widgets.Layout(width="100%"))
         self.add_class("ftwidgets-panel")
         # A stable hook for the browser tests (and user CSS).
         self.title.add_class("ftwidgets-title")
@@ -242,29 +207,20 @@ class FineTunePanel(widgets.VBox):
         for control in self.controls.programs:
             control.observe(self._warm_up.schedule, "value")
         self.coach.enabled.observe(self._on_coach_toggle, "value")
-        self.charts.observe(lambda _: self._redraw.request(force=True), "selected_epoch")
-        # A click only runs a handler that queues a session command and writes widgets
-        # under the lock: safe on a subshell's thread, so these work while a cell is
-        # busy. Value widgets (the rate) stay on the main shell: syncing a widget's state
-        # from two threads is not safe in ipywidgets.
+        self.charts.observe(lambda _: self._live.request(force=True), "selected_epoch")
+        # These only queue a session command and write widgets under the lock: safe on a
+        # subshell's thread while a cell is busy. Value widgets (the rate) stay on the
+        # main shell: syncing a widget's state from two threads is not safe in ipywidgets.
         for button in (self.pause_button, self.stop_button, self.rollback_button):
             comms.answer_while_busy(button)
 
     # -- what the controls say ------------------------------------------------------
     def phase_config(self) -> PhaseConfig:
-        """The phase settings the controls describe.
-
-        Raises:
-            ValueError: naming the bad value, the rate box's text included.
-        """
+        """The phase settings the controls describe; ValueError names a bad one."""
         return self.controls.config()
 
     def early_stopping_config(self) -> EarlyStoppingConfig | None:
-        """The early-stopping settings the controls describe (None when off).
-
-        Raises:
-            ValueError: naming the bad value.
-        """
+        """The early stopping the controls describe (None when off); ValueError names a bad one."""
         return self.stopping.config()
 
     # -- actions (also callable from code) -------------------------------------------
@@ -290,13 +246,8 @@ class FineTunePanel(widgets.VBox):
 
         It runs on the session's worker; the "LR search" tab shows it live, and
         "Use ..." then sets the learning-rate field. It never sets the rate itself.
-
-        Args:
-            **settings: ``FineTuneSession.find_learning_rate`` arguments
-                (``start``, ``end``, ``steps``...).
-
-        Returns:
-            The search (filled in as it runs), or None if it was refused.
+        ``settings`` go to ``FineTuneSession.find_learning_rate`` (``start``, ``end``,
+        ``steps``...). Returns the search (filled in as it runs), or None if refused.
         """
         with self._lock:
             self.settings.selected_index = 3
@@ -305,21 +256,13 @@ class FineTunePanel(widgets.VBox):
         )
 
     def compare(self, other: Any, label: str | None = None) -> ComparedRun:
-        """Overlay another run on the charts, with a row in the comparison table.
+        """Overlay another run on the charts, with a row in the comparison table
+        (its best epoch and value, and its settings that differ from this run's).
 
         ``other`` is a ``FineTuneSession`` (followed live), a ``History`` or the
-        path of one saved with ``history.save(path)``. Its curves are dashed,
-        aligned by global epoch, and listed in the legend with a checkbox that
-        shows or hides them; the table lists each run's best epoch and value and
-        its settings that differ from this run's.
-
-        Args:
-            other: the run to compare.
-            label: its name in the legend and table (default: the session's
-                name, or the file's name).
-
-        Returns:
-            The overlay (``.visible``, ``.toggle``, ``.marks``).
+        path of one saved with ``history.save(path)``; ``label`` names it in the
+        legend and table (default: the session's or the file's name). Returns the
+        overlay (``.visible``, ``.toggle``, ``.marks``); see ``RunComparison.add``.
 
         Raises:
             ValueError: for anything else, or a label already used.
@@ -342,7 +285,7 @@ class FineTunePanel(widgets.VBox):
         except Exception as exc:
             self.show_error(f"{type(exc).__name__}: {exc}", traceback.format_exc())
         finally:
-            self._redraw.request(force=True)
+            self._live.request(force=True)
         return None
 
     def act(self, action: Action) -> Any:
@@ -350,10 +293,8 @@ class FineTunePanel(widgets.VBox):
 
         The coach's actions never start training: they restore weights, change the
         rate, or propose the next phase's settings, which the controls then show.
-        A refused action shows its message in the error area.
-
-        Returns:
-            What ``session.apply`` returns, or None when it was refused.
+        Returns what ``session.apply`` returns, or None when it was refused: then the
+        error area shows why.
         """
         try:
             return self.session.apply(action)
@@ -361,7 +302,7 @@ class FineTunePanel(widgets.VBox):
             self.show_error(str(exc))
             return None
         finally:
-            self._redraw.request(force=True)
+            self._live.request(force=True)
 
     def show_error(self, message: str, details: str | None = None) -> None:
         """Show a message (and folded details, e.g. a traceback) in the error area."""
@@ -378,7 +319,7 @@ class FineTunePanel(widgets.VBox):
             return
         self.session.on_event(self._on_session_event, remove=True)
         self.session.on_event(self.charts.on_event, remove=True)
-        self._redraw.close()
+        self._live.close()
         if self.session.is_training:
             self.session.stop()
             self.session.resume()
@@ -399,17 +340,14 @@ class FineTunePanel(widgets.VBox):
 
     def _on_stop(self) -> None:
         self.session.stop()
-        self._redraw.request(force=True)
-
-    def _unpick(self) -> None:
-        self.charts.selected_epoch = None
+        self._live.request(force=True)
 
     def _on_rate_box(self, message: str | None) -> None:
         if message is None:
             self.clear_error()
         else:
             self.show_error(message)
-        self._redraw.request(force=True)
+        self._live.request(force=True)
 
     def _on_coach_toggle(self, change: dict[str, Any]) -> None:
         self.session.coach.enabled = bool(change["new"])
@@ -419,10 +357,7 @@ class FineTunePanel(widgets.VBox):
 
     # -- session events (worker thread) -------------------------------------------------
     def _on_session_event(self, event: ev.Event) -> None:
-        with self._lock:
-            self._view = fold(self._view, event)
-            self._take_event(event)
-        self._redraw.request(force=not isinstance(event, _FREQUENT))
+        self._live.on_event(event)
 
     def _take_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.SearchStarted | ev.SearchStep | ev.SearchEnded):
@@ -443,32 +378,12 @@ class FineTunePanel(widgets.VBox):
             comparison.monitor, comparison.mode = self.session.monitor, self.session.mode
             comparison.refresh_table()
 
-    def _draw(self, _force: bool) -> None:
-        """Draw what follows the session's state, from one view (the `Throttle` calls it)."""
-        view = SessionView.of(self.session, self._view, device=self._device_summary())
+    def _draw(self, view: SessionView) -> None:
         self.status_view.render(view, preparing=self.phase.value)
         self.run_buttons.render(view, ready=self.controls.ready)
-        self.time_travel.render(view, self.charts.selected_epoch)
+        self.time_travel.render(view)
         self.controls.render(view)
         self.stopping.render(view)
-
-    def _device_summary(self) -> str:
-        distribution = self.session.distribution
-        if self._device is None or self._device[0] is not distribution:
-            self._device = (distribution, device_summary(distribution))
-        return self._device[1]
-
-    def _other_session_notice(self) -> None:
-        for other in live_sessions():
-            if (
-                other is not self.session
-                and other.model is self.session.model
-                and other.is_training
-            ):
-                self.show_error(
-                    f"Model {self.session.model.name!r} is already training in another panel or "
-                    "session; stop it there before starting here."
-                )
 
     def __repr__(self) -> str:
         return f"<FineTunePanel {self.session!r}>"
