@@ -169,8 +169,9 @@ class FineTunePanel(widgets.VBox):
         if (busy := training_elsewhere(session)) is not None:
             self.show_error(busy)
         install_interrupt_handler()
+        with lock:
+            self.coach.show(session.advice())
         self._live.request(force=True)
-        self.coach.show(session.advice())
         self._warm_up.schedule()
 
     # -- construction -------------------------------------------------------------
