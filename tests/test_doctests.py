@@ -28,8 +28,15 @@ WIDGET_EXAMPLES = {
     "ftwidgets.ui.charts",
     "ftwidgets.ui.coach_view",
     "ftwidgets.ui.compare",
+    "ftwidgets.ui.controls",
+    "ftwidgets.ui.errors",
+    "ftwidgets.ui.freeze_preview",
     "ftwidgets.ui.panel",
+    "ftwidgets.ui.run_buttons",
     "ftwidgets.ui.search_chart",
+    "ftwidgets.ui.status",
+    "ftwidgets.ui.stopping",
+    "ftwidgets.ui.time_travel",
     "ftwidgets.ui.widget_tree",
 }
 

@@ -3,6 +3,9 @@ over repeats and one marker per suggestion."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import bqplot as bq
 import numpy as np
 import pytest
@@ -51,3 +54,19 @@ def test_steps_draw_live_on_a_log_rate_axis_and_the_end_adds_band_and_suggestion
     chart.on_event(SearchStarted("finetune", 2, 1e-7, 1.0, 30, 1))
     assert len(chart.loss_line.x) == 0 and len(chart.band.x) == 0
     assert len(chart.suggestion_marks.x) == 0 and "finetune" in chart.caption.value
+
+
+def test_a_burst_of_steps_draws_a_bounded_number_of_times_and_the_last_step_too():
+    chart = SearchChart(min_interval=0.3)
+    drawn = threading.Event()
+    chart.caption.observe(lambda change: "step 200," in change["new"] and drawn.set(), "value")
+    chart.on_event(SearchStarted("head", 0, 1e-7, 10.0, 200, 1))
+    before = chart._throttle.redraws
+    began = time.monotonic()
+    for step, rate in enumerate(np.geomspace(1e-7, 10.0, 200)):
+        chart.on_event(SearchStep(0, step, float(rate), 1.0, 1.0))
+    elapsed = time.monotonic() - began
+    assert drawn.wait(5)  # the last step is drawn once the interval has passed
+    assert chart._throttle.redraws - before <= 2 + elapsed / 0.3
+    assert len(chart.loss_line.x) == 200
+    chart.close()

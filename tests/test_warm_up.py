@@ -18,7 +18,7 @@ import pytest
 import ftwidgets as ftw
 from ftwidgets.engine import warm_compile
 from ftwidgets.engine.transfer import HEAD_DROPOUT_NAME, set_head_dropout
-from ftwidgets.ui import panel as panel_module
+from ftwidgets.ui import warm_up as warm_up_module
 
 
 class CacheHits(logging.Handler):
@@ -239,7 +239,7 @@ class FakeLoop:
 @pytest.mark.widgets
 def test_the_panel_warms_up_once_its_settings_rest(data, monkeypatch):
     loop = FakeLoop()
-    monkeypatch.setattr(panel_module, "_kernel_loop", lambda: loop)
+    monkeypatch.setattr(warm_up_module, "_kernel_loop", lambda: loop)
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
     panel = ftw.FineTunePanel(model, train=(data.x_train, data.y_train))
     asked: list[ftw.PhaseConfig] = []
@@ -253,7 +253,7 @@ def test_the_panel_warms_up_once_its_settings_rest(data, monkeypatch):
         loop.run()
         # Two changes, one warm-up: the earlier timer found a newer setting.
         assert asked[1:] == [panel.phase_config()]
-        assert loop.delays == [panel_module.WARM_UP_DELAY] * 3
+        assert loop.delays == [warm_up_module.WARM_UP_DELAY] * 3
         assert (asked[-1].batch_size, asked[-1].dropout) == (8, 0.5)
     finally:
         panel.close()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import html
-import threading
-import time
 from typing import Any
 
 import bqplot as bq
@@ -14,6 +12,7 @@ import numpy as np
 from ftwidgets.engine.events import Event, SearchEnded, SearchStarted, SearchStep
 from ftwidgets.engine.lr_search import LearningRateSearch
 from ftwidgets.ui.format import format_rate
+from ftwidgets.ui.redraw import Throttle
 
 __all__ = ["SearchChart"]
 
@@ -28,8 +27,9 @@ class SearchChart(widgets.VBox):
     """The loss of each step against its learning rate on a log axis, and the suggestions.
 
     Fed by session events (``SearchStarted``, ``SearchStep``, ``SearchEnded``)
-    from any thread; it redraws at most every ``min_interval`` seconds while a
-    search runs, and at once when it ends. The figure is public (``figure``),
+    from any thread; through a `Throttle`, it redraws at most every
+    ``min_interval`` seconds while a search runs (the last step too), and at once
+    when it starts or ends. The figure is public (``figure``),
     as in bqplot's compound widgets.
 
     Args:
@@ -50,12 +50,14 @@ class SearchChart(widgets.VBox):
     """
 
     def __init__(self, min_interval: float = 0.2) -> None:
-        self.min_interval = float(min_interval)
-        self._lock = threading.Lock()
+        self._throttle = Throttle(self._draw, min_interval=min_interval, name="lr-search")
+        self.min_interval = self._throttle.min_interval
+        self._lock = self._throttle.lock
         self._rates: list[float] = []
         self._losses: list[float] = []
         self._smoothed: list[float] = []
-        self._last_draw = 0.0
+        self._text = ""  # what the caption says while a search runs
+        self._search: LearningRateSearch | None = None  # a search to show whole
         x_scale = bq.LogScale()
         y_scale = bq.LinearScale()
         scales = {"x": x_scale, "y": y_scale}
@@ -102,25 +104,41 @@ class SearchChart(widgets.VBox):
         if isinstance(event, SearchStarted):
             with self._lock:
                 self._rates, self._losses, self._smoothed = [], [], []
-            self._draw_progress(
-                f"searching {format_rate(event.start)} to {format_rate(event.end)} "
-                f"for the {event.phase} phase"
-            )
+                self._search = None
+                self._text = (
+                    f"searching {format_rate(event.start)} to {format_rate(event.end)} "
+                    f"for the {event.phase} phase"
+                )
+            self._throttle.request(force=True)
         elif isinstance(event, SearchStep) and event.repeat == 0:
             with self._lock:
                 self._rates.append(event.learning_rate)
                 self._losses.append(event.loss)
                 self._smoothed.append(event.smoothed)
-                due = time.monotonic() >= self._last_draw + self.min_interval
-            if due:
-                self._draw_progress(
-                    f"step {event.step + 1}, rate {format_rate(event.learning_rate)}"
-                )
+                self._text = f"step {event.step + 1}, rate {format_rate(event.learning_rate)}"
+            self._throttle.request()
         elif isinstance(event, SearchEnded):
             self.show(event.search)
 
     def show(self, search: LearningRateSearch) -> None:
         """Draw a search: its curve, its band over repeats, and its suggestions."""
+        with self._lock:
+            self._search = search
+        self._throttle.request(force=True)
+
+    def close(self) -> None:
+        """Draw no more, then close."""
+        self._throttle.close()
+        super().close()
+
+    def _draw(self, _force: bool) -> None:
+        # The throttle holds the lock: the lists are not appended to meanwhile.
+        if self._search is not None:
+            self._draw_search(self._search)
+        else:
+            self._draw_progress()
+
+    def _draw_search(self, search: LearningRateSearch) -> None:
         rates, smoothed = search.learning_rates, search.smoothed
         with self.figure.hold_sync():
             self.loss_line.x, self.loss_line.y = rates, _finite(search.losses)
@@ -136,25 +154,21 @@ class SearchChart(widgets.VBox):
             self.suggestion_marks.x, self.suggestion_marks.y = xs, ys
             self.suggestion_marks.names = names
             self.suggestion_marks.colors = [SUGGESTION_COLORS[name] for name in names]
-        with self._lock:
-            self._last_draw = time.monotonic()
         self.caption.value = _caption(search)
 
-    def _draw_progress(self, text: str) -> None:
-        with self._lock:
-            rates, losses, smoothed = (
-                np.array(self._rates),
-                np.array(self._losses),
-                np.array(self._smoothed),
-            )
-            self._last_draw = time.monotonic()
+    def _draw_progress(self) -> None:
+        rates, losses, smoothed = (
+            np.array(self._rates),
+            np.array(self._losses),
+            np.array(self._smoothed),
+        )
         with self.figure.hold_sync():
             self.loss_line.x, self.loss_line.y = rates, _finite(losses)
             self.smoothed_line.x, self.smoothed_line.y = rates, _finite(smoothed)
             self.band.x, self.band.y = [], [[], []]
             self.suggestion_marks.x, self.suggestion_marks.y = [], []
             self.suggestion_marks.names = []
-        self.caption.value = f"<small>{html.escape(text)}</small>"
+        self.caption.value = f"<small>{html.escape(self._text)}</small>"
 
 
 def _finite(values: Any) -> np.ndarray:
