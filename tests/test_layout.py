@@ -116,3 +116,16 @@ def test_the_walkthroughs_ftw_transfer_helpers_are_where_they_say():
     # Walkthroughs 02 and 04 and the README call these as ftw.transfer.<name>.
     for name in ("unfreezable_layers", "unfreeze_units"):
         assert callable(getattr(ftwidgets.transfer, name)), name
+
+
+def test_no_module_is_over_600_lines_and_no_widget_module_over_400():
+    sizes = {
+        str(path.relative_to(PACKAGE)): len(path.read_text(encoding="utf-8").splitlines())
+        for path in PACKAGE.rglob("*.py")
+    }
+    assert {name: n for name, n in sizes.items() if n > 600} == {}
+    # The panel is composed of small widgets: each file that builds widgets stays small.
+    widget_files = [p for p in (PACKAGE / "ui").glob("*.py") if "ipywidgets" in imported_modules(p)]
+    assert len(widget_files) >= 10
+    big = {p.name: sizes[f"ui/{p.name}"] for p in widget_files if sizes[f"ui/{p.name}"] >= 400}
+    assert big == {}
