@@ -240,6 +240,20 @@ def window(samples: Sequence[dict[str, float]], t0: float, t1: float) -> tuple[d
     return inside[0], inside[-1]
 
 
+def settled(samples: Sequence[dict[str, float]], span: float = 1.0, below: float = 0.1) -> bool:
+    """Whether the main thread was busy less than ``below`` over the last ``span`` seconds
+    (``wall`` time): it has worked off the messages the run left queued.
+
+    >>> samples = [{"wall": t, "Timestamp": t, "TaskDuration": d}
+    ...            for t, d in ((0.0, 0.0), (0.5, 0.5), (1.0, 0.55), (1.5, 0.56))]
+    >>> settled(samples[:3]), settled(samples)
+    (False, True)
+    """
+    last = samples[-1]
+    older = [s for s in samples if s["wall"] <= last["wall"] - span]
+    return bool(older) and busy(older[-1], last) < below
+
+
 def frame_stats(frames_ms: Sequence[float], t0: float, t1: float) -> dict[str, float]:
     """Frames a second and the longest gap (s) between two frames, between ``t0`` and ``t1``.
 
@@ -348,9 +362,9 @@ def table(result: dict[str, Any]) -> list[str]:
 
     >>> window_ = {"busy": 0.31, "thread_cpu": 0.2, "script": 0.15, "style": 0.03,
     ...            "layout": 0.02, "process_cpu": 0.33, "wall_s": 9.0, "fps": 41.0,
-    ...            "longest_gap_s": 0.2, "comm": {"messages": 90, "per_s": 10.0,
-    ...            "bytes_per_s": 5000.0, "per_model": [("panel.status (HTML)", 45, 9000,
-    ...            "value")]}}
+    ...            "longest_gap_s": 0.2, "cost": 0.25, "catch_up_s": 0.0,
+    ...            "comm": {"messages": 90, "per_s": 10.0, "bytes_per_s": 5000.0,
+    ...                     "per_model": [("panel.status (HTML)", 45, 9000, "value")]}}
     >>> run = {"label": "most epochs/s: 1000 epochs, batch 150", "tweak": "x = 1",
     ...        "epochs_done": 1000, "epochs_per_s": 111.1, "idle": dict(window_, busy=0.02),
     ...        "training": window_}
@@ -374,8 +388,9 @@ def table(result: dict[str, Any]) -> list[str]:
     """
     lines = [
         "| run | epochs/s | busy idle | busy | main thread cpu | script | style | layout "
-        "| renderer cpu | frames/s (longest gap) | comm msgs/s | KB/s | busy <= 25 % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| renderer cpu | main thread cpu s per run s | catch-up s | frames/s (longest gap) "
+        "| comm msgs/s | KB/s | busy <= 25 % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     labels, notes = [], []
     for run in result["runs"]:
@@ -392,6 +407,7 @@ def table(result: dict[str, Any]) -> list[str]:
         )
         lines.append(
             f"| {label} | {run['epochs_per_s']:.1f} | {_pct(idle['busy'])} | {shares} "
+            f"| {train['cost']:.2f} | {train['catch_up_s']:.1f} "
             f"| {train['fps']:.1f} ({train['longest_gap_s']:.2f} s) "
             f"| {train['comm']['per_s']:.1f} | {train['comm']['bytes_per_s'] / 1024:.1f} "
             f"| {'yes' if train['busy'] <= TARGET_BUSY else 'no'} |"
@@ -429,12 +445,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _lab(root: Path) -> Iterator[str]:
+def _lab(root: Path, source: Path) -> Iterator[str]:
     """A JupyterLab on 127.0.0.1 serving ``root``, with config dirs of its own; yields its
-    URL with the token. Its kernels import ftwidgets from this checkout."""
+    URL with the token. Its kernels import ftwidgets from the checkout ``source``."""
     home = root / ".home"
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     for name in ("CONFIG", "DATA", "RUNTIME"):
         env[f"JUPYTER_{name}_DIR"] = str(home / name.lower())
     env["JUPYTERLAB_WORKSPACES_DIR"] = str(home / "workspaces")
@@ -492,15 +508,16 @@ def _sample(cdp: Any) -> dict[str, float]:
     return metrics
 
 
-def _sample_until(cdp: Any, done: Any, timeout: float) -> list[dict]:
-    samples = [_sample(cdp)]
+def _sample_until(cdp: Any, done: Any, timeout: float, samples: list | None = None) -> list:
+    """Sample every SAMPLE_S seconds into ``samples`` until ``done()``; return them."""
+    samples = [] if samples is None else samples
+    samples.append(_sample(cdp))
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the run did not end in {timeout:.0f} s")
+            raise TimeoutError(f"not done in {timeout:.0f} s")
         time.sleep(SAMPLE_S)
         samples.append(_sample(cdp))
-    samples.append(_sample(cdp))
     return samples
 
 
@@ -556,6 +573,8 @@ def _measure_run(
             cdp.send("Profiler.start")
         samples = _sample_until(cdp, lambda: _phase_ended(page), timeout=600)
         cpu_profile = cdp.send("Profiler.stop")["profile"] if profile else None
+        # The page may still work off queued messages: until then, the run costs it.
+        _sample_until(cdp, lambda: settled(samples), timeout=120, samples=samples)
         stamps = _kernel(page, "", "stamps")
         names = _kernel(page, "", "model_names()")
         probe = page.evaluate("() => window.__bench")
@@ -580,6 +599,15 @@ def _measure_run(
         figures.update(frame_stats(probe["frames"], first["wall"], last["wall"]))
         figures["comm"] = comm_stats(probe["comm"], names, first["wall"], last["wall"])
         result[key] = figures
+    # The main thread's CPU for the run, the queue it left included, per training second.
+    first, _ = window(every, *spans["training"])
+    training_s = spans["training"][1] - spans["training"][0]
+    result["training"]["cost"] = round(
+        (samples[-1]["ThreadTime"] - first["ThreadTime"]) / training_s, 4
+    )
+    result["training"]["catch_up_s"] = round(
+        max(0.0, samples[-1]["wall"] - 1.0 - spans["training"][1]), 2
+    )
     if cpu_profile is not None:
         result["training"]["profile"] = self_times(cpu_profile)
     result["epochs_per_s"] = round(
@@ -589,9 +617,14 @@ def _measure_run(
 
 
 def measure(
-    runs: Sequence[Run] = DEFAULT_RUNS, *, idle_s: float = 5.0, profile: bool = False
+    runs: Sequence[Run] = DEFAULT_RUNS,
+    *,
+    idle_s: float = 5.0,
+    profile: bool = False,
+    source: Path = REPO_ROOT,
 ) -> dict[str, Any]:
-    """Measure every run on one JupyterLab and one Chromium; each gets a fresh kernel.
+    """Measure every run on one JupyterLab and one Chromium; each gets a fresh kernel,
+    which imports ftwidgets from the checkout ``source`` (this one by default).
 
     ``profile`` also records a V8 CPU profile of the run (which costs a little of the
     renderer's time) and lists the functions that took the most (``self_times``).
@@ -603,7 +636,7 @@ def measure(
 
     root = Path(tempfile.mkdtemp(prefix="ftwidgets-browser-bench-"))
     try:
-        with _lab(root) as lab_url, sync_playwright() as playwright:
+        with _lab(root, Path(source).resolve()) as lab_url, sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=CHROMIUM, headless=True, args=list(CHROMIUM_ARGS)
             )
@@ -625,13 +658,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tweak", default="", help="Python run after the panel is built")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle baseline")
     parser.add_argument("--profile", action="store_true", help="a V8 CPU profile of the run")
+    parser.add_argument(
+        "--source", type=Path, default=REPO_ROOT, help="the checkout the kernel imports"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     runs = DEFAULT_RUNS
     if args.epochs is not None or args.tweak:
         name = "tweaked" if args.tweak else "custom"
         runs = (Run(name, args.epochs or 1000, args.batch_size, args.tweak),)
-    result = measure(runs, idle_s=args.idle, profile=args.profile)
+    result = measure(runs, idle_s=args.idle, profile=args.profile, source=args.source)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(f"Chromium {result['chromium']}, {os.cpu_count()} CPUs")
