@@ -13,20 +13,26 @@ first epoch to its end):
 - busy: the renderer main thread's ``TaskDuration`` (Chrome DevTools Protocol,
   ``Performance.getMetrics``) over the wall time, and its script, style and layout parts;
 - cpu: the main thread's CPU time (``ThreadTime``) and the renderer process's
-  (``ProcessTime``) over the wall time, which a loaded machine does not stretch as it
-  stretches a task's wall time;
+  (``ProcessTime``) over the wall time. A task's wall time includes the time its thread
+  waits for a core, so on a loaded machine (the run's own training takes both cores of a
+  2-core VM) busy is well above the main thread's CPU;
+- main thread CPU seconds per second of run, counting the messages the page still works
+  off after the run ends, and how long that catch-up took;
 - frames: ``requestAnimationFrame`` callbacks a second, and the longest gap between two;
 - the widget comm messages the page received (``comm_msg`` on the kernel's iopub), a
   second and per model, named by the panel's attribute where it has one.
 
-Run it from the repository root (about a minute per run)::
+Run it from the repository root (about a minute per run; ``python benchmarks/browser.py``
+does the same)::
 
-    KERAS_BACKEND=jax python -m benchmarks.browser
+    python -m benchmarks.browser
     python -m benchmarks.browser --batch-size 150 --epochs 1000 \
-        --tweak "panel.charts.min_interval = 1.0"
+        --tweak "panel.charts._throttle.min_interval = 1.0" --profile
 
 ``--tweak`` is Python run in the kernel after the panel is built, before it is shown
 (``panel`` is defined): the way to try a constant without editing the package.
+``--profile`` adds the functions that took the renderer's time (a V8 CPU profile);
+``--source`` another checkout for the kernel to import ftwidgets from.
 
 Example, the pure parts:
 
