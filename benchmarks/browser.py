@@ -74,6 +74,7 @@ CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-s
 VIEWPORT = {"width": 1400, "height": 1300}  # the whole panel is on screen, charts drawn
 TARGET_BUSY = 0.25  # issue 26: at most 25 % busy on the demo's fastest run
 SAMPLE_S = 0.25
+QUIET_S = 1.0  # the page has caught up after a run once it idled this long
 # What ``summarize`` reports, from Performance.getMetrics: the main thread's tasks in wall
 # time (a loaded machine stretches them), its CPU time, and the parts of its tasks.
 SHARES = {
@@ -246,7 +247,7 @@ def window(samples: Sequence[dict[str, float]], t0: float, t1: float) -> tuple[d
     return inside[0], inside[-1]
 
 
-def settled(samples: Sequence[dict[str, float]], span: float = 1.0, below: float = 0.1) -> bool:
+def settled(samples: Sequence[dict[str, float]], span: float = QUIET_S, below: float = 0.1) -> bool:
     """Whether the main thread was busy less than ``below`` over the last ``span`` seconds
     (``wall`` time): it has worked off the messages the run left queued.
 
@@ -498,7 +499,8 @@ def _lab(root: Path, source: Path) -> Iterator[str]:
         try:  # but the server shuts them down on SIGTERM
             proc.wait(20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
 
@@ -584,8 +586,6 @@ def _measure_run(
         stamps = _kernel(page, "", "stamps")
         names = _kernel(page, "", "model_names()")
         probe = page.evaluate("() => window.__bench")
-        if os.environ.get("BENCH_SCREENSHOT"):
-            page.screenshot(path=os.environ["BENCH_SCREENSHOT"], full_page=True)
     finally:
         context.close()
     result: dict[str, Any] = {
@@ -612,7 +612,7 @@ def _measure_run(
         (samples[-1]["ThreadTime"] - first["ThreadTime"]) / training_s, 4
     )
     result["training"]["catch_up_s"] = round(
-        max(0.0, samples[-1]["wall"] - 1.0 - spans["training"][1]), 2
+        max(0.0, samples[-1]["wall"] - QUIET_S - spans["training"][1]), 2
     )
     if cpu_profile is not None:
         result["training"]["profile"] = self_times(cpu_profile)
