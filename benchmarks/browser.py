@@ -22,8 +22,8 @@ first epoch to its end):
 - the widget comm messages the page received (``comm_msg`` on the kernel's iopub), a
   second and per model, named by the panel's attribute where it has one.
 
-Run it from the repository root (about a minute per run; ``python benchmarks/browser.py``
-does the same)::
+Run it from the repository root (about a minute per run), alone or as the section
+``browser`` of ``python -m benchmarks``::
 
     python -m benchmarks.browser
     python -m benchmarks.browser --batch-size 150 --epochs 1000 \
@@ -67,6 +67,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks.sections import Section
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -679,6 +681,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Chromium {result['chromium']}, {os.cpu_count()} CPUs")
     print("\n".join(table(result)))
 
+
+SECTION = Section(
+    "browser",
+    "9. The browser's renderer while the panel shows a run",
+    lambda run: measure(),
+    lambda run, result: [*table(result), ""],
+    quick=False,
+    raw=lambda r: r,
+)
 
 if __name__ == "__main__":
     main()

@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import doctest
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-# By its path: until this checkout's benchmarks/ is a package, an installed checkout's
-# package of that name would shadow it.
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "browser.py"
-_SPEC = importlib.util.spec_from_file_location("ftwidgets_browser_benchmark", _PATH)
-browser = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = browser  # dataclasses look their module up
-_SPEC.loader.exec_module(browser)
+from benchmarks import browser
 
 pytestmark = pytest.mark.unit
 

@@ -305,10 +305,12 @@ def test_a_stop_from_the_control_comm_ends_a_busy_cell(frontend):
         "the phase-end notice",
     )[-1]
     assert notice["session"] == "s1" and notice["outcome"] == "stopped"
-    # Telemetry is throttled: at most about five updates a second.
+    # Telemetry is throttled: progress at most once per MIN_INTERVAL (1 s); only the few
+    # updates a change of state asks for (start, compile, stop, end...) come sooner.
     stamps = [t for t, d in frontend.telemetry() if d.get("type") == "sessions"]
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    assert gaps and min(gaps) >= 0.15, gaps
+    soon = [gap for gap in gaps if gap < 0.9]
+    assert len(gaps) >= 2 and len(soon) <= 8, gaps
     assert frontend.stderr() == ""
 
 

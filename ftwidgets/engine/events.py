@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ftwidgets.engine.actions import Action
 
 __all__ = [
+    "PROGRESS_EVENTS",
     "Advised",
     "BatchProgress",
     "Best",
@@ -430,3 +431,9 @@ class Advised(Event):
     """
 
     note: Note
+
+
+# The events that come many a second on a fast run (a new best nearly every epoch):
+# what shows them may wait for its redraw interval; any other event changes the state
+# or what the buttons offer, and is shown at once.
+PROGRESS_EVENTS = (BatchProgress, EpochEnded, NewBest, SearchStep)

@@ -27,7 +27,14 @@ import weakref
 from typing import Any
 
 from ftwidgets import upstream
-from ftwidgets.engine.events import Best, Event, PhaseEnded, PhaseStarted, RolledBack
+from ftwidgets.engine.events import (
+    PROGRESS_EVENTS,
+    Best,
+    Event,
+    PhaseEnded,
+    PhaseStarted,
+    RolledBack,
+)
 from ftwidgets.engine.registry import live_sessions, watch_sessions
 from ftwidgets.engine.session import FineTuneSession
 from ftwidgets.frontend import telemetry
@@ -54,7 +61,7 @@ __all__ = [
     "running_kernel",
 ]
 
-MIN_INTERVAL = 0.2  # seconds between telemetry updates: at most 5 a second
+MIN_INTERVAL = 1.0  # seconds between telemetry updates: the sidebar's card, once a second
 # A short phase may end before the page has found the session (cells run together):
 # a notice no page heard waits this long for the next page that says hello.
 UNHEARD_NOTICE_S = 30.0
@@ -136,6 +143,7 @@ class KernelBridge:
         self.subshells = upstream.kernel_supports_subshells(kernel)
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._urgent = threading.Event()
         self._telemetry: dict[str, Any] = {}  # control comm id -> its telemetry comm
         self._notices: list[PhaseEndNotice] = []
         self._unheard: list[tuple[float, PhaseEndNotice]] = []
@@ -155,8 +163,11 @@ class KernelBridge:
             self._follow(session)
         threading.Thread(target=self._send_loop, name="ftwidgets-telemetry", daemon=True).start()
 
-    def changed(self) -> None:
-        """Something the cards show changed: send an update soon."""
+    def changed(self, urgent: bool = True) -> None:
+        """Something the cards show changed: send an update now if ``urgent``, else within
+        ``MIN_INTERVAL``."""
+        if urgent:
+            self._urgent.set()
         self._wake.set()
 
     # -- sessions -----------------------------------------------------------------
@@ -182,7 +193,7 @@ class KernelBridge:
                 self._restored[name] = event.restored_best or rolled_back
                 with self._lock:
                     self._notices.append(notice)
-            self._wake.set()
+            self.changed(urgent=not isinstance(event, PROGRESS_EVENTS))
 
         session.on_event(on_event)
 
@@ -197,11 +208,13 @@ class KernelBridge:
         while True:
             self._wake.wait()
             self._wake.clear()
+            self._urgent.clear()
             try:
                 self._send_update()
             except Exception:  # a closed kernel socket at shutdown: nothing to tell
                 return
-            time.sleep(MIN_INTERVAL)
+            # Progress waits for the interval; a pause, a stop or a rollback does not.
+            self._urgent.wait(MIN_INTERVAL)
 
     def _send_update(self) -> None:
         now = time.monotonic()

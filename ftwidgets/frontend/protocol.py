@@ -166,7 +166,7 @@ class TelemetryOpen(TypedDict):
 
 
 class SessionsMessage(TypedDict):
-    """Every live session's card, oldest session first (at most five a second).
+    """Every live session's card, oldest session first (at most once a second).
 
     Example:
 

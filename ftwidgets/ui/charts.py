@@ -149,7 +149,7 @@ class TrainingCharts(widgets.VBox):
         *,
         metric: str | None = None,
         max_points: int = 500,
-        min_interval: float = 0.25,
+        min_interval: float = 1.0,
         restorable: Callable[[], Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> None:

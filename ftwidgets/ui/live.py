@@ -6,16 +6,16 @@ from collections.abc import Callable
 from typing import Any
 
 from ftwidgets._backend import device_summary
-from ftwidgets.engine.events import BatchProgress, EpochEnded, Event, SearchStep
+from ftwidgets.engine.events import PROGRESS_EVENTS, Event
 from ftwidgets.ui.redraw import Throttle
 from ftwidgets.ui.view import SessionView, fold
 
 __all__ = ["REDRAW_INTERVAL", "LiveView"]
 
-# Seconds between two draws on progress events.
-REDRAW_INTERVAL = 0.2
-# Events that come many a second; any other one may change what the buttons offer.
-_FREQUENT = (BatchProgress, EpochEnded, SearchStep)
+# Seconds between two draws on progress events. Each draw sends the status, the progress
+# bar and the buttons to the browser; at 5 a second the demo's fastest run kept the
+# browser's renderer half busy (benchmarks/browser.py).
+REDRAW_INTERVAL = 0.5
 
 
 class LiveView:
@@ -81,7 +81,7 @@ class LiveView:
         with self.lock:
             self.folded = fold(self.folded, event)
             self._after(event)
-        self.throttle.request(force=not isinstance(event, _FREQUENT))
+        self.throttle.request(force=not isinstance(event, PROGRESS_EVENTS))
 
     def request(self, force: bool = False) -> None:
         """Draw: at once when forced, else within the interval."""

@@ -85,7 +85,7 @@ export interface ITelemetryOpen {
   control: string;
 }
 
-/** Every live session's card, oldest session first (at most five a second). */
+/** Every live session's card, oldest session first (at most once a second). */
 export interface ISessionsMessage {
   type: 'sessions';
   sessions: ICard[];
