@@ -684,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 SECTION = Section(
     "browser",
-    "9. The browser's renderer while the panel shows a run",
+    "7. The browser's renderer while the panel shows a run",
     lambda run: measure(),
     lambda run, result: [*table(result), ""],
     quick=False,

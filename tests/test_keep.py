@@ -11,12 +11,12 @@ from helpers import WAIT, Recorder, make_model, make_session, same, values
 
 import ftwidgets as ftw
 from ftwidgets.engine import events as ev
+from ftwidgets.engine.snapshot_files import read_snapshot, write_snapshot
 from ftwidgets.engine.snapshots import (
     DEFAULT_KEEP_BYTES,
     Snapshot,
     SnapshotStore,
-    nbytes_of,
-    read_snapshot,
+    sizes_of,
 )
 
 pytestmark = pytest.mark.keras
@@ -108,7 +108,7 @@ def test_the_eviction_heap_chooses_as_sorting_every_kept_epoch_did(seed):
 
 def test_a_memory_budget_holds_at_every_moment_with_a_real_model(data):
     model = make_model()
-    one = nbytes_of(model)
+    one = sizes_of(model.variables)[0]
     budget = 3 * one + one // 2  # room for three epochs, not four
     store = SnapshotStore(keep=f"{budget}B")
     for epoch in range(8):
@@ -145,7 +145,7 @@ def test_keeping_an_epoch_reads_as_many_sizes_with_300_kept_as_with_3(data, monk
     assert len(store.in_memory) == 300
     assert per_epoch[3] == per_epoch[-1] <= 2, per_epoch[-1]
     # The running total stays exact through evictions and a replaced epoch.
-    one = nbytes_of(model)
+    one = sizes_of(model.variables)[0]
     tight = SnapshotStore(keep=f"{3 * one}B")
     for epoch in (*range(8), 7):
         tight.keep_epoch(model, epoch)
@@ -332,7 +332,7 @@ def test_a_disk_copy_is_flushed_before_its_rename(tmp_path, monkeypatch):
         ),
     )
     target = tmp_path / "epoch-0000.weights.h5"
-    snapshots.write_snapshot(model, target, snapshots.capture(model, "x", 0))
+    write_snapshot(model, target, snapshots.capture(model, "x", 0))
     # A unique hidden temporary name, flushed, renamed, then the folder flushed.
     assert calls == ["fsync", "replace . -> epoch-0000.weights.h5", "fsync"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0000.weights.h5"]

@@ -7,7 +7,6 @@ import heapq
 import mmap
 import os
 import re
-import shutil
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -16,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
+
+from ftwidgets.engine.snapshot_files import publish, read_snapshot, write_snapshot
 
 __all__ = [
     "DEFAULT_KEEP_BYTES",
@@ -125,13 +125,18 @@ def parse_keep(keep: int | str | None) -> tuple[int | None, int | None]:
 
 
 def capture(
-    model, label: str, epoch: int | None = None, into: np.ndarray | None = None
+    model,
+    label: str,
+    epoch: int | None = None,
+    into: np.ndarray | None = None,
+    variables: list[Any] | None = None,
 ) -> Snapshot:
     """Copy every variable of ``model`` to host memory.
 
     On JAX call this only where the model's state is synced (idle, or through a
     callback's ``self.model``). ``into``: a block of bytes to copy into (see
-    `host_copies`).
+    `host_copies`). ``variables``: ``model.variables``, where the caller has read
+    them already (Keras walks every layer to list them).
 
     Example:
 
@@ -142,7 +147,7 @@ def capture(
     >>> snap.finite, len(snap.values)
     (True, 2)
     """
-    variables = model.variables
+    variables = model.variables if variables is None else variables
     values = host_copies([v.value for v in variables], into)
     bad = next((v.path for v, x in zip(variables, values, strict=True) if _non_finite(x)), None)
     return Snapshot(label, epoch, values, bad)
@@ -215,9 +220,20 @@ def _prefault(nbytes: int) -> Future[np.ndarray]:
     return _prefaulting.submit(touched_block, nbytes)
 
 
-def nbytes_of(model) -> int:
-    """The host memory a snapshot of ``model`` takes (without taking it)."""
-    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.variables)
+def sizes_of(variables: Iterable[Any]) -> tuple[int, int]:
+    """The bytes a snapshot of ``variables`` holds, and the block `host_copies` needs
+    for them (each copy aligned), from their shapes and dtypes alone.
+
+    Example:
+
+    >>> import keras
+    >>> layer = keras.layers.Dense(3)
+    >>> layer.build((None, 5))
+    >>> sizes_of(layer.variables)  # 15 + 3 float32 values; the bias padded to 64 bytes
+    (72, 128)
+    """
+    sizes = [int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables]
+    return sum(sizes), sum(_aligned(n) for n in sizes)
 
 
 def restore(model, snapshot: Snapshot) -> None:
@@ -253,71 +269,6 @@ def restore(model, snapshot: Snapshot) -> None:
         )
     for variable, value in zip(variables, snapshot.values, strict=True):
         variable.assign(value)
-
-
-_STATE_GROUP = "ftwidgets_state"  # every variable in model.variables order, seed state too
-
-
-def write_snapshot(model, path: Path, snapshot: Snapshot) -> None:
-    """Write ``model``'s weights to ``path`` (a ``.weights.h5``) atomically.
-
-    Keras's ``save_weights`` layout, so ``model.load_weights(path)`` reads it, plus
-    a group with every variable (``save_weights`` leaves out the seed generators'
-    state). The file is written under a unique temporary name, flushed to disk with
-    ``fsync`` and renamed, so a reader (or a second session writing to the same
-    folder) never sees a partial file.
-    """
-    partial = _partial_name(path)
-    try:
-        model.save_weights(partial)
-        with h5py.File(partial, "a") as f:
-            group = f.create_group(_STATE_GROUP)
-            group.attrs["label"] = snapshot.label
-            for i, value in enumerate(snapshot.values):
-                group.create_dataset(str(i), data=value)
-        _commit(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def publish(source: Path, path: Path) -> None:
-    """Make ``path`` a copy of the written file ``source``, atomically (a hard link
-    where the file system has them: no second write of the weights)."""
-    partial = _partial_name(path)
-    try:
-        try:
-            os.link(source, partial)
-        except OSError:
-            shutil.copyfile(source, partial)
-        _commit(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _partial_name(path: Path) -> Path:
-    """A unique hidden name beside ``path``: two writers never share one."""
-    return path.with_name(f".{path.name[: -len('.weights.h5')]}.{uuid.uuid4().hex}.weights.h5")
-
-
-def _commit(partial: Path, path: Path) -> None:
-    """Flush ``partial`` to disk, rename it to ``path``, then flush the rename."""
-    with open(partial, "rb+") as written:
-        os.fsync(written.fileno())
-    os.replace(partial, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def read_snapshot(path: Path, epoch: int | None) -> Snapshot:
-    """Read a snapshot that `write_snapshot` wrote."""
-    with h5py.File(path, "r") as f:
-        group = f[_STATE_GROUP]
-        values = tuple(np.array(group[str(i)]) for i in range(len(group)))
-        label = str(group.attrs.get("label", path.name))
-    return Snapshot(label, epoch, values)
 
 
 class SnapshotStore:
@@ -463,13 +414,14 @@ class SnapshotStore:
         Returns:
             The snapshot, or None if a weight is not finite (nothing is kept).
         """
-        self._make_room(nbytes_of(model), 1)
+        variables = model.variables  # Keras walks every layer for them: once an epoch
+        nbytes, size = sizes_of(variables)
+        self._make_room(nbytes, 1)
         number = epoch + 1 if number is None else number
         stem = f"epoch-{number:04d}" + (f"-branch-{branch}" if branch else "")
         self._stems[epoch] = stem
         label = f"epoch {number}" + (f" of branch {branch}" if branch else "")
-        size = block_size(v.value for v in model.variables)
-        snapshot = capture(model, label, epoch, into=self._take_spare(size))
+        snapshot = capture(model, label, epoch, into=self._take_spare(size), variables=variables)
         if not snapshot.finite:
             return None
         if self.checkpoint_dir is not None:

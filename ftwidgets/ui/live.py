@@ -36,6 +36,7 @@ class LiveView:
     Example:
 
     >>> import ftwidgets as ftw
+    >>> from ftwidgets.engine.events import BatchProgress
     >>> data = ftw.demo.digits_transfer(per_class=10, seed=0)
     >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
     >>> session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train), name="d")
