@@ -7,12 +7,13 @@ import inspect
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import pytest
 
 import ftwidgets as ftw
 from ftwidgets.advice import rules
 from ftwidgets.advice.coach import Coach
-from ftwidgets.advice.record import Record
+from ftwidgets.advice.record import BatchFold, Record
 from ftwidgets.engine.actions import ChangeLearningRate, PlanPhase, RollBack, SetDropout
 from ftwidgets.engine.events import Advised, EpochRecord, frozen_logs
 from ftwidgets.engine.history import History, Marker, PhaseSpan
@@ -480,3 +481,14 @@ def test_the_divergence_rule_splits_at_a_rate_change_it_learns_of_after_its_batc
     batches(40, [2.5] * 20)
     note = rules.diverging(record(history, learning_rate=1e-1))
     assert "rose 2.5x after the rate went up" in note.message
+
+
+@pytest.mark.unit
+def test_the_batch_fold_keeps_its_swing_sum_and_typical_level_in_step_with_its_windows():
+    fold = BatchFold(window=4, swing=5, windows=6, cap=100)
+    losses = [0.5 + 0.01 * (i % 7) for i in range(123)]
+    for i, loss in enumerate(losses):
+        fold._add(float(i), loss)
+        assert fold.swing_sum == pytest.approx(sum(fold.swing), rel=1e-12)
+        if fold.means:
+            assert fold.typical() == float(np.median(fold.means))

@@ -190,6 +190,11 @@ class BatchFold:
         self.swing: deque[float] = deque(maxlen=swing)
         self.means: deque[float] = deque(maxlen=windows)
         self._window_sum, self._window_count = 0.0, 0
+        # Running sum of `swing` (a cheap first test of its mean), and the median of
+        # `means` kept until a window is added: the rule asks for both every epoch.
+        self.swing_sum = 0.0
+        self._typical: tuple[int, float] | None = None
+        self._windows = 0
 
     def update(self, history: History, change: float | None) -> None:
         """Fold the batches recorded since the last update, split at the x of ``change``."""
@@ -220,15 +225,20 @@ class BatchFold:
             self.after.append(loss)
         if len(self.swing) == self.swing_size:
             self._window_sum += self.swing[0]
+            self.swing_sum -= self.swing[0]
             self._window_count += 1
             if self._window_count == self.swing_size:
                 self.means.append(self._window_sum / self.swing_size)
+                self._windows += 1
                 self._window_sum, self._window_count = 0.0, 0
         self.swing.append(loss)
+        self.swing_sum += loss
 
     def typical(self) -> float:
         """The median mean of the windows before the last ``swing`` losses."""
-        return float(np.median(self.means))
+        if self._typical is None or self._typical[0] != self._windows:
+            self._typical = (self._windows, float(np.median(self.means)))
+        return self._typical[1]
 
 
 class _Folded:

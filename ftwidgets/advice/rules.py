@@ -241,6 +241,9 @@ def diverging(record: Record) -> Note | None:
     if len(recent) < SWING_WINDOW or len(batches.means) < SWING_HISTORY:
         return None
     typical = batches.typical()
+    # The running sum first (it drifts by rounding only): most epochs end here.
+    if batches.swing_sum / len(recent) <= 0.99 * SWING_ABOVE * typical:
+        return None
     mean, spread = float(np.mean(recent)), float(np.std(recent))
     if typical > 0 and spread > SWING_RATIO * mean and mean > SWING_ABOVE * typical:
         return Note(
