@@ -341,6 +341,7 @@ class SnapshotStore:
         # Memory for the next epoch's copy, its pages written on another thread while
         # the epoch trains, so the model's thread does not pay the page faults.
         self._spare: Future[np.ndarray] | None = None
+        self._sizes: tuple[tuple[int, ...], tuple[int, int]] | None = None
 
     @property
     def best(self) -> Snapshot | None:
@@ -415,7 +416,10 @@ class SnapshotStore:
             The snapshot, or None if a weight is not finite (nothing is kept).
         """
         variables = model.variables  # Keras walks every layer for them: once an epoch
-        nbytes, size = sizes_of(variables)
+        ids = tuple(map(id, variables))
+        if self._sizes is None or self._sizes[0] != ids:  # shapes are fixed: once a phase
+            self._sizes = (ids, sizes_of(variables))
+        nbytes, size = self._sizes[1]
         self._make_room(nbytes, 1)
         number = epoch + 1 if number is None else number
         stem = f"epoch-{number:04d}" + (f"-branch-{branch}" if branch else "")
