@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -83,3 +84,23 @@ def test_a_bad_interval_is_refused_naming_the_value():
         Throttle(print, min_interval=-1, name="test")
     with pytest.raises(ValueError, match=r"Received: min_interval='soon'"):
         Throttle(print, min_interval="soon", name="test")
+
+
+def test_close_waits_for_a_timer_thread_that_has_already_drawn():
+    # A timer's thread outlives its draw for a moment, holding the throttle and what it
+    # draws (a closed panel stayed alive through it under load).
+    drawn = threading.Event()
+
+    class Lingering(Throttle):
+        def _flush(self):
+            super()._flush()
+            drawn.set()
+            time.sleep(0.3)  # the thread, still alive after its draw
+
+    throttle = Lingering(lambda force: None, min_interval=0.05, name="test")
+    throttle.request()
+    throttle.request()
+    assert drawn.wait(10), "the coalesced draw never came"
+    timer = throttle._last_timer
+    throttle.close()
+    assert timer is not None and not timer.is_alive()

@@ -62,6 +62,7 @@ class Throttle:
         self._name = name
         self._on_error = on_error
         self._timer: threading.Timer | None = None
+        self._last_timer: threading.Timer | None = None
         self._dirty = False
         self._closed = False
         self._last_draw = -math.inf
@@ -97,14 +98,16 @@ class Throttle:
             timer = threading.Timer(max(delay, 0.0), self._flush)
             timer.name = f"ftwidgets-{self._name}-redraw"
             timer.daemon = True
-            self._timer = timer
+            self._timer = self._last_timer = timer
             timer.start()
 
     def close(self) -> None:
         """Cancel a pending draw, and wait for its thread, which holds what it draws."""
         with self.lock:
             self._closed = True
-            timer = self._timer
+            # The last timer, even once it has drawn: until its thread ends, it holds
+            # the throttle and what it draws (a panel, its session).
+            timer = self._last_timer
             self._cancel_timer()
         if timer is not None and timer is not threading.current_thread():
             timer.join()

@@ -130,6 +130,11 @@ class PanelPage:
             return 0
         return line_points(line.first.get_attribute("d"))
 
+    def line_path(self, figure: Any, label: str) -> str:
+        """The drawn path of the line labelled ``label`` (empty while it has no data)."""
+        line = self.curve(figure, label).locator("path.line")
+        return "" if line.count() == 0 else line.first.get_attribute("d") or ""
+
     def steps(self, figure: Any, label: str) -> list[Point]:
         """The data points of the step line labelled ``label`` (``step-before``, as the
         learning rate is drawn): d3 draws each point, then the riser to the next one's

@@ -136,12 +136,22 @@ def _wait_rate_in_status(ui: PanelPage, rate: float) -> None:
 
 
 def _start(ui: PanelPage, where: str) -> None:
-    """Click Start; wait for the first new validation point."""
-    before = _val_points(ui)
+    """Click Start; wait for the validation line to be drawn anew.
+
+    Past ``max_points`` epochs the charts thin each series (`ftwidgets.ui.series`), so
+    a new epoch may leave the count of drawn points where it was: the path changes.
+    """
+    loss = ui.figure("Loss")
+    before = ui.line_path(loss, "val_loss")
     clicked = time.monotonic()
     ui.button("Start").click(no_wait_after=True)
-    _wait_val_points(ui, before, f"{where}: a new val_loss point after Start")
-    record_timing(f"{where}: click Start -> first new val_loss point", _since(clicked))
+    wait_until(
+        lambda: ui.line_path(loss, "val_loss"),
+        lambda path: path != before,
+        timeout=WAIT_S,
+        what=f"{where}: the val_loss line drawn anew after Start",
+    )
+    record_timing(f"{where}: click Start -> val_loss line redrawn", _since(clicked))
     expect(ui.status).to_have_text(RUNNING, timeout=WAIT_MS)
 
 
