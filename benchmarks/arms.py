@@ -27,7 +27,6 @@ class ArmRun:
 
     epoch_seconds: list[float]  # successive epoch-end intervals, first (JIT) epoch excluded
     epoch_cpu: list[float]  # process CPU seconds (all threads) over the same intervals
-    setup_seconds: float = math.nan  # compile (+ probe, snapshot) before fit
     extra: dict[str, Any] = field(default_factory=dict)
     whole_seconds: float = math.nan  # from the call (or the click) to the phase's end
     whole_cpu: float = math.nan  # process CPU seconds (all threads) over that same span

@@ -25,7 +25,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -80,13 +79,6 @@ class Record:
     failure: str | None = None
     non_finite: bool = False
     num_classes: int | None = None
-
-    @cached_property
-    def phase_records(self) -> list[Any]:
-        """The complete epochs of the running or last phase, on the current lineage."""
-        return [
-            r for r in self.history.lineage() if r.phase_index == self.phase_index and not r.partial
-        ]
 
     def better(self, a: float, b: float) -> bool:
         """Whether ``a`` is better than ``b`` for the monitor."""

@@ -67,10 +67,6 @@ class Throttle:
         self._closed = False
         self._last_draw = -math.inf
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def request(self, force: bool = False, *, raise_errors: bool = False) -> None:
         """Draw now if forced or due, else once when the interval has passed.
 
