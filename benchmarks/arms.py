@@ -67,7 +67,6 @@ def run_bare(w: Workload) -> ArmRun:
     """(a): what a user would write: unfreeze, compile, fit(verbose=0)."""
     model, cfg = w.model, w.config
     clock = SpanClock()
-    started = time.perf_counter()
     transfer.unfreeze(model, cfg.unfreeze_depth or 0, keep_batchnorm_frozen=True)
     if cfg.dropout is not None:
         transfer.set_head_dropout(model, cfg.dropout)
@@ -76,7 +75,6 @@ def run_bare(w: Workload) -> ArmRun:
         loss=LOSS,
         metrics=METRICS,
     )
-    setup = time.perf_counter() - started
     epochs = EpochClock()
     model.fit(
         *w.train,
@@ -86,7 +84,7 @@ def run_bare(w: Workload) -> ArmRun:
         verbose=0,
         callbacks=[epochs],
     )
-    return ArmRun(*intervals(epochs.stamps, cfg.epochs), setup, {}, *clock.stop())
+    return ArmRun(*intervals(epochs.stamps, cfg.epochs), {}, *clock.stop())
 
 
 def _epoch_listener(stamps: list[tuple[float, float]]) -> Callable[[Any], None]:
@@ -106,16 +104,13 @@ def run_session(w: Workload, stream: bool) -> ArmRun:
     session.on_event(_epoch_listener(stamps))
     try:
         clock = SpanClock()
-        started = time.perf_counter()
         session.start(w.config, early_stopping=False)
-        setup = time.perf_counter() - started
         session.wait()
         whole = clock.stop()
         if session.state != "idle":
             raise RuntimeError(f"session ended {session.state}: {session.error}")
         return ArmRun(
             *intervals(stamps, w.config.epochs),
-            setup,
             {"batches": session.history.batch_count, "snapshots": session.snapshots.nbytes},
             *whole,
         )
@@ -165,9 +160,7 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
             panel.session.on_event(_epoch_listener(stamps))
             mark = rec.mark()
             clock = SpanClock()
-            started = time.perf_counter()
             panel.start_button.click()
-            setup = time.perf_counter() - started
             panel.session.wait()
             whole = clock.stop()
             sent = rec.since(mark)
@@ -180,7 +173,6 @@ def run_panel(w: Workload, stream: bool) -> ArmRun:
             batch_id = panel.charts.marks["batch"].model_id
             return ArmRun(
                 *intervals(stamps, w.config.epochs),
-                setup,
                 {
                     "messages": len(sent),
                     "bytes": rec.total_bytes(sent),

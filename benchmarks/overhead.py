@@ -49,7 +49,8 @@ class OverheadResult:
 # Hooks timed by the instrumented run: (label, owner, attribute). Nested hooks are
 # included in their callers' figures (see the labels).
 def _hooks() -> list[tuple[str, Any, str]]:
-    from ftwidgets.engine import callbacks, recorder, snapshots
+    from ftwidgets.advice import coach
+    from ftwidgets.engine import callbacks, snapshots
     from ftwidgets.ui import charts, panel, redraw
 
     return [
@@ -59,10 +60,10 @@ def _hooks() -> list[tuple[str, Any, str]]:
          callbacks.LossStream, "on_train_batch_end"),
         ("`SessionControl.on_epoch_end` (record, best tracking, events)",
          callbacks.SessionControl, "on_epoch_end"),
-        ("  of which `SnapshotStore.set_best` (host copy of a new best)",
-         snapshots.SnapshotStore, "set_best"),
-        ("  of which `first_non_finite` (NaN check of the trainable weights)",
-         recorder, "first_non_finite"),
+        ("  of which `SnapshotStore.keep_epoch` (the epoch's weights copied, NaN-checked)",
+         snapshots.SnapshotStore, "keep_epoch"),
+        ("  of which `Coach.on_event` (the coach's rules, at most every 0.1 s)",
+         coach.Coach, "on_event"),
         ("`FineTunePanel._on_session_event` (all events, wherever emitted)",
          panel.FineTunePanel, "_on_session_event"),
         ("`TrainingCharts.on_event` (all events, incl. redraws it runs)",

@@ -4,6 +4,7 @@ command line starts, and it imports nothing from tests/."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,21 @@ def test_the_command_line_lists_every_section_and_refuses_an_unknown_one():
     done = child("-m", "benchmarks", "--sections", "overhead,nothing", "--no-write")
     assert done.returncode == 2
     assert "unknown sections ['nothing']" in done.stderr
+
+
+@pytest.mark.kernel
+def test_a_quick_growth_run_times_every_arm_at_every_length():
+    # The arms are what every timed section runs; a quick section runs them all.
+    raw_file = PACKAGE / "out" / "raw-quick.json"
+    raw_file.unlink(missing_ok=True)
+    done = child("-m", "benchmarks", "--quick", "--sections", "growth", "--no-write")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    growth = json.loads(raw_file.read_text(encoding="utf-8"))["growth"]
+    assert growth["arms"] == ["a", "b", "c"] and growth["lengths"] == [8, 32]
+    for length in growth["lengths"]:
+        for arm in growth["arms"]:
+            (seconds,) = growth["seconds"][f"{length}/{arm}"]
+            assert 0 < seconds < 60, (length, arm, seconds)
 
 
 @pytest.mark.unit

@@ -492,3 +492,50 @@ def test_the_batch_fold_keeps_its_swing_sum_and_typical_level_in_step_with_its_w
         assert fold.swing_sum == pytest.approx(sum(fold.swing), rel=1e-12)
         if fold.means:
             assert fold.typical() == float(np.median(fold.means))
+
+
+class Reads:
+    """What a listening coach needs of a session, and a count of its readings."""
+
+    monitor, mode, early_stopping = "val_loss", "min", None
+
+    def __init__(self) -> None:
+        self.history, self.posted, self._listeners = History(), [], []
+
+    def on_event(self, listener) -> None:
+        self._listeners.append(listener)
+
+    def post(self, event) -> None:
+        self.posted.append(event)
+
+    def emit(self, event) -> None:
+        for listener in self._listeners:
+            listener(event)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+def test_epochs_shorter_than_the_interval_are_read_together_and_a_phase_end_always(interval):
+    from ftwidgets.engine.events import EpochEnded, PhaseEnd, PhaseEnded, PhaseStarted
+
+    session = Reads()
+    coach = Coach(interval=interval).listen(session)
+    readings = []
+    update = coach.update
+    coach.update = lambda record: readings.append(record.history.next_epoch) or update(record)
+    session.history.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    session.emit(PhaseStarted(0, "head", 1, 5, 1e-3, 0, 4, ("head",)))
+    for epoch, (loss, val) in enumerate(OVERFIT, start=1):
+        logs = frozen_logs({"loss": loss, "val_loss": val})
+        session.emit(
+            EpochEnded(session.history.add_epoch(EpochRecord(epoch, "head", 0, logs, 1e-3)))
+        )
+    session.emit(PhaseEnded(0, "head", 1, len(OVERFIT) + 1, PhaseEnd.COMPLETED, None))
+    last = len(OVERFIT) + 1
+    if interval:
+        # Read at the phase's start, then not before an hour passed: the epochs are
+        # read together at its end, and the overfitting they show is still noted.
+        assert readings == [1, last]
+    else:
+        assert readings == [1, *range(2, last + 1), last]
+    assert "overfitting" in [e.note.rule for e in session.posted]

@@ -16,6 +16,7 @@ from ftwidgets.engine.snapshots import (
     DEFAULT_KEEP_BYTES,
     Snapshot,
     SnapshotStore,
+    restore,
     sizes_of,
 )
 
@@ -153,28 +154,36 @@ def test_keeping_an_epoch_reads_as_many_sizes_with_300_kept_as_with_3(data, monk
         assert tight.nbytes == sum(size(tight.get(e)) for e in kept) == len(kept) * one
 
 
-def test_each_epoch_is_copied_into_memory_written_ahead_on_another_thread(data, monkeypatch):
+def test_each_large_epoch_is_copied_into_memory_written_ahead_on_another_thread(data, monkeypatch):
     # A fresh block costs a page fault per page on the model's thread (2-40 ms per
     # 10 MB on the CI machine); the store writes the next epoch's block while it trains.
-    from ftwidgets.engine import snapshots
+    from ftwidgets.engine import host_blocks
 
     made: list[tuple[str, np.ndarray]] = []
-    original = snapshots.touched_block
+    original = host_blocks.touched_block
 
     def touched(nbytes: int) -> np.ndarray:
         block = original(nbytes)
         made.append((threading.current_thread().name, block))
         return block
 
-    monkeypatch.setattr(snapshots, "touched_block", touched)
+    monkeypatch.setattr(host_blocks, "touched_block", touched)
     model = make_model()
+    # The demo model's 170 KB are under the threshold: copied into fresh memory.
+    assert sizes_of(model.variables)[1] < host_blocks.PREFAULT_BYTES
+    small = SnapshotStore(keep=3)
+    for epoch in range(3):
+        assert same(small.keep_epoch(model, epoch).values, values(model.variables))
+    assert made == [] and small._spare is None
+    monkeypatch.setattr(host_blocks, "PREFAULT_BYTES", 0)  # as if it were large
     store = SnapshotStore(keep=3)
     for epoch in range(4):
         model.layers[-1].kernel.assign(model.layers[-1].kernel + 1.0)
         snap = store.keep_epoch(model, epoch)
         assert same(snap.values, values(model.variables))  # the copy is exact
-        ((name, block),) = [(n, b) for n, b in made if np.shares_memory(snap.values[0], b)]
-        assert all(np.shares_memory(v, block) for v in snap.values if v.size)
+        held = [(n, b) for n, b in made if np.shares_memory(snap.values[0], b)]
+        name = held[0][0] if held else threading.current_thread().name
+        assert not held or all(np.shares_memory(v, held[0][1]) for v in snap.values if v.size)
         # Epochs 1 and 2 take a block written after the epoch before. Three epochs fill
         # keep=3: the fourth evicts one, so nothing was written ahead for it.
         ahead = name.startswith("ftwidgets-snapshot-memory")
@@ -182,6 +191,40 @@ def test_each_epoch_is_copied_into_memory_written_ahead_on_another_thread(data, 
     assert [n.startswith("ftwidgets-snapshot-memory") for n, _ in made].count(True) == 2
     store.end_phase(3)  # an idle store holds no block
     assert store._spare is None
+
+
+def test_frozen_weights_are_copied_once_a_phase_and_shared_by_its_epochs(data):
+    model = make_model()
+    base, head = model.get_layer("base"), model.layers[-1]
+    fixed = frozenset(id(v) for v in base.weights)
+    shared = [i for i, v in enumerate(model.variables) if id(v) in fixed]
+    own = [i for i, v in enumerate(model.variables) if id(v) not in fixed]
+    one, _ = sizes_of(model.variables)
+    frozen, _ = sizes_of(base.weights)
+    assert shared and own and 0 < frozen < one
+    store = SnapshotStore(keep=2)
+    kept = []
+    for epoch in range(3):
+        head.kernel.assign(head.kernel + 1.0)
+        kept.append(store.keep_epoch(model, epoch, fixed=fixed))
+        assert same(kept[-1].values, values(model.variables))  # every value, exactly
+    # The fixed weights are one copy, shared by the phase's epochs; the rest each its own.
+    assert all(kept[0].values[i] is k.values[i] for k in kept for i in shared)
+    assert not np.shares_memory(kept[1].values[own[0]], kept[2].values[own[0]])
+    # keep=2 evicted epoch 0: its own bytes went, the shared copy stays counted once.
+    assert store.in_memory == (1, 2)
+    assert store.nbytes == frozen + 2 * (one - frozen)
+    # A new phase copies them again (they may have changed in between).
+    store.end_phase(2)
+    base.weights[0].assign(base.weights[0] + 1.0)
+    after = store.keep_epoch(model, 3, fixed=fixed)
+    assert same(after.values, values(model.variables))
+    assert after.values[shared[0]] is not kept[0].values[shared[0]]
+    # Epoch 2 ended its phase and stays; epoch 1 made room. Two shared copies now.
+    assert store.in_memory == (2, 3)
+    assert store.nbytes == 2 * frozen + 2 * (one - frozen)
+    restore(model, kept[-1])
+    assert same(values(model.variables), kept[-1].values)
 
 
 def test_keep_is_checked_and_the_default_is_documented(data):

@@ -305,9 +305,22 @@ def test_snapshots_stay_bounded_and_checkpoint_is_written_atomically(data, tmp_p
         session.run(ftw.PhaseConfig(phase="head", epochs=2, batch_size=16, learning_rate=1e-2))
     model_bytes = sum(np.asarray(v.value).nbytes for v in session.model.variables)
     assert len(session.snapshots.recent) == 2
-    # Three kept epochs of eight in memory (keep=3), and two pre-phase snapshots.
+    # Three kept epochs of eight in memory (keep=3), and two pre-phase snapshots. A
+    # kept epoch of a head phase holds its own copy of what the phase can change; the
+    # frozen base weights are one copy per phase, shared by its kept epochs.
     assert len(session.snapshots.in_memory) == 3
-    assert session.snapshots.nbytes == 5 * model_bytes
+    base = get_base(session.model)
+    assert not base.trainable_weights  # frozen in the head phases
+    frozen = sum(
+        np.asarray(v.value).nbytes
+        for v in base.weights
+        if not any(word in v.path for word in ("moving_mean", "moving_variance"))
+    )
+    assert 0 < frozen < model_bytes
+    phases = {session.history.epochs[key].phase_index for key in session.snapshots.in_memory}
+    assert session.snapshots.nbytes == (
+        2 * model_bytes + 3 * (model_bytes - frozen) + len(phases) * frozen
+    )
     (folder,) = (tmp_path / "ckpt").iterdir()  # the session's own
     assert folder.name.startswith(f"{session.name}-")
     files = sorted(p.name for p in folder.iterdir())

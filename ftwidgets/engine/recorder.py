@@ -41,7 +41,6 @@ from ftwidgets.engine.events import (
 )
 from ftwidgets.engine.history import Marker
 from ftwidgets.engine.jobs import JobContext, StopJob
-from ftwidgets.engine.snapshots import first_non_finite
 
 __all__ = ["PhaseRecorder"]
 
@@ -81,7 +80,10 @@ class PhaseRecorder:
         self.compiling = True
         self._ahead: warm_compile.WarmUp | None = None  # compiling steps fit needs later
         self._ctx: JobContext | None = None
-        self._watched: list[Any] = []
+        # The train step, the model's variables and the weights it does not train.
+        self._step: Any = None
+        self._variables: list[Any] = []
+        self._fixed: frozenset[int] = frozenset()
         self._epoch_first_step = 0
         self._finished_before_epoch = 0
         self._next_progress = 0.0
@@ -102,7 +104,6 @@ class PhaseRecorder:
             last = samples - (self.steps_per_epoch - 1) * config.batch_size
             self._sizes = (float(config.batch_size), float(last))
         self._epoch_first_step = ctx.steps_before
-        self._watched = _changing_variables(ctx.model)
 
     def steps_done(self) -> int:
         """The global batch count once the phase has ended: where the next one starts."""
@@ -246,7 +247,18 @@ class PhaseRecorder:
             self.cut = True
             self._record_partial(ctx, {"loss": logs["loss"]} if "loss" in logs else {})
             return
-        bad = first_non_finite(self._watched)
+        # The epoch's weights, copied for time travel and checked for NaN as they are.
+        key = len(ctx.history)
+        variables, fixed = self._phase_variables(model)
+        snapshot = ctx.snapshots.keep_epoch(
+            model,
+            key,
+            number=epoch,
+            branch=ctx.history.branch.index,
+            variables=variables,
+            fixed=fixed,
+        )
+        bad = snapshot.non_finite
         record = EpochRecord(
             epoch=epoch,
             phase=self.config.phase,
@@ -271,8 +283,6 @@ class PhaseRecorder:
                 f"The monitor {tracker.config.monitor!r} was not logged; logged metrics are "
                 f"{sorted(record.logs)}. Received: monitor={tracker.config.monitor!r}"
             )
-        key = len(ctx.history) - 1
-        ctx.snapshots.keep_epoch(model, key, number=epoch, branch=record.branch)
         if tracker.update(epoch, dict(record.logs), phase=self.config.phase, branch=record.branch):
             ctx.snapshots.set_best(model, key)
             ctx.emit(NewBest(tracker.best))
@@ -303,15 +313,24 @@ class PhaseRecorder:
         )
         ctx.emit(EpochEnded(ctx.history.add_epoch(record)))
 
+    def _phase_variables(self, model: keras.Model) -> tuple[list[Any], frozenset[int]]:
+        """``model.variables``, and the ids of the weights the optimizer does not train
+        (created trainable, but frozen for this phase).
 
-def _changing_variables(model: keras.Model) -> list[Any]:
-    """The float variables of trainable leaf layers: all that a phase can change."""
-    found: dict[int, Any] = {}
-    for layer in upstream.flatten_layers(model, include_self=False):
-        if layer.trainable and not upstream.flatten_layers(
-            layer, include_self=False, recursive=False
-        ):
-            for variable in layer.weights:
-                if "float" in str(variable.dtype):
-                    found.setdefault(id(variable), variable)
-    return list(found.values())
+        Listed once a train step: Keras walks every layer for them (17 us an epoch
+        on the demo model). A callback that changes what trains must rebuild the
+        step (``make_train_function(force=True)``, as Keras documents), and that
+        lists them again.
+        """
+        step = model.train_function
+        if step is not self._step:
+            self._step = step
+            self._variables = model.variables
+            trained = {id(variable) for variable in model.trainable_variables}
+            self._fixed = frozenset(
+                id(variable)
+                for layer in upstream.flatten_layers(model, include_self=False)
+                for variable in upstream.created_trainable_variables(layer)
+                if id(variable) not in trained
+            )
+        return self._variables, self._fixed

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import mmap
 import os
 import re
 import uuid
 from collections import deque
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Collection, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ftwidgets.engine.host_blocks import BlockLayout, is_non_finite, prefault
 from ftwidgets.engine.snapshot_files import publish, read_snapshot, write_snapshot
 
 __all__ = [
@@ -51,6 +51,10 @@ class Snapshot:
     epoch: int | None
     values: tuple[np.ndarray, ...]
     non_finite: str | None = field(default=None, compare=False)
+    # Of ``nbytes``, the frozen weights shared with the other epochs of its phase (see
+    # `SnapshotStore.keep_epoch`), and the id of the block that holds them.
+    shared_nbytes: int = field(default=0, compare=False)
+    shared_key: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def finite(self) -> bool:
@@ -63,22 +67,12 @@ class Snapshot:
         return sum(v.nbytes for v in self.values)
 
 
-def _non_finite(value: np.ndarray) -> bool:
-    if value.dtype.kind not in "fc":
-        return False
-    # A NaN or inf anywhere makes the sum non-finite, so a finite sum settles it at
-    # half the cost of isfinite(); a sum that overflowed is checked element-wise.
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = np.add.reduce(value, axis=None)
-    return not np.isfinite(total) and not np.isfinite(value).all()
-
-
 def first_non_finite(variables: Iterable[Any]) -> str | None:
     """Return the path of the first of ``variables`` holding NaN or inf, or None.
 
-    Runs on the host: about 2.5 ms per million parameters on a CPU, once per
-    epoch. A jitted check compiles for seconds on models with hundreds of
-    variables, which would cost more than it saves.
+    Runs on the host: about 2.5 ms per million parameters on a CPU. A jitted check
+    compiles for seconds on models with hundreds of variables, which would cost more
+    than it saves. (Each kept epoch is checked as it is copied: `capture`.)
 
     Example:
 
@@ -92,7 +86,7 @@ def first_non_finite(variables: Iterable[Any]) -> str | None:
     'dense/kernel'
     """
     for variable in variables:
-        if _non_finite(np.asarray(variable.value)):
+        if is_non_finite(np.asarray(variable.value)):
             return variable.path
     return None
 
@@ -124,19 +118,11 @@ def parse_keep(keep: int | str | None) -> tuple[int | None, int | None]:
     return None, int(float(found.group(1)) * _UNITS[unit])
 
 
-def capture(
-    model,
-    label: str,
-    epoch: int | None = None,
-    into: np.ndarray | None = None,
-    variables: list[Any] | None = None,
-) -> Snapshot:
+def capture(model, label: str, epoch: int | None = None) -> Snapshot:
     """Copy every variable of ``model`` to host memory.
 
     On JAX call this only where the model's state is synced (idle, or through a
-    callback's ``self.model``). ``into``: a block of bytes to copy into (see
-    `host_copies`). ``variables``: ``model.variables``, where the caller has read
-    them already (Keras walks every layer to list them).
+    callback's ``self.model``).
 
     Example:
 
@@ -147,93 +133,40 @@ def capture(
     >>> snap.finite, len(snap.values)
     (True, 2)
     """
-    variables = model.variables if variables is None else variables
-    values = host_copies([v.value for v in variables], into)
-    bad = next((v.path for v, x in zip(variables, values, strict=True) if _non_finite(x)), None)
-    return Snapshot(label, epoch, values, bad)
-
-
-def host_copies(arrays: list[Any], into: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-    """Copy ``arrays`` (NumPy or JAX) into one block of host bytes, ``into`` or a new one.
-
-    A block whose pages are present (`touched_block`) takes the copies in about
-    1 ms per 10 MB; a fresh NumPy one costs a page fault per page first, which took
-    2-40 ms per 10 MB on the 2-core CI machine (huge-page compaction when memory is
-    fragmented).
-
-    Example:
-
-    >>> a, b = host_copies([np.arange(3.0), np.ones((2, 2), np.int8)])
-    >>> a.tolist(), b.dtype.name, b.shape
-    ([0.0, 1.0, 2.0], 'int8', (2, 2))
-    """
-    sources = [np.asarray(array) for array in arrays]
-    block = touched_block(block_size(sources)) if into is None else into
-    copies, start = [], 0
-    for source in sources:
-        copy = block[start : start + source.nbytes].view(source.dtype).reshape(source.shape)
-        np.copyto(copy, source)
-        copies.append(copy)
-        start += _aligned(source.nbytes)
-    return tuple(copies)
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // 64) * 64  # each copy starts 64-byte aligned
-
-
-def block_size(arrays: Iterable[Any]) -> int:
-    """The bytes `host_copies` needs for ``arrays`` (anything with ``nbytes``)."""
-    return sum(_aligned(int(a.nbytes)) for a in arrays)
-
-
-def touched_block(nbytes: int) -> np.ndarray:
-    """A block of ``nbytes`` whose every page is present, so copies into it fault none.
-
-    On Linux the kernel maps every page at once (``MAP_POPULATE``): about 4 ms per
-    10 MB on the 2-core CI machine, steadily. NumPy's own large arrays ask for huge
-    pages, which took 2 ms when free ones were at hand and 20-40 ms when memory had
-    to be compacted first, as it does while an epoch's copies pile up.
-
-    Example:
-
-    >>> block = touched_block(3 * 4096)
-    >>> block.nbytes, block.flags.writeable, int(block.max())
-    (12288, True, 0)
-    """
-    populate = getattr(mmap, "MAP_POPULATE", None)
-    if populate is not None and nbytes > 0:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
-        return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
-    block = np.empty(nbytes, np.uint8)
-    block.fill(0)  # np.zeros would leave the pages untouched until the copy
-    return block
-
-
-_prefaulting: ThreadPoolExecutor | None = None
-
-
-def _prefault(nbytes: int) -> Future[np.ndarray]:
-    global _prefaulting
-    if _prefaulting is None:
-        _prefaulting = ThreadPoolExecutor(1, thread_name_prefix="ftwidgets-snapshot-memory")
-    return _prefaulting.submit(touched_block, nbytes)
+    variables = model.variables
+    layout = BlockLayout(variables)
+    values, block = layout.copy([v.value for v in variables])
+    bad = layout.first_non_finite(values, block)
+    return Snapshot(label, epoch, values, None if bad is None else variables[bad].path)
 
 
 def sizes_of(variables: Iterable[Any]) -> tuple[int, int]:
-    """The bytes a snapshot of ``variables`` holds, and the block `host_copies` needs
-    for them (each copy aligned), from their shapes and dtypes alone.
+    """The bytes a snapshot of ``variables`` holds, and the block they are copied
+    into (see `BlockLayout`), from their shapes and dtypes alone.
 
     Example:
 
     >>> import keras
     >>> layer = keras.layers.Dense(3)
     >>> layer.build((None, 5))
-    >>> sizes_of(layer.variables)  # 15 + 3 float32 values; the bias padded to 64 bytes
+    >>> sizes_of(layer.variables)  # 15 + 3 float32 values, in a block of 64-byte units
     (72, 128)
     """
-    sizes = [int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables]
-    return sum(sizes), sum(_aligned(n) for n in sizes)
+    layout = BlockLayout(variables)
+    return layout.held, layout.nbytes
+
+
+class _Plan:
+    """How the epochs of a phase are copied: the variables it may change, into a block
+    of their own at each epoch; the weights it cannot change (``fixed``), once."""
+
+    def __init__(self, variables: list[Any], fixed: frozenset[int]) -> None:
+        self.ids = tuple(map(id, variables))
+        self.fixed_ids = fixed
+        self.fixed = [i for i, v in enumerate(variables) if id(v) in fixed]
+        self.own = [i for i, v in enumerate(variables) if id(v) not in fixed]
+        self.own_layout = BlockLayout([variables[i] for i in self.own])
+        self.fixed_layout = BlockLayout([variables[i] for i in self.fixed])
 
 
 def restore(model, snapshot: Snapshot) -> None:
@@ -341,7 +274,11 @@ class SnapshotStore:
         # Memory for the next epoch's copy, its pages written on another thread while
         # the epoch trains, so the model's thread does not pay the page faults.
         self._spare: Future[np.ndarray] | None = None
-        self._sizes: tuple[tuple[int, ...], tuple[int, int]] | None = None
+        self._plan: _Plan | None = None
+        # The running phase's copy of its fixed weights: (plan, copies, block, the index
+        # of a non-finite one or None).
+        self._shared: tuple[_Plan, tuple[np.ndarray, ...], np.ndarray, int | None] | None = None
+        self._sharing: dict[int, int] = {}  # kept snapshots holding each shared block
 
     @property
     def best(self) -> Snapshot | None:
@@ -398,9 +335,17 @@ class SnapshotStore:
         return next((s for s in reversed(self.recent) if s.finite), None)
 
     def keep_epoch(
-        self, model, epoch: int, *, number: int | None = None, branch: int = 0
-    ) -> Snapshot | None:
-        """Capture ``model`` at the end of ``epoch`` and keep it within the budget.
+        self,
+        model,
+        epoch: int,
+        *,
+        number: int | None = None,
+        branch: int = 0,
+        variables: list[Any] | None = None,
+        fixed: Collection[int] = frozenset(),
+    ) -> Snapshot:
+        """Capture ``model`` at the end of ``epoch`` and keep it within the budget,
+        unless a value is not finite.
 
         Room is made before the copy, so the budget holds at every moment.
 
@@ -411,30 +356,64 @@ class SnapshotStore:
             number: the 1-based epoch; default ``epoch + 1``. With ``branch`` it
                 names the file (``epoch-0007-branch-1.weights.h5``).
             branch: the branch of the run the epoch is on.
+            variables: ``model.variables``, where the caller has listed them.
+            fixed: the ids of variables that cannot change until `end_phase` (the
+                weights no optimizer step of the running phase trains). They are
+                copied once, at the phase's first kept epoch, and its later epochs
+                share that copy: a head phase keeps the head, not the whole base,
+                at each epoch. A variable assigned outside training (by a callback)
+                must not be among them.
 
         Returns:
-            The snapshot, or None if a weight is not finite (nothing is kept).
+            The snapshot; kept only if ``snapshot.finite`` (its ``non_finite`` names
+            the first variable that is not).
         """
-        variables = model.variables  # Keras walks every layer for them: once an epoch
-        ids = tuple(map(id, variables))
-        if self._sizes is None or self._sizes[0] != ids:  # shapes are fixed: once a phase
-            self._sizes = (ids, sizes_of(variables))
-        nbytes, size = self._sizes[1]
-        self._make_room(nbytes, 1)
+        variables = model.variables if variables is None else variables
+        plan = self._plan
+        if plan is None or plan.fixed_ids != fixed or plan.ids != tuple(map(id, variables)):
+            plan = self._plan = _Plan(variables, frozenset(fixed))
+        shared = self._shared if self._shared is not None and self._shared[0] is plan else None
+        own = plan.own_layout
+        new_shared = plan.fixed_layout.held if shared is None and plan.fixed else 0
+        self._make_room(own.held + new_shared, 1)
+        if shared is None and plan.fixed:
+            copies, block = plan.fixed_layout.copy([variables[i].value for i in plan.fixed])
+            bad = plan.fixed_layout.first_non_finite(copies, block)
+            shared = self._shared = (plan, copies, block, None if bad is None else plan.fixed[bad])
+        copies, block = own.copy(
+            [variables[i].value for i in plan.own], into=self._take_spare(own.nbytes)
+        )
+        bad = own.first_non_finite(copies, block)
+        bad = plan.own[bad] if bad is not None else None if shared is None else shared[3]
+        if shared is None:
+            values = copies
+        else:
+            merged: list[np.ndarray] = [None] * len(variables)  # type: ignore[list-item]
+            for i, copy in zip(plan.own, copies, strict=True):
+                merged[i] = copy
+            for i, copy in zip(plan.fixed, shared[1], strict=True):
+                merged[i] = copy
+            values = tuple(merged)
         number = epoch + 1 if number is None else number
         stem = f"epoch-{number:04d}" + (f"-branch-{branch}" if branch else "")
         self._stems[epoch] = stem
-        label = f"epoch {number}" + (f" of branch {branch}" if branch else "")
-        snapshot = capture(model, label, epoch, into=self._take_spare(size), variables=variables)
+        snapshot = Snapshot(
+            f"epoch {number}" + (f" of branch {branch}" if branch else ""),
+            epoch,
+            values,
+            None if bad is None else variables[bad].path,
+            shared_nbytes=plan.fixed_layout.held if shared is not None else 0,
+            shared_key=None if shared is None else id(shared[2]),
+        )
         if not snapshot.finite:
-            return None
+            return snapshot
         if self.checkpoint_dir is not None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             write_snapshot(model, self.epoch_path(epoch), snapshot)
             self._on_disk.add(epoch)
         self.add(snapshot)
-        if not self._over(size, 1):  # the next epoch fits without evicting one
-            self._spare = _prefault(size)
+        if not self._over(own.held, 1):  # the next epoch fits without evicting one
+            self._spare = prefault(own.nbytes)
         return snapshot
 
     def _take_spare(self, nbytes: int) -> np.ndarray | None:
@@ -449,19 +428,38 @@ class SnapshotStore:
         """Keep an epoch's snapshot, evicting others past the budget."""
         replaced = self._by_epoch.get(snapshot.epoch)
         if replaced is not None:
-            self._epoch_bytes -= replaced.nbytes
+            self._count(replaced, -1)
         else:
             at = bisect.bisect_left(self._order, snapshot.epoch)
             self._order.insert(at, snapshot.epoch)
             self._push_gaps(at - 1, at, at + 1)
         self._by_epoch[snapshot.epoch] = snapshot
-        self._epoch_bytes += snapshot.nbytes
+        self._count(snapshot, 1)
         self._newest = snapshot.epoch
         self._make_room(0, 0)
 
+    def _count(self, snapshot: Snapshot, sign: int) -> None:
+        """Add (``sign`` 1) or take off (-1) a kept snapshot's bytes; a block shared by
+        several counts once, while any of them is kept."""
+        self._epoch_bytes += sign * (snapshot.nbytes - snapshot.shared_nbytes)
+        key = snapshot.shared_key
+        if key is None:
+            return
+        holders = self._sharing.get(key, 0) + sign
+        if holders == 0:
+            del self._sharing[key]
+            self._epoch_bytes -= snapshot.shared_nbytes
+        else:
+            self._sharing[key] = holders
+            if holders == 1 and sign > 0:
+                self._epoch_bytes += snapshot.shared_nbytes
+
     def end_phase(self, last_epoch: int | None) -> None:
-        """Protect the last epoch of a phase that ended; free the next epoch's memory."""
-        self._spare = None
+        """Protect the last epoch of a phase that ended; free the next epoch's memory.
+
+        The next phase copies its fixed weights anew: they may have changed between.
+        """
+        self._spare = self._shared = None
         if last_epoch is not None and last_epoch in self._by_epoch:
             self._phase_ends.add(last_epoch)
 
@@ -472,7 +470,7 @@ class SnapshotStore:
             The snapshot, or None if a weight is not finite: then nothing changes.
         """
         snapshot = self._by_epoch.get(epoch) or self.keep_epoch(model, epoch)
-        if snapshot is None:
+        if not snapshot.finite:
             return None
         self.best_epoch = epoch
         if self.checkpoint_path is not None:
@@ -507,7 +505,7 @@ class SnapshotStore:
             victim = self._victim()
             if victim is None:
                 return  # only the best (and the newest) are left
-            self._epoch_bytes -= self._by_epoch.pop(victim).nbytes
+            self._count(self._by_epoch.pop(victim), -1)
             at = bisect.bisect_left(self._order, victim)
             del self._order[at]
             self._push_gaps(at - 1, at)
