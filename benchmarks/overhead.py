@@ -62,7 +62,7 @@ def _hooks() -> list[tuple[str, Any, str]]:
          callbacks.SessionControl, "on_epoch_end"),
         ("  of which `SnapshotStore.keep_epoch` (the epoch's weights copied, NaN-checked)",
          snapshots.SnapshotStore, "keep_epoch"),
-        ("  of which `Coach.on_event` (the coach's rules, at most every 0.1 s)",
+        ("  of which `Coach.on_event` (the coach's rules, at most every 0.25 s)",
          coach.Coach, "on_event"),
         ("`FineTunePanel._on_session_event` (all events, wherever emitted)",
          panel.FineTunePanel, "_on_session_event"),

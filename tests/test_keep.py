@@ -134,7 +134,7 @@ def test_keeping_an_epoch_reads_as_many_sizes_with_300_kept_as_with_3(data, monk
     # Summing every kept snapshot's bytes at each epoch made an epoch's cost grow
     # with the run (27 % of the worker's time at 1,500 epochs).
     reads: list[int | None] = []
-    size = Snapshot.nbytes.fget
+    size = Snapshot.nbytes.func
     monkeypatch.setattr(Snapshot, "nbytes", property(lambda s: reads.append(s.epoch) or size(s)))
     model = make_model()
     store = SnapshotStore(keep="1GB")

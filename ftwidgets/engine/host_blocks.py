@@ -3,6 +3,7 @@ that a single reduction per dtype checks every value for NaN and inf."""
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PREFAULT_BYTES", "BlockLayout", "is_non_finite", "prefault", "touched_block"]
+__all__ = [
+    "PREFAULT_BYTES",
+    "BlockLayout",
+    "is_float",
+    "is_non_finite",
+    "prefault",
+    "touched_block",
+]
 
 # Blocks at least this large are made ahead, their pages written on another thread
 # (`prefault`). Below it a fresh block faults in about as fast as the kernel maps
@@ -19,19 +27,33 @@ __all__ = ["PREFAULT_BYTES", "BlockLayout", "is_non_finite", "prefault", "touche
 PREFAULT_BYTES = 2**20
 
 
+def is_float(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is a floating-point one: NumPy's, or one of JAX's ``ml_dtypes``
+    (``bfloat16``, the ``float8`` kinds), which NumPy calls kind ``"V"``.
+
+    >>> import ml_dtypes
+    >>> is_float(np.dtype(ml_dtypes.bfloat16)), is_float(np.dtype("uint32"))
+    (True, False)
+    """
+    return dtype.kind in "fc" or (dtype.kind == "V" and "float" in dtype.name)
+
+
 def is_non_finite(value: np.ndarray) -> bool:
     """Whether ``value`` holds a NaN or an infinity (never for integer dtypes).
 
     >>> is_non_finite(np.array([1.0, np.inf])), is_non_finite(np.full(2, 3e38, np.float32))
     (True, False)
+    >>> import ml_dtypes
+    >>> is_non_finite(np.array([1.0, np.nan], ml_dtypes.bfloat16))
+    True
     """
-    if value.dtype.kind not in "fc":
+    if not is_float(value.dtype) or value.size == 0:
         return False
-    # A NaN or inf anywhere makes the sum non-finite, so a finite sum settles it at
-    # half the cost of isfinite(); a sum that overflowed is checked element-wise.
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = np.add.reduce(value, axis=None)
-    return not np.isfinite(total) and not np.isfinite(value).all()
+    if value.dtype.kind != "c":
+        # The extremes are inf where any value is, NaN where any is NaN: two SIMD
+        # passes, twice as fast as isfinite() on 1M values, and no overflow to rule out.
+        return not (math.isfinite(value.max()) and math.isfinite(value.min()))
+    return not np.isfinite(value).all()
 
 
 def _aligned(nbytes: int) -> int:
@@ -69,7 +91,7 @@ class BlockLayout:
         floats: dict[np.dtype, list[int]] = {}
         others = []
         for i, (_, dtype) in enumerate(specs):
-            (floats.setdefault(dtype, []) if dtype.kind in "fc" else others).append(i)
+            (floats.setdefault(dtype, []) if is_float(dtype) else others).append(i)
         # (first byte, end byte, dtype, shape) per array
         self.places: list[tuple[int, int, np.dtype, tuple[int, ...]]] = [None] * len(specs)  # type: ignore[list-item]
         # (dtype, first byte, end byte, the arrays in it) per float dtype

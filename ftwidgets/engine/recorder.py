@@ -39,6 +39,7 @@ from ftwidgets.engine.events import (
     Stopped,
     frozen_logs,
 )
+from ftwidgets.engine.freezing import is_batchnorm
 from ftwidgets.engine.history import Marker
 from ftwidgets.engine.jobs import JobContext, StopJob
 
@@ -314,8 +315,9 @@ class PhaseRecorder:
         ctx.emit(EpochEnded(ctx.history.add_epoch(record)))
 
     def _phase_variables(self, model: keras.Model) -> tuple[list[Any], frozenset[int]]:
-        """``model.variables``, and the ids of the weights the optimizer does not train
-        (created trainable, but frozen for this phase).
+        """``model.variables``, and the ids of the weights no step of this phase can
+        change: those created trainable but frozen, and every weight of a frozen
+        BatchNormalization (Keras runs it in inference mode: its statistics stay).
 
         Listed once a train step: Keras walks every layer for them (17 us an epoch
         on the demo model). A callback that changes what trains must rebuild the
@@ -330,7 +332,11 @@ class PhaseRecorder:
             self._fixed = frozenset(
                 id(variable)
                 for layer in upstream.flatten_layers(model, include_self=False)
-                for variable in upstream.created_trainable_variables(layer)
+                for variable in (
+                    layer.weights
+                    if is_batchnorm(layer) and not layer.trainable
+                    else upstream.created_trainable_variables(layer)
+                )
                 if id(variable) not in trained
             )
         return self._variables, self._fixed

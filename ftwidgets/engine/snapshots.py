@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import os
 import re
@@ -61,16 +62,16 @@ class Snapshot:
         """True if every value is finite."""
         return self.non_finite is None
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        """Host memory held by this snapshot."""
+        """Host memory held by this snapshot's values (shared ones included)."""
         return sum(v.nbytes for v in self.values)
 
 
 def first_non_finite(variables: Iterable[Any]) -> str | None:
     """Return the path of the first of ``variables`` holding NaN or inf, or None.
 
-    Runs on the host: about 2.5 ms per million parameters on a CPU. A jitted check
+    Runs on the host: about 0.1 ms per million float32 parameters. A jitted check
     compiles for seconds on models with hundreds of variables, which would cost more
     than it saves. (Each kept epoch is checked as it is copied: `capture`.)
 
