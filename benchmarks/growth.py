@@ -10,7 +10,7 @@ from typing import Any
 
 from benchmarks.arms import ARMS, ArmRun
 from benchmarks.common import Spread, balanced, log
-from benchmarks.overhead import HEADING
+from benchmarks.overhead import HEADING, TINY_TARGETS
 from benchmarks.sections import Run, Section
 from benchmarks.workloads import tiny_workload
 
@@ -75,8 +75,10 @@ def growth_table(result: dict[str, Any]) -> list[str]:
     >>> rows = growth_table({"description": "tiny", "lengths": [150, 600], "arms": ["a", "b"],
     ...     "seconds": {"150/a": [1.0, 1.0], "150/b": [1.2, 1.3], "600/a": [3.0, 3.0],
     ...                 "600/b": [3.6, 3.9]}})
-    >>> rows[-1]
-    '| (b) FineTuneSession, batch trace on | 1.250 (1.200-1.300) | 1.250 (1.200-1.300) | 1.000 |  |'
+    >>> rows[-1].split(" | ")[1:4]
+    ['1.250 (1.200-1.300)', '1.250 (1.200-1.300)', '1.000']
+    >>> rows[-1].split(" | ")[-1]
+    '<= 1.05: **missed** (90% CI 1.200-1.300) |'
     """
     lengths, seconds = result["lengths"], result["seconds"]
     n = len(seconds[f"{lengths[0]}/a"])
@@ -93,15 +95,16 @@ def growth_table(result: dict[str, Any]) -> list[str]:
         "| arm | "
         + " | ".join(f"wall ratio to (a) at {epochs} epochs: median (range)" for epochs in lengths)
         + f" | {lengths[-1]} / {lengths[0]} "
-        + f"| epoch time late / early at {lengths[-1]}: median (range) |",
-        "|---|" + "---|" * (len(lengths) + 2),
+        + f"| epoch time late / early at {lengths[-1]}: median (range) "
+        + f"| target at {lengths[0]} epochs (on the median) |",
+        "|---|" + "---|" * (len(lengths) + 3),
     ]
     late = result.get("late_early", {})
     if "a" in late:
         growth = Spread(late["a"])
         lines.append(
             f"| (a) {ARMS['a'][0]} |" + " |" * (len(lengths) + 1)
-            + f" {growth.median:.3f} ({growth.low:.3f}-{growth.high:.3f}) |"
+            + f" {growth.median:.3f} ({growth.low:.3f}-{growth.high:.3f}) | |"
         )  # fmt: skip
     for name in result["arms"]:
         if name == "a":
@@ -116,6 +119,8 @@ def growth_table(result: dict[str, Any]) -> list[str]:
         cells.append(
             f"{growth.median:.3f} ({growth.low:.3f}-{growth.high:.3f})" if growth.n else ""
         )
+        limit = TINY_TARGETS.get(name)
+        cells.append("" if limit is None else f"<= {limit:.2f}: {ratios[0].verdict(limit)}")
         lines.append(f"| ({name}) {ARMS[name][0]} | {' | '.join(cells)} |")
     return lines
 
