@@ -19,6 +19,9 @@ step "Upgrading pip in .venv"
 step "Installing ftwidgets with its test dependencies into .venv"
 SKIP_JUPYTER_BUILDER=1 .venv/bin/python -m pip install -e '.[test]' \
     -c binder/requirements.txt
+# KerasHub without the TensorFlow it declares (its other needs are the [hub] extra).
+step "Installing keras-hub into .venv, without TensorFlow"
+.venv/bin/python -m pip install --no-deps 'keras-hub==0.32.0'
 # The JupyterLab extension's bundle is committed (a user needs no Node); where npm is
 # here, rebuild it from the lock file and fail if it differs from the committed one.
 if command -v npm >/dev/null; then

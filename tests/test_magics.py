@@ -194,6 +194,10 @@ BAD_LINES = {
         "%finetune base_only --train data.x_train data.y_train",
         "has no layer named 'base'",
     ),
+    "--base names no layer": (
+        "%finetune base_only --train data.x_train data.y_train --base encoder",
+        "no layer named 'encoder'",
+    ),
     "bad --as": ("%finetune model --train data.x_train data.y_train --as 2x", "--as needs"),
     "keyword --as": ("%finetune model --train data.x_train data.y_train --as class", "--as needs"),
     "val and split": (FINETUNE + " --validation-split 0.2", "not both"),
@@ -408,3 +412,25 @@ def test_magics_on_a_real_kernel(tmp_path):
     assert any(
         "ftwidgets-panel" in model["state"].get("_dom_classes", ()) for model in state.values()
     )
+
+
+@pytest.mark.widgets
+def test_base_names_the_base_of_a_model_without_one(ip, ns):
+    inputs = keras.Input((8, 8, 1))
+    encoder = keras.Sequential(
+        [
+            keras.layers.Flatten(),
+            keras.layers.Dense(8, name="enc1"),
+            keras.layers.Dense(8, name="enc2"),
+        ],
+        name="encoder",
+    )
+    ns["custom"] = keras.Model(inputs, keras.layers.Dense(5, activation="softmax")(encoder(inputs)))
+    result, _, err, _ = run(ip, "%finetune custom --train data.x_train data.y_train --base encoder")
+    assert result.success, err
+    panel = ns["_ftpanel"]
+    try:
+        assert panel.session.base is encoder
+        assert panel.unfreeze_depth.max == 2  # enc1, enc2
+    finally:
+        panel.close()

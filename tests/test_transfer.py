@@ -320,6 +320,7 @@ def test_freeze_map_frame_has_one_column_per_field():
 @pytest.mark.keras
 @pytest.mark.parametrize("task", ["multiclass", "binary", "regression"])
 def test_task_sets_the_output_activation(task):
+    keras.utils.set_random_seed(0)  # a saturating draw rounds a softmax to exactly 1.0
     num_classes = 1 if task == "binary" else 3
     model = build_transfer_model(tiny_base(), num_classes, task=task)
     x, _ = data(n=4)
@@ -669,10 +670,13 @@ def test_demo_base_has_no_blocks_and_counts_layers():
     assert default_unit(model) == "layer"
     layer_units = unfreeze_units(model)
     assert [unit.name for unit in layer_units] == ["conv1", "conv2", "conv3"]
-    # Asking for blocks on a base without blocks counts the same layers.
-    assert unfreeze_units(model, unit="block") == layer_units
+    # Asking for blocks on a base without blocks says so: no silent fallback to layers.
+    flags = [layer.trainable for layer in model.layers]
+    for ask in (lambda: unfreeze_units(model, "block"), lambda: unfreeze(model, 2, unit="block")):
+        with pytest.raises(ValueError, match=r"base has no blocks.*Received: unit='block'"):
+            ask()
+    assert [layer.trainable for layer in model.layers] == flags
     assert unfreeze(model, 2) == ["conv2", "conv3"]
-    assert unfreeze(model, 2, unit="block") == ["conv2", "conv3"]
     fmap = freeze_map(model)
     assert fmap.blocks == ()
     assert [row.block for row in fmap] == [None] * len(fmap)

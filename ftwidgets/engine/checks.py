@@ -77,15 +77,17 @@ def best_only_config(data: TrainingData) -> EarlyStoppingConfig:
     return EarlyStoppingConfig(monitor=monitor, mode="min", restore_best_weights=False)
 
 
-def check_depth(model: keras.Model, config: PhaseConfig) -> tuple[int, str]:
+def check_depth(
+    model: keras.Model, config: PhaseConfig, base: keras.layers.Layer | None = None
+) -> tuple[int, str]:
     """The depth and unit a phase of ``config`` unfreezes: its own, else all of the base
     (none for the head phase), in the model's default unit.
 
     Raises:
         ValueError: for a depth past the base.
     """
-    unit = config.unfreeze_unit or transfer.default_unit(model)
-    max_depth = len(transfer.unfreeze_units(model, unit))
+    unit = config.unfreeze_unit or transfer.default_unit(model, base=base)
+    max_depth = len(transfer.unfreeze_units(model, unit, base=base))
     depth = config.unfreeze_depth
     if depth is None:
         depth = 0 if config.phase == "head" else max_depth

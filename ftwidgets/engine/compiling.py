@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from ftwidgets import upstream
-from ftwidgets.engine import tasks, transfer, warm_compile
+from ftwidgets.engine import bases, tasks, transfer, warm_compile
 from ftwidgets.engine.config import PhaseConfig, check_steerable_optimizer
 from ftwidgets.engine.inputs import TrainingData
 
@@ -183,7 +183,7 @@ def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> 
     its weights untouched.
     """
     model = ctx.model
-    setup = ModelSetup(model, config, depth, unit)
+    setup = ModelSetup(model, config, depth, unit, ctx.base)
     try:
         compile_phase(ctx, config)
         upstream.symbolic_build(model, fit_batch(ctx, config.batch_size))
@@ -242,16 +242,28 @@ class ModelSetup:
     False
     """
 
-    def __init__(self, model: keras.Model, config: PhaseConfig, depth: int, unit: str) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        config: PhaseConfig,
+        depth: int,
+        unit: str,
+        base: keras.layers.Layer | None = None,
+    ) -> None:
         self.model = model
+        self.base = transfer.get_base(model, base)
         self._flags = {id(layer): layer.trainable for layer in upstream.flatten_layers(model)}
-        self._dropout = head_dropout_rate(model) if config.dropout is not None else None
+        self._dropout = head_dropout_rate(model, self.base) if config.dropout is not None else None
         try:
             self.trainable = transfer.unfreeze(
-                model, depth, keep_batchnorm_frozen=config.keep_batchnorm_frozen, unit=unit
+                model,
+                depth,
+                keep_batchnorm_frozen=config.keep_batchnorm_frozen,
+                unit=unit,
+                base=self.base,
             )
             if config.dropout is not None:
-                transfer.set_head_dropout(model, config.dropout)
+                transfer.set_head_dropout(model, config.dropout, base=self.base)
         except BaseException:
             self.undo()
             raise
@@ -261,15 +273,13 @@ class ModelSetup:
         for layer in upstream.flatten_layers(self.model):
             layer.trainable = self._flags.get(id(layer), layer.trainable)
         if self._dropout is not None:
-            transfer.set_head_dropout(self.model, self._dropout)
+            transfer.set_head_dropout(self.model, self._dropout, base=self.base)
 
 
-def head_dropout_rate(model: keras.Model) -> float | None:
-    """The rate of the head's dropout layer (see `ftwidgets.engine.transfer`), or None."""
-    for layer in model.layers:
-        if layer.name == transfer.HEAD_DROPOUT_NAME and isinstance(layer, keras.layers.Dropout):
-            return float(layer.rate)
-    return None
+def head_dropout_rate(model: keras.Model, base: keras.layers.Layer | None = None) -> float | None:
+    """The rate of the head's dropout layer (``ftwidgets.engine.bases.head_dropout``), or None."""
+    layer = bases.head_dropout(model, transfer.get_base(model, base))
+    return None if layer is None else float(layer.rate)
 
 
 def _compile_settings(model: keras.Model) -> dict[str, Any]:

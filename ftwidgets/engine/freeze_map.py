@@ -1,20 +1,27 @@
 """The freeze map as data: one row per layer of a transfer model, grouped by block.
 
-`ftwidgets.engine.transfer.freeze_map` builds one from a model; this module holds its
-rows and the plain-text table. The HTML table a notebook shows is the ui's
-(`ftwidgets.ui.freeze_map`), loaded on first use.
+`freeze_map` builds one from a model (``ftwidgets.transfer.freeze_map`` too); this
+module holds its rows and the plain-text table. The HTML table a notebook shows is
+the ui's (`ftwidgets.ui.freeze_map`), loaded on first use.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import keras
+
+from ftwidgets import upstream
+from ftwidgets.engine import bases, freezing
+from ftwidgets.engine.bases import BaseSpec
+
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["FreezeMap", "FreezeMapGroup", "LayerRow"]
+__all__ = ["FreezeMap", "FreezeMapGroup", "LayerRow", "freeze_map", "freeze_map_frame"]
 
 
 @dataclass(frozen=True)
@@ -318,3 +325,144 @@ def _row_state(row: LayerRow) -> str:
     if row.trainable:
         return "trainable"
     return "frozen (BatchNorm)" if row.batchnorm else "frozen"
+
+
+def freeze_map(
+    model: keras.Model,
+    depth: int | None = None,
+    *,
+    unit: Literal["block", "layer"] | None = None,
+    keep_batchnorm_frozen: bool = True,
+    base: BaseSpec = None,
+) -> FreezeMap:
+    """Describe the freeze state: one row per base leaf layer, then the head layers.
+
+    Base rows cover every leaf layer of the base (nested models flattened, input
+    layers skipped), each with its block (see ``ftwidgets.transfer.unfreeze``). Head rows cover the
+    layers after the base (pooling, Dropout, Dense); augmentation layers before
+    the base are left out.
+
+    With no ``depth`` the rows show the model's current ``trainable`` flags. With
+    a ``depth`` they preview the state ``unfreeze(model, depth,
+    keep_batchnorm_frozen, unit=unit)`` would set, without changing the model.
+
+    Args:
+        model: a model with a base (see ``ftwidgets.transfer.get_base``).
+        depth: preview this unfreeze depth; None shows the current flags.
+        unit: for a preview, what ``depth`` counts (see ``ftwidgets.transfer.unfreeze``).
+        keep_batchnorm_frozen: for a preview, whether BatchNorm stays frozen.
+        base: the model's base, or its name, where ``get_base`` would not find it.
+
+    Returns:
+        A `FreezeMap`: a sequence of `LayerRow` that prints as a table.
+
+    Raises:
+        ValueError: if ``model`` has no base, or for a bad ``depth`` or ``unit``.
+
+    Example:
+
+    >>> from ftwidgets import demo
+    >>> from ftwidgets.engine.transfer import build_transfer_model
+    >>> model = build_transfer_model(demo.build_base(), num_classes=3)
+    >>> [row.name for row in freeze_map(model, depth=2) if row.part == "base" and row.trainable]
+    ['conv2', 'conv3']
+    >>> [row.name for row in freeze_map(model) if row.trainable]  # the model is unchanged
+    ['head_pool', 'head_dropout', 'head_dense']
+    """
+    base_layer = bases.find_base(model, base)
+    leaves = freezing.base_leaves(base_layer)
+    if depth is None:
+        freezing.check_unit(unit)
+        flags = [layer.trainable for _, layer in leaves]
+        resolved = None
+    else:
+        flags, resolved = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
+    unfreezable = [name for name, layer in leaves if freezing.is_unfreezable(layer)]
+    from_top = {name: len(unfreezable) - i for i, name in enumerate(unfreezable)}
+    rows = [
+        _row(name, layer, "base", from_top.get(name), block, trainable, preview=depth is not None)
+        for (name, layer), block, trainable in zip(
+            leaves, freezing.leaf_blocks(leaves), flags, strict=True
+        )
+    ]
+    top_level = model.layers
+    for layer in top_level[_top_index(top_level, base_layer) + 1 :]:
+        if not isinstance(layer, keras.layers.InputLayer):
+            # `unfreeze` makes the whole head trainable.
+            trainable = True if depth is not None else layer.trainable
+            rows.append(_row(layer.name, layer, "head", None, None, trainable, depth is not None))
+    return FreezeMap(
+        tuple(rows),
+        model_name=model.name,
+        depth=None if depth is None else int(depth),
+        unit=resolved,
+        keep_batchnorm_frozen=None if depth is None else bool(keep_batchnorm_frozen),
+    )
+
+
+def freeze_map_frame(
+    model: keras.Model,
+    depth: int | None = None,
+    *,
+    unit: Literal["block", "layer"] | None = None,
+    keep_batchnorm_frozen: bool = True,
+    base: BaseSpec = None,
+) -> pd.DataFrame:
+    """Return `freeze_map` as a pandas DataFrame, one column per `LayerRow` field.
+
+    The arguments are those of `freeze_map`.
+
+    Example:
+
+    >>> from ftwidgets import demo
+    >>> from ftwidgets.engine.transfer import build_transfer_model
+    >>> model = build_transfer_model(demo.pretrained_base(), num_classes=5)
+    >>> frame = freeze_map_frame(model)
+    >>> frame.loc[frame.unfreezable_index <= 2, "name"].tolist()
+    ['conv2', 'conv3']
+    """
+    return freeze_map(
+        model, depth, unit=unit, keep_batchnorm_frozen=keep_batchnorm_frozen, base=base
+    ).to_frame()
+
+
+def _top_index(top_level: list[keras.layers.Layer], base: keras.layers.Layer) -> int:
+    """The position of the top-level layer that is, or holds, ``base``."""
+    for i, layer in enumerate(top_level):
+        if layer is base or any(
+            sub is base for sub in upstream.flatten_layers(layer, include_self=False)
+        ):
+            return i
+    raise ValueError(f"{base.name!r} is not inside the model")
+
+
+def _size(variable: keras.Variable) -> int:
+    return math.prod(int(d) for d in variable.shape)
+
+
+def _row(
+    name: str,
+    layer: keras.layers.Layer,
+    part: str,
+    index: int | None,
+    block: str | None,
+    trainable: bool,
+    preview: bool,
+) -> LayerRow:
+    params = layer.count_params() if layer.built else 0
+    if preview:
+        # What `trainable_weights` will hold once `unfreeze` sets the flag.
+        weights = upstream.created_trainable_variables(layer) if trainable else []
+    else:
+        weights = layer.trainable_weights
+    return LayerRow(
+        name=name,
+        kind=type(layer).__name__,
+        params=int(params),
+        trainable=bool(trainable),
+        batchnorm=freezing.is_batchnorm(layer),
+        part=part,
+        unfreezable_index=index,
+        block=block,
+        trainable_params=sum(_size(v) for v in weights),
+    )

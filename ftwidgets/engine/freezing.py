@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numbers
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,7 +34,25 @@ import keras
 from ftwidgets import upstream
 from ftwidgets.engine.config import UNFREEZE_UNITS
 
-Leaves = list[tuple[str, keras.layers.Layer]]
+EMBEDDINGS = "embeddings"
+
+
+class Leaves(list[tuple[str, keras.layers.Layer]]):
+    """(path from the base, layer) for every leaf of a base, lowest first.
+
+    ``composites`` maps the path of each leaf inside a composite layer (one with
+    sublayers that is not a model: a transformer layer, a residual block) to the path
+    of the outermost such layer: its block.
+    """
+
+    def __init__(
+        self,
+        items: Iterable[tuple[str, keras.layers.Layer]] = (),
+        composites: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(items)
+        self.composites = {} if composites is None else composites
+
 
 # (pattern on a layer's own name, block name it gives); the first match wins.
 _BLOCK_PATTERNS = (
@@ -77,21 +96,28 @@ class UnfreezeUnit:
 
 
 def base_leaves(base: keras.layers.Layer) -> Leaves:
-    """(path from the base, layer) for every leaf, depth first, each layer once."""
-    leaves: Leaves = []
+    """(path from the base, layer) for every leaf, depth first, each layer once, with
+    the composite layer (not a model) each leaf sits in (see `Leaves`)."""
+    leaves = Leaves()
     seen: set[int] = set()
 
-    def walk(layer: keras.layers.Layer, prefix: str) -> None:
+    def walk(layer: keras.layers.Layer, prefix: str, composite: str | None) -> None:
         for sub in _sublayers(layer):
             if id(sub) in seen:
                 continue
             seen.add(id(sub))
+            path = f"{prefix}{sub.name}"
             if _sublayers(sub):
-                walk(sub, f"{prefix}{sub.name}/")
+                outer = composite
+                if outer is None and not isinstance(sub, keras.Model):
+                    outer = path
+                walk(sub, f"{path}/", outer)
             else:
-                leaves.append((f"{prefix}{sub.name}", sub))
+                leaves.append((path, sub))
+                if composite is not None:
+                    leaves.composites[path] = composite
 
-    walk(base, "")
+    walk(base, "", None)
     return leaves
 
 
@@ -132,8 +158,14 @@ def check_unit(unit: object) -> None:
 
 
 def leaf_blocks(leaves: Leaves) -> list[str | None]:
-    """The block of each leaf, or None: by name, else by the named leaves around it."""
-    named = [_block_of_name(name) for name, _ in leaves]
+    """The block of each leaf, or None: by name, else the composite layer it sits in,
+    else by the named leaves around it. Below the first composite block (a
+    transformer's first layer), the leaves form the block `EMBEDDINGS`."""
+    composites = getattr(leaves, "composites", {})
+    named = [_block_of_name(name) or composites.get(name) for name, _ in leaves]
+    if composites:
+        first = next(i for i, (name, _) in enumerate(leaves) if name in composites)
+        named[:first] = [block or EMBEDDINGS for block in named[:first]]
     before = _last_seen(named)
     after = _last_seen(named[::-1])[::-1]
     # An unnamed leaf between two leaves of one block (MobileNetV3's `re_lu_3`) is inside it.
@@ -144,8 +176,19 @@ def leaf_blocks(leaves: Leaves) -> list[str | None]:
 
 
 def units(leaves: Leaves, unit: str) -> list[UnfreezeUnit]:
-    """What each step of depth unfreezes, lowest first, counting ``unit``."""
+    """What each step of depth unfreezes, lowest first, counting ``unit``.
+
+    Raises:
+        ValueError: for ``"block"`` on a base without blocks: counting its layers
+            instead would be a silent fallback.
+    """
     blocks = leaf_blocks(leaves) if unit == "block" else [None] * len(leaves)
+    if unit == "block" and not any(blocks):
+        raise ValueError(
+            "The base has no blocks: no layer names such as block5a_... or conv4_block2_..., "
+            "and no composite layers such as transformer layers. Count its layers with "
+            "unit='layer'. Received: unit='block'"
+        )
     members: dict[tuple[str, str], Leaves] = {}
     for (name, layer), block in zip(leaves, blocks, strict=True):
         if block is not None:
@@ -165,6 +208,8 @@ def default_unit_of(leaves: Leaves) -> Literal["block", "layer"]:
     """``"block"`` when some block holds two or more unfreezable layers, else ``"layer"``."""
     # Units split the unfreezable layers, so fewer blocks than layers means some
     # block holds two or more: only then do the two units differ.
+    if not any(leaf_blocks(leaves)):
+        return "layer"
     layers = sum(1 for _, layer in leaves if is_unfreezable(layer))
     return "block" if len(units(leaves, "block")) < layers else "layer"
 

@@ -79,6 +79,8 @@ class JobContext:
     compile_extras: dict[str, Any] = field(default_factory=dict)
     # The user's own Keras callbacks, passed to every phase's ``fit`` as they are.
     callbacks: tuple[keras.callbacks.Callback, ...] = ()
+    # The model's base (``ftwidgets.engine.bases``): what unfreezing counts in.
+    base: keras.layers.Layer | None = None
 
     def track(self, config: EarlyStoppingConfig) -> None:
         """Track the best on ``config``; a new monitor or mode recomputes it from the history."""

@@ -311,7 +311,7 @@ class SearchJob:
     def prepare(self, ctx: JobContext) -> None:
         """The phase's trainable set, a fresh optimizer of its kind, a jitted step."""
         config = self.search.phase
-        self._setup = ModelSetup(ctx.model, config, self.depth, self.unit)
+        self._setup = ModelSetup(ctx.model, config, self.depth, self.unit, ctx.base)
         self.search.trainable_layers = tuple(self._setup.trainable)
         try:
             self._loop = _make_loop(ctx, config)

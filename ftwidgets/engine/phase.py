@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from ftwidgets.engine import checks, tasks, travel, warm_compile
+from ftwidgets.engine import bases, checks, tasks, travel, warm_compile
 from ftwidgets.engine.callbacks import LossStream, NonFiniteError, SessionControl, to_keras
 from ftwidgets.engine.channel import Command, Rollback, UpdateEarlyStopping
 from ftwidgets.engine.compiling import (
@@ -127,7 +127,7 @@ class FitPhase(PhaseRecorder):
                 f"{before.non_finite!r}; reload or rebuild them. Received: "
                 f"{before.non_finite} is not finite"
             )
-        setup = ModelSetup(model, config, self.depth, self.unit)
+        setup = ModelSetup(model, config, self.depth, self.unit, ctx.base)
         try:
             optimizer = compile_phase(ctx, config)
             tracking = checks.check_monitor(ctx, self.tracking, config.batch_size)
@@ -171,7 +171,7 @@ class FitPhase(PhaseRecorder):
                 # Mixed precision wraps it in a LossScaleOptimizer: name the one it wraps.
                 type(getattr(optimizer, "inner_optimizer", optimizer)).__name__,
                 trainable_params=sum(math.prod(v.shape) for v in model.trainable_weights),
-                dropout=head_dropout_rate(model),
+                dropout=head_dropout_rate(model, ctx.base),
                 num_classes=_num_classes(model, ctx.loss),
                 train_samples=ctx.data.num_train(),
             )
@@ -199,7 +199,7 @@ class FitPhase(PhaseRecorder):
             ctx.model, config.batch_size, *ctx.data.split_arrays()
         )
         try:
-            ctx.model.fit(
+            bases.fit_of(ctx.model)(
                 **ctx.data.fit_args(config.batch_size),
                 epochs=to_keras(self.start_epoch) + config.epochs,
                 initial_epoch=to_keras(self.start_epoch),

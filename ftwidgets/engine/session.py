@@ -51,8 +51,9 @@ class FineTuneSession(Training):
     thread delivers it (usually the worker): keep them quick.
 
     Args:
-        model: a model from ``build_transfer_model``, or any model with a layer
-            named ``"base"``. The session never rebuilds it.
+        model: a model from ``build_transfer_model``, a KerasHub task model (its
+            ``backbone`` is the base), or any model whose base ``base`` names.
+            The session never rebuilds it.
         train: ``(x, y)`` or ``(x, y, sample_weight)`` arrays, or a dataset
             (see `ftwidgets.engine.inputs.TrainingData` for every accepted form).
         validation: the same forms as ``train``.
@@ -101,6 +102,9 @@ class FineTuneSession(Training):
             alike (Grain too, where ``fit`` itself refuses it): each sample's
             loss is weighed by its class's weight; a class not named keeps 1.
             Not with sample weights in ``train``.
+        base: the base, where neither a layer named ``"base"`` nor a KerasHub
+            ``backbone`` is it: a layer of the model, or its name (see
+            `ftwidgets.engine.bases`). ``session.base`` is the layer found.
 
     Example:
 
@@ -138,11 +142,12 @@ class FineTuneSession(Training):
         coach: bool = True,
         callbacks: Sequence[keras.callbacks.Callback] | None = None,
         class_weight: Mapping[int, float] | None = None,
+        base: str | keras.layers.Layer | None = None,
     ) -> None:
         self._name = registry.claim_name(name)
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model. Received: model={model!r}")
-        transfer.get_base(model)
+        base_layer = transfer.get_base(model, base)
         user_callbacks = checks.check_callbacks(callbacks)
         if class_weight is not None:
             class_weight = tasks.check_class_weight(model, class_weight)
@@ -172,6 +177,7 @@ class FineTuneSession(Training):
             optimizer=compiling.optimizer,
             compile_extras=compiling.extras,
             callbacks=user_callbacks,
+            base=base_layer,
         )
         self.history.model_name = model.name
         self.history.model_settings = _model_settings(model)
@@ -198,6 +204,11 @@ class FineTuneSession(Training):
     def history(self) -> History:
         """Every epoch, phase, marker and batch of the run."""
         return self._ctx.history
+
+    @property
+    def base(self) -> keras.layers.Layer:
+        """The model's pretrained base: what unfreezing counts in (the head is the rest)."""
+        return self._ctx.base
 
     @property
     def data(self) -> TrainingData:

@@ -231,7 +231,7 @@ class Training(Steering):
                 f"Model {self.model.name!r} is already training in another session; "
                 "stop that one first."
             )
-        depth, unit = checks.check_depth(self.model, config)
+        depth, unit = checks.check_depth(self.model, config, self.base)
         if config.optimizer is None and self._ctx.optimizer is not None:
             check_steerable_optimizer(self._ctx.optimizer, "compiled optimizer")
         self._ctx.data.check(self.model, self._ctx.loss, config.batch_size)

@@ -1,15 +1,18 @@
 """Model surgery: put a new head on a pretrained base, freeze and unfreeze it.
 
 The base is the layer named ``"base"`` in the model that `build_transfer_model`
-returns. Unfreezing counts units from the top of the base:
+returns, a KerasHub task model's ``backbone``, or the layer that ``base=`` names
+(`ftwidgets.engine.bases`); the head is everything else. Unfreezing counts units
+from the top of the base:
 
 - ``unit="layer"``: "unfreezable" layers, the weight-bearing leaf layers of the
   base (nested models flattened) other than BatchNormalization;
 - ``unit="block"``: blocks, the groups that the layer names of
   ``keras.applications`` backbones form (``block5a_...`` in EfficientNet,
-  ``expanded_conv_9_...`` in MobileNetV3, ``conv4_block2_...`` in ResNet). An
-  unfreezable layer outside any block (a stem or a final ``top_conv``) counts as
-  a block of its own. `unfreeze` documents the rule.
+  ``expanded_conv_9_...`` in MobileNetV3, ``conv4_block2_...`` in ResNet), and
+  the transformer layers of a KerasHub backbone, with its embeddings as the lowest
+  block. An unfreezable layer outside any block (a stem or a final ``top_conv``)
+  counts as a block of its own. `unfreeze` documents the rule.
 
 By default a base whose layer names form blocks counts blocks, and any other base
 counts layers (`default_unit`).
@@ -25,7 +28,6 @@ while the base is frozen.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
@@ -33,12 +35,13 @@ from typing import TYPE_CHECKING, Literal
 import keras
 
 from ftwidgets import upstream
-from ftwidgets.engine import freezing
-from ftwidgets.engine.freeze_map import FreezeMap, LayerRow
+from ftwidgets.engine import bases, freezing
+from ftwidgets.engine.bases import BASE_NAME, HEAD_DROPOUT_NAME, BaseSpec
+from ftwidgets.engine.freeze_map import freeze_map, freeze_map_frame
 from ftwidgets.engine.freezing import UnfreezeUnit
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 __all__ = [
     "BASE_NAME",
@@ -57,10 +60,8 @@ __all__ = [
     "unfreeze_units",
 ]
 
-BASE_NAME = "base"
 HEAD_POOL_NAME = "head_pool"
 HEAD_FLATTEN_NAME = "head_flatten"
-HEAD_DROPOUT_NAME = "head_dropout"
 HEAD_DENSE_NAME = "head_dense"
 TASKS = ("multiclass", "binary", "regression")
 _ACTIVATIONS = {"multiclass": "softmax", "binary": "sigmoid", "regression": "linear"}
@@ -175,11 +176,12 @@ def build_transfer_model(
     return keras.Model(inputs, outputs, name=name)
 
 
-def get_base(model: keras.Model) -> keras.Model:
-    """Return the layer named ``"base"`` of ``model``.
+def get_base(model: keras.Model, base: BaseSpec = None) -> keras.layers.Layer:
+    """Return the base of ``model``: ``base`` (a layer of the model or its name) where
+    given, else the layer named ``"base"``, else a KerasHub task model's ``backbone``.
 
     Raises:
-        ValueError: if ``model`` has no top-level layer named ``"base"``.
+        ValueError: if ``base`` names no layer of the model, or the model has none of these.
 
     Example:
 
@@ -188,23 +190,20 @@ def get_base(model: keras.Model) -> keras.Model:
     >>> get_base(model) is model.get_layer("base")
     True
     """
-    for layer in getattr(model, "layers", ()):
-        if layer.name == BASE_NAME:
-            return layer
-    raise ValueError(
-        f"The model has no layer named {BASE_NAME!r}; build it with build_transfer_model(). "
-        f"Received: model={getattr(model, 'name', model)!r}"
-    )
+    return bases.find_base(model, base)
 
 
-def unfreezable_layers(model_or_base: keras.Layer) -> list[keras.layers.Layer]:
+def unfreezable_layers(
+    model_or_base: keras.Layer, *, base: BaseSpec = None
+) -> list[keras.layers.Layer]:
     """List the base layers that `unfreeze` counts with ``unit="layer"``, lowest first.
 
     These are the leaf layers of the base (nested models flattened, in the base's
     layer order) that own trainable weights, BatchNormalization excluded.
 
     Args:
-        model_or_base: a model with a layer named ``"base"``, or the base itself.
+        model_or_base: a model with a base (see `get_base`), or the base itself.
+        base: the model's base, or its name, where `get_base` would not find it.
 
     Example:
 
@@ -215,13 +214,16 @@ def unfreezable_layers(model_or_base: keras.Layer) -> list[keras.layers.Layer]:
     """
     return [
         layer
-        for _, layer in freezing.base_leaves(_resolve_base(model_or_base))
+        for _, layer in freezing.base_leaves(_resolve_base(model_or_base, base))
         if freezing.is_unfreezable(layer)
     ]
 
 
 def unfreeze_units(
-    model_or_base: keras.Layer, unit: Literal["block", "layer"] | None = None
+    model_or_base: keras.Layer,
+    unit: Literal["block", "layer"] | None = None,
+    *,
+    base: BaseSpec = None,
 ) -> list[UnfreezeUnit]:
     """List what each step of unfreeze depth unfreezes, lowest first.
 
@@ -230,7 +232,8 @@ def unfreeze_units(
     the ones `unfreeze` describes; a block without unfreezable layers is left out.
 
     Args:
-        model_or_base: a model with a layer named ``"base"``, or the base itself.
+        model_or_base: a model with a base (see `get_base`), or the base itself.
+        base: the model's base, or its name, where `get_base` would not find it.
         unit: ``"block"``, ``"layer"``, or ``None`` for `default_unit`.
 
     Returns:
@@ -257,11 +260,11 @@ def unfreeze_units(
     ['stem_conv', 'block1_conv1', 'block1_conv2', 'top_conv']
     """
     freezing.check_unit(unit)
-    leaves = freezing.base_leaves(_resolve_base(model_or_base))
+    leaves = freezing.base_leaves(_resolve_base(model_or_base, base))
     return freezing.units(leaves, unit or freezing.default_unit_of(leaves))
 
 
-def default_unit(model_or_base: keras.Layer) -> Literal["block", "layer"]:
+def default_unit(model_or_base: keras.Layer, *, base: BaseSpec = None) -> Literal["block", "layer"]:
     """What unfreeze depth counts when no unit is given: ``"block"`` or ``"layer"``.
 
     ``"block"`` when the base's layer names form blocks with two or more
@@ -270,7 +273,8 @@ def default_unit(model_or_base: keras.Layer) -> Literal["block", "layer"]:
     count the same thing (e.g. the demo base: ``conv1``, ``conv2``, ``conv3``).
 
     Args:
-        model_or_base: a model with a layer named ``"base"``, or the base itself.
+        model_or_base: a model with a base (see `get_base`), or the base itself.
+        base: the model's base, or its name, where `get_base` would not find it.
 
     Example:
 
@@ -285,7 +289,7 @@ def default_unit(model_or_base: keras.Layer) -> Literal["block", "layer"]:
     >>> default_unit(vgg_like)
     'block'
     """
-    return freezing.default_unit_of(freezing.base_leaves(_resolve_base(model_or_base)))
+    return freezing.default_unit_of(freezing.base_leaves(_resolve_base(model_or_base, base)))
 
 
 def unfreeze_plan(
@@ -294,6 +298,7 @@ def unfreeze_plan(
     keep_batchnorm_frozen: bool = True,
     *,
     unit: Literal["block", "layer"] | None = None,
+    base: BaseSpec = None,
 ) -> list[str]:
     """Return what ``unfreeze(model, depth, ...)`` would make trainable, touching nothing.
 
@@ -314,7 +319,7 @@ def unfreeze_plan(
     >>> base.get_layer("conv3").trainable, base.get_layer("bn3").trainable  # untouched
     (True, True)
     """
-    leaves = freezing.base_leaves(_resolve_base(model_or_base))
+    leaves = freezing.base_leaves(_resolve_base(model_or_base, base))
     wanted, _ = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
     return [name for (name, _), keep in zip(leaves, wanted, strict=True) if keep]
 
@@ -325,6 +330,7 @@ def unfreeze(
     keep_batchnorm_frozen: bool = True,
     *,
     unit: Literal["block", "layer"] | None = None,
+    base: BaseSpec = None,
 ) -> list[str]:
     """Make the top ``depth`` units (blocks or layers) of the base trainable, freeze the rest.
 
@@ -349,12 +355,17 @@ def unfreeze(
     block in the base's layer order, belongs to that block too (MobileNetV3's
     ``re_lu_3`` inside ``expanded_conv_1``, Xception's shortcut ``conv2d`` in
     ``block2``). Inside a nested model the block's name starts with the model's
-    path (``"backbone/block5a"``). With ``unit="block"`` each block is one unit,
-    and every unfreezable layer outside a block (a stem ``conv``, a final
-    ``Conv_1`` or ``top_conv``) is a unit of its own; `unfreeze_units` lists them.
+    path (``"backbone/block5a"``). A composite layer (one with sublayers that is not
+    a model, such as a KerasHub ``transformer_layer_3``) is one block with every
+    leaf inside it; below the first such block, the leaves form the block
+    ``"embeddings"`` (token, position and segment embeddings, their norm). With
+    ``unit="block"`` each block is one unit, and every unfreezable layer outside a
+    block (a stem ``conv``, a final ``Conv_1``, ``top_conv`` or ``pooled_dense``) is
+    a unit of its own; `unfreeze_units` lists them. A base without any block refuses
+    ``unit="block"`` rather than count its layers.
 
     Args:
-        model: a model with a layer named ``"base"``.
+        model: a model with a base (see `get_base`).
         depth: how many units to make trainable, counted from the top. 0 freezes
             the whole base.
         keep_batchnorm_frozen: keep every BatchNormalization layer frozen, so
@@ -364,6 +375,7 @@ def unfreeze(
         unit: what ``depth`` counts: ``"block"``, ``"layer"`` (the unfreezable
             layers of `unfreezable_layers`), or ``None`` for `default_unit`: blocks
             when the base's layer names form blocks, else layers.
+        base: the model's base, or its name, where `get_base` would not find it.
 
     Returns:
         Names (as in `freeze_map`) of the base layers made trainable, lowest first.
@@ -383,16 +395,16 @@ def unfreeze(
     ...
     ValueError: depth must be an integer from 0 to 3 (the base's unfreezable layers)...
     """
-    base = get_base(model)
-    leaves = freezing.base_leaves(base)
+    base_layer = get_base(model, base)
+    leaves = freezing.base_leaves(base_layer)
     wanted, _ = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
     thawed = {id(layer) for (_, layer), keep in zip(leaves, wanted, strict=True) if keep}
 
     # Setting `trainable` on a container propagates to all its sublayers, so go
     # top-down: the model, the base, nested containers, and the leaves last.
     model.trainable = True
-    base.trainable = bool(thawed)
-    for container, members in freezing.containers(base):
+    base_layer.trainable = bool(thawed)
+    for container, members in freezing.containers(base_layer):
         # A frozen container reports no trainable_variables at all, so it stays
         # trainable while anything inside it is.
         container.trainable = any(id(layer) in thawed for layer in members)
@@ -404,102 +416,9 @@ def unfreeze(
     return made_trainable
 
 
-def freeze_map(
-    model: keras.Model,
-    depth: int | None = None,
-    *,
-    unit: Literal["block", "layer"] | None = None,
-    keep_batchnorm_frozen: bool = True,
-) -> FreezeMap:
-    """Describe the freeze state: one row per base leaf layer, then the head layers.
-
-    Base rows cover every leaf layer of the base (nested models flattened, input
-    layers skipped), each with its block (see `unfreeze`). Head rows cover the
-    layers after the base (pooling, Dropout, Dense); augmentation layers before
-    the base are left out.
-
-    With no ``depth`` the rows show the model's current ``trainable`` flags. With
-    a ``depth`` they preview the state ``unfreeze(model, depth,
-    keep_batchnorm_frozen, unit=unit)`` would set, without changing the model.
-
-    Args:
-        model: a model with a layer named ``"base"``.
-        depth: preview this unfreeze depth; None shows the current flags.
-        unit: for a preview, what ``depth`` counts (see `unfreeze`).
-        keep_batchnorm_frozen: for a preview, whether BatchNorm stays frozen.
-
-    Returns:
-        A `FreezeMap`: a sequence of `LayerRow` that prints as a table.
-
-    Raises:
-        ValueError: if ``model`` has no base, or for a bad ``depth`` or ``unit``.
-
-    Example:
-
-    >>> from ftwidgets import demo
-    >>> model = build_transfer_model(demo.build_base(), num_classes=3)
-    >>> [row.name for row in freeze_map(model, depth=2) if row.part == "base" and row.trainable]
-    ['conv2', 'conv3']
-    >>> [row.name for row in freeze_map(model) if row.trainable]  # the model is unchanged
-    ['head_pool', 'head_dropout', 'head_dense']
-    """
-    base = get_base(model)
-    leaves = freezing.base_leaves(base)
-    if depth is None:
-        freezing.check_unit(unit)
-        flags = [layer.trainable for _, layer in leaves]
-        resolved = None
-    else:
-        flags, resolved = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
-    unfreezable = [name for name, layer in leaves if freezing.is_unfreezable(layer)]
-    from_top = {name: len(unfreezable) - i for i, name in enumerate(unfreezable)}
-    rows = [
-        _row(name, layer, "base", from_top.get(name), block, trainable, preview=depth is not None)
-        for (name, layer), block, trainable in zip(
-            leaves, freezing.leaf_blocks(leaves), flags, strict=True
-        )
-    ]
-    top_level = model.layers
-    for layer in top_level[top_level.index(base) + 1 :]:
-        if not isinstance(layer, keras.layers.InputLayer):
-            # `unfreeze` makes the whole head trainable.
-            trainable = True if depth is not None else layer.trainable
-            rows.append(_row(layer.name, layer, "head", None, None, trainable, depth is not None))
-    return FreezeMap(
-        tuple(rows),
-        model_name=model.name,
-        depth=None if depth is None else int(depth),
-        unit=resolved,
-        keep_batchnorm_frozen=None if depth is None else bool(keep_batchnorm_frozen),
-    )
-
-
-def freeze_map_frame(
-    model: keras.Model,
-    depth: int | None = None,
-    *,
-    unit: Literal["block", "layer"] | None = None,
-    keep_batchnorm_frozen: bool = True,
-) -> pd.DataFrame:
-    """Return `freeze_map` as a pandas DataFrame, one column per `LayerRow` field.
-
-    The arguments are those of `freeze_map`.
-
-    Example:
-
-    >>> from ftwidgets import demo
-    >>> model = build_transfer_model(demo.pretrained_base(), num_classes=5)
-    >>> frame = freeze_map_frame(model)
-    >>> frame.loc[frame.unfreezable_index <= 2, "name"].tolist()
-    ['conv2', 'conv3']
-    """
-    return freeze_map(
-        model, depth, unit=unit, keep_batchnorm_frozen=keep_batchnorm_frozen
-    ).to_frame()
-
-
-def set_head_dropout(model: keras.Model, rate: float) -> None:
-    """Set the rate of the head's Dropout layer (``"head_dropout"``).
+def set_head_dropout(model: keras.Model, rate: float, *, base: BaseSpec = None) -> None:
+    """Set the rate of the head's Dropout layer: ``"head_dropout"``, else the only
+    Dropout outside the base (a KerasHub classifier's ``classifier_dropout``).
 
     The rate is baked into the compiled train step, so it takes effect at the
     next ``compile``. A Dropout layer created with rate 0 (e.g. loaded from a
@@ -519,15 +438,14 @@ def set_head_dropout(model: keras.Model, rate: float) -> None:
     """
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
         raise ValueError(f"rate must be a number in [0, 1). Received: rate={rate!r}")
-    for layer in model.layers:
-        if layer.name == HEAD_DROPOUT_NAME and isinstance(layer, keras.layers.Dropout):
-            _ensure_seed_generator(layer)
-            layer.rate = float(rate)
-            return
-    raise ValueError(
-        f"The model has no Dropout layer named {HEAD_DROPOUT_NAME!r}. "
-        f"Received: model={getattr(model, 'name', model)!r}"
-    )
+    layer = bases.head_dropout(model, _resolve_base(model, base))
+    if layer is None:
+        raise ValueError(
+            f"The model's head has no Dropout layer: none named {HEAD_DROPOUT_NAME!r}, and "
+            f"not exactly one outside the base. Received: model={getattr(model, 'name', model)!r}"
+        )
+    _ensure_seed_generator(layer)
+    layer.rate = float(rate)
 
 
 def _inputs(model: keras.Model) -> list:
@@ -544,7 +462,9 @@ def _outputs(model: keras.Model) -> list:
         return []
 
 
-def _resolve_base(model_or_base: keras.Layer) -> keras.Layer:
+def _resolve_base(model_or_base: keras.Layer, base: BaseSpec = None) -> keras.Layer:
+    if base is not None:
+        return get_base(model_or_base, base)
     try:
         return get_base(model_or_base)
     except ValueError:
@@ -558,35 +478,3 @@ def _ensure_seed_generator(layer: keras.layers.Dropout) -> None:
     if getattr(layer, "seed_generator", None) is None:
         with upstream.unlocked_state(layer):
             layer.seed_generator = keras.random.SeedGenerator(layer.seed)
-
-
-def _size(variable: keras.Variable) -> int:
-    return math.prod(int(d) for d in variable.shape)
-
-
-def _row(
-    name: str,
-    layer: keras.layers.Layer,
-    part: str,
-    index: int | None,
-    block: str | None,
-    trainable: bool,
-    preview: bool,
-) -> LayerRow:
-    params = layer.count_params() if layer.built else 0
-    if preview:
-        # What `trainable_weights` will hold once `unfreeze` sets the flag.
-        weights = upstream.created_trainable_variables(layer) if trainable else []
-    else:
-        weights = layer.trainable_weights
-    return LayerRow(
-        name=name,
-        kind=type(layer).__name__,
-        params=int(params),
-        trainable=bool(trainable),
-        batchnorm=freezing.is_batchnorm(layer),
-        part=part,
-        unfreezable_index=index,
-        block=block,
-        trainable_params=sum(_size(v) for v in weights),
-    )

@@ -10,6 +10,7 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import TraitError
 
+from ftwidgets.engine import bases
 from ftwidgets.engine.config import (
     DEFAULT_LEARNING_RATES,
     OPTIMIZERS,
@@ -83,7 +84,7 @@ class PhaseControls(widgets.VBox):
         self._bad_lr_text: str | None = None
         self._syncing_lr = False
         self._suggested: float | None = None
-        self.preview = FreezePreview(session.model)
+        self.preview = FreezePreview(session.model, base=session.base)
         self._build(epochs, batch_size)
         self.find_lr_button.on_click(lambda _: find())
         self.use_lr_button.on_click(self._on_use_lr)
@@ -390,7 +391,5 @@ class PhaseControls(widgets.VBox):
         self.session.stream_batches = bool(change["new"])
 
     def _head_dropout(self) -> float:
-        try:
-            return float(self.session.model.get_layer("head_dropout").rate)
-        except ValueError:
-            return 0.3
+        layer = bases.head_dropout(self.session.model, self.session.base)
+        return 0.3 if layer is None else float(layer.rate)

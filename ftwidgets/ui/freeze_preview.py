@@ -32,11 +32,17 @@ class FreezePreview:
     '<small>unfreezes the top 2 layer(s), down to <code>conv2</code></small>'
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, base: Any = None) -> None:
         self.model = model
-        # The base's structure never changes, so list what each depth unfreezes once.
-        self.units = {unit: transfer.unfreeze_units(model, unit) for unit in UNFREEZE_UNITS}
-        self.default_unit = transfer.default_unit(model)
+        self.base = transfer.get_base(model, base)
+        # The base's structure never changes, so list what each depth unfreezes once;
+        # a base without blocks counts layers only.
+        self.default_unit = transfer.default_unit(model, base=self.base)
+        self.units = {
+            unit: transfer.unfreeze_units(model, unit, base=self.base)
+            for unit in UNFREEZE_UNITS
+            if unit == "layer" or self.default_unit == "block"
+        }
         self.depth_info = widgets.HTML()
         # Five columns are wider than the settings tab: scroll rather than clip.
         self.freeze_map = widgets.HTML(layout=widgets.Layout(overflow="auto"))
@@ -44,7 +50,11 @@ class FreezePreview:
     def render(self, depth: int, unit: str, keep_batchnorm_frozen: bool) -> None:
         """Show what unfreezing ``depth`` ``unit``\\ s of the base trains."""
         preview = transfer.freeze_map(
-            self.model, depth, unit=unit, keep_batchnorm_frozen=keep_batchnorm_frozen
+            self.model,
+            depth,
+            unit=unit,
+            keep_batchnorm_frozen=keep_batchnorm_frozen,
+            base=self.base,
         )
         trained = sum(1 for row in preview if row.part == "base" and row.trainable)
         self.depth_info.value = f"<small>{self._depth_text(depth, unit, trained)}</small>"

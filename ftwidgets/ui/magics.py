@@ -103,7 +103,7 @@ def _keras_object(namespace: dict[str, Any], token: str, kind: str) -> Any:
     return token
 
 
-def _check_model(model: Any, name: str) -> Any:
+def _check_model(model: Any, name: str, base: str | None) -> Any:
     """Fail early, before any widget exists, if ``model`` cannot have a panel."""
     import keras
 
@@ -111,15 +111,16 @@ def _check_model(model: Any, name: str) -> Any:
 
     if not isinstance(model, keras.Model):
         raise UsageError(
-            "%finetune: MODEL must be a Keras model built with ftwidgets.build_transfer_model. "
-            f"Received: MODEL={name} ({type(model).__name__})"
+            "%finetune: MODEL must be a Keras model: one built with "
+            "ftwidgets.build_transfer_model, a KerasHub task model, or one whose base --base "
+            f"names. Received: MODEL={name} ({type(model).__name__})"
         )
     try:
-        transfer.get_base(model)
-    except ValueError:
+        transfer.get_base(model, base)
+    except ValueError as exc:
         raise UsageError(
-            f"%finetune: {name} has no layer named 'base'; wrap your pretrained base with "
-            f"ftwidgets.build_transfer_model(base, num_classes=...). Received: MODEL={name}"
+            f"%finetune: {name}: {_one_line(exc)} Wrap your pretrained base with "
+            "ftwidgets.build_transfer_model(base, num_classes=...), or name it with --base."
         ) from None
     return model
 
@@ -166,7 +167,11 @@ class FineTuneMagics(Magics):
     """
 
     @magic_arguments()
-    @argument("model", help="name of a model built with ftwidgets.build_transfer_model")
+    @argument(
+        "model",
+        help="name of a model: from ftwidgets.build_transfer_model, a KerasHub task model, "
+        "or any model with --base",
+    )
     @argument(
         "--train", nargs=2, metavar=("X", "Y"), required=True, help="training inputs and labels"
     )
@@ -195,6 +200,7 @@ class FineTuneMagics(Magics):
         help=f"namespace name for the panel ({DEFAULT_PANEL_NAME})",
     )
     @argument("--name", help="the session's name (default: session-1, session-2...)")
+    @argument("--base", metavar="LAYER", help="the name of the model's base layer, if needed")
     @line_magic
     def finetune(self, line: str) -> None:
         """Show a fine-tuning control panel for a model and keep it in the namespace.
@@ -219,7 +225,7 @@ class FineTuneMagics(Magics):
                 "%finetune: --validation-split must be in [0, 1). "
                 f"Received: --validation-split {args.validation_split}"
             )
-        model = _check_model(_resolve(namespace, args.model, "MODEL"), args.model)
+        model = _check_model(_resolve(namespace, args.model, "MODEL"), args.model, args.base)
         train = tuple(_resolve(namespace, token, "--train") for token in args.train)
         validation = (
             None
@@ -245,6 +251,7 @@ class FineTuneMagics(Magics):
                 batch_size=args.batch_size,
                 validation_split=args.validation_split,
                 name=args.name,
+                base=args.base,
             )
         except (ValueError, TypeError) as exc:
             # The engine's messages already name the bad value; keep them to one line.
