@@ -102,7 +102,10 @@ def test_a_finetune_phase_on_dict_inputs_trains_only_the_unfrozen_blocks(tokens)
     session = ftw.FineTuneSession(model, train=train, validation=validation)
     try:
         assert session.base is model.backbone
-        session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, learning_rate=1e-2))
+        head = ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, learning_rate=1e-2)
+        session.run(head.with_changes(dropout=0.4))
+        # The head's dropout is the classifier's own: the only Dropout outside the base.
+        assert model.get_layer("classifier_dropout").rate == 0.4
         before = weights(model.backbone)
         session.run(
             ftw.PhaseConfig(
