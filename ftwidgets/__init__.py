@@ -30,6 +30,7 @@ from ftwidgets.engine.session import FineTuneSession  # noqa: E402
 from ftwidgets.engine.transfer import (  # noqa: E402
     build_transfer_model,
     freeze_map,
+    load_lora_weights,
     unfreeze,
 )
 
@@ -108,5 +109,6 @@ __all__ = [
     "enable_compilation_cache",
     "freeze_map",
     "live_sessions",
+    "load_lora_weights",
     "unfreeze",
 ]

@@ -45,6 +45,43 @@ def block_base() -> keras.Model:
     return keras.Model(inputs, x, name="block_base")
 
 
+def digit_tokens():
+    """The digits of classes 0-2 as token sequences for a KerasHub BERT: each 8x8 image is
+    64 tokens, its pixel values 0-16. Returns ``(train, validation)``: 64 and 32 rows."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = digits.target < 3
+    x, y = digits.data[keep].astype("int32"), digits.target[keep].astype("int32")
+    order = np.random.default_rng(0).permutation(len(y))[:96]
+    x, y = x[order], y[order]
+
+    def inputs(rows):
+        return {
+            "token_ids": rows,
+            "padding_mask": np.ones_like(rows, dtype=bool),
+            "segment_ids": np.zeros_like(rows),
+        }
+
+    return (inputs(x[:64]), y[:64]), (inputs(x[64:]), y[64:])
+
+
+def bert_classifier(seed: int = 0):
+    """A real KerasHub BERT classifier in a tiny random-initialised configuration."""
+    import keras_hub  # scripts/test.sh installs it (without TensorFlow): missing is a failure
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=17,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=64,
+    )
+    return keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
+
+
 def make_model(seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return ftw.build_transfer_model(tiny_base(), num_classes=5, dropout=0.3)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import sys
 
 import keras
-import keras_hub  # scripts/test.sh installs it (without TensorFlow): missing is a failure
 import numpy as np
 import pytest
-from helpers import WAIT
+from helpers import WAIT, bert_classifier, digit_tokens
 
 import ftwidgets as ftw
 from ftwidgets.engine.transfer import freeze_map, get_base, unfreeze, unfreeze_units
@@ -22,36 +21,7 @@ from ftwidgets.engine.transfer import freeze_map, get_base, unfreeze, unfreeze_u
 
 @pytest.fixture(scope="module")
 def tokens():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    keep = digits.target < 3
-    x, y = digits.data[keep].astype("int32"), digits.target[keep].astype("int32")
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(y))[:96]
-    x, y = x[order], y[order]
-
-    def inputs(rows):
-        return {
-            "token_ids": rows,
-            "padding_mask": np.ones_like(rows, dtype=bool),
-            "segment_ids": np.zeros_like(rows),
-        }
-
-    return (inputs(x[:64]), y[:64]), (inputs(x[64:]), y[64:])
-
-
-def bert_classifier(seed: int = 0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=17,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=64,
-    )
-    return keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
+    return digit_tokens()
 
 
 def weights(layer) -> dict[str, np.ndarray]:

@@ -138,6 +138,7 @@ class Coach:
             failure=failure.message if failure else None,
             non_finite=failure is not None and isinstance(failure.exception, NonFiniteError),
             num_classes=started.num_classes,
+            lora_rank=started.lora_rank,
         )
 
     @property

@@ -56,6 +56,7 @@ class Record:
         non_finite: whether that failure was a NaN or infinite loss or weight.
         num_classes: the classes of a single-label classification head (its accuracy
             by chance is one in that many), None otherwise.
+        lora_rank: the rank of the LoRA adapters the phase trains, None without.
 
     Example:
 
@@ -79,6 +80,7 @@ class Record:
     failure: str | None = None
     non_finite: bool = False
     num_classes: int | None = None
+    lora_rank: int | None = None
 
     def better(self, a: float, b: float) -> bool:
         """Whether ``a`` is better than ``b`` for the monitor."""

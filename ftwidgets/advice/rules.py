@@ -287,9 +287,12 @@ def head_converged(record: Record) -> Note | None:
 
 def finetune_rate_too_high(record: Record) -> Note | None:
     """A fine-tune phase with the base unfrozen at a rate above ``FINETUNE_MAX_RATE``, or
-    above ``FINETUNE_SHARE_OF_HEAD`` of the head phase's rate."""
+    above ``FINETUNE_SHARE_OF_HEAD`` of the head phase's rate. Not a LoRA phase: its
+    pretrained kernels stay frozen, and its adapters start from zero."""
     rate = record.learning_rate
     if record.phase != "finetune" or record.unfreeze_depth < 1 or rate is None:
+        return None
+    if record.lora_rank is not None:
         return None
     heads = [s.learning_rate for s in record.history.lineage_phases() if s.phase == "head"]
     head = heads[-1] if heads else None

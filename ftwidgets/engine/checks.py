@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from ftwidgets import upstream
-from ftwidgets.engine import tasks, transfer
+from ftwidgets.engine import freezing, lora, tasks, transfer
 from ftwidgets.engine.compiling import fit_batch
 from ftwidgets.engine.config import (
     DEFAULT_LEARNING_RATES,
@@ -33,6 +33,7 @@ __all__ = [
     "best_only_config",
     "check_callbacks",
     "check_depth",
+    "check_lora",
     "check_monitor",
     "early_stopping_update",
     "expected_metric_names",
@@ -97,6 +98,29 @@ def check_depth(
             f"can be unfrozen. Received: unfreeze_depth={depth}, unfreeze_unit={unit!r}"
         )
     return depth, unit
+
+
+def check_lora(
+    model: keras.Model,
+    config: PhaseConfig,
+    depth: int,
+    unit: str,
+    base: keras.layers.Layer | None = None,
+) -> None:
+    """Refuse, before training, LoRA settings the phase could not honour: targets it
+    cannot adapt, a rank other than the base's adapters', BatchNorm training on a base
+    that trains through adapters (`ftwidgets.engine.lora`).
+
+    Raises:
+        ValueError: naming the setting.
+    """
+    base = transfer.get_base(model, base)
+    if config.lora_rank is not None:
+        lora.plan_adapters(
+            base, depth, unit, config.lora_rank, config.lora_alpha, config.lora_targets
+        )
+    else:
+        lora.plan_flags(freezing.base_leaves(base), depth, config.keep_batchnorm_frozen, unit)
 
 
 def phase_early_stopping(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from ftwidgets import upstream
-from ftwidgets.engine import bases, tasks, transfer, warm_compile
+from ftwidgets.engine import bases, lora, tasks, transfer, warm_compile
 from ftwidgets.engine.config import PhaseConfig, check_steerable_optimizer
 from ftwidgets.engine.inputs import TrainingData
 
@@ -34,6 +34,7 @@ __all__ = [
     "lower_phase",
     "make_optimizer",
     "phase_key",
+    "trained_config",
 ]
 
 
@@ -136,6 +137,29 @@ def chosen_optimizer(config: PhaseConfig, compiled: Any) -> Any:
     return compiled if compiled is not None else "adam"
 
 
+def trained_config(config: PhaseConfig, compiled: Any, base: keras.layers.Layer) -> PhaseConfig:
+    """What a phase set up on the model trains with: ``config`` with its optimizer
+    chosen (None: the compiled one, else Adam), and for a fine-tune phase that trains
+    adapters it did not name, their rank and alpha.
+
+    Example:
+
+    >>> from ftwidgets import demo
+    >>> model = transfer.build_transfer_model(demo.pretrained_base(), num_classes=5)
+    >>> model.get_layer("base").get_layer("conv3").enable_lora(4)
+    >>> config = PhaseConfig(phase="finetune")
+    >>> _ = transfer.unfreeze(model, 1)
+    >>> trained = trained_config(config, None, model.get_layer("base"))
+    >>> trained.optimizer, trained.lora_rank, trained.lora_alpha
+    ('adam', 4, 4)
+    """
+    changes: dict[str, Any] = {"optimizer": chosen_optimizer(config, compiled)}
+    training = [layer for _, layer in lora.adapted(base) if layer.trainable]
+    if config.phase == "finetune" and config.lora_rank is None and training:
+        changes |= {"lora_rank": training[0].lora_rank, "lora_alpha": training[0].lora_alpha}
+    return config.with_changes(**changes)
+
+
 def _optimizer_key(config: PhaseConfig, compiled: Any = None) -> tuple[Any, ...]:
     """What a phase's optimizer changes in its programs: its class and settings.
 
@@ -224,11 +248,15 @@ def fit_batch(ctx: JobContext, batch_size: int) -> tuple[Any, ...]:
 class ModelSetup:
     """A phase's trainable set on the model, with the flags it replaced kept for `undo`.
 
+    A LoRA phase (``config.lora_rank``) first gives its targets in the unfrozen units
+    their adapters (`ftwidgets.engine.lora`); `undo` takes those off again.
+
     Args:
-        model: a model with a layer named ``"base"``.
-        config: the phase: its depth, unit, BatchNorm setting and dropout.
+        model: a model with a base (see ``ftwidgets.engine.transfer.get_base``).
+        config: the phase: its depth, unit, BatchNorm setting, dropout and LoRA.
         depth: the depth checked against the base.
         unit: ``"block"`` or ``"layer"``.
+        base: the model's base, where ``get_base`` would not find it.
 
     Example:
 
@@ -240,6 +268,12 @@ class ModelSetup:
     >>> setup.undo()
     >>> model.get_layer("base").trainable
     False
+    >>> setup = ModelSetup(model, PhaseConfig(phase="finetune", lora_rank=2), 1, "layer")
+    >>> [v.name for v in model.get_layer("base").trainable_weights]
+    ['lora_kernel_a', 'lora_kernel_b']
+    >>> setup.undo()
+    >>> lora.adapted(model.get_layer("base"))
+    []
     """
 
     def __init__(
@@ -253,8 +287,16 @@ class ModelSetup:
         self.model = model
         self.base = transfer.get_base(model, base)
         self._flags = {id(layer): layer.trainable for layer in upstream.flatten_layers(model)}
+        self._variable_flags = {id(v): v.trainable for v in model.weights}
         self._dropout = head_dropout_rate(model, self.base) if config.dropout is not None else None
+        self.added: list[tuple[str, keras.layers.Layer]] = []
         try:
+            if config.lora_rank is not None:
+                rank, alpha = config.lora_rank, config.lora_alpha
+                self.added = lora.plan_adapters(
+                    self.base, depth, unit, rank, alpha, config.lora_targets
+                )
+                lora.enable(self.added, rank, alpha)
             self.trainable = transfer.unfreeze(
                 model,
                 depth,
@@ -269,9 +311,15 @@ class ModelSetup:
             raise
 
     def undo(self) -> None:
-        """Put back the trainable flags (and the head's dropout rate) it replaced."""
+        """Take off the adapters it added; put back the trainable flags (and the head's
+        dropout rate) it replaced."""
+        lora.remove(self.added)
+        self.added = []
         for layer in upstream.flatten_layers(self.model):
             layer.trainable = self._flags.get(id(layer), layer.trainable)
+        # After the layers': each layer's flag set its variables' flags too.
+        for variable in self.model.weights:
+            variable.trainable = self._variable_flags.get(id(variable), variable.trainable)
         if self._dropout is not None:
             transfer.set_head_dropout(self.model, self._dropout, base=self.base)
 

@@ -270,6 +270,19 @@ class PhaseConfig:
             counts as one), ``"layer"`` (single weight-bearing layers), or
             ``None`` for the base's default (``ftwidgets.engine.transfer.default_unit``:
             blocks when its layer names form blocks, else layers).
+        lora_rank: for a fine-tune phase, train low-rank adapters (LoRA) instead of
+            the unfrozen units' kernels: Keras's ``enable_lora(rank, lora_alpha)`` on
+            each target layer in the unfrozen units that has no adapter yet. Only the
+            adapters and the head train; every other base weight stays frozen, and a
+            LoRA layer's full kernel stays frozen in every later phase (Keras cannot
+            remove an adapter). None trains the adapters the base already has, if any
+            (``ftwidgets.engine.lora``).
+        lora_alpha: the adapters' scale numerator (the update is scaled by
+            ``lora_alpha / lora_rank``); None is Keras's default, the rank.
+        lora_targets: names or paths (as in ``freeze_map``) of the layers that get
+            adapters; None for the default: a KerasHub backbone's own
+            (``default_lora_layer_names()``: the attention's query and value), else
+            every Dense, EinsumDense and convolution layer of the unfrozen units.
 
     Example:
 
@@ -282,6 +295,8 @@ class PhaseConfig:
     >>> cfg = PhaseConfig(optimizer=keras.optimizers.SGD(momentum=0.9, weight_decay=1e-4))
     >>> type(cfg.optimizer).__name__, PhaseConfig().optimizer
     ('SGD', None)
+    >>> PhaseConfig(phase="finetune", lora_rank=8, lora_targets=["query", "value"]).lora_targets
+    ('query', 'value')
     """
 
     phase: Literal["head", "finetune"] = "head"
@@ -293,6 +308,9 @@ class PhaseConfig:
     optimizer: Any = None
     dropout: float | None = None
     unfreeze_unit: Literal["block", "layer"] | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -319,6 +337,55 @@ class PhaseConfig:
             raise ValueError(
                 f"unfreeze_unit must be one of {UNFREEZE_UNITS} or None. "
                 f"Received: unfreeze_unit={self.unfreeze_unit!r}"
+            )
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.lora_targets is not None:
+            targets = self.lora_targets
+            if isinstance(targets, str):
+                targets = (targets,)
+            try:
+                targets = tuple(targets)
+            except TypeError:
+                targets = None
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(
+                    "lora_targets must be None or a list of layer names or paths. "
+                    f"Received: lora_targets={self.lora_targets!r}"
+                )
+            object.__setattr__(self, "lora_targets", targets)
+        if self.lora_rank is None:
+            for name in ("lora_alpha", "lora_targets"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} sets up LoRA adapters, which lora_rank turns on. Pass "
+                        f"lora_rank too. Received: {name}={getattr(self, name)!r} with "
+                        "lora_rank=None"
+                    )
+            return
+        _check_int("lora_rank", self.lora_rank, 1)
+        if self.phase == "head":
+            raise ValueError(
+                "The head phase keeps the base frozen, adapters included; LoRA adapters "
+                "train in a fine-tune phase. Use phase='finetune'. "
+                f"Received: lora_rank={self.lora_rank!r} with phase='head'"
+            )
+        if not self.keep_batchnorm_frozen:
+            raise ValueError(
+                "A LoRA phase trains only the adapters and the head, so BatchNorm stays "
+                "frozen. Received: keep_batchnorm_frozen=False with "
+                f"lora_rank={self.lora_rank!r}"
+            )
+        alpha = self.lora_alpha
+        if alpha is not None and (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, int | float)
+            or not math.isfinite(alpha)
+            or alpha <= 0
+        ):
+            raise ValueError(
+                f"lora_alpha must be None or a positive number. Received: lora_alpha={alpha!r}"
             )
 
     def with_changes(self, **changes: object) -> PhaseConfig:

@@ -223,7 +223,8 @@ class PhaseStarted(Event):
     ``trainable_params`` counts the parameters it trains, ``dropout`` is the head's
     dropout rate in it (None: no head dropout), ``num_classes`` the classes of a
     single-label classification head (None otherwise), ``train_samples`` the training
-    samples per epoch (None for a dataset).
+    samples per epoch (None for a dataset), ``lora_rank`` the rank of the LoRA adapters
+    it trains in the base (None: it trains no adapters).
     """
 
     index: int
@@ -240,6 +241,7 @@ class PhaseStarted(Event):
     dropout: float | None = None
     num_classes: int | None = None
     train_samples: int | None = None
+    lora_rank: int | None = None
 
 
 @dataclass(frozen=True)

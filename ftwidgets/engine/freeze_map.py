@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import keras
 
 from ftwidgets import upstream
-from ftwidgets.engine import bases, freezing
+from ftwidgets.engine import bases, freezing, lora
 from ftwidgets.engine.bases import BaseSpec
 
 if TYPE_CHECKING:
@@ -46,6 +46,9 @@ class LayerRow:
         trainable_params: how many of ``params`` the optimizer updates: the
             layer's trainable weights while it is trainable, else 0. The rest
             (``frozen_params``) includes BatchNorm moving statistics.
+        lora_rank: the rank of the layer's LoRA adapter (in a preview of a LoRA
+            phase, of the adapter it would get), else None. Its ``params`` include
+            the adapter's, and while it trains only the adapter's count as trainable.
 
     Example:
 
@@ -63,6 +66,7 @@ class LayerRow:
     unfreezable_index: int | None
     block: str | None = None
     trainable_params: int = 0
+    lora_rank: int | None = None
 
     @property
     def frozen_params(self) -> int:
@@ -134,11 +138,16 @@ class FreezeMapGroup:
     @property
     def state(self) -> str:
         """``"trainable"``, ``"partly trainable"``, ``"frozen"``, ``"frozen (BatchNorm)"``,
-        ``"no weights"``, or for the head ``"trainable (head)"``/``"frozen (head)"``."""
+        ``"no weights"``, for the head ``"trainable (head)"``/``"frozen (head)"``, and
+        for LoRA ``"adapters train (LoRA r=8)"``/``"frozen (LoRA r=8)"``."""
         if not self.is_block:
             return _row_state(self.rows[0])
         if self.params == 0:
             return "no weights"
+        adapters = [row for row in self.rows if row.lora_rank is not None]
+        if adapters:
+            trains = any(row.trainable for row in adapters)
+            return _lora_state(adapters[0].lora_rank, trains)
         if self.trainable_params == 0:
             return "frozen"
         unfreezable = [row for row in self.rows if row.unfreezable_index is not None]
@@ -161,6 +170,7 @@ class FreezeMap(Sequence[LayerRow]):
         depth: for a preview (see `freeze_map`), the depth it shows; else None.
         unit: for a preview, the unit ``depth`` counts (``"block"`` or ``"layer"``).
         keep_batchnorm_frozen: for a preview, whether BatchNorm stays frozen.
+        lora_rank: for a preview of a LoRA phase, its rank.
 
     Example:
 
@@ -198,6 +208,7 @@ class FreezeMap(Sequence[LayerRow]):
     depth: int | None = None
     unit: Literal["block", "layer"] | None = None
     keep_batchnorm_frozen: bool | None = None
+    lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rows", tuple(self.rows))
@@ -310,6 +321,8 @@ class FreezeMap(Sequence[LayerRow]):
         if self.depth is not None:
             bn = "" if self.keep_batchnorm_frozen else ", keep_batchnorm_frozen=False"
             title += f", preview of unfreeze(depth={self.depth}, unit={self.unit!r}{bn})"
+            if self.lora_rank is not None:
+                title += f" with LoRA rank {self.lora_rank}"
         return f"{title}: {self.count_label}"
 
 
@@ -317,9 +330,15 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+def _lora_state(rank: int | None, trains: bool) -> str:
+    return f"adapters train (LoRA r={rank})" if trains else f"frozen (LoRA r={rank})"
+
+
 def _row_state(row: LayerRow) -> str:
     if row.params == 0:
         return "no weights"
+    if row.lora_rank is not None:
+        return _lora_state(row.lora_rank, row.trainable)
     if row.part == "head":
         return "trainable (head)" if row.trainable else "frozen (head)"
     if row.trainable:
@@ -334,6 +353,9 @@ def freeze_map(
     unit: Literal["block", "layer"] | None = None,
     keep_batchnorm_frozen: bool = True,
     base: BaseSpec = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | None = None,
 ) -> FreezeMap:
     """Describe the freeze state: one row per base leaf layer, then the head layers.
 
@@ -344,7 +366,9 @@ def freeze_map(
 
     With no ``depth`` the rows show the model's current ``trainable`` flags. With
     a ``depth`` they preview the state ``unfreeze(model, depth,
-    keep_batchnorm_frozen, unit=unit)`` would set, without changing the model.
+    keep_batchnorm_frozen, unit=unit)`` would set, without changing the model; with
+    ``lora_rank`` too, the state a LoRA phase of those settings would set (see
+    ``ftwidgets.PhaseConfig``): its targets' adapters and their sizes.
 
     Args:
         model: a model with a base (see ``ftwidgets.transfer.get_base``).
@@ -352,12 +376,16 @@ def freeze_map(
         unit: for a preview, what ``depth`` counts (see ``ftwidgets.transfer.unfreeze``).
         keep_batchnorm_frozen: for a preview, whether BatchNorm stays frozen.
         base: the model's base, or its name, where ``get_base`` would not find it.
+        lora_rank: for a preview, a LoRA phase's rank (None: no LoRA phase).
+        lora_alpha: for a preview, a LoRA phase's alpha.
+        lora_targets: for a preview, a LoRA phase's targets.
 
     Returns:
         A `FreezeMap`: a sequence of `LayerRow` that prints as a table.
 
     Raises:
-        ValueError: if ``model`` has no base, or for a bad ``depth`` or ``unit``.
+        ValueError: if ``model`` has no base, or for a bad ``depth``, ``unit`` or LoRA
+            setting (as the phase would refuse it).
 
     Example:
 
@@ -371,16 +399,34 @@ def freeze_map(
     """
     base_layer = bases.find_base(model, base)
     leaves = freezing.base_leaves(base_layer)
+    planned: dict[int, int] = {}  # id of a layer a LoRA phase would adapt: its rank
     if depth is None:
         freezing.check_unit(unit)
         flags = [layer.trainable for _, layer in leaves]
         resolved = None
+    elif lora_rank is not None:
+        wanted, resolved = freezing.plan(leaves, depth, True, unit)
+        new = lora.plan_adapters(base_layer, depth, unit, lora_rank, lora_alpha, lora_targets)
+        planned = {id(layer): lora_rank for _, layer in new}
+        flags = [
+            keep and (id(layer) in planned or lora.has_adapter(layer))
+            for (_, layer), keep in zip(leaves, wanted, strict=True)
+        ]
     else:
-        flags, resolved = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
+        flags, resolved = lora.plan_flags(leaves, depth, keep_batchnorm_frozen, unit)
     unfreezable = [name for name, layer in leaves if freezing.is_unfreezable(layer)]
     from_top = {name: len(unfreezable) - i for i, name in enumerate(unfreezable)}
     rows = [
-        _row(name, layer, "base", from_top.get(name), block, trainable, preview=depth is not None)
+        _row(
+            name,
+            layer,
+            "base",
+            from_top.get(name),
+            block,
+            trainable,
+            preview=depth is not None,
+            planned=planned.get(id(layer)),
+        )
         for (name, layer), block, trainable in zip(
             leaves, freezing.leaf_blocks(leaves), flags, strict=True
         )
@@ -397,6 +443,7 @@ def freeze_map(
         depth=None if depth is None else int(depth),
         unit=resolved,
         keep_batchnorm_frozen=None if depth is None else bool(keep_batchnorm_frozen),
+        lora_rank=None if depth is None else lora_rank,
     )
 
 
@@ -448,13 +495,21 @@ def _row(
     block: str | None,
     trainable: bool,
     preview: bool,
+    planned: int | None = None,
 ) -> LayerRow:
     params = layer.count_params() if layer.built else 0
-    if preview:
+    rank = layer.lora_rank if lora.has_adapter(layer) else planned
+    if preview and rank is not None and part == "base":
+        # A base layer with an adapter trains the adapter alone (`lora.adapter_flags`).
+        adapter = lora.adapter_size(layer, rank)
+        params += adapter if planned is not None else 0
+        trained = adapter if trainable else 0
+    elif preview:
         # What `trainable_weights` will hold once `unfreeze` sets the flag.
         weights = upstream.created_trainable_variables(layer) if trainable else []
+        trained = sum(_size(v) for v in weights)
     else:
-        weights = layer.trainable_weights
+        trained = sum(_size(v) for v in layer.trainable_weights)
     return LayerRow(
         name=name,
         kind=type(layer).__name__,
@@ -464,5 +519,6 @@ def _row(
         part=part,
         unfreezable_index=index,
         block=block,
-        trainable_params=sum(_size(v) for v in weights),
+        trainable_params=int(trained),
+        lora_rank=rank,
     )

@@ -20,9 +20,9 @@ from ftwidgets.engine.callbacks import LossStream, NonFiniteError, SessionContro
 from ftwidgets.engine.channel import Command, Rollback, UpdateEarlyStopping
 from ftwidgets.engine.compiling import (
     ModelSetup,
-    chosen_optimizer,
     compile_phase,
     head_dropout_rate,
+    trained_config,
 )
 from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig
 from ftwidgets.engine.events import (
@@ -139,6 +139,9 @@ class FitPhase(PhaseRecorder):
             self.early_stopping = tracking
         self.tracking = tracking
         self.trainable = setup.trainable
+        # What trained: None stands for the compiled optimizer or Adam, and for the
+        # adapters the base has.
+        trained = trained_config(config, ctx.optimizer, ctx.base)
         self.attach(ctx)
         ctx.snapshots.keep_recent(before)
         ctx.early_stopping = self.early_stopping
@@ -152,8 +155,7 @@ class FitPhase(PhaseRecorder):
                 self.learning_rate,
                 self.depth,
                 unfreeze_unit=self.unit,
-                # What trained: None stands for the compiled optimizer, or Adam.
-                config=config.with_changes(optimizer=chosen_optimizer(config, ctx.optimizer)),
+                config=trained,
                 early_stopping=self.early_stopping,
             )
         )
@@ -174,6 +176,7 @@ class FitPhase(PhaseRecorder):
                 dropout=head_dropout_rate(model, ctx.base),
                 num_classes=_num_classes(model, ctx.loss),
                 train_samples=ctx.data.num_train(),
+                lora_rank=trained.lora_rank,
             )
         )
 

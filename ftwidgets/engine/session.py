@@ -11,13 +11,15 @@ Live sessions are listed in ``ftwidgets.engine.registry``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import keras
 
 from ftwidgets import _backend
-from ftwidgets.engine import checks, lr_search, registry, tasks, transfer, warm_compile
+from ftwidgets.engine import checks, lora, lr_search, registry, tasks, transfer, warm_compile
 from ftwidgets.engine.channel import Channel, Outbox, Resume, Stop
 from ftwidgets.engine.compiling import PhaseCompile
 from ftwidgets.engine.events import Event, Note
@@ -294,6 +296,29 @@ class FineTuneSession(Training):
         typed ``actions`` (``ftwidgets.engine.actions``) that `apply` applies.
         """
         return list(self.coach.notes)
+
+    def save_lora_weights(self, path: str | os.PathLike[str]) -> Path:
+        """Write the base's LoRA adapters alone to ``path``, a ``.lora.h5`` file.
+
+        The layout is KerasHub's (``Backbone.save_lora_weights``), so a KerasHub
+        backbone with the same adapters reads it with ``load_lora_weights``; any base
+        reads it with ``ftwidgets.load_lora_weights``. Written atomically.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: if the base has no adapters, or the name does not end in
+                ``.lora.h5``.
+            RuntimeError: while a job trains the model (its weights are then on the
+                worker): save when it has ended.
+        """
+        if self.is_training:
+            raise RuntimeError(
+                "The model is training: its adapters are being written by the worker. "
+                "Save them when the phase has ended (session.wait())."
+            )
+        return lora.save_lora_weights(self._ctx.base, path)
 
     # -- the end -----------------------------------------------------------------
     def close(self) -> None:

@@ -11,12 +11,13 @@ import uuid
 from collections import deque
 from collections.abc import Collection, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ftwidgets.engine import lora
 from ftwidgets.engine.host_blocks import BlockLayout, is_non_finite, prefault
 from ftwidgets.engine.snapshot_files import publish, read_snapshot, write_snapshot
 
@@ -56,6 +57,9 @@ class Snapshot:
     # `SnapshotStore.keep_epoch`), and the id of the block that holds them.
     shared_nbytes: int = field(default=0, compare=False)
     shared_key: int | None = field(default=None, compare=False, repr=False)
+    # The ids of the variables ``values`` were copied from, in order: a model that has
+    # gained LoRA adapters since is restored variable by variable (see `restore`).
+    ids: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def finite(self) -> bool:
@@ -138,7 +142,13 @@ def capture(model, label: str, epoch: int | None = None) -> Snapshot:
     layout = BlockLayout(variables)
     values, block = layout.copy([v.value for v in variables])
     bad = layout.first_non_finite(values, block)
-    return Snapshot(label, epoch, values, None if bad is None else variables[bad].path)
+    return Snapshot(
+        label,
+        epoch,
+        values,
+        None if bad is None else variables[bad].path,
+        ids=tuple(map(id, variables)),
+    )
 
 
 def sizes_of(variables: Iterable[Any]) -> tuple[int, int]:
@@ -173,11 +183,13 @@ class _Plan:
 def restore(model, snapshot: Snapshot) -> None:
     """Assign a snapshot back to every variable of ``model``.
 
-    Works even when a failed ``fit`` left the variables empty.
+    Works even when a failed ``fit`` left the variables empty. A model that gained
+    LoRA adapters after the snapshot was taken gets each adapter's ``lora_kernel_b``
+    zeroed, so the adapter adds exactly nothing: the model computes what it did then.
 
     Raises:
-        ValueError: if the snapshot was taken from a model with other variables,
-            or holds a non-finite value.
+        ValueError: if the snapshot was taken from a model with other variables
+            (besides adapters added since), or holds a non-finite value.
 
     Example:
 
@@ -196,13 +208,30 @@ def restore(model, snapshot: Snapshot) -> None:
             f"Received: {snapshot.non_finite} is not finite"
         )
     variables = model.variables
-    if len(variables) != len(snapshot.values):
+    ids = tuple(map(id, variables))
+    if snapshot.ids is None or snapshot.ids == ids:
+        if len(variables) != len(snapshot.values):
+            raise ValueError(
+                f"Snapshot {snapshot.label!r} holds {len(snapshot.values)} variables but the "
+                f"model has {len(variables)}. Received: model={model.name!r}"
+            )
+        for variable, value in zip(variables, snapshot.values, strict=True):
+            variable.assign(value)
+        return
+    values = dict(zip(snapshot.ids, snapshot.values, strict=True))
+    added = [v for v in variables if id(v) not in values]
+    if set(values) - set(ids) or not all(lora.is_adapter(v) for v in added):
         raise ValueError(
-            f"Snapshot {snapshot.label!r} holds {len(snapshot.values)} variables but the model "
-            f"has {len(variables)}. Received: model={model.name!r}"
+            f"Snapshot {snapshot.label!r} was taken from other variables than the model "
+            f"has now (besides LoRA adapters added since: {[v.path for v in added]}). "
+            f"Received: model={model.name!r}"
         )
-    for variable, value in zip(variables, snapshot.values, strict=True):
-        variable.assign(value)
+    for variable in variables:
+        value = values.get(id(variable))
+        if value is not None:
+            variable.assign(value)
+        elif variable.name == lora.ADAPTER_NAMES[1]:
+            variable.assign(np.zeros(variable.shape, variable.dtype))
 
 
 class SnapshotStore:
@@ -256,6 +285,7 @@ class SnapshotStore:
             else Path(checkpoint_dir) / f"{run}-{uuid.uuid4().hex[:8]}"
         )
         self._on_disk: set[int] = set()
+        self._ids: dict[int, tuple[int, ...]] = {}  # of the epochs on disk: `Snapshot.ids`
         self._stems: dict[int, str] = {}
         self.best_epoch: int | None = None
         self.max_epochs, self.max_bytes = parse_keep(keep)
@@ -304,7 +334,7 @@ class SnapshotStore:
         """The kept snapshot of ``epoch`` (read from disk if it left memory), or None."""
         snapshot = self._by_epoch.get(epoch)
         if snapshot is None and epoch in self._on_disk:
-            snapshot = read_snapshot(self.epoch_path(epoch), epoch)
+            snapshot = replace(read_snapshot(self.epoch_path(epoch), epoch), ids=self._ids[epoch])
         return snapshot
 
     def epoch_path(self, epoch: int) -> Path | None:
@@ -405,6 +435,7 @@ class SnapshotStore:
             None if bad is None else variables[bad].path,
             shared_nbytes=plan.fixed_layout.held if shared is not None else 0,
             shared_key=None if shared is None else id(shared[2]),
+            ids=plan.ids,
         )
         if not snapshot.finite:
             return snapshot
@@ -412,6 +443,7 @@ class SnapshotStore:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             write_snapshot(model, self.epoch_path(epoch), snapshot)
             self._on_disk.add(epoch)
+            self._ids[epoch] = plan.ids
         self.add(snapshot)
         if not self._over(own.held, 1):  # the next epoch fits without evicting one
             self._spare = prefault(own.nbytes)

@@ -232,6 +232,7 @@ class Training(Steering):
                 "stop that one first."
             )
         depth, unit = checks.check_depth(self.model, config, self.base)
+        checks.check_lora(self.model, config, depth, unit, self.base)
         if config.optimizer is None and self._ctx.optimizer is not None:
             check_steerable_optimizer(self._ctx.optimizer, "compiled optimizer")
         self._ctx.data.check(self.model, self._ctx.loss, config.batch_size)

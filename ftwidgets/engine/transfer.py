@@ -29,19 +29,17 @@ while the base is frozen.
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import keras
 
 from ftwidgets import upstream
-from ftwidgets.engine import bases, freezing
+from ftwidgets.engine import bases, freezing, lora
 from ftwidgets.engine.bases import BASE_NAME, HEAD_DROPOUT_NAME, BaseSpec
 from ftwidgets.engine.freeze_map import freeze_map, freeze_map_frame
 from ftwidgets.engine.freezing import UnfreezeUnit
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "BASE_NAME",
@@ -53,6 +51,7 @@ __all__ = [
     "freeze_map",
     "freeze_map_frame",
     "get_base",
+    "load_lora_weights",
     "set_head_dropout",
     "unfreezable_layers",
     "unfreeze",
@@ -320,7 +319,7 @@ def unfreeze_plan(
     (True, True)
     """
     leaves = freezing.base_leaves(_resolve_base(model_or_base, base))
-    wanted, _ = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
+    wanted, _ = lora.plan_flags(leaves, depth, keep_batchnorm_frozen, unit)
     return [name for (name, _), keep in zip(leaves, wanted, strict=True) if keep]
 
 
@@ -364,6 +363,11 @@ def unfreeze(
     a unit of its own; `unfreeze_units` lists them. A base without any block refuses
     ``unit="block"`` rather than count its layers.
 
+    **LoRA.** A base with LoRA adapters (Keras's ``enable_lora``, by a LoRA phase or
+    by the user) trains only the adapters of its unfrozen units: every other base
+    weight stays frozen, and no layer's full kernel is made trainable again
+    (`ftwidgets.engine.lora`).
+
     Args:
         model: a model with a base (see `get_base`).
         depth: how many units to make trainable, counted from the top. 0 freezes
@@ -382,7 +386,8 @@ def unfreeze(
 
     Raises:
         ValueError: if ``unit`` is unknown, ``depth`` is not an integer between 0
-            and the number of units, or ``model`` has no base.
+            and the number of units, ``model`` has no base, or for
+            ``keep_batchnorm_frozen=False`` on a base with adapters.
 
     Example:
 
@@ -397,7 +402,7 @@ def unfreeze(
     """
     base_layer = get_base(model, base)
     leaves = freezing.base_leaves(base_layer)
-    wanted, _ = freezing.plan(leaves, depth, keep_batchnorm_frozen, unit)
+    wanted, _ = lora.plan_flags(leaves, depth, keep_batchnorm_frozen, unit)
     thawed = {id(layer) for (_, layer), keep in zip(leaves, wanted, strict=True) if keep}
 
     # Setting `trainable` on a container propagates to all its sublayers, so go
@@ -413,7 +418,45 @@ def unfreeze(
         layer.trainable = keep
         if keep:
             made_trainable.append(leaf_name)
+    # Last: every `trainable` set above gave LoRA layers their full kernels back.
+    lora.adapter_flags(model, base_layer)
     return made_trainable
+
+
+def load_lora_weights(
+    model: keras.Model, path: str | os.PathLike[str], *, base: BaseSpec = None
+) -> list[str]:
+    """Read a ``.lora.h5`` adapters file (``FineTuneSession.save_lora_weights``,
+    KerasHub's ``save_lora_weights``) into the model's base.
+
+    Layers of the file that have no adapter yet get one, with the file's rank and
+    alpha (Keras's ``enable_lora``); recompile the model before training it.
+
+    Args:
+        model: a model with a base (see `get_base`).
+        path: the adapters file.
+        base: the model's base, or its name, where `get_base` would not find it.
+
+    Returns:
+        The paths (as in `freeze_map`) of the layers whose adapters were read.
+
+    Raises:
+        ValueError: if the file was written for another base, or a layer there has
+            an adapter of another rank.
+
+    Example:
+
+    >>> import tempfile
+    >>> from ftwidgets import demo
+    >>> from ftwidgets.engine import lora
+    >>> model = build_transfer_model(demo.pretrained_base(), num_classes=5)
+    >>> model.get_layer("base").get_layer("conv3").enable_lora(2)
+    >>> path = lora.save_lora_weights(model.get_layer("base"), tempfile.mkdtemp() + "/a.lora.h5")
+    >>> fresh = build_transfer_model(demo.pretrained_base(), num_classes=5)
+    >>> load_lora_weights(fresh, path)
+    ['conv3']
+    """
+    return lora.load_lora_weights(get_base(model, base), path)
 
 
 def set_head_dropout(model: keras.Model, rate: float, *, base: BaseSpec = None) -> None:
