@@ -166,6 +166,21 @@ def test_unlocked_state_lets_a_built_layer_track_new_state_then_locks_it():
 
 
 @pytest.mark.unit
+def test_drop_variable_untracks_a_variable_from_every_list_of_the_layer():
+    layer = keras.layers.Dense(2)
+    layer.build((None, 3))
+    layer.enable_lora(1)
+    upstream.drop_variable(layer, "lora_kernel_a")
+    assert not hasattr(layer, "lora_kernel_a")
+    assert [v.name for v in layer.trainable_weights] == ["bias", "lora_kernel_b"]
+    assert [v.name for v in upstream.created_trainable_variables(layer)] == [
+        "kernel",
+        "bias",
+        "lora_kernel_b",
+    ]
+
+
+@pytest.mark.unit
 def test_output_layer_of_is_the_layer_that_made_a_symbolic_tensor():
     model = tiny_model()
     assert hasattr(model.outputs[0], "_keras_history"), gone(

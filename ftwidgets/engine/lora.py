@@ -251,9 +251,8 @@ def remove(layers: Sequence[tuple[str, keras.layers.Layer]]) -> None:
     for _, layer in layers:
         if not has_adapter(layer):
             continue
-        # Deleting a tracked variable is Keras's own way to untrack it.
-        del layer.lora_kernel_a
-        del layer.lora_kernel_b
+        for name in ADAPTER_NAMES:
+            upstream.drop_variable(layer, name)
         layer.lora_enabled = False
         layer.lora_rank = layer.lora_alpha = None
 
