@@ -31,6 +31,7 @@ WIDGET_EXAMPLES = {
     "ftwidgets.ui.controls",
     "ftwidgets.ui.errors",
     "ftwidgets.ui.freeze_preview",
+    "ftwidgets.ui.lora_control",
     "ftwidgets.ui.panel",
     "ftwidgets.ui.run_buttons",
     "ftwidgets.ui.search_chart",

@@ -19,6 +19,7 @@ from ftwidgets.engine.config import (
 )
 from ftwidgets.ui.format import format_rate
 from ftwidgets.ui.freeze_preview import FreezePreview
+from ftwidgets.ui.lora_control import LoraRank
 from ftwidgets.ui.view import SessionView
 
 __all__ = ["PhaseControls"]
@@ -94,6 +95,7 @@ class PhaseControls(widgets.VBox):
         self.unfreeze_unit.observe(self._on_unit_change, "value")
         self.unfreeze_depth.observe(self._on_preview_change, "value")
         self.keep_batchnorm_frozen.observe(self._on_preview_change, "value")
+        self.lora_rank.observe(self._on_preview_change, "value")
         self.stream_batches.observe(self._on_stream_batches, "value")
         self._on_preview_change()
 
@@ -134,33 +136,10 @@ class PhaseControls(widgets.VBox):
             disabled=True,
             layout=widgets.Layout(width="auto"),
         )
-        unit = self.preview.default_unit
-        self.unfreeze_unit = widgets.ToggleButtons(
-            options=[("Blocks", "block"), ("Layers", "layer")],
-            value=unit,
-            description="Unfreeze by",
-            tooltips=[
-                "Depth counts whole blocks of the base (e.g. block5a_...)",
-                "Depth counts single weight-bearing layers",
-            ],
-            disabled=True,
-            style={**_STYLE, "button_width": "70px"},
-        )
-        if unit == "layer":
-            # Without blocks both units count the same layers: nothing to choose.
-            self.unfreeze_unit.layout.display = "none"
-        max_depth = len(self.preview.units[unit])
-        self.unfreeze_depth = widgets.IntSlider(
-            value=min(2, max_depth),
-            min=0,
-            max=max_depth,
-            description="Unfreeze depth",
-            disabled=True,
-            style=_STYLE,
-            layout=widgets.Layout(**_WIDE),
-        )
+        self.unfreeze_unit, self.unfreeze_depth = self.preview.depth_controls(_STYLE, _WIDE)
         self.depth_info = self.preview.depth_info
         self.freeze_map = self.preview.freeze_map  # shown in a tab of its own
+        self.lora_rank = LoraRank()
         self.keep_batchnorm_frozen = widgets.Checkbox(
             value=True, description="Keep BatchNorm frozen", indent=False
         )
@@ -209,6 +188,7 @@ class PhaseControls(widgets.VBox):
                 self.unfreeze_unit,
                 self.unfreeze_depth,
                 self.depth_info,
+                self.lora_rank,
                 self.keep_batchnorm_frozen,
                 self.epochs,
                 self.batch_size,
@@ -226,8 +206,8 @@ class PhaseControls(widgets.VBox):
 
     @property
     def ready(self) -> bool:
-        """Whether the rate box holds a rate (else `config` refuses)."""
-        return self._bad_lr_text is None
+        """Whether the rate box holds a rate and the preview no refusal (else `config` refuses)."""
+        return self._bad_lr_text is None and self.preview.error is None
 
     @property
     def programs(self) -> tuple[widgets.ValueWidget, ...]:
@@ -236,6 +216,7 @@ class PhaseControls(widgets.VBox):
             self.phase,
             self.unfreeze_unit,
             self.unfreeze_depth,
+            self.lora_rank,
             self.keep_batchnorm_frozen,
             self.batch_size,
             self.optimizer,
@@ -246,10 +227,13 @@ class PhaseControls(widgets.VBox):
         """The phase settings the controls describe.
 
         Raises:
-            ValueError: naming the bad value, the rate box's text included.
+            ValueError: naming the bad value, the rate box's text included, or what
+                the phase would refuse (as the freeze preview shows).
         """
         if self._bad_lr_text is not None:
             check_learning_rate(self._bad_lr_text)  # raises, naming what was typed
+        if self.preview.error is not None:
+            raise ValueError(self.preview.error)
         finetune = self.phase.value == "finetune"
         return PhaseConfig(
             phase=self.phase.value,
@@ -261,6 +245,7 @@ class PhaseControls(widgets.VBox):
             optimizer=None if self.optimizer.value == _COMPILED else self.optimizer.value,
             dropout=self.dropout.value,
             unfreeze_unit=self.unfreeze_unit.value,
+            lora_rank=self.lora_rank.rank if finetune else None,
         )
 
     # -- what writes them -------------------------------------------------------------
@@ -295,6 +280,7 @@ class PhaseControls(widgets.VBox):
             "unfreeze_depth": lambda depth: setattr(
                 self.unfreeze_depth, "value", min(int(depth), self.unfreeze_depth.max)
             ),
+            "lora_rank": lambda rank: setattr(self.lora_rank, "value", rank or 0),
             "learning_rate": lambda rate: self.set_learning_rate(float(rate)),
             "epochs": lambda value: setattr(self.epochs, "value", value),
             "batch_size": lambda value: setattr(self.batch_size, "value", value),
@@ -328,13 +314,14 @@ class PhaseControls(widgets.VBox):
                 self._syncing_lr = False
             if self._bad_lr_text is not None:  # the box holds a rate again
                 self._bad_lr_text = None
-                self._report(None)
+                self._report(self.preview.error)
 
     # -- observers ----------------------------------------------------------------------
     def _lock_depth(self, active: bool) -> None:
         locked = active or self.phase.value != "finetune"
         self.unfreeze_unit.disabled = locked
         self.unfreeze_depth.disabled = locked
+        self.lora_rank.render(self.phase.value, active)
 
     def _on_phase_change(self, change: dict[str, Any]) -> None:
         old, new = change["old"], change["new"]
@@ -383,8 +370,15 @@ class PhaseControls(widgets.VBox):
 
     def _on_preview_change(self, _change: dict[str, Any] | None = None) -> None:
         with self._lock:
-            depth = self.unfreeze_depth.value if self.phase.value == "finetune" else 0
-            self.preview.render(depth, self.unfreeze_unit.value, self.keep_batchnorm_frozen.value)
+            finetune, refused = self.phase.value == "finetune", self.preview.error
+            depth, rank = (
+                (self.unfreeze_depth.value, self.lora_rank.rank) if finetune else (0, None)
+            )
+            self.preview.render(
+                depth, self.unfreeze_unit.value, self.keep_batchnorm_frozen.value, rank
+            )
+        if self.preview.error is not None or (refused is not None and self.ready):
+            self._report(self.preview.error)  # Start stays off while the phase would be refused
 
     def _on_stream_batches(self, change: dict[str, Any]) -> None:
         # Off also stops recording from the next phase on (NaN checks go on).

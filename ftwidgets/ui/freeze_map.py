@@ -24,6 +24,7 @@ _STATE_COLORS = {
     "trainable (head)": "#2e7d32",
     "partly trainable": "#b26a00",
 }
+_ADAPTERS_COLOR = "#6a1b9a"  # "adapters train (LoRA r=8)": only a layer's adapter trains
 
 
 def freeze_map_html(fmap: FreezeMap) -> str:
@@ -54,7 +55,10 @@ def freeze_map_html(fmap: FreezeMap) -> str:
 
 def _cells_html(cells: tuple[str, str, str, str, str], first: str) -> str:
     _, kind, trainable, frozen, state = cells
-    color = _STATE_COLORS.get(state, "#777")
+    if state.startswith("adapters train"):
+        color = _ADAPTERS_COLOR
+    else:
+        color = _STATE_COLORS.get(state, "#777")
     return (
         f"<td>{first}</td><td>{html.escape(kind)}</td>"
         f"<td style='text-align:right'>{trainable}</td>"

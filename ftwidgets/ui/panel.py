@@ -51,7 +51,7 @@ __all__ = ["FineTunePanel"]
 _PARTS = {
     "controls": "phase learning_rate learning_rate_text learning_rate_value find_lr_button "
     "use_lr_button unfreeze_unit unfreeze_depth depth_info keep_batchnorm_frozen epochs "
-    "batch_size optimizer dropout stream_batches freeze_map",
+    "batch_size optimizer dropout stream_batches freeze_map lora_rank",
     "stopping": "early_stopping monitor mode patience min_delta restore_best start_from_epoch",
     "run_buttons": "start_button pause_button stop_button",
     "time_travel": "rollback_button best_button",
