@@ -194,6 +194,26 @@ def test_a_second_phase_counts_its_epochs_on_the_runs_axis():
 
 
 @pytest.mark.unit
+def test_a_phase_says_how_many_parameters_it_trains_and_its_lora_rank():
+    lora = PhaseStarted(
+        1, "finetune", 4, 3, 1e-4, 2, 4, ("query",), optimizer="Adam",
+        trainable_params=691, lora_rank=4,
+    )  # fmt: skip
+    view = fold_all(replace(START, params=6771), [*RUNNING[:3], lora])
+    assert (view.phase.trainable_params, view.phase.lora_rank) == (691, 4)
+    assert " · Adam lr 1e-4 · trains 691 of 6,771 parameters (LoRA r=4) · " in plain(
+        status_markup(view)
+    )
+    # %ftstatus reads the session, not its events: it names the rank.
+    assert " · finetune phase with LoRA r=4 (2 phases so far) · " in status_text(view)
+    full = fold(view, replace(lora, index=2, trainable_params=4000, lora_rank=None))
+    assert "· trains 4,000 of 6,771 parameters · " in plain(status_markup(full))
+    assert "LoRA" not in plain(status_markup(full)) + status_text(full)
+    # No count, no claim (a phase read from the history has none).
+    assert "trains" not in plain(status_markup(fold_all(START, RUNNING)))
+
+
+@pytest.mark.unit
 def test_compiling_says_a_phase_is_being_prepared_not_the_last_ones_epochs():
     done = fold_all(START, [*RUNNING, PhaseEnded(0, "head", 1, 2, "completed", None)])
     view = fold_all(done, [StateChanged("idle", "running"), StateChanged("compiling", "idle")])
@@ -319,7 +339,8 @@ def session(data):
 
 def assert_fold_reads_as_session(folded, read):
     assert folded.phases == read.phases
-    assert replace(folded.phase, optimizer="") == read.phase  # only PhaseStarted names it
+    # Only PhaseStarted names the optimizer and counts the trainable parameters.
+    assert replace(folded.phase, optimizer="", trainable_params=None) == read.phase
     for field in ("state", "learning_rate", "best", "best_kept", "holds", "value", "spark"):
         assert getattr(folded, field) == getattr(read, field), field
     assert folded.error == read.error and folded.notes == read.notes

@@ -133,6 +133,8 @@ def status_markup(view: SessionView, preparing: str | None = None) -> str:
             parts.append(
                 f"{html.escape(phase.optimizer)} lr {format_rate(view.learning_rate)}".strip()
             )
+        if (trains := _trains(view)) is not None:
+            parts.append(trains)
     if view.holds is not None and not view.training:
         where = f" of {view.holds_branch}" if view.holds_branch else ""
         parts.append(f"model holds epoch {view.holds}{html.escape(where)}")
@@ -158,13 +160,32 @@ def status_markup(view: SessionView, preparing: str | None = None) -> str:
     return text
 
 
+def _trains(view: SessionView) -> str | None:
+    """What the phase trains, e.g. ``"trains 691 of 6,771 parameters (LoRA r=4)"``.
+
+    Example:
+
+    >>> from ftwidgets.ui.view import PhaseView, SessionView
+    >>> phase = PhaseView(1, "finetune", 4, 3, trainable_params=691, lora_rank=4)
+    >>> _trains(SessionView(name="s", model="m", phase=phase, params=6771))
+    'trains 691 of 6,771 parameters (LoRA r=4)'
+    """
+    phase = view.phase
+    if phase is None or phase.trainable_params is None:
+        return None
+    total = "" if view.params is None else f" of {view.params:,}"
+    text = f"trains {phase.trainable_params:,}{total} parameters"
+    return text if phase.lora_rank is None else f"{text} (LoRA r={phase.lora_rank})"
+
+
 def _plain(markup: str) -> str:
     """The text of markup whose parts are escaped already."""
     return html.unescape(_TAG.sub("", markup))
 
 
 def status_text(view: SessionView, name: str | None = None) -> str:
-    """``%ftstatus``'s line: state, phase, epoch, rate, best (and the error, if failed).
+    """``%ftstatus``'s line: state, phase (and its LoRA rank), epoch, rate, best (and the
+    error, if failed).
 
     Args:
         view: the session's view.
@@ -185,6 +206,8 @@ def status_text(view: SessionView, name: str | None = None) -> str:
         parts.append("no phase yet")
     else:
         label = f"{phase.kind} phase"
+        if phase.lora_rank is not None:  # no event read here tells the trainable count
+            label += f" with LoRA r={phase.lora_rank}"
         if view.phases > 1:
             label += f" ({view.phases} phases so far)"
         parts.append(label)

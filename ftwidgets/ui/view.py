@@ -102,6 +102,9 @@ class PhaseView:
         full: of those, the complete ones.
         seconds: the durations of its last full epochs (at most `ETA_EPOCHS`).
         reason: why it ended (``PhaseEnded.reason``); None while it runs.
+        trainable_params: the parameters it trains, as its ``PhaseStarted`` counted
+            them (None when only the history told of the phase).
+        lora_rank: the rank of the LoRA adapters it trains, None without.
 
     Example:
 
@@ -121,6 +124,8 @@ class PhaseView:
     full: int = 0
     seconds: tuple[float, ...] = ()
     reason: str | None = None
+    trainable_params: int | None = None
+    lora_rank: int | None = None
 
     def epoch(self, training: bool) -> int:
         """The epoch within the phase, 1-based: the one running, else the last that ran."""
@@ -170,6 +175,7 @@ class SessionView:
         searching: whether a learning-rate search runs.
         search: the last learning-rate search, if any.
         phase: the running (or last) phase, if any.
+        params: the model's parameters, adapters included (read by `of`).
         phases: how many phases were started so far.
         learning_rate: the rate of the running (or last) phase.
         monitor: the metric the best is tracked on.
@@ -203,6 +209,7 @@ class SessionView:
     searching: bool = False
     search: SearchView | None = None
     phase: PhaseView | None = None
+    params: int | None = None
     phases: int = 0
     learning_rate: float | None = None
     monitor: str = "val_loss"
@@ -305,7 +312,7 @@ class SessionView:
             if folded is not None and folded.index == status.index:
                 phase = _evolve(folded, reason=status.reason)
             else:
-                phase = _phase_from_history(history.epochs, status)
+                phase = _phase_from_history(history, status)
         monitor = session.monitor
         if events is not None and events.monitor == monitor:
             spark = events.spark
@@ -325,6 +332,7 @@ class SessionView:
             searching=bool(session.searching),
             search=None if events is None else events.search,
             phase=phase,
+            params=session.model.count_params() if session.model.built else None,
             phases=len(history.phases),
             learning_rate=session.learning_rate,
             monitor=monitor,
@@ -349,14 +357,16 @@ _FIELDS = {
 }
 
 
-def _phase_from_history(records: tuple[EpochRecord, ...], status: Any) -> PhaseView:
+def _phase_from_history(history: Any, status: Any) -> PhaseView:
     """A phase's counts from the history; its epochs are the last ones recorded.
 
-    Its optimizer's class name is told only by its ``PhaseStarted``.
+    Its optimizer's class name and trainable count are told only by its ``PhaseStarted``;
+    its LoRA rank by the config the history recorded (the adapters it trained).
     """
     ran = full = 0
     seconds: list[float] = []
-    for record in reversed(records):
+    span = next((span for span in history.phases if span.index == status.index), None)
+    for record in reversed(history.epochs):
         if record.phase_index != status.index:
             break
         ran += 1
@@ -373,6 +383,7 @@ def _phase_from_history(records: tuple[EpochRecord, ...], status: Any) -> PhaseV
         full=full,
         seconds=tuple(reversed(seconds)),
         reason=status.reason,
+        lora_rank=None if span is None or span.config is None else span.config.lora_rank,
     )
 
 
@@ -430,6 +441,8 @@ def fold(view: SessionView, event: Event) -> SessionView:
             start_epoch=event.start_epoch,
             epochs=event.epochs,
             optimizer=event.optimizer,
+            trainable_params=event.trainable_params,
+            lora_rank=event.lora_rank,
         )
         return _evolve(
             view,
