@@ -149,6 +149,19 @@ def test_finetune_options_reach_the_panel(ip, ns):
 
 
 @pytest.mark.widgets
+def test_finetune_lora_rank_sets_the_panels_lora_rank(ip, ns):
+    assert "[--lora-rank N]" in magics.USAGE
+    result, _, err, _ = run(ip, FINETUNE + " --lora-rank 4")
+    assert result.success, err
+    panel = ns["_ftpanel"]
+    assert panel.lora_rank.value == 4
+    assert panel.phase_config().lora_rank is None  # the head phase trains no adapters
+    panel.phase.value = "finetune"
+    assert panel.phase_config().lora_rank == 4
+    assert "LoRA rank 4" in panel.freeze_map.value
+
+
+@pytest.mark.widgets
 def test_a_namespace_value_named_like_a_metric_is_not_taken_for_one(ip, ns):
     ns["accuracy"] = 0.93  # a number, not a metric: the Keras name wins
     result, _, err, _ = run(ip, FINETUNE + " --metrics accuracy")
@@ -207,6 +220,10 @@ BAD_LINES = {
     ),
     "zero epochs": (FINETUNE + " --epochs 0", "--epochs must be >= 1"),
     "not an int": (FINETUNE + " --batch-size many", "invalid int value"),
+    "bad --lora-rank": (
+        FINETUNE + " --lora-rank 3",
+        "--lora-rank must be one of 0, 2, 4, 8, 16, 32, 64 (0 is off). Received: --lora-rank 3",
+    ),
 }
 
 

@@ -349,7 +349,7 @@ class PhaseControls(widgets.VBox):
                 self._bad_lr_text = text
             self._report(f"{exc}. Start and Find LR are off until the box holds one.")
             return
-        self._report(None)
+        self._report(self.preview.error)
         self._apply(rate)
 
     def _on_use_lr(self, _button: widgets.Button) -> None:

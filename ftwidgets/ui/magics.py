@@ -32,8 +32,11 @@ ftwidgets magics (after %load_ext ftwidgets):
 
   %finetune MODEL --train X Y [--val XV YV | --validation-split F]
             [--loss LOSS] [--metrics M [M ...]] [--epochs N] [--batch-size N] [--as NAME]
+            [--lora-rank N]
       Show a FineTunePanel for MODEL (a model from ftwidgets.build_transfer_model)
-      and keep it in the namespace as _ftpanel, or as NAME with --as.
+      and keep it in the namespace as _ftpanel, or as NAME with --as. --lora-rank
+      sets the panel's LoRA rank (0, 2, 4, 8, 16, 32 or 64; 0 is off): its
+      fine-tune phases train LoRA adapters of that rank.
       MODEL, X, Y, XV, YV are names in the namespace; dotted names such as
       data.x_train work too. LOSS and each metric are Keras names ("mse",
       "accuracy") or names of loss/metric objects in the namespace. Without
@@ -201,6 +204,12 @@ class FineTuneMagics(Magics):
     )
     @argument("--name", help="the session's name (default: session-1, session-2...)")
     @argument("--base", metavar="LAYER", help="the name of the model's base layer, if needed")
+    @argument(
+        "--lora-rank",
+        type=int,
+        metavar="N",
+        help="the panel's LoRA rank for fine-tune phases (0, 2, 4, 8, 16, 32, 64; 0 is off)",
+    )
     @line_magic
     def finetune(self, line: str) -> None:
         """Show a fine-tuning control panel for a model and keep it in the namespace.
@@ -220,6 +229,13 @@ class FineTuneMagics(Magics):
         for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
             if value < 1:
                 raise UsageError(f"%finetune: {option} must be >= 1. Received: {option} {value}")
+        from ftwidgets.ui.lora_control import LORA_RANKS
+
+        if args.lora_rank is not None and args.lora_rank not in LORA_RANKS:
+            raise UsageError(
+                f"%finetune: --lora-rank must be one of {', '.join(map(str, LORA_RANKS))} "
+                f"(0 is off). Received: --lora-rank {args.lora_rank}"
+            )
         if not 0.0 <= args.validation_split < 1.0:
             raise UsageError(
                 "%finetune: --validation-split must be in [0, 1). "
@@ -256,6 +272,8 @@ class FineTuneMagics(Magics):
         except (ValueError, TypeError) as exc:
             # The engine's messages already name the bad value; keep them to one line.
             raise UsageError(f"%finetune: {_one_line(exc)}") from None
+        if args.lora_rank is not None:
+            panel.lora_rank.value = args.lora_rank
         namespace[name] = panel
 
         from IPython.display import display
