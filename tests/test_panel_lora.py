@@ -218,3 +218,17 @@ def test_a_setting_the_phase_would_refuse_shows_why_and_start_is_off(bert_panel)
     assert panel.start_button.disabled
     panel.lora_rank.value = 0
     assert panel.error_area.layout.display == "none" and not panel.start_button.disabled
+
+
+def test_a_proposed_next_phase_sets_the_lora_rank_or_says_it_cannot(dense_panel):
+    panel, session = dense_panel, dense_panel.session
+    session.plan_next_phase(phase="finetune", unfreeze_depth=1, lora_rank=8)
+    assert (panel.phase.value, panel.lora_rank.value) == ("finetune", 8)
+    assert panel.phase_config().lora_rank == 8
+    assert "LoRA r=8 on 1 layer" in panel.depth_info.value
+    session.plan_next_phase(lora_rank=3)  # a rank the control does not offer
+    assert panel.lora_rank.value == 8
+    assert "cannot show the proposed lora_rank" in panel.error_message.value
+    assert "Received: lora_rank=3" in panel.error_message.value
+    session.plan_next_phase(lora_rank=None)
+    assert panel.lora_rank.value == 0 and panel.phase_config().lora_rank is None
