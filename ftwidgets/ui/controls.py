@@ -40,6 +40,8 @@ class PhaseControls(widgets.VBox):
     runs), all under ``lock``. A rate typed or picked while a phase trains applies
     live. The unfreeze depth counts ``unfreeze_unit.value`` (``"block"`` or
     ``"layer"``); on a base without blocks both count the same, and the unit stays hidden.
+    ``lora_rank`` (`LoraRank`, 0 off) makes a fine-tune phase train LoRA adapters.
+    Settings the phase would refuse (the freeze preview says why) keep `config` refusing.
 
     Args:
         session: the ``FineTuneSession`` the controls describe a phase of.

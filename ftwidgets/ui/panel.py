@@ -74,7 +74,8 @@ class FineTunePanel(widgets.VBox):
 
     It is made of small widgets, each with one job: ``panel.controls`` and
     ``panel.stopping`` (the settings tabs; the unfreeze depth counts
-    ``panel.unfreeze_unit.value``, see `PhaseControls`), ``panel.run_buttons``,
+    ``panel.unfreeze_unit.value`` and ``panel.lora_rank.value`` is a fine-tune phase's
+    LoRA rank, 0 off; see `PhaseControls`), ``panel.run_buttons``,
     ``panel.time_travel`` (rollback), ``panel.status_view``, ``panel.error_area``,
     ``panel.coach`` and ``panel.charts``; the documented controls and buttons
     (``panel.phase``, ``panel.start_button``...) are theirs. The "Freeze map"
