@@ -105,6 +105,8 @@ def test_depth_and_targets_choose_the_adapted_layers(tokens):
     assert preview.trainable_params == 2 * 8 * QV_PARAMS_PER_RANK + HEAD_PARAMS
     assert "with LoRA rank 8" in str(preview)
     assert lora.adapted(model.backbone) == []  # a preview touches nothing
+    with pytest.raises(ValueError, match="keep_batchnorm_frozen=False"):
+        ftw.freeze_map(model, 2, lora_rank=8, keep_batchnorm_frozen=False)
 
     session = session_for(model, tokens)
     try:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import html
 
-import keras
-import keras_hub  # scripts/test.sh installs it (without TensorFlow): missing is a failure
 import numpy as np
 import pytest
-from helpers import WAIT, hold_compile, make_model, make_panel
+from helpers import WAIT, bert_classifier, digit_tokens, hold_compile, make_model, make_panel
 from html_table import table_rows
 
 import ftwidgets as ftw
@@ -28,45 +26,16 @@ LOGITS = 16 * 3 + 3  # the head: Dense(3) on the pooled 16 features
 BERT_PARAMS = 6131  # the classifier without adapters: its count_params()
 
 
-def tiny_bert(seed: int = 0) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=17,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=64,
-    )
-    return keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
-
-
 @pytest.fixture(scope="module")
 def tokens():
-    """Digits 0-2 read as token sequences: each 8x8 image is 64 tokens, its pixels 0-16."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    keep = digits.target < 3
-    x, y = digits.data[keep].astype("int32"), digits.target[keep].astype("int32")
-    order = np.random.default_rng(0).permutation(len(y))[:96]
-    x, y = x[order], y[order]
-
-    def inputs(rows):
-        return {
-            "token_ids": rows,
-            "padding_mask": np.ones_like(rows, dtype=bool),
-            "segment_ids": np.zeros_like(rows),
-        }
-
-    return (inputs(x[:64]), y[:64]), (inputs(x[64:]), y[64:])
+    return digit_tokens()
 
 
 @pytest.fixture
 def bert_panel(tokens):
     train, validation = tokens
     panel = ftw.FineTunePanel(
-        tiny_bert(), train=train, validation=validation, epochs=1, batch_size=16,
+        bert_classifier(), train=train, validation=validation, epochs=1, batch_size=16,
         progress_interval=0.0,
     )  # fmt: skip
     yield panel

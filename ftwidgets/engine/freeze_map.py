@@ -17,6 +17,7 @@ import keras
 from ftwidgets import upstream
 from ftwidgets.engine import bases, freezing, lora
 from ftwidgets.engine.bases import BaseSpec
+from ftwidgets.engine.config import PhaseConfig
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -405,6 +406,14 @@ def freeze_map(
         flags = [layer.trainable for _, layer in leaves]
         resolved = None
     elif lora_rank is not None:
+        # Refused as the phase refuses them (a bad rank or alpha, BatchNorm training).
+        PhaseConfig(
+            phase="finetune",
+            keep_batchnorm_frozen=keep_batchnorm_frozen,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+        )
         wanted, resolved = freezing.plan(leaves, depth, True, unit)
         new = lora.plan_adapters(base_layer, depth, unit, lora_rank, lora_alpha, lora_targets)
         planned = {id(layer): lora_rank for _, layer in new}

@@ -38,7 +38,7 @@ class PhaseSpan:
     ``end_epoch`` and ``reason`` are None while the phase runs;
     ``unfreeze_depth`` is in units of ``unfreeze_unit`` (``"block"`` or ``"layer"``).
     ``config`` and ``early_stopping`` are the phase's settings, ``branch`` the
-    branch of the run it trained.
+    branch of the run it trained, ``trainable_params`` the parameters it trained.
     """
 
     index: int
@@ -52,6 +52,7 @@ class PhaseSpan:
     config: PhaseConfig | None = None
     early_stopping: EarlyStoppingConfig | None = None
     branch: int = 0
+    trainable_params: int | None = None
 
 
 @dataclass(frozen=True)

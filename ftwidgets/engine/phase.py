@@ -142,6 +142,7 @@ class FitPhase(PhaseRecorder):
         # What trained: None stands for the compiled optimizer or Adam, and for the
         # adapters the base has.
         trained = trained_config(config, ctx.optimizer, ctx.base)
+        trainable_params = sum(math.prod(v.shape) for v in model.trainable_weights)
         self.attach(ctx)
         ctx.snapshots.keep_recent(before)
         ctx.early_stopping = self.early_stopping
@@ -157,6 +158,7 @@ class FitPhase(PhaseRecorder):
                 unfreeze_unit=self.unit,
                 config=trained,
                 early_stopping=self.early_stopping,
+                trainable_params=trainable_params,
             )
         )
         ctx.emit(
@@ -172,7 +174,7 @@ class FitPhase(PhaseRecorder):
                 self.unit,
                 # Mixed precision wraps it in a LossScaleOptimizer: name the one it wraps.
                 type(getattr(optimizer, "inner_optimizer", optimizer)).__name__,
-                trainable_params=sum(math.prod(v.shape) for v in model.trainable_weights),
+                trainable_params=trainable_params,
                 dropout=head_dropout_rate(model, ctx.base),
                 num_classes=_num_classes(model, ctx.loss),
                 train_samples=ctx.data.num_train(),

@@ -102,8 +102,8 @@ class PhaseView:
         full: of those, the complete ones.
         seconds: the durations of its last full epochs (at most `ETA_EPOCHS`).
         reason: why it ended (``PhaseEnded.reason``); None while it runs.
-        trainable_params: the parameters it trains, as its ``PhaseStarted`` counted
-            them (None when only the history told of the phase).
+        trainable_params: the parameters it trains (None for a phase a history from
+            before this count was recorded told of).
         lora_rank: the rank of the LoRA adapters it trains, None without.
 
     Example:
@@ -360,8 +360,8 @@ _FIELDS = {
 def _phase_from_history(history: Any, status: Any) -> PhaseView:
     """A phase's counts from the history; its epochs are the last ones recorded.
 
-    Its optimizer's class name and trainable count are told only by its ``PhaseStarted``;
-    its LoRA rank by the config the history recorded (the adapters it trained).
+    Its optimizer's class name is told only by its ``PhaseStarted``; its trainable
+    count and LoRA rank by what the history recorded of it.
     """
     ran = full = 0
     seconds: list[float] = []
@@ -383,6 +383,7 @@ def _phase_from_history(history: Any, status: Any) -> PhaseView:
         full=full,
         seconds=tuple(reversed(seconds)),
         reason=status.reason,
+        trainable_params=None if span is None else span.trainable_params,
         lora_rank=None if span is None or span.config is None else span.config.lora_rank,
     )
 
