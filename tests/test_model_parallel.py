@@ -1,0 +1,244 @@
+"""The session and the panel under ``keras.distribution.ModelParallel`` with a LayoutMap.
+
+A tiny KerasHub BERT classifier is built on a (batch=1, model=2) mesh of two forced
+host devices, its attention and feed-forward kernels split over "model" by a map the
+user writes (BERT's backbone has no ``get_layout_map``). JAX fixes its device count
+when it loads, so the run happens in a subprocess that reports as JSON what the
+assertions below read: every variable's layout after each step, the batches Keras
+handed to the devices, and whether time travel gave back the kept weights bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.keras
+
+SCRIPT = r"""
+import json, threading
+
+import jax
+import keras
+import keras_hub
+import numpy as np
+from keras.src.backend.jax import distribution_lib as jax_distribution
+from sklearn.datasets import load_digits
+
+import ftwidgets as ftw
+from ftwidgets.engine import events as ev
+
+assert len(jax.devices()) == 2, jax.devices()
+mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"), jax.devices())
+layout_map = keras.distribution.LayoutMap(mesh)
+# Keras matches a key to a variable's whole path (re.fullmatch).
+layout_map[r".*self_attention_layer/(query|key|value)/kernel"] = (None, "model", None)
+layout_map[r".*self_attention_layer/attention_output/kernel"] = ("model", None, None)
+layout_map[r".*feedforward_intermediate_dense/kernel"] = (None, "model")
+layout_map[r".*feedforward_output_dense/kernel"] = ("model", None)
+keras.distribution.set_distribution(
+    keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
+
+batches = []  # (thread, devices the array spans, its batch, the batch of one shard)
+_distribute = jax_distribution.distribute_data_input
+
+
+def recording(per_process_batch, layout, batch_dim_name):
+    out = _distribute(per_process_batch, layout, batch_dim_name)
+    batches.append((threading.current_thread().name, len(out.sharding.device_set),
+                    out.shape[0], out.sharding.shard_shape(out.shape)[0]))
+    return out
+
+
+jax_distribution.distribute_data_input = recording
+
+# The digits as 64-token sequences (pixel values 0-16), classes 0-2.
+digits = load_digits()
+keep = digits.target < 3
+order = np.random.default_rng(0).permutation(int(keep.sum()))[:96]
+x, y = digits.data[keep].astype("int32")[order], digits.target[keep].astype("int32")[order]
+
+
+def inputs(rows):
+    return {"token_ids": rows, "padding_mask": np.ones_like(rows, dtype=bool),
+            "segment_ids": np.zeros_like(rows)}
+
+
+keras.utils.set_random_seed(0)
+backbone = keras_hub.models.BertBackbone(
+    vocabulary_size=17, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+    max_sequence_length=64)
+model = keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
+panel = ftw.FineTunePanel(model, train=(inputs(x[:64]), y[:64]),
+                          validation=(inputs(x[64:]), y[64:]))
+session = panel.session
+out = {"device_summary": ftw.device_summary(), "status_idle": panel.status.value}
+
+
+def layouts(variables):
+    found = {}
+    for v in variables:
+        sharding = v.value.sharding
+        spec = list(sharding.spec) + [None] * (len(v.shape) - len(sharding.spec))
+        found[v.path] = [spec, list(sharding.shard_shape(v.shape)), len(sharding.device_set)]
+    return found
+
+
+def host(variables):
+    return {v.path: np.asarray(v.value).copy() for v in variables}
+
+
+def differs(kept):
+    now = host(model.variables)
+    return sorted(p for p, value in kept.items() if not np.array_equal(value, now[p]))
+
+
+out["built"] = layouts(model.variables)
+status = []
+session.on_event(lambda e: status.append(panel.status.value)
+                 if isinstance(e, ev.EpochEnded) else None)
+
+# 1. Head phase. 64 training and 32 validation samples in batches of 9: the batch axis
+#    has one device, so no size needs to divide by the mesh's two.
+session.run(ftw.PhaseConfig("head", epochs=2, batch_size=9, learning_rate=1e-2))
+out["after_head"] = layouts(model.variables)
+out["head_batches"], batches[:] = list(batches), []
+kept = host(model.variables)  # the weights of epoch 2, the head phase's last
+
+# 2. Fine-tune the top transformer layer and the pooler.
+session.run(ftw.PhaseConfig("finetune", epochs=2, batch_size=9, learning_rate=1e-3,
+                            unfreeze_depth=2, unfreeze_unit="block"))
+out["after_finetune"] = layouts(model.variables)
+out["optimizer"] = layouts(model.optimizer.variables)
+out["finetune_batches"], batches[:] = list(batches), []
+out["changed"] = differs(kept)
+last = host(model.variables)  # epoch 4, the fine-tune phase's last
+out["history"] = [[r.phase, r.epoch, r.logs["loss"], r.logs["val_loss"]]
+                  for r in session.history.epochs]
+out["status_running"] = status[0]
+
+# 3. Time travel: the kept epoch's host copies go back into the sharded variables.
+session.restore_epoch(2)
+out["after_restore"] = layouts(model.variables)
+out["restore_differs"] = differs(kept)
+best = session.best
+session.rollback()
+out["after_rollback"] = layouts(model.variables)
+out["rollback_differs"] = differs(last)
+out["best"] = [best.epoch, best.monitor, best.value]
+out["rollback_val_loss"] = model.evaluate(inputs(x[64:]), y[64:], batch_size=8,
+                                          return_dict=True, verbose=0)["loss"]
+panel.close()
+print("RESULT " + json.dumps(out))
+"""
+
+MESH = "JAX · 2 cpu devices · ModelParallel mesh (batch=1, model=2)"
+# What the map in SCRIPT asks of each transformer layer: the spec and one shard's shape.
+MAPPED = {
+    "self_attention_layer/query/kernel": ([None, "model", None], [16, 1, 8]),
+    "self_attention_layer/key/kernel": ([None, "model", None], [16, 1, 8]),
+    "self_attention_layer/value/kernel": ([None, "model", None], [16, 1, 8]),
+    "self_attention_layer/attention_output/kernel": (["model", None, None], [1, 8, 16]),
+    "feedforward_intermediate_dense/kernel": ([None, "model"], [16, 16]),
+    "feedforward_output_dense/kernel": (["model", None], [16, 16]),
+}
+EXPECTED = {
+    f"transformer_layer_{i}/{name}": layout for i in (0, 1) for name, layout in MAPPED.items()
+}
+
+
+@pytest.fixture(scope="module")
+def run() -> dict:
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "KERAS_BACKEND": "jax",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-6000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _as_mapped(layouts: dict, moment: str) -> None:
+    """Each mapped kernel split over both devices as the map says; the rest replicated."""
+    for path, expected in EXPECTED.items():
+        spec, shard, devices = layouts[path]
+        assert (spec, shard, devices) == (*expected, 2), (moment, path, layouts[path])
+    for path, (spec, _, devices) in layouts.items():
+        if path not in EXPECTED:
+            assert set(spec) == {None} and devices == 2, (moment, path, spec, devices)
+
+
+def test_the_map_holds_from_the_build_through_both_phases_and_time_travel(run) -> None:
+    assert len(run["built"]) == 49  # every variable of the model, seed states too
+    for moment in ("built", "after_head", "after_finetune", "after_restore", "after_rollback"):
+        _as_mapped(run[moment], moment)
+
+
+def test_the_optimizer_moments_of_a_sharded_kernel_are_sharded_like_it(run) -> None:
+    moments = {p: layout for p, layout in run["optimizer"].items() if p.endswith("_momentum")}
+    # Fine-tuning trains the top transformer layer: its six mapped kernels among them.
+    for path, (spec, shard) in EXPECTED.items():
+        if path.startswith("transformer_layer_1/"):
+            name = "adam/" + path.replace("/", "_") + "_momentum"
+            assert moments[name] == [spec, shard, 2], name
+    assert not any(p.startswith("adam/transformer_layer_0") for p in moments)
+
+
+def test_both_phases_train_on_the_worker_under_the_mesh(run) -> None:
+    history = run["history"]
+    assert [(phase, epoch) for phase, epoch, *_ in history] == [
+        ("head", 1),
+        ("head", 2),
+        ("finetune", 3),
+        ("finetune", 4),
+    ]
+    assert all(math.isfinite(loss) and math.isfinite(val) for *_, loss, val in history)
+    # Fine-tuning changed the unfrozen layers only, sharded kernels included (dropout's
+    # seed states advance in every layer).
+    changed = {p.split("/")[0] for p in run["changed"] if "seed_generator" not in p}
+    assert changed == {"transformer_layer_1", "pooled_dense", "logits"}
+    assert "transformer_layer_1/feedforward_output_dense/kernel" in run["changed"]
+    for phase in ("head_batches", "finetune_batches"):
+        batches = run[phase]
+        # 2 epochs of 8 training and 4 validation batches, of 4 arrays each (token
+        # ids, padding mask, segment ids and labels).
+        assert len(batches) == 2 * 4 * (8 + 4), phase
+        for thread, devices, size, shard in batches:
+            assert thread.startswith("ftwidgets-"), thread  # the session's worker trained
+            # The batch axis has one device: each batch is whole on both devices.
+            assert devices == 2 and shard == size, (thread, devices, size, shard)
+        # The last batches hold the 64 % 9 and 32 % 9 samples left.
+        assert {size for _, _, size, _ in batches} == {9, 1, 5}, phase
+
+
+def test_time_travel_gives_back_the_kept_weights_bitwise_on_the_mesh(run) -> None:
+    assert run["changed"], "fine-tuning changed nothing: the restore would prove nothing"
+    assert run["restore_differs"] == []
+    epoch, monitor, value = run["best"]
+    # The rollback went from epoch 2, restored above, to the best: the last epoch.
+    assert (epoch, monitor) == (4, "val_loss")
+    assert run["rollback_differs"] == []
+    assert run["rollback_val_loss"] == pytest.approx(value, rel=1e-5)
+
+
+def test_the_device_summary_and_the_status_line_name_the_mesh(run) -> None:
+    assert run["device_summary"] == MESH
+    assert MESH in run["status_idle"] and MESH in run["status_running"]
+    assert "running" in run["status_running"]
