@@ -35,6 +35,10 @@ import ftwidgets as ftw
 from ftwidgets.engine import events as ev
 
 assert len(jax.devices()) == 2, jax.devices()
+# A model built before the distribution is set: its variables live on one device.
+early_input = keras.Input((4,))
+encoder = keras.Sequential([keras.layers.Dense(4, name="enc")], name="encoder")
+early = keras.Model(early_input, keras.layers.Dense(2, name="out")(encoder(early_input)))
 mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"), jax.devices())
 layout_map = keras.distribution.LayoutMap(mesh)
 # Keras matches a key to a variable's whole path (re.fullmatch).
@@ -70,6 +74,27 @@ def inputs(rows):
             "segment_ids": np.zeros_like(rows)}
 
 
+# 0. The early model is refused before it trains, its weights and history untouched.
+rows = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+early_session = ftw.FineTuneSession(early, train=(rows, (rows[:, 0] > 0).astype("int32")),
+                                    base="encoder", loss="sparse_categorical_crossentropy")
+before = [np.asarray(v.value).copy() for v in early.variables]
+out = {"refused": []}
+for attempt in (
+    lambda: early_session.start(ftw.PhaseConfig("head", epochs=1, batch_size=8)),
+    lambda: early_session.find_learning_rate("head", steps=5),
+):
+    try:
+        attempt()
+    except ValueError as exc:
+        out["refused"].append(str(exc))
+    early_session.wait(120)  # where a start was not refused, its phase runs and fails
+out["early_untouched"] = all(np.array_equal(v, np.asarray(w.value))
+                             for v, w in zip(before, early.variables))
+out["early_history"] = [len(early_session.history.phases), len(early_session.searches)]
+early_session.close()
+batches[:] = []
+
 keras.utils.set_random_seed(0)
 backbone = keras_hub.models.BertBackbone(
     vocabulary_size=17, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
@@ -78,7 +103,7 @@ model = keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocesso
 panel = ftw.FineTunePanel(model, train=(inputs(x[:64]), y[:64]),
                           validation=(inputs(x[64:]), y[64:]))
 session = panel.session
-out = {"device_summary": ftw.device_summary(), "status_idle": panel.status.value}
+out.update(device_summary=ftw.device_summary(), status_idle=panel.status.value)
 
 
 def layouts(variables):
@@ -100,6 +125,7 @@ def differs(kept):
 
 
 out["built"] = layouts(model.variables)
+
 status = []
 session.on_event(lambda e: status.append(panel.status.value)
                  if isinstance(e, ev.EpochEnded) else None)
@@ -236,6 +262,19 @@ def test_time_travel_gives_back_the_kept_weights_bitwise_on_the_mesh(run) -> Non
     assert (epoch, monitor) == (4, "val_loss")
     assert run["rollback_differs"] == []
     assert run["rollback_val_loss"] == pytest.approx(value, rel=1e-5)
+
+
+def test_a_model_built_before_the_distribution_is_refused_before_training(run) -> None:
+    assert len(run["refused"]) == 2  # a phase and a learning-rate search
+    for message in run["refused"]:
+        assert message.startswith(
+            "Variable 'encoder/enc/kernel' (and 3 more) lives on cpu:0, outside the "
+            "distribution's mesh of 2 devices"
+        ), message
+        assert "Build the model after keras.distribution.set_distribution" in message
+        assert message.endswith("Received: variable='encoder/enc/kernel' on ['cpu:0']")
+    assert run["early_untouched"]
+    assert run["early_history"] == [0, 0]  # no phase, no search recorded
 
 
 def test_the_device_summary_and_the_status_line_name_the_mesh(run) -> None:

@@ -1,4 +1,4 @@
-"""Checks a session makes before it trains: settings, callbacks, depth and the monitor.
+"""Checks a session makes before it trains: settings, callbacks, depth, the mesh and the monitor.
 
 The cheap ones run on the caller's thread, so that ``start()`` refuses bad settings
 at once with the weights and history untouched; `check_monitor` builds the compiled
@@ -35,6 +35,7 @@ __all__ = [
     "check_depth",
     "check_lora",
     "check_monitor",
+    "check_on_mesh",
     "early_stopping_update",
     "expected_metric_names",
     "metric_direction",
@@ -121,6 +122,41 @@ def check_lora(
         )
     else:
         lora.plan_flags(freezing.base_leaves(base), depth, config.keep_batchnorm_frozen, unit)
+
+
+def check_on_mesh(model: keras.Model, distribution: Any) -> None:
+    """Under ``distribution``, every variable of ``model`` lives on its mesh's devices.
+
+    A model built before ``keras.distribution.set_distribution`` (or outside
+    ``distribution.scope()``), or adapters enabled there, keep their variables on one
+    device: the mesh's layouts never applied, and ``fit`` fails in JAX ("incompatible
+    devices for jitted computation") once the phase has begun.
+
+    Raises:
+        ValueError: naming the first variable off the mesh and where it lives.
+
+    Example:
+
+    >>> import jax, keras
+    >>> layer = keras.layers.Dense(2)
+    >>> layer.build((None, 3))
+    >>> check_on_mesh(layer, keras.distribution.DataParallel(devices=jax.devices()[:1]))
+    """
+    if distribution is None:
+        return
+    mesh = set(np.ravel(distribution.device_mesh.devices))
+    off = [v for v in model.variables if set(v.value.sharding.device_set) != mesh]
+    if off:
+        first = off[0]
+        where = sorted(f"{d.platform}:{d.id}" for d in first.value.sharding.device_set)
+        more = f" (and {len(off) - 1} more)" if len(off) > 1 else ""
+        raise ValueError(
+            f"Variable {first.path!r}{more} lives on {', '.join(where)}, outside the "
+            f"distribution's mesh of {len(mesh)} devices, so its layouts never applied and "
+            "fit would fail. Build the model after keras.distribution.set_distribution(...) "
+            "or under distribution.scope(), and enable any LoRA adapters there too. "
+            f"Received: variable={first.path!r} on {where}"
+        )
 
 
 def phase_early_stopping(

@@ -237,6 +237,7 @@ class Training(Steering):
             check_steerable_optimizer(self._ctx.optimizer, "compiled optimizer")
         self._ctx.data.check(self.model, self._ctx.loss, config.batch_size)
         self._ctx.data.check_split(config.batch_size, _backend.batch_devices(self.distribution))
+        checks.check_on_mesh(self.model, self.distribution)
         return depth, unit
 
     def _launch(self, job: Job, on_refusal: Callable[[], None] | None = None) -> None:
