@@ -160,6 +160,21 @@ out["rollback_differs"] = differs(last)
 out["best"] = [best.epoch, best.monitor, best.value]
 out["rollback_val_loss"] = model.evaluate(inputs(x[64:]), y[64:], batch_size=8,
                                           return_dict=True, verbose=0)["loss"]
+
+
+# 4. A rollback while a phase runs: restored on the worker, between two batches.
+def roll_back_after_epoch_6(event):
+    if isinstance(event, ev.EpochEnded) and event.record.epoch == 6:
+        out["running_rollback"] = session.rollback().epoch
+
+
+session.on_event(roll_back_after_epoch_6)
+session.run(ftw.PhaseConfig("finetune", epochs=5, batch_size=9, learning_rate=1e-2,
+                            unfreeze_depth=2, unfreeze_unit="block"))
+out["running_end"] = [session.history.phases[-1].reason,
+                      [r.epoch for r in session.history.epochs]]
+out["after_running_rollback"] = layouts(model.variables)
+out["running_rollback_differs"] = differs(last)
 panel.close()
 print("RESULT " + json.dumps(out))
 """
@@ -213,7 +228,14 @@ def _as_mapped(layouts: dict, moment: str) -> None:
 
 def test_the_map_holds_from_the_build_through_both_phases_and_time_travel(run) -> None:
     assert len(run["built"]) == 49  # every variable of the model, seed states too
-    for moment in ("built", "after_head", "after_finetune", "after_restore", "after_rollback"):
+    for moment in (
+        "built",
+        "after_head",
+        "after_finetune",
+        "after_restore",
+        "after_rollback",
+        "after_running_rollback",
+    ):
         _as_mapped(run[moment], moment)
 
 
@@ -262,6 +284,13 @@ def test_time_travel_gives_back_the_kept_weights_bitwise_on_the_mesh(run) -> Non
     assert (epoch, monitor) == (4, "val_loss")
     assert run["rollback_differs"] == []
     assert run["rollback_val_loss"] == pytest.approx(value, rel=1e-5)
+
+
+def test_a_rollback_while_a_phase_runs_is_exact_on_the_mesh(run) -> None:
+    # Asked at the end of epoch 6, the phase's second: the best is still epoch 4.
+    assert run["running_rollback"] == 4
+    assert run["running_end"] == ["rolled_back", [1, 2, 3, 4, 5, 6]]
+    assert run["running_rollback_differs"] == []
 
 
 def test_a_model_built_before_the_distribution_is_refused_before_training(run) -> None:
