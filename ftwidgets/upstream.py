@@ -41,6 +41,7 @@ __all__ = [
     "reset_compilation_cache",
     "route_replies_as_requested",
     "set_thread_settings",
+    "state_shardings",
     "symbolic_build",
     "thread_settings",
     "unlocked_state",
@@ -125,6 +126,23 @@ def make_function(model: Any, step: Callable[..., Any]) -> Callable[..., Any]:
     True
     """
     return _private(model, "_make_function", "keras", "make_function")(step)
+
+
+def state_shardings(model: Any) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """The shardings of ``model``'s trainable, non-trainable, optimizer and metrics
+    variables: the ``out_shardings`` of the steps ``fit`` jits under a distribution.
+
+    ``JAXTrainer._get_state_sharding_spec``. No fallback.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> [len(part) for part in state_shardings(model)]
+    [2, 0, 2, 2]
+    """
+    return _private(model, "_get_state_sharding_spec", "keras", "state_shardings")()
 
 
 def flatten_layers(layer: Any, include_self: bool = True, recursive: bool = True) -> list[Any]:

@@ -130,9 +130,23 @@ status = []
 session.on_event(lambda e: status.append(panel.status.value)
                  if isinstance(e, ev.EpochEnded) else None)
 
+compiles = []  # (thread, "compiled" or "lowered", the step), on ftwidgets' threads
+KINDS = {"backend_compile_duration": "compiled", "jaxpr_to_mlir_module_duration": "lowered"}
+
+
+def listener(event, duration, **kwargs):
+    thread, kind = threading.current_thread().name, KINDS.get(event.rsplit("/", 1)[-1])
+    step = str(kwargs.get("fun_name")).removeprefix("jit(").removeprefix("jit_").rstrip(")")
+    if thread.startswith("ftwidgets") and kind and step in ("train_step", "test_step"):
+        compiles.append([thread, kind, step])
+
+
 # 1. Head phase. 64 training and 32 validation samples in batches of 9: the batch axis
 #    has one device, so no size needs to divide by the mesh's two.
+jax.monitoring.register_event_duration_secs_listener(listener)
 session.run(ftw.PhaseConfig("head", epochs=2, batch_size=9, learning_rate=1e-2))
+jax.monitoring.unregister_event_duration_listener(listener)
+out["head_compiles"] = compiles
 out["after_head"] = layouts(model.variables)
 out["head_batches"], batches[:] = list(batches), []
 kept = host(model.variables)  # the weights of epoch 2, the head phase's last
@@ -274,6 +288,22 @@ def test_both_phases_train_on_the_worker_under_the_mesh(run) -> None:
             assert devices == 2 and shard == size, (thread, devices, size, shard)
         # The last batches hold the 64 % 9 and 32 % 9 samples left.
         assert {size for _, _, size, _ in batches} == {9, 1, 5}, phase
+
+
+def test_what_fit_compiles_after_its_first_batch_is_compiled_ahead_in_its_layouts(run) -> None:
+    def count(thread: str, kind: str, step: str) -> int:
+        return run["head_compiles"].count([thread, kind, step])
+
+    phase, aside = "ftwidgets-phase", "ftwidgets-warm-compile"
+    # fit compiles its first train step. The last, 1-sample train batch and the test
+    # steps (9 and 5 samples) were traced ahead, in the map's layouts and the batch's,
+    # and compiled on another thread: fit found them, and compiled nothing again.
+    assert count(phase, "compiled", "train_step") == 1, run["head_compiles"]
+    assert count(phase, "compiled", "test_step") == 0, run["head_compiles"]
+    assert count(aside, "compiled", "train_step") == 1, run["head_compiles"]
+    assert count(aside, "compiled", "test_step") == 2, run["head_compiles"]
+    assert count(phase, "lowered", "train_step") == 2, run["head_compiles"]
+    assert count(phase, "lowered", "test_step") == 2, run["head_compiles"]
 
 
 def test_time_travel_gives_back_the_kept_weights_bitwise_on_the_mesh(run) -> None:

@@ -66,6 +66,23 @@ def test_symbolic_build_builds_the_compiled_metrics_and_the_optimizer():
     assert model.optimizer.built
 
 
+@pytest.mark.unit
+def test_state_shardings_are_those_of_the_state_fit_passes_its_train_step():
+    model = tiny_model()
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    upstream.symbolic_build(model, BATCH)
+    parts = (
+        model.trainable_variables,
+        model.non_trainable_variables,
+        model.optimizer.variables,
+        model.metrics_variables,
+    )
+    shardings = upstream.state_shardings(model)
+    assert [len(s) for s in shardings] == [len(p) for p in parts]
+    for variables, part in zip(parts, shardings, strict=True):
+        assert all(s == v.value.sharding for v, s in zip(variables, part, strict=True))
+
+
 @pytest.mark.keras
 def test_make_function_makes_fit_call_the_step_once_per_batch():
     model = tiny_model()

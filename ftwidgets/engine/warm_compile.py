@@ -15,6 +15,9 @@ data alone, while the first batch computes; :func:`compile_in_background` hands 
 to XLA on a daemon thread, which never touches the model. Sooner, the trace delayed
 the first batch and the two compiles slowed each other. When ``fit`` gets there, JAX
 finds trace and executable in the jitted step's memory: nothing is done twice.
+Under a ``keras.distribution`` the programs are traced in the layouts ``fit`` passes
+(each variable's sharding, the distribution's layout of a batch): traced without them,
+they were compiled for one device and ``fit`` compiled its own again.
 
 The same pieces compile a whole phase before its Start (``FineTuneSession.warm_up``,
 which the panel calls once its settings rest): traced on the model's thread as the
@@ -65,10 +68,12 @@ def compile_ahead(
     steps = install_steps(model)
     if steps is None:
         return None
+    # Read now: while fit runs, the model's variables hold no arrays.
+    layouts = _state_layouts(model)
 
     def lower() -> list[Any]:
         try:
-            return lower_steps(model, batch_size, train, validation, steps=steps)
+            return lower_steps(model, batch_size, train, validation, steps=steps, layouts=layouts)
         except Exception:  # fit traces the same steps itself and reports what failed
             logger.debug("tracing a step ahead of fit failed", exc_info=True)
             return []
@@ -78,8 +83,9 @@ def compile_ahead(
 
 def fit_steps(model: keras.Model) -> tuple[Any, Any] | None:
     """The train and test steps, jitted as ``fit`` jits them; None where ``fit`` would
-    make something else: another backend, a distribution, Flax NNX, several steps per
-    execution, no XLA.
+    make something else: another backend, Flax NNX, several steps per execution, no
+    XLA, or a distribution before the optimizer is built (``fit`` fixes the layouts
+    the state comes back in from the optimizer's variables).
 
     Example:
 
@@ -92,7 +98,7 @@ def fit_steps(model: keras.Model) -> tuple[Any, Any] | None:
     >>> fit_steps(model) is None
     True
     """
-    if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
+    if keras.backend.backend() != "jax":
         return None
     if keras.config.is_nnx_enabled():  # fit would jit nnx.jit of the class's step instead
         return None
@@ -100,8 +106,23 @@ def fit_steps(model: keras.Model) -> tuple[Any, Any] | None:
         return None
     import jax
 
-    train_step = jax.jit(model.train_step, donate_argnums=0)
-    return train_step, jax.jit(model.test_step, donate_argnums=0)
+    if keras.distribution.distribution() is None:
+        return jax.jit(model.train_step, donate_argnums=0), jax.jit(
+            model.test_step, donate_argnums=0
+        )
+    if not model.optimizer.built:
+        return None
+    # As fit jits them under a distribution: the state comes back in its layouts.
+    trainable, non_trainable, optimizer, metrics = _state_layouts(model)
+    train = (trainable, non_trainable, optimizer, metrics)
+    return (
+        jax.jit(model.train_step, donate_argnums=0, out_shardings=(None, train)),
+        jax.jit(
+            model.test_step,
+            donate_argnums=0,
+            out_shardings=(None, (trainable, non_trainable, metrics)),
+        ),
+    )
 
 
 def install_steps(model: keras.Model) -> tuple[Any, Any] | None:
@@ -133,6 +154,7 @@ def lower_steps(
     validation: tuple[Any, Any, Any] | None,
     first: bool = False,
     steps: tuple[Any, Any] | None = None,
+    layouts: tuple[list[Any], ...] | None = None,
 ) -> list[Any]:
     """Trace what ``fit`` compiles after its first batch (and that one too if
     ``first``): JAX ``Lowered`` programs, of ``steps`` (by default new `fit_steps`).
@@ -140,7 +162,9 @@ def lower_steps(
     Call it on the thread that owns ``model``, after ``compile`` and a symbolic build
     (so the optimizer and metrics have their variables). ``train`` and ``validation``
     are ``(x, y, sample_weight)`` arrays, or None. Returns nothing where ``fit`` would
-    make other steps. Only shapes and dtypes are read, never a variable's value.
+    make other steps. Only shapes and dtypes are read, never a variable's value;
+    under a distribution, the layouts too: ``layouts`` (read before ``fit``, which
+    empties the variables while it runs), by default read now.
 
     Example:
 
@@ -158,29 +182,44 @@ def lower_steps(
         return []
     import jax
 
-    def specs(variables: Sequence[Any]) -> list[Any]:
-        return [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
+    # Under a distribution fit passes the variables' arrays in their layouts.
+    trainable, non_trainable, optimizer, metrics = layouts or _state_layouts(model) or [None] * 4
+
+    def specs(variables: Sequence[Any], shardings: Sequence[Any] | None) -> list[Any]:
+        shardings = shardings or [None] * len(variables)
+        return [
+            jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+            for v, sharding in zip(variables, shardings, strict=True)
+        ]
 
     train_step, test_step = steps
     lowered = []
     if train is not None:  # train steps first: a smaller last batch precedes validation
         state = (
-            specs(model.trainable_variables),
-            specs(model.non_trainable_variables),
-            specs(model.optimizer.variables),
-            specs(model.metrics_variables),
+            specs(model.trainable_variables, trainable),
+            specs(model.non_trainable_variables, non_trainable),
+            specs(model.optimizer.variables, optimizer),
+            specs(model.metrics_variables, metrics),
         )
         for batch in _batch_specs(train, batch_size, full=first):
             lowered.append(train_step.lower(state, batch))
     if validation is not None:
         state = (
-            specs(model.trainable_variables),
-            specs(model.non_trainable_variables),
-            specs(model.metrics_variables),
+            specs(model.trainable_variables, trainable),
+            specs(model.non_trainable_variables, non_trainable),
+            specs(model.metrics_variables, metrics),
         )
         for batch in _batch_specs(validation, batch_size, full=True):
             lowered.append(test_step.lower(state, batch))
     return lowered
+
+
+def _state_layouts(model: keras.Model) -> tuple[list[Any], ...] | None:
+    """Under a distribution, the shardings of the trainable, non-trainable, optimizer
+    and metrics variables, in which ``fit`` passes them to its steps; else None."""
+    if keras.distribution.distribution() is None:
+        return None
+    return upstream.state_shardings(model)
 
 
 def compile_in_background(
@@ -320,12 +359,16 @@ def _batch_specs(data: tuple[Any, Any, Any], batch_size: int, full: bool) -> lis
     sizes = [batch_size] if full and whole else []
     if last and (full or whole):  # a lone short batch is the first one
         sizes.append(last)
-    return [
-        jax.tree.map(
-            lambda a, n=n: jax.ShapeDtypeStruct(
-                (n, *a.shape[1:]), jax.dtypes.canonicalize_dtype(a.dtype)
-            ),
-            first,
+    distribution = keras.distribution.distribution()
+
+    def spec(a: Any, n: int) -> Any:
+        shape = (n, *a.shape[1:])
+        # Under a distribution fit lays each batch out as the distribution says.
+        sharding = (
+            None if distribution is None else distribution.get_data_layout(shape).backend_layout
         )
-        for n in sizes
-    ]
+        return jax.ShapeDtypeStruct(
+            shape, jax.dtypes.canonicalize_dtype(a.dtype), sharding=sharding
+        )
+
+    return [jax.tree.map(lambda a, n=n: spec(a, n), first) for n in sizes]
