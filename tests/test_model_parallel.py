@@ -5,7 +5,8 @@ host devices, its attention and feed-forward kernels split over "model" by a map
 user writes (BERT's backbone has no ``get_layout_map``). JAX fixes its device count
 when it loads, so the run happens in a subprocess that reports as JSON what the
 assertions below read: every variable's layout after each step, the batches Keras
-handed to the devices, and whether time travel gave back the kept weights bitwise.
+handed to the devices, what was compiled on which thread, whether time travel gave
+back the kept weights bitwise, and the refusal of a model built before the mesh.
 """
 
 from __future__ import annotations
