@@ -152,6 +152,12 @@ out["after_head"] = layouts(model.variables)
 out["head_batches"], batches[:] = list(batches), []
 kept = host(model.variables)  # the weights of epoch 2, the head phase's last
 
+# A learning-rate search over the fine-tune phase's sharded kernels changes nothing.
+search = session.find_learning_rate("finetune", steps=8)
+out["search"] = [search.reason, len(search.losses), bool(np.isfinite(search.losses).all())]
+out["after_search"] = layouts(model.variables)
+out["search_differs"] = differs(kept)
+
 # 2. Fine-tune the top transformer layer and the pooler.
 session.run(ftw.PhaseConfig("finetune", epochs=2, batch_size=9, learning_rate=1e-3,
                             unfreeze_depth=2, unfreeze_unit="block"))
@@ -246,6 +252,7 @@ def test_the_map_holds_from_the_build_through_both_phases_and_time_travel(run) -
     for moment in (
         "built",
         "after_head",
+        "after_search",
         "after_finetune",
         "after_restore",
         "after_rollback",
@@ -305,6 +312,11 @@ def test_what_fit_compiles_after_its_first_batch_is_compiled_ahead_in_its_layout
     assert count(aside, "compiled", "test_step") == 2, run["head_compiles"]
     assert count(phase, "lowered", "train_step") == 2, run["head_compiles"]
     assert count(phase, "lowered", "test_step") == 2, run["head_compiles"]
+
+
+def test_a_learning_rate_search_on_the_mesh_leaves_every_weight_as_it_was(run) -> None:
+    assert run["search"] == ["completed", 8, True]
+    assert run["search_differs"] == []
 
 
 def test_time_travel_gives_back_the_kept_weights_bitwise_on_the_mesh(run) -> None:
