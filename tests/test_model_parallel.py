@@ -47,6 +47,8 @@ layout_map[r".*self_attention_layer/(query|key|value)/kernel"] = (None, "model",
 layout_map[r".*self_attention_layer/attention_output/kernel"] = ("model", None, None)
 layout_map[r".*feedforward_intermediate_dense/kernel"] = (None, "model")
 layout_map[r".*feedforward_output_dense/kernel"] = ("model", None)
+# The LoRA phase's adapters: A (hidden, heads, rank) split over the heads, B replicated.
+layout_map[r".*self_attention_layer/(query|value)/lora_kernel_a"] = (None, "model", None)
 keras.distribution.set_distribution(
     keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
 
@@ -196,6 +198,18 @@ out["running_end"] = [session.history.phases[-1].reason,
                       [r.epoch for r in session.history.epochs]]
 out["after_running_rollback"] = layouts(model.variables)
 out["running_rollback_differs"] = differs(last)
+session.on_event(roll_back_after_epoch_6, remove=True)
+
+# 5. A LoRA phase: its adapters are made on the worker, under the mesh.
+before_lora = host(model.variables)
+session.run(ftw.PhaseConfig("finetune", epochs=2, batch_size=9, learning_rate=1e-2,
+                            lora_rank=2))
+out["after_lora"] = layouts(model.variables)
+out["lora_differs"] = differs(before_lora)
+out["lora_trainable"] = sorted(v.path for v in model.trainable_weights)
+out["lora_losses"] = [r.logs["loss"] for r in session.history.epochs if r.epoch > 6]
+out["lora_rank"] = session.history.phases[-1].config.lora_rank
+out["status_lora"] = panel.status.value
 panel.close()
 print("RESULT " + json.dumps(out))
 """
@@ -347,6 +361,34 @@ def test_a_model_built_before_the_distribution_is_refused_before_training(run) -
         assert message.endswith("Received: variable='encoder/enc/kernel' on ['cpu:0']")
     assert run["early_untouched"]
     assert run["early_history"] == [0, 0]  # no phase, no search recorded
+
+
+ADAPTERS = {
+    f"transformer_layer_{i}/self_attention_layer/{name}/{matrix}": layout
+    for i in (0, 1)
+    for name in ("query", "value")
+    for matrix, layout in (
+        ("lora_kernel_a", ([None, "model", None], [16, 1, 2])),
+        ("lora_kernel_b", ([None, None], [2, 8])),
+    )
+}
+
+
+def test_a_lora_phase_trains_adapters_sharded_as_the_map_says(run) -> None:
+    layouts = run["after_lora"]
+    # The kernels keep their layouts; each adapter has the map's (B, unmapped, is
+    # replicated on both devices).
+    for path, expected in EXPECTED.items():
+        assert layouts[path] == [*expected, 2], path
+    for path, expected in ADAPTERS.items():
+        assert layouts[path] == [*expected, 2], path
+    # Only the adapters and the head trained; every base weight is bitwise as it was.
+    assert run["lora_trainable"] == sorted([*ADAPTERS, "logits/kernel", "logits/bias"])
+    changed = {p for p in run["lora_differs"] if "seed_generator" not in p}
+    assert changed == {"logits/kernel", "logits/bias"}
+    assert len(run["lora_losses"]) == 2 and all(map(math.isfinite, run["lora_losses"]))
+    assert run["lora_rank"] == 2
+    assert MESH in run["status_lora"] and "(LoRA r=2)" in run["status_lora"]
 
 
 def test_the_device_summary_and_the_status_line_name_the_mesh(run) -> None:
