@@ -32,6 +32,7 @@ WALKTHROUGHS = {
     "03_early_stopping_and_rollback.ipynb": 4,
     "04_bring_your_own_model.ipynb": 2,
     "05_your_own_images.ipynb": 1,
+    "06_transformer_lora.ipynb": 1,
 }
 # Binder gives a kernel about 2 GB; each walkthrough's kernel must peak below this.
 KERNEL_MEMORY_BUDGET_MIB = 1536
@@ -264,3 +265,35 @@ def test_walkthroughs_print_their_results():
     accuracy = float(re.search(r"validation accuracy now, weights=None: ([\d.]+)", five).group(1))
     # Early stopping put the best epoch's weights back: evaluating reproduces its accuracy.
     assert accuracy == float(best.group(3)), (accuracy, best.group(0))
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(900)
+def test_transformer_lora_walkthrough_compares_full_and_lora_fine_tuning():
+    six = execute("06_transformer_lora.ipynb").stream()
+    head = float(re.search(r"after the head phase: validation accuracy ([\d.]+)", six)[1])
+    arms = {
+        arm: (int(params.replace(",", "")), int(nbytes.replace(",", "")), float(accuracy))
+        for arm, params, nbytes, accuracy in re.findall(
+            r"(full|LoRA r=4): ([\d,]+) trainable parameters, [\d.]+ s per epoch, "
+            r"([\d,]+) snapshot bytes per kept epoch, best val_accuracy ([\d.]+)",
+            six,
+        )
+    }
+    assert set(arms) == {"full", "LoRA r=4"}, six
+    (full_params, full_bytes, full_accuracy), (lora_params, lora_bytes, lora_accuracy) = (
+        arms["full"],
+        arms["LoRA r=4"],
+    )
+    # Three classes (chance 1/3): a head on the random backbone learns nothing, and both
+    # fine-tunes learn the task from the same head-trained weights.
+    assert head < 0.45, head
+    assert full_accuracy > 0.9 and lora_accuracy > 0.9, (full_accuracy, lora_accuracy)
+    # The 2-layer BERT's 20,163 weights against the head (99) and rank-4 adapters on the
+    # 4 query and value kernels (32 x 2 heads x 16): A is (32, 2, 4), B is (4, 16).
+    assert full_params == 20_163 and lora_params == 4 * (32 * 2 * 4 + 4 * 16) + 99
+    assert lora_bytes < full_bytes / 10, (lora_bytes, full_bytes)
+    assert "LoRA: base weights bitwise unchanged: True; 8 adapter matrices added" in six
+    assert "full: 39 of 39 backbone weights changed" in six
+    sizes = re.search(r"keywords.lora.h5: ([\d.]+) KiB; the whole model's \S+: ([\d.]+) KiB", six)
+    assert sizes and float(sizes[1]) < float(sizes[2]) / 5, six
