@@ -35,10 +35,15 @@ It measures (1-4 and 6's quality in one process, 5 and 6's timing in child proce
    without a persistent cache; the model checked bitwise unchanged), and whether a
    5-epoch head phase at the suggested rate beats the rate / 30 and x 30 on two
    bases over 3 seeds, with the "steep" and "minimum" rules beside it.
+7. The browser's renderer (section ``browser``) while the panel shows a run.
+8. LoRA vs full fine-tuning (section ``lora``): trainable parameters, seconds per
+   epoch, snapshot bytes per kept epoch and validation accuracy of a full and a LoRA
+   fine-tune at equal epochs, on a tiny KerasHub BERT and a MobileNetV3Small, 3 seeds.
 
 The package: one module per section (``overhead``, ``whole_phase``, ``growth``,
-``traffic``, ``responsiveness``, ``in_flight``, ``startup``, ``lr_search``), each with
-a ``SECTION`` (``benchmarks.sections.Section``: how it measures, how it reports);
+``traffic``, ``responsiveness``, ``in_flight``, ``startup``, ``lr_search``, ``browser``,
+``lora``), each with a ``SECTION`` (``benchmarks.sections.Section``: how it measures,
+how it reports);
 shared parts in ``common`` (statistics, child processes), ``workloads``, ``threads``
 (CPU time by thread), ``arms`` (bare, session and panel runs) and ``results``
 (``RESULTS.md``); the CLI in ``__main__``. A new section is one module with a

@@ -6,9 +6,9 @@ the same heading share it. A new section is one module and one line in ``MODULES
 
 >>> [section.name for section in load()]  # doctest: +NORMALIZE_WHITESPACE
 ['overhead', 'whole_phase', 'growth', 'traffic', 'responsiveness', 'gpu', 'in_flight',
- 'startup', 'lr_search', 'browser']
+ 'startup', 'lr_search', 'browser', 'lora']
 >>> [section.name for section in load() if not section.quick]
-['startup', 'lr_search', 'browser']
+['startup', 'lr_search', 'browser', 'lora']
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ MODULES = (
     "startup",
     "lr_search",
     "browser",
+    "lora",
 )
 
 

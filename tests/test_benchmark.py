@@ -94,3 +94,27 @@ def test_the_benchmarks_import_nothing_from_tests():
         imported[path.name] = sorted(names & (test_modules | {"tests"}))
     assert {name: found for name, found in imported.items() if found} == {}
     assert len(imported) >= 10  # the scan sees the package
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(600)
+def test_a_quick_lora_run_trains_adapters_alone_on_both_workloads():
+    raw_file = PACKAGE / "out" / "raw-quick.json"
+    raw_file.unlink(missing_ok=True)
+    done = child("-m", "benchmarks", "--quick", "--sections", "lora", "--no-write")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "8. LoRA vs full fine-tuning" in done.stdout
+    lora = json.loads(raw_file.read_text(encoding="utf-8"))["lora"]
+    for name in ("bert", "cnn"):
+        (full,), (adapters,) = lora[name]["runs"]["full"], lora[name]["runs"]["lora"]
+        # LoRA trains a small fraction of what the full fine-tune trains, and each kept
+        # epoch holds only that: the frozen base is one copy shared by the phase.
+        assert adapters["trainable"] < full["trainable"] / 5, (name, adapters, full)
+        assert adapters["own_bytes"] < full["own_bytes"] / 5, (name, adapters, full)
+        assert adapters["shared_bytes"] > full["own_bytes"] / 2, (name, adapters, full)
+        assert adapters["params"] > full["params"]  # the adapters were added to the model
+        for run in (full, adapters):
+            assert 0 < run["epoch_seconds"] < 60 and 0 <= run["best"] <= 1, (name, run)
+    # The CNN's base was pretrained on the digits 0-4 before its head phase.
+    assert lora["cnn"]["pretrained_best"][0] is not None
+    assert lora["bert"]["pretrained_best"] == [None]
