@@ -42,6 +42,12 @@ class KeywordTask:
         y_val: as ``y_train``.
         vocabulary_size: token ids are below it.
         sequence_length: tokens per sequence.
+
+    Example:
+
+    >>> task = keyword_sequences(train=5, val=2, length=10, vocabulary_size=12)
+    >>> task.x_val["token_ids"].shape, (task.vocabulary_size, task.sequence_length)
+    ((2, 10), (12, 10))
     """
 
     x_train: dict[str, np.ndarray]

@@ -56,7 +56,7 @@ def headless_files() -> list[pathlib.Path]:
 
 def test_the_package_is_laid_out_in_layers():
     flat = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
-    assert flat == ["_backend.py", "cli.py", "demo.py", "upstream.py"]
+    assert flat == ["_backend.py", "cli.py", "demo.py", "demo_text.py", "upstream.py"]
     assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} == LAYERS
 
 
