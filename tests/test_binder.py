@@ -33,6 +33,7 @@ BINDER = REPO / "binder"
 # runtime, Lab's widget extension and Voila (for the dashboard badge), which the
 # version pins must fix too.
 EXPECTED_PINS = {
+    "absl-py",
     "bqplot",
     "filelock",
     "grain",
@@ -44,12 +45,18 @@ EXPECTED_PINS = {
     "jaxlib",
     "jupyterlab",
     "jupyterlab-widgets",
+    "kagglehub",
+    "kagglesdk",
     "keras",
     "numpy",
     "pandas",
     "pillow",
     "platformdirs",
+    "regex",
+    "rich",
     "scikit-learn",
+    "sentencepiece",
+    "tokenizers",
     "voila",
 }
 # mybinder gives 1-2 GB of RAM; the kernel must leave room for the server and the browser tab.
@@ -94,7 +101,8 @@ def test_requirements_pin_exactly_what_ftwidgets_runs_with():
 def test_pins_satisfy_the_package_dependencies():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pinned = pins()
-    for raw in project["dependencies"]:
+    # The [hub] extra too: walkthrough 06 runs on Binder.
+    for raw in project["dependencies"] + project["optional-dependencies"]["hub"]:
         requirement = Requirement(raw)
         name = canonicalize_name(requirement.name)
         assert name in pinned, f"{name} is a dependency of ftwidgets but not pinned for Binder"
@@ -170,6 +178,11 @@ def test_post_build_installs_the_package_and_enables_the_extension():
     assert commands[0].startswith("set -e")
     text = "\n".join(commands)
     assert "pip install --no-cache-dir --no-deps ." in text
+    # Walkthrough 06's KerasHub, without the TensorFlow it declares; the version this
+    # suite runs with.
+    assert (
+        f"pip install --no-cache-dir --no-deps keras-hub=={metadata.version('keras-hub')}" in text
+    )
     assert "binder/ipython_kernel_config.py" in text
     assert "profile_default" in text
 
