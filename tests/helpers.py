@@ -5,8 +5,13 @@ Test modules import from here, never from one another (``test_layers`` checks it
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -43,6 +48,29 @@ def block_base() -> keras.Model:
     x = keras.layers.ReLU(name="relu")(x)
     x = keras.layers.Dense(16, name="block2_dense2")(x)
     return keras.Model(inputs, x, name="block_base")
+
+
+def run_on_two_host_devices(script: str) -> dict:
+    """Run ``script`` in a Python whose JAX has two forced host devices (JAX fixes its
+    device count when it loads) and return what it printed as ``RESULT <json>``."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "KERAS_BACKEND": "jax",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-6000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def digit_tokens():

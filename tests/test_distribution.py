@@ -8,13 +8,8 @@ as JSON what the assertions below read.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import run_on_two_host_devices
 
 pytestmark = pytest.mark.keras
 
@@ -119,24 +114,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def run() -> dict:
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-        "KERAS_BACKEND": "jax",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parents[1],
-        check=False,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-6000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return run_on_two_host_devices(SCRIPT)
 
 
 def _split_over_two(batches: list) -> None:
