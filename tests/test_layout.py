@@ -109,6 +109,8 @@ def test_a_fresh_process_imports_engine_and_advice_without_widgets():
     assert "ftwidgets.engine.session" in seen["loaded"]
     assert "ftwidgets.advice.coach" in seen["loaded"]
     assert set(seen["new"]) & WIDGET_PACKAGES == set()
+    # KerasHub is an optional extra, found by duck typing: never imported, nor TensorFlow.
+    assert set(seen["new"]) & {"keras_hub", "tensorflow"} == set()
     assert not any(m.startswith(("ftwidgets.ui", "ftwidgets.frontend")) for m in seen["loaded"])
 
 
