@@ -109,9 +109,11 @@ class Resume(Command):
 
 @dataclass(frozen=True)
 class SetLearningRate(Command):
-    """Use ``learning_rate`` from the next batch on (a checked, positive number)."""
+    """Use ``learning_rate`` from the next batch on (a checked, positive number), for
+    ``group`` (``"head"`` or ``"base"``), or None: every group, their ratios kept."""
 
     learning_rate: float
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ class Channel:
     >>> channel.submit(SetLearningRate(1e-4)) == generation
     True
     >>> channel.take()  # the commands, and whether a pause is asked for
-    ([SetLearningRate(learning_rate=0.0001)], False)
+    ([SetLearningRate(learning_rate=0.0001, group=None)], False)
     >>> channel.finish(State.IDLE)
     []
     """

@@ -36,6 +36,7 @@ __all__ = [
     "check_lora",
     "check_monitor",
     "check_on_mesh",
+    "check_schedule",
     "early_stopping_update",
     "expected_metric_names",
     "metric_direction",
@@ -122,6 +123,23 @@ def check_lora(
         )
     else:
         lora.plan_flags(freezing.base_leaves(base), depth, config.keep_batchnorm_frozen, unit)
+
+
+def check_schedule(config: PhaseConfig, data: TrainingData, learned: int | None) -> None:
+    """Refuse a schedule that needs the phase's length in steps where the data's is
+    unknown (a dataset of unknown length, before an epoch of it has run).
+
+    Raises:
+        ValueError: naming the schedule.
+    """
+    needs_length = config.schedule != "constant" or isinstance(config.warmup, float)
+    if needs_length and data.steps_per_epoch(config.batch_size) is None and learned is None:
+        raise ValueError(
+            f"schedule={config.schedule!r} (warmup={config.warmup!r}) is shaped over the "
+            "phase's steps, and this data's length is unknown until an epoch of it has "
+            "run: run a phase first, or use a constant schedule with a warm-up in steps. "
+            f"Received: schedule={config.schedule!r}, warmup={config.warmup!r}"
+        )
 
 
 def check_on_mesh(model: keras.Model, distribution: Any) -> None:

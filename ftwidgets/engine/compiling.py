@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from ftwidgets import upstream
-from ftwidgets.engine import bases, lora, tasks, transfer, warm_compile
+from ftwidgets.engine import bases, freezing, lora, tasks, transfer, warm_compile
 from ftwidgets.engine.config import PhaseConfig, check_steerable_optimizer
 from ftwidgets.engine.inputs import TrainingData
+from ftwidgets.engine.rates import PhaseRates
 
 if TYPE_CHECKING:
     from ftwidgets.engine.jobs import JobContext
@@ -34,6 +35,7 @@ __all__ = [
     "lower_phase",
     "make_optimizer",
     "phase_key",
+    "phase_rates",
     "trained_config",
 ]
 
@@ -194,7 +196,16 @@ def phase_key(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> tu
             for layer in ctx.model.layers
             if isinstance(layer, keras.layers.Dropout)
         )
-    general = config.with_changes(learning_rate=1.0, epochs=1, optimizer=None)
+    # Rates, the phase's length and its warm-up are variables of the programs; whether
+    # the base has rates of its own, and the schedule's shape, are not.
+    general = config.with_changes(
+        learning_rate=1.0,
+        epochs=1,
+        optimizer=None,
+        base_learning_rate=1.0 if config.grouped else None,
+        layer_decay=None,
+        warmup=int(config.schedule != "constant" or config.warmup != 0),
+    )
     optimizer = _optimizer_key(config, ctx.optimizer)
     return (compilation_cache_dir(), general, optimizer, depth, unit, rates)
 
@@ -209,7 +220,7 @@ def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> 
     model = ctx.model
     setup = ModelSetup(model, config, depth, unit, ctx.base)
     try:
-        compile_phase(ctx, config)
+        compile_phase(ctx, config, depth, unit)
         upstream.symbolic_build(model, fit_batch(ctx, config.batch_size))
         train, validation = ctx.data.split_arrays()
         return warm_compile.lower_steps(model, config.batch_size, train, validation, first=True)
@@ -217,19 +228,36 @@ def lower_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> 
         setup.undo()
 
 
-def compile_phase(ctx: JobContext, config: PhaseConfig) -> keras.optimizers.Optimizer:
-    """Compile the model for a phase of ``config``: a fresh optimizer, the session's loss.
+def phase_rates(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> PhaseRates:
+    """The fresh optimizers of a phase of ``config`` set up on the model: one, or one per
+    rate group (``ftwidgets.engine.rates``), from the phase's first global step on."""
+    units = transfer.unfreeze_units(ctx.model, unit, base=ctx.base)
+    leaves = dict(freezing.base_leaves(ctx.base))
+    top = reversed(units[len(units) - depth :]) if depth else []
+    variables = [[v for path in u.layers for v in leaves[path].trainable_weights] for u in top]
+    steps = ctx.data.steps_per_epoch(config.batch_size) or ctx.learned_steps
+    return PhaseRates(
+        config,
+        lambda rate: make_optimizer(config.with_changes(learning_rate=rate), ctx.optimizer),
+        variables,
+        steps * config.epochs if steps else None,
+        ctx.steps_before,
+    )
 
-    Returns the fresh optimizer.
+
+def compile_phase(ctx: JobContext, config: PhaseConfig, depth: int, unit: str) -> PhaseRates:
+    """Compile the model for a phase of ``config``: fresh optimizers, the session's loss.
+
+    Returns the phase's rates, which hold its optimizers.
     """
-    optimizer = make_optimizer(config, ctx.optimizer)
+    rates = phase_rates(ctx, config, depth, unit)
     ctx.model.compile(
-        optimizer=optimizer,
+        optimizer=rates.optimizer,
         loss=ctx.loss,
         metrics=ctx.metrics or None,
         **ctx.compile_extras,
     )
-    return optimizer
+    return rates
 
 
 def compiles_with_xla(ctx: JobContext) -> bool:

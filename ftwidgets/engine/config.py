@@ -12,6 +12,7 @@ __all__ = [
     "DEFAULT_LEARNING_RATES",
     "OPTIMIZERS",
     "PHASES",
+    "SCHEDULES",
     "UNFREEZE_UNITS",
     "EarlyStoppingConfig",
     "PhaseConfig",
@@ -22,6 +23,8 @@ __all__ = [
 ]
 
 PHASES = ("head", "finetune")
+# How a phase's rates move over its steps (`ftwidgets.engine.schedules`).
+SCHEDULES = ("constant", "cosine", "one_cycle")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 MODES = ("auto", "min", "max")
 # What unfreeze depth counts: whole blocks of the base (``block5a_...``), or single layers.
@@ -279,6 +282,18 @@ class PhaseConfig:
             (``ftwidgets.engine.lora``).
         lora_alpha: the adapters' scale numerator (the update is scaled by
             ``lora_alpha / lora_rank``); None is Keras's default, the rank.
+        base_learning_rate: the rate of the base's top unfrozen unit; None: the
+            head's ``learning_rate`` (one rate for all). A fine-tune phase only.
+        layer_decay: each unfrozen unit below the top one trains at this many times
+            the rate of the unit above it (0 < decay <= 1; units as
+            ``unfreeze_unit`` counts them); None: the same rate for the whole base.
+        schedule: how the rates move over the phase's steps: ``"constant"``,
+            ``"cosine"`` (down to zero at the phase's last step) or ``"one_cycle"``
+            (up from 1/25 of the rate, then down to 1/100,000 of it, as fastai's).
+            The same shape scales every group (`ftwidgets.engine.schedules`).
+        warmup: a linear rise before the shape: an int counts steps (batches), a
+            float in [0, 1) is a share of the phase's steps. For ``"one_cycle"`` it is
+            the rising part (0: a quarter of the phase).
         lora_targets: names or paths (as in ``freeze_map``) of the layers that get
             adapters; None for the default: a KerasHub backbone's own
             (``default_lora_layer_names()``: the attention's query and value), else
@@ -311,6 +326,10 @@ class PhaseConfig:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] | None = None
+    base_learning_rate: float | None = None
+    layer_decay: float | None = None
+    schedule: Literal["constant", "cosine", "one_cycle"] = "constant"
+    warmup: int | float = 0
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -339,6 +358,50 @@ class PhaseConfig:
                 f"Received: unfreeze_unit={self.unfreeze_unit!r}"
             )
         self._check_lora()
+        self._check_rates()
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the base trains at rates of its own (``base_learning_rate`` or
+        ``layer_decay``): the phase then has a rate per group."""
+        return self.base_learning_rate is not None or self.layer_decay is not None
+
+    def _check_rates(self) -> None:
+        if self.base_learning_rate is not None:
+            rate = self.base_learning_rate
+            try:
+                object.__setattr__(self, "base_learning_rate", check_learning_rate(rate))
+            except ValueError:
+                raise ValueError(
+                    "base_learning_rate must be None or a positive finite number. "
+                    f"Received: base_learning_rate={rate!r}"
+                ) from None
+        decay = self.layer_decay
+        if decay is not None and (
+            isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay <= 1
+        ):
+            raise ValueError(
+                f"layer_decay must be None or a number in (0, 1]. Received: layer_decay={decay!r}"
+            )
+        if self.phase == "head" and self.grouped:
+            raise ValueError(
+                "The head phase trains the head alone: base_learning_rate and layer_decay "
+                "set the rates of an unfrozen base, in a fine-tune phase. Received: "
+                f"base_learning_rate={self.base_learning_rate!r}, "
+                f"layer_decay={self.layer_decay!r} with phase='head'"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"schedule must be one of {SCHEDULES}. Received: schedule={self.schedule!r}"
+            )
+        warmup = self.warmup
+        steps = isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0
+        share = isinstance(warmup, float) and 0 <= warmup < 1
+        if not (steps or share):
+            raise ValueError(
+                "warmup must be a number of steps (an int >= 0) or a share of the phase "
+                f"(a float in [0, 1)). Received: warmup={warmup!r}"
+            )
 
     def _check_lora(self) -> None:
         if self.lora_targets is not None:

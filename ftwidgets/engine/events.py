@@ -312,11 +312,13 @@ class BestChanged(Event):
 
 @dataclass(frozen=True)
 class LearningRateChanged(Event):
-    """A learning-rate change took effect (on the worker, at a batch boundary)."""
+    """A learning-rate change took effect (on the worker, at a batch boundary), for
+    ``group`` (``"head"`` or ``"base"``), or for every group (None)."""
 
     learning_rate: float
     epoch: int
     batch: int | None
+    group: str | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from ftwidgets.engine.events import (
     PhaseEnd,
     frozen_logs,  # noqa: F401 (the examples' records)
 )
+from ftwidgets.engine.rate_trace import RateTrace
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -189,6 +190,7 @@ class History:
         self.model_settings: dict[str, Any] = {}
         self.versions: dict[str, str] = {}
         self._trace = BatchTrace()
+        self._rates = RateTrace()
 
     # -- epochs ---------------------------------------------------------
     @property
@@ -461,6 +463,23 @@ class History:
         batch's own loss; ``last``: only the newest ``last`` batches (see `BatchTrace.read`).
         """
         return self._trace.read(last)
+
+    @property
+    def rate_trace(self) -> RateTrace:
+        """The learning rates the run applied, as segments (see `learning_rates`)."""
+        return self._rates
+
+    def learning_rates(self, group: str = "head") -> tuple[np.ndarray, np.ndarray]:
+        """The global step of every batch ``group`` trained, and the learning rate that
+        batch applied: ``"head"``, or ``"base"`` (its top unit; with a layer decay the
+        units below train lower). Steps with the base frozen are left out of ``"base"``.
+
+        Raises:
+            ValueError: for another group.
+        """
+        if group not in ("head", "base"):
+            raise ValueError(f"group must be 'head' or 'base'. Received: group={group!r}")
+        return self._rates.learning_rates(group)
 
     # -- export ----------------------------------------------------------
     _FIELDS = ("epoch", "phase", "phase_index", "learning_rate", "partial", "seconds", "branch")

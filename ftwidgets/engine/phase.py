@@ -129,7 +129,7 @@ class FitPhase(PhaseRecorder):
             )
         setup = ModelSetup(model, config, self.depth, self.unit, ctx.base)
         try:
-            optimizer = compile_phase(ctx, config)
+            self.rates = compile_phase(ctx, config, self.depth, self.unit)
             tracking = checks.check_monitor(ctx, self.tracking, config.batch_size)
         except BaseException:
             setup.undo()
@@ -161,6 +161,7 @@ class FitPhase(PhaseRecorder):
                 trainable_params=trainable_params,
             )
         )
+        ctx.history.rate_trace.add(self.rates.segment(ctx.steps_before))
         ctx.emit(
             PhaseStarted(
                 self.index,
@@ -172,8 +173,8 @@ class FitPhase(PhaseRecorder):
                 self.steps_per_epoch,
                 tuple(self.trainable),
                 self.unit,
-                # Mixed precision wraps it in a LossScaleOptimizer: name the one it wraps.
-                type(getattr(optimizer, "inner_optimizer", optimizer)).__name__,
+                # The kind each group's optimizer is (a MultiOptimizer holds one per group).
+                type(self.rates.optimizers[0]).__name__,
                 trainable_params=trainable_params,
                 dropout=head_dropout_rate(model, ctx.base),
                 num_classes=_num_classes(model, ctx.loss),
@@ -282,6 +283,7 @@ class FitPhase(PhaseRecorder):
                 failure.batch,
             )
         ctx.steps_before = self.steps_done()
+        ctx.history.rate_trace.end_phase(ctx.steps_before)
         if not self.compiling:
             # fit compiled its first train step, and the rest was compiled ahead: a
             # warm-up of these settings has nothing left to do.

@@ -42,6 +42,7 @@ from ftwidgets.engine.events import (
 from ftwidgets.engine.freezing import is_batchnorm
 from ftwidgets.engine.history import Marker
 from ftwidgets.engine.jobs import JobContext, StopJob
+from ftwidgets.engine.rates import PhaseRates
 
 __all__ = ["PhaseRecorder"]
 
@@ -61,6 +62,8 @@ class PhaseRecorder:
         self.config = config
         self.early_stopping = early_stopping
         self.learning_rate = float(config.learning_rate)
+        # The phase's optimizers and rates, once it has compiled.
+        self.rates: PhaseRates | None = None
         self.index = 0
         self.start_epoch = 0
         self.epoch = 0
@@ -201,13 +204,13 @@ class PhaseRecorder:
         ctx = self._ctx
         x = self.position(self.batch)
         if isinstance(command, SetLearningRate):
-            rate = command.learning_rate
-            model.optimizer.learning_rate = rate
-            self.learning_rate = rate
-            ctx.history.add_marker(
-                Marker("learning_rate", x, self.epoch, f"learning rate {rate:g}", rate)
-            )
-            ctx.emit(LearningRateChanged(rate, self.epoch, self.batch))
+            rate, group, step = command.learning_rate, command.group, self.step(self.batch)
+            self.rates.set(rate, group, step)
+            self.learning_rate = self.rates.rate("head", step)
+            ctx.history.rate_trace.add(self.rates.segment(step))
+            what = "learning rate" if group is None else f"{group} learning rate"
+            ctx.history.add_marker(Marker("learning_rate", x, self.epoch, f"{what} {rate:g}", rate))
+            ctx.emit(LearningRateChanged(rate, self.epoch, self.batch, group))
         elif isinstance(command, UpdateEarlyStopping):
             self.early_stopping = ctx.update_early_stopping(command.config)
         elif isinstance(command, Rollback) and travel.restorable(ctx, command):
@@ -243,6 +246,9 @@ class PhaseRecorder:
             self.steps_per_epoch = ctx.learned_steps = batches
             ctx.history.place_batches(self._epoch_first_step, batches, epoch)
         self._epoch_first_step += batches
+        ctx.history.rate_trace.reach(self._epoch_first_step)
+        # The rate the epoch ended at: a schedule moves it every batch.
+        self.learning_rate = self.rates.rate("head", self._epoch_first_step - 1)
         if cut:
             # As a Stop's cut epoch: recorded, never a best, its weights not kept.
             self.cut = True

@@ -32,6 +32,7 @@ from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig, check_lear
 from ftwidgets.engine.events import Best, PhasePlanned
 from ftwidgets.engine.jobs import JobContext
 from ftwidgets.engine.phase import FitPhase
+from ftwidgets.engine.rates import check_group, check_steerable
 
 __all__ = ["Steering"]
 
@@ -205,27 +206,40 @@ class Steering:
         self._refuse_if_closed()
         return self._channel.submit(Resume()) is not None
 
-    def set_learning_rate(self, learning_rate: float) -> bool:
+    def set_learning_rate(self, learning_rate: float, group: str | None = None) -> bool:
         """Change the learning rate; while training it applies at the next batch.
 
-        Idle, the rate goes to the last phase's optimizer, for a later ``fit``
+        ``group="head"`` or ``"base"`` changes one group of a phase with rates of
+        its own for the base (``base_learning_rate`` or ``layer_decay``): ``"base"``
+        sets its top unit's rate and scales the units below alike. None scales every
+        group by the same factor, keeping their ratios: ``learning_rate`` is the
+        head's new rate. Under a schedule the rest of the phase follows the same
+        shape from the new rate; it never jumps back.
+
+        Idle, the rate goes to the last phase's optimizers, for a later ``fit``
         by hand. A search ignores it: it sets its own rates.
 
         Returns:
             True if a running job took it; False if it applied to the idle model.
 
         Raises:
-            ValueError: if the rate is not a positive finite number.
+            ValueError: if the rate is not a positive finite number, or for a group
+                the phase does not train at a rate of its own.
             RuntimeError: if the session is closed.
         """
         self._refuse_if_closed()
         rate = check_learning_rate(learning_rate)
-        if self._channel.submit(SetLearningRate(rate)) is not None:
+        check_group(group)
+        phase = self._phase
+        if phase is not None:
+            # Refused here, not on the worker: a phase still compiling has no rates yet.
+            trains_base = phase.config.phase == "finetune" and phase.depth > 0
+            check_steerable(group, phase.config.grouped and trains_base, trains_base)
+        if self._channel.submit(SetLearningRate(rate, group)) is not None:
             return True
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is not None and self._phase is not None:
-            optimizer.learning_rate = rate
-            self._phase.learning_rate = rate
+        if phase is not None and phase.rates is not None:
+            phase.rates.set(rate, group, self._ctx.steps_before)
+            phase.learning_rate = phase.rates.rate("head", self._ctx.steps_before)
         return False
 
     def update_early_stopping(self, **changes: Any) -> EarlyStoppingConfig:

@@ -9,20 +9,25 @@ on the caller's thread (``ftwidgets.engine.checks``) and returns at once, or wai
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from ftwidgets import _backend
-from ftwidgets.engine import checks, lr_search, registry, warm_compile
+from ftwidgets.engine import checks, lr_search, recipes, registry, warm_compile
 from ftwidgets.engine.channel import State
 from ftwidgets.engine.compiling import compiles_with_xla, lower_phase, phase_key
 from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig, check_steerable_optimizer
-from ftwidgets.engine.events import Failure
+from ftwidgets.engine.events import Failure, PhaseEnd
 from ftwidgets.engine.jobs import Job, Worker
 from ftwidgets.engine.phase import FitPhase, PhaseStatus
 from ftwidgets.engine.steering import Steering
 
 __all__ = ["Training"]
+
+# What decides the fine-tune phase's depth, which `fine_tune` spreads its rates over.
+_DEPTH_FIELDS = ("unfreeze_depth", "unfreeze_unit")
 
 
 class Training(Steering):
@@ -37,6 +42,7 @@ class Training(Steering):
     _worker: Worker
     _warm: warm_compile.WarmUp | None
     _keras_settings: dict[str, object]
+    _chain: threading.Thread | None = None  # a `fine_tune` running without waiting
 
     @property
     def error(self) -> Failure | None:
@@ -233,6 +239,7 @@ class Training(Steering):
             )
         depth, unit = checks.check_depth(self.model, config, self.base)
         checks.check_lora(self.model, config, depth, unit, self.base)
+        checks.check_schedule(config, self._ctx.data, self._ctx.learned_steps)
         if config.optimizer is None and self._ctx.optimizer is not None:
             check_steerable_optimizer(self._ctx.optimizer, "compiled optimizer")
         self._ctx.data.check(self.model, self._ctx.loss, config.batch_size)
@@ -259,9 +266,87 @@ class Training(Steering):
             self._phase = previous_phase
             raise
 
+    def fine_tune(
+        self,
+        epochs: int,
+        freeze_epochs: int = 1,
+        base_lr: float = 2e-3,
+        lr_mult: float = 100,
+        *,
+        wait: bool = True,
+        **phase_settings: Any,
+    ) -> tuple[PhaseConfig | None, PhaseConfig]:
+        """fastai's ``fine_tune`` in one call: a head phase of ``freeze_epochs``, then
+        ``epochs`` with the base unfrozen, its rates spread from ``base_lr / lr_mult``
+        (its deepest unit) up to ``base_lr`` (the head), both with a one-cycle schedule
+        (``ftwidgets.engine.recipes.fine_tune_phases``). Each phase is steerable as any
+        other; a Stop in the head phase skips the fine-tune phase.
+
+        Args:
+            epochs: the fine-tune phase's epochs.
+            freeze_epochs: the head phase's epochs (0: none).
+            base_lr: the head's peak rate.
+            lr_mult: how many times lower the deepest unit of the base trains.
+            wait: return once both phases ended (re-raising a failure); with False,
+                return at once while they run (`wait` waits for both).
+            **phase_settings: other ``PhaseConfig`` fields (``batch_size``,
+                ``unfreeze_depth``, ``lora_rank``...).
+
+        Returns:
+            The two phases' settings (None for no head phase).
+
+        Raises:
+            ValueError: for bad settings, before any training.
+        """
+        self._refuse_if_closed()
+        probe = PhaseConfig(phase="finetune", **{k: v for k, v in phase_settings.items()
+                                                 if k in _DEPTH_FIELDS})  # fmt: skip
+        depth, _ = checks.check_depth(self.model, probe, self.base)
+        head, tune = recipes.fine_tune_phases(
+            epochs, freeze_epochs, base_lr, lr_mult, depth, **phase_settings
+        )
+        for config in (head, tune):
+            if config is not None:
+                self._check_phase(config)
+
+        if head is None:
+            if wait:
+                self.run(tune)
+            else:
+                self.start(tune)
+            return head, tune
+        if wait:
+            self.run(head)
+            if self._head_went_well():
+                self.run(tune)
+            return head, tune
+        self.start(head)
+
+        def then_fine_tune() -> None:
+            self._worker.wait()
+            if self._head_went_well():
+                # A failure to start shows as any other: `error`, an event, the panel.
+                with contextlib.suppress(Exception):
+                    self.start(tune)
+
+        self._chain = threading.Thread(target=then_fine_tune, name="ftwidgets-fine-tune")
+        self._chain.daemon = True
+        self._chain.start()
+        return head, tune
+
+    def _head_went_well(self) -> bool:
+        """Whether `fine_tune`'s head phase ended neither stopped nor failed."""
+        return self.state != State.FAILED and self.history.phases[-1].reason != PhaseEnd.STOPPED
+
     # -- waiting ----------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until no job is running; False if ``timeout`` seconds passed first."""
+        """Block until no job is running (and no `fine_tune` has a phase to start);
+        False if ``timeout`` seconds passed first."""
+        chain = self._chain
+        if chain is not None and chain is not threading.current_thread():
+            chain.join(timeout)
+            if chain.is_alive():
+                return False
         return self._worker.wait(timeout)
 
     def _wait_or_stop(self) -> None:
