@@ -113,7 +113,9 @@ class AppliedRates(keras.callbacks.Callback):
 
 
 @pytest.mark.keras
-def test_a_live_group_change_applies_at_the_next_batch_and_the_record_is_what_applied(data):
+def test_a_live_group_change_applies_at_the_next_batch_and_the_record_is_what_applied(
+    data, tmp_path
+):
     applied = AppliedRates()
     session = make_session(data, callbacks=[applied])
     try:
@@ -161,6 +163,10 @@ def test_a_live_group_change_applies_at_the_next_batch_and_the_record_is_what_ap
         assert np.all(np.diff(inner[changed:, 1]) < 0)
         marker = [m for m in session.history.markers if m.kind == "learning_rate"][-1]
         assert marker.detail == "base learning rate 0.0005"
+        # A saved history keeps every step's rates.
+        loaded = ftw.History.load(session.history.save(tmp_path / "run.json"))
+        for group, rates in (("head", head), ("base", base)):
+            np.testing.assert_array_equal(loaded.learning_rates(group)[1], rates)
     finally:
         session.close()
 

@@ -534,10 +534,11 @@ class History:
         """Write the run to ``path`` as readable JSON, atomically; return the path.
 
         The file holds the epochs of every branch, the phases with their settings
-        and early-stopping settings, the markers, the branches, the model's name
-        and settings, and the versions of ftwidgets, Keras, JAX and NumPy. The
-        per-batch trace is left out. NaN and infinite values are written as
-        ``NaN`` / ``Infinity``, as Python's ``json`` does.
+        and early-stopping settings, the markers, the branches, the learning rates
+        every step applied, the model's name and settings, and the versions of
+        ftwidgets, Keras, JAX and NumPy. The per-batch loss trace is left out. NaN
+        and infinite values are written as ``NaN`` / ``Infinity``, as Python's
+        ``json`` does.
 
         Example:
 
@@ -569,6 +570,7 @@ class History:
         history._branches = [Branch(**b) for b in data["branches"]] or [Branch(0)]
         history._phases = [PhaseSpan(**history_file.span_fields(span)) for span in data["phases"]]
         history._markers = [Marker(**m) for m in data["markers"]]
+        history._rates = RateTrace.from_json(data.get("rates") or {})
         for row in data["epochs"]:
             history._branch = row["branch"]
             history.add_epoch(history_file.record_from_json(row))

@@ -60,6 +60,7 @@ def write(history: History, path: str | PathLike[str]) -> Path:
         "phases": [span_to_json(span) for span in history.phases],
         "markers": [dataclasses.asdict(m) for m in history.markers],
         "epochs": [_record_to_json(r) for r in history.epochs],
+        "rates": history.rate_trace.to_json(),
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     temporary.write_text(json.dumps(data, indent=1))

@@ -7,8 +7,10 @@ computes the rate of each step when asked (`RateTrace.learning_rates`).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -94,6 +96,30 @@ class RateTrace:
             if self._ends:
                 self._ends[-1] = step
             self._reached = max(self._reached, step)
+
+    def to_json(self) -> dict[str, object]:
+        """The segments as plain values, for a saved history."""
+        with self._lock:
+            rows = [dataclasses.asdict(segment) for segment in self._segments]
+            return {"segments": rows, "ends": list(self._ends), "reached": self._reached}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RateTrace:
+        """The trace `to_json` wrote (empty for a file from before rates were recorded).
+
+        Example:
+
+        >>> trace = RateTrace()
+        >>> trace.add(RateSegment(0, 0, 1e-3, None, "cosine", 4, 0))
+        >>> trace.end_phase(4)
+        >>> RateTrace.from_json(trace.to_json()).learning_rates("head")[1].round(6).tolist()
+        [0.001, 0.000854, 0.0005, 0.000146]
+        """
+        trace = cls()
+        trace._segments = [RateSegment(**row) for row in data.get("segments", ())]
+        trace._ends = list(data.get("ends", [None] * len(trace._segments)))
+        trace._reached = int(data.get("reached", 0))
+        return trace
 
     @property
     def segments(self) -> tuple[RateSegment, ...]:
