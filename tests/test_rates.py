@@ -78,7 +78,8 @@ def first_step(data, **changes) -> dict[str, np.ndarray]:
         optimizer=keras.optimizers.SGD(),
     ).with_changes(**changes)
     session.run(config)
-    moved = {v.path: np.array(v.value) - before[v.path] for v in model.trainable_weights}
+    # A LoRA phase's adapters are new: their B starts at zero (A's moves are not read).
+    moved = {v.path: np.array(v.value) - before.get(v.path, 0.0) for v in model.trainable_weights}
     session.close()
     return moved
 
@@ -97,6 +98,18 @@ def test_each_group_trains_at_its_own_rate(data):
     np.testing.assert_allclose(decayed[MIDDLE], grouped[MIDDLE] / 2, **CLOSE)
     np.testing.assert_allclose(decayed[DEEPEST], grouped[DEEPEST] / 4, **CLOSE)
     assert np.abs(one[DEEPEST]).max() > 0  # the base did move
+
+
+@pytest.mark.keras
+def test_a_lora_phase_trains_its_adapters_at_the_base_rate(data):
+    one = first_step(data, lora_rank=2)
+    grouped = first_step(data, lora_rank=2, base_learning_rate=2.5e-3, layer_decay=0.5)
+    np.testing.assert_allclose(grouped[HEAD], one[HEAD], **CLOSE)
+    # B starts at zero, so the first step moves B alone: a quarter, then an eighth...
+    for path, share in (("conv3", 1 / 4), ("conv2", 1 / 8), ("conv1", 1 / 16)):
+        b = f"{path}/lora_kernel_b"
+        np.testing.assert_allclose(grouped[b], one[b] * share, **CLOSE)
+        assert np.abs(one[b]).max() > 0
 
 
 class AppliedRates(keras.callbacks.Callback):
