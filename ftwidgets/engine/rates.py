@@ -169,9 +169,8 @@ class PhaseRates:
                 optimizer.learning_rate = steered
                 self._schedules.append(steered)
         if self.grouped:
-            # Exact paths, escaped: OptimizerMap tries a key as a regular expression too.
             mapping = {
-                re.escape(variable.path): optimizer
+                _map_key(variable.path): optimizer
                 for variables, optimizer in zip(units, self.optimizers[1:], strict=True)
                 for variable in variables
             }
@@ -227,3 +226,9 @@ class PhaseRates:
         else:
             for optimizer, peak in zip(self.optimizers, self._peaks, strict=True):
                 optimizer.learning_rate = peak
+
+
+def _map_key(path: str) -> str:
+    """``path`` as an OptimizerMap key: it looks a path up as is, else tries each key
+    as a regular expression, so a path with regex characters goes in escaped."""
+    return re.escape(path) if re.search(r"[^\w/]", path) else path
