@@ -4,8 +4,9 @@ The history records the rates as segments (``History.learning_rates``), by globa
 step; the chart's x axis counts epochs. Each phase's steps map onto its epochs: step
 ``s`` of a phase that began at global step ``origin`` and epoch ``start_epoch``, with
 ``steps`` batches an epoch, ends at ``start_epoch - 1 + (s - origin + 1) / steps``, where
-the loss trace draws that batch. Only the current lineage's phases are drawn, and
-each line is thinned to about ``max_points`` (each bucket's min and max).
+the loss trace draws that batch. Only the current lineage's phases are drawn. A line
+keeps about ``max_points`` points, sampled from each segment (``RateTrace.ranges``):
+a redraw costs the same after a million batches as after a hundred.
 """
 
 from __future__ import annotations
@@ -24,18 +25,12 @@ __all__ = ["RATE_GROUPS", "RateLines", "rate_points"]
 RATE_GROUPS = ("head", "base")
 
 
-def _phases(segments: tuple[RateSegment, ...]) -> list[RateSegment]:
-    """The first segment of each phase: a phase's segments share its ``origin``."""
-    firsts: list[RateSegment] = []
-    for segment in segments:
-        if not firsts or segment.origin != firsts[-1].origin:
-            firsts.append(segment)
-    return firsts
-
-
 def rate_points(history: History, group: str, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, rate)`` of every batch ``group`` trained on the current lineage, in epochs,
-    thinned to about ``max_points``.
+    """``(x, rate)`` of the batches ``group`` trained on the current lineage, in epochs,
+    about ``max_points`` of them: each recorded segment sampled evenly and at its
+    schedule's turn (between those the rate moves one way), so the cost follows the
+    segments, not the run's steps. The rates are those ``history.learning_rates(group)``
+    records for those steps.
 
     Example:
 
@@ -48,45 +43,45 @@ def rate_points(history: History, group: str, max_points: int) -> tuple[np.ndarr
     >>> x.tolist(), y.round(6).tolist()
     ([0.5, 1.0, 1.5, 2.0], [0.001, 0.000854, 0.0005, 0.000146])
     """
-    steps, rates = history.learning_rates(group)
-    firsts = _phases(history.rate_trace.segments)
+    ranges = [r for r in history.rate_trace.ranges() if r[2] > r[1]]
+    origins = list(dict.fromkeys(segment.origin for segment, _, _ in ranges))
     spans = history.phases
-    # A phase stopped before its first batch adds no segment of its own origin: the
-    # newest phases pair with the newest origins.
-    offset = len(spans) - len(firsts)
+    # A phase stopped before its first batch covers no step: the newest phases pair
+    # with the newest origins.
+    offset = len(spans) - len(origins)
     kept = {span.index: span for span in history.lineage_phases()}
-    xs, ys = [], []
-    for j, first in enumerate(firsts):
-        lineage = kept.get(spans[j + offset].index) if j + offset >= 0 else None
+    stops = {origin: max(stop for s, _, stop in ranges if s.origin == origin) for origin in origins}
+    each = max(2, max_points // max(len(ranges), 1))
+    xs, ys = [np.zeros(0)], [np.zeros(0)]
+    for segment, first, stop in ranges:
+        j = origins.index(segment.origin) + offset
+        if (group == "base" and segment.base is None) or j < 0:
+            continue
+        span, lineage = spans[j], kept.get(spans[j].index)
         if lineage is None:
             continue
-        end = firsts[j + 1].origin if j + 1 < len(firsts) else np.inf
-        mine = (steps >= first.origin) & (steps < end)
-        if not mine.any():
-            continue
-        span = spans[j + offset]
-        reached = int(steps[mine][-1]) + 1
-        per_epoch = _steps_per_epoch(span, first, reached, history.next_epoch)
-        x = span.start_epoch - 1 + (steps[mine] - first.origin + 1) / per_epoch
+        turns = segment.origin + segment.warmup + np.array([-1.0, 0.0])
+        steps = np.concatenate([np.linspace(first, stop - 1, each).round(), turns])
+        steps = np.unique(steps[(steps >= first) & (steps < stop)])
+        per_epoch = _steps_per_epoch(span, segment, stops[segment.origin], history.next_epoch)
+        x = span.start_epoch - 1 + (steps - segment.origin + 1) / per_epoch
         # A phase that time travel cut: the lineage ends where the branch forked.
-        on = x <= np.inf if lineage.end_epoch is None else x <= lineage.end_epoch - 1 + 1e-9
+        on = x <= (np.inf if lineage.end_epoch is None else lineage.end_epoch - 1 + 1e-9)
         xs.append(x[on])
-        ys.append(rates[mine][on])
-    if not xs:
-        return np.zeros(0), np.zeros(0)
+        ys.append(segment.rates(group, steps[on].astype(np.int64)))
     x, y = np.concatenate(xs), np.concatenate(ys)
     order = np.argsort(x, kind="stable")
     return decimate(x[order], y[order], max_points)
 
 
-def _steps_per_epoch(span: PhaseSpan, first: RateSegment, reached: int, next_epoch: int) -> float:
+def _steps_per_epoch(span: PhaseSpan, segment: RateSegment, stop: int, next_epoch: int) -> float:
     """Batches an epoch: the phase's steps over its epochs, or, for data of unknown
-    length, the steps it ran over the epochs it ran."""
+    length, the steps it ran (up to ``stop``) over the epochs it ran."""
     epochs = span.config.epochs if span.config is not None else None
-    if first.total and epochs:
-        return first.total / epochs
+    if segment.total and epochs:
+        return segment.total / epochs
     ran = (span.end_epoch or next_epoch) - span.start_epoch
-    return max(reached - first.origin, 1) / max(ran, 1)
+    return max(stop - segment.origin, 1) / max(ran, 1)
 
 
 class RateLines:
