@@ -177,3 +177,13 @@ def test_the_chart_draws_a_schedules_shape(panel):
     y = np.asarray(panel.charts.marks["lr_head"].y, dtype=float)
     np.testing.assert_allclose(y, expected, rtol=1e-5)
     assert len(panel.charts.marks["lr_base"].x) == 0  # the head phase: a frozen base
+
+
+def test_a_rate_box_that_parses_keeps_a_refusal_that_still_stands(panel):
+    panel.phase.value = "finetune"
+    panel.unfreeze_depth.value = 0
+    panel.lora_rank.value = 4  # adapters on no unfrozen unit: the phase would refuse it
+    assert "lora_targets match no layer" in panel.error_message.value
+    panel.layer_decay.text.value = "0.5"
+    assert "lora_targets match no layer" in panel.error_message.value
+    assert not panel.controls.ready

@@ -173,7 +173,8 @@ class PhaseControls(widgets.VBox):
             value=self._head_dropout(), min=0.0, max=0.7, step=0.05, description="Head dropout",
             style=_STYLE, layout=widgets.Layout(**_WIDE),
         )  # fmt: skip
-        self.rate_groups = rates = RateControls(self.session, self._report)
+        report = lambda message: self._report(message or self.preview.error)  # noqa: E731
+        self.rate_groups = rates = RateControls(self.session, report)
         self.base_learning_rate, self.layer_decay = rates.base_learning_rate, rates.layer_decay
         self.schedule, self.warmup = rates.schedule, rates.warmup
         self.stream_batches = widgets.Checkbox(

@@ -151,8 +151,8 @@ class RateControls(widgets.VBox):
 
     Args:
         session: the session a base rate typed while it trains steers (None: none).
-        report: called with why a box's text is not a setting (or None once all are),
-            and with a refused live change.
+        report: called with why a box's text is not a setting (or None once all are:
+            the caller then shows what else still stands), and with a refused live change.
 
     Example:
 
