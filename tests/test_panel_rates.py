@@ -187,3 +187,25 @@ def test_a_rate_box_that_parses_keeps_a_refusal_that_still_stands(panel):
     panel.layer_decay.text.value = "0.5"
     assert "lora_targets match no layer" in panel.error_message.value
     assert not panel.controls.ready
+
+
+def test_a_number_box_parses_text_and_keeps_a_number_set_from_code_exactly():
+    from ftwidgets.ui.rate_controls import RateControls
+
+    controls = RateControls()
+    warmup = controls.warmup
+    for text, value in (("100", 100), ("0.1", 0.1), ("1e-1", 0.1), ("off", 0)):
+        warmup.text.value = text
+        assert (warmup.value, type(warmup.value), warmup.error) == (value, type(value), None)
+    for text in ("inf", "nan", "2.5", "many"):
+        warmup.text.value = text
+        assert warmup.value == 0 and f"Received: warmup={text}" in warmup.error.replace("'", "")
+    warmup.value = "0.2"  # text from code parses as typed
+    assert (warmup.value, warmup.text.value, warmup.error) == (0.2, "0.2", None)
+    controls.base_learning_rate.value = 1.23456789e-4
+    assert controls.base_learning_rate.value == 1.23456789e-4  # the box shows 3 digits
+    assert controls.base_learning_rate.text.value == "1.23e-4"
+    for bad in (True, 0, 2.0):
+        with pytest.raises(ValueError, match="Received: layer_decay="):
+            controls.layer_decay.value = bad
+    assert controls.layer_decay.value is None

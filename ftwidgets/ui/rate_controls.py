@@ -52,7 +52,8 @@ def _warmup(text: str) -> int | float:
         return 0
     # Steps are whole numbers; a share of the phase has a point ("0.1").
     value = _number(text, "warmup")
-    value = int(value) if "." not in text and "e" not in text.lower() else value
+    whole = "." not in text and "e" not in text.lower() and value.is_integer()
+    value = int(value) if whole else value
     return PhaseConfig(warmup=value).warmup
 
 
@@ -125,9 +126,12 @@ class NumberBox(widgets.HBox):
 
     @validate("value")
     def _check_value(self, proposal: dict[str, Any]) -> Any:
-        if "_parse" in self.__dict__:  # once built: a bad value set from code is refused
-            self._parse(_show(proposal["value"]))
-        return proposal["value"]
+        value = proposal["value"]
+        if "_parse" not in self.__dict__:  # the initial value, checked by its caller
+            return value
+        # Text set from code parses as typed; a number is checked and kept exactly.
+        parsed = self._parse(str(value).strip())
+        return parsed if isinstance(value, str) else value
 
     def _on_value(self, change: dict[str, Any]) -> None:
         if self._writing:
