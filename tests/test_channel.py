@@ -75,3 +75,13 @@ def test_a_held_worker_wakes_when_half_the_bound_has_finished_or_a_command_comes
     ch.submit(Stop())
     assert woke.wait(5.0)
     worker.join()
+
+
+def test_a_rate_replaces_only_the_pending_rate_of_its_own_group():
+    ch = Channel(Outbox(lambda event: None))
+    ch.claim()
+    rate = channel.SetLearningRate
+    for command in (rate(1e-4, "base"), rate(2e-3, "head"), rate(3e-4, "base"), rate(1e-3)):
+        ch.submit(command)
+    commands, _ = ch.take()
+    assert commands == [rate(2e-3, "head"), rate(3e-4, "base"), rate(1e-3)]

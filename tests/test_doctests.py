@@ -33,6 +33,7 @@ WIDGET_EXAMPLES = {
     "ftwidgets.ui.freeze_preview",
     "ftwidgets.ui.lora_control",
     "ftwidgets.ui.panel",
+    "ftwidgets.ui.rate_controls",
     "ftwidgets.ui.run_buttons",
     "ftwidgets.ui.search_chart",
     "ftwidgets.ui.status",

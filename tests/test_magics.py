@@ -162,6 +162,33 @@ def test_finetune_lora_rank_sets_the_panels_lora_rank(ip, ns):
 
 
 @pytest.mark.widgets
+def test_finetune_fine_tune_runs_both_phases_without_waiting(ip, ns):
+    assert "[--fine-tune EPOCHS [--freeze-epochs N] [--base-lr R]" in magics.USAGE
+    line = FINETUNE + " --batch-size 8 --fine-tune 1 --freeze-epochs 1 --base-lr 1e-3 --lr-mult 8"
+    result, _, err, outputs = run(ip, line)
+    assert result.success, err
+    panel = ns["_ftpanel"]
+    session = panel.session
+    assert session.is_training  # the cell returned while the recipe runs
+    assert len(outputs) == 1  # the panel, which shows and steers it
+    assert session.wait(WAIT)
+    assert session.error is None
+    head, tune = session.history.phases
+    assert (head.phase, head.config.epochs, head.config.learning_rate) == ("head", 1, 1e-3)
+    assert (tune.phase, tune.config.epochs, tune.unfreeze_depth) == ("finetune", 1, 3)
+    assert head.config.batch_size == tune.config.batch_size == 8
+    # The demo base's three layers: 1e-3 / 8 for the deepest, a factor 2 between units.
+    assert tune.config.layer_decay == pytest.approx(0.5)
+    assert tune.config.base_learning_rate == pytest.approx(5e-4)
+    assert tune.config.schedule == head.config.schedule == "one_cycle"
+    steps, base = session.history.learning_rates("base")
+    head_steps, _ = session.history.learning_rates("head")
+    assert 0 < len(steps) < len(head_steps)
+    assert list(steps) == list(head_steps[-len(steps) :])  # the fine-tune phase's steps only
+    assert base.max() <= 5e-4 * (1 + 1e-6)
+
+
+@pytest.mark.widgets
 def test_a_namespace_value_named_like_a_metric_is_not_taken_for_one(ip, ns):
     ns["accuracy"] = 0.93  # a number, not a metric: the Keras name wins
     result, _, err, _ = run(ip, FINETUNE + " --metrics accuracy")
@@ -220,6 +247,14 @@ BAD_LINES = {
     ),
     "zero epochs": (FINETUNE + " --epochs 0", "--epochs must be >= 1"),
     "not an int": (FINETUNE + " --batch-size many", "invalid int value"),
+    "--base-lr without --fine-tune": (
+        FINETUNE + " --base-lr 1e-3",
+        "--base-lr sets --fine-tune's recipe; add --fine-tune EPOCHS. Received: --base-lr 0.001",
+    ),
+    "bad --lr-mult": (
+        FINETUNE + " --fine-tune 1 --lr-mult 0.5",
+        "lr_mult must be a number >= 1. Received: lr_mult=0.5",
+    ),
     "bad --lora-rank": (
         FINETUNE + " --lora-rank 3",
         "--lora-rank must be one of 0, 2, 4, 8, 16, 32, 64 (0 is off). Received: --lora-rank 3",

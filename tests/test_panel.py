@@ -449,8 +449,10 @@ def block_panel(data):
 
 
 def freeze_map_states(panel):
-    """``{first cell: state}`` for the freeze map's top-level rows (blocks collapsed)."""
-    return {cells[0]: cells[-1] for cells in table_rows(panel.freeze_map.value) if len(cells) == 5}
+    """``{first cell: state}`` for the freeze map's top-level rows (blocks collapsed); the
+    panel's preview has a sixth column, the rates."""
+    rows = table_rows(panel.freeze_map.value)
+    return {cells[0]: cells[4] for cells in rows if len(cells) == 6}
 
 
 def test_unit_control_sets_the_depth_range_and_the_freeze_map(block_panel):
@@ -481,7 +483,7 @@ def test_unit_control_sets_the_depth_range_and_the_freeze_map(block_panel):
     assert panel.unfreeze_depth.value == 1
     assert "down to <code>block2_dense2</code>" in panel.depth_info.value
     assert freeze_map_states(panel)["block2"] == "partly trainable"
-    folded = {cells[0]: cells[-1] for cells in folded_rows(panel.freeze_map.value, "block2")}
+    folded = {cells[0]: cells[4] for cells in folded_rows(panel.freeze_map.value, "block2")}
     assert folded == {
         "block2_dense1": "frozen",
         "block2_bn": "frozen (BatchNorm)",

@@ -77,11 +77,13 @@ def test_the_lora_rank_control_offers_ranks_for_a_fine_tune_phase_only(dense_pan
     panel.unfreeze_depth.value = 1
     assert panel.phase_config().lora_rank == 4
     # dense3 (16 -> 16) gets A 16x4 and B 4x16; the head Dense(5) on 16 features trains.
-    assert rows_by_name(panel)["dense3"][2:] == ["128", "272", "adapters train (LoRA r=4)"]
+    assert rows_by_name(panel)["dense3"][2:] == [
+        "128", "272", "adapters train (LoRA r=4)", "1e-5"  # the rate the adapter trains at
+    ]  # fmt: skip
     assert rows_by_name(panel)["total"][2] == str(128 + 16 * 5 + 5)
     control.value = 0
     assert panel.phase_config().lora_rank is None
-    assert rows_by_name(panel)["dense3"][2:] == ["272", "0", "trainable"]
+    assert rows_by_name(panel)["dense3"][2:] == ["272", "0", "trainable", "1e-5"]
     panel.phase.value = "head"
     assert control.disabled
 

@@ -135,3 +135,41 @@ def test_the_lineage_is_read_once_and_its_series_grow_with_new_epochs():
     moved = read_lineage(read, history, max_points=100)
     assert moved is not read
     np.testing.assert_array_equal(moved.series("loss").points()[0], [1.0, 2.0])
+
+
+def test_rate_lines_hold_the_recorded_rates_and_stay_bounded_on_a_long_run(monkeypatch):
+    from ftwidgets.engine.config import PhaseConfig
+    from ftwidgets.engine.rate_trace import RateSegment
+    from ftwidgets.ui.rate_lines import rate_points
+
+    h = History()
+    # A head phase of 2 epochs of 3 batches, then a 100-epoch one-cycle fine-tune phase
+    # of 1,000 batches an epoch, its base rate set anew at step 40,006.
+    h.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0, config=PhaseConfig(epochs=2)))
+    h.rate_trace.add(RateSegment(0, 0, 1e-3, None, "constant", 6, 0))
+    h.rate_trace.end_phase(6)
+    h.end_phase(3, "completed")
+    config = PhaseConfig("finetune", epochs=100, base_learning_rate=1e-4)
+    h.begin_phase(PhaseSpan(1, "finetune", 3, 1e-3, 3, config=config))
+    h.rate_trace.add(RateSegment(6, 6, 1e-3, 1e-4, "one_cycle", 100_000, 25_000))
+    h.rate_trace.add(RateSegment(40_006, 6, 1e-3, 2e-4, "one_cycle", 100_000, 25_000))
+    h.rate_trace.end_phase(100_006)
+    steps, recorded = h.learning_rates("base")
+
+    def every_step(group):
+        raise AssertionError("the chart read every step of the run")
+
+    monkeypatch.setattr(h, "learning_rates", every_step)  # a redraw costs the segments only
+    x, y = rate_points(h, "base", 500)
+    assert 100 < len(x) <= 500
+    # Every point is a recorded batch: its x is where the loss trace draws it.
+    batch = np.round((x - 2) * 1_000).astype(np.int64) - 1 + 6
+    np.testing.assert_allclose(y, recorded[np.searchsorted(steps, batch)], rtol=1e-9)
+    # The cycle's turn (its peak, 1e-4, at step 25,006) and both sides of the change.
+    assert y[np.isclose(x, 27.001)] == pytest.approx([1e-4])
+    for step in (40_005, 40_006):
+        assert np.isclose(x, 2 + (step - 6 + 1) / 1_000).sum() == 1
+    assert x[0] == pytest.approx(2.001) and x[-1] == pytest.approx(102.0)
+    # The head line: the head phase's 6 batches, then the fine-tune phase's.
+    hx, _ = rate_points(h, "head", 500)
+    assert hx[:6] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])

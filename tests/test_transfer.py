@@ -305,6 +305,43 @@ def test_freeze_map_rows_follow_unfreeze():
 
 
 @pytest.mark.unit
+def test_freeze_map_preview_gives_each_unit_its_rate():
+    from helpers import block_base
+
+    from ftwidgets import demo
+
+    model = build_transfer_model(demo.build_base(), num_classes=3)
+    fmap = freeze_map(model, 3, learning_rate=1e-3, base_learning_rate=1e-4, layer_decay=0.5)
+    rates = {row.name: row.learning_rate for row in fmap}
+    # The top unit at the base rate, each one below at half the rate above (by hand).
+    assert (rates["conv3"], rates["conv2"], rates["conv1"]) == pytest.approx((1e-4, 5e-5, 2.5e-5))
+    assert rates["head_dense"] == 1e-3
+    assert rates["bn3"] is None and rates["head_pool"] is None  # they train nothing
+    lines = fmap.to_text().splitlines()
+    assert lines[1].split()[-1] == "rate"
+    text_rates = {line.split()[0]: line.split()[-1] for line in lines[3:] if "trainable" in line}
+    assert text_rates == {"conv1": "2.5e-5", "conv2": "5e-5", "conv3": "1e-4", "head_dense": "1e-3"}
+    rows = table_rows(fmap.to_html())
+    assert rows[0] == ["layer", "type", "trainable", "frozen", "state", "rate"]
+    assert {r[0]: r[5] for r in rows[1:] if len(r) == 6 and r[5]} == text_rates
+    # Without rates, no rate column; rates without a depth describe no phase.
+    assert "rate" not in freeze_map(model, 3).to_text().splitlines()[1]
+    assert len(table_rows(freeze_map(model, 3).to_html())[0]) == 5
+    with pytest.raises(ValueError, match="pass a depth"):
+        freeze_map(model, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="Received: layer_decay=2"):
+        freeze_map(model, 3, learning_rate=1e-3, layer_decay=2)
+    # A block shows its layers' rate, or their range when depth counts layers.
+    blocks = build_transfer_model(block_base(), num_classes=3)
+    by_block = freeze_map(blocks, 2, unit="block", base_learning_rate=1e-4, layer_decay=0.5)
+    assert {g.name: g.rate for g in by_block.groups if g.part == "base"} == {
+        "flatten": "", "stem_dense": "", "block1": "5e-5", "block2": "1e-4"
+    }  # fmt: skip
+    by_layer = freeze_map(blocks, 3, unit="layer", base_learning_rate=1e-4, layer_decay=0.5)
+    assert {g.name: g.rate for g in by_layer.groups}["block2"] == "5e-5 … 1e-4"
+
+
+@pytest.mark.unit
 def test_freeze_map_frame_has_one_column_per_field():
     model, _ = model_and_base()
     unfreeze(model, 2)

@@ -89,6 +89,13 @@ RUNNING = [
 
 
 @pytest.mark.unit
+def test_a_base_groups_rate_change_leaves_the_heads_rate():
+    view = fold_all(START, RUNNING)
+    assert fold(view, LearningRateChanged(3e-6, 2, 1, "base")).learning_rate == 1e-4
+    assert fold(view, LearningRateChanged(2e-4, 2, 1, "head")).learning_rate == 2e-4
+
+
+@pytest.mark.unit
 def test_fold_follows_a_phase_into_its_second_epoch():
     view = fold_all(START, RUNNING)
     assert view.state == "running" and view.training

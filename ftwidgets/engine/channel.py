@@ -138,6 +138,11 @@ class Rollback(Command):
 _COALESCED = (SetLearningRate, UpdateEarlyStopping)
 
 
+def _replaces(new: Command, old: Command) -> bool:
+    """Whether ``new`` makes the pending ``old`` moot: the same kind, for the same group."""
+    return type(old) is type(new) and getattr(old, "group", None) == getattr(new, "group", None)
+
+
 class Outbox:
     """Deliver events to listeners in the order they were posted, from any thread.
 
@@ -352,9 +357,9 @@ class Channel:
                 self._paused = True
             else:
                 if isinstance(command, _COALESCED):
-                    self._commands = deque(
-                        c for c in self._commands if type(c) is not type(command)
-                    )
+                    # A rate replaces the pending one of its own group only: a base rate
+                    # and then a head rate, before the next batch, both apply.
+                    self._commands = deque(c for c in self._commands if not _replaces(command, c))
                 self._commands.append(command)
                 if isinstance(command, Stop):
                     self._paused = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import keras
@@ -18,6 +18,7 @@ from ftwidgets import upstream
 from ftwidgets.engine import bases, freezing, lora
 from ftwidgets.engine.bases import BaseSpec
 from ftwidgets.engine.config import PhaseConfig
+from ftwidgets.engine.unit_rates import rate_text, unit_rates
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,6 +51,8 @@ class LayerRow:
         lora_rank: the rank of the layer's LoRA adapter (in a preview of a LoRA
             phase, of the adapter it would get), else None. Its ``params`` include
             the adapter's, and while it trains only the adapter's count as trainable.
+        learning_rate: in a preview given rates, the rate the layer would train at
+            (its unit's in the base, the head's in the head); None while it stays frozen.
 
     Example:
 
@@ -68,6 +71,7 @@ class LayerRow:
     block: str | None = None
     trainable_params: int = 0
     lora_rank: int | None = None
+    learning_rate: float | None = None
 
     @property
     def frozen_params(self) -> int:
@@ -135,6 +139,16 @@ class FreezeMapGroup:
             f"{self.frozen_params:,}",
             self.state,
         )
+
+    @property
+    def rate(self) -> str:
+        """The rate its rows train at, ``"1e-4"``, or their range, ``"2.5e-5 … 1e-4"``;
+        empty when none trains at a rate."""
+        rates = [row.learning_rate for row in self.rows if row.learning_rate is not None]
+        if not rates:
+            return ""
+        low, high = min(rates), max(rates)
+        return rate_text(low) if low == high else f"{rate_text(low)} … {rate_text(high)}"
 
     @property
     def state(self) -> str:
@@ -240,6 +254,11 @@ class FreezeMap(Sequence[LayerRow]):
         return tuple(dict.fromkeys(row.block for row in self.rows if row.block is not None))
 
     @property
+    def has_rates(self) -> bool:
+        """Whether any row has a rate: the tables then show a "rate" column."""
+        return any(row.learning_rate is not None for row in self.rows)
+
+    @property
     def trainable_params(self) -> int:
         """Parameters the optimizer updates, over all rows."""
         return sum(row.trainable_params for row in self.rows)
@@ -250,30 +269,32 @@ class FreezeMap(Sequence[LayerRow]):
         return sum(row.frozen_params for row in self.rows)
 
     def to_text(self) -> str:
-        """The plain-text table that ``print`` shows."""
+        """The plain-text table that ``print`` shows (a "rate" column when `has_rates`)."""
+        rated = self.has_rates
         groups = self.groups
-        base = [g.cells for g in groups if g.part == "base"]
-        head = [g.cells for g in groups if g.part != "base"]
-        total = (
+
+        def cells(group: FreezeMapGroup) -> tuple[str, ...]:
+            return (*group.cells, group.rate) if rated else group.cells
+
+        base = [cells(g) for g in groups if g.part == "base"]
+        head = [cells(g) for g in groups if g.part != "base"]
+        total: tuple[str, ...] = (
             "total",
             self.count_label,
             f"{self.trainable_params:,}",
             f"{self.frozen_params:,}",
             "",
         )
-        header = ("name", "type", "trainable", "frozen", "state")
-        widths = [max(len(cells[i]) for cells in [header, total, *base, *head]) for i in range(5)]
+        header: tuple[str, ...] = ("name", "type", "trainable", "frozen", "state")
+        if rated:
+            header, total = (*header, "rate"), (*total, "")
+        n = len(header)
+        widths = [max(len(c[i]) for c in [header, total, *base, *head]) for i in range(n)]
         rule = "  ".join("-" * width for width in widths)
 
         def line(cells: tuple[str, ...]) -> str:
-            name, kind, trainable, frozen, state = cells
-            padded = (
-                name.ljust(widths[0]),
-                kind.ljust(widths[1]),
-                trainable.rjust(widths[2]),
-                frozen.rjust(widths[3]),
-                state,
-            )
+            aligned = [str.ljust, str.ljust, str.rjust, str.rjust, str.ljust, str.rjust]
+            padded = [align(c, w) for align, c, w in zip(aligned, cells, widths, strict=False)]
             return "  ".join(padded).rstrip()
 
         lines = [self.title, line(header), rule, *map(line, base)]
@@ -357,6 +378,9 @@ def freeze_map(
     lora_rank: int | None = None,
     lora_alpha: float | None = None,
     lora_targets: Sequence[str] | None = None,
+    learning_rate: float | None = None,
+    base_learning_rate: float | None = None,
+    layer_decay: float | None = None,
 ) -> FreezeMap:
     """Describe the freeze state: one row per base leaf layer, then the head layers.
 
@@ -369,7 +393,9 @@ def freeze_map(
     a ``depth`` they preview the state ``unfreeze(model, depth,
     keep_batchnorm_frozen, unit=unit)`` would set, without changing the model; with
     ``lora_rank`` too, the state a LoRA phase of those settings would set (see
-    ``ftwidgets.PhaseConfig``): its targets' adapters and their sizes.
+    ``ftwidgets.PhaseConfig``): its targets' adapters and their sizes. With rates too,
+    each row that would train shows its rate (`LayerRow.learning_rate`): the head's
+    ``learning_rate``, and each unfrozen unit's as the phase's rate groups set it.
 
     Args:
         model: a model with a base (see ``ftwidgets.transfer.get_base``).
@@ -380,6 +406,11 @@ def freeze_map(
         lora_rank: for a preview, a LoRA phase's rank (None: no LoRA phase).
         lora_alpha: for a preview, a LoRA phase's alpha.
         lora_targets: for a preview, a LoRA phase's targets.
+        learning_rate: for a preview, the head's rate (and the base's, without
+            ``base_learning_rate``).
+        base_learning_rate: for a preview, the rate of the top unfrozen unit.
+        layer_decay: for a preview, each unit below trains at this many times the
+            rate of the unit above (see ``ftwidgets.PhaseConfig``).
 
     Returns:
         A `FreezeMap`: a sequence of `LayerRow` that prints as a table.
@@ -397,7 +428,21 @@ def freeze_map(
     ['conv2', 'conv3']
     >>> [row.name for row in freeze_map(model) if row.trainable]  # the model is unchanged
     ['head_pool', 'head_dropout', 'head_dense']
+    >>> rated = freeze_map(model, depth=3, learning_rate=1e-3, base_learning_rate=1e-4,
+    ...                    layer_decay=0.5)
+    >>> [(row.name, row.learning_rate) for row in rated if row.learning_rate]
+    [('conv1', 2.5e-05), ('conv2', 5e-05), ('conv3', 0.0001), ('head_dense', 0.001)]
     """
+    if depth is None and (learning_rate, base_learning_rate, layer_decay) != (None,) * 3:
+        raise ValueError(
+            "Rates are shown in a preview: pass a depth with them. Received: depth=None, "
+            f"learning_rate={learning_rate!r}, base_learning_rate={base_learning_rate!r}, "
+            f"layer_decay={layer_decay!r}"
+        )
+    if (learning_rate, base_learning_rate, layer_decay) != (None,) * 3:
+        # Refused as the phase refuses them.
+        PhaseConfig("finetune", learning_rate=learning_rate,
+                    base_learning_rate=base_learning_rate, layer_decay=layer_decay)  # fmt: skip
     base_layer = bases.find_base(model, base)
     leaves = freezing.base_leaves(base_layer)
     planned: dict[int, int] = {}  # id of a layer a LoRA phase would adapt: its rank
@@ -440,12 +485,20 @@ def freeze_map(
             leaves, freezing.leaf_blocks(leaves), flags, strict=True
         )
     ]
+    if depth is not None:
+        units = freezing.units(leaves, resolved)
+        rates = unit_rates(units, int(depth), learning_rate, base_learning_rate, layer_decay)
+        rows = [replace(row, learning_rate=rates.get(row.name)) if row.trainable else row
+                for row in rows]  # fmt: skip
     top_level = model.layers
     for layer in top_level[_top_index(top_level, base_layer) + 1 :]:
         if not isinstance(layer, keras.layers.InputLayer):
             # `unfreeze` makes the whole head trainable.
             trainable = True if depth is not None else layer.trainable
-            rows.append(_row(layer.name, layer, "head", None, None, trainable, depth is not None))
+            row = _row(layer.name, layer, "head", None, None, trainable, depth is not None)
+            if trainable and row.params and learning_rate is not None:
+                row = replace(row, learning_rate=float(learning_rate))
+            rows.append(row)
     return FreezeMap(
         tuple(rows),
         model_name=model.name,

@@ -126,21 +126,39 @@ class RateTrace:
         """Every segment, in order."""
         return tuple(self._segments)
 
-    def learning_rates(self, group: str) -> tuple[np.ndarray, np.ndarray]:
-        """The global steps at which ``group`` (``"head"`` or ``"base"``) trained, and
-        the rate each applied. Steps with the base frozen are left out of ``"base"``."""
+    def ranges(self) -> list[tuple[RateSegment, int, int]]:
+        """Each segment with the global steps it covers, ``first`` up to ``stop``
+        (excluded): up to the next segment, the end of its phase, or the step reached.
+        A chart samples these rather than reading every step of a long run.
+
+        Example:
+
+        >>> trace = RateTrace()
+        >>> trace.add(RateSegment(0, 0, 1e-3, None, "constant", 4, 0))
+        >>> trace.reach(3)
+        >>> [(first, stop) for _, first, stop in trace.ranges()]
+        [(0, 3)]
+        """
         with self._lock:
             segments, ends, reached = list(self._segments), list(self._ends), self._reached
-        steps, rates = [np.zeros(0, np.int64)], [np.zeros(0)]
+        covered = []
         for i, segment in enumerate(segments):
             limits = [] if ends[i] is None else [ends[i]]
             if i + 1 < len(segments):
                 limits.append(segments[i + 1].start)
             elif ends[i] is None:
                 limits.append(reached)
+            covered.append((segment, segment.start, max(segment.start, min(limits))))
+        return covered
+
+    def learning_rates(self, group: str) -> tuple[np.ndarray, np.ndarray]:
+        """The global steps at which ``group`` (``"head"`` or ``"base"``) trained, and
+        the rate each applied. Steps with the base frozen are left out of ``"base"``."""
+        steps, rates = [np.zeros(0, np.int64)], [np.zeros(0)]
+        for segment, first, stop in self.ranges():
             if group == "base" and segment.base is None:
                 continue
-            covered = np.arange(segment.start, min(limits), dtype=np.int64)
+            covered = np.arange(first, stop, dtype=np.int64)
             steps.append(covered)
             rates.append(segment.rates(group, covered))
         return np.concatenate(steps), np.concatenate(rates)

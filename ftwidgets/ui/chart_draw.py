@@ -271,13 +271,6 @@ def draw_curves(figures: ChartFigures, lineage: LineageSeries, metric: str | Non
         m["metric"].labels = [label]
         m["val_metric"].labels = [f"val_{label}"]
         figures.metric_legend.value = legend_html(metric_legend(label))
-    if len(y):  # the rates, drawn last
-        # Label decades only: d3 labels every minor tick of a log axis.
-        low, high = np.floor(np.log10(np.nanmin(y))), np.ceil(np.log10(np.nanmax(y)))
-        decades = [float(10.0**e) for e in np.arange(low, high + 1)]
-        current = figures.lr_axis.tick_values
-        if current is None or list(current) != decades:
-            figures.lr_axis.tick_values = decades
 
 
 def draw_partial(

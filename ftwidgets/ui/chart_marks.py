@@ -21,6 +21,7 @@ BATCH_COLOR = "#aec7e8"
 BATCH_SMOOTH_COLOR = "#5b8fc7"
 BEST_COLOR = "#e6b800"
 LR_COLOR = "#2ca02c"
+BASE_LR_COLOR = "#8c564b"
 HELD_COLOR = "#222222"
 PHASE_COLORS = {"head": "#9ecae1", "finetune": "#fdae6b"}
 OTHER_PHASE_COLOR = "#c7c7c7"
@@ -53,6 +54,8 @@ MARK_NAMES = (
     "best_metric",
     "lr",
     "lr_changes",
+    "lr_head",
+    "lr_base",
     "phase_labels",
     "events",
     "bands_loss",
@@ -282,6 +285,11 @@ class ChartFigures:
                 scales={**xs, "y": self.lr_scale}, colors=[LR_COLOR], marker="circle",
                 marker_size=24, interpolation="step-before", labels=["learning rate"],
             ),
+            # Each group's rate at every batch (`ftwidgets.ui.rate_lines`).
+            "lr_head": bq.Lines(scales={**xs, "y": self.lr_scale}, colors=[LR_COLOR],
+                                stroke_width=1.0, labels=["head"], display_legend=True),
+            "lr_base": bq.Lines(scales={**xs, "y": self.lr_scale}, colors=[BASE_LR_COLOR],
+                                stroke_width=1.0, labels=["base"], display_legend=True),
             "lr_changes": bq.Scatter(
                 scales={**xs, "y": self.lr_scale}, colors=[LR_COLOR], marker="cross",
                 default_size=60,
@@ -325,8 +333,9 @@ class ChartFigures:
             "top-right",  # unused: the HTML row above is its legend
         )  # fmt: skip
         self.lr_figure = figure(
-            "Learning rate", ["bands_lr", "rules_lr", "lr", "lr_changes"], self.lr_axis, "top-right"
-        )
+            "Learning rate", ["bands_lr", "rules_lr", "lr", "lr_head", "lr_base", "lr_changes"],
+            self.lr_axis, "top-right",
+        )  # fmt: skip
         self.lr_figure.layout.height = "200px"
 
         # Curves cross every corner of a chart, so the legends sit above them.

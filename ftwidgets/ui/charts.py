@@ -43,6 +43,7 @@ from ftwidgets.ui.chart_marks import (
     ChartFigures,
     assign,
 )
+from ftwidgets.ui.rate_lines import RateLines
 from ftwidgets.ui.redraw import Throttle
 from ftwidgets.ui.series import BatchTrace, LineageSeries, read_lineage, smooth
 from ftwidgets.ui.widget_tree import close_tree
@@ -87,7 +88,8 @@ class TrainingCharts(widgets.VBox):
       (``accuracy`` / ``val_accuracy`` by default), with the best marker when
       that is the monitor, and the same halos and dimmed branches.
     - ``lr_figure``: the learning rate per epoch on a log scale, as a step line,
-      with a point at each change made while training.
+      with a point at each change made while training, and each group's rate at
+      every batch (``lr_head``, ``lr_base``: a schedule's shape; thinned as the rest).
 
     A partial epoch (cut short by a Stop, a rollback or a failure) is never drawn
     as an epoch point: it shows as a hollow circle where it was cut.
@@ -174,7 +176,7 @@ class TrainingCharts(widgets.VBox):
         # The epoch behind each halo, per chart, as last drawn.
         self._halos: dict[str, np.ndarray] = {}
         self._lineage: LineageSeries | None = None
-        self._batches = BatchTrace(max_points)
+        self._batches, self._rates = BatchTrace(max_points), RateLines(max_points)
         self._error_callbacks: list[Callable[[BaseException, str], None]] = []
         self.min_extent = 0.0
         self._extent = 0.0
@@ -340,6 +342,7 @@ class TrainingCharts(widgets.VBox):
         )
         chart_draw.draw_markers(self.marks, history, markers, self._extent)
         chart_draw.draw_best(self.marks, self._best, metric)
+        self._rates.draw(self.marks, self.lr_axis, history)
 
     def _draw_batches(self) -> None:
         mark = self.marks["batch"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import ipywidgets as widgets
@@ -20,6 +21,7 @@ from ftwidgets.engine.config import (
 from ftwidgets.ui.format import format_rate
 from ftwidgets.ui.freeze_preview import FreezePreview
 from ftwidgets.ui.lora_control import LoraRank
+from ftwidgets.ui.rate_controls import RateControls, steered_group
 from ftwidgets.ui.view import SessionView
 
 __all__ = ["PhaseControls"]
@@ -41,6 +43,8 @@ class PhaseControls(widgets.VBox):
     live. The unfreeze depth counts ``unfreeze_unit.value`` (``"block"`` or
     ``"layer"``); on a base without blocks both count the same, and the unit stays hidden.
     ``lora_rank`` (`LoraRank`, 0 off) makes a fine-tune phase train LoRA adapters.
+    `RateControls` (``base_learning_rate``, ``layer_decay``, ``schedule``, ``warmup``) set
+    the rate groups and schedule; a base rate steers a running grouped phase's base.
     Settings the phase would refuse (the freeze preview says why) keep `config` refusing.
 
     Args:
@@ -99,6 +103,8 @@ class PhaseControls(widgets.VBox):
         self.keep_batchnorm_frozen.observe(self._on_preview_change, "value")
         self.lora_rank.observe(self._on_preview_change, "value")
         self.stream_batches.observe(self._on_stream_batches, "value")
+        for box in self.rate_groups.boxes:
+            box.observe(self._on_preview_change, "value")
         self._on_preview_change()
 
     def _build(self, epochs: int, batch_size: int) -> None:
@@ -150,35 +156,27 @@ class PhaseControls(widgets.VBox):
             layout=widgets.Layout(**_NARROW),
         )  # fmt: skip
         self.batch_size = widgets.BoundedIntText(
-            value=batch_size,
-            min=1,
-            max=4096,
-            description="Batch size",
+            value=batch_size, min=1, max=4096, description="Batch size", style=_STYLE,
             tooltip="For arrays; a dataset brings its own batches",
-            style=_STYLE,
             layout=widgets.Layout(**_NARROW),
-        )
+        )  # fmt: skip
         options = [(name, name) for name in OPTIMIZERS]
         compiled = self.session.compiled_optimizer
         if compiled is not None:
             # The user's own compile comes first, and is the default.
             options.insert(0, (f"{type(compiled).__name__} (as compiled)", _COMPILED))
         self.optimizer = widgets.Dropdown(
-            options=options,
-            value="adam" if compiled is None else _COMPILED,
-            description="Optimizer",
-            style=_STYLE,
-            layout=widgets.Layout(**_NARROW),
-        )
+            options=options, value="adam" if compiled is None else _COMPILED,
+            description="Optimizer", style=_STYLE, layout=widgets.Layout(**_NARROW),
+        )  # fmt: skip
         self.dropout = widgets.FloatSlider(
-            value=self._head_dropout(),
-            min=0.0,
-            max=0.7,
-            step=0.05,
-            description="Head dropout",
-            style=_STYLE,
-            layout=widgets.Layout(**_WIDE),
-        )
+            value=self._head_dropout(), min=0.0, max=0.7, step=0.05, description="Head dropout",
+            style=_STYLE, layout=widgets.Layout(**_WIDE),
+        )  # fmt: skip
+        report = lambda message: self._report(message or self.preview.error)  # noqa: E731
+        self.rate_groups = rates = RateControls(self.session, report)
+        self.base_learning_rate, self.layer_decay = rates.base_learning_rate, rates.layer_decay
+        self.schedule, self.warmup = rates.schedule, rates.warmup
         self.stream_batches = widgets.Checkbox(
             value=self.session.stream_batches, description="Per-batch loss trace", indent=False
         )
@@ -186,6 +184,7 @@ class PhaseControls(widgets.VBox):
             [
                 self.phase,
                 widgets.HBox([self.learning_rate, self.learning_rate_text]),
+                self.rate_groups,
                 widgets.HBox([self.find_lr_button, self.use_lr_button]),
                 self.unfreeze_unit,
                 self.unfreeze_depth,
@@ -208,8 +207,9 @@ class PhaseControls(widgets.VBox):
 
     @property
     def ready(self) -> bool:
-        """Whether the rate box holds a rate and the preview no refusal (else `config` refuses)."""
-        return self._bad_lr_text is None and self.preview.error is None
+        """Whether the boxes hold settings and the preview no refusal (else `config` refuses)."""
+        bad = (self._bad_lr_text, self.preview.error, self.rate_groups.error)
+        return bad == (None, None, None)
 
     @property
     def programs(self) -> tuple[widgets.ValueWidget, ...]:
@@ -223,6 +223,8 @@ class PhaseControls(widgets.VBox):
             self.batch_size,
             self.optimizer,
             self.dropout,
+            *self.rate_groups.boxes,
+            self.schedule,
         )
 
     def config(self) -> PhaseConfig:
@@ -248,6 +250,7 @@ class PhaseControls(widgets.VBox):
             dropout=self.dropout.value,
             unfreeze_unit=self.unfreeze_unit.value,
             lora_rank=self.lora_rank.rank if finetune else None,
+            **self.rate_groups.settings(self.phase.value),
         )
 
     # -- what writes them -------------------------------------------------------------
@@ -289,6 +292,7 @@ class PhaseControls(widgets.VBox):
             "optimizer": lambda value: setattr(self.optimizer, "value", value),
             "dropout": lambda rate: setattr(self.dropout, "value", float(rate)),
             "keep_batchnorm_frozen": lambda v: setattr(self.keep_batchnorm_frozen, "value", v),
+            **{n: partial(self.rate_groups.show, n) for n in self.rate_groups.fields},
         }
         refused = []
         # In this order: a new phase resets a default rate, which a planned rate then replaces.
@@ -317,6 +321,7 @@ class PhaseControls(widgets.VBox):
             if self._bad_lr_text is not None:  # the box holds a rate again
                 self._bad_lr_text = None
                 self._report(self.preview.error)
+        self._on_preview_change()
 
     # -- observers ----------------------------------------------------------------------
     def _lock_depth(self, active: bool) -> None:
@@ -324,6 +329,8 @@ class PhaseControls(widgets.VBox):
         self.unfreeze_unit.disabled = locked
         self.unfreeze_depth.disabled = locked
         self.lora_rank.render(self.phase.value, active)
+        steerable = active and steered_group(self.session, "base") is not None
+        self.rate_groups.render(self.phase.value, active, steerable)
 
     def _on_phase_change(self, change: dict[str, Any]) -> None:
         old, new = change["old"], change["new"]
@@ -362,7 +369,7 @@ class PhaseControls(widgets.VBox):
         self.set_learning_rate(rate)
         # A search sets its own rates; the field is for the next phase then.
         if self.session.is_training and not self.session.searching:
-            self.session.set_learning_rate(rate)
+            self.session.set_learning_rate(rate, group=steered_group(self.session, "head"))
 
     def _on_unit_change(self, change: dict[str, Any]) -> None:
         with self._lock:
@@ -376,8 +383,9 @@ class PhaseControls(widgets.VBox):
             depth, rank = (
                 (self.unfreeze_depth.value, self.lora_rank.rank) if finetune else (0, None)
             )
+            rates = self.rate_groups.preview_rates(self.phase.value, self._lr)
             self.preview.render(
-                depth, self.unfreeze_unit.value, self.keep_batchnorm_frozen.value, rank
+                depth, self.unfreeze_unit.value, self.keep_batchnorm_frozen.value, rank, rates
             )
         if self.preview.error is not None or (refused is not None and self.ready):
             self._report(self.preview.error)  # Start stays off while the phase would be refused

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from typing import Any
 
 import ipywidgets as widgets
@@ -92,10 +93,16 @@ class FreezePreview:
         return unit_buttons, depth
 
     def render(
-        self, depth: int, unit: str, keep_batchnorm_frozen: bool, lora_rank: int | None = None
+        self,
+        depth: int,
+        unit: str,
+        keep_batchnorm_frozen: bool,
+        lora_rank: int | None = None,
+        rates: Mapping[str, float | None] | None = None,
     ) -> None:
         """Show what unfreezing ``depth`` ``unit``\\ s of the base trains, through rank
-        ``lora_rank`` adapters when given (a LoRA phase), else what ``error`` says."""
+        ``lora_rank`` adapters when given (a LoRA phase), at ``rates`` (``freeze_map``'s
+        ``learning_rate``, ``base_learning_rate``, ``layer_decay``), else what ``error`` says."""
         try:
             if lora_rank is not None:  # what the freeze map leaves to the phase to refuse
                 PhaseConfig(
@@ -108,6 +115,7 @@ class FreezePreview:
                 keep_batchnorm_frozen=keep_batchnorm_frozen,
                 base=self.base,
                 lora_rank=lora_rank,
+                **(rates or {}),
             )
         except ValueError as exc:
             self.error = str(exc)

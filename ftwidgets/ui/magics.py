@@ -32,11 +32,17 @@ ftwidgets magics (after %load_ext ftwidgets):
 
   %finetune MODEL --train X Y [--val XV YV | --validation-split F]
             [--loss LOSS] [--metrics M [M ...]] [--epochs N] [--batch-size N] [--as NAME]
-            [--lora-rank N]
+            [--lora-rank N] [--fine-tune EPOCHS [--freeze-epochs N] [--base-lr R]
+            [--lr-mult M]]
       Show a FineTunePanel for MODEL (a model from ftwidgets.build_transfer_model)
       and keep it in the namespace as _ftpanel, or as NAME with --as. --lora-rank
       sets the panel's LoRA rank (0, 2, 4, 8, 16, 32 or 64; 0 is off): its
-      fine-tune phases train LoRA adapters of that rank.
+      fine-tune phases train LoRA adapters of that rank. --fine-tune starts
+      fastai's one-call recipe on the panel's session at once, without waiting
+      (session.fine_tune(EPOCHS, freeze_epochs=N, base_lr=R, lr_mult=M,
+      wait=False)): a head phase of N epochs (1), then EPOCHS with the whole base
+      unfrozen, its rates spread from R / M (deepest) to R (the head; 2e-3, 100),
+      both one-cycle. The panel shows and steers both phases.
       MODEL, X, Y, XV, YV are names in the namespace; dotted names such as
       data.x_train work too. LOSS and each metric are Keras names ("mse",
       "accuracy") or names of loss/metric objects in the namespace. Without
@@ -133,6 +139,25 @@ def _one_line(exc: BaseException) -> str:
     return one_line(str(exc)) or type(exc).__name__
 
 
+def _start_fine_tune(panel: Any, args: Any) -> None:
+    """``session.fine_tune(...)`` on the panel's session, without waiting; the panel is
+    closed when the recipe's settings are refused."""
+    recipe = {
+        name: value
+        for name, value in (("freeze_epochs", args.freeze_epochs), ("base_lr", args.base_lr),
+                            ("lr_mult", args.lr_mult))
+        if value is not None
+    }  # fmt: skip
+    settings: dict[str, Any] = {"batch_size": args.batch_size}
+    if args.lora_rank:
+        settings["lora_rank"] = args.lora_rank
+    try:
+        panel.session.fine_tune(args.fine_tune, wait=False, **recipe, **settings)
+    except (ValueError, RuntimeError) as exc:
+        panel.close()
+        raise UsageError(f"%finetune: {_one_line(exc)}") from None
+
+
 def session_status(session: Any, name: str | None = None) -> str:
     """Describe a ``FineTuneSession`` in one line: state, phase, epoch, rate and best.
 
@@ -210,6 +235,14 @@ class FineTuneMagics(Magics):
         metavar="N",
         help="the panel's LoRA rank for fine-tune phases (0, 2, 4, 8, 16, 32, 64; 0 is off)",
     )
+    @argument("--fine-tune", type=int, metavar="EPOCHS",
+              help="start session.fine_tune(EPOCHS, ...) at once, without waiting")  # fmt: skip
+    @argument("--freeze-epochs", type=int, metavar="N",
+              help="--fine-tune's head phase epochs (1; 0: none)")  # fmt: skip
+    @argument("--base-lr", type=float, metavar="R",
+              help="--fine-tune's head peak rate (2e-3)")  # fmt: skip
+    @argument("--lr-mult", type=float, metavar="M",
+              help="--fine-tune: the deepest unit trains M times lower (100)")  # fmt: skip
     @line_magic
     def finetune(self, line: str) -> None:
         """Show a fine-tuning control panel for a model and keep it in the namespace.
@@ -241,6 +274,14 @@ class FineTuneMagics(Magics):
                 "%finetune: --validation-split must be in [0, 1). "
                 f"Received: --validation-split {args.validation_split}"
             )
+        if args.fine_tune is None:
+            for option in ("freeze_epochs", "base_lr", "lr_mult"):
+                if getattr(args, option) is not None:
+                    flag = "--" + option.replace("_", "-")
+                    raise UsageError(
+                        f"%finetune: {flag} sets --fine-tune's recipe; add --fine-tune EPOCHS. "
+                        f"Received: {flag} {getattr(args, option)}"
+                    )
         model = _check_model(_resolve(namespace, args.model, "MODEL"), args.model, args.base)
         train = tuple(_resolve(namespace, token, "--train") for token in args.train)
         validation = (
@@ -274,6 +315,8 @@ class FineTuneMagics(Magics):
             raise UsageError(f"%finetune: {_one_line(exc)}") from None
         if args.lora_rank is not None:
             panel.lora_rank.value = args.lora_rank
+        if args.fine_tune is not None:
+            _start_fine_tune(panel, args)
         namespace[name] = panel
 
         from IPython.display import display

@@ -51,7 +51,8 @@ __all__ = ["FineTunePanel"]
 _PARTS = {
     "controls": "phase learning_rate learning_rate_text learning_rate_value find_lr_button "
     "use_lr_button unfreeze_unit unfreeze_depth depth_info keep_batchnorm_frozen epochs "
-    "batch_size optimizer dropout stream_batches freeze_map lora_rank",
+    "batch_size optimizer dropout stream_batches freeze_map lora_rank base_learning_rate "
+    "layer_decay schedule warmup",
     "stopping": "early_stopping monitor mode patience min_delta restore_best start_from_epoch",
     "run_buttons": "start_button pause_button stop_button",
     "time_travel": "rollback_button best_button",
@@ -75,7 +76,8 @@ class FineTunePanel(widgets.VBox):
     It is made of small widgets, each with one job: ``panel.controls`` and
     ``panel.stopping`` (the settings tabs; the unfreeze depth counts
     ``panel.unfreeze_unit.value`` and ``panel.lora_rank.value`` is a fine-tune phase's
-    LoRA rank, 0 off; see `PhaseControls`), ``panel.run_buttons``,
+    LoRA rank, 0 off; ``panel.base_learning_rate``, ``.layer_decay``, ``.schedule``,
+    ``.warmup`` take ``PhaseConfig``'s values; see `PhaseControls`), ``panel.run_buttons``,
     ``panel.time_travel`` (rollback), ``panel.status_view``, ``panel.error_area``,
     ``panel.coach`` and ``panel.charts``; the documented controls and buttons
     (``panel.phase``, ``panel.start_button``...) are theirs. The "Freeze map"

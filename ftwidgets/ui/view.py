@@ -474,7 +474,8 @@ def fold(view: SessionView, event: Event) -> SessionView:
         # The values of the old monitor say nothing of the new one.
         return _evolve(view, best=event.best, best_kept=kept, monitor=event.best.monitor, spark=())
     if isinstance(event, LearningRateChanged):
-        return _evolve(view, learning_rate=event.learning_rate)
+        # The view's rate is the head's: a base group's rate leaves it.
+        return view if event.group == "base" else _evolve(view, learning_rate=event.learning_rate)
     if isinstance(event, RolledBack):
         notice = f"Restored the weights of epoch {event.best.epoch}."
         return _evolve(view, holds=event.best.epoch, notice=notice)
