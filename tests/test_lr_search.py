@@ -12,14 +12,8 @@ from helpers import WAIT, Recorder, same, tiny_base, values
 
 import ftwidgets as ftw
 from ftwidgets.engine import events as ev
-from ftwidgets.engine.lr_search import (
-    LearningRateSearch,
-    SearchSettings,
-    minimum,
-    smooth,
-    steep,
-    valley,
-)
+from ftwidgets.engine.lr_search import LearningRateSearch, SearchSettings
+from ftwidgets.engine.search_rules import minimum, smooth, steep, valley
 
 pytestmark = pytest.mark.keras
 
