@@ -39,11 +39,16 @@ It measures (1-4 and 6's quality in one process, 5 and 6's timing in child proce
 8. LoRA vs full fine-tuning (section ``lora``): trainable parameters, seconds per
    epoch, snapshot bytes per kept epoch and validation accuracy of a full and a LoRA
    fine-tune at equal epochs, on a tiny KerasHub BERT and a MobileNetV3Small, 3 seeds.
+9. Rate groups, schedules and fine_tune (section ``rates``): final and best validation
+   accuracy and wall time of one rate, head/base rate groups, layer decay and
+   ``fine_tune``'s one-cycle recipe at equal epochs, on the demo and a
+   MobileNetV3Small, 3 seeds. What rate groups cost per epoch and per whole phase
+   against one rate is section ``group_overhead``, in chapter 1.
 
 The package: one module per section (``overhead``, ``whole_phase``, ``growth``,
-``traffic``, ``responsiveness``, ``in_flight``, ``startup``, ``lr_search``, ``browser``,
-``lora``), each with a ``SECTION`` (``benchmarks.sections.Section``: how it measures,
-how it reports);
+``group_overhead``, ``traffic``, ``responsiveness``, ``in_flight``, ``startup``,
+``lr_search``, ``browser``, ``lora``, ``rates``), each with a ``SECTION``
+(``benchmarks.sections.Section``: how it measures, how it reports);
 shared parts in ``common`` (statistics, child processes), ``workloads``, ``threads``
 (CPU time by thread), ``arms`` (bare, session and panel runs) and ``results``
 (``RESULTS.md``); the CLI in ``__main__``. A new section is one module with a

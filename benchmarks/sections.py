@@ -5,10 +5,10 @@ sections in the order of ``MODULES``, each under its heading; sections in a row 
 the same heading share it. A new section is one module and one line in ``MODULES``.
 
 >>> [section.name for section in load()]  # doctest: +NORMALIZE_WHITESPACE
-['overhead', 'whole_phase', 'growth', 'traffic', 'responsiveness', 'gpu', 'in_flight',
- 'startup', 'lr_search', 'browser', 'lora']
+['overhead', 'whole_phase', 'growth', 'group_overhead', 'traffic', 'responsiveness', 'gpu',
+ 'in_flight', 'startup', 'lr_search', 'browser', 'lora', 'rates']
 >>> [section.name for section in load() if not section.quick]
-['startup', 'lr_search', 'browser', 'lora']
+['startup', 'lr_search', 'browser', 'lora', 'rates']
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ MODULES = (
     "overhead",
     "whole_phase",
     "growth",
+    "group_overhead",
     "traffic",
     "responsiveness",
     "gpu",
@@ -32,6 +33,7 @@ MODULES = (
     "lr_search",
     "browser",
     "lora",
+    "rates",
 )
 
 

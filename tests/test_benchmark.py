@@ -118,3 +118,30 @@ def test_a_quick_lora_run_trains_adapters_alone_on_both_workloads():
     # The CNN's base was pretrained on the digits 0-4 before its head phase.
     assert lora["cnn"]["pretrained_best"][0] is not None
     assert lora["bert"]["pretrained_best"] == [None]
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(600)
+def test_quick_rates_and_group_overhead_runs_time_every_arm_on_both_workloads():
+    raw_file = PACKAGE / "out" / "raw-quick.json"
+    raw_file.unlink(missing_ok=True)
+    sections = "group_overhead,rates"
+    done = child("-m", "benchmarks", "--quick", "--sections", sections, "--no-write")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "9. Rate groups, schedules and fine_tune" in done.stdout
+    raw = json.loads(raw_file.read_text(encoding="utf-8"))
+    # The rate-group phase timed against the one-rate phase, per epoch and whole.
+    groups = raw["group_overhead"]
+    for key in ("per_epoch", "whole"):
+        for arm in ("one_rate", "groups"):
+            (seconds,) = groups[key][arm]
+            assert 0 < seconds < 60, (key, arm, seconds)
+    assert "**rate groups**" in done.stdout and "<= 1.03:" in done.stdout
+    # Every arm trained both phases on both workloads; the CNN's base was pretrained.
+    rates = raw["rates"]
+    for name in ("demo", "cnn"):
+        for arm in ("one_rate", "groups", "decay", "fine_tune"):
+            (run,) = rates[name]["runs"][arm]
+            assert 0 < run["seconds"] < 120 and 0 <= run["final"] <= run["best"] <= 1, run
+    assert rates["cnn"]["pretrained_best"][0] is not None
+    assert rates["demo"]["pretrained_best"] == [None]

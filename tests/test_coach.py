@@ -122,6 +122,60 @@ def test_finetune_rate_too_high_against_the_seed_range_and_the_head_rate():
 
 
 @pytest.mark.unit
+def test_finetune_rate_too_high_judges_the_base_s_own_rate_and_a_searched_one():
+    head = run([(1.0, 1.0)], rate=1e-3)
+    tune = run([(1.0, 1.0)], phase="finetune", rate=1e-3, history=head)
+    # The head at 1e-3 with its base at 1e-5 (rate groups): the base's rate is fine.
+    assert (
+        rules.finetune_rate_too_high(record(tune, unfreeze_depth=2, base_learning_rate=1e-5))
+        is None
+    )
+    slow_head = record(tune, unfreeze_depth=2, learning_rate=1e-5, base_learning_rate=1e-3)
+    assert "Fine-tuning the base at 1e-3" in rules.finetune_rate_too_high(slow_head).why
+    # A search of the phase suggested this base rate, or a higher one: no note.
+    assert (
+        rules.finetune_rate_too_high(record(tune, unfreeze_depth=2, searched_base_rate=1e-3))
+        is None
+    )
+    assert (
+        rules.finetune_rate_too_high(record(tune, unfreeze_depth=2, searched_base_rate=2e-3))
+        is None
+    )
+    above = rules.finetune_rate_too_high(record(tune, unfreeze_depth=2, searched_base_rate=1e-4))
+    assert "(a search of this phase suggested 1e-4)" in above.why
+
+
+@pytest.mark.unit
+def test_the_coach_follows_the_base_rate_of_a_grouped_phase_through_changes():
+    from ftwidgets.engine.events import EpochEnded, LearningRateChanged, PhaseStarted
+
+    session = Reads()
+    Coach(interval=0.0).listen(session)
+    session.history.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))
+    config = ftw.PhaseConfig("finetune", learning_rate=1e-3, base_learning_rate=1e-5)
+    session.history.begin_phase(PhaseSpan(1, "finetune", 1, 1e-3, 2, config=config))
+    session.emit(PhaseStarted(1, "finetune", 1, 5, 1e-3, 2, 4, ("conv3",)))
+
+    def epoch(number: int) -> None:
+        logs = frozen_logs({"loss": 1.0, "val_loss": 1.0})
+        record = session.history.add_epoch(EpochRecord(number, "finetune", 1, logs, 1e-3))
+        session.emit(EpochEnded(record))
+
+    def noted() -> list[str]:
+        return [e.note.why for e in session.posted if e.note.rule == "finetune_rate_too_high"]
+
+    assert noted() == []  # the head's 1e-3 is not the base's rate
+    session.emit(LearningRateChanged(1e-3, 1, None, group="base"))
+    epoch(1)
+    assert len(noted()) == 1 and "base at 1e-3" in noted()[0]
+    # Every group scaled by one factor: the head to 1e-4, the base with it to 1e-4.
+    session.emit(LearningRateChanged(1e-4, 1, None))
+    session.emit(LearningRateChanged(1e-2, 1, None, group="head"))
+    epoch(2)
+    assert len(noted()) == 1  # the base at 1e-4 (within the seed's range); the head aside
+
+
+@pytest.mark.unit
 def test_small_data_notes_many_parameters_per_sample():
     history = run([(1.0, 1.0)])
     note = rules.small_data(record(history, trainable_params=1_000_000, train_samples=100))
@@ -539,3 +593,34 @@ def test_epochs_shorter_than_the_interval_are_read_together_and_a_phase_end_alwa
     else:
         assert readings == [1, *range(2, last + 1), last]
     assert "overfitting" in [e.note.rule for e in session.posted]
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("base_share", [None, 0.1])
+def test_a_fine_tune_rate_a_search_of_the_phase_suggested_is_not_too_high(data, base_share):
+    from helpers import make_session
+
+    session = make_session(data)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16, learning_rate=1e-3))
+    config = ftw.PhaseConfig(phase="finetune", epochs=1, batch_size=16, unfreeze_depth=2)
+    if base_share is not None:  # rate groups: the base at a tenth of the head
+        config = config.with_changes(learning_rate=1e-3, base_learning_rate=1e-4)
+    search = session.find_learning_rate(config, steps=30)
+    suggested = search.suggested
+    ratio = search.rate_ratios[-1]
+    assert ratio == pytest.approx(base_share or 1.0)
+
+    def notes_at(rate: float) -> list[str]:
+        changes = {"learning_rate": rate}
+        if base_share is not None:
+            changes["base_learning_rate"] = rate * ratio
+        session.run(config.with_changes(**changes))
+        return [
+            n.rule for n in session.advice() if n.phase_index == len(session.history.phases) - 1
+        ]
+
+    # The suggestion is above what the rule allows a base without a search...
+    assert suggested * ratio > 1e-4, suggested
+    assert "finetune_rate_too_high" not in notes_at(suggested)
+    assert "finetune_rate_too_high" in notes_at(100 * suggested)
+    session.close()

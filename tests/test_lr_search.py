@@ -12,14 +12,8 @@ from helpers import WAIT, Recorder, same, tiny_base, values
 
 import ftwidgets as ftw
 from ftwidgets.engine import events as ev
-from ftwidgets.engine.lr_search import (
-    LearningRateSearch,
-    SearchSettings,
-    minimum,
-    smooth,
-    steep,
-    valley,
-)
+from ftwidgets.engine.lr_search import LearningRateSearch, SearchSettings
+from ftwidgets.engine.search_rules import minimum, smooth, steep, valley
 
 pytestmark = pytest.mark.keras
 
@@ -222,3 +216,71 @@ def test_on_the_demo_the_suggested_rate_beats_a_thirtieth_and_thirty_times_it():
         )
         lowest[factor] = min(r.logs["val_loss"] for r in trial.history.epochs)
     assert lowest[1.0] < lowest[1 / 30] and lowest[1.0] < lowest[30.0], lowest
+
+
+def first_search_step(data, monkeypatch, **changes) -> tuple[dict[str, np.ndarray], object]:
+    """How the first step of a search (plain SGD, at its start rate) moves each weight."""
+    from ftwidgets.engine import lr_search
+
+    keras.utils.set_random_seed(0)
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.0)
+    session = ftw.FineTuneSession(
+        model, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val)
+    )
+    moved = {}
+    make_loop = lr_search.make_loop
+
+    def recording(ctx, config, depth, unit):
+        loop = make_loop(ctx, config, depth, unit)
+        step, paths = loop.step, [v.path for v in ctx.model.trainable_variables]
+
+        def recorded(trainable, *args):
+            loss, new, *rest = step(trainable, *args)
+            if not moved:
+                moved.update(
+                    {
+                        p: np.array(b) - np.array(a)
+                        for p, a, b in zip(paths, trainable, new, strict=True)
+                    }
+                )
+            return loss, new, *rest
+
+        loop.step = recorded
+        return loop
+
+    monkeypatch.setattr(lr_search, "make_loop", recording)
+    config = ftw.PhaseConfig(
+        phase="finetune",
+        batch_size=len(data.y_train),
+        learning_rate=1e-2,
+        optimizer=keras.optimizers.SGD(),
+    ).with_changes(**changes)
+    before = values(model.variables)
+    search = session.find_learning_rate(config, start=1e-2, end=10.0, steps=5)
+    assert same(values(model.variables), before)  # still bitwise as it was
+    session.close()
+    return moved, search
+
+
+def test_a_grouped_phase_is_searched_with_its_groups_ratios_fixed(data, monkeypatch):
+    one, plain = first_search_step(data, monkeypatch)
+    decayed, grouped = first_search_step(
+        data, monkeypatch, base_learning_rate=2.5e-3, layer_decay=0.5
+    )
+    head, top, middle, deepest = (
+        "head_dense/kernel",
+        "conv3/kernel",
+        "conv2/kernel",
+        "conv1/kernel",
+    )
+    close = {"rtol": 1e-3, "atol": 3e-8}  # (w - rate * g) - w in float32
+    # The swept rate is the head's: its step is the same at the same swept rate.
+    np.testing.assert_allclose(decayed[head], one[head], **close)
+    # The top unit at 2.5e-3 / 1e-2 of it, each unit below at half the one above.
+    np.testing.assert_allclose(decayed[top], one[top] / 4, **close)
+    np.testing.assert_allclose(decayed[middle], one[middle] / 8, **close)
+    np.testing.assert_allclose(decayed[deepest], one[deepest] / 16, **close)
+    assert np.abs(one[deepest]).max() > 0  # the base did move
+    assert plain.rate_ratios == (1.0,)
+    assert grouped.rate_ratios == pytest.approx((1.0, 0.25, 0.125, 0.0625))
+    assert grouped.optimizer == "SGD"

@@ -783,20 +783,20 @@ def test_phase_key_follows_the_optimizer_settings_not_the_instance(data):
 
 
 def test_the_learning_rate_search_uses_the_compiled_optimizer(data, monkeypatch):
-    from ftwidgets.engine import lr_search
+    from ftwidgets.engine import compiling
 
     model = make_model()
     sgd = user_sgd()
     model.compile(optimizer=sgd, loss="sparse_categorical_crossentropy")
     session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
     made = []
-    real = lr_search.make_optimizer
+    real = compiling.make_optimizer
 
     def recording(*args):
         made.append(real(*args))
         return made[-1]
 
-    monkeypatch.setattr(lr_search, "make_optimizer", recording)
+    monkeypatch.setattr(compiling, "make_optimizer", recording)
     session.find_learning_rate("head", steps=5)
     assert len(made) == 1 and type(made[0]) is keras.optimizers.SGD and made[0] is not sgd
     assert_same_settings(made[0], sgd)

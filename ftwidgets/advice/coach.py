@@ -31,9 +31,10 @@ from ftwidgets.engine.events import (
     PhaseEnd,
     PhaseEnded,
     PhaseStarted,
+    SearchEnded,
 )
 
-__all__ = ["READ_INTERVAL", "Coach"]
+__all__ = ["READ_INTERVAL", "Coach", "searched_base_rate"]
 
 # The least time between two readings after epochs, in seconds: a person reads notes
 # no faster, and on epochs of a few milliseconds the rules cost 5 % of the run when
@@ -49,7 +50,9 @@ class Coach:
     a condition that holds for many epochs gives one note. Nor does a rule say the
     same message again in the phase after one it said it in. Curve-reading rules stay
     quiet for the first ``rules.WARMUP_EPOCHS`` epochs of each phase. Each note carries the
-    ``phase_index`` of the record it was read from.
+    ``phase_index`` of the record it was read from. It keeps the learning-rate searches
+    that ended, so that a fine-tune rate a search of the phase's settings suggested is
+    not called too high.
 
     As a listener (`listen`), it reads a session's record after a phase's start and
     end, a failure, and complete epochs: after each, but no sooner than ``interval``
@@ -82,6 +85,9 @@ class Coach:
         # What the record needs and the history lacks, as the events tell it.
         self._started: PhaseStarted | None = None
         self._rate: float | None = None
+        self._base_rate: float | None = None  # a grouped phase's base rate, else None
+        self._config: Any = None  # the running phase's settings (a PhaseConfig)
+        self._searches: list[Any] = []  # the learning-rate searches that ended
         self._ended: PhaseEnd | None = None
         self._failure: Failure | None = None
 
@@ -100,9 +106,15 @@ class Coach:
         """Take a session event; after those that change the record, run the rules."""
         if isinstance(event, PhaseStarted):
             self._started, self._rate = event, event.learning_rate
+            self._config = _config_of(self._session, event.index)
+            grouped = self._config is not None and self._config.grouped
+            self._base_rate = (self._config.base_learning_rate or self._rate) if grouped else None
             self._ended = self._failure = None
         elif isinstance(event, LearningRateChanged):
-            self._rate = event.learning_rate
+            self._changed(event.learning_rate, event.group)
+            return
+        elif isinstance(event, SearchEnded):
+            self._searches.append(event.search)
             return
         elif isinstance(event, PhaseEnded):
             self._ended = event.reason
@@ -117,6 +129,15 @@ class Coach:
         self._next_reading = time.monotonic() + self.interval
         for note in self.update(self._record()):
             self._session.post(Advised(note))
+
+    def _changed(self, rate: float, group: str | None) -> None:
+        # None scales every group by one factor: the base keeps its ratio to the head.
+        if group is None and self._base_rate is not None and self._rate:
+            self._base_rate *= rate / self._rate
+        if group == "base":
+            self._base_rate = rate
+        else:
+            self._rate = rate
 
     def _record(self) -> Record:
         session, started, failure = self._session, self._started, self._failure
@@ -139,6 +160,8 @@ class Coach:
             non_finite=failure is not None and isinstance(failure.exception, NonFiniteError),
             num_classes=started.num_classes,
             lora_rank=started.lora_rank,
+            base_learning_rate=self._base_rate,
+            searched_base_rate=searched_base_rate(self._searches, started, self._config),
         )
 
     @property
@@ -164,3 +187,52 @@ class Coach:
                     fired.append(note)
         self._notes.extend(fired)
         return fired
+
+
+def searched_base_rate(searches: Any, started: PhaseStarted, config: Any) -> float | None:
+    """The base's rate at the suggestion of the last search of the phase's settings.
+
+    A search matches the phase that trains the same layers with the same kind of
+    optimizer, batch size, head dropout and rate groups (their rates aside: it swept
+    them). Its suggestion is the head's rate; the base's is that times its ratio.
+
+    Example:
+
+    >>> from ftwidgets.engine.config import PhaseConfig
+    >>> from ftwidgets.engine.lr_search import LearningRateSearch, SearchSettings
+    >>> config = PhaseConfig("finetune", learning_rate=1e-3, base_learning_rate=1e-4)
+    >>> search = LearningRateSearch(config, SearchSettings())
+    >>> search.trainable_layers, search.optimizer = ("conv3",), "Adam"
+    >>> search.rate_ratios, search.suggested, search.reason = (1.0, 0.1), 3e-3, "completed"
+    >>> started = PhaseStarted(1, "finetune", 4, 3, 3e-3, 1, 10, ("conv3",), optimizer="Adam")
+    >>> round(searched_base_rate([search], started, config.with_changes(learning_rate=3e-3)), 6)
+    0.0003
+    >>> searched_base_rate([search], started, config.with_changes(batch_size=8)) is None
+    True
+    """
+    if config is None:
+        return None
+    for search in reversed(searches):
+        if search.done and search.suggested is not None and _same(search, started, config):
+            ratios = search.rate_ratios
+            return search.suggested * (ratios[1] if len(ratios) > 1 else 1.0)
+    return None
+
+
+def _same(search: Any, started: PhaseStarted, config: Any) -> bool:
+    def settings(c: Any) -> tuple[Any, ...]:
+        return (c.phase, c.batch_size, c.dropout, c.grouped, c.layer_decay)
+
+    return (
+        search.trainable_layers == started.trainable_layers
+        and search.optimizer == started.optimizer
+        and settings(search.phase) == settings(config)
+    )
+
+
+def _config_of(session: Any, index: int) -> Any:
+    """The settings of the phase ``index`` as the session's history holds them."""
+    if session is None:
+        return None
+    spans = [span for span in session.history.phases if span.index == index]
+    return spans[-1].config if spans else None

@@ -57,6 +57,11 @@ class Record:
         num_classes: the classes of a single-label classification head (its accuracy
             by chance is one in that many), None otherwise.
         lora_rank: the rank of the LoRA adapters the phase trains, None without.
+        base_learning_rate: the base's own rate now, where it differs from
+            ``learning_rate`` (a phase with rate groups: its top unit's); None where
+            the base trains at ``learning_rate``.
+        searched_base_rate: the base's rate at the suggestion of the last search of
+            the phase's settings (its suggestion times its base ratio), None if none.
 
     Example:
 
@@ -81,6 +86,8 @@ class Record:
     non_finite: bool = False
     num_classes: int | None = None
     lora_rank: int | None = None
+    base_learning_rate: float | None = None
+    searched_base_rate: float | None = None
 
     def better(self, a: float, b: float) -> bool:
         """Whether ``a`` is better than ``b`` for the monitor."""

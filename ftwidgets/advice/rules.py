@@ -286,13 +286,20 @@ def head_converged(record: Record) -> Note | None:
 
 
 def finetune_rate_too_high(record: Record) -> Note | None:
-    """A fine-tune phase with the base unfrozen at a rate above ``FINETUNE_MAX_RATE``, or
-    above ``FINETUNE_SHARE_OF_HEAD`` of the head phase's rate. Not a LoRA phase: its
-    pretrained kernels stay frozen, and its adapters start from zero."""
+    """A fine-tune phase with the base unfrozen at a rate of its own (the base group's,
+    with rate groups) above ``FINETUNE_MAX_RATE``, or above ``FINETUNE_SHARE_OF_HEAD``
+    of the head phase's rate; unless a search of the phase's settings suggested that
+    base rate or a higher one. Not a LoRA phase: its pretrained kernels stay frozen,
+    and its adapters start from zero."""
     rate = record.learning_rate
+    if record.base_learning_rate is not None:
+        rate = record.base_learning_rate
     if record.phase != "finetune" or record.unfreeze_depth < 1 or rate is None:
         return None
     if record.lora_rank is not None:
+        return None
+    searched = record.searched_base_rate
+    if searched is not None and rate <= searched * (1 + 1e-9):
         return None
     heads = [s.learning_rate for s in record.history.lineage_phases() if s.phase == "head"]
     head = heads[-1] if heads else None
@@ -302,12 +309,13 @@ def finetune_rate_too_high(record: Record) -> Note | None:
     if rate <= limit * (1 + 1e-9):
         return None
     than_head = f", {rate / head:.2g}x the head's {_rate(head)}" if head else ""
+    searched_at = f" (a search of this phase suggested {_rate(searched)})" if searched else ""
     return Note(
         "finetune_rate_too_high",
         f"The fine-tune rate {_rate(rate)} is high for an unfrozen base.",
-        f"Fine-tuning at {_rate(rate)}{than_head} can wreck the pretrained features; "
-        f"{_rate(FINETUNE_RATE)} to {_rate(FINETUNE_MAX_RATE)}, 10-100x below the head's "
-        "rate, is the usual range.",
+        f"Fine-tuning the base at {_rate(rate)}{than_head}{searched_at} can wreck the "
+        f"pretrained features; {_rate(FINETUNE_RATE)} to {_rate(FINETUNE_MAX_RATE)}, 10-100x "
+        "below the head's rate, is the usual range.",
         _last_epoch(record.history),
         (ChangeLearningRate(FINETUNE_RATE, f"Use {_rate(FINETUNE_RATE)}"),),
         episode=(record.phase_index, rate),

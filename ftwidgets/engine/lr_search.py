@@ -4,13 +4,18 @@ The rate grows exponentially from ``start`` to ``end``, one batch per step; the
 loss is smoothed with a bias-corrected exponential moving average, and the
 search stops once the smoothed loss exceeds ``stop_factor`` times its best.
 Suggestions follow fastai's ``lr_find``: ``"valley"``, ``"steep"``,
-``"minimum"``.
+``"minimum"`` (``ftwidgets.engine.search_rules``).
 
 It runs as a stateless loop: the weights, the optimizer's state and the
 non-trainable variables (BatchNorm statistics, seed generators) are threaded
 through a jitted step as plain arrays and never written back. Afterwards every
 model variable is bitwise as it was, and the phase's trainable flags are put
 back.
+
+A phase with rate groups (``base_learning_rate``, ``layer_decay``) is searched with
+its groups' ratios fixed: the swept rate is the head's, and each unfrozen unit of the
+base trains at it times the unit's ratio (``base_learning_rate / learning_rate *
+layer_decay**k``), as the phase would. Its suggestion is the head's rate.
 """
 
 from __future__ import annotations
@@ -18,20 +23,19 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
-import keras
 import numpy as np
 
-from ftwidgets import upstream
 from ftwidgets.engine.channel import State, Stop
-from ftwidgets.engine.compiling import ModelSetup, compiles_with_xla, make_optimizer
+from ftwidgets.engine.compiling import ModelSetup
 from ftwidgets.engine.config import PhaseConfig
 from ftwidgets.engine.events import Event, Failure, SearchEnded, SearchStarted, SearchStep
 from ftwidgets.engine.jobs import JobContext, StopJob, describe_failure
+from ftwidgets.engine.search_loop import SearchLoop, make_loop
+from ftwidgets.engine.search_rules import minimum, smooth, steep, valley
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,10 +45,6 @@ __all__ = [
     "LearningRateSearch",
     "SearchJob",
     "SearchSettings",
-    "minimum",
-    "smooth",
-    "steep",
-    "valley",
 ]
 
 SUGGESTIONS = ("valley", "steep", "minimum")
@@ -97,70 +97,6 @@ class SearchSettings:
         return np.geomspace(self.start, self.end, self.steps)
 
 
-def smooth(losses: np.ndarray, beta: float) -> np.ndarray:
-    """Bias-corrected exponential moving average, as fastai and Lightning smooth.
-
-    Example:
-
-    >>> smooth(np.array([4.0, 2.0, 2.0]), beta=0.5).tolist()
-    [4.0, 2.6666666666666665, 2.2857142857142856]
-    """
-    out = np.empty(len(losses))
-    average = 0.0
-    for i, loss in enumerate(losses):
-        average = beta * average + (1 - beta) * loss
-        out[i] = average / (1 - beta ** (i + 1))
-    return out
-
-
-def valley(rates: np.ndarray, losses: np.ndarray) -> int:
-    """Index of fastai's "valley", about half-way into the longest stretch of falling loss.
-
-    fastai's rule exactly (``fastai.callback.schedule.valley``), its counting
-    included, so that the suggestions agree with what fastai users know.
-
-    Example:
-
-    >>> valley(np.arange(8.0), np.array([5, 4, 3, 2, 1, 0.5, 3, 9.0]))
-    2
-    """
-    n = len(losses)
-    longest = [1] * n
-    start = end = 0
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
-                longest[i] = longest[j] + 1
-            if longest[end] < longest[i]:
-                end = i
-                start = end - longest[end]
-    third = (end - start) / 3
-    return start + int(third) + int(third / 2)
-
-
-def steep(rates: np.ndarray, losses: np.ndarray) -> int:
-    """Index of the steepest fall of the loss against the log of the rate.
-
-    Example:
-
-    >>> steep(np.geomspace(1e-4, 1, 5), np.array([3.0, 2.9, 1.0, 0.9, 2.0]))
-    1
-    """
-    slopes = np.diff(losses) / np.diff(np.log(rates))
-    return int(np.argmin(slopes))
-
-
-def minimum(rates: np.ndarray, losses: np.ndarray) -> int:
-    """Index of the lowest loss (the suggestion is that rate divided by 10).
-
-    Example:
-
-    >>> minimum(np.arange(4.0), np.array([3.0, 1.0, 2.0, 5.0]))
-    1
-    """
-    return int(np.argmin(losses))
-
-
 class LearningRateSearch:
     """A learning-rate range test's curve and suggestions.
 
@@ -174,9 +110,16 @@ class LearningRateSearch:
         smoothed: ``losses`` smoothed (bias-corrected moving average).
         runs: one ``(learning_rates, losses)`` pair per repeat.
         trainable_layers: the base layers the phase trains (none for the head).
+        rate_ratios: each rate group's rate over the swept rate, the head's first
+            (1.0), then each unfrozen unit's, top unit first: ``(1.0,)`` for a phase
+            with one rate. The base's units trained at each swept rate times theirs.
+        optimizer: the class name of the optimizer it searched with (``"Adam"``).
         suggestions: ``{"valley": .., "steep": .., "minimum": ..}`` once done,
             when the curve is long enough.
-        suggested: the default suggestion (``"valley"``), or None.
+        suggested: the default suggestion (``"valley"``), or None. Each rate is
+            the head's: for a phase with rate groups, start it at
+            ``learning_rate=suggested`` and keep its ``base_learning_rate`` at
+            ``suggested * rate_ratios[1]`` (its ``layer_decay`` as it is).
         warning: why the suggestions may mislead, or None.
         reason: how it ended: ``"completed"``, ``"diverged"``, ``"non_finite"``,
             ``"stopped"`` or ``"failed"`` (None while it runs).
@@ -197,6 +140,8 @@ class LearningRateSearch:
         self.settings = settings
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
         self.trainable_layers: tuple[str, ...] = ()
+        self.rate_ratios: tuple[float, ...] = (1.0,)
+        self.optimizer = ""
         self.learning_rates = np.empty(0)
         self.losses = np.empty(0)
         self.smoothed = np.empty(0)
@@ -278,16 +223,6 @@ class LearningRateSearch:
         )
 
 
-@dataclass
-class _Loop:
-    """The arrays a search threads through its jitted step, never the model's own."""
-
-    trainable: list[Any]
-    non_trainable: list[Any]
-    optimizer: list[Any]
-    step: Any = field(repr=False)
-
-
 class SearchJob:
     """The session's job for a `LearningRateSearch`.
 
@@ -304,7 +239,7 @@ class SearchJob:
         self.depth = depth
         self.unit = unit
         self._setup: ModelSetup | None = None
-        self._loop: _Loop | None = None
+        self._loop: SearchLoop | None = None
         self._ctx: JobContext | None = None
         self._started = 0.0
 
@@ -314,10 +249,12 @@ class SearchJob:
         self._setup = ModelSetup(ctx.model, config, self.depth, self.unit, ctx.base)
         self.search.trainable_layers = tuple(self._setup.trainable)
         try:
-            self._loop = _make_loop(ctx, config)
+            self._loop = make_loop(ctx, config, self.depth, self.unit)
         except BaseException:
             self._setup.undo()
             raise
+        self.search.rate_ratios = self._loop.ratios
+        self.search.optimizer = self._loop.kind
         self._ctx = ctx
         self._started = time.perf_counter()
         settings = self.search.settings
@@ -397,59 +334,6 @@ class SearchJob:
 
     def apply(self, ctx: JobContext, command: Any) -> None:
         """Nothing left for the model: a search changes nothing."""
-
-
-def _make_loop(ctx: JobContext, config: PhaseConfig) -> _Loop:
-    """A fresh optimizer on the phase's trainable set, and one jitted training step."""
-    model = ctx.model
-    trainable = list(model.trainable_variables)
-    optimizer = make_optimizer(config, ctx.optimizer)
-    optimizer.build(trainable)
-    rate = upstream.learning_rate_of(optimizer)
-    rate_index = next((i for i, v in enumerate(optimizer.variables) if v is rate), None)
-    if rate_index is None:  # a schedule: not what make_optimizer builds
-        raise ValueError("The search needs an optimizer with a constant learning rate.")
-    loss_fn = _loss_function(ctx.loss)
-
-    def step(trainable_values, non_trainable_values, optimizer_values, x, y, weights, rate):
-        def loss_of(values):
-            y_pred, updated, extra = model.stateless_call(
-                values, non_trainable_values, x, training=True, return_losses=True
-            )
-            loss = loss_fn(y, y_pred, sample_weight=weights)
-            return loss + sum(extra) if extra else loss, updated
-
-        (loss, updated), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable_values)
-        optimizer_values = list(optimizer_values)
-        optimizer_values[rate_index] = rate.astype(optimizer_values[rate_index].dtype)
-        new_trainable, new_optimizer = optimizer.stateless_apply(
-            optimizer_values, grads, trainable_values
-        )
-        return loss, new_trainable, updated, new_optimizer
-
-    # The model's own arrays go in as the start; nothing is donated, nothing assigned.
-    return _Loop(
-        [v.value for v in trainable],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in optimizer.variables],
-        # Eagerly where the model's compile asks it (run_eagerly, jit_compile=False).
-        jax.jit(step) if compiles_with_xla(ctx) else step,
-    )
-
-
-def _loss_function(loss: Any) -> Any:
-    """``loss(y, y_pred, sample_weight=...)``, averaged as Keras reduces a loss function."""
-    loss = keras.losses.get(loss)
-    if isinstance(loss, keras.losses.Loss):
-        return loss
-
-    def reduced(y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        per_sample = loss(y_true, y_pred)
-        if sample_weight is not None:
-            per_sample = per_sample * keras.ops.cast(sample_weight, per_sample.dtype)
-        return keras.ops.mean(per_sample)
-
-    return reduced
 
 
 def _real(value: object) -> bool:

@@ -137,6 +137,8 @@ class PhaseRates:
     >>> rates = PhaseRates(config, lambda r: keras.optimizers.SGD(r), [[top], [below]], 10, 0)
     >>> [round(float(o.learning_rate), 6) for o in rates.optimizers]
     [0.001, 0.0001, 5e-05]
+    >>> [round(ratio, 6) for ratio in rates.ratios]
+    [1.0, 0.1, 0.05]
     >>> rates.set(2e-4, "base", step=3)
     >>> [round(float(o.learning_rate), 6) for o in rates.optimizers]
     [0.001, 0.0002, 0.0001]
@@ -179,6 +181,12 @@ class PhaseRates:
             )
         else:
             self.optimizer = self.optimizers[0]
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        """Each optimizer's rate over the head's: the head's first (1.0), then each
+        unfrozen unit's, top unit first; ``(1.0,)`` for a phase with one rate."""
+        return tuple(peak / self._peaks[0] for peak in self._peaks)
 
     def rate(self, group: str, step: int) -> float | None:
         """The rate ``group`` applies at global ``step``; None for a frozen base."""

@@ -190,6 +190,12 @@ class Training(Steering):
         bitwise as they were; the search is kept in ``searches``. A Stop ends it
         within a batch.
 
+        A fine-tune phase with rate groups (``base_learning_rate``, ``layer_decay``)
+        is searched with its groups' ratios fixed (``search.rate_ratios``): the swept
+        rate, and so the suggestion, is the head's; each unit of the base trains at
+        it times its ratio. Start the phase at ``learning_rate=search.suggested`` and
+        ``base_learning_rate=search.suggested * search.rate_ratios[1]``.
+
         Args:
             phase: ``"head"``, ``"finetune"`` or a ``PhaseConfig``; None is the
                 last phase's settings, or the head phase when none ran yet.
