@@ -110,6 +110,20 @@ def bert_classifier(seed: int = 0):
     return keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
 
 
+def hold_at_first_batch(session, batch: int = 0) -> threading.Event:
+    """Pause the worker at a batch of its first epoch; return an Event set once parked."""
+    parked = threading.Event()
+
+    def listener(event):
+        if isinstance(event, ev.BatchProgress) and not parked.is_set() and event.batch == batch:
+            session.pause()
+        if isinstance(event, ev.StateChanged) and event.state == "paused":
+            parked.set()
+
+    session.on_event(listener)
+    return parked
+
+
 def make_model(seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return ftw.build_transfer_model(tiny_base(), num_classes=5, dropout=0.3)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import html
 import re
-import threading
 
 import keras
 import numpy as np
 import pytest
-from helpers import block_base, hold_compile, make_panel
+from helpers import block_base, hold_at_first_batch, hold_compile, make_panel
 from html_table import folded_rows, table_rows
 
 import ftwidgets as ftw
@@ -43,20 +42,6 @@ def weights(model):
 
 def same(a, b):
     return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-def hold_at_first_batch(session, batch: int = 0) -> threading.Event:
-    """Pause the worker at a batch of its first epoch; return an Event set once parked."""
-    parked = threading.Event()
-
-    def listener(event):
-        if isinstance(event, ev.BatchProgress) and not parked.is_set() and event.batch == batch:
-            session.pause()
-        if isinstance(event, ev.StateChanged) and event.state == "paused":
-            parked.set()
-
-    session.on_event(listener)
-    return parked
 
 
 def test_initial_controls(panel):

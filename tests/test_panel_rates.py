@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
-from helpers import make_panel
+from helpers import hold_at_first_batch, make_panel
 from html_table import table_rows
 
 import ftwidgets as ftw
@@ -22,20 +20,6 @@ def panel(data):
     panel = make_panel(data, model, epochs=2)
     yield panel
     panel.close()
-
-
-def park_at(session, batch: int) -> threading.Event:
-    """Pause the worker at ``batch`` of its first epoch; an Event set once parked."""
-    parked = threading.Event()
-
-    def listener(event):
-        if isinstance(event, ev.BatchProgress) and not parked.is_set() and event.batch == batch:
-            session.pause()
-        if isinstance(event, ev.StateChanged) and event.state == "paused":
-            parked.set()
-
-    session.on_event(listener)
-    return parked
 
 
 def rates_by_row(panel) -> dict[str, str]:
@@ -114,7 +98,7 @@ def test_live_group_changes_reach_the_history_and_the_chart(panel):
     panel.base_learning_rate.value = 1e-4
     panel.layer_decay.value = 0.5
     panel.epochs.value = 2
-    parked = park_at(session, batch=1)
+    parked = hold_at_first_batch(session, batch=1)
     panel.start_button.click()
     assert parked.wait(WAIT)
     assert not panel.base_learning_rate.text.disabled  # a grouped phase: the base steers
@@ -151,7 +135,7 @@ def test_a_base_rate_for_a_phase_with_one_rate_is_refused_in_the_error_area(pane
     session = panel.session
     panel.phase.value = "finetune"
     panel.epochs.value = 1
-    parked = park_at(session, batch=0)
+    parked = hold_at_first_batch(session, batch=0)
     panel.start_button.click()
     assert parked.wait(WAIT)
     assert panel.base_learning_rate.text.disabled  # one rate: nothing to steer apart
