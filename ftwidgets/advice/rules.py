@@ -78,6 +78,9 @@ FLAT_SHARE = 0.01
 # Fine-tuning: a rate above this, or above this share of the head's rate, is high.
 FINETUNE_MAX_RATE = 1e-4
 FINETUNE_SHARE_OF_HEAD = 0.1
+# A phase that warms its rate up (one-cycle, or a warm-up) starts the base gently:
+# its base may train up to this, as fastai's fine_tune runs it (2e-3 at the head).
+WARMED_UP_MAX_RATE = 1e-3
 # Small data: more trainable parameters than this many times the training samples.
 PARAMS_PER_SAMPLE = 100.0
 # The fine-tune rate the seed recommends.
@@ -289,7 +292,8 @@ def finetune_rate_too_high(record: Record) -> Note | None:
     """A fine-tune phase with the base unfrozen at a rate of its own (the base group's,
     with rate groups) above ``FINETUNE_MAX_RATE``, or above ``FINETUNE_SHARE_OF_HEAD``
     of the head phase's rate; unless a search of the phase's settings suggested that
-    base rate or a higher one. Not a LoRA phase: its pretrained kernels stay frozen,
+    base rate or a higher one. A phase that warms its rate up is held to
+    ``WARMED_UP_MAX_RATE`` alone. Not a LoRA phase: its pretrained kernels stay frozen,
     and its adapters start from zero."""
     rate = record.learning_rate
     if record.base_learning_rate is not None:
@@ -301,10 +305,14 @@ def finetune_rate_too_high(record: Record) -> Note | None:
     searched = record.searched_base_rate
     if searched is not None and rate <= searched * (1 + 1e-9):
         return None
-    heads = [s.learning_rate for s in record.history.lineage_phases() if s.phase == "head"]
+    phases = record.history.lineage_phases()
+    heads = [s.learning_rate for s in phases if s.phase == "head"]
     head = heads[-1] if heads else None
+    config = phases[-1].config if phases else None
     limit = FINETUNE_MAX_RATE
-    if head is not None:
+    if config is not None and (config.schedule == "one_cycle" or config.warmup):
+        limit = WARMED_UP_MAX_RATE
+    elif head is not None:
         limit = min(limit, FINETUNE_SHARE_OF_HEAD * head)
     if rate <= limit * (1 + 1e-9):
         return None
