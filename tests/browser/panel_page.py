@@ -102,13 +102,18 @@ class PanelPage:
         return self.error.inner_text()
 
     def freeze_map(self) -> list[tuple[str, str]]:
-        """``(layer, state at next Start)`` for every row of the freeze map table."""
-        rows = self.root.locator("table.ftwidgets-freeze-map").evaluate(
-            """(table) => Array.from(table.querySelectorAll('tr'))
-                .map((tr) => Array.from(tr.querySelectorAll('td')).map((td) => td.innerText))
-                .filter((cells) => cells.length > 0)"""
+        """``(layer, state at next Start)`` for every row of the freeze map table, the
+        state read from its column (a preview with rates has a rate column after it)."""
+        header, rows = self.root.locator("table.ftwidgets-freeze-map").evaluate(
+            """(table) => [
+                Array.from(table.querySelectorAll('th')).map((th) => th.innerText.trim()),
+                Array.from(table.querySelectorAll('tr'))
+                    .map((tr) => Array.from(tr.querySelectorAll('td')).map((td) => td.innerText))
+                    .filter((cells) => cells.length > 0),
+            ]"""
         )
-        return [(cells[0], cells[-1]) for cells in rows]
+        state = header.index("state")
+        return [(cells[0], cells[state]) for cells in rows]
 
     # -- charts ------------------------------------------------------------------
     def figure(self, title: str | re.Pattern[str]) -> Any:
