@@ -25,6 +25,7 @@ import keras
 from ftwidgets.engine.config import PhaseConfig
 from ftwidgets.engine.rate_trace import RateSegment
 from ftwidgets.engine.schedules import peak_for, shape, warmup_steps
+from ftwidgets.engine.unit_rates import decayed
 
 __all__ = ["GROUPS", "PhaseRates", "SteeredSchedule", "check_group", "check_steerable"]
 
@@ -159,9 +160,8 @@ class PhaseRates:
         self.trains_base = bool(units)
         head = float(config.learning_rate)
         base = float(config.base_learning_rate or head)
-        decay = float(config.layer_decay or 1.0)
         self.grouped = config.grouped and self.trains_base
-        below = [base * decay**k for k in range(len(units))] if self.grouped else []
+        below = decayed(base, config.layer_decay, len(units)) if self.grouped else []
         self._peaks = [head, *below]
         self.optimizers = [make(rate) for rate in self._peaks]
         self._schedules: list[SteeredSchedule] = []

@@ -13,7 +13,20 @@ import numpy as np
 
 from ftwidgets.engine.freezing import UnfreezeUnit
 
-__all__ = ["rate_text", "unit_rates"]
+__all__ = ["decayed", "rate_text", "unit_rates"]
+
+
+def decayed(top: float, layer_decay: float | None, count: int) -> list[float]:
+    """The rates of ``count`` units, top first: ``top``, then ``layer_decay`` times the
+    rate of the unit above for each one below.
+
+    Example:
+
+    >>> decayed(1e-4, 0.5, 3)
+    [0.0001, 5e-05, 2.5e-05]
+    """
+    decay = 1.0 if layer_decay is None else float(layer_decay)
+    return [float(top) * decay**k for k in range(count)]
 
 
 def unit_rates(
@@ -37,9 +50,9 @@ def unit_rates(
     top = base_learning_rate if base_learning_rate is not None else learning_rate
     if top is None or depth <= 0:
         return {}
-    decay = 1.0 if layer_decay is None else float(layer_decay)
     unfrozen = list(reversed(units[len(units) - depth :]))  # top unit first
-    return {name: float(top) * decay**k for k, unit in enumerate(unfrozen) for name in unit.layers}
+    rates = decayed(top, layer_decay, len(unfrozen))
+    return {name: rate for unit, rate in zip(unfrozen, rates, strict=True) for name in unit.layers}
 
 
 def rate_text(rate: float | None) -> str:
