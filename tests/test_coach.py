@@ -131,7 +131,16 @@ def test_finetune_rate_too_high_judges_the_base_s_own_rate_and_a_searched_one():
         is None
     )
     slow_head = record(tune, unfreeze_depth=2, learning_rate=1e-5, base_learning_rate=1e-3)
-    assert "Fine-tuning the base at 1e-3" in rules.finetune_rate_too_high(slow_head).why
+    note = rules.finetune_rate_too_high(slow_head)
+    assert "Fine-tuning the base at 1e-3" in note.why
+    # Its action lowers the base alone, and plans the next phase's base rate.
+    (action,) = note.actions
+    assert (action.group, action.changes) == ("base", {"base_learning_rate": 1e-5})
+    one_rate = rules.finetune_rate_too_high(record(tune, unfreeze_depth=2))
+    assert (one_rate.actions[0].group, one_rate.actions[0].changes) == (
+        None,
+        {"learning_rate": 1e-5},
+    )
     # A search of the phase suggested this base rate, or a higher one: no note.
     assert (
         rules.finetune_rate_too_high(record(tune, unfreeze_depth=2, searched_base_rate=1e-3))

@@ -325,7 +325,12 @@ def finetune_rate_too_high(record: Record) -> Note | None:
         f"pretrained features; {_rate(FINETUNE_RATE)} to {_rate(FINETUNE_MAX_RATE)}, 10-100x "
         "below the head's rate, is the usual range.",
         _last_epoch(record.history),
-        (ChangeLearningRate(FINETUNE_RATE, f"Use {_rate(FINETUNE_RATE)}"),),
+        # A grouped phase lowers its base alone; the head keeps its own rate.
+        (
+            ChangeLearningRate(FINETUNE_RATE, f"Base at {_rate(FINETUNE_RATE)}", group="base")
+            if record.base_learning_rate is not None
+            else ChangeLearningRate(FINETUNE_RATE, f"Use {_rate(FINETUNE_RATE)}"),
+        ),
         episode=(record.phase_index, rate),
     )
 

@@ -66,21 +66,31 @@ class Action:
 @dataclass(frozen=True)
 class ChangeLearningRate(Action):
     """Train at ``learning_rate`` from the next batch on (``session.set_learning_rate``),
-    and in the next phase (``session.plan_next_phase``). Returns True if a running job
-    took it."""
+    and in the next phase (``session.plan_next_phase``); with ``group="base"``, the
+    base's rate alone (``base_learning_rate`` in the next phase). Returns True if a
+    running job took it.
+
+    Example:
+
+    >>> ChangeLearningRate(1e-5, group="base").label, ChangeLearningRate(1e-5, group="base").changes
+    ('Base learning rate 1e-05', {'base_learning_rate': 1e-05})
+    """
 
     learning_rate: float
     label: str = ""
+    group: str | None = None
 
     @property
     def changes(self) -> dict[str, Any]:
-        return {"learning_rate": self.learning_rate}
+        name = "base_learning_rate" if self.group == "base" else "learning_rate"
+        return {name: self.learning_rate}
 
     def default_label(self) -> str:
-        return f"Learning rate {self.learning_rate:g}"
+        what = "Base learning rate" if self.group == "base" else "Learning rate"
+        return f"{what} {self.learning_rate:g}"
 
     def apply_to(self, session: FineTuneSession) -> bool:
-        took = session.set_learning_rate(self.learning_rate)
+        took = session.set_learning_rate(self.learning_rate, group=self.group)
         session.plan_next_phase(**self.changes)
         return took
 
