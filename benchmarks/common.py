@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,16 @@ class Spread:
         q = statistics.quantiles(self.values, n=4, method="inclusive")
         return q[0], q[2]
 
+    def cell(self, text: Callable[[float], str]) -> str:
+        """A table cell: the median, and the range where the values differ.
+
+        >>> Spread([1.0, 3.0, 2.0]).cell(lambda v: f"{v:.1f}"), Spread([2.0]).cell(str)
+        ('2.0 (1.0-3.0)', '2.0')
+        """
+        if self.low == self.high:
+            return text(self.median)
+        return f"{text(self.median)} ({text(self.low)}-{text(self.high)})"
+
     def median_interval(self, level: float = 0.9, draws: int = 4000) -> tuple[float, float]:
         """A bootstrap confidence interval of the median (percentile method, fixed seed)."""
         if len(self.values) < 3:
@@ -91,6 +101,23 @@ class Spread:
             return f"**missed** ({span})"
         side = "met" if self.median <= limit else "**missed**"
         return f"{side} on the median; not settled ({span})"
+
+
+def pretrained_sentence(entry: dict[str, Any]) -> str:
+    """The sentence a table's heading gets where its base was pretrained in the run.
+
+    >>> pretrained_sentence({"pretrained_best": [0.98, None]})
+    ' Base pretrained on the digits 0-4 first (best val_accuracy there 0.980).'
+    >>> pretrained_sentence({})
+    ''
+    """
+    sources = [v for v in entry.get("pretrained_best", []) if v is not None]
+    if not sources:
+        return ""
+    return (
+        " Base pretrained on the digits 0-4 first (best val_accuracy there "
+        f"{', '.join(f'{v:.3f}' for v in sources)})."
+    )
 
 
 def balanced(arms: Sequence[Any], rep: int) -> list[Any]:

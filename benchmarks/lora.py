@@ -38,7 +38,7 @@ import keras
 import numpy as np
 
 import ftwidgets as ftw
-from benchmarks.common import METRICS, Spread, balanced, fmt_bytes, log
+from benchmarks.common import METRICS, Spread, balanced, fmt_bytes, log, pretrained_sentence
 from benchmarks.sections import Run, Section
 from ftwidgets import demo
 from ftwidgets.demo_text import keyword_sequences
@@ -281,13 +281,7 @@ def lora_table(name: str, entry: dict[str, Any], epochs: int) -> list[str]:
     '| LoRA / full | 0.100 | 0.800 | 0.100 | | | |'
     """
     runs = entry["runs"]
-    sources = [v for v in entry.get("pretrained_best", []) if v is not None]
-    pretrained = (
-        f" Base pretrained on the digits 0-4 first (best val_accuracy there "
-        f"{', '.join(f'{v:.3f}' for v in sources)})."
-        if sources
-        else ""
-    )
+    pretrained = pretrained_sentence(entry)
     lines = [
         f"**{name}** — {entry['description']}.{pretrained} Head phase first (rate "
         f"{entry['rates']['head']:g}, best val_accuracy over seeds "
@@ -302,10 +296,7 @@ def lora_table(name: str, entry: dict[str, Any], epochs: int) -> list[str]:
     ]
 
     def cell(arm: str, key: str, text: Callable[[float], str]) -> str:
-        spread = Spread([float(r[key]) for r in runs[arm]])
-        if spread.low == spread.high:
-            return text(spread.median)
-        return f"{text(spread.median)} ({text(spread.low)}-{text(spread.high)})"
+        return Spread([float(r[key]) for r in runs[arm]]).cell(text)
 
     for arm, label in (("full", "full"), ("lora", f"LoRA r={entry['rank']}")):
         lines.append(

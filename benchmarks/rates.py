@@ -38,7 +38,7 @@ import keras
 
 import ftwidgets as ftw
 from benchmarks import lora
-from benchmarks.common import METRICS, Spread, balanced, log
+from benchmarks.common import METRICS, Spread, balanced, log, pretrained_sentence
 from benchmarks.sections import Run, Section
 from ftwidgets import demo
 
@@ -184,13 +184,7 @@ def rates_table(name: str, entry: dict[str, Any], head_epochs: int, epochs: int)
     '| fine_tune (one-cycle) | 0.800 | 0.900 | 2.0 |'
     """
     runs = entry["runs"]
-    sources = [v for v in entry.get("pretrained_best", []) if v is not None]
-    pretrained = (
-        f" Base pretrained on the digits 0-4 first (best val_accuracy there "
-        f"{', '.join(f'{v:.3f}' for v in sources)})."
-        if sources
-        else ""
-    )
+    pretrained = pretrained_sentence(entry)
     lines = [
         f"**{name}** — {entry['description']}.{pretrained} Each arm trains {head_epochs} "
         f"head epochs then {epochs} with the whole base unfrozen. Median over "
@@ -201,10 +195,7 @@ def rates_table(name: str, entry: dict[str, Any], head_epochs: int, epochs: int)
     ]
 
     def cell(arm: str, key: str, digits: int) -> str:
-        spread = Spread([float(r[key]) for r in runs[arm]])
-        if spread.low == spread.high:
-            return f"{spread.median:.{digits}f}"
-        return f"{spread.median:.{digits}f} ({spread.low:.{digits}f}-{spread.high:.{digits}f})"
+        return Spread([float(r[key]) for r in runs[arm]]).cell(lambda v: f"{v:.{digits}f}")
 
     for arm in ARMS:
         lines.append(
