@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ftwidgets.engine.batch_trace import decimate
 from ftwidgets.engine.events import EpochRecord, PhaseEnd, frozen_logs
-from ftwidgets.engine.history import History, Marker, PhaseSpan, decimate
+from ftwidgets.engine.history import History, Marker, PhaseSpan
 
 pytestmark = pytest.mark.unit
 
@@ -205,6 +206,7 @@ def test_a_phase_end_reason_is_a_phase_end_that_reads_and_saves_as_its_string(tm
         "callback",
         "rolled_back",
         "failed",
+        "interrupted",
     ]
     history = History()
     history.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0))

@@ -17,7 +17,8 @@ from helpers import WAIT, Recorder, same, values
 import ftwidgets as ftw
 from ftwidgets.engine import events as ev
 from ftwidgets.engine.callbacks import NonFiniteWeightsError
-from ftwidgets.engine.snapshots import SnapshotStore, capture, first_non_finite, restore
+from ftwidgets.engine.host_blocks import first_non_finite
+from ftwidgets.engine.snapshots import SnapshotStore, capture, restore
 
 pytestmark = pytest.mark.keras
 

@@ -14,6 +14,7 @@ rules. A note's actions are typed (``ftwidgets.engine.actions``);
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -163,6 +164,23 @@ class Coach:
             base_learning_rate=self._base_rate,
             searched_base_rate=searched_base_rate(self._searches, started, self._config),
         )
+
+    def restore(self, notes: Iterable[Note], searches: Iterable[Any] = ()) -> None:
+        """Take back a resumed run's notes (oldest first) and ended searches: they are
+        listed again, and no rule writes a note again for an episode it wrote one for.
+
+        Example:
+
+        >>> coach = Coach()
+        >>> coach.restore([Note("early_stop", "Early stopping ended the phase.", "...", 4)])
+        >>> [note.epoch for note in coach.notes]
+        [4]
+        """
+        self._notes = list(notes)
+        for note in self._notes:
+            self._seen.add((note.rule, note.episode))
+            self._said[note.rule, note.message] = note.phase_index
+        self._searches = [search for search in searches if search.done]
 
     @property
     def notes(self) -> tuple[Note, ...]:

@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["BatchTrace"]
+__all__ = ["BatchTrace", "decimate"]
 
 # Batches read before a tail, so that out-of-order arrivals and each kept batch's
 # predecessor in its epoch are there to sort and to recover from.
@@ -74,6 +74,30 @@ class BatchTrace:
             mine = (columns[0] >= first_step) & (columns[0] < first_step + steps)
             columns[1, mine] = epoch - 1 + (columns[0, mine] - first_step + 1) / steps
 
+    def columns(self) -> np.ndarray:
+        """A copy of every recorded row as it was recorded: step, x, loss (or running
+        mean), batch in epoch (-1: none) and size, one column per batch."""
+        with self._lock:
+            return self._columns[:, : self._count].copy()
+
+    def extend(self, columns: np.ndarray) -> None:
+        """Append rows that `columns` returned, as if recorded again.
+
+        Raises:
+            ValueError: for an array of another shape than ``(5, n)``.
+        """
+        columns = np.asarray(columns, dtype=np.float64)
+        if columns.ndim != 2 or columns.shape[0] != 5:
+            raise ValueError(f"columns must have shape (5, n). Received: shape={columns.shape}")
+        with self._lock:
+            n, more = self._count, columns.shape[1]
+            if n + more > self._columns.shape[1]:
+                grown = np.empty((5, max(2 * self._columns.shape[1], n + more)), np.float64)
+                grown[:, :n] = self._columns[:, :n]
+                self._columns = grown
+            self._columns[:, n : n + more] = columns
+            self._count = n + more
+
     @property
     def count(self) -> int:
         """How many batch points have been recorded."""
@@ -130,3 +154,33 @@ def _own_losses(
     own = np.where(chained & whole, (values * seen - before) / safe, own)
     own = np.where(first, values, own)
     return np.where(means, own, values)
+
+
+def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink a series to about ``max_points`` points, keeping each bucket's min and max.
+
+    Spikes (a diverging loss) survive, unlike plain striding. The result stays
+    sorted by x.
+
+    Example:
+
+    >>> x = np.arange(10_000.0)
+    >>> dx, dy = decimate(x, np.sin(x), 200)
+    >>> len(dx) <= 200
+    True
+    """
+    n = len(x)
+    if n <= max_points:
+        return x, y
+    buckets = max(1, max_points // 2)
+    size = -(-n // buckets)  # ceil, so at most `buckets` rows
+    padded = np.full(size * -(-n // size), np.nan)
+    padded[:n] = y
+    rows = padded.reshape(-1, size)
+    nan = np.isnan(rows)
+    offsets = np.arange(rows.shape[0]) * size
+    lows = offsets + np.argmin(np.where(nan, np.inf, rows), axis=1)
+    highs = offsets + np.argmax(np.where(nan, -np.inf, rows), axis=1)
+    picked = np.unique(np.concatenate([lows, highs]))
+    picked = picked[picked < n]
+    return x[picked], y[picked]

@@ -101,6 +101,8 @@ class PhaseEnd(StrEnum):
     CALLBACK = "callback"
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
+    # The process died during the phase; the run was resumed from its last epoch.
+    INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)

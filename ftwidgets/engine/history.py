@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
@@ -29,7 +30,7 @@ from ftwidgets.engine.rate_trace import RateTrace
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Branch", "History", "Marker", "PhaseSpan", "decimate"]
+__all__ = ["Branch", "History", "Marker", "PhaseSpan"]
 
 
 @dataclass(frozen=True)
@@ -107,36 +108,6 @@ class Branch:
         if self.parent is None or self.fork_epoch is None:
             return "main"
         return f"branch {self.index} (from epoch {self.fork_epoch})"
-
-
-def decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shrink a series to about ``max_points`` points, keeping each bucket's min and max.
-
-    Spikes (a diverging loss) survive, unlike plain striding. The result stays
-    sorted by x.
-
-    Example:
-
-    >>> x = np.arange(10_000.0)
-    >>> dx, dy = decimate(x, np.sin(x), 200)
-    >>> len(dx) <= 200
-    True
-    """
-    n = len(x)
-    if n <= max_points:
-        return x, y
-    buckets = max(1, max_points // 2)
-    size = -(-n // buckets)  # ceil, so at most `buckets` rows
-    padded = np.full(size * -(-n // size), np.nan)
-    padded[:n] = y
-    rows = padded.reshape(-1, size)
-    nan = np.isnan(rows)
-    offsets = np.arange(rows.shape[0]) * size
-    lows = offsets + np.argmin(np.where(nan, np.inf, rows), axis=1)
-    highs = offsets + np.argmax(np.where(nan, -np.inf, rows), axis=1)
-    picked = np.unique(np.concatenate([lows, highs]))
-    picked = picked[picked < n]
-    return x[picked], y[picked]
 
 
 class History:
@@ -465,6 +436,11 @@ class History:
         return self._trace.read(last)
 
     @property
+    def batches(self) -> BatchTrace:
+        """The per-batch loss trace itself (`batch_trace` reads it)."""
+        return self._trace
+
+    @property
     def rate_trace(self) -> RateTrace:
         """The learning rates the run applied, as segments (see `learning_rates`)."""
         return self._rates
@@ -562,7 +538,20 @@ class History:
         Raises:
             ValueError: if the file is not a saved history, naming what it holds.
         """
-        data = history_file.read(path)
+        return cls.from_json(history_file.read(path))
+
+    def to_json(self) -> dict[str, Any]:
+        """What `save` writes, as plain values (the per-batch trace left out)."""
+        return history_file.to_json(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> History:
+        """The history `to_json` described.
+
+        Raises:
+            ValueError: if ``data`` is not a saved history, naming what it holds.
+        """
+        data = history_file.check(data)
         history = cls()
         history.model_name = data.get("model")
         history.model_settings = dict(data.get("model_settings") or {})

@@ -48,7 +48,15 @@ _PACKAGES = ("ftwidgets", "keras", "jax", "numpy")
 def write(history: History, path: str | PathLike[str]) -> Path:
     """Write ``history`` to ``path`` atomically (see `History.save`); return the path."""
     path = Path(path)
-    data = {
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temporary.write_text(json.dumps(to_json(history), indent=1))
+    os.replace(temporary, path)
+    return path
+
+
+def to_json(history: History) -> dict[str, Any]:
+    """The file's contents for ``history``: plain values `check` reads back."""
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "model": history.model_name,
@@ -62,10 +70,6 @@ def write(history: History, path: str | PathLike[str]) -> Path:
         "epochs": [_record_to_json(r) for r in history.epochs],
         "rates": history.rate_trace.to_json(),
     }
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    temporary.write_text(json.dumps(data, indent=1))
-    os.replace(temporary, path)
-    return path
 
 
 def read(path: str | PathLike[str]) -> dict[str, Any]:
@@ -78,10 +82,19 @@ def read(path: str | PathLike[str]) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{str(path)!r} is not a saved History (not JSON: {exc}).") from exc
+    return check(data, str(path))
+
+
+def check(data: Any, path: str = "the data") -> dict[str, Any]:
+    """``data``, a history's contents as `to_json` made them, epochs counted from 1.
+
+    Raises:
+        ValueError: if it is not a saved history, naming what it holds.
+    """
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ValueError(
-            f"{str(path)!r} is not a saved History: expected format {FORMAT!r}. "
+            f"{path!r} is not a saved History: expected format {FORMAT!r}. "
             f"Received: format={found!r}"
         )
     version = data.get("version")
@@ -89,7 +102,7 @@ def read(path: str | PathLike[str]) -> dict[str, Any]:
         return _renumber(data)
     if version != FORMAT_VERSION:
         raise ValueError(
-            f"{str(path)!r} was saved in History format version {version!r}; "
+            f"{path!r} was saved in History format version {version!r}; "
             f"this ftwidgets reads versions {_ZERO_BASED_VERSION} and {FORMAT_VERSION}."
         )
     return data
@@ -99,12 +112,20 @@ def span_to_json(span: PhaseSpan) -> dict[str, Any]:
     """A phase's row in the file: its fields, its settings as plain values."""
     # Field by field: asdict would deep-copy an optimizer in the config.
     row = {f.name: getattr(span, f.name) for f in dataclasses.fields(span)}
-    for name in ("config", "early_stopping"):
-        value = getattr(span, name)
-        row[name] = None if value is None else init_fields(value)
-    if span.config is not None:
-        row["config"]["optimizer"] = optimizer_to_json(span.config.optimizer)
+    row["config"] = None if span.config is None else config_to_json(span.config)
+    stopping = span.early_stopping
+    row["early_stopping"] = None if stopping is None else init_fields(stopping)
     return row
+
+
+def config_to_json(config: PhaseConfig) -> dict[str, Any]:
+    """A phase's settings as plain values (an optimizer as Keras serializes it)."""
+    return {**init_fields(config), "optimizer": optimizer_to_json(config.optimizer)}
+
+
+def config_from_json(row: Mapping[str, Any]) -> PhaseConfig:
+    """The settings `config_to_json` wrote."""
+    return PhaseConfig(**{**row, "optimizer": optimizer_from_json(row.get("optimizer"))})
 
 
 def span_fields(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,12 +134,9 @@ def span_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     config, stopping = row.pop("config", None), row.pop("early_stopping", None)
     if row.get("reason") is not None:
         row["reason"] = PhaseEnd(row["reason"])
-    if config is not None:
-        optimizer = optimizer_from_json(config.get("optimizer"))
-        config = PhaseConfig(**{**config, "optimizer": optimizer})
     return {
         **row,
-        "config": config,
+        "config": None if config is None else config_from_json(config),
         "early_stopping": None if stopping is None else EarlyStoppingConfig(**stopping),
     }
 
@@ -155,6 +173,7 @@ def _renumber(data: dict[str, Any]) -> dict[str, Any]:
     holds = data.get("holds")
     return {
         **data,
+        "version": FORMAT_VERSION,
         "branches": [shift(b, "fork_epoch") for b in data["branches"]],
         "phases": [shift(p, "start_epoch", "end_epoch") for p in data["phases"]],
         "markers": markers,

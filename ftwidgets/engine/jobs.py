@@ -81,6 +81,8 @@ class JobContext:
     callbacks: tuple[keras.callbacks.Callback, ...] = ()
     # The model's base (``ftwidgets.engine.bases``): what unfreezing counts in.
     base: keras.layers.Layer | None = None
+    # The run directory's keeper (``ftwidgets.engine.run_keeper``), given ``run_dir``.
+    run: Any = None
 
     def track(self, config: EarlyStoppingConfig) -> None:
         """Track the best on ``config``; a new monitor or mode recomputes it from the history."""

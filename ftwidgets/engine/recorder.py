@@ -300,6 +300,8 @@ class PhaseRecorder:
                 Marker("early_stop", epoch, epoch, f"early stop after epoch {epoch}")
             )
             ctx.emit(EarlyStopped(epoch, tracker.best))
+        if ctx.run is not None:
+            ctx.run.epoch_ended(model, key, self._epoch_first_step)
 
     def _record_partial(self, ctx: JobContext, logs: dict[str, Any] | None = None) -> None:
         # A cut epoch is kept for the record but is never a best.

@@ -11,8 +11,10 @@ Live sessions are listed in ``ftwidgets.engine.registry``.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,30 @@ from ftwidgets.engine.inputs import TrainingData
 from ftwidgets.engine.jobs import JobContext, Worker
 from ftwidgets.engine.listeners import Listener, Listeners
 from ftwidgets.engine.phase import FitPhase
+from ftwidgets.engine.resume import resume_run
+from ftwidgets.engine.run_keeper import RunKeeper
+from ftwidgets.engine.rundir import RunWriter
 from ftwidgets.engine.snapshots import SnapshotStore
 from ftwidgets.engine.tracking import BestTracker
 from ftwidgets.engine.training import Training
 
 __all__ = ["FineTuneSession"]
+
+
+class _ClassOrInstance:
+    """One name for two calls that read alike: ``FineTuneSession.resume(run_dir, ...)``
+    on the class carries on a run from its directory
+    (`ftwidgets.engine.resume.resume_run`), and
+    ``session.resume()`` on a session continues a paused job."""
+
+    def __init__(self, on_class: Callable[..., Any], on_instance: Callable[..., Any]) -> None:
+        self.on_class, self.on_instance = on_class, on_instance
+        self.__doc__ = on_class.__doc__
+
+    def __get__(self, session: Any, cls: type) -> Callable[..., Any]:
+        if session is None:
+            return functools.partial(self.on_class, cls)
+        return types.MethodType(self.on_instance, session)
 
 
 class FineTuneSession(Training):
@@ -76,6 +97,13 @@ class FineTuneSession(Training):
         checkpoint_dir: also write every kept epoch, and the best, there: to a
             folder of this session's own, atomically, so epochs that left memory
             stay restorable (see `ftwidgets.engine.snapshots.SnapshotStore`).
+        run_dir: keep the whole run in this folder (new or empty), so that
+            `FineTuneSession.resume` carries on from it in another process: the model
+            (written once, now), every kept epoch, the optimizer's state, the history
+            with its per-batch trace, the best, notes, searches and these settings,
+            and a readable ``manifest.json``. Written off the model's thread after
+            each epoch, atomically (see `ftwidgets.engine.rundir`); it holds the kept
+            epochs, so not with ``checkpoint_dir``.
         stream_batches: record the per-batch training loss (NaN checks run either way).
         progress_interval: seconds between ``BatchProgress`` events.
         keep_recent: how many pre-phase snapshots, and former bests kept after a
@@ -136,6 +164,7 @@ class FineTuneSession(Training):
         loss: Any = None,
         metrics: Sequence[Any] | None = None,
         checkpoint_dir: str | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
         stream_batches: bool = True,
         progress_interval: float = 0.2,
         keep_recent: int = 2,
@@ -154,6 +183,12 @@ class FineTuneSession(Training):
         if class_weight is not None:
             class_weight = tasks.check_class_weight(model, class_weight)
         data = TrainingData.from_args(train, validation, validation_split, class_weight)
+        if run_dir is not None and checkpoint_dir is not None:
+            raise ValueError(
+                "run_dir keeps every kept epoch itself: pass run_dir or checkpoint_dir, "
+                f"not both. Received: run_dir={str(run_dir)!r}, checkpoint_dir={checkpoint_dir!r}"
+            )
+        writer = None if run_dir is None else RunWriter(run_dir, self._name)
         self.model = model
         self.task = tasks.model_task(model)
         compiling = PhaseCompile.resolve(model, data, loss, metrics)
@@ -170,7 +205,11 @@ class FineTuneSession(Training):
             history=History(),
             tracker=BestTracker(checks.best_only_config(data)),
             snapshots=SnapshotStore(
-                keep_recent=keep_recent, checkpoint_dir=checkpoint_dir, keep=keep, run=self._name
+                keep_recent=keep_recent,
+                checkpoint_dir=checkpoint_dir,
+                keep=keep,
+                run=self._name,
+                files=writer,
             ),
             channel=self._channel,
             emit=self._emit,
@@ -194,7 +233,13 @@ class FineTuneSession(Training):
         # Keras's settings live per thread; a Start clicked on a subshell's thread
         # sees none. Those of the thread that made the session fill the gaps.
         self._keras_settings = _backend.keras_state()
+        if writer is not None:
+            writer.save_model(model)
+            self._ctx.run = RunKeeper(self, writer)
+            self.on_event(self._ctx.run.on_event)
         registry.register(self)
+
+    resume = _ClassOrInstance(resume_run, Training.resume)
 
     # -- read-only views ----------------------------------------------------
     @property
@@ -251,6 +296,11 @@ class FineTuneSession(Training):
     def snapshots(self) -> SnapshotStore:
         """The kept host copies of the weights (many epochs, within ``keep``)."""
         return self._ctx.snapshots
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory the session writes (``run_dir=``), or None."""
+        return None if self._ctx.run is None else self._ctx.run.path
 
     @property
     def stream_batches(self) -> bool:
@@ -335,6 +385,8 @@ class FineTuneSession(Training):
         self._channel.submit(Stop())
         self._channel.submit(Resume())
         self.wait()
+        if self._ctx.run is not None:
+            self._ctx.run.close()
         registry.unregister(self)
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ftwidgets.engine import lora
-from ftwidgets.engine.host_blocks import BlockLayout, is_non_finite, prefault
+from ftwidgets.engine.host_blocks import BlockLayout, prefault
 from ftwidgets.engine.snapshot_files import publish, read_snapshot, write_snapshot
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "Snapshot",
     "SnapshotStore",
     "capture",
-    "first_non_finite",
     "parse_keep",
     "restore",
 ]
@@ -70,30 +69,6 @@ class Snapshot:
     def nbytes(self) -> int:
         """Host memory held by this snapshot's values (shared ones included)."""
         return sum(v.nbytes for v in self.values)
-
-
-def first_non_finite(variables: Iterable[Any]) -> str | None:
-    """Return the path of the first of ``variables`` holding NaN or inf, or None.
-
-    Runs on the host: about 0.1 ms per million float32 parameters. A jitted check
-    compiles for seconds on models with hundreds of variables, which would cost more
-    than it saves. (Each kept epoch is checked as it is copied: `capture`.)
-
-    Example:
-
-    >>> import keras
-    >>> layer = keras.layers.Dense(2, name="dense")
-    >>> layer.build((None, 3))
-    >>> first_non_finite(layer.variables) is None
-    True
-    >>> _ = layer.kernel.assign(layer.kernel * float("nan"))
-    >>> first_non_finite(layer.variables)
-    'dense/kernel'
-    """
-    for variable in variables:
-        if is_non_finite(np.asarray(variable.value)):
-            return variable.path
-    return None
 
 
 def parse_keep(keep: int | str | None) -> tuple[int | None, int | None]:
@@ -261,6 +236,9 @@ class SnapshotStore:
         keep: an int caps the number of kept epochs; a size such as ``"256MB"``
             is a host-memory budget; None is `DEFAULT_KEEP_BYTES`.
         run: the name of the store's folder (the session's name).
+        files: where kept epochs are written instead, off the model's thread: a run
+            directory (``ftwidgets.engine.rundir``), which has ``keep(epoch, stem,
+            snapshot, variables)`` and ``read(epoch)``.
 
     Example:
 
@@ -277,8 +255,10 @@ class SnapshotStore:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         keep: int | str | None = None,
         run: str = "run",
+        files: Any = None,
     ):
         self.recent: deque[Snapshot] = deque(maxlen=keep_recent)
+        self.files = files
         self.checkpoint_dir = (
             None
             if checkpoint_dir is None
@@ -334,8 +314,19 @@ class SnapshotStore:
         """The kept snapshot of ``epoch`` (read from disk if it left memory), or None."""
         snapshot = self._by_epoch.get(epoch)
         if snapshot is None and epoch in self._on_disk:
-            snapshot = replace(read_snapshot(self.epoch_path(epoch), epoch), ids=self._ids[epoch])
+            read = (
+                self.files.read(epoch)
+                if self.files
+                else read_snapshot(self.epoch_path(epoch), epoch)
+            )
+            snapshot = replace(read, ids=self._ids[epoch])
         return snapshot
+
+    def on_disk(self, epoch: int, ids: tuple[int, ...]) -> None:
+        """Count ``epoch`` as kept on disk only (`files` reads it), taken from ``ids``'s
+        variables: a resumed run's epochs."""
+        self._on_disk.add(epoch)
+        self._ids[epoch] = ids
 
     def epoch_path(self, epoch: int) -> Path | None:
         """Where ``epoch`` is written, if a checkpoint folder was given."""
@@ -439,7 +430,10 @@ class SnapshotStore:
         )
         if not snapshot.finite:
             return snapshot
-        if self.checkpoint_dir is not None:
+        if self.files is not None:
+            self.files.keep(epoch, stem, snapshot, variables)
+            self.on_disk(epoch, plan.ids)
+        elif self.checkpoint_dir is not None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             write_snapshot(model, self.epoch_path(epoch), snapshot)
             self._on_disk.add(epoch)

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 import bqplot as bq
 import numpy as np
 
-from ftwidgets.engine.history import History, PhaseSpan, decimate
+from ftwidgets.engine.batch_trace import decimate
+from ftwidgets.engine.history import History, PhaseSpan
 from ftwidgets.engine.rate_trace import RateSegment
 from ftwidgets.ui.chart_marks import assign
 

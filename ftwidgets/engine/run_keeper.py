@@ -1,0 +1,165 @@
+"""``RunKeeper``: what a session with ``run_dir=`` hands its run directory, and when.
+
+After each complete epoch (on the model's thread, where its state is synced) it copies
+the optimizer's variables and the session's state; the kept epoch's weights went to the
+writer already (``SnapshotStore.keep_epoch``). When a phase ends, and after a rollback
+or a restored epoch while idle, it copies the model's own variables too: they may be no
+kept epoch's. Notes, searches and a changed best are written when nothing trains, and
+with the next epoch while something does, so that a commit's history never runs ahead
+of its weights. The writing itself is ``ftwidgets.engine.rundir``'s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+
+from ftwidgets.engine import lora, run_state, transfer
+from ftwidgets.engine.config import init_fields
+from ftwidgets.engine.events import (
+    Advised,
+    BestChanged,
+    Event,
+    PhaseEnded,
+    PhaseStarted,
+    RolledBack,
+    SearchEnded,
+    SearchStarted,
+)
+from ftwidgets.engine.rundir import Commit, RunWriter
+from ftwidgets.engine.snapshots import capture
+
+if TYPE_CHECKING:
+    from ftwidgets.engine.session import FineTuneSession
+
+__all__ = ["RunKeeper", "session_settings"]
+
+# Events after which the state changed but the weights did not.
+_STATE_EVENTS = (Advised, BestChanged, SearchEnded)
+
+
+class RunKeeper:
+    """Hands a session's epochs and state to its `RunWriter` (see the module's docstring).
+
+    Args:
+        session: the session; its settings, notes and searches are read at each commit.
+        writer: the run directory's writer.
+    """
+
+    def __init__(self, session: FineTuneSession, writer: RunWriter) -> None:
+        self.session = session
+        self.writer = writer
+        self._ctx = session._ctx
+        self._optimizer: tuple[list[str], list[np.ndarray]] | None = None
+        self._busy = False  # a phase or a search runs: state waits for the next epoch
+
+    @property
+    def path(self) -> Any:
+        """The run directory."""
+        return self.writer.path
+
+    def epoch_ended(self, model: keras.Model, key: int, steps: int) -> None:
+        """Commit the epoch just kept (under ``key``), at ``steps`` global batches."""
+        self._optimizer = _optimizer_values(model)
+        self.writer.commit(self._commit(steps, weights_key=key))
+
+    def on_event(self, event: Event) -> None:
+        """A session listener: commit after what changed the run while nothing trains."""
+        if isinstance(event, (PhaseStarted, SearchStarted)):
+            self._busy = True
+        elif isinstance(event, PhaseEnded):
+            # On the model's thread, fit returned: the model is the session's to read.
+            self._busy = False
+            self._commit_model()
+        elif isinstance(event, RolledBack) and not self._busy:
+            self._commit_model()
+        elif isinstance(event, SearchEnded):
+            self._busy = False
+            self.writer.commit(self._commit(self._ctx.steps_before))
+        elif isinstance(event, _STATE_EVENTS) and not self._busy:
+            self.writer.commit(self._commit(self._ctx.steps_before))
+
+    def _commit_model(self) -> None:
+        model = self._ctx.model
+        snapshot = capture(model, "the model")
+        if model.optimizer is not None and model.optimizer.built:
+            self._optimizer = _optimizer_values(model)
+        weights = (snapshot, [v.path for v in model.variables]) if snapshot.finite else None
+        self.writer.commit(self._commit(self._ctx.steps_before, weights=weights))
+
+    def _commit(
+        self,
+        steps: int,
+        weights_key: int | None = None,
+        weights: tuple[Any, list[str]] | None = None,
+    ) -> Commit:
+        session, ctx = self.session, self._ctx
+        history = ctx.history
+        complete = [r for r in history.epochs if not r.partial]
+        stopping = ctx.early_stopping
+        state = {
+            "epoch": complete[-1].epoch if complete else None,
+            "history": history.to_json(),
+            "best": run_state.best_to_json(ctx.tracker.best),
+            "best_key": ctx.snapshots.best_epoch,
+            "tracking": run_state.tracking_to_json(ctx.tracker.config),
+            "early_stopping": None if stopping is None else init_fields(stopping),
+            "notes": run_state.notes_to_json(reversed(session.advice())),
+            "searches": [run_state.search_to_json(s) for s in session.searches if s.done],
+            "steps": steps,
+            "learned_steps": ctx.learned_steps,
+            "adapters": [
+                [path, layer.lora_rank, layer.lora_alpha] for path, layer in lora.adapted(ctx.base)
+            ],
+            "settings": session_settings(session),
+        }
+        return Commit(state, history.batches.columns(), self._optimizer, weights_key, weights)
+
+    def close(self) -> None:
+        """Write what is left and end the writer."""
+        self.writer.close()
+
+
+def _optimizer_values(model: keras.Model) -> tuple[list[str], list[np.ndarray]] | None:
+    optimizer = model.optimizer
+    if optimizer is None or not optimizer.built:
+        return None
+    variables = optimizer.variables
+    return [v.path for v in variables], [np.array(v.value, copy=True) for v in variables]
+
+
+def session_settings(session: FineTuneSession) -> dict[str, Any]:
+    """The settings a session was made with, as plain values: what `resume` makes the
+    resumed one with, where the call does not say otherwise. Callbacks and data are
+    not among them: they are code and arrays, passed again."""
+    ctx = session._ctx
+    weights, store = session.class_weight, ctx.snapshots
+    return {
+        "name": session.name,
+        "loss": _serialize(ctx.loss),
+        "metrics": [_serialize(m) for m in ctx.metrics],
+        "stream_batches": ctx.stream_batches,
+        "progress_interval": ctx.progress_interval,
+        "keep_recent": store.recent.maxlen,
+        "keep": store.max_epochs if store.max_epochs is not None else f"{store.max_bytes}B",
+        "coach": bool(session.coach.enabled if session.coach is not None else session._coach_on),
+        "class_weight": None if weights is None else {str(k): v for k, v in weights.items()},
+        "base": _base_setting(ctx.model, ctx.base),
+    }
+
+
+def _serialize(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    return keras.saving.serialize_keras_object(value)
+
+
+def _base_setting(model: keras.Model, base: keras.layers.Layer) -> str | None:
+    """None where the model's base is found again without being named, else its name."""
+    try:
+        found = transfer.get_base(model)
+    except ValueError:
+        found = None
+    return None if found is base else base.name

@@ -1,0 +1,583 @@
+"""A run directory: what a session needs to carry on after its process died.
+
+Layout (format ``ftwidgets.run``, version 1)::
+
+    runs/my-run/
+      manifest.json          what the run is, its best, its last commits (readable JSON)
+      model.keras            the model as the session got it, written once
+      epochs/epoch-0007.h5   each kept epoch's variables, with their paths
+      commits/000012.h5      the session at a moment: its state as JSON (history, best,
+                             notes, searches, settings), the per-batch trace, the
+                             optimizer's variables, and the model's own variables where
+                             they are no kept epoch's (after a Stop, say)
+
+`RunWriter` writes it on a thread of its own from host copies the model's thread made,
+so training never waits for the disk unless the writer falls more than one epoch
+behind. Every file is written under a temporary name, flushed and renamed, and the
+manifest is renamed last: it only ever names complete files, so a kill at any instant
+leaves the last commit readable. The manifest keeps the newest commits on `KEEP_WEIGHTS`
+different weights, and `read_run` falls back past a commit whose files were damaged
+since, with a warning that names what it skipped.
+
+Example:
+
+>>> import tempfile
+>>> folder = Path(tempfile.mkdtemp()) / "not-a-run"
+>>> folder.mkdir()
+>>> read_run(folder)
+Traceback (most recent call last):
+...
+ValueError: ... is not a run directory: it has no manifest.json. Received: path=...
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ftwidgets.engine.history import History
+from ftwidgets.engine.snapshot_files import (
+    commit_file,
+    put_values,
+    read_values,
+    sha256,
+    write_values,
+)
+from ftwidgets.engine.snapshots import Snapshot
+
+__all__ = [
+    "FORMAT",
+    "KEEP_WEIGHTS",
+    "RunContents",
+    "RunDamagedWarning",
+    "RunInfo",
+    "RunWriter",
+    "match_variables",
+    "read_manifest",
+    "read_run",
+    "runs",
+]
+
+FORMAT = "ftwidgets.run"
+VERSION = 1
+MANIFEST = "manifest.json"
+MODEL = "model.keras"
+# The newest commits kept, each on other weights than the next: a newest one damaged
+# since falls back to the one before.
+KEEP_WEIGHTS = 3
+_SUFFIX = re.compile(r"_\d+$")
+
+
+class RunDamagedWarning(UserWarning):
+    """A run directory's newest commit was damaged: an older complete one was read."""
+
+
+@dataclass
+class Commit:
+    """What the model's thread hands the writer: host copies and plain values only."""
+
+    state: dict[str, Any]  # JSON values
+    batches: np.ndarray
+    optimizer: tuple[list[str], list[np.ndarray]] | None
+    weights_key: int | None  # a kept epoch the model holds, or None: ``weights`` below
+    weights: tuple[Snapshot, list[str]] | None = None
+
+
+@dataclass
+class RunContents:
+    """A run directory as `read_run` found it: its newest complete commit, read whole.
+
+    Attributes:
+        path: the folder.
+        manifest: ``manifest.json`` as read.
+        state: the commit's state (history, best, notes, searches, settings...).
+        batches: the per-batch trace's rows (see ``BatchTrace.columns``).
+        optimizer: the optimizer's variable paths and values at the commit, or None.
+        weights: the model's variables at the commit, and their paths; None while
+            they are those of ``model.keras``.
+        skipped: what was passed over as damaged, one line each (warned about).
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    state: dict[str, Any]
+    batches: np.ndarray
+    optimizer: tuple[list[str], list[np.ndarray]] | None
+    weights: tuple[Snapshot, list[str]] | None
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def model_path(self) -> Path:
+        """The model file, written when the run began."""
+        return self.path / MODEL
+
+
+class RunWriter:
+    """Writes a run directory off the model's thread (see the module's docstring).
+
+    A session makes one for ``run_dir=``: kept epochs arrive through `keep` (the
+    snapshot store's ``files``), the session's state through `commit`.
+
+    Args:
+        path: the folder: new, empty, or (``contents``) a run being resumed.
+        name: the session's name, for the manifest.
+        contents: the run as `read_run` read it, to go on writing it.
+
+    Raises:
+        ValueError: if ``path`` holds a run already, or other files, when new.
+    """
+
+    def __init__(
+        self, path: str | PathLike[str], name: str, contents: RunContents | None = None
+    ) -> None:
+        self.path = Path(path)
+        if contents is None:
+            _check_new(self.path)
+        (self.path / "epochs").mkdir(parents=True, exist_ok=True)
+        (self.path / "commits").mkdir(exist_ok=True)
+        self.name = name
+        # A resumed run's manifest lists the commits up to the one read: damaged ones
+        # after it are dropped, and their files written over.
+        manifest = contents.manifest if contents is not None else {}
+        self._created = manifest.get("created", _now())
+        self._model = dict(manifest.get("model", {}))
+        self._commits: list[dict[str, Any]] = list(manifest.get("commits", []))
+        self._seq = max((c["seq"] for c in self._commits), default=0)
+        kept = contents.state.get("kept", {}) if contents is not None else {}
+        self._kept: dict[int, dict[str, Any]] = {int(k): v for k, v in kept.items()}
+        self._layouts: list[list[str]] = list(
+            contents.state.get("layouts", []) if contents is not None else []
+        )
+        self._layout_index: dict[tuple[int, ...], int] = {}
+        self._weights = self._commits[-1] if self._commits else None
+        self._lock = threading.Condition()
+        self._pending: dict[int, Snapshot] = {}  # kept epochs not on disk yet
+        self._epochs_behind = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="ftwidgets-run-writer", daemon=True)
+        self._thread.start()
+
+    # -- the model's thread --------------------------------------------------------
+    def save_model(self, model: Any) -> None:
+        """Write the model, once, as ``model.keras`` (its settings and weights)."""
+        digest = commit_file(self.path / MODEL, lambda partial: model.save(partial))
+        parameters = int(model.count_params()) if model.built else None
+        self._model = {"name": model.name, "file": MODEL, "sha256": digest}
+        self._model["parameters"] = parameters
+
+    def keep(self, epoch: int, stem: str, snapshot: Snapshot, variables: Sequence[Any]) -> None:
+        """Write a kept epoch (``SnapshotStore.keep_epoch``); wait only while the
+        writer is more than one epoch behind.
+
+        Raises:
+            OSError: if writing failed before (disk full...), naming why.
+        """
+        self._raise_error()
+        layout = self._layout(snapshot.ids, variables)
+        with self._lock:
+            while self._epochs_behind > 1 and self.error is None:
+                self._lock.wait()
+            self._epochs_behind += 1
+            self._pending[epoch] = snapshot
+        self._queue.put(("epoch", epoch, f"epochs/{stem}.h5", snapshot, layout))
+
+    def commit(self, commit: Commit) -> None:
+        """Write the session's state after the epochs handed over before it."""
+        self._raise_error()
+        self._queue.put(("commit", commit))
+
+    def read(self, epoch: int) -> Snapshot:
+        """A kept epoch's variables: still on their way to disk, or read back and checked.
+
+        Raises:
+            ValueError: if its file is missing or damaged, naming it.
+        """
+        with self._lock:
+            pending = self._pending.get(epoch)
+        if pending is not None:
+            return pending
+        entry = self._kept.get(epoch)
+        if entry is None:
+            raise ValueError(f"Epoch key {epoch} was never written to {str(self.path)!r}.")
+        return _read_checked(self.path, entry["file"], entry["sha256"], epoch)[0]
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything handed over is on disk; True if it is.
+
+        Raises:
+            OSError: if writing failed, naming why.
+        """
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        finished = done.wait(timeout)
+        self._raise_error()
+        return finished
+
+    def close(self) -> None:
+        """Write what is left, then end the writer's thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _layout(self, ids: tuple[int, ...] | None, variables: Sequence[Any]) -> int:
+        key = ids if ids is not None else tuple(map(id, variables))
+        index = self._layout_index.get(key)
+        if index is None:
+            paths = [v.path for v in variables]
+            if paths not in self._layouts:
+                self._layouts.append(paths)
+            index = self._layout_index[key] = self._layouts.index(paths)
+        return index
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise OSError(
+                f"Writing the run directory {str(self.path)!r} failed: {self.error}. "
+                "Nothing after it was saved."
+            ) from self.error
+
+    # -- the writer's thread -------------------------------------------------------
+    def _work(self) -> None:
+        while (task := self._queue.get()) is not None:
+            try:
+                if task[0] == "flush":
+                    task[1].set()
+                elif self.error is None:
+                    self._write(task)
+            except BaseException as exc:  # reported on the model's thread: `keep`, `flush`
+                self.error = exc
+            finally:
+                if task[0] == "epoch":
+                    with self._lock:
+                        self._epochs_behind -= 1
+                        self._lock.notify_all()
+
+    def _write(self, task: tuple[Any, ...]) -> None:
+        if task[0] == "epoch":
+            _, epoch, name, snapshot, layout = task
+            digest = write_values(self.path / name, snapshot, self._layouts[layout])
+            with self._lock:
+                self._kept[epoch] = {"file": name, "sha256": digest, "layout": layout}
+                self._pending.pop(epoch, None)
+            return
+        commit: Commit = task[1]
+        self._seq += 1
+        name = f"commits/{self._seq:06d}.h5"
+        state = {
+            **commit.state,
+            "kept": {str(k): v for k, v in self._kept.items()},
+            "layouts": self._layouts,
+        }
+        digest = commit_file(
+            self.path / name, lambda partial: _write_commit(partial, commit, state)
+        )
+        if commit.weights is not None:
+            weights = {"weights": name, "weights_sha256": digest}
+        elif commit.weights_key is not None and commit.weights_key in self._kept:
+            entry = self._kept[commit.weights_key]
+            weights = {"weights": entry["file"], "weights_sha256": entry["sha256"]}
+        elif self._weights is not None:
+            weights = {k: self._weights[k] for k in ("weights", "weights_sha256")}
+        else:
+            weights = {"weights": MODEL, "weights_sha256": self._model.get("sha256")}
+        entry = {"seq": self._seq, "state": name, "state_sha256": digest, **weights}
+        entry["epoch"] = state.get("epoch")
+        entry["written"] = _now()
+        self._weights = entry
+        self._commits = _retained([*self._commits, entry])
+        self._write_manifest(state)
+        self._remove_unlisted()
+
+    def _write_manifest(self, state: dict[str, Any]) -> None:
+        history = state.get("history", {})
+        complete = [e for e in history.get("epochs", []) if not e.get("partial")]
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "name": self.name,
+            "created": self._created,
+            "updated": _now(),
+            "model": self._model,
+            "epochs": len(complete),
+            "phases": len(history.get("phases", [])),
+            "best": state.get("best"),
+            "commits": self._commits,
+        }
+        text = json.dumps(manifest, indent=1)
+        commit_file(self.path / MANIFEST, lambda partial: partial.write_text(text))
+
+    def _remove_unlisted(self) -> None:
+        listed = {c["state"] for c in self._commits} | {c["weights"] for c in self._commits}
+        for path in (self.path / "commits").glob("*.h5"):
+            if f"commits/{path.name}" not in listed:
+                path.unlink(missing_ok=True)
+
+
+def _write_commit(path: Path, commit: Commit, state: dict[str, Any]) -> None:
+    with h5py.File(path, "w") as f:
+        f.attrs["state"] = json.dumps(state)
+        f.create_dataset("batches", data=commit.batches)
+        if commit.optimizer is not None:
+            group = f.create_group("optimizer")
+            group.attrs["paths"] = json.dumps(commit.optimizer[0])
+            for i, value in enumerate(commit.optimizer[1]):
+                group.create_dataset(str(i), data=value)
+        if commit.weights is not None:
+            put_values(f, *commit.weights)
+
+
+def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest commit on each of the last `KEEP_WEIGHTS` different weights, in order."""
+    kept: list[dict[str, Any]] = []
+    for entry in reversed(commits):
+        if kept and entry["weights"] == kept[-1]["weights"]:
+            continue
+        kept.append(entry)
+        if len(kept) == KEEP_WEIGHTS:
+            break
+    return kept[::-1]
+
+
+def _check_new(path: Path) -> None:
+    if (path / MANIFEST).exists():
+        raise ValueError(
+            f"{str(path)!r} holds a run already: resume it with "
+            f"FineTuneSession.resume({str(path)!r}, train=...), or pick a new folder. "
+            f"Received: run_dir={str(path)!r}"
+        )
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(
+            f"run_dir must be a new or empty folder; {str(path)!r} holds other files. "
+            f"Received: run_dir={str(path)!r}"
+        )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# -- reading ---------------------------------------------------------------------------
+def read_manifest(path: str | PathLike[str]) -> dict[str, Any]:
+    """A run directory's manifest, checked to be one.
+
+    Raises:
+        ValueError: if ``path`` is not a run directory, saying why.
+    """
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ValueError(
+            f"{str(path)!r} is not a run directory: it has no {MANIFEST}. "
+            f"Received: path={str(path)!r}"
+        )
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{str(file)!r} is not a run's manifest (not JSON: {exc}).") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(
+            f"{str(file)!r} is not a run's manifest: expected format {FORMAT!r}. "
+            f"Received: format={found!r}"
+        )
+    if manifest.get("version") != VERSION:
+        raise ValueError(
+            f"{str(path)!r} was written in run format version {manifest.get('version')!r}; "
+            f"this ftwidgets reads version {VERSION}."
+        )
+    return manifest
+
+
+def read_run(path: str | PathLike[str]) -> RunContents:
+    """Read a run directory's newest complete commit, whole, into memory.
+
+    A commit whose files are missing, torn or changed since they were written (their
+    SHA-256 differs) is skipped for the one before it, with a `RunDamagedWarning`
+    naming each one skipped.
+
+    Raises:
+        ValueError: if ``path`` is not a run directory, or no commit of it is whole.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    skipped: list[str] = []
+    for entry in reversed(manifest.get("commits", [])):
+        try:
+            contents = _read_commit(path, manifest, entry)
+        except (OSError, ValueError, KeyError) as exc:
+            skipped.append(f"commit {entry.get('seq')} (epoch {entry.get('epoch')}): {exc}")
+            continue
+        contents.skipped = skipped
+        if skipped:
+            warnings.warn(
+                f"The run in {str(path)!r} was damaged; resumed from its commit at epoch "
+                f"{entry.get('epoch')} instead. Skipped: " + "; ".join(skipped),
+                RunDamagedWarning,
+                stacklevel=2,
+            )
+        return contents
+    raise ValueError(
+        f"No commit of the run in {str(path)!r} is whole"
+        + (": " + "; ".join(skipped) if skipped else ": it has none yet.")
+    )
+
+
+def _read_commit(path: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> RunContents:
+    name, expected = entry["state"], entry["state_sha256"]
+    _check_sha(path / name, expected)
+    with h5py.File(path / name, "r") as f:
+        state = json.loads(f.attrs["state"])
+        batches = np.array(f["batches"])
+        optimizer = None
+        if "optimizer" in f:
+            group = f["optimizer"]
+            optimizer = (
+                json.loads(group.attrs["paths"]),
+                [np.array(group[str(i)]) for i in range(len(group))],
+            )
+    if entry["weights"] == MODEL:
+        weights = None  # the model as written: nothing to assign
+    else:
+        weights = _read_checked(path, entry["weights"], entry["weights_sha256"], None)
+    contents = RunContents(path, manifest, state, batches, optimizer, weights)
+    contents.manifest = {**manifest, "commits": _through(manifest, entry)}
+    return contents
+
+
+def _through(manifest: dict[str, Any], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    commits = manifest.get("commits", [])
+    return commits[: commits.index(entry) + 1]
+
+
+def _check_sha(file: Path, expected: str | None) -> None:
+    if not file.is_file():
+        raise ValueError(f"{file.name} is missing")
+    if expected is not None and sha256(file) != expected:
+        raise ValueError(f"{file.name} changed since it was written (its SHA-256 differs)")
+
+
+def _read_checked(
+    path: Path, name: str, expected: str, epoch: int | None
+) -> tuple[Snapshot, list[str]]:
+    file = path / name
+    try:
+        _check_sha(file, expected)
+        snapshot, paths = read_values(file, epoch)
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"{name} cannot be read: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{str(file)!r}: {exc}") from exc
+    if paths is None or len(paths) != len(snapshot.values):
+        raise ValueError(f"{name} lists no paths for its {len(snapshot.values)} values")
+    return snapshot, paths
+
+
+def match_variables(paths: Sequence[str], variables: Sequence[Any]) -> tuple[int, ...]:
+    """The ids of ``variables`` that a snapshot of ``paths`` was taken from, in order.
+
+    Paths match with Keras's name suffixes dropped (``dense_1`` as ``dense``: a model
+    loaded in a process that made others is numbered on). LoRA adapters the snapshot
+    predates are left out.
+
+    Raises:
+        ValueError: if the variables are not those of the run, naming the first
+            that differs.
+    """
+    from ftwidgets.engine.lora import is_adapter  # Keras; the module reads without it
+
+    saved = [_plain_path(p) for p in paths]
+    known = set(saved)
+    current = [v for v in variables if not (is_adapter(v) and _plain_path(v.path) not in known)]
+    for i, (variable, path) in enumerate(zip(current, saved, strict=False)):
+        if _plain_path(variable.path) != path:
+            raise ValueError(
+                f"The model does not match the run: its variable {i} is {variable.path!r} "
+                f"where the run has {paths[i]!r}."
+            )
+    if len(current) != len(saved):
+        raise ValueError(
+            f"The model does not match the run: it has {len(current)} variables where "
+            f"the run has {len(saved)}."
+        )
+    return tuple(map(id, current))
+
+
+def _plain_path(path: str) -> str:
+    return "/".join(_SUFFIX.sub("", part) for part in path.split("/"))
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run directory on disk, as `runs` sums it up from its manifest.
+
+    Attributes:
+        path: the folder.
+        name: the session's name.
+        updated: when its last commit was written (ISO 8601).
+        epochs: its complete epochs.
+        phases: its phases.
+        best: its best epoch (``epoch``, ``value``, ``monitor``, ``phase``, ``branch``),
+            or None.
+        model: the model's name.
+    """
+
+    path: Path
+    name: str
+    updated: str
+    epochs: int
+    phases: int
+    best: dict[str, Any] | None
+    model: str | None
+
+    def history(self) -> History:
+        """The run's history as its newest whole commit holds it, per-batch trace too."""
+        contents = read_run(self.path)
+        history = History.from_json(contents.state["history"])
+        history.batches.extend(contents.batches)
+        return history
+
+
+def runs(folder: str | PathLike[str]) -> list[RunInfo]:
+    """The run directories in ``folder`` (and ``folder`` itself, if it is one), the
+    newest first, read from their manifests alone.
+
+    Example:
+
+    >>> import tempfile
+    >>> runs(tempfile.mkdtemp())
+    []
+    """
+    folder = Path(folder)
+    found = []
+    for manifest_file in [*sorted(folder.glob(f"*/{MANIFEST}")), folder / MANIFEST]:
+        if not manifest_file.is_file():
+            continue
+        try:
+            manifest = read_manifest(manifest_file.parent)
+        except ValueError:
+            continue
+        found.append(
+            RunInfo(
+                manifest_file.parent,
+                manifest.get("name", manifest_file.parent.name),
+                manifest.get("updated", ""),
+                int(manifest.get("epochs", 0)),
+                int(manifest.get("phases", 0)),
+                manifest.get("best"),
+                manifest.get("model", {}).get("name"),
+            )
+        )
+    return sorted(found, key=lambda run: run.updated, reverse=True)
