@@ -3,10 +3,11 @@
 After each complete epoch (on the model's thread, where its state is synced) it copies
 the optimizer's variables and the session's state; the kept epoch's weights went to the
 writer already (``SnapshotStore.keep_epoch``). When a phase ends, and after a rollback
-or a restored epoch while idle, it copies the model's own variables too: they may be no
-kept epoch's. Notes, searches and a changed best are written when nothing trains, and
-with the next epoch while something does, so that a commit's history never runs ahead
-of its weights. The writing itself is ``ftwidgets.engine.rundir``'s.
+or a restored epoch while idle, the commit names the kept epoch the model holds, or
+copies the model's own variables where they are no kept epoch's (a Stop mid-epoch).
+Notes, searches and a changed best are written when nothing trains, and with the next
+epoch while something does, so that a commit's history never runs ahead of its
+weights. The writing itself is ``ftwidgets.engine.rundir``'s.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class RunKeeper:
         self._ctx = session._ctx
         self._optimizer: tuple[list[str], list[np.ndarray]] | None = None
         self._busy = False  # a phase or a search runs: state waits for the next epoch
+        self._last_key: int | None = None  # the last epoch kept
 
     @property
     def path(self) -> Any:
@@ -63,6 +65,7 @@ class RunKeeper:
     def epoch_ended(self, model: keras.Model, key: int, steps: int) -> None:
         """Commit the epoch just kept (under ``key``), at ``steps`` global batches."""
         self._optimizer = _optimizer_values(model)
+        self._last_key = key
         self.writer.commit(self._commit(steps, weights_key=key))
 
     def on_event(self, event: Event) -> None:
@@ -74,20 +77,31 @@ class RunKeeper:
             self._busy = False
             self._commit_model()
         elif isinstance(event, RolledBack) and not self._busy:
-            self._commit_model()
+            self._commit_model(self._ctx.key(event.best))
         elif isinstance(event, SearchEnded):
             self._busy = False
             self.writer.commit(self._commit(self._ctx.steps_before))
         elif isinstance(event, _STATE_EVENTS) and not self._busy:
             self.writer.commit(self._commit(self._ctx.steps_before))
 
-    def _commit_model(self) -> None:
-        model = self._ctx.model
-        snapshot = capture(model, "the model")
+    def _commit_model(self, restored: int | None = None) -> None:
+        """Commit the idle model: as the kept epoch ``restored``, or the last one kept
+        where it holds that epoch's weights still, else as a copy of its own."""
+        ctx = self._ctx
+        model = ctx.model
         if model.optimizer is not None and model.optimizer.built:
             self._optimizer = _optimizer_values(model)
+        if restored is not None and ctx.snapshots.keeps(restored):
+            self.writer.commit(self._commit(ctx.steps_before, weights_key=restored))
+            return
+        snapshot = capture(model, "the model")
+        key = self._last_key
+        last = ctx.snapshots.get(key) if key in ctx.snapshots.in_memory else None
+        if last is not None and _same(last.values, snapshot.values):
+            self.writer.commit(self._commit(ctx.steps_before, weights_key=key))
+            return
         weights = (snapshot, [v.path for v in model.variables]) if snapshot.finite else None
-        self.writer.commit(self._commit(self._ctx.steps_before, weights=weights))
+        self.writer.commit(self._commit(ctx.steps_before, weights=weights))
 
     def _commit(
         self,
@@ -120,6 +134,10 @@ class RunKeeper:
     def close(self) -> None:
         """Write what is left and end the writer."""
         self.writer.close()
+
+
+def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _optimizer_values(model: keras.Model) -> tuple[list[str], list[np.ndarray]] | None:

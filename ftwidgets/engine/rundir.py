@@ -81,7 +81,16 @@ _SUFFIX = re.compile(r"_\d+$")
 
 
 class RunDamagedWarning(UserWarning):
-    """A run directory's newest commit was damaged: an older complete one was read."""
+    """A run directory's newest commit was damaged: an older complete one was read.
+
+    Example (to refuse a damaged run instead, make it an error):
+
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", RunDamagedWarning)
+    ...     issubclass(RunDamagedWarning, UserWarning)
+    True
+    """
 
 
 @dataclass
@@ -532,6 +541,12 @@ class RunInfo:
         best: its best epoch (``epoch``, ``value``, ``monitor``, ``phase``, ``branch``),
             or None.
         model: the model's name.
+
+    Example:
+
+    >>> run = RunInfo(Path("runs/a"), "session-1", "2026-12-07T06:38:13+0000", 3, 1, None, "m")
+    >>> run.epochs, run.best
+    (3, None)
     """
 
     path: Path

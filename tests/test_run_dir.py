@@ -1,0 +1,204 @@
+"""A run directory (``run_dir=``) and ``FineTuneSession.resume``, in one process: what
+comes back, what a damaged directory falls back to, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from helpers import WAIT, make_model, make_session, same, values
+
+import ftwidgets as ftw
+from ftwidgets.engine import lora, rundir
+from ftwidgets.engine.snapshots import Snapshot
+
+pytestmark = pytest.mark.keras
+
+HEAD = ftw.PhaseConfig(phase="head", epochs=3, batch_size=16)
+
+
+def resume(data, path, **kwargs) -> ftw.FineTuneSession:
+    return ftw.FineTuneSession.resume(
+        path, train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val), **kwargs
+    )
+
+
+def kept_weights(session, epoch: int) -> list[np.ndarray]:
+    """The live session's own host copy of a kept epoch (its memory, not the run's files)."""
+    return list(session.snapshots.get(session.history.key(epoch)).values)
+
+
+def test_a_resumed_session_holds_the_whole_run_and_carries_on(data, tmp_path):
+    path = tmp_path / "run"
+    session = make_session(data, run_dir=path, name="kept")
+    search = session.find_learning_rate(ftw.PhaseConfig(phase="head"), steps=8)
+    session.run(HEAD)
+    session.run(ftw.PhaseConfig(phase="finetune", unfreeze_depth=1, epochs=2, learning_rate=1e-4))
+    session.restore_epoch(2)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1))
+    session.wait()
+    live = {
+        "records": session.history.to_records(),
+        "phases": session.history.phases,
+        "markers": session.history.markers,
+        "branches": session.history.branches,
+        "batches": session.history.batch_trace(),
+        "rates": session.history.learning_rates(),
+        "best": session.best,
+        "restorable": session.restorable_epochs,
+        "notes": session.advice(),
+        "weights": values(session.model.variables),
+        "optimizer": values(session.model.optimizer.variables),
+        "epoch 1": kept_weights(session, 1),
+    }
+    assert live["notes"], "the run should have coach notes to carry"
+    session.close()
+
+    resumed = resume(data, path)
+    history = resumed.history
+    assert resumed.run_dir == path and resumed.name == "kept"
+    assert history.to_records() == live["records"]
+    assert history.phases == live["phases"] and history.markers == live["markers"]
+    assert history.branches == live["branches"]
+    assert same(history.batch_trace(), live["batches"])
+    assert same(history.learning_rates(), live["rates"])
+    assert resumed.best == live["best"] and resumed.restorable_epochs == live["restorable"]
+    assert resumed.advice() == live["notes"]
+    [found] = resumed.searches
+    assert found.suggested == search.suggested
+    assert np.array_equal(found.losses, search.losses) and found.reason == search.reason
+    assert same(values(resumed.model.variables), live["weights"])
+    assert same(values(resumed.model.optimizer.variables), live["optimizer"])
+    resumed.restore_epoch(1)
+    assert same(values(resumed.model.variables), live["epoch 1"])
+    # The next phase continues the count, on a branch from the restored epoch.
+    resumed.run(ftw.PhaseConfig(phase="head", epochs=1))
+    assert [(r.epoch, r.branch) for r in resumed.history.epochs][-1] == (2, 2)
+    resumed.close()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["name"] == "kept" and manifest["phases"] == 4
+    assert manifest["best"]["epoch"] == live["best"].epoch
+
+
+def test_a_damaged_newest_epoch_falls_back_to_the_one_before_with_a_warning(data, tmp_path):
+    path = tmp_path / "run"
+    session = make_session(data, run_dir=path)
+    session.run(HEAD)
+    session.wait()
+    records = session.history.to_records()
+    second = kept_weights(session, 2)
+    session.close()
+    newest = path / "epochs" / "epoch-0003.h5"
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    newest.write_bytes(bytes(raw))
+
+    with pytest.warns(ftw.RunDamagedWarning, match=r"epoch-0003\.h5 changed") as warned:
+        resumed = resume(data, path)
+    assert "resumed from its commit at epoch 2" in str(warned[0].message)
+    assert resumed.history.to_records() == records[:2]
+    assert same(values(resumed.model.variables), second)
+    assert resumed.restorable_epochs == (1, 2)
+    assert resumed.best.epoch == min((1, 2), key=lambda e: records[e - 1]["val_loss"])
+    # The interrupted phase ends where the commit read ended; the next one goes on.
+    assert resumed.history.phases[-1].reason == "interrupted"
+    resumed.run(ftw.PhaseConfig(phase="head", epochs=1))
+    assert [r.epoch for r in resumed.history.epochs] == [1, 2, 3]
+    resumed.close()
+    assert rundir.read_run(path).state["epoch"] == 3  # and it reads whole again
+
+
+def test_what_is_no_run_or_not_this_run_is_refused_and_nothing_is_left_behind(data, tmp_path):
+    with pytest.raises(ValueError, match=r"is not a run directory: it has no manifest\.json"):
+        resume(data, tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a run's manifest"):
+        resume(data, tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something.else"}))
+    with pytest.raises(ValueError, match=r"Received: format='something\.else'"):
+        resume(data, tmp_path)
+
+    path = tmp_path / "run"
+    session = make_session(data, run_dir=path)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1))
+    session.close()
+    with pytest.raises(ValueError, match="holds a run already"):
+        make_session(data, run_dir=path)
+    with pytest.raises(ValueError, match="pass run_dir or checkpoint_dir, not both"):
+        make_session(data, run_dir=tmp_path / "other", checkpoint_dir=str(tmp_path / "ckpt"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        make_session(data, run_dir=tmp_path / "notes")
+    before = ftw.live_sessions()
+    other = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    with pytest.raises(ValueError, match="The model does not match the run"):
+        resume(data, path, model=other)
+    assert ftw.live_sessions() == before
+
+
+def test_a_lora_run_resumes_with_its_adapters_and_restores_an_epoch_from_before_them(
+    data, tmp_path
+):
+    path = tmp_path / "run"
+    session = make_session(data, run_dir=path)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1))
+    session.run(ftw.PhaseConfig(phase="finetune", unfreeze_depth=1, lora_rank=2, epochs=2))
+    session.restore_epoch(1)
+    at_epoch_1 = session.model.predict(data.x_val, verbose=0)
+    session.restore_epoch(3)
+    weights = values(session.model.variables)
+    session.close()
+
+    resumed = resume(data, path)  # model.keras holds no adapters: saving merged them
+    adapted = lora.adapted(resumed.base)
+    assert [(path, layer.lora_rank) for path, layer in adapted] == [("dense3", 2)]
+    assert same(values(resumed.model.variables), weights)
+    resumed.restore_epoch(1)  # from before the adapters: they add nothing
+    assert np.array_equal(resumed.model.predict(data.x_val, verbose=0), at_epoch_1)
+    resumed.close()
+
+
+def test_training_waits_for_the_writer_only_when_it_is_more_than_an_epoch_behind(
+    tmp_path, monkeypatch
+):
+    release, started = threading.Event(), threading.Event()
+    write = rundir.write_values
+
+    def slow(path, snapshot, paths):
+        started.set()
+        release.wait(WAIT)
+        return write(path, snapshot, paths)
+
+    monkeypatch.setattr(rundir, "write_values", slow)
+    writer = rundir.RunWriter(tmp_path / "run", "slow")
+    model = make_model()
+    snapshot = Snapshot("epoch", 0, tuple(values(model.variables)))
+    writer.keep(0, "epoch-0001", snapshot, model.variables)  # written now: stuck
+    assert started.wait(WAIT)
+    writer.keep(1, "epoch-0002", snapshot, model.variables)  # one behind: no wait
+    third = threading.Thread(target=writer.keep, args=(2, "epoch-0003", snapshot, model.variables))
+    third.start()
+    third.join(0.5)
+    assert third.is_alive(), "a writer two epochs behind must hold training back"
+    assert writer.read(1) is snapshot  # an epoch on its way to disk reads from memory
+    release.set()
+    third.join(WAIT)
+    assert not third.is_alive()
+    assert writer.flush(WAIT)
+    assert same(writer.read(2).values, snapshot.values)  # from disk, checked
+    writer.close()
+
+
+def test_a_failed_write_fails_the_phase_with_a_message_naming_the_run(data, tmp_path, monkeypatch):
+    def full(path, snapshot, paths):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir, "write_values", full)
+    session = make_session(data, run_dir=tmp_path / "run")
+    with pytest.raises(Exception, match=r"Writing the run directory .* failed: .*No space left"):
+        session.run(ftw.PhaseConfig(phase="head", epochs=3))
+    assert session.error is not None and "run directory" in session.error.message
+    session.close()
