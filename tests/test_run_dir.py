@@ -90,12 +90,12 @@ def test_a_damaged_newest_epoch_falls_back_to_the_one_before_with_a_warning(data
     records = session.history.to_records()
     second = kept_weights(session, 2)
     session.close()
-    newest = path / "epochs" / "epoch-0003.h5"
+    newest = path / "epochs" / "epoch-0003.arrays"
     raw = bytearray(newest.read_bytes())
     raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
     newest.write_bytes(bytes(raw))
 
-    with pytest.warns(ftw.RunDamagedWarning, match=r"epoch-0003\.h5 changed") as warned:
+    with pytest.warns(ftw.RunDamagedWarning, match=r"epoch-0003\.arrays changed") as warned:
         resumed = resume(data, path)
     assert "resumed from its commit at epoch 2" in str(warned[0].message)
     assert resumed.history.to_records() == records[:2]
@@ -165,14 +165,14 @@ def test_training_waits_for_the_writer_only_when_it_is_more_than_an_epoch_behind
     tmp_path, monkeypatch
 ):
     release, started = threading.Event(), threading.Event()
-    write = rundir.write_values
+    write = rundir.write_arrays
 
-    def slow(path, snapshot, paths):
+    def slow(*args):
         started.set()
         release.wait(WAIT)
-        return write(path, snapshot, paths)
+        return write(*args)
 
-    monkeypatch.setattr(rundir, "write_values", slow)
+    monkeypatch.setattr(rundir, "write_arrays", slow)
     writer = rundir.RunWriter(tmp_path / "run", "slow")
     model = make_model()
     snapshot = Snapshot("epoch", 0, tuple(values(model.variables)))
@@ -193,10 +193,10 @@ def test_training_waits_for_the_writer_only_when_it_is_more_than_an_epoch_behind
 
 
 def test_a_failed_write_fails_the_phase_with_a_message_naming_the_run(data, tmp_path, monkeypatch):
-    def full(path, snapshot, paths):
+    def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(rundir, "write_values", full)
+    monkeypatch.setattr(rundir, "write_arrays", full)
     session = make_session(data, run_dir=tmp_path / "run")
     with pytest.raises(Exception, match=r"Writing the run directory .* failed: .*No space left"):
         session.run(ftw.PhaseConfig(phase="head", epochs=3))

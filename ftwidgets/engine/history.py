@@ -62,8 +62,9 @@ class Marker:
     """Something that happened at a point of the run (for chart annotations).
 
     Attributes:
-        kind: ``"early_stop"``, ``"stop"``, ``"rollback"``, ``"failure"`` or
-            ``"learning_rate"``.
+        kind: ``"early_stop"``, ``"stop"``, ``"rollback"``, ``"failure"``,
+            ``"learning_rate"``, or ``"interrupted"`` (the process died; a resumed run
+            marks where its last complete epoch ended).
         x: position in epochs on the global axis: epoch ``n`` spans ``n - 1`` to ``n``.
         epoch: the global epoch it happened in (1-based).
         detail: a short human-readable description.

@@ -128,3 +128,6 @@ def _stop_sessions_at_exit(timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     for session in running:
         session.wait(max(0.0, deadline - time.monotonic()))
+    for session in live_sessions():
+        # What a run directory's writer holds is written before its thread dies.
+        session.flush(max(0.0, deadline - time.monotonic()))

@@ -202,14 +202,14 @@ def _adopt(session: FineTuneSession, run: _Run) -> None:
 
 
 def _end_interrupted_phase(history: History, steps: int) -> None:
-    """End a phase the process died in where its last complete epoch ended."""
+    """End a phase the process died in where its last complete epoch ended, marked."""
     phases = history.phases
     if not phases or phases[-1].end_epoch is not None:
         return
     epoch = history.next_epoch
     history.rate_trace.end_phase(steps)
     history.add_marker(
-        Marker("failure", epoch - 1, epoch - 1, f"the process died after epoch {epoch - 1}")
+        Marker("interrupted", epoch - 1, epoch - 1, f"the process died after epoch {epoch - 1}")
     )
     history.end_phase(epoch, PhaseEnd.INTERRUPTED)
 

@@ -56,6 +56,7 @@ class RunKeeper:
         self._optimizer: tuple[list[str], list[np.ndarray]] | None = None
         self._busy = False  # a phase or a search runs: state waits for the next epoch
         self._last_key: int | None = None  # the last epoch kept
+        self._searches: dict[int, dict[str, Any]] = {}  # an ended search's JSON, by id
 
     @property
     def path(self) -> Any:
@@ -121,7 +122,7 @@ class RunKeeper:
             "tracking": run_state.tracking_to_json(ctx.tracker.config),
             "early_stopping": None if stopping is None else init_fields(stopping),
             "notes": run_state.notes_to_json(reversed(session.advice())),
-            "searches": [run_state.search_to_json(s) for s in session.searches if s.done],
+            "searches": [self._search(s) for s in session.searches if s.done],
             "steps": steps,
             "learned_steps": ctx.learned_steps,
             "adapters": [
@@ -130,6 +131,13 @@ class RunKeeper:
             "settings": session_settings(session),
         }
         return Commit(state, history.batches.columns(), self._optimizer, weights_key, weights)
+
+    def _search(self, search: Any) -> dict[str, Any]:
+        # An ended search does not change: its curves are turned to JSON once.
+        row = self._searches.get(id(search))
+        if row is None:
+            row = self._searches[id(search)] = run_state.search_to_json(search)
+        return row
 
     def close(self) -> None:
         """Write what is left and end the writer."""

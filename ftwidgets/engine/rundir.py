@@ -3,21 +3,25 @@
 Layout (format ``ftwidgets.run``, version 1)::
 
     runs/my-run/
-      manifest.json          what the run is, its best, its last commits (readable JSON)
-      model.keras            the model as the session got it, written once
-      epochs/epoch-0007.h5   each kept epoch's variables, with their paths
-      commits/000012.h5      the session at a moment: its state as JSON (history, best,
-                             notes, searches, settings), the per-batch trace, the
-                             optimizer's variables, and the model's own variables where
-                             they are no kept epoch's (after a Stop, say)
+      manifest.json            what the run is, its best, its last commits (readable)
+      model.keras              the model as the session got it, written once
+      epochs/epoch-0007.arrays each kept epoch's variables, with their paths
+      commits/000012.arrays    the session at a moment: its state as JSON (history,
+                               best, notes, searches, settings), the per-batch trace,
+                               the optimizer's variables, and the model's own variables
+                               where they are no kept epoch's (after a Stop, say)
+
+Each ``.arrays`` file is a JSON header and raw arrays (``ftwidgets.engine.array_files``).
 
 `RunWriter` writes it on a thread of its own from host copies the model's thread made,
 so training never waits for the disk unless the writer falls more than one epoch
-behind. Every file is written under a temporary name, flushed and renamed, and the
-manifest is renamed last: it only ever names complete files, so a kill at any instant
-leaves the last commit readable. The manifest keeps the newest commits on `KEEP_WEIGHTS`
-different weights, and `read_run` falls back past a commit whose files were damaged
-since, with a warning that names what it skipped.
+behind. Every file is written under a temporary name and renamed, and the manifest is
+renamed last: it only ever names complete files, so a process killed at any instant
+leaves the last commit readable. Against a power cut, the files are flushed to the disk
+(``fsync``) before a manifest that names them, at most every `SYNC_SECONDS`, and at
+`RunWriter.flush`; a file torn all the same fails its SHA-256. The manifest keeps the
+newest commits on `KEEP_WEIGHTS` different weights, and `read_run` falls back past a
+commit whose files were damaged since, with a warning that names what it skipped.
 
 Example:
 
@@ -44,22 +48,22 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from ftwidgets.engine.history import History
-from ftwidgets.engine.snapshot_files import (
+from ftwidgets.engine.array_files import (
     commit_file,
-    put_values,
-    read_values,
-    sha256,
-    write_values,
+    file_sha256,
+    read_arrays,
+    sync_files,
+    write_arrays,
 )
+from ftwidgets.engine.history import History
 from ftwidgets.engine.snapshots import Snapshot
 
 __all__ = [
     "FORMAT",
     "KEEP_WEIGHTS",
+    "SYNC_SECONDS",
     "RunContents",
     "RunDamagedWarning",
     "RunInfo",
@@ -77,6 +81,9 @@ MODEL = "model.keras"
 # The newest commits kept, each on other weights than the next: a newest one damaged
 # since falls back to the one before.
 KEEP_WEIGHTS = 3
+# The most seconds between two flushes to the disk: fsync cost 6 ms a file here, more
+# than writing the file, and a process killed loses nothing renamed into place anyway.
+SYNC_SECONDS = 5.0
 _SUFFIX = re.compile(r"_\d+$")
 
 
@@ -175,6 +182,9 @@ class RunWriter:
         self._pending: dict[int, Snapshot] = {}  # kept epochs not on disk yet
         self._epochs_behind = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._unsynced: list[Path] = []  # files renamed into place but not flushed
+        self._sync_at = 0.0
+        self._manifest_synced = True
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="ftwidgets-run-writer", daemon=True)
         self._thread.start()
@@ -182,7 +192,12 @@ class RunWriter:
     # -- the model's thread --------------------------------------------------------
     def save_model(self, model: Any) -> None:
         """Write the model, once, as ``model.keras`` (its settings and weights)."""
-        digest = commit_file(self.path / MODEL, lambda partial: model.save(partial))
+
+        def save(partial: Path) -> str:
+            model.save(partial)
+            return file_sha256(partial)
+
+        digest = commit_file(self.path / MODEL, save)
         parameters = int(model.count_params()) if model.built else None
         self._model = {"name": model.name, "file": MODEL, "sha256": digest}
         self._model["parameters"] = parameters
@@ -201,7 +216,7 @@ class RunWriter:
                 self._lock.wait()
             self._epochs_behind += 1
             self._pending[epoch] = snapshot
-        self._queue.put(("epoch", epoch, f"epochs/{stem}.h5", snapshot, layout))
+        self._queue.put(("epoch", epoch, f"epochs/{stem}.arrays", snapshot, layout))
 
     def commit(self, commit: Commit) -> None:
         """Write the session's state after the epochs handed over before it."""
@@ -221,7 +236,7 @@ class RunWriter:
         entry = self._kept.get(epoch)
         if entry is None:
             raise ValueError(f"Epoch key {epoch} was never written to {str(self.path)!r}.")
-        return _read_checked(self.path, entry["file"], entry["sha256"], epoch)[0]
+        return _read_weights(self.path, entry["file"], entry["sha256"], epoch)[0]
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything handed over is on disk; True if it is.
@@ -263,6 +278,10 @@ class RunWriter:
         while (task := self._queue.get()) is not None:
             try:
                 if task[0] == "flush":
+                    if self.error is None and not self._manifest_synced:
+                        self._sync()
+                        sync_files([self.path / MANIFEST, self.path])
+                        self._manifest_synced = True
                     task[1].set()
                 elif self.error is None:
                     self._write(task)
@@ -277,22 +296,23 @@ class RunWriter:
     def _write(self, task: tuple[Any, ...]) -> None:
         if task[0] == "epoch":
             _, epoch, name, snapshot, layout = task
-            digest = write_values(self.path / name, snapshot, self._layouts[layout])
+            header = {"label": snapshot.label, "paths": self._layouts[layout]}
+            digest = write_arrays(self.path / name, header, {"weights": snapshot.values}, False)
+            self._unsynced.append(self.path / name)
             with self._lock:
                 self._kept[epoch] = {"file": name, "sha256": digest, "layout": layout}
                 self._pending.pop(epoch, None)
             return
         commit: Commit = task[1]
         self._seq += 1
-        name = f"commits/{self._seq:06d}.h5"
+        name = f"commits/{self._seq:06d}.arrays"
         state = {
             **commit.state,
             "kept": {str(k): v for k, v in self._kept.items()},
             "layouts": self._layouts,
         }
-        digest = commit_file(
-            self.path / name, lambda partial: _write_commit(partial, commit, state)
-        )
+        digest = _write_commit(self.path / name, commit, state)
+        self._unsynced.append(self.path / name)
         if commit.weights is not None:
             weights = {"weights": name, "weights_sha256": digest}
         elif commit.weights_key is not None and commit.weights_key in self._kept:
@@ -307,10 +327,21 @@ class RunWriter:
         entry["written"] = _now()
         self._weights = entry
         self._commits = _retained([*self._commits, entry])
-        self._write_manifest(state)
+        due = time.monotonic() >= self._sync_at
+        if due:
+            self._sync()
+        self._write_manifest(state, sync=due)
         self._remove_unlisted()
 
-    def _write_manifest(self, state: dict[str, Any]) -> None:
+    def _sync(self) -> None:
+        """Flush the files written since the last time, and their folders, to the disk:
+        the manifest written next names nothing a power cut could lose."""
+        written = [path for path in self._unsynced if path.exists()]
+        sync_files([*written, self.path / "epochs", self.path / "commits"])
+        self._unsynced.clear()
+        self._sync_at = time.monotonic() + SYNC_SECONDS
+
+    def _write_manifest(self, state: dict[str, Any], sync: bool) -> None:
         history = state.get("history", {})
         complete = [e for e in history.get("epochs", []) if not e.get("partial")]
         manifest = {
@@ -326,26 +357,26 @@ class RunWriter:
             "commits": self._commits,
         }
         text = json.dumps(manifest, indent=1)
-        commit_file(self.path / MANIFEST, lambda partial: partial.write_text(text))
+        commit_file(self.path / MANIFEST, lambda partial: partial.write_text(text), sync)
+        self._manifest_synced = sync
 
     def _remove_unlisted(self) -> None:
         listed = {c["state"] for c in self._commits} | {c["weights"] for c in self._commits}
-        for path in (self.path / "commits").glob("*.h5"):
+        for path in (self.path / "commits").glob("*.arrays"):
             if f"commits/{path.name}" not in listed:
                 path.unlink(missing_ok=True)
 
 
-def _write_commit(path: Path, commit: Commit, state: dict[str, Any]) -> None:
-    with h5py.File(path, "w") as f:
-        f.attrs["state"] = json.dumps(state)
-        f.create_dataset("batches", data=commit.batches)
-        if commit.optimizer is not None:
-            group = f.create_group("optimizer")
-            group.attrs["paths"] = json.dumps(commit.optimizer[0])
-            for i, value in enumerate(commit.optimizer[1]):
-                group.create_dataset(str(i), data=value)
-        if commit.weights is not None:
-            put_values(f, *commit.weights)
+def _write_commit(path: Path, commit: Commit, state: dict[str, Any]) -> str:
+    header: dict[str, Any] = {"state": state}
+    arrays = {"batches": [commit.batches]}
+    if commit.optimizer is not None:
+        header["optimizer_paths"], arrays["optimizer"] = commit.optimizer
+    if commit.weights is not None:
+        snapshot, header["paths"] = commit.weights
+        header["label"] = snapshot.label
+        arrays["weights"] = list(snapshot.values)
+    return write_arrays(path, header, arrays)
 
 
 def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -445,23 +476,17 @@ def read_run(path: str | PathLike[str]) -> RunContents:
 
 
 def _read_commit(path: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> RunContents:
-    name, expected = entry["state"], entry["state_sha256"]
-    _check_sha(path / name, expected)
-    with h5py.File(path / name, "r") as f:
-        state = json.loads(f.attrs["state"])
-        batches = np.array(f["batches"])
-        optimizer = None
-        if "optimizer" in f:
-            group = f["optimizer"]
-            optimizer = (
-                json.loads(group.attrs["paths"]),
-                [np.array(group[str(i)]) for i in range(len(group))],
-            )
+    header, arrays = _read_file(path, entry["state"], entry["state_sha256"])
+    optimizer = None
+    if "optimizer" in arrays:
+        optimizer = (header["optimizer_paths"], arrays["optimizer"])
     if entry["weights"] == MODEL:
         weights = None  # the model as written: nothing to assign
     else:
-        weights = _read_checked(path, entry["weights"], entry["weights_sha256"], None)
-    contents = RunContents(path, manifest, state, batches, optimizer, weights)
+        weights = _read_weights(path, entry["weights"], entry["weights_sha256"], None)
+    contents = RunContents(
+        path, manifest, header["state"], arrays["batches"][0], optimizer, weights
+    )
     contents.manifest = {**manifest, "commits": _through(manifest, entry)}
     return contents
 
@@ -471,27 +496,24 @@ def _through(manifest: dict[str, Any], entry: dict[str, Any]) -> list[dict[str, 
     return commits[: commits.index(entry) + 1]
 
 
-def _check_sha(file: Path, expected: str | None) -> None:
+def _read_file(
+    path: Path, name: str, expected: str
+) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
+    file = path / name
     if not file.is_file():
-        raise ValueError(f"{file.name} is missing")
-    if expected is not None and sha256(file) != expected:
-        raise ValueError(f"{file.name} changed since it was written (its SHA-256 differs)")
+        raise ValueError(f"{name} is missing")
+    try:
+        return read_arrays(file, expected)
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{name} cannot be read: {exc}") from exc
 
 
-def _read_checked(
+def _read_weights(
     path: Path, name: str, expected: str, epoch: int | None
 ) -> tuple[Snapshot, list[str]]:
-    file = path / name
-    try:
-        _check_sha(file, expected)
-        snapshot, paths = read_values(file, epoch)
-    except (OSError, KeyError) as exc:
-        raise ValueError(f"{name} cannot be read: {exc}") from exc
-    except ValueError as exc:
-        raise ValueError(f"{str(file)!r}: {exc}") from exc
-    if paths is None or len(paths) != len(snapshot.values):
-        raise ValueError(f"{name} lists no paths for its {len(snapshot.values)} values")
-    return snapshot, paths
+    header, arrays = _read_file(path, name, expected)
+    values = tuple(arrays["weights"])
+    return Snapshot(header["label"], epoch, values), header["paths"]
 
 
 def match_variables(paths: Sequence[str], variables: Sequence[Any]) -> tuple[int, ...]:

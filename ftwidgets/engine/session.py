@@ -370,6 +370,15 @@ class FineTuneSession(Training):
             )
         return lora.save_lora_weights(self._ctx.base, path)
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the run directory (``run_dir=``) holds everything handed to it so
+        far; True if it does (always, without one).
+
+        Raises:
+            OSError: if writing it failed, naming why.
+        """
+        return self._ctx.run is None or self._ctx.run.writer.flush(timeout)
+
     # -- the end -----------------------------------------------------------------
     def close(self) -> None:
         """Stop any running job, wait for it, and forget this session.

@@ -3,12 +3,9 @@ reads them, with every variable (the seed generators' state too) beside them."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,16 +15,7 @@ import numpy as np
 if TYPE_CHECKING:
     from ftwidgets.engine.snapshots import Snapshot
 
-__all__ = [
-    "commit_file",
-    "publish",
-    "put_values",
-    "read_snapshot",
-    "read_values",
-    "sha256",
-    "write_snapshot",
-    "write_values",
-]
+__all__ = ["publish", "read_snapshot", "write_snapshot"]
 
 _STATE_GROUP = "ftwidgets_state"  # every variable in model.variables order, seed state too
 
@@ -52,59 +40,6 @@ def write_snapshot(model, path: Path, snapshot: Snapshot) -> None:
         _commit(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-
-
-def write_values(path: Path, snapshot: Snapshot, paths: Sequence[str]) -> str:
-    """Write a snapshot's values alone, with their variables' paths, atomically (no
-    model needed: another thread writes while the model trains). `read_snapshot`
-    reads it.
-
-    Returns:
-        The file's SHA-256, hex.
-    """
-
-    def write(partial: Path) -> None:
-        with h5py.File(partial, "w") as f:
-            put_values(f, snapshot, paths)
-
-    return commit_file(path, write)
-
-
-def put_values(f: h5py.File, snapshot: Snapshot, paths: Sequence[str]) -> None:
-    """Put a snapshot's values, with their variables' paths, in an open file (where
-    `read_values` finds them)."""
-    group = f.create_group(_STATE_GROUP)
-    group.attrs["label"] = snapshot.label
-    group.attrs["paths"] = json.dumps(list(paths))
-    for i, value in enumerate(snapshot.values):
-        group.create_dataset(str(i), data=value)
-
-
-def commit_file(path: Path, write: Callable[[Path], None]) -> str:
-    """Make ``path`` with ``write(partial)`` under a unique hidden name, flush it to
-    disk and rename it: a reader never sees a partial file.
-
-    Returns:
-        The file's SHA-256, hex.
-    """
-    # The name keeps its suffix: Keras saves a model only to a name ending in ".keras".
-    partial = path.with_name(f".{uuid.uuid4().hex}.{path.name}")
-    try:
-        write(partial)
-        digest = sha256(partial)
-        _commit(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return digest
-
-
-def sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def publish(source: Path, path: Path) -> None:
@@ -139,18 +74,11 @@ def _commit(partial: Path, path: Path) -> None:
 
 
 def read_snapshot(path: Path, epoch: int | None) -> Snapshot:
-    """Read a snapshot that `write_snapshot` or `write_values` wrote."""
-    return read_values(path, epoch)[0]
-
-
-def read_values(path: Path, epoch: int | None) -> tuple[Snapshot, list[str] | None]:
-    """A snapshot that `write_snapshot` or `write_values` wrote, and its variables'
-    paths where the file has them."""
+    """Read a snapshot that `write_snapshot` wrote."""
     with h5py.File(path, "r") as f:
         group = f[_STATE_GROUP]
         values = tuple(np.array(group[str(i)]) for i in range(len(group)))
         label = str(group.attrs.get("label", path.name))
-        paths = json.loads(group.attrs["paths"]) if "paths" in group.attrs else None
     from ftwidgets.engine.snapshots import Snapshot  # the snapshots module imports this one
 
-    return Snapshot(label, epoch, values), paths
+    return Snapshot(label, epoch, values)

@@ -32,6 +32,7 @@ MARKER_STYLES = {
     "stop": ("#7f7f7f", "stop"),
     "rollback": ("#9467bd", "rollback"),
     "failure": ("#d62728", "failure"),
+    "interrupted": ("#8c564b", "interrupted"),
 }
 # The halo around each restorable epoch's point.
 RING_OPACITY = 0.3
