@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -149,6 +150,36 @@ def make_panel(data, model, epochs: int) -> ftw.FineTunePanel:
         epochs=epochs,
         progress_interval=0.0,
     )
+
+
+def interrupted_run(data, folder: Path, epochs: int = 4, died_after: int = 2, **kwargs):
+    """A run directory as a kernel that died in a phase leaves it: a real session on the
+    demo model runs a phase of ``epochs`` with ``run_dir=``, pauses after epoch
+    ``died_after`` once that epoch is on disk, and its directory is copied then (the
+    phase still open in the copy). Returns the copy, ``folder / "died"``, and the
+    epochs the session had recorded when it was copied."""
+    keras.utils.set_random_seed(0)
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    session = make_session(data, model, run_dir=folder / "live", progress_interval=0.0, **kwargs)
+    paused = threading.Event()
+
+    def listener(event):
+        if isinstance(event, ev.EpochEnded) and event.record.epoch == died_after:
+            session.pause()
+        if isinstance(event, ev.StateChanged) and event.state == "paused":
+            paused.set()
+
+    session.on_event(listener)
+    session.start(ftw.PhaseConfig(phase="head", epochs=epochs, batch_size=16))
+    assert paused.wait(WAIT)
+    session._ctx.run.writer.flush()
+    shutil.copytree(folder / "live", folder / "died")
+    recorded = session.history.epochs
+    session.stop()
+    session.resume()
+    assert session.wait(WAIT)
+    session.close()
+    return folder / "died", recorded
 
 
 def values(variables) -> list[np.ndarray]:

@@ -32,6 +32,7 @@ from ftwidgets.engine.events import (
     Failure,
     LearningRateChanged,
     NewBest,
+    PhaseEnd,
     PhaseEnded,
     PhaseStarted,
     RolledBack,
@@ -44,7 +45,7 @@ from ftwidgets.engine.events import (
 from ftwidgets.frontend import telemetry
 from ftwidgets.ui.format import session_repr, status_markup, status_text
 from ftwidgets.ui.magics import session_status
-from ftwidgets.ui.view import SessionView, fold
+from ftwidgets.ui.view import PhaseView, SessionView, fold
 
 
 def fold_all(view, events):
@@ -240,6 +241,23 @@ def test_a_failure_is_shown_on_one_line_and_sent_to_the_lab_extension():
     assert telemetry.card_of(view, None, has_panel=False)["error"] == failure.message
     # A new phase clears it.
     assert fold(view, replace(HEAD, index=1)).error is None
+
+
+@pytest.mark.unit
+def test_a_phase_the_kernel_died_in_says_so_and_the_run_dir_is_named():
+    # As SessionView.of reads a resumed run: its last phase ended "interrupted".
+    phase = PhaseView(0, "head", 1, 5, ran=2, full=2, reason=PhaseEnd.INTERRUPTED)
+    view = replace(START, phase=phase, phases=1, run_dir="runs/digits")
+    said = "interrupted: the kernel died; resumed after epoch 2"
+    text = status_text(view)
+    assert f"head phase · 2/5 epochs run · {said} · " in text
+    assert text.endswith(" · run dir runs/digits")
+    line = plain(status_markup(view))
+    assert said in line and line.endswith(" · run dir runs/digits")
+    # While the next phase trains, its own epochs are the news.
+    running = replace(view, state="running", phase=replace(phase, reason=None))
+    assert "interrupted" not in status_text(running)
+    assert "interrupted" not in plain(status_markup(running))
 
 
 @pytest.mark.unit

@@ -17,6 +17,7 @@ import numpy as np
 
 from ftwidgets.engine.events import EpochEnded, Event, PhaseEnded, RolledBack
 from ftwidgets.engine.history import History
+from ftwidgets.engine.rundir import RunInfo, runs
 from ftwidgets.ui.charts import TrainingCharts
 from ftwidgets.ui.widget_tree import close_tree
 
@@ -104,9 +105,11 @@ class RunComparison(widgets.VBox):
         self.add_class("ftwidgets-comparison")
 
     def add(self, other: Any, label: str | None = None) -> ComparedRun:
-        """Overlay ``other``: a ``FineTuneSession``, a ``History`` or a path to a saved one.
+        """Overlay ``other``: a ``FineTuneSession``, a ``History`` or a path to a saved one,
+        or a run on disk: its run directory, or a ``RunInfo`` from ``ftwidgets.runs``.
 
-        A live session's curves follow it as it trains.
+        A live session's curves follow it as it trains; a run on disk is read once
+        (its newest whole commit), and labelled by its folder's name.
 
         Raises:
             ValueError: for anything else, or a label already used.
@@ -273,18 +276,34 @@ def best_of(history: History, monitor: str, mode: str) -> tuple[int, float, int]
 def _history_of(other: Any) -> tuple[History, Any]:
     if isinstance(other, History):
         return other, None
+    if isinstance(other, RunInfo):
+        return other.history(), None
+    if isinstance(other, str | os.PathLike) and Path(other).is_dir():
+        return _run_at(Path(other)).history(), None
     if isinstance(other, str | os.PathLike):
         return History.load(other), None
     history = getattr(other, "history", None)
     if isinstance(history, History) and callable(getattr(other, "on_event", None)):
         return history, other
     raise ValueError(
-        "compare() takes a FineTuneSession, a History or the path of a saved History. "
-        f"Received: {type(other).__name__}"
+        "compare() takes a FineTuneSession, a History, the path of a saved History, a run "
+        f"directory or a RunInfo (ftwidgets.runs). Received: {type(other).__name__}"
     )
 
 
+def _run_at(folder: Path) -> RunInfo:
+    found = [run for run in runs(folder) if run.path == folder]
+    if not found:
+        raise ValueError(
+            "compare() takes a run directory (one a session's run_dir= wrote), and this "
+            f"folder has no manifest. Received: {str(folder)!r}"
+        )
+    return found[0]
+
+
 def _default_label(other: Any, history: History, index: int) -> str:
+    if isinstance(other, RunInfo):
+        return other.path.name
     if isinstance(other, str | os.PathLike):
         return Path(other).stem
     name = getattr(other, "name", None)

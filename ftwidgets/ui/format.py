@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ftwidgets.ui.view import SessionView
+    from ftwidgets.ui.view import PhaseView, SessionView
 
 __all__ = [
     "finite",
     "format_duration",
     "format_rate",
+    "interrupted",
     "one_line",
     "session_repr",
     "status_markup",
@@ -135,6 +136,8 @@ def status_markup(view: SessionView, preparing: str | None = None) -> str:
             )
         if (trains := _trains(view)) is not None:
             parts.append(trains)
+        if not view.training and (ended := interrupted(phase)) is not None:
+            parts.append(html.escape(ended))
     if view.holds is not None and not view.training:
         where = f" of {view.holds_branch}" if view.holds_branch else ""
         parts.append(f"model holds epoch {view.holds}{html.escape(where)}")
@@ -149,6 +152,8 @@ def status_markup(view: SessionView, preparing: str | None = None) -> str:
             parts.append(f"{view.since_best}/{view.patience} epochs without improvement")
     if view.device:
         parts.append(html.escape(view.device))
+    if view.run_dir is not None:
+        parts.append(f"run dir <code>{html.escape(view.run_dir)}</code>")
     line = " · ".join(parts)
     # One line: a line that wrapped as its numbers grew moved everything below it.
     text = (
@@ -181,6 +186,22 @@ def _trains(view: SessionView) -> str | None:
 def _plain(markup: str) -> str:
     """The text of markup whose parts are escaped already."""
     return html.unescape(_TAG.sub("", markup))
+
+
+def interrupted(phase: PhaseView) -> str | None:
+    """The words for a phase the kernel died in (``PhaseEnd.INTERRUPTED``), else None.
+
+    Example:
+
+    >>> from ftwidgets.ui.view import PhaseView
+    >>> interrupted(PhaseView(0, "head", 1, 5, ran=2, full=2, reason="interrupted"))
+    'interrupted: the kernel died; resumed after epoch 2'
+    >>> interrupted(PhaseView(0, "head", 1, 5, ran=5, full=5, reason="completed")) is None
+    True
+    """
+    if phase.reason != "interrupted":
+        return None
+    return f"interrupted: the kernel died; resumed after epoch {phase.run_epoch(training=False)}"
 
 
 def status_text(view: SessionView, name: str | None = None) -> str:
@@ -218,6 +239,8 @@ def status_text(view: SessionView, name: str | None = None) -> str:
             )
         else:
             parts.append(f"{phase.ran}/{phase.epochs} epochs run")
+            if (ended := interrupted(phase)) is not None:
+                parts.append(ended)
         rate = None if view.learning_rate is None else finite(view.learning_rate)
         parts.append(f"lr {'-' if rate is None else format_rate(rate)}")
     best = view.best
@@ -229,6 +252,8 @@ def status_text(view: SessionView, name: str | None = None) -> str:
         parts.append(
             f"error: {one_line(view.error.message) or type(view.error.exception).__name__}"
         )
+    if view.run_dir is not None:
+        parts.append(f"run dir {view.run_dir}")
     label = f"{view.name} ({name})" if name else view.name
     return f"{label}: {' · '.join(parts)}"
 

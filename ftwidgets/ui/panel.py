@@ -15,6 +15,7 @@ and every button's state are drawn by the parts' ``render(view)`` from one
 from __future__ import annotations
 
 import html
+import os
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from ftwidgets.ui.compare import ComparedRun, RunComparison
 from ftwidgets.ui.controls import PhaseControls
 from ftwidgets.ui.errors import ErrorArea, training_elsewhere
 from ftwidgets.ui.live import LiveView
+from ftwidgets.ui.panel_parts import expose_parts
 from ftwidgets.ui.run_buttons import RunButtons
 from ftwidgets.ui.search_chart import SearchChart
 from ftwidgets.ui.status import StatusView
@@ -46,25 +48,7 @@ from ftwidgets.ui.widget_tree import close_tree
 __all__ = ["FineTunePanel"]
 
 
-# The parts' widgets (and the rate) that are the panel's documented attributes too:
-# ``panel.phase`` is ``panel.controls.phase``, the same widget.
-_PARTS = {
-    "controls": "phase learning_rate learning_rate_text learning_rate_value find_lr_button "
-    "use_lr_button unfreeze_unit unfreeze_depth depth_info keep_batchnorm_frozen epochs "
-    "batch_size optimizer dropout stream_batches freeze_map lora_rank base_learning_rate "
-    "layer_decay schedule warmup",
-    "stopping": "early_stopping monitor mode patience min_delta restore_best start_from_epoch",
-    "run_buttons": "start_button pause_button stop_button",
-    "time_travel": "rollback_button best_button",
-    "status_view": "status progress",
-    "error_area": "error_message error_details",
-}
-
-
-def _part(part: str, name: str) -> property:
-    return property(lambda self: getattr(getattr(self, part), name), doc=f"``{part}.{name}``")
-
-
+@expose_parts
 class FineTunePanel(widgets.VBox):
     """A control panel that steers fine-tuning and shows it live.
 
@@ -93,9 +77,9 @@ class FineTunePanel(widgets.VBox):
         session: wrap an existing ``FineTuneSession`` instead of creating one.
         epochs: the initial epochs per phase.
         batch_size: the initial batch size.
-        **session_kwargs: passed to ``FineTuneSession`` (``name``,
-            ``validation_split``, ``checkpoint_dir``, ``callbacks``,
-            ``class_weight``...). The title line shows the session's name.
+        **session_kwargs: passed to ``FineTuneSession`` (``name``, ``run_dir``,
+            ``validation_split``, ``callbacks``, ``class_weight``...). The title line
+            shows the session's name. `resume` makes a panel on a run directory.
 
     Example:
 
@@ -176,6 +160,26 @@ class FineTunePanel(widgets.VBox):
             self.coach.show(session.advice())
         self._live.request(force=True)
         self._warm_up.schedule()
+
+    @classmethod
+    def resume(
+        cls, run_dir: str | os.PathLike[str], train: Any, validation: Any = None, *,
+        epochs: int | None = None, batch_size: int | None = None, **settings: Any,
+    ) -> FineTunePanel:  # fmt: skip
+        """A panel on a run carried on from its directory (``FineTuneSession.resume``):
+        its charts show the whole run at once; its next phase continues the epoch count
+        and goes on writing ``run_dir``. ``epochs`` and ``batch_size`` start as the run's
+        last phase had them; ``settings`` go to ``FineTuneSession.resume``."""
+        session = FineTuneSession.resume(run_dir, train, validation, **settings)
+        spans = [span.config for span in session.history.phases if span.config is not None]
+        last = spans[-1] if spans else PhaseConfig(epochs=30, batch_size=16)
+        epochs = last.epochs if epochs is None else epochs
+        batch_size = last.batch_size if batch_size is None else batch_size
+        try:
+            return cls(session=session, epochs=epochs, batch_size=batch_size)
+        except BaseException:
+            session.close()
+            raise
 
     # -- construction -------------------------------------------------------------
     def _build_layout(self) -> None:
@@ -263,9 +267,10 @@ class FineTunePanel(widgets.VBox):
         """Overlay another run on the charts, with a row in the comparison table
         (its best epoch and value, and its settings that differ from this run's).
 
-        ``other`` is a ``FineTuneSession`` (followed live), a ``History`` or the
-        path of one saved with ``history.save(path)``; ``label`` names it in the
-        legend and table (default: the session's or the file's name). Returns the
+        ``other`` is a ``FineTuneSession`` (followed live), a ``History``, the path
+        of one saved with ``history.save(path)``, or a run on disk: its ``run_dir``
+        or a ``RunInfo`` from ``ftwidgets.runs``; ``label`` names it in the legend
+        and table (default: the session's name, or the file's or folder's). Returns the
         overlay (``.visible``, ``.toggle``, ``.marks``); see ``RunComparison.add``.
 
         Raises:
@@ -391,8 +396,3 @@ class FineTunePanel(widgets.VBox):
 
     def __repr__(self) -> str:
         return f"<FineTunePanel {self.session!r}>"
-
-
-for _owner, _names in _PARTS.items():
-    for _name in _names.split():
-        setattr(FineTunePanel, _name, _part(_owner, _name))

@@ -194,6 +194,7 @@ class SessionView:
         notes: the coach's notes, newest first; each carries its actions.
         error: the last failure, if the session failed.
         notice: one sentence on what just happened ("Phase complete.").
+        run_dir: the run directory the session writes (``run_dir=``), or None.
 
     Example:
 
@@ -226,6 +227,7 @@ class SessionView:
     notes: tuple[Note, ...] = ()
     error: Failure | None = None
     notice: str = ""
+    run_dir: str | None = None
 
     @property
     def training(self) -> bool:
@@ -306,6 +308,8 @@ class SessionView:
         """
         history = session.history
         status = session.phase
+        if status is None and history.phases and history.phases[-1].config is not None:
+            status = history.phases[-1]  # a resumed run's last phase, as it ended
         phase = None
         if status is not None:
             folded = None if events is None else events.phase
@@ -349,6 +353,7 @@ class SessionView:
             notes=tuple(session.advice()),
             error=session.error,
             notice="" if events is None else events.notice,
+            run_dir=None if session.run_dir is None else str(session.run_dir),
         )
 
 

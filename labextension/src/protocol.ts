@@ -39,7 +39,8 @@ export type Outcome =
   | 'stopped'
   | 'callback'
   | 'rolled_back'
-  | 'failed';
+  | 'failed'
+  | 'interrupted';
 
 /** A command to the kernel as a whole: say hello, or stop every session. */
 export type KernelAction = 'hello' | 'stop_all';
