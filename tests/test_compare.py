@@ -14,7 +14,7 @@ from ftwidgets.ui.compare import RunComparison, best_of
 pytestmark = pytest.mark.widgets
 
 
-def trained(data, dropout: float, epochs: int = 3) -> ftw.FineTuneSession:
+def trained(data, dropout: float, epochs: int = 3, **kwargs) -> ftw.FineTuneSession:
     keras_model = ftw.build_transfer_model(
         ftw.demo.pretrained_base(), num_classes=5, dropout=dropout
     )
@@ -24,6 +24,7 @@ def trained(data, dropout: float, epochs: int = 3) -> ftw.FineTuneSession:
         validation=(data.x_val, data.y_val),
         metrics=["accuracy"],
         name=f"dropout-{dropout}",
+        **kwargs,
     )
     session.run(ftw.PhaseConfig(phase="head", epochs=epochs, batch_size=16))
     return session
@@ -69,6 +70,38 @@ def test_compare_overlays_a_saved_run_with_its_own_legend_toggle_and_table(data,
             panel.compare(path)
         with pytest.raises(ValueError, match="Received: int"):
             panel.compare(42)
+    finally:
+        panel.close()
+
+
+def test_compare_overlays_runs_on_disk_by_their_directory_or_their_run_info(data, tmp_path):
+    folder = tmp_path / "runs"
+    recorded = {}
+    for dropout, epochs in ((0.5, 3), (0.2, 2)):
+        other = trained(data, dropout, epochs, run_dir=folder / f"dropout-{dropout}")
+        recorded[dropout] = other.history.epochs
+        other.close()  # waits for the run's writer
+    model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5, dropout=0.3)
+    panel = make_panel(data, model, epochs=2)
+    try:
+        by_dir = panel.compare(folder / "dropout-0.5")
+        (info,) = [run for run in ftw.runs(folder) if run.path.name == "dropout-0.2"]
+        by_info = panel.compare(info)
+        assert (by_dir.label, by_info.label) == ("dropout-0.5", "dropout-0.2")
+        for run, epochs in ((by_dir, recorded[0.5]), (by_info, recorded[0.2])):
+            loss = run.marks["loss"]
+            np.testing.assert_array_equal(loss.x, [r.epoch for r in epochs])
+            expected = [[r.logs[name] for r in epochs] for name in ("loss", "val_loss")]
+            np.testing.assert_array_equal(loss.y, np.asarray(expected, dtype=np.float32))
+        # The table lists each run's best, as its manifest has it.
+        best = info.best
+        table = panel.comparison.table.value
+        assert f"dropout-0.2</td><td>{best['epoch']}</td><td>{best['value']:.4g}</td>" in table
+        assert "model head_dropout rate: 0.2" in table
+        # A path given as text works too.
+        assert panel.compare(str(folder / "dropout-0.5"), label="again").marks["loss"].x.size == 3
+        with pytest.raises(ValueError, match=r"has no manifest\. Received: '.*runs'"):
+            panel.compare(folder)  # a folder of runs, not a run
     finally:
         panel.close()
 

@@ -305,7 +305,8 @@ def _default_label(other: Any, history: History, index: int) -> str:
     if isinstance(other, RunInfo):
         return other.path.name
     if isinstance(other, str | os.PathLike):
-        return Path(other).stem
+        path = Path(other)
+        return path.name if path.is_dir() else path.stem  # a run dir's name keeps its dots
     name = getattr(other, "name", None)
     return name if isinstance(name, str) else history.model_name or f"run {index + 1}"
 
