@@ -13,8 +13,9 @@ import threading
 import keras
 import nbclient
 import nbformat
+import numpy as np
 import pytest
-from helpers import hold_compile, make_session
+from helpers import hold_compile, interrupted_run, make_session
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
@@ -255,6 +256,19 @@ BAD_LINES = {
         FINETUNE + " --fine-tune 1 --lr-mult 0.5",
         "lr_mult must be a number >= 1. Received: lr_mult=0.5",
     ),
+    "no MODEL and no --resume": (
+        "%finetune --train data.x_train data.y_train",
+        "name a MODEL, or --resume PATH. Received: '--train data.x_train data.y_train'",
+    ),
+    "--resume and --run-dir": (
+        "%finetune --resume runs/a --run-dir runs/b --train data.x_train data.y_train",
+        "a resumed run goes on writing its own directory; drop --run-dir. Received: --run-dir "
+        "runs/b",
+    ),
+    "--resume of no run": (
+        "%finetune --resume /nonexistent/ftw-run --train data.x_train data.y_train",
+        "'/nonexistent/ftw-run' is not a run directory: it has no manifest.json.",
+    ),
     "bad --lora-rank": (
         FINETUNE + " --lora-rank 3",
         "--lora-rank must be one of 0, 2, 4, 8, 16, 32, 64 (0 is off). Received: --lora-rank 3",
@@ -421,6 +435,52 @@ def test_finetune_names_the_session(ip, ns):
         "UsageError: %finetune: A live session is already named 'digits'; choose another "
         "name, or close that session first. Received: name='digits'"
     )
+
+
+@pytest.mark.widgets
+def test_finetune_run_dir_writes_the_run_and_ftstatus_names_it(ip, ns, tmp_path):
+    path = tmp_path / "digits"
+    assert run(ip, f"{FINETUNE} --epochs 1 --run-dir {path}")[0].success
+    session = ns["_ftpanel"].session
+    assert session.run_dir == path
+    session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
+    _, out, _, _ = run(ip, "%ftstatus")
+    assert _status_line(out, "_ftpanel").endswith(f" · run dir {path}")
+    session.close()
+    assert [(r.path, r.epochs) for r in ftw.runs(tmp_path)] == [(path, 1)]
+
+
+@pytest.mark.widgets
+def test_finetune_resume_shows_the_whole_run_and_ftstatus_says_it_was_interrupted(
+    ip, ns, data, tmp_path
+):
+    died, recorded = interrupted_run(data, tmp_path, epochs=4, died_after=2)
+    data_args = "--train data.x_train data.y_train --val data.x_val data.y_val"
+    line = f"%finetune --resume {died} {data_args}"
+    result, _, err, outputs = run(ip, line + " --as resumed")
+    assert result.success, err
+    panel = ns["resumed"]
+    assert [r.epoch for r in panel.session.history.epochs] == [r.epoch for r in recorded]
+    np.testing.assert_array_equal(panel.charts.marks["loss"].x, [1, 2])
+    assert len(panel.session.data.x) == len(ns["data"].x_train)  # the data given here
+    assert panel.session.metrics == ["accuracy"]  # the run's own, as no --metrics was given
+    assert (panel.epochs.value, panel.batch_size.value) == (4, 16)  # the run's last phase's
+    assert len(outputs) == 1 and outputs[0].data[WIDGET_VIEW]["model_id"] == panel.model_id
+    _, out, _, _ = run(ip, "%ftstatus")
+    status = _status_line(out, "resumed")
+    assert "head phase · 2/4 epochs run · interrupted: the kernel died; resumed after epoch 2" in (
+        status
+    )
+    assert status.endswith(f" · run dir {died}")
+    # --epochs given: it replaces the run's own; the next phase counts on from epoch 3.
+    panel.close()
+    panel.session.close()
+    assert run(ip, f"{line} --epochs 1 --as again")[0].success
+    again = ns["again"]
+    assert again.epochs.value == 1
+    again.start_button.click()
+    assert again.session.wait(WAIT)
+    assert [r.epoch for r in again.session.history.epochs] == [1, 2, 3]
 
 
 # -- on a real ipykernel -------------------------------------------------------------------

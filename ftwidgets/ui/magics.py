@@ -23,6 +23,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ftwidgets.ui.format import one_line, status_text
+from ftwidgets.ui.magic_names import check_model, keras_object, resolve
 from ftwidgets.ui.view import SessionView
 
 __all__ = ["USAGE", "FineTuneMagics", "load_ipython_extension", "session_status"]
@@ -33,7 +34,8 @@ ftwidgets magics (after %load_ext ftwidgets):
   %finetune MODEL --train X Y [--val XV YV | --validation-split F]
             [--loss LOSS] [--metrics M [M ...]] [--epochs N] [--batch-size N] [--as NAME]
             [--lora-rank N] [--fine-tune EPOCHS [--freeze-epochs N] [--base-lr R]
-            [--lr-mult M]]
+            [--lr-mult M]] [--run-dir PATH]
+  %finetune --resume PATH --train X Y [--val XV YV] [MODEL] [options as above]
       Show a FineTunePanel for MODEL (a model from ftwidgets.build_transfer_model)
       and keep it in the namespace as _ftpanel, or as NAME with --as. --lora-rank
       sets the panel's LoRA rank (0, 2, 4, 8, 16, 32 or 64; 0 is off): its
@@ -49,89 +51,23 @@ ftwidgets magics (after %load_ext ftwidgets):
       --loss the loss follows the model's head (sparse or categorical
       crossentropy, binary crossentropy, or mean squared error) and the
       metrics default to accuracy (mae for regression).
+      --run-dir keeps the whole run in PATH (run_dir=): the model, kept epochs,
+      history and notes, written as it trains. After a restart, --resume PATH
+      carries that run on (FineTunePanel.resume): the panel shows the whole run
+      and its next phase continues the epoch count. The data is not saved: pass
+      --train (and --val) again. Options given replace the run's own; --epochs
+      and --batch-size start as its last phase's.
 
   %ftstatus
       One line per live fine-tuning session: state, phase, epoch, learning
-      rate and best epoch. Handy when the panel's cell has scrolled away.
+      rate, best epoch and run directory. Handy when the panel's cell has
+      scrolled away.
 """
 
 DEFAULT_PANEL_NAME = "_ftpanel"
-# Metric names that Keras's compile() resolves from the loss, not from keras.metrics.get.
-_COMPILE_METRIC_ALIASES = frozenset({"acc", "accuracy", "crossentropy", "ce"})
 # Names IPython puts in the namespace itself (output history, input history).
 _HIDDEN_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython"})
 _HISTORY_NAME = re.compile(r"^(_+|_\d+|_i+|_i\d+|_ih|_oh|_dh|__\w+__)$")
-
-
-def _resolve(namespace: dict[str, Any], name: str, what: str) -> Any:
-    """Look up ``name`` (``a`` or ``a.b.c``) in ``namespace``, without evaluating code."""
-    parts = name.split(".")
-    if not all(part.isidentifier() for part in parts):
-        raise UsageError(
-            f"%finetune: {what} must be a name in the namespace, like data or data.x_train. "
-            f"Received: {what}={name!r}"
-        )
-    if parts[0] not in namespace:
-        raise UsageError(
-            f"%finetune: {what} {parts[0]!r} is not defined in the namespace. "
-            f"Received: {what}={name!r}"
-        )
-    value = namespace[parts[0]]
-    for depth, part in enumerate(parts[1:], start=1):
-        try:
-            value = getattr(value, part)
-        except AttributeError:
-            owner = ".".join(parts[:depth])
-            raise UsageError(
-                f"%finetune: {owner} ({type(value).__name__}) has no attribute {part!r}. "
-                f"Received: {what}={name!r}"
-            ) from None
-    return value
-
-
-def _keras_object(namespace: dict[str, Any], token: str, kind: str) -> Any:
-    """A loss or metric: a namespace object if ``token`` names a callable, else a Keras name."""
-    import keras
-
-    head = token.split(".")[0]
-    if head in namespace and all(part.isidentifier() for part in token.split(".")):
-        value = _resolve(namespace, token, f"--{kind}")
-        # A variable that happens to share a Keras name (accuracy = 0.93) is not a metric.
-        if callable(value):
-            return value
-    if kind == "metrics" and token in _COMPILE_METRIC_ALIASES:
-        return token
-    getter = keras.losses.get if kind == "loss" else keras.metrics.get
-    try:
-        getter(token)
-    except (ValueError, TypeError):
-        raise UsageError(
-            f"%finetune: {token!r} is neither a Keras {'loss' if kind == 'loss' else 'metric'} "
-            f"name nor a callable in the namespace. Received: --{kind} {token}"
-        ) from None
-    return token
-
-
-def _check_model(model: Any, name: str, base: str | None) -> Any:
-    """Fail early, before any widget exists, if ``model`` cannot have a panel."""
-    import keras
-
-    from ftwidgets.engine import transfer
-
-    if not isinstance(model, keras.Model):
-        raise UsageError(
-            "%finetune: MODEL must be a Keras model: one built with "
-            "ftwidgets.build_transfer_model, a KerasHub task model, or one whose base --base "
-            f"names. Received: MODEL={name} ({type(model).__name__})"
-        )
-    try:
-        transfer.get_base(model, base)
-    except ValueError as exc:
-        raise UsageError(
-            f"%finetune: {name}: {_one_line(exc)} Wrap your pretrained base with "
-            "ftwidgets.build_transfer_model(base, num_classes=...), or name it with --base."
-        ) from None
-    return model
 
 
 def _one_line(exc: BaseException) -> str:
@@ -148,7 +84,7 @@ def _start_fine_tune(panel: Any, args: Any) -> None:
                             ("lr_mult", args.lr_mult))
         if value is not None
     }  # fmt: skip
-    settings: dict[str, Any] = {"batch_size": args.batch_size}
+    settings: dict[str, Any] = {"batch_size": panel.batch_size.value}
     if args.lora_rank:
         settings["lora_rank"] = args.lora_rank
     try:
@@ -156,6 +92,19 @@ def _start_fine_tune(panel: Any, args: Any) -> None:
     except (ValueError, RuntimeError) as exc:
         panel.close()
         raise UsageError(f"%finetune: {_one_line(exc)}") from None
+
+
+def _resume_settings(args: Any, model: Any, loss: Any, metrics: Any) -> dict[str, Any]:
+    """The settings ``--resume`` passes on: only those the line gave, so the run's own stay."""
+    given = {
+        "model": model,
+        "loss": loss,
+        "metrics": None if args.metrics is None else metrics,
+        "validation_split": args.validation_split or None,
+        "name": args.name,
+        "base": args.base,
+    }
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def session_status(session: Any, name: str | None = None) -> str:
@@ -197,8 +146,9 @@ class FineTuneMagics(Magics):
     @magic_arguments()
     @argument(
         "model",
+        nargs="?",
         help="name of a model: from ftwidgets.build_transfer_model, a KerasHub task model, "
-        "or any model with --base",
+        "or any model with --base (with --resume, only to replace the run's own)",
     )
     @argument(
         "--train", nargs=2, metavar=("X", "Y"), required=True, help="training inputs and labels"
@@ -218,8 +168,8 @@ class FineTuneMagics(Magics):
         metavar="M",
         help="Keras metric names or metrics in the namespace (accuracy without --loss)",
     )
-    @argument("--epochs", type=int, default=30, help="initial epochs per phase (30)")
-    @argument("--batch-size", type=int, default=16, help="initial batch size (16)")
+    @argument("--epochs", type=int, help="initial epochs per phase (30; --resume: the run's)")
+    @argument("--batch-size", type=int, help="initial batch size (16; --resume: the run's)")
     @argument(
         "--as",
         dest="as_name",
@@ -243,6 +193,8 @@ class FineTuneMagics(Magics):
               help="--fine-tune's head peak rate (2e-3)")  # fmt: skip
     @argument("--lr-mult", type=float, metavar="M",
               help="--fine-tune: the deepest unit trains M times lower (100)")  # fmt: skip
+    @argument("--run-dir", metavar="PATH", help="keep the whole run in PATH, to resume it")
+    @argument("--resume", metavar="PATH", help="carry on the run in the run directory PATH")
     @line_magic
     def finetune(self, line: str) -> None:
         """Show a fine-tuning control panel for a model and keep it in the namespace.
@@ -259,8 +211,15 @@ class FineTuneMagics(Magics):
                 "%finetune: pass --val or --validation-split, not both. "
                 f"Received: --validation-split {args.validation_split}"
             )
+        if args.resume is None and args.model is None:
+            raise UsageError("%finetune: name a MODEL, or --resume PATH. Received: " + repr(line))
+        if args.resume is not None and args.run_dir is not None:
+            raise UsageError(
+                "%finetune: a resumed run goes on writing its own directory; drop --run-dir. "
+                f"Received: --run-dir {args.run_dir}"
+            )
         for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise UsageError(f"%finetune: {option} must be >= 1. Received: {option} {value}")
         from ftwidgets.ui.lora_control import LORA_RANKS
 
@@ -282,34 +241,44 @@ class FineTuneMagics(Magics):
                         f"%finetune: {flag} sets --fine-tune's recipe; add --fine-tune EPOCHS. "
                         f"Received: {flag} {getattr(args, option)}"
                     )
-        model = _check_model(_resolve(namespace, args.model, "MODEL"), args.model, args.base)
-        train = tuple(_resolve(namespace, token, "--train") for token in args.train)
+        model = None
+        if args.model is not None:
+            model = check_model(resolve(namespace, args.model, "MODEL"), args.model, args.base)
+        train = tuple(resolve(namespace, token, "--train") for token in args.train)
         validation = (
             None
             if args.val is None
-            else tuple(_resolve(namespace, token, "--val") for token in args.val)
+            else tuple(resolve(namespace, token, "--val") for token in args.val)
         )
-        loss = None if args.loss is None else _keras_object(namespace, args.loss, "loss")
+        loss = None if args.loss is None else keras_object(namespace, args.loss, "loss")
         if args.metrics is not None:
-            metrics = [_keras_object(namespace, token, "metrics") for token in args.metrics]
+            metrics = [keras_object(namespace, token, "metrics") for token in args.metrics]
         else:
             metrics = None if args.loss is None else []
 
         from ftwidgets.ui.panel import FineTunePanel
 
         try:
-            panel = FineTunePanel(
-                model,
-                train=train,
-                validation=validation,
-                loss=loss,
-                metrics=metrics,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                validation_split=args.validation_split,
-                name=args.name,
-                base=args.base,
-            )
+            if args.resume is not None:
+                settings = _resume_settings(args, model, loss, metrics)
+                panel = FineTunePanel.resume(
+                    args.resume, train, validation,
+                    epochs=args.epochs, batch_size=args.batch_size, **settings,
+                )  # fmt: skip
+            else:
+                panel = FineTunePanel(
+                    model,
+                    train=train,
+                    validation=validation,
+                    loss=loss,
+                    metrics=metrics,
+                    epochs=30 if args.epochs is None else args.epochs,
+                    batch_size=16 if args.batch_size is None else args.batch_size,
+                    validation_split=args.validation_split,
+                    name=args.name,
+                    base=args.base,
+                    run_dir=args.run_dir,
+                )
         except (ValueError, TypeError) as exc:
             # The engine's messages already name the bad value; keep them to one line.
             raise UsageError(f"%finetune: {_one_line(exc)}") from None
