@@ -152,12 +152,12 @@ def make_panel(data, model, epochs: int) -> ftw.FineTunePanel:
     )
 
 
-def interrupted_run(data, folder: Path, epochs: int = 4, died_after: int = 2, **kwargs):
+def interrupted_run(data, folder: Path, epochs=4, died_after=2, phase=None, **kwargs):
     """A run directory as a kernel that died in a phase leaves it: a real session on the
     demo model runs a phase of ``epochs`` with ``run_dir=``, pauses after epoch
     ``died_after`` once that epoch is on disk, and its directory is copied then (the
-    phase still open in the copy). Returns the copy, ``folder / "died"``, and the
-    epochs the session had recorded when it was copied."""
+    phase still open in the copy); ``phase`` holds other ``PhaseConfig`` settings.
+    Returns the copy, ``folder / "died"``, and the epochs recorded when it was copied."""
     keras.utils.set_random_seed(0)
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
     session = make_session(data, model, run_dir=folder / "live", progress_interval=0.0, **kwargs)
@@ -170,7 +170,7 @@ def interrupted_run(data, folder: Path, epochs: int = 4, died_after: int = 2, **
             paused.set()
 
     session.on_event(listener)
-    session.start(ftw.PhaseConfig(phase="head", epochs=epochs, batch_size=16))
+    session.start(ftw.PhaseConfig(**{"epochs": epochs, "batch_size": 16, **(phase or {})}))
     assert paused.wait(WAIT)
     session._ctx.run.writer.flush()
     shutil.copytree(folder / "live", folder / "died")

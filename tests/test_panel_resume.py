@@ -11,6 +11,7 @@ import pytest
 from helpers import WAIT, interrupted_run
 
 import ftwidgets as ftw
+from ftwidgets.ui.format import format_rate
 
 pytestmark = pytest.mark.widgets
 
@@ -89,3 +90,21 @@ def test_a_resumed_panel_charts_the_whole_run_at_once_and_counts_on(data, tmp_pa
     # It went on writing the same directory.
     (run,) = [run for run in ftw.runs(tmp_path) if run.path == died]
     assert (run.epochs, run.phases) == (4, 2)
+
+
+def test_a_resumed_panels_controls_show_the_last_phases_settings(data, tmp_path):
+    settings = {"phase": "finetune", "unfreeze_depth": 2, "learning_rate": 3e-5,
+                "batch_size": 8, "optimizer": "sgd", "dropout": 0.4}  # fmt: skip
+    died, _ = interrupted_run(data, tmp_path, epochs=3, died_after=1, phase=settings)
+    panel = ftw.FineTunePanel.resume(died, train=(data.x_train, data.y_train))
+    try:
+        assert (panel.phase.value, panel.unfreeze_depth.value) == ("finetune", 2)
+        assert panel.learning_rate_text.value == format_rate(3e-5)
+        assert (panel.epochs.value, panel.batch_size.value) == (3, 8)
+        assert (panel.optimizer.value, panel.dropout.value) == ("sgd", 0.4)
+        assert panel.error_message.value == ""  # every setting could be shown
+        config = panel.phase_config()
+        assert (config.phase, config.unfreeze_depth, config.learning_rate) == ("finetune", 2, 3e-5)
+    finally:
+        panel.close()
+        panel.session.close()

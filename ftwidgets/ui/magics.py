@@ -261,10 +261,7 @@ class FineTuneMagics(Magics):
         try:
             if args.resume is not None:
                 settings = _resume_settings(args, model, loss, metrics)
-                panel = FineTunePanel.resume(
-                    args.resume, train, validation,
-                    epochs=args.epochs, batch_size=args.batch_size, **settings,
-                )  # fmt: skip
+                panel = FineTunePanel.resume(args.resume, train, validation, **settings)
             else:
                 panel = FineTunePanel(
                     model,
@@ -282,6 +279,13 @@ class FineTuneMagics(Magics):
         except (ValueError, TypeError) as exc:
             # The engine's messages already name the bad value; keep them to one line.
             raise UsageError(f"%finetune: {_one_line(exc)}") from None
+        if args.resume is not None:  # the run's last phase's, unless given
+            for control, value in (
+                (panel.epochs, args.epochs),
+                (panel.batch_size, args.batch_size),
+            ):
+                if value is not None:
+                    control.value = value
         if args.lora_rank is not None:
             panel.lora_rank.value = args.lora_rank
         if args.fine_tune is not None:

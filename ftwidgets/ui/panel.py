@@ -18,6 +18,7 @@ import html
 import os
 import traceback
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import ipywidgets as widgets
@@ -163,23 +164,22 @@ class FineTunePanel(widgets.VBox):
 
     @classmethod
     def resume(
-        cls, run_dir: str | os.PathLike[str], train: Any, validation: Any = None, *,
-        epochs: int | None = None, batch_size: int | None = None, **settings: Any,
-    ) -> FineTunePanel:  # fmt: skip
-        """A panel on a run carried on from its directory (``FineTuneSession.resume``):
-        its charts show the whole run at once; its next phase continues the epoch count
-        and goes on writing ``run_dir``. ``epochs`` and ``batch_size`` start as the run's
-        last phase had them; ``settings`` go to ``FineTuneSession.resume``."""
+        cls, run_dir: str | os.PathLike[str], train: Any, validation: Any = None, **settings: Any
+    ) -> FineTunePanel:
+        """A panel on a run carried on from its directory (``FineTuneSession.resume``, which
+        ``settings`` go to): its charts show the whole run at once, its controls the last
+        phase's settings, and its next phase continues the epoch count."""
         session = FineTuneSession.resume(run_dir, train, validation, **settings)
         spans = [span.config for span in session.history.phases if span.config is not None]
-        last = spans[-1] if spans else PhaseConfig(epochs=30, batch_size=16)
-        epochs = last.epochs if epochs is None else epochs
-        batch_size = last.batch_size if batch_size is None else batch_size
+        shown = {f.name: getattr(spans[-1], f.name) for f in fields(PhaseConfig)} if spans else {}
         try:
-            return cls(session=session, epochs=epochs, batch_size=batch_size)
+            panel = cls(session=session)
         except BaseException:
             session.close()
             raise
+        for message in panel.controls.take_plan({k: v for k, v in shown.items() if v is not None}):
+            panel.show_error(message)
+        return panel
 
     # -- construction -------------------------------------------------------------
     def _build_layout(self) -> None:
