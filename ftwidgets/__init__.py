@@ -26,7 +26,7 @@ from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig  # noqa: E4
 from ftwidgets.engine.events import Best, EpochRecord, Failure  # noqa: E402
 from ftwidgets.engine.history import Branch, History  # noqa: E402
 from ftwidgets.engine.registry import live_sessions, watch_sessions  # noqa: E402
-from ftwidgets.engine.rundir import RunDamagedWarning, RunInfo, runs  # noqa: E402
+from ftwidgets.engine.run_reader import RunDamagedWarning, RunInfo, runs  # noqa: E402
 from ftwidgets.engine.session import FineTuneSession  # noqa: E402
 from ftwidgets.engine.transfer import (  # noqa: E402
     build_transfer_model,

@@ -142,7 +142,7 @@ session.run(ftw.PhaseConfig(phase="head", epochs=100_000, batch_size=64))
 
 
 def test_a_kill_at_any_instant_leaves_the_last_commit_whole(tmp_path):
-    from ftwidgets.engine import rundir
+    from ftwidgets.engine import run_reader
 
     run, rng = tmp_path / "run", np.random.default_rng(0)
     last = 0
@@ -157,8 +157,8 @@ def test_a_kill_at_any_instant_leaves_the_last_commit_whole(tmp_path):
             process.kill()
             process.wait()
         with warnings.catch_warnings():
-            warnings.simplefilter("error", rundir.RunDamagedWarning)
-            contents = rundir.read_run(run)
+            warnings.simplefilter("error", run_reader.RunDamagedWarning)
+            contents = run_reader.read_run(run)
         epochs = [r["epoch"] for r in contents.state["history"]["epochs"]]
         assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) > last
         last = len(epochs)

@@ -11,7 +11,7 @@ import pytest
 from helpers import WAIT, make_model, make_session, same, values
 
 import ftwidgets as ftw
-from ftwidgets.engine import lora, rundir
+from ftwidgets.engine import lora, run_reader, rundir
 from ftwidgets.engine.snapshots import Snapshot
 
 pytestmark = pytest.mark.keras
@@ -107,7 +107,7 @@ def test_a_damaged_newest_epoch_falls_back_to_the_one_before_with_a_warning(data
     resumed.run(ftw.PhaseConfig(phase="head", epochs=1))
     assert [r.epoch for r in resumed.history.epochs] == [1, 2, 3]
     resumed.close()
-    assert rundir.read_run(path).state["epoch"] == 3  # and it reads whole again
+    assert run_reader.read_run(path).state["epoch"] == 3  # and it reads whole again
 
 
 def test_what_is_no_run_or_not_this_run_is_refused_and_nothing_is_left_behind(data, tmp_path):

@@ -21,7 +21,8 @@ from ftwidgets.engine.events import Note, PhaseEnd
 from ftwidgets.engine.history import History, Marker
 from ftwidgets.engine.lr_search import LearningRateSearch
 from ftwidgets.engine.run_keeper import RunKeeper
-from ftwidgets.engine.rundir import RunContents, RunWriter, match_variables, read_run
+from ftwidgets.engine.run_reader import RunContents, match_variables, read_run
+from ftwidgets.engine.rundir import RunWriter
 from ftwidgets.engine.snapshots import restore
 
 if TYPE_CHECKING:

@@ -1,6 +1,7 @@
 """A run directory: what a session needs to carry on after its process died.
 
-Layout (format ``ftwidgets.run``, version 1)::
+Layout (format ``ftwidgets.run``, version 1; ``ftwidgets.engine.run_reader``
+reads it)::
 
     runs/my-run/
       manifest.json            what the run is, its best, its last commits (readable)
@@ -22,82 +23,41 @@ leaves the last commit readable. Against a power cut, the files are flushed to t
 `RunWriter.flush`; a file torn all the same fails its SHA-256. The manifest keeps the
 newest commits on `KEEP_WEIGHTS` different weights, and `read_run` falls back past a
 commit whose files were damaged since, with a warning that names what it skipped.
-
-Example:
-
->>> import tempfile
->>> folder = Path(tempfile.mkdtemp()) / "not-a-run"
->>> folder.mkdir()
->>> read_run(folder)
-Traceback (most recent call last):
-...
-ValueError: ... is not a run directory: it has no manifest.json. Received: path=...
 """
 
 from __future__ import annotations
 
 import json
 import queue
-import re
 import threading
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ftwidgets.engine.array_files import (
-    commit_file,
-    file_sha256,
-    read_arrays,
-    sync_files,
-    write_arrays,
+from ftwidgets.engine.array_files import commit_file, file_sha256, sync_files, write_arrays
+from ftwidgets.engine.run_reader import (
+    FORMAT,
+    MANIFEST,
+    MODEL,
+    VERSION,
+    RunContents,
+    read_weights,
 )
-from ftwidgets.engine.history import History
 from ftwidgets.engine.snapshots import Snapshot
 
-__all__ = [
-    "FORMAT",
-    "KEEP_WEIGHTS",
-    "SYNC_SECONDS",
-    "RunContents",
-    "RunDamagedWarning",
-    "RunInfo",
-    "RunWriter",
-    "match_variables",
-    "read_manifest",
-    "read_run",
-    "runs",
-]
+__all__ = ["KEEP_WEIGHTS", "SYNC_SECONDS", "Commit", "RunWriter"]
 
-FORMAT = "ftwidgets.run"
-VERSION = 1
-MANIFEST = "manifest.json"
-MODEL = "model.keras"
 # The newest commits kept, each on other weights than the next: a newest one damaged
 # since falls back to the one before.
 KEEP_WEIGHTS = 3
 # The most seconds between two flushes to the disk: fsync cost 6 ms a file here, more
 # than writing the file, and a process killed loses nothing renamed into place anyway.
 SYNC_SECONDS = 5.0
-_SUFFIX = re.compile(r"_\d+$")
-
-
-class RunDamagedWarning(UserWarning):
-    """A run directory's newest commit was damaged: an older complete one was read.
-
-    Example (to refuse a damaged run instead, make it an error):
-
-    >>> import warnings
-    >>> with warnings.catch_warnings():
-    ...     warnings.simplefilter("error", RunDamagedWarning)
-    ...     issubclass(RunDamagedWarning, UserWarning)
-    True
-    """
 
 
 @dataclass
@@ -109,35 +69,6 @@ class Commit:
     optimizer: tuple[list[str], list[np.ndarray]] | None
     weights_key: int | None  # a kept epoch the model holds, or None: ``weights`` below
     weights: tuple[Snapshot, list[str]] | None = None
-
-
-@dataclass
-class RunContents:
-    """A run directory as `read_run` found it: its newest complete commit, read whole.
-
-    Attributes:
-        path: the folder.
-        manifest: ``manifest.json`` as read.
-        state: the commit's state (history, best, notes, searches, settings...).
-        batches: the per-batch trace's rows (see ``BatchTrace.columns``).
-        optimizer: the optimizer's variable paths and values at the commit, or None.
-        weights: the model's variables at the commit, and their paths; None while
-            they are those of ``model.keras``.
-        skipped: what was passed over as damaged, one line each (warned about).
-    """
-
-    path: Path
-    manifest: dict[str, Any]
-    state: dict[str, Any]
-    batches: np.ndarray
-    optimizer: tuple[list[str], list[np.ndarray]] | None
-    weights: tuple[Snapshot, list[str]] | None
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def model_path(self) -> Path:
-        """The model file, written when the run began."""
-        return self.path / MODEL
 
 
 class RunWriter:
@@ -236,7 +167,7 @@ class RunWriter:
         entry = self._kept.get(epoch)
         if entry is None:
             raise ValueError(f"Epoch key {epoch} was never written to {str(self.path)!r}.")
-        return _read_weights(self.path, entry["file"], entry["sha256"], epoch)[0]
+        return read_weights(self.path, entry["file"], entry["sha256"], epoch)[0]
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything handed over is on disk; True if it is.
@@ -407,214 +338,3 @@ def _check_new(path: Path) -> None:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-# -- reading ---------------------------------------------------------------------------
-def read_manifest(path: str | PathLike[str]) -> dict[str, Any]:
-    """A run directory's manifest, checked to be one.
-
-    Raises:
-        ValueError: if ``path`` is not a run directory, saying why.
-    """
-    path = Path(path)
-    file = path / MANIFEST
-    if not file.is_file():
-        raise ValueError(
-            f"{str(path)!r} is not a run directory: it has no {MANIFEST}. "
-            f"Received: path={str(path)!r}"
-        )
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(file)!r} is not a run's manifest (not JSON: {exc}).") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(
-            f"{str(file)!r} is not a run's manifest: expected format {FORMAT!r}. "
-            f"Received: format={found!r}"
-        )
-    if manifest.get("version") != VERSION:
-        raise ValueError(
-            f"{str(path)!r} was written in run format version {manifest.get('version')!r}; "
-            f"this ftwidgets reads version {VERSION}."
-        )
-    return manifest
-
-
-def read_run(path: str | PathLike[str]) -> RunContents:
-    """Read a run directory's newest complete commit, whole, into memory.
-
-    A commit whose files are missing, torn or changed since they were written (their
-    SHA-256 differs) is skipped for the one before it, with a `RunDamagedWarning`
-    naming each one skipped.
-
-    Raises:
-        ValueError: if ``path`` is not a run directory, or no commit of it is whole.
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    skipped: list[str] = []
-    for entry in reversed(manifest.get("commits", [])):
-        try:
-            contents = _read_commit(path, manifest, entry)
-        except (OSError, ValueError, KeyError) as exc:
-            skipped.append(f"commit {entry.get('seq')} (epoch {entry.get('epoch')}): {exc}")
-            continue
-        contents.skipped = skipped
-        if skipped:
-            warnings.warn(
-                f"The run in {str(path)!r} was damaged; resumed from its commit at epoch "
-                f"{entry.get('epoch')} instead. Skipped: " + "; ".join(skipped),
-                RunDamagedWarning,
-                stacklevel=2,
-            )
-        return contents
-    raise ValueError(
-        f"No commit of the run in {str(path)!r} is whole"
-        + (": " + "; ".join(skipped) if skipped else ": it has none yet.")
-    )
-
-
-def _read_commit(path: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> RunContents:
-    header, arrays = _read_file(path, entry["state"], entry["state_sha256"])
-    optimizer = None
-    if "optimizer" in arrays:
-        optimizer = (header["optimizer_paths"], arrays["optimizer"])
-    if entry["weights"] == MODEL:
-        weights = None  # the model as written: nothing to assign
-    else:
-        weights = _read_weights(path, entry["weights"], entry["weights_sha256"], None)
-    contents = RunContents(
-        path, manifest, header["state"], arrays["batches"][0], optimizer, weights
-    )
-    contents.manifest = {**manifest, "commits": _through(manifest, entry)}
-    return contents
-
-
-def _through(manifest: dict[str, Any], entry: dict[str, Any]) -> list[dict[str, Any]]:
-    commits = manifest.get("commits", [])
-    return commits[: commits.index(entry) + 1]
-
-
-def _read_file(
-    path: Path, name: str, expected: str
-) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
-    file = path / name
-    if not file.is_file():
-        raise ValueError(f"{name} is missing")
-    try:
-        return read_arrays(file, expected)
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{name} cannot be read: {exc}") from exc
-
-
-def _read_weights(
-    path: Path, name: str, expected: str, epoch: int | None
-) -> tuple[Snapshot, list[str]]:
-    header, arrays = _read_file(path, name, expected)
-    values = tuple(arrays["weights"])
-    return Snapshot(header["label"], epoch, values), header["paths"]
-
-
-def match_variables(paths: Sequence[str], variables: Sequence[Any]) -> tuple[int, ...]:
-    """The ids of ``variables`` that a snapshot of ``paths`` was taken from, in order.
-
-    Paths match with Keras's name suffixes dropped (``dense_1`` as ``dense``: a model
-    loaded in a process that made others is numbered on). LoRA adapters the snapshot
-    predates are left out.
-
-    Raises:
-        ValueError: if the variables are not those of the run, naming the first
-            that differs.
-    """
-    from ftwidgets.engine.lora import is_adapter  # Keras; the module reads without it
-
-    saved = [_plain_path(p) for p in paths]
-    known = set(saved)
-    current = [v for v in variables if not (is_adapter(v) and _plain_path(v.path) not in known)]
-    for i, (variable, path) in enumerate(zip(current, saved, strict=False)):
-        if _plain_path(variable.path) != path:
-            raise ValueError(
-                f"The model does not match the run: its variable {i} is {variable.path!r} "
-                f"where the run has {paths[i]!r}."
-            )
-    if len(current) != len(saved):
-        raise ValueError(
-            f"The model does not match the run: it has {len(current)} variables where "
-            f"the run has {len(saved)}."
-        )
-    return tuple(map(id, current))
-
-
-def _plain_path(path: str) -> str:
-    return "/".join(_SUFFIX.sub("", part) for part in path.split("/"))
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """One run directory on disk, as `runs` sums it up from its manifest.
-
-    Attributes:
-        path: the folder.
-        name: the session's name.
-        updated: when its last commit was written (ISO 8601).
-        epochs: its complete epochs.
-        phases: its phases.
-        best: its best epoch (``epoch``, ``value``, ``monitor``, ``phase``, ``branch``),
-            or None.
-        model: the model's name.
-
-    Example:
-
-    >>> run = RunInfo(Path("runs/a"), "session-1", "2026-12-07T06:38:13+0000", 3, 1, None, "m")
-    >>> run.epochs, run.best
-    (3, None)
-    """
-
-    path: Path
-    name: str
-    updated: str
-    epochs: int
-    phases: int
-    best: dict[str, Any] | None
-    model: str | None
-
-    def history(self) -> History:
-        """The run's history as its newest whole commit holds it, per-batch trace too."""
-        contents = read_run(self.path)
-        history = History.from_json(contents.state["history"])
-        history.batches.extend(contents.batches)
-        return history
-
-
-def runs(folder: str | PathLike[str]) -> list[RunInfo]:
-    """The run directories in ``folder`` (and ``folder`` itself, if it is one), the
-    newest first, read from their manifests alone.
-
-    Example:
-
-    >>> import tempfile
-    >>> runs(tempfile.mkdtemp())
-    []
-    """
-    folder = Path(folder)
-    found = []
-    for manifest_file in [*sorted(folder.glob(f"*/{MANIFEST}")), folder / MANIFEST]:
-        if not manifest_file.is_file():
-            continue
-        try:
-            manifest = read_manifest(manifest_file.parent)
-        except ValueError:
-            continue
-        found.append(
-            RunInfo(
-                manifest_file.parent,
-                manifest.get("name", manifest_file.parent.name),
-                manifest.get("updated", ""),
-                int(manifest.get("epochs", 0)),
-                int(manifest.get("phases", 0)),
-                manifest.get("best"),
-                manifest.get("model", {}).get("name"),
-            )
-        )
-    return sorted(found, key=lambda run: run.updated, reverse=True)

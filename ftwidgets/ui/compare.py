@@ -17,7 +17,7 @@ import numpy as np
 
 from ftwidgets.engine.events import EpochEnded, Event, PhaseEnded, RolledBack
 from ftwidgets.engine.history import History
-from ftwidgets.engine.rundir import RunInfo, runs
+from ftwidgets.engine.run_reader import RunInfo, runs
 from ftwidgets.ui.charts import TrainingCharts
 from ftwidgets.ui.widget_tree import close_tree
 
