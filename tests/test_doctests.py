@@ -17,6 +17,7 @@ MODULES = sorted(
 # keras.applications models, seconds each); the rest are unit tests, where training a
 # model fails (tests/layers.py).
 KERAS_EXAMPLES = {
+    "ftwidgets.engine.resume",
     "ftwidgets.engine.session",
     "ftwidgets.engine.training",
     "ftwidgets.engine.transfer",

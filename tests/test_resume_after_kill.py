@@ -65,6 +65,8 @@ found = {"records": session.history.to_records(), "best": [session.best.epoch, s
     "phases": [[p.start_epoch, p.end_epoch, p.reason] for p in session.history.phases]}
 session.run(ftw.PhaseConfig(phase="head", epochs=1, batch_size=16))
 found["next"] = [r.epoch for r in session.history.epochs][len(found["records"]):]
+session.restore_epoch(1)  # from before the kill
+np.savez(sys.argv[3], *[v.numpy() for v in session.model.variables])
 print(json.dumps(found))
 """
 
@@ -84,6 +86,9 @@ def committed_epoch(run) -> int | None:
 
 
 def test_sigkill_mid_epoch_then_resume_in_a_new_process(tmp_path):
+    """The completed epochs, the best and the weights at the end of the last complete
+    epoch come back bitwise; training goes on at the next epoch; an epoch from before
+    the kill restores exactly."""
     side, run = tmp_path / "side", tmp_path / "run"
     side.mkdir()
     km, client = start_new_kernel(kernel_name="python3", startup_timeout=120)
@@ -101,9 +106,9 @@ def test_sigkill_mid_epoch_then_resume_in_a_new_process(tmp_path):
     assert not (side / "epoch-3.json").exists(), "killed after epoch 3 ended, not during it"
     before = json.loads((side / "epoch-2.json").read_text())
 
-    weights = tmp_path / "resumed.npz"
+    weights, first = tmp_path / "resumed.npz", tmp_path / "restored-1.npz"
     done = subprocess.run(
-        [sys.executable, "-c", RESUME, str(run), str(weights)],
+        [sys.executable, "-c", RESUME, str(run), str(weights), str(first)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -117,10 +122,11 @@ def test_sigkill_mid_epoch_then_resume_in_a_new_process(tmp_path):
     assert found["restorable"] == [1, 2]
     assert found["phases"] == [[1, 3, "interrupted"]]
     assert found["next"] == [3]
-    with np.load(side / "epoch-2.npz") as expected, np.load(weights) as resumed:
-        assert len(expected.files) == len(resumed.files) > 0
-        for name in expected.files:
-            assert np.array_equal(expected[name], resumed[name]), name
+    for witnessed, found_file in [("epoch-2.npz", weights), ("epoch-1.npz", first)]:
+        with np.load(side / witnessed) as expected, np.load(found_file) as resumed:
+            assert len(expected.files) == len(resumed.files) > 0
+            for name in expected.files:
+                assert np.array_equal(expected[name], resumed[name]), (witnessed, name)
 
 
 # Trains and commits as fast as it can, starting a run or resuming it, until killed.

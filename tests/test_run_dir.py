@@ -11,6 +11,7 @@ import pytest
 from helpers import WAIT, make_model, make_session, same, values
 
 import ftwidgets as ftw
+from ftwidgets.engine import events as ev
 from ftwidgets.engine import lora, run_reader, rundir
 from ftwidgets.engine.snapshots import Snapshot
 
@@ -202,3 +203,26 @@ def test_a_failed_write_fails_the_phase_with_a_message_naming_the_run(data, tmp_
         session.run(ftw.PhaseConfig(phase="head", epochs=3))
     assert session.error is not None and "run directory" in session.error.message
     session.close()
+
+
+def test_a_phase_stopped_mid_epoch_resumes_with_the_weights_it_stopped_at(data, tmp_path):
+    path = tmp_path / "run"
+    session = make_session(data, run_dir=path, progress_interval=0.0)
+
+    def stop_in_epoch_3(event):
+        if isinstance(event, ev.BatchProgress) and event.epoch == 3 and event.batch >= 1:
+            session.stop()
+
+    session.on_event(stop_in_epoch_3)
+    session.run(ftw.PhaseConfig(phase="head", epochs=50, batch_size=8))
+    assert session.history.phases[-1].reason == "stopped"
+    stopped = values(session.model.variables)
+    assert not same(stopped, kept_weights(session, 2))  # mid-epoch: no kept epoch's
+    records = session.history.to_records()
+    session.close()
+
+    resumed = resume(data, path)
+    assert same(values(resumed.model.variables), stopped)
+    assert resumed.history.to_records() == records and records[-1]["partial"]
+    assert resumed.history.phases[-1].reason == "stopped"
+    resumed.close()

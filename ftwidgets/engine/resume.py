@@ -77,6 +77,25 @@ def resume_run(
         ValueError: if ``run_dir`` is not a run directory, no commit of it is
             whole, or the model does not match it. A damaged newest commit is
             skipped for the one before, with a ``RunDamagedWarning``.
+
+    Example:
+
+    >>> import tempfile
+    >>> import ftwidgets as ftw
+    >>> data = ftw.demo.digits_transfer(per_class=10, seed=0)
+    >>> arrays = dict(train=(data.x_train, data.y_train), validation=(data.x_val, data.y_val))
+    >>> run_dir = tempfile.mkdtemp() + "/run"
+    >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+    >>> session = ftw.FineTuneSession(model, run_dir=run_dir, name="before", **arrays)
+    >>> session.run(ftw.PhaseConfig(phase="head", epochs=2))
+    >>> session.close()  # or the kernel died
+    >>> again = ftw.FineTuneSession.resume(run_dir, **arrays)
+    >>> again.name, [record.epoch for record in again.history.epochs], again.restorable_epochs
+    ('before', [1, 2], (1, 2))
+    >>> again.run(ftw.PhaseConfig(phase="head", epochs=1))
+    >>> [record.epoch for record in again.history.epochs]
+    [1, 2, 3]
+    >>> again.close()
     """
     if "run_dir" in settings or "checkpoint_dir" in settings:
         raise ValueError(
