@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 
+import keras
 import numpy as np
 import pytest
 from helpers import WAIT, make_model, make_session, same, values
@@ -225,4 +226,31 @@ def test_a_phase_stopped_mid_epoch_resumes_with_the_weights_it_stopped_at(data, 
     assert same(values(resumed.model.variables), stopped)
     assert resumed.history.to_records() == records and records[-1]["partial"]
     assert resumed.history.phases[-1].reason == "stopped"
+    resumed.close()
+
+
+def my_loss(y_true, y_pred):
+    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
+
+
+def test_a_run_made_with_your_own_loss_resumes_when_given_it_again(data, tmp_path):
+    path = tmp_path / "run"
+    accuracy = keras.metrics.SparseCategoricalAccuracy(name="acc")
+    session = ftw.FineTuneSession(
+        make_model(),
+        train=(data.x_train, data.y_train),
+        validation=(data.x_val, data.y_val),
+        run_dir=path,
+        loss=my_loss,
+        metrics=[accuracy],
+    )
+    session.run(ftw.PhaseConfig(phase="head", epochs=1))
+    session.close()
+    before = ftw.live_sessions()
+    with pytest.raises(ValueError, match=r"The run's loss cannot be made again .*pass loss="):
+        resume(data, path)
+    assert ftw.live_sessions() == before
+    resumed = resume(data, path, loss=my_loss)
+    assert resumed.loss is my_loss
+    assert [type(m).__name__ for m in resumed.metrics] == ["SparseCategoricalAccuracy"]
     resumed.close()

@@ -104,7 +104,7 @@ def resume_run(
         )
     contents = read_run(run_dir)
     state = contents.state
-    arguments = {**_saved_arguments(state["settings"]), **settings}
+    arguments = {**_saved_arguments(state["settings"], settings, custom_objects), **settings}
     if model is None:
         model = _load_model(contents, custom_objects)
     base = transfer.get_base(model, arguments.get("base"))
@@ -119,16 +119,28 @@ def resume_run(
     return session
 
 
-def _saved_arguments(saved: Mapping[str, Any]) -> dict[str, Any]:
-    arguments = dict(saved)
-    arguments["loss"] = _deserialize(saved["loss"])
-    arguments["metrics"] = [_deserialize(m) for m in saved["metrics"]]
-    if saved.get("class_weight") is not None:
+def _saved_arguments(
+    saved: Mapping[str, Any], given: Mapping[str, Any], custom_objects: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The settings the run was made with, as arguments, but for those ``given``."""
+    arguments = {name: value for name, value in saved.items() if name not in given}
+    for name in ("loss", "metrics") & arguments.keys():
+        try:
+            with keras.saving.custom_object_scope(custom_objects or {}):
+                arguments[name] = _deserialize(saved[name])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"The run's {name} cannot be made again ({exc}); pass {name}= (with the "
+                f"callables you made the session with), or custom_objects=."
+            ) from exc
+    if arguments.get("class_weight") is not None:
         arguments["class_weight"] = {int(k): v for k, v in saved["class_weight"].items()}
     return arguments
 
 
 def _deserialize(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_deserialize(item) for item in value]
     if value is None or isinstance(value, str):
         return value
     return keras.saving.deserialize_keras_object(value)
