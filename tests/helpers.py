@@ -141,7 +141,7 @@ def make_session(data, model=None, **kwargs) -> ftw.FineTuneSession:
     )
 
 
-def make_panel(data, model, epochs: int) -> ftw.FineTunePanel:
+def make_panel(data, model, epochs: int, **kwargs) -> ftw.FineTunePanel:
     return ftw.FineTunePanel(
         model,
         train=(data.x_train, data.y_train),
@@ -149,6 +149,7 @@ def make_panel(data, model, epochs: int) -> ftw.FineTunePanel:
         metrics=["accuracy"],
         epochs=epochs,
         progress_interval=0.0,
+        **kwargs,
     )
 
 

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import WAIT, interrupted_run
+from helpers import WAIT, interrupted_run, make_panel
 
 import ftwidgets as ftw
 from ftwidgets.ui.format import format_rate
@@ -24,15 +24,7 @@ def status_line(panel: ftw.FineTunePanel) -> str:
 
 def test_a_panel_given_run_dir_writes_its_run_there(data, tmp_path):
     model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
-    panel = ftw.FineTunePanel(
-        model,
-        train=(data.x_train, data.y_train),
-        validation=(data.x_val, data.y_val),
-        metrics=["accuracy"],
-        epochs=2,
-        run_dir=tmp_path / "run",
-        progress_interval=0.0,
-    )
+    panel = make_panel(data, model, epochs=2, run_dir=tmp_path / "run")
     try:
         panel.start_button.click()
         assert panel.session.wait(WAIT)
