@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import benchmarks
-from benchmarks import lr_search, startup
+from benchmarks import lr_search, rundir, startup
 from benchmarks.common import ROOT, loadavg, log, wait_for_quiet
 from benchmarks.results import RESULTS, machine_info, report, write_raw, write_results
 from benchmarks.sections import Run, load
@@ -72,6 +72,7 @@ def parser(names: Sequence[str], slow: Sequence[str]) -> argparse.ArgumentParser
     )
     parser.add_argument("--startup-child", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--lr-search-child", metavar="NAMES:REPEATS", help=argparse.SUPPRESS)
+    parser.add_argument("--rundir-child", metavar="ARM", help=argparse.SUPPRESS)
     return parser
 
 
@@ -87,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = lr_search.lr_time_child(models.split(","), int(repeats))
         print(lr_search.LR_MARKER + json.dumps(result), flush=True)
         return 0
+    if args.rundir_child:
+        # A fresh process of the rundir section's first-batch timing (measure_first_batch).
+        return rundir.main_child(args.rundir_child)
     if args.startup_child:
         # A cold process of the startup section (started by measure_startup).
         result = startup.startup_child(args.startup_child)

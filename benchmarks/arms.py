@@ -8,12 +8,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import keras
 
 import ftwidgets as ftw
-from benchmarks.common import LOSS, METRICS
+from benchmarks.common import LOSS, METRICS, bytes_written
 from benchmarks.threads import SpanClock
 from benchmarks.workloads import Workload
 from ftwidgets.engine import transfer
@@ -95,25 +96,41 @@ def _epoch_listener(stamps: list[tuple[float, float]]) -> Callable[[Any], None]:
     return listener
 
 
-def run_session(w: Workload, stream: bool) -> ArmRun:
-    """(b): ``FineTuneSession.start()`` then ``wait()``, no panel."""
+def run_session(w: Workload, stream: bool, run_dir: Path | None = None) -> ArmRun:
+    """(b): ``FineTuneSession.start()`` then ``wait()``, no panel. With ``run_dir`` the
+    session writes a run directory there; ``extra`` holds the seconds making the session
+    took (``make_seconds``: ``model.keras`` is written then), the bytes the process wrote
+    from ``start()`` until the writer caught up (``written``), and how long it took to
+    catch up after the phase ended (``flush_seconds``)."""
+    made = time.perf_counter()
     session = ftw.FineTuneSession(
-        w.model, w.train, w.validation, loss=LOSS, metrics=METRICS, stream_batches=stream
+        w.model,
+        w.train,
+        w.validation,
+        loss=LOSS,
+        metrics=METRICS,
+        stream_batches=stream,
+        run_dir=run_dir,
     )
+    extra: dict[str, Any] = {"make_seconds": time.perf_counter() - made}
     stamps: list[tuple[float, float]] = []
     session.on_event(_epoch_listener(stamps))
     try:
+        written = bytes_written()
         clock = SpanClock()
         session.start(w.config, early_stopping=False)
         session.wait()
         whole = clock.stop()
         if session.state != "idle":
             raise RuntimeError(f"session ended {session.state}: {session.error}")
-        return ArmRun(
-            *intervals(stamps, w.config.epochs),
-            {"batches": session.history.batch_count, "snapshots": session.snapshots.nbytes},
-            *whole,
-        )
+        flushed = time.perf_counter()
+        if session._ctx.run is not None and not session._ctx.run.writer.flush(timeout=600):
+            raise RuntimeError(f"the run directory's writer did not catch up: {run_dir}")
+        extra["flush_seconds"] = time.perf_counter() - flushed
+        extra["written"] = bytes_written() - written
+        extra["batches"] = session.history.batch_count
+        extra["snapshots"] = session.snapshots.nbytes
+        return ArmRun(*intervals(stamps, w.config.epochs), extra, *whole)
     finally:
         session.close()
 

@@ -6,9 +6,9 @@ the same heading share it. A new section is one module and one line in ``MODULES
 
 >>> [section.name for section in load()]  # doctest: +NORMALIZE_WHITESPACE
 ['overhead', 'whole_phase', 'growth', 'group_overhead', 'traffic', 'responsiveness', 'gpu',
- 'in_flight', 'startup', 'lr_search', 'browser', 'lora', 'rates']
+ 'in_flight', 'startup', 'lr_search', 'browser', 'lora', 'rates', 'rundir']
 >>> [section.name for section in load() if not section.quick]
-['startup', 'lr_search', 'browser', 'lora', 'rates']
+['startup', 'lr_search', 'browser', 'lora', 'rates', 'rundir']
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ MODULES = (
     "browser",
     "lora",
     "rates",
+    "rundir",
 )
 
 

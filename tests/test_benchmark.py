@@ -145,3 +145,33 @@ def test_quick_rates_and_group_overhead_runs_time_every_arm_on_both_workloads():
             assert 0 < run["seconds"] < 120 and 0 <= run["final"] <= run["best"] <= 1, run
     assert rates["cnn"]["pretrained_best"][0] is not None
     assert rates["demo"]["pretrained_best"] == [None]
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(600)
+def test_a_quick_rundir_run_times_a_phase_with_a_run_directory_and_a_resumed_first_batch():
+    raw_file = PACKAGE / "out" / "raw-quick.json"
+    raw_file.unlink(missing_ok=True)
+    done = child("-m", "benchmarks", "--quick", "--sections", "rundir", "--no-write")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "10. Issue 29: run directory and resume" in done.stdout
+    assert "**run directory, whole phase**" in done.stdout and "<= 1.03:" in done.stdout
+    raw = json.loads(raw_file.read_text(encoding="utf-8"))["rundir"]
+    phase = raw["phase"]
+    for arm in ("plain", "run_dir"):
+        (seconds,) = phase["whole"][arm]
+        assert 0 < seconds < 60, (arm, seconds)
+    # The run directory's writer wrote the epochs and commits; the plain session did not.
+    (written,), (plain,) = phase["written"]["run_dir"], phase["written"]["plain"]
+    (on_disk,) = phase["on_disk"]
+    assert written > plain + on_disk / 2 and on_disk > 0, (written, plain, on_disk)
+    (flush,) = phase["flush_seconds"]["run_dir"]
+    assert 0 <= flush < 60
+    runs = raw["first_batch"]["states"]["warm"]
+    for arm in ("new", "new_run_dir", "resumed"):
+        (child_run,) = runs[arm]
+        stamps = [child_run[key] for key in ("ready", "started", "first_loss")]
+        assert 0 < stamps[0] <= stamps[1] <= stamps[2] < 300, (arm, child_run)
+    # The resumed child carried on the 3 epochs written beforehand; the new ones began anew.
+    assert runs["resumed"][0]["epochs_after"] == 4
+    assert runs["new"][0]["epochs_after"] == runs["new_run_dir"][0]["epochs_after"] == 1
