@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,55 @@ from benchmarks import CACHE_ENV, STARTUP_CHILD_ENV
 ROOT = Path(__file__).resolve().parent.parent
 LOSS = "sparse_categorical_crossentropy"
 METRICS = ["accuracy"]
+
+
+@dataclass
+class HookTime:
+    """What the calls of one wrapped hook took, summed: wall and thread CPU seconds."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+    calls: int = 0
+
+
+@contextlib.contextmanager
+def hook_times(hooks: Sequence[tuple[str, Any, str]]) -> Iterator[dict[str, HookTime]]:
+    """Wrap each hook ``(label, owner, attribute)`` (a class's or a module's) while the
+    block runs, summing its calls' wall time and CPU time of the thread running it
+    (``time.thread_time``: waiting for the GIL or the device does not count).
+
+    >>> import math
+    >>> with hook_times([("sqrt", math, "sqrt")]) as totals:
+    ...     _ = math.sqrt(4.0), math.sqrt(9.0)
+    >>> totals["sqrt"].calls, math.sqrt.__name__
+    (2, 'sqrt')
+    """
+    totals = {label: HookTime() for label, _, _ in hooks}
+    patched: list[tuple[Any, str, Any]] = []
+
+    def wrap(label: str, owner: Any, name: str) -> None:
+        original = owner.__dict__[name]
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                total = totals[label]
+                total.wall += time.perf_counter() - wall
+                total.cpu += time.thread_time() - cpu
+                total.calls += 1
+
+        patched.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    try:
+        for hook in hooks:
+            wrap(*hook)
+        yield totals
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
 
 
 def log(message: str) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.arms import ARMS, ArmRun, device_used, run_bare, run_panel
-from benchmarks.common import Spread, balanced, fmt_bytes, log
+from benchmarks.common import Spread, balanced, fmt_bytes, hook_times, log
 from benchmarks.sections import Run, Section
 from benchmarks.workloads import Workload, big_workload, tiny_workload
 
@@ -81,31 +80,10 @@ def attribute_costs(w: Workload) -> list[tuple[str, float]]:
     Thread CPU time (``time.thread_time``) of the thread running the hook, so
     waiting for the GIL or the device is not counted.
     """
-    totals: dict[str, float] = {}
-    patched: list[tuple[Any, str, Any]] = []
-
-    def wrap(label: str, owner: Any, name: str) -> None:
-        original = owner.__dict__[name]
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            began = time.thread_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                totals[label] = totals.get(label, 0.0) + time.thread_time() - began
-
-        patched.append((owner, name, original))
-        setattr(owner, name, timed)
-
     hooks = _hooks()
-    for hook in hooks:
-        wrap(*hook)
-    try:
+    with hook_times(hooks) as totals:
         run_panel(w, True)
-    finally:
-        for owner, name, original in reversed(patched):
-            setattr(owner, name, original)
-    return [(label, totals.get(label, 0.0) / w.config.epochs) for label, _, _ in hooks]
+    return [(label, totals[label].cpu / w.config.epochs) for label, _, _ in hooks]
 
 
 def measure_overhead(

@@ -28,7 +28,16 @@ from typing import Any
 
 import ftwidgets as ftw
 from benchmarks.arms import ArmRun, run_session
-from benchmarks.common import LOSS, METRICS, Spread, balanced, fmt_bytes, log, run_child
+from benchmarks.common import (
+    LOSS,
+    METRICS,
+    Spread,
+    balanced,
+    fmt_bytes,
+    hook_times,
+    log,
+    run_child,
+)
 from benchmarks.sections import Run, Section
 from benchmarks.workloads import head_config, tiny_workload
 
@@ -60,6 +69,36 @@ def run_dir_phase(epochs: int, arm: str) -> ArmRun:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _hooks() -> list[tuple[str, Any, str]]:
+    from ftwidgets.engine import run_keeper, rundir, snapshot_files
+
+    return [
+        ("`RunKeeper.epoch_ended` (model's thread: the optimizer copied, the state built)",
+         run_keeper.RunKeeper, "epoch_ended"),
+        ("`RunWriter.keep` (model's thread: waits while the writer is over an epoch behind)",
+         rundir.RunWriter, "keep"),
+        ("`RunWriter._write` (writer's thread: an epoch's file, or a commit and the manifest)",
+         rundir.RunWriter, "_write"),
+        ("  of which `_commit` (fsync the file, rename it, fsync the folder)",
+         snapshot_files, "_commit"),
+    ]  # fmt: skip
+
+
+def attribute(epochs: int) -> dict[str, Any]:
+    """One more run with ``run_dir=``, the run directory's hooks wrapped: wall and CPU
+    seconds per epoch in each, and how many calls."""
+    hooks = _hooks()
+    with hook_times(hooks) as totals:
+        run = run_dir_phase(epochs, "run_dir")
+    return {
+        "whole_seconds": run.whole_seconds,
+        "hooks": [
+            [label, totals[label].wall / epochs, totals[label].cpu / epochs, totals[label].calls]
+            for label, _, _ in hooks
+        ],
+    }
+
+
 def measure_phase(epochs: int, repeats: int) -> dict[str, Any]:
     """Both arms ``repeats`` times each, interleaved; their seconds and the writer's figures."""
     log(f"\n[rundir] whole phase: {tiny_workload(epochs).description}; {epochs} epochs, "
@@ -84,6 +123,7 @@ def measure_phase(epochs: int, repeats: int) -> dict[str, Any]:
         "cpu": {arm: [r.whole_cpu for r in runs[arm]] for arm in PHASE_ARMS},
         **per_arm,
         "on_disk": [r.extra["on_disk"] for r in runs["run_dir"]],
+        "attribution": attribute(epochs),
     }
 
 
@@ -224,7 +264,7 @@ def phase_table(result: dict[str, Any]) -> list[str]:
             Spread([v / scale for v in result[key][arm]]).cell(text) for arm in PHASE_ARMS
         )
 
-    return [
+    lines = [
         f"**run directory, whole phase** — {result['description']}; {epochs} epochs, a "
         f"FineTuneSession without and with run_dir= (a fresh temporary folder each run), "
         f"each run on a fresh model, timed from start() to the phase's end, compile "
@@ -250,6 +290,24 @@ def phase_table(result: dict[str, Any]) -> list[str]:
         f"| bytes written per epoch (from start() until the writer caught up) "
         f"| {cells('written', fmt_bytes, epochs)} | |",
     ]
+    attribution = result.get("attribution")
+    if attribution:
+        lines += [
+            "",
+            f"Where the time goes: one more run with run_dir= "
+            f"({attribution['whole_seconds']:.2f} s), its hooks wrapped; per epoch, wall "
+            f"time and CPU time of the thread running each (the writer's thread runs "
+            f"beside training: its wall time is no delay unless the model's thread waits "
+            f"for it, its CPU time takes a core or the GIL from training).",
+            "",
+            "| hook | wall ms per epoch | CPU ms per epoch | calls |",
+            "|---|---|---|---|",
+            *(
+                f"| {label} | {wall * 1e3:.2f} | {cpu * 1e3:.2f} | {calls} |"
+                for label, wall, cpu, calls in attribution["hooks"]
+            ),
+        ]
+    return lines
 
 
 def first_batch_table(result: dict[str, Any]) -> list[str]:
