@@ -245,6 +245,13 @@ def test_walkthroughs_print_their_results():
     for rate in ("0.3", "0.5"):
         assert re.search(rf"head dropout {rate}: best epoch \d+, val_loss [\d.]+", three)
     assert "compared: dropout 0.5 from dropout-0.5.json" in three
+    # A run directory: the session resumed from it has the run as it was (the same test
+    # metrics: the same weights), and its next phase continues the epoch count.
+    restart = r"the restart: 10 epochs, best epoch (\d+), (\d+) restorable; (test accuracy .*)"
+    before, after = re.search(f"before {restart}", three), re.search(f"after {restart}", three)
+    assert before and after and before.groups() == after.groups(), (before, after)
+    assert "the next phase trained epochs 11-15" in three
+    assert re.search(r"digits: 15 epochs in 2 phases, best epoch \d+ \(val_loss [\d.]+\)", three)
 
     four = execute("04_bring_your_own_model.ipynb").stream()
     assert "weights=None" in four  # FTWIDGETS_OFFLINE=1 skipped the download
