@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import benchmarks
-from benchmarks import lr_search, rundir, startup
+from benchmarks import first_batch, lr_search, startup
 from benchmarks.common import ROOT, loadavg, log, wait_for_quiet
 from benchmarks.results import RESULTS, machine_info, report, write_raw, write_results
 from benchmarks.sections import Run, load
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.rundir_child:
         # A fresh process of the rundir section's first-batch timing (measure_first_batch).
-        return rundir.main_child(args.rundir_child)
+        return first_batch.main_child(args.rundir_child)
     if args.startup_child:
         # A cold process of the startup section (started by measure_startup).
         result = startup.startup_child(args.startup_child)

@@ -153,6 +153,15 @@ class Spread:
         return f"{side} on the median; not settled ({span})"
 
 
+def paired_ratio(of: dict[str, list[float]], arm: str, base: str) -> Spread:
+    """``arm`` over ``base``, repeat by repeat.
+
+    >>> paired_ratio({"plain": [1.0, 2.0], "run_dir": [1.02, 2.0]}, "run_dir", "plain").values
+    [1.02, 1.0]
+    """
+    return Spread([x / y for x, y in zip(of[arm], of[base], strict=True)])
+
+
 def pretrained_sentence(entry: dict[str, Any]) -> str:
     """The sentence a table's heading gets where its base was pretrained in the run.
 

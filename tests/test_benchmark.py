@@ -155,9 +155,9 @@ def test_a_quick_rundir_run_times_a_phase_with_a_run_directory_and_a_resumed_fir
     done = child("-m", "benchmarks", "--quick", "--sections", "rundir", "--no-write")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "10. Issue 29: run directory and resume" in done.stdout
-    assert "**run directory, whole phase**" in done.stdout and "<= 1.03:" in done.stdout
+    assert "**run directory, whole phase, demo**" in done.stdout and "<= 1.03:" in done.stdout
     raw = json.loads(raw_file.read_text(encoding="utf-8"))["rundir"]
-    phase = raw["phase"]
+    phase = raw["phase"]["demo"]
     for arm in ("plain", "run_dir"):
         (seconds,) = phase["whole"][arm]
         assert 0 < seconds < 60, (arm, seconds)
