@@ -44,10 +44,15 @@ It measures (1-4 and 6's quality in one process, 5 and 6's timing in child proce
    ``fine_tune``'s one-cycle recipe at equal epochs, on the demo and a
    MobileNetV3Small, 3 seeds. What rate groups cost per epoch and per whole phase
    against one rate is section ``group_overhead``, in chapter 1.
+10. Run directory and resume (section ``rundir``): a whole phase with and without
+    ``run_dir=`` on the demo and the one-second workload (bytes written per epoch, the
+    writer's lag, the cost per hook), and the first batch of
+    ``FineTuneSession.resume`` against a new session in fresh processes
+    (``first_batch``).
 
 The package: one module per section (``overhead``, ``whole_phase``, ``growth``,
 ``group_overhead``, ``traffic``, ``responsiveness``, ``in_flight``, ``startup``,
-``lr_search``, ``browser``, ``lora``, ``rates``), each with a ``SECTION``
+``lr_search``, ``browser``, ``lora``, ``rates``, ``rundir``), each with a ``SECTION``
 (``benchmarks.sections.Section``: how it measures, how it reports);
 shared parts in ``common`` (statistics, child processes), ``workloads``, ``threads``
 (CPU time by thread), ``arms`` (bare, session and panel runs) and ``results``
