@@ -52,7 +52,7 @@ def run_dir_phase(name: str, epochs: int, arm: str) -> ArmRun:
 
 
 def _hooks() -> list[tuple[str, Any, str]]:
-    from ftwidgets.engine import run_keeper, rundir, snapshot_files
+    from ftwidgets.engine import run_keeper, rundir
 
     return [
         ("`RunKeeper.epoch_ended` (model's thread: the optimizer copied, the state built)",
@@ -61,8 +61,10 @@ def _hooks() -> list[tuple[str, Any, str]]:
          rundir.RunWriter, "keep"),
         ("`RunWriter._write` (writer's thread: an epoch's file, or a commit and the manifest)",
          rundir.RunWriter, "_write"),
-        ("  of which `_commit` (fsync the file, rename it, fsync the folder)",
-         snapshot_files, "_commit"),
+        ("  of which `write_arrays` (an epoch's or a commit's file, renamed into place)",
+         rundir, "write_arrays"),
+        ("  of which `sync_files` (fsync, at most every 5 s and at the end)",
+         rundir, "sync_files"),
     ]  # fmt: skip
 
 

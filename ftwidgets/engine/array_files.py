@@ -4,8 +4,10 @@ hold up the model's: the run directory's format (``ftwidgets.engine.rundir``).
 Layout: the magic ``FTWARRS1``, the header's length (8 bytes, little-endian), the
 header (UTF-8 JSON: the caller's values, and where each array lies), then each array's
 raw bytes at a 64-byte boundary. The bytes go out with one ``write`` per array, and
-their SHA-256 is taken as they go, so the writing thread holds Python's GIL for little
+their CRC-32 is taken as they go, so the writing thread holds Python's GIL for little
 but the header: h5py held it for the whole file, and the model's thread waited on it.
+(CRC-32 finds a torn or damaged file at a few GB/s; SHA-256 took 0.4 ms of a 16 ms
+demo epoch's CPU for its 200 KB.)
 
 Example:
 
@@ -19,17 +21,17 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["commit_file", "file_sha256", "read_arrays", "sync_files", "write_arrays"]
+__all__ = ["commit_file", "file_crc32", "read_arrays", "sync_files", "write_arrays"]
 
 MAGIC = b"FTWARRS1"
 _ALIGN = 64
@@ -45,7 +47,7 @@ def write_arrays(
     `commit_file`, which ``sync`` goes to).
 
     Returns:
-        The file's SHA-256, hex.
+        The file's CRC-32, hex.
     """
     arrays = {name: [np.asarray(a, order="C") for a in values] for name, values in arrays.items()}
     places: dict[str, list[dict[str, Any]]] = {}
@@ -62,7 +64,7 @@ def write_arrays(
     lead += bytes(start - len(lead))
 
     def write(partial: Path) -> str:
-        digest = hashlib.sha256(lead)
+        digest = zlib.crc32(lead)
         with open(partial, "wb") as f:
             f.write(lead)
             at = 0
@@ -72,9 +74,9 @@ def write_arrays(
                     data = memoryview(value.reshape(-1).view(np.uint8))
                     for chunk in (gap, data):
                         f.write(chunk)
-                        digest.update(chunk)
+                        digest = zlib.crc32(chunk, digest)
                     at = row["offset"] + value.nbytes
-        return digest.hexdigest()
+        return f"{digest:08x}"
 
     return commit_file(path, write, sync)
 
@@ -82,15 +84,15 @@ def write_arrays(
 def read_arrays(
     path: Path, expected: str | None = None
 ) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
-    """The header and arrays `write_arrays` wrote; ``expected``: the SHA-256 it returned.
+    """The header and arrays `write_arrays` wrote; ``expected``: the CRC-32 it returned.
 
     Raises:
         ValueError: if the file is not one, is cut short, or (``expected``) its bytes
             changed since, naming the file.
     """
     raw = Path(path).read_bytes()
-    if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
-        raise ValueError(f"{Path(path).name} changed since it was written (its SHA-256 differs)")
+    if expected is not None and f"{zlib.crc32(raw):08x}" != expected:
+        raise ValueError(f"{Path(path).name} changed since it was written (its CRC-32 differs)")
     if raw[: len(MAGIC)] != MAGIC:
         raise ValueError(f"{Path(path).name} is not an ftwidgets arrays file")
     length = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 8], "little")
@@ -142,7 +144,10 @@ def sync_files(paths: Sequence[Path]) -> None:
             os.close(descriptor)
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, hex."""
+def file_crc32(path: Path) -> str:
+    """The CRC-32 of a file's bytes, hex."""
+    digest = 0
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            digest = zlib.crc32(chunk, digest)
+    return f"{digest:08x}"

@@ -128,7 +128,7 @@ def read_run(path: str | PathLike[str]) -> RunContents:
     """Read a run directory's newest complete commit, whole, into memory.
 
     A commit whose files are missing, torn or changed since they were written (their
-    SHA-256 differs) is skipped for the one before it, with a `RunDamagedWarning`
+    CRC-32 differs) is skipped for the one before it, with a `RunDamagedWarning`
     naming each one skipped.
 
     Raises:
@@ -159,14 +159,14 @@ def read_run(path: str | PathLike[str]) -> RunContents:
 
 
 def _read_commit(path: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> RunContents:
-    header, arrays = _read_file(path, entry["state"], entry["state_sha256"])
+    header, arrays = _read_file(path, entry["state"], entry["state_crc32"])
     optimizer = None
     if "optimizer" in arrays:
         optimizer = (header["optimizer_paths"], arrays["optimizer"])
     if entry["weights"] == MODEL:
         weights = None  # the model as written: nothing to assign
     else:
-        weights = read_weights(path, entry["weights"], entry["weights_sha256"], None)
+        weights = read_weights(path, entry["weights"], entry["weights_crc32"], None)
     contents = RunContents(
         path, manifest, header["state"], arrays["batches"][0], optimizer, weights
     )
@@ -195,14 +195,22 @@ def read_weights(
     path: Path, name: str, expected: str, epoch: int | None
 ) -> tuple[Snapshot, list[str]]:
     """A snapshot a run directory holds (``name`` within ``path``), checked against its
-    SHA-256, and its variables' paths.
+    CRC-32, and its variables' paths.
 
     Raises:
         ValueError: if the file is missing, damaged or changed since, naming it.
     """
     header, arrays = _read_file(path, name, expected)
-    values = tuple(arrays["weights"])
-    return Snapshot(header["label"], epoch, values), header["paths"]
+    values = arrays["weights"]
+    shared = header.get("shared")
+    if shared is not None:
+        common = _read_file(path, shared["file"], shared["crc32"])[1]["weights"]
+        merged: list[Any] = [None] * (len(values) + len(common))
+        for i, value in zip(shared["indices"], common, strict=True):
+            merged[i] = value
+        own = iter(values)
+        values = [value if value is not None else next(own) for value in merged]
+    return Snapshot(header["label"], epoch, tuple(values)), header["paths"]
 
 
 def match_variables(paths: Sequence[str], variables: Sequence[Any]) -> tuple[int, ...]:

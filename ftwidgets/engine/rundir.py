@@ -6,7 +6,9 @@ reads it)::
     runs/my-run/
       manifest.json            what the run is, its best, its last commits (readable)
       model.keras              the model as the session got it, written once
-      epochs/epoch-0007.arrays each kept epoch's variables, with their paths
+      epochs/epoch-0007.arrays each kept epoch's variables, with their paths; those
+                               no step of its phase changes (a head phase's base)
+                               once per phase, in epochs/shared-epoch-0001.arrays
       commits/000012.arrays    the session at a moment: its state as JSON (history,
                                best, notes, searches, settings), the per-batch trace,
                                the optimizer's variables, and the model's own variables
@@ -20,7 +22,7 @@ behind. Every file is written under a temporary name and renamed, and the manife
 renamed last: it only ever names complete files, so a process killed at any instant
 leaves the last commit readable. Against a power cut, the files are flushed to the disk
 (``fsync``) before a manifest that names them, at most every `SYNC_SECONDS`, and at
-`RunWriter.flush`; a file torn all the same fails its SHA-256. The manifest keeps the
+`RunWriter.flush`; a file torn all the same fails its CRC-32. The manifest keeps the
 newest commits on `KEEP_WEIGHTS` different weights, and `read_run` falls back past a
 commit whose files were damaged since, with a warning that names what it skipped.
 """
@@ -39,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ftwidgets.engine.array_files import commit_file, file_sha256, sync_files, write_arrays
+from ftwidgets.engine.array_files import commit_file, file_crc32, sync_files, write_arrays
 from ftwidgets.engine.run_reader import (
     FORMAT,
     MANIFEST,
@@ -111,6 +113,7 @@ class RunWriter:
         self._weights = self._commits[-1] if self._commits else None
         self._lock = threading.Condition()
         self._pending: dict[int, Snapshot] = {}  # kept epochs not on disk yet
+        self._shared_files: dict[int | None, dict[str, Any]] = {}  # by `Snapshot.shared_key`
         self._epochs_behind = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._unsynced: list[Path] = []  # files renamed into place but not flushed
@@ -126,11 +129,11 @@ class RunWriter:
 
         def save(partial: Path) -> str:
             model.save(partial)
-            return file_sha256(partial)
+            return file_crc32(partial)
 
         digest = commit_file(self.path / MODEL, save)
         parameters = int(model.count_params()) if model.built else None
-        self._model = {"name": model.name, "file": MODEL, "sha256": digest}
+        self._model = {"name": model.name, "file": MODEL, "crc32": digest}
         self._model["parameters"] = parameters
 
     def keep(self, epoch: int, stem: str, snapshot: Snapshot, variables: Sequence[Any]) -> None:
@@ -167,7 +170,7 @@ class RunWriter:
         entry = self._kept.get(epoch)
         if entry is None:
             raise ValueError(f"Epoch key {epoch} was never written to {str(self.path)!r}.")
-        return read_weights(self.path, entry["file"], entry["sha256"], epoch)[0]
+        return read_weights(self.path, entry["file"], entry["crc32"], epoch)[0]
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything handed over is on disk; True if it is.
@@ -228,10 +231,16 @@ class RunWriter:
         if task[0] == "epoch":
             _, epoch, name, snapshot, layout = task
             header = {"label": snapshot.label, "paths": self._layouts[layout]}
-            digest = write_arrays(self.path / name, header, {"weights": snapshot.values}, False)
+            values = snapshot.values
+            if snapshot.shared:
+                # The weights no step of the phase changes: one file for all its epochs.
+                header["shared"] = self._shared_file(snapshot, name)
+                shared = set(snapshot.shared)
+                values = tuple(v for i, v in enumerate(values) if i not in shared)
+            digest = write_arrays(self.path / name, header, {"weights": values}, False)
             self._unsynced.append(self.path / name)
             with self._lock:
-                self._kept[epoch] = {"file": name, "sha256": digest, "layout": layout}
+                self._kept[epoch] = {"file": name, "crc32": digest, "layout": layout}
                 self._pending.pop(epoch, None)
             return
         commit: Commit = task[1]
@@ -245,15 +254,15 @@ class RunWriter:
         digest = _write_commit(self.path / name, commit, state)
         self._unsynced.append(self.path / name)
         if commit.weights is not None:
-            weights = {"weights": name, "weights_sha256": digest}
+            weights = {"weights": name, "weights_crc32": digest}
         elif commit.weights_key is not None and commit.weights_key in self._kept:
             entry = self._kept[commit.weights_key]
-            weights = {"weights": entry["file"], "weights_sha256": entry["sha256"]}
+            weights = {"weights": entry["file"], "weights_crc32": entry["crc32"]}
         elif self._weights is not None:
-            weights = {k: self._weights[k] for k in ("weights", "weights_sha256")}
+            weights = {k: self._weights[k] for k in ("weights", "weights_crc32")}
         else:
-            weights = {"weights": MODEL, "weights_sha256": self._model.get("sha256")}
-        entry = {"seq": self._seq, "state": name, "state_sha256": digest, **weights}
+            weights = {"weights": MODEL, "weights_crc32": self._model.get("crc32")}
+        entry = {"seq": self._seq, "state": name, "state_crc32": digest, **weights}
         entry["epoch"] = state.get("epoch")
         entry["written"] = _now()
         self._weights = entry
@@ -271,6 +280,17 @@ class RunWriter:
         sync_files([*written, self.path / "epochs", self.path / "commits"])
         self._unsynced.clear()
         self._sync_at = time.monotonic() + SYNC_SECONDS
+
+    def _shared_file(self, snapshot: Snapshot, name: str) -> dict[str, Any]:
+        entry = self._shared_files.get(snapshot.shared_key)
+        if entry is None:
+            shared_name = name.replace("epochs/", "epochs/shared-", 1)
+            values = [snapshot.values[i] for i in snapshot.shared]
+            digest = write_arrays(self.path / shared_name, {}, {"weights": values}, False)
+            self._unsynced.append(self.path / shared_name)
+            entry = {"file": shared_name, "crc32": digest, "indices": list(snapshot.shared)}
+            self._shared_files[snapshot.shared_key] = entry
+        return entry
 
     def _write_manifest(self, state: dict[str, Any], sync: bool) -> None:
         history = state.get("history", {})

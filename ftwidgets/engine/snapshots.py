@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import functools
 import heapq
+import itertools
 import os
 import re
 import uuid
@@ -53,9 +54,11 @@ class Snapshot:
     values: tuple[np.ndarray, ...]
     non_finite: str | None = field(default=None, compare=False)
     # Of ``nbytes``, the frozen weights shared with the other epochs of its phase (see
-    # `SnapshotStore.keep_epoch`), and the id of the block that holds them.
+    # `SnapshotStore.keep_epoch`): a number for the block that holds them, never used
+    # for another, and their places in ``values``.
     shared_nbytes: int = field(default=0, compare=False)
     shared_key: int | None = field(default=None, compare=False, repr=False)
+    shared: tuple[int, ...] = field(default=(), compare=False, repr=False)
     # The ids of the variables ``values`` were copied from, in order: a model that has
     # gained LoRA adapters since is restored variable by variable (see `restore`).
     ids: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
@@ -289,6 +292,8 @@ class SnapshotStore:
         # The running phase's copy of its fixed weights: (plan, copies, block, the index
         # of a non-finite one or None).
         self._shared: tuple[_Plan, tuple[np.ndarray, ...], np.ndarray, int | None] | None = None
+        self._shared_blocks = itertools.count()
+        self._shared_key: int | None = None
         self._sharing: dict[int, int] = {}  # kept snapshots holding each shared block
 
     @property
@@ -402,6 +407,7 @@ class SnapshotStore:
             copies, block = plan.fixed_layout.copy([variables[i].value for i in plan.fixed])
             bad = plan.fixed_layout.first_non_finite(copies, block)
             shared = self._shared = (plan, copies, block, None if bad is None else plan.fixed[bad])
+            self._shared_key = next(self._shared_blocks)
         copies, block = own.copy(
             [variables[i].value for i in plan.own], into=self._take_spare(own.nbytes)
         )
@@ -425,7 +431,8 @@ class SnapshotStore:
             values,
             None if bad is None else variables[bad].path,
             shared_nbytes=plan.fixed_layout.held if shared is not None else 0,
-            shared_key=None if shared is None else id(shared[2]),
+            shared_key=None if shared is None else self._shared_key,
+            shared=() if shared is None else tuple(plan.fixed),
             ids=plan.ids,
         )
         if not snapshot.finite:
