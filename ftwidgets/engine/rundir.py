@@ -327,7 +327,8 @@ def _write_commit(path: Path, commit: Commit, state: dict[str, Any]) -> str:
         snapshot, header["paths"] = commit.weights
         header["label"] = snapshot.label
         arrays["weights"] = list(snapshot.values)
-    return write_arrays(path, header, arrays)
+    # Flushed to the disk with the epochs' files, at most every SYNC_SECONDS (`_sync`).
+    return write_arrays(path, header, arrays, False)
 
 
 def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
