@@ -37,6 +37,15 @@ def child(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def quick_run(sections: str) -> tuple[str, dict]:
+    """Run ``sections`` with --quick in a child; its output and its raw figures."""
+    raw_file = PACKAGE / "out" / "raw-quick.json"
+    raw_file.unlink(missing_ok=True)
+    done = child("-m", "benchmarks", "--quick", "--sections", sections, "--no-write")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout, json.loads(raw_file.read_text(encoding="utf-8"))
+
+
 @pytest.mark.kernel
 def test_every_benchmark_module_s_docstring_examples_run():
     done = child("-c", DOCTESTS, *MODULES)
@@ -68,11 +77,8 @@ def test_the_command_line_lists_every_section_and_refuses_an_unknown_one():
 @pytest.mark.kernel
 def test_a_quick_growth_run_times_every_arm_at_every_length():
     # The arms are what every timed section runs; a quick section runs them all.
-    raw_file = PACKAGE / "out" / "raw-quick.json"
-    raw_file.unlink(missing_ok=True)
-    done = child("-m", "benchmarks", "--quick", "--sections", "growth", "--no-write")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    growth = json.loads(raw_file.read_text(encoding="utf-8"))["growth"]
+    _, raw = quick_run("growth")
+    growth = raw["growth"]
     assert growth["arms"] == ["a", "b", "c"] and growth["lengths"] == [8, 32]
     for length in growth["lengths"]:
         for arm in growth["arms"]:
@@ -99,12 +105,9 @@ def test_the_benchmarks_import_nothing_from_tests():
 @pytest.mark.kernel
 @pytest.mark.timeout(600)
 def test_a_quick_lora_run_trains_adapters_alone_on_both_workloads():
-    raw_file = PACKAGE / "out" / "raw-quick.json"
-    raw_file.unlink(missing_ok=True)
-    done = child("-m", "benchmarks", "--quick", "--sections", "lora", "--no-write")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "8. LoRA vs full fine-tuning" in done.stdout
-    lora = json.loads(raw_file.read_text(encoding="utf-8"))["lora"]
+    stdout, raw = quick_run("lora")
+    assert "8. LoRA vs full fine-tuning" in stdout
+    lora = raw["lora"]
     for name in ("bert", "cnn"):
         (full,), (adapters,) = lora[name]["runs"]["full"], lora[name]["runs"]["lora"]
         # LoRA trains a small fraction of what the full fine-tune trains, and each kept
@@ -123,20 +126,15 @@ def test_a_quick_lora_run_trains_adapters_alone_on_both_workloads():
 @pytest.mark.kernel
 @pytest.mark.timeout(600)
 def test_quick_rates_and_group_overhead_runs_time_every_arm_on_both_workloads():
-    raw_file = PACKAGE / "out" / "raw-quick.json"
-    raw_file.unlink(missing_ok=True)
-    sections = "group_overhead,rates"
-    done = child("-m", "benchmarks", "--quick", "--sections", sections, "--no-write")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "9. Rate groups, schedules and fine_tune" in done.stdout
-    raw = json.loads(raw_file.read_text(encoding="utf-8"))
+    stdout, raw = quick_run("group_overhead,rates")
+    assert "9. Rate groups, schedules and fine_tune" in stdout
     # The rate-group phase timed against the one-rate phase, per epoch and whole.
     groups = raw["group_overhead"]
     for key in ("per_epoch", "whole"):
         for arm in ("one_rate", "groups"):
             (seconds,) = groups[key][arm]
             assert 0 < seconds < 60, (key, arm, seconds)
-    assert "**rate groups**" in done.stdout and "<= 1.03:" in done.stdout
+    assert "**rate groups**" in stdout and "<= 1.03:" in stdout
     # Every arm trained both phases on both workloads; the CNN's base was pretrained.
     rates = raw["rates"]
     for name in ("demo", "cnn"):
@@ -150,13 +148,10 @@ def test_quick_rates_and_group_overhead_runs_time_every_arm_on_both_workloads():
 @pytest.mark.kernel
 @pytest.mark.timeout(600)
 def test_a_quick_rundir_run_times_a_phase_with_a_run_directory_and_a_resumed_first_batch():
-    raw_file = PACKAGE / "out" / "raw-quick.json"
-    raw_file.unlink(missing_ok=True)
-    done = child("-m", "benchmarks", "--quick", "--sections", "rundir", "--no-write")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "10. Issue 29: run directory and resume" in done.stdout
-    assert "**run directory, whole phase, demo**" in done.stdout and "<= 1.03:" in done.stdout
-    raw = json.loads(raw_file.read_text(encoding="utf-8"))["rundir"]
+    stdout, raw = quick_run("rundir")
+    assert "10. Issue 29: run directory and resume" in stdout
+    assert "**run directory, whole phase, demo**" in stdout and "<= 1.03:" in stdout
+    raw = raw["rundir"]
     phase = raw["phase"]["demo"]
     for arm in ("plain", "run_dir"):
         (seconds,) = phase["whole"][arm]
