@@ -258,3 +258,27 @@ def test_a_run_made_with_your_own_loss_resumes_when_given_it_again(data, tmp_pat
     assert resumed.loss is my_loss
     assert [type(m).__name__ for m in resumed.metrics] == ["SparseCategoricalAccuracy"]
     resumed.close()
+
+
+class _Unsaveable(keras.layers.Layer):
+    """A layer whose settings Keras cannot write: its model has no ``.keras`` file."""
+
+    def get_config(self):
+        return {**super().get_config(), "handle": object()}
+
+    def call(self, x):
+        return x
+
+
+def test_a_model_keras_cannot_save_is_refused_and_the_folder_left_as_found(data, tmp_path):
+    base = ftw.demo.pretrained_base()
+    inputs = keras.Input(base.input_shape[1:])
+    outputs = keras.layers.Dense(5, activation="softmax")(_Unsaveable()(base(inputs)))
+    model = keras.Model(inputs, outputs)
+    threads = {t.name for t in threading.enumerate()}
+    for path in (tmp_path / "new", tmp_path):  # a folder to make, an empty one given
+        with pytest.raises(ValueError, match=r"Keras could not save it: Cannot serialize object"):
+            make_session(data, model, run_dir=path)
+        assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+    assert {t.name for t in threading.enumerate()} == threads  # no writer left running
+    assert model.name not in [s.model.name for s in ftw.live_sessions()]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -122,6 +123,34 @@ class RunWriter:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="ftwidgets-run-writer", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def new(cls, path: str | PathLike[str], name: str, model: Any) -> RunWriter:
+        """A writer for a new run, with ``model`` written; if Keras cannot save the model,
+        the folder is left as it was found.
+
+        Raises:
+            ValueError: if ``path`` is no new or empty folder, or the model cannot be
+                saved as a ``.keras`` file, naming why.
+        """
+        path = Path(path)
+        _check_new(path)
+        existed = path.exists()
+        writer = cls(path, name)
+        try:
+            writer.save_model(model)
+        except Exception as exc:
+            writer.close()
+            for child in path.iterdir():  # the folder was empty: all of it is ours
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if not existed:
+                path.rmdir()
+            raise ValueError(
+                f"run_dir keeps the model as {MODEL}, and Keras could not save it: {exc} "
+                "Give its custom layers a get_config() (see keras.saving), or train "
+                f"without run_dir. Received: run_dir={str(path)!r}"
+            ) from exc
+        return writer
 
     # -- the model's thread --------------------------------------------------------
     def save_model(self, model: Any) -> None:

@@ -188,7 +188,6 @@ class FineTuneSession(Training):
                 "run_dir keeps every kept epoch itself: pass run_dir or checkpoint_dir, "
                 f"not both. Received: run_dir={str(run_dir)!r}, checkpoint_dir={checkpoint_dir!r}"
             )
-        writer = None if run_dir is None else RunWriter(run_dir, self._name)
         self.model = model
         self.task = tasks.model_task(model)
         compiling = PhaseCompile.resolve(model, data, loss, metrics)
@@ -209,7 +208,6 @@ class FineTuneSession(Training):
                 checkpoint_dir=checkpoint_dir,
                 keep=keep,
                 run=self._name,
-                files=writer,
             ),
             channel=self._channel,
             emit=self._emit,
@@ -233,8 +231,10 @@ class FineTuneSession(Training):
         # Keras's settings live per thread; a Start clicked on a subshell's thread
         # sees none. Those of the thread that made the session fill the gaps.
         self._keras_settings = _backend.keras_state()
-        if writer is not None:
-            writer.save_model(model)
+        if run_dir is not None:
+            # Made last: a refusal before it leaves no folder behind.
+            writer = RunWriter.new(run_dir, self._name, model)
+            self._ctx.snapshots.files = writer
             self._ctx.run = RunKeeper(self, writer)
             self.on_event(self._ctx.run.on_event)
         registry.register(self)
