@@ -12,8 +12,8 @@ import pytest
 from helpers import WAIT, make_model, make_session, same, values
 
 import ftwidgets as ftw
+from ftwidgets.engine import array_files, lora, run_reader, rundir
 from ftwidgets.engine import events as ev
-from ftwidgets.engine import lora, run_reader, rundir
 from ftwidgets.engine.snapshots import Snapshot
 
 pytestmark = pytest.mark.keras
@@ -114,6 +114,41 @@ def test_a_damaged_newest_epoch_falls_back_to_the_one_before_with_a_warning(data
     assert [r.epoch for r in resumed.history.epochs] == [1, 2, 3]
     resumed.close()
     assert run_reader.read_run(path).state["epoch"] == 3  # and it reads whole again
+
+
+def test_commits_carry_only_the_epochs_since_their_history_base(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "BASE_EVERY", 3)
+    path = tmp_path / "run"
+    session = make_session(data, run_dir=path)
+    session.run(ftw.PhaseConfig(phase="head", epochs=8, batch_size=16))
+    assert session.flush(WAIT)
+    records, batches = session.history.to_records(), session.history.batches.columns()
+    session.close()
+    commits = json.loads((path / "manifest.json").read_text())["commits"]
+    for entry in commits:
+        state = array_files.read_arrays(path / entry["state"])[0]["state"]
+        assert len(state["epoch_rows"]) < 3 and "epochs" not in state["history"]
+    # The newest base holds the run's start; only bases a listed commit names are left,
+    # and two of them: the newest commits' and an older one to fall back to.
+    bases = sorted(entry["base"] for entry in commits)
+    assert sorted(f"history/{p.name}" for p in (path / "history").iterdir()) == sorted(set(bases))
+    assert len(set(bases)) == 2
+    newest_base = path / commits[-1]["base"]
+    assert len(array_files.read_arrays(newest_base)[0]["epoch_rows"]) >= 6
+
+    resumed = resume(data, path)
+    assert resumed.history.to_records() == records
+    assert np.array_equal(resumed.history.batches.columns(), batches)
+    resumed.close()
+
+    raw = bytearray(newest_base.read_bytes())
+    raw[-8:] = bytes(8)
+    newest_base.write_bytes(bytes(raw))
+    with pytest.warns(ftw.RunDamagedWarning, match=f"{newest_base.name} changed"):
+        fallen_back = run_reader.read_run(path)
+    older = fallen_back.state["history"]["epochs"]
+    assert 0 < len(older) < len(records) and fallen_back.state["epoch"] == len(older)
+    assert fallen_back.batches.shape[1] < batches.shape[1]
 
 
 def test_what_is_no_run_or_not_this_run_is_refused_and_nothing_is_left_behind(data, tmp_path):

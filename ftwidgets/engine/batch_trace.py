@@ -74,11 +74,12 @@ class BatchTrace:
             mine = (columns[0] >= first_step) & (columns[0] < first_step + steps)
             columns[1, mine] = epoch - 1 + (columns[0, mine] - first_step + 1) / steps
 
-    def columns(self) -> np.ndarray:
-        """A copy of every recorded row as it was recorded: step, x, loss (or running
-        mean), batch in epoch (-1: none) and size, one column per batch."""
+    def columns(self, start: int = 0) -> np.ndarray:
+        """A copy of the rows recorded from the ``start``-th on, as they were recorded:
+        step, x, loss (or running mean), batch in epoch (-1: none) and size, one
+        column per batch."""
         with self._lock:
-            return self._columns[:, : self._count].copy()
+            return self._columns[:, start : self._count].copy()
 
     def extend(self, columns: np.ndarray) -> None:
         """Append rows that `columns` returned, as if recorded again.

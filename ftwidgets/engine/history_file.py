@@ -55,9 +55,10 @@ def write(history: History, path: str | PathLike[str]) -> Path:
     return path
 
 
-def to_json(history: History) -> dict[str, Any]:
-    """The file's contents for ``history``: plain values `check` reads back."""
-    return {
+def to_json(history: History, epochs: bool = True) -> dict[str, Any]:
+    """The file's contents for ``history``: plain values `check` reads back; with
+    ``epochs`` False, all but the epochs (a run directory writes those as they come)."""
+    data = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "model": history.model_name,
@@ -68,9 +69,11 @@ def to_json(history: History) -> dict[str, Any]:
         "branches": [dataclasses.asdict(b) for b in history.branches],
         "phases": [span_to_json(span) for span in history.phases],
         "markers": [dataclasses.asdict(m) for m in history.markers],
-        "epochs": [_record_to_json(r) for r in history.epochs],
         "rates": history.rate_trace.to_json(),
     }
+    if epochs:
+        data["epochs"] = [record_to_json(r) for r in history.epochs]
+    return data
 
 
 def read(path: str | PathLike[str]) -> dict[str, Any]:
@@ -147,7 +150,8 @@ def record_from_json(row: Mapping[str, Any]) -> EpochRecord:
     return EpochRecord(**{**row, "logs": frozen_logs(row["logs"])})
 
 
-def _record_to_json(record: EpochRecord) -> dict[str, Any]:
+def record_to_json(record: EpochRecord) -> dict[str, Any]:
+    """One epoch's row, as `record_from_json` reads it."""
     row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
     return {**row, "logs": dict(record.logs)}
 

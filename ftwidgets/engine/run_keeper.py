@@ -2,9 +2,11 @@
 
 After each complete epoch (on the model's thread, where its state is synced) it copies
 the optimizer's variables and the session's state; the kept epoch's weights went to the
-writer already (``SnapshotStore.keep_epoch``). When a phase ends, and after a rollback
-or a restored epoch while idle, the commit names the kept epoch the model holds, or
-copies the model's own variables where they are no kept epoch's (a Stop mid-epoch).
+writer already (``SnapshotStore.keep_epoch``). The history's epochs and per-batch rows
+go once each, as they come: a commit's cost must not grow with the run. When a phase
+ends, and after a rollback or a restored epoch while idle, the commit names the kept
+epoch the model holds, or copies the model's own variables where they are no kept
+epoch's (a Stop mid-epoch).
 Notes, searches and a changed best are written when nothing trains, and with the next
 epoch while something does, so that a commit's history never runs ahead of its
 weights. The writing itself is ``ftwidgets.engine.rundir``'s.
@@ -12,12 +14,13 @@ weights. The writing itself is ``ftwidgets.engine.rundir``'s.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 
-from ftwidgets.engine import lora, run_state, transfer
+from ftwidgets.engine import history_file, lora, run_state, transfer
 from ftwidgets.engine.config import init_fields
 from ftwidgets.engine.events import (
     Advised,
@@ -57,6 +60,10 @@ class RunKeeper:
         self._busy = False  # a phase or a search runs: state waits for the next epoch
         self._last_key: int | None = None  # the last epoch kept
         self._searches: dict[int, dict[str, Any]] = {}  # an ended search's JSON, by id
+        # The epochs and batch rows handed over so far; the lock keeps commits in order.
+        self._lock = threading.Lock()
+        self._epochs_sent = len(session.history.epochs)
+        self._batches_sent = session.history.batches.count
 
     @property
     def path(self) -> Any:
@@ -67,7 +74,7 @@ class RunKeeper:
         """Commit the epoch just kept (under ``key``), at ``steps`` global batches."""
         self._optimizer = _optimizer_values(model)
         self._last_key = key
-        self.writer.commit(self._commit(steps, weights_key=key))
+        self._commit(steps, weights_key=key)
 
     def on_event(self, event: Event) -> None:
         """A session listener: commit after what changed the run while nothing trains."""
@@ -81,9 +88,9 @@ class RunKeeper:
             self._commit_model(self._ctx.key(event.best))
         elif isinstance(event, SearchEnded):
             self._busy = False
-            self.writer.commit(self._commit(self._ctx.steps_before))
+            self._commit(self._ctx.steps_before)
         elif isinstance(event, _STATE_EVENTS) and not self._busy:
-            self.writer.commit(self._commit(self._ctx.steps_before))
+            self._commit(self._ctx.steps_before)
 
     def _commit_model(self, restored: int | None = None) -> None:
         """Commit the idle model: as the kept epoch ``restored``, or the last one kept
@@ -93,30 +100,32 @@ class RunKeeper:
         if model.optimizer is not None and model.optimizer.built:
             self._optimizer = _optimizer_values(model)
         if restored is not None and ctx.snapshots.keeps(restored):
-            self.writer.commit(self._commit(ctx.steps_before, weights_key=restored))
+            self._commit(ctx.steps_before, weights_key=restored)
             return
         snapshot = capture(model, "the model")
         key = self._last_key
         last = ctx.snapshots.get(key) if key in ctx.snapshots.in_memory else None
         if last is not None and _same(last.values, snapshot.values):
-            self.writer.commit(self._commit(ctx.steps_before, weights_key=key))
+            self._commit(ctx.steps_before, weights_key=key)
             return
         weights = (snapshot, [v.path for v in model.variables]) if snapshot.finite else None
-        self.writer.commit(self._commit(ctx.steps_before, weights=weights))
+        self._commit(ctx.steps_before, weights=weights)
 
     def _commit(
         self,
         steps: int,
         weights_key: int | None = None,
         weights: tuple[Any, list[str]] | None = None,
-    ) -> Commit:
+    ) -> None:
+        """Hand the writer the session's state, and the epochs and batches new since
+        the last commit."""
         session, ctx = self.session, self._ctx
         history = ctx.history
-        complete = [r for r in history.epochs if not r.partial]
+        complete = next((r for r in reversed(history.epochs) if not r.partial), None)
         stopping = ctx.early_stopping
         state = {
-            "epoch": complete[-1].epoch if complete else None,
-            "history": history.to_json(),
+            "epoch": complete.epoch if complete is not None else None,
+            "history": history_file.to_json(history, epochs=False),
             "best": run_state.best_to_json(ctx.tracker.best),
             "best_key": ctx.snapshots.best_epoch,
             "tracking": run_state.tracking_to_json(ctx.tracker.config),
@@ -130,7 +139,13 @@ class RunKeeper:
             ],
             "settings": session_settings(session),
         }
-        return Commit(state, history.batches.columns(), self._optimizer, weights_key, weights)
+        with self._lock:
+            records = history.epochs
+            rows = [history_file.record_to_json(r) for r in records[self._epochs_sent :]]
+            batches = history.batches.columns(self._batches_sent)
+            self._epochs_sent = len(records)
+            self._batches_sent += batches.shape[1]
+            self.writer.commit(Commit(state, rows, batches, self._optimizer, weights_key, weights))
 
     def _search(self, search: Any) -> dict[str, Any]:
         # An ended search does not change: its curves are turned to JSON once.

@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 FORMAT = "ftwidgets.run"
-VERSION = 1
+# Version 2 writes the history's epochs and batch rows once each, in bases and commits
+# (version 1, before any release, wrote the whole history in every commit).
+VERSION = 2
 MANIFEST = "manifest.json"
 MODEL = "model.keras"
 _SUFFIX = re.compile(r"_\d+$")
@@ -160,6 +162,12 @@ def read_run(path: str | PathLike[str]) -> RunContents:
 
 def _read_commit(path: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> RunContents:
     header, arrays = _read_file(path, entry["state"], entry["state_crc32"])
+    state, batches = header["state"], arrays["batches"][0]
+    # The commit holds the epochs and batches since the history base it names.
+    base = state.pop("history_base")
+    base_header, base_arrays = _read_file(path, base["file"], base["crc32"])
+    state["history"]["epochs"] = base_header["epoch_rows"] + state.pop("epoch_rows")
+    batches = np.concatenate([base_arrays["batches"][0], batches], axis=1)
     optimizer = None
     if "optimizer" in arrays:
         optimizer = (header["optimizer_paths"], arrays["optimizer"])
@@ -167,9 +175,7 @@ def _read_commit(path: Path, manifest: dict[str, Any], entry: dict[str, Any]) ->
         weights = None  # the model as written: nothing to assign
     else:
         weights = read_weights(path, entry["weights"], entry["weights_crc32"], None)
-    contents = RunContents(
-        path, manifest, header["state"], arrays["batches"][0], optimizer, weights
-    )
+    contents = RunContents(path, manifest, state, batches, optimizer, weights)
     contents.manifest = {**manifest, "commits": _through(manifest, entry)}
     return contents
 

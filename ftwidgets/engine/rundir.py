@@ -1,6 +1,6 @@
 """A run directory: what a session needs to carry on after its process died.
 
-Layout (format ``ftwidgets.run``, version 1; ``ftwidgets.engine.run_reader``
+Layout (format ``ftwidgets.run``, version 2; ``ftwidgets.engine.run_reader``
 reads it)::
 
     runs/my-run/
@@ -10,9 +10,13 @@ reads it)::
                                no step of its phase changes (a head phase's base)
                                once per phase, in epochs/shared-epoch-0001.arrays
       commits/000012.arrays    the session at a moment: its state as JSON (history,
-                               best, notes, searches, settings), the per-batch trace,
-                               the optimizer's variables, and the model's own variables
+                               best, notes, searches, settings), the epochs and
+                               per-batch rows since the history base it names, the
+                               optimizer's variables, and the model's own variables
                                where they are no kept epoch's (after a Stop, say)
+      history/base-000009.arrays  every epoch's row and batch row up to a commit:
+                               written every `BASE_EVERY` epochs, so that a commit
+                               carries only what came since, whatever the run's length
 
 Each ``.arrays`` file is a JSON header and raw arrays (``ftwidgets.engine.array_files``).
 
@@ -53,7 +57,14 @@ from ftwidgets.engine.run_reader import (
 )
 from ftwidgets.engine.snapshots import Snapshot
 
-__all__ = ["KEEP_WEIGHTS", "SYNC_SECONDS", "Commit", "RunWriter"]
+__all__ = ["BASE_EVERY", "KEEP_WEIGHTS", "SYNC_SECONDS", "Commit", "RunWriter"]
+
+# Epoch rows, or batch rows, after which a new history base is written: a commit then
+# carries at most about this many, and the bases, O(n) each, cost O(n / BASE_EVERY) an
+# epoch (at 1,000 epochs the whole history was 260 KB of JSON, 6 ms to build and
+# encode, in every commit).
+BASE_EVERY = 64
+BASE_EVERY_BATCHES = 16384
 
 # The newest commits kept, each on other weights than the next: a newest one damaged
 # since falls back to the one before.
@@ -67,8 +78,9 @@ SYNC_SECONDS = 5.0
 class Commit:
     """What the model's thread hands the writer: host copies and plain values only."""
 
-    state: dict[str, Any]  # JSON values
-    batches: np.ndarray
+    state: dict[str, Any]  # JSON values; its "history" has no epochs: ``epochs`` has them
+    epochs: list[dict[str, Any]]  # the epochs' rows new since the last commit
+    batches: np.ndarray  # the per-batch rows new since the last commit
     optimizer: tuple[list[str], list[np.ndarray]] | None
     weights_key: int | None  # a kept epoch the model holds, or None: ``weights`` below
     weights: tuple[Snapshot, list[str]] | None = None
@@ -97,6 +109,7 @@ class RunWriter:
             _check_new(self.path)
         (self.path / "epochs").mkdir(parents=True, exist_ok=True)
         (self.path / "commits").mkdir(exist_ok=True)
+        (self.path / "history").mkdir(exist_ok=True)
         self.name = name
         # A resumed run's manifest lists the commits up to the one read: damaged ones
         # after it are dropped, and their files written over.
@@ -111,6 +124,14 @@ class RunWriter:
             contents.state.get("layouts", []) if contents is not None else []
         )
         self._layout_index: dict[tuple[int, ...], int] = {}
+        # Every epoch's row and batch row so far, and the history base last written
+        # (a resumed run writes a new one with its first commit).
+        history = contents.state["history"] if contents is not None else {}
+        self._rows: list[dict[str, Any]] = list(history.get("epochs", []))
+        self._batches: list[np.ndarray] = [contents.batches] if contents is not None else []
+        self._base: dict[str, Any] | None = None
+        self._complete = sum(not row.get("partial") for row in self._rows)
+        self._bases = {c["base"] for c in self._commits if c.get("base")}
         self._weights = self._commits[-1] if self._commits else None
         self._lock = threading.Condition()
         self._pending: dict[int, Snapshot] = {}  # kept epochs not on disk yet
@@ -274,13 +295,26 @@ class RunWriter:
             return
         commit: Commit = task[1]
         self._seq += 1
+        self._rows.extend(commit.epochs)
+        self._complete += sum(not row.get("partial") for row in commit.epochs)
+        self._batches.append(commit.batches)
+        base = self._base
+        if (
+            base is None
+            or len(self._rows) - base["epochs"] >= BASE_EVERY
+            or sum(part.shape[1] for part in self._batches[1:]) >= BASE_EVERY_BATCHES
+        ):
+            base = self._write_base()
         name = f"commits/{self._seq:06d}.arrays"
         state = {
             **commit.state,
             "kept": {str(k): v for k, v in self._kept.items()},
             "layouts": self._layouts,
+            "history_base": {k: base[k] for k in ("file", "crc32")},
+            "epoch_rows": self._rows[base["epochs"] :],
         }
-        digest = _write_commit(self.path / name, commit, state)
+        since = np.concatenate([np.empty((5, 0)), *self._batches[1:]], axis=1)
+        digest = _write_commit(self.path / name, commit, state, since)
         self._unsynced.append(self.path / name)
         if commit.weights is not None:
             weights = {"weights": name, "weights_crc32": digest}
@@ -292,6 +326,7 @@ class RunWriter:
         else:
             weights = {"weights": MODEL, "weights_crc32": self._model.get("crc32")}
         entry = {"seq": self._seq, "state": name, "state_crc32": digest, **weights}
+        entry["base"] = base["file"]
         entry["epoch"] = state.get("epoch")
         entry["written"] = _now()
         self._weights = entry
@@ -302,11 +337,23 @@ class RunWriter:
         self._write_manifest(state, sync=due)
         self._remove_unlisted()
 
+    def _write_base(self) -> dict[str, Any]:
+        """Write every epoch's row and batch row so far as the new history base."""
+        batches = np.concatenate([np.empty((5, 0)), *self._batches], axis=1)
+        self._batches = [batches]  # the base's rows, joined; then each commit's new ones
+        name = f"history/base-{self._seq:06d}.arrays"
+        rows = {"epoch_rows": self._rows}
+        digest = write_arrays(self.path / name, rows, {"batches": [batches]}, False)
+        self._unsynced.append(self.path / name)
+        self._bases.add(name)
+        self._base = {"file": name, "crc32": digest, "epochs": len(self._rows)}
+        return self._base
+
     def _sync(self) -> None:
         """Flush the files written since the last time, and their folders, to the disk:
         the manifest written next names nothing a power cut could lose."""
         written = [path for path in self._unsynced if path.exists()]
-        sync_files([*written, self.path / "epochs", self.path / "commits"])
+        sync_files([*written, *(self.path / name for name in ("epochs", "commits", "history"))])
         self._unsynced.clear()
         self._sync_at = time.monotonic() + SYNC_SECONDS
 
@@ -323,7 +370,6 @@ class RunWriter:
 
     def _write_manifest(self, state: dict[str, Any], sync: bool) -> None:
         history = state.get("history", {})
-        complete = [e for e in history.get("epochs", []) if not e.get("partial")]
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -331,7 +377,7 @@ class RunWriter:
             "created": self._created,
             "updated": _now(),
             "model": self._model,
-            "epochs": len(complete),
+            "epochs": self._complete,
             "phases": len(history.get("phases", [])),
             "best": state.get("best"),
             "commits": self._commits,
@@ -345,11 +391,14 @@ class RunWriter:
         for path in (self.path / "commits").glob("*.arrays"):
             if f"commits/{path.name}" not in listed:
                 path.unlink(missing_ok=True)
+        for name in self._bases - {c.get("base") for c in self._commits}:
+            (self.path / name).unlink(missing_ok=True)
+            self._bases.discard(name)
 
 
-def _write_commit(path: Path, commit: Commit, state: dict[str, Any]) -> str:
+def _write_commit(path: Path, commit: Commit, state: dict[str, Any], batches: np.ndarray) -> str:
     header: dict[str, Any] = {"state": state}
-    arrays = {"batches": [commit.batches]}
+    arrays = {"batches": [batches]}
     if commit.optimizer is not None:
         header["optimizer_paths"], arrays["optimizer"] = commit.optimizer
     if commit.weights is not None:
@@ -361,7 +410,18 @@ def _write_commit(path: Path, commit: Commit, state: dict[str, Any]) -> str:
 
 
 def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest commit on each of the last `KEEP_WEIGHTS` different weights, in order."""
+    """The newest commit on each of the last `KEEP_WEIGHTS` different weights, and the
+    newest on an older history base than theirs, in order: a damaged newest file of
+    either kind falls back to a commit that does not need it.
+
+    Example:
+
+    >>> rows = [dict(seq=n, weights=f"w{n}", base=f"b{n // 6}") for n in range(1, 9)]
+    >>> [entry["seq"] for entry in _retained(rows)]
+    [5, 6, 7, 8]
+    >>> [entry["seq"] for entry in _retained(rows[:-1])]  # 7 is on base b1, 5 and 4 on b0
+    [5, 6, 7]
+    """
     kept: list[dict[str, Any]] = []
     for entry in reversed(commits):
         if kept and entry["weights"] == kept[-1]["weights"]:
@@ -369,6 +429,10 @@ def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kept.append(entry)
         if len(kept) == KEEP_WEIGHTS:
             break
+    bases = {entry["base"] for entry in kept}
+    if len(bases) == 1:
+        older = next((e for e in reversed(commits) if e["base"] not in bases), None)
+        kept += [older] if older is not None else []
     return kept[::-1]
 
 
