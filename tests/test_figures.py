@@ -135,6 +135,26 @@ def test_the_rate_chart_is_logarithmic_and_marks_rate_changes():
 
 
 @pytest.mark.unit
+def test_a_metric_that_logs_an_array_is_one_chart_with_a_curve_per_element():
+    # F1Score() logs one value per class: the history holds f1_score[0], f1_score[1]...
+    h = History()
+    scores = [[0.2, 0.4, 0.1], [0.3, 0.6, 0.2], [0.1, 0.5, 0.3]]
+    for epoch, values in enumerate(scores, start=1):
+        logs = {"loss": 1.0 / epoch, "f1_score": np.array(values), "val_f1_score": values}
+        h.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs(logs), 1e-3))
+    assert figures.chart_names(h) == ["loss", "f1_score", "learning_rate"]
+    best = Best(2, 0.6, "val_f1_score[1]", "head")
+    svg = figures.to_svg(figures.chart_figure(h, "f1_score", best=best))
+    groups = groups_by_id(svg)
+    for i in range(3):
+        for name in (f"f1_score[{i}]", f"val_f1_score[{i}]"):
+            xy = path_vertices(groups[f"curve-{name}"])
+            slope, offset = np.polyfit([s[i] for s in scores], xy[:, 1], 1)
+            np.testing.assert_allclose(xy[:, 1], slope * np.array(scores)[:, i] + offset, atol=0.05)
+    assert "best val_f1_score[1]" in svg_texts(svg)
+
+
+@pytest.mark.unit
 def test_png_files_are_pngs_of_the_figure_size(tmp_path):
     h, _ = branched_history()
     path = figures.save_figure(figures.run_figure(h), tmp_path / "run.png", "png")

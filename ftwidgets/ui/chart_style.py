@@ -41,6 +41,9 @@ ABANDONED_OPACITY = 0.3
 # SVG element that bqplot moves on every redraw: five curves of 500 marked points
 # kept a 2-core browser busy for seconds per second of a fast run (clicks waited).
 MARKED_POINTS = 60
+# The elements of a metric that logs an array (one per class: f1_score[0]...), one colour each.
+ELEMENT_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                  "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
 # A learning-rate search's chart: each step's loss, the smoothed loss, the suggestions.
 SEARCH_LOSS_COLOR = "#aec7e8"
 SEARCH_SMOOTHED_COLOR = "#1f77b4"

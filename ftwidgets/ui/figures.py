@@ -87,13 +87,20 @@ _NARROW = 0.25
 
 def chart_names(history: History) -> list[str]:
     """The charts of a run: ``"loss"``, each other metric logged (without ``val_``, in
-    the order first logged), then ``"learning_rate"`` (`RATE_CHART`)."""
+    the order first logged; a metric that logs an array, such as ``f1_score[0]``,
+    ``f1_score[1]``..., is one chart, ``"f1_score"``), then ``"learning_rate"``
+    (`RATE_CHART`)."""
     names = ["loss"]
     for name in history.metric_names():
-        base = name.removeprefix("val_")
+        base = _chart_of(name)
         if base not in names and base not in _NOT_METRICS:
             names.append(base)
     return [*names, RATE_CHART]
+
+
+def _chart_of(name: str) -> str:
+    """The chart a logged name is drawn on: ``val_f1_score[2]`` -> ``f1_score``."""
+    return name.removeprefix("val_").split("[", 1)[0]
 
 
 class RunPicture:
@@ -142,38 +149,57 @@ def _rules(ax: Axes, run: RunPicture) -> None:
                 ha="right", va="bottom", fontsize=_FONT, color=color, zorder=2)  # fmt: skip
 
 
-def _curve(ax: Axes, x: np.ndarray, y: np.ndarray, name: str, color: str, **kw: object) -> None:
+def _curve(ax: Axes, x: np.ndarray, y: np.ndarray, name: str, color: str, ls: str = "-") -> None:
     marker = "o" if len(x) <= style.MARKED_POINTS else None
-    ax.plot(x, y, color=color, lw=2.0, marker=marker, ms=3, label=name, gid=f"curve-{name}",
-            zorder=4, **kw)  # fmt: skip
+    ax.plot(x, y, color=color, ls=ls, lw=2.0, marker=marker, ms=3, label=name,
+            gid=f"curve-{name}", zorder=4)  # fmt: skip
+
+
+def _curves(run: RunPicture, name: str) -> list[tuple[str, str, str, str]]:
+    """The chart's curves, as ``(training name, validation name, colour, validation's
+    colour)``: the metric and its ``val_`` twin, or one pair per element of an array."""
+    elements = dict.fromkeys(key.removeprefix("val_") for key in run.history.metric_names()
+                             if "[" in key and _chart_of(key) == name)  # fmt: skip
+    if not elements:
+        return [(name, f"val_{name}", style.TRAIN_COLOR, style.VAL_COLOR)]
+    colors = style.ELEMENT_COLORS
+    return [(key, f"val_{key}", colors[i % len(colors)], colors[i % len(colors)])
+            for i, key in enumerate(elements)]  # fmt: skip
 
 
 def _metric(ax: Axes, run: RunPicture, name: str) -> None:
     history, lineage = run.history, run.lineage
-    pair = (name, f"val_{name}")
+    curves = _curves(run, name)
     if name == "loss":
         x, y = BatchTrace(run.max_points).points(history)
         if len(x) >= 2:
             ax.plot(x, y, color=style.BATCH_COLOR, lw=0.8, label="batch loss", zorder=3)
             ax.plot(x, smooth(y), color=style.BATCH_SMOOTH_COLOR, lw=1.0,
                     label="batch loss, smoothed", zorder=3)  # fmt: skip
-    x, rows = branch_lines(history, pair)
-    for row, color, label in zip(rows, (style.TRAIN_COLOR, style.VAL_COLOR), ("left behind", None),
-                                 strict=True):  # fmt: skip
-        if len(x) and np.isfinite(row).any():
-            ax.plot(x, row, color=color, lw=1.5, alpha=style.ABANDONED_OPACITY, label=label)
-    for key, color in zip(pair, (style.TRAIN_COLOR, style.VAL_COLOR), strict=True):
-        if key in lineage.names:
-            _curve(ax, *lineage.series(key).points(), key, color)
+    label = "left behind"
+    for *pair, train_color, val_color in curves:
+        x, rows = branch_lines(history, tuple(pair))
+        for row, color in zip(rows, (train_color, val_color), strict=True):
+            if len(x) and np.isfinite(row).any():
+                ax.plot(x, row, color=color, lw=1.5, alpha=style.ABANDONED_OPACITY, label=label)
+                label = None
+    # With several pairs, each element has its colour and its validation curve is dashed.
+    val_style = "--" if len(curves) > 1 else "-"
+    for key, val_key, train_color, val_color in curves:
+        for curve, color, ls in ((key, train_color, "-"), (val_key, val_color, val_style)):
+            if curve in lineage.names:
+                _curve(ax, *lineage.series(curve).points(), curve, color, ls=ls)
     cut_at = {mk.epoch: mk.x for mk in run.markers if mk.kind in _CUTTING_KINDS}
     for record in lineage.partial:
-        for key, color in zip(pair, (style.TRAIN_COLOR, style.VAL_COLOR), strict=True):
-            value = record.logs.get(key, math.nan)
-            if math.isfinite(value):
-                ax.scatter([cut_at.get(record.epoch, float(record.epoch))], [value], s=30,
-                           facecolors="none", edgecolors=color, zorder=5)  # fmt: skip
+        for key, val_key, train_color, val_color in curves:
+            for curve, color in ((key, train_color), (val_key, val_color)):
+                value = record.logs.get(curve, math.nan)
+                if math.isfinite(value):
+                    ax.scatter([cut_at.get(record.epoch, float(record.epoch))], [value], s=30,
+                               facecolors="none", edgecolors=color, zorder=5)  # fmt: skip
     best = run.best
-    if best is not None and best.monitor in pair and math.isfinite(best.value):
+    shown = {curve for key, val_key, *_ in curves for curve in (key, val_key)}
+    if best is not None and best.monitor in shown and math.isfinite(best.value):
         ax.scatter([best.epoch], [best.value], marker="D", s=45, color=style.BEST_COLOR,
                    edgecolors="black", zorder=6, label=f"best {best.monitor}")  # fmt: skip
     ax.set_ylabel(name, fontsize=_FONT + 1)
