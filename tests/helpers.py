@@ -266,3 +266,16 @@ class Batches(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         return self.batches[i]
+
+
+def demo_report_session(data, name: str = "demo") -> ftw.FineTuneSession:
+    """A demo run of a few phases, for the run report's tests: a learning-rate search, a
+    head phase with early stopping, epoch 2 restored (so the rest is left behind on a
+    branch), another head phase and a fine-tune phase (whose rate the coach remarks on)."""
+    session = make_session(data, name=name)
+    session.find_learning_rate(ftw.PhaseConfig(phase="head"), steps=20)
+    session.run(ftw.PhaseConfig(phase="head", epochs=4), ftw.EarlyStoppingConfig(patience=2))
+    session.restore_epoch(2)
+    session.run(ftw.PhaseConfig(phase="head", epochs=2, learning_rate=5e-4))
+    session.run(ftw.PhaseConfig(phase="finetune", epochs=3, learning_rate=1e-4, unfreeze_depth=1))
+    return session

@@ -48,6 +48,7 @@ EXPECTED_PINS = {
     "kagglehub",
     "kagglesdk",
     "keras",
+    "matplotlib",
     "numpy",
     "pandas",
     "pillow",

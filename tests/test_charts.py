@@ -28,7 +28,7 @@ from ftwidgets.engine.events import (
 from ftwidgets.engine.history import History, Marker, PhaseSpan
 from ftwidgets.frontend.recording import CommRecorder, record_comms
 from ftwidgets.ui import series
-from ftwidgets.ui.chart_marks import MARKED_POINTS
+from ftwidgets.ui.chart_style import MARKED_POINTS
 from ftwidgets.ui.charts import TrainingCharts
 
 pytestmark = pytest.mark.widgets

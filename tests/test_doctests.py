@@ -25,6 +25,7 @@ KERAS_EXAMPLES = {
 }
 WIDGET_EXAMPLES = {
     "ftwidgets.frontend.recording",
+    "ftwidgets.ui.chart_files",
     "ftwidgets.ui.chart_marks",
     "ftwidgets.ui.charts",
     "ftwidgets.ui.coach_view",

@@ -26,14 +26,28 @@ HEADLESS = ("engine", "advice")
 WIDGET_PACKAGES = {"ipywidgets", "bqplot", "IPython", "ipykernel", "comm"}
 LAYERS = {"engine", "advice", "ui", "frontend"}
 # What each layer may import from ftwidgets: a layer never reaches up, except that
-# repr(session) renders the one view model, and a FreezeMap's _repr_html_ its HTML table,
-# lazily; those three modules are pure (checked below).
+# repr(session) renders the one view model, a FreezeMap's _repr_html_ its HTML table, and
+# session.report(path) writes the run report, lazily; those modules, and what the report
+# draws its charts with, are pure (checked below).
 ALLOWED = {
-    "engine": ("engine", "_backend", "upstream", "demo", "ui.view", "ui.format", "ui.freeze_map"),
+    "engine": (
+        "engine",
+        "_backend",
+        "upstream",
+        "demo",
+        "ui.view",
+        "ui.format",
+        "ui.freeze_map",
+        "ui.report",
+    ),
     "advice": ("engine", "advice", "upstream"),
     "ui": ("engine", "advice", "upstream", "_backend", "ui"),
 }
-PURE_VIEW = [PACKAGE / "ui" / name for name in ("view.py", "format.py", "freeze_map.py")]
+PURE_VIEW = [
+    PACKAGE / "ui" / name
+    for name in ("view.py", "format.py", "freeze_map.py", "report.py", "figures.py",
+                 "series.py", "chart_style.py")
+]  # fmt: skip
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:

@@ -25,7 +25,7 @@ CONTRACT = {
         "freeze_map stream_batches"
     ),
     "stopping": "early_stopping monitor mode patience min_delta restore_best start_from_epoch",
-    "run_buttons": "start_button pause_button stop_button",
+    "run_buttons": "start_button pause_button stop_button report_button",
     "time_travel": "rollback_button best_button",
     "status_view": "status progress",
     "error_area": "error_message error_details",

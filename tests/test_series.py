@@ -140,7 +140,7 @@ def test_the_lineage_is_read_once_and_its_series_grow_with_new_epochs():
 def test_rate_lines_hold_the_recorded_rates_and_stay_bounded_on_a_long_run(monkeypatch):
     from ftwidgets.engine.config import PhaseConfig
     from ftwidgets.engine.rate_trace import RateSegment
-    from ftwidgets.ui.rate_lines import rate_points
+    from ftwidgets.ui.series import rate_points
 
     h = History()
     # A head phase of 2 epochs of 3 batches, then a 100-epoch one-cycle fine-tune phase

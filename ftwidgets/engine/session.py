@@ -370,6 +370,36 @@ class FineTuneSession(Training):
             )
         return lora.save_lora_weights(self._ctx.base, path)
 
+    def report(self, path: str | os.PathLike[str]) -> Path:
+        """Write the run's report to ``path``: one self-contained HTML file that opens
+        offline (see `ftwidgets.ui.report`). Safe while a phase trains.
+
+        It holds every metric's curve with phase bands, markers and branches (inline
+        SVG drawn with matplotlib), each phase's settings, every epoch's values, the
+        freeze map, the best, the coach's notes with their reasons, the learning-rate
+        searches, and the package versions and device.
+
+        Returns:
+            The path written.
+
+        Example:
+
+        >>> import tempfile, pathlib
+        >>> import ftwidgets as ftw
+        >>> data = ftw.demo.digits_transfer(per_class=10, seed=0)
+        >>> model = ftw.build_transfer_model(ftw.demo.pretrained_base(), num_classes=5)
+        >>> session = ftw.FineTuneSession(model, train=(data.x_train, data.y_train))
+        >>> session.run(ftw.PhaseConfig(phase="head", epochs=1))
+        >>> path = session.report(pathlib.Path(tempfile.mkdtemp()) / "run.html")
+        >>> "Run report" in path.read_text(), path.name
+        (True, 'run.html')
+        >>> session.close()
+        """
+        # The report is a view of the run (HTML, charts): the layer above, imported here.
+        from ftwidgets.ui.report import write_report
+
+        return write_report(self, path)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the run directory (``run_dir=``) holds everything handed to it so
         far; True if it does (always, without one).

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
 
 import bqplot as bq
 import numpy as np
@@ -16,20 +15,22 @@ from ftwidgets.engine.events import Best
 from ftwidgets.engine.history import History, Marker
 from ftwidgets.ui.chart_marks import (
     EMPTY,
-    MARKER_STYLES,
-    OTHER_PHASE_COLOR,
-    PHASE_COLORS,
-    PHASE_OPACITY,
-    TRAIN_COLOR,
-    VAL_COLOR,
     ChartFigures,
     assign,
     legend_html,
     marker_for,
     metric_legend,
 )
-from ftwidgets.ui.format import format_rate
-from ftwidgets.ui.series import LineageSeries
+from ftwidgets.ui.chart_style import (
+    OTHER_PHASE_COLOR,
+    PHASE_COLORS,
+    PHASE_OPACITY,
+    TRAIN_COLOR,
+    VAL_COLOR,
+    marker_style,
+    phase_label,
+)
+from ftwidgets.ui.series import LineageSeries, branch_lines
 
 __all__ = [
     "draw_best",
@@ -118,10 +119,7 @@ def draw_phases(
         end = max(end, start + 1e-9)
         rows_x.append([start, start, end, end, start])
         fills.append(PHASE_COLORS.get(span.phase, OTHER_PHASE_COLOR))
-        depth = f"depth {span.unfreeze_depth}"
-        if span.unfreeze_unit == "block":
-            depth += " block" if span.unfreeze_depth == 1 else " blocks"
-        texts.append(f"{span.phase} · lr {format_rate(span.learning_rate)} · {depth}")
+        texts.append(phase_label(span))
     # The x axis's reach: not next_epoch, which a restored epoch moves back. Past 10
     # epochs it grows in steps of about a fifth: a scale whose domain moves redraws
     # every mark on it in the browser, which fell behind when it moved every epoch.
@@ -166,7 +164,7 @@ def draw_markers(
     rules = [mk for mk in markers if mk.kind != "learning_rate"]
     changes = [mk for mk in markers if mk.kind == "learning_rate" and mk.value]
     n = len(rules)
-    colors = [MARKER_STYLES.get(mk.kind, ("#444444", mk.kind))[0] for mk in rules]
+    colors = [marker_style(mk.kind)[0] for mk in rules]
     xs = np.array([mk.x for mk in rules], dtype=np.float64)
     rx = np.repeat(xs[:, None], 2, axis=1) if n else EMPTY
     ry = np.tile([0.0, 1.0], (n, 1)) if n else EMPTY
@@ -176,7 +174,7 @@ def draw_markers(
     near = max(extent, 1.0) * _NEAR
     events: list[tuple[float, str, str]] = []
     for mk, color in sorted(zip(rules, colors, strict=True), key=lambda pair: pair[0].x):
-        name = MARKER_STYLES.get(mk.kind, ("", mk.kind.replace("_", " ")))[1]
+        name = marker_style(mk.kind)[1]
         # Closer than the label already there is wide (at a typical chart width).
         room = max(near, len(events[-1][1]) * _CHAR_WIDTH * extent) if events else 0
         if events and mk.x - events[-1][0] < room:
@@ -225,28 +223,17 @@ def draw_branches(marks: Mapping[str, bq.Mark], history: History, metric: str | 
 
     They change only when the lineage moves, so the charts call this only then.
     """
-    rows: dict[int, list[Any]] = {}
-    if len(history.branches) > 1:  # on one branch, every epoch is on the lineage
-        for record in history.abandoned():
-            if not record.partial:
-                rows.setdefault(record.branch, []).append(record)
     for mark_name, names in (
         ("abandoned_loss", ("loss", "val_loss")),
         ("abandoned_metric", (metric, f"val_{metric}") if metric else None),
     ):
-        xs: list[float] = []
-        ys: list[list[float]] = [[], []]
-        for branch, records in rows.items() if names is not None else ():
-            # Joined to the epoch before it on its own line, where it left the current one.
-            start = history.key(records[0].epoch - 1, branch)
-            line = ([history.epochs[start]] if start is not None else []) + records
-            for record in [*line, None]:  # None: a gap before the next branch
-                xs.append(math.nan if record is None else float(record.epoch))
-                for row, name in zip(ys, names, strict=True):
-                    value = math.nan if record is None else record.logs.get(name, math.nan)
-                    row.append(value if math.isfinite(value) else math.nan)
-        x = np.array(xs, dtype=np.float32)
-        assign(marks[mark_name], x=x, y=np.array(ys, dtype=np.float32) if xs else EMPTY)
+        x, y = branch_lines(history, names) if names is not None else (EMPTY, EMPTY)
+        shown = len(x) > 0
+        assign(
+            marks[mark_name],
+            x=x.astype(np.float32),
+            y=y.astype(np.float32) if shown else EMPTY,
+        )
 
 
 def draw_curves(figures: ChartFigures, lineage: LineageSeries, metric: str | None) -> None:

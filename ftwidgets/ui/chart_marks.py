@@ -13,35 +13,22 @@ import bqplot as bq
 import ipywidgets as widgets
 import numpy as np
 
-__all__ = ["ChartFigures", "assign", "legend_html", "marker_for", "metric_legend"]
+from ftwidgets.ui.chart_style import (
+    ABANDONED_OPACITY,
+    BASE_LR_COLOR,
+    BATCH_COLOR,
+    BATCH_SMOOTH_COLOR,
+    BEST_COLOR,
+    HELD_COLOR,
+    LR_COLOR,
+    MARKED_POINTS,
+    OTHER_PHASE_COLOR,
+    RING_OPACITY,
+    TRAIN_COLOR,
+    VAL_COLOR,
+)
 
-TRAIN_COLOR = "#1f77b4"
-VAL_COLOR = "#ff7f0e"
-BATCH_COLOR = "#aec7e8"
-BATCH_SMOOTH_COLOR = "#5b8fc7"
-BEST_COLOR = "#e6b800"
-LR_COLOR = "#2ca02c"
-BASE_LR_COLOR = "#8c564b"
-HELD_COLOR = "#222222"
-PHASE_COLORS = {"head": "#9ecae1", "finetune": "#fdae6b"}
-OTHER_PHASE_COLOR = "#c7c7c7"
-PHASE_OPACITY = 0.22
-# Marker kind -> (colour, short text shown next to its symbol).
-MARKER_STYLES = {
-    "early_stop": ("#2ca02c", "early stop"),
-    "stop": ("#7f7f7f", "stop"),
-    "rollback": ("#9467bd", "rollback"),
-    "failure": ("#d62728", "failure"),
-    "interrupted": ("#8c564b", "interrupted"),
-}
-# The halo around each restorable epoch's point.
-RING_OPACITY = 0.3
-# How strongly a branch left behind is drawn.
-ABANDONED_OPACITY = 0.3
-# An epoch curve marks its points while it has at most this many. Each marker is an
-# SVG element that bqplot moves on every redraw: five curves of 500 marked points
-# kept a 2-core browser busy for seconds per second of a fast run (clicks waited).
-MARKED_POINTS = 60
+__all__ = ["ChartFigures", "assign", "legend_html", "marker_for", "metric_legend"]
 
 MARK_NAMES = (
     "batch",

@@ -37,12 +37,8 @@ from ftwidgets.engine.events import (
 )
 from ftwidgets.engine.history import History
 from ftwidgets.ui import chart_draw
-from ftwidgets.ui.chart_marks import (
-    EMPTY,
-    MARK_NAMES,
-    ChartFigures,
-    assign,
-)
+from ftwidgets.ui.chart_files import ChartFiles
+from ftwidgets.ui.chart_marks import EMPTY, MARK_NAMES, ChartFigures, assign
 from ftwidgets.ui.rate_lines import RateLines
 from ftwidgets.ui.redraw import Throttle
 from ftwidgets.ui.series import BatchTrace, LineageSeries, read_lineage, smooth
@@ -66,7 +62,7 @@ def _metric_name(name: str | None) -> str | None:
     return name.strip().removeprefix("val_")
 
 
-class TrainingCharts(widgets.VBox):
+class TrainingCharts(ChartFiles, widgets.VBox):
     """Loss, metric and learning-rate charts of a fine-tuning run, updated live.
 
     Three bqplot figures share one x-axis in global epochs, counted from 1 as
@@ -90,6 +86,8 @@ class TrainingCharts(widgets.VBox):
     - ``lr_figure``: the learning rate per epoch on a log scale, as a step line,
       with a point at each change made while training, and each group's rate at
       every batch (``lr_head``, ``lr_base``: a schedule's shape; thinned as the rest).
+
+    `save_png` and `save_svg` draw the run to a file on the server, no browser needed.
 
     A partial epoch (cut short by a Stop, a rollback or a failure) is never drawn
     as an epoch point: it shows as a hollow circle where it was cut.

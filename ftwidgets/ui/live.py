@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ftwidgets._backend import device_summary
@@ -83,6 +84,12 @@ class LiveView:
             self.folded = fold(self.folded, event)
             self._after(event)
         self.throttle.request(force=not isinstance(event, PROGRESS_EVENTS))
+
+    def notify(self, notice: str) -> None:
+        """Show ``notice`` as the status's sentence on what just happened, and draw now."""
+        with self.lock:
+            self.folded = replace(self.folded, notice=notice)
+        self.throttle.request(force=True)
 
     def request(self, force: bool = False) -> None:
         """Draw: at once when forced, else within the interval."""

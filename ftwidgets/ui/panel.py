@@ -37,7 +37,7 @@ from ftwidgets.ui.controls import PhaseControls
 from ftwidgets.ui.errors import ErrorArea, training_elsewhere
 from ftwidgets.ui.live import LiveView
 from ftwidgets.ui.panel_parts import expose_parts
-from ftwidgets.ui.run_buttons import RunButtons
+from ftwidgets.ui.run_buttons import ReportAction, RunButtons
 from ftwidgets.ui.search_chart import SearchChart
 from ftwidgets.ui.status import StatusView
 from ftwidgets.ui.stopping import StoppingControls
@@ -58,15 +58,14 @@ class FineTunePanel(widgets.VBox):
     ``panel.start_button.click()``). The panel only talks to its session
     (``panel.session``), which can also be scripted directly.
 
-    It is made of small widgets, each with one job: ``panel.controls`` and
-    ``panel.stopping`` (the settings tabs; the unfreeze depth counts
-    ``panel.unfreeze_unit.value`` and ``panel.lora_rank.value`` is a fine-tune phase's
-    LoRA rank, 0 off; ``panel.base_learning_rate``, ``.layer_decay``, ``.schedule``,
-    ``.warmup`` take ``PhaseConfig``'s values; see `PhaseControls`), ``panel.run_buttons``,
-    ``panel.time_travel`` (rollback), ``panel.status_view``, ``panel.error_area``,
-    ``panel.coach`` and ``panel.charts``; the documented controls and buttons
-    (``panel.phase``, ``panel.start_button``...) are theirs. The "Freeze map"
-    tab previews what the next Start will train.
+    It is made of small widgets, each with one job: ``panel.controls`` and ``panel.stopping`` (the
+    settings tabs; the unfreeze depth counts ``panel.unfreeze_unit.value`` and
+    ``panel.lora_rank.value`` is a fine-tune phase's LoRA rank, 0 off; ``panel.base_learning_rate``,
+    ``.layer_decay``, ``.schedule``, ``.warmup`` take ``PhaseConfig``'s values; see
+    `PhaseControls`), ``panel.run_buttons`` (Report writes the run's report), ``panel.time_travel``
+    (rollback), ``panel.status_view``, ``panel.error_area``, ``panel.coach`` and ``panel.charts``;
+    the documented controls and buttons (``panel.phase``, ``panel.start_button``...) are theirs. The
+    "Freeze map" tab previews what the next Start will train.
 
     Args:
         model: a model from ``build_transfer_model``; omit it when passing ``session``.
@@ -137,7 +136,8 @@ class FineTunePanel(widgets.VBox):
             find=self.find_learning_rate,
         )  # fmt: skip
         self.stopping = StoppingControls(session, lock=lock, report=self.show_error)
-        self.run_buttons = RunButtons(self.start, self._on_pause, self._on_stop)
+        report = ReportAction(session, self._live.notify, self.show_error)
+        self.run_buttons = RunButtons(self.start, self._on_pause, self._on_stop, report)
         self.charts = TrainingCharts(session.history, restorable=lambda: session.restorable_epochs)
         self.charts.on_error(self._on_chart_error)
         self.time_travel = TimeTravel(self.act, self.charts)

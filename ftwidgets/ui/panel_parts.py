@@ -14,7 +14,7 @@ PARTS = {
     "batch_size optimizer dropout stream_batches freeze_map lora_rank base_learning_rate "
     "layer_decay schedule warmup",
     "stopping": "early_stopping monitor mode patience min_delta restore_best start_from_epoch",
-    "run_buttons": "start_button pause_button stop_button",
+    "run_buttons": "start_button pause_button stop_button report_button",
     "time_travel": "rollback_button best_button",
     "status_view": "status progress",
     "error_area": "error_message error_details",

@@ -1,12 +1,8 @@
 """The rate chart's per-batch lines: the rate each group (head, base) applied at every batch.
 
-The history records the rates as segments (``History.learning_rates``), by global
-step; the chart's x axis counts epochs. Each phase's steps map onto its epochs: step
-``s`` of a phase that began at global step ``origin`` and epoch ``start_epoch``, with
-``steps`` batches an epoch, ends at ``start_epoch - 1 + (s - origin + 1) / steps``, where
-the loss trace draws that batch. Only the current lineage's phases are drawn. A line
-keeps about ``max_points`` points, sampled from each segment (``RateTrace.ranges``):
-a redraw costs the same after a million batches as after a hundred.
+Their points come from `ftwidgets.ui.series.rate_points`, which maps each phase's steps
+onto its epochs and keeps about ``max_points`` of them; `RateLines` assigns them to
+the marks only when the recorded rates changed.
 """
 
 from __future__ import annotations
@@ -16,73 +12,11 @@ from collections.abc import Mapping
 import bqplot as bq
 import numpy as np
 
-from ftwidgets.engine.batch_trace import decimate
-from ftwidgets.engine.history import History, PhaseSpan
-from ftwidgets.engine.rate_trace import RateSegment
+from ftwidgets.engine.history import History
 from ftwidgets.ui.chart_marks import assign
+from ftwidgets.ui.series import RATE_GROUPS, rate_points
 
-__all__ = ["RATE_GROUPS", "RateLines", "rate_points"]
-
-RATE_GROUPS = ("head", "base")
-
-
-def rate_points(history: History, group: str, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, rate)`` of the batches ``group`` trained on the current lineage, in epochs,
-    about ``max_points`` of them: each recorded segment sampled evenly and at its
-    schedule's turn (between those the rate moves one way), so the cost follows the
-    segments, not the run's steps. The rates are those ``history.learning_rates(group)``
-    records for those steps.
-
-    Example:
-
-    >>> from ftwidgets.engine.config import PhaseConfig
-    >>> h = History()
-    >>> _ = h.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0, config=PhaseConfig(epochs=2)))
-    >>> h.rate_trace.add(RateSegment(0, 0, 1e-3, None, "cosine", 4, 0))
-    >>> h.rate_trace.end_phase(4)
-    >>> x, y = rate_points(h, "head", 100)
-    >>> x.tolist(), y.round(6).tolist()
-    ([0.5, 1.0, 1.5, 2.0], [0.001, 0.000854, 0.0005, 0.000146])
-    """
-    ranges = [r for r in history.rate_trace.ranges() if r[2] > r[1]]
-    origins = list(dict.fromkeys(segment.origin for segment, _, _ in ranges))
-    spans = history.phases
-    # A phase stopped before its first batch covers no step: the newest phases pair
-    # with the newest origins.
-    offset = len(spans) - len(origins)
-    kept = {span.index: span for span in history.lineage_phases()}
-    stops = {origin: max(stop for s, _, stop in ranges if s.origin == origin) for origin in origins}
-    each = max(2, max_points // max(len(ranges), 1))
-    xs, ys = [np.zeros(0)], [np.zeros(0)]
-    for segment, first, stop in ranges:
-        j = origins.index(segment.origin) + offset
-        if (group == "base" and segment.base is None) or j < 0:
-            continue
-        span, lineage = spans[j], kept.get(spans[j].index)
-        if lineage is None:
-            continue
-        turns = segment.origin + segment.warmup + np.array([-1.0, 0.0])
-        steps = np.concatenate([np.linspace(first, stop - 1, each).round(), turns])
-        steps = np.unique(steps[(steps >= first) & (steps < stop)])
-        per_epoch = _steps_per_epoch(span, segment, stops[segment.origin], history.next_epoch)
-        x = span.start_epoch - 1 + (steps - segment.origin + 1) / per_epoch
-        # A phase that time travel cut: the lineage ends where the branch forked.
-        on = x <= (np.inf if lineage.end_epoch is None else lineage.end_epoch - 1 + 1e-9)
-        xs.append(x[on])
-        ys.append(segment.rates(group, steps[on].astype(np.int64)))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    order = np.argsort(x, kind="stable")
-    return decimate(x[order], y[order], max_points)
-
-
-def _steps_per_epoch(span: PhaseSpan, segment: RateSegment, stop: int, next_epoch: int) -> float:
-    """Batches an epoch: the phase's steps over its epochs, or, for data of unknown
-    length, the steps it ran (up to ``stop``) over the epochs it ran."""
-    epochs = span.config.epochs if span.config is not None else None
-    if segment.total and epochs:
-        return segment.total / epochs
-    ran = (span.end_epoch or next_epoch) - span.start_epoch
-    return max(stop - segment.origin, 1) / max(ran, 1)
+__all__ = ["RateLines"]
 
 
 class RateLines:

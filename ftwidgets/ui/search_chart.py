@@ -11,16 +11,15 @@ import numpy as np
 
 from ftwidgets.engine.events import Event, SearchEnded, SearchStarted, SearchStep
 from ftwidgets.engine.lr_search import LearningRateSearch
+from ftwidgets.ui.chart_style import SEARCH_LOSS_COLOR as LOSS_COLOR
+from ftwidgets.ui.chart_style import SEARCH_SMOOTHED_COLOR as SMOOTHED_COLOR
+from ftwidgets.ui.chart_style import SUGGESTION_COLORS
 from ftwidgets.ui.format import format_rate
 from ftwidgets.ui.redraw import Throttle
 
 __all__ = ["SearchChart"]
 
-LOSS_COLOR = "#aec7e8"
-SMOOTHED_COLOR = "#1f77b4"
-BAND_COLOR = "#1f77b4"
-# Suggestion -> marker colour.
-SUGGESTION_COLORS = {"valley": "#2ca02c", "steep": "#ff7f0e", "minimum": "#9467bd"}
+BAND_COLOR = SMOOTHED_COLOR
 
 
 class SearchChart(widgets.VBox):

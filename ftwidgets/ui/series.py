@@ -6,6 +6,9 @@ whole run again: `ThinnedSeries` takes each new point once and keeps about
 full), `LineageSeries` folds only the lineage's new epochs into one thinned series
 per metric, and `BatchTrace` reads only the per-batch trace's new rows. A redraw's
 work is then about ``max_points`` plus the new points; `touched` counts it.
+
+`rate_points` maps the rates each group applied, recorded by global step, onto the
+epoch axis; `branch_lines` gives the continuations time travel left behind.
 """
 
 from __future__ import annotations
@@ -14,10 +17,23 @@ import math
 
 import numpy as np
 
+from ftwidgets.engine.batch_trace import decimate
 from ftwidgets.engine.events import EpochRecord
-from ftwidgets.engine.history import History
+from ftwidgets.engine.history import History, PhaseSpan
+from ftwidgets.engine.rate_trace import RateSegment
 
-__all__ = ["BatchTrace", "LineageSeries", "ThinnedSeries", "read_lineage", "smooth"]
+__all__ = [
+    "RATE_GROUPS",
+    "BatchTrace",
+    "LineageSeries",
+    "ThinnedSeries",
+    "rate_points",
+    "read_lineage",
+    "smooth",
+]
+
+# The rate groups drawn per batch: the head's, and the base's top unit's.
+RATE_GROUPS = ("head", "base")
 
 # Weight of the newest point in the smoothed batch loss (over the plotted points).
 EMA_ALPHA = 0.1
@@ -309,3 +325,99 @@ class BatchTrace:
             self.rows += done
             x, y = x[done:], y[done:]
         return self._done.peek(x, y)
+
+
+def branch_lines(history: History, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The continuations time travel left behind, ``(x, values)`` with one row of
+    ``values`` per name in ``names``: each branch joined to the epoch it grew from, and
+    NaN between two branches (a gap). Empty on a run of one branch.
+
+    Example:
+
+    >>> from ftwidgets.engine.events import frozen_logs
+    >>> h = History()
+    >>> for epoch in (1, 2, 3):
+    ...     _ = h.add_epoch(EpochRecord(epoch, "head", 0, frozen_logs({"loss": epoch}), 1e-3))
+    >>> h.travel(1)
+    >>> _ = h.begin_phase(PhaseSpan(1, "head", 2, 1e-3, 0))
+    >>> _ = h.add_epoch(EpochRecord(2, "head", 1, frozen_logs({"loss": 0.5}), 1e-3))
+    >>> x, y = branch_lines(h, ("loss",))
+    >>> x.tolist(), y.tolist()
+    ([1.0, 2.0, 3.0, nan], [[1.0, 2.0, 3.0, nan]])
+    """
+    rows: dict[int, list[EpochRecord]] = {}
+    if len(history.branches) > 1:  # on one branch, every epoch is on the lineage
+        for record in history.abandoned():
+            if not record.partial:
+                rows.setdefault(record.branch, []).append(record)
+    xs: list[float] = []
+    ys: list[list[float]] = [[] for _ in names]
+    for branch, records in rows.items():
+        # Joined to the epoch before it on its own line, where it left the current one.
+        start = history.key(records[0].epoch - 1, branch)
+        line = ([history.epochs[start]] if start is not None else []) + records
+        for record in [*line, None]:  # None: a gap before the next branch
+            xs.append(math.nan if record is None else float(record.epoch))
+            for row, name in zip(ys, names, strict=True):
+                value = math.nan if record is None else record.logs.get(name, math.nan)
+                row.append(value if math.isfinite(value) else math.nan)
+    return np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64).reshape(len(names), -1)
+
+
+def rate_points(history: History, group: str, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, rate)`` of the batches ``group`` trained on the current lineage, in epochs,
+    about ``max_points`` of them: each recorded segment sampled evenly and at its
+    schedule's turn (between those the rate moves one way), so the cost follows the
+    segments, not the run's steps. The rates are those ``history.learning_rates(group)``
+    records for those steps.
+
+    Example:
+
+    >>> from ftwidgets.engine.config import PhaseConfig
+    >>> h = History()
+    >>> _ = h.begin_phase(PhaseSpan(0, "head", 1, 1e-3, 0, config=PhaseConfig(epochs=2)))
+    >>> h.rate_trace.add(RateSegment(0, 0, 1e-3, None, "cosine", 4, 0))
+    >>> h.rate_trace.end_phase(4)
+    >>> x, y = rate_points(h, "head", 100)
+    >>> x.tolist(), y.round(6).tolist()
+    ([0.5, 1.0, 1.5, 2.0], [0.001, 0.000854, 0.0005, 0.000146])
+    """
+    ranges = [r for r in history.rate_trace.ranges() if r[2] > r[1]]
+    origins = list(dict.fromkeys(segment.origin for segment, _, _ in ranges))
+    spans = history.phases
+    # A phase stopped before its first batch covers no step: the newest phases pair
+    # with the newest origins.
+    offset = len(spans) - len(origins)
+    kept = {span.index: span for span in history.lineage_phases()}
+    stops = {origin: max(stop for s, _, stop in ranges if s.origin == origin) for origin in origins}
+    each = max(2, max_points // max(len(ranges), 1))
+    xs, ys = [np.zeros(0)], [np.zeros(0)]
+    for segment, first, stop in ranges:
+        j = origins.index(segment.origin) + offset
+        if (group == "base" and segment.base is None) or j < 0:
+            continue
+        span, lineage = spans[j], kept.get(spans[j].index)
+        if lineage is None:
+            continue
+        turns = segment.origin + segment.warmup + np.array([-1.0, 0.0])
+        steps = np.concatenate([np.linspace(first, stop - 1, each).round(), turns])
+        steps = np.unique(steps[(steps >= first) & (steps < stop)])
+        per_epoch = _steps_per_epoch(span, segment, stops[segment.origin], history.next_epoch)
+        x = span.start_epoch - 1 + (steps - segment.origin + 1) / per_epoch
+        # A phase that time travel cut: the lineage ends where the branch forked.
+        on = x <= (np.inf if lineage.end_epoch is None else lineage.end_epoch - 1 + 1e-9)
+        xs.append(x[on])
+        ys.append(segment.rates(group, steps[on].astype(np.int64)))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    order = np.argsort(x, kind="stable")
+    return decimate(x[order], y[order], max_points)
+
+
+def _steps_per_epoch(span: PhaseSpan, segment: RateSegment, stop: int, next_epoch: int) -> float:
+    """Batches an epoch: the phase's steps over its epochs, or, for data of unknown
+    length, the steps it ran (up to ``stop``) over the epochs it ran."""
+    epochs = span.config.epochs if span.config is not None else None
+    if segment.total and epochs:
+        return segment.total / epochs
+    ran = (span.end_epoch or next_epoch) - span.start_epoch
+    return max(stop - segment.origin, 1) / max(ran, 1)
