@@ -34,6 +34,8 @@ WALKTHROUGHS = {
     "05_your_own_images.ipynb": 1,
     "06_transformer_lora.ipynb": 1,
 }
+# Voila's dashboard (the README's badge): it builds a panel and waits for Start.
+DASHBOARD = "00_dashboard.ipynb"
 # Binder gives a kernel about 2 GB; each walkthrough's kernel must peak below this.
 KERNEL_MEMORY_BUDGET_MIB = 1536
 
@@ -47,7 +49,17 @@ def notebook_paths() -> list[Path]:
 
 @pytest.mark.unit
 def test_the_walkthroughs_are_there():
-    assert [p.name for p in notebook_paths()] == sorted(WALKTHROUGHS)
+    assert [p.name for p in notebook_paths()] == sorted([DASHBOARD, *WALKTHROUGHS])
+
+
+@pytest.mark.unit
+def test_the_dashboard_starts_nothing_on_load():
+    """Voila and "run all" run every cell: none may train, search or click."""
+    nb = nbformat.read(NOTEBOOKS / DASHBOARD, as_version=4)
+    code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+    assert "ftw.FineTunePanel(" in code
+    for call in (".click(", ".start(", ".run(", "find_learning_rate(", ".fit(", "%finetune"):
+        assert call not in code, f"{DASHBOARD} calls {call}"
 
 
 @pytest.mark.unit
@@ -196,6 +208,25 @@ def test_walkthrough_runs_and_its_panels_train(name):
         assert not [t for t in texts if "Error:" in t], f"{name}: the panel shows an error"
         lines = trained_lines(state, ids)
         assert lines, f"{name}: no bqplot line with data in the panel's charts"
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(900)
+def test_the_dashboard_shows_an_idle_panel_that_has_not_trained():
+    run = execute(DASHBOARD)
+    assert "Traceback" not in run.stream("stderr")
+    peak_mib = run.probe["peak_rss_kb"] / 1024
+    print(f"dashboard kernel peak RSS after load: {peak_mib:.0f} MiB")
+    assert peak_mib < KERNEL_MEMORY_BUDGET_MIB
+    state = run.state
+    (panel_id,) = panels(state)
+    ids = reachable(state, panel_id)
+    texts = html_values(state, ids)
+    assert [t for t in texts if "<b>idle</b> · JAX · cpu" in t], texts[:3]
+    assert not [t for t in texts if re.search(r"best epoch \d+|Error:", t)], texts
+    assert trained_lines(state, ids) == []
+    # Nothing ran: the coach has nothing to say about an untrained run.
+    assert list(run.probe["advice"].values()) == [[]]
 
 
 @pytest.mark.kernel
