@@ -78,9 +78,23 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.unit
-def test_quickstart_is_five_cells():
+def test_quickstart_is_five_cells_and_an_exercise():
     nb = nbformat.read(NOTEBOOKS / "01_quickstart.ipynb", as_version=4)
-    assert len(nb.cells) == 5
+    assert len(nb.cells) == 7
+    assert nb.cells[5].source.startswith("## Exercise")
+    assert "print(panel.session.coach.check(exercise))" in nb.cells[6].source
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(WALKTHROUGHS)[:3], ids=lambda n: n.split("_")[0])
+def test_walkthroughs_01_to_03_set_exercises_the_coach_checks(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and re.match(r"#+ Exercise", cell.source):
+            assert "coach.check(" in nb.cells[index + 1].source, f"{name}: cell {index + 1}"
+            break
+    else:
+        pytest.fail(f"{name} has no exercise")
 
 
 @pytest.mark.unit
@@ -303,6 +317,45 @@ def test_walkthroughs_print_their_results():
     accuracy = float(re.search(r"validation accuracy now, weights=None: ([\d.]+)", five).group(1))
     # Early stopping put the best epoch's weights back: evaluating reproduces its accuracy.
     assert accuracy == float(best.group(3)), (accuracy, best.group(0))
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(900)
+def test_walkthroughs_print_their_exercise_verdicts():
+    """Walkthroughs 01-03 end an exercise with the coach's verdict: the goal, then what
+    is met and what is missing, printed."""
+    one = execute("01_quickstart.ipynb").stream()
+    verdict = re.search(
+        r"^(Passed|Not yet): Get validation accuracy above 0\.9 without overfitting\n"
+        r"((  - .*\n){2})",
+        one,
+        re.M,
+    )
+    assert verdict, one
+    # Missing lines first, then met ones.
+    reached = r"val_accuracy reached [\d.]+ at best \(epoch \d+\), above 0\.9 asked"
+    assert re.search(reached, verdict[2])
+    assert re.search(r"no overfitting in the weights|overfit: Overfitting", verdict[2])
+    two = execute("02_two_phase_fine_tuning.ipynb").stream()
+    verdict = re.search(r"^(Passed|Not yet): Fine-tune 5 epochs .*\n((  - .*\n){3})", two, re.M)
+    assert verdict, two
+    assert "a finetune phase is done (" in verdict[2]
+    assert re.search(r"val_accuracy reached [\d.]+ in the weights the model holds", verdict[2])
+    assert re.search(r"the run trained \d+ epochs, at most 120 asked", verdict[2])
+
+    three = execute("03_early_stopping_and_rollback.ipynb").stream()
+    # Part 1 left the last epoch's weights, overfit; part 2's rollback fixed that.
+    goal = "Leave the model with weights that do not overfit"
+    assert re.search(
+        rf"Not yet: {goal}\n  - missing: the weights the model holds \(epoch 80\) overfit: "
+        r"Overfitting: val_loss is \d+ epochs past its best",
+        three,
+    ), three
+    best_epoch = re.search(r"best epoch (\d+): val_loss", three)[1]
+    assert (
+        f"Passed: {goal}\n  - met: no overfitting in the weights the model holds "
+        f"(epoch {best_epoch})"
+    ) in three
 
 
 @pytest.mark.kernel
