@@ -1,5 +1,6 @@
-"""The Binder dashboard's memory: a Jupyter Server with ``binder/``'s settings culls an
-idle dashboard's kernel, and gives its memory back, while training keeps it alive.
+"""The Binder dashboard's memory: a closed tab's kernel is shut down at once, and a Jupyter
+Server with ``binder/``'s settings culls an idle dashboard's kernel, giving its memory
+back, while training keeps it alive.
 
 The server runs as on mybinder: ``binder/jupyter_server_config.json`` in the user's
 config dir (where ``binder/postBuild`` copies it) and Voila's ``/voila/render/`` route,
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 from lab import (
     BinderServer,
+    note,
     record_count,
     record_timing,
     rss_mib,
@@ -73,12 +75,37 @@ def _one_kernel(server: BinderServer) -> int:
     return pid
 
 
-def test_voila_dashboard_kernel_is_culled_when_idle_not_while_training(
+def test_voila_dashboard_kernel_goes_when_closed_or_idle_not_while_training(
     bare_page, binder_server
 ) -> None:
     started = time.monotonic()
     server = binder_server
+    # A tab closed as a browser closes it: its kernel goes too. Voila asks for that on
+    # unload, but the server refuses it (403: no _xsrf cookie on a dashboard opened by
+    # its URL, measured with voila 0.5.13 and jupyter_server 2.21), so the culler frees it.
+    closing = bare_page.context.new_page()
+    closing.goto(server.render_url(DASHBOARD), wait_until="commit", timeout=WAIT_MS)
+    expect(PanelPage(closing).status).to_have_text(UNTRAINED, timeout=WAIT_MS)
+    closed_pid = _one_kernel(server)
+    (closed,) = server.kernels()
+    record_count("closed tab: dashboard kernel RSS after load (MiB)", round(rss_mib(closed_pid)))
+    closing.close(run_before_unload=True)
+    closed_at = time.monotonic()
+    wait_until(
+        server.kernel_processes,
+        lambda k: closed_pid not in k,
+        timeout=IDLE_TIMEOUT_S + 4 * CULL_INTERVAL_S + 30,
+        what="the closed tab's kernel to go",
+    )
+    record_timing("closed tab: close -> kernel process gone", time.monotonic() - closed_at)
+    wait_until(server.kernels, lambda k: k == [], timeout=30, what="the server to list no kernel")
+    log = server.log_tail(200)
+    assert f"Kernel shutdown: {closed['id']}" in log, log
+    if f"({closed['id']}) with 0 connections" in log:
+        note("closed tab: its kernel was culled (Voila's unload shutdown was refused)")
+
     bare_page.set_viewport_size({"width": 1280, "height": 1400})
+    started = time.monotonic()
     bare_page.goto(server.render_url(DASHBOARD), wait_until="commit", timeout=WAIT_MS)
     ui = PanelPage(bare_page)
     expect(ui.root).to_be_visible(timeout=WAIT_MS)
