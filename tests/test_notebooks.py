@@ -2,8 +2,9 @@
 
 nbclient executes every notebook (any cell error fails it) and keeps the widget state
 a frontend would have received (``nb.metadata["widgets"]``). The tests read that state:
-each notebook built its ``FineTunePanel``s, and every panel trained (a best epoch in its
-status, finite points in its loss chart) with no error shown. ``notebook_run`` runs
+each walkthrough built its ``FineTunePanel``s, and every panel trained (a best epoch in its
+status, finite points in its loss chart) with no error shown; the dashboard's panel
+(what Voila serves) waits for Start, untrained. ``notebook_run`` runs
 them, with a probe cell reporting the kernel's interpreter and peak memory; timings (with
 the time budget, reported, not asserted), peak memory and the printed results go to
 ``test-artifacts/notebooks/summary.json``.
