@@ -13,6 +13,14 @@ _ensure_jax_backend()
 
 from ftwidgets import demo  # noqa: E402
 from ftwidgets._backend import device_summary  # noqa: E402
+from ftwidgets.advice.exercises import (  # noqa: E402
+    Exercise,
+    ExerciseResult,
+    NoOverfitting,
+    PhaseDone,
+    Reach,
+    WithinEpochs,
+)
 
 # `ftw.transfer.unfreeze_units(model)` and friends, as the walkthroughs and README use them.
 from ftwidgets.engine import transfer as transfer  # noqa: E402
@@ -94,15 +102,21 @@ __all__ = [
     "Branch",
     "EarlyStoppingConfig",
     "EpochRecord",
+    "Exercise",
+    "ExerciseResult",
     "Failure",
     "FineTunePanel",
     "FineTuneSession",
     "History",
+    "NoOverfitting",
     "PhaseConfig",
+    "PhaseDone",
+    "Reach",
     "RunComparison",
     "RunDamagedWarning",
     "RunInfo",
     "TrainingCharts",
+    "WithinEpochs",
     "__version__",
     "build_transfer_model",
     "compilation_cache_dir",

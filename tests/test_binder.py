@@ -249,15 +249,34 @@ BADGE = re.compile(r"\(https://mybinder\.org/v2/gh/ftwidgets/ftwidgets/HEAD\?url
 
 
 @pytest.mark.unit
-def test_readme_badges_open_walkthrough_01_in_lab_and_as_a_voila_dashboard():
+def test_readme_badges_open_walkthrough_01_in_lab_and_the_dashboard_in_voila():
+    # Voila runs every cell on load: it serves the dashboard, which never starts
+    # training itself (the quickstart's walkthrough clicks Start in a cell).
     urlpaths = BADGE.findall((REPO / "README.md").read_text())
     assert urlpaths == [
         "lab/tree/notebooks/01_quickstart.ipynb",
-        "voila/render/notebooks/01_quickstart.ipynb",
+        "voila/render/notebooks/00_dashboard.ipynb",
     ]
     for urlpath in urlpaths:
         notebook = urlpath.split("/", 2)[2]
         assert (REPO / notebook).is_file(), urlpath
+
+
+@pytest.mark.unit
+def test_post_build_installs_the_kernel_culling_settings():
+    """The server culls a kernel idle for 10 minutes, connected or not (see the README)."""
+    config = json.loads((BINDER / "jupyter_server_config.json").read_text())
+    assert config == {
+        "MappingKernelManager": {
+            "cull_idle_timeout": 600,
+            "cull_interval": 60,
+            "cull_connected": True,
+            "cull_busy": False,
+        }
+    }
+    text = "\n".join(_commands(BINDER / "postBuild"))
+    assert 'config="${JUPYTER_CONFIG_DIR:-$HOME/.jupyter}"' in text
+    assert 'cp binder/jupyter_server_config.json "$config/jupyter_server_config.json"' in text
 
 
 @pytest.mark.kernel

@@ -2,8 +2,9 @@
 
 nbclient executes every notebook (any cell error fails it) and keeps the widget state
 a frontend would have received (``nb.metadata["widgets"]``). The tests read that state:
-each notebook built its ``FineTunePanel``s, and every panel trained (a best epoch in its
-status, finite points in its loss chart) with no error shown. ``notebook_run`` runs
+each walkthrough built its ``FineTunePanel``s, and every panel trained (a best epoch in its
+status, finite points in its loss chart) with no error shown; the dashboard's panel
+(what Voila serves) waits for Start, untrained. ``notebook_run`` runs
 them, with a probe cell reporting the kernel's interpreter and peak memory; timings (with
 the time budget, reported, not asserted), peak memory and the printed results go to
 ``test-artifacts/notebooks/summary.json``.
@@ -34,6 +35,8 @@ WALKTHROUGHS = {
     "05_your_own_images.ipynb": 1,
     "06_transformer_lora.ipynb": 1,
 }
+# Voila's dashboard (the README's badge): it builds a panel and waits for Start.
+DASHBOARD = "00_dashboard.ipynb"
 # Binder gives a kernel about 2 GB; each walkthrough's kernel must peak below this.
 KERNEL_MEMORY_BUDGET_MIB = 1536
 
@@ -47,7 +50,17 @@ def notebook_paths() -> list[Path]:
 
 @pytest.mark.unit
 def test_the_walkthroughs_are_there():
-    assert [p.name for p in notebook_paths()] == sorted(WALKTHROUGHS)
+    assert [p.name for p in notebook_paths()] == sorted([DASHBOARD, *WALKTHROUGHS])
+
+
+@pytest.mark.unit
+def test_the_dashboard_starts_nothing_on_load():
+    """Voila and "run all" run every cell: none may train, search or click."""
+    nb = nbformat.read(NOTEBOOKS / DASHBOARD, as_version=4)
+    code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+    assert "ftw.FineTunePanel(" in code
+    for call in (".click(", ".start(", ".run(", "find_learning_rate(", ".fit(", "%finetune"):
+        assert call not in code, f"{DASHBOARD} calls {call}"
 
 
 @pytest.mark.unit
@@ -66,9 +79,23 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.unit
-def test_quickstart_is_five_cells():
+def test_quickstart_is_five_cells_and_an_exercise():
     nb = nbformat.read(NOTEBOOKS / "01_quickstart.ipynb", as_version=4)
-    assert len(nb.cells) == 5
+    assert len(nb.cells) == 7
+    assert nb.cells[5].source.startswith("## Exercise")
+    assert "print(panel.session.coach.check(exercise))" in nb.cells[6].source
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(WALKTHROUGHS)[:3], ids=lambda n: n.split("_")[0])
+def test_walkthroughs_01_to_03_set_exercises_the_coach_checks(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and re.match(r"#+ Exercise", cell.source):
+            assert "coach.check(" in nb.cells[index + 1].source, f"{name}: cell {index + 1}"
+            break
+    else:
+        pytest.fail(f"{name} has no exercise")
 
 
 @pytest.mark.unit
@@ -200,6 +227,25 @@ def test_walkthrough_runs_and_its_panels_train(name):
 
 @pytest.mark.kernel
 @pytest.mark.timeout(900)
+def test_the_dashboard_shows_an_idle_panel_that_has_not_trained():
+    run = execute(DASHBOARD)
+    assert "Traceback" not in run.stream("stderr")
+    peak_mib = run.probe["peak_rss_kb"] / 1024
+    print(f"dashboard kernel peak RSS after load: {peak_mib:.0f} MiB")
+    assert peak_mib < KERNEL_MEMORY_BUDGET_MIB
+    state = run.state
+    (panel_id,) = panels(state)
+    ids = reachable(state, panel_id)
+    texts = html_values(state, ids)
+    assert [t for t in texts if "<b>idle</b> · JAX · cpu" in t], texts[:3]
+    assert not [t for t in texts if re.search(r"best epoch \d+|Error:", t)], texts
+    assert trained_lines(state, ids) == []
+    # Nothing ran: the coach has nothing to say about an untrained run.
+    assert list(run.probe["advice"].values()) == [[]]
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(900)
 def test_walkthroughs_print_their_results():
     """The numbers each walkthrough teaches with are printed (and plausible)."""
     two = execute("02_two_phase_fine_tuning.ipynb").stream()
@@ -272,6 +318,45 @@ def test_walkthroughs_print_their_results():
     accuracy = float(re.search(r"validation accuracy now, weights=None: ([\d.]+)", five).group(1))
     # Early stopping put the best epoch's weights back: evaluating reproduces its accuracy.
     assert accuracy == float(best.group(3)), (accuracy, best.group(0))
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(900)
+def test_walkthroughs_print_their_exercise_verdicts():
+    """Walkthroughs 01-03 end an exercise with the coach's verdict: the goal, then what
+    is met and what is missing, printed."""
+    one = execute("01_quickstart.ipynb").stream()
+    verdict = re.search(
+        r"^(Passed|Not yet): Get validation accuracy above 0\.95 without overfitting\n"
+        r"((  - .*\n){2})",
+        one,
+        re.M,
+    )
+    assert verdict, one
+    # Missing lines first, then met ones.
+    reached = r"val_accuracy reached [\d.]+ at best \(epoch \d+\), above 0\.95 asked"
+    assert re.search(reached, verdict[2])
+    assert re.search(r"no overfitting in the weights|overfit: Overfitting", verdict[2])
+    two = execute("02_two_phase_fine_tuning.ipynb").stream()
+    verdict = re.search(r"^(Passed|Not yet): Fine-tune 5 epochs .*\n((  - .*\n){3})", two, re.M)
+    assert verdict, two
+    assert "a finetune phase is done (" in verdict[2]
+    assert re.search(r"val_accuracy reached [\d.]+ in the weights the model holds", verdict[2])
+    assert re.search(r"the run trained \d+ epochs, at most 80 asked", verdict[2])
+
+    three = execute("03_early_stopping_and_rollback.ipynb").stream()
+    # Part 1 left the last epoch's weights, overfit; part 2's rollback fixed that.
+    goal = "Leave the model with weights that do not overfit"
+    assert re.search(
+        rf"Not yet: {goal}\n  - missing: the weights the model holds \(epoch 80\) overfit: "
+        r"Overfitting: val_loss is \d+ epochs past its best",
+        three,
+    ), three
+    best_epoch = re.search(r"best epoch (\d+): val_loss", three)[1]
+    assert (
+        f"Passed: {goal}\n  - met: no overfitting in the weights the model holds "
+        f"(epoch {best_epoch})"
+    ) in three
 
 
 @pytest.mark.kernel

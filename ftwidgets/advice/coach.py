@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
+from ftwidgets.advice.exercises import Exercise, ExerciseResult
 from ftwidgets.advice.record import Record
 from ftwidgets.advice.rules import RULES, warm
 from ftwidgets.engine.events import (
@@ -181,6 +182,24 @@ class Coach:
             self._seen.add((note.rule, note.episode))
             self._said[note.rule, note.message] = note.phase_index
         self._searches = [search for search in searches if search.done]
+
+    def check(self, exercise: Exercise) -> ExerciseResult:
+        """Check a walkthrough's exercise (`ftwidgets.advice.exercises`) against the
+        session this coach listens to; a wrong answer is a verdict, never an exception.
+
+        Example:
+
+        >>> from ftwidgets.advice.exercises import Exercise, WithinEpochs
+        >>> Coach().check(Exercise("Train", WithinEpochs(5)))
+        Traceback (most recent call last):
+        ...
+        ValueError: This coach listens to no session (Coach.listen). Received: exercise=...
+        """
+        if self._session is None:
+            raise ValueError(
+                f"This coach listens to no session (Coach.listen). Received: exercise={exercise!r}"
+            )
+        return exercise.check(self._session)
 
     @property
     def notes(self) -> tuple[Note, ...]:

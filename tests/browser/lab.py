@@ -462,6 +462,58 @@ class VoilaServer(ServerProcess):
         return f"{self.url}/?token={self.token}"
 
 
+@dataclass
+class BinderServer(ServerProcess):
+    """Jupyter Server as mybinder runs it: ``binder/jupyter_server_config.json`` where
+    ``binder/postBuild`` puts it (the user's config dir), Voila's ``/voila/render/``
+    route, and ``overrides`` (``--Class.trait=value``) on the command line, which win
+    over the file."""
+
+    @classmethod
+    def launch(
+        cls, root_dir: Path, home: Path, overrides: Iterable[str] = (), name: str = "binder-server"
+    ) -> BinderServer:
+        port = free_port()
+        token = secrets.token_hex(24)
+        env = jupyter_env(home)
+        shutil.copy(
+            REPO_ROOT / "binder" / "jupyter_server_config.json",
+            Path(env["JUPYTER_CONFIG_DIR"]) / "jupyter_server_config.json",
+        )
+        argv = [
+            str(_scripts_dir() / "jupyter"),
+            "server",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root_dir}",
+            *overrides,
+        ]
+        if os.geteuid() == 0:
+            argv.append("--allow-root")
+        redact.add(str(home), "<tmp>")
+        redact.add(str(root_dir), "<root>")
+        server = cls(
+            name=name, argv=argv, cwd=root_dir, env=env, url=f"http://127.0.0.1:{port}", token=token
+        )
+        return server.start()
+
+    def render_url(self, notebook: str) -> str:
+        """The dashboard at ``/voila/render/<notebook>``, as the README's badge opens it."""
+        return f"{self.url}/voila/render/{notebook}?token={self.token}"
+
+    def kernels(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/kernels")
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of process ``pid`` now, in MiB (Linux: /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024
+
+
 def prepare_root(root: Path) -> Path:
     """A temp copy of the repo's ``notebooks/`` (read when called, so new notebooks count)."""
     if NOTEBOOKS.is_dir():

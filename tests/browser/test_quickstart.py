@@ -1,4 +1,4 @@
-"""The quickstart notebook, driven in a real JupyterLab (and Voila) as a person would.
+"""The quickstart notebook, driven in a real JupyterLab as a person would; its dashboard in Voila.
 
 Scenarios 1-7 share one notebook page and one kernel, in file order, each starting from
 the state the previous one left (the ``scenario`` fixture skips the rest after the first
@@ -40,6 +40,12 @@ pytestmark = pytest.mark.browser
 # Shows ``panel`` (a FineTunePanel), and may train it from code (it does: a head phase,
 # then ``panel.session.wait()``); the scenarios continue from whatever it left.
 QUICKSTART = "01_quickstart.ipynb"
+# What Voila serves (the README's badge): the quickstart's panel, and no training cell.
+DASHBOARD = "00_dashboard.ipynb"
+# How long the dashboard is watched for training nobody asked for: Voila has run every
+# cell once the panel shows, and a phase started from code shows its first epoch in
+# well under a second here.
+UNASKED_S = 5.0
 
 # A demo epoch takes 0.04-0.1 s here, so 300 epochs can end before a scenario acts on
 # them, and early stopping (patience 5) ends a fine-tune phase within seconds. So every
@@ -53,6 +59,8 @@ WAIT_MS = WAIT_S * 1000
 IDLE = re.compile(r"^idle\b")
 # Idle after a head phase ran: the quickstart's own training (cells 3-4) has finished.
 IDLE_AFTER_HEAD = re.compile(r"^idle · head phase · epoch \d+ \(\d+/\d+ of this phase\)")
+# Idle, and nothing ever trained: no phase, no epoch.
+UNTRAINED = re.compile(r"^idle · JAX · cpu$")
 RUNNING = re.compile(r"^running\b")
 # A monitor the compiled model does not log fails the phase before its first batch.
 FAILED = re.compile(r"^failed\b")
@@ -66,6 +74,14 @@ def quickstart(lab_root: Path) -> str:
     if not (lab_root / QUICKSTART).is_file():
         pytest.fail(f"notebooks/{QUICKSTART} is missing", pytrace=False)
     return QUICKSTART
+
+
+@pytest.fixture(scope="module")
+def dashboard(lab_root: Path) -> str:
+    """The dashboard notebook's path in the server root (a copy of notebooks/)."""
+    if not (lab_root / DASHBOARD).is_file():
+        pytest.fail(f"notebooks/{DASHBOARD} is missing", pytrace=False)
+    return DASHBOARD
 
 
 def _since(started: float) -> float:
@@ -493,7 +509,7 @@ def test_7_bad_input_is_reported_in_the_panel(scenario) -> None:
 # --------------------------------------------------------------------------- 8, Voila
 
 
-def test_8_voila_dashboard_renders_and_trains(bare_page, voila_server, quickstart) -> None:
+def test_8_voila_dashboard_waits_for_start_then_trains(bare_page, voila_server, dashboard) -> None:
     started = time.monotonic()
     # Voila scrolls inside its own container, so a full-page shot is one viewport: make
     # it tall enough for the notebook's header and the whole panel.
@@ -520,7 +536,7 @@ def test_8_voila_dashboard_renders_and_trains(bare_page, voila_server, quickstar
             else None
         ),
     )
-    server = voila_server(quickstart)
+    server = voila_server(dashboard)
     # Voila streams the page while it runs the cells: "load" waits for the last one.
     bare_page.goto(server.dashboard_url, wait_until="commit", timeout=WAIT_MS)
     ui = PanelPage(bare_page)
@@ -530,16 +546,22 @@ def test_8_voila_dashboard_renders_and_trains(bare_page, voila_server, quickstar
     expect(ui.figure("Loss")).to_be_visible()
     assert ui.error_text() == ""
 
-    # Voila ran every cell, the quickstart's own training included: wait for its end.
-    expect(ui.status).to_have_text(IDLE_AFTER_HEAD, timeout=WAIT_MS)
-    record_timing("8 voila: server start + goto -> the notebook's training done", _since(started))
+    # Voila ran every cell: the learner sees an idle panel, and it stays so until Start.
+    expect(ui.status).to_have_text(UNTRAINED, timeout=WAIT_MS)
+    _expect_idle_buttons(ui)
+    time.sleep(UNASKED_S)
+    expect(ui.status).to_have_text(UNTRAINED)
+    _expect_idle_buttons(ui)
+    assert _val_points(ui) == 0
+    assert ui.line_points(ui.figure("Loss"), "batch loss") == 0
+    screenshot(bare_page, "dashboard-8-voila-waiting")
     _make_runs_long(ui)
     _start(ui, "8 voila")
     _expect_running_buttons(ui)
     _wait_val_points(ui, _val_points(ui) + 1, "8 voila: two more val_loss points")
     _stop(ui, "8 voila")
 
-    screenshot(bare_page, "quickstart-8-voila")
+    screenshot(bare_page, "dashboard-8-voila-trained")
     assert problems == []
     assert any("/remoteEntry." in url for url in loaded), "Voila did not load the extension"
     record_timing("8 voila: whole scenario", _since(started))
