@@ -119,8 +119,8 @@ def copy_walkthroughs(dest: str | os.PathLike[str], source: Path | None = None) 
 
     >>> import tempfile
     >>> report = copy_walkthroughs(Path(tempfile.mkdtemp()) / "ftwidgets-walkthroughs")
-    >>> report.copied[0], report.kept
-    ('01_quickstart.ipynb', [])
+    >>> report.copied[:2], report.kept
+    (['00_dashboard.ipynb', '01_quickstart.ipynb'], [])
     """
     dest = Path(dest)
     source = walkthrough_source() if source is None else Path(source)
