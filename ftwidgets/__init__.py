@@ -13,6 +13,7 @@ _ensure_jax_backend()
 
 from ftwidgets import demo  # noqa: E402
 from ftwidgets._backend import device_summary  # noqa: E402
+from ftwidgets.advice.autopilot import Autopilot  # noqa: E402
 
 # `ftw.transfer.unfreeze_units(model)` and friends, as the walkthroughs and README use them.
 from ftwidgets.engine import transfer as transfer  # noqa: E402
@@ -90,6 +91,7 @@ def _jupyter_labextension_paths() -> list[dict[str, str]]:
 
 
 __all__ = [
+    "Autopilot",
     "Best",
     "Branch",
     "EarlyStoppingConfig",

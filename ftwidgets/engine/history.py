@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ftwidgets.engine import history_file
+from ftwidgets.engine.action_log import ActionLog, ActionRecord
 from ftwidgets.engine.batch_trace import BatchTrace
 from ftwidgets.engine.config import (
     EarlyStoppingConfig,
@@ -163,6 +164,7 @@ class History:
         self.versions: dict[str, str] = {}
         self._trace = BatchTrace()
         self._rates = RateTrace()
+        self.action_log = ActionLog()
 
     # -- epochs ---------------------------------------------------------
     @property
@@ -401,6 +403,12 @@ class History:
             marker = replace(marker, branch=self._branch)
         self._markers.append(marker)
 
+    @property
+    def actions(self) -> tuple[ActionRecord, ...]:
+        """Every action applied to the session, who took it and why, oldest first
+        (see `ftwidgets.engine.action_log`)."""
+        return self.action_log.records
+
     # -- per-batch trace -------------------------------------------------
     def record_batch(
         self, step: int, x: float, loss: float, *, batch: int | None = None, size: float = 1.0
@@ -511,11 +519,11 @@ class History:
         """Write the run to ``path`` as readable JSON, atomically; return the path.
 
         The file holds the epochs of every branch, the phases with their settings
-        and early-stopping settings, the markers, the branches, the learning rates
-        every step applied, the model's name and settings, and the versions of
-        ftwidgets, Keras, JAX and NumPy. The per-batch loss trace is left out. NaN
-        and infinite values are written as ``NaN`` / ``Infinity``, as Python's
-        ``json`` does.
+        and early-stopping settings, the markers, the actions taken (`actions`), the
+        branches, the learning rates every step applied, the model's name and
+        settings, and the versions of ftwidgets, Keras, JAX and NumPy. The per-batch
+        loss trace is left out. NaN and infinite values are written as ``NaN`` /
+        ``Infinity``, as Python's ``json`` does.
 
         Example:
 
@@ -561,6 +569,7 @@ class History:
         history._phases = [PhaseSpan(**history_file.span_fields(span)) for span in data["phases"]]
         history._markers = [Marker(**m) for m in data["markers"]]
         history._rates = RateTrace.from_json(data.get("rates") or {})
+        history.action_log = ActionLog.from_json(data.get("actions") or [])
         for row in data["epochs"]:
             history._branch = row["branch"]
             history.add_epoch(history_file.record_from_json(row))

@@ -70,6 +70,7 @@ def to_json(history: History) -> dict[str, Any]:
         "markers": [dataclasses.asdict(m) for m in history.markers],
         "epochs": [_record_to_json(r) for r in history.epochs],
         "rates": history.rate_trace.to_json(),
+        "actions": history.action_log.to_json(),
     }
 
 
