@@ -663,8 +663,15 @@ def test_plateau_fires_in_a_fine_tune_phase_that_stopped_improving_once_per_rate
     falling = [(0.9, 0.8), (0.8, 0.7), (0.6, 0.72), (0.5, 0.71), (0.4, 0.73)]
     overfit = record(run(falling, phase="finetune", rate=1e-4, history=run([(1.0, 1.0)])))
     assert rules.plateau(overfit) is None and rules.overfitting(overfit) is not None
-    # The coach writes it once per phase and rate.
+    # The coach writes it once per phase and rate; after a change, once three epochs at
+    # the new rate did not improve.
     coach = Coach()
     assert [n.rule for n in coach.update(record(tune))] == ["plateau"]
     assert coach.update(record(tune)) == []
-    assert [n.rule for n in coach.update(record(tune, learning_rate=1e-5))] == ["plateau"]
+    tune.add_marker(Marker("learning_rate", 6.0, 7, "learning rate 1e-05", 1e-5))
+    lower = []
+    for epoch in (7, 8, 9):
+        logs = frozen_logs({"loss": 0.9, "val_loss": 0.74})
+        tune.add_epoch(EpochRecord(epoch, "finetune", 1, logs, 1e-5))
+        lower.append(coach.update(record(tune, learning_rate=1e-5)))
+    assert [[(n.rule, n.epoch) for n in notes] for notes in lower] == [[], [], [("plateau", 9)]]

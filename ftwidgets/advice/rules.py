@@ -203,8 +203,7 @@ def overfitting(record: Record) -> Note | None:
 
 def plateau(record: Record) -> Note | None:
     """In a fine-tune phase, the monitor has not beaten its best for ``PLATEAU_EPOCHS``
-    epochs, not `overfitting` nor stuck (see `not_learning`): lower the rate 10x. One
-    note per phase and rate.
+    epochs at its rate, not `overfitting` nor stuck (see `not_learning`): lower the rate 10x.
 
     Example:
 
@@ -217,11 +216,12 @@ def plateau(record: Record) -> Note | None:
     >>> note.message, note.actions[0].learning_rate
     ('Plateau: val_loss has not improved for 3 epochs.', 1e-05)
     """
-    rate = record.learning_rate
-    if record.phase != "finetune" or not rate or _phase(record).count < PLATEAU_EPOCHS:
+    rate, fold, phase = record.learning_rate, _best(record), _phase(record)
+    if record.phase != "finetune" or not rate or min(phase.count, fold.since) < PLATEAU_EPOCHS:
         return None
-    fold = _best(record)
-    if fold.since < PLATEAU_EPOCHS or _stuck(record) is not None or overfitting(record):
+    # Counted at this rate: the epochs before a change say nothing of it.
+    changed = max((m.x for m in record.history.markers if m.kind == "learning_rate"), default=0)
+    if fold.last.epoch - changed < PLATEAU_EPOCHS or _stuck(record) or overfitting(record):
         return None
     return Note(
         "plateau",

@@ -64,8 +64,9 @@ class Marker:
 
     Attributes:
         kind: ``"early_stop"``, ``"stop"``, ``"rollback"``, ``"failure"``,
-            ``"learning_rate"``, or ``"interrupted"`` (the process died; a resumed run
-            marks where its last complete epoch ended).
+            ``"learning_rate"``, ``"interrupted"`` (the process died; a resumed run
+            marks where its last complete epoch ended), or an action taken (``detail``
+            is its label): ``"autopilot"`` by the autopilot, ``"action"`` by you.
         x: position in epochs on the global axis: epoch ``n`` spans ``n - 1`` to ``n``.
         epoch: the global epoch it happened in (1-based).
         detail: a short human-readable description.

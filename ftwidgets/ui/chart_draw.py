@@ -176,7 +176,7 @@ def draw_markers(
     near = max(extent, 1.0) * _NEAR
     events: list[tuple[float, str, str]] = []
     for mk, color in sorted(zip(rules, colors, strict=True), key=lambda pair: pair[0].x):
-        name = MARKER_STYLES.get(mk.kind, ("", mk.kind.replace("_", " ")))[1]
+        name = marker_name(mk)
         # Closer than the label already there is wide (at a typical chart width).
         room = max(near, len(events[-1][1]) * _CHAR_WIDTH * extent) if events else 0
         if events and mk.x - events[-1][0] < room:
@@ -199,6 +199,26 @@ def draw_markers(
         x=np.array([mk.x for mk in changes], dtype=np.float64),
         y=np.array([float(mk.value or 0.0) for mk in changes], dtype=np.float64),
     )
+
+
+def marker_name(marker: Marker) -> str:
+    """The text shown beside a marker's symbol: an action's label (the autopilot's
+    prefixed ``"autopilot: "``), else the kind's short text.
+
+    Example:
+
+    >>> marker_name(Marker("autopilot", 7.0, 7, "Lower the rate to 3e-1"))
+    'autopilot: Lower the rate to 3e-1'
+    >>> marker_name(Marker("action", 7.0, 7, "Undo: Lower the rate to 3e-1"))
+    'Undo: Lower the rate to 3e-1'
+    >>> marker_name(Marker("early_stop", 7.0, 7))
+    'early stop'
+    """
+    if marker.kind == "autopilot":
+        return f"autopilot: {marker.detail}"
+    if marker.kind == "action":
+        return marker.detail
+    return MARKER_STYLES.get(marker.kind, ("", marker.kind.replace("_", " ")))[1]
 
 
 def draw_best(marks: Mapping[str, bq.Mark], best: Best | None, metric: str | None) -> None:

@@ -33,6 +33,10 @@ MARKER_STYLES = {
     "rollback": ("#9467bd", "rollback"),
     "failure": ("#d62728", "failure"),
     "interrupted": ("#8c564b", "interrupted"),
+    # Actions (``history.actions``): the autopilot's apart from yours. Their label is
+    # the action's own (see `chart_draw.marker_name`).
+    "autopilot": ("#17becf", "autopilot"),
+    "action": ("#ff7f0e", "action"),
 }
 # The halo around each restorable epoch's point.
 RING_OPACITY = 0.3
