@@ -186,7 +186,7 @@ class Steering:
         back, while no phase runs). The undo is logged too, by ``"you"``.
 
         Returns:
-            The entry it reverted.
+            The entry it reverted, its ``undone_by`` naming the undo's entry.
 
         Raises:
             ValueError: naming why, when nothing can be undone.
@@ -217,9 +217,9 @@ class Steering:
             epoch=epoch, x=x, kind="undo", label=f"Undo: {record.label}", who="you",
             why="by hand", undoes=record.index,
         )  # fmt: skip
-        log.update(record.index, undone_by=undo.index)
+        reverted = log.update(record.index, undone_by=undo.index)
         self._logged(undo)
-        return record
+        return reverted
 
     def _undo_rollback(self, record: ActionRecord) -> None:
         weights = self._ctx.history.action_log.weights(record.index)
