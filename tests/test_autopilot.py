@@ -339,6 +339,26 @@ def test_the_fine_tune_plan_stops_a_running_head_and_starts_once_idle_while_stil
 
 
 @pytest.mark.unit
+def test_an_action_that_fails_is_logged_as_failed_unmarked_and_raised(data):
+    from helpers import Recorder, make_session
+
+    session = make_session(data)
+    rec = Recorder(session)
+    with pytest.raises(ValueError, match="no best epoch"):
+        session.apply(RollBack())
+    (failed,) = session.history.actions
+    assert (failed.kind, failed.status, failed.who, failed.why) == (
+        "rollback", "failed", "you", "by hand",
+    )  # fmt: skip
+    assert failed.detail.startswith("ValueError: There is no best epoch")
+    assert session.history.markers == ()
+    assert [e.record for e in rec.of(ev.ActionTaken)] == [failed]
+    with pytest.raises(ValueError, match="no rate change, dropout change or rollback"):
+        session.undo()
+    session.close()
+
+
+@pytest.mark.unit
 def test_an_old_history_without_actions_reads_with_none():
     data = History().to_json()
     del data["actions"]

@@ -398,11 +398,16 @@ class History:
         """Events worth marking on a chart, oldest first, on every branch."""
         return tuple(self._markers)
 
-    def add_marker(self, marker: Marker) -> None:
-        """Append a marker (on the current branch)."""
+    def add_marker(self, marker: Marker) -> Marker:
+        """Append a marker (on the current branch); return it as recorded."""
         if marker.branch != self._branch:
             marker = replace(marker, branch=self._branch)
         self._markers.append(marker)
+        return marker
+
+    def remove_marker(self, marker: Marker) -> None:
+        """Take back a marker `add_marker` recorded (an action that then failed)."""
+        self._markers.remove(marker)
 
     @property
     def actions(self) -> tuple[ActionRecord, ...]:

@@ -167,16 +167,19 @@ class Steering:
         )  # fmt: skip
         if isinstance(action, RollBack):
             log.await_weights(record.index)
+        # Marked first: what it causes (a rollback, a stop) is marked after it.
+        marker = self._ctx.history.add_marker(_marker(record))
         try:
             result = action.apply_to(self)
         except Exception as exc:
+            self._ctx.history.remove_marker(marker)
             log.cancel_weights(record.index)
             failed = log.update(
                 record.index, status="failed", detail=f"{type(exc).__name__}: {exc}"
             )
             self._ctx.emit(ActionTaken(failed))
             raise
-        self._logged(record)
+        self._ctx.emit(ActionTaken(record))
         return result
 
     def undo(self) -> ActionRecord:
@@ -218,7 +221,8 @@ class Steering:
             why="by hand", undoes=record.index,
         )  # fmt: skip
         reverted = log.update(record.index, undone_by=undo.index)
-        self._logged(undo)
+        self._ctx.history.add_marker(_marker(undo))
+        self._ctx.emit(ActionTaken(undo))
         return reverted
 
     def _undo_rollback(self, record: ActionRecord) -> None:
@@ -261,12 +265,6 @@ class Steering:
             last = None if phase is None else phase.config.dropout
             return {"previous_dropout": self._ctx.history.action_log.planned_dropout(last)}
         return {}
-
-    def _logged(self, record: ActionRecord) -> None:
-        """Mark an action taken on the charts and tell the listeners."""
-        kind = "autopilot" if record.who == "autopilot" else "action"
-        self._ctx.history.add_marker(Marker(kind, record.x, record.epoch, record.label))
-        self._ctx.emit(ActionTaken(record))
 
     def plan_next_phase(self, **changes: Any) -> dict[str, Any]:
         """Propose settings for the next phase (``PhaseConfig`` fields), as a
@@ -449,3 +447,9 @@ class Steering:
             return None
         next_epoch = self._ctx.history.next_epoch
         return travel.roll_back(self._ctx, next_epoch, next_epoch - 1, None, target)
+
+
+def _marker(record: ActionRecord) -> Marker:
+    """An action's marker on the charts: the autopilot's apart from yours."""
+    kind = "autopilot" if record.who == "autopilot" else "action"
+    return Marker(kind, record.x, record.epoch, record.label)
