@@ -18,6 +18,7 @@ from ftwidgets.engine.actions import (
     StopTraining,
 )
 from ftwidgets.engine.history import History, PhaseSpan
+from ftwidgets.ui.view import SessionView, fold
 
 # A head phase that learns (a best to roll back to), then one at a rate 300x too high:
 # on the demo digits its training loss rises about 6x within three epochs, every run.
@@ -84,6 +85,10 @@ def test_a_bad_run_lowers_the_rate_rolls_back_marks_both_and_undo_reverts_each(d
     assert session.undo() == session.history.actions[1]
     assert same(values(session.model.variables), epoch_7)
     assert session.history.holds == (0, 7)
+    # The panel's status (its view, folded from the events) says so.
+    undone = rec.of(ev.ActionTaken)[-1]
+    view = fold(SessionView(name=session.name, model="m", holds=best), undone)
+    assert (view.holds, view.notice) == (7, "Undo: Roll back to the best.")
     assert session.undo().index == 0
     assert session.learning_rate == 3.0
     assert float(session.model.optimizer.learning_rate) == 3.0

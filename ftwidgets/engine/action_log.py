@@ -80,7 +80,8 @@ class ActionRecord:
             ``"failed"`` (applying it raised); ``detail`` says why.
         previous_rate: a rate change's rate before it.
         previous_dropout: a dropout change's dropout planned before it.
-        held: ``(branch, epoch)`` the model held before a rollback.
+        held: ``(branch, epoch)`` the model held before a rollback; on the undo of a
+            rollback, the same: what the model holds again.
         undoes: an undo's: the index of the record it reverted.
         undone_by: the index of the undo that reverted this one.
     """

@@ -218,7 +218,7 @@ class Steering:
         epoch, x = self._position()
         undo = log.add(
             epoch=epoch, x=x, kind="undo", label=f"Undo: {record.label}", who="you",
-            why="by hand", undoes=record.index,
+            why="by hand", undoes=record.index, held=record.held,
         )  # fmt: skip
         reverted = log.update(record.index, undone_by=undo.index)
         self._ctx.history.add_marker(_marker(undo))

@@ -359,10 +359,11 @@ class Training(Steering):
                 except Exception as exc:
                     on_error(exc)
 
-        self._chain = threading.Thread(target=then_start, name="ftwidgets-next-phase")
-        self._chain.daemon = True
-        self._chain.start()
-        return self._chain
+        chain = threading.Thread(target=then_start, name="ftwidgets-next-phase", daemon=True)
+        chain.start()
+        # Set once started: a `wait` on another thread may join it at once.
+        self._chain = chain
+        return chain
 
     def _head_went_well(self) -> bool:
         """Whether `fine_tune`'s head phase ended neither stopped nor failed."""
