@@ -172,6 +172,20 @@ def test_the_autopilot_is_off_by_default_and_switched_off_mid_run_takes_no_more(
 
 
 @pytest.mark.keras
+def test_the_autopilot_stops_a_phase_that_overfits(data):
+    # At rate 1.0 the second head phase overfits: val_loss past its best at epoch 6.
+    overfit = BAD.with_changes(learning_rate=1.0)
+    session, rec = bad_run(data, ftw.Autopilot(allowed=("stop",)), phases=(GOOD, overfit))
+    assert summary(session) == [("stop", "autopilot", "taken", "overfitting")]
+    (stopped,) = rec.of(ev.Stopped)
+    # At the first batch of epoch 10, before it trained: epoch 9 was the last.
+    assert (stopped.epoch, stopped.batch, session.history.epochs[-1].epoch) == (10, 0, 9)
+    assert session.history.phases[1].reason == "stopped"
+    assert autopilot_marks(session) == [(9, "Stop")]
+    session.close()
+
+
+@pytest.mark.keras
 def test_the_autopilot_stops_a_head_that_learned_and_starts_the_fine_tune_phase(data):
     from helpers import make_session
 
