@@ -378,6 +378,23 @@ def test_an_action_that_fails_is_logged_as_failed_unmarked_and_raised(data):
 
 
 @pytest.mark.unit
+def test_undo_plans_the_dropout_planned_before_and_says_when_there_was_none(data):
+    from helpers import Recorder, make_session
+
+    session = make_session(data)
+    rec = Recorder(session)
+    session.apply(SetDropout(0.5))
+    session.apply(SetDropout(0.3))
+    assert [r.previous_dropout for r in session.history.actions] == [None, 0.5]
+    assert session.undo().action == SetDropout(0.3)
+    assert rec.of(ev.PhasePlanned)[-1].changes == {"dropout": 0.5}
+    with pytest.raises(ValueError, match=r"cannot be undone: no dropout was set before it"):
+        session.undo()
+    assert len(rec.of(ev.PhasePlanned)) == 3 and len(session.history.actions) == 3
+    session.close()
+
+
+@pytest.mark.unit
 def test_an_old_history_without_actions_reads_with_none():
     data = History().to_json()
     del data["actions"]
