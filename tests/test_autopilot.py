@@ -67,6 +67,7 @@ def test_a_bad_run_lowers_the_rate_rolls_back_marks_both_and_undo_reverts_each(d
     assert lowered.action == ChangeLearningRate(0.3, "Lower the rate to 3e-1")
     assert lowered.label == "Lower the rate to 3e-1" and lowered.previous_rate == 3.0
     assert rolled.action == RollBack() and lowered.epoch == rolled.epoch == 7
+    assert lowered.x == rolled.x == 7.0  # the end of epoch 7, where both took effect
     # Each is a marker on the charts at the epoch the note came, and an event.
     assert autopilot_marks(session) == [(7, "Lower the rate to 3e-1"), (7, "Roll back to the best")]
     assert [e.record.index for e in rec.of(ev.ActionTaken)] == [0, 1]

@@ -248,7 +248,8 @@ class Steering:
         """The epoch now (1-based), and where on the epoch axis."""
         phase = self._phase
         if self.is_training and phase is not None and phase.rates is not None:
-            return max(phase.epoch, 1), phase.position(phase.batch)
+            # Where it takes effect: the next batch boundary (an epoch's end, read there).
+            return max(phase.epoch, 1), phase.position(phase.batch + 1)
         last = self._ctx.history.next_epoch - 1
         return max(last, 1), float(last)
 
