@@ -13,6 +13,7 @@ _ensure_jax_backend()
 
 from ftwidgets import demo  # noqa: E402
 from ftwidgets._backend import device_summary  # noqa: E402
+from ftwidgets.advice.autopilot import Autopilot  # noqa: E402
 from ftwidgets.advice.exercises import (  # noqa: E402
     Exercise,
     ExerciseResult,
@@ -98,6 +99,7 @@ def _jupyter_labextension_paths() -> list[dict[str, str]]:
 
 
 __all__ = [
+    "Autopilot",
     "Best",
     "Branch",
     "EarlyStoppingConfig",

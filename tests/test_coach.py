@@ -14,7 +14,13 @@ import ftwidgets as ftw
 from ftwidgets.advice import rules
 from ftwidgets.advice.coach import Coach
 from ftwidgets.advice.record import BatchFold, Record
-from ftwidgets.engine.actions import ChangeLearningRate, PlanPhase, RollBack, SetDropout
+from ftwidgets.engine.actions import (
+    ChangeLearningRate,
+    PlanPhase,
+    RollBack,
+    SetDropout,
+    StopTraining,
+)
 from ftwidgets.engine.events import Advised, EpochRecord, frozen_logs
 from ftwidgets.engine.history import History, Marker, PhaseSpan
 
@@ -48,10 +54,14 @@ def test_overfitting_fires_when_validation_turns_while_training_falls():
     assert note.rule == "overfitting"
     assert "best at epoch 2 (0.5)" in note.why and "from 0.6 to 0.2" in note.why
     # One number per epoch: the button's label, its value and the note's epoch.
+    # While the phase runs it offers a Stop too (the autopilot's "stop on overfitting").
     assert note.actions == (
         RollBack(2, "Roll back to epoch 2"),
         SetDropout(0.5, "Head dropout 0.5"),
+        StopTraining(),
     )
+    ended = rules.overfitting(record(run(OVERFIT), dropout=0.3, phase_ended="completed"))
+    assert StopTraining() not in ended.actions
     assert note.epoch == 5
     # Not while validation still improves, nor when the training loss is flat too,
     # nor on a monitor that is not a validation metric.
@@ -197,7 +207,8 @@ def test_non_finite_loss_explains_and_names_the_rate():
     history = run([(1.0, 1.0), (math.nan, math.nan)], rate=0.5)
     note = rules.non_finite_loss(record(history))
     assert "at rate 5e-1" in note.message
-    assert [(type(a), a.learning_rate) for a in note.actions] == [(ChangeLearningRate, 0.05)]
+    # Epoch 1 is a best to roll back to.
+    assert note.actions == (ChangeLearningRate(0.05, "Lower the rate to 5e-2"), RollBack())
     assert rules.non_finite_loss(record(run([(1.0, 1.0)]))) is None
     # A phase that failed on an infinite loss mid-epoch (no epoch logged it) fires too,
     # naming the failing phase's rate; another failure, even one that says "nan", not.
@@ -311,7 +322,7 @@ def test_a_blown_up_phase_is_diverged_never_converged():
     note = rules.not_learning(blown)
     assert note.message == "The phase diverged: the training loss rose 6.0x."
     assert "from 0.5 to 3 at rate 5e-1" in note.why
-    assert [(type(a), a.learning_rate) for a in note.actions] == [(ChangeLearningRate, 0.05)]
+    assert note.actions == (ChangeLearningRate(0.05, "Lower the rate to 5e-2"), RollBack())
     # Counted from the epoch before the phase: a second phase that starts blown up.
     first = logged([{"loss": 0.4, "val_loss": 0.5}])
     second = logged(
@@ -633,3 +644,34 @@ def test_a_fine_tune_rate_a_search_of_the_phase_suggested_is_not_too_high(data, 
     assert "finetune_rate_too_high" not in notes_at(suggested)
     assert "finetune_rate_too_high" in notes_at(100 * suggested)
     session.close()
+
+
+@pytest.mark.unit
+def test_plateau_fires_in_a_fine_tune_phase_that_stopped_improving_once_per_rate():
+    head = run([(1.0, 1.0)], rate=1e-3)
+    flat = [(0.9, 0.8), (0.9, 0.7), (0.9, 0.72), (0.9, 0.71), (0.9, 0.73)]
+    tune = run(flat, phase="finetune", rate=1e-4, history=head)
+    note = rules.plateau(record(tune))
+    assert note.message == "Plateau: val_loss has not improved for 3 epochs."
+    assert "best at epoch 3 (0.7)" in note.why
+    assert note.actions == (ChangeLearningRate(1e-5, "Lower the rate to 1e-5"),)
+    assert note.epoch == 6 and note.episode == (1, 1e-4)
+    # Not in the head phase, not two epochs after the best, not while it overfits.
+    assert rules.plateau(record(run(flat, rate=1e-4))) is None
+    short = run(flat[:4], phase="finetune", rate=1e-4, history=run([(1.0, 1.0)]))
+    assert rules.plateau(record(short)) is None
+    falling = [(0.9, 0.8), (0.8, 0.7), (0.6, 0.72), (0.5, 0.71), (0.4, 0.73)]
+    overfit = record(run(falling, phase="finetune", rate=1e-4, history=run([(1.0, 1.0)])))
+    assert rules.plateau(overfit) is None and rules.overfitting(overfit) is not None
+    # The coach writes it once per phase and rate; after a change, once three epochs at
+    # the new rate did not improve.
+    coach = Coach()
+    assert [n.rule for n in coach.update(record(tune))] == ["plateau"]
+    assert coach.update(record(tune)) == []
+    tune.add_marker(Marker("learning_rate", 6.0, 7, "learning rate 1e-05", 1e-5))
+    lower = []
+    for epoch in (7, 8, 9):
+        logs = frozen_logs({"loss": 0.9, "val_loss": 0.74})
+        tune.add_epoch(EpochRecord(epoch, "finetune", 1, logs, 1e-5))
+        lower.append(coach.update(record(tune, learning_rate=1e-5)))
+    assert [[(n.rule, n.epoch) for n in notes] for notes in lower] == [[], [], [("plateau", 9)]]

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
+from ftwidgets.advice.autopilot import Autopilot
 from ftwidgets.advice.exercises import Exercise, ExerciseResult
 from ftwidgets.advice.record import Record
 from ftwidgets.advice.rules import RULES, warm
@@ -92,6 +93,40 @@ class Coach:
         self._searches: list[Any] = []  # the learning-rate searches that ended
         self._ended: PhaseEnd | None = None
         self._failure: Failure | None = None
+        self._autopilot: Autopilot | None = None
+
+    @property
+    def session(self) -> Any:
+        """The session it follows (`listen`), or None."""
+        return self._session
+
+    @property
+    def autopilot(self) -> Autopilot | None:
+        """The `Autopilot` that applies each new note's actions; None (the default): off.
+
+        Set it to turn the autopilot on, and to None to turn it off at any moment.
+
+        Raises:
+            ValueError: for anything but an `Autopilot` or None.
+        """
+        return self._autopilot
+
+    @autopilot.setter
+    def autopilot(self, pilot: Autopilot | None) -> None:
+        if pilot is not None and not isinstance(pilot, Autopilot):
+            raise ValueError(
+                f"autopilot must be an ftwidgets.Autopilot or None. Received: autopilot={pilot!r}"
+            )
+        if pilot is not None:
+            pilot.attach(self)
+        old, self._autopilot = self._autopilot, pilot
+        if old is not None and old is not pilot:
+            old.detach()
+
+    @property
+    def actions(self) -> tuple[Any, ...]:
+        """The actions taken on the session so far (``history.actions``), newest first."""
+        return () if self._session is None else tuple(reversed(self._session.history.actions))
 
     def listen(self, session: Any) -> Coach:
         """Follow ``session`` (a ``FineTuneSession``): its events, ``history``,
@@ -131,6 +166,9 @@ class Coach:
         self._next_reading = time.monotonic() + self.interval
         for note in self.update(self._record()):
             self._session.post(Advised(note))
+            pilot = self._autopilot
+            if pilot is not None:
+                pilot.take(note)
 
     def _changed(self, rate: float, group: str | None) -> None:
         # None scales every group by one factor: the base keeps its ratio to the head.

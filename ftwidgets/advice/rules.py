@@ -31,6 +31,7 @@ from ftwidgets.engine.actions import (
     RollBack,
     SetDropout,
     SetUnfreezeDepth,
+    StopTraining,
 )
 from ftwidgets.engine.config import DEFAULT_LEARNING_RATES
 from ftwidgets.engine.events import Note, PhaseEnd
@@ -46,6 +47,7 @@ __all__ = [
     "non_finite_loss",
     "not_learning",
     "overfitting",
+    "plateau",
     "small_data",
     "warm",
 ]
@@ -56,6 +58,8 @@ WARMUP_EPOCHS = 3
 OVERFIT_EPOCHS = 3
 # ...while the training loss fell over them by at least this share.
 OVERFIT_TRAIN_DROP = 0.02
+# Plateau: in a fine-tune phase, the monitor has not beaten its best for this many epochs.
+PLATEAU_EPOCHS = 3
 # Diverging: after the rate was raised, the median batch loss rose by this factor...
 DIVERGE_RISE = 1.5
 # ...and above this quantile of the batches before the change (past their noise)...
@@ -180,6 +184,8 @@ def overfitting(record: Record) -> Note | None:
     if record.phase == "finetune" and record.unfreeze_depth > 1:
         depth = record.unfreeze_depth // 2
         actions.append(SetUnfreezeDepth(depth, f"Unfreeze {depth} instead"))
+    if record.phase_ended is None:
+        actions.append(StopTraining())
     return Note(
         "overfitting",
         f"Overfitting: {record.monitor} is {fold.since} epochs past its best while the "
@@ -192,6 +198,39 @@ def overfitting(record: Record) -> Note | None:
         latest.epoch,
         tuple(actions),
         episode=record.phase_index,
+    )
+
+
+def plateau(record: Record) -> Note | None:
+    """In a fine-tune phase, the monitor has not beaten its best for ``PLATEAU_EPOCHS``
+    epochs at its rate, not `overfitting` nor stuck (see `not_learning`): lower the rate 10x.
+
+    Example:
+
+    >>> from ftwidgets.engine.events import EpochRecord, frozen_logs
+    >>> h = History()
+    >>> for e, val in enumerate([0.8, 0.7, 0.72, 0.71, 0.73], 1):
+    ...     _ = h.add_epoch(EpochRecord(e, "finetune", 0, frozen_logs(
+    ...         {"loss": 0.9, "val_loss": val}), 1e-4))
+    >>> note = plateau(Record(h, "val_loss", "min", phase="finetune", learning_rate=1e-4))
+    >>> note.message, note.actions[0].learning_rate
+    ('Plateau: val_loss has not improved for 3 epochs.', 1e-05)
+    """
+    rate, fold, phase = record.learning_rate, _best(record), _phase(record)
+    if record.phase != "finetune" or not rate or min(phase.count, fold.since) < PLATEAU_EPOCHS:
+        return None
+    # Counted at this rate: the epochs before a change say nothing of it.
+    changed = max((m.x for m in record.history.markers if m.kind == "learning_rate"), default=0)
+    if fold.last.epoch - changed < PLATEAU_EPOCHS or _stuck(record) or overfitting(record):
+        return None
+    return Note(
+        "plateau",
+        f"Plateau: {record.monitor} has not improved for {fold.since} epochs.",
+        f"{record.monitor} was best at epoch {fold.best_row.epoch} ({_fmt(fold.best)}); no "
+        f"epoch since beat it at rate {_rate(rate)}. A rate 10x lower may find the way down.",
+        fold.last.epoch,
+        (ChangeLearningRate(rate / 10, f"Lower the rate to {_rate(rate / 10)}"),),
+        episode=(record.phase_index, rate),
     )
 
 
@@ -363,9 +402,11 @@ def non_finite_loss(record: Record) -> Note | None:
     if not (record.non_finite or bad_log):
         return None
     rate = record.learning_rate
-    actions = ()
+    actions: tuple[Action, ...] = ()
     if rate:
         actions = (ChangeLearningRate(rate / 10, f"Lower the rate to {_rate(rate / 10)}"),)
+    if _best(record).best_row is not None:
+        actions += (RollBack(),)
     where = f" at rate {_rate(rate)}" if rate else ""
     return Note(
         "non_finite_loss",
@@ -482,6 +523,8 @@ def not_learning(record: Record) -> Note | None:
         lowest, last = blown
         if rate:
             actions = (ChangeLearningRate(rate / 10, f"Lower the rate to {_rate(rate / 10)}"),)
+        if _best(record).best_row is not None:
+            actions += (RollBack(),)
         message = f"The phase diverged: the training loss rose {last / lowest:.1f}x."
         why = (
             f"The training loss went from {_fmt(lowest)} to {_fmt(last)}{at_rate}. Too high "
@@ -546,6 +589,7 @@ Rule = Callable[[Record], "Note | None"]
 # Each rule with whether it reads the curves (and so waits out the warm-up).
 RULES: dict[str, tuple[Rule, bool]] = {
     "overfitting": (overfitting, True),
+    "plateau": (plateau, True),
     "diverging": (diverging, True),
     "head_converged": (head_converged, True),
     "finetune_rate_too_high": (finetune_rate_too_high, False),

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROGRESS_EVENTS",
+    "ActionTaken",
     "Advised",
     "BatchProgress",
     "Best",
@@ -437,6 +438,14 @@ class Advised(Event):
     """
 
     note: Note
+
+
+@dataclass(frozen=True)
+class ActionTaken(Event):
+    """An action was applied, refused or failed, or one was undone: ``record`` is its
+    entry in ``session.history.actions`` (an ``ftwidgets.engine.action_log.ActionRecord``)."""
+
+    record: Any
 
 
 # The events that come many a second on a fast run (a new best nearly every epoch):

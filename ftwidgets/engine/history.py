@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ftwidgets.engine import history_file
+from ftwidgets.engine.action_log import ActionLog, ActionRecord
 from ftwidgets.engine.batch_trace import BatchTrace
 from ftwidgets.engine.config import (
     EarlyStoppingConfig,
@@ -63,8 +64,9 @@ class Marker:
 
     Attributes:
         kind: ``"early_stop"``, ``"stop"``, ``"rollback"``, ``"failure"``,
-            ``"learning_rate"``, or ``"interrupted"`` (the process died; a resumed run
-            marks where its last complete epoch ended).
+            ``"learning_rate"``, ``"interrupted"`` (the process died; a resumed run
+            marks where its last complete epoch ended), or an action taken (``detail``
+            is its label): ``"autopilot"`` by the autopilot, ``"action"`` by you.
         x: position in epochs on the global axis: epoch ``n`` spans ``n - 1`` to ``n``.
         epoch: the global epoch it happened in (1-based).
         detail: a short human-readable description.
@@ -163,6 +165,7 @@ class History:
         self.versions: dict[str, str] = {}
         self._trace = BatchTrace()
         self._rates = RateTrace()
+        self.action_log = ActionLog()
 
     # -- epochs ---------------------------------------------------------
     @property
@@ -395,11 +398,22 @@ class History:
         """Events worth marking on a chart, oldest first, on every branch."""
         return tuple(self._markers)
 
-    def add_marker(self, marker: Marker) -> None:
-        """Append a marker (on the current branch)."""
+    def add_marker(self, marker: Marker) -> Marker:
+        """Append a marker (on the current branch); return it as recorded."""
         if marker.branch != self._branch:
             marker = replace(marker, branch=self._branch)
         self._markers.append(marker)
+        return marker
+
+    def remove_marker(self, marker: Marker) -> None:
+        """Take back a marker `add_marker` recorded (an action that then failed)."""
+        self._markers.remove(marker)
+
+    @property
+    def actions(self) -> tuple[ActionRecord, ...]:
+        """Every action applied to the session, who took it and why, oldest first
+        (see `ftwidgets.engine.action_log`)."""
+        return self.action_log.records
 
     # -- per-batch trace -------------------------------------------------
     def record_batch(
@@ -511,11 +525,11 @@ class History:
         """Write the run to ``path`` as readable JSON, atomically; return the path.
 
         The file holds the epochs of every branch, the phases with their settings
-        and early-stopping settings, the markers, the branches, the learning rates
-        every step applied, the model's name and settings, and the versions of
-        ftwidgets, Keras, JAX and NumPy. The per-batch loss trace is left out. NaN
-        and infinite values are written as ``NaN`` / ``Infinity``, as Python's
-        ``json`` does.
+        and early-stopping settings, the markers, the actions taken (`actions`), the
+        branches, the learning rates every step applied, the model's name and
+        settings, and the versions of ftwidgets, Keras, JAX and NumPy. The per-batch
+        loss trace is left out. NaN and infinite values are written as ``NaN`` /
+        ``Infinity``, as Python's ``json`` does.
 
         Example:
 
@@ -561,6 +575,7 @@ class History:
         history._phases = [PhaseSpan(**history_file.span_fields(span)) for span in data["phases"]]
         history._markers = [Marker(**m) for m in data["markers"]]
         history._rates = RateTrace.from_json(data.get("rates") or {})
+        history.action_log = ActionLog.from_json(data.get("actions") or [])
         for row in data["epochs"]:
             history._branch = row["branch"]
             history.add_epoch(history_file.record_from_json(row))

@@ -70,6 +70,7 @@ def to_json(history: History, epochs: bool = True) -> dict[str, Any]:
         "phases": [span_to_json(span) for span in history.phases],
         "markers": [dataclasses.asdict(m) for m in history.markers],
         "rates": history.rate_trace.to_json(),
+        "actions": history.action_log.to_json(),
     }
     if epochs:
         data["epochs"] = [record_to_json(r) for r in history.epochs]

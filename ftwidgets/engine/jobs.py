@@ -197,13 +197,16 @@ class Worker:
         self.job = job
         # Claiming re-checks under the channel's lock: of two racing starts one fails.
         self.channel.claim()
-        self._thread = threading.Thread(
+        thread = threading.Thread(
             target=self._work,
             args=(job, keras_settings, refused),
             name=f"ftwidgets-{job.kind}",
             daemon=True,
         )
-        self._thread.start()
+        thread.start()
+        # Set once started: a `wait` on another thread (the autopilot starts a phase
+        # from a helper thread) may join it at once.
+        self._thread = thread
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no job runs; False if ``timeout`` seconds passed first."""

@@ -23,6 +23,7 @@ import numpy as np
 from ftwidgets.engine import history_file, lora, run_state, transfer
 from ftwidgets.engine.config import init_fields
 from ftwidgets.engine.events import (
+    ActionTaken,
     Advised,
     BestChanged,
     Event,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["RunKeeper", "session_settings"]
 
 # Events after which the state changed but the weights did not.
-_STATE_EVENTS = (Advised, BestChanged, SearchEnded)
+_STATE_EVENTS = (ActionTaken, Advised, BestChanged, SearchEnded)
 
 
 class RunKeeper:
@@ -86,6 +87,8 @@ class RunKeeper:
             self._commit_model()
         elif isinstance(event, RolledBack) and not self._busy:
             self._commit_model(self._ctx.key(event.best))
+        elif isinstance(event, ActionTaken) and not self._busy and _undid(event, self._ctx):
+            self._commit_model()  # the weights from before the rollback are back
         elif isinstance(event, SearchEnded):
             self._busy = False
             self._commit(self._ctx.steps_before)
@@ -157,6 +160,12 @@ class RunKeeper:
     def close(self) -> None:
         """Write what is left and end the writer."""
         self.writer.close()
+
+
+def _undid(event: ActionTaken, ctx: Any) -> bool:
+    """Whether ``event`` is the undo of a rollback."""
+    undone = event.record.undoes
+    return undone is not None and ctx.history.actions[undone].kind == "rollback"
 
 
 def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:

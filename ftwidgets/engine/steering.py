@@ -16,7 +16,8 @@ from typing import Any
 import keras
 
 from ftwidgets.engine import checks, travel
-from ftwidgets.engine.actions import Action
+from ftwidgets.engine.action_log import WHO, ActionRecord
+from ftwidgets.engine.actions import Action, ChangeLearningRate, RollBack, SetDropout
 from ftwidgets.engine.channel import (
     ACTIVE,
     Channel,
@@ -29,10 +30,12 @@ from ftwidgets.engine.channel import (
     UpdateEarlyStopping,
 )
 from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig, check_learning_rate
-from ftwidgets.engine.events import Best, PhasePlanned
+from ftwidgets.engine.events import ActionTaken, Best, Note, PhasePlanned
+from ftwidgets.engine.history import Marker
 from ftwidgets.engine.jobs import JobContext
 from ftwidgets.engine.phase import FitPhase
 from ftwidgets.engine.rates import check_group, check_steerable
+from ftwidgets.engine.snapshots import restore
 
 __all__ = ["Steering"]
 
@@ -125,16 +128,27 @@ class Steering:
                 "or steer the model."
             )
 
-    def apply(self, action: Action) -> Any:
+    def apply(self, action: Action, *, who: str = "you", note: Note | None = None) -> Any:
         """Apply a typed action (``ftwidgets.engine.actions``): a coach note's button, code or
         an autopilot, all the same way.
+
+        Each is logged in ``history.actions`` (see `ftwidgets.engine.action_log`) with who
+        took it and why, and marked on the charts; one that raises is logged as failed.
+        `undo` reverts the last rate, dropout or rollback taken.
+
+        Args:
+            action: the action.
+            who: ``"you"`` (a button, code) or ``"autopilot"``.
+            note: the coach's note that proposed it: its message and reasons are the why
+                (else ``"by hand"``).
 
         Returns:
             What the session method the action stands for returns: ``set_learning_rate``'s
             bool for `ChangeLearningRate`, the `Best` restored for `RollBack`...
 
         Raises:
-            ValueError: for anything but an `Action`, or what that method refuses.
+            ValueError: for anything but an `Action`, an unknown ``who``, or what that
+                method refuses.
             RuntimeError: if the session is closed.
         """
         self._refuse_if_closed()
@@ -142,7 +156,116 @@ class Steering:
             raise ValueError(
                 f"action must be an ftwidgets.engine.actions.Action. Received: action={action!r}"
             )
-        return action.apply_to(self)
+        if who not in WHO:
+            raise ValueError(f"who must be one of {WHO}. Received: who={who!r}")
+        log = self._ctx.history.action_log
+        epoch, x = self._position()
+        why = "by hand" if note is None else f"{note.message} {note.why}"
+        record = log.add(
+            action=action, epoch=epoch, x=x, who=who, why=why,
+            rule=None if note is None else note.rule, **self._undo_fields(action),
+        )  # fmt: skip
+        if isinstance(action, RollBack):
+            log.await_weights(record.index)
+        # Marked first: what it causes (a rollback, a stop) is marked after it.
+        marker = self._ctx.history.add_marker(_marker(record))
+        try:
+            result = action.apply_to(self)
+        except Exception as exc:
+            self._ctx.history.remove_marker(marker)
+            log.cancel_weights(record.index)
+            failed = log.update(
+                record.index, status="failed", detail=f"{type(exc).__name__}: {exc}"
+            )
+            self._ctx.emit(ActionTaken(failed))
+            raise
+        self._ctx.emit(ActionTaken(record))
+        return result
+
+    def undo(self) -> ActionRecord:
+        """Revert the last action taken that can be reverted (``history.actions``): a rate
+        change (back to the rate before it), a dropout change (the dropout planned before
+        it is planned again) or a rollback (the weights the model held before it come
+        back, while no phase runs). The undo is logged too, by ``"you"``.
+
+        Returns:
+            The entry it reverted, its ``undone_by`` naming the undo's entry.
+
+        Raises:
+            ValueError: naming why, when nothing can be undone.
+            RuntimeError: if the session is closed.
+        """
+        self._refuse_if_closed()
+        log = self._ctx.history.action_log
+        record = log.last_revertible()
+        if record is None:
+            raise ValueError(
+                "There is no rate change, dropout change or rollback to undo. "
+                f"Received: {len(log.records)} logged actions"
+            )
+        if record.kind == "rollback":
+            self._undo_rollback(record)
+        elif record.kind == "learning_rate" and record.previous_rate is not None:
+            group = getattr(record.action, "group", None)
+            ChangeLearningRate(record.previous_rate, group=group).apply_to(self)
+        elif record.kind == "dropout" and record.previous_dropout is not None:
+            self.plan_next_phase(dropout=record.previous_dropout)
+        else:
+            raise ValueError(
+                f"Action {record.index} ({record.label!r}) cannot be undone: no "
+                f"{record.kind.replace('_', ' ')} was set before it. Received: {record!r}"
+            )
+        epoch, x = self._position()
+        undo = log.add(
+            epoch=epoch, x=x, kind="undo", label=f"Undo: {record.label}", who="you",
+            why="by hand", undoes=record.index, held=record.held,
+        )  # fmt: skip
+        reverted = log.update(record.index, undone_by=undo.index)
+        self._ctx.history.add_marker(_marker(undo))
+        self._ctx.emit(ActionTaken(undo))
+        return reverted
+
+    def _undo_rollback(self, record: ActionRecord) -> None:
+        weights = self._ctx.history.action_log.weights(record.index)
+        if weights is None:
+            raise ValueError(
+                f"Rollback {record.index} cannot be undone: the weights it replaced were not "
+                "kept (it never ran, or the run was resumed). Received: weights=None"
+            )
+        if self.is_training:
+            raise ValueError(
+                f"Rollback {record.index} is undone while no phase runs: a phase trains "
+                f"the weights now. Received: state={self.state.value!r}"
+            )
+        restore(self.model, weights)
+        history = self._ctx.history
+        if record.held is None:
+            history.hold(None)
+        else:
+            history.travel(record.held[1], record.held[0])
+
+    def _position(self) -> tuple[int, float]:
+        """The epoch now (1-based), and where on the epoch axis."""
+        phase = self._phase
+        if self.is_training and phase is not None and phase.rates is not None:
+            # Where it takes effect: the next batch boundary (an epoch's end, read there).
+            return max(phase.epoch, 1), phase.position(phase.batch + 1)
+        last = self._ctx.history.next_epoch - 1
+        return max(last, 1), float(last)
+
+    def _undo_fields(self, action: Action) -> dict[str, Any]:
+        """What `undo` needs to revert ``action``, as it is before it applies."""
+        phase = self._phase
+        if isinstance(action, ChangeLearningRate):
+            rate = None
+            if phase is not None and phase.rates is not None:
+                step = phase.step(phase.batch) if self.is_training else self._ctx.steps_before
+                rate = phase.rates.rate(action.group or "head", step)
+            return {"previous_rate": rate}
+        if isinstance(action, SetDropout):
+            last = None if phase is None else phase.config.dropout
+            return {"previous_dropout": self._ctx.history.action_log.planned_dropout(last)}
+        return {}
 
     def plan_next_phase(self, **changes: Any) -> dict[str, Any]:
         """Propose settings for the next phase (``PhaseConfig`` fields), as a
@@ -325,3 +448,9 @@ class Steering:
             return None
         next_epoch = self._ctx.history.next_epoch
         return travel.roll_back(self._ctx, next_epoch, next_epoch - 1, None, target)
+
+
+def _marker(record: ActionRecord) -> Marker:
+    """An action's marker on the charts: the autopilot's apart from yours."""
+    kind = "autopilot" if record.who == "autopilot" else "action"
+    return Marker(kind, record.x, record.epoch, record.label)

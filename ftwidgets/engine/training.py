@@ -9,7 +9,6 @@ on the caller's thread (``ftwidgets.engine.checks``) and returns at once, or wai
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -327,18 +326,44 @@ class Training(Steering):
                 self.run(tune)
             return head, tune
         self.start(head)
-
-        def then_fine_tune() -> None:
-            self._worker.wait()
-            if self._head_went_well():
-                # A failure to start shows as any other: `error`, an event, the panel.
-                with contextlib.suppress(Exception):
-                    self.start(tune)
-
-        self._chain = threading.Thread(target=then_fine_tune, name="ftwidgets-fine-tune")
-        self._chain.daemon = True
-        self._chain.start()
+        # A failure to start shows as any other: `error`, an event, the panel.
+        self.start_next(tune, when=self._head_went_well, on_error=lambda _exc: None)
         return head, tune
+
+    def start_next(
+        self,
+        config: PhaseConfig,
+        early_stopping: EarlyStoppingConfig | bool | None = None,
+        *,
+        when: Callable[[], bool] | None = None,
+        on_error: Callable[[Exception], None],
+    ) -> threading.Thread:
+        """Start a phase of ``config`` (as `start`) once the running job has ended, from a
+        helper thread, as `fine_tune` chains its phases; `wait` waits for it too. For
+        listeners, which must not wait on the worker they run on.
+
+        Args:
+            config, early_stopping: as `start`.
+            when: read once the job has ended: False calls the phase off.
+            on_error: called with what `start` raised, on the helper thread.
+
+        Returns:
+            The helper thread, started.
+        """
+
+        def then_start() -> None:
+            self._worker.wait()
+            if when is None or when():
+                try:
+                    self.start(config, early_stopping)
+                except Exception as exc:
+                    on_error(exc)
+
+        chain = threading.Thread(target=then_start, name="ftwidgets-next-phase", daemon=True)
+        chain.start()
+        # Set once started: a `wait` on another thread may join it at once.
+        self._chain = chain
+        return chain
 
     def _head_went_well(self) -> bool:
         """Whether `fine_tune`'s head phase ended neither stopped nor failed."""

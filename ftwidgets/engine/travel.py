@@ -17,7 +17,7 @@ import numpy as np
 from ftwidgets.engine.channel import Rollback
 from ftwidgets.engine.events import Best, RolledBack
 from ftwidgets.engine.history import Marker
-from ftwidgets.engine.snapshots import restore
+from ftwidgets.engine.snapshots import capture, restore
 
 if TYPE_CHECKING:
     from ftwidgets.engine.jobs import JobContext
@@ -54,6 +54,9 @@ def roll_back(
         best = ctx.tracker.best
     else:
         best = epoch_as_best(ctx, target.epoch, target.branch)
+    if history.action_log.awaits_weights:
+        # A logged rollback: keep what it replaces, for ``session.undo()``.
+        history.action_log.keep_weights(capture(ctx.model, "before the rollback"), history.holds)
     restore(ctx.model, ctx.snapshots.get(ctx.key(best)))
     detail = f"rolled back to epoch {best.epoch}"
     if best.branch != history.branch.index:

@@ -27,6 +27,7 @@ from ftwidgets.ui.chart_style import (
     PHASE_OPACITY,
     TRAIN_COLOR,
     VAL_COLOR,
+    marker_name,
     marker_style,
     phase_label,
 )
@@ -174,7 +175,7 @@ def draw_markers(
     near = max(extent, 1.0) * _NEAR
     events: list[tuple[float, str, str]] = []
     for mk, color in sorted(zip(rules, colors, strict=True), key=lambda pair: pair[0].x):
-        name = marker_style(mk.kind)[1]
+        name = marker_name(mk)
         # Closer than the label already there is wide (at a typical chart width).
         room = max(near, len(events[-1][1]) * _CHAR_WIDTH * extent) if events else 0
         if events and mk.x - events[-1][0] < room:

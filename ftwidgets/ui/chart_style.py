@@ -8,10 +8,10 @@ draw a run alike.
 
 from __future__ import annotations
 
-from ftwidgets.engine.history import PhaseSpan
+from ftwidgets.engine.history import Marker, PhaseSpan
 from ftwidgets.ui.format import format_rate
 
-__all__ = ["MARKER_STYLES", "PHASE_COLORS", "marker_style", "phase_label"]
+__all__ = ["MARKER_STYLES", "PHASE_COLORS", "marker_name", "marker_style", "phase_label"]
 
 TRAIN_COLOR = "#1f77b4"
 VAL_COLOR = "#ff7f0e"
@@ -31,6 +31,10 @@ MARKER_STYLES = {
     "rollback": ("#9467bd", "rollback"),
     "failure": ("#d62728", "failure"),
     "interrupted": ("#8c564b", "interrupted"),
+    # Actions (``history.actions``): the autopilot's apart from yours. Their label is
+    # the action's own (see `marker_name`).
+    "autopilot": ("#17becf", "autopilot"),
+    "action": ("#ff7f0e", "action"),
 }
 OTHER_MARKER_COLOR = "#444444"
 # The halo around each restorable epoch's point.
@@ -59,6 +63,26 @@ def marker_style(kind: str) -> tuple[str, str]:
     (('#2ca02c', 'early stop'), ('#444444', 'new kind'))
     """
     return MARKER_STYLES.get(kind, (OTHER_MARKER_COLOR, kind.replace("_", " ")))
+
+
+def marker_name(marker: Marker) -> str:
+    """The text shown beside a marker's symbol: an action's label (the autopilot's
+    prefixed ``"autopilot: "``), else the kind's short text.
+
+    Example:
+
+    >>> marker_name(Marker("autopilot", 7.0, 7, "Lower the rate to 3e-1"))
+    'autopilot: Lower the rate to 3e-1'
+    >>> marker_name(Marker("action", 7.0, 7, "Undo: Lower the rate to 3e-1"))
+    'Undo: Lower the rate to 3e-1'
+    >>> marker_name(Marker("early_stop", 7.0, 7))
+    'early stop'
+    """
+    if marker.kind == "autopilot":
+        return f"autopilot: {marker.detail}"
+    if marker.kind == "action":
+        return marker.detail
+    return marker_style(marker.kind)[1]
 
 
 def phase_label(span: PhaseSpan) -> str:

@@ -143,7 +143,7 @@ def _rules(ax: Axes, run: RunPicture) -> None:
     for mk in run.markers:
         if mk.kind == "learning_rate":
             continue
-        color, name = style.marker_style(mk.kind)
+        color, name = style.marker_style(mk.kind)[0], style.marker_name(mk)
         ax.axvline(mk.x, color=color, ls="--", lw=1.2, zorder=2)
         ax.text(mk.x, 0.03, f"{name} ", transform=ax.get_xaxis_transform(), rotation=90,
                 ha="right", va="bottom", fontsize=_FONT, color=color, zorder=2)  # fmt: skip

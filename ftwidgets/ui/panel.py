@@ -143,7 +143,7 @@ class FineTunePanel(widgets.VBox):
         self.time_travel = TimeTravel(self.act, self.charts)
         self.status_view = StatusView()
         self.search_chart = SearchChart()
-        self.coach = CoachView(self.act, enabled=session.coach.enabled)
+        self.coach = CoachView(self.act, enabled=session.coach.enabled, coach=session.coach)
         self.comparison = RunComparison(
             self.charts, session.history, monitor=session.monitor, mode=session.mode
         )
@@ -371,7 +371,7 @@ class FineTunePanel(widgets.VBox):
     def _take_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.SearchStarted | ev.SearchStep | ev.SearchEnded):
             self.search_chart.on_event(event)
-        elif isinstance(event, ev.Advised):
+        elif isinstance(event, ev.Advised | ev.ActionTaken):
             self.coach.show(self.session.advice())
         elif isinstance(event, ev.PhasePlanned):
             for message in self.controls.take_plan(event.changes):

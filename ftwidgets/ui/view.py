@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ftwidgets.engine.channel import ACTIVE
 from ftwidgets.engine.events import (
+    ActionTaken,
     Advised,
     BatchProgress,
     Best,
@@ -488,6 +489,10 @@ def fold(view: SessionView, event: Event) -> SessionView:
         return _evolve(view, error=event.failure)
     if isinstance(event, Advised):
         return _evolve(view, notes=(event.note, *view.notes))
+    if isinstance(event, ActionTaken) and event.record.kind == "undo":
+        held = event.record.held  # an undone rollback's: the epoch held again
+        holds = view.holds if held is None else held[1]
+        return _evolve(view, holds=holds, notice=f"{event.record.label}.")
     if isinstance(event, SearchStarted):
         search = SearchView(event.phase, event.steps)
         return _evolve(view, searching=True, search=search, notice="")
