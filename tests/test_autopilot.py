@@ -182,7 +182,7 @@ def test_the_autopilot_stops_a_phase_that_overfits(data):
     # At the first batch of epoch 10, before it trained: epoch 9 was the last.
     assert (stopped.epoch, stopped.batch, session.history.epochs[-1].epoch) == (10, 0, 9)
     assert session.history.phases[1].reason == "stopped"
-    assert autopilot_marks(session) == [(9, "Stop")]
+    assert autopilot_marks(session) == [(9, "Stop the phase")]
     session.close()
 
 

@@ -58,10 +58,10 @@ def test_overfitting_fires_when_validation_turns_while_training_falls():
     assert note.actions == (
         RollBack(2, "Roll back to epoch 2"),
         SetDropout(0.5, "Head dropout 0.5"),
-        StopTraining(),
+        StopTraining("Stop the phase"),
     )
     ended = rules.overfitting(record(run(OVERFIT), dropout=0.3, phase_ended="completed"))
-    assert StopTraining() not in ended.actions
+    assert not any(isinstance(action, StopTraining) for action in ended.actions)
     assert note.epoch == 5
     # Not while validation still improves, nor when the training loss is flat too,
     # nor on a monitor that is not a validation metric.

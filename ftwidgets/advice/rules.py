@@ -185,7 +185,7 @@ def overfitting(record: Record) -> Note | None:
         depth = record.unfreeze_depth // 2
         actions.append(SetUnfreezeDepth(depth, f"Unfreeze {depth} instead"))
     if record.phase_ended is None:
-        actions.append(StopTraining())
+        actions.append(StopTraining("Stop the phase"))  # not "Stop": the panel has one
     return Note(
         "overfitting",
         f"Overfitting: {record.monitor} is {fold.since} epochs past its best while the "
