@@ -19,6 +19,7 @@ import numpy as np
 
 import ftwidgets as ftw
 from ftwidgets.engine import events as ev
+from ftwidgets.engine.actions import RollBack
 
 WAIT = 120  # generous: a stuck worker fails the test instead of hanging CI
 
@@ -275,7 +276,7 @@ def demo_report_session(data, name: str = "demo") -> ftw.FineTuneSession:
     session = make_session(data, name=name)
     session.find_learning_rate(ftw.PhaseConfig(phase="head"), steps=20)
     session.run(ftw.PhaseConfig(phase="head", epochs=4), ftw.EarlyStoppingConfig(patience=2))
-    session.restore_epoch(2)
+    session.apply(RollBack(2))  # a branch, and an action taken by hand
     session.run(ftw.PhaseConfig(phase="head", epochs=2, learning_rate=5e-4))
     session.run(ftw.PhaseConfig(phase="finetune", epochs=3, learning_rate=1e-4, unfreeze_depth=1))
     return session

@@ -157,6 +157,12 @@ def test_each_phase_its_settings_the_best_notes_and_searches_are_in_the_report(d
         (note.rule, note.message, note.why) for note in notes
     ]
 
+    (taken,) = session.history.actions
+    header, row = page.tables["actions"]
+    assert header == ["#", "epoch", "who", "action", "kind", "status", "why", "undone by"]
+    assert row == ["0", str(taken.epoch), "you", "Roll back to epoch 2", "rollback", "taken",
+                   "by hand", "-"]  # fmt: skip
+
     (search,) = session.searches
     found = page.pairs("search-1")
     assert found["steps run"] == f"{len(search.learning_rates)} of {search.settings.steps}"

@@ -5,9 +5,10 @@ browser and no network: the summary line and the best (from the session's view,
 `ftwidgets.ui.view.SessionView`, as every surface renders it), every chart drawn on
 the server as inline SVG (`ftwidgets.ui.figures`), each phase's settings, every
 epoch's values, the freeze map (`ftwidgets.ui.freeze_map`), the coach's notes with
-their reasons, the learning-rate searches, and the environment (package versions and
-the JAX device). No script, stylesheet, font or image is fetched: the file opens
-offline. Every text is escaped. Pure: no widgets.
+their reasons, the actions taken (yours and the autopilot's, with why), the
+learning-rate searches, and the environment (package versions and the JAX device).
+No script, stylesheet, font or image is fetched: the file opens offline. Every text
+is escaped. Pure: no widgets.
 """
 
 from __future__ import annotations
@@ -183,6 +184,19 @@ def _notes(view: SessionView) -> str:
     return f"<p>Newest first.</p><ul id='notes'>{''.join(items)}</ul>"
 
 
+def _actions(history: History) -> str:
+    records = history.actions
+    if not records:
+        return "<p>No action was taken (by a note's button, code or the autopilot).</p>"
+    header = ["#", "epoch", "who", "action", "kind", "status", "why", "undone by"]
+    rows = (
+        [r.index, r.epoch, r.who, r.label, r.kind, r.status + (f": {r.detail}" if r.detail else ""),
+         r.why, r.undone_by]
+        for r in records
+    )  # fmt: skip
+    return _table("actions", header, rows)
+
+
 def _searches(searches: Sequence[LearningRateSearch]) -> str:
     if not searches:
         return "<p>No learning-rate search ran.</p>"
@@ -234,6 +248,7 @@ def render_report(session: Any) -> str:
         "epoch-table": ("Epochs", _epochs(history)),
         "freeze": ("Freeze map (now)", _freeze_map(session)),
         "coach": ("Coach's notes", _notes(view)),
+        "actions": ("Actions taken, and by whom", _actions(history)),
         "searches": ("Learning-rate searches", _searches(list(session.searches))),
         "environment": ("Environment", _table("environment", ["", "version"], env.items())),
     }
