@@ -262,6 +262,7 @@ def test_the_report_button_writes_name_report_html_and_says_where(data, tmp_path
         )
     finally:
         panel.close()
+        panel.session.close()  # its name is free again for later tests
 
 
 @pytest.mark.widgets
@@ -275,6 +276,7 @@ def test_the_report_button_writes_into_the_run_directory(data, tmp_path, monkeyp
         assert not (tmp_path / "kept-report.html").exists()
     finally:
         panel.close()
+        panel.session.close()  # its name is free again for later tests
 
 
 @pytest.mark.widgets
@@ -293,3 +295,4 @@ def test_the_report_button_answers_while_a_phase_trains(data, tmp_path, monkeypa
         assert len(panel.session.history.epochs) == 4
     finally:
         panel.close()
+        panel.session.close()  # its name is free again for later tests

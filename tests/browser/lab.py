@@ -371,6 +371,30 @@ class ServerProcess:
         self.stop_seconds = time.monotonic() - started
 
 
+def server_argv(app: str, root_dir: Path, home: Path) -> tuple[int, str, list[str]]:
+    """A free port, a random token, and the command line of ``jupyter <app>`` (``lab``,
+    ``server``) on 127.0.0.1 serving ``root_dir``; ``home``'s and ``root_dir``'s paths
+    are redacted from the logs from now on."""
+    port = free_port()
+    token = secrets.token_hex(24)
+    argv = [
+        str(_scripts_dir() / "jupyter"),
+        app,
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        # ServerApp.token works too but logs a deprecation warning (jupyter_server 2).
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root_dir}",
+    ]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    redact.add(str(home), "<tmp>")
+    redact.add(str(root_dir), "<root>")
+    return port, token, argv
+
+
 @dataclass
 class LabServer(ServerProcess):
     """JupyterLab on 127.0.0.1 with a random token, serving ``root_dir``."""
@@ -379,24 +403,8 @@ class LabServer(ServerProcess):
 
     @classmethod
     def launch(cls, root_dir: Path, home: Path) -> LabServer:
-        port = free_port()
-        token = secrets.token_hex(24)
-        argv = [
-            str(_scripts_dir() / "jupyter"),
-            "lab",
-            "--no-browser",
-            "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={port}",
-            "--ServerApp.port_retries=0",
-            # ServerApp.token works too but logs a deprecation warning (jupyter_server 2).
-            f"--IdentityProvider.token={token}",
-            f"--ServerApp.root_dir={root_dir}",
-            "--LabApp.expose_app_in_browser=True",
-        ]
-        if os.geteuid() == 0:
-            argv.append("--allow-root")
-        redact.add(str(home), "<tmp>")
-        redact.add(str(root_dir), "<root>")
+        port, token, argv = server_argv("lab", root_dir, home)
+        argv.append("--LabApp.expose_app_in_browser=True")
         server = cls(
             name="jupyterlab-server",
             argv=argv,
@@ -473,28 +481,13 @@ class BinderServer(ServerProcess):
     def launch(
         cls, root_dir: Path, home: Path, overrides: Iterable[str] = (), name: str = "binder-server"
     ) -> BinderServer:
-        port = free_port()
-        token = secrets.token_hex(24)
         env = jupyter_env(home)
         shutil.copy(
             REPO_ROOT / "binder" / "jupyter_server_config.json",
             Path(env["JUPYTER_CONFIG_DIR"]) / "jupyter_server_config.json",
         )
-        argv = [
-            str(_scripts_dir() / "jupyter"),
-            "server",
-            "--no-browser",
-            "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={port}",
-            "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={token}",
-            f"--ServerApp.root_dir={root_dir}",
-            *overrides,
-        ]
-        if os.geteuid() == 0:
-            argv.append("--allow-root")
-        redact.add(str(home), "<tmp>")
-        redact.add(str(root_dir), "<root>")
+        port, token, argv = server_argv("server", root_dir, home)
+        argv += overrides
         server = cls(
             name=name, argv=argv, cwd=root_dir, env=env, url=f"http://127.0.0.1:{port}", token=token
         )
