@@ -4,7 +4,8 @@
 (``ftwidgets.advice.autopilot``) write an `ActionRecord` here for each action taken,
 refused or failed, with what ``session.undo()`` needs to revert it: the rate before a
 rate change, the dropout planned before a dropout change, and the weights the model
-held before a rollback (kept in memory, never written to a file). The history holds
+held before a rollback (kept in memory for the newest `KEEP_ROLLBACK_WEIGHTS`
+rollbacks, never written to a file). The history holds
 the log (``session.history.actions``) and saves it with itself. Plain data: no Keras.
 
 Example:
@@ -32,12 +33,15 @@ from ftwidgets.engine.actions import Action
 from ftwidgets.engine.config import EarlyStoppingConfig, init_fields
 from ftwidgets.engine.history_file import config_from_json, config_to_json
 
-__all__ = ["REVERTIBLE", "WHO", "ActionLog", "ActionRecord", "kind_of"]
+__all__ = ["KEEP_ROLLBACK_WEIGHTS", "REVERTIBLE", "WHO", "ActionLog", "ActionRecord", "kind_of"]
 
 # Who takes an action: the autopilot, or you (a note's button, or code).
 WHO = ("autopilot", "you")
 # The kinds of action `session.undo()` can revert.
 REVERTIBLE = ("learning_rate", "dropout", "rollback")
+# The newest rollbacks whose replaced weights are kept for an undo: each is a whole copy
+# of the model in memory, so a run with many rollbacks must not keep them all.
+KEEP_ROLLBACK_WEIGHTS = 3
 _KINDS = {
     actions.ChangeLearningRate: "learning_rate",
     actions.RollBack: "rollback",
@@ -164,10 +168,24 @@ class ActionLog:
                 return
             index = self._awaiting.pop(0)
             self._weights[index] = snapshot
+            for old in sorted(self._weights)[:-KEEP_ROLLBACK_WEIGHTS]:
+                del self._weights[old]
             self._records[index] = dataclasses.replace(self._records[index], held=held)
 
     def weights(self, index: int) -> Any:
-        """The weights rollback ``index`` replaced (a ``Snapshot``), or None if not kept."""
+        """The weights rollback ``index`` replaced (a ``Snapshot``), or None if not kept.
+
+        Example (only the newest rollbacks' are kept):
+
+        >>> log = ActionLog()
+        >>> for i in range(KEEP_ROLLBACK_WEIGHTS + 1):
+        ...     record = log.add(action=actions.RollBack(), epoch=i + 1, x=i + 1.0, who="you",
+        ...                      why="by hand")
+        ...     log.await_weights(record.index)
+        ...     log.keep_weights(f"weights {i}", (0, i))  # a Snapshot, in a session
+        >>> log.weights(0), log.weights(KEEP_ROLLBACK_WEIGHTS)
+        (None, 'weights 3')
+        """
         return self._weights.get(index)
 
     # -- reading ------------------------------------------------------------------

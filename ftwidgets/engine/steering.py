@@ -16,7 +16,7 @@ from typing import Any
 import keras
 
 from ftwidgets.engine import checks, travel
-from ftwidgets.engine.action_log import WHO, ActionRecord
+from ftwidgets.engine.action_log import KEEP_ROLLBACK_WEIGHTS, WHO, ActionRecord
 from ftwidgets.engine.actions import Action, ChangeLearningRate, RollBack, SetDropout
 from ftwidgets.engine.channel import (
     ACTIVE,
@@ -230,7 +230,8 @@ class Steering:
         if weights is None:
             raise ValueError(
                 f"Rollback {record.index} cannot be undone: the weights it replaced were not "
-                "kept (it never ran, or the run was resumed). Received: weights=None"
+                "kept (it never ran, the run was resumed, or it is older than the newest "
+                f"{KEEP_ROLLBACK_WEIGHTS} rollbacks). Received: weights=None"
             )
         if self.is_training:
             raise ValueError(
