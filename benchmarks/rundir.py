@@ -52,19 +52,21 @@ def run_dir_phase(name: str, epochs: int, arm: str) -> ArmRun:
 
 
 def _hooks() -> list[tuple[str, Any, str]]:
-    from ftwidgets.engine import run_keeper, rundir
+    from ftwidgets.engine import record_log, run_keeper, rundir
 
     return [
         ("`RunKeeper.epoch_ended` (model's thread: the optimizer copied, the state built)",
          run_keeper.RunKeeper, "epoch_ended"),
         ("`RunWriter.keep` (model's thread: waits while the writer is over an epoch behind)",
          rundir.RunWriter, "keep"),
-        ("`RunWriter._write` (writer's thread: an epoch's file, or a commit and the manifest)",
+        ("`RunWriter._write` (writer's thread: an epoch's record or a commit's, appended)",
          rundir.RunWriter, "_write"),
-        ("  of which `write_arrays` (an epoch's or a commit's file, renamed into place)",
-         rundir, "write_arrays"),
-        ("  of which `sync_files` (fsync, at most every 5 s and at the end)",
-         rundir, "sync_files"),
+        ("  of which `LogFile.append` (a record encoded and appended: one writev)",
+         record_log.LogFile, "append"),
+        ("  of which `RunWriter._sync` (fsync, at most every 5 s and at the end)",
+         rundir.RunWriter, "_sync"),
+        ("  of which `RunWriter._write_manifest` (then, and when a phase ends)",
+         rundir.RunWriter, "_write_manifest"),
     ]  # fmt: skip
 
 

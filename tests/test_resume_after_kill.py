@@ -79,9 +79,12 @@ def wait_for(condition, what: str, timeout: float = 180) -> None:
 
 
 def committed_epoch(run) -> int | None:
+    """The epoch of the run's newest whole commit, read as a resume would read it."""
+    from ftwidgets.engine import run_reader
+
     try:
-        return json.loads((run / "manifest.json").read_text())["commits"][-1]["epoch"]
-    except (OSError, ValueError, KeyError, IndexError):
+        return run_reader.read_run(run).commit["epoch"]
+    except (OSError, ValueError):
         return None
 
 

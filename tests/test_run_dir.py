@@ -12,8 +12,9 @@ import pytest
 from helpers import WAIT, make_model, make_session, same, values
 
 import ftwidgets as ftw
-from ftwidgets.engine import array_files, lora, run_reader, rundir
 from ftwidgets.engine import events as ev
+from ftwidgets.engine import lora, record_log, run_reader, rundir
+from ftwidgets.engine.history import History
 from ftwidgets.engine.snapshots import Snapshot
 
 pytestmark = pytest.mark.keras
@@ -92,16 +93,25 @@ def test_a_damaged_newest_epoch_falls_back_to_the_one_before_with_a_warning(data
     records = session.history.to_records()
     second = kept_weights(session, 2)
     session.close()
-    # A head phase's epochs hold the head; the base they share is written once.
-    epochs = path / "epochs"
-    head_bytes = (epochs / "epoch-0002.arrays").stat().st_size
-    assert head_bytes * 5 < (epochs / "shared-epoch-0001.arrays").stat().st_size
-    newest = epochs / "epoch-0003.arrays"
-    raw = bytearray(newest.read_bytes())
-    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
-    newest.write_bytes(bytes(raw))
+    # A head phase's epochs hold the head; the base they share is written once, first.
+    log = path / "epochs" / "000001.log"
+    found, problem = record_log.scan(log)
+    assert [kind for kind, _ in found] == ["S", "E", "E", "E"] and problem is None
+    ends = [at for _, at in found[1:]] + [log.stat().st_size]
+    shared_bytes, *head_bytes = (end - at for (_, at), end in zip(found, ends, strict=True))
+    assert max(head_bytes) * 5 < shared_bytes
+    newest = found[-1][1]
+    assert run_reader.read_run(path).commit["weights"]["at"] == newest  # epoch 3 is held
+    raw = bytearray(log.read_bytes())
+    middle = (newest + len(raw)) // 2
+    raw[middle : middle + 64] = bytes(64)
+    log.write_bytes(bytes(raw))
 
-    with pytest.warns(ftw.RunDamagedWarning, match=r"epoch-0003\.arrays changed") as warned:
+    damaged = (
+        r"commit 3 \(epoch 3\): epoch-0003: epochs/000001\.log changed since it was "
+        rf"written \(the record at byte {newest}\)"
+    )
+    with pytest.warns(ftw.RunDamagedWarning, match=damaged) as warned:
         resumed = resume(data, path)
     assert "resumed from its commit at epoch 2" in str(warned[0].message)
     assert resumed.history.to_records() == records[:2]
@@ -116,6 +126,16 @@ def test_a_damaged_newest_epoch_falls_back_to_the_one_before_with_a_warning(data
     assert run_reader.read_run(path).state["epoch"] == 3  # and it reads whole again
 
 
+def commits(path) -> list[tuple[str, dict]]:
+    """Every commit log's records, each as its kind and header."""
+    found = []
+    for log in sorted((path / "commits").glob("*.log")):
+        for kind, at in record_log.scan(log)[0]:
+            place = {"file": f"commits/{log.name}", "at": at}
+            found.append((kind, record_log.read_record(path, place)[1]))
+    return found
+
+
 def test_commits_carry_only_the_epochs_since_their_history_base(data, tmp_path, monkeypatch):
     monkeypatch.setattr(rundir, "BASE_EVERY", 3)
     path = tmp_path / "run"
@@ -124,30 +144,54 @@ def test_commits_carry_only_the_epochs_since_their_history_base(data, tmp_path, 
     assert session.flush(WAIT)
     records, batches = session.history.to_records(), session.history.batches.columns()
     session.close()
-    commits = json.loads((path / "manifest.json").read_text())["commits"]
-    for entry in commits:
-        state = array_files.read_arrays(path / entry["state"])[0]["state"]
-        assert len(state["epoch_rows"]) < 3 and "epochs" not in state["history"]
-    # The newest base holds the run's start; only bases a listed commit names are left,
-    # and two of them: the newest commits' and an older one to fall back to.
-    bases = sorted(entry["base"] for entry in commits)
-    assert sorted(f"history/{p.name}" for p in (path / "history").iterdir()) == sorted(set(bases))
-    assert len(set(bases)) == 2
-    newest_base = path / commits[-1]["base"]
-    assert len(array_files.read_arrays(newest_base)[0]["epoch_rows"]) >= 6
+    found = commits(path)
+    # One file: a base, then a commit an epoch, a new base every 3 epochs, and the
+    # commits of the phase's end and of what the coach said then.
+    kinds = "".join(kind for kind, _ in found)
+    assert kinds.startswith("BCCCBCCCBCC") and set(kinds[11:]) == {"C"}, kinds
+    for kind, header in found:
+        if kind == "C":
+            assert (
+                len(header["since"]["epoch_rows"]) < 3
+                and "epochs" not in header["state"]["history"]
+            )
+    assert [len(h["epoch_rows"]) for kind, h in found if kind == "B"] == [1, 4, 7]
 
     resumed = resume(data, path)
     assert resumed.history.to_records() == records
     assert np.array_equal(resumed.history.batches.columns(), batches)
     resumed.close()
 
-    raw = bytearray(newest_base.read_bytes())
-    raw[-8:] = bytes(8)
-    newest_base.write_bytes(bytes(raw))
-    with pytest.warns(ftw.RunDamagedWarning, match=f"{newest_base.name} changed"):
+
+def test_a_full_commit_file_goes_on_in_a_new_one_and_old_ones_go(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "SEGMENT_BYTES", 1)  # every commit in a file of its own
+    path = tmp_path / "run"
+    session = make_session(data, run_dir=path)
+    session.run(ftw.PhaseConfig(phase="head", epochs=6, batch_size=16))
+    records, batches = session.history.to_records(), session.history.batches.columns()
+    session.close()
+    # Left: the newest commits on 3 different weights (the phase's end, and what the
+    # coach said then, hold epoch 6's, as epoch 6's own commit did); each file begins
+    # with a history base.
+    found = commits(path)
+    names = sorted(p.name for p in (path / "commits").iterdir())
+    assert len(names) == 3, names
+    assert [kind for kind, _ in found] == list("BCBCBC")
+    assert [h["epoch"] for kind, h in found if kind == "C"] == [4, 5, 6]
+    contents = run_reader.read_run(path)
+    assert History.from_json(contents.state["history"]).to_records() == records
+    assert np.array_equal(contents.batches, batches)
+
+    # The newest file's base damaged: the commit before, in its own file, is read.
+    newest = path / "commits" / names[-1]
+    raw = bytearray(newest.read_bytes())
+    raw[record_log.FRAME_BYTES + 10] ^= 1
+    newest.write_bytes(bytes(raw))
+    damaged = rf"its history base: commits/{names[-1]} changed"
+    with pytest.warns(ftw.RunDamagedWarning, match=damaged.replace(".", r"\.")):
         fallen_back = run_reader.read_run(path)
-    older = fallen_back.state["history"]["epochs"]
-    assert 0 < len(older) < len(records) and fallen_back.state["epoch"] == len(older)
+    assert fallen_back.state["epoch"] == 5
+    assert History.from_json(fallen_back.state["history"]).to_records() == records[:5]
     assert fallen_back.batches.shape[1] < batches.shape[1]
 
 
@@ -206,22 +250,23 @@ def test_training_waits_for_the_writer_only_when_it_is_more_than_an_epoch_behind
     tmp_path, monkeypatch
 ):
     release, started = threading.Event(), threading.Event()
-    write = rundir.write_arrays
+    append = record_log.LogFile.append
 
     def slow(*args):
         started.set()
         release.wait(WAIT)
-        return write(*args)
+        return append(*args)
 
-    monkeypatch.setattr(rundir, "write_arrays", slow)
+    monkeypatch.setattr(record_log.LogFile, "append", slow)
     writer = rundir.RunWriter(tmp_path / "run", "slow")
     model = make_model()
     snapshot = Snapshot("epoch", 0, tuple(values(model.variables)))
-    writer.keep(0, "epoch-0001", snapshot, model.variables)  # written now: stuck
-    assert started.wait(WAIT)
+    writer.keep(0, "epoch-0001", snapshot, model.variables)
+    assert not started.wait(0.3), "a kept epoch is written with the commit after it"
     writer.keep(1, "epoch-0002", snapshot, model.variables)  # one behind: no wait
     third = threading.Thread(target=writer.keep, args=(2, "epoch-0003", snapshot, model.variables))
     third.start()
+    assert started.wait(WAIT), "two behind, the writer is woken"  # and stuck in epoch 1
     third.join(0.5)
     assert third.is_alive(), "a writer two epochs behind must hold training back"
     assert writer.read(1) is snapshot  # an epoch on its way to disk reads from memory
@@ -237,7 +282,7 @@ def test_a_failed_write_fails_the_phase_with_a_message_naming_the_run(data, tmp_
     def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(rundir, "write_arrays", full)
+    monkeypatch.setattr(record_log.LogFile, "append", full)
     session = make_session(data, run_dir=tmp_path / "run")
     with pytest.raises(Exception, match=r"Writing the run directory .* failed: .*No space left"):
         session.run(ftw.PhaseConfig(phase="head", epochs=3))

@@ -59,6 +59,8 @@ class RunKeeper:
         self._ctx = session._ctx
         self._optimizer: tuple[list[str], list[np.ndarray]] | None = None
         self._busy = False  # a phase or a search runs: state waits for the next epoch
+        # What a phase does not change (adapters, settings), read once per phase.
+        self._fixed: dict[str, Any] | None = None
         self._last_key: int | None = None  # the last epoch kept
         self._searches: dict[int, dict[str, Any]] = {}  # an ended search's JSON, by id
         # The epochs and batch rows handed over so far; the lock keeps commits in order.
@@ -80,7 +82,7 @@ class RunKeeper:
     def on_event(self, event: Event) -> None:
         """A session listener: commit after what changed the run while nothing trains."""
         if isinstance(event, (PhaseStarted, SearchStarted)):
-            self._busy = True
+            self._busy, self._fixed = True, None
         elif isinstance(event, PhaseEnded):
             # On the model's thread, fit returned: the model is the session's to read.
             self._busy = False
@@ -137,10 +139,7 @@ class RunKeeper:
             "searches": [self._search(s) for s in session.searches if s.done],
             "steps": steps,
             "learned_steps": ctx.learned_steps,
-            "adapters": [
-                [path, layer.lora_rank, layer.lora_alpha] for path, layer in lora.adapted(ctx.base)
-            ],
-            "settings": session_settings(session),
+            **self._fixed_state(),
         }
         with self._lock:
             records = history.epochs
@@ -148,7 +147,18 @@ class RunKeeper:
             batches = history.batches.columns(self._batches_sent)
             self._epochs_sent = len(records)
             self._batches_sent += batches.shape[1]
-            self.writer.commit(Commit(state, rows, batches, self._optimizer, weights_key, weights))
+            commit = Commit(state, rows, batches, self._optimizer, weights_key, weights)
+            commit.idle = not self._busy
+            self.writer.commit(commit)
+
+    def _fixed_state(self) -> dict[str, Any]:
+        if self._fixed is None or not self._busy:
+            adapted = lora.adapted(self._ctx.base)
+            self._fixed = {
+                "adapters": [[path, layer.lora_rank, layer.lora_alpha] for path, layer in adapted],
+                "settings": session_settings(self.session),
+            }
+        return self._fixed
 
     def _search(self, search: Any) -> dict[str, Any]:
         # An ended search does not change: its curves are turned to JSON once.

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ftwidgets.engine.array_files import read_arrays
 from ftwidgets.engine.history import History
+from ftwidgets.engine.record_log import read_record, scan
 from ftwidgets.engine.snapshots import Snapshot
 
 __all__ = [
@@ -45,9 +45,9 @@ __all__ = [
 ]
 
 FORMAT = "ftwidgets.run"
-# Version 2 writes the history's epochs and batch rows once each, in bases and commits
-# (version 1, before any release, wrote the whole history in every commit).
-VERSION = 2
+# Version 3 appends records to logs; version 2 wrote a file per epoch and per commit,
+# and version 1 the whole history in every commit (neither was ever released).
+VERSION = 3
 MANIFEST = "manifest.json"
 MODEL = "model.keras"
 _SUFFIX = re.compile(r"_\d+$")
@@ -73,11 +73,14 @@ class RunContents:
     Attributes:
         path: the folder.
         manifest: ``manifest.json`` as read.
-        state: the commit's state (history, best, notes, searches, settings...).
+        state: the commit's state (history, best, notes, searches, settings, kept
+            epochs...).
         batches: the per-batch trace's rows (see ``BatchTrace.columns``).
         optimizer: the optimizer's variable paths and values at the commit, or None.
         weights: the model's variables at the commit, and their paths; None while
             they are those of ``model.keras``.
+        commit: where the commit, its history base and its weights lie, its number
+            and epoch: what a resumed writer goes on from.
         skipped: what was passed over as damaged, one line each (warned about).
     """
 
@@ -87,6 +90,7 @@ class RunContents:
     batches: np.ndarray
     optimizer: tuple[list[str], list[np.ndarray]] | None
     weights: tuple[Snapshot, list[str]] | None
+    commit: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
     @property
@@ -129,9 +133,10 @@ def read_manifest(path: str | PathLike[str]) -> dict[str, Any]:
 def read_run(path: str | PathLike[str]) -> RunContents:
     """Read a run directory's newest complete commit, whole, into memory.
 
-    A commit whose files are missing, torn or changed since they were written (their
-    CRC-32 differs) is skipped for the one before it, with a `RunDamagedWarning`
-    naming each one skipped.
+    The commit logs are scanned to their ends: a record a killed process left cut
+    short at the end of one was never written. A commit whose records are missing,
+    torn or changed since they were written (their CRC-32 differs) is skipped for the
+    one before it, with a `RunDamagedWarning` naming each one skipped.
 
     Raises:
         ValueError: if ``path`` is not a run directory, or no commit of it is whole.
@@ -139,17 +144,28 @@ def read_run(path: str | PathLike[str]) -> RunContents:
     path = Path(path)
     manifest = read_manifest(path)
     skipped: list[str] = []
-    for entry in reversed(manifest.get("commits", [])):
+    places: list[dict[str, Any]] = []
+    for log in sorted((path / "commits").glob("*.log"), key=lambda p: (len(p.stem), p.stem)):
+        name = f"commits/{log.name}"
         try:
-            contents = _read_commit(path, manifest, entry)
+            found, problem = scan(log)
+        except OSError as exc:
+            skipped.append(f"{name} cannot be read: {exc}")
+            continue
+        places += [{"file": name, "at": at} for kind, at in found if kind == "C"]
+        if problem is not None:
+            skipped.append(problem)
+    for place in reversed(places):
+        try:
+            contents = _read_commit(path, manifest, place)
         except (OSError, ValueError, KeyError) as exc:
-            skipped.append(f"commit {entry.get('seq')} (epoch {entry.get('epoch')}): {exc}")
+            skipped.append(str(exc))
             continue
         contents.skipped = skipped
         if skipped:
             warnings.warn(
                 f"The run in {str(path)!r} was damaged; resumed from its commit at epoch "
-                f"{entry.get('epoch')} instead. Skipped: " + "; ".join(skipped),
+                f"{contents.commit['epoch']} instead. Skipped: " + "; ".join(skipped),
                 RunDamagedWarning,
                 stacklevel=2,
             )
@@ -160,63 +176,74 @@ def read_run(path: str | PathLike[str]) -> RunContents:
     )
 
 
-def _read_commit(path: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> RunContents:
-    header, arrays = _read_file(path, entry["state"], entry["state_crc32"])
-    state, batches = header["state"], arrays["batches"][0]
-    # The commit holds the epochs and batches since the history base it names.
-    base = state.pop("history_base")
-    base_header, base_arrays = _read_file(path, base["file"], base["crc32"])
-    state["history"]["epochs"] = base_header["epoch_rows"] + state.pop("epoch_rows")
-    batches = np.concatenate([base_arrays["batches"][0], batches], axis=1)
+def _read_commit(path: Path, manifest: dict[str, Any], place: dict[str, Any]) -> RunContents:
+    """The commit at ``place`` and all it names, or a ValueError naming what is damaged."""
+    what = f"the commit at byte {place['at']} of {place['file']}"
+    kind, header, arrays = read_record(path, place)
+    if kind != "C":
+        raise ValueError(f"{what} is no commit")
+    what = f"commit {header['seq']} (epoch {header['epoch']})"
+    state, since = header["state"], header["since"]
+    try:
+        _, base, base_arrays = read_record(path, header["base"])
+    except ValueError as exc:
+        raise ValueError(f"{what}: its history base: {exc}") from exc
+    # The commit holds the epochs, batches and kept epochs since the base it names.
+    state["history"]["epochs"] = base["epoch_rows"] + since["epoch_rows"]
+    state["kept"] = {**base["kept"], **since["kept"]}
+    state["layouts"] = base["layouts"] + since["layouts"]
+    rows = np.concatenate([*base_arrays["batch_rows"], *arrays["batch_rows"]])
+    batches = np.ascontiguousarray(rows.T)
     optimizer = None
     if "optimizer" in arrays:
         optimizer = (header["optimizer_paths"], arrays["optimizer"])
-    if entry["weights"] == MODEL:
-        weights = None  # the model as written: nothing to assign
-    else:
-        weights = read_weights(path, entry["weights"], entry["weights_crc32"], None)
-    contents = RunContents(path, manifest, state, batches, optimizer, weights)
-    contents.manifest = {**manifest, "commits": _through(manifest, entry)}
-    return contents
-
-
-def _through(manifest: dict[str, Any], entry: dict[str, Any]) -> list[dict[str, Any]]:
-    commits = manifest.get("commits", [])
-    return commits[: commits.index(entry) + 1]
-
-
-def _read_file(
-    path: Path, name: str, expected: str
-) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
-    file = path / name
-    if not file.is_file():
-        raise ValueError(f"{name} is missing")
-    try:
-        return read_arrays(file, expected)
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{name} cannot be read: {exc}") from exc
+    reference = header["weights"]
+    weights: tuple[Snapshot, list[str]] | None = None
+    if reference is None:  # the commit's own: the model's variables where no epoch's
+        weights = Snapshot(header["label"], None, tuple(arrays["weights"])), header["paths"]
+        reference = {key: place[key] for key in ("file", "at")}
+    elif reference["file"] != MODEL:  # else the model as written: nothing to assign
+        try:
+            weights = read_weights(path, reference, None, state["layouts"])
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from exc
+    commit = {key: header[key] for key in ("seq", "epoch", "written", "base")}
+    commit.update(place=place, weights=reference)
+    return RunContents(path, manifest, state, batches, optimizer, weights, commit)
 
 
 def read_weights(
-    path: Path, name: str, expected: str, epoch: int | None
-) -> tuple[Snapshot, list[str]]:
-    """A snapshot a run directory holds (``name`` within ``path``), checked against its
-    CRC-32, and its variables' paths.
+    path: Path,
+    reference: dict[str, Any],
+    epoch: int | None,
+    layouts: Sequence[list[str]] | None = None,
+) -> tuple[Snapshot, list[str] | None]:
+    """A snapshot a run directory holds: a kept epoch, or a commit's own weights, at
+    ``reference`` (a place), checked against its CRC-32; and its variables' paths, for a
+    kept epoch from ``layouts``.
 
     Raises:
-        ValueError: if the file is missing, damaged or changed since, naming it.
+        ValueError: if its record is missing, damaged or changed since, naming it.
     """
-    header, arrays = _read_file(path, name, expected)
-    values = arrays["weights"]
-    shared = header.get("shared")
-    if shared is not None:
-        common = _read_file(path, shared["file"], shared["crc32"])[1]["weights"]
-        merged: list[Any] = [None] * (len(values) + len(common))
-        for i, value in zip(shared["indices"], common, strict=True):
-            merged[i] = value
-        own = iter(values)
-        values = [value if value is not None else next(own) for value in merged]
-    return Snapshot(header["label"], epoch, tuple(values)), header["paths"]
+    what = reference.get("stem", "the weights")
+    try:
+        kind, header, arrays = read_record(path, reference)
+        values = arrays["weights"]
+        shared = header.get("shared")
+        if shared is not None:
+            common = read_record(path, shared)[2]["weights"]
+            merged: list[Any] = [None] * (len(values) + len(common))
+            for i, value in zip(shared["indices"], common, strict=True):
+                merged[i] = value
+            own = iter(values)
+            values = [value if value is not None else next(own) for value in merged]
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from exc
+    if kind == "C":
+        paths = header["paths"]
+    else:
+        paths = layouts[reference["layout"]] if layouts is not None else None
+    return Snapshot(header["label"], epoch, tuple(values)), paths
 
 
 def match_variables(paths: Sequence[str], variables: Sequence[Any]) -> tuple[int, ...]:

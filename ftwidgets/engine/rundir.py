@@ -1,43 +1,43 @@
 """A run directory: what a session needs to carry on after its process died.
 
-Layout (format ``ftwidgets.run``, version 2; ``ftwidgets.engine.run_reader``
-reads it)::
+Layout (format ``ftwidgets.run``, version 3; ``ftwidgets.engine.run_reader`` reads it)::
 
     runs/my-run/
-      manifest.json            what the run is, its best, its last commits (readable)
-      model.keras              the model as the session got it, written once
-      epochs/epoch-0007.arrays each kept epoch's variables, with their paths; those
-                               no step of its phase changes (a head phase's base)
-                               once per phase, in epochs/shared-epoch-0001.arrays
-      commits/000012.arrays    the session at a moment: its state as JSON (history,
-                               best, notes, searches, settings), the epochs and
-                               per-batch rows since the history base it names, the
-                               optimizer's variables, and the model's own variables
-                               where they are no kept epoch's (after a Stop, say)
-      history/base-000009.arrays  every epoch's row and batch row up to a commit:
-                               written every `BASE_EVERY` epochs, so that a commit
-                               carries only what came since, whatever the run's length
+      manifest.json       what the run is, its best, its latest commit: for people and
+                          `runs`, rewritten at most every `SYNC_SECONDS` while training
+      model.keras         the model as the session got it, written once
+      epochs/000001.log   kept epochs, appended as they come: each one's variables,
+                          and what a phase never changes (a head phase's frozen base)
+                          once per phase
+      commits/000001.log  commits, appended: the session's state at a moment (history,
+                          best, notes, searches, settings), the optimizer's variables,
+                          the epochs' rows and batch rows and the kept epochs since the
+                          history base it names, and the model's own variables where
+                          they are no kept epoch's (after a Stop, say). Each file
+                          begins with a history base: every row so far, rewritten every
+                          `BASE_EVERY` epochs, so a commit's size never grows with the run
 
-Each ``.arrays`` file is a JSON header and raw arrays (``ftwidgets.engine.array_files``).
+Each log is a file of records (``ftwidgets.engine.record_log``), found by their place.
 
 `RunWriter` writes it on a thread of its own from host copies the model's thread made,
 so training never waits for the disk unless the writer falls more than one epoch
-behind. Every file is written under a temporary name and renamed, and the manifest is
-renamed last: it only ever names complete files, so a process killed at any instant
-leaves the last commit readable. Against a power cut, the files are flushed to the disk
-(``fsync``) before a manifest that names them, at most every `SYNC_SECONDS`, and at
-`RunWriter.flush`; a file torn all the same fails its CRC-32. The manifest keeps the
-newest commits on `KEEP_WEIGHTS` different weights, and `read_run` falls back past a
-commit whose files were damaged since, with a warning that names what it skipped.
+behind. Records are only ever appended, one ``writev`` each, so an epoch costs no file
+made, renamed or removed; a process killed at any instant leaves the newest record cut
+short at worst, and the reader takes the newest commit whose records are all whole.
+Against a power cut the logs are flushed to the disk (``fsync``) at most every
+`SYNC_SECONDS` and at `RunWriter.flush`; a record torn all the same fails its CRC-32 and
+the reader falls back past its commit, with a warning that names what it skipped. A
+commit log over `SEGMENT_BYTES` is followed by a new file, and files no longer holding
+one of the newest commits on `KEEP_WEIGHTS` different weights are removed.
 """
 
 from __future__ import annotations
 
 import json
-import queue
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ftwidgets.engine.array_files import commit_file, file_crc32, sync_files, write_arrays
+from ftwidgets.engine.record_log import LogFile, commit_file, file_crc32, sync_files
 from ftwidgets.engine.run_reader import (
     FORMAT,
     MANIFEST,
@@ -57,7 +57,7 @@ from ftwidgets.engine.run_reader import (
 )
 from ftwidgets.engine.snapshots import Snapshot
 
-__all__ = ["BASE_EVERY", "KEEP_WEIGHTS", "SYNC_SECONDS", "Commit", "RunWriter"]
+__all__ = ["BASE_EVERY", "KEEP_WEIGHTS", "SEGMENT_BYTES", "SYNC_SECONDS", "Commit", "RunWriter"]
 
 # Epoch rows, or batch rows, after which a new history base is written: a commit then
 # carries at most about this many, and the bases, O(n) each, cost O(n / BASE_EVERY) an
@@ -70,8 +70,12 @@ BASE_EVERY_BATCHES = 16384
 # since falls back to the one before.
 KEEP_WEIGHTS = 3
 # The most seconds between two flushes to the disk: fsync cost 6 ms a file here, more
-# than writing the file, and a process killed loses nothing renamed into place anyway.
+# than writing the file, and a process killed loses nothing appended anyway.
 SYNC_SECONDS = 5.0
+# A log's size after which its next record goes to a new file: a commit log's old files
+# can then be removed (a big model's commits, optimizer state and all, are each a file).
+SEGMENT_BYTES = 64 << 20
+_LOGS = ("epochs", "commits")
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Commit:
     optimizer: tuple[list[str], list[np.ndarray]] | None
     weights_key: int | None  # a kept epoch the model holds, or None: ``weights`` below
     weights: tuple[Snapshot, list[str]] | None = None
+    idle: bool = False  # nothing trains: the manifest is brought up to date now
 
 
 class RunWriter:
@@ -95,7 +100,7 @@ class RunWriter:
     Args:
         path: the folder: new, empty, or (``contents``) a run being resumed.
         name: the session's name, for the manifest.
-        contents: the run as `read_run` read it, to go on writing it.
+        contents: the run as `read_run` read it, to go on writing it (in new files).
 
     Raises:
         ValueError: if ``path`` holds a run already, or other files, when new.
@@ -107,48 +112,61 @@ class RunWriter:
         self.path = Path(path)
         if contents is None:
             _check_new(self.path)
-        (self.path / "epochs").mkdir(parents=True, exist_ok=True)
-        (self.path / "commits").mkdir(exist_ok=True)
-        (self.path / "history").mkdir(exist_ok=True)
+        for folder in _LOGS:
+            (self.path / folder).mkdir(parents=True, exist_ok=True)
         self.name = name
-        # A resumed run's manifest lists the commits up to the one read: damaged ones
-        # after it are dropped, and their files written over.
         manifest = contents.manifest if contents is not None else {}
         self._created = manifest.get("created", _now())
         self._model = dict(manifest.get("model", {}))
-        self._commits: list[dict[str, Any]] = list(manifest.get("commits", []))
-        self._seq = max((c["seq"] for c in self._commits), default=0)
-        kept = contents.state.get("kept", {}) if contents is not None else {}
-        self._kept: dict[int, dict[str, Any]] = {int(k): v for k, v in kept.items()}
-        self._layouts: list[list[str]] = list(
-            contents.state.get("layouts", []) if contents is not None else []
-        )
+        state = contents.state if contents is not None else {}
+        self._state: dict[str, Any] = state
+        self._latest = contents.commit if contents is not None else None
+        self._seq = self._latest["seq"] if self._latest is not None else 0
+        # The commits a damaged newest one falls back to, and the weights the next
+        # commit names when it carries none of its own.
+        self._commits: list[dict[str, Any]] = [self._latest] if self._latest else []
+        self._weights = self._latest["weights"] if self._latest is not None else None
+        self._kept: dict[int, dict[str, Any]] = {
+            int(k): v for k, v in state.get("kept", {}).items()
+        }
+        self._layouts: list[list[str]] = list(state.get("layouts", []))
         self._layout_index: dict[tuple[int, ...], int] = {}
-        # Every epoch's row and batch row so far, and the history base last written
-        # (a resumed run writes a new one with its first commit).
-        history = contents.state["history"] if contents is not None else {}
-        self._rows: list[dict[str, Any]] = list(history.get("epochs", []))
-        self._batches: list[np.ndarray] = [contents.batches] if contents is not None else []
+        # Every epoch's row and batch row so far, and what the history base last written
+        # holds (a new commit file begins with a new one). Rows and kept epochs are
+        # turned to JSON once each: a commit names up to `BASE_EVERY` of them.
+        rows = state.get("history", {}).get("epochs", [])
+        self._rows: list[str] = [json.dumps(row) for row in rows]
+        self._complete = sum(not row.get("partial") for row in rows)
+        # Batch rows as rows (one per batch): a commit's are then one array, a slice.
+        self._batch_rows = np.empty((0, 5))
+        self._batch_count = 0
+        if contents is not None:
+            self._add_batches(contents.batches)
         self._base: dict[str, Any] | None = None
-        self._complete = sum(not row.get("partial") for row in self._rows)
-        self._bases = {c["base"] for c in self._commits if c.get("base")}
-        self._weights = self._commits[-1] if self._commits else None
+        self._kept_json = {str(k): json.dumps(v) for k, v in self._kept.items()}
+        self._kept_since: dict[str, str] = {}
+        self._state_parts: dict[str, tuple[Any, str]] = {}
+        self._logs: dict[str, LogFile | None] = dict.fromkeys(_LOGS)
+        self._numbers = {folder: _last_number(self.path / folder) for folder in _LOGS}
         self._lock = threading.Condition()
         self._pending: dict[int, Snapshot] = {}  # kept epochs not on disk yet
-        self._shared_files: dict[int | None, dict[str, Any]] = {}  # by `Snapshot.shared_key`
+        self._shared: dict[int | None, dict[str, Any]] = {}  # by `Snapshot.shared_key`
         self._epochs_behind = 0
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._unsynced: list[Path] = []  # files renamed into place but not flushed
-        self._sync_at = 0.0
-        self._manifest_synced = True
+        # Tasks for the writer's thread, under `_lock`: a kept epoch wakes it only when
+        # training must wait for it, else it goes with the commit that follows it (one
+        # wake an epoch: each costs the model's thread a hand-over of Python's GIL).
+        self._tasks: deque[Any] = deque()
+        self._new_files = False  # files made since the last fsync: their folders' too
+        self._sync_at = time.monotonic() + SYNC_SECONDS
+        self._dirty = False  # written since the manifest was last flushed to the disk
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="ftwidgets-run-writer", daemon=True)
         self._thread.start()
 
     @classmethod
     def new(cls, path: str | PathLike[str], name: str, model: Any) -> RunWriter:
-        """A writer for a new run, with ``model`` written; if Keras cannot save the model,
-        the folder is left as it was found.
+        """A writer for a new run, with ``model`` and the manifest written; if Keras
+        cannot save the model, the folder is left as it was found.
 
         Raises:
             ValueError: if ``path`` is no new or empty folder, or the model cannot be
@@ -171,6 +189,7 @@ class RunWriter:
                 "Give its custom layers a get_config() (see keras.saving), or train "
                 f"without run_dir. Received: run_dir={str(path)!r}"
             ) from exc
+        writer.flush()  # the manifest: from now on the folder is a run
         return writer
 
     # -- the model's thread --------------------------------------------------------
@@ -185,6 +204,8 @@ class RunWriter:
         parameters = int(model.count_params()) if model.built else None
         self._model = {"name": model.name, "file": MODEL, "crc32": digest}
         self._model["parameters"] = parameters
+        self._weights = {"file": MODEL, "crc32": digest}
+        self._dirty = True
 
     def keep(self, epoch: int, stem: str, snapshot: Snapshot, variables: Sequence[Any]) -> None:
         """Write a kept epoch (``SnapshotStore.keep_epoch``); wait only while the
@@ -197,21 +218,22 @@ class RunWriter:
         layout = self._layout(snapshot.ids, variables)
         with self._lock:
             while self._epochs_behind > 1 and self.error is None:
+                self._lock.notify_all()
                 self._lock.wait()
             self._epochs_behind += 1
             self._pending[epoch] = snapshot
-        self._queue.put(("epoch", epoch, f"epochs/{stem}.arrays", snapshot, layout))
+            self._tasks.append(("epoch", epoch, stem, snapshot, layout))
 
     def commit(self, commit: Commit) -> None:
         """Write the session's state after the epochs handed over before it."""
         self._raise_error()
-        self._queue.put(("commit", commit))
+        self._put(("commit", commit))
 
     def read(self, epoch: int) -> Snapshot:
         """A kept epoch's variables: still on their way to disk, or read back and checked.
 
         Raises:
-            ValueError: if its file is missing or damaged, naming it.
+            ValueError: if its record is missing or damaged, naming it.
         """
         with self._lock:
             pending = self._pending.get(epoch)
@@ -220,25 +242,30 @@ class RunWriter:
         entry = self._kept.get(epoch)
         if entry is None:
             raise ValueError(f"Epoch key {epoch} was never written to {str(self.path)!r}.")
-        return read_weights(self.path, entry["file"], entry["crc32"], epoch)[0]
+        return read_weights(self.path, entry, epoch)[0]
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything handed over is on disk; True if it is.
+        """Wait until everything handed over is on disk, the manifest too; True if it is.
 
         Raises:
             OSError: if writing failed, naming why.
         """
         done = threading.Event()
-        self._queue.put(("flush", done))
+        self._put(("flush", done))
         finished = done.wait(timeout)
         self._raise_error()
         return finished
 
     def close(self) -> None:
-        """Write what is left, then end the writer's thread."""
+        """Write what is left, flush it to the disk, then end the writer's thread."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._put(None)
             self._thread.join()
+
+    def _put(self, task: Any) -> None:
+        with self._lock:
+            self._tasks.append(task)
+            self._lock.notify_all()
 
     def _layout(self, ids: tuple[int, ...] | None, variables: Sequence[Any]) -> int:
         key = ids if ids is not None else tuple(map(id, variables))
@@ -259,117 +286,185 @@ class RunWriter:
 
     # -- the writer's thread -------------------------------------------------------
     def _work(self) -> None:
-        while (task := self._queue.get()) is not None:
+        while True:
+            with self._lock:
+                while not self._tasks:
+                    self._lock.wait()
+                task = self._tasks.popleft()
             try:
-                if task[0] == "flush":
-                    if self.error is None and not self._manifest_synced:
+                if task is None or task[0] == "flush":
+                    if self.error is None and self._dirty:
                         self._sync()
-                        sync_files([self.path / MANIFEST, self.path])
-                        self._manifest_synced = True
-                    task[1].set()
+                        self._write_manifest(sync=True)
                 elif self.error is None:
                     self._write(task)
             except BaseException as exc:  # reported on the model's thread: `keep`, `flush`
                 self.error = exc
             finally:
-                if task[0] == "epoch":
+                if task is None:
+                    for log in self._logs.values():
+                        if log is not None:
+                            log.close()
+                elif task[0] == "flush":
+                    task[1].set()
+                elif task[0] == "epoch":
                     with self._lock:
                         self._epochs_behind -= 1
                         self._lock.notify_all()
+            if task is None:
+                return
 
     def _write(self, task: tuple[Any, ...]) -> None:
+        self._dirty = True
         if task[0] == "epoch":
-            _, epoch, name, snapshot, layout = task
-            header = {"label": snapshot.label, "paths": self._layouts[layout]}
-            values = snapshot.values
-            if snapshot.shared:
-                # The weights no step of the phase changes: one file for all its epochs.
-                header["shared"] = self._shared_file(snapshot, name)
-                shared = set(snapshot.shared)
-                values = tuple(v for i, v in enumerate(values) if i not in shared)
-            digest = write_arrays(self.path / name, header, {"weights": values}, False)
-            self._unsynced.append(self.path / name)
-            with self._lock:
-                self._kept[epoch] = {"file": name, "crc32": digest, "layout": layout}
-                self._pending.pop(epoch, None)
-            return
-        commit: Commit = task[1]
+            self._write_epoch(*task[1:])
+        else:
+            self._write_commit(task[1])
+        if time.monotonic() >= self._sync_at:
+            self._sync()
+            self._write_manifest(sync=True)
+        elif task[0] == "commit" and task[1].idle:
+            self._write_manifest(sync=False)
+
+    def _write_epoch(self, epoch: int, stem: str, snapshot: Snapshot, layout: int) -> None:
+        header: dict[str, Any] = {"label": snapshot.label, "stem": stem, "layout": layout}
+        values = snapshot.values
+        if snapshot.shared:
+            # The weights no step of the phase changes: one record for all its epochs.
+            header["shared"] = self._shared_place(snapshot)
+            shared = set(snapshot.shared)
+            values = tuple(v for i, v in enumerate(values) if i not in shared)
+        place = self._append("epochs", "E", header, {"weights": values})
+        entry = {**place, "layout": layout, "stem": stem}
+        self._kept_json[str(epoch)] = self._kept_since[str(epoch)] = json.dumps(entry)
+        with self._lock:
+            self._kept[epoch] = entry
+            self._pending.pop(epoch, None)
+
+    def _shared_place(self, snapshot: Snapshot) -> dict[str, Any]:
+        entry = self._shared.get(snapshot.shared_key)
+        if entry is None:
+            values = [snapshot.values[i] for i in snapshot.shared]
+            place = self._append("epochs", "S", {}, {"weights": values})
+            entry = self._shared[snapshot.shared_key] = {**place, "indices": list(snapshot.shared)}
+        return entry
+
+    def _write_commit(self, commit: Commit) -> None:
         self._seq += 1
-        self._rows.extend(commit.epochs)
+        self._rows += [json.dumps(row) for row in commit.epochs]
         self._complete += sum(not row.get("partial") for row in commit.epochs)
-        self._batches.append(commit.batches)
-        base = self._base
+        self._add_batches(commit.batches)
+        log = self._logs["commits"]
+        new_file = log is None or log.size >= SEGMENT_BYTES
+        base = None if new_file else self._base
         if (
             base is None
             or len(self._rows) - base["epochs"] >= BASE_EVERY
-            or sum(part.shape[1] for part in self._batches[1:]) >= BASE_EVERY_BATCHES
+            or self._batch_count - base["batches"] >= BASE_EVERY_BATCHES
         ):
-            base = self._write_base()
-        name = f"commits/{self._seq:06d}.arrays"
-        state = {
-            **commit.state,
-            "kept": {str(k): v for k, v in self._kept.items()},
-            "layouts": self._layouts,
-            "history_base": {k: base[k] for k in ("file", "crc32")},
-            "epoch_rows": self._rows[base["epochs"] :],
-        }
-        since = np.concatenate([np.empty((5, 0)), *self._batches[1:]], axis=1)
-        digest = _write_commit(self.path / name, commit, state, since)
-        self._unsynced.append(self.path / name)
+            base = self._write_base(new_file)
+        since = (
+            f'{{"epoch_rows":{_array(self._rows[base["epochs"] :])},'
+            f'"kept":{_object(self._kept_since)},'
+            f'"layouts":{json.dumps(self._layouts[base["layouts"] :])}}}'
+        )
+        header: dict[str, Any] = {"seq": self._seq, "epoch": commit.state.get("epoch")}
+        header.update(written=_now(), base=base["place"])
+        arrays = {"batch_rows": [self._batch_rows[base["batches"] : self._batch_count]]}
+        if commit.optimizer is not None:
+            header["optimizer_paths"], arrays["optimizer"] = commit.optimizer
         if commit.weights is not None:
-            weights = {"weights": name, "weights_crc32": digest}
+            snapshot, header["paths"] = commit.weights
+            header["label"] = snapshot.label
+            header["weights"] = None  # this record's own
+            arrays["weights"] = list(snapshot.values)
         elif commit.weights_key is not None and commit.weights_key in self._kept:
-            entry = self._kept[commit.weights_key]
-            weights = {"weights": entry["file"], "weights_crc32": entry["crc32"]}
-        elif self._weights is not None:
-            weights = {k: self._weights[k] for k in ("weights", "weights_crc32")}
+            header["weights"] = self._kept[commit.weights_key]
         else:
-            weights = {"weights": MODEL, "weights_crc32": self._model.get("crc32")}
-        entry = {"seq": self._seq, "state": name, "state_crc32": digest, **weights}
-        entry["base"] = base["file"]
-        entry["epoch"] = state.get("epoch")
-        entry["written"] = _now()
-        self._weights = entry
+            header["weights"] = self._weights
+        raw = {"state": self._state_json(commit.state), "since": since}
+        place = self._append("commits", "C", header, arrays, raw)
+        self._weights = header["weights"] or place
+        entry = {"seq": self._seq, "epoch": header["epoch"], "written": header["written"]}
+        entry.update(place=place, base=base["place"], weights=self._weights)
+        self._latest, self._state = entry, commit.state
         self._commits = _retained([*self._commits, entry])
-        due = time.monotonic() >= self._sync_at
-        if due:
-            self._sync()
-        self._write_manifest(state, sync=due)
-        self._remove_unlisted()
+        if new_file:
+            self._remove_unneeded()
 
-    def _write_base(self) -> dict[str, Any]:
-        """Write every epoch's row and batch row so far as the new history base."""
-        batches = np.concatenate([np.empty((5, 0)), *self._batches], axis=1)
-        self._batches = [batches]  # the base's rows, joined; then each commit's new ones
-        name = f"history/base-{self._seq:06d}.arrays"
-        rows = {"epoch_rows": self._rows}
-        digest = write_arrays(self.path / name, rows, {"batches": [batches]}, False)
-        self._unsynced.append(self.path / name)
-        self._bases.add(name)
-        self._base = {"file": name, "crc32": digest, "epochs": len(self._rows)}
+    def _write_base(self, new_file: bool) -> dict[str, Any]:
+        """Write every epoch's row and batch row and every kept epoch so far as the new
+        history base (first in a new commit file, if ``new_file``)."""
+        batch_rows = self._batch_rows[: self._batch_count]
+        raw = {
+            "epoch_rows": _array(self._rows),
+            "kept": _object(self._kept_json),
+            "layouts": json.dumps(self._layouts),
+        }
+        place = self._append("commits", "B", {}, {"batch_rows": [batch_rows]}, raw, new_file)
+        self._kept_since = {}
+        self._base = {"place": place, "epochs": len(self._rows), "layouts": len(self._layouts)}
+        self._base["batches"] = self._batch_count
         return self._base
 
+    def _add_batches(self, columns: np.ndarray) -> None:
+        count = self._batch_count + columns.shape[1]
+        if count > len(self._batch_rows):  # grown by doubling: amortized O(1) a row
+            grown = np.empty((max(count, 2 * len(self._batch_rows), 1024), 5))
+            grown[: self._batch_count] = self._batch_rows[: self._batch_count]
+            self._batch_rows = grown
+        self._batch_rows[self._batch_count : count] = columns.T
+        self._batch_count = count
+
+    def _state_json(self, state: dict[str, Any], within: str = "") -> str:
+        """``state`` as JSON, each part (and each of its history's) turned to JSON again
+        only when it changed: an epoch changes a few numbers of all it holds."""
+        parts = []
+        for key, value in state.items():
+            if key == "history" and not within:
+                parts.append(f'"{key}":{self._state_json(value, key)}')
+                continue
+            cached = self._state_parts.get(within + key)
+            if cached is None or cached[0] != value:
+                cached = self._state_parts[within + key] = (value, json.dumps(value))
+            parts.append(f'"{key}":{cached[1]}')
+        return "{" + ",".join(parts) + "}"
+
+    def _append(
+        self,
+        folder: str,
+        kind: str,
+        header: dict[str, Any],
+        arrays: dict[str, Any],
+        raw: dict[str, str] | None = None,
+        new_file: bool = False,
+    ) -> dict[str, Any]:
+        log = self._logs[folder]
+        # An epoch file goes on to a new one when full; a commit file when `_write_commit`
+        # says so, with a base first.
+        if log is None or new_file or (folder == "epochs" and log.size >= SEGMENT_BYTES):
+            if log is not None:
+                log.sync()  # its records are flushed before a newer file's
+                log.close()
+            self._numbers[folder] += 1
+            name = f"{folder}/{self._numbers[folder]:06d}.log"
+            log = self._logs[folder] = LogFile(self.path, name)
+            self._new_files = True
+        return log.append(kind, header, arrays, raw)
+
     def _sync(self) -> None:
-        """Flush the files written since the last time, and their folders, to the disk:
-        the manifest written next names nothing a power cut could lose."""
-        written = [path for path in self._unsynced if path.exists()]
-        sync_files([*written, *(self.path / name for name in ("epochs", "commits", "history"))])
-        self._unsynced.clear()
+        """Flush the logs, and the folders of files made since the last time, to the
+        disk: the manifest written next names nothing a power cut could lose."""
+        for log in self._logs.values():
+            if log is not None:
+                log.sync()
+        if self._new_files:
+            sync_files([self.path / folder for folder in _LOGS])
+            self._new_files = False
         self._sync_at = time.monotonic() + SYNC_SECONDS
 
-    def _shared_file(self, snapshot: Snapshot, name: str) -> dict[str, Any]:
-        entry = self._shared_files.get(snapshot.shared_key)
-        if entry is None:
-            shared_name = name.replace("epochs/", "epochs/shared-", 1)
-            values = [snapshot.values[i] for i in snapshot.shared]
-            digest = write_arrays(self.path / shared_name, {}, {"weights": values}, False)
-            self._unsynced.append(self.path / shared_name)
-            entry = {"file": shared_name, "crc32": digest, "indices": list(snapshot.shared)}
-            self._shared_files[snapshot.shared_key] = entry
-        return entry
-
-    def _write_manifest(self, state: dict[str, Any], sync: bool) -> None:
-        history = state.get("history", {})
+    def _write_manifest(self, sync: bool) -> None:
+        history = self._state.get("history", {})
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -379,34 +474,34 @@ class RunWriter:
             "model": self._model,
             "epochs": self._complete,
             "phases": len(history.get("phases", [])),
-            "best": state.get("best"),
-            "commits": self._commits,
+            "best": self._state.get("best"),
+            "latest": self._latest,
         }
         text = json.dumps(manifest, indent=1)
         commit_file(self.path / MANIFEST, lambda partial: partial.write_text(text), sync)
-        self._manifest_synced = sync
+        self._dirty = self._dirty and not sync
 
-    def _remove_unlisted(self) -> None:
-        listed = {c["state"] for c in self._commits} | {c["weights"] for c in self._commits}
-        for path in (self.path / "commits").glob("*.arrays"):
-            if f"commits/{path.name}" not in listed:
+    def _remove_unneeded(self) -> None:
+        """Remove the commit files that hold none of the commits kept to fall back to."""
+        needed = {self._logs["commits"].name}  # type: ignore[union-attr]
+        for entry in self._commits:
+            needed |= {entry[key]["file"] for key in ("place", "base", "weights")}
+        for path in (self.path / "commits").glob("*.log"):
+            if f"commits/{path.name}" not in needed:
                 path.unlink(missing_ok=True)
-        for name in self._bases - {c.get("base") for c in self._commits}:
-            (self.path / name).unlink(missing_ok=True)
-            self._bases.discard(name)
 
 
-def _write_commit(path: Path, commit: Commit, state: dict[str, Any], batches: np.ndarray) -> str:
-    header: dict[str, Any] = {"state": state}
-    arrays = {"batches": [batches]}
-    if commit.optimizer is not None:
-        header["optimizer_paths"], arrays["optimizer"] = commit.optimizer
-    if commit.weights is not None:
-        snapshot, header["paths"] = commit.weights
-        header["label"] = snapshot.label
-        arrays["weights"] = list(snapshot.values)
-    # Flushed to the disk with the epochs' files, at most every SYNC_SECONDS (`_sync`).
-    return write_arrays(path, header, arrays, False)
+def _array(texts: Sequence[str]) -> str:
+    return f"[{','.join(texts)}]"
+
+
+def _object(texts: dict[str, str]) -> str:
+    return "{" + ",".join(f'"{key}":{text}' for key, text in texts.items()) + "}"
+
+
+def _last_number(folder: Path) -> int:
+    """The highest number among a folder's logs: a resumed run writes new files."""
+    return max((int(p.stem) for p in folder.glob("*.log") if p.stem.isdigit()), default=0)
 
 
 def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -429,9 +524,9 @@ def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kept.append(entry)
         if len(kept) == KEEP_WEIGHTS:
             break
-    bases = {entry["base"] for entry in kept}
-    if len(bases) == 1:
-        older = next((e for e in reversed(commits) if e["base"] not in bases), None)
+    base = kept[0]["base"] if kept else None
+    if all(entry["base"] == base for entry in kept):
+        older = next((e for e in reversed(commits) if e["base"] != base), None)
         kept += [older] if older is not None else []
     return kept[::-1]
 

@@ -1,0 +1,75 @@
+"""The run directory's logs of records: every dtype and shape back bit for bit; a
+record cut short at the end is what a kill leaves and ends a scan quietly; a record
+changed, or a damaged frame, is refused by name and place."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from ftwidgets.engine.record_log import FRAME_BYTES, LogFile, read_record, scan
+
+pytestmark = pytest.mark.unit
+
+
+def test_arrays_of_every_kind_come_back_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "weights": [
+            rng.normal(size=(3, 5)).astype(np.float32),
+            np.float32(np.nan) * np.ones(2, np.float32),
+            rng.normal(size=7).astype(ml_dtypes.bfloat16),
+            np.array(7, np.int32),  # 0-d, as an optimizer's iteration count
+            np.zeros((0, 4), np.float64),
+            np.asfortranarray(rng.normal(size=(4, 3))),
+        ],
+        "empty": [],
+    }
+    log = LogFile(tmp_path, "a.log")
+    first = log.append("E", {"label": "x"}, arrays)
+    second = log.append("C", {"n": 2}, {"w": [np.arange(3, dtype=np.int8)]})
+    log.close()
+    assert first["at"] == 0 < second["at"] < (tmp_path / "a.log").stat().st_size
+    kind, header, found = read_record(tmp_path, first)
+    assert (kind, header, found["empty"]) == ("E", {"label": "x"}, [])
+    for before, after in zip(arrays["weights"], found["weights"], strict=True):
+        assert after.dtype == before.dtype and after.shape == before.shape
+        assert before.tobytes(order="C") == after.tobytes()
+    assert read_record(tmp_path, second)[2]["w"][0].tolist() == [0, 1, 2]
+    assert scan(tmp_path / "a.log") == ([("E", 0), ("C", second["at"])], None)
+    with pytest.raises(FileExistsError):
+        LogFile(tmp_path, "a.log")  # a log is only ever made new
+
+
+def test_a_cut_record_ends_a_scan_and_a_changed_one_is_refused_by_place(tmp_path):
+    log = LogFile(tmp_path, "b.log")
+    places = [log.append("E", {"i": i}, {"w": [np.arange(1000.0) + i]}) for i in range(3)]
+    log.close()
+    path = tmp_path / "b.log"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-8])  # a kill in the last write
+    assert scan(path) == ([("E", 0), ("E", places[1]["at"])], None)
+    with pytest.raises(ValueError, match=r"b\.log is cut short in the record at byte \d+"):
+        read_record(tmp_path, places[2])
+
+    changed = bytearray(raw)
+    changed[places[1]["at"] + FRAME_BYTES + 100] ^= 1
+    path.write_bytes(bytes(changed))
+    assert read_record(tmp_path, places[0])[1] == {"i": 0}
+    at = places[1]["at"]
+    changed_message = rf"b\.log changed since it was written \(the record at byte {at}\)"
+    with pytest.raises(ValueError, match=changed_message):
+        read_record(tmp_path, places[1])
+    assert len(scan(path)[0]) == 3  # a frame intact: the scan goes on past it
+
+    changed[at + 12] ^= 1  # the frame's own lengths
+    path.write_bytes(bytes(changed))
+    found, problem = scan(path)
+    assert found == [("E", 0)]
+    assert problem == (
+        f"b.log holds no record at byte {at}: it is damaged there; "
+        f"its {len(raw) - at} bytes from there were not read"
+    )
+    with pytest.raises(ValueError, match=r"c\.log is missing"):
+        read_record(tmp_path, {**places[0], "file": "c.log"})
