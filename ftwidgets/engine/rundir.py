@@ -34,6 +34,7 @@ one of the newest commits on `KEEP_WEIGHTS` different weights are removed.
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import threading
 import time
@@ -152,10 +153,12 @@ class RunWriter:
         self._pending: dict[int, Snapshot] = {}  # kept epochs not on disk yet
         self._shared: dict[int | None, dict[str, Any]] = {}  # by `Snapshot.shared_key`
         self._epochs_behind = 0
-        # Tasks for the writer's thread, under `_lock`: a kept epoch wakes it only when
-        # training must wait for it, else it goes with the commit that follows it (one
-        # wake an epoch: each costs the model's thread a hand-over of Python's GIL).
+        # Tasks for the writer's thread, and its wake-ups: a kept epoch wakes it only
+        # when training must wait for it, else it goes with the commit that follows it
+        # (one wake an epoch: each costs the model's thread a hand-over of Python's GIL).
         self._tasks: deque[Any] = deque()
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._waiting = 0  # model threads waiting in `keep`
         self._new_files = False  # files made since the last fsync: their folders' too
         self._sync_at = time.monotonic() + SYNC_SECONDS
         self._dirty = False  # written since the manifest was last flushed to the disk
@@ -218,11 +221,13 @@ class RunWriter:
         layout = self._layout(snapshot.ids, variables)
         with self._lock:
             while self._epochs_behind > 1 and self.error is None:
-                self._lock.notify_all()
+                self._wake.put(None)
+                self._waiting += 1
                 self._lock.wait()
+                self._waiting -= 1
             self._epochs_behind += 1
             self._pending[epoch] = snapshot
-            self._tasks.append(("epoch", epoch, stem, snapshot, layout))
+        self._tasks.append(("epoch", epoch, stem, snapshot, layout))
 
     def commit(self, commit: Commit) -> None:
         """Write the session's state after the epochs handed over before it."""
@@ -263,9 +268,8 @@ class RunWriter:
             self._thread.join()
 
     def _put(self, task: Any) -> None:
-        with self._lock:
-            self._tasks.append(task)
-            self._lock.notify_all()
+        self._tasks.append(task)
+        self._wake.put(None)
 
     def _layout(self, ids: tuple[int, ...] | None, variables: Sequence[Any]) -> int:
         key = ids if ids is not None else tuple(map(id, variables))
@@ -287,10 +291,9 @@ class RunWriter:
     # -- the writer's thread -------------------------------------------------------
     def _work(self) -> None:
         while True:
-            with self._lock:
-                while not self._tasks:
-                    self._lock.wait()
-                task = self._tasks.popleft()
+            while not self._tasks:
+                self._wake.get()
+            task = self._tasks.popleft()
             try:
                 if task is None or task[0] == "flush":
                     if self.error is None and self._dirty:
@@ -310,7 +313,8 @@ class RunWriter:
                 elif task[0] == "epoch":
                     with self._lock:
                         self._epochs_behind -= 1
-                        self._lock.notify_all()
+                        if self._waiting:
+                            self._lock.notify_all()
             if task is None:
                 return
 
