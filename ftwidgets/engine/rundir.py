@@ -73,9 +73,10 @@ KEEP_WEIGHTS = 3
 # The most seconds between two flushes to the disk: fsync cost 6 ms a file here, more
 # than writing the file, and a process killed loses nothing appended anyway.
 SYNC_SECONDS = 5.0
-# A log's size after which its next record goes to a new file: a commit log's old files
-# can then be removed (a big model's commits, optimizer state and all, are each a file).
-SEGMENT_BYTES = 64 << 20
+# A log's size after which its next record goes to a new file, so that a commit log's
+# old files can be removed: the demo's commits fill one in several hundred epochs; a
+# model whose optimizer state passes it gets a file per commit.
+SEGMENT_BYTES = 16 << 20
 _LOGS = ("epochs", "commits")
 
 
