@@ -162,6 +162,18 @@ def test_commits_carry_only_the_epochs_since_their_history_base(data, tmp_path, 
     assert np.array_equal(resumed.history.batches.columns(), batches)
     resumed.close()
 
+    # A damaged frame (epoch 7's commit's): what follows it in the file cannot be found.
+    log = path / "commits" / "000001.log"
+    at = record_log.scan(log)[0][9][1]
+    raw = bytearray(log.read_bytes())
+    raw[at + 12] ^= 1
+    log.write_bytes(bytes(raw))
+    with pytest.warns(
+        ftw.RunDamagedWarning, match=rf"commits/000001\.log holds no record at byte {at}"
+    ):
+        fallen_back = run_reader.read_run(path)
+    assert fallen_back.commit["epoch"] == 6
+
 
 def test_a_full_commit_file_goes_on_in_a_new_one_and_old_ones_go(data, tmp_path, monkeypatch):
     monkeypatch.setattr(rundir, "SEGMENT_BYTES", 1)  # every commit in a file of its own

@@ -154,7 +154,7 @@ def read_run(path: str | PathLike[str]) -> RunContents:
             continue
         places += [{"file": name, "at": at} for kind, at in found if kind == "C"]
         if problem is not None:
-            skipped.append(problem)
+            skipped.append(f"commits/{problem}")
     for place in reversed(places):
         try:
             contents = _read_commit(path, manifest, place)

@@ -488,7 +488,7 @@ class RunWriter:
 
     def _remove_unneeded(self) -> None:
         """Remove the commit files that hold none of the commits kept to fall back to."""
-        needed = {self._logs["commits"].name}  # type: ignore[union-attr]
+        needed: set[str] = set()  # the newest commit's file among them
         for entry in self._commits:
             needed |= {entry[key]["file"] for key in ("place", "base", "weights")}
         for path in (self.path / "commits").glob("*.log"):
