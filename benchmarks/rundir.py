@@ -46,6 +46,8 @@ def run_dir_phase(name: str, epochs: int, arm: str) -> ArmRun:
     try:
         run = run_session(w, True, folder / "run")
         run.extra["on_disk"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        logs = [f for d in ("epochs", "commits") for f in (folder / "run" / d).glob("*.log")]
+        run.extra["logs_on_disk"] = sum(f.stat().st_size for f in logs)
         return run
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -110,6 +112,7 @@ def measure_phase(name: str, epochs: int, repeats: int) -> dict[str, Any]:
         "cpu": {arm: [r.whole_cpu for r in runs[arm]] for arm in PHASE_ARMS},
         **per_arm,
         "on_disk": [r.extra["on_disk"] for r in runs["run_dir"]],
+        "logs_on_disk": [r.extra["logs_on_disk"] for r in runs["run_dir"]],
         "attribution": attribute(name, epochs),
     }
 
