@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import keras
 import numpy as np
@@ -141,6 +142,12 @@ def test_commits_carry_only_the_epochs_since_their_history_base(data, tmp_path, 
     path = tmp_path / "run"
     session = make_session(data, run_dir=path)
     session.run(ftw.PhaseConfig(phase="head", epochs=8, batch_size=16))
+    # The manifest is brought up to date when the phase ends, with no flush asked for.
+    manifest = path / "manifest.json"
+    deadline = time.monotonic() + WAIT
+    while json.loads(manifest.read_text())["epochs"] != 8:
+        assert time.monotonic() < deadline, "the manifest never showed the phase's end"
+        time.sleep(0.05)
     assert session.flush(WAIT)
     records, batches = session.history.to_records(), session.history.batches.columns()
     session.close()

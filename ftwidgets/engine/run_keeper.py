@@ -147,9 +147,9 @@ class RunKeeper:
             batches = history.batches.columns(self._batches_sent)
             self._epochs_sent = len(records)
             self._batches_sent += batches.shape[1]
-            commit = Commit(state, rows, batches, self._optimizer, weights_key, weights)
-            commit.idle = not self._busy
-            self.writer.commit(commit)
+            self.writer.commit(
+                Commit(state, rows, batches, self._optimizer, weights_key, weights, not self._busy)
+            )
 
     def _fixed_state(self) -> dict[str, Any]:
         if self._fixed is None or not self._busy:
