@@ -243,6 +243,23 @@ def test_what_is_no_run_or_not_this_run_is_refused_and_nothing_is_left_behind(da
     assert ftw.live_sessions() == before
 
 
+def test_a_run_a_session_writes_is_refused_to_a_second_writer_until_it_closes(data, tmp_path):
+    path = tmp_path / "run"
+    session = make_session(data, run_dir=path)
+    session.run(ftw.PhaseConfig(phase="head", epochs=1))
+    before = ftw.live_sessions()
+    busy = r"A session is writing the run .* \(in this process or another\): close it first"
+    with pytest.raises(ValueError, match=busy):
+        resume(data, path)
+    assert ftw.live_sessions() == before  # refused before anything was made
+    session.close()
+    resumed = resume(data, path)  # the lock went with the writer
+    assert [r.epoch for r in resumed.history.epochs] == [1]
+    with pytest.raises(ValueError, match=busy):
+        rundir.RunWriter(path, "second", run_reader.read_run(path))
+    resumed.close()
+
+
 def test_a_lora_run_resumes_with_its_adapters_and_restores_an_epoch_from_before_them(
     data, tmp_path
 ):

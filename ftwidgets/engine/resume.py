@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -22,7 +23,7 @@ from ftwidgets.engine.history import History, Marker
 from ftwidgets.engine.lr_search import LearningRateSearch
 from ftwidgets.engine.run_keeper import RunKeeper
 from ftwidgets.engine.run_reader import RunContents, match_variables, read_run
-from ftwidgets.engine.rundir import RunWriter
+from ftwidgets.engine.rundir import RunWriter, check_unlocked
 from ftwidgets.engine.snapshots import restore
 
 if TYPE_CHECKING:
@@ -102,6 +103,8 @@ def resume_run(
             "A resumed session goes on writing its own run directory. "
             f"Received: {sorted(set(settings) & {'run_dir', 'checkpoint_dir'})}"
         )
+    if Path(run_dir).is_dir():  # a run still being written is busy, not damaged
+        check_unlocked(Path(run_dir))
     contents = read_run(run_dir)
     state = contents.state
     arguments = {**_saved_arguments(state["settings"], settings, custom_objects), **settings}

@@ -34,6 +34,7 @@ one of the newest commits on `KEEP_WEIGHTS` different weights are removed.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import shutil
 import threading
@@ -58,7 +59,21 @@ from ftwidgets.engine.run_reader import (
 )
 from ftwidgets.engine.snapshots import Snapshot
 
-__all__ = ["BASE_EVERY", "KEEP_WEIGHTS", "SEGMENT_BYTES", "SYNC_SECONDS", "Commit", "RunWriter"]
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; two writers of one run collide on a file instead
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "BASE_EVERY",
+    "KEEP_WEIGHTS",
+    "SEGMENT_BYTES",
+    "SYNC_SECONDS",
+    "Commit",
+    "RunWriter",
+    "check_unlocked",
+    "lock_run",
+]
 
 # Epoch rows, or batch rows, after which a new history base is written: a commit then
 # carries at most about this many, and the bases, O(n) each, cost O(n / BASE_EVERY) an
@@ -116,6 +131,7 @@ class RunWriter:
             _check_new(self.path)
         for folder in _LOGS:
             (self.path / folder).mkdir(parents=True, exist_ok=True)
+        self._run_lock = lock_run(self.path)
         self.name = name
         manifest = contents.manifest if contents is not None else {}
         self._created = manifest.get("created", _now())
@@ -267,6 +283,9 @@ class RunWriter:
         if self._thread.is_alive():
             self._put(None)
             self._thread.join()
+        if self._run_lock is not None:
+            os.close(self._run_lock)
+            self._run_lock = None
 
     def _put(self, task: Any) -> None:
         self._tasks.append(task)
@@ -534,6 +553,34 @@ def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         older = next((e for e in reversed(commits) if e["base"] != base), None)
         kept += [older] if older is not None else []
     return kept[::-1]
+
+
+def lock_run(path: Path) -> int | None:
+    """Take run directory ``path``'s lock, held until the descriptor it returns is
+    closed or the process ends (a ``flock`` on the folder; None where there is none).
+
+    Raises:
+        ValueError: if a session (in this process or another) writes the run.
+    """
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"A session is writing the run {str(path)!r} (in this process or another): "
+            f"close it first, or resume a copy of the folder. Received: run_dir={str(path)!r}"
+        ) from None
+    return fd
+
+
+def check_unlocked(path: Path) -> None:
+    """Raise if a session writes run directory ``path`` (see `lock_run`)."""
+    fd = lock_run(path)
+    if fd is not None:
+        os.close(fd)
 
 
 def _check_new(path: Path) -> None:
