@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -32,6 +31,7 @@ from ftwidgets.engine.config import (
     init_fields,
     optimizer_from_json,
     optimizer_to_json,
+    plain_fields,
 )
 from ftwidgets.engine.events import EpochRecord, PhaseEnd, frozen_logs
 
@@ -66,9 +66,9 @@ def to_json(history: History, epochs: bool = True) -> dict[str, Any]:
         "versions": dict(history.versions) or _versions(),
         "branch": history.branch.index,
         "holds": history.holds,
-        "branches": [dataclasses.asdict(b) for b in history.branches],
+        "branches": [plain_fields(b) for b in history.branches],
         "phases": [span_to_json(span) for span in history.phases],
-        "markers": [dataclasses.asdict(m) for m in history.markers],
+        "markers": [plain_fields(m) for m in history.markers],
         "rates": history.rate_trace.to_json(),
         "actions": history.action_log.to_json(),
     }
@@ -116,7 +116,7 @@ def check(data: Any, path: str = "the data") -> dict[str, Any]:
 def span_to_json(span: PhaseSpan) -> dict[str, Any]:
     """A phase's row in the file: its fields, its settings as plain values."""
     # Field by field: asdict would deep-copy an optimizer in the config.
-    row = {f.name: getattr(span, f.name) for f in dataclasses.fields(span)}
+    row = plain_fields(span)
     row["config"] = None if span.config is None else config_to_json(span.config)
     stopping = span.early_stopping
     row["early_stopping"] = None if stopping is None else init_fields(stopping)
@@ -153,7 +153,7 @@ def record_from_json(row: Mapping[str, Any]) -> EpochRecord:
 
 def record_to_json(record: EpochRecord) -> dict[str, Any]:
     """One epoch's row, as `record_from_json` reads it."""
-    row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    row = plain_fields(record)
     return {**row, "logs": dict(record.logs)}
 
 

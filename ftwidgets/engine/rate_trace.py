@@ -7,13 +7,13 @@ computes the rate of each step when asked (`RateTrace.learning_rates`).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ftwidgets.engine.config import plain_fields
 from ftwidgets.engine.schedules import shape
 
 __all__ = ["RateSegment", "RateTrace"]
@@ -100,7 +100,7 @@ class RateTrace:
     def to_json(self) -> dict[str, object]:
         """The segments as plain values, for a saved history."""
         with self._lock:
-            rows = [dataclasses.asdict(segment) for segment in self._segments]
+            rows = [plain_fields(segment) for segment in self._segments]
             return {"segments": rows, "ends": list(self._ends), "reached": self._reached}
 
     @classmethod

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ftwidgets.engine import actions
-from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig, init_fields
+from ftwidgets.engine.config import EarlyStoppingConfig, PhaseConfig, init_fields, plain_fields
 from ftwidgets.engine.events import Best, Note
 from ftwidgets.engine.history_file import config_from_json, config_to_json
 from ftwidgets.engine.lr_search import LearningRateSearch, SearchSettings
@@ -135,7 +135,7 @@ def search_from_json(row: Mapping[str, Any]) -> LearningRateSearch:
 
 def best_to_json(best: Best | None) -> dict[str, Any] | None:
     """The best epoch as plain values (None: none yet)."""
-    return None if best is None else dataclasses.asdict(best)
+    return None if best is None else plain_fields(best)
 
 
 def best_from_json(row: Mapping[str, Any] | None) -> Best | None:
