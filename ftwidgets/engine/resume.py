@@ -22,8 +22,9 @@ from ftwidgets.engine.events import Note, PhaseEnd
 from ftwidgets.engine.history import History, Marker
 from ftwidgets.engine.lr_search import LearningRateSearch
 from ftwidgets.engine.run_keeper import RunKeeper
+from ftwidgets.engine.run_lock import check_unlocked
 from ftwidgets.engine.run_reader import RunContents, match_variables, read_run
-from ftwidgets.engine.rundir import RunWriter, check_unlocked
+from ftwidgets.engine.rundir import RunWriter
 from ftwidgets.engine.snapshots import restore
 
 if TYPE_CHECKING:

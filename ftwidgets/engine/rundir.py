@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from ftwidgets.engine.record_log import LogFile, commit_file, file_crc32, sync_files
+from ftwidgets.engine.run_lock import lock_run
 from ftwidgets.engine.run_reader import (
     FORMAT,
     MANIFEST,
@@ -59,21 +60,7 @@ from ftwidgets.engine.run_reader import (
 )
 from ftwidgets.engine.snapshots import Snapshot
 
-try:
-    import fcntl
-except ImportError:  # Windows: no lock; two writers of one run collide on a file instead
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = [
-    "BASE_EVERY",
-    "KEEP_WEIGHTS",
-    "SEGMENT_BYTES",
-    "SYNC_SECONDS",
-    "Commit",
-    "RunWriter",
-    "check_unlocked",
-    "lock_run",
-]
+__all__ = ["BASE_EVERY", "KEEP_WEIGHTS", "SEGMENT_BYTES", "SYNC_SECONDS", "Commit", "RunWriter"]
 
 # Epoch rows, or batch rows, after which a new history base is written: a commit then
 # carries at most about this many, and the bases, O(n) each, cost O(n / BASE_EVERY) an
@@ -553,34 +540,6 @@ def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         older = next((e for e in reversed(commits) if e["base"] != base), None)
         kept += [older] if older is not None else []
     return kept[::-1]
-
-
-def lock_run(path: Path) -> int | None:
-    """Take run directory ``path``'s lock, held until the descriptor it returns is
-    closed or the process ends (a ``flock`` on the folder; None where there is none).
-
-    Raises:
-        ValueError: if a session (in this process or another) writes the run.
-    """
-    if fcntl is None:
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(
-            f"A session is writing the run {str(path)!r} (in this process or another): "
-            f"close it first, or resume a copy of the folder. Received: run_dir={str(path)!r}"
-        ) from None
-    return fd
-
-
-def check_unlocked(path: Path) -> None:
-    """Raise if a session writes run directory ``path`` (see `lock_run`)."""
-    fd = lock_run(path)
-    if fd is not None:
-        os.close(fd)
 
 
 def _check_new(path: Path) -> None:
