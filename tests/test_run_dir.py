@@ -4,6 +4,8 @@ comes back, what a damaged directory falls back to, and what is refused."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -14,7 +16,7 @@ from helpers import WAIT, make_model, make_session, same, values
 
 import ftwidgets as ftw
 from ftwidgets.engine import events as ev
-from ftwidgets.engine import lora, record_log, run_reader, rundir
+from ftwidgets.engine import lora, record_log, run_lock, run_reader, rundir
 from ftwidgets.engine.history import History
 from ftwidgets.engine.snapshots import Snapshot
 
@@ -258,6 +260,28 @@ def test_a_run_a_session_writes_is_refused_to_a_second_writer_until_it_closes(da
     with pytest.raises(ValueError, match=busy):
         rundir.RunWriter(path, "second", run_reader.read_run(path))
     resumed.close()
+
+
+def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
+    """A process forked while a session writes (a data loader's worker) holds no copy of
+    the lock: once the session closes, the run is free while the child still lives."""
+    path = tmp_path / "run"
+    writer = rundir.RunWriter.new(path, "forked", make_model())
+    started, ready = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: a worker that outlives the session
+        os.write(ready, b"!")  # its code runs: what runs at a fork has run
+        time.sleep(3)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"!"
+        writer.close()
+        run_lock.check_unlocked(path)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(started)
+        os.close(ready)
 
 
 def test_a_lora_run_resumes_with_its_adapters_and_restores_an_epoch_from_before_them(

@@ -13,7 +13,7 @@ Example:
 >>> check_unlocked(folder)
 Traceback (most recent call last):
 ValueError: A session is writing the run ... close it first, ...
->>> os.close(held)
+>>> release(held)
 >>> check_unlocked(folder)  # free again
 """
 
@@ -27,7 +27,22 @@ try:
 except ImportError:  # Windows: no lock; two writers of one run collide on a file instead
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["check_unlocked", "lock_run"]
+__all__ = ["check_unlocked", "lock_run", "release"]
+
+# The locks this process holds. A forked child (a data loader's worker, say) would
+# hold them too, as long as it lived, after the session closed or the kernel died: it
+# closes its copies at once.
+_HELD: set[int] = set()
+
+
+def _close_held() -> None:
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held)
 
 
 def lock_run(path: Path) -> int | None:
@@ -48,11 +63,17 @@ def lock_run(path: Path) -> int | None:
             f"A session is writing the run {str(path)!r} (in this process or another): "
             f"close it first, or resume a copy of the folder. Received: run_dir={str(path)!r}"
         ) from None
+    _HELD.add(fd)
     return fd
+
+
+def release(fd: int | None) -> None:
+    """Let go of a lock `lock_run` took (None, or one a fork closed: nothing to do)."""
+    if fd in _HELD:
+        _HELD.discard(fd)
+        os.close(fd)
 
 
 def check_unlocked(path: Path) -> None:
     """Raise if a session writes run directory ``path`` (see `lock_run`)."""
-    fd = lock_run(path)
-    if fd is not None:
-        os.close(fd)
+    release(lock_run(path))

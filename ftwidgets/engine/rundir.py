@@ -34,7 +34,6 @@ one of the newest commits on `KEEP_WEIGHTS` different weights are removed.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import shutil
 import threading
@@ -49,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ftwidgets.engine.record_log import LogFile, commit_file, file_crc32, sync_files
-from ftwidgets.engine.run_lock import lock_run
+from ftwidgets.engine.run_lock import lock_run, release
 from ftwidgets.engine.run_reader import (
     FORMAT,
     MANIFEST,
@@ -270,9 +269,8 @@ class RunWriter:
         if self._thread.is_alive():
             self._put(None)
             self._thread.join()
-        if self._run_lock is not None:
-            os.close(self._run_lock)
-            self._run_lock = None
+        release(self._run_lock)
+        self._run_lock = None
 
     def _put(self, task: Any) -> None:
         self._tasks.append(task)
