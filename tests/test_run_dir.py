@@ -88,7 +88,12 @@ def test_a_resumed_session_holds_the_whole_run_and_carries_on(data, tmp_path):
     assert manifest["best"]["epoch"] == live["best"].epoch
 
 
-def test_a_damaged_newest_epoch_falls_back_to_the_one_before_with_a_warning(data, tmp_path):
+@pytest.mark.parametrize("own_record", [False, True], ids=["in-its-commit", "own-record"])
+def test_a_damaged_newest_epoch_falls_back_to_the_one_before_with_a_warning(
+    data, tmp_path, monkeypatch, own_record
+):
+    if own_record:  # as a model over MERGE_BYTES writes its epochs
+        monkeypatch.setattr(rundir, "MERGE_BYTES", 0)
     path = tmp_path / "run"
     session = make_session(data, run_dir=path)
     session.run(HEAD)
@@ -96,23 +101,32 @@ def test_a_damaged_newest_epoch_falls_back_to_the_one_before_with_a_warning(data
     records = session.history.to_records()
     second = kept_weights(session, 2)
     session.close()
-    # A head phase's epochs hold the head; the base they share is written once, first.
-    log = path / "epochs" / "000001.log"
-    found, problem = record_log.scan(log)
-    assert [kind for kind, _ in found] == ["S", "E", "E", "E"] and problem is None
-    ends = [at for _, at in found[1:]] + [log.stat().st_size]
-    shared_bytes, *head_bytes = (end - at for (_, at), end in zip(found, ends, strict=True))
-    assert max(head_bytes) * 5 < shared_bytes
-    newest = found[-1][1]
+    # A small model's epochs go in their commits' records, a bigger one's in their own;
+    # a head phase's hold the head, and the base they share is written once, first.
+    epochs = path / "epochs" / "000001.log"
+    found, problem = record_log.scan(epochs)
+    assert [kind for kind, _ in found] == (["S", "E", "E", "E"] if own_record else ["S"])
+    assert problem is None
+    kept = run_reader.read_run(path).state["kept"]
+    places = [kept[str(session.history.key(epoch))] for epoch in (1, 2, 3)]
+    folder = "epochs" if own_record else "commits"
+    assert all(place["file"] == f"{folder}/000001.log" for place in places)
+    _, header, arrays = record_log.read_record(path, places[-1])
+    own, shared = len(arrays["weights"]), len(header["shared"]["indices"])
+    assert own + shared == len(session.model.variables) and own < shared
+    log = path / places[-1]["file"]
+    starts = [at for _, at in record_log.scan(log)[0]] + [log.stat().st_size]
+    newest = places[-1]["at"]
+    end = starts[starts.index(newest) + 1]
     assert run_reader.read_run(path).commit["weights"]["at"] == newest  # epoch 3 is held
     raw = bytearray(log.read_bytes())
-    middle = (newest + len(raw)) // 2
+    middle = (newest + end) // 2
     raw[middle : middle + 64] = bytes(64)
     log.write_bytes(bytes(raw))
 
     damaged = (
-        r"commit 3 \(epoch 3\): epoch-0003: epochs/000001\.log changed since it was "
-        rf"written \(the record at byte {newest}\)"
+        rf"epoch-0003: {folder}/000001\.log changed since it was written "
+        rf"\(the record at byte {newest}\)"
     )
     with pytest.warns(ftw.RunDamagedWarning, match=damaged) as warned:
         resumed = resume(data, path)
@@ -186,6 +200,8 @@ def test_commits_carry_only_the_epochs_since_their_history_base(data, tmp_path, 
 
 def test_a_full_commit_file_goes_on_in_a_new_one_and_old_ones_go(data, tmp_path, monkeypatch):
     monkeypatch.setattr(rundir, "SEGMENT_BYTES", 1)  # every commit in a file of its own
+    # Epochs in records of their own: a file holding a kept epoch is never removed.
+    monkeypatch.setattr(rundir, "MERGE_BYTES", 0)
     path = tmp_path / "run"
     session = make_session(data, run_dir=path)
     session.run(ftw.PhaseConfig(phase="head", epochs=6, batch_size=16))

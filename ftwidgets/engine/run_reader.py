@@ -45,9 +45,11 @@ __all__ = [
 ]
 
 FORMAT = "ftwidgets.run"
-# Version 3 appends records to logs; version 2 wrote a file per epoch and per commit,
-# and version 1 the whole history in every commit (neither was ever released).
-VERSION = 3
+# Version 4 keeps a small model's epochs in their commits' records; version 3 (read
+# too) kept every epoch in a record of its own; 2 wrote a file per epoch and per commit,
+# and 1 the whole history in every commit (neither was ever released).
+VERSION = 4
+_READS = (3, 4)
 MANIFEST = "manifest.json"
 MODEL = "model.keras"
 _SUFFIX = re.compile(r"_\d+$")
@@ -122,10 +124,10 @@ def read_manifest(path: str | PathLike[str]) -> dict[str, Any]:
             f"{str(file)!r} is not a run's manifest: expected format {FORMAT!r}. "
             f"Received: format={found!r}"
         )
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in _READS:
         raise ValueError(
             f"{str(path)!r} was written in run format version {manifest.get('version')!r}; "
-            f"this ftwidgets reads version {VERSION}."
+            f"this ftwidgets reads versions {_READS[0]} to {VERSION}."
         )
     return manifest
 
@@ -190,7 +192,10 @@ def _read_commit(path: Path, manifest: dict[str, Any], place: dict[str, Any]) ->
         raise ValueError(f"{what}: its history base: {exc}") from exc
     # The commit holds the epochs, batches and kept epochs since the base it names.
     state["history"]["epochs"] = base["epoch_rows"] + since["epoch_rows"]
-    state["kept"] = {**base["kept"], **since["kept"]}
+    state["kept"] = kept = {**base["kept"], **since["kept"]}
+    for entry in kept.values():
+        if "file" not in entry:  # an epoch kept in this commit's own record
+            entry.update(file=place["file"], at=place["at"])
     state["layouts"] = base["layouts"] + since["layouts"]
     rows = np.concatenate([*base_arrays["batch_rows"], *arrays["batch_rows"]])
     batches = np.ascontiguousarray(rows.T)
@@ -199,8 +204,12 @@ def _read_commit(path: Path, manifest: dict[str, Any], place: dict[str, Any]) ->
         optimizer = (header["optimizer_paths"], arrays["optimizer"])
     reference = header["weights"]
     weights: tuple[Snapshot, list[str]] | None = None
-    if reference is None:  # the commit's own: the model's variables where no epoch's
-        weights = Snapshot(header["label"], None, tuple(arrays["weights"])), header["paths"]
+    if reference is None:  # the commit's own: a kept epoch, or the model's variables
+        try:
+            values = _values(path, header, arrays)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from exc
+        weights = Snapshot(header["label"], None, values), _paths(header, state["layouts"])
         reference = {key: place[key] for key in ("file", "at")}
     elif reference["file"] != MODEL:  # else the model as written: nothing to assign
         try:
@@ -227,23 +236,34 @@ def read_weights(
     """
     what = reference.get("stem", "the weights")
     try:
-        kind, header, arrays = read_record(path, reference)
-        values = arrays["weights"]
-        shared = header.get("shared")
-        if shared is not None:
-            common = read_record(path, shared)[2]["weights"]
-            merged: list[Any] = [None] * (len(values) + len(common))
-            for i, value in zip(shared["indices"], common, strict=True):
-                merged[i] = value
-            own = iter(values)
-            values = [value if value is not None else next(own) for value in merged]
+        _, header, arrays = read_record(path, reference)
+        values = _values(path, header, arrays)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from exc
-    if kind == "C":
-        paths = header["paths"]
-    else:
-        paths = layouts[reference["layout"]] if layouts is not None else None
-    return Snapshot(header["label"], epoch, tuple(values)), paths
+    return Snapshot(header["label"], epoch, values), _paths(header, layouts)
+
+
+def _values(
+    path: Path, header: dict[str, Any], arrays: dict[str, list[np.ndarray]]
+) -> tuple[np.ndarray, ...]:
+    """A record's weights, with those its phase shared (written once) put back in place."""
+    values = arrays["weights"]
+    shared = header.get("shared")
+    if shared is not None:
+        common = read_record(path, shared)[2]["weights"]
+        merged: list[Any] = [None] * (len(values) + len(common))
+        for i, value in zip(shared["indices"], common, strict=True):
+            merged[i] = value
+        own = iter(values)
+        values = [value if value is not None else next(own) for value in merged]
+    return tuple(values)
+
+
+def _paths(header: dict[str, Any], layouts: Sequence[list[str]] | None) -> list[str] | None:
+    """The paths of a record's variables: its own, or its kept epoch's layout's."""
+    if "paths" in header:
+        return header["paths"]
+    return layouts[header["layout"]] if layouts is not None else None
 
 
 def match_variables(paths: Sequence[str], variables: Sequence[Any]) -> tuple[int, ...]:

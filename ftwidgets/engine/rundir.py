@@ -1,14 +1,15 @@
 """A run directory: what a session needs to carry on after its process died.
 
-Layout (format ``ftwidgets.run``, version 3; ``ftwidgets.engine.run_reader`` reads it)::
+Layout (format ``ftwidgets.run``, version 4; ``ftwidgets.engine.run_reader`` reads it)::
 
     runs/my-run/
       manifest.json       what the run is, its best, its latest commit: for people and
                           `runs`, rewritten at most every `SYNC_SECONDS` while training
       model.keras         the model as the session got it, written once
-      epochs/000001.log   kept epochs, appended as they come: each one's variables,
-                          and what a phase never changes (a head phase's frozen base)
-                          once per phase
+      epochs/000001.log   kept epochs, appended as they come: each one's variables
+                          (a small model's go in their commits' records instead, see
+                          `MERGE_BYTES`), and what a phase never changes (a head
+                          phase's frozen base) once per phase
       commits/000001.log  commits, appended: the session's state at a moment (history,
                           best, notes, searches, settings), the optimizer's variables,
                           the epochs' rows and batch rows and the kept epochs since the
@@ -27,8 +28,9 @@ short at worst, and the reader takes the newest commit whose records are all who
 Against a power cut the logs are flushed to the disk (``fsync``) at most every
 `SYNC_SECONDS` and at `RunWriter.flush`; a record torn all the same fails its CRC-32 and
 the reader falls back past its commit, with a warning that names what it skipped. A
-commit log over `SEGMENT_BYTES` is followed by a new file, and files no longer holding
-one of the newest commits on `KEEP_WEIGHTS` different weights are removed.
+commit log over `SEGMENT_BYTES` is followed by a new file, and files holding no kept
+epoch and none of the newest commits on `KEEP_WEIGHTS` different weights are removed
+(``ftwidgets.engine.run_retention``).
 """
 
 from __future__ import annotations
@@ -57,9 +59,13 @@ from ftwidgets.engine.run_reader import (
     RunContents,
     read_weights,
 )
+from ftwidgets.engine.run_retention import KEEP_WEIGHTS, remove_unneeded, retained
 from ftwidgets.engine.snapshots import Snapshot
 
-__all__ = ["BASE_EVERY", "KEEP_WEIGHTS", "SEGMENT_BYTES", "SYNC_SECONDS", "Commit", "RunWriter"]
+__all__ = [
+    "BASE_EVERY", "KEEP_WEIGHTS", "MERGE_BYTES", "SEGMENT_BYTES", "SYNC_SECONDS", "Commit",
+    "RunWriter",
+]  # fmt: skip
 
 # Epoch rows, or batch rows, after which a new history base is written: a commit then
 # carries at most about this many, and the bases, O(n) each, cost O(n / BASE_EVERY) an
@@ -68,9 +74,6 @@ __all__ = ["BASE_EVERY", "KEEP_WEIGHTS", "SEGMENT_BYTES", "SYNC_SECONDS", "Commi
 BASE_EVERY = 64
 BASE_EVERY_BATCHES = 16384
 
-# The newest commits kept, each on other weights than the next: a newest one damaged
-# since falls back to the one before.
-KEEP_WEIGHTS = 3
 # The most seconds between two flushes to the disk: fsync cost 6 ms a file here, more
 # than writing the file, and a process killed loses nothing appended anyway.
 SYNC_SECONDS = 5.0
@@ -78,6 +81,11 @@ SYNC_SECONDS = 5.0
 # old files can be removed: the demo's commits fill one in several hundred epochs; a
 # model whose optimizer state passes it gets a file per commit.
 SEGMENT_BYTES = 16 << 20
+# An epoch whose weights and optimizer state together are at most this many bytes is
+# kept in its commit's record, not in a record of its own: for a small model the
+# records' Python, not their bytes, is the cost. Such commits stay on disk with their
+# epochs, so this bounds what that keeps per epoch.
+MERGE_BYTES = 64 << 10
 _LOGS = ("epochs", "commits")
 
 
@@ -154,6 +162,7 @@ class RunWriter:
         self._numbers = {folder: _last_number(self.path / folder) for folder in _LOGS}
         self._lock = threading.Condition()
         self._pending: dict[int, Snapshot] = {}  # kept epochs not on disk yet
+        self._held: tuple[Any, ...] | None = None  # the last kept epoch, for its commit
         self._shared: dict[int | None, dict[str, Any]] = {}  # by `Snapshot.shared_key`
         self._epochs_behind = 0
         # Tasks for the writer's thread, and its wake-ups: a kept epoch wakes it only
@@ -223,6 +232,7 @@ class RunWriter:
         self._raise_error()
         layout = self._layout(snapshot.ids, variables)
         with self._lock:
+            self._release_held()
             while self._epochs_behind > 1 and self.error is None:
                 self._wake.put(None)
                 self._waiting += 1
@@ -230,12 +240,17 @@ class RunWriter:
                 self._waiting -= 1
             self._epochs_behind += 1
             self._pending[epoch] = snapshot
-        self._tasks.append(("epoch", epoch, stem, snapshot, layout))
+            self._held = (epoch, stem, snapshot, layout)
 
     def commit(self, commit: Commit) -> None:
         """Write the session's state after the epochs handed over before it."""
         self._raise_error()
-        self._put(("commit", commit))
+        with self._lock:
+            held, self._held = self._held, None
+            if held is not None and not (held[0] == commit.weights_key and _small(held, commit)):
+                self._tasks.append(("epoch", *held))
+                held = None
+            self._put(("commit", commit, held))
 
     def read(self, epoch: int) -> Snapshot:
         """A kept epoch's variables: still on their way to disk, or read back and checked.
@@ -259,7 +274,9 @@ class RunWriter:
             OSError: if writing failed, naming why.
         """
         done = threading.Event()
-        self._put(("flush", done))
+        with self._lock:
+            self._release_held()
+            self._put(("flush", done))
         finished = done.wait(timeout)
         self._raise_error()
         return finished
@@ -267,10 +284,18 @@ class RunWriter:
     def close(self) -> None:
         """Write what is left, flush it to the disk, then end the writer's thread."""
         if self._thread.is_alive():
-            self._put(None)
+            with self._lock:
+                self._release_held()
+                self._put(None)
             self._thread.join()
         release(self._run_lock)
         self._run_lock = None
+
+    def _release_held(self) -> None:
+        """Queue the held kept epoch in a record of its own (under ``_lock``)."""
+        if self._held is not None:
+            self._tasks.append(("epoch", *self._held))
+            self._held = None
 
     def _put(self, task: Any) -> None:
         self._tasks.append(task)
@@ -315,7 +340,7 @@ class RunWriter:
                             log.close()
                 elif task[0] == "flush":
                     task[1].set()
-                elif task[0] == "epoch":
+                elif task[0] == "epoch" or task[-1] is not None:  # a kept epoch written
                     with self._lock:
                         self._epochs_behind -= 1
                         if self._waiting:
@@ -328,7 +353,7 @@ class RunWriter:
         if task[0] == "epoch":
             self._write_epoch(*task[1:])
         else:
-            self._write_commit(task[1])
+            self._write_commit(*task[1:])
         if time.monotonic() >= self._sync_at:
             self._sync()
             self._write_manifest(sync=True)
@@ -336,6 +361,14 @@ class RunWriter:
             self._write_manifest(sync=False)
 
     def _write_epoch(self, epoch: int, stem: str, snapshot: Snapshot, layout: int) -> None:
+        header, values = self._epoch_parts(stem, snapshot, layout)
+        place = self._append("epochs", "E", header, {"weights": values})
+        self._kept_at(epoch, {**place, "layout": layout, "stem": stem})
+
+    def _epoch_parts(
+        self, stem: str, snapshot: Snapshot, layout: int
+    ) -> tuple[dict[str, Any], Sequence[np.ndarray]]:
+        """A kept epoch's header and the values its record holds."""
         header: dict[str, Any] = {"label": snapshot.label, "stem": stem, "layout": layout}
         values = snapshot.values
         if snapshot.shared:
@@ -343,8 +376,9 @@ class RunWriter:
             header["shared"] = self._shared_place(snapshot)
             shared = set(snapshot.shared)
             values = tuple(v for i, v in enumerate(values) if i not in shared)
-        place = self._append("epochs", "E", header, {"weights": values})
-        entry = {**place, "layout": layout, "stem": stem}
+        return header, values
+
+    def _kept_at(self, epoch: int, entry: dict[str, Any]) -> None:
         self._kept_json[str(epoch)] = self._kept_since[str(epoch)] = json.dumps(entry)
         with self._lock:
             self._kept[epoch] = entry
@@ -358,7 +392,7 @@ class RunWriter:
             entry = self._shared[snapshot.shared_key] = {**place, "indices": list(snapshot.shared)}
         return entry
 
-    def _write_commit(self, commit: Commit) -> None:
+    def _write_commit(self, commit: Commit, kept: tuple[Any, ...] | None) -> None:
         self._seq += 1
         self._rows += [json.dumps(row) for row in commit.epochs]
         self._complete += sum(not row.get("partial") for row in commit.epochs)
@@ -372,17 +406,26 @@ class RunWriter:
             or self._batch_count - base["batches"] >= BASE_EVERY_BATCHES
         ):
             base = self._write_base(new_file)
+        kept_since = self._kept_since
+        if kept is not None:  # its place is this record's: the reader knows it
+            epoch, stem, snapshot, layout = kept
+            kept_since = {**kept_since, str(epoch): json.dumps({"layout": layout, "stem": stem})}
         since = (
             f'{{"epoch_rows":{_array(self._rows[base["epochs"] :])},'
-            f'"kept":{_object(self._kept_since)},'
+            f'"kept":{_object(kept_since)},'
             f'"layouts":{json.dumps(self._layouts[base["layouts"] :])}}}'
         )
         header: dict[str, Any] = {"seq": self._seq, "epoch": commit.state.get("epoch")}
         header.update(written=_now(), base=base["place"])
         arrays = {"batch_rows": [self._batch_rows[base["batches"] : self._batch_count]]}
+        raw = {}
         if commit.optimizer is not None:
-            header["optimizer_paths"], arrays["optimizer"] = commit.optimizer
-        if commit.weights is not None:
+            paths, arrays["optimizer"] = commit.optimizer
+            raw["optimizer_paths"] = self._json("optimizer_paths", paths)
+        if kept is not None:
+            epoch_header, arrays["weights"] = self._epoch_parts(stem, snapshot, layout)
+            header.update(epoch_header, weights=None)
+        elif commit.weights is not None:
             snapshot, header["paths"] = commit.weights
             header["label"] = snapshot.label
             header["weights"] = None  # this record's own
@@ -391,15 +434,17 @@ class RunWriter:
             header["weights"] = self._kept[commit.weights_key]
         else:
             header["weights"] = self._weights
-        raw = {"state": self._state_json(commit.state), "since": since}
+        raw.update(state=self._state_json(commit.state), since=since)
         place = self._append("commits", "C", header, arrays, raw)
         self._weights = header["weights"] or place
+        if kept is not None:
+            self._kept_at(epoch, {**place, "layout": layout, "stem": stem})
         entry = {"seq": self._seq, "epoch": header["epoch"], "written": header["written"]}
         entry.update(place=place, base=base["place"], weights=self._weights)
         self._latest, self._state = entry, commit.state
-        self._commits = _retained([*self._commits, entry])
+        self._commits = retained([*self._commits, entry])
         if new_file:
-            self._remove_unneeded()
+            remove_unneeded(self.path, self._commits, self._kept.values())
 
     def _write_base(self, new_file: bool) -> dict[str, Any]:
         """Write every epoch's row and batch row and every kept epoch so far as the new
@@ -433,11 +478,15 @@ class RunWriter:
             if key == "history" and not within:
                 parts.append(f'"{key}":{self._state_json(value, key)}')
                 continue
-            cached = self._state_parts.get(within + key)
-            if cached is None or cached[0] != value:
-                cached = self._state_parts[within + key] = (value, json.dumps(value))
-            parts.append(f'"{key}":{cached[1]}')
+            parts.append(f'"{key}":{self._json(within + key, value)}')
         return "{" + ",".join(parts) + "}"
+
+    def _json(self, key: str, value: Any) -> str:
+        """``value`` as JSON, made again only when it differs from the last under ``key``."""
+        cached = self._state_parts.get(key)
+        if cached is None or cached[0] != value:
+            cached = self._state_parts[key] = (value, json.dumps(value))
+        return cached[1]
 
     def _append(
         self,
@@ -490,15 +539,6 @@ class RunWriter:
         commit_file(self.path / MANIFEST, lambda partial: partial.write_text(text), sync)
         self._dirty = self._dirty and not sync
 
-    def _remove_unneeded(self) -> None:
-        """Remove the commit files that hold none of the commits kept to fall back to."""
-        needed: set[str] = set()  # the newest commit's file among them
-        for entry in self._commits:
-            needed |= {entry[key]["file"] for key in ("place", "base", "weights")}
-        for path in (self.path / "commits").glob("*.log"):
-            if f"commits/{path.name}" not in needed:
-                path.unlink(missing_ok=True)
-
 
 def _array(texts: Sequence[str]) -> str:
     return f"[{','.join(texts)}]"
@@ -513,31 +553,12 @@ def _last_number(folder: Path) -> int:
     return max((int(p.stem) for p in folder.glob("*.log") if p.stem.isdigit()), default=0)
 
 
-def _retained(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest commit on each of the last `KEEP_WEIGHTS` different weights, and the
-    newest on an older history base than theirs, in order: a damaged newest file of
-    either kind falls back to a commit that does not need it.
-
-    Example:
-
-    >>> rows = [dict(seq=n, weights=f"w{n}", base=f"b{n // 6}") for n in range(1, 9)]
-    >>> [entry["seq"] for entry in _retained(rows)]
-    [5, 6, 7, 8]
-    >>> [entry["seq"] for entry in _retained(rows[:-1])]  # 7 is on base b1, 5 and 4 on b0
-    [5, 6, 7]
-    """
-    kept: list[dict[str, Any]] = []
-    for entry in reversed(commits):
-        if kept and entry["weights"] == kept[-1]["weights"]:
-            continue
-        kept.append(entry)
-        if len(kept) == KEEP_WEIGHTS:
-            break
-    base = kept[0]["base"] if kept else None
-    if all(entry["base"] == base for entry in kept):
-        older = next((e for e in reversed(commits) if e["base"] != base), None)
-        kept += [older] if older is not None else []
-    return kept[::-1]
+def _small(kept: tuple[Any, ...], commit: Commit) -> bool:
+    """Whether the kept epoch goes in its commit's record (see `MERGE_BYTES`)."""
+    nbytes = kept[2].nbytes - kept[2].shared_nbytes
+    if commit.optimizer is not None:
+        nbytes += sum(value.nbytes for value in commit.optimizer[1])
+    return nbytes <= MERGE_BYTES
 
 
 def _check_new(path: Path) -> None:
