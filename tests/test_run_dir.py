@@ -232,6 +232,24 @@ def test_a_full_commit_file_goes_on_in_a_new_one_and_old_ones_go(data, tmp_path,
     assert fallen_back.batches.shape[1] < batches.shape[1]
 
 
+def test_commit_files_holding_kept_epochs_stay(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "SEGMENT_BYTES", 1)  # every commit in a file of its own
+    path = tmp_path / "run"
+    session = make_session(data, run_dir=path)
+    session.run(ftw.PhaseConfig(phase="head", epochs=4, batch_size=16))
+    first = kept_weights(session, 1)
+    session.close()
+    # A small model's epochs are in their commits' records: none of those files goes.
+    kept = run_reader.read_run(path).state["kept"]
+    files = {entry["file"] for entry in kept.values()}
+    assert len(files) == 4 and all(name.startswith("commits/") for name in files)
+    assert all((path / name).is_file() for name in files)
+    resumed = resume(data, path)
+    resumed.restore_epoch(1)
+    assert same(values(resumed.model.variables), first)
+    resumed.close()
+
+
 def test_what_is_no_run_or_not_this_run_is_refused_and_nothing_is_left_behind(data, tmp_path):
     with pytest.raises(ValueError, match=r"is not a run directory: it has no manifest\.json"):
         resume(data, tmp_path)
