@@ -340,7 +340,7 @@ class RunWriter:
                             log.close()
                 elif task[0] == "flush":
                     task[1].set()
-                elif task[0] == "epoch" or task[-1] is not None:  # a kept epoch written
+                elif task[0] == "epoch" or task[2] is not None:  # a commit: [2] is its epoch
                     with self._lock:
                         self._epochs_behind -= 1
                         if self._waiting:
