@@ -87,6 +87,13 @@ SEGMENT_BYTES = 16 << 20
 # epochs, so this bounds what that keeps per epoch.
 MERGE_BYTES = 64 << 10
 _LOGS = ("epochs", "commits")
+# The parts of a commit's state that grow with the run: each is turned to JSON again
+# only when it changed (an ended search's curves, a phase's settings...).
+_GROWING = frozenset({
+    "history", "notes", "searches", "settings", "adapters", "tracking", "history.phases",
+    "history.actions", "history.branches", "history.markers", "history.rates",
+    "history.versions", "history.model_settings",
+})  # fmt: skip
 
 
 @dataclass
@@ -471,15 +478,21 @@ class RunWriter:
         self._batch_count = count
 
     def _state_json(self, state: dict[str, Any], within: str = "") -> str:
-        """``state`` as JSON, each part (and each of its history's) turned to JSON again
-        only when it changed: an epoch changes a few numbers of all it holds."""
-        parts = []
+        """``state`` as JSON: the parts that grow with the run (`_GROWING`) turned to
+        JSON again only when they changed, the small ones that an epoch changes all
+        in one ``json.dumps`` (a call per part cost more than the encoding)."""
+        small, grown = {}, []
         for key, value in state.items():
-            if key == "history" and not within:
-                parts.append(f'"{key}":{self._state_json(value, key)}')
-                continue
-            parts.append(f'"{key}":{self._json(within + key, value)}')
-        return "{" + ",".join(parts) + "}"
+            if within + key not in _GROWING:
+                small[key] = value
+            elif key == "history" and not within:
+                grown.append(f'"{key}":{self._state_json(value, "history.")}')
+            else:
+                grown.append(f'"{key}":{self._json(within + key, value)}')
+        text = json.dumps(small)
+        if not grown:
+            return text
+        return text[:-1] + ("," if small else "") + ",".join(grown) + "}"
 
     def _json(self, key: str, value: Any) -> str:
         """``value`` as JSON, made again only when it differs from the last under ``key``."""
