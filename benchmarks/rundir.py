@@ -30,7 +30,7 @@ from benchmarks.workloads import Workload, big_workload, tiny_workload
 HEADING = "10. Issue 29: run directory and resume ({run.processor}: {run.platform})"
 PHASE_ARMS = ("plain", "run_dir")
 TARGET = 1.03  # run_dir / plain, whole phase, on the median
-# On the 2-core VM one demo repeat's ratio moves by about 10 % (IQR 0.92-1.11), so 30
+# On the 2-core VM one demo repeat's ratio moves by about 10 % (IQR 0.98-1.12), so 30
 # repeats left the median's 90 % CI 3-4 % wide on either side, wider than the target's
 # margin; a repeat takes about 2 s.
 DEMO_REPEATS = 120

@@ -87,10 +87,11 @@ SEGMENT_BYTES = 16 << 20
 # epochs, so this bounds what that keeps per epoch.
 MERGE_BYTES = 64 << 10
 _LOGS = ("epochs", "commits")
-# The parts of a commit's state that grow with the run: each is turned to JSON again
-# only when it changed (an ended search's curves, a phase's settings...).
+# The parts of a commit's state that grow with the run, or are large and seldom
+# change: each is turned to JSON again only when it changed (an ended search's curves,
+# a phase's settings, the session's).
 _GROWING = frozenset({
-    "history", "notes", "searches", "settings", "adapters", "tracking", "history.phases",
+    "history", "notes", "searches", "settings", "adapters", "history.phases",
     "history.actions", "history.branches", "history.markers", "history.rates",
     "history.versions", "history.model_settings",
 })  # fmt: skip
@@ -253,9 +254,11 @@ class RunWriter:
         """Write the session's state after the epochs handed over before it."""
         self._raise_error()
         with self._lock:
-            held, self._held = self._held, None
-            if held is not None and not (held[0] == commit.weights_key and _small(held, commit)):
-                self._tasks.append(("epoch", *held))
+            held = self._held
+            if held is not None and held[0] == commit.weights_key and _small(held, commit):
+                self._held = None
+            else:
+                self._release_held()
                 held = None
             self._put(("commit", commit, held))
 
@@ -478,9 +481,9 @@ class RunWriter:
         self._batch_count = count
 
     def _state_json(self, state: dict[str, Any], within: str = "") -> str:
-        """``state`` as JSON: the parts that grow with the run (`_GROWING`) turned to
-        JSON again only when they changed, the small ones that an epoch changes all
-        in one ``json.dumps`` (a call per part cost more than the encoding)."""
+        """``state`` as JSON: the parts in `_GROWING` turned to JSON again only when
+        they changed, the small ones that an epoch changes all in one ``json.dumps``
+        (a call per part cost more than the encoding)."""
         small, grown = {}, []
         for key, value in state.items():
             if within + key not in _GROWING:
