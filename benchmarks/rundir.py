@@ -67,7 +67,7 @@ def _hooks() -> list[tuple[str, Any, str]]:
          rundir.RunWriter, "keep"),
         ("`RunWriter._write` (writer's thread: an epoch's record or a commit's, appended)",
          rundir.RunWriter, "_write"),
-        ("  of which `LogFile.append` (a record encoded and appended: one writev)",
+        ("  of which `LogFile.append` (a record encoded and appended: one write)",
          record_log.LogFile, "append"),
         ("  of which `RunWriter._sync` (fsync, at most every 5 s and at the end)",
          rundir.RunWriter, "_sync"),

@@ -1,14 +1,20 @@
 """The run directory's logs of records: every dtype and shape back bit for bit; a
 record cut short at the end is what a kill leaves and ends a scan quietly; a record
-changed, or a damaged frame, is refused by name and place."""
+changed, or a damaged frame, is refused by name and place. A small record is written
+keeping Python's GIL, a large one letting go of it; the bytes are the same."""
 
 from __future__ import annotations
+
+import json
+import os
+import zlib
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from ftwidgets.engine.record_log import FRAME_BYTES, LogFile, read_record, scan
+from ftwidgets.engine import record_log
+from ftwidgets.engine.record_log import FRAME_BYTES, HOLD_GIL_BYTES, LogFile, read_record, scan
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +79,66 @@ def test_a_cut_record_ends_a_scan_and_a_changed_one_is_refused_by_place(tmp_path
     )
     with pytest.raises(ValueError, match=r"c\.log is missing"):
         read_record(tmp_path, {**places[0], "file": "c.log"})
+
+
+def _records() -> list[tuple[dict, dict]]:
+    rng = np.random.default_rng(1)
+    small = {  # about 21 KB of arrays, each over zlib's 5 KB: its CRC-32 goes in steps
+        "w": [
+            rng.normal(size=(40, 50)).astype(np.float32),
+            rng.normal(size=3000).astype(ml_dtypes.bfloat16),
+            (rng.normal(size=800) + 1j).astype(np.complex64),
+            np.asfortranarray(rng.normal(size=(3, 4))),
+        ]
+    }
+    large = {"w": [rng.normal(size=(300, 300))]}  # 720 KB
+    return [(small, {"since": json.dumps("x" * 9000)}), (large, {})]
+
+
+def test_small_records_keep_the_gil_large_ones_let_go_and_the_bytes_are_the_same(
+    tmp_path, monkeypatch
+):
+    """A record up to HOLD_GIL_BYTES is written with libc's write through ctypes.PyDLL
+    and its CRC-32 taken 5 KB at a time (zlib lets go of the GIL above that), so the
+    writer's thread never hands the GIL back to the model's in the middle of it."""
+    crc_sizes: list[int] = []
+    writes: list[int] = []
+    crc32, writev = zlib.crc32, os.writev
+
+    def counted_crc32(data, value=0):
+        crc_sizes.append(memoryview(data).nbytes)
+        return crc32(data, value)
+
+    def counted_writev(fd, chunks):
+        writes.append(len(chunks))
+        return writev(fd, chunks)
+
+    monkeypatch.setattr(zlib, "crc32", counted_crc32)
+    monkeypatch.setattr(os, "writev", counted_writev)
+
+    def write(folder):
+        folder.mkdir()
+        log = LogFile(folder, "a.log")
+        places, sizes = [], []
+        for arrays, raw in _records():
+            crc_sizes.clear()
+            places.append(log.append("C", {"n": len(places)}, arrays, raw))
+            sizes.append(max(crc_sizes))
+        log.close()
+        return places, sizes
+
+    held, sizes = write(tmp_path / "held")
+    assert held[1]["at"] <= HOLD_GIL_BYTES < (tmp_path / "held" / "a.log").stat().st_size
+    assert sizes[0] == 5 << 10 and sizes[1] > HOLD_GIL_BYTES  # in steps; all at once
+    assert writes == [3]  # the large record alone went through os.writev (in 3 chunks)
+
+    monkeypatch.setattr(record_log, "_write_holding_gil", None)  # no ctypes here: writev
+    released, sizes = write(tmp_path / "released")
+    assert sizes[0] > 5 << 10 and writes == [3, 6, 3]
+    assert released == held
+    data = (tmp_path / "held" / "a.log").read_bytes()
+    assert data == (tmp_path / "released" / "a.log").read_bytes()
+    for place, (arrays, _) in zip(held, _records(), strict=True):
+        found = read_record(tmp_path / "held", place)[2]["w"]
+        for before, after in zip(arrays["w"], found, strict=True):
+            assert after.dtype == before.dtype and before.tobytes(order="C") == after.tobytes()

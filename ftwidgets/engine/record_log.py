@@ -4,12 +4,12 @@ format (``ftwidgets.engine.rundir``).
 A record: a 28-byte frame (the magic ``FTWREC03``, its kind, the header's and the
 arrays' lengths, and the frame's own CRC-32), the header (UTF-8 JSON: the caller's
 values, and each array's dtype and shape), the arrays' raw bytes, and the CRC-32 of
-header and arrays. A record is written with one ``writev`` to a file opened for
-appending: no file is made, renamed or removed per record. On this VM's ext4 those
-metadata operations, about 10 an epoch, cost the demo 16 % of its training time; one
-append an epoch costs it nothing measurable. A process killed mid-write leaves the
-file's last record cut short: `scan` stops there, as at the end of the file. A record
-changed since fails its CRC-32.
+header and arrays. A record is written with one call (see `HOLD_GIL_BYTES`) to a
+file opened for appending: no file is made, renamed or removed per record. On this
+VM's ext4 those metadata operations, about 10 an epoch, cost the demo 16 % of its
+training time; one append an epoch costs it nothing measurable. A process killed
+mid-write leaves the file's last record cut short: `scan` stops there, as at the end
+of the file. A record changed since fails its CRC-32.
 
 A record is found again by its place: ``{"file": ..., "at": ..., "crc32": ...}``.
 
@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -48,6 +49,29 @@ MAGIC = b"FTWREC03"
 _FRAME = struct.Struct("<8sc3xIQ")
 FRAME_BYTES = _FRAME.size + 4
 _CRC = struct.Struct("<I")
+
+# A record of at most this many bytes is written, and its CRC-32 computed, without
+# letting go of Python's GIL: the writer's thread would need it back at once, and each
+# hand-over of the GIL cost the model's thread about 0.24 ms here, more than writing
+# 20 KB to the page cache. A larger record lets the model's thread run meanwhile.
+HOLD_GIL_BYTES = 256 << 10
+# zlib lets go of the GIL for more than 5 KB at once (CPython's zlibmodule.c).
+_CRC_STEP = 5 << 10
+
+
+def _libc_write() -> Any:
+    """libc's ``write`` called through ``ctypes.PyDLL``, which keeps the GIL; None where
+    there is none."""
+    try:
+        write = ctypes.PyDLL(None, use_errno=True).write
+    except (AttributeError, OSError):
+        return None
+    write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    write.restype = ctypes.c_ssize_t
+    return write
+
+
+_write_holding_gil = _libc_write()
 
 
 class LogFile:
@@ -78,9 +102,14 @@ class LogFile:
         Raises:
             OSError: if the write failed or was short (disk full...).
         """
-        chunks, digest = _encode(kind, header, arrays, raw or {})
-        length = sum(len(chunk) for chunk in chunks)
-        written = os.writev(self._fd, chunks)
+        chunks, length, digest = _encode(kind, header, arrays, raw or {})
+        if _holds_gil(length):
+            written = _write_holding_gil(self._fd, b"".join(chunks), length)
+            if written < 0:
+                errno = ctypes.get_errno()
+                raise OSError(errno, f"{self.name}: {os.strerror(errno)}")
+        else:
+            written = os.writev(self._fd, chunks)
         if written != length:  # a full disk writes what fits
             raise OSError(f"{self.name}: wrote {written} of a record's {length} bytes")
         place = {"file": self.name, "at": self.size, "crc32": f"{digest:08x}"}
@@ -103,33 +132,61 @@ def _encode(
     header: Mapping[str, Any],
     arrays: Mapping[str, Sequence[np.ndarray]],
     raw: Mapping[str, str],
-) -> tuple[list[Any], int]:
+) -> tuple[list[Any], int, int]:
+    """A record's chunks, its length and its CRC-32."""
     shapes: dict[str, list[list[Any]]] = {}
-    data: list[memoryview] = []
+    data: list[Any] = []
+    size = 0
     for name, values in arrays.items():
         rows = shapes[name] = []
         for value in values:
             value = np.asarray(value, order="C")  # (ascontiguousarray makes 0-d 1-d)
-            rows.append([_name(value.dtype), list(value.shape)])
-            data.append(memoryview(value.reshape(-1).view(np.uint8)))
+            rows.append(_row(value))
+            # A C-contiguous array of numpy's own dtypes is a buffer as it is; others
+            # (bfloat16) export none, their bytes do.
+            data.append(value if value.dtype.isbuiltin == 1 else value.reshape(-1).view(np.uint8))
+            size += value.nbytes
     text = json.dumps({**header, "arrays": shapes})
     text = (text[:-1] + "".join(f',"{key}":{part}' for key, part in raw.items()) + "}").encode()
-    frame = _FRAME.pack(MAGIC, kind.encode(), len(text), sum(len(d) for d in data))
-    digest = zlib.crc32(text)
+    frame = _FRAME.pack(MAGIC, kind.encode(), len(text), size)
+    crc32 = _crc32_holding_gil if _holds_gil(FRAME_BYTES + len(text) + size) else zlib.crc32
+    digest = crc32(text, 0)
     for chunk in data:
-        digest = zlib.crc32(chunk, digest)
-    return [frame + _CRC.pack(zlib.crc32(frame)) + text, *data, _CRC.pack(digest)], digest
+        digest = crc32(chunk, digest)
+    first = frame + _CRC.pack(zlib.crc32(frame)) + text
+    return [first, *data, _CRC.pack(digest)], len(first) + size + _CRC.size, digest
 
 
-_NAMES: dict[np.dtype, str] = {}
+def _holds_gil(length: int) -> bool:
+    """Whether a record of ``length`` bytes is written keeping the GIL (`HOLD_GIL_BYTES`)."""
+    return length <= HOLD_GIL_BYTES and _write_holding_gil is not None
 
 
-def _name(dtype: np.dtype) -> str:
-    # ``dtype.name`` takes 3 us (Python code in numpy), a record has one per array.
-    name = _NAMES.get(dtype)
-    if name is None:
-        name = _NAMES[dtype] = dtype.name
-    return name
+def _crc32_holding_gil(chunk: Any, digest: int) -> int:
+    """``zlib.crc32`` in steps small enough that it keeps the GIL."""
+    view = memoryview(chunk)
+    if view.nbytes <= _CRC_STEP:
+        return zlib.crc32(view, digest)
+    if view.ndim != 1 or view.format != "B":
+        view = memoryview(np.asarray(chunk).reshape(-1).view(np.uint8))
+    for at in range(0, view.nbytes, _CRC_STEP):
+        digest = zlib.crc32(view[at : at + _CRC_STEP], digest)
+    return digest
+
+
+_ROWS: dict[tuple[np.dtype, tuple[int, ...]], list[Any]] = {}
+
+
+def _row(value: np.ndarray) -> list[Any]:
+    """An array's dtype and shape as its record's header lists them."""
+    # ``dtype.name`` takes 3 us (Python code in numpy), a record has a row per array.
+    key = (value.dtype, value.shape)
+    row = _ROWS.get(key)
+    if row is None:
+        if len(_ROWS) >= 4096:  # a log's batch rows come in many shapes
+            _ROWS.clear()
+        row = _ROWS[key] = [value.dtype.name, list(value.shape)]
+    return row
 
 
 def _frame(raw: bytes, name: str, at: int) -> tuple[str, int, int]:

@@ -22,7 +22,7 @@ Each log is a file of records (``ftwidgets.engine.record_log``), found by their 
 
 `RunWriter` writes it on a thread of its own from host copies the model's thread made,
 so training never waits for the disk unless the writer falls more than one epoch
-behind. Records are only ever appended, one ``writev`` each, so an epoch costs no file
+behind. Records are only ever appended, one write each, so an epoch costs no file
 made, renamed or removed; a process killed at any instant leaves the newest record cut
 short at worst, and the reader takes the newest commit whose records are all whole.
 Against a power cut the logs are flushed to the disk (``fsync``) at most every
@@ -87,14 +87,12 @@ SEGMENT_BYTES = 16 << 20
 # epochs, so this bounds what that keeps per epoch.
 MERGE_BYTES = 64 << 10
 _LOGS = ("epochs", "commits")
-# The parts of a commit's state that grow with the run, or are large and seldom
-# change: each is turned to JSON again only when it changed (an ended search's curves,
-# a phase's settings, the session's).
-_GROWING = frozenset({
-    "history", "notes", "searches", "settings", "adapters", "history.phases",
-    "history.actions", "history.branches", "history.markers", "history.rates",
-    "history.versions", "history.model_settings",
-})  # fmt: skip
+# What of a commit's state an epoch changes goes through one ``json.dumps`` (a call per
+# part cost more than the encoding): the state's scalars, best and tracking, and these
+# of its history. The rest of the history, and each part in `_CACHED` (they grow with
+# the run, or are large and seldom change), is turned to JSON again only when changed.
+_EPOCH_HISTORY = frozenset({"branch", "holds", "rates"})
+_CACHED = ("notes", "searches", "settings", "adapters")
 
 
 @dataclass
@@ -164,14 +162,14 @@ class RunWriter:
             self._add_batches(contents.batches)
         self._base: dict[str, Any] | None = None
         self._kept_json = {str(k): json.dumps(v) for k, v in self._kept.items()}
-        self._kept_since: dict[str, str] = {}
+        self._kept_since: list[str] = []  # '"epoch": {...}' of each kept since the base
         self._state_parts: dict[str, tuple[Any, str]] = {}
         self._logs: dict[str, LogFile | None] = dict.fromkeys(_LOGS)
         self._numbers = {folder: _last_number(self.path / folder) for folder in _LOGS}
         self._lock = threading.Condition()
         self._pending: dict[int, Snapshot] = {}  # kept epochs not on disk yet
         self._held: tuple[Any, ...] | None = None  # the last kept epoch, for its commit
-        self._shared: dict[int | None, dict[str, Any]] = {}  # by `Snapshot.shared_key`
+        self._shared: dict[int | None, tuple[dict[str, Any], list[int]]] = {}  # by shared_key
         self._epochs_behind = 0
         # Tasks for the writer's thread, and its wake-ups: a kept epoch wakes it only
         # when training must wait for it, else it goes with the commit that follows it
@@ -383,24 +381,31 @@ class RunWriter:
         values = snapshot.values
         if snapshot.shared:
             # The weights no step of the phase changes: one record for all its epochs.
-            header["shared"] = self._shared_place(snapshot)
-            shared = set(snapshot.shared)
-            values = tuple(v for i, v in enumerate(values) if i not in shared)
+            header["shared"], own = self._shared_place(snapshot)
+            values = [values[i] for i in own]
         return header, values
 
     def _kept_at(self, epoch: int, entry: dict[str, Any]) -> None:
-        self._kept_json[str(epoch)] = self._kept_since[str(epoch)] = json.dumps(entry)
+        self._kept_json[str(epoch)] = text = json.dumps(entry)
+        self._kept_since.append(f'"{epoch}":{text}')
         with self._lock:
             self._kept[epoch] = entry
             self._pending.pop(epoch, None)
 
-    def _shared_place(self, snapshot: Snapshot) -> dict[str, Any]:
-        entry = self._shared.get(snapshot.shared_key)
-        if entry is None:
+    def _shared_place(self, snapshot: Snapshot) -> tuple[dict[str, Any], list[int]]:
+        """The place of the phase's shared weights, written once, and the indices of
+        the snapshot's own."""
+        found = self._shared.get(snapshot.shared_key)
+        if found is None:
             values = [snapshot.values[i] for i in snapshot.shared]
             place = self._append("epochs", "S", {}, {"weights": values})
-            entry = self._shared[snapshot.shared_key] = {**place, "indices": list(snapshot.shared)}
-        return entry
+            shared = set(snapshot.shared)
+            own = [i for i in range(len(snapshot.values)) if i not in shared]
+            found = self._shared[snapshot.shared_key] = (
+                {**place, "indices": list(snapshot.shared)},
+                own,
+            )
+        return found
 
     def _write_commit(self, commit: Commit, kept: tuple[Any, ...] | None) -> None:
         self._seq += 1
@@ -419,11 +424,12 @@ class RunWriter:
         kept_since = self._kept_since
         if kept is not None:  # its place is this record's: the reader knows it
             epoch, stem, snapshot, layout = kept
-            kept_since = {**kept_since, str(epoch): json.dumps({"layout": layout, "stem": stem})}
+            kept_since = [*kept_since, f'"{epoch}":{{"layout":{layout},"stem":{json.dumps(stem)}}}']
+        layouts = self._layouts[base["layouts"] :]
         since = (
             f'{{"epoch_rows":{_array(self._rows[base["epochs"] :])},'
-            f'"kept":{_object(kept_since)},'
-            f'"layouts":{json.dumps(self._layouts[base["layouts"] :])}}}'
+            f'"kept":{{{",".join(kept_since)}}},'
+            f'"layouts":{json.dumps(layouts) if layouts else "[]"}}}'
         )
         header: dict[str, Any] = {"seq": self._seq, "epoch": commit.state.get("epoch")}
         header.update(written=_now(), base=base["place"])
@@ -466,7 +472,7 @@ class RunWriter:
             "layouts": json.dumps(self._layouts),
         }
         place = self._append("commits", "B", {}, {"batch_rows": [batch_rows]}, raw, new_file)
-        self._kept_since = {}
+        self._kept_since = []
         self._base = {"place": place, "epochs": len(self._rows), "layouts": len(self._layouts)}
         self._base["batches"] = self._batch_count
         return self._base
@@ -480,22 +486,17 @@ class RunWriter:
         self._batch_rows[self._batch_count : count] = columns.T
         self._batch_count = count
 
-    def _state_json(self, state: dict[str, Any], within: str = "") -> str:
-        """``state`` as JSON: the parts in `_GROWING` turned to JSON again only when
-        they changed, the small ones that an epoch changes all in one ``json.dumps``
-        (a call per part cost more than the encoding)."""
-        small, grown = {}, []
-        for key, value in state.items():
-            if within + key not in _GROWING:
-                small[key] = value
-            elif key == "history" and not within:
-                grown.append(f'"{key}":{self._state_json(value, "history.")}')
-            else:
-                grown.append(f'"{key}":{self._json(within + key, value)}')
-        text = json.dumps(small)
-        if not grown:
-            return text
-        return text[:-1] + ("," if small else "") + ",".join(grown) + "}"
+    def _state_json(self, state: dict[str, Any]) -> str:
+        """``state`` as JSON (see `_EPOCH_HISTORY` and `_CACHED`)."""
+        history = state.get("history", {})
+        small = {k: v for k, v in state.items() if k not in _CACHED and k != "history"}
+        small["history"] = epoch = {k: v for k, v in history.items() if k in _EPOCH_HISTORY}
+        rest = {k: v for k, v in history.items() if k not in _EPOCH_HISTORY}
+        text = json.dumps(small)[:-2]  # it ends with the history's "}" and its own
+        if rest:
+            text += ("," if epoch else "") + self._json("history", rest)[1:-1]
+        cached = (f',"{key}":{self._json(key, state[key])}' for key in _CACHED if key in state)
+        return text + "}" + "".join(cached) + "}"
 
     def _json(self, key: str, value: Any) -> str:
         """``value`` as JSON, made again only when it differs from the last under ``key``."""
