@@ -64,7 +64,7 @@ def _libc_write() -> Any:
     there is none."""
     try:
         write = ctypes.PyDLL(None, use_errno=True).write
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no libc to find (Windows)
         return None
     write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
     write.restype = ctypes.c_ssize_t
@@ -134,27 +134,31 @@ def _encode(
     raw: Mapping[str, str],
 ) -> tuple[list[Any], int, int]:
     """A record's chunks, its length and its CRC-32."""
-    shapes: dict[str, list[list[Any]]] = {}
+    shapes: list[str] = []
     data: list[Any] = []
-    size = 0
+    sizes: list[int] = []
     for name, values in arrays.items():
-        rows = shapes[name] = []
+        keys = []
         for value in values:
             value = np.asarray(value, order="C")  # (ascontiguousarray makes 0-d 1-d)
-            rows.append(_row(value))
+            keys.append((value.dtype, value.shape))
             # A C-contiguous array of numpy's own dtypes is a buffer as it is; others
             # (bfloat16) export none, their bytes do.
             data.append(value if value.dtype.isbuiltin == 1 else value.reshape(-1).view(np.uint8))
-            size += value.nbytes
-    text = json.dumps({**header, "arrays": shapes})
-    text = (text[:-1] + "".join(f',"{key}":{part}' for key, part in raw.items()) + "}").encode()
+            sizes.append(value.nbytes)
+        shapes.append(f'"{name}":{_shapes_json(tuple(keys))}')
+    more = "".join(f',"{key}":{part}' for key, part in raw.items())
+    text = json.dumps(header)[:-1] + ("," if header else "")
+    text = f'{text}"arrays":{{{",".join(shapes)}}}{more}}}'.encode()
+    size = sum(sizes)
+    length = FRAME_BYTES + len(text) + size + _CRC.size
     frame = _FRAME.pack(MAGIC, kind.encode(), len(text), size)
-    crc32 = _crc32_holding_gil if _holds_gil(FRAME_BYTES + len(text) + size) else zlib.crc32
-    digest = crc32(text, 0)
-    for chunk in data:
-        digest = crc32(chunk, digest)
+    step = _CRC_STEP if _holds_gil(length) else None
+    digest = _crc32(text, len(text), 0, step)
+    for chunk, nbytes in zip(data, sizes, strict=True):
+        digest = _crc32(chunk, nbytes, digest, step)
     first = frame + _CRC.pack(zlib.crc32(frame)) + text
-    return [first, *data, _CRC.pack(digest)], len(first) + size + _CRC.size, digest
+    return [first, *data, _CRC.pack(digest)], length, digest
 
 
 def _holds_gil(length: int) -> bool:
@@ -162,31 +166,31 @@ def _holds_gil(length: int) -> bool:
     return length <= HOLD_GIL_BYTES and _write_holding_gil is not None
 
 
-def _crc32_holding_gil(chunk: Any, digest: int) -> int:
-    """``zlib.crc32`` in steps small enough that it keeps the GIL."""
+def _crc32(chunk: Any, nbytes: int, digest: int, step: int | None) -> int:
+    """``zlib.crc32`` of ``chunk`` (``nbytes`` long) after ``digest``; ``step`` bytes at a
+    time if given, so that zlib keeps the GIL."""
+    if step is None or nbytes <= step:
+        return zlib.crc32(chunk, digest)
     view = memoryview(chunk)
-    if view.nbytes <= _CRC_STEP:
-        return zlib.crc32(view, digest)
     if view.ndim != 1 or view.format != "B":
         view = memoryview(np.asarray(chunk).reshape(-1).view(np.uint8))
-    for at in range(0, view.nbytes, _CRC_STEP):
-        digest = zlib.crc32(view[at : at + _CRC_STEP], digest)
+    for at in range(0, nbytes, step):
+        digest = zlib.crc32(view[at : at + step], digest)
     return digest
 
 
-_ROWS: dict[tuple[np.dtype, tuple[int, ...]], list[Any]] = {}
+_SHAPES: dict[tuple[tuple[np.dtype, tuple[int, ...]], ...], str] = {}
 
 
-def _row(value: np.ndarray) -> list[Any]:
-    """An array's dtype and shape as its record's header lists them."""
-    # ``dtype.name`` takes 3 us (Python code in numpy), a record has a row per array.
-    key = (value.dtype, value.shape)
-    row = _ROWS.get(key)
-    if row is None:
-        if len(_ROWS) >= 4096:  # a log's batch rows come in many shapes
-            _ROWS.clear()
-        row = _ROWS[key] = [value.dtype.name, list(value.shape)]
-    return row
+def _shapes_json(keys: tuple[tuple[np.dtype, tuple[int, ...]], ...]) -> str:
+    """Arrays' dtypes and shapes as a record's header lists them, as JSON."""
+    # ``dtype.name`` takes 3 us (Python code in numpy); the same arrays come each epoch.
+    text = _SHAPES.get(keys)
+    if text is None:
+        if len(_SHAPES) >= 4096:  # batch rows come in many shapes
+            _SHAPES.clear()
+        text = _SHAPES[keys] = json.dumps([[dtype.name, list(shape)] for dtype, shape in keys])
+    return text
 
 
 def _frame(raw: bytes, name: str, at: int) -> tuple[str, int, int]:
