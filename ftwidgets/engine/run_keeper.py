@@ -34,7 +34,7 @@ from ftwidgets.engine.events import (
     SearchStarted,
 )
 from ftwidgets.engine.rundir import Commit, RunWriter
-from ftwidgets.engine.snapshots import capture
+from ftwidgets.engine.snapshots import Snapshot, capture
 
 if TYPE_CHECKING:
     from ftwidgets.engine.session import FineTuneSession
@@ -107,12 +107,12 @@ class RunKeeper:
         if restored is not None and ctx.snapshots.keeps(restored):
             self._commit(ctx.steps_before, weights_key=restored)
             return
-        snapshot = capture(model, "the model")
         key = self._last_key
         last = ctx.snapshots.get(key) if key in ctx.snapshots.in_memory else None
-        if last is not None and _same(last.values, snapshot.values):
+        if last is not None and _holds(model.variables, last):
             self._commit(ctx.steps_before, weights_key=key)
             return
+        snapshot = capture(model, "the model")
         weights = (snapshot, [v.path for v in model.variables]) if snapshot.finite else None
         self._commit(ctx.steps_before, weights=weights)
 
@@ -178,8 +178,14 @@ def _undid(event: ActionTaken, ctx: Any) -> bool:
     return undone is not None and ctx.history.actions[undone].kind == "rollback"
 
 
-def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+def _holds(variables: list[Any], snapshot: Snapshot) -> bool:
+    """Whether ``variables`` hold ``snapshot``'s values, compared where they are (a copy
+    of them all was most of the 1 ms the demo's phase-end commit took)."""
+    values = snapshot.values
+    if len(variables) != len(values) or snapshot.ids not in (None, tuple(map(id, variables))):
+        return False
+    pairs = zip(variables, values, strict=True)
+    return all(np.array_equal(np.asarray(v.value), x) for v, x in pairs)
 
 
 def _optimizer_values(model: keras.Model) -> tuple[list[str], list[np.ndarray]] | None:
