@@ -5,6 +5,8 @@ keeping Python's GIL, a large one letting go of it; the bytes are the same."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import zlib
@@ -132,7 +134,7 @@ def test_small_records_keep_the_gil_large_ones_let_go_and_the_bytes_are_the_same
     assert sizes[0] == 5 << 10 and sizes[1] > HOLD_GIL_BYTES  # in steps; all at once
     assert writes == [3]  # the large record alone went through os.writev (in 3 chunks)
 
-    monkeypatch.setattr(record_log, "_write_holding_gil", None)  # no ctypes here: writev
+    monkeypatch.setattr(record_log, "_LIBC_WRITE", None)  # no ctypes here: writev
     released, sizes = write(tmp_path / "released")
     assert sizes[0] > 5 << 10 and writes == [3, 6, 3]
     assert released == held
@@ -142,3 +144,25 @@ def test_small_records_keep_the_gil_large_ones_let_go_and_the_bytes_are_the_same
         found = read_record(tmp_path / "held", place)[2]["w"]
         for before, after in zip(arrays["w"], found, strict=True):
             assert after.dtype == before.dtype and before.tobytes(order="C") == after.tobytes()
+
+
+def test_libc_write_is_tried_again_after_a_signal_and_its_errors_name_the_file(
+    tmp_path, monkeypatch
+):
+    real = record_log._LIBC_WRITE
+    failures = [errno.EINTR]
+
+    def write(fd, data, length):
+        if failures:
+            ctypes.set_errno(failures.pop())
+            return -1
+        return real(fd, data, length)
+
+    monkeypatch.setattr(record_log, "_LIBC_WRITE", write)
+    log = LogFile(tmp_path, "a.log")
+    place = log.append("E", {"n": 1}, {"w": [np.arange(4.0)]})
+    assert read_record(tmp_path, place)[1] == {"n": 1} and not failures
+    failures.append(errno.ENOSPC)
+    with pytest.raises(OSError, match=r"a\.log: No space left on device"):
+        log.append("E", {"n": 2}, {"w": [np.arange(4.0)]})
+    log.close()

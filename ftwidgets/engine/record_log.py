@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import struct
@@ -71,7 +72,18 @@ def _libc_write() -> Any:
     return write
 
 
-_write_holding_gil = _libc_write()
+_LIBC_WRITE = _libc_write()
+
+
+def _write_holding_gil(fd: int, data: bytes, name: str) -> int:
+    """Write ``data`` with libc's ``write``; the bytes written (fewer on a full disk)."""
+    while True:
+        written = _LIBC_WRITE(fd, data, len(data))
+        if written >= 0:
+            return written
+        code = ctypes.get_errno()
+        if code != errno.EINTR:  # a signal before any byte: again, as os.write does
+            raise OSError(code, f"{name}: {os.strerror(code)}")
 
 
 class LogFile:
@@ -104,10 +116,7 @@ class LogFile:
         """
         chunks, length, digest = _encode(kind, header, arrays, raw or {})
         if _holds_gil(length):
-            written = _write_holding_gil(self._fd, b"".join(chunks), length)
-            if written < 0:
-                errno = ctypes.get_errno()
-                raise OSError(errno, f"{self.name}: {os.strerror(errno)}")
+            written = _write_holding_gil(self._fd, b"".join(chunks), self.name)
         else:
             written = os.writev(self._fd, chunks)
         if written != length:  # a full disk writes what fits
@@ -163,7 +172,7 @@ def _encode(
 
 def _holds_gil(length: int) -> bool:
     """Whether a record of ``length`` bytes is written keeping the GIL (`HOLD_GIL_BYTES`)."""
-    return length <= HOLD_GIL_BYTES and _write_holding_gil is not None
+    return length <= HOLD_GIL_BYTES and _LIBC_WRITE is not None
 
 
 def _crc32(chunk: Any, nbytes: int, digest: int, step: int | None) -> int:
