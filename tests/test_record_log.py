@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 from ftwidgets.engine import record_log
-from ftwidgets.engine.record_log import FRAME_BYTES, HOLD_GIL_BYTES, LogFile, read_record, scan
+from ftwidgets.engine.record_log import (
+    FRAME_BYTES,
+    HOLD_GIL_BYTES,
+    LogFile,
+    commit_file,
+    read_record,
+    scan,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -166,3 +173,18 @@ def test_libc_write_is_tried_again_after_a_signal_and_its_errors_name_the_file(
     with pytest.raises(OSError, match=r"a\.log: No space left on device"):
         log.append("E", {"n": 2}, {"w": [np.arange(4.0)]})
     log.close()
+
+
+def test_commit_file_leaves_the_file_whole_or_as_it_was_and_no_partial_behind(tmp_path):
+    path = tmp_path / "manifest.json"
+    assert commit_file(path, lambda partial: partial.write_text("one"), sync=False) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+    def torn(partial):
+        partial.write_text("tw")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        commit_file(path, torn)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    assert path.read_text() == "one"

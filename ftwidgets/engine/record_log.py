@@ -301,10 +301,11 @@ def commit_file(path: Path, write: Any, sync: bool = True) -> Any:
         if sync:
             sync_files([partial])
         os.replace(partial, path)
-        if sync:
-            sync_files([path.parent])
-    finally:
+    except BaseException:
         partial.unlink(missing_ok=True)
+        raise
+    if sync:
+        sync_files([path.parent])
     return result
 
 
