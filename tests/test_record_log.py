@@ -9,6 +9,7 @@ import ctypes
 import errno
 import json
 import os
+import time
 import zlib
 
 import ml_dtypes
@@ -188,3 +189,29 @@ def test_commit_file_leaves_the_file_whole_or_as_it_was_and_no_partial_behind(tm
         commit_file(path, torn)
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
     assert path.read_text() == "one"
+
+
+def test_a_log_whose_write_was_slow_lets_go_of_the_gil_from_then_on(tmp_path, monkeypatch):
+    """A network disk, or the kernel holding back a writer of many dirty pages, must not
+    hold up the model's thread more than once: the log goes on with os.writev."""
+    real = record_log._LIBC_WRITE
+    held, released = [], []
+
+    def slow(fd, data, length):
+        held.append(length)
+        time.sleep(2 * record_log.SLOW_WRITE_SECONDS)
+        return real(fd, data, length)
+
+    writev = os.writev
+
+    def counted_writev(fd, chunks):
+        released.append(len(chunks))
+        return writev(fd, chunks)
+
+    monkeypatch.setattr(record_log, "_LIBC_WRITE", slow)
+    monkeypatch.setattr(os, "writev", counted_writev)
+    log = LogFile(tmp_path, "a.log")
+    places = [log.append("E", {"n": n}, {"w": [np.arange(4.0)]}) for n in range(3)]
+    log.close()
+    assert len(held) == 1 and released == [3, 3]
+    assert [read_record(tmp_path, place)[1]["n"] for place in places] == [0, 1, 2]

@@ -34,6 +34,7 @@ import errno
 import json
 import os
 import struct
+import time
 import uuid
 import zlib
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,10 @@ _CRC = struct.Struct("<I")
 # hand-over of the GIL cost the model's thread about 0.24 ms here, more than writing
 # 20 KB to the page cache. A larger record lets the model's thread run meanwhile.
 HOLD_GIL_BYTES = 256 << 10
+# Such a write that takes longer than this (a network disk; the kernel holding back a
+# writer of too many dirty pages) holds up every thread, the model's too: that log lets
+# go of the GIL for its later records.
+SLOW_WRITE_SECONDS = 0.01
 # zlib lets go of the GIL for more than 5 KB at once (CPython's zlibmodule.c).
 _CRC_STEP = 5 << 10
 
@@ -97,6 +102,7 @@ class LogFile:
     def __init__(self, folder: Path, name: str) -> None:
         self.name = name
         self.size = 0
+        self._hold_gil = _LIBC_WRITE is not None  # see `HOLD_GIL_BYTES`
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
         self._fd = os.open(folder / name, flags, 0o644)
 
@@ -114,9 +120,11 @@ class LogFile:
         Raises:
             OSError: if the write failed or was short (disk full...).
         """
-        chunks, length, digest = _encode(kind, header, arrays, raw or {})
-        if _holds_gil(length):
+        chunks, length, digest = _encode(kind, header, arrays, raw or {}, self._hold_gil)
+        if self._hold_gil and length <= HOLD_GIL_BYTES:
+            started = time.monotonic()
             written = _write_holding_gil(self._fd, b"".join(chunks), self.name)
+            self._hold_gil = time.monotonic() - started <= SLOW_WRITE_SECONDS
         else:
             written = os.writev(self._fd, chunks)
         if written != length:  # a full disk writes what fits
@@ -141,8 +149,10 @@ def _encode(
     header: Mapping[str, Any],
     arrays: Mapping[str, Sequence[np.ndarray]],
     raw: Mapping[str, str],
+    hold_gil: bool,
 ) -> tuple[list[Any], int, int]:
-    """A record's chunks, its length and its CRC-32."""
+    """A record's chunks, its length and its CRC-32 (in steps that keep the GIL where
+    ``hold_gil`` and the record is small: see `HOLD_GIL_BYTES`)."""
     shapes: list[str] = []
     data: list[Any] = []
     sizes: list[int] = []
@@ -162,17 +172,12 @@ def _encode(
     size = sum(sizes)
     length = FRAME_BYTES + len(text) + size + _CRC.size
     frame = _FRAME.pack(MAGIC, kind.encode(), len(text), size)
-    step = _CRC_STEP if _holds_gil(length) else None
+    step = _CRC_STEP if hold_gil and length <= HOLD_GIL_BYTES else None
     digest = _crc32(text, len(text), 0, step)
     for chunk, nbytes in zip(data, sizes, strict=True):
         digest = _crc32(chunk, nbytes, digest, step)
     first = frame + _CRC.pack(zlib.crc32(frame)) + text
     return [first, *data, _CRC.pack(digest)], length, digest
-
-
-def _holds_gil(length: int) -> bool:
-    """Whether a record of ``length`` bytes is written keeping the GIL (`HOLD_GIL_BYTES`)."""
-    return length <= HOLD_GIL_BYTES and _LIBC_WRITE is not None
 
 
 def _crc32(chunk: Any, nbytes: int, digest: int, step: int | None) -> int:
