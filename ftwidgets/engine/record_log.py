@@ -120,8 +120,8 @@ class LogFile:
         Raises:
             OSError: if the write failed or was short (disk full...).
         """
-        chunks, length, digest = _encode(kind, header, arrays, raw or {}, self._hold_gil)
-        if self._hold_gil and length <= HOLD_GIL_BYTES:
+        chunks, length, digest, hold = _encode(kind, header, arrays, raw or {}, self._hold_gil)
+        if hold:
             started = time.monotonic()
             written = _write_holding_gil(self._fd, b"".join(chunks), self.name)
             self._hold_gil = time.monotonic() - started <= SLOW_WRITE_SECONDS
@@ -150,9 +150,10 @@ def _encode(
     arrays: Mapping[str, Sequence[np.ndarray]],
     raw: Mapping[str, str],
     hold_gil: bool,
-) -> tuple[list[Any], int, int]:
-    """A record's chunks, its length and its CRC-32 (in steps that keep the GIL where
-    ``hold_gil`` and the record is small: see `HOLD_GIL_BYTES`)."""
+) -> tuple[list[Any], int, int, bool]:
+    """A record's chunks, its length, its CRC-32, and whether it is written keeping the
+    GIL: where ``hold_gil`` and it is small (`HOLD_GIL_BYTES`), its CRC-32 is taken in
+    steps that keep it too."""
     shapes: list[str] = []
     data: list[Any] = []
     sizes: list[int] = []
@@ -172,12 +173,13 @@ def _encode(
     size = sum(sizes)
     length = FRAME_BYTES + len(text) + size + _CRC.size
     frame = _FRAME.pack(MAGIC, kind.encode(), len(text), size)
-    step = _CRC_STEP if hold_gil and length <= HOLD_GIL_BYTES else None
+    hold = hold_gil and length <= HOLD_GIL_BYTES
+    step = _CRC_STEP if hold else None
     digest = _crc32(text, len(text), 0, step)
     for chunk, nbytes in zip(data, sizes, strict=True):
         digest = _crc32(chunk, nbytes, digest, step)
     first = frame + _CRC.pack(zlib.crc32(frame)) + text
-    return [first, *data, _CRC.pack(digest)], length, digest
+    return [first, *data, _CRC.pack(digest)], length, digest, hold
 
 
 def _crc32(chunk: Any, nbytes: int, digest: int, step: int | None) -> int:
